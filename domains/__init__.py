@@ -1,0 +1,1 @@
+"""Domain kernels: Dom0 (xenstored, back ends, hardware) and the DomU guest."""

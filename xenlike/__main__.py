@@ -1,0 +1,3 @@
+from xenlike.cli import main
+
+main()
