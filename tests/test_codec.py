@@ -1,0 +1,65 @@
+"""The struct codecs derived from construct layouts give construct's own bytes."""
+
+import construct
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenlike.abi import blkif, event_channel, grant_table, netif
+from xenlike.codec import LayoutError, RecordArray, compile_struct
+
+LAYOUTS = {
+    "blkif_request": blkif.blkif_request,
+    "blkif_request_indirect": blkif.blkif_request_indirect,
+    "blkif_request_discard": blkif.blkif_request_discard,
+    "blkif_response": blkif.blkif_response,
+    "netif_tx_request": netif.netif_tx_request,
+    "netif_rx_response": netif.netif_rx_response,
+    "grant_entry_v1": grant_table.grant_entry_v1,
+    "gnttab_map_grant_ref": grant_table.gnttab_map_grant_ref,
+    "gnttab_copy": grant_table.gnttab_copy,
+    "evtchn_status": event_channel.evtchn_status,
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_codec_bytes_equal_construct_bytes(name: str, data: st.DataObject) -> None:
+    layout = LAYOUTS[name]
+    codec = compile_struct(layout, name)
+    raw = data.draw(st.binary(min_size=codec.size, max_size=codec.size))
+    canonical = layout.build(layout.parse(raw))  # construct zeroes padding
+    value = codec.unpack(canonical)
+    assert codec.pack(value) == canonical
+    assert codec.size == layout.sizeof()
+
+
+def test_short_record_arrays_are_zero_filled_and_long_ones_refused() -> None:
+    codec = compile_struct(blkif.blkif_request, "blkif_request")
+    seg = codec.record().seg[0]._replace(gref=0xDEAD, first_sect=2, last_sect=5)
+    buf = bytearray(b"\xff" * codec.size)
+    codec.pack_into(buf, 0, codec.record(nr_segments=1, seg=[seg]))
+    assert bytes(buf[32:]) == bytes(80)  # segments 1..10 zeroed
+    decoded = codec.unpack(bytes(buf))
+    assert isinstance(decoded.seg, RecordArray) and len(decoded.seg) == 11
+    assert decoded.seg[0] == seg and decoded.seg[-1] == codec.record().seg[0]
+    assert decoded.seg[:1] == (seg,)
+    with pytest.raises(ValueError, match="at most 11"):
+        codec.pack(codec.record(seg=[seg] * 12))
+
+
+def test_decoded_arrays_are_private_copies() -> None:
+    codec = compile_struct(blkif.blkif_request, "blkif_request")
+    shared = bytearray(codec.size)
+    codec.pack_into(shared, 0, codec.record(seg=[(7, 0, 7)]))
+    decoded = codec.unpack_from(shared, 0)
+    shared[24:28] = b"\x99\x99\x99\x99"  # the peer rewrites the page afterwards
+    assert decoded.seg[0].gref == 7
+
+
+def test_layouts_without_a_fixed_struct_form_are_refused() -> None:
+    with pytest.raises(LayoutError):
+        compile_struct(construct.Struct("x" / construct.Int32ub))  # big-endian
+    with pytest.raises(LayoutError):
+        compile_struct(construct.Struct("s" / construct.CString("ascii")))

@@ -1,0 +1,174 @@
+"""Domain control (domctl.h): the toolstack's privileged domain operations.
+
+Only Dom0 may issue a domctl. Its argument is `xen_domctl`: the command, the
+interface version the caller was built against (Xen refuses any other), the
+target domain and a 128-byte union of per-command structs. These layouts
+exist only for tools (the header needs ``__XEN_TOOLS__``) and may change with
+XEN_DOMCTL_INTERFACE_VERSION.
+"""
+
+from enum import IntEnum
+
+from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+from xenlike.abi._layout import export_enum
+
+__all__ = [
+    "DomctlOp",
+    "XEN_DOMCTL_INTERFACE_VERSION",
+    "XEN_DOMINF_blocked",
+    "XEN_DOMINF_debugged",
+    "XEN_DOMINF_dying",
+    "XEN_DOMINF_hap",
+    "XEN_DOMINF_hvm_guest",
+    "XEN_DOMINF_paused",
+    "XEN_DOMINF_running",
+    "XEN_DOMINF_shutdown",
+    "XEN_DOMINF_shutdownmask",
+    "XEN_DOMINF_shutdownshift",
+    "XEN_DOMINF_xs_domain",
+    "XEN_INVALID_MAX_VCPU_ID",
+    "xen_arch_domainconfig",
+    "xen_domctl",
+    "xen_domctl_getdomaininfo",
+    "xen_domctl_max_mem",
+]
+
+XEN_DOMCTL_INTERFACE_VERSION = 0x00000015
+
+
+class DomctlOp(IntEnum):
+    """xen_domctl.cmd (XEN_DOMCTL_*); gaps are removed or obsolete commands."""
+
+    createdomain = 1
+    destroydomain = 2
+    pausedomain = 3
+    unpausedomain = 4
+    getdomaininfo = 5
+    setvcpuaffinity = 9
+    shadow_op = 10
+    max_mem = 11
+    setvcpucontext = 12
+    getvcpucontext = 13
+    getvcpuinfo = 14
+    max_vcpus = 15
+    scheduler_op = 16
+    setdomainhandle = 17
+    setdebugging = 18
+    irq_permission = 19
+    iomem_permission = 20
+    ioport_permission = 21
+    hypercall_init = 22
+    settimeoffset = 24
+    getvcpuaffinity = 25
+    real_mode_area = 26  # obsolete, PPC only
+    resumedomain = 27
+    sendtrigger = 28
+    subscribe = 29
+    gethvmcontext = 33
+    sethvmcontext = 34
+    set_address_size = 35
+    get_address_size = 36
+    assign_device = 37
+    bind_pt_irq = 38
+    memory_mapping = 39
+    ioport_mapping = 40
+    set_ext_vcpucontext = 42
+    get_ext_vcpucontext = 43
+    set_opt_feature = 44  # obsolete, IA64 only
+    test_assign_device = 45
+    set_target = 46
+    deassign_device = 47
+    unbind_pt_irq = 48
+    get_device_group = 50
+    debug_op = 54
+    gethvmcontext_partial = 55
+    vm_event_op = 56
+    mem_sharing_op = 57
+    gettscinfo = 59
+    settscinfo = 60
+    getpageframeinfo3 = 61
+    setvcpuextstate = 62
+    getvcpuextstate = 63
+    set_access_required = 64
+    audit_p2m = 65
+    set_virq_handler = 66
+    set_broken_page_p2m = 67
+    setnodeaffinity = 68
+    getnodeaffinity = 69
+    cacheflush = 71
+    get_vcpu_msrs = 72
+    set_vcpu_msrs = 73
+    setvnumainfo = 74
+    psr_cmt_op = 75
+    monitor_op = 77
+    psr_alloc = 78
+    soft_reset = 79
+    vuart_op = 81
+    get_cpu_policy = 82
+    set_cpu_policy = 83
+    vmtrace_op = 84
+    get_paging_mempool_size = 85
+    set_paging_mempool_size = 86
+    gdbsx_guestmemio = 1000
+    gdbsx_pausevcpu = 1001
+    gdbsx_unpausevcpu = 1002
+    gdbsx_domstatus = 1003
+
+
+__all__ += export_enum(DomctlOp, "XEN_DOMCTL_", globals())
+
+# xen_domctl_getdomaininfo.flags
+XEN_DOMINF_dying = 1 << 0  # scheduled to die
+XEN_DOMINF_hvm_guest = 1 << 1
+XEN_DOMINF_shutdown = 1 << 2  # the guest has shut down
+XEN_DOMINF_paused = 1 << 3  # paused by the toolstack
+XEN_DOMINF_blocked = 1 << 4  # waiting for an event
+XEN_DOMINF_running = 1 << 5
+XEN_DOMINF_debugged = 1 << 6
+XEN_DOMINF_xs_domain = 1 << 7  # runs xenstored
+XEN_DOMINF_hap = 1 << 8
+# With XEN_DOMINF_shutdown: the guest's SHUTDOWN_* reason sits in these bits.
+XEN_DOMINF_shutdownmask = 255
+XEN_DOMINF_shutdownshift = 16
+
+XEN_INVALID_MAX_VCPU_ID = 0xFFFFFFFF  # max_vcpu_id of a domain with no vcpus
+
+# x86's struct xen_arch_domainconfig.
+xen_arch_domainconfig = Struct(
+    "emulation_flags" / Int32ul,  # XEN_X86_EMU_*
+    "misc_flags" / Int32ul,
+)
+
+xen_domctl_getdomaininfo = Struct(
+    "domain" / Int16ul,
+    "pad1" / Int16ul,
+    "flags" / Int32ul,  # XEN_DOMINF_*
+    "tot_pages" / Int64ul,
+    "max_pages" / Int64ul,
+    "outstanding_pages" / Int64ul,
+    "shr_pages" / Int64ul,
+    "paged_pages" / Int64ul,
+    "shared_info_frame" / Int64ul,
+    "cpu_time" / Int64ul,  # ns
+    "nr_online_vcpus" / Int32ul,
+    "max_vcpu_id" / Int32ul,
+    "ssidref" / Int32ul,
+    "handle" / Bytes(16),  # xen_domain_handle_t (the domain's UUID)
+    "cpupool" / Int32ul,
+    "gpaddr_bits" / Int8ul,
+    "pad2" / Bytes(7),
+    "arch_config" / xen_arch_domainconfig,
+)
+
+xen_domctl_max_mem = Struct(
+    "max_memkb" / Int64ul,
+)
+
+xen_domctl = Struct(
+    "cmd" / Int32ul,  # XEN_DOMCTL_*
+    "interface_version" / Int32ul,  # XEN_DOMCTL_INTERFACE_VERSION
+    "domain" / Int16ul,
+    "pad" / Array(3, Int16ul),  # C: _pad
+    "u" / Bytes(128),  # the command's struct (its `pad[128]` member sizes the union)
+)
