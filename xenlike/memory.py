@@ -1,0 +1,409 @@
+"""A domain's memory: its frames, foreign mappings of granted frames, its page
+allocator and the fixed frames it boots with.
+
+A domain's pseudo-physical memory is one memfd of 4 KiB frames numbered by
+gfn. The hypervisor creates it and maps all of it; the domain process attaches
+to the fd it receives over its hypercall socket. A domain that maps a foreign
+grant gets the granter's fd from the hypervisor and maps only the granted
+frames (`map_frames`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from attrs import define, field, frozen
+
+from xenlike.abi.ring import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
+
+__all__ = [
+    "XEN_PAGE_SHIFT",
+    "XEN_PAGE_SIZE",
+    "BadFrame",
+    "BootLayout",
+    "DomainMemory",
+    "DoubleFree",
+    "FrameMapping",
+    "MemoryInUse",
+    "MemoryTooSmall",
+    "OutOfPages",
+    "PageAllocator",
+    "XenMemoryError",
+    "map_frames",
+]
+
+# Not exported by Python's mmap module; the Linux value (asm-generic, x86_64).
+_MAP_FIXED = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_mmap = _libc.mmap
+# off_t is a long on LP64 Linux.
+_libc_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc_mmap.restype = ctypes.c_void_p
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class XenMemoryError(Exception):
+    """Base of every error about domain memory, so callers can catch one type."""
+
+
+class BadFrame(XenMemoryError, ValueError):
+    """A frame number outside the memory or range it was asked of."""
+
+
+class MemoryInUse(XenMemoryError, BufferError):
+    """Unmapping was refused: memoryviews into the mapping are still alive and
+    would point at unmapped memory."""
+
+
+class OutOfPages(XenMemoryError):
+    """The page allocator has no free frame (or no free run long enough)."""
+
+
+class DoubleFree(XenMemoryError, ValueError):
+    """A frame was freed that the allocator already holds as free."""
+
+
+class MemoryTooSmall(XenMemoryError, ValueError):
+    """The domain's memory cannot hold its fixed boot frames plus one frame of
+    its own."""
+
+
+def _check_frames(gfn: int, count: int, start: int, end: int, what: str) -> None:
+    """Refuse gfns gfn..gfn+count-1 unless all lie in start..end-1."""
+    if count < 1:
+        raise ValueError(f"a run of frames needs count >= 1, got {count}")
+    if not (start <= gfn and gfn + count <= end):
+        frames = f"gfn {gfn}" if count == 1 else f"gfns {gfn}..{gfn + count - 1}"
+        raise BadFrame(f"{frames} outside {what} (gfns {start}..{end - 1})")
+
+
+def _refuse_while_exported(mapping: mmap.mmap, what: str) -> None:
+    try:
+        mapping.close()
+    except BufferError as exc:
+        raise MemoryInUse(
+            f"{what} still has memoryviews in use; release them before close()"
+        ) from exc
+
+
+@define(eq=False)
+class DomainMemory:
+    """One domain's pseudo-physical memory, mapped shared over all its frames.
+
+    Build it with `create` (hypervisor) or `attach` (domain process), not
+    directly. `close` refuses with `MemoryInUse` while memoryviews from
+    `frame`/`frames` are alive: unmapping under them would crash the process,
+    and the memory stays usable so the caller can release them and retry.
+    """
+
+    nr_pages: int
+    _fd: int
+    _mapping: mmap.mmap = field(repr=False)
+
+    @classmethod
+    def create(cls, nr_pages: int, *, name: str = "xenlike-dom") -> DomainMemory:
+        """Make a new zeroed memory of `nr_pages` frames.
+
+        The memfd is sealed against shrinking and growing so that no domain
+        holding the fd can make another process's mapping fault with SIGBUS,
+        and sealed against further seals (a write seal would stop new
+        mappings).
+        """
+        if nr_pages < 1:
+            raise ValueError(f"a domain needs at least one frame, got nr_pages={nr_pages}")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, nr_pages * XEN_PAGE_SIZE)
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
+            return cls._map(fd, nr_pages)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, fd: int, nr_pages: int) -> DomainMemory:
+        """Map the memory behind a received fd, which the result then owns.
+
+        On error the fd stays the caller's. The size must match exactly: a
+        mismatch means the sender and receiver disagree about the domain.
+        """
+        size = os.fstat(fd).st_size
+        if size != nr_pages * XEN_PAGE_SIZE:
+            raise ValueError(
+                f"fd {fd} holds {size} bytes, but {nr_pages} frames are "
+                f"{nr_pages * XEN_PAGE_SIZE} bytes"
+            )
+        return cls._map(fd, nr_pages)
+
+    @classmethod
+    def _map(cls, fd: int, nr_pages: int) -> DomainMemory:
+        mapping = mmap.mmap(
+            fd,
+            nr_pages * XEN_PAGE_SIZE,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        return cls(nr_pages, fd, mapping)
+
+    @property
+    def fd(self) -> int:
+        """The memfd, to send with SCM_RIGHTS; it stays owned by this object."""
+        if self._fd < 0:
+            raise ValueError("domain memory is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def frame(self, gfn: int) -> memoryview:
+        """One frame, writable; release the view (or drop it) before `close`."""
+        return self.frames(gfn, 1)
+
+    def frames(self, gfn: int, count: int) -> memoryview:
+        """`count` consecutive frames from `gfn` as one writable view."""
+        if self._mapping.closed:
+            raise ValueError("domain memory is closed")
+        _check_frames(gfn, count, 0, self.nr_pages, "domain memory")
+        with memoryview(self._mapping) as whole:
+            return whole[gfn * XEN_PAGE_SIZE : (gfn + count) * XEN_PAGE_SIZE]
+
+    def close(self) -> None:
+        """Unmap and close the fd; a second call does nothing."""
+        if self.closed:
+            return
+        _refuse_while_exported(self._mapping, "domain memory")
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> DomainMemory:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@define(eq=False)
+class FrameMapping:
+    """Frames of another domain mapped side by side in the listed order.
+
+    A read-only mapping is PROT_READ in the page tables and hands out
+    read-only memoryviews, so a stray write raises TypeError rather than
+    killing the process with SIGSEGV. Like `DomainMemory`, `close` refuses
+    with `MemoryInUse` while views are alive.
+    """
+
+    gfns: tuple[int, ...]
+    writable: bool
+    _reservation: mmap.mmap = field(repr=False)
+
+    @property
+    def view(self) -> memoryview:
+        """All mapped frames as one view, len(gfns) * XEN_PAGE_SIZE bytes."""
+        if self._reservation.closed:
+            raise ValueError("frame mapping is closed")
+        view = memoryview(self._reservation)
+        return view if self.writable else view.toreadonly()
+
+    def page(self, index: int) -> memoryview:
+        """The frame at position `index` of `gfns` (not gfn `index`)."""
+        if not 0 <= index < len(self.gfns):
+            raise IndexError(f"page {index} outside a mapping of {len(self.gfns)} frames")
+        return self.view[index * XEN_PAGE_SIZE : (index + 1) * XEN_PAGE_SIZE]
+
+    def close(self) -> None:
+        """Unmap the whole range; a second call does nothing."""
+        _refuse_while_exported(self._reservation, "frame mapping")
+
+    def __enter__(self) -> FrameMapping:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def map_frames(fd: int, gfns: Iterable[int], *, writable: bool) -> FrameMapping:
+    """Map exactly `gfns` of the memory behind `fd` as one contiguous range.
+
+    Multi-page rings need their frames contiguous in virtual memory even when
+    the granter's frames are scattered. An anonymous reservation owned by a
+    Python mmap object holds the range (so Python refuses to unmap it under
+    live views); each run of consecutive gfns is then mapped over its slot
+    with MAP_FIXED. The fd stays the caller's; the mapping outlives it.
+    """
+    gfns = tuple(gfns)
+    if not gfns:
+        raise ValueError("map_frames needs at least one gfn")
+    nr_frames = os.fstat(fd).st_size // XEN_PAGE_SIZE
+    for gfn in gfns:
+        _check_frames(gfn, 1, 0, nr_frames, "the memory behind the fd")
+    # Writable, or Python would give ctypes no buffer to take the address
+    # from; every page is mapped over before anyone sees the range.
+    reservation = mmap.mmap(-1, len(gfns) * XEN_PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+    try:
+        base = _address_of(reservation)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        for index, first_gfn, count in _consecutive_runs(gfns):
+            _mmap_fixed(
+                base + index * XEN_PAGE_SIZE,
+                count * XEN_PAGE_SIZE,
+                prot,
+                fd,
+                first_gfn * XEN_PAGE_SIZE,
+            )
+    except BaseException:
+        reservation.close()
+        raise
+    return FrameMapping(gfns, writable, reservation)
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    # The ctypes object exports the mmap's buffer; it dies with this
+    # expression, releasing the export so the mmap can still be closed.
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
+def _consecutive_runs(gfns: tuple[int, ...]) -> Iterator[tuple[int, int, int]]:
+    """(index in gfns, first gfn, count) for each run of consecutive gfns."""
+    start = 0
+    for index in range(1, len(gfns) + 1):
+        if index == len(gfns) or gfns[index] != gfns[index - 1] + 1:
+            yield start, gfns[start], index - start
+            start = index
+
+
+def _mmap_fixed(address: int, length: int, prot: int, fd: int, offset: int) -> None:
+    result = _libc_mmap(address, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
+    if result == _MAP_FAILED:
+        errno = ctypes.get_errno()
+        raise OSError(
+            errno, f"{os.strerror(errno)}: mmap of {length} bytes at offset {offset} of fd {fd}"
+        )
+
+
+@define(eq=False)
+class PageAllocator:
+    """The guest's allocator for the frames it owns, gfns first..end-1.
+
+    Single frames come from a set (O(1) allocate and free); a bytearray of
+    free flags checks frees and finds contiguous runs for multi-page rings.
+    """
+
+    first: int
+    end: int
+    _free: set[int] = field(init=False, repr=False)
+    _is_free: bytearray = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.first <= self.end:
+            raise ValueError(f"bad frame range first={self.first} end={self.end}")
+        self._free = set(range(self.first, self.end))
+        self._is_free = bytearray(b"\x01") * (self.end - self.first)
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfPages(f"all {self.end - self.first} frames are allocated")
+        gfn = self._free.pop()
+        self._is_free[gfn - self.first] = 0
+        return gfn
+
+    def allocate_run(self, count: int) -> int:
+        """The first gfn of `count` consecutive free frames, lowest first."""
+        if count < 1:
+            raise ValueError(f"a run needs count >= 1, got {count}")
+        offset = self._is_free.find(b"\x01" * count)
+        if offset < 0:
+            raise OutOfPages(
+                f"no run of {count} consecutive free frames ({self.available} free in all)"
+            )
+        self._is_free[offset : offset + count] = bytes(count)
+        first_gfn = self.first + offset
+        self._free.difference_update(range(first_gfn, first_gfn + count))
+        return first_gfn
+
+    def free(self, gfn: int) -> None:
+        self.free_run(gfn, 1)
+
+    def free_run(self, gfn: int, count: int) -> None:
+        """Free `count` frames from `gfn`; all or none, so a bad call changes nothing."""
+        _check_frames(gfn, count, self.first, self.end, "the allocator's range")
+        offset = gfn - self.first
+        already_free = self._is_free.find(b"\x01", offset, offset + count)
+        if already_free >= 0:
+            raise DoubleFree(f"gfn {self.first + already_free} is already free")
+        self._is_free[offset : offset + count] = b"\x01" * count
+        self._free.update(range(gfn, gfn + count))
+
+
+@frozen
+class BootLayout:
+    """Where the fixed frames sit that the hypervisor writes before a domain
+    starts; the guest's allocator gets first_free_gfn..nr_pages-1."""
+
+    nr_pages: int
+    start_info_gfn: int
+    shared_info_gfn: int
+    grant_table_gfn: int
+    nr_grant_frames: int
+    store_gfn: int
+    console_gfn: int
+    first_free_gfn: int
+
+    @classmethod
+    def for_domain(cls, nr_pages: int, nr_grant_frames: int = 4) -> BootLayout:
+        """start_info, shared_info, the grant table, the XenStore ring and the
+        console ring, in that order from gfn 0."""
+        if nr_grant_frames < 1:
+            raise ValueError(f"a grant table needs at least one frame, got {nr_grant_frames}")
+        grant_table_gfn = 2
+        store_gfn = grant_table_gfn + nr_grant_frames
+        console_gfn = store_gfn + 1
+        first_free_gfn = console_gfn + 1
+        if nr_pages <= first_free_gfn:
+            raise MemoryTooSmall(
+                f"{nr_pages} frames cannot hold {first_free_gfn} boot frames "
+                f"({nr_grant_frames} for the grant table) and one frame for the guest"
+            )
+        return cls(
+            nr_pages=nr_pages,
+            start_info_gfn=0,
+            shared_info_gfn=1,
+            grant_table_gfn=grant_table_gfn,
+            nr_grant_frames=nr_grant_frames,
+            store_gfn=store_gfn,
+            console_gfn=console_gfn,
+            first_free_gfn=first_free_gfn,
+        )
+
+    @property
+    def grant_table_gfns(self) -> range:
+        return range(self.grant_table_gfn, self.grant_table_gfn + self.nr_grant_frames)
