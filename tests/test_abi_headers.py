@@ -425,6 +425,7 @@ def c_values(
             f"Xen's headers are not under {XEN_INCLUDE} (Debian: apt-get install libxen-dev)"
         )
     flat = [check for module in checks.values() for check in module]
+    assert len({check.label for check in flat}) == len(flat), "check labels must be unique"
     work = tmp_path_factory.mktemp("abi_headers")
     source = work / "abi_headers.c"
     source.write_text(c_program(flat))

@@ -56,27 +56,24 @@ def member(struct: construct.Struct, path: str) -> Field:
     """
     con: construct.Construct = struct
     offset = 0
-    field = None
     for step in path.split("."):
         match = _STEP.match(step)
         if match is None:
             raise ValueError(f"bad member path {path!r}")
         name, indices = match.groups()
         if not isinstance(con, construct.Struct):
-            raise KeyError(f"{path!r}: {field.name if field else 'layout'} is not a Struct")
-        field = next((f for f in _members(con) if f.name == name), None)
-        if field is None:
+            raise KeyError(f"{path!r}: {con!r} has no member {name!r}")
+        found = next((f for f in _members(con) if f.name == name), None)
+        if found is None:
             raise KeyError(f"{path!r}: no member {name!r}")
-        offset += field.offset
-        con = field.type
+        offset += found.offset
+        con = found.type
         for index in map(int, re.findall(r"\d+", indices)):
             if not isinstance(con, construct.Array) or not 0 <= index < con.count:
-                raise IndexError(f"{path!r}: [{index}] is not inside an array of {con!r}")
+                raise IndexError(f"{path!r}: [{index}] is outside {con!r}")
             con = _unwrap(con.subcon)
             offset += index * con.sizeof()
-        field = Field(step, offset, con.sizeof(), con)
-    assert field is not None
-    return field
+    return Field(path.rsplit(".", 1)[-1], offset, con.sizeof(), con)
 
 
 def offsetof(struct: construct.Struct, path: str) -> int:
