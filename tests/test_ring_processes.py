@@ -24,5 +24,5 @@ def test_one_in_flight_sleeps_and_wakes_every_time() -> None:
 @pytest.mark.slow
 def test_two_million_sleep_wake_cycles_lose_no_wakeup() -> None:
     """Every cycle both sides sleep; a lost wake-up shows as a Stall report."""
-    outcome = run_pair(count=1_100_000, depth=1, stall_after=5.0)
+    outcome = run_pair(count=1_300_000, depth=1, stall_after=5.0)
     assert outcome.front_sleeps + outcome.back_sleeps >= 2_000_000

@@ -9,7 +9,7 @@ XEN_DOMCTL_INTERFACE_VERSION.
 
 from enum import IntEnum
 
-from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Struct
 
 from xenlike.abi._layout import export_enum
 
@@ -30,6 +30,15 @@ __all__ = [
     "XEN_INVALID_MAX_VCPU_ID",
     "xen_arch_domainconfig",
     "xen_domctl",
+    "xen_domctl_createdomain",
+    "XEN_DOMCTL_CDF_hvm",
+    "XEN_DOMCTL_CDF_hap",
+    "XEN_DOMCTL_CDF_s3_integrity",
+    "XEN_DOMCTL_CDF_oos_off",
+    "XEN_DOMCTL_CDF_xs_domain",
+    "XEN_DOMCTL_CDF_iommu",
+    "XEN_DOMCTL_CDF_nested_virt",
+    "XEN_DOMCTL_CDF_vpmu",
     "xen_domctl_getdomaininfo",
     "xen_domctl_max_mem",
 ]
@@ -138,6 +147,31 @@ XEN_INVALID_MAX_VCPU_ID = 0xFFFFFFFF  # max_vcpu_id of a domain with no vcpus
 xen_arch_domainconfig = Struct(
     "emulation_flags" / Int32ul,  # XEN_X86_EMU_*
     "misc_flags" / Int32ul,
+)
+
+# XEN_DOMCTL_CDF_* (xen_domctl_createdomain.flags)
+XEN_DOMCTL_CDF_hvm = 1 << 0
+XEN_DOMCTL_CDF_hap = 1 << 1
+XEN_DOMCTL_CDF_s3_integrity = 1 << 2
+XEN_DOMCTL_CDF_oos_off = 1 << 3
+XEN_DOMCTL_CDF_xs_domain = 1 << 4
+XEN_DOMCTL_CDF_iommu = 1 << 5
+XEN_DOMCTL_CDF_nested_virt = 1 << 6
+XEN_DOMCTL_CDF_vpmu = 1 << 7
+
+xen_domctl_createdomain = Struct(
+    "ssidref" / Int32ul,
+    "handle" / Bytes(16),  # xen_domain_handle_t (the domain's UUID)
+    "flags" / Int32ul,  # XEN_DOMCTL_CDF_*
+    "iommu_opts" / Int32ul,
+    "max_vcpus" / Int32ul,
+    "max_evtchn_port" / Int32ul,
+    "max_grant_frames" / Int32sl,  # < 0: the hypervisor's default
+    "max_maptrack_frames" / Int32sl,
+    "grant_opts" / Int32ul,  # XEN_DOMCTL_GRANT_version(v) in the low 4 bits
+    "vmtrace_size" / Int32ul,
+    "cpupool_id" / Int32ul,
+    "arch" / xen_arch_domainconfig,
 )
 
 xen_domctl_getdomaininfo = Struct(

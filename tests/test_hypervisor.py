@@ -1,0 +1,95 @@
+"""The hypervisor with real domain processes, driven through the control socket."""
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
+from xenlike.abi.errno import Errno
+from xenlike.abi.sched import ShutdownReason
+from xenlike.hypercall import HypercallError
+from xenlike.hypervisor import Hypervisor
+from xenlike.xc import XenControl
+
+
+@pytest.fixture
+async def hv(tmp_path: Path, nursery: trio.Nursery) -> Hypervisor:
+    hypervisor = Hypervisor(tmp_path / "run")
+    await nursery.start(hypervisor.serve)
+    return hypervisor
+
+
+@pytest.fixture
+async def xc(hv: Hypervisor) -> XenControl:
+    async with XenControl.connect(hv.run_dir) as control:
+        yield control
+
+
+async def wait_for_log(xc: XenControl, text: str, timeout: float = 20) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            log = await xc.dmesg()
+            if text in log:
+                return log
+            await trio.sleep(0.05)
+
+
+async def wait_for_shutdown(xc: XenControl, domid: int, timeout: float = 20) -> int:
+    with trio.fail_after(timeout):
+        while True:
+            info = await xc.domain_info(domid)
+            if info.flags & XEN_DOMINF_shutdown:
+                return info.flags >> XEN_DOMINF_shutdownshift & 0xFF
+            await trio.sleep(0.05)
+
+
+async def test_a_domain_boots_logs_and_powers_off(xc: XenControl) -> None:
+    domid = await xc.create_domain("tests.kernels:hello", memory_mb=4)
+    assert domid == 1
+    await xc.unpause(domid)
+    log = await wait_for_log(xc, "hello from d1, 1024 pages")
+    assert "(d1) hello" in log
+    assert await wait_for_shutdown(xc, domid) == ShutdownReason.poweroff
+
+
+async def test_a_raising_kernel_crashes_with_its_traceback_logged(xc: XenControl) -> None:
+    domid = await xc.create_domain("tests.kernels:crash", memory_mb=4)
+    await xc.unpause(domid)
+    assert await wait_for_shutdown(xc, domid) == ShutdownReason.crash
+    log = await xc.dmesg()
+    assert "RuntimeError: this kernel crashes on purpose" in log
+
+
+async def test_event_channel_ping_pong_between_two_guests(xc: XenControl) -> None:
+    rounds = 500
+    ping = await xc.createdomain()
+    await xc.set_max_mem(ping, 4096)
+    port = await xc.alloc_unbound(ping, remote_dom=ping + 1)  # as libxl does for the store port
+    await xc.build(ping, "tests.kernels:ping", cmdline=f"port={port} rounds={rounds}")
+    pong = await xc.create_domain("tests.kernels:pong", memory_mb=4,
+                                  cmdline=f"peer={ping} port={port} rounds={rounds}")
+    assert pong == ping + 1
+    await xc.unpause(ping)
+    await xc.unpause(pong)
+    await wait_for_log(xc, f"pong done after {rounds} rounds")
+    await wait_for_log(xc, f"ping done after {rounds} rounds")
+
+
+async def test_domctl_is_for_dom0_only_and_unknown_ops_are_enosys(xc: XenControl) -> None:
+    with pytest.raises(HypercallError) as info:
+        await xc.hypercalls.call(99, 0)
+    assert info.value.errno == Errno.ENOSYS
+    with pytest.raises(HypercallError) as info:
+        await xc.domain_info(42)
+    assert info.value.errno == Errno.ESRCH
+
+
+async def test_list_and_physinfo(xc: XenControl) -> None:
+    domid = await xc.create_domain("tests.kernels:sleeper", memory_mb=4)
+    domains = await xc.list_domains()
+    assert [d.domain for d in domains] == [0, domid]
+    physinfo = await xc.physinfo()
+    assert physinfo.nr_cpus >= 1 and physinfo.total_pages > 0
+    await xc.destroy(domid)
+    assert [d.domain for d in await xc.list_domains()] == [0]

@@ -1,0 +1,127 @@
+"""What every domain kernel starts with: its memory, hypercalls, ports and boot info.
+
+`boot` is the first code a domain process runs (`python -m xenlike.domain`,
+spawned by the hypervisor): it maps the domain's memory from the fd it was
+given, reads start_info from frame 0, connects its hypercall socket, and
+calls the kernel the builder named with a `Domain`. The kernel's return
+shuts the domain down with SHUTDOWN_poweroff; an exception prints its
+traceback to the hypervisor log and shuts down with SHUTDOWN_crash.
+"""
+
+import importlib
+import resource
+import socket
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from xenlike.abi.sched import SchedOp, ShutdownReason, sched_shutdown
+from xenlike.abi.xen import CONSOLEIO_write, SIF_PRIVILEGED, Hypercall, start_info
+from xenlike.codec import compile_struct
+from xenlike.domain.evtchn import EventChannels
+from xenlike.domain.hypercall import HypercallClient
+from xenlike.hypercall import Reply
+from xenlike.memory import BootLayout, DomainMemory, PageAllocator
+
+__all__ = ["Domain", "Kernel", "boot", "load_kernel"]
+
+START_INFO = compile_struct(start_info, "start_info")
+SHUTDOWN = compile_struct(sched_shutdown, "sched_shutdown")
+
+Kernel = Callable[["Domain"], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Domain:
+    """The running domain, as its kernel sees it."""
+
+    domid: int
+    start_info: Any
+    memory: DomainMemory
+    layout: BootLayout
+    allocator: PageAllocator
+    hypercalls: HypercallClient
+    evtchn: EventChannels
+    nursery: trio.Nursery  # for the domain's own background tasks
+    ext: dict[str, Any] = attrs.field(factory=dict)  # per-domain state of the core services
+    shut_down: bool = False
+
+    @property
+    def privileged(self) -> bool:
+        return bool(self.start_info.flags & SIF_PRIVILEGED)
+
+    @property
+    def cmdline(self) -> str:
+        return self.start_info.cmd_line.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    async def console_write(self, text: str) -> None:
+        """CONSOLEIO_write: a line in the hypervisor log (early printk)."""
+        data = text.encode()
+        await self.hypercalls.call(Hypercall.console_io, CONSOLEIO_write, data, len(data))
+
+    async def shutdown(self, reason: int = ShutdownReason.poweroff) -> None:
+        """SCHEDOP_shutdown: this domain stops; the hypervisor reaps its process."""
+        self.shut_down = True
+        await self.hypercalls.call(Hypercall.sched_op, SchedOp.shutdown, SHUTDOWN.pack((reason,)), 1)
+
+
+def load_kernel(name: str) -> Kernel:
+    """Resolve "package.module:function" to the kernel's entry point."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"kernel {name!r} is not 'package.module:function'")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"kernel {name!r} is not callable")
+    return target
+
+
+def _raise_fd_limit() -> None:
+    """Every port is an eventfd: a domain with a thousand ports needs the fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, kernel: str) -> int:
+    """Run one domain to its end; return the process exit status."""
+    _raise_fd_limit()
+    memory = DomainMemory.attach(memory_fd, nr_pages)
+    layout = BootLayout.for_domain(nr_pages)
+    with memory.frame(layout.start_info_gfn) as page:
+        info = START_INFO.unpack(bytes(page[: START_INFO.size]))
+    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=hypercall_fd))
+    async with trio.open_nursery() as nursery:
+        channels: EventChannels | None = None
+
+        def on_notification(reply: Reply) -> None:
+            if channels is not None:
+                channels.handle_notification(reply)
+
+        hypercalls = HypercallClient(sock, on_notification)
+        await nursery.start(hypercalls.run)
+        channels = EventChannels(hypercalls, nursery)
+        domain = Domain(domid, info, memory, layout,
+                        PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels, nursery)
+        reason = ShutdownReason.poweroff
+        try:
+            entry = load_kernel(kernel)
+            await entry(domain)
+        except Exception:
+            reason = ShutdownReason.crash
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, flush=True)
+            try:
+                await domain.console_write(text)
+            except Exception:
+                pass
+        if not domain.shut_down:
+            await domain.shutdown(reason)
+        nursery.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,20 @@
+"""The hypervisor process: domains, hypercall table, event channels, grant tables.
+
+Importing this package registers every hypercall handler in `HYPERCALLS`.
+Run it on its own with `python -m xenlike.hypervisor --run-dir DIR`.
+"""
+
+from xenlike.hypervisor import control, evtchn, grant_table, platform  # noqa: F401  (registration)
+from xenlike.hypervisor.core import Connection, Domain, DomainState, Hypervisor, HypercallListener
+from xenlike.hypervisor.table import HYPERCALLS, Call, hypercall
+
+__all__ = [
+    "HYPERCALLS",
+    "Call",
+    "Connection",
+    "Domain",
+    "DomainState",
+    "HypercallListener",
+    "Hypervisor",
+    "hypercall",
+]

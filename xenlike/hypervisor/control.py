@@ -1,0 +1,223 @@
+"""domctl and sysctl: Dom0's control of domains and of the host.
+
+Both take Xen's `xen_domctl` / `xen_sysctl` struct, whose 128-byte union
+`u` holds the command's own struct, and both belong to Dom0 alone.
+`XENLIKE_DOMCTL_build` is xenlike's own: it stands for the domain builder
+(libxenguest), which in Xen loads a kernel image into the new domain's
+memory; here the hypervisor writes the boot frames and names the kernel the
+domain's process will run.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from construct import Bytes, Int16ul, Int32ul, Padding, Struct
+
+from xenlike.abi.domctl import (
+    XEN_DOMCTL_INTERFACE_VERSION,
+    XEN_DOMINF_dying,
+    XEN_DOMINF_paused,
+    XEN_DOMINF_running,
+    XEN_DOMINF_shutdown,
+    XEN_DOMINF_shutdownshift,
+    DomctlOp,
+    xen_domctl,
+    xen_domctl_createdomain,
+    xen_domctl_getdomaininfo,
+    xen_domctl_max_mem,
+)
+from xenlike.abi.errno import Errno
+from xenlike.abi.sysctl import (
+    XEN_SYSCTL_INTERFACE_VERSION,
+    XEN_SYSCTL_PHYSCAP_gnttab_v1,
+    XEN_SYSCTL_PHYSCAP_pv,
+    SysctlOp,
+    xen_sysctl,
+    xen_sysctl_getdomaininfolist,
+    xen_sysctl_physinfo,
+)
+from xenlike.abi.xen import DOMID_FIRST_RESERVED, Hypercall
+from xenlike.codec import compile_struct
+from xenlike.hypercall import HypercallError
+from xenlike.hypervisor.core import Domain, DomainState
+from xenlike.hypervisor.table import Call, hypercall
+from xenlike.memory import XEN_PAGE_SIZE
+
+__all__ = ["XENLIKE_DOMCTL_build", "domain_info", "xenlike_domctl_build"]
+
+XENLIKE_DOMCTL_build = 0x1000  # xenlike's own command, far from Xen's numbers
+
+xenlike_domctl_build = Struct(
+    "domain" / Int16ul,
+    Padding(2),
+    "store_evtchn" / Int32ul,  # start_info.store_evtchn, allocated by the toolstack
+    "console_evtchn" / Int32ul,  # start_info.console.domU.evtchn
+    Padding(4),
+    "kernel" / Bytes(256),  # "package.module:function", NUL-padded
+    "cmd_line" / Bytes(1024),  # start_info.cmd_line (xl.cfg's `extra`)
+)
+
+CREATE = compile_struct(xen_domctl_createdomain, "xen_domctl_createdomain")
+INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
+MAX_MEM = compile_struct(xen_domctl_max_mem, "xen_domctl_max_mem")
+PHYSINFO = compile_struct(xen_sysctl_physinfo, "xen_sysctl_physinfo")
+INFOLIST = compile_struct(xen_sysctl_getdomaininfolist, "xen_sysctl_getdomaininfolist")
+SYSCTL = compile_struct(xen_sysctl, "xen_sysctl")
+MAX_INFOLIST = 512  # getdomaininfo records one reply carries
+MAX_GUEST_PAGES = 4 * 1024 * 1024 // 4  # 4 GiB: more than a process here should map
+
+
+def _union(record: Any, codec: Any) -> Any:
+    return codec.unpack(record.u[: codec.size])
+
+
+def _with_union(record: Any, codec: Any, value: Any) -> Any:
+    return record._replace(u=codec.pack(value).ljust(128, b"\0"))
+
+
+def _domctl(call: Call, arg: Any) -> Domain:
+    if arg.interface_version != XEN_DOMCTL_INTERFACE_VERSION:
+        raise HypercallError(Errno.EACCES, f"domctl interface version {arg.interface_version:#x},"
+                                           f" expected {XEN_DOMCTL_INTERFACE_VERSION:#x}")
+    return call.hv.lookup(arg.domain)
+
+
+def domctl(cmd: int) -> Any:
+    return hypercall(Hypercall.domctl, cmd, args=xen_domctl, privileged=True)
+
+
+@domctl(DomctlOp.createdomain)
+def createdomain(call: Call, arg: Any) -> tuple[int, Any]:
+    if arg.interface_version != XEN_DOMCTL_INTERFACE_VERSION:
+        raise HypercallError(Errno.EACCES, "domctl interface version mismatch")
+    config = _union(arg, CREATE)
+    if config.max_vcpus != 1:
+        raise HypercallError(Errno.EINVAL, f"max_vcpus {config.max_vcpus}: each domain has one")
+    wanted = arg.domain if 0 < arg.domain < DOMID_FIRST_RESERVED else None
+    domain = call.hv.create_domain(domid=wanted, handle=config.handle)
+    return 0, arg._replace(domain=domain.domid)
+
+
+@domctl(DomctlOp.destroydomain)
+def destroydomain(call: Call, arg: Any) -> int:
+    call.hv.destroy(_domctl(call, arg))
+    return 0
+
+
+@domctl(DomctlOp.pausedomain)
+def pausedomain(call: Call, arg: Any) -> int:
+    call.hv.pause(_domctl(call, arg))
+    return 0
+
+
+@domctl(DomctlOp.unpausedomain)
+def unpausedomain(call: Call, arg: Any) -> int:
+    call.hv.unpause(_domctl(call, arg))
+    return 0
+
+
+@domctl(DomctlOp.max_mem)
+def max_mem(call: Call, arg: Any) -> int:
+    domain = _domctl(call, arg)
+    pages = _union(arg, MAX_MEM).max_memkb * 1024 // XEN_PAGE_SIZE
+    if not 0 < pages <= MAX_GUEST_PAGES:
+        raise HypercallError(Errno.EINVAL, f"max_mem of {pages} pages")
+    if domain.memory is not None and pages < domain.nr_pages:
+        raise HypercallError(Errno.EINVAL, f"{pages} pages is below the {domain.nr_pages} it has")
+    domain.max_pages = pages
+    return 0
+
+
+def domain_info(domain: Domain) -> Any:
+    """A domain as xen_domctl_getdomaininfo describes it (what `xl list` shows)."""
+    flags = 0
+    if domain.state is DomainState.running:
+        flags |= XEN_DOMINF_running
+    elif domain.state in (DomainState.paused, DomainState.created):
+        flags |= XEN_DOMINF_paused
+    elif domain.state is DomainState.dying:
+        flags |= XEN_DOMINF_dying
+    if domain.shutdown_reason is not None and domain.state is DomainState.shutdown:
+        flags |= XEN_DOMINF_shutdown | domain.shutdown_reason << XEN_DOMINF_shutdownshift
+    layout = domain.layout
+    return INFO.record(
+        domain=domain.domid, flags=flags, tot_pages=domain.nr_pages, max_pages=domain.max_pages,
+        shared_info_frame=layout.shared_info_gfn if layout else 0,
+        cpu_time=domain.cpu_time_ns(), nr_online_vcpus=1, max_vcpu_id=0, handle=domain.handle)
+
+
+@domctl(DomctlOp.getdomaininfo)
+def getdomaininfo(call: Call, arg: Any) -> tuple[int, Any]:
+    """As in Xen: the first domain whose id is at least the one asked for."""
+    if arg.interface_version != XEN_DOMCTL_INTERFACE_VERSION:
+        raise HypercallError(Errno.EACCES, "domctl interface version mismatch")
+    candidates = sorted(d for d in call.hv.domains if d >= arg.domain)
+    if not candidates:
+        raise HypercallError(Errno.ESRCH, f"no domain at or above {arg.domain}")
+    info = domain_info(call.hv.domains[candidates[0]])
+    return 0, _with_union(arg._replace(domain=info.domain), INFO, info)
+
+
+@hypercall(Hypercall.domctl, XENLIKE_DOMCTL_build, args=xenlike_domctl_build, privileged=True,
+           name="xenlike_build")
+def build(call: Call, arg: Any) -> int:
+    domain = call.hv.lookup(arg.domain)
+    call.hv.build_domain(domain, _cstring(arg.kernel), cmdline=_cstring(arg.cmd_line),
+                         store_evtchn=arg.store_evtchn, console_evtchn=arg.console_evtchn)
+    return 0
+
+
+def _cstring(data: bytes) -> str:
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def sysctl(cmd: int) -> Any:
+    return hypercall(Hypercall.sysctl, cmd, args=xen_sysctl, privileged=True)
+
+
+def _sysctl(arg: Any) -> None:
+    if arg.interface_version != XEN_SYSCTL_INTERFACE_VERSION:
+        raise HypercallError(Errno.EACCES, f"sysctl interface version {arg.interface_version:#x}")
+
+
+@sysctl(SysctlOp.getdomaininfolist)
+def getdomaininfolist(call: Call, arg: Any) -> tuple[int, bytes]:
+    """The records follow the xen_sysctl struct in the reply (Xen's guest buffer)."""
+    _sysctl(arg)
+    query = _union(arg, INFOLIST)
+    wanted = min(query.max_domains, MAX_INFOLIST)
+    ids = sorted(d for d in call.hv.domains if d >= query.first_domain)[:wanted]
+    records = b"".join(INFO.pack(domain_info(call.hv.domains[d])) for d in ids)
+    head = _with_union(arg, INFOLIST, query._replace(num_domains=len(ids)))
+    return len(ids), SYSCTL.pack(head) + records
+
+
+@sysctl(SysctlOp.physinfo)
+def physinfo(call: Call, arg: Any) -> tuple[int, Any]:
+    _sysctl(arg)
+    cpus = os.cpu_count() or 1
+    meminfo = _meminfo()
+    info = PHYSINFO.record(
+        threads_per_core=1, cores_per_socket=cpus, nr_cpus=cpus, max_cpu_id=cpus - 1, nr_nodes=1,
+        max_node_id=0, cpu_khz=_cpu_khz(),
+        capabilities=XEN_SYSCTL_PHYSCAP_pv | XEN_SYSCTL_PHYSCAP_gnttab_v1,
+        total_pages=meminfo.get("MemTotal", 0) // 4, free_pages=meminfo.get("MemAvailable", 0) // 4,
+        max_mfn=meminfo.get("MemTotal", 0) // 4)
+    return 0, _with_union(arg, PHYSINFO, info)
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in KiB."""
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    return values
+
+
+def _cpu_khz() -> int:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return 0

@@ -1,0 +1,493 @@
+"""The hypervisor process: the domain table, domain processes, hypercall dispatch.
+
+The hypervisor is not a domain. It creates each domain's memory, writes its
+boot frames, spawns the domain as a process running the kernel its builder
+named, answers its hypercalls over a SOCK_SEQPACKET socket pair, and reaps
+it. Dom0 tools reach it through a privileged control socket in the run
+directory, where they act with domain 0's rights, as `xl` does through
+privcmd.
+
+Every hypercall goes through `dispatch`, which never lets a handler's
+exception escape: one domain's bad call is that call's error, and the
+hypervisor keeps serving everyone else.
+"""
+
+import enum
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from xenlike.abi.errno import Errno
+from xenlike.abi.sched import ShutdownReason
+from xenlike.abi.xen import DOMID_FIRST_RESERVED, SIF_INITDOMAIN, SIF_PRIVILEGED, Virq, start_info
+from xenlike.codec import compile_struct
+from xenlike.hypercall import (
+    ANCILLARY_SPACE,
+    HYPERCALL_MAX_MESSAGE,
+    HypercallError,
+    MessageKind,
+    Notification,
+    Reply,
+    Request,
+    fds_ancillary,
+    fds_received,
+)
+from xenlike.hypervisor.table import HYPERCALLS, Call
+from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
+
+__all__ = ["Connection", "Domain", "DomainState", "Hypervisor", "HypercallListener"]
+
+START_INFO = compile_struct(start_info, "start_info")
+START_INFO_MAGIC = b"xen-3.0-x86_64"
+XEN_VERSION = (4, 17)
+SHUTDOWN_GRACE = 2.0  # seconds a shut-down domain gets to exit before SIGKILL
+NOTIFY_BACKLOG = 1024  # notifications queued for a domain that does not read its socket
+LOG_LINES = 4096  # lines of hypervisor log kept for `dmesg`
+
+
+class DomainState(enum.Enum):
+    created = "created"  # exists, never ran: the builder fills it while it is paused
+    running = "running"
+    paused = "paused"
+    shutdown = "shutdown"  # shut down with a reason; its process is gone or going
+    dying = "dying"  # being destroyed
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One hypercall socket: a domain's own, or a Dom0 tool's control connection."""
+
+    domain: "Domain"
+    sock: trio.socket.SocketType
+    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    async def send(self, reply: Reply) -> None:
+        async with self.send_lock:
+            await self.sock.sendmsg([reply.encode()], fds_ancillary(reply.fds))
+
+
+@attrs.define(eq=False)
+class Domain:
+    """A domain as the hypervisor holds it.
+
+    Its memory exists from the moment it is built (`build_domain`), sized by
+    its maximum reservation, as the domain builder populates it in Xen.
+    """
+
+    domid: int
+    privileged: bool
+    handle: bytes = bytes(16)
+    max_pages: int = 0
+    memory: DomainMemory | None = None
+    layout: BootLayout | None = None
+    state: DomainState = DomainState.created
+    shutdown_reason: int | None = None
+    kernel: str | None = None
+    process: trio.Process | None = None
+    connections: list[Connection] = attrs.field(factory=list)
+    created_at: float = attrs.field(factory=time.monotonic)
+    torn_down: bool = False
+    cpu_ns_at_exit: int = 0
+    # Per-domain state that the hypercall modules keep (event channels, grants).
+    ext: dict[str, Any] = attrs.field(factory=dict)
+    _notices: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = attrs.field(
+        factory=lambda: trio.open_memory_channel(NOTIFY_BACKLOG))
+
+    @property
+    def nr_pages(self) -> int:
+        return self.memory.nr_pages if self.memory is not None else 0
+
+    def require_memory(self) -> DomainMemory:
+        if self.memory is None:
+            raise HypercallError(Errno.EINVAL, f"d{self.domid} has no memory: it is not built")
+        return self.memory
+
+    def cpu_time_ns(self) -> int:
+        """User plus system CPU time of the domain's process, as /proc counts it."""
+        if self.process is None or self.process.returncode is not None:
+            return self.cpu_ns_at_exit
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return self.cpu_ns_at_exit
+        ticks = int(fields[11]) + int(fields[12])
+        self.cpu_ns_at_exit = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        return self.cpu_ns_at_exit
+
+    def __str__(self) -> str:
+        return f"d{self.domid}"
+
+
+class HypercallListener(Protocol):
+    """Observes every dispatched hypercall (the trace buffers attach here)."""
+
+    def hypercall(self, domid: int, op: int, cmd: int, arg: Any, result: int,
+                  start_ns: int, end_ns: int) -> None: ...
+
+
+class Hypervisor:
+    """The hypervisor of one topology, serving from `run_dir`."""
+
+    def __init__(self, run_dir: Path, *, dom0_memory_mb: int = 64) -> None:
+        self.run_dir = Path(run_dir)
+        self.control_path = self.run_dir / "hypervisor.sock"
+        self.domains: dict[int, Domain] = {}
+        self.listeners: list[HypercallListener] = []
+        self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.log_path = self.run_dir / "hypervisor.log"
+        self.dom0_memory_mb = dom0_memory_mb
+        self.started_at = time.monotonic()
+        self._next_domid = 1
+        self._nursery: trio.Nursery | None = None
+        self._log_file: Any = None
+        self.on_domain_exit: list[Callable[[Domain], None]] = []
+
+    # --- running ----------------------------------------------------------
+
+    async def serve(self, *, dom0_kernel: str | None = None, dom0_cmdline: str = "",
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create Dom0, open the control socket, and serve until cancelled."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "domains").mkdir(exist_ok=True)
+        self._log_file = self.log_path.open("a", buffering=1)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.control_path.unlink(missing_ok=True)
+            await listener.bind(str(self.control_path))
+            listener.listen(64)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                dom0 = self.create_domain(domid=0, privileged=True)
+                dom0.max_pages = self.dom0_memory_mb * 256
+                self.log(None, f"Xen-compatible xenlike hypervisor {XEN_VERSION[0]}.{XEN_VERSION[1]}"
+                               f", run directory {self.run_dir}")
+                if dom0_kernel:
+                    self.build_domain(dom0, dom0_kernel, cmdline=dom0_cmdline)
+                    self.unpause(dom0)
+                else:  # Dom0 is only its tools on the control socket
+                    nursery.start_soon(self._deliver_notices, dom0)
+                nursery.start_soon(self._accept_control, listener, dom0)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for domain in list(self.domains.values()):
+                    self.teardown(domain, kill=True)
+            listener.close()
+            self.control_path.unlink(missing_ok=True)
+            self._log_file.close()
+
+    def log(self, domain: Domain | None, text: str) -> None:
+        """A line in the hypervisor log, as Xen's console ring keeps it (`xl dmesg`)."""
+        prefix = f"(XEN) [{time.monotonic() - self.started_at:10.6f}] "
+        source = f"(d{domain.domid}) " if domain is not None else ""
+        for line in text.rstrip("\n").split("\n"):
+            entry = prefix + source + line
+            self.log_lines.append(entry)
+            if self._log_file is not None:
+                self._log_file.write(entry + "\n")
+
+    # --- domains ----------------------------------------------------------
+
+    def create_domain(self, *, domid: int | None = None, privileged: bool = False,
+                      handle: bytes = bytes(16)) -> Domain:
+        """XEN_DOMCTL_createdomain: an empty, paused domain with its port table."""
+        if domid is None:
+            domid = self._allocate_domid()
+        elif domid in self.domains:
+            raise HypercallError(Errno.EEXIST, f"domain {domid} exists")
+        domain = Domain(domid, privileged, handle=handle)
+        self.domains[domid] = domain
+        from xenlike.hypervisor import evtchn
+
+        evtchn.attach(self, domain)
+        self.log(None, f"created d{domid}")
+        return domain
+
+    def _allocate_domid(self) -> int:
+        """Domids count up and wrap below DOMID_FIRST_RESERVED, like Xen's rover,
+        so a freshly destroyed domain's id is not reused at once."""
+        for _ in range(DOMID_FIRST_RESERVED):
+            domid = self._next_domid
+            self._next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
+            if domid not in self.domains:
+                return domid
+        raise HypercallError(Errno.ENOSPC, "no free domain id")
+
+    def lookup(self, domid: int) -> Domain:
+        try:
+            return self.domains[domid]
+        except KeyError:
+            raise HypercallError(Errno.ESRCH, f"no domain {domid}") from None
+
+    def build_domain(self, domain: Domain, kernel: str, *, cmdline: str = "",
+                     store_evtchn: int = 0, console_evtchn: int = 0) -> None:
+        """What a domain builder does: memory, boot frames, and the kernel to run."""
+        if domain.state is not DomainState.created or domain.memory is not None:
+            raise HypercallError(Errno.EBUSY, f"{domain} is already built")
+        if ":" not in kernel:
+            raise HypercallError(Errno.EINVAL, f"kernel {kernel!r} is not 'module:function'")
+        try:
+            layout = BootLayout.for_domain(domain.max_pages)
+        except ValueError as exc:
+            raise HypercallError(Errno.ENOMEM, str(exc)) from None
+        domain.memory = DomainMemory.create(domain.max_pages, name=f"xenlike-d{domain.domid}")
+        domain.layout = layout
+        from xenlike.hypervisor import grant_table
+
+        grant_table.attach(self, domain)
+        flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domain.privileged else 0
+        blank = START_INFO.record()
+        info = blank._replace(
+            magic=START_INFO_MAGIC.ljust(32, b"\0"),
+            nr_pages=domain.nr_pages,
+            shared_info=layout.shared_info_gfn * XEN_PAGE_SIZE,
+            flags=flags,
+            store_mfn=layout.store_gfn,
+            store_evtchn=store_evtchn,
+            console=blank.console._replace(
+                domU=blank.console.domU._replace(mfn=layout.console_gfn, evtchn=console_evtchn)),
+            cmd_line=cmdline.encode()[:1023].ljust(1024, b"\0"),
+        )
+        with domain.memory.frame(layout.start_info_gfn) as page:
+            START_INFO.pack_into(page, 0, info)
+        domain.kernel = kernel
+        self.log(None, f"built d{domain.domid}: {domain.max_pages} pages, kernel {kernel}")
+
+    def unpause(self, domain: Domain) -> None:
+        if domain.state is DomainState.created:
+            if domain.kernel is None:
+                raise HypercallError(Errno.EINVAL, f"{domain} has no kernel: build it first")
+            assert self._nursery is not None
+            domain.state = DomainState.running
+            self._nursery.start_soon(self._run_domain, domain)
+        elif domain.state is DomainState.paused:
+            self._signal(domain, signal.SIGCONT)
+            domain.state = DomainState.running
+        elif domain.state is not DomainState.running:
+            raise HypercallError(Errno.EINVAL, f"{domain} is {domain.state.value}")
+
+    def pause(self, domain: Domain) -> None:
+        """Stop the domain's process: a paused vCPU does not run at all."""
+        if domain.state is DomainState.running:
+            self._signal(domain, signal.SIGSTOP)
+            domain.state = DomainState.paused
+        elif domain.state not in (DomainState.paused, DomainState.created):
+            raise HypercallError(Errno.EINVAL, f"{domain} is {domain.state.value}")
+
+    def shutdown(self, domain: Domain, reason: int) -> None:
+        """The domain is shut down for `reason`: it runs no more and Dom0 hears of it."""
+        if domain.state in (DomainState.shutdown, DomainState.dying):
+            return
+        domain.shutdown_reason = reason
+        domain.state = DomainState.shutdown
+        self.log(domain, f"shutdown: {_reason_name(reason)}")
+        if domain.process is not None and domain.process.returncode is None:
+            self._signal(domain, signal.SIGCONT)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._kill_after_grace, domain)
+        else:
+            self.teardown(domain)
+        self.domain_exception()
+
+    def destroy(self, domain: Domain) -> None:
+        """XEN_DOMCTL_destroydomain: kill, tear down and forget the domain."""
+        if domain.domid == 0:
+            raise HypercallError(Errno.EPERM, "domain 0 cannot be destroyed")
+        domain.state = DomainState.dying
+        self.teardown(domain, kill=True)
+        self.domains.pop(domain.domid, None)
+        self.log(None, f"destroyed d{domain.domid}")
+        self.domain_exception()
+
+    def teardown(self, domain: Domain, *, kill: bool = False) -> None:
+        """Release everything the domain holds. Idempotent."""
+        if kill and domain.process is not None and domain.process.returncode is None:
+            self._signal(domain, signal.SIGKILL)
+        if domain.torn_down:
+            return
+        domain.torn_down = True
+        from xenlike.hypervisor import evtchn, grant_table
+
+        grant_table.teardown(self, domain)
+        evtchn.teardown(self, domain)
+        for conn in domain.connections:
+            conn.sock.close()
+        domain.connections.clear()
+        domain.cpu_time_ns()
+        if domain.memory is not None:
+            try:
+                domain.memory.close()
+            except BufferError:
+                self.log(domain, "memory still mapped by the hypervisor; freed when released")
+        for hook in self.on_domain_exit:
+            hook(domain)
+
+    def domain_exception(self) -> None:
+        """VIRQ_DOM_EXC to Dom0: a domain shut down, crashed or was destroyed."""
+        from xenlike.hypervisor import evtchn
+
+        dom0 = self.domains.get(0)
+        if dom0 is not None:
+            evtchn.send_virq(self, dom0, Virq.DOM_EXC)
+
+    def _signal(self, domain: Domain, signum: int) -> None:
+        if domain.process is not None and domain.process.returncode is None:
+            try:
+                domain.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    async def _kill_after_grace(self, domain: Domain) -> None:
+        assert domain.process is not None
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await domain.process.wait()
+        self.teardown(domain, kill=True)
+
+    async def _run_domain(self, domain: Domain) -> None:
+        """Spawn the domain's process, serve its hypercalls, reap it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        log_path = self.run_dir / "domains" / f"{domain.domid}.log"
+        memory = domain.require_memory()
+        argv = [sys.executable, "-m", "xenlike.domain", "--hypercall-fd", str(theirs.fileno()),
+                "--memory-fd", str(memory.fd), "--nr-pages", str(memory.nr_pages),
+                "--domid", str(domain.domid), "--kernel", str(domain.kernel)]
+        with log_path.open("ab") as log:
+            try:
+                domain.process = await trio.lowlevel.open_process(
+                    argv, pass_fds=(theirs.fileno(), memory.fd), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            finally:
+                theirs.close()
+        self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
+        conn = Connection(domain, trio.socket.from_stdlib_socket(ours))
+        domain.connections.append(conn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.serve_connection, conn)
+            nursery.start_soon(self._deliver_notices, domain)
+            await domain.process.wait()
+            nursery.cancel_scope.cancel()
+        code = domain.process.returncode
+        if domain.state not in (DomainState.shutdown, DomainState.dying):
+            # Died without saying why (killed, or the kernel broke): that is a crash.
+            self.log(domain, f"process exited with status {code} without shutting down")
+            self.shutdown(domain, ShutdownReason.crash)
+        self.teardown(domain)
+
+    async def _accept_control(self, listener: trio.socket.SocketType, dom0: Domain) -> None:
+        assert self._nursery is not None
+        while True:
+            sock, _ = await listener.accept()
+            conn = Connection(dom0, sock)
+            dom0.connections.append(conn)
+            self._nursery.start_soon(self._serve_control, conn)
+
+    async def _serve_control(self, conn: Connection) -> None:
+        try:
+            await self.serve_connection(conn)
+        finally:
+            conn.sock.close()
+            if conn in conn.domain.connections:
+                conn.domain.connections.remove(conn)
+
+    async def serve_connection(self, conn: Connection) -> None:
+        """Answer hypercalls on one socket until it closes."""
+        sock = conn.sock
+        while True:
+            try:
+                data, ancdata, _, _ = await sock.recvmsg(HYPERCALL_MAX_MESSAGE + 1, ANCILLARY_SPACE)
+            except OSError:
+                return
+            for fd in fds_received(ancdata):
+                os.close(fd)  # domains send no descriptors; drop any they try to
+            if not data:
+                return
+            reply = self.dispatch(conn, data)
+            try:
+                await conn.send(reply)
+            except OSError:
+                return
+
+    async def _deliver_notices(self, domain: Domain) -> None:
+        _, receive = domain._notices
+        async for reply in receive:
+            try:
+                for conn in list(domain.connections):
+                    try:
+                        await conn.send(reply)
+                    except OSError:
+                        pass
+            finally:
+                for fd in reply.fds:
+                    os.close(fd)
+
+    def notify(self, domain: Domain, code: Notification, payload: bytes = b"",
+               fds: tuple[int, ...] = ()) -> None:
+        """Tell a domain something unasked; dropped (and logged) if it never reads.
+
+        `fds` are duplicated, so the caller may close its own at once.
+        """
+        send, _ = domain._notices
+        reply = Reply(0, MessageKind.notification, int(code), payload, tuple(os.dup(fd) for fd in fds))
+        try:
+            send.send_nowait(reply)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            for fd in reply.fds:
+                os.close(fd)
+            self.log(domain, f"notification {code.name} dropped: the domain does not read")
+
+    # --- hypercalls -------------------------------------------------------
+
+    def dispatch(self, conn: Connection, data: bytes) -> Reply:
+        """Run one hypercall; every failure becomes a -errno result, never an exception."""
+        start = time.perf_counter_ns()
+        seq = op = cmd = 0
+        arg: Any = None
+        call = None
+        try:
+            if len(data) > HYPERCALL_MAX_MESSAGE:
+                raise HypercallError(Errno.E2BIG, f"{len(data)}-byte message")
+            request = Request.decode(data)
+            seq, op, cmd = request.seq, request.op, request.cmd
+            entry = HYPERCALLS.lookup(op, cmd)
+            if entry.privileged and not conn.domain.privileged:
+                raise HypercallError(Errno.EPERM, f"{entry.name} is for Dom0 only")
+            arg = entry.decode(request.count, request.payload)
+            call = Call(self, conn.domain, conn, op, cmd)
+            out = entry.handler(call, arg)
+            if isinstance(out, tuple):
+                result, payload = out[0], entry.encode(out[1])
+            else:  # nothing changed: the arguments go back as they came (Xen's copy-back)
+                result, payload = out, request.payload if entry.args is not None else b""
+        except HypercallError as exc:
+            result, payload = -int(exc.errno), b""
+        except Exception:
+            self.log(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
+            result, payload = -int(Errno.EINVAL), b""
+        end = time.perf_counter_ns()
+        for listener in self.listeners:
+            try:
+                listener.hypercall(conn.domain.domid, op, cmd, arg, result, start, end)
+            except Exception:
+                self.listeners.remove(listener)
+                self.log(None, f"trace listener {listener!r} dropped:\n{traceback.format_exc()}")
+        fds = tuple(call.fds) if call is not None and result >= 0 else ()
+        return Reply(seq, MessageKind.reply, result, payload, fds)
+
+
+def _reason_name(reason: int) -> str:
+    try:
+        return ShutdownReason(reason).name
+    except ValueError:
+        return f"reason {reason}"

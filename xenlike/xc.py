@@ -1,0 +1,148 @@
+"""Dom0's control library (libxc's place): domctl and sysctl over the control socket.
+
+Dom0 tools reach the hypervisor through `<run-dir>/hypervisor.sock` with
+domain 0's rights, as `xl` goes through privcmd::
+
+    async with XenControl.connect(run_dir) as xc:
+        domid = await xc.create_domain("domains.guest:main", memory_mb=32)
+        await xc.unpause(domid)
+"""
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from xenlike.abi.errno import Errno
+from xenlike.abi.domctl import (
+    DomctlOp,
+    xen_domctl_createdomain,
+    xen_domctl_getdomaininfo,
+    xen_domctl_max_mem,
+)
+from xenlike.abi.event_channel import EvtchnOp, evtchn_alloc_unbound
+from xenlike.abi.sched import SchedOp, ShutdownReason, sched_remote_shutdown
+from xenlike.abi.sysctl import SysctlOp, xen_sysctl_getdomaininfolist, xen_sysctl_physinfo
+from xenlike.abi.xen import CONSOLEIO_read, Hypercall
+from xenlike.codec import compile_struct
+from xenlike.domain.hypercall import HypercallClient, codec_for
+from xenlike.hypercall import HypercallError
+from xenlike.hypervisor.control import XENLIKE_DOMCTL_build, xenlike_domctl_build
+
+__all__ = ["XenControl"]
+
+INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
+BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
+
+
+class XenControl:
+    """Typed domctl/sysctl calls for Dom0 tools (and Dom0's toolstack)."""
+
+    def __init__(self, hypercalls: HypercallClient) -> None:
+        self.hypercalls = hypercalls
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, run_dir: Path) -> AsyncIterator["XenControl"]:
+        path = Path(run_dir) / "hypervisor.sock"
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            await sock.connect(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConnectionError(f"no hypervisor at {path}: {exc.strerror}") from None
+        client = HypercallClient(sock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield cls(client)
+            finally:
+                nursery.cancel_scope.cancel()
+                sock.close()
+
+    async def create_domain(self, kernel: str, *, memory_mb: int, cmdline: str = "",
+                            store_evtchn: int = 0, console_evtchn: int = 0,
+                            handle: bytes = bytes(16)) -> int:
+        """createdomain, max_mem, then build: a paused domain ready to unpause."""
+        domid = await self.createdomain(handle)
+        try:
+            await self.set_max_mem(domid, memory_mb * 1024)
+            await self.build(domid, kernel, cmdline=cmdline, store_evtchn=store_evtchn,
+                             console_evtchn=console_evtchn)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.destroy(domid)
+            raise
+        return domid
+
+    async def createdomain(self, handle: bytes = bytes(16)) -> int:
+        """XEN_DOMCTL_createdomain: a new empty domain, paused, with no memory yet."""
+        config = codec_for(xen_domctl_createdomain).record(handle=handle, max_vcpus=1,
+                                                           max_evtchn_port=1023,
+                                                           max_grant_frames=-1,
+                                                           max_maptrack_frames=-1)
+        domid, _ = await self.hypercalls.domctl(DomctlOp.createdomain, 0, xen_domctl_createdomain,
+                                                config)
+        return domid
+
+    async def set_max_mem(self, domid: int, max_memkb: int) -> None:
+        await self.hypercalls.domctl(DomctlOp.max_mem, domid, xen_domctl_max_mem,
+                                     codec_for(xen_domctl_max_mem).record(max_memkb=max_memkb))
+
+    async def build(self, domid: int, kernel: str, *, cmdline: str = "", store_evtchn: int = 0,
+                    console_evtchn: int = 0) -> None:
+        arg = BUILD.record(domain=domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
+                           kernel=kernel.encode().ljust(256, b"\0"),
+                           cmd_line=cmdline.encode().ljust(1024, b"\0"))
+        await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_build, BUILD.pack(arg), 1)
+
+    async def alloc_unbound(self, domid: int, remote_dom: int) -> int:
+        """A port in `domid` that `remote_dom` may bind (the store and console ports)."""
+        _, out, fds = await self.hypercalls.call_struct(
+            Hypercall.event_channel_op, EvtchnOp.alloc_unbound, evtchn_alloc_unbound,
+            codec_for(evtchn_alloc_unbound).record(dom=domid, remote_dom=remote_dom))
+        return out.port
+
+    async def unpause(self, domid: int) -> None:
+        await self.hypercalls.domctl(DomctlOp.unpausedomain, domid)
+
+    async def pause(self, domid: int) -> None:
+        await self.hypercalls.domctl(DomctlOp.pausedomain, domid)
+
+    async def destroy(self, domid: int) -> None:
+        await self.hypercalls.domctl(DomctlOp.destroydomain, domid)
+
+    async def shutdown(self, domid: int, reason: int = ShutdownReason.poweroff) -> None:
+        """SCHEDOP_remote_shutdown: stop a domain now, for `reason`."""
+        await self.hypercalls.call_struct(
+            Hypercall.sched_op, SchedOp.remote_shutdown, sched_remote_shutdown,
+            codec_for(sched_remote_shutdown).record(domain_id=domid, reason=reason))
+
+    async def domain_info(self, domid: int) -> Any:
+        """getdomaininfo of exactly `domid` (Xen answers the next one up; we check)."""
+        found, info = await self.hypercalls.domctl(DomctlOp.getdomaininfo, domid,
+                                                   xen_domctl_getdomaininfo, INFO.record())
+        if found != domid:
+            raise HypercallError(Errno.ESRCH, f"no domain {domid}")
+        return info
+
+    async def list_domains(self, first: int = 0, max_domains: int = 512) -> list[Any]:
+        """sysctl getdomaininfolist: every domain's getdomaininfo, by domid."""
+        query = codec_for(xen_sysctl_getdomaininfolist).record(first_domain=first,
+                                                               max_domains=max_domains)
+        count, _, records = await self.hypercalls.sysctl(SysctlOp.getdomaininfolist,
+                                                         xen_sysctl_getdomaininfolist, query)
+        return [INFO.unpack_from(records, i * INFO.size) for i in range(count)]
+
+    async def physinfo(self) -> Any:
+        _, info, _ = await self.hypercalls.sysctl(SysctlOp.physinfo, xen_sysctl_physinfo,
+                                                  codec_for(xen_sysctl_physinfo).record())
+        return info
+
+    async def dmesg(self) -> str:
+        """The hypervisor log (CONSOLEIO_read), as `xl dmesg` prints it."""
+        done = await self.hypercalls.call(Hypercall.console_io, CONSOLEIO_read)
+        return done.payload.decode("utf-8", "replace")
