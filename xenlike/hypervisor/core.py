@@ -29,6 +29,12 @@ import attrs
 import trio
 
 from xenlike.abi.errno import Errno
+from xenlike.abi.grant_table import (
+    GNTTAB_RESERVED_CONSOLE,
+    GNTTAB_RESERVED_XENSTORE,
+    GTF_permit_access,
+    grant_entry_v1,
+)
 from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, SIF_INITDOMAIN, SIF_PRIVILEGED, Virq, start_info
 from xenlike.codec import compile_struct
@@ -49,6 +55,7 @@ from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
 __all__ = ["Connection", "Domain", "DomainState", "Hypervisor", "HypercallListener"]
 
 START_INFO = compile_struct(start_info, "start_info")
+GRANT_ENTRY = compile_struct(grant_entry_v1, "grant_entry_v1")
 START_INFO_MAGIC = b"xen-3.0-x86_64"
 XEN_VERSION = (4, 17)
 SHUTDOWN_GRACE = 2.0  # seconds a shut-down domain gets to exit before SIGKILL
@@ -262,8 +269,21 @@ class Hypervisor:
         )
         with domain.memory.frame(layout.start_info_gfn) as page:
             START_INFO.pack_into(page, 0, info)
+        self._seed_grants(domain)
         domain.kernel = kernel
         self.log(None, f"built d{domain.domid}: {domain.max_pages} pages, kernel {kernel}")
+
+    def _seed_grants(self, domain: Domain, backend_domid: int = 0) -> None:
+        """Grant Dom0 the console and XenStore pages at the reserved refs, as the
+        domain builder does (xc_dom_gnttab_init), so xenconsoled and xenstored
+        can map them with an ordinary grant map."""
+        assert domain.memory is not None and domain.layout is not None
+        layout = domain.layout
+        with domain.memory.frame(layout.grant_table_gfn) as table:
+            for ref, gfn in ((GNTTAB_RESERVED_CONSOLE, layout.console_gfn),
+                             (GNTTAB_RESERVED_XENSTORE, layout.store_gfn)):
+                GRANT_ENTRY.pack_into(table, ref * GRANT_ENTRY.size,
+                                      (GTF_permit_access, backend_domid, gfn))
 
     def unpause(self, domain: Domain) -> None:
         if domain.state is DomainState.created:
