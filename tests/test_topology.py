@@ -1,0 +1,137 @@
+"""Topology files: xl's disk and vif specs, and mistakes reported with their lines."""
+
+from pathlib import Path
+
+import pytest
+
+from xenlike.topology import (
+    TopologyError,
+    default_topology,
+    load_topology,
+    parse_disk_spec,
+    parse_size,
+    parse_topology,
+    parse_vif_spec,
+    vdev_number,
+)
+
+GOOD = """\
+[host]
+name = "demo"
+
+[dom0]
+memory = 128
+images = { "web.img" = "64M", "db.img" = "1G" }
+
+[[domain]]
+name = "web"
+memory = 32
+init = "myapp.guest:main"
+disk = ["format=raw, vdev=xvda, access=rw, target=web.img"]
+vif = ["mac=00:16:3e:00:00:01, bridge=xenbr0, ip=10.0.0.2/24"]
+
+[[domain]]
+name = "db"
+memory = 64
+on_crash = "preserve"
+disk = ["db.img,raw,xvdb,ro"]
+vif = ["bridge=xenbr0"]
+"""
+
+
+def test_a_good_topology_parses() -> None:
+    topo = parse_topology(GOOD)
+    assert topo.name == "demo"
+    assert topo.dom0.images == {"web.img": 64 << 20, "db.img": 1 << 30}
+    web, db = topo.domains
+    assert web.disks[0].devid == 51712 and web.disks[0].target == "web.img"
+    assert web.vifs[0].ip == "10.0.0.2/24" and web.vifs[0].mac == "00:16:3e:00:00:01"
+    assert db.disks[0].readonly and db.disks[0].vdev == "xvdb" and db.disks[0].devid == 51728
+    assert db.vifs[0].mac.startswith("00:16:3e:") and db.on_crash == "preserve"
+    assert web.kernel == "domains.guest:main" and web.init == "myapp.guest:main"
+
+
+@pytest.mark.parametrize(("vdev", "number"), [
+    ("xvda", 51712), ("xvdb", 51728), ("xvda1", 51713), ("xvdp", 51952), ("xvdq", 268439552),
+    ("xvdaa", 268442112), ("hda", 768), ("hdc", 5632), ("sda", 2048), ("sdb3", 2067),
+])
+def test_vdev_numbers_follow_vbd_interface_txt(vdev: str, number: int) -> None:
+    assert vdev_number(vdev) == number
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("format=qcow2, vdev=xvda, target=a.img", "only format=raw"),
+    ("vdev=xvda, access=x, target=a.img", "access=x"),
+    ("format=raw, target=a.img, vdev=xvda", "target= must come last"),
+    ("format=raw, vdev=xvda", "needs target"),
+    ("colour=red, vdev=xvda, target=a.img", "unknown disk key 'colour'"),
+    ("format=raw, vdev=floppy, target=a.img", "vdev 'floppy'"),
+])
+def test_bad_disk_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_disk_spec(spec)
+
+
+def test_positional_disk_spec_and_cdrom() -> None:
+    disk = parse_disk_spec("/srv/x.iso,,hdc,cdrom")
+    assert (disk.target, disk.vdev, disk.devtype, disk.access) == ("/srv/x.iso", "hdc", "cdrom", "ro")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("mac=01:16:3e:00:00:01", "multicast"),
+    ("mac=00:16:3e:00:00", "six hex bytes"),
+    ("ip=10.0.0.300", "IPv4"),
+    ("speed=fast", "unknown vif setting"),
+    ("type=ioemu", "only PV vifs"),
+])
+def test_bad_vif_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_vif_spec(spec, default_mac="00:16:3e:00:00:09")
+
+
+def test_sizes() -> None:
+    assert parse_size("64M") == 64 << 20 and parse_size("2g") == 2 << 30 and parse_size(512) == 512
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_every_mistake_is_reported_with_its_line() -> None:
+    text = GOOD.replace('memory = 64', 'memory = "lots"').replace(
+        'on_crash = "preserve"', 'on_crash = "explode"\ncolour = "blue"').replace(
+        'name = "db"', 'name = "web"')
+    with pytest.raises(TopologyError) as info:
+        parse_topology(text, "demo.toml")
+    report = str(info.value)
+    lines = text.splitlines()
+    problems = {p.message.split(":")[0].split(" =")[0]: p for p in info.value.problems}
+    assert 'memory' in problems and lines[problems["memory"].line - 1].startswith("memory")
+    assert lines[problems["on_crash"].line - 1].startswith("on_crash")
+    assert "unknown key 'colour'" in report
+    assert "used twice" in report
+    assert all(p.path == "demo.toml" for p in info.value.problems)
+
+
+def test_disk_must_name_an_image_dom0_owns() -> None:
+    text = GOOD.replace("target=web.img", "target=nope.img")
+    with pytest.raises(TopologyError, match="'nope.img' is not one of Dom0's images"):
+        parse_topology(text)
+
+
+def test_broken_toml_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match=r"demo.toml:3: not valid TOML"):
+        parse_topology("[host]\nname = 'x'\nmemory = = 3\n", "demo.toml")
+    with pytest.raises(TopologyError, match="cannot read"):
+        load_topology(tmp_path / "missing.toml")
+
+
+def test_unknown_sections_and_dom0_keys() -> None:
+    with pytest.raises(TopologyError) as info:
+        parse_topology("[hosts]\n[dom0]\nnic = 'wifi'\n")
+    report = str(info.value)
+    assert "unknown section [hosts]" in report and "nic = 'wifi'" in report
+
+
+def test_embedded_default_topology() -> None:
+    topo = default_topology()
+    assert topo.name == "default"
+    assert [d.name for d in topo.domains] == ["alpha", "beta"]

@@ -1,0 +1,491 @@
+"""Topology files: the host, Dom0 and its hardware, and the guests, in TOML.
+
+Guest keys follow xl.cfg (`name`, `memory`, `vcpus`, `kernel`, `on_crash`,
+`extra` ...) and device lines use xl's own spec strings, parsed as
+xl-disk-configuration(5) and xl-network-configuration(5) define them::
+
+    [host]
+    name = "demo"
+
+    [dom0]
+    memory = 128
+    nic = "none"                       # none | tap:NAME | pcap:FILE
+    images = { "web.img" = "64M" }     # disk images Dom0 owns, created sparse
+
+    [[domain]]
+    name = "web"
+    memory = 32
+    init = "myapp.guest:main"
+    disk = ["format=raw, vdev=xvda, access=rw, target=web.img"]
+    vif = ["mac=00:16:3e:00:00:01, bridge=xenbr0, ip=10.0.0.2/24"]
+
+Every mistake is reported with the file, the line and what would be right,
+all of them at once, and nothing starts.
+"""
+
+import ipaddress
+import re
+import tomllib
+import zlib
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "DEFAULT_GUEST_KERNEL",
+    "DiskSpec",
+    "DomainConfig",
+    "Dom0Config",
+    "Problem",
+    "Topology",
+    "TopologyError",
+    "VifSpec",
+    "default_topology",
+    "load_topology",
+    "parse_disk_spec",
+    "parse_size",
+    "parse_topology",
+    "parse_vif_spec",
+    "vdev_number",
+]
+
+DEFAULT_GUEST_KERNEL = "domains.guest:main"
+ON_ACTIONS = ("destroy", "restart", "preserve", "rename-restart", "coredump-destroy",
+              "coredump-restart", "soft-reset")
+SUPPORTED_ON_ACTIONS = ("destroy", "restart", "preserve")
+XEN_OUI = "00:16:3e"
+
+
+@attrs.frozen
+class Problem:
+    """One mistake in a topology file, with where it is and what would be right."""
+
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+class TopologyError(ValueError):
+    """The topology file has mistakes; `problems` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@attrs.frozen
+class DiskSpec:
+    """One `disk = [...]` entry (xl-disk-configuration)."""
+
+    target: str
+    vdev: str
+    devid: int  # the virtual device number, e.g. 51712 for xvda
+    format: str = "raw"
+    access: str = "rw"  # "rw" or "ro"
+    devtype: str = "disk"  # "disk" or "cdrom"
+    backend: str = "0"
+    discard: bool = True
+
+    @property
+    def readonly(self) -> bool:
+        return self.access == "ro"
+
+
+@attrs.frozen
+class VifSpec:
+    """One `vif = [...]` entry (xl-network-configuration)."""
+
+    mac: str
+    bridge: str = "xenbr0"
+    ip: str | None = None  # "10.0.0.2/24"
+    vifname: str | None = None
+    backend: str = "0"
+
+
+@attrs.frozen
+class DomainConfig:
+    """A guest, with xl.cfg's keys."""
+
+    name: str
+    memory: int  # MiB
+    vcpus: int = 1
+    kernel: str = DEFAULT_GUEST_KERNEL
+    init: str | None = None
+    extra: str = ""
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    disks: tuple[DiskSpec, ...] = ()
+    vifs: tuple[VifSpec, ...] = ()
+    devices: tuple[dict[str, Any], ...] = ()  # custom PV devices: {type = "...", ...}
+
+
+@attrs.frozen
+class Dom0Config:
+    memory: int = 128
+    nic: str = "none"  # none | tap:NAME | pcap:FILE
+    images: dict[str, int] = attrs.field(factory=dict)  # file name -> size in bytes
+
+
+@attrs.frozen
+class Topology:
+    name: str
+    dom0: Dom0Config
+    domains: tuple[DomainConfig, ...]
+    source: Path | None = None  # the file it came from; images are relative to its directory
+
+    def image_path(self, name: str, run_dir: Path) -> Path:
+        base = self.source.parent if self.source is not None else run_dir
+        return (base / name).resolve()
+
+
+# --- sizes, disks, vifs -------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """ "64M", "1G", "512K", "4096" -> bytes (binary units, as xl's `maxmem` etc.)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"size {text!r}: expected a number with an optional K, M, G or T")
+    number, unit = int(match.group(1)), (match.group(2) or "B")[0].upper()
+    return number * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+
+
+def vdev_number(vdev: str) -> int:
+    """The virtual device number of a vdev name (docs/misc/vbd-interface.txt).
+
+    xvda is 51712 (202 << 8), xvdb 51728; disks past 15, and every name the
+    short forms cannot hold, use the extended form 1 << 28 | disk << 8 | part.
+    """
+    match = re.fullmatch(r"(xvd|hd|sd)([a-z]+)(\d*)", vdev)
+    if not match:
+        raise ValueError(f"vdev {vdev!r}: expected a name like xvda, xvdb1, hda or sda")
+    kind, letters, part_text = match.groups()
+    disk = 0
+    for letter in letters:
+        disk = disk * 26 + (ord(letter) - ord("a") + 1)
+    disk -= 1
+    part = int(part_text) if part_text else 0
+    if kind == "hd":
+        if disk > 3 or part > 63:
+            raise ValueError(f"vdev {vdev!r}: IDE names stop at hdd63")
+        major = 3 if disk < 2 else 22
+        return major << 8 | (disk % 2) << 6 | part
+    if disk < 16 and part < 16:
+        return (202 if kind == "xvd" else 8) << 8 | disk << 4 | part
+    if kind == "sd" or disk >= 1 << 20 or part > 255:
+        raise ValueError(f"vdev {vdev!r}: beyond the numbering scheme")
+    return 1 << 28 | disk << 8 | part
+
+
+def _spec_items(spec: str) -> list[str]:
+    return [item.strip() for item in spec.split(",")]
+
+
+_DISK_KEYS = ("target", "format", "vdev", "access", "devtype", "backend", "backendtype", "script",
+              "direct-io-safe", "discard", "no-discard", "trusted", "untrusted", "cdrom",
+              "colo", "specification")
+_DISK_POSITIONAL = ("target", "format", "vdev", "access")
+
+
+def parse_disk_spec(spec: str) -> DiskSpec:
+    """An xl disk spec: `key=value` words, or the positional `target,format,vdev,access`."""
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    positional = 0
+    items = _spec_items(spec)
+    for index, item in enumerate(items):
+        if "=" in item:
+            key, _, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if key not in _DISK_KEYS:
+                raise ValueError(f"unknown disk key {key!r}; known: {', '.join(_DISK_KEYS[:6])} ...")
+            if key == "target" and index != len(items) - 1:
+                raise ValueError("target= must come last (it may contain commas, as xl says)")
+            values[key] = value
+        elif item in ("discard", "no-discard", "trusted", "untrusted", "cdrom", "direct-io-safe"):
+            flags.add(item)
+        else:
+            if positional >= len(_DISK_POSITIONAL):
+                raise ValueError(f"disk spec {spec!r}: too many positional parameters")
+            if item:
+                values.setdefault(_DISK_POSITIONAL[positional], item)
+            positional += 1
+    target = values.get("target", "")
+    if ":" in target.split("/", 1)[0] and not target.startswith("/"):  # legacy "phy:" / "file:"
+        prefix, _, target = target.partition(":")
+        if prefix not in ("file", "phy", "aio", "raw"):
+            raise ValueError(f"target prefix {prefix!r}: only raw files are supported")
+    if not target:
+        raise ValueError("a disk needs target=IMAGE (a file in Dom0's images)")
+    if "vdev" not in values:
+        raise ValueError("a disk needs vdev= (e.g. vdev=xvda)")
+    fmt = values.get("format", "raw")
+    if fmt != "raw":
+        raise ValueError(f"format={fmt}: only format=raw is supported")
+    access = values.get("access", "rw")
+    access = {"r": "ro", "ro": "ro", "w": "rw", "rw": "rw"}.get(access, access)
+    if access not in ("ro", "rw"):
+        raise ValueError(f"access={access}: expected ro or rw")
+    devtype = "cdrom" if "cdrom" in flags else values.get("devtype", "disk")
+    if devtype not in ("disk", "cdrom"):
+        raise ValueError(f"devtype={devtype}: expected disk or cdrom")
+    if devtype == "cdrom":
+        access = "ro"
+    return DiskSpec(target=target, vdev=values["vdev"], devid=vdev_number(values["vdev"]),
+                    format=fmt, access=access, devtype=devtype,
+                    backend=values.get("backend", "0"), discard="no-discard" not in flags)
+
+
+_VIF_KEYS = ("mac", "bridge", "ip", "vifname", "backend", "type", "model", "script", "rate",
+             "gatewaydev", "mtu", "trusted", "untrusted")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
+    """An xl vif spec: comma-separated `key=value` words."""
+    values: dict[str, str] = {}
+    for item in _spec_items(spec):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _VIF_KEYS:
+            raise ValueError(f"unknown vif setting {item!r}; known keys: {', '.join(_VIF_KEYS[:5])} ...")
+        values[key] = value.strip()
+    mac = values.get("mac", default_mac).lower()
+    if not _MAC.match(mac):
+        raise ValueError(f"mac={mac}: expected six hex bytes like 00:16:3e:00:00:01")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"mac={mac}: a multicast address cannot name an interface")
+    ip = values.get("ip")
+    if ip is not None:
+        try:
+            ip = str(ipaddress.IPv4Interface(ip if "/" in ip else ip + "/24"))
+        except ValueError:
+            raise ValueError(f"ip={ip}: expected an IPv4 address like 10.0.0.2/24") from None
+    if values.get("type", "vif") != "vif":
+        raise ValueError(f"type={values['type']}: only PV vifs (type=vif) exist here")
+    return VifSpec(mac=mac, bridge=values.get("bridge", "xenbr0"), ip=ip,
+                   vifname=values.get("vifname"), backend=values.get("backend", "0"))
+
+
+def default_mac(domain_name: str, index: int) -> str:
+    """A stable MAC in Xen's OUI (00:16:3e), derived from the domain and vif index."""
+    digest = zlib.crc32(f"{domain_name}/{index}".encode())
+    return f"{XEN_OUI}:{digest >> 16 & 0x7F:02x}:{digest >> 8 & 0xFF:02x}:{digest & 0xFF:02x}"
+
+
+# --- the file -------------------------------------------------------------------
+
+class _Locator:
+    """Finds the line of a key in the TOML text (tomllib keeps no positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def line(self, table: str, index: int | None, key: str | None) -> int | None:
+        current, seen = "", -1
+        header = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?")
+        assignment = re.compile(r"^\s*\"?([A-Za-z0-9_\-]+)\"?\s*=")
+        start = None
+        for number, text in enumerate(self.lines, 1):
+            match = header.match(text)
+            if match:
+                current = match.group(2).replace('"', "").strip()
+                if current == table:
+                    seen += 1
+                    if index is None or seen == index:
+                        start = number
+                        if key is None:
+                            return number
+                continue
+            if start is not None and current == table and (index is None or seen == index):
+                key_match = assignment.match(text)
+                if key_match and key_match.group(1) == key:
+                    return number
+        return start
+
+
+def _check_kernel_name(value: Any) -> str | None:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+        return "expected 'package.module:function'"
+    return None
+
+
+_DOMAIN_KEYS = {"name", "memory", "vcpus", "kernel", "init", "extra", "on_poweroff", "on_reboot",
+                "on_crash", "disk", "vif", "devices", "maxmem", "type", "cmdline"}
+_DOM0_KEYS = {"memory", "nic", "images"}
+_HOST_KEYS = {"name"}
+
+
+def parse_topology(text: str, path: str = "<topology>", source: Path | None = None) -> Topology:
+    """Parse and check a topology; raise TopologyError listing every problem."""
+    problems: list[Problem] = []
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise TopologyError([Problem(path, int(line.group(1)) if line else None,
+                                     f"not valid TOML: {exc}")]) from None
+    where = _Locator(text)
+
+    def problem(table: str, index: int | None, key: str | None, message: str) -> None:
+        problems.append(Problem(path, where.line(table, index, key), message))
+
+    for key in data:
+        if key not in ("host", "dom0", "domain"):
+            problem(key, None, None, f"unknown section [{key}]; expected [host], [dom0], [[domain]]")
+
+    host = data.get("host", {})
+    for key in host:
+        if key not in _HOST_KEYS:
+            problem("host", None, key, f"unknown key {key!r} in [host]; expected: name")
+    name = host.get("name", source.stem if source else "default")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        problem("host", None, "name", f"name = {name!r}: letters, digits, '.', '_' and '-' only")
+
+    dom0_data = data.get("dom0", {})
+    for key in dom0_data:
+        if key not in _DOM0_KEYS:
+            problem("dom0", None, key, f"unknown key {key!r} in [dom0]; expected one of "
+                                       f"{', '.join(sorted(_DOM0_KEYS))}")
+    dom0_memory = dom0_data.get("memory", 128)
+    if not isinstance(dom0_memory, int) or not 16 <= dom0_memory <= 4096:
+        problem("dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, 16 to 4096")
+    nic = dom0_data.get("nic", "none")
+    if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap):.+", nic)):
+        problem("dom0", None, "nic", f"nic = {nic!r}: expected \"none\", \"tap:NAME\" or \"pcap:FILE\"")
+    images: dict[str, int] = {}
+    for image, size in dict(dom0_data.get("images", {})).items():
+        try:
+            images[image] = parse_size(size)
+        except (ValueError, TypeError) as exc:
+            problem("dom0", None, "images", f"image {image!r}: {exc}")
+
+    domains: list[DomainConfig] = []
+    raw_domains = data.get("domain", [])
+    if not isinstance(raw_domains, list):
+        problem("domain", None, None, "guests are [[domain]] tables (an array of tables)")
+        raw_domains = []
+    names: set[str] = set()
+    for index, entry in enumerate(raw_domains):
+        name_value = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name_value, str):
+            if name_value in names:
+                problem("domain", index, "name", f"name = {name_value!r} is used twice; "
+                                                 "names are unique")
+            names.add(name_value)
+        if not isinstance(entry, dict):
+            problem("domain", index, None, "each [[domain]] is a table of xl.cfg keys")
+            continue
+        domain = _parse_domain(entry, index, images, problem)
+        if domain is not None:
+            domains.append(domain)
+    if problems:
+        raise TopologyError(problems)
+    dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
+    return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source)
+
+
+def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
+                  problem: Any) -> DomainConfig | None:
+    ok = True
+
+    def bad(key: str | None, message: str) -> None:
+        nonlocal ok
+        ok = False
+        problem("domain", index, key, message)
+
+    for key in entry:
+        if key not in _DOMAIN_KEYS:
+            bad(key, f"unknown key {key!r}; xl.cfg keys here: {', '.join(sorted(_DOMAIN_KEYS))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", name):
+        bad("name" if "name" in entry else None,
+            f"name = {name!r}: every [[domain]] needs a name of letters, digits, '.', '_', '-'")
+        name = f"domain{index}"
+    memory = entry.get("memory")
+    if not isinstance(memory, int) or not 4 <= memory <= 4096:
+        bad("memory" if "memory" in entry else None,
+            f"memory = {memory!r}: MiB as a whole number, 4 to 4096")
+    vcpus = entry.get("vcpus", 1)
+    if vcpus != 1:
+        bad("vcpus", f"vcpus = {vcpus!r}: each domain has exactly one vCPU here")
+    for key in ("kernel", "init"):
+        if key in entry and (message := _check_kernel_name(entry[key])):
+            bad(key, f"{key} = {entry[key]!r}: {message}")
+    for key in ("on_poweroff", "on_reboot", "on_crash"):
+        value = entry.get(key)
+        if value is not None and value not in SUPPORTED_ON_ACTIONS:
+            known = "supported" if value in ON_ACTIONS else "expected"
+            bad(key, f"{key} = {value!r}: {known} values are {', '.join(SUPPORTED_ON_ACTIONS)}")
+    extra = entry.get("extra", entry.get("cmdline", ""))
+    if not isinstance(extra, str):
+        bad("extra", "extra = ...: the kernel command line, a string")
+    disks: list[DiskSpec] = []
+    for spec in _as_list(entry.get("disk", []), bad, "disk"):
+        try:
+            disk = parse_disk_spec(spec)
+        except ValueError as exc:
+            bad("disk", f"disk {spec!r}: {exc}")
+            continue
+        if disk.target not in images:
+            known = ", ".join(images) or "none declared"
+            bad("disk", f"disk {spec!r}: target {disk.target!r} is not one of Dom0's images "
+                        f"([dom0] images = {{...}}; declared: {known})")
+        if any(d.devid == disk.devid for d in disks):
+            bad("disk", f"disk {spec!r}: vdev {disk.vdev} is used twice")
+        disks.append(disk)
+    vifs: list[VifSpec] = []
+    for spec in _as_list(entry.get("vif", []), bad, "vif"):
+        try:
+            vifs.append(parse_vif_spec(spec, default_mac=default_mac(str(name), len(vifs))))
+        except ValueError as exc:
+            bad("vif", f"vif {spec!r}: {exc}")
+    devices = entry.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, dict) and "type" in d for d in devices):
+        bad("devices", "devices = [{ type = \"...\", ... }, ...]: each needs a type")
+        devices = []
+    if not ok:
+        return None
+    return DomainConfig(
+        name=name, memory=memory, vcpus=1, kernel=entry.get("kernel", DEFAULT_GUEST_KERNEL),
+        init=entry.get("init"), extra=extra,
+        on_poweroff=entry.get("on_poweroff", "destroy"), on_reboot=entry.get("on_reboot", "restart"),
+        on_crash=entry.get("on_crash", "destroy"), disks=tuple(disks), vifs=tuple(vifs),
+        devices=tuple(devices))
+
+
+def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        bad(key, f"{key} = [...]: a list of xl spec strings")
+        return []
+    return value
+
+
+def load_topology(path: Path) -> Topology:
+    """Read a topology file; a missing or unreadable file is a TopologyError too."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError([Problem(str(path), None, f"cannot read: {exc.strerror}")]) from None
+    return parse_topology(text, str(path), source=path.resolve())
+
+
+def default_topology() -> Topology:
+    """The topology `xenlike up` runs with no file: Dom0 and two guests."""
+    text = resources.files("xenlike").joinpath("default.toml").read_text()
+    return parse_topology(text, "<embedded default topology>")
