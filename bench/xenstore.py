@@ -1,0 +1,214 @@
+"""XenStore over the Unix socket: xenlike's client and xenstored against a raw baseline.
+
+    python bench/xenstore.py [--quick]
+
+Measures reads, writes and directory listings per second (1 / the median
+time of one operation, one request in flight) and watch-event latency,
+through `xenlike.xenstore.open_client` against `python -m xenlike.xenstore`. The baseline sends the very same
+request bytes over the same kind of socket to a trivial trio server that
+answers each with the reply bytes xenstored gave (captured at start), with
+no store behind it, read by a bare client. Both servers are separate
+processes, so neither shares the client's event loop. Rounds interleave
+(baseline, xenlike, baseline, ...) and the figures are medians of rounds.
+
+The last lines are `ratio NAME: VALUE`, xenlike's rate over the baseline's
+(for latency, the baseline's latency over xenlike's): 1.0 means no cost.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from xenlike.abi.xs_wire import XS_DIRECTORY, XS_READ, XS_WATCH, XS_WATCH_EVENT, XS_WRITE
+from xenlike.xenstore import Client, MessageReader, XsMessage, open_client
+
+HEADER = struct.Struct("<IIII")
+TOKEN = "bench"
+CHILDREN = [f"vif{i}" for i in range(16)]
+SETUP = [("/bench/key", b"v" * 64), *((f"/bench/dir/{name}", b"1") for name in CHILDREN)]
+# The requests timed; "watch" is a write to a node this connection watches.
+REQUESTS = {
+    "read": XsMessage(XS_READ, 0, 0, b"/bench/key\0"),
+    "write": XsMessage(XS_WRITE, 0, 0, b"/bench/written\0" + b"w" * 64),
+    "ls": XsMessage(XS_DIRECTORY, 0, 0, b"/bench/dir\0"),
+    "watch": XsMessage(XS_WRITE, 0, 0, b"/bench/watched\0x"),
+}
+
+
+# -- the baseline server: canned replies, no store ------------------------------
+
+
+async def serve_canned(path: str, canned: dict[bytes, bytes]) -> None:
+    async def answer(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while data := await stream.receive_some(65536):
+            buffer += data
+            replies = []
+            while len(buffer) >= HEADER.size:
+                end = HEADER.size + HEADER.unpack_from(buffer)[3]
+                if len(buffer) < end:
+                    break
+                replies.append(canned[buffer[:end]])
+                buffer = buffer[end:]
+            await stream.send_all(b"".join(replies))
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    listener = trio.SocketListener(sock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, answer, [listener])
+        print("listening", flush=True)
+
+
+# -- capturing xenstored's answers -------------------------------------------------
+
+
+async def capture(path: str) -> dict[bytes, bytes]:
+    """Set up the nodes, and record xenstored's reply bytes to each timed request."""
+    stream = await trio.open_unix_socket(path)
+    reader = MessageReader()
+
+    async def receive() -> XsMessage:
+        while not isinstance(message := reader.next_message(), XsMessage):
+            reader.feed(await stream.receive_some(65536))
+        return message
+
+    async def exchange(request: XsMessage) -> bytes:
+        """Send a request; the bytes of the watch events it fired and of its reply."""
+        await stream.send_all(request.encode())
+        received = [await receive()]
+        while received[-1].type == XS_WATCH_EVENT:
+            received.append(await receive())
+        return b"".join(message.encode() for message in received)
+
+    for node, value in SETUP:
+        await exchange(XsMessage(XS_WRITE, 0, 0, node.encode() + b"\0" + value))
+    await exchange(XsMessage(XS_WATCH, 0, 0, b"/bench/watched\0" + TOKEN.encode() + b"\0"))
+    assert (await receive()).type == XS_WATCH_EVENT  # the watch's first event follows its OK
+    canned = {request.encode(): await exchange(request) for request in REQUESTS.values()}
+    await stream.aclose()
+    return canned
+
+
+# -- the timed loops ------------------------------------------------------------------
+
+
+async def raw_round(path: str, name: str, canned: dict[bytes, bytes], seconds: float) -> list[float]:
+    """Per-operation times of the bare client."""
+    request = REQUESTS[name].encode()
+    expected = len(canned[request])
+    times = []
+    async with await trio.open_unix_socket(path) as stream:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await stream.send_all(request)
+            received = 0
+            while received < expected:
+                received += len(await stream.receive_some(65536))
+            times.append(time.perf_counter() - start)
+    return times
+
+
+XENLIKE_OPERATIONS: dict[str, Callable[[Client], Awaitable[object]]] = {
+    "read": lambda xs: xs.read("/bench/key"),
+    "write": lambda xs: xs.write("/bench/written", b"w" * 64),
+    "ls": lambda xs: xs.ls("/bench/dir"),
+}
+
+
+async def xenlike_round(path: str, name: str, seconds: float) -> list[float]:
+    """Per-operation times of xenlike's client and xenstored."""
+    times = []
+    async with open_client(path) as xs:
+        if name == "watch":
+            async with xs.watch("/bench/watched", token=TOKEN) as events:
+                await events.__anext__()  # the registration event
+                deadline = time.perf_counter() + seconds
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    await xs.write("/bench/watched", b"x")
+                    await events.__anext__()
+                    times.append(time.perf_counter() - start)
+            return times
+        operation = XENLIKE_OPERATIONS[name]
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await operation(xs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def start_server(argv: list[str]) -> subprocess.Popen:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening" not in line:
+        raise SystemExit(f"server {argv} did not start: {line!r}")
+    return process
+
+
+async def bench(rounds: int, seconds: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="xsbench") as tmp:
+        xs_path, raw_path, canned_path = (os.path.join(tmp, n) for n in ("xs.sock", "raw.sock", "canned"))
+        servers = [start_server([sys.executable, "-m", "xenlike.xenstore", "--socket", xs_path])]
+        try:
+            canned = await capture(xs_path)
+            with open(canned_path, "w") as file:
+                json.dump({k.hex(): v.hex() for k, v in canned.items()}, file)
+            servers.append(start_server([sys.executable, __file__, "--raw-server", raw_path, canned_path]))
+            # Per round, the median time of one operation: robust to the
+            # stalls other processes on the machine cause.
+            raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
+            ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
+            for _ in range(rounds):
+                for name in REQUESTS:
+                    raw[name].append(statistics.median(await raw_round(raw_path, name, canned, seconds)))
+                    ours[name].append(statistics.median(await xenlike_round(xs_path, name, seconds)))
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait()
+    print(f"xenstore over a Unix socket: {rounds} interleaved rounds of {seconds}s, one request in flight")
+    ratios = {}
+    for name in REQUESTS:
+        raw_time, our_time = statistics.median(raw[name]), statistics.median(ours[name])
+        ratios[name] = raw_time / our_time
+        if name == "watch":
+            print(f"raw watch-event latency: {raw_time * 1e6:.1f} us")
+            print(f"xenlike watch-event latency: {our_time * 1e6:.1f} us")
+        else:
+            print(f"raw {name}: {1 / raw_time:.0f} ops/s")
+            print(f"xenlike {name}: {1 / our_time:.0f} ops/s")
+    for name, ratio in ratios.items():
+        print(f"ratio {name}: {ratio:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_server:
+        socket_path, canned_path = args.raw_server
+        with open(canned_path) as file:
+            canned = {bytes.fromhex(k): bytes.fromhex(v) for k, v in json.load(file).items()}
+        trio.run(serve_canned, socket_path, canned)
+        return
+    rounds, seconds = (3, 0.15) if args.quick else (7, 0.5)
+    trio.run(bench, rounds, seconds)
+
+
+if __name__ == "__main__":
+    main()
