@@ -1,0 +1,144 @@
+"""Finding devices in XenStore and starting their drivers (xenbus probing).
+
+`FrontendBus` runs in a guest: it watches the guest's own `device/` tree
+and starts a front end for each `device/<type>/<devid>` whose type has a
+driver. `BackendBus` runs in a driver domain: it watches `backend/` and
+starts a back end for each `backend/<type>/<domid>/<devid>`, and stops it
+when the toolstack removes the directory.
+"""
+
+import logging
+from typing import Any
+
+import trio
+
+from xenlike.xenbus.driver import DeviceInfo, XenbusContext, XenbusDriver
+from xenlike.xenbus.registry import DriverRegistry
+from xenlike.xenstore import XenStoreError
+
+__all__ = ["BackendBus", "FrontendBus"]
+
+log = logging.getLogger("xenlike.xenbus")
+
+
+class _Bus:
+    side: str
+
+    def __init__(self, ctx: XenbusContext, registry: DriverRegistry) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.home = f"/local/domain/{ctx.domain.domid}"
+        self.devices: dict[str, XenbusDriver] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self.changed = trio.Event()
+
+    async def _ls(self, path: str) -> list[str]:
+        try:
+            return await self.ctx.xs.ls(path)
+        except XenStoreError as exc:
+            if exc.name == "ENOENT":
+                return []
+            raise
+
+    async def _read(self, path: str) -> str | None:
+        try:
+            return (await self.ctx.xs.read(path)).decode()
+        except XenStoreError as exc:
+            if exc.name == "ENOENT":
+                return None
+            raise
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe now and whenever the tree changes, until cancelled."""
+        root = f"{self.home}/{self.side}"
+        async with trio.open_nursery() as nursery:
+            async with self.ctx.xs.watch(root) as events:
+                started = False
+                async for _ in events:
+                    await self._probe(nursery)
+                    if not started:
+                        started = True
+                        task_status.started()
+
+    async def _probe(self, nursery: trio.Nursery) -> None:
+        seen = set()
+        for info in await self._scan():
+            seen.add(info.nodename)
+            if info.nodename in self.devices:
+                continue
+            driver = self._make(info)
+            if driver is None:
+                continue
+            self.devices[info.nodename] = driver
+            nursery.start_soon(self._run_driver, driver)
+        for nodename in list(self.devices):
+            if nodename not in seen:
+                self._scopes.pop(nodename).cancel()
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _run_driver(self, driver: XenbusDriver) -> None:
+        nodename = driver.device.nodename
+        with trio.CancelScope() as scope:
+            self._scopes[nodename] = scope
+            try:
+                await driver.run()
+            except XenStoreError as exc:
+                log.warning("%s stopped: %s", nodename, exc)
+        with trio.CancelScope(shield=True):
+            try:
+                await driver.disconnect()
+            except Exception as exc:
+                log.warning("%s: disconnect failed: %s", nodename, exc)
+        self.devices.pop(nodename, None)
+        self._scopes.pop(nodename, None)
+
+    async def _scan(self) -> list[DeviceInfo]:
+        raise NotImplementedError
+
+    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        raise NotImplementedError
+
+
+class FrontendBus(_Bus):
+    side = "device"
+
+    async def _scan(self) -> list[DeviceInfo]:
+        found = []
+        for device_type in await self._ls(f"{self.home}/device"):
+            for devid in await self._ls(f"{self.home}/device/{device_type}"):
+                nodename = f"{self.home}/device/{device_type}/{devid}"
+                backend = await self._read(f"{nodename}/backend")
+                backend_id = await self._read(f"{nodename}/backend-id")
+                if backend is None or backend_id is None or not devid.isdigit():
+                    continue  # the toolstack has not finished writing it
+                found.append(DeviceInfo(device_type, int(devid), nodename, backend, int(backend_id)))
+        return found
+
+    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if info.type not in self.registry or self.registry.get(info.type).frontend is None:
+            log.info("no front-end driver for %s", info.nodename)
+            return None
+        return self.registry.get(info.type).frontend(self.ctx, info)
+
+
+class BackendBus(_Bus):
+    side = "backend"
+
+    async def _scan(self) -> list[DeviceInfo]:
+        found = []
+        for device_type in await self._ls(f"{self.home}/backend"):
+            for domid in await self._ls(f"{self.home}/backend/{device_type}"):
+                for devid in await self._ls(f"{self.home}/backend/{device_type}/{domid}"):
+                    nodename = f"{self.home}/backend/{device_type}/{domid}/{devid}"
+                    frontend = await self._read(f"{nodename}/frontend")
+                    if frontend is None or not domid.isdigit() or not devid.isdigit():
+                        continue
+                    found.append(DeviceInfo(device_type, int(devid), nodename, frontend, int(domid)))
+        return found
+
+    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if info.type not in self.registry or self.registry.get(info.type).backend is None:
+            log.info("no back-end driver for %s", info.nodename)
+            return None
+        return self.registry.get(info.type).backend(self.ctx, info)

@@ -1,0 +1,205 @@
+"""A ring and its event channel, as trio objects: the data path of a PV device.
+
+`FrontChannel.call(request)` sends one request and waits for its response;
+calls from many tasks share the ring, batched into one push where they
+coincide, with ring.h's event suppression deciding when to notify. The
+channel owns the requests' `id` field: it hands out ids itself and matches
+responses by them, so a driver never manages cookies.
+
+`BackChannel.requests()` yields every request the front end publishes,
+sleeping only after ring.h's final check; `respond` publishes a response
+and notifies only when the front end asked to be woken.
+
+A protocol violation (an impossible index) breaks the channel with
+`ChannelBroken`; the device then goes to Closing.
+"""
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from xenlike.bytering import Doorbell
+from xenlike.ring import BackRing, FrontRing, RingOverflow
+
+__all__ = ["BackChannel", "ChannelBroken", "Disconnected", "FrontChannel", "fail_orphans"]
+
+
+class ChannelBroken(Exception):
+    """The peer broke the ring protocol; the device must be disconnected."""
+
+
+class Disconnected(Exception):
+    """The device disconnected before this request was answered."""
+
+
+class _Pending:
+    __slots__ = ("request", "event", "response", "error")
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.event = trio.Event()
+        self.response: Any = None
+        self.error: BaseException | None = None
+
+
+class FrontChannel:
+    """The front end's side: submit requests, get responses, by id."""
+
+    def __init__(self, ring: FrontRing, port: Doorbell, *, id_field: str = "id") -> None:
+        self.ring = ring
+        self.port = port
+        self._id_index = ring.spec.request.record._fields.index(id_field)
+        self._rsp_id_index = ring.spec.response.record._fields.index(id_field)
+        self._free_ids = list(range(ring.nr_ents))
+        self._in_flight: dict[int, _Pending] = {}
+        self._slots = trio.Semaphore(ring.nr_ents)
+        self._broken: BaseException | None = None
+        self.submitted = 0
+        self.notifies = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def call(self, request: Any) -> Any:
+        """Send one request; return its response (the id field is set for you)."""
+        (response,) = await self.call_many([request])
+        return response
+
+    async def call_many(self, requests: list[Any]) -> list[Any]:
+        """Send requests in one push (as far as the ring has room); responses in order."""
+        pendings = []
+        for request in requests:
+            await self._slots.acquire()
+            if self._broken is not None:
+                self._slots.release()
+                raise Disconnected(str(self._broken))
+            pendings.append(self._queue(request))
+        self._push()
+        for pending in pendings:
+            await pending.event.wait()
+        for pending in pendings:
+            if pending.error is not None:
+                raise pending.error
+        return [p.response for p in pendings]
+
+    def _queue(self, request: Any) -> _Pending:
+        rid = self._free_ids.pop()
+        request = request._replace(**{request._fields[self._id_index]: rid})
+        pending = _Pending(request)
+        self._in_flight[rid] = pending
+        self.ring.put_request(request)
+        self.submitted += 1
+        return pending
+
+    def _push(self) -> None:
+        if self.ring.push_requests():
+            self.notifies += 1
+            self.port.notify()
+
+    async def run(self) -> None:
+        """Collect responses until cancelled; a protocol violation breaks the channel."""
+        ring, index = self.ring, self._rsp_id_index
+        try:
+            while True:
+                responses = ring.get_responses()
+                for response in responses:
+                    self._complete(response[index], response)
+                if responses or ring.final_check_for_responses():
+                    continue
+                await self.port.wait()
+        except RingOverflow as exc:
+            raise ChannelBroken(str(exc)) from exc
+
+    def _complete(self, rid: int, response: Any) -> None:
+        pending = self._in_flight.pop(rid, None)
+        if pending is None:
+            raise RingOverflow(f"{self.ring.spec.name}: response for unknown id {rid}")
+        self._free_ids.append(rid)
+        pending.response = response
+        pending.event.set()
+        self._slots.release()
+
+    def fail(self, error: BaseException) -> list[Any]:
+        """Stop the channel and hand back what was in flight, in submission order.
+
+        The caller decides their fate: `adopt` them on a new channel (their
+        callers keep waiting) or `fail_orphans` (their callers get
+        `Disconnected`). Acknowledged requests are not among them.
+        """
+        self._broken = error
+        orphans = list(self._in_flight.values())
+        self._in_flight.clear()
+        return orphans
+
+    async def adopt(self, orphans: list[Any]) -> None:
+        """Resubmit requests left in flight by an earlier channel; their callers keep waiting."""
+        for pending in orphans:
+            await self._slots.acquire()
+            rid = self._free_ids.pop()
+            pending.request = pending.request._replace(
+                **{pending.request._fields[self._id_index]: rid})
+            self._in_flight[rid] = pending
+            self.ring.put_request(pending.request)
+            self.submitted += 1
+        self._push()
+
+
+def fail_orphans(orphans: list[Any], error: BaseException) -> None:
+    """Tell callers of requests that will never be resubmitted."""
+    for pending in orphans:
+        pending.error = Disconnected(str(error))
+        pending.event.set()
+
+
+class BackChannel:
+    """The back end's side: take requests, answer them (in any order)."""
+
+    def __init__(self, ring: BackRing, port: Doorbell) -> None:
+        self.ring = ring
+        self.port = port
+        self.answered = 0
+        self.notifies = 0
+        self.batches = 0
+
+    async def batches_of_requests(self) -> AsyncIterator[list[Any]]:
+        """Each batch the front end published, sleeping only when ring.h says it is safe."""
+        ring = self.ring
+        try:
+            while True:
+                requests = ring.get_requests()
+                if requests:
+                    self.batches += 1
+                    yield requests
+                    continue
+                if not ring.final_check_for_requests():
+                    await self.port.wait()
+        except RingOverflow as exc:
+            raise ChannelBroken(str(exc)) from exc
+
+    async def requests(self) -> AsyncIterator[Any]:
+        async for batch in self.batches_of_requests():
+            for request in batch:
+                yield request
+
+    def respond(self, response: Any) -> None:
+        """Publish one response; notify only if the front end asked to be woken."""
+        self.ring.put_response(response)
+        self.answered += 1
+        self.push()
+
+    def respond_many(self, responses: list[Any]) -> None:
+        self.ring.put_responses(responses)
+        self.answered += len(responses)
+        self.push()
+
+    def push(self) -> None:
+        if self.ring.push_responses():
+            self.notifies += 1
+            self.port.notify()
+
+    @property
+    def notify_ratio(self) -> float:
+        return self.notifies / self.answered if self.answered else math.nan
