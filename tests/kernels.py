@@ -5,9 +5,32 @@ back with CONSOLEIO_read, as `xl dmesg` does. Parameters come in on the
 kernel command line (start_info.cmd_line) as key=value words.
 """
 
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import trio
 
-from xenlike.domain import Domain
+from xenlike.abi.domctl import DomctlOp, xen_domctl_getdomaininfo
+from xenlike.abi.event_channel import (
+    EvtchnOp,
+    EvtchnStat,
+    evtchn_alloc_unbound,
+    evtchn_bind_interdomain,
+    evtchn_bind_virq,
+    evtchn_close,
+    evtchn_send,
+    evtchn_status,
+)
+from xenlike.abi.sched import SchedOp, sched_remote_shutdown
+from xenlike.abi.sysctl import SysctlOp, xen_sysctl_physinfo
+from xenlike.abi.version import XenVerOp
+from xenlike.abi.xen import CONSOLEIO_read, DOMID_IO, DOMID_SELF, Hypercall, Virq
+from xenlike.codec import compile_struct
+from xenlike.domain import Domain, GrantInUse, GrantMapping, memory_op
+from xenlike.domain.hypercall import HypercallResult, codec_for
+from xenlike.hypercall import HYPERCALL_MAX_MESSAGE, HypercallError
 
 
 def params(domain: Domain) -> dict[str, str]:
@@ -47,3 +70,335 @@ async def pong(domain: Domain) -> None:
         port.notify()
         await port.wait()
     await domain.console_write(f"pong done after {p['rounds']} rounds")
+
+
+# --- hostile guests and ballooning (test_hypercall_hostile.py, test_memory_op.py) ---
+#
+# Each reports one line, "<tag> name=value ...", where a value is a result or
+# the Xen errno name a refused call came back with.
+
+EVTCHN_OP = Hypercall.event_channel_op
+ALLOC_UNBOUND = compile_struct(evtchn_alloc_unbound, "evtchn_alloc_unbound")
+SEND = compile_struct(evtchn_send, "evtchn_send")
+CLOSE = compile_struct(evtchn_close, "evtchn_close")
+BIND = compile_struct(evtchn_bind_interdomain, "evtchn_bind_interdomain")
+BIND_VIRQ = compile_struct(evtchn_bind_virq, "evtchn_bind_virq")
+STATUS = compile_struct(evtchn_status, "evtchn_status")
+
+
+async def outcome(call: Awaitable[Any]) -> str:
+    """A call's result, or the errno name it was refused with."""
+    try:
+        done = await call
+    except HypercallError as exc:
+        return getattr(exc.errno, "name", str(exc.errno))
+    if isinstance(done, HypercallResult):
+        return str(done.result)
+    return str(done) if isinstance(done, int) else "ok"
+
+
+async def report(domain: Domain, tag: str, results: dict[str, Any]) -> None:
+    await domain.console_write(tag + " " + " ".join(f"{k}={v}" for k, v in results.items()))
+
+
+def evtchn(domain: Domain, cmd: int, codec: Any, **fields: int) -> Awaitable[Any]:
+    """A raw EVTCHNOP, so a refusal is seen rather than handled by the Port API."""
+    return domain.hypercalls.call(EVTCHN_OP, cmd, codec.pack(codec.record(**fields)), 1)
+
+
+async def privileged_ops(domain: Domain) -> None:
+    """A DomU trying Dom0's hypercalls: every one must come back EPERM."""
+    hc = domain.hypercalls
+    info = codec_for(xen_domctl_getdomaininfo).record()
+    results = {
+        "getdomaininfo": await outcome(hc.domctl(DomctlOp.getdomaininfo, 0,
+                                                 xen_domctl_getdomaininfo, info)),
+        "destroydomain": await outcome(hc.domctl(DomctlOp.destroydomain, 0)),
+        "pausedomain": await outcome(hc.domctl(DomctlOp.pausedomain, 0)),
+        "createdomain": await outcome(hc.domctl(DomctlOp.createdomain, 0)),
+        "physinfo": await outcome(hc.sysctl(SysctlOp.physinfo, xen_sysctl_physinfo,
+                                            codec_for(xen_sysctl_physinfo).record())),
+        "remote_shutdown": await outcome(hc.call_struct(
+            Hypercall.sched_op, SchedOp.remote_shutdown, sched_remote_shutdown,
+            codec_for(sched_remote_shutdown).record(domain_id=0, reason=0))),
+        "console_read": await outcome(hc.call(Hypercall.console_io, CONSOLEIO_read)),
+        "alloc_unbound_for_dom0": await outcome(evtchn(domain, EvtchnOp.alloc_unbound,
+                                                       ALLOC_UNBOUND, dom=0, remote_dom=0)),
+        "status_of_dom0": await outcome(evtchn(domain, EvtchnOp.status, STATUS, dom=0, port=1)),
+        "current_reservation_of_dom0": await outcome(memory_op.current_reservation(hc, 0)),
+        "decrease_dom0": await outcome(memory_op.decrease_reservation(hc, [100], domid=0)),
+    }
+    await report(domain, "privileged", results)
+
+
+async def evtchn_abuse(domain: Domain) -> None:
+    """Bad event channel calls: closed, unbound, foreign and dead-domain ports."""
+    p = params(domain)
+    dead, other, other_port = int(p["dead"]), int(p["other"]), int(p["other_port"])
+    results: dict[str, str] = {}
+    results["send_never_opened"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=77))
+    unbound = await domain.evtchn.alloc_unbound(0)
+    results["send_unbound"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=unbound.number))
+    await unbound.close()
+    results["send_closed"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=unbound.number))
+    results["close_closed"] = await outcome(evtchn(domain, EvtchnOp.close, CLOSE, port=unbound.number))
+    results["status_out_of_range"] = await outcome(evtchn(domain, EvtchnOp.status, STATUS,
+                                                          dom=DOMID_SELF, port=5000))
+    results["bind_dead"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
+                                                remote_dom=dead, remote_port=1))
+    results["bind_reserved_domid"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
+                                                          remote_dom=DOMID_IO, remote_port=1))
+    results["bind_not_offered"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
+                                                       remote_dom=other, remote_port=other_port))
+    results["bind_missing_port"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
+                                                        remote_dom=other, remote_port=999))
+    results["alloc_for_other"] = await outcome(evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND,
+                                                      dom=other, remote_dom=0))
+    results["bind_virq_bad"] = await outcome(evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ,
+                                                    virq=99, vcpu=0))
+    results["bind_virq_vcpu1"] = await outcome(evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ,
+                                                      virq=Virq.DEBUG, vcpu=1))
+    results["short_struct"] = await outcome(domain.hypercalls.call(EVTCHN_OP, EvtchnOp.send,
+                                                                   b"\x01\x00", 1))
+    await report(domain, "evtchn_abuse", results)
+
+
+async def port_flood(domain: Domain) -> None:
+    """Asks for `count` event channels: the table fills, the rest are ENOSPC."""
+    count = int(params(domain)["count"])
+    request = ALLOC_UNBOUND.pack(ALLOC_UNBOUND.record(dom=DOMID_SELF, remote_dom=0))
+    outcomes: dict[str, int] = {}
+    ports: list[int] = []
+    for _ in range(count):
+        try:
+            done = await domain.hypercalls.call(EVTCHN_OP, EvtchnOp.alloc_unbound, request, 1)
+        except HypercallError as exc:
+            outcomes[exc.errno.name] = outcomes.get(exc.errno.name, 0) + 1
+            continue
+        for fd in done.fds:
+            os.close(fd)
+        ports.append(ALLOC_UNBOUND.unpack(done.payload).port)
+    freed = ports[len(ports) // 2]
+    await evtchn(domain, EvtchnOp.close, CLOSE, port=freed)
+    again = await evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=DOMID_SELF, remote_dom=0)
+    for fd in again.fds:
+        os.close(fd)
+    await report(domain, "flood", {
+        "ok": len(ports), "highest": max(ports),
+        **{k: v for k, v in sorted(outcomes.items())},
+        "freed": freed, "again": ALLOC_UNBOUND.unpack(again.payload).port,
+        "version": await outcome(domain.hypercalls.call(Hypercall.xen_version, XenVerOp.version)),
+    })
+    await trio.sleep_forever()
+
+
+async def hammer(domain: Domain) -> None:
+    """Hypercalls for ever, `pause` seconds apart (none: back to back), logging progress
+    every `every` rounds."""
+    p = params(domain)
+    every, pause = int(p.get("every", "200")), float(p.get("pause", "0"))
+    rounds = 0
+    await domain.console_write("hammering")
+    while True:
+        if pause:
+            await trio.sleep(pause)
+        await domain.hypercalls.call(Hypercall.xen_version, XenVerOp.version)
+        port = await domain.evtchn.alloc_unbound(0)
+        await port.status()
+        await port.close()
+        await memory_op.current_reservation(domain.hypercalls)
+        rounds += 1
+        if rounds % every == 0:
+            await domain.console_write(f"alive {rounds}")
+
+
+# The fuzzer may not shut itself down: that is a legitimate call, not garbage.
+FUZZ_SKIP = {(Hypercall.sched_op, SchedOp.shutdown), (Hypercall.sched_op, SchedOp.shutdown_code)}
+
+
+async def fuzz(domain: Domain) -> None:
+    """Seeded garbage through every registered hypercall and some that do not exist."""
+    from xenlike.hypervisor import HYPERCALLS
+
+    p = params(domain)
+    rng = random.Random(int(p["seed"]))
+    entries = [e for e in HYPERCALLS if (e.op, e.cmd) not in FUZZ_SKIP]
+    tally: dict[str, int] = {}
+    for _ in range(int(p["calls"])):
+        entry = rng.choice(entries)
+        op, cmd = entry.op, entry.cmd
+        size = entry.args.size if entry.args is not None else 8
+        shape = rng.randrange(5)
+        if shape == 0:  # the right size, random contents
+            payload, count = rng.randbytes(size), 1
+        elif shape == 1:  # a wrong size
+            payload = rng.randbytes(rng.randrange(0, 3 * size + 1))
+            count = rng.choice([0, 1, 2, len(payload)])
+        elif shape == 2:  # an absurd count
+            payload, count = rng.randbytes(size), rng.choice([2**32 - 1, 2**31, 100_000])
+        elif shape == 3:  # no such sub-op or hypercall
+            op, cmd = rng.choice([(op, rng.randrange(2**32)), (rng.randrange(56, 2**32), cmd)])
+            payload, count = rng.randbytes(rng.randrange(64)), 1
+        else:  # a large message, near the limit
+            payload = rng.randbytes(rng.randrange(32 * 1024, HYPERCALL_MAX_MESSAGE - 16))
+            count = len(payload)
+        try:
+            done = await domain.hypercalls.call(op, cmd, payload, count)
+        except HypercallError as exc:
+            key = getattr(exc.errno, "name", str(exc.errno))
+        else:
+            key = "ok"
+            for fd in done.fds:
+                os.close(fd)
+        tally[key] = tally.get(key, 0) + 1
+    await report(domain, "fuzz", dict(sorted(tally.items())))
+
+
+async def balloon(domain: Domain) -> None:
+    """Balloons `out` frames out, half of them back in, the rest by increase_reservation,
+    then `hold` frames out for good; reports tot_pages and the memfd's blocks on the way."""
+    p = params(domain)
+    out, hold = int(p["out"]), int(p["hold"])
+    hc = domain.hypercalls
+
+    def blocks() -> int:  # the memfd is shared: the guest sees what the host spends
+        return os.fstat(domain.memory.fd).st_blocks
+
+    frames = [domain.allocator.allocate() for _ in range(out)]
+    for gfn in frames:
+        with domain.memory.frame(gfn) as page:
+            page[:] = b"\xa5" * len(page)
+    results: dict[str, Any] = {
+        "tot": await memory_op.current_reservation(hc),
+        "max": await memory_op.maximum_reservation(hc),
+        "blocks": blocks(),
+    }
+    results["out"] = await memory_op.decrease_reservation(hc, frames)
+    results["tot_out"] = await memory_op.current_reservation(hc)
+    results["blocks_out"] = blocks()
+    half = sorted(frames)[: out // 2]
+    results["in"] = await memory_op.populate_physmap(hc, half)
+    results["again"] = await memory_op.populate_physmap(hc, half[:1])  # populated: refused
+    gained = await memory_op.increase_reservation(hc, out)  # only out - out//2 are free
+    results["increased"] = len(gained)
+    results["increased_match"] = sorted(gained) == sorted(frames)[out // 2:]
+    results["tot_in"] = await memory_op.current_reservation(hc)
+    results["zeroed"] = all(not any(domain.memory.frame(gfn)) for gfn in frames)
+    results["held"] = await memory_op.decrease_reservation(hc, sorted(frames)[:hold])
+    results["tot_held"] = await memory_op.current_reservation(hc)
+    await report(domain, "balloon", results)
+    await trio.sleep_forever()
+
+
+async def holder(domain: Domain) -> None:
+    """Takes port `port` (allocated by Dom0 for a peer), balloons `out` frames out, sleeps."""
+    p = params(domain)
+    await domain.evtchn.port(int(p["port"]))
+    frames = [domain.allocator.allocate() for _ in range(int(p["out"]))]
+    done = await memory_op.decrease_reservation(domain.hypercalls, frames)
+    await domain.console_write(f"holder ready, {done} frames out")
+    await trio.sleep_forever()
+
+
+async def peer_watch(domain: Domain) -> None:
+    """Binds to (peer, port), then watches its own end until the peer is gone."""
+    p = params(domain)
+    port = await domain.evtchn.bind_interdomain(int(p["peer"]), int(p["port"]))
+    await domain.console_write(f"watching local port {port.number}")
+    while True:
+        status = await port.status()
+        if status.status != EvtchnStat.interdomain:
+            break
+        await trio.sleep(0.01)
+    remote = int.from_bytes(status.u[:2], "little")
+    await domain.console_write(f"peer gone: port {port.number} {EvtchnStat(status.status).name}"
+                               f" for d{remote}")
+    await trio.sleep_forever()
+
+
+# --- grant tables (test_grant_table.py) ---------------------------------------
+#
+# A scripted kernel waits for an event on its `step` port (bound by the test,
+# acting as Dom0) before each action of its `script`, and logs
+# "step N action: result"; once the script is done, the kernel returns.
+
+
+async def run_script(domain: Domain, actions: dict[str, Callable[[], Awaitable[str]]]) -> None:
+    p = params(domain)
+    step = await domain.evtchn.port(int(p["step"]))
+    for number, name in enumerate(p["script"].split(","), 1):
+        await step.wait()
+        try:
+            result = await actions[name]()
+        except Exception as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        await domain.console_write(f"step {number} {name}: {result}")
+
+
+def page_text(page: memoryview) -> str:
+    return bytes(page[:32]).rstrip(b".").decode()
+
+
+async def granter(domain: Domain) -> None:
+    """Grants `pages` pages to `peer` (read-only with readonly=1), each saying whose
+    page it is; actions: `end` (end access to every grant not yet ended), `read`."""
+    p = params(domain)
+    peer, readonly = int(p["peer"]), p.get("readonly") == "1"
+    gfns = [domain.allocator.allocate() for _ in range(int(p["pages"]))]
+    for index, gfn in enumerate(gfns):
+        with domain.memory.frame(gfn) as page:
+            page[:32] = f"d{domain.domid} page {index}".encode().ljust(32, b".")
+    refs = [domain.grants.grant_access(peer, gfn, readonly=readonly) for gfn in gfns]
+    live = list(refs)
+    await domain.console_write(f"granted refs={','.join(map(str, refs))}")
+
+    async def end() -> str:
+        results = []
+        for ref in list(live):
+            try:
+                domain.grants.end_access(ref)
+            except GrantInUse:
+                results.append(f"{ref} in use")
+            else:
+                live.remove(ref)
+                results.append(f"{ref} ended")
+        return ", ".join(results)
+
+    async def read() -> str:
+        texts = []
+        for gfn in gfns:
+            with domain.memory.frame(gfn) as page:
+                texts.append(page_text(page))
+        return " | ".join(texts)
+
+    await run_script(domain, {"end": end, "read": read})
+
+
+async def mapper(domain: Domain) -> None:
+    """Maps `refs` of `peer` (read-only with readonly=1); actions: `map`, `write`
+    (into the newest mapping), `read` and `unmap` (the oldest mapping)."""
+    p = params(domain)
+    peer, readonly = int(p["peer"]), p.get("readonly") == "1"
+    refs = [int(ref) for ref in p["refs"].split(",")]
+    mappings: list[GrantMapping] = []
+
+    def contents(mapping: GrantMapping) -> str:
+        return " | ".join(page_text(mapping.page(i)) for i in range(len(refs)))
+
+    async def map_() -> str:
+        mappings.append(await domain.grants.map(peer, refs, readonly=readonly))
+        return contents(mappings[-1])
+
+    async def write() -> str:
+        for index in range(len(refs)):
+            mappings[-1].page(index)[:32] = f"written by d{domain.domid}".encode().ljust(32, b".")
+        return "ok"
+
+    async def read() -> str:
+        return contents(mappings[0])
+
+    async def unmap() -> str:
+        await domain.grants.unmap(mappings.pop(0))
+        return "ok"
+
+    await run_script(domain, {"map": map_, "write": write, "read": read, "unmap": unmap})

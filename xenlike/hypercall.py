@@ -71,6 +71,9 @@ class Notification(enum.IntEnum):
 
     port_unbound = 1  # payload: evtchn_close {port}; the peer closed or died
     port_bound = 2  # payload: evtchn_close {port}; fd: the new peer's doorbell
+    # payload: u64 machine address of a granter's memory, which is gone: close
+    # the descriptor a grant map handed over (mappings made from it stay valid)
+    memory_released = 3
 
 
 class HypercallError(Exception):

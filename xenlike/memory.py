@@ -25,6 +25,7 @@ __all__ = [
     "XEN_PAGE_SHIFT",
     "XEN_PAGE_SIZE",
     "BadFrame",
+    "MACHINE_REGION_SHIFT",
     "BootLayout",
     "DomainMemory",
     "DoubleFree",
@@ -34,7 +35,9 @@ __all__ = [
     "OutOfPages",
     "PageAllocator",
     "XenMemoryError",
+    "machine_address",
     "map_frames",
+    "split_machine_address",
 ]
 
 # Not exported by Python's mmap module; the Linux value (asm-generic, x86_64).
@@ -245,6 +248,26 @@ class FrameMapping:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+MACHINE_REGION_SHIFT = 40
+
+
+def machine_address(region: int, gfn: int) -> int:
+    """Frame `gfn` of the memory the hypervisor numbered `region`, as a machine
+    address (Xen's maddr; a grant map reports one in dev_bus_addr).
+
+    Each domain's memory gets its own 1 TiB of machine address space, numbered
+    as the hypervisor builds domains, so machine addresses are unique on the
+    host as Xen's are: a reused domid never aliases its predecessor's frames.
+    """
+    return region << MACHINE_REGION_SHIFT | gfn << XEN_PAGE_SHIFT
+
+
+def split_machine_address(maddr: int) -> tuple[int, int]:
+    """(region, gfn) of a machine address made by `machine_address`."""
+    offset = maddr & ((1 << MACHINE_REGION_SHIFT) - 1)
+    return maddr >> MACHINE_REGION_SHIFT, offset >> XEN_PAGE_SHIFT
 
 
 def map_frames(fd: int, gfns: Iterable[int], *, writable: bool) -> FrameMapping:

@@ -76,8 +76,8 @@ class Port:
             raise PortClosed(f"port {self.number} is closed")
         self.sends += 1
         if self._peer_fd is not None:
+            self._channels.trace_send(self.number)  # stamped before the peer can wake
             os.eventfd_write(self._peer_fd, 1)
-            self._channels.trace_send(self.number)
         else:
             self._channels.send_slow(self)
 

@@ -3,12 +3,18 @@
 One reader task receives every message: replies go to the task that made
 the call (matched by sequence number), notifications to the handler the
 domain registered. Any number of tasks may call at once.
+
+This is the hot path of every hypercall, so a request is as a rule one
+write(2) with no yield, and a call parks its task until the reader
+reschedules it with the reply (no channel per call). Each request is one
+whole datagram, so the send lock only orders tasks that find the socket full.
 """
 
 import os
 from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
 
 from xenlike.abi.domctl import XEN_DOMCTL_INTERFACE_VERSION, xen_domctl
@@ -51,6 +57,25 @@ class HypercallResult:
         self.fds = fds
 
 
+class _Waiter:
+    """A call in flight: its reply (or the socket's end) and, once parked, its task."""
+
+    __slots__ = ("task", "outcome")
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.outcome: outcome.Outcome[Reply] | None = None
+
+    def deliver(self, result: outcome.Outcome[Reply]) -> None:
+        self.outcome = result
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task, result)
+
+
+def _abort(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.SUCCEEDED
+
+
 class HypercallClient:
     """Hypercalls over the domain's SOCK_SEQPACKET socket to the hypervisor."""
 
@@ -59,7 +84,7 @@ class HypercallClient:
         self.sock = sock
         self.on_notification = on_notification
         self._seq = 0
-        self._waiting: dict[int, trio.MemorySendChannel[Reply]] = {}
+        self._waiting: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
         self._closed: BaseException | None = None
 
@@ -80,11 +105,12 @@ class HypercallClient:
                 if waiter is None:
                     _close_all(reply.fds)
                 else:
-                    waiter.send_nowait(reply)
+                    waiter.deliver(outcome.Value(reply))
         finally:
             self._closed = ConnectionResetError("the hypervisor closed the hypercall socket")
             for waiter in self._waiting.values():
-                waiter.close()
+                waiter.deliver(outcome.Error(ConnectionResetError(
+                    "the hypervisor closed the hypercall socket")))
             self._waiting.clear()
 
     def _notify(self, reply: Reply) -> None:
@@ -99,22 +125,31 @@ class HypercallClient:
         if self._closed is not None:
             raise self._closed
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        send, receive = trio.open_memory_channel[Reply](1)
-        self._waiting[seq] = send
+        waiter = self._waiting[seq] = _Waiter()
         message = Request(seq, op, cmd, len(payload) if count is None else count, payload).encode()
         try:
-            async with self._send_lock:
-                await self.sock.send(message)
-            try:
-                reply = await receive.receive()
-            except trio.EndOfChannel:
-                raise ConnectionResetError("the hypervisor closed the hypercall socket") from None
+            await self._send(message)
+            if waiter.outcome is None:  # as a rule: park until the reader hands the reply over
+                waiter.task = trio.lowlevel.current_task()
+                reply = await trio.lowlevel.wait_task_rescheduled(_abort)
+            else:  # it came while the send yielded
+                reply = waiter.outcome.unwrap()
         finally:
             self._waiting.pop(seq, None)
         if reply.result < 0:
             _close_all(reply.fds)
             raise HypercallError(-reply.result, f"hypercall {_op_name(op)} cmd {cmd}")
         return HypercallResult(reply.result, reply.payload, reply.fds)
+
+    async def _send(self, message: bytes) -> None:
+        if not self._send_lock.locked():
+            try:
+                os.write(self.sock.fileno(), message)  # one datagram; the reply wait checkpoints
+                return
+            except BlockingIOError:
+                pass
+        async with self._send_lock:
+            await self.sock.send(message)
 
     async def call_struct(self, op: int, cmd: int, layout: Any, arg: Any) -> tuple[int, Any, tuple[int, ...]]:
         """A call taking one Xen struct; returns (result, the struct as sent back, fds)."""

@@ -23,9 +23,11 @@ from xenlike.abi.sched import SchedOp, ShutdownReason, sched_shutdown
 from xenlike.abi.xen import CONSOLEIO_write, SIF_PRIVILEGED, Hypercall, start_info
 from xenlike.codec import compile_struct
 from xenlike.domain.evtchn import EventChannels
+from xenlike.domain.grant_table import GrantTable
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import Reply
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
+from xenlike.trace import TraceBuffer, fast_path_recorder
 
 __all__ = ["Domain", "Kernel", "boot", "load_kernel"]
 
@@ -47,6 +49,7 @@ class Domain:
     hypercalls: HypercallClient
     evtchn: EventChannels
     nursery: trio.Nursery  # for the domain's own background tasks
+    grants: GrantTable
     ext: dict[str, Any] = attrs.field(factory=dict)  # per-domain state of the core services
     shut_down: bool = False
 
@@ -89,8 +92,13 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, kernel: str) -> int:
-    """Run one domain to its end; return the process exit status."""
+async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, kernel: str,
+               trace_fd: int) -> int:
+    """Run one domain to its end; return the process exit status.
+
+    `trace_fd` is the domain's own trace buffer, for the event sends that
+    skip the hypervisor (`xenlike.trace`).
+    """
     _raise_fd_limit()
     memory = DomainMemory.attach(memory_fd, nr_pages)
     layout = BootLayout.for_domain(nr_pages)
@@ -99,16 +107,22 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=hypercall_fd))
     async with trio.open_nursery() as nursery:
         channels: EventChannels | None = None
+        grants: GrantTable | None = None
 
         def on_notification(reply: Reply) -> None:
-            if channels is not None:
-                channels.handle_notification(reply)
+            if channels is not None and channels.handle_notification(reply):
+                return
+            if grants is not None:
+                grants.handle_notification(reply)
 
         hypercalls = HypercallClient(sock, on_notification)
         await nursery.start(hypercalls.run)
+        grants = GrantTable(memory, layout, hypercalls)
         channels = EventChannels(hypercalls, nursery)
+        channels.on_send = fast_path_recorder(TraceBuffer.attach(trace_fd, writable=True), domid)
         domain = Domain(domid, info, memory, layout,
-                        PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels, nursery)
+                        PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels,
+                        nursery, grants)
         reason = ShutdownReason.poweroff
         try:
             entry = load_kernel(kernel)

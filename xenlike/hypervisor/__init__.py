@@ -4,9 +4,10 @@ Importing this package registers every hypercall handler in `HYPERCALLS`.
 Run it on its own with `python -m xenlike.hypervisor --run-dir DIR`.
 """
 
-from xenlike.hypervisor import control, evtchn, grant_table, platform  # noqa: F401  (registration)
+from xenlike.hypervisor import control, evtchn, grant_table, memory_op, platform  # noqa: F401  (registration)
 from xenlike.hypervisor.core import Connection, Domain, DomainState, Hypervisor, HypercallListener
 from xenlike.hypervisor.table import HYPERCALLS, Call, hypercall
+from xenlike.trace import hypervisor as _trace  # noqa: F401  (registration)
 
 __all__ = [
     "HYPERCALLS",

@@ -41,6 +41,7 @@ from xenlike.abi.xen import DOMID_FIRST_RESERVED, Hypercall
 from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor.core import Domain, DomainState
+from xenlike.hypervisor.memory_op import tot_pages
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE
 
@@ -123,8 +124,9 @@ def max_mem(call: Call, arg: Any) -> int:
     pages = _union(arg, MAX_MEM).max_memkb * 1024 // XEN_PAGE_SIZE
     if not 0 < pages <= MAX_GUEST_PAGES:
         raise HypercallError(Errno.EINVAL, f"max_mem of {pages} pages")
-    if domain.memory is not None and pages < domain.nr_pages:
-        raise HypercallError(Errno.EINVAL, f"{pages} pages is below the {domain.nr_pages} it has")
+    # As Xen: no check against tot_pages, so a ballooning domain may be
+    # ratcheted down; while it holds more, it gets no new frames. The memfd
+    # keeps the size it was built with.
     domain.max_pages = pages
     return 0
 
@@ -142,7 +144,7 @@ def domain_info(domain: Domain) -> Any:
         flags |= XEN_DOMINF_shutdown | domain.shutdown_reason << XEN_DOMINF_shutdownshift
     layout = domain.layout
     return INFO.record(
-        domain=domain.domid, flags=flags, tot_pages=domain.nr_pages, max_pages=domain.max_pages,
+        domain=domain.domid, flags=flags, tot_pages=tot_pages(domain), max_pages=domain.max_pages,
         shared_info_frame=layout.shared_info_gfn if layout else 0,
         cpu_time=domain.cpu_time_ns(), nr_online_vcpus=1, max_vcpu_id=0, handle=domain.handle)
 

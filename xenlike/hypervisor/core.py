@@ -39,7 +39,6 @@ from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, SIF_INITDOMAIN, SIF_PRIVILEGED, Virq, start_info
 from xenlike.codec import compile_struct
 from xenlike.hypercall import (
-    ANCILLARY_SPACE,
     HYPERCALL_MAX_MESSAGE,
     HypercallError,
     MessageKind,
@@ -47,7 +46,6 @@ from xenlike.hypercall import (
     Reply,
     Request,
     fds_ancillary,
-    fds_received,
 )
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
@@ -80,6 +78,18 @@ class Connection:
     send_lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     async def send(self, reply: Reply) -> None:
+        """Send one reply; without descriptors it is as a rule one write(2), no yield.
+
+        A datagram goes whole or not at all, so the lock only orders senders
+        that find the socket full. The callers' own receives are their
+        checkpoints.
+        """
+        if not reply.fds and not self.send_lock.locked():
+            try:
+                os.write(self.sock.fileno(), reply.encode())
+                return
+            except BlockingIOError:
+                pass
         async with self.send_lock:
             await self.sock.sendmsg([reply.encode()], fds_ancillary(reply.fds))
 
@@ -137,7 +147,11 @@ class Domain:
 
 
 class HypercallListener(Protocol):
-    """Observes every dispatched hypercall (the trace buffers attach here)."""
+    """Observes every dispatched hypercall (the trace buffers attach here).
+
+    Times are CLOCK_MONOTONIC nanoseconds (`time.monotonic_ns`), which every
+    process on the host reads alike.
+    """
 
     def hypercall(self, domid: int, op: int, cmd: int, arg: Any, result: int,
                   start_ns: int, end_ns: int) -> None: ...
@@ -159,6 +173,10 @@ class Hypervisor:
         self._nursery: trio.Nursery | None = None
         self._log_file: Any = None
         self.on_domain_exit: list[Callable[[Domain], None]] = []
+        self.on_connection_close: list[Callable[[Connection], None]] = []
+        from xenlike.trace.hypervisor import HypervisorTrace
+
+        self.trace = HypervisorTrace(self)
 
     # --- running ----------------------------------------------------------
 
@@ -383,11 +401,14 @@ class Hypervisor:
         argv = [sys.executable, "-m", "xenlike.domain", "--hypercall-fd", str(theirs.fileno()),
                 "--memory-fd", str(memory.fd), "--nr-pages", str(memory.nr_pages),
                 "--domid", str(domain.domid), "--kernel", str(domain.kernel)]
+        trace_fd = self.trace.domain_buffer(domain).fd
+        argv += ["--trace-fd", str(trace_fd)]
         with log_path.open("ab") as log:
             try:
                 domain.process = await trio.lowlevel.open_process(
-                    argv, pass_fds=(theirs.fileno(), memory.fd), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    argv, pass_fds=(theirs.fileno(), memory.fd, trace_fd),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
             finally:
                 theirs.close()
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
@@ -420,23 +441,48 @@ class Hypervisor:
             conn.sock.close()
             if conn in conn.domain.connections:
                 conn.domain.connections.remove(conn)
+            from xenlike.hypervisor import grant_table
+
+            grant_table.release_connection(self, conn)
 
     async def serve_connection(self, conn: Connection) -> None:
-        """Answer hypercalls on one socket until it closes."""
+        """Answer hypercalls on one socket until it closes; then run `on_connection_close`."""
+        try:
+            await self._answer(conn)
+        finally:
+            for hook in self.on_connection_close:
+                hook(conn)
+
+    async def _answer(self, conn: Connection) -> None:
+        """The hot path: read(2) on the socket, and a yield only when requests queue up.
+
+        read(2) takes no ancillary data, so descriptors a domain sends along
+        are closed by the kernel, never installed here. The fd is asked of
+        the socket each time: once closed it is -1, never a reused number.
+        """
         sock = conn.sock
+        waited = True
         while True:
             try:
-                data, ancdata, _, _ = await sock.recvmsg(HYPERCALL_MAX_MESSAGE + 1, ANCILLARY_SPACE)
+                data = os.read(sock.fileno(), HYPERCALL_MAX_MESSAGE + 1)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:  # closed under us: the domain died
+                    return
+                waited = True
+                continue
             except OSError:
                 return
-            for fd in fds_received(ancdata):
-                os.close(fd)  # domains send no descriptors; drop any they try to
             if not data:
                 return
+            if not waited:  # a backlog: let every other domain have its turn
+                await trio.lowlevel.checkpoint()
+            waited = False
             reply = self.dispatch(conn, data)
             try:
                 await conn.send(reply)
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 return
 
     async def _deliver_notices(self, domain: Domain) -> None:
@@ -446,7 +492,7 @@ class Hypervisor:
                 for conn in list(domain.connections):
                     try:
                         await conn.send(reply)
-                    except OSError:
+                    except (OSError, trio.ClosedResourceError):
                         pass
             finally:
                 for fd in reply.fds:
@@ -471,7 +517,7 @@ class Hypervisor:
 
     def dispatch(self, conn: Connection, data: bytes) -> Reply:
         """Run one hypercall; every failure becomes a -errno result, never an exception."""
-        start = time.perf_counter_ns()
+        start = time.monotonic_ns()
         seq = op = cmd = 0
         arg: Any = None
         call = None
@@ -495,7 +541,7 @@ class Hypervisor:
         except Exception:
             self.log(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
             result, payload = -int(Errno.EINVAL), b""
-        end = time.perf_counter_ns()
+        end = time.monotonic_ns()
         for listener in self.listeners:
             try:
                 listener.hypercall(conn.domain.domid, op, cmd, arg, result, start, end)

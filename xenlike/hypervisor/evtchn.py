@@ -63,9 +63,12 @@ class EventChannels:
     max_port: int
     ports: dict[int, Port] = attrs.field(factory=dict)
     virqs: dict[int, int] = attrs.field(factory=dict)
+    dying: bool = False  # torn down: no new ports, as Xen's get_free_port refuses
 
     def allocate(self, state: EvtchnStat, **fields: Any) -> Port:
         """The lowest free port (port 0 is never valid), with a fresh doorbell."""
+        if self.dying:
+            raise HypercallError(Errno.EINVAL, "the domain is dying")
         number = next((n for n in range(1, self.max_port + 1) if n not in self.ports), None)
         if number is None:
             raise HypercallError(Errno.ENOSPC, f"all {self.max_port} event channels in use")
@@ -211,6 +214,7 @@ def teardown(hv: Any, domain: Any) -> None:
     channels = domain.ext.get("evtchn")
     if channels is None:
         return
+    channels.dying = True
     for port in list(channels.ports.values()):
         close_port(hv, domain, port)
 

@@ -1,0 +1,373 @@
+"""The domain's grant table: grant access to our frames, map and copy others' grants.
+
+Granting is a local write into this domain's own table frames
+(BootLayout.grant_table_gfns), in Xen's order: domid and frame, a write
+barrier, then the flags that make the entry live. Ending access is Linux's
+gnttab_end_foreign_access_ref: a compare-and-swap of the flags to 0, which
+fails while the hypervisor has GTF_reading/GTF_writing set because a peer
+still has the page mapped. It raises `GrantInUse` where Linux returns 0:
+a caller cannot then forget that the peer can still reach the page.
+
+Mapping a peer's grants is one batched GNTTABOP_map_grant_ref. The reply to
+the first map from a granter brings that granter's memory fd; each
+element's dev_bus_addr is the granted frame's machine address, so the pages
+are mapped side by side from that fd (`xenlike.memory.map_frames`). The fds
+are kept per granter memory and closed when the hypervisor says the granter
+is gone; mappings already made stay valid until unmapped.
+
+Every batched operation raises `GrantStatusError` naming each element that
+failed with its GNTST_* status; a failed map undoes the elements that did
+succeed first. Hypercalls that change grant state are shielded from
+cancellation, so the hypervisor's view and ours never part.
+"""
+
+import ctypes
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from xenlike._atomic import cmpxchg16
+from xenlike.abi.grant_table import (
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTTAB_NR_RESERVED_ENTRIES,
+    GNTTABOP_error_msgs,
+    GTF_permit_access,
+    GTF_readonly,
+    GTF_reading,
+    GTF_writing,
+    SHGNT_PER_PAGE_V1,
+    GntStatus,
+    GnttabOp,
+    gnttab_copy,
+    gnttab_map_grant_ref,
+    gnttab_query_size,
+    gnttab_setup_table,
+    gnttab_unmap_grant_ref,
+    grant_entry_v1,
+)
+from xenlike.abi.xen import DOMID_FIRST_RESERVED, DOMID_SELF, Hypercall
+from xenlike.codec import compile_struct
+from xenlike.domain.hypercall import HypercallClient
+from xenlike.hypercall import Notification, Reply
+from xenlike.memory import (
+    BadFrame,
+    BootLayout,
+    DomainMemory,
+    FrameMapping,
+    map_frames,
+    split_machine_address,
+)
+from xenlike.ring import wmb
+
+__all__ = [
+    "GrantCopy",
+    "GrantError",
+    "GrantInUse",
+    "GrantMapping",
+    "GrantRef",
+    "GrantStatusError",
+    "GrantTable",
+    "LocalFrame",
+    "NoFreeGrantRefs",
+]
+
+GNTTAB_OP = Hypercall.grant_table_op
+ENTRY_SIZE = grant_entry_v1.sizeof()
+MAP = compile_struct(gnttab_map_grant_ref, "gnttab_map_grant_ref")
+UNMAP = compile_struct(gnttab_unmap_grant_ref, "gnttab_unmap_grant_ref")
+COPY = compile_struct(gnttab_copy, "gnttab_copy")
+QUERY_SIZE = compile_struct(gnttab_query_size, "gnttab_query_size")
+SETUP = compile_struct(gnttab_setup_table, "gnttab_setup_table")
+_COPY_PTR = COPY.record().source
+
+
+class GrantError(Exception):
+    """Base of the grant table's errors."""
+
+
+class NoFreeGrantRefs(GrantError):
+    """Every grant reference is in use: end access to some first."""
+
+
+class GrantInUse(GrantError):
+    """end_access refused: the peer still has the grant mapped (GTF_reading/GTF_writing)."""
+
+    def __init__(self, ref: int, domid: int, flags: int) -> None:
+        bits = "|".join(name for bit, name in ((GTF_reading, "GTF_reading"),
+                                               (GTF_writing, "GTF_writing")) if flags & bit)
+        super().__init__(f"grant ref {ref} is still in use by d{domid} ({bits} set): it must "
+                         f"unmap it before access can end")
+        self.ref, self.domid, self.flags = ref, domid, flags
+
+
+class GrantStatusError(GrantError):
+    """Elements of a batched grant operation failed.
+
+    `statuses` holds every element's GNTST_* status, in order: the elements
+    that report GNTST_okay did happen (except in a map, which undoes them).
+    """
+
+    def __init__(self, op: str, labels: Sequence[str], statuses: Sequence[int]) -> None:
+        failed = [f"{label}: {_status_text(status)}"
+                  for label, status in zip(labels, statuses, strict=True)
+                  if status != GntStatus.okay]
+        super().__init__(f"{op}: {len(failed)} of {len(statuses)} failed: " + "; ".join(failed))
+        self.op, self.statuses = op, list(statuses)
+
+
+def _status_text(status: int) -> str:
+    """"GNTST_bad_gntref (invalid grant reference)", as Xen's GNTTABOP_error_msgs say it."""
+    try:
+        return f"GNTST_{GntStatus(status).name} ({GNTTABOP_error_msgs[-status]})"
+    except (ValueError, IndexError):
+        return f"GNTST {status} (unknown status)"
+
+
+@attrs.define(eq=False)
+class GrantMapping:
+    """Pages of a peer's grants, mapped side by side in the order of `refs`.
+
+    `frames` are the granted gfns in the granter's memory. A read-only
+    mapping gives read-only views. Release every view before `unmap`.
+    """
+
+    domid: int
+    refs: tuple[int, ...]
+    handles: tuple[int, ...]
+    frames: tuple[int, ...]
+    readonly: bool
+    _pages: FrameMapping | None
+
+    @property
+    def unmapped(self) -> bool:
+        return self._pages is None
+
+    @property
+    def view(self) -> memoryview:
+        """All pages as one view, len(refs) * 4096 bytes."""
+        return self._mapped().view
+
+    def page(self, index: int) -> memoryview:
+        """The page of refs[index]."""
+        return self._mapped().page(index)
+
+    def _mapped(self) -> FrameMapping:
+        if self._pages is None:
+            raise ValueError(f"the mapping of d{self.domid} refs {list(self.refs)} is unmapped")
+        return self._pages
+
+
+@attrs.frozen
+class GrantRef:
+    """One side of a grant copy: `offset` bytes into the page `domid` granted as `ref`."""
+
+    domid: int
+    ref: int
+    offset: int = 0
+
+
+@attrs.frozen
+class LocalFrame:
+    """One side of a grant copy: `offset` bytes into our own frame `gfn`."""
+
+    gfn: int
+    offset: int = 0
+
+
+@attrs.frozen
+class GrantCopy:
+    """One GNTTABOP_copy element: `length` bytes, within one page on each side."""
+
+    source: GrantRef | LocalFrame
+    dest: GrantRef | LocalFrame
+    length: int
+
+    def record(self) -> Any:
+        """This element as Xen's struct gnttab_copy."""
+        flags = ((GNTCOPY_source_gref if isinstance(self.source, GrantRef) else 0)
+                 | (GNTCOPY_dest_gref if isinstance(self.dest, GrantRef) else 0))
+        return COPY.record(source=_copy_ptr(self.source), dest=_copy_ptr(self.dest),
+                           len=self.length, flags=flags)
+
+
+def _copy_ptr(side: GrantRef | LocalFrame) -> Any:
+    if isinstance(side, GrantRef):
+        return _COPY_PTR._replace(u=side.ref, domid=side.domid, offset=side.offset)
+    return _COPY_PTR._replace(u=side.gfn, domid=DOMID_SELF, offset=side.offset)
+
+
+class GrantTable:
+    """This domain's grant table, and its mappings of other domains' grants."""
+
+    def __init__(self, memory: DomainMemory, layout: BootLayout, hypercalls: HypercallClient
+                 ) -> None:
+        self._hypercalls = hypercalls
+        self._nr_pages = memory.nr_pages
+        self.nr_frames = layout.nr_grant_frames
+        self.nr_entries = layout.nr_grant_frames * SHGNT_PER_PAGE_V1
+        # Held for the domain's life: the atomics use the table's address.
+        self._shared = memory.frames(layout.grant_table_gfn, layout.nr_grant_frames)
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._shared))
+        self._u16 = self._shared.cast("H")  # entry i: flags at 4i, domid at 4i+1
+        self._u32 = self._shared.cast("I")  # entry i: frame at 2i+1
+        # Lowest ref first; the reserved refs belong to the toolstack.
+        self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+        self._granted: set[int] = set()
+        self._memory_fds: dict[int, int] = {}  # a granter's memory (machine region) -> its fd
+
+    # --- granting (local) ---------------------------------------------------
+
+    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        """Let `domid` map or copy our frame `gfn`; returns the grant reference."""
+        if not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise ValueError(f"domid {domid} names no domain that could be granted access")
+        if not 0 <= gfn < self._nr_pages:
+            raise BadFrame(f"gfn {gfn} is outside this domain's memory "
+                           f"(gfns 0..{self._nr_pages - 1})")
+        if not self._free:
+            raise NoFreeGrantRefs(f"all {self.nr_entries - GNTTAB_NR_RESERVED_ENTRIES} grant "
+                                  f"references are in use; end access to some first")
+        ref = self._free.pop()
+        self._u16[4 * ref + 1] = domid
+        self._u32[2 * ref + 1] = gfn
+        wmb()  # the peer must never see the flags before domid and frame
+        self._u16[4 * ref] = GTF_permit_access | (GTF_readonly if readonly else 0)
+        self._granted.add(ref)
+        return ref
+
+    def end_access(self, ref: int) -> None:
+        """Revoke a grant and free its reference; `GrantInUse` while the peer has it mapped.
+
+        After GrantInUse nothing changed: the grant stands, and a later call
+        (once the peer unmapped) ends it.
+        """
+        if ref not in self._granted:
+            raise ValueError(f"grant ref {ref} is not one this table granted")
+        flags = self._u16[4 * ref]
+        while True:
+            if flags & (GTF_reading | GTF_writing):
+                raise GrantInUse(ref, self._u16[4 * ref + 1], flags)
+            seen = cmpxchg16(self._address, ref * ENTRY_SIZE, flags, 0)
+            if seen == flags:
+                break
+            flags = seen  # the hypervisor changed the bits under us: look again
+        self._granted.remove(ref)
+        self._free.append(ref)
+
+    # --- mapping others' grants ----------------------------------------------
+
+    async def map(self, domid: int, refs: Iterable[int], readonly: bool = False) -> GrantMapping:
+        """Map the pages `domid` granted us as `refs`, with one batched hypercall."""
+        refs = tuple(refs)
+        if not refs:
+            raise ValueError("map needs at least one grant reference")
+        flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
+        ops = [MAP.record(flags=flags, ref=ref, dom=domid) for ref in refs]
+        with trio.CancelScope(shield=True):
+            done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.map_grant_ref,
+                                               b"".join(MAP.pack(op) for op in ops), len(ops))
+            outs = [MAP.unpack_from(done.payload, i * MAP.size) for i in range(len(ops))]
+            self._keep_memory_fds(outs, done.fds)
+            handles = tuple(out.handle for out in outs if out.status == GntStatus.okay)
+            if len(handles) < len(outs):
+                if handles:
+                    await self._unmap_handles(handles)
+                raise GrantStatusError("GNTTABOP_map_grant_ref",
+                                       [f"d{domid} ref {ref}" for ref in refs],
+                                       [out.status for out in outs])
+            regions, frames = zip(*(split_machine_address(out.dev_bus_addr) for out in outs),
+                                   strict=True)
+            fd = self._memory_fds.get(regions[0])
+            try:
+                if fd is None:
+                    raise GrantError(f"no memory fd for d{domid}: the hypervisor handed it with "
+                                     f"an earlier map whose reply was not kept")
+                pages = map_frames(fd, frames, writable=not readonly)
+            except BaseException:
+                await self._unmap_handles(handles)
+                raise
+        return GrantMapping(domid, refs, handles, frames, readonly, pages)
+
+    async def unmap(self, mapping: GrantMapping) -> None:
+        """Unmap our pages, then tell the hypervisor (one batched hypercall).
+
+        Raises MemoryInUse, and changes nothing, while views of the mapping
+        are alive.
+        """
+        mapping._mapped().close()
+        mapping._pages = None
+        with trio.CancelScope(shield=True):
+            await self._unmap_handles(mapping.handles)
+
+    async def _unmap_handles(self, handles: Sequence[int]) -> None:
+        payload = b"".join(UNMAP.pack(UNMAP.record(handle=h)) for h in handles)
+        done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.unmap_grant_ref, payload,
+                                           len(handles))
+        statuses = [UNMAP.unpack_from(done.payload, i * UNMAP.size).status
+                    for i in range(len(handles))]
+        if any(statuses):
+            raise GrantStatusError("GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles],
+                                   statuses)
+
+    def _keep_memory_fds(self, outs: list[Any], fds: tuple[int, ...]) -> None:
+        """The reply's fds are the memories of the granters new to us, in element order."""
+        fds_left = list(fds)
+        for out in outs:
+            if out.status == GntStatus.okay and fds_left:
+                region, _ = split_machine_address(out.dev_bus_addr)
+                if region not in self._memory_fds:
+                    self._memory_fds[region] = fds_left.pop(0)
+        for fd in fds_left:  # more than we were owed: not ours to keep
+            os.close(fd)
+
+    def handle_notification(self, reply: Reply) -> bool:
+        """Apply a grant notification from the hypervisor; False if it is not one."""
+        if reply.result != Notification.memory_released:
+            return False
+        region, _ = split_machine_address(int.from_bytes(reply.payload[:8], "little"))
+        fd = self._memory_fds.pop(region, None)
+        if fd is not None:
+            os.close(fd)
+        return True
+
+    # --- copying ---------------------------------------------------------------
+
+    async def copy(self, ops: Sequence[GrantCopy]) -> None:
+        """GNTTABOP_copy: the hypervisor copies each element, checking the grants."""
+        if not ops:
+            return
+        done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.copy,
+                                           b"".join(COPY.pack(op.record()) for op in ops), len(ops))
+        statuses = [COPY.unpack_from(done.payload, i * COPY.size).status for i in range(len(ops))]
+        if any(statuses):
+            raise GrantStatusError("GNTTABOP_copy", [f"copy {i} ({op.length} bytes)"
+                                                     for i, op in enumerate(ops)], statuses)
+
+    # --- the table's frames -------------------------------------------------------
+
+    async def query_size(self, domid: int = DOMID_SELF) -> tuple[int, int]:
+        """(nr_frames, max_nr_frames) of a grant table: ours, or any for Dom0."""
+        _, out, _ = await self._hypercalls.call_struct(GNTTAB_OP, GnttabOp.query_size,
+                                                       gnttab_query_size,
+                                                       QUERY_SIZE.record(dom=domid))
+        if out.status:
+            raise GrantStatusError("GNTTABOP_query_size", [f"d{domid}"], [out.status])
+        return out.nr_frames, out.max_nr_frames
+
+    async def setup_table(self, nr_frames: int | None = None, domid: int = DOMID_SELF
+                          ) -> list[int]:
+        """The gfns of the first `nr_frames` frames of a grant table (all of ours by default)."""
+        count = self.nr_frames if nr_frames is None else nr_frames
+        arg = SETUP.record(dom=domid, nr_frames=count)
+        done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.setup_table, SETUP.pack(arg), 1)
+        out = SETUP.unpack_from(done.payload, 0)
+        if out.status:
+            raise GrantStatusError("GNTTABOP_setup_table", [f"d{domid}"], [out.status])
+        return list(struct.unpack_from(f"<{count}Q", done.payload, SETUP.size))
