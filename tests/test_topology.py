@@ -135,3 +135,13 @@ def test_embedded_default_topology() -> None:
     topo = default_topology()
     assert topo.name == "default"
     assert [d.name for d in topo.domains] == ["alpha", "beta"]
+
+
+def test_an_xl_cfg_style_domain_file() -> None:
+    from xenlike.topology import parse_domain_file
+
+    config = parse_domain_file("name = 'extra'\nmemory = 16\nvif = [ 'bridge=xenbr0' ]\n")
+    assert (config.name, config.memory, len(config.vifs)) == ("extra", 16, 1)
+    with pytest.raises(TopologyError) as info:
+        parse_domain_file("name = 'x'\nmemory = 16\nvcpus = 4\n", "x.cfg")
+    assert str(info.value).startswith("x.cfg:3: vcpus = 4")

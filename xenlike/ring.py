@@ -240,6 +240,11 @@ class FrontRing:
         """The shared indices, for tracing and debugging."""
         return _header(self._hdr)
 
+    def release(self) -> None:
+        """Drop this ring's views of the shared memory, so it can be unmapped."""
+        self._hdr.release()
+        self._mem.release()
+
 
 class BackRing:
     """The serving end (ring.h's `back_ring`): the back end of a PV device.
@@ -330,6 +335,11 @@ class BackRing:
     def header(self) -> dict[str, int]:
         """The shared indices, for tracing and debugging."""
         return _header(self._hdr)
+
+    def release(self) -> None:
+        """Drop this ring's views of the shared memory, so it can be unmapped."""
+        self._hdr.release()
+        self._mem.release()
 
 
 def _header(hdr: memoryview) -> dict[str, int]:

@@ -46,6 +46,7 @@ __all__ = [
     "default_topology",
     "load_topology",
     "parse_disk_spec",
+    "parse_domain_file",
     "parse_size",
     "parse_topology",
     "parse_vif_spec",
@@ -473,6 +474,31 @@ def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
         bad(key, f"{key} = [...]: a list of xl spec strings")
         return []
     return value
+
+
+def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None
+                      ) -> DomainConfig:
+    """An xl.cfg-style file: one guest's keys at the top level (`xenlike create`).
+
+    Its disks may name only images Dom0 already has (`images`).
+    """
+    problems: list[Problem] = []
+    try:
+        entry = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise TopologyError([Problem(path, int(line.group(1)) if line else None,
+                                     f"not valid xl.cfg/TOML: {exc}")]) from None
+    where = _Locator("[[domain]]\n" + text)
+
+    def problem(table: str, index: int | None, key: str | None, message: str) -> None:
+        line = where.line("domain", 0, key)
+        problems.append(Problem(path, line - 1 if line and line > 1 else None, message))
+
+    domain = _parse_domain(entry, 0, dict(images or {}), problem)
+    if problems or domain is None:
+        raise TopologyError(problems)
+    return domain
 
 
 def load_topology(path: Path) -> Topology:

@@ -39,6 +39,7 @@ import attrs
 import trio
 
 from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
+from xenlike.domain.grant_table import GrantInUse
 from xenlike.abi.xenbus import XenbusState
 from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingSpec
 from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, fail_orphans
@@ -280,7 +281,9 @@ class Backend(XenbusDriver):
         if self._serving is not None:
             self._serving.cancel()
             self._serving = None
-        self.channel = None
+        if self.channel is not None:
+            self.channel.ring.release()
+            self.channel = None
         if self._port is not None:
             port, self._port = self._port, None
             try:
@@ -406,6 +409,7 @@ class Frontend(XenbusDriver):
                 self._orphans.extend(orphans)
             else:
                 fail_orphans(orphans, Disconnected(f"{self.device.nodename} disconnected"))
+            self.channel.ring.release()
             self.channel = None
         if self._port is not None:
             port, self._port = self._port, None
@@ -421,12 +425,16 @@ class Frontend(XenbusDriver):
             return
         first, count = self._pages
         domain = self.ctx.domain
-        still_mapped = []
+        still_mapped = list(self._refs)
         for _ in range(50):
-            still_mapped = [ref for ref in self._refs if not domain.grants.end_access(ref)]
+            self._refs, still_mapped = still_mapped, []
+            for ref in self._refs:
+                try:
+                    domain.grants.end_access(ref)
+                except GrantInUse:
+                    still_mapped.append(ref)
             if not still_mapped:
                 break
-            self._refs = still_mapped
             await trio.sleep(0.02)
         if still_mapped:
             self.log.warning("%s: back end still maps refs %s; leaking their pages",

@@ -31,9 +31,8 @@ import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-import attrs
 import trio
 
 from xenlike.abi.xs_wire import (
@@ -93,8 +92,9 @@ class ConnectionClosed(XenStoreError):
         super().__init__("EBADF", detail)
 
 
-@attrs.frozen
-class WatchEvent:
+class WatchEvent(NamedTuple):
+    """One event: `async for path, token in events` unpacks it."""
+
     path: str  # the node that changed (relative if the watch path was)
     token: str
 

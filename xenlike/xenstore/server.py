@@ -224,10 +224,7 @@ class XenStored:
                 released.drop("domain released")
 
     async def serve_stream(self, stream: trio.abc.Stream, domid: int = 0) -> None:
-        """Serve one client over a byte stream until it closes or is dropped.
-
-        The caller owns the stream and closes it afterwards.
-        """
+        """Serve one client over a byte stream until it closes or is dropped, then close it."""
         conn = self.open_connection(domid)
         log.debug("connection %d (domain %d) opened", conn.conn_id, domid)
         try:
@@ -237,6 +234,7 @@ class XenStored:
                 await self._receive_loop(conn, stream)
         finally:
             self.close_connection(conn)
+            await trio.aclose_forcefully(stream)
             log.debug("connection %d (domain %d) closed", conn.conn_id, domid)
 
     async def _receive_loop(self, conn: Connection, stream: trio.abc.Stream) -> None:

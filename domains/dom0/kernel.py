@@ -1,0 +1,64 @@
+"""Dom0's boot: its services as trio tasks in one process (see the package docstring)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from domains.dom0.toolstack import Toolstack
+from domains.dom0.xenconsoled import XenConsoled
+from domains.dom0.xenstored import Dom0XenStored
+from xenlike.domain import Domain
+from xenlike.rundir import RunDir
+from xenlike.topology import load_topology
+from xenlike.xc import XenControl
+from xenlike.xenbus import BackendBus, DriverRegistry, XenbusContext
+from xenlike.xenstore import open_client
+
+__all__ = ["main"]
+
+log = logging.getLogger("xenlike.dom0")
+
+
+def _params(cmdline: str) -> dict[str, str]:
+    return dict(word.split("=", 1) for word in cmdline.split() if "=" in word)
+
+
+async def main(domain: Domain) -> None:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
+                        format="%(asctime)s dom0 %(name)s: %(message)s")
+    run_dir = RunDir(Path(_params(domain.cmdline)["rundir"]))
+    topology = load_topology(run_dir.topology)
+    down = trio.Event()
+    async with trio.open_nursery() as nursery:
+        xenstored = Dom0XenStored(domain, nursery)
+        await nursery.start(xenstored.serve_unix, run_dir.xenstored_socket)
+        async with open_client(run_dir.xenstored_socket) as xs:
+            await xs.write("/local/domain/0/name", "Domain-0")
+            await xs.write("/local/domain/0/domid", "0")
+            registry = DriverRegistry()
+            registry.load_entry_points()
+            for device in (d for guest in topology.domains for d in guest.devices):
+                if "driver" in device:
+                    registry.register_dotted(device["driver"])
+            backends = BackendBus(XenbusContext(domain, xs, nursery), registry)
+            await nursery.start(backends.run)
+            consoled = XenConsoled(domain, run_dir.consoles, nursery)
+            toolstack = Toolstack(domain, XenControl(domain.hypercalls), xs, consoled, run_dir.path,
+                                  topology)
+            nursery.start_soon(toolstack.follow_domains)
+            await nursery.start(lambda task_status: toolstack.serve(run_dir.toolstack, down=down,
+                                                                    task_status=task_status))
+            await domain.console_write(f"dom0: services up; creating {len(topology.domains)} "
+                                       f"guest(s) of topology {topology.name!r}")
+            for config in topology.domains:
+                try:
+                    await toolstack.create(config)
+                except Exception as exc:
+                    log.error("creating %s failed: %s", config.name, exc)
+                    await domain.console_write(f"dom0: creating {config.name} failed: {exc}")
+            await xs.write("/tool/xenlike/ready", "1")
+            await down.wait()
+            await domain.console_write("dom0: every guest is down; shutting down")
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,337 @@
+"""The toolstack service: creates and destroys guests as libxl does.
+
+Creating a guest: XEN_DOMCTL_createdomain and max_mem; the store and
+console event channels allocated in the new domain for Dom0; the domain
+builder; the /local/domain/<id> tree and /vm/<uuid> with libxl's keys and
+permissions; each device's front-end and back-end directories (state 1,
+cross links, the driver's keys); XS_INTRODUCE; the console handed to
+xenconsoled; unpause.
+
+Then it follows the guests: on VIRQ_DOM_EXC it looks at which have shut
+down and applies their on_poweroff / on_reboot / on_crash (destroy, restart,
+preserve), as `xl`'s per-domain daemon does.
+
+Dom0 tools reach it on `<run-dir>/toolstack.sock` with one JSON object per
+line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
+"reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
+{"op": "down"}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+"""
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
+from domains.dom0.xenconsoled import XenConsoled, unix_listener
+from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
+from xenlike.abi.sched import ShutdownReason
+from xenlike.abi.xen import Virq
+from xenlike.abi.xenbus import XenbusState
+from xenlike.hypercall import HypercallError
+from xenlike.memory import BootLayout
+from xenlike.topology import DomainConfig, Topology, TopologyError, parse_domain_file
+from xenlike.xc import XenControl
+from xenlike.xenstore import XenStoreError
+
+__all__ = ["GuestRecord", "Toolstack"]
+
+log = logging.getLogger("xenlike.dom0.toolstack")
+ON_EVENT = {ShutdownReason.poweroff: "on_poweroff", ShutdownReason.reboot: "on_reboot",
+            ShutdownReason.crash: "on_crash", ShutdownReason.watchdog: "on_crash"}
+BACKEND_DOMID = 0
+
+
+@attrs.define(eq=False)
+class GuestRecord:
+    config: DomainConfig
+    domid: int
+    uuid: str
+    state: str = "running"  # running | shut down (reason) | preserved
+    restarts: int = 0
+
+
+class Toolstack:
+    def __init__(self, dom0: Any, xc: XenControl, xs: Any, consoled: XenConsoled,
+                 run_dir: Path, topology: Topology) -> None:
+        self.dom0 = dom0
+        self.xc = xc
+        self.xs = xs
+        self.consoled = consoled
+        self.run_dir = Path(run_dir)
+        self.topology = topology
+        self.guests: dict[str, GuestRecord] = {}
+        self._lock = trio.Lock()
+
+    # --- creating ---------------------------------------------------------------
+
+    async def create(self, config: DomainConfig) -> GuestRecord:
+        """Build, describe and start one guest; on any failure nothing is left behind."""
+        if config.name in self.guests:
+            raise ValueError(f"a domain named {config.name!r} already exists")
+        writers = [self._writer(spec) for spec in self._device_specs(config)]
+        handle = uuid.uuid4()
+        domid = await self.xc.createdomain(handle=handle.bytes)
+        record = GuestRecord(config, domid, str(handle))
+        self.guests[config.name] = record
+        try:
+            await self.xc.set_max_mem(domid, config.memory * 1024)
+            store_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
+            console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
+            await self.xc.build(domid, config.kernel, cmdline=self._cmdline(config),
+                                store_evtchn=store_port, console_evtchn=console_port)
+            info = await self.xc.domain_info(domid)
+            layout = BootLayout.for_domain(info.tot_pages)
+            await self._write_domain_tree(record, layout, store_port, console_port)
+            for index, writer in enumerate(writers):
+                await writer.add(self.xs, domid, index)
+            await self.xs.introduce(domid, layout.store_gfn, store_port)
+            await self.consoled.add(domid, config.name, console_port)
+            await self.xc.unpause(domid)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._destroy(record)
+            raise
+        await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
+        return record
+
+    def _device_specs(self, config: DomainConfig) -> list[tuple[str, Any]]:
+        specs: list[tuple[str, Any]] = [("vbd", disk) for disk in config.disks]
+        specs += [("vif", vif) for vif in config.vifs]
+        specs += [(device["type"], device) for device in config.devices]
+        return specs
+
+    def _writer(self, spec: tuple[str, Any]) -> DeviceWriter:
+        device_type, value = spec
+        writer_type = DEVICE_WRITERS.get(device_type, DEVICE_WRITERS["*"])
+        return writer_type(device_type, value, self)
+
+    def _cmdline(self, config: DomainConfig) -> str:
+        words = []
+        if config.init:
+            words.append(f"init={config.init}")
+        drivers = [d["driver"] for d in config.devices if "driver" in d]
+        if drivers:
+            words.append("drivers=" + ",".join(drivers))
+        if config.extra:
+            words.append(config.extra)
+        return " ".join(words)
+
+    async def _write_domain_tree(self, record: GuestRecord, layout: Any, store_port: int,
+                                 console_port: int) -> None:
+        """libxl__domain_make and libxl__build_post: the keys every guest has."""
+        domid, config = record.domid, record.config
+        home = f"/local/domain/{domid}"
+        vm = f"/vm/{record.uuid}"
+        guest_owned = ("device", "control", "data", "error", "drivers", "feature", "attr")
+
+        async def write(tx: Any) -> None:
+            await tx.write(home, "")
+            await tx.set_perms(home, [f"n{BACKEND_DOMID}", f"r{domid}"])
+            for sub in guest_owned:
+                await tx.write(f"{home}/{sub}", "")
+                await tx.set_perms(f"{home}/{sub}", [f"n{domid}", f"r{BACKEND_DOMID}"])
+            values = {
+                "name": config.name, "domid": str(domid), "vm": vm,
+                "memory/target": str(config.memory * 1024),
+                "memory/static-max": str(config.memory * 1024),
+                "console/ring-ref": str(layout.console_gfn), "console/port": str(console_port),
+                "console/type": "xenconsoled", "console/limit": "1048576",
+                "store/ring-ref": str(layout.store_gfn), "store/port": str(store_port),
+                "control/shutdown": "",
+            }
+            for key, value in values.items():
+                await tx.write(f"{home}/{key}", value)
+            await tx.write(f"{vm}/name", config.name)
+            await tx.write(f"{vm}/uuid", record.uuid)
+
+        await self.xs.transact(write)
+
+    # --- stopping ---------------------------------------------------------------
+
+    async def request_shutdown(self, name: str, reason: str = "poweroff") -> None:
+        """Ask the guest, through control/shutdown, as `xl shutdown` does."""
+        record = self._record(name)
+        await self.xs.write(f"/local/domain/{record.domid}/control/shutdown", reason)
+
+    async def destroy(self, name: str) -> None:
+        await self._destroy(self._record(name))
+
+    async def _destroy(self, record: GuestRecord) -> None:
+        """libxl_domain_destroy: devices, the domain, its XenStore tree, its console."""
+        domid = record.domid
+        self.consoled.remove(domid)
+        for path in await self._ls(f"/local/domain/{BACKEND_DOMID}/backend"):
+            await self._rm(f"/local/domain/{BACKEND_DOMID}/backend/{path}/{domid}")
+        try:
+            await self.xc.destroy(domid)
+        except HypercallError as exc:
+            log.info("d%d: destroy: %s", domid, exc)
+        try:
+            await self.xs.release(domid)
+        except XenStoreError:
+            pass
+        await self._rm(f"/local/domain/{domid}")
+        await self._rm(f"/vm/{record.uuid}")
+        if self.guests.get(record.config.name) is record:
+            del self.guests[record.config.name]
+
+    async def _ls(self, path: str) -> list[str]:
+        try:
+            return await self.xs.ls(path)
+        except XenStoreError:
+            return []
+
+    async def _rm(self, path: str) -> None:
+        try:
+            await self.xs.rm(path)
+        except XenStoreError:
+            pass
+
+    def _record(self, name: str) -> GuestRecord:
+        record = self.guests.get(name)
+        if record is None:
+            raise LookupError(f"no domain named {name!r}; running: "
+                              f"{', '.join(self.guests) or 'none'}")
+        return record
+
+    # --- following the guests -----------------------------------------------------
+
+    async def follow_domains(self) -> None:
+        """On each VIRQ_DOM_EXC, apply the shut-down guests' on_* actions."""
+        port = await self.dom0.evtchn.bind_virq(Virq.DOM_EXC)
+        while True:
+            await port.wait()
+            async with self._lock:
+                await self._reap()
+
+    async def _reap(self) -> None:
+        infos = {info.domain: info for info in await self.xc.list_domains()}
+        for record in list(self.guests.values()):
+            info = infos.get(record.domid)
+            if info is None:
+                if record.state == "running":
+                    log.info("%s (d%d) vanished", record.config.name, record.domid)
+                    await self._destroy(record)
+                continue
+            if not info.flags & XEN_DOMINF_shutdown or record.state != "running":
+                continue
+            reason = info.flags >> XEN_DOMINF_shutdownshift & 0xFF
+            reason_name = ShutdownReason(reason).name if reason in ShutdownReason._value2member_map_ \
+                else str(reason)
+            action = getattr(record.config, ON_EVENT.get(reason, "on_crash"))
+            record.state = f"shut down ({reason_name})"
+            await self.dom0.console_write(
+                f"toolstack: {record.config.name} (d{record.domid}) {reason_name}: {action}")
+            if action == "preserve":
+                record.state = f"preserved ({reason_name})"
+            elif action == "restart":
+                await self._destroy(record)
+                restarted = await self.create(record.config)
+                restarted.restarts = record.restarts + 1
+            else:
+                await self._destroy(record)
+
+    async def shutdown_all(self, timeout: float = 15.0) -> None:
+        """Ask every guest to power off, wait for them, destroy whatever is left."""
+        for record in list(self.guests.values()):
+            if record.state == "running":
+                try:
+                    await self.request_shutdown(record.config.name)
+                except (XenStoreError, LookupError):
+                    pass
+        with trio.move_on_after(timeout):
+            while any(r.state == "running" for r in self.guests.values()):
+                await trio.sleep(0.05)
+        for record in list(self.guests.values()):
+            await self._destroy(record)
+
+    # --- status -----------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """Every guest with its devices' states: what `up --detach` waits on."""
+        guests = []
+        for record in self.guests.values():
+            devices = []
+            home = f"/local/domain/{record.domid}/device"
+            for device_type in await self._ls(home):
+                for devid in await self._ls(f"{home}/{device_type}"):
+                    front = f"{home}/{device_type}/{devid}"
+                    back = await self._read(f"{front}/backend")
+                    devices.append({
+                        "type": device_type, "devid": devid,
+                        "frontend": _state(await self._read(f"{front}/state")),
+                        "backend": _state(await self._read(f"{back}/state")) if back else None,
+                    })
+            console = record.domid in self.consoled.consoles
+            guests.append({"name": record.config.name, "domid": record.domid,
+                           "state": record.state, "console": console, "devices": devices})
+        return {"guests": guests}
+
+    async def _read(self, path: str) -> str | None:
+        try:
+            return (await self.xs.read(path)).decode()
+        except XenStoreError:
+            return None
+
+    # --- the service ------------------------------------------------------------
+
+    async def serve(self, path: Path, *, down: trio.Event,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        path.unlink(missing_ok=True)
+        listener = await unix_listener(path)
+        task_status.started()
+        await trio.serve_listeners(lambda stream: self._client(stream, down), [listener])
+
+    async def _client(self, stream: trio.SocketStream, down: trio.Event) -> None:
+        buffer = b""
+        async with stream:
+            while data := await stream.receive_some(65536):
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    answer = await self._answer(line, down)
+                    await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+    async def _answer(self, line: bytes, down: trio.Event) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            if op == "create":
+                config = parse_domain_file(request["config"], request.get("path", "<create>"),
+                                           images=self.topology.dom0.images)
+                async with self._lock:
+                    record = await self.create(config)
+                return {"ok": True, "domid": record.domid, "name": record.config.name}
+            if op == "shutdown":
+                await self.request_shutdown(request["name"], request.get("reason", "poweroff"))
+                return {"ok": True}
+            if op == "destroy":
+                async with self._lock:
+                    await self.destroy(request["name"])
+                return {"ok": True}
+            if op == "status":
+                return {"ok": True, **await self.status()}
+            if op == "down":
+                async with self._lock:
+                    await self.shutdown_all()
+                down.set()
+                return {"ok": True}
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        except TopologyError as exc:
+            return {"ok": False, "error": str(exc)}
+        except (KeyError, ValueError, LookupError, HypercallError, XenStoreError) as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _state(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        return XenbusState(int(text)).name
+    except ValueError:
+        return f"?{text}"

@@ -1,0 +1,134 @@
+"""The guest kernel's boot sequence (see the package docstring)."""
+
+import sys
+import traceback
+from typing import Any
+
+import trio
+
+from domains.guest.system import Guest
+from drivers.console import ConsoleFront, ConsoleWriter
+from xenlike.abi.sched import ShutdownReason
+from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
+from xenlike.domain import Domain, load_kernel
+from xenlike.xenbus import DriverRegistry, FrontendBus, XenbusContext
+from xenlike.xenstore import XenStoreError, connect_stream
+
+__all__ = ["main", "parse_cmdline"]
+
+CONNECT_TIMEOUT = 30.0  # seconds the front ends get to reach Connected
+SHUTDOWN_REQUESTS = {"poweroff": ShutdownReason.poweroff, "halt": ShutdownReason.poweroff,
+                     "reboot": ShutdownReason.reboot, "crash": ShutdownReason.crash}
+
+
+def parse_cmdline(cmdline: str) -> tuple[dict[str, str], str]:
+    """The kernel's own `key=value` words, and the rest for the program (xl's `extra`)."""
+    ours: dict[str, str] = {}
+    rest = []
+    for word in cmdline.split():
+        key, eq, value = word.partition("=")
+        if eq and key in ("init", "drivers"):
+            ours[key] = value
+        else:
+            rest.append(word)
+    return ours, " ".join(rest)
+
+
+async def main(domain: Domain) -> None:
+    params, extra = parse_cmdline(domain.cmdline)
+    info = domain.start_info
+    async with trio.open_nursery() as nursery:
+        console_port = await domain.evtchn.port(info.console.domU.evtchn)
+        console = ConsoleFront(domain.memory.frame(domain.layout.console_gfn), console_port)
+        nursery.start_soon(console.run)
+        sys.stdout = sys.stderr = ConsoleWriter(console)
+        try:
+            reason = await _run(domain, console, params, extra, nursery)
+        finally:
+            await console.drain()
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        await domain.shutdown(reason)
+        nursery.cancel_scope.cancel()
+
+
+async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], extra: str,
+               nursery: trio.Nursery) -> int:
+    store_port = await domain.evtchn.port(domain.start_info.store_evtchn)
+    page = domain.memory.frame(domain.layout.store_gfn)
+    stream = ByteRingStream(ByteRing(page, XENSTORE.to_backend), ByteRing(page, XENSTORE.to_guest),
+                            store_port)
+    nursery.start_soon(stream.pump)
+    async with connect_stream(stream) as xs:
+        name = (await xs.read("name")).decode()
+        registry = DriverRegistry()
+        registry.load_entry_points()  # the built-in drivers are entry points too
+        for dotted in filter(None, params.get("drivers", "").split(",")):
+            registry.register_dotted(dotted)
+        ctx = XenbusContext(domain, xs, nursery)
+        bus = FrontendBus(ctx, registry)
+        await nursery.start(bus.run)
+        print(f"[{name}] xenlike guest kernel, domain {domain.domid}, "
+              f"{domain.start_info.nr_pages * 4 // 1024} MiB")
+        devices = await _wait_for_devices(bus, name)
+        await _advertise_shutdown(xs)
+        guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
+        return await _run_program(guest, params.get("init"), xs)
+
+
+async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
+    """Every front end connected (or the timeout, which the program then sees)."""
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        for driver in list(bus.devices.values()):
+            await driver.wait_connected()
+    devices: dict[str, list[Any]] = {}
+    for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
+        devices.setdefault(driver.device.type, []).append(driver)
+        state = "connected" if driver.connected_event.is_set() else "NOT connected"
+        print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
+    return devices
+
+
+async def _advertise_shutdown(xs: Any) -> None:
+    """control/feature-*: tell the toolstack which requests this kernel honours."""
+    for feature in ("poweroff", "reboot"):
+        try:
+            await xs.write(f"control/feature-{feature}", "1")
+        except XenStoreError:
+            pass
+
+
+async def _run_program(guest: Guest, init: str | None, xs: Any) -> int:
+    """Run the program until it ends or the toolstack asks for a shutdown."""
+    reason = ShutdownReason.poweroff
+    async with trio.open_nursery() as nursery:
+
+        async def program() -> None:
+            nonlocal reason
+            if init is None:
+                print(f"[{guest.name}] no init= program; idling until shut down")
+                await trio.sleep_forever()
+            try:
+                await load_kernel(init)(guest)
+            except Exception:
+                traceback.print_exc()
+                reason = ShutdownReason.crash
+            nursery.cancel_scope.cancel()
+
+        async def watch_shutdown() -> None:
+            nonlocal reason
+            async with xs.watch("control/shutdown") as events:
+                async for _ in events:
+                    try:
+                        request = (await xs.read("control/shutdown")).decode()
+                    except XenStoreError:
+                        continue
+                    if request in SHUTDOWN_REQUESTS:
+                        print(f"[{guest.name}] shutdown requested: {request}")
+                        await xs.write("control/shutdown", "")
+                        reason = SHUTDOWN_REQUESTS[request]
+                        nursery.cancel_scope.cancel()
+                        return
+
+        nursery.start_soon(program)
+        nursery.start_soon(watch_shutdown)
+    return reason
