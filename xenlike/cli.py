@@ -1,16 +1,448 @@
-"""The `xenlike` command line: thin commands that parse, call the library, print."""
+"""The `xenlike` command line: thin commands that parse, call the library, print.
+
+Each command is a small sync function that calls `trio.run`; the work is in
+`xenlike.session`, `xenlike.xc` and `xenlike.xenstore`.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
+import trio
 
 from xenlike import __version__
+from xenlike.abi.domctl import (
+    XEN_DOMINF_dying,
+    XEN_DOMINF_paused,
+    XEN_DOMINF_running,
+    XEN_DOMINF_shutdown,
+    XEN_DOMINF_shutdownshift,
+)
+from xenlike.abi.sched import ShutdownReason
+from xenlike.devices_report import describe_devices
+from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
+from xenlike.session import (
+    NotRunning,
+    find_run_dir,
+    start_topology,
+    stop,
+    toolstack_request,
+    wait_ready,
+)
+from xenlike.topology import TopologyError, default_topology, load_topology
+from xenlike.xenstore.cli import xenstore
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def run_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+                        help="The topology's run directory (default: the running one; "
+                             "$XENLIKE_RUN_DIR).")(func)
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"xenlike: {message}", err=True)
+    sys.exit(code)
+
+
+def running(run_dir: Path | None) -> RunDir:
+    try:
+        return find_run_dir(run_dir)
+    except NotRunning as exc:
+        fail(str(exc))
+        raise AssertionError from exc
+
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="xenlike")
 def main() -> None:
     """Run and inspect a Xen-style paravirtualized topology.
 
     \b
     Example:
-        xenlike --version
+        xenlike up --detach      # the embedded default topology
+        xenlike list
+        xenlike console alpha --no-follow
+        xenlike down
     """
+
+
+# --- up / down -------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.argument("topology", required=False, type=click.Path(path_type=Path))
+@run_dir_option
+@click.option("--detach", is_flag=True, help="Return once every device is Connected.")
+@click.option("--trace", "trace_file", type=click.Path(path_type=Path),
+              help="Record every hypercall trace record to FILE.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the boot.")
+def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Path | None,
+       timeout: float) -> None:
+    """Start a topology: the hypervisor, Dom0, then every guest.
+
+    Without TOPOLOGY the embedded default runs: Dom0 and two guests, alpha
+    and beta. In the foreground it streams the guests' consoles until
+    Ctrl-C, which shuts everything down cleanly.
+
+    \b
+    Example:
+        xenlike up                       # foreground, Ctrl-C stops it
+        xenlike up demo.toml --detach    # background; `xenlike down` stops it
+    """
+    try:
+        topo = load_topology(topology) if topology is not None else default_topology()
+    except TopologyError as exc:
+        click.echo(f"xenlike: the topology has {len(exc.problems)} problem(s); nothing started:",
+                   err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+    rd = RunDir(run_dir or default_run_dir(topo.name))
+    try:
+        session = start_topology(topo, rd, detach=detach, topology_path=topology)
+    except RunDirBusy as exc:
+        fail(str(exc))
+    view = ProgressView(sys.stdout.isatty())
+    click.echo(f"starting topology {topo.name!r} in {rd.path}")
+    problems = trio.run(wait_ready, session, view.update, timeout)
+    view.finish()
+    if problems:
+        click.echo("xenlike: the topology did not come up:", err=True)
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        if detach:
+            click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)", err=True)
+            sys.exit(1)
+    else:
+        click.echo(f"up: {len(topo.domains)} guest(s) running, every device Connected")
+    if trace_file is not None:
+        start_trace_recorder(rd, trace_file, detach)
+    if detach:
+        return
+    try:
+        follow_consoles(rd, session.alive)
+    except KeyboardInterrupt:
+        click.echo("\nshutting down ...")
+    stop(rd)
+    session.process.wait()
+    click.echo("down")
+
+
+def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
+    """`xenlike trace --record FILE` alongside the topology."""
+    import subprocess
+
+    from xenlike._process import die_with_parent
+
+    subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
+                      "--record", str(trace_file), "--quiet"],
+                     start_new_session=True, stdin=subprocess.DEVNULL,
+                     preexec_fn=None if detach else die_with_parent())
+
+
+class ProgressView:
+    """Boot progress: redrawn in place on a terminal, one line per change otherwise."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.lines: list[str] = []
+        self.drawn = 0
+
+    def update(self, status: dict[str, Any]) -> None:
+        lines = []
+        for guest in status.get("guests", []):
+            console = "console up" if guest["console"] else "console pending"
+            lines.append(f"{guest['name']:<12} d{guest['domid']:<3} {guest['state']:<10} {console}")
+            for device in guest["devices"]:
+                lines.append(f"  {device['type']} {device['devid']:<8} frontend "
+                             f"{device['frontend']}, backend {device['backend']}")
+        if lines == self.lines:
+            return
+        if self.tty:
+            sys.stdout.write("\x1b[F\x1b[K" * self.drawn + "".join(f"{line}\n" for line in lines))
+            self.drawn = len(lines)
+        else:
+            for line in lines:
+                if line not in self.lines:
+                    sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        self.lines = lines
+
+    def finish(self) -> None:
+        sys.stdout.flush()
+
+
+def follow_consoles(rd: RunDir, alive: Callable[[], bool]) -> None:
+    """Print every guest's console output as it comes, each line prefixed by its name."""
+    offsets: dict[Path, int] = {}
+    partial: dict[Path, bytes] = {}
+    while alive():
+        for log in sorted(rd.consoles.glob("*.log")):
+            size = log.stat().st_size
+            offset = offsets.get(log, 0)
+            if size <= offset:
+                continue
+            with log.open("rb") as f:
+                f.seek(offset)
+                data = partial.pop(log, b"") + f.read(size - offset)
+            offsets[log] = size
+            *lines, rest = data.split(b"\n")
+            if rest:
+                partial[log] = rest
+            for line in lines:
+                click.echo(f"{log.stem:>8} | {line.decode('utf-8', 'replace').rstrip()}")
+        time.sleep(0.1)
+
+
+@main.command(context_settings=CONTEXT)
+@run_dir_option
+def down(run_dir: Path | None) -> None:
+    """Shut every guest down cleanly, then Dom0 and the hypervisor.
+
+    \b
+    Example:
+        xenlike down
+    """
+    try:
+        rd = find_run_dir(run_dir)
+    except NotRunning as exc:
+        click.echo(f"nothing to stop: {exc}")
+        return
+    if stop(rd):
+        click.echo(f"down: {rd.path}")
+    else:
+        click.echo(f"nothing is running in {rd.path}")
+
+
+# --- domains -----------------------------------------------------------------------
+
+def _state_letters(flags: int) -> str:
+    """xl list's State column: r b p s c d."""
+    reason = flags >> XEN_DOMINF_shutdownshift & 0xFF
+    shutdown = bool(flags & XEN_DOMINF_shutdown)
+    return "".join([
+        "r" if flags & XEN_DOMINF_running else "-",
+        "-",
+        "p" if flags & XEN_DOMINF_paused else "-",
+        "s" if shutdown and reason != ShutdownReason.crash else "-",
+        "c" if shutdown and reason == ShutdownReason.crash else "-",
+        "d" if flags & XEN_DOMINF_dying else "-",
+    ])
+
+
+async def _list(rd: RunDir) -> list[dict[str, Any]]:
+    from xenlike.xc import XenControl
+    from xenlike.xenstore import XenStoreError, open_client
+
+    async with XenControl.connect(rd.path) as xc:
+        infos = await xc.list_domains()
+    names: dict[int, str] = {}
+    if rd.xenstored_socket.exists():
+        async with open_client(rd.xenstored_socket) as xs:
+            for info in infos:
+                try:
+                    names[info.domain] = (await xs.read(f"/local/domain/{info.domain}/name")).decode()
+                except XenStoreError:
+                    pass
+    return [{"name": names.get(i.domain, "(null)"), "id": i.domain,
+             "mem": i.tot_pages * 4 // 1024, "vcpus": i.nr_online_vcpus,
+             "state": _state_letters(i.flags), "time": round(i.cpu_time / 1e9, 1)} for i in infos]
+
+
+@main.command(name="list", context_settings=CONTEXT)
+@run_dir_option
+@json_option
+def list_(run_dir: Path | None, as_json: bool) -> None:
+    """List the domains, as `xl list` does.
+
+    \b
+    Example:
+        xenlike list
+        xenlike list --json
+    """
+    rows = trio.run(_list, running(run_dir))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'Name':<32}{'ID':>5}{'Mem':>7}{'VCPUs':>6}{'State':>10}{'Time(s)':>10}")
+    for r in rows:
+        click.echo(f"{r['name']:<32}{r['id']:>5}{r['mem']:>7}{r['vcpus']:>6}"
+                   f"{r['state']:>10}{r['time']:>10.1f}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@run_dir_option
+def create(file: Path, run_dir: Path | None) -> None:
+    """Create a guest from an xl.cfg-style file in the running topology.
+
+    \b
+    Example:
+        printf 'name = "gamma"\\nmemory = 32\\n' > gamma.cfg
+        xenlike create gamma.cfg
+    """
+    rd = running(run_dir)
+    try:
+        answer = trio.run(toolstack_request, rd,
+                          {"op": "create", "config": file.read_text(), "path": str(file)})
+    except RuntimeError as exc:
+        fail(str(exc))
+    click.echo(f"created {answer['name']} as domain {answer['domid']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--reboot", is_flag=True, help="Ask for a reboot instead of a poweroff.")
+@run_dir_option
+def shutdown(name: str, reboot: bool, run_dir: Path | None) -> None:
+    """Ask a guest to shut down (control/shutdown); its on_poweroff applies.
+
+    \b
+    Example:
+        xenlike shutdown alpha
+    """
+    try:
+        trio.run(toolstack_request, running(run_dir),
+                 {"op": "shutdown", "name": name, "reason": "reboot" if reboot else "poweroff"})
+    except RuntimeError as exc:
+        fail(str(exc))
+    click.echo(f"asked {name} to {'reboot' if reboot else 'power off'}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@run_dir_option
+def destroy(name: str, run_dir: Path | None) -> None:
+    """Destroy a guest at once (no clean shutdown).
+
+    \b
+    Example:
+        xenlike destroy beta
+    """
+    try:
+        trio.run(toolstack_request, running(run_dir), {"op": "destroy", "name": name})
+    except RuntimeError as exc:
+        fail(str(exc))
+    click.echo(f"destroyed {name}")
+
+
+@main.command(context_settings=CONTEXT)
+@run_dir_option
+def dmesg(run_dir: Path | None) -> None:
+    """Print the hypervisor log, as `xl dmesg` does.
+
+    \b
+    Example:
+        xenlike dmesg | grep d1
+    """
+    from xenlike.xc import XenControl
+
+    async def read(rd: RunDir) -> str:
+        async with XenControl.connect(rd.path) as xc:
+            return await xc.dmesg()
+
+    click.echo(trio.run(read, running(run_dir)), nl=False)
+
+
+# --- consoles ----------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--no-follow", is_flag=True, help="Print what the console holds and exit.")
+@run_dir_option
+def console(name: str, no_follow: bool, run_dir: Path | None) -> None:
+    """Attach to a guest's console; Ctrl-] detaches.
+
+    \b
+    Example:
+        xenlike console alpha --no-follow
+    """
+    rd = running(run_dir)
+    log = rd.console_log(name)
+    if not log.exists():
+        known = ", ".join(p.stem for p in rd.consoles.glob("*.log")) or "none"
+        fail(f"no console named {name!r} (consoles: {known})")
+    sys.stdout.buffer.write(log.read_bytes())
+    sys.stdout.flush()
+    if no_follow:
+        return
+    trio.run(_interactive_console, rd.console_socket(name))
+
+
+async def _interactive_console(path: Path) -> None:
+    import termios
+    import tty
+
+    stream = await trio.open_unix_socket(str(path))
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    if saved is not None:
+        tty.setraw(stdin)
+    try:
+        async with stream, trio.open_nursery() as nursery:
+
+            async def output() -> None:
+                while data := await stream.receive_some(4096):
+                    os.write(sys.stdout.fileno(), data)
+                nursery.cancel_scope.cancel()
+
+            async def keyboard() -> None:
+                while True:
+                    await trio.lowlevel.wait_readable(stdin)
+                    data = os.read(stdin, 1024)
+                    if not data or b"\x1d" in data:  # EOF or Ctrl-]
+                        nursery.cancel_scope.cancel()
+                        return
+                    await stream.send_all(data)
+
+            nursery.start_soon(output)
+            nursery.start_soon(keyboard)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        click.echo("")
+
+
+# --- devices -------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name", required=False)
+@run_dir_option
+@json_option
+def devices(name: str | None, run_dir: Path | None, as_json: bool) -> None:
+    """Each device's front-end and back-end states, features, and what a stuck one waits for.
+
+    \b
+    Example:
+        xenlike devices
+        xenlike devices alpha --json
+    """
+    report = trio.run(describe_devices, running(run_dir), name)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if not report:
+        click.echo("no devices" + (f" for {name}" if name else ""))
+    for device in report:
+        click.echo(f"{device['domain']} {device['type']} {device['devid']}: "
+                   f"frontend {device['frontend_state']}, backend {device['backend_state']}")
+        for key, value in device["features"].items():
+            click.echo(f"    {key} = {value}")
+        if device["waiting"]:
+            click.echo(f"    waiting: {device['waiting']}")
+        if device["errors"]:
+            for error in device["errors"]:
+                click.echo(f"    error: {error}")
+
+
+main.add_command(xenstore)

@@ -28,8 +28,9 @@ def _params(cmdline: str) -> dict[str, str]:
 async def main(domain: Domain) -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                         format="%(asctime)s dom0 %(name)s: %(message)s")
-    run_dir = RunDir(Path(_params(domain.cmdline)["rundir"]))
-    topology = load_topology(run_dir.topology)
+    params = _params(domain.cmdline)
+    run_dir = RunDir(Path(params["rundir"]))
+    topology = load_topology(Path(params.get("topology", run_dir.topology)))
     down = trio.Event()
     async with trio.open_nursery() as nursery:
         xenstored = Dom0XenStored(domain, nursery)

@@ -247,8 +247,9 @@ class Toolstack:
         with trio.move_on_after(timeout):
             while any(r.state == "running" for r in self.guests.values()):
                 await trio.sleep(0.05)
-        for record in list(self.guests.values()):
-            await self._destroy(record)
+        async with self._lock:
+            for record in list(self.guests.values()):
+                await self._destroy(record)
 
     # --- status -----------------------------------------------------------------
 
@@ -317,8 +318,7 @@ class Toolstack:
             if op == "status":
                 return {"ok": True, **await self.status()}
             if op == "down":
-                async with self._lock:
-                    await self.shutdown_all()
+                await self.shutdown_all()
                 down.set()
                 return {"ok": True}
             return {"ok": False, "error": f"unknown op {op!r}"}

@@ -47,6 +47,7 @@ from xenlike.hypercall import (
     Request,
     fds_ancillary,
 )
+from xenlike._process import die_with_parent
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
 
@@ -408,7 +409,7 @@ class Hypervisor:
                 domain.process = await trio.lowlevel.open_process(
                     argv, pass_fds=(theirs.fileno(), memory.fd, trace_fd),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True)
+                    start_new_session=True, preexec_fn=die_with_parent())
             finally:
                 theirs.close()
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")

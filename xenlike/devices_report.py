@@ -1,0 +1,96 @@
+"""What `xenlike devices` shows: every split device's two ends, and why one is stuck.
+
+A stuck handshake is the first thing to look at when a device does not
+work: each pair of (front-end state, back-end state) has one side waiting
+for the other, and the report says which side waits for what.
+"""
+
+from typing import Any
+
+from xenlike.abi.xenbus import XenbusState as S
+from xenlike.rundir import RunDir
+from xenlike.xenstore import XenStoreError, open_client
+
+__all__ = ["describe_devices", "waiting_for"]
+
+_FEATURE_PREFIXES = ("feature-", "max-ring-page-order", "ring-page-order", "multi-queue",
+                     "sectors", "sector-size", "mode", "mac", "request-rx-copy")
+
+
+def waiting_for(device_type: str, front: S | None, back: S | None) -> str | None:
+    """Which end waits, and for what (None when the device is connected or closed)."""
+    if front == S.Connected and back == S.Connected:
+        return None
+    if back in (None, S.Unknown):
+        return "the back-end directory is missing: the toolstack did not create it"
+    if back == S.Initialising:
+        return (f"no back end has picked the device up: is a back-end driver for "
+                f"'{device_type}' running in the back-end domain?")
+    if back == S.InitWait and front in (S.Initialising, S.Unknown, None):
+        return (f"the back end offers its features and waits for the front end to publish "
+                f"its ring (ring-ref, event-channel): is a front-end driver for "
+                f"'{device_type}' loaded in the guest?")
+    if back == S.InitWait and front == S.Initialised:
+        return ("the front end published its ring; the back end has not mapped it and "
+                "connected: look at the back end's error node and Dom0's log")
+    if back == S.Connected and front == S.Initialised:
+        return "the back end is Connected; the front end has not yet read its properties"
+    if S.Closing in (front, back) or S.Closed in (front, back):
+        return "the device is closing or closed: one end disconnected (see the error nodes)"
+    return f"front end {front.name if front else '-'}, back end {back.name}"
+
+
+async def _read(xs: Any, path: str) -> str | None:
+    try:
+        return (await xs.read(path)).decode()
+    except XenStoreError:
+        return None
+
+
+async def _ls(xs: Any, path: str) -> list[str]:
+    try:
+        return await xs.ls(path)
+    except XenStoreError:
+        return []
+
+
+def _state(text: str | None) -> S | None:
+    try:
+        return S(int(text)) if text is not None else None
+    except ValueError:
+        return S.Unknown
+
+
+async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dict[str, Any]]:
+    """Every device of every guest (or of `name`), from XenStore."""
+    report = []
+    async with open_client(run_dir.xenstored_socket) as xs:
+        for domid in await _ls(xs, "/local/domain"):
+            domain_name = await _read(xs, f"/local/domain/{domid}/name") or f"d{domid}"
+            if domid == "0" or (name is not None and domain_name != name):
+                continue
+            home = f"/local/domain/{domid}/device"
+            for device_type in await _ls(xs, home):
+                for devid in await _ls(xs, f"{home}/{device_type}"):
+                    front = f"{home}/{device_type}/{devid}"
+                    back = await _read(xs, f"{front}/backend")
+                    front_state = _state(await _read(xs, f"{front}/state"))
+                    back_state = _state(await _read(xs, f"{back}/state")) if back else None
+                    features = {}
+                    for side, path in (("backend", back), ("frontend", front)):
+                        if path is None:
+                            continue
+                        for key in await _ls(xs, path):
+                            if key.startswith(_FEATURE_PREFIXES):
+                                features[f"{side}/{key}"] = await _read(xs, f"{path}/{key}")
+                    errors = [e for e in [await _read(xs, f"{front}/error"),
+                                          await _read(xs, f"{back}/error") if back else None] if e]
+                    report.append({
+                        "domain": domain_name, "domid": int(domid), "type": device_type,
+                        "devid": devid, "frontend": front, "backend": back,
+                        "frontend_state": front_state.name if front_state is not None else None,
+                        "backend_state": back_state.name if back_state is not None else None,
+                        "features": features, "errors": errors,
+                        "waiting": waiting_for(device_type, front_state, back_state),
+                    })
+    return report
