@@ -83,7 +83,7 @@ async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]
     devices: dict[str, list[Any]] = {}
     for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
         devices.setdefault(driver.device.type, []).append(driver)
-        state = "connected" if driver.connected_event.is_set() else "NOT connected"
+        state = "connected" if driver.connected_now else "NOT connected"
         print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
     return devices
 

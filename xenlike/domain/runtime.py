@@ -116,7 +116,17 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
                 grants.handle_notification(reply)
 
         hypercalls = HypercallClient(sock, on_notification)
-        await nursery.start(hypercalls.run)
+        hypervisor_gone = False
+
+        async def hypercall_reader(task_status: trio.TaskStatus[None]) -> None:
+            """A domain cannot outlive its hypervisor: when the socket closes, stop."""
+            nonlocal hypervisor_gone
+            await hypercalls.run(task_status=task_status)
+            hypervisor_gone = True
+            print("the hypervisor closed the hypercall socket; stopping", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(hypercall_reader)
         grants = GrantTable(memory, layout, hypercalls)
         channels = EventChannels(hypercalls, nursery)
         channels.on_send = fast_path_recorder(TraceBuffer.attach(trace_fd, writable=True), domid)
@@ -138,4 +148,4 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
         if not domain.shut_down:
             await domain.shutdown(reason)
         nursery.cancel_scope.cancel()
-    return 0
+    return 1 if hypervisor_gone else 0

@@ -47,7 +47,7 @@ from xenlike.hypercall import (
     Request,
     fds_ancillary,
 )
-from xenlike._process import die_with_parent
+from xenlike._process import ChildProcess
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
 
@@ -112,7 +112,7 @@ class Domain:
     state: DomainState = DomainState.created
     shutdown_reason: int | None = None
     kernel: str | None = None
-    process: trio.Process | None = None
+    process: ChildProcess | None = None
     connections: list[Connection] = attrs.field(factory=list)
     created_at: float = attrs.field(factory=time.monotonic)
     torn_down: bool = False
@@ -406,10 +406,10 @@ class Hypervisor:
         argv += ["--trace-fd", str(trace_fd)]
         with log_path.open("ab") as log:
             try:
-                domain.process = await trio.lowlevel.open_process(
+                domain.process = ChildProcess(
                     argv, pass_fds=(theirs.fileno(), memory.fd, trace_fd),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=die_with_parent())
+                    start_new_session=True)
             finally:
                 theirs.close()
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")

@@ -132,6 +132,8 @@ class FrontChannel:
         self._broken = error
         orphans = list(self._in_flight.values())
         self._in_flight.clear()
+        for _ in range(self.ring.nr_ents):  # wake callers queued for a slot: they see _broken
+            self._slots.release()
         return orphans
 
     async def adopt(self, orphans: list[Any]) -> None:

@@ -327,26 +327,33 @@ class Frontend(XenbusDriver):
     async def connected(self) -> None:
         """The back end is Connected: read its properties here."""
 
+    @property
+    def connected_now(self) -> bool:
+        """Whether the data path is up at this moment."""
+        return self._ready.is_set() and self.channel is not None
+
     async def wait_connected(self) -> None:
-        await self._ready.wait()
+        await self._channel()
+
+    async def _channel(self) -> FrontChannel:
+        """The current channel, once the device is connected (again)."""
+        while True:
+            ready = self._ready
+            await ready.wait()
+            if ready is self._ready and self.channel is not None:
+                return self.channel
 
     async def call(self, request: Any) -> Any:
         """One request, one response; waits for the device to be connected."""
-        while True:
-            await self._ready.wait()
-            assert self.channel is not None
-            try:
-                return await self.channel.call(request)
-            except Disconnected:
-                if not self.resubmit:
-                    raise
+        (response,) = await self.call_many([request])
+        return response
 
     async def call_many(self, requests: list[Any]) -> list[Any]:
+        """Requests in one push; across a reconnect they are resubmitted (`resubmit`)."""
         while True:
-            await self._ready.wait()
-            assert self.channel is not None
+            channel = await self._channel()
             try:
-                return await self.channel.call_many(requests)
+                return await channel.call_many(requests)
             except Disconnected:
                 if not self.resubmit:
                     raise

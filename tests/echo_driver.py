@@ -1,0 +1,81 @@
+"""A minimal PV driver pair, used by the XenBus end-to-end tests.
+
+The back end multiplies each request's value by its `factor` key (written
+by the toolstack from the topology's device line); the front end offers
+`scale(value)`.
+"""
+
+import trio
+from construct import Int64ul, Struct
+
+from domains.guest import Guest
+from xenlike.ring import define_ring
+from xenlike.xenbus import Backend, Driver, Frontend
+
+ECHO_RING = define_ring(
+    "echo",
+    request=Struct("id" / Int64ul, "value" / Int64ul),
+    response=Struct("id" / Int64ul, "value" / Int64ul),
+)
+
+
+class EchoBackend(Backend):
+    device_type = "echo"
+    ring = ECHO_RING
+    max_ring_page_order = 2
+
+    async def connected(self) -> None:
+        self.factor = int(await self.read("factor", "1") or 1)
+
+    def features(self) -> dict[str, str | int]:
+        return {"feature-scale": 1}
+
+    async def handle(self, request):  # type: ignore[no-untyped-def]
+        return ECHO_RING.response.record(id=request.id, value=request.value * self.factor)
+
+
+class EchoFrontend(Frontend):
+    device_type = "echo"
+    ring = ECHO_RING
+    ring_page_order = 1
+
+    async def scale(self, value: int) -> int:
+        response = await self.call(ECHO_RING.request.record(value=value))
+        return response.value
+
+    async def reinitialise(self) -> None:
+        """Close and start over, as a front end that reloads does."""
+        from xenlike.abi.xenbus import XenbusState
+
+        await self.disconnect()
+        await self.switch_state(XenbusState.Closing)
+        await self.switch_state(XenbusState.Closed)
+        await self.switch_state(XenbusState.Initialising)
+
+
+DRIVER = Driver("echo", frontend=EchoFrontend, backend=EchoBackend)
+
+
+async def program(guest: Guest) -> None:
+    device = guest.device("echo")
+    results: dict[int, int] = {}
+
+    async def one(value: int) -> None:
+        results[value] = await device.scale(value)
+
+    async with trio.open_nursery() as nursery:
+        for value in range(2000):
+            nursery.start_soon(one, value)
+    assert results == {v: v * 3 for v in range(2000)}, "wrong answers"
+    order = await device.read("ring-page-order", "0")
+    print(f"[{guest.name}] echo ok: 2000 answers, ring-page-order {order}")
+
+    results.clear()
+    async with trio.open_nursery() as nursery:
+        for value in range(300):
+            nursery.start_soon(one, value)
+        await trio.sleep(0)
+        await device.reinitialise()
+    assert results == {v: v * 3 for v in range(300)}, "requests lost across the reconnect"
+    print(f"[{guest.name}] echo reconnect ok: 300 answers across a reconnect")
+    await trio.sleep_forever()
