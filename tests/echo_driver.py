@@ -43,15 +43,6 @@ class EchoFrontend(Frontend):
         response = await self.call(ECHO_RING.request.record(value=value))
         return response.value
 
-    async def reinitialise(self) -> None:
-        """Close and start over, as a front end that reloads does."""
-        from xenlike.abi.xenbus import XenbusState
-
-        await self.disconnect()
-        await self.switch_state(XenbusState.Closing)
-        await self.switch_state(XenbusState.Closed)
-        await self.switch_state(XenbusState.Initialising)
-
 
 DRIVER = Driver("echo", frontend=EchoFrontend, backend=EchoBackend)
 
@@ -70,12 +61,13 @@ async def program(guest: Guest) -> None:
     order = await device.read("ring-page-order", "0")
     print(f"[{guest.name}] echo ok: 2000 answers, ring-page-order {order}")
 
-    results.clear()
-    async with trio.open_nursery() as nursery:
-        for value in range(300):
-            nursery.start_soon(one, value)
-        await trio.sleep(0)
-        await device.reinitialise()
-    assert results == {v: v * 3 for v in range(300)}, "requests lost across the reconnect"
-    print(f"[{guest.name}] echo reconnect ok: 300 answers across a reconnect")
+    for _ in range(3):
+        results.clear()
+        async with trio.open_nursery() as nursery:
+            for value in range(300):
+                nursery.start_soon(one, value)
+            await trio.sleep(0)
+            await device.reconnect()
+        assert results == {v: v * 3 for v in range(300)}, "requests lost across the reconnect"
+    print(f"[{guest.name}] echo reconnect ok: 300 answers across each of 3 reconnects")
     await trio.sleep_forever()

@@ -8,7 +8,6 @@ ping-pong, and that nothing is recorded once no reader is left.
 """
 
 import os
-import signal
 import subprocess
 import sys
 from contextlib import aclosing
@@ -439,15 +438,18 @@ async def test_a_reader_that_goes_away_turns_tracing_off(hv: Hypervisor, xc: Xen
     process = await trio.lowlevel.open_process([sys.executable, "-c", script, str(hv.run_dir)],
                                                stdout=subprocess.PIPE)
     assert process.stdout is not None
-    said = b""
-    with trio.fail_after(20):
-        while not said.endswith(b"\n"):
-            said += await process.stdout.receive_some()
-    assert said == b"reading\n"
-    assert hv.trace.statistics().readers == 1 and hv.trace in hv.listeners
-    assert all(b.enabled for b in hv.trace.statistics().buffers)
-    process.send_signal(signal.SIGKILL)
-    await process.wait()
+    try:
+        said = b""
+        with trio.fail_after(20):
+            while not said.endswith(b"\n"):
+                said += await process.stdout.receive_some()
+        assert said == b"reading\n"
+        assert hv.trace.statistics().readers == 1 and hv.trace in hv.listeners
+        assert all(b.enabled for b in hv.trace.statistics().buffers)
+    finally:
+        process.kill()  # SIGKILL: the reader has no chance to say goodbye
+        await process.wait()
+        await process.stdout.aclose()
     await wait_for_readers(hv, 0)
     assert hv.trace not in hv.listeners
     assert not any(b.enabled for b in hv.trace.statistics().buffers)

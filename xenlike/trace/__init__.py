@@ -26,17 +26,26 @@ Where Xen's `t_rec` is variable-sized and carries raw TSC cycles, a record
 here is fixed-size with nanoseconds of one clock every process shares, so
 buffers written by different processes merge by time with no calibration.
 
-Buffers (`trace_buffer_header` on the first 4 KiB page, then `nr_records`
-records): each domain has two, so that each has exactly one producer, as
-each of Xen's per-CPU buffers has one — the hypervisor writes the calls it
+Buffers: a 4 KiB header page (`trace_buffer_header`), then `nr_records`
+record slots::
+
+    0  magic        u32  "XLTB"          12  domid    u16
+    4  version      u16                  14  source   u16  TraceSource
+    6  record_size  u16  72              16  enabled  u32  the hypervisor's
+    8  nr_records   u32                  20  closed   u32  the hypervisor's
+                                         24  prod     u64  the producer's
+
+Each domain has two, so that each has exactly one producer, as each of
+Xen's per-CPU buffers has one: the hypervisor writes the calls it
 dispatched for the domain, and the domain's process writes its fast-path
 sends. Each is a sealed memfd the hypervisor makes (the domain's process
-gets its own with `--trace-fd`). The producer writes slot prod %
-nr_records and then publishes prod; when the ring is full it overwrites the
-oldest record, a flight recorder. Readers never write: each keeps its own
-cursor and learns from prod what it missed (`LostRecords`), so any number
-of them may follow one buffer (see `_buffer` for why a torn record is never
-delivered).
+gets its own with `--trace-fd`). The producer writes record prod into slot
+prod % nr_records, then publishes prod + 1; it never waits, but overwrites
+the oldest record, so a buffer is a flight recorder of the last
+nr_records - 1 calls. Readers never write: each keeps its own cursor and
+learns from prod what it missed (`LostRecords`), so any number of them may
+follow one buffer (`xenlike.trace._buffer` says why a record copied while
+the producer overwrote it is never delivered).
 
 On only while read: producers write nothing while the header's `enabled`
 word is 0. The hypervisor sets it (and lists its listener in the

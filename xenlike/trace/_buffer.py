@@ -93,7 +93,7 @@ class TraceBuffer:
     _mapping: mmap.mmap = attrs.field(repr=False)
     _words: memoryview = attrs.field(repr=False)  # the header as u32 words
     _prods: memoryview = attrs.field(repr=False)  # the header as u64 words
-    _next: int = 0  # the producer's own count, so it never trusts shared memory
+    _next: int = 0  # the producer's count of records written; prod only publishes it
 
     @classmethod
     def create(cls, nr_records: int, *, domid: int, source: TraceSource) -> "TraceBuffer":

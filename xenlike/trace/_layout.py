@@ -48,7 +48,7 @@ trace_record = Struct(
     "time_ns" / Int64ul,  # CLOCK_MONOTONIC when the call entered: comparable across processes
     "result" / Int64sl,  # Xen's result: >= 0, or -errno
     "duration_ns" / Int64ul,  # until the result was ready; 0 for a fast-path send
-    "args" / Array(TRACE_NR_ARGS, Int64ul),  # the first integer fields of the (first) argument struct
+    "args" / Array(TRACE_NR_ARGS, Int64ul),  # first integer fields of the (first) argument struct
     "count" / Int32ul,  # argument structs in the call (its batch), or bytes of a raw payload
     "op" / Int32ul,  # __HYPERVISOR_* number
     "cmd" / Int32ul,  # the sub-op: EVTCHNOP_*, XEN_DOMCTL_* ...
@@ -114,5 +114,4 @@ XENLIKE_TRACE_BUFFERS_PER_CALL = MAX_FDS  # at most per reply: the fds one messa
 xenlike_trace_buffer = Struct(
     "domid" / Int16ul,
     "source" / Int16ul,  # TraceSource
-    "nr_records" / Int32ul,
 )

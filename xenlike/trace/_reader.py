@@ -114,9 +114,9 @@ class TraceReader:
                 except BaseException:
                     _close_all(fds[index + 1:])
                     raise
-                self._followed.append(_Followed(buffer, TraceCursor.oldest(buffer.nr_records,
-                                                                           buffer.prod),
-                                                info.domid, TraceSource(info.source)))
+                cursor = TraceCursor.oldest(buffer.nr_records, buffer.prod)
+                self._followed.append(_Followed(buffer, cursor, info.domid,
+                                                TraceSource(info.source)))
                 attached += 1
             if reply.result < XENLIKE_TRACE_BUFFERS_PER_CALL:
                 return attached

@@ -190,6 +190,5 @@ def trace_buffers(call: Call, _: None) -> tuple[int, bytes]:
     out = call.hv.trace.hand_out(call.connection)
     for buffer, _, _ in out:
         call.send_fd(buffer.fd)
-    info = b"".join(BUFFER_INFO.pack((domid, source, buffer.nr_records))
-                    for buffer, domid, source in out)
+    info = b"".join(BUFFER_INFO.pack((domid, source)) for _, domid, source in out)
     return len(out), info

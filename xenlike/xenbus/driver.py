@@ -146,7 +146,12 @@ class XenbusDriver:
                     await self._react(reaction)
 
     async def _react(self, reaction: Any) -> None:
-        while reaction.action is not None:
+        while True:
+            if reaction.action is None:
+                if not await self._after_closed():
+                    return
+                reaction = self.handshake.start()
+                continue
             try:
                 await self._perform(reaction.action)
             except (ProtocolError, ChannelBroken, XenStoreError, OSError) as exc:
@@ -155,6 +160,10 @@ class XenbusDriver:
             if reaction.next_state is not None:
                 await self.switch_state(reaction.next_state)
             reaction = self.handshake.start()
+
+    async def _after_closed(self) -> bool:
+        """A hook for an end that starts over once Closed; True if it moved."""
+        return False
 
     async def fatal(self, message: str) -> None:
         """xenbus_dev_fatal: say what went wrong in XenStore and head for Closing."""
@@ -319,6 +328,7 @@ class Frontend(XenbusDriver):
         self._orphans: list[Any] = []
         self._collector: trio.CancelScope | None = None
         self._ready = trio.Event()
+        self._restart = False
 
     def front_keys(self) -> dict[str, str | int]:
         """Keys published with the ring refs (the front end's own features)."""
@@ -357,6 +367,21 @@ class Frontend(XenbusDriver):
             except Disconnected:
                 if not self.resubmit:
                     raise
+
+    async def reconnect(self) -> None:
+        """Close and connect again, as a reloaded front end does; requests in
+        flight are resubmitted on the new ring (with `resubmit`)."""
+        self._restart = True
+        await self.switch_state(XenbusState.Closing)
+
+    async def _after_closed(self) -> bool:
+        """Start over once both ends are Closed (the back end has let go of everything)."""
+        if self._restart and self.handshake.state == XenbusState.Closed and \
+                self.handshake.peer_state == XenbusState.Closed:
+            self._restart = False
+            await self.switch_state(XenbusState.Initialising)
+            return True
+        return False
 
     async def _perform(self, action: Action) -> None:
         if action is Action.setup:
@@ -406,7 +431,8 @@ class Frontend(XenbusDriver):
                 await self.fatal(f"ring protocol violation: {exc}")
 
     async def disconnect(self) -> None:
-        self._ready = trio.Event()
+        if self._ready.is_set():  # callers already waiting for a reconnect keep their event
+            self._ready = trio.Event()
         if self._collector is not None:
             self._collector.cancel()
             self._collector = None

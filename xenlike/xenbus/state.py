@@ -85,6 +85,10 @@ _row(_BACK, (S.InitWait,), (S.Initialised, S.Connected), Action.connect, S.Conne
 _row(_BACK, (S.Closed,), (S.Initialising,), Action.publish_features, S.InitWait)
 _row(_BACK, (S.Initialising, S.InitWait, S.Initialised, S.Connected), (S.Closing,),
      Action.disconnect, S.Closing)
+# A front end seen starting over while still connected (its Closing and Closed
+# were missed: watch events coalesce) closes the back end, which then offers
+# itself again.
+_row(_BACK, (S.Connected, S.Closing), (S.Initialising,), Action.disconnect, S.Closed)
 # A closed front end closes a connected back end; a back end that only waits
 # (InitWait) keeps waiting, since a closed front end may yet start over.
 _row(_BACK, (S.Closing, S.Connected), (S.Closed,), Action.disconnect, S.Closed)
@@ -95,6 +99,9 @@ _row(_FRONT, (S.Initialising,), (S.InitWait,), Action.setup, S.Initialised)
 _row(_FRONT, (S.Initialised,), (S.Connected,), Action.connected, S.Connected)
 _row(_FRONT, (S.Initialising, S.Initialised, S.Connected), (S.Closing,), Action.disconnect, S.Closing)
 _row(_FRONT, (S.Initialised, S.Connected, S.Closing), (S.Closed,), Action.disconnect, S.Closed)
+# A front end that closes on its own (to reconnect) is Closed once the back end
+# has let go of the ring (blkfront's closing on the back end's Closing).
+_row(_FRONT, (S.Closing,), (S.Closing,), Action.disconnect, S.Closed)
 # After a disconnect, a back end that offers itself again is a reconnection.
 _row(_FRONT, (S.Closed, S.Closing), (S.InitWait,), Action.reinitialise, S.Initialising)
 
