@@ -402,3 +402,27 @@ async def mapper(domain: Domain) -> None:
         return "ok"
 
     await run_script(domain, {"map": map_, "write": write, "read": read, "unmap": unmap})
+
+
+async def store_vandal(domain: Domain) -> None:
+    """Writes an impossible req_prod into its XenStore ring page and tells xenstored.
+
+    xenstored must give up on this guest's ring (error = XENSTORE_ERROR_RINGIDX)
+    and go on serving everyone else.
+    """
+    import struct as _struct
+
+    from xenlike.abi._layout import offsetof
+    from xenlike.abi.xs_wire import xenstore_domain_interface as xs_page
+
+    port = await domain.evtchn.port(domain.start_info.store_evtchn)
+    with domain.memory.frame(domain.layout.store_gfn) as page:
+        cons = _struct.unpack_from("<I", page, offsetof(xs_page, "req_cons"))[0]
+        _struct.pack_into("<I", page, offsetof(xs_page, "req_prod"), cons + 5000)
+        port.notify()
+        with trio.move_on_after(10):
+            while not _struct.unpack_from("<I", page, offsetof(xs_page, "error"))[0]:
+                await trio.sleep(0.02)
+        error = _struct.unpack_from("<I", page, offsetof(xs_page, "error"))[0]
+    await domain.console_write(f"store vandal: ring error {error}")
+    await trio.sleep_forever()

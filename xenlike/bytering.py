@@ -145,6 +145,7 @@ class ByteRingStream(trio.abc.Stream):
         self.port = port
         self._changed = trio.Event()
         self._closed = False
+        self.broken: str | None = None  # why the peer's indices were refused, once they were
 
     async def pump(self) -> None:
         """Turn each raise of the port into a wake-up of this stream's waiters."""
@@ -161,6 +162,7 @@ class ByteRingStream(trio.abc.Stream):
             try:
                 sent = self.tx.write(view)
             except RingOverflow as exc:
+                self.broken = str(exc)
                 raise trio.BrokenResourceError(str(exc)) from exc
             if sent:
                 self.port.notify()
@@ -181,6 +183,7 @@ class ByteRingStream(trio.abc.Stream):
             try:
                 data = self.rx.read(max_bytes)
             except RingOverflow as exc:
+                self.broken = str(exc)
                 raise trio.BrokenResourceError(str(exc)) from exc
             if data:
                 self.port.notify()  # the producer may be waiting for room

@@ -63,10 +63,9 @@ class Dom0XenStored(XenStored):
             self.rings[domid] = scope
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stream.pump)
-                try:
-                    await self.serve_stream(stream, domid)
-                except trio.BrokenResourceError as exc:
-                    log.warning("d%d broke its XenStore ring: %s", domid, exc)
+                await self.serve_stream(stream, domid)
+                if stream.broken is not None:
+                    log.warning("d%d broke its XenStore ring: %s", domid, stream.broken)
                     page[ERROR_OFFSET:ERROR_OFFSET + 4] = XENSTORE_ERROR_RINGIDX.to_bytes(4, "little")
                 nursery.cancel_scope.cancel()
         self.rings.pop(domid, None)
