@@ -40,4 +40,4 @@ def test_a_guest_that_corrupts_its_ring_is_cut_off_and_the_rest_carry_on(tmp_pat
         xenlike("xenstore", "write", "/local/domain/2/data/after", "still served", run_dir=run_dir)
         assert "Domain-0" in xenlike("list", run_dir=run_dir).stdout
     finally:
-        xenlike("down", run_dir=run_dir, check=False)
+        xenlike("down", "--grace", "2", run_dir=run_dir, check=False)

@@ -206,19 +206,22 @@ def follow_consoles(rd: RunDir, alive: Callable[[], bool]) -> None:
 
 @main.command(context_settings=CONTEXT)
 @run_dir_option
-def down(run_dir: Path | None) -> None:
+@click.option("--grace", default=15.0, show_default=True,
+              help="Seconds guests get to power off before they are destroyed.")
+def down(run_dir: Path | None, grace: float) -> None:
     """Shut every guest down cleanly, then Dom0 and the hypervisor.
 
     \b
     Example:
         xenlike down
+        xenlike down --grace 0     # destroy the guests at once
     """
     try:
         rd = find_run_dir(run_dir)
     except NotRunning as exc:
         click.echo(f"nothing to stop: {exc}")
         return
-    if stop(rd):
+    if stop(rd, grace):
         click.echo(f"down: {rd.path}")
     else:
         click.echo(f"nothing is running in {rd.path}")

@@ -157,12 +157,15 @@ def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
     return problems
 
 
-def stop(run_dir: RunDir, timeout: float = 20.0) -> bool:
-    """Shut the guests down cleanly, then the hypervisor; True if something ran."""
+def stop(run_dir: RunDir, grace: float = 15.0, timeout: float = 20.0) -> bool:
+    """Shut the guests down cleanly, then the hypervisor; True if something ran.
+
+    Guests get `grace` seconds to power off before they are destroyed.
+    """
     if not run_dir.busy():
         return False
     try:
-        trio.run(toolstack_request, run_dir, {"op": "down"}, 60.0)
+        trio.run(toolstack_request, run_dir, {"op": "down", "timeout": grace}, grace + 45.0)
     except (NotRunning, OSError, RuntimeError, trio.TooSlowError):
         pass  # Dom0 is gone or stuck: the hypervisor still takes everything down
     pid = _pid(run_dir)

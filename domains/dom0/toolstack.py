@@ -318,7 +318,7 @@ class Toolstack:
             if op == "status":
                 return {"ok": True, **await self.status()}
             if op == "down":
-                await self.shutdown_all()
+                await self.shutdown_all(float(request.get("timeout", 15.0)))
                 down.set()
                 return {"ok": True}
             return {"ok": False, "error": f"unknown op {op!r}"}
