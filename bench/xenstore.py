@@ -1,4 +1,4 @@
-"""XenStore over the Unix socket: xenlike's client and xenstored against a raw baseline.
+"""XenStore over the Unix socket and over a ring page: xenlike against a raw baseline.
 
     python bench/xenstore.py [--quick]
 
@@ -11,12 +11,17 @@ no store behind it, read by a bare client. Both servers are separate
 processes, so neither shares the client's event loop. Rounds interleave
 (baseline, xenlike, baseline, ...) and the figures are medians of rounds.
 
+The same runs again over the transport a guest uses: a xenstore_domain_interface
+page shared by two processes, woken by eventfds (`xenlike.bytering`), with
+xenstored (or the canned server) in the other process.
+
 The last lines are `ratio NAME: VALUE`, xenlike's rate over the baseline's
 (for latency, the baseline's latency over xenlike's): 1.0 means no cost.
 """
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import struct
@@ -29,7 +34,10 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from xenlike.abi.xs_wire import XS_DIRECTORY, XS_READ, XS_WATCH, XS_WATCH_EVENT, XS_WRITE
-from xenlike.xenstore import Client, MessageReader, XsMessage, open_client
+from xenlike._eventfd import EventFd
+from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
+from xenlike.testing import CrossedDoorbell, doorbell_pair
+from xenlike.xenstore import Client, MessageReader, XenStored, XsMessage, connect_stream, open_client
 
 HEADER = struct.Struct("<IIII")
 TOKEN = "bench"
@@ -129,29 +137,130 @@ XENLIKE_OPERATIONS: dict[str, Callable[[Client], Awaitable[object]]] = {
 
 async def xenlike_round(path: str, name: str, seconds: float) -> list[float]:
     """Per-operation times of xenlike's client and xenstored."""
-    times = []
     async with open_client(path) as xs:
-        if name == "watch":
-            async with xs.watch("/bench/watched", token=TOKEN) as events:
-                await events.__anext__()  # the registration event
-                deadline = time.perf_counter() + seconds
-                while time.perf_counter() < deadline:
-                    start = time.perf_counter()
-                    await xs.write("/bench/watched", b"x")
-                    await events.__anext__()
-                    times.append(time.perf_counter() - start)
-            return times
-        operation = XENLIKE_OPERATIONS[name]
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            await operation(xs)
-            times.append(time.perf_counter() - start)
+        return await _timed(xs, name, seconds)
+
+
+async def _timed(xs: Client, name: str, seconds: float) -> list[float]:
+    """Per-operation times of one kind of request (watch: a write and its event)."""
+    times = []
+    deadline = time.perf_counter() + seconds
+    if name == "watch":
+        async with xs.watch("/bench/watched", token=TOKEN) as events:
+            await events.__anext__()  # the registration event
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                await xs.write("/bench/watched", b"x")
+                await events.__anext__()
+                times.append(time.perf_counter() - start)
+        return times
+    operation = XENLIKE_OPERATIONS[name]
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        await operation(xs)
+        times.append(time.perf_counter() - start)
     return times
 
 
-def start_server(argv: list[str]) -> subprocess.Popen:
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+# -- the ring transport ------------------------------------------------------------
+
+
+class Ring:
+    """A XenStore page (a memfd) shared with a server process, and this side's doorbell."""
+
+    def __init__(self, kind: str, canned_path: str) -> None:
+        self.fd = os.memfd_create("xsbench-ring")
+        os.ftruncate(self.fd, 4096)
+        self.page = mmap.mmap(self.fd, 4096)
+        self.client_bell, server_bell = doorbell_pair()
+        fds = (self.fd, server_bell.mine.fd, server_bell.theirs.fd)
+        self.process = start_server([sys.executable, __file__, "--ring-server", kind, canned_path,
+                                     *map(str, fds)], pass_fds=fds)
+
+    def stream(self) -> ByteRingStream:
+        view = memoryview(self.page)
+        return ByteRingStream(ByteRing(view, XENSTORE.to_backend), ByteRing(view, XENSTORE.to_guest),
+                              self.client_bell)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: int, theirs: int) -> None:
+    """The other end of a `Ring`: xenstored, or canned replies with no store."""
+    view = memoryview(mmap.mmap(memfd, 4096))
+    bell = CrossedDoorbell(EventFd(mine), EventFd(theirs))
+    stream = ByteRingStream(ByteRing(view, XENSTORE.to_guest), ByteRing(view, XENSTORE.to_backend), bell)
+    print("listening", flush=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.pump)
+        if kind == "xenlike":
+            await XenStored().serve_stream(stream, 0)
+            return
+        buffer = b""
+        while data := await stream.receive_some(65536):
+            buffer += data
+            while len(buffer) >= HEADER.size and \
+                    len(buffer) >= (end := HEADER.size + HEADER.unpack_from(buffer)[3]):
+                await stream.send_all(canned[buffer[:end]])
+                buffer = buffer[end:]
+
+
+async def raw_ring_round(ring: Ring, name: str, canned: dict[bytes, bytes], seconds: float) -> list[float]:
+    request = REQUESTS[name].encode()
+    expected = len(canned[request])
+    stream = ring.stream()
+    times = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.pump)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await stream.send_all(request)
+            received = 0
+            while received < expected:
+                received += len(await stream.receive_some(65536))
+            times.append(time.perf_counter() - start)
+        nursery.cancel_scope.cancel()
+    return times
+
+
+async def xenlike_ring_round(ring: Ring, name: str, seconds: float) -> list[float]:
+    stream = ring.stream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.pump)
+        async with connect_stream(stream) as xs:
+            times = await _timed(xs, name, seconds)
+        nursery.cancel_scope.cancel()
+    return times
+
+
+async def bench_ring(rounds: int, seconds: float, canned: dict[bytes, bytes], canned_path: str
+                     ) -> dict[str, float]:
+    raw_ring, our_ring = Ring("raw", canned_path), Ring("xenlike", canned_path)
+    try:
+        stream = our_ring.stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.pump)
+            async with connect_stream(stream) as xs:
+                for node, value in SETUP:
+                    await xs.write(node, value)
+            nursery.cancel_scope.cancel()
+        raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
+        ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
+        for _ in range(rounds):
+            for name in REQUESTS:
+                raw[name].append(statistics.median(await raw_ring_round(raw_ring, name, canned, seconds)))
+                ours[name].append(statistics.median(await xenlike_ring_round(our_ring, name, seconds)))
+    finally:
+        raw_ring.stop()
+        our_ring.stop()
+    return _report("xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours, "ring_")
+
+
+def start_server(argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, pass_fds=pass_fds)
     assert process.stdout is not None
     line = process.stdout.readline()
     if "listening" not in line:
@@ -180,31 +289,47 @@ async def bench(rounds: int, seconds: float) -> None:
             for server in servers:
                 server.terminate()
                 server.wait()
-    print(f"xenstore over a Unix socket: {rounds} interleaved rounds of {seconds}s, one request in flight")
+        ratios = _report("xenstore over a Unix socket", rounds, seconds, raw, ours, "")
+        ring_ratios = await bench_ring(rounds, seconds, canned, canned_path)
+    for name, ratio in {**ratios, **ring_ratios}.items():
+        print(f"ratio {name}: {ratio:.2f}")
+
+
+def _report(title: str, rounds: int, seconds: float, raw: dict[str, list[float]],
+            ours: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """Print one transport's figures; return its ratios (xenlike rate / raw rate)."""
+    print(f"{title}: {rounds} interleaved rounds of {seconds}s, one request in flight")
     ratios = {}
     for name in REQUESTS:
         raw_time, our_time = statistics.median(raw[name]), statistics.median(ours[name])
-        ratios[name] = raw_time / our_time
+        ratios[prefix + name] = raw_time / our_time
         if name == "watch":
-            print(f"raw watch-event latency: {raw_time * 1e6:.1f} us")
-            print(f"xenlike watch-event latency: {our_time * 1e6:.1f} us")
+            print(f"raw {prefix}watch-event latency: {raw_time * 1e6:.1f} us")
+            print(f"xenlike {prefix}watch-event latency: {our_time * 1e6:.1f} us")
         else:
-            print(f"raw {name}: {1 / raw_time:.0f} ops/s")
-            print(f"xenlike {name}: {1 / our_time:.0f} ops/s")
-    for name, ratio in ratios.items():
-        print(f"ratio {name}: {ratio:.2f}")
+            print(f"raw {prefix}{name}: {1 / raw_time:.0f} ops/s")
+            print(f"xenlike {prefix}{name}: {1 / our_time:.0f} ops/s")
+    return ratios
+
+
+def _load_canned(path: str) -> dict[bytes, bytes]:
+    with open(path) as file:
+        return {bytes.fromhex(k): bytes.fromhex(v) for k, v in json.load(file).items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"), help=argparse.SUPPRESS)
+    parser.add_argument("--ring-server", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ring_server:
+        kind, canned_path, *fds = args.ring_server
+        trio.run(ring_server, kind, _load_canned(canned_path), *map(int, fds))
+        return
     if args.raw_server:
         socket_path, canned_path = args.raw_server
-        with open(canned_path) as file:
-            canned = {bytes.fromhex(k): bytes.fromhex(v) for k, v in json.load(file).items()}
-        trio.run(serve_canned, socket_path, canned)
+        trio.run(serve_canned, socket_path, _load_canned(canned_path))
         return
     rounds, seconds = (3, 0.15) if args.quick else (7, 0.5)
     trio.run(bench, rounds, seconds)
