@@ -1,0 +1,80 @@
+"""The docs are run: generated pages are current, and every console session replays."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+BLOCK = re.compile(r"```console\n(.*?)```", re.S)
+
+
+def sessions(page: Path) -> list[list[tuple[str, str]]]:
+    """Each console block of a page as (command, expected output) pairs."""
+    found = []
+    for block in BLOCK.findall(page.read_text()):
+        steps: list[tuple[str, list[str]]] = []
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+        found.append([(command, "\n".join(lines)) for command, lines in steps])
+    return found
+
+
+def matches(expected: str, actual: str) -> bool:
+    """`...` stands for any text within a line, or any lines when alone on its line."""
+    pattern = []
+    for line in expected.splitlines():
+        if line == "...":
+            pattern.append(r"(?:[^\n]*\n)*?")
+        else:
+            pattern.append(".*".join(re.escape(part) for part in line.split("...")) + r"\n")
+    return re.fullmatch("".join(pattern), actual if actual.endswith("\n") or not actual
+                        else actual + "\n", re.S) is not None
+
+
+def test_generated_pages_are_current() -> None:
+    result = subprocess.run([sys.executable, "-m", "xenlike._docs", "--check"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+PAGES = [page for page in sorted(DOCS.glob("*.md")) if sessions(page)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_console_sessions_replay(page: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(tmp_path / "run"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    try:
+        for session in sessions(page):
+            for command, expected in session:
+                # Guests print as they go: a command whose output is not there yet
+                # is run again, for a while, as a reader would look again.
+                deadline = time.monotonic() + 30
+                while True:
+                    result = subprocess.run(["bash", "-c", command], capture_output=True,
+                                            text=True, env=env, cwd=ROOT, timeout=120)
+                    assert result.returncode == 0, f"$ {command}\n{result.stdout}{result.stderr}"
+                    if matches(expected, result.stdout) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                assert matches(expected, result.stdout), \
+                    f"$ {command}\nexpected:\n{expected}\nactual:\n{result.stdout}"
+    finally:
+        subprocess.run(["bash", "-c", "xenlike down --grace 2"], env=env, cwd=ROOT,
+                       capture_output=True, timeout=120)
+
+
+def test_the_matcher_can_fail() -> None:
+    assert matches("a\n...\nc", "a\nb\nb\nc\n")
+    assert matches("x ... z", "x y z\n")
+    assert not matches("a\nc", "a\nb\nc\n")
+    assert not matches("x ... z", "x y\n")
