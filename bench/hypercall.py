@@ -6,21 +6,23 @@
   `xen_version(XENVER_version)` calls through its `HypercallClient` and logs
   the figure (request and reply are 16 bytes each on the wire).
 - raw: the same 16-byte request and 16-byte reply over a SOCK_SEQPACKET
-  socket pair, a bare trio loop on each side: a forked child sends and
-  waits, this process answers, as the hypervisor does.
+  socket pair, a bare trio loop on each side: a child process started as
+  the hypervisor starts a domain sends and waits, this process answers.
 
 Rounds alternate raw, xenlike, raw, ... and the figures are medians of the
 rounds, in microseconds per round trip. The last line is
 `ratio round_trip: VALUE`, xenlike's time over raw's (the target is 1.5 or
 less). Two processes on a 2-vCPU machine land on one vCPU or two as the
 scheduler likes, so single rounds vary; compare medians from one run.
+`--cpu N` pins both sides of both loops to vCPU N: then the figures are the
+software's cost alone, without cross-vCPU wake-ups.
 """
 
 import argparse
-import multiprocessing
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,41 +104,50 @@ async def raw_client(sock: trio.socket.SocketType, calls: int, warmup: int) -> f
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _raw_child(fd: int, calls: int, warmup: int, result: Any) -> None:
-    async def run() -> float:
-        return await raw_client(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)),
-                                calls, warmup)
-
-    result.send(trio.run(run))
-
-
 def raw_round(calls: int, warmup: int) -> float:
-    """Microseconds per round trip, as the forked client measured them."""
+    """Microseconds per round trip, as the client process measured them."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    receive, send = multiprocessing.Pipe(duplex=False)
-    child = multiprocessing.get_context("fork").Process(
-        target=_raw_child, args=(theirs.fileno(), calls, warmup, send))
-    child.start()
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--raw-client", str(theirs.fileno()), "--calls", str(calls),
+         "--warmup", str(warmup)],
+        pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE, start_new_session=True)
     theirs.close()
 
     async def serve() -> None:
         await raw_server(trio.socket.from_stdlib_socket(ours))
 
     trio.run(serve)
-    child.join(60)
-    if child.exitcode != 0:
-        raise SystemExit(f"raw client failed with exit code {child.exitcode}")
-    return receive.recv()
+    out, _ = child.communicate(timeout=60)
+    if child.returncode != 0:
+        raise SystemExit(f"raw client failed with exit code {child.returncode}")
+    return float(out)
+
+
+def run_raw_client(fd: int, calls: int, warmup: int) -> None:
+    async def run() -> float:
+        return await raw_client(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)),
+                                calls, warmup)
+
+    print(trio.run(run))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--cpu", type=int, default=None, help="pin everything to this vCPU")
+    parser.add_argument("--calls", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=200, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-client", type=int, metavar="FD", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.raw_client is not None:
+        run_raw_client(args.raw_client, args.calls, args.warmup)
+        return
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # the processes started from here inherit it
     rounds = args.rounds or (3 if args.quick else 9)
-    calls = 1_000 if args.quick else 10_000
-    warmup = 200
+    calls = args.calls or (1_000 if args.quick else 10_000)
+    warmup = args.warmup
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the guest imports this file
 
@@ -145,7 +156,8 @@ def main() -> None:
         times["raw"].append(raw_round(calls, warmup))
         times["xenlike"].append(trio.run(xenlike_round, calls, warmup))
     med = {kind: statistics.median(values) for kind, values in times.items()}
-    print(f"rounds: {rounds} (medians), {calls} calls each, 16-byte request and reply")
+    where = f"pinned to vCPU {args.cpu}" if args.cpu is not None else "unpinned"
+    print(f"rounds: {rounds} (medians), {calls} calls each, 16-byte request and reply, {where}")
     print(f"raw round trip: {med['raw']:.1f} us")
     print(f"xenlike round trip: {med['xenlike']:.1f} us")
     print(f"xenlike hypercalls/s: {1e6 / med['xenlike']:,.0f}")

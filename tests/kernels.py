@@ -26,7 +26,7 @@ from xenlike.abi.event_channel import (
 from xenlike.abi.sched import SchedOp, sched_remote_shutdown
 from xenlike.abi.sysctl import SysctlOp, xen_sysctl_physinfo
 from xenlike.abi.version import XenVerOp
-from xenlike.abi.xen import CONSOLEIO_read, DOMID_IO, DOMID_SELF, Hypercall, Virq
+from xenlike.abi.xen import DOMID_IO, DOMID_SELF, CONSOLEIO_read, Hypercall, Virq
 from xenlike.codec import compile_struct
 from xenlike.domain import Domain, GrantInUse, GrantMapping, memory_op
 from xenlike.domain.hypercall import HypercallResult, codec_for

@@ -6,6 +6,7 @@ guests here are real domain processes (tests/kernels.py) reporting what
 their calls came back with through the hypervisor log.
 """
 
+import errno
 import os
 import random
 import signal
@@ -15,20 +16,20 @@ import struct
 import pytest
 import trio
 
+from tests.conftest import DomainConnector
 from tests.test_hypervisor import wait_for_log, wait_for_shutdown
 from xenlike.abi.domctl import DomctlOp, xen_domctl_createdomain
 from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import (
     EvtchnOp,
     EvtchnStat,
-    evtchn_alloc_unbound,
     evtchn_bind_interdomain,
     evtchn_bind_virq,
     evtchn_status,
 )
 from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.version import XenVerOp
-from xenlike.abi.xen import CONSOLEIO_write, DOMID_INVALID, Hypercall, Virq
+from xenlike.abi.xen import DOMID_INVALID, CONSOLEIO_write, Hypercall, Virq
 from xenlike.codec import compile_struct
 from xenlike.domain import memory_op
 from xenlike.domain.hypercall import codec_for
@@ -36,6 +37,7 @@ from xenlike.hypercall import (
     ANCILLARY_SPACE,
     HYPERCALL_MAX_MESSAGE,
     HypercallError,
+    Notification,
     Reply,
     Request,
     fds_ancillary,
@@ -375,4 +377,89 @@ async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
     await wait_for_log(xc, f"hello from d{victim}, {PAGES} pages")
     assert await wait_for_shutdown(xc, victim) == ShutdownReason.poweroff
     os.close(dom_exc)
+    await healthy(hv)
+
+
+# --- many calls at once, cancelled calls, a vanishing hypervisor ---------------
+#
+# A domain's client reads its own reply on the calling task and hands other
+# tasks theirs (xenlike/domain/hypercall.py); these drive it over a socket
+# the in-process hypervisor serves, with no domain process behind it.
+
+
+async def test_many_tasks_calling_at_once_each_get_their_own_reply(
+        hv: Hypervisor, connect: DomainConnector) -> None:
+    client = await connect(hv.create_domain())
+
+    async def caller(index: int) -> None:
+        for round_ in range(20):
+            text = b"x" * (index * 20 + round_ + 1)  # console_io returns the length written
+            done = await client.call(Hypercall.console_io, CONSOLEIO_write, text)
+            assert done.result == len(text)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(50):
+            nursery.start_soon(caller, index)
+    await healthy(hv)
+
+
+async def test_notifications_are_routed_whether_or_not_a_call_is_reading(
+        hv: Hypervisor, connect: DomainConnector) -> None:
+    got: list[int] = []
+    client = await connect(hv.domains[0])  # Dom0's connections hear Dom0's notifications
+    client.on_notification = lambda reply: got.append(struct.unpack("<I", reply.payload)[0])
+    hv.notify(hv.domains[0], Notification.port_unbound, struct.pack("<I", 1))
+    with trio.fail_after(5):
+        while got != [1]:  # no call in flight: the background reader takes it
+            await trio.sleep(0.001)
+    for port in range(2, 50):
+        hv.notify(hv.domains[0], Notification.port_unbound, struct.pack("<I", port))
+        await client.call(Hypercall.xen_version, XenVerOp.version)  # may read it first
+    with trio.fail_after(5):
+        while len(got) < 49:
+            await trio.sleep(0.001)
+    assert got == list(range(1, 50))
+
+
+async def test_cancelled_calls_leave_the_client_in_step(hv: Hypervisor,
+                                                        connect: DomainConnector) -> None:
+    client = await connect(hv.create_domain())
+
+    async def write(text: bytes) -> int:
+        return (await client.call(Hypercall.console_io, CONSOLEIO_write, text)).result
+
+    with trio.CancelScope() as scope:  # cancelled while reading its reply
+        scope.cancel()
+        await write(b"lost")
+    async with trio.open_nursery() as nursery:  # one reads, the other parks, then is cancelled
+        nursery.start_soon(write, b"reader")
+        with trio.CancelScope() as scope:
+            nursery.start_soon(lambda: write(b"follower"))
+            await trio.lowlevel.checkpoint()
+            scope.cancel()
+    for length in range(1, 30):  # late replies are dropped, never taken for these
+        assert await write(b"x" * length) == length
+
+
+async def test_calls_end_with_connection_reset_when_the_hypervisor_goes(
+        hv: Hypervisor, connect: DomainConnector) -> None:
+    domain = hv.create_domain()
+    client = await connect(domain)
+    assert (await client.call(Hypercall.xen_version, XenVerOp.version)).result == VERSION
+    hv.teardown(domain)  # closes the domain's hypercall socket
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError), trio.fail_after(5):
+            await client.call(Hypercall.xen_version, XenVerOp.version)
+    await healthy(hv)
+
+
+async def test_a_host_out_of_descriptors_fails_a_port_with_enomem(
+        hv: Hypervisor, xc: XenControl, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_more(*_: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "eventfd", no_more)
+    assert await errno_of(xc.alloc_unbound(0, 0)) == Errno.ENOMEM
+    monkeypatch.undo()
+    assert await xc.alloc_unbound(0, 0) > 0
     await healthy(hv)

@@ -55,6 +55,7 @@ hypercall_reply = Struct(
     "result" / Int64sl,  # >= 0 success, -errno failure
 )
 
+# Every hypercall encodes and decodes these: their bare struct formats serve.
 _REQUEST = compile_struct(hypercall_request, "hypercall_request")
 _REPLY = compile_struct(hypercall_reply, "hypercall_reply")
 REQUEST_HEADER_SIZE = _REQUEST.size
@@ -94,14 +95,14 @@ class Request:
     payload: bytes
 
     def encode(self) -> bytes:
-        return _REQUEST.pack((self.seq, self.op, self.cmd, self.count)) + self.payload
+        return _REQUEST.format.pack(self.seq, self.op, self.cmd, self.count) + self.payload
 
     @classmethod
     def decode(cls, message: bytes) -> "Request":
         """Parse a request; a short message is the caller's -EINVAL."""
         if len(message) < REQUEST_HEADER_SIZE:
             raise HypercallError(Errno.EINVAL, f"{len(message)}-byte message is shorter than a header")
-        seq, op, cmd, count = _REQUEST.unpack_from(message, 0)
+        seq, op, cmd, count = _REQUEST.format.unpack_from(message)
         return cls(seq, op, cmd, count, message[REQUEST_HEADER_SIZE:])
 
 
@@ -114,13 +115,13 @@ class Reply:
     fds: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        return _REPLY.pack((self.seq, self.kind, len(self.fds), self.result)) + self.payload
+        return _REPLY.format.pack(self.seq, self.kind, len(self.fds), self.result) + self.payload
 
     @classmethod
     def decode(cls, message: bytes, fds: tuple[int, ...]) -> "Reply":
         if len(message) < REPLY_HEADER_SIZE:
             raise HypercallError(Errno.EINVAL, "short reply from the hypervisor")
-        seq, kind, _, result = _REPLY.unpack_from(message, 0)
+        seq, kind, _, result = _REPLY.format.unpack_from(message)
         return cls(seq, kind, result, message[REPLY_HEADER_SIZE:], fds)
 
 

@@ -1,16 +1,21 @@
 """The domain's side of the hypercall socket: typed async calls, and notifications.
 
-One reader task receives every message: replies go to the task that made
-the call (matched by sequence number), notifications to the handler the
-domain registered. Any number of tasks may call at once.
+Any number of tasks may call at once. Replies are matched to calls by
+sequence number, and notifications go to the handler the domain registered.
 
-This is the hot path of every hypercall, so a request is as a rule one
-write(2) with no yield, and a call parks its task until the reader
-reschedules it with the reply (no channel per call). Each request is one
-whole datagram, so the send lock only orders tasks that find the socket full.
+This is the hot path of every hypercall, so it costs about what a bare
+request and response would: a request is as a rule one write(2) with no
+yield, and the calling task reads its own reply, routing anything else that
+comes first (no hand-over between tasks). One call reads at a time; calls
+made meanwhile park until it hands their replies over. The background task
+(`run`) reads while no call does, so notifications are never left waiting:
+it stands aside while a call reads and the call gives reading back when it
+is done. It waits on its own duplicate of the socket, as trio lets one task
+wait on an fd at a time.
 """
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -60,16 +65,32 @@ class HypercallResult:
 class _Waiter:
     """A call in flight: its reply (or the socket's end) and, once parked, its task."""
 
-    __slots__ = ("task", "outcome")
+    __slots__ = ("error", "reply", "task")
 
     def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.outcome: outcome.Outcome[Reply] | None = None
+        self.task: trio.lowlevel.Task | None = None  # set while parked for another's reading
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
 
-    def deliver(self, result: outcome.Outcome[Reply]) -> None:
-        self.outcome = result
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    def deliver(self, reply: Reply) -> None:
+        self.reply = reply
         if self.task is not None:
-            trio.lowlevel.reschedule(self.task, result)
+            trio.lowlevel.reschedule(self.task, outcome.Value(reply))
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task, outcome.Error(error))
+
+    def result(self) -> Reply:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
 
 
 def _abort(_: Any) -> trio.lowlevel.Abort:
@@ -77,63 +98,99 @@ def _abort(_: Any) -> trio.lowlevel.Abort:
 
 
 class HypercallClient:
-    """Hypercalls over the domain's SOCK_SEQPACKET socket to the hypervisor."""
+    """Hypercalls over the domain's SOCK_SEQPACKET socket to the hypervisor.
+
+    `run` must run while the client is in use: it reads what arrives while
+    no call is reading (notifications, late replies). It waits through its
+    own duplicate of the socket, which it closes when it ends; close `sock`
+    only after that, so the hypervisor sees the connection end.
+    """
 
     def __init__(self, sock: trio.socket.SocketType,
                  on_notification: Callable[[Reply], None] | None = None) -> None:
         self.sock = sock
         self.on_notification = on_notification
+        self._raw = socket.socket(fileno=os.dup(sock.fileno()))  # shares O_NONBLOCK with sock
         self._seq = 0
         self._waiting: dict[int, _Waiter] = {}
         self._send_lock = trio.Lock()
+        self._reading = False  # a call is reading the socket for its reply
+        self._reader: trio.lowlevel.Task | None = None  # `run`, while it stands aside
         self._closed: BaseException | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive replies and notifications until the hypervisor closes the socket."""
+        """Read while no call does, until the hypervisor closes the socket."""
         task_status.started()
         try:
-            while True:
-                data, ancdata, _, _ = await self.sock.recvmsg(HYPERCALL_MAX_MESSAGE + 1,
-                                                              ANCILLARY_SPACE)
-                if not data:
-                    break
-                reply = Reply.decode(data, fds_received(ancdata))
-                if reply.kind == MessageKind.notification:
-                    self._notify(reply)
+            while self._closed is None:
+                if self._reading:  # stand aside until that call is done
+                    self._reader = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_reader)
                     continue
-                waiter = self._waiting.pop(reply.seq, None)
-                if waiter is None:
-                    _close_all(reply.fds)
+                try:
+                    self._receive()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._raw)
                 else:
-                    waiter.deliver(outcome.Value(reply))
+                    await trio.lowlevel.checkpoint()
         finally:
-            self._closed = ConnectionResetError("the hypervisor closed the hypercall socket")
-            for waiter in self._waiting.values():
-                waiter.deliver(outcome.Error(ConnectionResetError(
-                    "the hypervisor closed the hypercall socket")))
-            self._waiting.clear()
+            self._fail()
+            trio.lowlevel.notify_closing(self._raw)
+            self._raw.close()
 
-    def _notify(self, reply: Reply) -> None:
-        if self.on_notification is None:
+    def _abort_reader(self, _: Any) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _receive(self) -> None:
+        """Take one message off the socket and route it; BlockingIOError if there is none."""
+        try:
+            data, ancdata, _, _ = self._raw.recvmsg(HYPERCALL_MAX_MESSAGE + 1, ANCILLARY_SPACE)
+        except BlockingIOError:
+            raise
+        except OSError:
+            data = b""
+        if not data:
+            self._fail()
+            return
+        reply = Reply.decode(data, fds_received(ancdata) if ancdata else ())
+        if reply.kind == MessageKind.notification:
+            if self.on_notification is None:
+                _close_all(reply.fds)
+            else:
+                self.on_notification(reply)
+            return
+        waiter = self._waiting.pop(reply.seq, None)
+        if waiter is None:
             _close_all(reply.fds)
         else:
-            self.on_notification(reply)
+            waiter.deliver(reply)
+
+    def _fail(self) -> None:
+        """The socket is gone: every call in flight ends with ConnectionResetError."""
+        if self._closed is None:
+            self._closed = _reset()
+        for waiter in self._waiting.values():
+            waiter.fail(_reset())
+        self._waiting.clear()
 
     async def call(self, op: int, cmd: int, payload: bytes = b"", count: int | None = None
                    ) -> HypercallResult:
         """One hypercall; raises HypercallError when it returns -errno."""
         if self._closed is not None:
-            raise self._closed
+            raise _reset()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
         waiter = self._waiting[seq] = _Waiter()
         message = Request(seq, op, cmd, len(payload) if count is None else count, payload).encode()
         try:
             await self._send(message)
-            if waiter.outcome is None:  # as a rule: park until the reader hands the reply over
+            if waiter.done:  # it came while the send waited
+                reply = waiter.result()
+            elif not self._reading:  # as a rule: read the reply ourselves
+                reply = await self._read_reply(waiter)
+            else:  # another call is reading: it hands our reply over
                 waiter.task = trio.lowlevel.current_task()
                 reply = await trio.lowlevel.wait_task_rescheduled(_abort)
-            else:  # it came while the send yielded
-                reply = waiter.outcome.unwrap()
         finally:
             self._waiting.pop(seq, None)
         if reply.result < 0:
@@ -141,15 +198,50 @@ class HypercallClient:
             raise HypercallError(-reply.result, f"hypercall {_op_name(op)} cmd {cmd}")
         return HypercallResult(reply.result, reply.payload, reply.fds)
 
+    async def _read_reply(self, waiter: _Waiter) -> Reply:
+        """Read until our reply comes, routing whatever else arrives meanwhile."""
+        self._reading = True
+        waited = False
+        try:
+            while not waiter.done:
+                try:
+                    self._receive()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    waited = True
+        finally:
+            self._reading = False
+            if self._reader is not None:  # it reads again while no call does
+                trio.lowlevel.reschedule(self._reader)
+                self._reader = None
+        if not waited:  # a call is a checkpoint, however fast the answer
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return waiter.result()
+
     async def _send(self, message: bytes) -> None:
+        """One datagram, as a rule one write(2) with no yield; the lock orders waiters
+        only when the socket is full."""
         if not self._send_lock.locked():
             try:
-                os.write(self.sock.fileno(), message)  # one datagram; the reply wait checkpoints
+                self._write(message)
                 return
             except BlockingIOError:
                 pass
         async with self._send_lock:
-            await self.sock.send(message)
+            while True:
+                await trio.lowlevel.wait_writable(self.sock)
+                try:
+                    self._write(message)
+                    return
+                except BlockingIOError:
+                    pass
+
+    def _write(self, message: bytes) -> None:
+        try:
+            os.write(self._raw.fileno(), message)
+        except (BrokenPipeError, ConnectionResetError):  # before the reader saw the end
+            self._fail()
+            raise _reset() from None
 
     async def call_struct(self, op: int, cmd: int, layout: Any, arg: Any) -> tuple[int, Any, tuple[int, ...]]:
         """A call taking one Xen struct; returns (result, the struct as sent back, fds)."""
@@ -195,6 +287,10 @@ def _op_name(op: int) -> str:
         return Hypercall(op).name
     except ValueError:
         return str(op)
+
+
+def _reset() -> ConnectionResetError:
+    return ConnectionResetError("the hypervisor closed the hypercall socket")
 
 
 def _close_all(fds: tuple[int, ...]) -> None:

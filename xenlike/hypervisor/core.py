@@ -14,6 +14,7 @@ hypervisor keeps serving everyone else.
 
 import enum
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -184,6 +185,9 @@ class Hypervisor:
     async def serve(self, *, dom0_kernel: str | None = None, dom0_cmdline: str = "",
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Create Dom0, open the control socket, and serve until cancelled."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # an eventfd for every port of every domain is held here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "domains").mkdir(exist_ok=True)
         self._log_file = self.log_path.open("a", buffering=1)

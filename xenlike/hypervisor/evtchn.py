@@ -72,7 +72,11 @@ class EventChannels:
         number = next((n for n in range(1, self.max_port + 1) if n not in self.ports), None)
         if number is None:
             raise HypercallError(Errno.ENOSPC, f"all {self.max_port} event channels in use")
-        port = Port(number, state, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), **fields)
+        try:
+            doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as exc:  # the host is out of descriptors: Xen's failed allocation
+            raise HypercallError(Errno.ENOMEM, f"no eventfd for a port: {exc.strerror}") from None
+        port = Port(number, state, doorbell, **fields)
         self.ports[number] = port
         return port
 

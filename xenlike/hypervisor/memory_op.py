@@ -9,7 +9,10 @@ decrease_reservation hands frames back and punches them out of the memfd
 populate_physmap backs chosen frames again and increase_reservation lets the
 hypervisor choose them. A repopulated frame reads as zeros, as Xen's
 scrubbed pages do. The frames Xen owns in a real domain (shared_info, the
-grant table) are never the guest's to give back.
+grant table) are never the guest's to give back. Unlike Xen, which keeps a
+released page alive while a peer still maps it through a grant, xenlike
+releases it at once: that peer then sees zeros, and whatever it writes
+there is gone when the guest populates the frame again.
 
 Guest handles: xen_memory_reservation.extent_start points at an array of
 xen_pfn_t in the guest. Here the array travels in the same message, right
@@ -106,8 +109,7 @@ class Reservation:
         self.tot_pages -= count
 
     def can_populate(self, gfn: int, count: int) -> bool:
-        return (0 <= gfn and gfn + count <= len(self.populated)
-                and self.populated.find(1, gfn, gfn + count) < 0)
+        return gfn + count <= len(self.populated) and self.populated.find(1, gfn, gfn + count) < 0
 
     def populate(self, gfn: int, count: int) -> None:
         """Back the frames again; punching first makes sure they read as zeros."""
