@@ -78,3 +78,17 @@ def test_the_matcher_can_fail() -> None:
     assert matches("x ... z", "x y z\n")
     assert not matches("a\nc", "a\nb\nc\n")
     assert not matches("x ... z", "x y\n")
+
+
+FILE_BLOCK = re.compile(r"```(?:python|toml)\n# file: (\S+)\n(.*?)```", re.S)
+
+
+def test_the_tutorial_shows_the_example_code_as_it_is() -> None:
+    page = (DOCS / "writing-a-driver.md").read_text()
+    blocks = FILE_BLOCK.findall(page)
+    assert len(blocks) >= 6
+    for name, shown in blocks:
+        assert shown == (DOCS / "examples" / name).read_text(), f"{name} differs from the tutorial"
+    lines = sum(len((DOCS / "examples" / "kvdev" / f).read_text().splitlines())
+                for f in ("protocol.py", "back.py", "front.py", "__init__.py"))
+    assert lines < 150

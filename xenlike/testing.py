@@ -1,8 +1,46 @@
-"""Helpers for testing drivers and protocols without a whole topology."""
+"""Helpers for testing drivers and protocols, for xenlike's tests and yours.
+
+- `channel_pair(spec)`: a front and a back ring channel over one page of
+  real shared memory, in one process: drive a back end's request handling
+  or a front end's calls without any domain.
+- `doorbell_pair()` and `CrossedDoorbell`: event-channel stand-ins over real
+  eventfds; `FaultyDoorbell` drops or delays notifications on purpose.
+- `HostileFrontRing`: writes raw slot bytes and impossible indices, as a
+  malicious front end would.
+- `Topology`: a real topology (`xenlike up --detach`) in a temporary run
+  directory, with its consoles, XenStore and devices at hand.
+"""
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
 
 from xenlike._eventfd import EventFd
+from xenlike.abi.ring import SRING_HEADER_SIZE, XEN_PAGE_SIZE
+from xenlike.ring import BackRing, FrontRing, RingSpec
+from xenlike.xenbus.channel import BackChannel, FrontChannel
 
-__all__ = ["CrossedDoorbell", "doorbell_pair"]
+__all__ = [
+    "CrossedDoorbell",
+    "FaultyDoorbell",
+    "HostileFrontRing",
+    "Topology",
+    "channel_pair",
+    "detached",
+    "doorbell_pair",
+    "wait_for",
+]
+
+T = TypeVar("T")
 
 
 class CrossedDoorbell:
@@ -25,3 +63,156 @@ def doorbell_pair() -> tuple[CrossedDoorbell, CrossedDoorbell]:
     """Two connected ends, like both sides of an interdomain event channel."""
     a, b = EventFd.create(), EventFd.create()
     return CrossedDoorbell(a, b), CrossedDoorbell(b, a)
+
+
+class FaultyDoorbell:
+    """A doorbell that loses a share of its notifications, or delivers them late.
+
+    A driver must not depend on a notification that ring.h's protocol says
+    is unnecessary; dropped ones show whether it does (its waits then need a
+    timeout or a final check), delayed ones shake out ordering assumptions.
+    """
+
+    def __init__(self, inner: Any, *, drop: float = 0.0, delay: float = 0.0,
+                 nursery: trio.Nursery | None = None, seed: int = 0) -> None:
+        if delay and nursery is None:
+            raise ValueError("delayed notifications need a nursery to deliver them from")
+        self.inner, self.drop, self.delay, self.nursery = inner, drop, delay, nursery
+        self.random = random.Random(seed)
+        self.dropped = 0
+
+    def notify(self) -> None:
+        if self.random.random() < self.drop:
+            self.dropped += 1
+            return
+        if self.delay and self.nursery is not None:
+            self.nursery.start_soon(self._late)
+        else:
+            self.inner.notify()
+
+    async def _late(self) -> None:
+        await trio.sleep(self.random.uniform(0, self.delay))
+        self.inner.notify()
+
+    async def wait(self) -> int:
+        return await self.inner.wait()
+
+
+def channel_pair(spec: RingSpec, pages: int = 1, *, front_bell: Any = None, back_bell: Any = None
+                 ) -> tuple[FrontChannel, BackChannel, memoryview]:
+    """A front and a back channel over one shared ring of `pages` pages.
+
+    Run `front.run()` in a nursery to collect responses, and serve the back
+    end with `back.batches_of_requests()` / `respond_many`, or a Backend's
+    `serve(back)`. The shared memory is returned for tampering.
+    """
+    memory = memoryview(bytearray(pages * XEN_PAGE_SIZE))
+    bells = doorbell_pair()
+    front = FrontChannel(FrontRing(spec, memory), front_bell or bells[0])
+    back = BackChannel(BackRing(spec, memory), back_bell or bells[1])
+    return front, back, memory
+
+
+class HostileFrontRing:
+    """The front end of a ring that does not play by the rules."""
+
+    def __init__(self, spec: RingSpec, memory: memoryview) -> None:
+        self.spec = spec
+        self.memory = memory
+        self.ring = FrontRing(spec, memory)
+
+    def put_raw(self, slot_bytes: bytes) -> None:
+        """Write arbitrary bytes as the next request (padded with zeros to the slot)."""
+        index = self.ring.req_prod_pvt & (self.ring.nr_ents - 1)
+        offset = SRING_HEADER_SIZE + index * self.spec.entry_size
+        data = slot_bytes[: self.spec.entry_size].ljust(self.spec.entry_size, b"\0")
+        self.memory[offset:offset + len(data)] = data
+        self.ring.req_prod_pvt = (self.ring.req_prod_pvt + 1) & 0xFFFFFFFF
+
+    def push(self) -> bool:
+        return self.ring.push_requests()
+
+    def set_req_prod(self, value: int) -> None:
+        """Publish any producer index at all, e.g. far past what the ring holds."""
+        struct.pack_into("<I", self.memory, 0, value & 0xFFFFFFFF)
+
+
+def detached(driver_class: type[T], device_type: str | None = None) -> T:
+    """A driver instance with no XenStore or domain behind it, to call `handle` or
+    `serve` on directly (with `channel_pair`)."""
+    from types import SimpleNamespace
+
+    from xenlike.xenbus.driver import DeviceInfo, XenbusContext
+
+    name = device_type or getattr(driver_class, "device_type", "test")
+    nothing = XenbusContext(domain=SimpleNamespace(domid=0, ext={}), xs=None, nursery=None)
+    return driver_class(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the condition") -> T:
+    """Poll `predicate` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Topology:
+    """A topology brought up with `xenlike up --detach` in its own run directory.
+
+        with Topology(TOML_TEXT, tmp_path) as topo:
+            topo.wait_for_console("client", "ready")
+            assert topo.xenstore("read", "/local/domain/1/name") == "client"
+    """
+
+    def __init__(self, toml: str | None, directory: Path, *, timeout: float = 60.0,
+                 pythonpath: list[Path] = ()) -> None:
+        self.directory = Path(directory)
+        self.pythonpath = [str(Path(p).resolve()) for p in pythonpath]
+        self.run_dir = self.directory / "run"
+        self.file = None
+        if toml is not None:
+            self.file = self.directory / "topology.toml"
+            self.file.write_text(toml)
+        self.timeout = timeout
+
+    def xenlike(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the CLI against this topology."""
+        env = {**os.environ, "XENLIKE_RUN_DIR": str(self.run_dir)}
+        if self.pythonpath:  # where the domains import a driver or program from
+            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")])
+        result = subprocess.run([sys.executable, "-m", "xenlike", *args], capture_output=True,
+                                text=True, env=env, timeout=self.timeout + 60)
+        if check and result.returncode:
+            raise AssertionError(f"xenlike {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}{result.stderr}")
+        return result
+
+    def __enter__(self) -> "Topology":
+        args = ["up", "--detach", "--timeout", str(self.timeout)]
+        self.xenlike(*args, *([str(self.file)] if self.file else []))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.xenlike("down", "--grace", "5", check=False)
+
+    def console(self, name: str) -> str:
+        path = self.run_dir / "console" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for_console(self, name: str, text: str, timeout: float = 30.0) -> str:
+        return wait_for(lambda: text in (console := self.console(name)) and console, timeout,
+                        f"{text!r} on {name}'s console")
+
+    def xenstore(self, *args: str) -> str:
+        return self.xenlike("xenstore", *args).stdout.rstrip("\n")
+
+    def devices(self, name: str | None = None) -> list[dict[str, Any]]:
+        return json.loads(self.xenlike("devices", *([name] if name else []), "--json").stdout)
+
+    def domains(self) -> list[dict[str, Any]]:
+        return json.loads(self.xenlike("list", "--json").stdout)

@@ -1,0 +1,10 @@
+"""A PV key-value device: the tutorial's driver (docs/writing-a-driver.md)."""
+
+from xenlike.xenbus import Driver
+
+from kvdev.back import KvBackend
+from kvdev.front import KvError, KvFrontend
+
+DRIVER = Driver("kv", frontend=KvFrontend, backend=KvBackend)
+
+__all__ = ["DRIVER", "KvBackend", "KvError", "KvFrontend"]

@@ -1,0 +1,37 @@
+"""The kv back end, in Dom0: a dictionary per device, behind the ring."""
+
+from xenlike.xenbus import Backend
+
+from kvdev.protocol import (
+    KV_DELETE, KV_EINVAL, KV_ENOENT, KV_GET, KV_OKAY, KV_PUT, KV_RING, MAX_KEY, MAX_VALUE,
+)
+
+
+class KvBackend(Backend):
+    device_type = "kv"
+    ring = KV_RING
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.store: dict[bytes, bytes] = {}  # survives reconnects of the same device
+
+    def features(self) -> dict[str, int]:
+        return {"max-key-length": MAX_KEY, "max-value-length": MAX_VALUE}
+
+    async def handle(self, request):
+        reply = KV_RING.response.record
+        # Ring contents are hostile: check every length before using it.
+        if request.key_len > MAX_KEY or request.value_len > MAX_VALUE:
+            return reply(id=request.id, status=KV_EINVAL)
+        key = request.key[: request.key_len]
+        if request.op == KV_PUT:
+            self.store[key] = request.value[: request.value_len]
+            return reply(id=request.id, status=KV_OKAY)
+        if request.op == KV_GET and key in self.store:
+            value = self.store[key]
+            return reply(id=request.id, status=KV_OKAY, value_len=len(value), value=value.ljust(MAX_VALUE, b"\0"))
+        if request.op == KV_DELETE and self.store.pop(key, None) is not None:
+            return reply(id=request.id, status=KV_OKAY)
+        if request.op in (KV_GET, KV_DELETE):
+            return reply(id=request.id, status=KV_ENOENT)
+        return reply(id=request.id, status=KV_EINVAL)
