@@ -206,7 +206,17 @@ class _Generator:
             self.namespace[type_name] = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
             self.namespace[f"{type_name}_put"] = array_type.put_into
-            self.pack_after.append(f"{type_name}_put(buf, offset + {offset}, {src})")
+            self.namespace[f"{type_name}_item"] = item.format.pack_into
+            local = self._name("a")
+            # One element (blkif's usual single segment) is packed inline: a
+            # call saved on the hot path.
+            self.pack_after += [
+                f"{local} = {src}",
+                f"if type({local}) is not {type_name} and len({local}) == 1:",
+                f"    {type_name}_item(buf, offset + {offset}, *{local}[0])",
+                "else:",
+                f"    {type_name}_put(buf, offset + {offset}, {local})",
+            ]
             self._append(f"{item.size * count}s", f"{item.size * count}x")
             self.index += 1
             return f"{type_name}(v[{self.index - 1}])", [], array_type(bytes(item.size * count))
