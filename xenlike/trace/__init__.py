@@ -64,12 +64,19 @@ of `TraceRecord` and `LostRecords` in time order across every domain.
 Files (`trace_file`): a 32-byte `trace_file_header` — magic b"XLTRACE\\0",
 version, record size, then CLOCK_REALTIME and CLOCK_MONOTONIC read together
 when the file was written, to date the records — and then `trace_record`s
-to the end of the file, lost-record marks among them. `save` and `load`.
+to the end of the file, lost-record marks among them. `save` and `load`;
+`TraceWriter` streams records to a file as they come.
+
+Beside the hypercalls, domains record XenBus handshake and ring events with
+ops of xenlike's own (`xenlike.trace.events`). The tools: `live` (what
+`xenlike trace` runs), `view` (filters and lines), `report` (the
+xenalyze-like summary), `export` (Perfetto JSON), `cli` (the commands);
+docs/tracing.md shows them at work.
 """
 
 from xenlike.trace._buffer import BadTraceBuffer, TraceBuffer, TraceCursor
 from xenlike.trace._domain import fast_path_recorder
-from xenlike.trace._file import BadTraceFile, TraceFile, load, save
+from xenlike.trace._file import BadTraceFile, TraceFile, TraceWriter, load, save
 from xenlike.trace._layout import (
     TRACE_FILE_MAGIC,
     TRACE_FILE_VERSION,
@@ -103,6 +110,7 @@ __all__ = [
     "TraceReader",
     "TraceRecord",
     "TraceSource",
+    "TraceWriter",
     "XENLIKE_SYSCTL_trace_buffers",
     "decode_records",
     "fast_path_recorder",

@@ -4,6 +4,8 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
 
 import attrs
 import construct
@@ -16,7 +18,7 @@ from xenlike.trace._layout import (
 )
 from xenlike.trace._record import TraceEvent, decode_records
 
-__all__ = ["BadTraceFile", "TraceFile", "load", "save"]
+__all__ = ["BadTraceFile", "TraceFile", "TraceWriter", "load", "save"]
 
 _HEADER_SIZE = trace_file_header.sizeof()
 _BATCH = 4096  # records packed per write
@@ -39,23 +41,53 @@ class TraceFile:
         return self.wallclock_ns + time_ns - self.monotonic_ns
 
 
+class TraceWriter:
+    """A new trace file written as records come: `write` them, `flush` at each pause.
+
+    What was flushed is a whole trace file at every moment, so a recorder
+    that is killed leaves a file `load` reads to its last flush.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._out: BinaryIO = self.path.open("wb")
+        self._batch = bytearray()
+        self._out.write(trace_file_header.build(dict(
+            version=TRACE_FILE_VERSION, record_size=TRACE_RECORD_SIZE,
+            wallclock_ns=time.time_ns(), monotonic_ns=time.monotonic_ns())))
+        self._out.flush()
+
+    def write(self, event: TraceEvent) -> None:
+        self._batch += RECORD.format.pack(*event.fields())
+        self.count += 1
+        if len(self._batch) >= _BATCH * TRACE_RECORD_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        self._out.write(self._batch)
+        self._out.flush()
+        self._batch.clear()
+
+    def close(self) -> None:
+        if not self._out.closed:
+            self.flush()
+            self._out.close()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 def save(events: Iterable[TraceEvent], path: str | os.PathLike[str]) -> int:
     """Write `events` (in the order given) to a new trace file; return how many."""
-    header = trace_file_header.build(dict(
-        version=TRACE_FILE_VERSION, record_size=TRACE_RECORD_SIZE,
-        wallclock_ns=time.time_ns(), monotonic_ns=time.monotonic_ns()))
-    count = 0
-    with Path(path).open("wb") as out:
-        out.write(header)
-        batch = bytearray()
+    with TraceWriter(path) as writer:
         for event in events:
-            batch += RECORD.format.pack(*event.fields())
-            count += 1
-            if len(batch) >= _BATCH * TRACE_RECORD_SIZE:
-                out.write(batch)
-                batch.clear()
-        out.write(batch)
-    return count
+            writer.write(event)
+    return writer.count
 
 
 def load(path: str | os.PathLike[str]) -> TraceFile:

@@ -166,8 +166,8 @@ class TraceReader:
 
 
 async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05,
-                 rescan_interval: float = 0.25, reorder: float = 0.05
-                 ) -> AsyncIterator[TraceEvent]:
+                 rescan_interval: float = 0.25, reorder: float = 0.05,
+                 until: trio.Event | None = None) -> AsyncIterator[TraceEvent]:
     """Every record of a running hypervisor from now on, in time order, until it stops.
 
     The buffers are read every `poll_interval` seconds; new domains are
@@ -176,7 +176,8 @@ async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05
     `reorder` seconds for a record stamped before it was written (a
     hypercall is stamped when it enters and written when it returns). So
     records come about `rescan_interval` behind. Close the generator
-    (`contextlib.aclosing`) to stop reading and turn tracing off.
+    (`contextlib.aclosing`) to stop reading and turn tracing off; or set
+    `until`, and it ends once it has yielded everything written so far.
     """
     scanned = time.monotonic_ns()
     with await TraceReader.open(run_dir) as reader:
@@ -190,6 +191,16 @@ async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05
                 yield event
             del held[:ready]
             await trio.sleep(poll_interval)
+            if until is not None and until.is_set():
+                try:
+                    await reader.rescan()  # domains made since the last look
+                except ConnectionError:
+                    pass
+                held += reader.read_available()
+                held.sort(key=_time)
+                for event in held:
+                    yield event
+                return
             if trio.current_time() >= next_scan:
                 next_scan = trio.current_time() + rescan_interval
                 started = time.monotonic_ns()

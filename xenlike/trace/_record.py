@@ -9,6 +9,7 @@ from xenlike.abi.errno import Errno
 from xenlike.abi.xen import Hypercall
 from xenlike.hypercall import HypercallError
 from xenlike.trace._layout import RECORD, TRACE_FLAG_FAST_PATH, TRACE_FLAG_LOST, TRACE_NR_ARGS
+from xenlike.trace.events import describe_event
 
 __all__ = ["LostRecords", "TraceEvent", "TraceRecord", "decode_records", "summarize"]
 
@@ -158,6 +159,9 @@ def _describe(op: int, cmd: int) -> tuple[str, str, tuple[str, ...]]:
     try:
         entry = HYPERCALLS.lookup(op, cmd)
     except HypercallError:
+        event = describe_event(op, cmd)  # xenlike's own ring and XenBus events
+        if event is not None:
+            return event
         op_name = Hypercall(op).name if op in Hypercall._value2member_map_ else str(op)
         return op_name, str(cmd), ()
     op_name, _, cmd_name = entry.name.partition(".")

@@ -1,0 +1,127 @@
+"""`xenlike top`: the rows from two samples, the XenStore statistics keys, and the command."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.test_up import xenlike
+from xenlike.abi.domctl import (
+    XEN_DOMINF_blocked,
+    XEN_DOMINF_running,
+    XEN_DOMINF_shutdown,
+)
+from xenlike.abi.sched import ShutdownReason
+from xenlike.top import (
+    VBD_KEYS,
+    VIF_KEYS,
+    Sample,
+    TopSampler,
+    format_frame,
+    rows,
+    state_letters,
+)
+from xenlike.xenstore.wire import XenStoreError
+
+
+def info(domid: int, cpu_ns: int, pages: int = 4096, flags: int = XEN_DOMINF_running
+         ) -> SimpleNamespace:
+    return SimpleNamespace(domain=domid, cpu_time=cpu_ns, tot_pages=pages, max_pages=pages,
+                           flags=flags, nr_online_vcpus=1)
+
+
+def sample(at: float, infos: list[SimpleNamespace], hypercalls: dict[int, int],
+           sends: dict[int, int], devices: dict[int, dict[str, int]] | None = None) -> Sample:
+    zero = dict.fromkeys((*VBD_KEYS, *VIF_KEYS, "vbds", "vifs"), 0)
+    return Sample(at, 65536, {i.domain: i for i in infos},
+                  {i.domain: f"guest{i.domain}" for i in infos}, hypercalls, sends,
+                  devices or {i.domain: zero for i in infos})
+
+
+def test_state_letters_are_xentops() -> None:
+    assert state_letters(XEN_DOMINF_running) == "-----r"
+    assert state_letters(XEN_DOMINF_blocked) == "--b---"
+    crashed = XEN_DOMINF_shutdown | ShutdownReason.crash << 16
+    assert state_letters(crashed) == "----c-"
+    assert state_letters(XEN_DOMINF_shutdown) == "-s----"
+
+
+def test_rates_come_from_two_samples() -> None:
+    before = sample(10.0, [info(0, 1_000_000_000)], {0: 100}, {0: 10})
+    after = sample(12.0, [info(0, 1_500_000_000), info(1, 200_000_000, pages=1024)],
+                   {0: 300, 1: 50}, {0: 30, 1: 8})
+    dom0, guest = rows(before, after)
+    assert (dom0["cpu_s"], dom0["cpu_pct"]) == (1.5, 25.0)  # 0.5 s of CPU in 2 s
+    assert (dom0["hypercalls_s"], dom0["evtchn_sends_s"]) == (100.0, 10.0)
+    assert (guest["cpu_pct"], guest["hypercalls_s"], guest["evtchn_sends_s"]) == (0.0, 25.0, 4.0)
+    assert (guest["mem_k"], guest["mem_pct"], guest["name"]) == (4096, 1.6, "guest1")
+    frame = format_frame([dom0, guest]).splitlines()
+    assert frame[1].split()[:9] == ["NAME", "ID", "STATE", "CPU(sec)", "CPU(%)", "MEM(k)",
+                                    "MEM(%)", "HCALL/s", "EVTCHN/s"]
+    assert frame[2].split()[:3] == ["guest0", "0", "-----r"] and len(frame) == 4
+
+
+class FakeStore:
+    """Just enough of a XenStore client: read and ls over a dict of paths."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes = nodes
+
+    async def read(self, path: str) -> bytes:
+        if path not in self.nodes:
+            raise XenStoreError("ENOENT")
+        return self.nodes[path].encode()
+
+    async def ls(self, path: str) -> list[str]:
+        children = {p[len(path) + 1:].split("/")[0] for p in self.nodes if p.startswith(path + "/")}
+        if not children:
+            raise XenStoreError("ENOENT")
+        return sorted(children)
+
+
+async def test_io_counters_are_read_from_the_back_ends_statistics_keys() -> None:
+    back = "/local/domain/0/backend"
+    store = FakeStore({
+        "/local/domain/1/device/vbd/51712/backend": f"{back}/vbd/1/51712",
+        "/local/domain/1/device/vbd/51728/backend": f"{back}/vbd/1/51728",
+        "/local/domain/1/device/vif/0/backend": f"{back}/vif/1/0",
+        f"{back}/vbd/1/51712/statistics/rd_req": "7",
+        f"{back}/vbd/1/51712/statistics/rd_sect": "56",
+        f"{back}/vbd/1/51728/statistics/rd_req": "3",
+        f"{back}/vbd/1/51728/statistics/wr_req": "2",
+        f"{back}/vif/1/0/statistics/tx_packets": "11",
+        f"{back}/vif/1/0/statistics/rx_bytes": "4096",
+    })
+    sampler = TopSampler(None, store, None)  # type: ignore[arg-type]  # only XenStore is used
+    counters = await sampler._device_counters(1)
+    assert counters == {"rd_req": 10, "wr_req": 2, "rd_sect": 56, "wr_sect": 0, "oo_req": 0,
+                        "tx_packets": 11, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 4096,
+                        "vbds": 2, "vifs": 1}
+    assert (await sampler._device_counters(2))["rd_req"] == 0  # no devices: zeros
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "run"
+    yield path
+    xenlike("down", run_dir=path, check=False)
+
+
+def test_top_batch_and_json_print_every_domain(run_dir: Path) -> None:
+    xenlike("up", "--detach", run_dir=run_dir)
+    batch = xenlike("top", "--batch", "--iterations", "2", "--delay", "0.3",
+                    run_dir=run_dir).stdout.splitlines()
+    tables = [i for i, line in enumerate(batch) if line.startswith("xenlike top - ")]
+    assert len(tables) == 2 and "3 domains" in batch[0]
+    names = [line.split()[0] for line in batch[tables[0] + 2:tables[0] + 5]]
+    assert names == ["Domain-0", "alpha", "beta"]
+    frames = [json.loads(line) for line in xenlike("top", "--json", "-i", "1", "-d", "0.3",
+                                                   run_dir=run_dir).stdout.splitlines()]
+    assert len(frames) == 1
+    domains = {d["name"]: d for d in frames[0]["domains"]}
+    assert set(domains) == {"Domain-0", "alpha", "beta"}
+    assert domains["Domain-0"]["hypercalls_s"] > 0  # top's own calls, at least
+    assert domains["alpha"]["mem_k"] == 32 * 1024 and domains["alpha"]["rd_req"] == 0
+    assert xenlike("top", "-i", "1", run_dir=run_dir.parent / "nothing",
+                   check=False).returncode == 1
