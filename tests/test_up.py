@@ -78,10 +78,17 @@ def test_up_detach_list_devices_console_xenstore_down(run_dir: Path) -> None:
     assert all(r["state"].startswith("r") for r in rows)
     table = xenlike("list", run_dir=run_dir).stdout.splitlines()
     assert table[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
-    assert "no devices" in xenlike("devices", run_dir=run_dir).stdout  # consoles only, for now
+    devices = xenlike("devices", run_dir=run_dir).stdout
+    for name in ("alpha", "beta"):
+        assert f"{name} vbd 51712: frontend Connected, backend Connected" in devices, devices
+        assert f"{name} vif 0: frontend Connected, backend Connected" in devices, devices
+    assert "backend/feature-persistent = 1" in devices and "backend/sectors = 131072" in devices
     console = wait_for(lambda: "demo done" in (out := xenlike(
         "console", "alpha", "--no-follow", run_dir=run_dir).stdout) and out, what="alpha's demo")
     assert "[alpha] hello from domain 1" in console
+    assert "[alpha] xvda: 64 MiB; wrote, flushed and read back 64 KiB: ok" in console, console
+    assert "[alpha] ping 10.0.0.2: reply in" in console, console
+    assert "[alpha] udp echo from 10.0.0.2: hello from alpha" in console, console
     assert 'greeting = "hello from alpha"' in xenlike("xenstore", "ls", "/local/domain/1",
                                                       run_dir=run_dir).stdout
     assert xenlike("xenstore", "read", "/local/domain/2/name", run_dir=run_dir).stdout == "beta\n"

@@ -24,6 +24,7 @@ from xenlike.abi.domctl import (
     XEN_DOMINF_shutdownshift,
 )
 from xenlike.abi.sched import ShutdownReason
+from xenlike.capture import capture
 from xenlike.devices_report import describe_devices
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.session import (
@@ -34,7 +35,9 @@ from xenlike.session import (
     toolstack_request,
     wait_ready,
 )
+from xenlike.top import top
 from xenlike.topology import TopologyError, default_topology, load_topology
+from xenlike.trace.cli import trace
 from xenlike.xenstore.cli import xenstore
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -112,6 +115,8 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         session = start_topology(topo, rd, detach=detach, topology_path=topology)
     except RunDirBusy as exc:
         fail(str(exc))
+    if trace_file is not None:  # before the boot, so the recording has the guests' creation
+        start_trace_recorder(rd, trace_file, detach)
     view = ProgressView(sys.stdout.isatty())
     click.echo(f"starting topology {topo.name!r} in {rd.path}")
     problems = trio.run(wait_ready, session, view.update, timeout)
@@ -125,8 +130,6 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
             sys.exit(1)
     else:
         click.echo(f"up: {len(topo.domains)} guest(s) running, every device Connected")
-    if trace_file is not None:
-        start_trace_recorder(rd, trace_file, detach)
     if detach:
         return
     try:
@@ -139,15 +142,18 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
 
 
 def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
-    """`xenlike trace --record FILE` alongside the topology."""
+    """`xenlike trace --record FILE` alongside the topology; its errors go to trace.log."""
+    import signal
     import subprocess
 
     from xenlike._process import die_with_parent
 
-    subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
-                      "--record", str(trace_file), "--quiet"],
-                     start_new_session=True, stdin=subprocess.DEVNULL,
-                     preexec_fn=None if detach else die_with_parent())
+    with (rd.path / "trace.log").open("ab") as log:
+        subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
+                          "--record", str(trace_file), "--quiet"],
+                         start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=log,
+                         preexec_fn=None if detach else die_with_parent(signal.SIGTERM))
 
 
 class ProgressView:
@@ -443,9 +449,14 @@ def devices(name: str | None, run_dir: Path | None, as_json: bool) -> None:
             click.echo(f"    {key} = {value}")
         if device["waiting"]:
             click.echo(f"    waiting: {device['waiting']}")
+        if device["last_event"]:
+            click.echo(f"    last event: {device['last_event']}")
         if device["errors"]:
             for error in device["errors"]:
                 click.echo(f"    error: {error}")
 
 
 main.add_command(xenstore)
+main.add_command(capture)
+main.add_command(trace)
+main.add_command(top)

@@ -2,9 +2,12 @@
 
 A stuck handshake is the first thing to look at when a device does not
 work: each pair of (front-end state, back-end state) has one side waiting
-for the other, and the report says which side waits for what.
+for the other, and the report says which side waits for what — and, when
+the trace buffers still hold it, the last XenBus or ring event of either
+end (`xenlike.trace.events`).
 """
 
+import time
 from typing import Any
 
 from xenlike.abi.xenbus import XenbusState as S
@@ -14,7 +17,8 @@ from xenlike.xenstore import XenStoreError, open_client
 __all__ = ["describe_devices", "waiting_for"]
 
 _FEATURE_PREFIXES = ("feature-", "max-ring-page-order", "ring-page-order", "multi-queue",
-                     "sectors", "sector-size", "mode", "mac", "request-rx-copy")
+                     "sectors", "sector-size", "physical-sector-size", "info", "discard-",
+                     "mode", "mac", "request-rx-copy")
 
 
 def waiting_for(device_type: str, front: S | None, back: S | None) -> str | None:
@@ -85,6 +89,7 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                                 features[f"{side}/{key}"] = await _read(xs, f"{path}/{key}")
                     errors = [e for e in [await _read(xs, f"{front}/error"),
                                           await _read(xs, f"{back}/error") if back else None] if e]
+                    backend_id = await _read(xs, f"{front}/backend-id")
                     report.append({
                         "domain": domain_name, "domid": int(domid), "type": device_type,
                         "devid": devid, "frontend": front, "backend": back,
@@ -92,5 +97,32 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                         "backend_state": back_state.name if back_state is not None else None,
                         "features": features, "errors": errors,
                         "waiting": waiting_for(device_type, front_state, back_state),
+                        "backend_domid": int(backend_id) if backend_id and backend_id.isdigit()
+                        else None,
+                        "last_event": None,
                     })
+    stuck = [device for device in report if device["waiting"]]
+    if stuck:
+        await _add_last_events(run_dir, stuck)
     return report
+
+
+async def _add_last_events(run_dir: RunDir, devices: list[dict[str, Any]]) -> None:
+    """Point each stuck device at the last thing either end did, as the trace recalls it."""
+    from xenlike.trace.live import last_device_events
+    from xenlike.trace.view import describe
+
+    try:
+        last = await last_device_events(run_dir.path)
+    except (ConnectionError, OSError):
+        return  # no hypervisor to read the buffers from
+    for device in devices:
+        if not device["devid"].isdigit():
+            continue
+        front = (device["domid"], device["type"], int(device["devid"]), device["backend_domid"])
+        back = (device["backend_domid"], device["type"], int(device["devid"]), device["domid"])
+        found = [event for event in (last.get(front), last.get(back)) if event is not None]
+        if found:
+            event = max(found, key=lambda e: e.time_ns)
+            age = (time.monotonic_ns() - event.time_ns) / 1e9
+            device["last_event"] = f"d{event.domid} {describe(event)} ({age:.1f} s ago)"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import trio
 
+from domains.dom0.hw import Disk, create_images
+from domains.dom0.hw.net import Network
 from domains.dom0.toolstack import Toolstack
 from domains.dom0.xenconsoled import XenConsoled
 from domains.dom0.xenstored import Dom0XenStored
@@ -31,10 +33,15 @@ async def main(domain: Domain) -> None:
     params = _params(domain.cmdline)
     run_dir = RunDir(Path(params["rundir"]))
     topology = load_topology(Path(params.get("topology", run_dir.topology)))
+    for image in create_images(topology, run_dir.path):
+        log.info("created disk image %s", image)
+    domain.ext["disks"] = Disk.open  # the hardware blkback opens images through
+    domain.ext["net"] = network = Network.from_topology(topology, run_dir.path)  # netback's bridges
     down = trio.Event()
     async with trio.open_nursery() as nursery:
         xenstored = Dom0XenStored(domain, nursery)
         await nursery.start(xenstored.serve_unix, run_dir.xenstored_socket)
+        await nursery.start(network.run)
         async with open_client(run_dir.xenstored_socket) as xs:
             await xs.write("/local/domain/0/name", "Domain-0")
             await xs.write("/local/domain/0/domid", "0")

@@ -87,7 +87,9 @@ class Toolstack:
             info = await self.xc.domain_info(domid)
             layout = BootLayout.for_domain(info.tot_pages)
             await self._write_domain_tree(record, layout, store_port, console_port)
-            for index, writer in enumerate(writers):
+            counts: dict[str, int] = {}
+            for writer in writers:  # each type counts its own devices: vif 0, vif 1, ...
+                index = counts[writer.type] = counts.get(writer.type, -1) + 1
                 await writer.add(self.xs, domid, index)
             await self.xs.introduce(domid, layout.store_gfn, store_port)
             await self.consoled.add(domid, config.name, console_port)
@@ -256,7 +258,7 @@ class Toolstack:
     async def status(self) -> dict[str, Any]:
         """Every guest with its devices' states: what `up --detach` waits on."""
         guests = []
-        for record in self.guests.values():
+        for record in list(self.guests.values()):  # create() may add one while we await
             devices = []
             home = f"/local/domain/{record.domid}/device"
             for device_type in await self._ls(home):

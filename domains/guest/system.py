@@ -4,6 +4,8 @@ from typing import Any
 
 import attrs
 
+from domains.guest.net import Interface
+
 __all__ = ["Guest"]
 
 
@@ -12,7 +14,9 @@ class Guest:
     """The running guest, as its program sees it.
 
     `devices` maps each device type to its front ends, connected, in devid
-    order (`guest.devices["vbd"][0]` is the first disk).
+    order (`guest.devices["vbd"][0]` is the first disk). Each vif has an IP
+    interface (`guest.net()`), up as soon as the guest is: it answers ARP
+    and pings whatever the program does.
     """
 
     name: str
@@ -22,6 +26,18 @@ class Guest:
     console: Any  # drivers.console.ConsoleFront
     devices: dict[str, list[Any]]
     cmdline: str
+    interfaces: list[Interface] = attrs.field(init=False, factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.interfaces = [Interface(vif, f"eth{i}") for i, vif in
+                           enumerate(self.devices.get("vif", []))]
+
+    def net(self, index: int = 0) -> Interface:
+        """The IPv4 interface of vif `index` (ping, UDP sockets)."""
+        try:
+            return self.interfaces[index]
+        except IndexError:
+            raise LookupError(f"{self.name} has no network interface #{index}") from None
 
     def device(self, device_type: str, index: int = 0) -> Any:
         try:

@@ -93,10 +93,6 @@ class _Waiter:
         return self.reply
 
 
-def _abort(_: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.SUCCEEDED
-
-
 class HypercallClient:
     """Hypercalls over the domain's SOCK_SEQPACKET socket to the hypervisor.
 
@@ -190,7 +186,12 @@ class HypercallClient:
                 reply = await self._read_reply(waiter)
             else:  # another call is reading: it hands our reply over
                 waiter.task = trio.lowlevel.current_task()
-                reply = await trio.lowlevel.wait_task_rescheduled(_abort)
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    waiter.task = None  # cancelled: a reply now must not reschedule us
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                reply = await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             self._waiting.pop(seq, None)
         if reply.result < 0:

@@ -28,6 +28,7 @@ from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import Reply
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.trace import TraceBuffer, fast_path_recorder
+from xenlike.trace.events import EventRecorder
 
 __all__ = ["Domain", "Kernel", "boot", "load_kernel"]
 
@@ -129,10 +130,12 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
         await nursery.start(hypercall_reader)
         grants = GrantTable(memory, layout, hypercalls)
         channels = EventChannels(hypercalls, nursery)
-        channels.on_send = fast_path_recorder(TraceBuffer.attach(trace_fd, writable=True), domid)
+        trace = TraceBuffer.attach(trace_fd, writable=True)
+        channels.on_send = fast_path_recorder(trace, domid)
         domain = Domain(domid, info, memory, layout,
                         PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels,
                         nursery, grants)
+        domain.ext["trace"] = EventRecorder(trace, domid)  # XenBus and ring events
         reason = ShutdownReason.poweroff
         try:
             entry = load_kernel(kernel)

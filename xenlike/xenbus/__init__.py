@@ -8,8 +8,15 @@
 """
 
 from xenlike.xenbus.bus import BackendBus, FrontendBus
-from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel
-from xenlike.xenbus.driver import Backend, DeviceInfo, Frontend, ProtocolError, XenbusContext
+from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
+from xenlike.xenbus.driver import (
+    Backend,
+    DeviceInfo,
+    Frontend,
+    ProtocolError,
+    SharedRing,
+    XenbusContext,
+)
 from xenlike.xenbus.registry import Driver, DriverRegistry, UnknownDriver, load_driver
 from xenlike.xenbus.state import Action, Handshake, IllegalTransition, Role
 
@@ -29,7 +36,9 @@ __all__ = [
     "Handshake",
     "IllegalTransition",
     "ProtocolError",
+    "RingGroup",
     "Role",
+    "SharedRing",
     "UnknownDriver",
     "XenbusContext",
     "load_driver",

@@ -73,7 +73,9 @@ class _Bus:
             nursery.start_soon(self._run_driver, driver)
         for nodename in list(self.devices):
             if nodename not in seen:
-                self._scopes.pop(nodename).cancel()
+                scope = self._scopes.pop(nodename, None)  # None: already stopping
+                if scope is not None:
+                    scope.cancel()
         self.changed.set()
         self.changed = trio.Event()
 

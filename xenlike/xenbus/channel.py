@@ -23,7 +23,8 @@ import trio
 from xenlike.bytering import Doorbell
 from xenlike.ring import BackRing, FrontRing, RingOverflow
 
-__all__ = ["BackChannel", "ChannelBroken", "Disconnected", "FrontChannel", "fail_orphans"]
+__all__ = ["BackChannel", "ChannelBroken", "Disconnected", "FrontChannel", "RingGroup",
+           "fail_orphans"]
 
 
 class ChannelBroken(Exception):
@@ -58,6 +59,7 @@ class FrontChannel:
         self._broken: BaseException | None = None
         self.submitted = 0
         self.notifies = 0
+        self.trace: Any = None  # a RingTrace while the device's ring events are recorded
 
     @property
     def in_flight(self) -> int:
@@ -95,7 +97,10 @@ class FrontChannel:
         return pending
 
     def _push(self) -> None:
-        if self.ring.push_requests():
+        notify = self.ring.push_requests()
+        if self.trace is not None:
+            self.trace.pushed(notify)
+        if notify:
             self.notifies += 1
             self.port.notify()
 
@@ -107,9 +112,13 @@ class FrontChannel:
                 responses = ring.get_responses()
                 for response in responses:
                     self._complete(response[index], response)
-                if responses or ring.final_check_for_responses():
+                if responses:
                     continue
-                await self.port.wait()
+                more = ring.final_check_for_responses()
+                if self.trace is not None:
+                    self.trace.final_check(more)
+                if not more:
+                    await self.port.wait()
         except RingOverflow as exc:
             raise ChannelBroken(str(exc)) from exc
 
@@ -165,6 +174,7 @@ class BackChannel:
         self.answered = 0
         self.notifies = 0
         self.batches = 0
+        self.trace: Any = None  # a RingTrace while the device's ring events are recorded
 
     async def batches_of_requests(self) -> AsyncIterator[list[Any]]:
         """Each batch the front end published, sleeping only when ring.h says it is safe."""
@@ -176,7 +186,10 @@ class BackChannel:
                     self.batches += 1
                     yield requests
                     continue
-                if not ring.final_check_for_requests():
+                more = ring.final_check_for_requests()
+                if self.trace is not None:
+                    self.trace.final_check(more)
+                if not more:
                     await self.port.wait()
         except RingOverflow as exc:
             raise ChannelBroken(str(exc)) from exc
@@ -198,10 +211,32 @@ class BackChannel:
         self.push()
 
     def push(self) -> None:
-        if self.ring.push_responses():
+        notify = self.ring.push_responses()
+        if self.trace is not None:
+            self.trace.pushed(notify)
+        if notify:
             self.notifies += 1
             self.port.notify()
 
     @property
     def notify_ratio(self) -> float:
         return self.notifies / self.answered if self.answered else math.nan
+
+
+class RingGroup:
+    """A device's rings by name, each with the port it is notified on.
+
+    What a driver with several rings gets instead of one channel (netif's
+    tx, rx and ctrl rings): it runs its own data path over them, because
+    rings that share one event channel cannot each sleep on it alone.
+    `rings` are `FrontRing`s in a front end and `BackRing`s in a back end.
+    """
+
+    def __init__(self, rings: dict[str, FrontRing | BackRing], ports: dict[str, Doorbell]) -> None:
+        self.rings = rings
+        self.ports = ports  # ring name -> its event channel (shared ports appear more than once)
+
+    def release(self) -> None:
+        """Drop the rings' views of the shared pages, so they can be unmapped or freed."""
+        for ring in self.rings.values():
+            ring.release()

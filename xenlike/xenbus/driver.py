@@ -27,12 +27,18 @@ driver domain's, each with `state`, and cross links `backend` /
 `ring-ref` (or `ring-ref0..N` and `ring-page-order`), `event-channel` and
 `protocol`; the back end offers `max-ring-page-order`.
 
+A driver with several rings names them in `rings` instead (netif: `tx-ring-ref`
+and `rx-ring-ref` on one `event-channel`, an optional ctrl ring on its own
+`event-channel-ctrl`); the base classes grant or map every ring the same
+way and hand the driver a `RingGroup` to run its own data path over.
+
 Reconnection: when either end goes away and comes back, the pair passes
 through Closing and Closed and connects again; requests that were in flight
 are resubmitted on the new ring (their callers keep waiting), never lost.
 """
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -41,12 +47,21 @@ import trio
 from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
 from xenlike.domain.grant_table import GrantInUse
 from xenlike.abi.xenbus import XenbusState
+from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingSpec
-from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, fail_orphans
+from xenlike.trace.events import DeviceTrace
+from xenlike.xenbus.channel import (
+    BackChannel,
+    ChannelBroken,
+    Disconnected,
+    FrontChannel,
+    RingGroup,
+    fail_orphans,
+)
 from xenlike.xenbus.state import Action, Handshake, Role
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["Backend", "DeviceInfo", "Frontend", "XenbusContext", "XenbusDriver"]
+__all__ = ["Backend", "DeviceInfo", "Frontend", "SharedRing", "XenbusContext", "XenbusDriver"]
 
 log = logging.getLogger("xenlike.xenbus")
 
@@ -71,11 +86,32 @@ class XenbusContext:
     nursery: trio.Nursery
 
 
+@attrs.frozen
+class SharedRing:
+    """One ring of a device: its layout, and the keys of its grant refs and port.
+
+    Rings naming the same `port_key` share one event channel. A ring with a
+    `feature` is optional: the front end sets it up only when the back end
+    offers that feature, and the back end maps it only when the front end
+    published its ref (netif's ctrl ring and `feature-ctrl-ring`).
+    """
+
+    spec: RingSpec
+    ref_key: str = "ring-ref"
+    port_key: str = "event-channel"
+    feature: str | None = None
+
+    def ref_keys(self, order: int) -> list[str]:
+        """`ring-ref` for one page, `ring-ref0..N` for 2^order pages."""
+        return [self.ref_key] if order == 0 else [f"{self.ref_key}{i}" for i in range(1 << order)]
+
+
 class XenbusDriver:
     """What both ends share: the handshake loop and XenStore helpers."""
 
     device_type: ClassVar[str]
     ring: ClassVar[RingSpec | None] = None
+    rings: ClassVar[Mapping[str, SharedRing]] = {}
     role: ClassVar[Role]
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
@@ -84,9 +120,16 @@ class XenbusDriver:
         self.handshake = Handshake(self.role)
         self.connected_event = trio.Event()
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
+        self.trace = DeviceTrace.for_driver(self)  # handshake and ring events (xenlike.trace.events)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device.nodename}>"
+
+    def shared_rings(self) -> Mapping[str, SharedRing]:
+        """The device's rings by name: `ring` alone (as "ring"), or `rings`."""
+        if self.ring is not None:
+            return {"ring": SharedRing(self.ring)}
+        return self.rings
 
     # --- XenStore helpers ---------------------------------------------------
 
@@ -125,7 +168,8 @@ class XenbusDriver:
     async def switch_state(self, state: XenbusState) -> None:
         """xenbus_switch_state: record and publish this end's new state."""
         self.handshake.advance(state)
-        await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
+        async with self.trace.state_write(state):
+            await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
         if state == XenbusState.Connected:
             self.connected_event.set()
 
@@ -135,6 +179,7 @@ class XenbusDriver:
         """Follow the peer's state until cancelled, acting as the handshake table says."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.trace.follow_switch, self.ctx.xs)
             async with self.ctx.xs.watch(f"{self.device.otherend}/state") as events:
                 async for _ in events:
                     peer = await self.read_otherend("state", "0")
@@ -142,6 +187,7 @@ class XenbusDriver:
                         peer_state = int(peer or 0)
                     except ValueError:
                         peer_state = XenbusState.Unknown
+                    self.trace.saw_peer(peer_state)
                     reaction = self.handshake.peer_changed(peer_state)
                     await self._react(reaction)
 
@@ -172,7 +218,8 @@ class XenbusDriver:
             await self.ctx.xs.write(f"{self.device.nodename}/error", message)
             await self.disconnect()
             state = self.handshake.fail()
-            await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
+            async with self.trace.state_write(state):
+                await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
         except XenStoreError:
             pass
 
@@ -201,9 +248,9 @@ class Backend(XenbusDriver):
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
         super().__init__(ctx, device)
-        self.channel: BackChannel | None = None
+        self.channel: BackChannel | RingGroup | None = None
         self._mapping: Any = None
-        self._port: Any = None
+        self._ports: list[Any] = []
         self._serving: trio.CancelScope | None = None
 
     def features(self) -> dict[str, str | int]:
@@ -224,8 +271,12 @@ class Backend(XenbusDriver):
         """Answer one request (the default `serve` calls this)."""
         raise NotImplementedError(f"{type(self).__name__} must implement handle() or serve()")
 
-    async def serve(self, channel: BackChannel) -> None:
-        """Answer requests until cancelled: each batch handled, then answered at once."""
+    async def serve(self, channel: Any) -> None:
+        """Answer requests until cancelled: each batch handled, then answered at once.
+
+        `channel` is the `BackChannel` of `ring`; a driver with `rings` gets
+        a `RingGroup` and must override this.
+        """
         async for batch in channel.batches_of_requests():
             if self.concurrent:
                 responses: list[Any] = [None] * len(batch)
@@ -252,7 +303,8 @@ class Backend(XenbusDriver):
             await self.disconnect()
 
     async def _connect(self) -> None:
-        if self.ring is None:
+        layout = self.shared_rings()
+        if not layout:
             await self.connected()
             await self.publish(self.properties())
             return
@@ -260,41 +312,58 @@ class Backend(XenbusDriver):
         if not 0 <= order <= min(self.max_ring_page_order, MAX_RING_PAGE_ORDER):
             raise ProtocolError(f"ring-page-order {order} over max-ring-page-order "
                                 f"{self.max_ring_page_order}")
-        if order == 0:
-            refs = [await self.read_int("ring-ref", -1)]
-        else:
-            refs = [await self.read_int(f"ring-ref{i}", -1) for i in range(1 << order)]
-        if any(ref < 0 for ref in refs):
-            raise ProtocolError("the front end published no ring-ref")
+        refs: dict[str, list[int]] = {}
+        for name, shared in layout.items():
+            keys = shared.ref_keys(order)
+            found = [await self.read_int(key, -1) for key in keys]
+            if shared.feature is not None and all(ref < 0 for ref in found):
+                continue  # an optional ring the front end did not set up
+            if any(ref < 0 for ref in found):
+                raise ProtocolError(f"the front end published no {keys[0]}")
+            refs[name] = found
         protocol = await self.read_otherend("protocol", XEN_IO_PROTO_ABI_NATIVE)
         if protocol != XEN_IO_PROTO_ABI_NATIVE:
             raise ProtocolError(f"protocol {protocol!r}: only {XEN_IO_PROTO_ABI_NATIVE} is spoken")
-        evtchn = await self.read_int("event-channel", -1)
-        domain = self.ctx.domain
-        self._mapping = await domain.grants.map(self.device.otherend_id, refs)
-        self._port = await domain.evtchn.bind_interdomain(self.device.otherend_id, evtchn)
-        self.channel = BackChannel(BackRing(self.ring, self._mapping.view), self._port)
+        domain, peer = self.ctx.domain, self.device.otherend_id
+        self._mapping = await domain.grants.map(peer, [ref for ring in refs.values() for ref in ring])
+        ports: dict[str, Any] = {}
+        for key in dict.fromkeys(layout[name].port_key for name in refs):
+            ports[key] = await domain.evtchn.bind_interdomain(peer, await self.read_int(key, -1))
+            self._ports.append(ports[key])
+        size = XEN_PAGE_SIZE << order
+        rings = {name: BackRing(layout[name].spec, self._mapping.view[i * size:(i + 1) * size])
+                 for i, name in enumerate(refs)}
+        if self.ring is not None:
+            self.channel = BackChannel(rings["ring"], ports["event-channel"])
+            self.trace.attach(self.channel)
+        else:
+            self.channel = RingGroup(rings, {name: ports[layout[name].port_key] for name in rings})
         await self.connected()
         await self.publish(self.properties())
         self._nursery.start_soon(self._serve_until_stopped, self.channel)
 
-    async def _serve_until_stopped(self, channel: BackChannel) -> None:
+    async def _serve_until_stopped(self, channel: Any) -> None:
+        broken = None
         with trio.CancelScope() as scope:
             self._serving = scope
             try:
                 await self.serve(channel)
             except ChannelBroken as exc:
-                await self.fatal(f"ring protocol violation: {exc}")
+                broken = exc
+        if broken is not None:  # outside the scope that fatal's disconnect cancels
+            await self.fatal(f"ring protocol violation: {broken}")
 
     async def disconnect(self) -> None:
         if self._serving is not None:
             self._serving.cancel()
             self._serving = None
-        if self.channel is not None:
+        if isinstance(self.channel, BackChannel):
             self.channel.ring.release()
-            self.channel = None
-        if self._port is not None:
-            port, self._port = self._port, None
+        elif self.channel is not None:
+            self.channel.release()
+        self.channel = None
+        ports, self._ports = self._ports, []
+        for port in ports:
             try:
                 await port.close()
             except Exception as exc:  # the peer may be gone already
@@ -321,10 +390,10 @@ class Frontend(XenbusDriver):
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
         super().__init__(ctx, device)
-        self.channel: FrontChannel | None = None
+        self.channel: FrontChannel | RingGroup | None = None
         self._pages: tuple[int, int] | None = None  # first gfn, count
         self._refs: list[int] = []
-        self._port: Any = None
+        self._ports: list[Any] = []
         self._orphans: list[Any] = []
         self._collector: trio.CancelScope | None = None
         self._ready = trio.Event()
@@ -396,39 +465,60 @@ class Frontend(XenbusDriver):
             await self.disconnect()
 
     async def _setup(self) -> None:
-        if self.ring is None:
+        layout = self.shared_rings()
+        if not layout:
             await self.publish(self.front_keys())
             return
-        domain = self.ctx.domain
+        domain, peer = self.ctx.domain, self.device.otherend_id
+        wanted = [name for name, shared in layout.items()
+                  if shared.feature is None or await self.read_int(shared.feature, 0)]
         offered = await self.read_int("max-ring-page-order", 0)
         order = min(self.ring_page_order, offered, MAX_RING_PAGE_ORDER)
         count = 1 << order
-        first = domain.allocator.allocate_run(count)
-        self._pages = (first, count)
-        view = domain.memory.frames(first, count)
-        view[:] = bytes(len(view))
-        self._refs = [domain.grants.grant_access(self.device.otherend_id, first + i)
-                      for i in range(count)]
-        self._port = await domain.evtchn.alloc_unbound(self.device.otherend_id)
-        self.channel = FrontChannel(FrontRing(self.ring, view), self._port)
-        keys: dict[str, str | int] = {"event-channel": self._port.number,
-                                      "protocol": XEN_IO_PROTO_ABI_NATIVE}
-        if order == 0:
-            keys["ring-ref"] = self._refs[0]
-        else:
+        first = domain.allocator.allocate_run(count * len(wanted))
+        self._pages = (first, count * len(wanted))
+        self._refs = [domain.grants.grant_access(peer, first + i)
+                      for i in range(count * len(wanted))]
+        keys: dict[str, str | int] = {"protocol": XEN_IO_PROTO_ABI_NATIVE}
+        if order:
             keys["ring-page-order"] = order
-            keys.update({f"ring-ref{i}": ref for i, ref in enumerate(self._refs)})
+        ports: dict[str, Any] = {}
+        rings: dict[str, FrontRing] = {}
+        for index, name in enumerate(wanted):
+            shared = layout[name]
+            if shared.port_key not in ports:
+                ports[shared.port_key] = await domain.evtchn.alloc_unbound(peer)
+                self._ports.append(ports[shared.port_key])
+                keys[shared.port_key] = ports[shared.port_key].number
+            view = domain.memory.frames(first + index * count, count)
+            view[:] = bytes(len(view))
+            rings[name] = FrontRing(shared.spec, view)
+            keys.update(zip(shared.ref_keys(order), self._refs[index * count:(index + 1) * count]))
+        if self.ring is not None:
+            self.channel = FrontChannel(rings["ring"], ports["event-channel"])
+            self.trace.attach(self.channel)
+        else:
+            self.channel = RingGroup(rings, {name: ports[layout[name].port_key] for name in rings})
         keys.update(self.front_keys())
         await self.publish(keys)
         self._nursery.start_soon(self._collect, self.channel)
 
-    async def _collect(self, channel: FrontChannel) -> None:
+    async def _collect(self, channel: Any) -> None:
+        broken = None
         with trio.CancelScope() as scope:
             self._collector = scope
             try:
-                await channel.run()
+                await self.serve(channel)
             except ChannelBroken as exc:
-                await self.fatal(f"ring protocol violation: {exc}")
+                broken = exc
+        if broken is not None:  # outside the scope that fatal's disconnect cancels
+            await self.fatal(f"ring protocol violation: {broken}")
+
+    async def serve(self, channel: Any) -> None:
+        """The data path until cancelled: by default, collect the responses of
+        the `FrontChannel` of `ring`. A driver with `rings` gets a `RingGroup`
+        (from Initialised on) and must override this."""
+        await channel.run()
 
     async def disconnect(self) -> None:
         if self._ready.is_set():  # callers already waiting for a reconnect keep their event
@@ -436,32 +526,39 @@ class Frontend(XenbusDriver):
         if self._collector is not None:
             self._collector.cancel()
             self._collector = None
-        if self.channel is not None:
+        if isinstance(self.channel, FrontChannel):
             orphans = self.channel.fail(Disconnected(f"{self.device.nodename} disconnected"))
             if self.resubmit:
                 self._orphans.extend(orphans)
             else:
                 fail_orphans(orphans, Disconnected(f"{self.device.nodename} disconnected"))
             self.channel.ring.release()
-            self.channel = None
-        if self._port is not None:
-            port, self._port = self._port, None
+        elif self.channel is not None:
+            self.channel.release()
+        self.channel = None
+        ports, self._ports = self._ports, []
+        for port in ports:
             try:
                 await port.close()
             except Exception as exc:
                 self.log.debug("closing port: %s", exc)
-        await self._release_pages()
+        if self._pages is not None:
+            (first, count), refs = self._pages, self._refs
+            self._pages, self._refs = None, []
+            await self.release_grants(refs, first, count)
 
-    async def _release_pages(self) -> None:
-        """End access to the ring pages; pages the back end still maps are kept, not reused."""
-        if self._pages is None:
-            return
-        first, count = self._pages
+    async def release_grants(self, refs: list[int], first: int, count: int) -> None:
+        """End access to pages granted to the back end, then free the run of pages.
+
+        The back end unmaps when it disconnects, which may come a moment
+        later: refs it still maps are retried for a second, and if it never
+        lets go their pages are leaked rather than reused under its feet.
+        """
         domain = self.ctx.domain
-        still_mapped = list(self._refs)
+        still_mapped = list(refs)
         for _ in range(50):
-            self._refs, still_mapped = still_mapped, []
-            for ref in self._refs:
+            refs, still_mapped = still_mapped, []
+            for ref in refs:
                 try:
                     domain.grants.end_access(ref)
                 except GrantInUse:
@@ -474,5 +571,3 @@ class Frontend(XenbusDriver):
                              self.device.nodename, still_mapped)
         else:
             domain.allocator.free_run(first, count)
-        self._pages = None
-        self._refs = []

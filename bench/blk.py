@@ -1,0 +1,254 @@
+"""The PV block device from a guest (blkfront → ring → blkback → image) against raw I/O.
+
+    python bench/blk.py [--quick]
+
+`xenlike up --detach` runs a topology in a temporary run directory: Dom0
+and two guests, each with a 64 MiB disk image that this script fills with
+random data first, one with persistent grants (`pon`) and one without
+(`poff`, `xen_blkfront.feature_persistent=0`). Each guest runs the
+workloads below as its init program when told to through XenStore
+(`data/bench/go`) and answers in `data/bench/result`. The raw baseline runs
+the same pattern with os.preadv/os.pwritev on the same image file from this
+one Python process (a reused buffer, data from the page cache).
+
+Workloads:
+- rand4k: 4 KiB reads at random 4 KiB-aligned offsets, queue depth 32 (IOPS);
+- seqread44k / seqwrite44k: sequential 44 KiB requests (11 direct segments);
+- seqread1m / seqwrite1m: sequential 1 MiB requests (indirect segments);
+  the guest keeps SEQ_DEPTH requests in flight (MB/s).
+
+Rounds interleave (each workload through each guest, then raw, round after
+round) and the figures are medians of rounds. The last lines are
+`ratio NAME: VALUE`: guest figure / raw figure, per workload, for
+persistent grants on and off.
+"""
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xenlike.xenstore import XenStoreError, open_client  # noqa: E402
+
+DISK_BYTES = 64 << 20
+RAND_DEPTH = 32
+SEQ_DEPTH = 4
+WORKLOADS = {  # name: (kind, request bytes, unit)
+    "rand4k": ("rand", 4096, "IOPS"),
+    "seqread44k": ("read", 44 << 10, "MB/s"),
+    "seqwrite44k": ("write", 44 << 10, "MB/s"),
+    "seqread1m": ("read", 1 << 20, "MB/s"),
+    "seqwrite1m": ("write", 1 << 20, "MB/s"),
+}
+GUESTS = {"pon": "persistent grants on", "poff": "persistent grants off"}
+OFFSETS = 1 << 16  # random offsets drawn once, shared by the guest and raw patterns
+
+TOPOLOGY = """\
+[host]
+name = "bench-blk"
+
+[dom0]
+memory = 128
+images = { "pon.img" = "64M", "poff.img" = "64M" }
+
+[[domain]]
+name = "pon"
+memory = 64
+init = "bench.blk:guest"
+disk = ["format=raw, vdev=xvda, access=rw, target=pon.img"]
+
+[[domain]]
+name = "poff"
+memory = 64
+init = "bench.blk:guest"
+extra = "xen_blkfront.feature_persistent=0"
+disk = ["format=raw, vdev=xvda, access=rw, target=poff.img"]
+"""
+
+
+def random_offsets(size: int) -> list[int]:
+    rng = random.Random(42)
+    return [rng.randrange(DISK_BYTES // size) * size for _ in range(OFFSETS)]
+
+
+# --- the guest's side -----------------------------------------------------------------
+
+async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
+    """One workload for `seconds`; returns IOPS or MB/s."""
+    kind, size, _ = WORKLOADS[name]
+    sectors = size // 512
+    done = 0
+    deadline = time.perf_counter() + seconds
+    if kind == "rand":
+        offsets = [offset // 512 for offset in random_offsets(size)]
+        depth, stride = RAND_DEPTH, 1
+    else:
+        offsets = list(range(0, DISK_BYTES // 512 - sectors + 1, sectors))
+        depth = stride = SEQ_DEPTH
+    payload = os.urandom(size)
+
+    async def worker(start: int) -> None:
+        nonlocal done
+        index = start
+        while time.perf_counter() < deadline:
+            sector = offsets[index % len(offsets)]
+            if kind == "write":
+                await disk.write(sector, payload)
+            else:
+                await disk.read(sector, sectors)
+            done += 1
+            index += stride
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for k in range(depth):
+            nursery.start_soon(worker, k * len(offsets) // depth if kind == "rand" else k)
+    elapsed = time.perf_counter() - start
+    return done / elapsed if kind == "rand" else done * size / elapsed / 1e6
+
+
+async def guest(g: Any) -> None:
+    """The init program: run what `data/bench/go` says, answer in `data/bench/result`."""
+    disk = g.device("vbd")
+    seen = ""
+    async with g.xs.watch("data/bench/go") as events:
+        async for _ in events:
+            try:
+                order = (await g.xs.read("data/bench/go")).decode()
+            except XenStoreError:
+                continue
+            if not order or order == seen:
+                continue
+            seen = order
+            number, name, seconds = order.split()
+            value = await run_in_guest(disk, name, float(seconds))
+            await g.xs.write("data/bench/result", f"{number} {value}")
+
+
+# --- raw I/O on the image, from this process -------------------------------------------
+
+def run_raw(path: Path, name: str, seconds: float) -> float:
+    kind, size, _ = WORKLOADS[name]
+    import mmap
+
+    buffer = mmap.mmap(-1, size)
+    view = memoryview(buffer)
+    if kind == "write":
+        view[:] = os.urandom(size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        offsets = random_offsets(size) if kind == "rand" else \
+            list(range(0, DISK_BYTES - size + 1, size))
+        io = os.pwritev if kind == "write" else os.preadv
+        iov = [view]
+        count = len(offsets)
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            for index in range(done, done + 64):
+                io(fd, iov, offsets[index % count])
+            done += 64
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        view.release()
+        buffer.close()
+    return done / elapsed if kind == "rand" else done * size / elapsed / 1e6
+
+
+# --- driving it ----------------------------------------------------------------------
+
+def xenlike(*args: str, run_dir: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "xenlike", *args, "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        raise RuntimeError(f"xenlike {' '.join(args)}: {result.stdout}{result.stderr}")
+    return result.stdout
+
+
+async def measure(run_dir: Path, images: Path, rounds: int, seconds: float
+                  ) -> dict[tuple[str, str], list[float]]:
+    figures: dict[tuple[str, str], list[float]] = {}
+    async with open_client(run_dir / "xenstored" / "socket") as xs:
+        domids = {}
+        for domid in await xs.ls("/local/domain"):
+            name = (await xs.read(f"/local/domain/{domid}/name")).decode()
+            domids[name] = domid
+        number = 0
+        for _ in range(rounds):
+            for name in WORKLOADS:
+                for who in (*GUESTS, "raw"):
+                    if who == "raw":
+                        value = run_raw(images / "pon.img", name, seconds)
+                    else:
+                        number += 1
+                        home = f"/local/domain/{domids[who]}/data/bench"
+                        await xs.write(f"{home}/go", f"{number} {name} {seconds}")
+                        value = await result(xs, f"{home}/result", number)
+                    figures.setdefault((who, name), []).append(value)
+    return figures
+
+
+async def result(xs: Any, path: str, number: int) -> float:
+    with trio.fail_after(120):
+        while True:
+            try:
+                got, value = (await xs.read(path)).decode().split()
+                if int(got) == number:
+                    return float(value)
+            except XenStoreError:
+                pass
+            await trio.sleep(0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 5)
+    seconds = 0.2 if args.quick else 1.0
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                             os.environ.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="xenlike-bench-blk-") as tmp:
+        base = Path(tmp)
+        (base / "bench.toml").write_text(TOPOLOGY)
+        for image in ("pon.img", "poff.img"):
+            with (base / image).open("wb") as f:
+                for _ in range(DISK_BYTES >> 20):
+                    f.write(os.urandom(1 << 20))
+        run_dir = base / "run"
+        xenlike("up", str(base / "bench.toml"), "--detach", run_dir=run_dir)
+        try:
+            figures = trio.run(measure, run_dir, base, rounds, seconds)
+        finally:
+            xenlike("down", run_dir=run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    medians = {key: statistics.median(values) for key, values in figures.items()}
+    print(f"rounds: {rounds} (medians), {seconds:g} s per workload per round; "
+          f"queue depth {RAND_DEPTH} random, {SEQ_DEPTH} sequential")
+    for name, (_, _, unit) in WORKLOADS.items():
+        print(f"raw {name}: {medians[('raw', name)]:.0f} {unit}")
+        for who, label in GUESTS.items():
+            print(f"{label} {name}: {medians[(who, name)]:.0f} {unit}")
+    for who in GUESTS:
+        for name in WORKLOADS:
+            ratio = medians[(who, name)] / medians[("raw", name)]
+            print(f"ratio {name}_{who}: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

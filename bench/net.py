@@ -1,0 +1,275 @@
+"""Guest-to-guest UDP through the PV network, against UDP over loopback between processes.
+
+    python bench/net.py [--quick] [--rounds N]
+
+- xenlike: `xenlike up` runs two guests with a vif each on xenbr0. The
+  sender's datagrams go netfront → netback → bridge → netback → netfront,
+  through each guest's IP stack (`guest.net().udp()`); the receiver counts
+  them. A round is started by a XenStore write and its result read back.
+- raw: the same datagrams from this process to a child process over a
+  loopback UDP socket, plain blocking sockets (the ceiling Python reaches).
+
+Each round sends a burst of datagrams of 64 bytes (packets/s) or 1400 bytes
+(MB/s of payload); the rate is the receiver's: datagrams received over the
+time from the first to the last. Rounds interleave (raw 64, xenlike 64,
+raw 1400, xenlike 1400, ...) and the figures are medians. The last lines
+are `ratio NAME: VALUE`, xenlike's rate over raw's (the target for
+packets/s is 0.3 or more).
+"""
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xenlike.rundir import RunDir  # noqa: E402
+from xenlike.xenstore import XenStoreError, open_client  # noqa: E402
+
+PORT = 9000
+SENDER_IP, RECEIVER_IP = "10.0.0.1", "10.0.0.2"
+START, END = b"START", b"END"
+
+TOPOLOGY = f"""\
+[host]
+name = "bench-net"
+
+[dom0]
+memory = 64
+
+[[domain]]
+name = "receiver"
+memory = 32
+init = "bench.net:receiver"
+vif = ["mac=00:16:3e:00:00:02, bridge=xenbr0, ip={RECEIVER_IP}/24"]
+
+[[domain]]
+name = "sender"
+memory = 32
+init = "bench.net:sender"
+vif = ["mac=00:16:3e:00:00:01, bridge=xenbr0, ip={SENDER_IP}/24"]
+"""
+
+
+# --- the guests (xenlike) ------------------------------------------------------------
+
+
+class Counter:
+    """The receiving end of a round: datagrams and bytes, first and last arrival."""
+
+    def __init__(self) -> None:
+        self.count = self.bytes = 0
+        self.first = self.last = 0.0
+
+    def add(self, size: int) -> None:
+        now = time.perf_counter()
+        if not self.count:
+            self.first = now
+        self.last = now
+        self.count += 1
+        self.bytes += size
+
+    def result(self) -> bytes:
+        return f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f}".encode()
+
+
+async def receiver(guest: Any) -> None:
+    """Counts the datagrams of each round; START resets, END answers with the count."""
+    sock = guest.net().udp(PORT)
+    counter = Counter()
+    print(f"[{guest.name}] receiving on {RECEIVER_IP}:{PORT}")
+    while True:
+        data, sender = await sock.recvfrom()
+        if data == START:
+            counter = Counter()
+            await sock.sendto(START, sender)
+        elif data == END:
+            await sock.sendto(counter.result(), sender)
+        else:
+            counter.add(len(data))
+
+
+async def _ask(sock: Any, message: bytes, answer: bytes) -> bytes:
+    """A control message to the receiver, repeated until an answer starting with `answer`."""
+    while True:
+        await sock.sendto(message, (RECEIVER_IP, PORT))
+        with trio.move_on_after(0.5):
+            while True:
+                data, _ = await sock.recvfrom()
+                if data.startswith(answer):
+                    return data
+
+
+async def sender(guest: Any) -> None:
+    """Runs the round `data/bench/go` names; writes the receiver's count to `data/bench/result`."""
+    iface = guest.net()
+    sock = iface.udp(PORT)
+    await iface.ping(RECEIVER_IP, timeout=10)
+    async with guest.xs.watch("data/bench/go") as events:
+        async for _ in events:
+            try:
+                number, size, count = (await guest.xs.read("data/bench/go")).decode().split()
+            except (XenStoreError, ValueError):
+                continue  # the watch fires once at once, before any round
+            await _ask(sock, START, START)
+            payload = b"x" * int(size)
+            destination = (RECEIVER_IP, PORT)
+            for _ in range(int(count)):
+                await sock.sendto(payload, destination)
+            await trio.sleep(0.05)  # let the tail drain before asking
+            result = (await _ask(sock, END, b"RESULT")).decode().removeprefix("RESULT ")
+            await guest.xs.write("data/bench/result", f"{number} {result}")
+
+
+# --- raw: loopback UDP between two processes -------------------------------------------
+
+
+def _raw_receiver(ready: Any, results: Any) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("127.0.0.1", 0))
+    ready.put(sock.getsockname()[1])
+    while True:
+        counter = Counter()
+        while True:
+            data = sock.recv(65536)
+            if data == START:
+                counter = Counter()
+            elif data == END:
+                results.put(counter.result().decode().removeprefix("RESULT "))
+                break
+            elif data == b"QUIT":
+                return
+            else:
+                counter.add(len(data))
+
+
+class Raw:
+    def __init__(self) -> None:
+        self.ready: Any = multiprocessing.Queue()
+        self.results: Any = multiprocessing.Queue()
+        self.process = multiprocessing.Process(target=_raw_receiver,
+                                               args=(self.ready, self.results), daemon=True)
+        self.process.start()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect(("127.0.0.1", self.ready.get(timeout=30)))
+
+    def round(self, size: int, count: int) -> tuple[int, int, float]:
+        self.sock.send(START)
+        time.sleep(0.01)
+        payload, send = b"x" * size, self.sock.send
+        for _ in range(count):
+            send(payload)
+        time.sleep(0.05)
+        self.sock.send(END)
+        received, nbytes, elapsed = self.results.get(timeout=60).split()
+        return int(received), int(nbytes), float(elapsed)
+
+    def close(self) -> None:
+        self.sock.send(b"QUIT")
+        self.process.join(timeout=5)
+
+
+# --- the rounds -----------------------------------------------------------------------------
+
+
+class Guests:
+    """The two-guest topology, driven through XenStore."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.run_dir = RunDir(tmp / "run")
+        topology = tmp / "bench-net.toml"
+        topology.write_text(TOPOLOGY)
+        self.env = {**os.environ, "XENLIKE_RUN_DIR": str(self.run_dir.path),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                os.environ.get("PYTHONPATH")]))}
+        subprocess.run([sys.executable, "-m", "xenlike", "up", str(topology), "--detach"],
+                       env=self.env, check=True, capture_output=True, timeout=120)
+        self.number = 0
+
+    async def _sender_domid(self, xs: Any) -> str:
+        for domid in await xs.ls("/local/domain"):
+            try:
+                if (await xs.read(f"/local/domain/{domid}/name")).decode() == "sender":
+                    return domid
+            except Exception:
+                continue
+        raise RuntimeError("no guest named sender")
+
+    async def round(self, size: int, count: int) -> tuple[int, int, float]:
+        self.number += 1
+        async with open_client(self.run_dir.xenstored_socket) as xs:
+            home = f"/local/domain/{await self._sender_domid(xs)}/data/bench"
+            await xs.write(f"{home}/go", f"{self.number} {size} {count}")
+            with trio.fail_after(120):
+                while True:
+                    try:
+                        text = (await xs.read(f"{home}/result")).decode()
+                    except Exception:
+                        text = ""
+                    number, *result = text.split() or ["0"]
+                    if int(number) == self.number:
+                        received, nbytes, elapsed = result
+                        return int(received), int(nbytes), float(elapsed)
+                    await trio.sleep(0.05)
+
+    def close(self) -> None:
+        subprocess.run([sys.executable, "-m", "xenlike", "down"], env=self.env,
+                       capture_output=True, timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 5)
+    counts = {"raw": 5_000 if args.quick else 100_000, "xenlike": 2_000 if args.quick else 40_000}
+    sizes = (64, 1400)
+    rates: dict[tuple[str, int], list[float]] = {}
+    lost: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="xenlike-bench-net-") as tmp:
+        raw = Raw()
+        guests = Guests(Path(tmp))
+        try:
+            for _ in range(rounds):
+                for size in sizes:
+                    for name in ("raw", "xenlike"):
+                        count = counts[name]
+                        if name == "raw":
+                            received, nbytes, elapsed = raw.round(size, count)
+                        else:
+                            received, nbytes, elapsed = trio.run(guests.round, size, count)
+                        rate = (received - 1) / elapsed if elapsed > 0 else 0.0
+                        rates.setdefault((name, size), []).append(
+                            rate if size == 64 else rate * size / 1e6)
+                        lost.setdefault((name, size), []).append(1 - received / count)
+        finally:
+            guests.close()
+            raw.close()
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    print(f"rounds: {rounds} (medians); bursts of {counts['raw']} (raw) and "
+          f"{counts['xenlike']} (xenlike) datagrams")
+    print(f"raw loopback UDP, 64-byte payloads: {med['raw', 64]:,.0f} packets/s")
+    print(f"xenlike guest to guest, 64-byte payloads: {med['xenlike', 64]:,.0f} packets/s")
+    print(f"raw loopback UDP, 1400-byte payloads: {med['raw', 1400]:.1f} MB/s")
+    print(f"xenlike guest to guest, 1400-byte payloads: {med['xenlike', 1400]:.1f} MB/s")
+    for key, values in sorted(lost.items()):
+        print(f"{key[0]} {key[1]}-byte datagrams lost: {statistics.median(values):.1%}")
+    print(f"ratio packets_per_second: {med['xenlike', 64] / med['raw', 64]:.3f}")
+    print(f"ratio megabytes_per_second: {med['xenlike', 1400] / med['raw', 1400]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

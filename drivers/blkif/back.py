@@ -1,0 +1,672 @@
+"""blkback: the block back end, in the driver domain (Dom0).
+
+What it does is Linux's xen-blkback, in substance and in key names:
+
+- Before InitWait it opens the image the toolstack named (`params`, `mode`,
+  `type`, `discard-enable`) and offers feature-flush-cache, feature-barrier,
+  feature-discard (with discard-granularity, -alignment, -secure),
+  feature-persistent, feature-max-indirect-segments and max-ring-page-order;
+  at Connected it publishes sectors, sector-size, physical-sector-size and
+  info (VDISK_READONLY for `mode = r`, VDISK_CDROM, VDISK_REMOVABLE).
+- Each drain of the ring is handled as a batch. Every request is copied out
+  of the slot once and checked before anything is mapped or done: the
+  operation, the segment count (1..11 direct, 1..256 indirect; 0 only for a
+  flush or barrier), each segment's first_sect <= last_sect <= 7, the
+  sectors against the disk's end, writes against a read-only disk, an id
+  already in flight. A refused request gets BLKIF_RSP_ERROR (an optional
+  operation that is not offered, BLKIF_RSP_EOPNOTSUPP) and nothing else
+  happens; an impossible ring index closes the device.
+- Data moves once: preadv/pwritev between the image and memoryviews of the
+  granted pages themselves. With feature-persistent on both ends a page is
+  mapped the first time its gref is seen and kept, so the data path makes
+  no hypercall; without it, the grefs of a whole drain are mapped in one
+  GNTTABOP_map_grant_ref and unmapped in one GNTTABOP_unmap_grant_ref
+  before the drain is answered (the front end ends its grants on the
+  response, and Xen refuses that while a page is still mapped). Grants the
+  hypervisor refuses (never granted, granted to someone else, read-only for
+  a read) fail only the requests that name them.
+- Up to a ring's worth of requests are in flight. A read is first tried
+  against the page cache without blocking (RWF_NOWAIT), a buffered write
+  lands in the page cache; both are answered at the end of the drain. What
+  must wait for the device — a read miss, O_DIRECT I/O, a flush, a discard
+  — runs on a worker thread and is answered when it completes, so Dom0's
+  other services never wait behind a disk.
+- Durability: FLUSH_DISKCACHE is fdatasync, acknowledged only once it has
+  returned. WRITE_BARRIER, as blkback does it, first waits for everything
+  in flight, then flushes, writes and flushes again.
+
+The disk itself is the driver domain's hardware, not this package's: the
+kernel hands an opener in `domain.ext["disks"]` (Dom0's is
+`domains.dom0.hw.Disk.open`).
+"""
+
+import errno
+import gc
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from drivers.blkif.protocol import (
+    BLKIF_RING,
+    MAX_INDIRECT_SEGMENTS,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    BadRequest,
+    Segments,
+    indirect_pages,
+    parse_segments,
+)
+from xenlike.abi.blkif import (
+    BLKIF_DISCARD_SECURE,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    VDISK_CDROM,
+    VDISK_READONLY,
+    VDISK_REMOVABLE,
+    BlkifOp,
+)
+from xenlike.abi.grant_table import GntStatus
+from xenlike.abi.ring import XEN_PAGE_SIZE
+from xenlike.domain.grant_table import GrantError, GrantMapping, GrantStatusError
+from xenlike.memory import MemoryInUse
+from xenlike.ring import MAX_RING_PAGE_ORDER
+from xenlike.xenbus import Backend, BackChannel, ChannelBroken, ProtocolError
+
+__all__ = ["BlkBack", "BlockDevice", "PersistentGrants"]
+
+READ, WRITE = BlkifOp.READ, BlkifOp.WRITE
+BARRIER, FLUSH = BlkifOp.WRITE_BARRIER, BlkifOp.FLUSH_DISKCACHE
+DISCARD, INDIRECT = BlkifOp.DISCARD, BlkifOp.INDIRECT
+
+MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's max_persistent_grants default
+MAP_BATCH = 1024  # grant refs per GNTTABOP_map_grant_ref (the hypervisor's batch limit)
+IO_THREADS = 8  # worker threads per device for I/O that must wait for the device
+REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
+
+
+class BlockDevice(Protocol):
+    """What blkback needs of a disk (Dom0's `domains.dom0.hw.Disk`)."""
+
+    sectors: int
+    readonly: bool
+    direct: bool
+    physical_sector_size: int
+
+    def readv(self, sector: int, buffers: Any, *, nowait: bool = False) -> int: ...
+    def writev(self, sector: int, buffers: Any) -> int: ...
+    def flush(self) -> None: ...
+    def discard(self, sector: int, count: int, *, secure: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+
+class Unsupported(BadRequest):
+    """An optional operation the back end did not offer: BLKIF_RSP_EOPNOTSUPP."""
+
+
+@attrs.define(eq=False, slots=True)
+class _Job:
+    """One accepted request on its way through a drain."""
+
+    id: int
+    operation: int  # echoed in the response (an indirect request's indirect_op)
+    kind: int  # READ, WRITE, FLUSH_DISKCACHE, WRITE_BARRIER or DISCARD
+    sector: int
+    nr_sectors: int = 0
+    segments: Segments | None = None
+    nr_segments: int = 0
+    indirect_grefs: tuple[int, ...] = ()
+    secure: bool = False
+    iov: list[Any] | None = None
+
+
+
+class _Mappings:
+    """Grant mappings made in batched hypercalls, with a page view per gref.
+
+    Each batch is mapped in ascending gref order, side by side, so pages
+    that blkfront granted one after the other (a run of its buffer) are one
+    contiguous range here too: `where` finds it, and a request over such a
+    run is one iovec element, not one per page.
+    """
+
+    def __init__(self, grants: Any, domid: int) -> None:
+        self._grants = grants
+        self._domid = domid
+        self.pages: dict[int, memoryview] = {}
+        self.where: dict[int, tuple[memoryview, int]] = {}  # gref -> (its batch's view, offset)
+        self._held: list[tuple[GrantMapping, memoryview]] = []
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    async def add(self, refs: Iterable[int], *, readonly: bool) -> set[int]:
+        """Map `refs` (not mapped yet); return those the hypervisor refused.
+
+        A refused element fails the whole batch (the hypervisor undoes the
+        others), so the batch is made again without the refused refs.
+        """
+        refused: set[int] = set()
+        refs = sorted(refs)
+        for start in range(0, len(refs), MAP_BATCH):
+            batch = refs[start:start + MAP_BATCH]
+            for _ in range(2):
+                try:
+                    mapping = await self._grants.map(self._domid, batch, readonly)
+                except GrantStatusError as exc:
+                    refused.update(ref for ref, status in zip(batch, exc.statuses, strict=True)
+                                   if status != GntStatus.okay)
+                    batch = [ref for ref in batch if ref not in refused]
+                    if batch:
+                        continue
+                except GrantError:
+                    refused.update(batch)
+                else:
+                    self._keep(mapping)
+                break
+            else:
+                refused.update(batch)
+        return refused
+
+    def _keep(self, mapping: GrantMapping) -> None:
+        whole = mapping.view
+        self._held.append((mapping, whole))
+        for index, ref in enumerate(mapping.refs):
+            offset = index * XEN_PAGE_SIZE
+            self.pages[ref] = whole[offset:offset + XEN_PAGE_SIZE]
+            self.where[ref] = (whole, offset)
+
+    async def unmap_all(self, log: logging.Logger) -> None:
+        """Release every view and unmap (one hypercall per batch mapped)."""
+        for page in self.pages.values():
+            page.release()
+        self.pages.clear()
+        self.where.clear()
+        held, self._held = self._held, []
+        for mapping, whole in held:
+            whole.release()
+            try:
+                await self._grants.unmap(mapping)
+            except MemoryInUse:
+                gc.collect()  # a view kept alive by a reference cycle (an exception's frame)
+                try:
+                    await self._grants.unmap(mapping)
+                except MemoryInUse as exc:
+                    log.error("d%d refs %s stay mapped: %s", self._domid, list(mapping.refs), exc)
+            except GrantError as exc:
+                log.error("unmapping d%d refs %s: %s", self._domid, list(mapping.refs), exc)
+
+
+class PersistentGrants(_Mappings):
+    """feature-persistent: pages mapped writable once and reused by gref.
+
+    A front end may name at most `capacity` distinct grefs persistently (as
+    Linux's max_persistent_grants); beyond that, pages are mapped per drain.
+    """
+
+    def __init__(self, grants: Any, domid: int, capacity: int = MAX_PERSISTENT_GRANTS) -> None:
+        super().__init__(grants, domid)
+        self.capacity = capacity
+
+    def room(self) -> int:
+        return self.capacity - len(self.pages)
+
+
+class BlkBack(Backend):
+    """The vbd back end (see the module docstring)."""
+
+    device_type = "vbd"
+    ring = BLKIF_RING
+    max_ring_page_order = MAX_RING_PAGE_ORDER
+    feature_persistent: bool = True
+    max_indirect_segments = MAX_INDIRECT_SEGMENTS
+
+    def __init__(self, ctx: Any, device: Any) -> None:
+        super().__init__(ctx, device)
+        self.disk: BlockDevice | None = None
+        self._disk_error = "the disk is not open"
+        self.discard_enabled = False
+        self.info = 0
+        self.persistent = False
+        self._grants: PersistentGrants | None = None
+        self._in_flight: set[int] = set()
+        self._offloaded = 0
+        self._quiet = trio.Event()
+        self._quiet.set()
+        self._background: trio.Nursery | None = None
+        self._data_path: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._stopped.set()
+        self._threads = trio.CapacityLimiter(IO_THREADS)
+        self.refused = 0
+        self.offloaded = 0
+
+    # --- the disk, and what is published about it --------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self.open_disk()
+        except (ProtocolError, OSError) as exc:
+            self._disk_error = str(exc)
+            await self.fatal(f"cannot open the disk: {exc}")
+        try:
+            await super().run()
+        finally:
+            if self.disk is not None:
+                self.disk.close()
+
+    async def open_disk(self) -> None:
+        """Open the image the toolstack named (`params`, `type`, `mode`, ...)."""
+        params = await self.read("params")
+        if not params or not Path(params).is_absolute():
+            raise ProtocolError(f"params = {params!r}: the toolstack must name the image by "
+                                f"its absolute path")
+        kind = await self.read("type", "file")
+        if kind != "file":
+            raise ProtocolError(f"type = {kind!r}: only raw image files (type = file) are backed")
+        mode = await self.read("mode")
+        if mode not in ("r", "w"):
+            raise ProtocolError(f"mode = {mode!r}: expected r or w")
+        opener: Callable[..., BlockDevice] | None = self.ctx.domain.ext.get("disks")
+        if opener is None:
+            raise ProtocolError(f"d{self.ctx.domain.domid} has no disks (domain.ext['disks'])")
+        direct = await self.read("direct-io-safe", "0") == "1"
+        self.disk = opener(Path(params), readonly=mode == "r", direct=direct)
+        self.discard_enabled = (mode == "w" and
+                        await self.read_int("discard-enable", 1, otherend=False) == 1)
+        self.info = ((VDISK_READONLY if mode == "r" else 0)
+                     | (VDISK_CDROM if await self.read("device-type", "disk") == "cdrom" else 0)
+                     | (VDISK_REMOVABLE if await self.read("removable", "0") == "1" else 0))
+
+    def features(self) -> dict[str, str | int]:
+        if self.disk is None:
+            raise ProtocolError(self._disk_error)
+        writable = int(not self.disk.readonly)
+        keys: dict[str, str | int] = {
+            "feature-flush-cache": writable,
+            "feature-barrier": writable,
+            "feature-discard": int(self.discard_enabled),
+            "feature-persistent": int(self.feature_persistent),
+            "feature-max-indirect-segments": self.max_indirect_segments,
+        }
+        if self.discard_enabled:
+            keys.update({"discard-granularity": self.disk.physical_sector_size,
+                         "discard-alignment": 0, "discard-secure": 1})
+        return keys
+
+    def properties(self) -> dict[str, str | int]:
+        assert self.disk is not None
+        return {"sectors": self.disk.sectors, "info": self.info, "sector-size": SECTOR_SIZE,
+                "physical-sector-size": self.disk.physical_sector_size}
+
+    async def connected(self) -> None:
+        front = await self.read_int("feature-persistent", 0)
+        self.persistent = self.feature_persistent and front == 1
+        domain = self.ctx.domain
+        self._grants = PersistentGrants(domain.grants, self.device.otherend_id) \
+            if self.persistent else None
+        self._in_flight.clear()
+        self.refused = 0
+
+    async def disconnect(self) -> None:
+        """Stop the data path and wait for it (I/O on worker threads included) before
+        the ring, the port and the granted pages are let go."""
+        if self._data_path is not None:
+            self._data_path.cancel()
+            with trio.CancelScope(shield=True):
+                await self._stopped.wait()
+        await super().disconnect()
+
+    async def disconnected(self) -> None:
+        if self._grants is not None:
+            grants, self._grants = self._grants, None
+            await grants.unmap_all(self.log)
+
+    # --- the data path --------------------------------------------------------------
+
+    async def serve(self, channel: BackChannel) -> None:
+        """Drain the ring batch by batch; background I/O ends before the device does."""
+        if channel is not self.channel:
+            return  # disconnected before this task started
+        broken: str | None = None
+        self._stopped = trio.Event()
+        try:
+            with trio.CancelScope() as self._data_path:
+                async with trio.open_nursery() as nursery:
+                    self._background = nursery
+                    try:
+                        async for batch in channel.batches_of_requests():
+                            await self._drain(channel, batch)
+                    except ChannelBroken as exc:
+                        broken = f"ring protocol violation: {exc}"
+        except Exception as exc:  # a bug here must not take Dom0 down
+            self.log.exception("%s: the data path failed", self.device.nodename)
+            broken = f"blkback failed: {exc!r}"
+        finally:
+            self._data_path = None
+            self._stopped.set()
+        if broken is not None:
+            with trio.CancelScope(shield=True):  # fatal cancels this task's scope
+                await self.fatal(broken)
+
+    async def _drain(self, channel: BackChannel, batch: list[Any]) -> None:
+        done: list[tuple[int, int, int]] = []
+        jobs: list[_Job] = []
+        for request in batch:
+            try:
+                job = self._parse(request)
+            except BadRequest as exc:
+                done.append(self._refuse(request, exc))
+                continue
+            self._in_flight.add(job.id)
+            if job.kind == BARRIER:  # ordered after everything before it, and before the rest
+                await self._run(channel, jobs, done)
+                await self._run(channel, [job], done)
+                jobs = []
+            else:
+                jobs.append(job)
+        await self._run(channel, jobs, done)
+        if done:
+            channel.respond_many(done)
+
+    def _refuse(self, request: Any, exc: BadRequest) -> tuple[int, int, int]:
+        self.refused += 1
+        if self.refused <= REFUSALS_LOGGED:
+            self.log.warning("%s: refused request id %d (operation %d): %s%s",
+                             self.device.nodename, request.id, request.operation, exc,
+                             "; further refusals are not logged"
+                             if self.refused == REFUSALS_LOGGED else "")
+        status = BLKIF_RSP_EOPNOTSUPP if isinstance(exc, Unsupported) else BLKIF_RSP_ERROR
+        return (request.id, request.operation, status)
+
+    def _finish(self, job: _Job, status: int) -> tuple[int, int, int]:
+        """The job's response; its id is free again once this is published."""
+        job.iov = None
+        self._in_flight.discard(job.id)
+        return (job.id, job.operation, status)
+
+    # --- checking a request ------------------------------------------------------------
+
+    def _parse(self, request: Any) -> _Job:
+        """The request as a job, or BadRequest; no I/O, no mapping (see the module docstring)."""
+        assert self.disk is not None
+        op = request.operation
+        if request.id in self._in_flight:
+            raise BadRequest(f"id {request.id} is already in flight")
+        if op in (READ, WRITE, FLUSH, BARRIER):
+            nseg = request.nr_segments
+            if (nseg == 0 and op in (READ, WRITE)) or nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                raise BadRequest(f"{nseg} segments (a request carries 1.."
+                                 f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
+            job = _Job(request.id, op, op, request.sector_number, nr_segments=nseg)
+            if nseg:
+                job.segments = parse_segments(request.seg.raw, nseg)
+            self._check_job(job)
+            return job
+        if op == INDIRECT:
+            indirect_op, nseg = request.indirect_op, request.nr_segments
+            if indirect_op not in (READ, WRITE):
+                raise BadRequest(f"indirect_op {indirect_op}: an indirect request reads or writes")
+            if not 0 < nseg <= self.max_indirect_segments:
+                raise BadRequest(f"{nseg} indirect segments (feature-max-indirect-segments is "
+                                 f"{self.max_indirect_segments})")
+            job = _Job(request.id, indirect_op, indirect_op, request.sector_number,
+                       nr_segments=nseg,
+                       indirect_grefs=tuple(request.indirect_grefs[:indirect_pages(nseg)]))
+            self._check_job(job)
+            return job
+        if op == DISCARD:
+            if not self.discard_enabled:
+                raise Unsupported("feature-discard is not offered")
+            secure = bool(request.flag & BLKIF_DISCARD_SECURE)
+            job = _Job(request.id, op, op, request.sector_number, request.nr_sectors,
+                       secure=secure)
+            self._check_range(job)
+            return job
+        raise BadRequest(f"unknown operation {op}")
+
+    def _check_job(self, job: _Job) -> None:
+        assert self.disk is not None
+        if job.kind != READ and self.disk.readonly:
+            raise BadRequest(f"{BlkifOp(job.kind).name} on a read-only disk")
+        if job.segments is not None:
+            job.nr_sectors = job.segments.nr_sectors
+            self._check_range(job)
+
+    def _check_range(self, job: _Job) -> None:
+        assert self.disk is not None
+        if job.sector + job.nr_sectors > self.disk.sectors:
+            raise BadRequest(f"sectors {job.sector}..{job.sector + job.nr_sectors - 1} are past "
+                             f"the end of the disk ({self.disk.sectors} sectors)")
+
+    # --- grants ------------------------------------------------------------------------
+
+    async def _run(self, channel: BackChannel, jobs: list[_Job], done: list[Any]) -> None:
+        """Map what `jobs` need, do their I/O, and answer or hand them to threads."""
+        if not jobs:
+            return
+        transient = _Mappings(self.ctx.domain.grants, self.device.otherend_id)
+        try:
+            if any(job.indirect_grefs for job in jobs):
+                jobs = await self._load_indirect(jobs, transient, done)
+            views = await self._map_data(jobs, transient)
+            waiting: list[_Job] = []
+            for job in jobs:
+                if job.segments is not None:
+                    job.iov = _iovec(job.segments, views)
+                    if job.iov is None:
+                        done.append(self._fail(job, "a grant reference was refused"))
+                        continue
+                status = None if job.kind in (FLUSH, BARRIER, DISCARD) else self._io_now(job)
+                if status is None:
+                    waiting.append(job)
+                else:
+                    done.append(self._finish(job, status))
+            if not waiting:
+                return
+            if transient or self._grants is None:
+                # The drain's pages are unmapped before it is answered: wait for all of it.
+                async with trio.open_nursery() as nursery:
+                    for job in waiting:
+                        nursery.start_soon(self._io_later, job, done.append)
+            else:
+                assert self._background is not None
+                for job in waiting:
+                    if job.kind == BARRIER:
+                        await self._io_later(job, done.append)
+                    else:
+                        self._background.start_soon(self._io_later, job, channel.respond)
+        finally:
+            if transient:
+                with trio.CancelScope(shield=True):
+                    await transient.unmap_all(self.log)
+
+    def _fail(self, job: _Job, why: str) -> tuple[int, int, int]:
+        self.refused += 1
+        if self.refused <= REFUSALS_LOGGED:
+            self.log.warning("%s: request id %d failed: %s", self.device.nodename, job.id, why)
+        return self._finish(job, BLKIF_RSP_ERROR)
+
+    async def _map(self, refs: set[int], transient: _Mappings, *, readonly: bool) -> None:
+        """Make `refs` reachable: persistent ones (mapping the new ones while there is
+        room), else mapped for this drain only."""
+        cache = self._grants
+        if cache is not None:
+            new = [ref for ref in refs if ref not in cache.pages]
+            if new:
+                room = max(cache.room(), 0)
+                if new[:room]:
+                    await cache.add(new[:room], readonly=False)
+                if new[room:]:
+                    await transient.add(new[room:], readonly=False)
+            return
+        missing = [ref for ref in refs if ref not in transient.pages]
+        if missing:
+            await transient.add(missing, readonly=readonly)
+
+    def _views(self, transient: _Mappings) -> _Mappings:
+        """Where this drain finds its pages: the persistent ones, this drain's, or both."""
+        cache = self._grants
+        if cache is None:
+            return transient
+        if not transient:
+            return cache
+        both = _Mappings(None, self.device.otherend_id)
+        both.pages = {**cache.pages, **transient.pages}
+        both.where = {**cache.where, **transient.where}
+        return both
+
+    async def _load_indirect(self, jobs: list[_Job], transient: _Mappings, done: list[Any]
+                             ) -> list[_Job]:
+        """Copy each INDIRECT request's segment list out of its pages (once), then check it."""
+        await self._map({ref for job in jobs for ref in job.indirect_grefs}, transient,
+                        readonly=True)
+        pages = self._views(transient).pages
+        ready = []
+        for job in jobs:
+            if not job.indirect_grefs:
+                ready.append(job)
+                continue
+            try:
+                raw = b"".join([bytes(pages[ref]) for ref in job.indirect_grefs])
+            except KeyError:
+                done.append(self._fail(job, "an indirect page's grant was refused"))
+                continue
+            try:
+                job.segments = parse_segments(raw, job.nr_segments)
+                self._check_job(job)
+            except BadRequest as exc:
+                done.append(self._fail(job, str(exc)))
+                continue
+            ready.append(job)
+        if transient and self._grants is None:
+            await transient.unmap_all(self.log)  # copied: the data pages come next
+        return ready
+
+    async def _map_data(self, jobs: list[_Job], transient: _Mappings) -> _Mappings:
+        reads: set[int] = set()
+        writes: set[int] = set()
+        for job in jobs:
+            if job.segments is not None:
+                (reads if job.kind == READ else writes).update(job.segments.grefs)
+        if self._grants is not None:
+            await self._map(reads | writes, transient, readonly=False)
+        else:
+            if reads:
+                await self._map(reads, transient, readonly=False)
+            if writes - reads:
+                await self._map(writes - reads, transient, readonly=True)
+        return self._views(transient)
+
+    # --- I/O -------------------------------------------------------------------------
+
+    def _io_now(self, job: _Job) -> int | None:
+        """A read from the page cache or a buffered write, now; None if it must wait."""
+        disk = self.disk
+        assert disk is not None and job.iov is not None
+        if disk.direct:
+            return None
+        expected = job.nr_sectors * SECTOR_SIZE
+        try:
+            if job.kind == READ:
+                got = disk.readv(job.sector, job.iov, nowait=True)
+                if got != expected:
+                    return None  # part of it is not cached: read it all on a thread
+                return BLKIF_RSP_OKAY
+            return BLKIF_RSP_OKAY if disk.writev(job.sector, job.iov) == expected \
+                else BLKIF_RSP_ERROR
+        except BlockingIOError:
+            return None
+        except (OSError, ValueError) as exc:
+            self.log.error("%s: %s of sectors %d+%d: %s", self.device.nodename,
+                           BlkifOp(job.kind).name, job.sector, job.nr_sectors, exc)
+            return BLKIF_RSP_ERROR
+
+    async def _io_later(self, job: _Job, answer: Callable[[tuple[int, int, int]], None]) -> None:
+        """Run a job that waits for the device on a worker thread, then answer it."""
+        if job.kind == BARRIER:
+            await self._quiet.wait()
+        if not self._offloaded:
+            self._quiet = trio.Event()
+        self._offloaded += 1
+        self.offloaded += 1
+        try:
+            status = await trio.to_thread.run_sync(self._io_blocking, job, limiter=self._threads)
+        finally:
+            self._offloaded -= 1
+            if not self._offloaded:
+                self._quiet.set()
+        if status == BLKIF_RSP_EOPNOTSUPP:
+            self._withdraw(job.kind)
+        answer(self._finish(job, status))
+
+    def _io_blocking(self, job: _Job) -> int:
+        """On a worker thread: the whole operation, waiting for the device."""
+        disk = self.disk
+        assert disk is not None
+        expected = job.nr_sectors * SECTOR_SIZE
+        try:
+            if job.kind == READ:
+                return BLKIF_RSP_OKAY if disk.readv(job.sector, job.iov) == expected \
+                    else BLKIF_RSP_ERROR
+            if job.kind == DISCARD:
+                disk.discard(job.sector, job.nr_sectors, secure=job.secure)
+                return BLKIF_RSP_OKAY
+            if job.kind in (FLUSH, BARRIER):
+                disk.flush()
+            if job.iov is not None and disk.writev(job.sector, job.iov) != expected:
+                return BLKIF_RSP_ERROR
+            if job.kind == BARRIER and job.iov is not None:
+                disk.flush()
+            return BLKIF_RSP_OKAY
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP and job.kind in (FLUSH, BARRIER, DISCARD):
+                return BLKIF_RSP_EOPNOTSUPP
+            self.log.error("%s: %s of sectors %d+%d: %s", self.device.nodename,
+                           BlkifOp(job.kind).name, job.sector, job.nr_sectors, exc)
+            return BLKIF_RSP_ERROR
+        except ValueError as exc:
+            self.log.error("%s: %s", self.device.nodename, exc)
+            return BLKIF_RSP_ERROR
+
+    def _withdraw(self, kind: int) -> None:
+        """The disk cannot do `kind` after all: stop offering it (as blkback does)."""
+        key = {FLUSH: "feature-flush-cache", BARRIER: "feature-barrier",
+               DISCARD: "feature-discard"}[kind]
+        if kind == DISCARD:
+            self.discard_enabled = False
+        self.log.warning("%s: the disk does not support %s; withdrawing %s",
+                         self.device.nodename, BlkifOp(kind).name, key)
+        self.ctx.nursery.start_soon(self.publish, {key: 0})
+
+
+def _iovec(segments: Segments, views: _Mappings) -> list[Any] | None:
+    """The granted memory the segments name, in order; None if a gref is not mapped.
+
+    Packed segments over a run of grefs mapped side by side are one element.
+    """
+    grefs, bounds = segments.grefs, segments.bounds
+    try:
+        if bounds is not None:
+            pages = views.pages
+            return [pages[ref][start:end] for ref, (start, end) in zip(grefs, bounds)]
+        nbytes = segments.nr_sectors << SECTOR_SHIFT
+        first, count = grefs[0], len(grefs)
+        whole, offset = views.where[first]
+        if count > 1:
+            last_whole, last_offset = views.where[grefs[-1]]
+            if last_whole is not whole or last_offset - offset != (count - 1) * XEN_PAGE_SIZE \
+                    or grefs != list(range(first, first + count)):
+                iov = list(map(views.pages.__getitem__, grefs))
+                tail = nbytes - (count - 1) * XEN_PAGE_SIZE
+                if tail < XEN_PAGE_SIZE:
+                    iov[-1] = iov[-1][:tail]
+                return iov
+        return [whole[offset:offset + nbytes]]
+    except KeyError:
+        return None

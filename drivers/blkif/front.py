@@ -1,0 +1,470 @@
+"""blkfront: the block front end, the guest program's disk.
+
+`BlkFront` is what `guest.device("vbd")` returns: an async block device of
+512-byte sectors::
+
+    disk = guest.device("vbd")
+    await disk.write(0, b"x" * 4096)
+    data = await disk.read(0, 8)       # 8 sectors -> 4096 bytes
+    await disk.flush()                 # durable once this returns
+    await disk.discard(0, 8)
+
+The data goes through pages of the guest's own memory granted to the back
+end (a guest program's bytes are not in guest memory): a read is copied out
+of them, a write into them. They come from a `BufferPool` of contiguous
+page runs, so a request's data is one copy, whatever its size.
+
+How requests are built follows Linux's blkfront:
+
+- An I/O is split into requests of at most 11 segments (44 KiB), or, when
+  the back end offers feature-max-indirect-segments, of that many segments
+  (up to `max_indirect_segments`) listed in indirect pages
+  (BLKIF_SEGS_PER_INDIRECT_FRAME segments per page). Each segment is a 4 KiB
+  page, filled from its first sector.
+- With feature-persistent on both ends, pages are granted once and stay
+  granted: the back end maps each once and the data path makes no grant
+  operation. Without it, each request's pages are granted (read-only for a
+  write) and access is ended when the response arrives.
+- As many requests are in flight as the ring has slots (and the pool has
+  pages); the channel hands out ids and matches responses.
+- When the back end goes away and comes back, requests in flight are sent
+  again on the new ring (XenBus `resubmit`): reads, writes, flushes and
+  discards are idempotent, and their pages stay granted meanwhile, so a
+  persistent grant is simply mapped again by the new connection.
+
+Module parameters come from the guest's kernel command line, with Linux's
+names: `xen_blkfront.feature_persistent=0`,
+`xen_blkfront.max_indirect_segments=N` (0 turns indirect requests off) and
+`xen_blkfront.max_ring_page_order=N` (xl's `extra = "..."` sets them).
+"""
+
+import errno
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from drivers.blkif.protocol import (
+    BLKIF_RING,
+    DISCARD,
+    INDIRECT,
+    MAX_INDIRECT_SEGMENTS,
+    RW,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    SECTORS_PER_PAGE,
+    SEGMENT_ARRAY,
+    indirect_pages,
+    segment_words,
+)
+from xenlike.abi.blkif import (
+    BLKIF_DISCARD_SECURE,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_OKAY,
+    VDISK_READONLY,
+    BlkifOp,
+)
+from xenlike.abi.ring import XEN_PAGE_SHIFT
+from xenlike.domain.grant_table import GrantInUse
+from xenlike.memory import OutOfPages
+from xenlike.ring import MAX_RING_PAGE_ORDER
+from xenlike.xenbus import Frontend, ProtocolError
+
+__all__ = ["BlkFront", "BlockDeviceError", "BufferPool", "FrontParams"]
+
+READ, WRITE = BlkifOp.READ, BlkifOp.WRITE
+MAX_POOL_PAGES = 1024  # 4 MiB of I/O buffers per disk: a quarter of the grant table
+_SEGMENT_PAD = bytes(BLKIF_MAX_SEGMENTS_PER_REQUEST * 8)
+
+
+class BlockDeviceError(OSError):
+    """An I/O the back end failed (EIO), or could not do (EOPNOTSUPP), or a
+    write to a read-only disk (EROFS)."""
+
+
+@attrs.frozen
+class FrontParams:
+    """blkfront's module parameters (Linux's names and meaning)."""
+
+    feature_persistent: bool = True
+    # Linux defaults to 32; here each request costs a ring round trip in
+    # Python, so fewer, larger requests (1 MiB) are worth their pages.
+    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    max_ring_page_order: int = 0
+
+    @classmethod
+    def from_cmdline(cls, cmdline: str) -> "FrontParams":
+        """`xen_blkfront.NAME=VALUE` words of a kernel command line; others are ignored."""
+        values: dict[str, Any] = {}
+        for word in cmdline.split():
+            name, eq, value = word.partition("=")
+            if not eq or not name.startswith("xen_blkfront."):
+                continue
+            name = name.removeprefix("xen_blkfront.")
+            try:
+                if name == "feature_persistent":
+                    values[name] = value.lower() not in ("0", "n", "no", "false", "off")
+                elif name == "max_indirect_segments":
+                    values[name] = max(0, min(int(value), MAX_INDIRECT_SEGMENTS))
+                elif name == "max_ring_page_order":
+                    values[name] = max(0, min(int(value), MAX_RING_PAGE_ORDER))
+            except ValueError:
+                raise ValueError(f"kernel parameter {word!r}: expected a number") from None
+        return cls(**values)
+
+
+@attrs.define(eq=False)
+class _Chunk:
+    """A run of guest pages for I/O; `refs[i]` is page i's persistent grant, if any."""
+
+    first_gfn: int
+    view: memoryview
+    free: bytearray  # 1 per free page
+    refs: list[int | None]
+
+
+@attrs.define(eq=False, slots=True)
+class Extent:
+    """Consecutive pages of one chunk, lent to one request."""
+
+    chunk: _Chunk
+    start: int
+    count: int
+
+    def view(self, first: int = 0, count: int | None = None) -> memoryview:
+        end = self.start + (self.count if count is None else first + count)
+        return self.chunk.view[(self.start + first) << XEN_PAGE_SHIFT:end << XEN_PAGE_SHIFT]
+
+
+class BufferPool:
+    """Guest pages for I/O, lent out as contiguous extents.
+
+    It grows by chunks of `chunk_pages` (allocated from the guest's page
+    allocator) up to `max_pages`, and never shrinks: with persistent grants
+    the back end keeps its pages mapped for the connection's life. A request
+    that finds no room waits for one to be given back.
+
+    With persistent grants a chunk is granted whole when it is first used
+    for them, in page order: consecutive pages then have consecutive grefs,
+    which blkback maps side by side, so a request's pages are one range
+    there as they are here.
+    """
+
+    def __init__(self, domain: Any, backend_domid: int, chunk_pages: int,
+                 max_pages: int = MAX_POOL_PAGES) -> None:
+        self._domain = domain
+        self._backend = backend_domid
+        self.chunk_pages = chunk_pages
+        self.max_pages = max_pages
+        self.chunks: list[_Chunk] = []
+        self.pages = 0
+        self._given_back = trio.Event()
+        self._waiting = 0
+
+    async def take(self, count: int) -> Extent:
+        while True:
+            extent = self.take_nowait(count)
+            if extent is not None:
+                return extent
+            self._waiting += 1
+            try:
+                await self._given_back.wait()
+            finally:
+                self._waiting -= 1
+
+    def take_nowait(self, count: int) -> Extent | None:
+        want = b"\x01" * count
+        for chunk in self.chunks:
+            start = chunk.free.find(want)
+            if start >= 0:
+                chunk.free[start:start + count] = bytes(count)
+                return Extent(chunk, start, count)
+        size = max(count, self.chunk_pages)
+        if self.pages + size > self.max_pages and self.chunks:
+            return None
+        try:
+            first = self._domain.allocator.allocate_run(size)
+        except OutOfPages:
+            if self.chunks:
+                return None
+            raise BlockDeviceError(errno.ENOMEM, f"no {size} free pages for I/O buffers") from None
+        chunk = _Chunk(first, self._domain.memory.frames(first, size), bytearray(b"\x01") * size,
+                       [None] * size)
+        self.chunks.append(chunk)
+        self.pages += size
+        chunk.free[:count] = bytes(count)
+        return Extent(chunk, 0, count)
+
+    def give(self, extent: Extent) -> None:
+        extent.chunk.free[extent.start:extent.start + extent.count] = b"\x01" * extent.count
+        if self._waiting:
+            self._given_back.set()
+            self._given_back = trio.Event()
+
+    def persistent_refs(self, extent: Extent, first: int, count: int) -> list[int]:
+        """Grants of pages first..first+count-1 of `extent`, made writable once and kept."""
+        chunk, start = extent.chunk, extent.start + first
+        refs = chunk.refs[start:start + count]
+        if None in refs:
+            grant = self._domain.grants.grant_access
+            for index, ref in enumerate(chunk.refs):
+                if ref is None:
+                    chunk.refs[index] = grant(self._backend, chunk.first_gfn + index)
+            refs = chunk.refs[start:start + count]
+        return refs  # type: ignore[return-value]
+
+    def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
+                     granted: list[int]) -> list[int]:
+        """Grants for one request: a page's persistent grant if it has one, else a new
+        grant, appended to `granted` for the caller to end once answered."""
+        chunk, start = extent.chunk, extent.start + first
+        grant = self._domain.grants.grant_access
+        refs = []
+        for index in range(start, start + count):
+            ref = chunk.refs[index]
+            if ref is None:
+                ref = grant(self._backend, chunk.first_gfn + index, readonly)
+                granted.append(ref)
+            refs.append(ref)
+        return refs
+
+
+class BlkFront(Frontend):
+    """The vbd front end (see the module docstring)."""
+
+    device_type = "vbd"
+    ring = BLKIF_RING
+
+    def __init__(self, ctx: Any, device: Any) -> None:
+        super().__init__(ctx, device)
+        self.params = FrontParams.from_cmdline(ctx.domain.cmdline)
+        self.ring_page_order = self.params.max_ring_page_order
+        self.sectors = 0
+        self.sector_size = SECTOR_SIZE
+        self.physical_sector_size = SECTOR_SIZE
+        self.readonly = False
+        self.feature_flush_cache = False
+        self.feature_barrier = False
+        self.feature_discard = False
+        self.feature_secure_discard = False
+        self.discard_granularity = SECTOR_SIZE
+        self.feature_persistent = False
+        self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        self.pool: BufferPool | None = None
+        self._lingering: list[int] = []  # request grants the back end still had mapped
+
+    # --- the handshake ---------------------------------------------------------------
+
+    def front_keys(self) -> dict[str, str | int]:
+        return {"feature-persistent": int(self.params.feature_persistent)}
+
+    async def connected(self) -> None:
+        """blkfront_connect: the disk's size and the features both ends have."""
+        sectors = await self.read_int("sectors", -1)
+        if sectors < 0:
+            raise ProtocolError("the back end published no sectors")
+        sector_size = await self.read_int("sector-size", SECTOR_SIZE)
+        if sector_size != SECTOR_SIZE:
+            raise ProtocolError(f"sector-size {sector_size}: without feature-large-sector-size "
+                                f"it must be {SECTOR_SIZE}")
+        self.sectors = sectors
+        self.physical_sector_size = await self.read_int("physical-sector-size", SECTOR_SIZE)
+        self.readonly = bool(await self.read_int("info", 0) & VDISK_READONLY)
+        self.feature_flush_cache = await self.read_int("feature-flush-cache", 0) == 1
+        self.feature_barrier = await self.read_int("feature-barrier", 0) == 1
+        self.feature_discard = await self.read_int("feature-discard", 0) == 1
+        self.feature_secure_discard = (self.feature_discard
+                                       and await self.read_int("discard-secure", 0) == 1)
+        self.discard_granularity = await self.read_int("discard-granularity", SECTOR_SIZE)
+        self.feature_persistent = (self.params.feature_persistent
+                           and await self.read_int("feature-persistent", 0) == 1)
+        offered = await self.read_int("feature-max-indirect-segments", 0)
+        segments = min(offered, self.params.max_indirect_segments)
+        self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        pages = self.max_segments + (indirect_pages(self.max_segments)
+                                     if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
+        if self.pool is None:
+            self.pool = BufferPool(self.ctx.domain, self.device.otherend_id, pages)
+        else:
+            self.pool.chunk_pages = max(self.pool.chunk_pages, pages)
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """What was negotiated, by blkif.h's feature names."""
+        return {"flush-cache": self.feature_flush_cache, "barrier": self.feature_barrier,
+                "discard": self.feature_discard, "discard-secure": self.feature_secure_discard,
+                "persistent": self.feature_persistent, "max-indirect-segments":
+                    self.max_segments if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0,
+                "ring-page-order": self._ring_order}
+
+    @property
+    def _ring_order(self) -> int:
+        if self.channel is None:
+            return 0
+        return (self.channel.ring.nr_ents // BLKIF_RING.nr_ents(1)).bit_length() - 1
+
+    @property
+    def max_sectors(self) -> int:
+        """The largest I/O one request carries."""
+        return self.max_segments * SECTORS_PER_PAGE
+
+    # --- the block device ---------------------------------------------------------------
+
+    async def read(self, sector: int, count: int) -> bytes:
+        """`count` sectors from `sector`."""
+        self._check(sector, count)
+        if count <= self.max_sectors:
+            return await self._rw(READ, sector, count, None)  # type: ignore[return-value]
+        pieces = self._split(sector, count)
+        results: list[bytes] = [b""] * len(pieces)
+
+        async def one(index: int, start: int, length: int) -> None:
+            results[index] = await self._rw(READ, start, length, None)  # type: ignore[assignment]
+
+        async with trio.open_nursery() as nursery:
+            for index, (start, length) in enumerate(pieces):
+                nursery.start_soon(one, index, start, length)
+        return b"".join(results)
+
+    async def write(self, sector: int, data: Any) -> None:
+        """Write `data` (whole sectors) from `sector`; done once the back end has it."""
+        view = memoryview(data).cast("B")
+        if len(view) % SECTOR_SIZE:
+            raise ValueError(f"{len(view)} bytes are not whole {SECTOR_SIZE}-byte sectors")
+        count = len(view) >> SECTOR_SHIFT
+        self._check(sector, count)
+        if self.readonly:
+            raise BlockDeviceError(errno.EROFS, f"{self._name} is read-only")
+        if count <= self.max_sectors:
+            await self._rw(WRITE, sector, count, view)
+            return
+        async with trio.open_nursery() as nursery:
+            for start, length in self._split(sector, count):
+                offset = (start - sector) << SECTOR_SHIFT
+                nursery.start_soon(self._rw, WRITE, start, length,
+                                   view[offset:offset + (length << SECTOR_SHIFT)])
+
+    async def flush(self) -> None:
+        """Make every acknowledged write durable (FLUSH_DISKCACHE, else WRITE_BARRIER).
+
+        A back end that offers neither has no volatile cache to flush.
+        """
+        if self.feature_flush_cache:
+            op = BlkifOp.FLUSH_DISKCACHE
+        elif self.feature_barrier:
+            op = BlkifOp.WRITE_BARRIER
+        else:
+            return
+        response = await self.call(RW.record(op, 0, self.device.devid, 0, 0))
+        if response.status == BLKIF_RSP_EOPNOTSUPP:
+            if op == BlkifOp.FLUSH_DISKCACHE:
+                self.feature_flush_cache = False
+            else:
+                self.feature_barrier = False
+        self._check_response(response, op, 0, 0)
+
+    async def discard(self, sector: int, count: int, *, secure: bool = False) -> None:
+        """Tell the disk the sectors are unused (they read back as zeros here).
+
+        `secure` asks for an irrecoverable erase (needs discard-secure).
+        """
+        self._check(sector, count)
+        if not self.feature_discard or (secure and not self.feature_secure_discard):
+            raise BlockDeviceError(errno.EOPNOTSUPP, f"{self._name}: the back end offers no "
+                                                     f"{'secure ' if secure else ''}discard")
+        request = DISCARD.record(BlkifOp.DISCARD, BLKIF_DISCARD_SECURE if secure else 0,
+                                 self.device.devid, 0, sector, count)
+        response = await self.call(request)
+        if response.status == BLKIF_RSP_EOPNOTSUPP:
+            self.feature_discard = False
+        self._check_response(response, BlkifOp.DISCARD, sector, count)
+
+    # --- requests --------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str:
+        return f"vbd {self.device.devid}"
+
+    def _check(self, sector: int, count: int) -> None:
+        if sector < 0 or count < 1 or sector + count > self.sectors:
+            raise ValueError(f"{self._name}: sectors {sector}..{sector + count - 1} are not on a "
+                             f"disk of {self.sectors} sectors")
+
+    def _split(self, sector: int, count: int) -> list[tuple[int, int]]:
+        step = self.max_sectors
+        return [(start, min(step, sector + count - start))
+                for start in range(sector, sector + count, step)]
+
+    async def _rw(self, op: int, sector: int, count: int, data: memoryview | None
+                  ) -> bytes | None:
+        """One request of at most `max_sectors`: pages, grants, the call, the copy."""
+        if not self.connected_now:
+            await self.wait_connected()
+        assert self.pool is not None
+        pages = (count + SECTORS_PER_PAGE - 1) // SECTORS_PER_PAGE
+        nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        extent = self.pool.take_nowait(pages + nr_indirect) or \
+            await self.pool.take(pages + nr_indirect)
+        granted: list[int] = []
+        try:
+            if data is not None:
+                extent.view(0, pages)[:len(data)] = data
+            request = self._request(op, sector, count, extent, pages, nr_indirect, granted)
+            response = await self.call(request)
+        except trio.Cancelled:
+            # The back end may yet write into these pages: they are never lent again.
+            raise
+        except BaseException:
+            self._end(granted)
+            self.pool.give(extent)
+            raise
+        try:
+            self._check_response(response, op, sector, count)
+            return bytes(extent.view(0, pages)[:count << SECTOR_SHIFT]) if op == READ else None
+        finally:
+            self._end(granted)
+            self.pool.give(extent)
+
+    def _request(self, op: int, sector: int, count: int, extent: Extent, pages: int,
+                 nr_indirect: int, granted: list[int]) -> Any:
+        pool = self.pool
+        assert pool is not None
+        if self.feature_persistent:
+            refs = pool.persistent_refs(extent, 0, pages + nr_indirect)
+        else:
+            refs = pool.request_refs(extent, 0, pages, op == WRITE, granted)
+            refs += pool.request_refs(extent, pages, nr_indirect, True, granted)
+        words = segment_words(refs[:pages], count)
+        if not nr_indirect:
+            return RW.record(op, pages, self.device.devid, 0, sector,
+                             SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):]))
+        descriptors = extent.view(pages, nr_indirect)
+        descriptors[:len(words)] = words
+        return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid,
+                               refs[pages:])
+
+    def _end(self, granted: Sequence[int]) -> None:
+        """End a request's own grants (and any the back end held on to before)."""
+        if not granted and not self._lingering:
+            return
+        end = self.ctx.domain.grants.end_access
+        refs, self._lingering = [*self._lingering, *granted], []
+        for ref in refs:
+            try:
+                end(ref)
+            except GrantInUse:
+                self._lingering.append(ref)
+
+    def _check_response(self, response: Any, op: int, sector: int, count: int) -> None:
+        if response.status == BLKIF_RSP_OKAY and response.operation == op:
+            return
+        what = f"{self._name}: {BlkifOp(op).name}" + \
+            (f" of sectors {sector}..{sector + count - 1}" if count else "")
+        if response.operation != op:
+            raise BlockDeviceError(errno.EIO, f"{what}: the back end answered operation "
+                                              f"{response.operation}")
+        if response.status == BLKIF_RSP_EOPNOTSUPP:
+            raise BlockDeviceError(errno.EOPNOTSUPP, f"{what}: not supported by the back end")
+        raise BlockDeviceError(errno.EIO, f"{what} failed (status {response.status})")

@@ -1,0 +1,187 @@
+"""blkif.h on the ring: the request union, the ring spec, segment lists.
+
+A blkif slot holds one of three request layouts, told apart by its first
+byte, `operation`: `blkif_request` (READ, WRITE, WRITE_BARRIER,
+FLUSH_DISKCACHE), `blkif_request_discard` (DISCARD) and
+`blkif_request_indirect` (INDIRECT). `BLKIF_REQUEST` is one codec for the
+union: it packs whichever record it is given (zero-filling the rest of the
+112-byte slot) and, on the back end, copies the slot out of shared memory
+once and decodes the variant that copy's `operation` names, so a front end
+rewriting the slot meanwhile cannot make the two disagree.
+
+Segment lists are handled as arrays of 32-bit words, two per
+`blkif_request_segment` (gref; first_sect | last_sect << 8), so a list of
+256 segments packs and checks at C speed: `segment_words` builds one,
+`parse_segments` validates one (the back end's checks on untrusted input).
+Everything here is sans-I/O.
+"""
+
+import struct
+import sys
+from array import array
+from typing import Any, NamedTuple
+
+from xenlike.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_SEGS_PER_INDIRECT_FRAME,
+    BlkifOp,
+    blkif_request,
+    blkif_request_discard,
+    blkif_request_indirect,
+    blkif_request_segment,
+    blkif_response,
+)
+from xenlike.abi.ring import XEN_PAGE_SIZE
+from xenlike.codec import Codec, compile_struct
+from xenlike.ring import define_ring
+
+__all__ = [
+    "BLKIF_REQUEST",
+    "BLKIF_RING",
+    "DISCARD",
+    "INDIRECT",
+    "MAX_INDIRECT_SEGMENTS",
+    "RESPONSE",
+    "RW",
+    "SECTOR_SHIFT",
+    "SECTOR_SIZE",
+    "SECTORS_PER_PAGE",
+    "SEGMENT_ARRAY",
+    "BadRequest",
+    "Segments",
+    "indirect_pages",
+    "parse_segments",
+    "segment_words",
+]
+
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT  # blkif counts 512-byte sectors (no feature-large-sector-size)
+SECTORS_PER_PAGE = XEN_PAGE_SIZE >> SECTOR_SHIFT
+# Linux blkback's MAX_INDIRECT_SEGMENTS: what it offers as feature-max-indirect-segments.
+MAX_INDIRECT_SEGMENTS = 256
+
+RW = compile_struct(blkif_request, "blkif_request")
+DISCARD = compile_struct(blkif_request_discard, "blkif_request_discard")
+INDIRECT = compile_struct(blkif_request_indirect, "blkif_request_indirect")
+RESPONSE = compile_struct(blkif_response, "blkif_response")
+SEGMENT_SIZE = blkif_request_segment.sizeof()
+
+
+def _union() -> Codec:
+    """One codec for the slot: the variant follows `operation` (see the module docstring)."""
+    size = RW.size
+    zeros = bytes(size)
+
+    def short(codec: Codec) -> Any:
+        pack, tail = codec.pack_into, size - codec.size
+
+        def pack_into(buf: Any, offset: int, value: Any) -> None:
+            pack(buf, offset, value)
+            buf[offset + codec.size:offset + size] = zeros[:tail]
+        return pack_into
+
+    packers = {RW.record: RW.pack_into, DISCARD.record: short(DISCARD),
+               INDIRECT.record: short(INDIRECT)}
+    decoders = {BlkifOp.DISCARD: DISCARD.unpack_from, BlkifOp.INDIRECT: INDIRECT.unpack_from}
+    rw_pack, rw_unpack = RW.pack_into, RW.unpack_from
+
+    def pack_into(buf: Any, offset: int, value: Any) -> None:
+        packers.get(type(value), rw_pack)(buf, offset, value)
+
+    def unpack_from(buf: Any, offset: int) -> Any:
+        slot = bytes(buf[offset:offset + size])  # the one read of shared memory
+        return decoders.get(slot[0], rw_unpack)(slot, 0)
+
+    # The layout is the slot's: blkif_request is the largest member of the union.
+    return Codec(name="blkif_request", size=size, format=RW.format, record=RW.record,
+                 pack_into=pack_into, unpack_from=unpack_from, layout=blkif_request)
+
+
+BLKIF_REQUEST = _union()
+BLKIF_RING = define_ring("blkif", request=BLKIF_REQUEST, response=RESPONSE)
+SEGMENT_ARRAY = type(RW.record().seg)  # seg[11] as raw bytes (xenlike.codec.RecordArray)
+
+_FULL_PAGE = (SECTORS_PER_PAGE - 1) << 8  # first_sect 0, last_sect 7, as the second word
+_LITTLE = sys.byteorder == "little"
+_SMALL = [struct.Struct(f"<{2 * n}I") for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
+_SEVENS = bytes([SECTORS_PER_PAGE - 1]) * BLKIF_SEGS_PER_INDIRECT_FRAME * 8
+_ZEROS = bytes(BLKIF_SEGS_PER_INDIRECT_FRAME * 8)
+
+
+def indirect_pages(nr_segments: int) -> int:
+    """Indirect descriptor pages an INDIRECT request of `nr_segments` needs."""
+    return -(-nr_segments // BLKIF_SEGS_PER_INDIRECT_FRAME)
+
+
+def segment_words(grefs: list[int], nr_sectors: int) -> bytes:
+    """The segment list for `nr_sectors` packed from the start of the pages `grefs`.
+
+    Every page but the last is full (sectors 0..7); the last holds the rest.
+    The bytes are `blkif_request_segment`s back to back, padding zeroed.
+    """
+    count = len(grefs)
+    if not (count - 1) * SECTORS_PER_PAGE < nr_sectors <= count * SECTORS_PER_PAGE:
+        raise ValueError(f"{nr_sectors} sectors do not fill {count} page(s) from the start")
+    last = ((nr_sectors - 1) % SECTORS_PER_PAGE) << 8
+    if count <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        words = [_FULL_PAGE] * (2 * count)
+        words[0::2] = grefs
+        words[-1] = last
+        return _SMALL[count].pack(*words)
+    array_words = array("I", bytes(8 * count))
+    array_words[0::2] = array("I", grefs)
+    array_words[1::2] = array("I", [_FULL_PAGE]) * count
+    array_words[-1] = last
+    if not _LITTLE:
+        array_words.byteswap()
+    return array_words.tobytes()
+
+
+class BadRequest(ValueError):
+    """A request the back end must refuse (BLKIF_RSP_ERROR): the front end's fault."""
+
+
+class Segments(NamedTuple):
+    """A validated segment list: the pages, and which sectors of each.
+
+    `bounds` is None when the segments are packed, as blkfront builds them:
+    from sector 0 of the first page on, every page full but maybe the last
+    (one check of the whole list finds this). Otherwise it holds each
+    page's (start, end) byte range.
+    """
+
+    grefs: list[int]
+    nr_sectors: int
+    bounds: list[tuple[int, int]] | None
+
+
+def parse_segments(raw: bytes, nr_segments: int) -> Segments:
+    """Check an untrusted segment list, as blkback does before any I/O.
+
+    Each segment must name sectors inside its 4 KiB page with
+    first_sect <= last_sect <= 7; padding is ignored, as Linux ignores it.
+    """
+    size = nr_segments * SEGMENT_SIZE
+    if len(raw) < size:
+        raise BadRequest(f"{nr_segments} segments need {size} bytes, got {len(raw)}")
+    words = array("I")
+    words.frombytes(raw[:size])
+    if not _LITTLE:
+        words.byteswap()
+    grefs = words[0::2].tolist()
+    # Packed: every first_sect 0, every last_sect 7 but the last one's.
+    if raw[4:size:SEGMENT_SIZE] == _ZEROS[:nr_segments] and \
+            raw[5:size - SEGMENT_SIZE:SEGMENT_SIZE] == _SEVENS[:nr_segments - 1]:
+        last = raw[size - SEGMENT_SIZE + 5]
+        if last < SECTORS_PER_PAGE:
+            return Segments(grefs, (nr_segments - 1) * SECTORS_PER_PAGE + last + 1, None)
+    bounds = []
+    total = 0
+    for index, word in enumerate(words[1::2]):
+        first, last = word & 0xFF, word >> 8 & 0xFF
+        if last >= SECTORS_PER_PAGE or first > last:
+            raise BadRequest(f"segment {index}: first_sect {first}, last_sect {last} (a 4 KiB "
+                             f"page holds sectors 0..{SECTORS_PER_PAGE - 1}, first <= last)")
+        bounds.append((first << SECTOR_SHIFT, (last + 1) << SECTOR_SHIFT))
+        total += last - first + 1
+    return Segments(grefs, total, bounds)

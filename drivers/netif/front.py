@@ -1,0 +1,359 @@
+"""netfront: the vif front end in a guest, as Linux netfront and Mini-OS run it.
+
+It grants one page per tx slot (read-only) and one per rx slot, posts every
+rx buffer at once and reposts each as soon as its frame is read, and asks
+the back end, over the control ring when offered, to map all of them once
+(netif.h's static grants), so the back end copies frames with a memory copy
+rather than a hypercall. Every tx slot id is the index of its buffer.
+
+One task polls both rings on the shared port: it delivers received frames
+to `receiver` (the guest's IP stack) as they come, and reclaims tx buffers.
+The tx response event index is armed only while a sender waits for room,
+so a guest that keeps sending is not woken for every tx completion.
+"""
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import trio
+
+from drivers.netif.protocol import (
+    CTRL_RING,
+    DEFAULT_MTU,
+    GREF,
+    NETIF_RINGS,
+    max_frame,
+    parse_mac,
+)
+from xenlike.abi.netif import (
+    NETIF_RSP_DROPPED,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_more_data,
+    XEN_NETIF_CTRL_STATUS_SUCCESS,
+    XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
+    XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
+    XEN_NETIF_CTRLF_GREF_readonly,
+    XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
+)
+from xenlike.abi.ring import XEN_PAGE_SIZE
+from xenlike.ring import FrontRing
+from xenlike.xenbus import (
+    ChannelBroken,
+    DeviceInfo,
+    FrontChannel,
+    Frontend,
+    ProtocolError,
+    RingGroup,
+    XenbusContext,
+)
+
+__all__ = ["Netfront"]
+
+
+class _Buffers:
+    """The pages behind the tx and rx slots, granted to the back end for the connection."""
+
+    def __init__(self, domain: Any, peer: int, tx_count: int, rx_count: int) -> None:
+        self.count = tx_count + rx_count
+        self.first = domain.allocator.allocate_run(self.count)
+        self.view = domain.memory.frames(self.first, self.count)
+        self.tx_refs = [domain.grants.grant_access(peer, self.first + i, readonly=True)
+                        for i in range(tx_count)]
+        self.rx_refs = [domain.grants.grant_access(peer, self.first + tx_count + i)
+                        for i in range(rx_count)]
+        pages = [self.view[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE] for i in range(self.count)]
+        self.tx_pages, self.rx_pages = pages[:tx_count], pages[tx_count:]
+
+    def release_views(self) -> None:
+        for page in self.tx_pages + self.rx_pages:
+            page.release()
+        self.view.release()
+
+
+class Netfront(Frontend):
+    """A guest's network interface: raw Ethernet frames in and out.
+
+    `transmit(frame)` sends one frame; `receiver(frame, flags)` is called
+    with every frame received (flags are NETRXF_*: `data_validated` means
+    the checksums need no checking). `mac`, `ip` (the vif line's `ip=`,
+    from the back end's directory) and `mtu` are read at connection.
+    """
+
+    device_type = "vif"
+    rings = NETIF_RINGS
+
+    def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
+        super().__init__(ctx, device)
+        self.mac = b""
+        self.ip: str | None = None  # "10.0.0.2/24"
+        self.mtu = DEFAULT_MTU
+        self.sg = False  # the back end takes packets over several tx slots
+        self.csum_offload = False  # the back end takes NETTXF_csum_blank
+        self.static_grants = False  # the back end mapped every buffer once
+        self.receiver: Callable[[bytes, int], None] | None = None
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0,
+                      "rx_packets": 0, "rx_bytes": 0, "rx_errors": 0}
+        self._buffers: _Buffers | None = None
+        self._tx: Any = None  # FrontRing, while there is a data path
+        self._rx: Any = None
+        self._port: Any = None
+        self._tx_pages: list[memoryview] = []
+        self._tx_refs: list[int] = []
+        self._rx_pages: list[memoryview] = []
+        self._rx_refs: list[int] = []
+        self._tx_free: list[int] = []
+        self._tx_busy = bytearray()  # per tx slot id: sent, not yet answered
+        self._rx_posted = bytearray()  # per rx buffer: posted, not yet filled
+        self._rx_partial: list[bytes | None] = []  # a frame's slots so far (None: in error)
+        self._rx_partial_flags = 0
+        self._tx_space = trio.Event()
+        self._tx_waiting = 0
+
+    def front_keys(self) -> dict[str, str | int]:
+        return {"request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}
+
+    async def connected(self) -> None:
+        try:
+            self.mac = parse_mac(await self.read("mac"))
+        except ValueError as exc:
+            raise ProtocolError(f"{self.device.nodename}/mac: {exc}") from None
+        self.ip = await self.read_otherend("ip")
+        self.mtu = await self.read_int("mtu", DEFAULT_MTU, otherend=False)
+        self.sg = bool(await self.read_int("feature-sg", 0))
+        self.csum_offload = not await self.read_int("feature-no-csum-offload", 0)
+
+    @property
+    def max_frame(self) -> int:
+        """The longest frame this interface sends (header, VLAN tag, MTU)."""
+        return max_frame(self.mtu) if self.sg else min(max_frame(self.mtu), XEN_PAGE_SIZE)
+
+    # --- sending ---------------------------------------------------------------
+
+    def transmit_nowait(self, frame: bytes, flags: int = 0) -> bool:
+        """Put one frame on the tx ring (flags: NETTXF_* checksum flags).
+
+        False, with nothing sent, when the device is not connected or the
+        ring has no room; ValueError for a frame no back end would take.
+        """
+        tx = self._tx
+        if tx is None or not self.connected_now:
+            return False
+        self._collect_tx()
+        length = len(frame)
+        if length <= XEN_PAGE_SIZE:
+            free = self._tx_free
+            if not free:
+                return False
+            slot = free.pop()
+            self._tx_pages[slot][:length] = frame
+            self._tx_busy[slot] = 1
+            tx.put_request((self._tx_refs[slot], 0, flags, slot, length))
+        elif not self._transmit_fragments(frame, flags):
+            return False
+        if tx.push_requests():
+            self._port.notify()
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += length
+        return True
+
+    def _transmit_fragments(self, frame: bytes, flags: int) -> bool:
+        """A frame over one page: one slot per page, chained with NETTXF_more_data."""
+        length = len(frame)
+        if length > min(self.max_frame, XEN_NETIF_MAX_TX_SIZE):
+            raise ValueError(f"a {length}-byte frame is over this vif's limit of "
+                             f"{min(self.max_frame, XEN_NETIF_MAX_TX_SIZE)} bytes")
+        slots = -(-length // XEN_PAGE_SIZE)
+        if slots > XEN_NETIF_NR_SLOTS_MIN:
+            raise ValueError(f"a {length}-byte frame needs {slots} slots, over "
+                             f"XEN_NETIF_NR_SLOTS_MIN")
+        if len(self._tx_free) < slots:
+            return False
+        for number, start in enumerate(range(0, length, XEN_PAGE_SIZE)):
+            chunk = frame[start:start + XEN_PAGE_SIZE]
+            slot = self._tx_free.pop()
+            self._tx_pages[slot][:len(chunk)] = chunk
+            self._tx_busy[slot] = 1
+            more = NETTXF_more_data if start + XEN_PAGE_SIZE < length else 0
+            size = length if number == 0 else len(chunk)  # the first slot carries the total
+            self._tx.put_request((self._tx_refs[slot], 0, (flags if number == 0 else 0) | more,
+                                  slot, size))
+        return True
+
+    async def transmit(self, frame: bytes, flags: int = 0) -> None:
+        """Send one frame, waiting for the device and for ring room when needed.
+
+        With room on the ring it returns at once without yielding, as a
+        socket send that does not block.
+        """
+        while not self.transmit_nowait(frame, flags):
+            if not self.connected_now:
+                await self.wait_connected()
+                continue
+            self._tx_waiting += 1
+            try:
+                space = self._tx_space
+                if not self._tx.final_check_for_responses():
+                    await space.wait()  # the back end notifies: rsp_event is armed
+            finally:
+                self._tx_waiting -= 1
+
+    def _collect_tx(self) -> None:
+        """Reclaim the buffers of answered tx requests."""
+        responses = self._tx.get_responses()
+        if not responses:
+            return
+        busy, free, stats = self._tx_busy, self._tx_free, self.stats
+        for slot, status in responses:
+            if status == NETIF_RSP_NULL:
+                continue
+            if slot >= len(busy) or not busy[slot]:
+                raise ChannelBroken(f"tx response for id {slot}, which is not in flight")
+            busy[slot] = 0
+            free.append(slot)
+            if status != NETIF_RSP_OKAY:
+                stats["tx_dropped" if status == NETIF_RSP_DROPPED else "tx_errors"] += 1
+        if self._tx_waiting:
+            self._tx_space.set()
+            self._tx_space = trio.Event()
+
+    # --- the data path -----------------------------------------------------------
+
+    async def serve(self, channel: RingGroup) -> None:
+        """Post the rx buffers, map them statically if offered, then poll until cancelled."""
+        self._tx, self._rx = channel.rings["tx"], channel.rings["rx"]
+        self._port = channel.ports["tx"]
+        buffers = self._buffers = _Buffers(self.ctx.domain, self.device.otherend_id,
+                                           self._tx.nr_ents, self._rx.nr_ents)
+        self._tx_pages, self._tx_refs = buffers.tx_pages, buffers.tx_refs
+        self._rx_pages, self._rx_refs = buffers.rx_pages, buffers.rx_refs
+        self._tx_free = list(range(self._tx.nr_ents))
+        self._tx_busy = bytearray(self._tx.nr_ents)
+        self._rx_posted = bytearray(b"\1" * self._rx.nr_ents)
+        self._rx_partial = []
+        self._rx.put_requests((i, 0, ref) for i, ref in enumerate(buffers.rx_refs))
+        if self._rx.push_requests():
+            self._port.notify()
+        async with trio.open_nursery() as nursery:
+            if "ctrl" in channel.rings:
+                ctrl = FrontChannel(cast(FrontRing, channel.rings["ctrl"]),
+                                    channel.ports["ctrl"])
+                nursery.start_soon(self._map_statically, ctrl, buffers)
+            await self._poll()
+
+    async def _poll(self) -> None:
+        rx, tx, port = self._rx, self._tx, self._port
+        while True:
+            received = self._collect_rx()
+            self._collect_tx()
+            if received:
+                await trio.lowlevel.checkpoint()
+                continue
+            if rx.final_check_for_responses():
+                continue
+            if self._tx_waiting and tx.final_check_for_responses():
+                continue
+            await port.wait()
+
+    def _collect_rx(self) -> int:
+        """Deliver every frame received so far and repost its buffers; returns the slots read."""
+        responses = self._rx.get_responses()
+        if not responses:
+            return 0
+        pages, refs, posted = self._rx_pages, self._rx_refs, self._rx_posted
+        partial, stats = self._rx_partial, self.stats
+        reposts = []
+        for buffer, offset, flags, status in responses:
+            if buffer >= len(posted) or not posted[buffer]:
+                raise ChannelBroken(f"rx response for buffer {buffer}, which is not posted")
+            if flags & NETRXF_extra_info:
+                raise ChannelBroken("rx extra info, which this front end never negotiated")
+            posted[buffer] = 0
+            reposts.append(buffer)
+            good = status >= 0 and offset + status <= XEN_PAGE_SIZE
+            if not partial and not flags & NETRXF_more_data:  # a frame in one slot
+                if good:
+                    data = bytes(pages[buffer][offset:offset + status])
+                    stats["rx_packets"] += 1
+                    stats["rx_bytes"] += status
+                    self._deliver(data, flags)
+                else:
+                    stats["rx_errors"] += 1
+                continue
+            if not partial:
+                self._rx_partial_flags = flags & ~NETRXF_more_data  # the first slot's csum flags
+            partial.append(bytes(pages[buffer][offset:offset + status]) if good else None)
+            if flags & NETRXF_more_data:
+                continue
+            pieces = [piece for piece in partial if piece is not None]
+            complete = len(pieces) == len(partial)
+            partial.clear()
+            if complete:
+                data = b"".join(pieces)
+                stats["rx_packets"] += 1
+                stats["rx_bytes"] += len(data)
+                self._deliver(data, self._rx_partial_flags)
+            else:
+                stats["rx_errors"] += 1
+        for buffer in reposts:
+            posted[buffer] = 1
+        self._rx.put_requests((buffer, 0, refs[buffer]) for buffer in reposts)
+        if self._rx.push_requests():
+            self._port.notify()
+        return len(responses)
+
+    def _deliver(self, frame: bytes, flags: int) -> None:
+        if self.receiver is None:
+            return
+        try:
+            self.receiver(frame, flags)
+        except Exception:
+            self.log.exception("%s: the receiver failed on a %d-byte frame",
+                               self.device.nodename, len(frame))
+
+    async def _map_statically(self, ctrl: FrontChannel, buffers: _Buffers) -> None:
+        """XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING of every buffer, through one list page."""
+        wanted = [(ref, XEN_NETIF_CTRLF_GREF_readonly) for ref in buffers.tx_refs] + \
+                 [(ref, 0) for ref in buffers.rx_refs]
+        request = CTRL_RING.request.record
+        domain, peer = self.ctx.domain, self.device.otherend_id
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ctrl.run)
+                size = await ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE))
+                if size.status == XEN_NETIF_CTRL_STATUS_SUCCESS and size.data >= len(wanted):
+                    gfn = domain.allocator.allocate()
+                    page = domain.memory.frame(gfn)
+                    for i, (ref, flags) in enumerate(wanted):
+                        GREF.pack_into(page, i * GREF.size, (ref, flags, 0))
+                    page.release()
+                    list_ref = domain.grants.grant_access(peer, gfn, readonly=True)
+                    try:
+                        added = await ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
+                                                        data=(0, list_ref, len(wanted))))
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self.release_grants([list_ref], gfn, 1)
+                    self.static_grants = added.status == XEN_NETIF_CTRL_STATUS_SUCCESS
+                nursery.cancel_scope.cancel()
+        except* ChannelBroken as group:
+            self.log.warning("%s: control ring broken: %s", self.device.nodename,
+                             group.exceptions[0])
+        if not self.static_grants:
+            self.log.info("%s: no static grants; the back end copies with GNTTABOP_copy",
+                          self.device.nodename)
+
+    async def disconnect(self) -> None:
+        self._tx_space.set()  # senders waiting for room see the device gone
+        self._tx_space = trio.Event()
+        await super().disconnect()
+        self._tx = self._rx = self._port = None
+        self.static_grants = False
+        if self._buffers is not None:
+            buffers, self._buffers = self._buffers, None
+            buffers.release_views()
+            await self.release_grants(buffers.tx_refs + buffers.rx_refs, buffers.first,
+                                      buffers.count)

@@ -1,0 +1,241 @@
+"""blkback against a raw front end: the data path, and everything a hostile guest may try.
+
+The back end is the real one serving a real image file; see
+`tests.blkif_harness`. After the hostile requests, the image must hold
+exactly what the legitimate writes put there.
+"""
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from drivers.blkif.protocol import DISCARD, INDIRECT, RW, SEGMENT_ARRAY, segment_words
+from tests.blkif_harness import BACK, PAGE, make_image, serving
+from xenlike.abi.blkif import (
+    BLKIF_DISCARD_SECURE,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    VDISK_READONLY,
+    BlkifOp,
+)
+
+SECTORS = 4096  # a 2 MiB disk
+READ, WRITE = BlkifOp.READ, BlkifOp.WRITE
+
+
+def rw(op: int, sector: int, segments: list[tuple[int, int, int]], rid: int = 1) -> object:
+    raw = b"".join(struct.pack("<IBBxx", *seg) for seg in segments)
+    return RW.record(op, len(segments), 51712, rid, sector, SEGMENT_ARRAY(raw.ljust(88, b"\0")))
+
+
+def indirect(op: int, sector: int, nr_segments: int, grefs: tuple[int, ...], rid: int = 1
+             ) -> object:
+    return INDIRECT.record(BlkifOp.INDIRECT, op, nr_segments, rid, sector, 51712, grefs)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, bytes]:
+    path = tmp_path / "disk.img"
+    return path, make_image(path, SECTORS)
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
+async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
+        image: tuple[Path, bytes], persistent: bool) -> None:
+    path, original = image
+    expected = bytearray(original)
+    async with serving(path, persistent=persistent) as s:
+        front = s.front
+        assert s.store.values[f"{BACK}/sectors"] == str(SECTORS)
+        assert s.store.values[f"{BACK}/feature-persistent"] == "1"
+        assert s.store.values[f"{BACK}/feature-max-indirect-segments"] == "256"
+        # Write two pages, a partial one in the middle of a page: sectors 2..9 of the
+        # request land at 100.., and only there.
+        data = os.urandom(2 * PAGE)
+        (ref_a, _), (ref_b, _) = front.page(data=data[:PAGE]), front.page(data=data[PAGE:])
+        (rsp,) = await front.submit(rw(WRITE, 100, [(ref_a, 2, 7), (ref_b, 0, 1)]))
+        assert (rsp.id, rsp.operation, rsp.status) == (1, WRITE, BLKIF_RSP_OKAY)
+        expected[100 * 512:108 * 512] = data[2 * 512:PAGE] + data[PAGE:PAGE + 2 * 512]
+        # Read it back into fresh pages.
+        (ref_c, page_c), (ref_d, page_d) = front.page(), front.page()
+        (rsp,) = await front.submit(rw(READ, 96, [(ref_c, 0, 7), (ref_d, 0, 7)], rid=2))
+        assert rsp.status == BLKIF_RSP_OKAY
+        assert bytes(page_c) + bytes(page_d) == bytes(expected[96 * 512:112 * 512])
+        # An indirect write of 300 pages (two indirect pages of segments).
+        pages = [front.page(data=os.urandom(PAGE)) for _ in range(300)]
+        words = segment_words([ref for ref, _ in pages], 300 * 8)
+        ind = [front.page(data=words[:PAGE]), front.page(data=words[PAGE:])]
+        (rsp,) = await front.submit(indirect(WRITE, 1000, 300, (ind[0][0], ind[1][0]), 3))
+        assert rsp.status == BLKIF_RSP_ERROR  # over feature-max-indirect-segments
+        words = segment_words([ref for ref, _ in pages[:256]], 256 * 8)
+        ind_ref, _ = front.page(data=words)
+        (rsp,) = await front.submit(indirect(WRITE, 1000, 256, (ind_ref,), 4))
+        assert (rsp.operation, rsp.status) == (WRITE, BLKIF_RSP_OKAY)
+        expected[1000 * 512:(1000 + 2048) * 512] = b"".join(bytes(v) for _, v in pages[:256])
+        (rsp,) = await front.submit(RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 5, 0))
+        assert rsp.status == BLKIF_RSP_OKAY
+        (rsp,) = await front.submit(DISCARD.record(BlkifOp.DISCARD, 0, 51712, 6, 2000, 16))
+        assert rsp.status == BLKIF_RSP_OKAY
+        expected[2000 * 512:2016 * 512] = bytes(16 * 512)
+        (rsp,) = await front.submit(DISCARD.record(BlkifOp.DISCARD, BLKIF_DISCARD_SECURE, 51712,
+                                                   7, 3000, 3))
+        assert rsp.status == BLKIF_RSP_OKAY
+        expected[3000 * 512:3003 * 512] = bytes(3 * 512)
+        (rsp,) = await front.submit(RW.record(BlkifOp.WRITE_BARRIER, 0, 51712, 8, 0))
+        assert rsp.status == BLKIF_RSP_OKAY
+        maps = s.grants.maps
+        (rsp,) = await front.submit(rw(READ, 0, [(ref_c, 0, 7)], rid=9))
+        assert rsp.status == BLKIF_RSP_OKAY
+        # Persistent grants: a gref seen before costs no hypercall.
+        assert (s.grants.maps == maps) is persistent
+    assert path.read_bytes() == bytes(expected)
+    assert not s.grants.mapped, "every grant is unmapped once the device disconnects"
+
+
+async def test_many_requests_in_one_push_are_answered_together(image: tuple[Path, bytes]) -> None:
+    path, original = image
+    async with serving(path) as s:
+        refs = [s.front.page()[0] for _ in range(32)]
+        requests = [rw(READ, 8 * i, [(ref, 0, 7)], rid=i) for i, ref in enumerate(refs)]
+        responses = await s.front.submit(*requests)
+        assert sorted(r.id for r in responses) == list(range(32))
+        assert all(r.status == BLKIF_RSP_OKAY for r in responses)
+        for i in range(32):
+            gfn = s.grants.entries[refs[i]].gfn
+            assert bytes(s.grants.page(gfn)) == original[i * PAGE:(i + 1) * PAGE]
+
+
+def hostile_requests(front: object) -> list[tuple[str, object, int]]:
+    """(what, request, expected status): each must be refused and change nothing."""
+    good, _ = front.page(data=os.urandom(PAGE))  # type: ignore[attr-defined]
+    elsewhere, _ = front.page(domid=7, data=os.urandom(PAGE))  # type: ignore[attr-defined]
+    readonly, _ = front.page(readonly=True, data=os.urandom(PAGE))  # type: ignore[attr-defined]
+    bad_segments = struct.pack("<IBBxx", good, 0, 7) + struct.pack("<IBBxx", good, 5, 2)
+    bad_list, _ = front.page(data=bad_segments)  # type: ignore[attr-defined]
+    never = 4000
+    return [
+        ("nr_segments 0", rw(WRITE, 0, []), BLKIF_RSP_ERROR),
+        ("nr_segments 12", RW.record(WRITE, 12, 0, 1, 0, SEGMENT_ARRAY(
+            struct.pack("<IBBxx", good, 0, 7) * 11)), BLKIF_RSP_ERROR),
+        ("first_sect > last_sect", rw(WRITE, 0, [(good, 4, 3)]), BLKIF_RSP_ERROR),
+        ("last_sect 8", rw(WRITE, 0, [(good, 0, 8)]), BLKIF_RSP_ERROR),
+        ("one bad segment of two", rw(WRITE, 0, [(good, 0, 7), (good, 3, 9)]), BLKIF_RSP_ERROR),
+        ("past the end", rw(WRITE, SECTORS - 7, [(good, 0, 7)]), BLKIF_RSP_ERROR),
+        ("far past the end", rw(READ, 2 ** 63, [(good, 0, 7)]), BLKIF_RSP_ERROR),
+        ("operation 4 (reserved)", RW.record(4, 1, 0, 1, 0), BLKIF_RSP_ERROR),
+        ("operation 7", RW.record(7, 1, 0, 1, 0), BLKIF_RSP_ERROR),
+        ("operation 255", RW.record(255, 255, 0xFFFF, 1, 2 ** 64 - 1), BLKIF_RSP_ERROR),
+        ("never granted", rw(WRITE, 0, [(never, 0, 7)]), BLKIF_RSP_ERROR),
+        ("granted to another domain", rw(WRITE, 0, [(elsewhere, 0, 7)]), BLKIF_RSP_ERROR),
+        ("read-only grant for a read", rw(READ, 0, [(readonly, 0, 7)]), BLKIF_RSP_ERROR),
+        ("good page then never granted", rw(WRITE, 8, [(good, 0, 7), (never, 0, 7)]),
+         BLKIF_RSP_ERROR),
+        ("indirect with 0 segments", indirect(WRITE, 0, 0, (bad_list,)), BLKIF_RSP_ERROR),
+        ("indirect with 257 segments", indirect(WRITE, 0, 257, (bad_list,)), BLKIF_RSP_ERROR),
+        ("indirect flush", indirect(BlkifOp.FLUSH_DISKCACHE, 0, 1, (bad_list,)),
+         BLKIF_RSP_ERROR),
+        ("indirect page never granted", indirect(WRITE, 0, 2, (never,)), BLKIF_RSP_ERROR),
+        ("indirect bad segment", indirect(WRITE, 16, 2, (bad_list,)), BLKIF_RSP_ERROR),
+        ("discard past the end", DISCARD.record(BlkifOp.DISCARD, 0, 0, 1, SECTORS - 1, 2),
+         BLKIF_RSP_ERROR),
+    ]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
+async def test_hostile_requests_are_refused_and_change_nothing(
+        image: tuple[Path, bytes], persistent: bool) -> None:
+    path, original = image
+    async with serving(path, persistent=persistent) as s:
+        for what, request, status in hostile_requests(s.front):
+            (rsp,) = await s.front.submit(request._replace(id=77))
+            assert (rsp.id, rsp.status) == (77, status), what
+        # All at once in one drain too, each on its own id.
+        batch = [request._replace(id=i) for i, (_, request, _) in
+                 enumerate(hostile_requests(s.front))]
+        responses = await s.front.submit(*batch)
+        assert {r.id: r.status for r in responses} == {i: BLKIF_RSP_ERROR for i in range(len(batch))}
+        # The device still works.
+        ref, page = s.front.page()
+        (rsp,) = await s.front.submit(rw(READ, 8, [(ref, 0, 7)]))
+        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[8 * 512:16 * 512]
+        assert s.store.values.get(f"{BACK}/state") is None  # not closed: errors sufficed
+    assert path.read_bytes() == original
+
+
+async def test_the_same_id_twice_in_flight_is_refused(image: tuple[Path, bytes]) -> None:
+    path, original = image
+    async with serving(path) as s:
+        a, _ = s.front.page()
+        b, _ = s.front.page()
+        responses = await s.front.submit(rw(READ, 0, [(a, 0, 7)], rid=5),
+                                         rw(READ, 8, [(b, 0, 7)], rid=5))
+        assert sorted(r.status for r in responses) == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]
+        (rsp,) = await s.front.submit(rw(READ, 0, [(a, 0, 7)], rid=5))
+        assert rsp.status == BLKIF_RSP_OKAY  # answered: the id is free again
+
+
+async def test_a_runaway_req_prod_closes_the_device(image: tuple[Path, bytes]) -> None:
+    path, original = image
+    async with serving(path) as s:
+        ref, _ = s.front.page()
+        await s.front.submit(rw(READ, 0, [(ref, 0, 7)]))
+        header = s.grants.page(0).cast("I")
+        header[0] += 1000  # req_prod far past anything the ring can hold
+        s.front.port.notify()
+        with trio.fail_after(5):
+            while s.store.values.get(f"{BACK}/state") != "5":
+                await trio.sleep(0.01)
+        assert "ring protocol violation" in s.store.values[f"{BACK}/error"]
+        header.release()
+    assert not s.grants.mapped
+    assert path.read_bytes() == original
+
+
+async def test_a_read_only_disk_refuses_writes_flushes_and_discards(
+        image: tuple[Path, bytes]) -> None:
+    path, original = image
+    async with serving(path, mode="r") as s:
+        values = s.store.values
+        assert int(values[f"{BACK}/info"]) & VDISK_READONLY
+        assert values[f"{BACK}/feature-flush-cache"] == "0"
+        assert values[f"{BACK}/feature-discard"] == "0"
+        ref, page = s.front.page(data=os.urandom(PAGE))
+        responses = await s.front.submit(
+            rw(WRITE, 0, [(ref, 0, 7)], rid=1),
+            RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 2, 0),
+            RW.record(BlkifOp.WRITE_BARRIER, 0, 51712, 3, 0),
+            DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 0, 8))
+        assert {r.id: r.status for r in responses} == {
+            1: BLKIF_RSP_ERROR, 2: BLKIF_RSP_ERROR, 3: BLKIF_RSP_ERROR, 4: BLKIF_RSP_EOPNOTSUPP}
+        (rsp,) = await s.front.submit(rw(READ, 16, [(ref, 0, 7)], rid=5))
+        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[16 * 512:24 * 512]
+    assert path.read_bytes() == original
+
+
+async def test_discard_not_offered_is_eopnotsupp(image: tuple[Path, bytes]) -> None:
+    path, original = image
+    async with serving(path, discard=False) as s:
+        assert s.store.values[f"{BACK}/feature-discard"] == "0"
+        (rsp,) = await s.front.submit(DISCARD.record(BlkifOp.DISCARD, 0, 51712, 1, 0, 8))
+        assert rsp.status == BLKIF_RSP_EOPNOTSUPP
+    assert path.read_bytes() == original
+
+
+async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
+        image: tuple[Path, bytes]) -> None:
+    """The ring and pages are let go only once the drain using them has stopped."""
+    path, original = image
+    async with serving(path, persistent=False) as s:
+        ref, _ = s.front.page(data=os.urandom(PAGE))
+        s.grants.map_delay = 0.2  # the drain sits in a (shielded) map hypercall
+        s.front.ring.put_request(rw(WRITE, 0, [(ref, 0, 7)]))
+        s.front.ring.push_requests()
+        s.front.port.notify()
+        await trio.sleep(0.05)
+        await s.back.disconnect()
+        assert s.back.channel is None
+    assert not s.grants.mapped
