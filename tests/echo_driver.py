@@ -26,6 +26,14 @@ class EchoBackend(Backend):
 
     async def connected(self) -> None:
         self.factor = int(await self.read("factor", "1") or 1)
+        self.connections = getattr(self, "connections", 0) + 1
+        if await self.read("restart-after", None) and self.connections == 1:
+            self.ctx.nursery.start_soon(self._restart_later)
+
+    async def _restart_later(self) -> None:
+        """Reload mid-stream, once, as the tests ask with `restart-after`."""
+        await trio.sleep(float(await self.read("restart-after", "0") or 0))
+        await self.reconnect()
 
     def features(self) -> dict[str, str | int]:
         return {"feature-scale": 1}
@@ -38,6 +46,11 @@ class EchoFrontend(Frontend):
     device_type = "echo"
     ring = ECHO_RING
     ring_page_order = 1
+
+    connections = 0
+
+    async def connected(self) -> None:
+        self.connections += 1
 
     async def scale(self, value: int) -> int:
         response = await self.call(ECHO_RING.request.record(value=value))
@@ -70,4 +83,20 @@ async def program(guest: Guest) -> None:
             await device.reconnect()
         assert results == {v: v * 3 for v in range(300)}, "requests lost across the reconnect"
     print(f"[{guest.name}] echo reconnect ok: 300 answers across each of 3 reconnects")
+    # The back end reloads itself once, `restart-after` seconds after it first
+    # connected: keep calls flowing until this end has connected a fifth time.
+    results.clear()
+
+    async def caller(start: int) -> None:
+        value = start
+        while device.connections < 5 or value < start + 300 * 8:
+            await one(value)
+            value += 8
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for start in range(8):
+                nursery.start_soon(caller, start)
+    assert all(answer == value * 3 for value, answer in results.items())
+    print(f"[{guest.name}] echo across a back-end restart ok: {len(results)} answers")
     await trio.sleep_forever()

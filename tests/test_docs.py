@@ -92,3 +92,15 @@ def test_the_tutorial_shows_the_example_code_as_it_is() -> None:
     lines = sum(len((DOCS / "examples" / "kvdev" / f).read_text().splitlines())
                 for f in ("protocol.py", "back.py", "front.py", "__init__.py"))
     assert lines < 150
+
+
+RUNNABLE = re.compile(r"```python\n(?!# file:)(.*?)```", re.S)
+EXAMPLE_PAGES = [p for p in sorted(DOCS.glob("*.md")) if RUNNABLE.search(p.read_text())]
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=[p.name for p in EXAMPLE_PAGES])
+def test_python_examples_run(page: Path) -> None:
+    """A page's python blocks run in order, in one namespace, their asserts checked."""
+    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    for block in RUNNABLE.findall(page.read_text()):
+        exec(compile(block, str(page), "exec"), namespace)

@@ -8,12 +8,19 @@
 - `HostileFrontRing`: writes raw slot bytes and impossible indices, as a
   malicious front end would.
 - `Topology`: a real topology (`xenlike up --detach`) in a temporary run
-  directory, with its consoles, XenStore and devices at hand.
+  directory, with its consoles, XenStore and devices at hand, and
+  `Topology.kill(name)` for a guest (and its front ends) that vanishes.
+
+A back end that restarts mid-stream is `Backend.reconnect()` (either end
+can reload: the device passes through Closing and Closed and connects
+again, and a front end's requests in flight are resubmitted).
 """
 
 import json
 import os
 import random
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -216,3 +223,18 @@ class Topology:
 
     def domains(self) -> list[dict[str, Any]]:
         return json.loads(self.xenlike("list", "--json").stdout)
+
+    def domid(self, name: str) -> int:
+        for domain in self.domains():
+            if domain["name"] == name:
+                return int(domain["id"])
+        raise LookupError(f"no domain named {name!r}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a guest's process, as a crash would end it: nothing says goodbye."""
+        domid = self.domid(name)
+        log = (self.run_dir / "hypervisor.log").read_text()
+        pids = re.findall(rf"\(d{domid}\) started pid (\d+)", log)
+        if not pids:
+            raise LookupError(f"no process found for {name} (d{domid})")
+        os.kill(int(pids[-1]), signal.SIGKILL)

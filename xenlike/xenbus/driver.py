@@ -118,6 +118,7 @@ class XenbusDriver:
         self.ctx = ctx
         self.device = device
         self.handshake = Handshake(self.role)
+        self._restart = False  # reconnect(): start over once both ends are Closed
         self.connected_event = trio.Event()
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
         self.trace = DeviceTrace.for_driver(self)  # handshake and ring events (xenlike.trace.events)
@@ -207,8 +208,24 @@ class XenbusDriver:
                 await self.switch_state(reaction.next_state)
             reaction = self.handshake.start()
 
+    async def reconnect(self) -> None:
+        """Close and connect again, as a reloaded driver does.
+
+        Either end may do it: the device passes through Closing and Closed,
+        then this end starts over from Initialising and the peer follows.
+        A front end's requests in flight are resubmitted on the new ring
+        (with `resubmit`).
+        """
+        self._restart = True
+        await self.switch_state(XenbusState.Closing)
+
     async def _after_closed(self) -> bool:
-        """A hook for an end that starts over once Closed; True if it moved."""
+        """Start over once both ends are Closed (the peer has let go of everything)."""
+        if self._restart and self.handshake.state == XenbusState.Closed and \
+                self.handshake.peer_state == XenbusState.Closed:
+            self._restart = False
+            await self.switch_state(XenbusState.Initialising)
+            return True
         return False
 
     async def fatal(self, message: str) -> None:
@@ -266,6 +283,12 @@ class Backend(XenbusDriver):
 
     async def disconnected(self) -> None:
         """The data path has stopped."""
+
+    async def reconnect(self) -> None:
+        """Reload: let go of the ring first (the front end cannot end its grants
+        while they are mapped), then pass through Closing and Closed."""
+        await self.disconnect()
+        await super().reconnect()
 
     async def handle(self, request: Any) -> Any:
         """Answer one request (the default `serve` calls this)."""
@@ -343,15 +366,12 @@ class Backend(XenbusDriver):
         self._nursery.start_soon(self._serve_until_stopped, self.channel)
 
     async def _serve_until_stopped(self, channel: Any) -> None:
-        broken = None
         with trio.CancelScope() as scope:
             self._serving = scope
             try:
                 await self.serve(channel)
             except ChannelBroken as exc:
-                broken = exc
-        if broken is not None:  # outside the scope that fatal's disconnect cancels
-            await self.fatal(f"ring protocol violation: {broken}")
+                await self.fatal(f"ring protocol violation: {exc}")
 
     async def disconnect(self) -> None:
         if self._serving is not None:
@@ -397,7 +417,6 @@ class Frontend(XenbusDriver):
         self._orphans: list[Any] = []
         self._collector: trio.CancelScope | None = None
         self._ready = trio.Event()
-        self._restart = False
 
     def front_keys(self) -> dict[str, str | int]:
         """Keys published with the ring refs (the front end's own features)."""
@@ -436,21 +455,6 @@ class Frontend(XenbusDriver):
             except Disconnected:
                 if not self.resubmit:
                     raise
-
-    async def reconnect(self) -> None:
-        """Close and connect again, as a reloaded front end does; requests in
-        flight are resubmitted on the new ring (with `resubmit`)."""
-        self._restart = True
-        await self.switch_state(XenbusState.Closing)
-
-    async def _after_closed(self) -> bool:
-        """Start over once both ends are Closed (the back end has let go of everything)."""
-        if self._restart and self.handshake.state == XenbusState.Closed and \
-                self.handshake.peer_state == XenbusState.Closed:
-            self._restart = False
-            await self.switch_state(XenbusState.Initialising)
-            return True
-        return False
 
     async def _perform(self, action: Action) -> None:
         if action is Action.setup:

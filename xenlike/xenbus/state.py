@@ -89,6 +89,9 @@ _row(_BACK, (S.Initialising, S.InitWait, S.Initialised, S.Connected), (S.Closing
 # were missed: watch events coalesce) closes the back end, which then offers
 # itself again.
 _row(_BACK, (S.Connected, S.Closing), (S.Initialising,), Action.disconnect, S.Closed)
+# A back end that closes on its own (to restart) is Closed once the front end
+# has let go of the ring.
+_row(_BACK, (S.Closing,), (S.Closing,), Action.disconnect, S.Closed)
 # A closed front end closes a connected back end; a back end that only waits
 # (InitWait) keeps waiting, since a closed front end may yet start over.
 _row(_BACK, (S.Closing, S.Connected), (S.Closed,), Action.disconnect, S.Closed)
