@@ -8,6 +8,7 @@ domain 0's rights, as `xl` goes through privcmd::
         await xc.unpause(domid)
 """
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,10 +33,22 @@ from xenlike.domain.hypercall import HypercallClient, codec_for
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor.control import XENLIKE_DOMCTL_build, xenlike_domctl_build
 
-__all__ = ["XenControl"]
+__all__ = ["XenControl", "connect_control_socket"]
 
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
+
+
+async def connect_control_socket(run_dir: str | os.PathLike[str]) -> trio.socket.SocketType:
+    """The hypervisor's privileged control socket of a run directory, connected."""
+    path = Path(run_dir) / "hypervisor.sock"
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        await sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(f"no hypervisor at {path}: {exc.strerror}") from None
+    return sock
 
 
 class XenControl:
@@ -47,13 +60,7 @@ class XenControl:
     @classmethod
     @asynccontextmanager
     async def connect(cls, run_dir: Path) -> AsyncIterator["XenControl"]:
-        path = Path(run_dir) / "hypervisor.sock"
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            await sock.connect(str(path))
-        except OSError as exc:
-            sock.close()
-            raise ConnectionError(f"no hypervisor at {path}: {exc.strerror}") from None
+        sock = await connect_control_socket(run_dir)
         client = HypercallClient(sock)
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)

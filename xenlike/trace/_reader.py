@@ -2,10 +2,8 @@
 
 import bisect
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from types import TracebackType
 
 import attrs
@@ -71,14 +69,10 @@ class TraceReader:
     @classmethod
     async def open(cls, run_dir: str | os.PathLike[str]) -> "TraceReader":
         """Connect to the hypervisor serving `run_dir` and attach every buffer it has."""
-        path = Path(run_dir) / "hypervisor.sock"
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            await sock.connect(str(path))
-        except OSError as exc:
-            sock.close()
-            raise ConnectionError(f"no hypervisor at {path}: {exc.strerror}") from None
-        reader = cls(sock)
+        from xenlike.xc import connect_control_socket  # not at the top: xc imports the hypervisor
+
+
+        reader = cls(await connect_control_socket(run_dir))
         try:
             await reader.rescan()
         except BaseException:
