@@ -41,8 +41,9 @@ def matches(expected: str, actual: str) -> bool:
 
 
 def test_generated_pages_are_current() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     result = subprocess.run([sys.executable, "-m", "xenlike._docs", "--check"], capture_output=True,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
 
 
