@@ -6,6 +6,8 @@ eventfds, with a blkif-shaped ring (112-byte requests carrying one segment,
 
 - raw:     a minimal loop written by hand: struct on the mapped page, the
            index arithmetic and notify checks inline, eventfd doorbells.
+           Like any blkif code it packs and reads the request header and
+           then the segments the request says it has (here one).
 - xenlike: `xenlike.ring.FrontRing` / `BackRing` with the blkif layouts and
            `xenlike._eventfd.EventFd`.
 
@@ -48,7 +50,14 @@ async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, coun
             if not back.final_check_for_requests():
                 await req_evt.wait()
             continue
-        back.put_responses([(r.id, r.operation, 0) for r in reqs])  # blkif_response fields
+        responses = []
+        for r in reqs:
+            status = 0
+            for seg in r.seg[: r.nr_segments]:  # check each segment, as blkback does
+                if seg.first_sect > seg.last_sect:
+                    status = -1
+            responses.append((r.id, r.operation, status))  # blkif_response's fields
+        back.put_responses(responses)
         if back.push_responses():
             rsp_evt.notify()
         served += len(reqs)
@@ -77,7 +86,8 @@ async def xenlike_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, cou
 
 # --- raw, by hand ----------------------------------------------------------
 
-REQ = struct.Struct("<BBH4xQQIBB2x" + "8x" * 10)
+HDR = struct.Struct("<BBH4xQQ")  # blkif_request up to seg[]
+SEG = struct.Struct("<IBB2x")  # blkif_request_segment
 RSP = struct.Struct("<QBxh4x")
 SLOT, NR_ENTS, M = 112, 32, 0xFFFFFFFF
 _lock = threading.Lock()
@@ -86,7 +96,7 @@ _lock = threading.Lock()
 async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> None:
     hdr = mem[:64].cast("I")
     req_cons = rsp_prod_pvt = served = 0
-    unpack, pack = REQ.unpack_from, RSP.pack_into
+    unpack_hdr, unpack_seg, pack = HDR.unpack_from, SEG.unpack_from, RSP.pack_into
     while served < count:
         avail = (hdr[0] - req_cons) & M
         if not avail:
@@ -98,8 +108,14 @@ async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: i
             await req_evt.wait()
             continue
         for i in range(avail):
-            r = unpack(mem, 64 + ((req_cons + i) & 31) * SLOT)
-            pack(mem, 64 + ((rsp_prod_pvt + i) & 31) * SLOT, r[3], r[0], 0)
+            base = 64 + ((req_cons + i) & 31) * SLOT
+            op, nseg, _, rid, _ = unpack_hdr(mem, base)
+            status = 0
+            for s in range(nseg):  # check each segment, as blkback does
+                _, first, last = unpack_seg(mem, base + 24 + 8 * s)
+                if first > last:
+                    status = -1
+            pack(mem, 64 + ((rsp_prod_pvt + i) & 31) * SLOT, rid, op, status)
         req_cons = (req_cons + avail) & M
         old, rsp_prod_pvt = rsp_prod_pvt, (rsp_prod_pvt + avail) & M
         hdr[2] = rsp_prod_pvt
@@ -116,13 +132,15 @@ async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: 
     hdr[0] = hdr[2] = 0
     hdr[1] = hdr[3] = 1
     req_prod = rsp_cons = sent = 0
-    pack, unpack = REQ.pack_into, RSP.unpack_from
+    pack_hdr, pack_seg, unpack = HDR.pack_into, SEG.pack_into, RSP.unpack_from
     while rsp_cons < count:
         room = min(depth - (sent - rsp_cons), count - sent)
         if room > 0:
             for i in range(room):
                 rid = sent + i
-                pack(mem, 64 + ((req_prod + i) & 31) * SLOT, 0, 1, 51712, rid, rid, 8, 0, 7)
+                base = 64 + ((req_prod + i) & 31) * SLOT
+                pack_hdr(mem, base, 0, 1, 51712, rid, rid)
+                pack_seg(mem, base + 24, 8, 0, 7)
             old, req_prod = req_prod, (req_prod + room) & M
             sent += room
             hdr[0] = req_prod

@@ -12,6 +12,7 @@ nested `Struct` and `Array` of those. Padding is always written as zeros, so
 no stale byte of the writer's memory ever reaches the other side.
 """
 
+import functools
 import re
 import struct
 from collections import namedtuple
@@ -201,7 +202,8 @@ class _Generator:
         if isinstance(con.subcon, construct.Struct):
             item = compile_struct(con.subcon, re.sub(r"\[\d+\]", "", name).replace(".", "_"))
             array_type = type(f"{item.record.__name__}_array", (RecordArray,), {
-                "__slots__": (), "_item": item, "_count": count})
+                "__slots__": (), "_item": item, "_count": count,
+                "_make": functools.partial(tuple.__new__, item.record)})
             type_name = self._name("A")
             self.namespace[type_name] = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
@@ -253,6 +255,7 @@ class RecordArray(Sequence[Any]):
     __slots__ = ("raw",)
     _item: Codec
     _count: int
+    _make: Callable[[tuple[Any, ...]], Any]  # tuple -> element record, at C speed
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -279,7 +282,11 @@ class RecordArray(Sequence[Any]):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(self._count)))
+            start, stop, step = index.indices(self._count)
+            if step != 1:
+                return tuple(self)[index]
+            size = self._item.size
+            return self._decode(self.raw[start * size:max(start, stop) * size])
         if index < 0:
             index += self._count
         if not 0 <= index < self._count:
@@ -287,8 +294,11 @@ class RecordArray(Sequence[Any]):
         return self._item.unpack_from(self.raw, index * self._item.size)
 
     def __iter__(self) -> Iterator[Any]:
-        unpack, size = self._item.unpack_from, self._item.size
-        return (unpack(self.raw, i * size) for i in range(self._count))
+        return iter(self._decode(self.raw))
+
+    def _decode(self, data: bytes) -> tuple[Any, ...]:
+        """Records for whole elements, in one struct call (iter_unpack), no Python per element."""
+        return tuple(map(self._make, self._item.format.iter_unpack(data)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RecordArray):
