@@ -202,8 +202,9 @@ class _Generator:
         if isinstance(con.subcon, construct.Struct):
             item = compile_struct(con.subcon, re.sub(r"\[\d+\]", "", name).replace(".", "_"))
             array_type = type(f"{item.record.__name__}_array", (RecordArray,), {
-                "__slots__": (), "_item": item, "_count": count,
-                "_make": functools.partial(tuple.__new__, item.record)})
+                "__slots__": (), "_item": item, "_count": count, "_size": item.size,
+                "_make": functools.partial(tuple.__new__, item.record),
+                "_iter": item.format.iter_unpack, "_unpack": item.format.unpack_from})
             type_name = self._name("A")
             self.namespace[type_name] = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
@@ -255,7 +256,10 @@ class RecordArray(Sequence[Any]):
     __slots__ = ("raw",)
     _item: Codec
     _count: int
+    _size: int
     _make: Callable[[tuple[Any, ...]], Any]  # tuple -> element record, at C speed
+    _iter: Callable[[bytes], Iterator[tuple[Any, ...]]]  # the element format's iter_unpack
+    _unpack: Callable[[bytes, int], tuple[Any, ...]]
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -282,23 +286,21 @@ class RecordArray(Sequence[Any]):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            start, stop, step = index.indices(self._count)
-            if step != 1:
-                return tuple(self)[index]
-            size = self._item.size
-            return self._decode(self.raw[start * size:max(start, stop) * size])
+            start, stop, step = index.start or 0, index.stop, index.step
+            if step is None and start >= 0 and stop is not None and stop >= 0:
+                # The common `seg[:nr_segments]`, at C speed.
+                size = self._size
+                return tuple(map(self._make, self._iter(self.raw[start * size:
+                                                                  min(stop, self._count) * size])))
+            return tuple(self)[index]
         if index < 0:
             index += self._count
         if not 0 <= index < self._count:
             raise IndexError(f"{type(self).__name__} index {index} out of range")
-        return self._item.unpack_from(self.raw, index * self._item.size)
+        return self._make(self._unpack(self.raw, index * self._size))
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._decode(self.raw))
-
-    def _decode(self, data: bytes) -> tuple[Any, ...]:
-        """Records for whole elements, in one struct call (iter_unpack), no Python per element."""
-        return tuple(map(self._make, self._item.format.iter_unpack(data)))
+        return map(self._make, self._iter(self.raw))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RecordArray):
