@@ -12,7 +12,6 @@ the other side are checked: a producer more than a ring ahead of the
 consumer is a protocol error (`RingOverflow`), never a read past the array.
 """
 
-import struct
 from typing import Protocol
 
 import attrs
@@ -26,7 +25,6 @@ from xenlike.ring import RingOverflow, mb, rmb, wmb
 __all__ = ["ByteRing", "ByteRingLayout", "ByteRingStream", "CONSOLE", "Doorbell", "XENSTORE"]
 
 _MASK32 = 0xFFFFFFFF
-_U32 = struct.Struct("<I")
 
 
 @attrs.frozen
@@ -70,12 +68,20 @@ class ByteRing:
         self.page = page.cast("B") if page.format != "B" else page
         self.layout = layout
         self._mask = layout.size - 1
+        # The indices as native 32-bit words: one load or store each. (struct's
+        # "<I" moves a byte at a time, and the peer would see a torn index.)
+        self._words = self.page[: len(self.page) // 4 * 4].cast("I")
 
     def _index(self, offset: int) -> int:
-        return _U32.unpack_from(self.page, offset)[0]
+        return self._words[offset >> 2]
 
     def _set_index(self, offset: int, value: int) -> None:
-        _U32.pack_into(self.page, offset, value & _MASK32)
+        self._words[offset >> 2] = value & _MASK32
+
+    def release(self) -> None:
+        """Drop this ring's views of the page, so it can be unmapped."""
+        self._words.release()
+        self.page.release()
 
     def used(self) -> int:
         """Bytes written and not yet consumed; refuses impossible indices."""

@@ -79,8 +79,8 @@ class XenConsoled:
                 await port.close()
             except Exception:
                 pass
-            console.back.stream.tx.page.release()
-            console.back.stream.rx.page.release()
+            console.back.stream.tx.release()
+            console.back.stream.rx.release()
             page.release()
             try:
                 await self.domain.grants.unmap(mapping)

@@ -76,6 +76,6 @@ class Dom0XenStored(XenStored):
             except Exception:
                 pass
             for ring in (to_guest, from_guest):
-                ring.page.release()
+                ring.release()
             page.release()
             await grants.unmap(mapping)
