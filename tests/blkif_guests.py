@@ -11,6 +11,7 @@ import hashlib
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from drivers.blkif import BlockDeviceError
 from drivers.blkif.protocol import RW, SEGMENT_ARRAY, segment_words
@@ -62,7 +63,7 @@ async def exercise(guest: Any) -> None:
     async with trio.open_nursery() as nursery:
         for i in range(128):
             nursery.start_soon(disk.write, sector + 8 * i, data[i * 4096:(i + 1) * 4096])
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         await disk.reconnect()
     assert await disk.read(sector, count) == data, "writes lost across the reconnect"
     await disk.flush()

@@ -23,10 +23,9 @@ from drivers.blkif import BLKIF_RING, BlkBack
 from xenlike.abi.grant_table import GntStatus
 from xenlike.domain.grant_table import GrantMapping, GrantStatusError
 from xenlike.memory import DomainMemory, map_frames
-from xenlike.ring import FrontRing
+from xenlike.ring import BackRing, FrontRing
 from xenlike.testing import doorbell_pair
 from xenlike.xenbus import BackChannel, DeviceInfo, XenbusContext
-from xenlike.ring import BackRing
 from xenlike.xenstore import XenStoreError
 
 FRONT_DOMID = 1
@@ -158,11 +157,12 @@ class Served:
 
 @asynccontextmanager
 async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
-                  discard: bool = True) -> AsyncIterator[Served]:
+                  discard: bool = True, direct: bool = False) -> AsyncIterator[Served]:
     """A BlkBack connected to a RawFront over a one-page ring, serving `image`."""
     grants = GuestGrants()
     store = Store({f"{BACK}/params": str(image), f"{BACK}/mode": mode, f"{BACK}/type": "file",
                    f"{BACK}/discard-enable": "1" if discard else "0",
+                   f"{BACK}/direct-io-safe": "1" if direct else "0",
                    f"{FRONT}/feature-persistent": "1" if persistent else "0"})
     domain = SimpleNamespace(domid=0, grants=grants, ext={"disks": Disk.open})
     async with trio.open_nursery() as nursery:

@@ -43,12 +43,14 @@ def image(tmp_path: Path) -> tuple[Path, bytes]:
     return path, make_image(path, SECTORS)
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
+@pytest.mark.parametrize("persistent,direct", [(True, False), (False, False), (True, True)],
+                         ids=["persistent", "mapped-per-drain", "persistent-O_DIRECT"])
 async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
-        image: tuple[Path, bytes], persistent: bool) -> None:
+        image: tuple[Path, bytes], persistent: bool, direct: bool) -> None:
     path, original = image
     expected = bytearray(original)
-    async with serving(path, persistent=persistent) as s:
+    async with serving(path, persistent=persistent, direct=direct) as s:
+        assert s.back.disk is not None and s.back.disk.direct is direct
         front = s.front
         assert s.store.values[f"{BACK}/sectors"] == str(SECTORS)
         assert s.store.values[f"{BACK}/feature-persistent"] == "1"
@@ -92,6 +94,8 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
         assert rsp.status == BLKIF_RSP_OKAY
         # Persistent grants: a gref seen before costs no hypercall.
         assert (s.grants.maps == maps) is persistent
+        # Through the page cache nothing waits on a thread; with O_DIRECT all I/O does.
+        assert (s.back.offloaded > 4) is direct  # flush, two discards, barrier: always
     assert path.read_bytes() == bytes(expected)
     assert not s.grants.mapped, "every grant is unmapped once the device disconnects"
 
@@ -167,7 +171,7 @@ async def test_hostile_requests_are_refused_and_change_nothing(
 
 
 async def test_the_same_id_twice_in_flight_is_refused(image: tuple[Path, bytes]) -> None:
-    path, original = image
+    path, _original = image
     async with serving(path) as s:
         a, _ = s.front.page()
         b, _ = s.front.page()
@@ -228,7 +232,7 @@ async def test_discard_not_offered_is_eopnotsupp(image: tuple[Path, bytes]) -> N
 async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
         image: tuple[Path, bytes]) -> None:
     """The ring and pages are let go only once the drain using them has stopped."""
-    path, original = image
+    path, _original = image
     async with serving(path, persistent=False) as s:
         ref, _ = s.front.page(data=os.urandom(PAGE))
         s.grants.map_delay = 0.2  # the drain sits in a (shielded) map hypercall
@@ -239,3 +243,19 @@ async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
         await s.back.disconnect()
         assert s.back.channel is None
     assert not s.grants.mapped
+
+
+async def test_counters_are_published_for_xenlike_top(image: tuple[Path, bytes]) -> None:
+    path, _ = image
+    async with serving(path) as s:
+        ref, _ = s.front.page()
+        await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=1), rw(WRITE, 8, [(ref, 0, 3)], rid=2),
+                             RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 3, 0),
+                             DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 100, 16))
+        with trio.fail_after(5):
+            while s.store.values.get(f"{BACK}/statistics/ds_sect") != "16":
+                await trio.sleep(0.05)
+        values = {key: s.store.values[f"{BACK}/statistics/{key}"]
+                  for key in ("rd_req", "rd_sect", "wr_req", "wr_sect", "f_req", "ds_req")}
+        assert values == {"rd_req": "1", "rd_sect": "8", "wr_req": "1", "wr_sect": "4",
+                          "f_req": "1", "ds_req": "1"}

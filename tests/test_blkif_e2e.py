@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tests.blkif_guests import DISCARDED, WRITES, pattern
+from tests.blkif_hostile import LEGIT
 from tests.test_up import XENLIKE, started_pids, wait_for, wait_gone, xenlike
 
 TOPOLOGY = """\
@@ -129,3 +130,65 @@ def test_a_flushed_write_survives_killing_everything(tmp_path: Path) -> None:
             up.kill()
     data = (tmp_path / "d.img").read_bytes()
     assert data[4096 * 512:4096 * 512 + (1 << 20)] == pattern("durable", 1 << 20)
+
+
+HOSTILE = """\
+[host]
+name = "hostile"
+
+[dom0]
+memory = 96
+images = {{ "victim.img" = "32M" }}
+
+[[domain]]
+name = "victim"
+memory = 32
+init = "tests.blkif_guests:exercise"
+disk = ["format=raw, vdev=xvda, access=rw, target=victim.img"]
+
+[[domain]]
+name = "hostile"
+memory = 16
+init = "tests.blkif_hostile:hostile"
+devices = [{{ type = "vbd-hostile", driver = "tests.blkif_hostile:DRIVER", devid = "51712", params = "{image}", mode = "w" }}]
+"""
+
+
+def test_a_hostile_front_end_gets_errors_and_a_closed_device_and_harms_nothing(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    image = tmp_path / "hostile.img"
+    original = os.urandom(4 << 20)
+    image.write_bytes(original)
+    topology = tmp_path / "hostile.toml"
+    topology.write_text(HOSTILE.format(image=image))
+    try:
+        xenlike("up", str(topology), "--detach", run_dir=run_dir)
+        xenlike("xenstore", "write", "/local/domain/2/data/attack", "1", run_dir=run_dir)
+        text = wait_for_line(run_dir, "hostile", "hostile done")
+        for outcome in ("a grant never made: refused", "a grant made to another domain: refused",
+                        "a read-only grant for a read: refused",
+                        "7 slots of random bytes: refused", "the same id twice: the second refused",
+                        "a legitimate write: done",
+                        "a runaway req_prod: the back end is Closing (ring protocol violation"):
+            assert outcome in text, text
+        wait_for_line(run_dir, "victim", "blk ok")
+        rows = json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
+        assert [r["name"] for r in rows] == ["Domain-0", "victim", "hostile"]
+        report = {d["domain"]: d for d in
+                  json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)}
+        assert report["victim"]["backend_state"] == "Connected"
+        assert report["hostile"]["backend_state"] in ("Closing", "Closed")
+        assert any("ring protocol violation" in e for e in report["hostile"]["errors"])
+    finally:
+        xenlike("down", run_dir=run_dir, check=False)
+    expected = bytearray(original)
+    sector, label = LEGIT
+    expected[sector * 512:sector * 512 + 4096] = pattern(label, 4096)
+    assert image.read_bytes() == bytes(expected), "bytes outside the legitimate write changed"
+    victim = bytearray(32 << 20)
+    for label, start, count in WRITES:
+        victim[start * 512:(start + count) * 512] = pattern(label, count * 512)
+    start, count = DISCARDED
+    victim[start * 512:(start + count) * 512] = bytes(count * 512)
+    assert (tmp_path / "victim.img").read_bytes() == bytes(victim)

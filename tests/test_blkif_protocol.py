@@ -25,7 +25,6 @@ from xenlike.abi import blkif
 from xenlike.memory import DomainMemory, PageAllocator
 from xenlike.topology import parse_topology
 
-
 # --- the ring -------------------------------------------------------------------------
 
 def test_the_ring_has_xens_sizes() -> None:
@@ -33,22 +32,28 @@ def test_the_ring_has_xens_sizes() -> None:
     assert BLKIF_REQUEST.size == 112 and blkif.BLKIF_SEGS_PER_INDIRECT_FRAME == 512
 
 
-SEGS = [dict(gref=10, first_sect=0, last_sect=7), dict(gref=11, first_sect=1, last_sect=3)]
+def _segment(gref: int, first: int, last: int) -> dict[str, int]:
+    return {"gref": gref, "first_sect": first, "last_sect": last}
+
+
+RW_FIELDS = {"operation": 1, "nr_segments": 2, "handle": 51712, "id": 0xDEADBEEF,
+             "sector_number": 12345, "seg": [_segment(10, 0, 7), _segment(11, 1, 3)]
+             + [_segment(0, 0, 0)] * 9}
+DISCARD_FIELDS = {"operation": 5, "flag": 1, "handle": 51712, "id": 7, "sector_number": 100,
+                  "nr_sectors": 2 ** 40}
+INDIRECT_FIELDS = {"operation": 6, "indirect_op": 0, "nr_segments": 300, "id": 9,
+                   "sector_number": 8, "handle": 51712,
+                   "indirect_grefs": [55, 56, 0, 0, 0, 0, 0, 0]}
 
 
 @pytest.mark.parametrize("record,layout,fields", [
     (RW.record(blkif.BLKIF_OP_WRITE, 2, 51712, 0xDEADBEEF, 12345, [(10, 0, 7), (11, 1, 3)]),
-     blkif.blkif_request, dict(operation=1, nr_segments=2, handle=51712, id=0xDEADBEEF,
-                               sector_number=12345, seg=SEGS + [dict(gref=0, first_sect=0,
-                                                                     last_sect=0)] * 9)),
+     blkif.blkif_request, RW_FIELDS),
     (DISCARD.record(blkif.BLKIF_OP_DISCARD, blkif.BLKIF_DISCARD_SECURE, 51712, 7, 100, 2 ** 40),
-     blkif.blkif_request_discard, dict(operation=5, flag=1, handle=51712, id=7,
-                                       sector_number=100, nr_sectors=2 ** 40)),
+     blkif.blkif_request_discard, DISCARD_FIELDS),
     (INDIRECT.record(blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_READ, 300, 9, 8, 51712, (55, 56)),
-     blkif.blkif_request_indirect, dict(operation=6, indirect_op=0, nr_segments=300, id=9,
-                                        sector_number=8, handle=51712,
-                                        indirect_grefs=[55, 56, 0, 0, 0, 0, 0, 0])),
-])
+     blkif.blkif_request_indirect, INDIRECT_FIELDS),
+], ids=["rw", "discard", "indirect"])
 def test_each_variant_packs_as_construct_builds_it_and_decodes_by_operation(
         record: object, layout: object, fields: dict) -> None:
     slot = bytearray(b"\xAA" * 112)  # a stale slot: whatever it held must not survive

@@ -122,6 +122,7 @@ def test_top_batch_and_json_print_every_domain(run_dir: Path) -> None:
     domains = {d["name"]: d for d in frames[0]["domains"]}
     assert set(domains) == {"Domain-0", "alpha", "beta"}
     assert domains["Domain-0"]["hypercalls_s"] > 0  # top's own calls, at least
-    assert domains["alpha"]["mem_k"] == 32 * 1024 and domains["alpha"]["rd_req"] == 0
+    assert domains["alpha"]["mem_k"] == 32 * 1024
+    assert domains["alpha"]["rd_req"] in (0, 1)  # the demo's one read back, once blkback publishes
     assert xenlike("top", "-i", "1", run_dir=run_dir.parent / "nothing",
                    check=False).returncode == 1

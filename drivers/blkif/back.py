@@ -34,6 +34,9 @@ What it does is Linux's xen-blkback, in substance and in key names:
 - Durability: FLUSH_DISKCACHE is fdatasync, acknowledged only once it has
   returned. WRITE_BARRIER, as blkback does it, first waits for everything
   in flight, then flushes, writes and flushes again.
+- Counters with blkback's names (rd_req, wr_req, f_req, ds_req, rd_sect,
+  wr_sect, ds_sect, oo_req) go to `statistics/` in the back-end directory
+  once a second while they change, for `xenlike top`.
 
 The disk itself is the driver domain's hardware, not this package's: the
 kernel hands an opener in `domain.ext["disks"]` (Dom0's is
@@ -76,7 +79,8 @@ from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.domain.grant_table import GrantError, GrantMapping, GrantStatusError
 from xenlike.memory import MemoryInUse
 from xenlike.ring import MAX_RING_PAGE_ORDER
-from xenlike.xenbus import Backend, BackChannel, ChannelBroken, ProtocolError
+from xenlike.xenbus import BackChannel, Backend, ChannelBroken, ProtocolError
+from xenlike.xenstore import XenStoreError
 
 __all__ = ["BlkBack", "BlockDevice", "PersistentGrants"]
 
@@ -88,6 +92,9 @@ MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's max_persistent_grants default
 MAP_BATCH = 1024  # grant refs per GNTTABOP_map_grant_ref (the hypervisor's batch limit)
 IO_THREADS = 8  # worker threads per device for I/O that must wait for the device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
+STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
+STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
+_MASK32 = 0xFFFFFFFF
 
 
 class BlockDevice(Protocol):
@@ -123,7 +130,6 @@ class _Job:
     indirect_grefs: tuple[int, ...] = ()
     secure: bool = False
     iov: list[Any] | None = None
-
 
 
 class _Mappings:
@@ -245,6 +251,7 @@ class BlkBack(Backend):
         self._threads = trio.CapacityLimiter(IO_THREADS)
         self.refused = 0
         self.offloaded = 0
+        self.stats = dict.fromkeys(STATISTICS, 0)
 
     # --- the disk, and what is published about it --------------------------------
 
@@ -277,8 +284,8 @@ class BlkBack(Backend):
             raise ProtocolError(f"d{self.ctx.domain.domid} has no disks (domain.ext['disks'])")
         direct = await self.read("direct-io-safe", "0") == "1"
         self.disk = opener(Path(params), readonly=mode == "r", direct=direct)
-        self.discard_enabled = (mode == "w" and
-                        await self.read_int("discard-enable", 1, otherend=False) == 1)
+        self.discard_enabled = (mode == "w"
+                                and await self.read_int("discard-enable", 1, otherend=False) == 1)
         self.info = ((VDISK_READONLY if mode == "r" else 0)
                      | (VDISK_CDROM if await self.read("device-type", "disk") == "cdrom" else 0)
                      | (VDISK_REMOVABLE if await self.read("removable", "0") == "1" else 0))
@@ -312,6 +319,7 @@ class BlkBack(Backend):
             if self.persistent else None
         self._in_flight.clear()
         self.refused = 0
+        self.stats = dict.fromkeys(STATISTICS, 0)
 
     async def disconnect(self) -> None:
         """Stop the data path and wait for it (I/O on worker threads included) before
@@ -339,11 +347,16 @@ class BlkBack(Backend):
             with trio.CancelScope() as self._data_path:
                 async with trio.open_nursery() as nursery:
                     self._background = nursery
+                    publishing = trio.CancelScope()
+                    nursery.start_soon(self._publish_statistics, publishing)
                     try:
                         async for batch in channel.batches_of_requests():
                             await self._drain(channel, batch)
+                            self._count_waiting(channel)
                     except ChannelBroken as exc:
                         broken = f"ring protocol violation: {exc}"
+                    finally:
+                        publishing.cancel()
         except Exception as exc:  # a bug here must not take Dom0 down
             self.log.exception("%s: the data path failed", self.device.nodename)
             broken = f"blkback failed: {exc!r}"
@@ -388,7 +401,39 @@ class BlkBack(Backend):
         """The job's response; its id is free again once this is published."""
         job.iov = None
         self._in_flight.discard(job.id)
+        stats, kind = self.stats, job.kind
+        sectors = job.nr_sectors if status == BLKIF_RSP_OKAY else 0
+        if kind == READ:
+            stats["rd_req"] += 1
+            stats["rd_sect"] += sectors
+        elif kind == DISCARD:
+            stats["ds_req"] += 1
+            stats["ds_sect"] += sectors
+        else:
+            stats["wr_req" if kind == WRITE else "f_req"] += 1
+            stats["wr_sect"] += sectors
         return (job.id, job.operation, status)
+
+    def _count_waiting(self, channel: BackChannel) -> None:
+        """oo_req: the ring holds requests, but every slot is taken by one in flight."""
+        ring = channel.ring
+        published = (ring.header()["req_prod"] - ring.req_cons) & _MASK32
+        if published and ring.nr_ents == (ring.req_cons - ring.rsp_prod_pvt) & _MASK32:
+            self.stats["oo_req"] += 1
+
+    async def _publish_statistics(self, scope: trio.CancelScope) -> None:
+        """`statistics/<counter>` in the back-end directory, as `xenlike top` reads them."""
+        published: dict[str, int] = {}
+        with scope:
+            while True:
+                if self.stats != published:
+                    published = dict(self.stats)
+                    try:
+                        await self.publish({f"statistics/{key}": value
+                                            for key, value in published.items()})
+                    except XenStoreError as exc:  # the toolstack is removing the device
+                        self.log.debug("%s: statistics: %s", self.device.nodename, exc)
+                await trio.sleep(STATISTICS_INTERVAL)
 
     # --- checking a request ------------------------------------------------------------
 

@@ -182,8 +182,9 @@ class BufferPool:
                 chunk.free[start:start + count] = bytes(count)
                 return Extent(chunk, start, count)
         size = max(count, self.chunk_pages)
-        if self.pages + size > self.max_pages and self.chunks:
-            return None
+        if self.pages + size > self.max_pages and \
+                any(len(chunk.free) >= count for chunk in self.chunks):
+            return None  # wait for room rather than grow past max_pages
         try:
             first = self._domain.allocator.allocate_run(size)
         except OutOfPages:
@@ -279,7 +280,7 @@ class BlkFront(Frontend):
                                        and await self.read_int("discard-secure", 0) == 1)
         self.discard_granularity = await self.read_int("discard-granularity", SECTOR_SIZE)
         self.feature_persistent = (self.params.feature_persistent
-                           and await self.read_int("feature-persistent", 0) == 1)
+                                   and await self.read_int("feature-persistent", 0) == 1)
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)

@@ -43,9 +43,9 @@ __all__ = [
     "MAX_INDIRECT_SEGMENTS",
     "RESPONSE",
     "RW",
+    "SECTORS_PER_PAGE",
     "SECTOR_SHIFT",
     "SECTOR_SIZE",
-    "SECTORS_PER_PAGE",
     "SEGMENT_ARRAY",
     "BadRequest",
     "Segments",
@@ -104,6 +104,7 @@ SEGMENT_ARRAY = type(RW.record().seg)  # seg[11] as raw bytes (xenlike.codec.Rec
 _FULL_PAGE = (SECTORS_PER_PAGE - 1) << 8  # first_sect 0, last_sect 7, as the second word
 _LITTLE = sys.byteorder == "little"
 _SMALL = [struct.Struct(f"<{2 * n}I") for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
+_ONE = struct.Struct("<IBB2x")
 _SEVENS = bytes([SECTORS_PER_PAGE - 1]) * BLKIF_SEGS_PER_INDIRECT_FRAME * 8
 _ZEROS = bytes(BLKIF_SEGS_PER_INDIRECT_FRAME * 8)
 
@@ -164,6 +165,10 @@ def parse_segments(raw: bytes, nr_segments: int) -> Segments:
     size = nr_segments * SEGMENT_SIZE
     if len(raw) < size:
         raise BadRequest(f"{nr_segments} segments need {size} bytes, got {len(raw)}")
+    if nr_segments == 1:  # a 4 KiB request: the most frequent by far
+        gref, first, last = _ONE.unpack_from(raw)
+        if first == 0 and last < SECTORS_PER_PAGE:
+            return Segments([gref], last + 1, None)
     words = array("I")
     words.frombytes(raw[:size])
     if not _LITTLE:
