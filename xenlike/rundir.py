@@ -11,7 +11,7 @@
         console/<name>.log    each guest's console output, kept by xenconsoled
         console/<name>.sock   interactive console connections
         domains/<id>.log      each domain process's own stdout and stderr
-        images/               disk images of the embedded default topology
+        <name>.img            disk images of the embedded default topology
 
 The default is `$XDG_RUNTIME_DIR/xenlike/<topology name>` (or
 `/tmp/xenlike-<uid>/<name>` without XDG_RUNTIME_DIR); `XENLIKE_RUN_DIR` and
@@ -85,10 +85,6 @@ class RunDir:
 
     def console_socket(self, name: str) -> Path:
         return self.consoles / f"{name}.sock"
-
-    @property
-    def images(self) -> Path:
-        return self.path / "images"
 
     def create(self) -> None:
         for directory in (self.path, self.xenstored_dir, self.consoles, self.path / "domains"):

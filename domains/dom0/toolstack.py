@@ -108,9 +108,12 @@ class Toolstack:
         return specs
 
     def _writer(self, spec: tuple[str, Any]) -> DeviceWriter:
+        """xl's disk and vif lines get their type's keys; a `devices` entry (a dict)
+        is written as it is, whatever type it names."""
         device_type, value = spec
-        writer_type = DEVICE_WRITERS.get(device_type, DEVICE_WRITERS["*"])
-        return writer_type(device_type, value, self)
+        if isinstance(value, dict):
+            return DEVICE_WRITERS["*"](device_type, value, self)
+        return DEVICE_WRITERS[device_type](device_type, value, self)
 
     def _cmdline(self, config: DomainConfig) -> str:
         words = []
