@@ -269,6 +269,8 @@ class Backend(XenbusDriver):
         self._mapping: Any = None
         self._ports: list[Any] = []
         self._serving: trio.CancelScope | None = None
+        self._served = trio.Event()
+        self._serve_task: Any = None
 
     def features(self) -> dict[str, str | int]:
         """Keys published before InitWait (feature-*, limits)."""
@@ -366,17 +368,30 @@ class Backend(XenbusDriver):
         self._nursery.start_soon(self._serve_until_stopped, self.channel)
 
     async def _serve_until_stopped(self, channel: Any) -> None:
-        with trio.CancelScope() as scope:
-            self._serving = scope
-            try:
-                await self.serve(channel)
-            except ChannelBroken as exc:
-                await self.fatal(f"ring protocol violation: {exc}")
+        broken = None
+        self._served = stopped = trio.Event()
+        self._serve_task = trio.lowlevel.current_task()
+        try:
+            with trio.CancelScope() as scope:
+                self._serving = scope
+                try:
+                    await self.serve(channel)
+                except ChannelBroken as exc:
+                    broken = exc
+        finally:
+            stopped.set()
+        if broken is not None:  # outside the scope that fatal's disconnect cancels
+            await self.fatal(f"ring protocol violation: {broken}")
 
     async def disconnect(self) -> None:
         if self._serving is not None:
             self._serving.cancel()
             self._serving = None
+            if trio.lowlevel.current_task() is not self._serve_task:
+                # The ring and the grants go away below: the data path must be
+                # out of them first, not just told to leave.
+                with trio.CancelScope(shield=True):
+                    await self._served.wait()
         if isinstance(self.channel, BackChannel):
             self.channel.ring.release()
         elif self.channel is not None:
