@@ -23,6 +23,7 @@ import trio
 from domains.guest import Guest
 from tests.test_up import wait_for, xenlike
 from xenlike.pcap import read_records
+from xenlike.xenstore import XenStoreError
 
 ECHO_PORT, HOST_PORT = 7000, 7001
 HOST_IP = "10.0.0.254"
@@ -42,9 +43,19 @@ async def _echo(guest: Guest, sock: Any) -> None:
         await sock.sendto(b"echo:" + data, sender)
 
 
+async def _written(guest: Guest, key: str) -> bool:
+    try:
+        await guest.xs.read(key)
+        return True
+    except XenStoreError:
+        return False
+
+
 async def chatter(guest: Guest) -> None:
     """Answers UDP on ECHO_PORT; pings `peer=` and talks to its echo port every 0.2 s, and
-    greets `host=` (a real host's UDP port) if given, printing each outcome with a time."""
+    greets `host=` (a real host's UDP port) if given, printing each outcome with a time.
+    With `reconnect=1` the vif reconnects once `data/go` is written, as a reloaded
+    netfront does."""
     params = _params(guest)
     iface = guest.net()
     print(f"[{guest.name}] up as {iface.address}")
@@ -52,8 +63,20 @@ async def chatter(guest: Guest) -> None:
         nursery.start_soon(_echo, guest, iface.udp(ECHO_PORT))
         client = iface.udp()
         number = 0
+        reconnect = params.get("reconnect") == "1"
         while True:
             number += 1
+            if reconnect and await _written(guest, "data/go"):
+                reconnect = False
+                vif = guest.device("vif")
+                await vif.reconnect()
+                while vif.connected_now:  # until the old rings are gone
+                    await trio.sleep(0.01)
+                await vif.wait_connected()
+                with trio.move_on_after(5):  # the control ring's ADD_GREF_MAPPING follows
+                    while not vif.static_grants:
+                        await trio.sleep(0.01)
+                print(f"[{guest.name}] reconnected; static grants: {vif.static_grants}")
             if "host" in params:
                 await client.sendto(f"hello host from {guest.name}".encode(),
                                     (params["host"], HOST_PORT))
@@ -83,13 +106,17 @@ def _raw_tx(vif: Any, *, size: int, offset: int = 0, gref: int | None = None,
 
 
 async def hostile(guest: Guest) -> None:
-    """Floods the bridge, sends malformed and spoofed frames, then one only a malicious
-    front end sends: offset + size past its page."""
+    """Once `data/go` is written: floods the bridge, sends malformed and spoofed frames,
+    then one only a malicious front end sends: offset + size past its page."""
     vif = guest.device("vif")
     params = _params(guest)
     victim = bytes.fromhex(params["victim"].replace(":", ""))
     junk = b"\xff" * 6 + vif.mac + b"\x88\xb5" + bytes(46)
-    await trio.sleep(float(params.get("delay", "2")))
+    async with guest.xs.watch("data/go") as events:
+        async for _ in events:
+            if await _written(guest, "data/go"):  # a watch also fires once at once
+                break
+    await trio.sleep(1)  # the others' pings before the flood
     start = time.time()
     sent = 0
     while time.time() - start < float(params.get("flood", "3")):
@@ -171,9 +198,17 @@ def topology(path: Path, nic: str, guests: list[tuple[str, str, str]]) -> Path:
 def test_guests_talk_over_xenbr0_and_captures_decode(run_dir: Path, tmp_path: Path) -> None:
     """Ping and UDP between two guests; `xenlike capture` and the pcap NIC record it all."""
     file = topology(tmp_path / "net.toml", "pcap:wire.pcap", [
-        ("alpha", "chatter", "peer=10.0.0.2"), ("beta", "chatter", "peer=10.0.0.1")])
+        ("alpha", "chatter", "peer=10.0.0.2"),
+        ("beta", "chatter", "peer=10.0.0.1 reconnect=1")])
     xenlike("up", str(file), "--detach", run_dir=run_dir)
-    wait_for(lambda: "udp reply: echo:message" in console(run_dir, "beta"), what="beta's echo")
+    xenlike("xenstore", "write", "/local/domain/2/data/go", "1", run_dir=run_dir)
+
+    def after_reconnect() -> str:
+        return console(run_dir, "beta").partition("reconnected; static grants")[2]
+
+    wait_for(lambda: "udp reply: echo:" in after_reconnect() and
+             "from alpha" in after_reconnect(), what="both ways after beta's vif reconnected")
+    assert after_reconnect().startswith(": True")
     capture = tmp_path / "capture.pcap"
     result = xenlike("capture", "xenbr0", "-w", str(capture), "--count", "12", run_dir=run_dir,
                      timeout=60)
@@ -183,7 +218,8 @@ def test_guests_talk_over_xenbr0_and_captures_decode(run_dir: Path, tmp_path: Pa
     assert missing.returncode == 1 and "no bridge 'xenbr7'" in missing.stderr
     alpha = console(run_dir, "alpha")
     assert "udp from 10.0.0.2" in alpha and "udp reply: echo:message" in alpha
-    assert all(answered for _, answered in pings(alpha)[1:]), alpha
+    assert all(answered for _, answered in pings(console(run_dir, "beta"))[1:])
+    assert "leaking" not in (run_dir / "domains" / "2.log").read_text()
     devices = json.loads(xenlike("devices", "alpha", "--json", run_dir=run_dir).stdout)
     (vif,) = devices
     assert (vif["type"], vif["frontend_state"], vif["backend_state"]) == \
@@ -284,8 +320,9 @@ def test_a_hostile_guest_is_cut_off_while_the_others_keep_working(
         run_dir: Path, tmp_path: Path) -> None:
     file = topology(tmp_path / "hostile.toml", "none", [
         ("alpha", "chatter", "peer=10.0.0.2"), ("beta", "chatter", "peer=10.0.0.1"),
-        ("mallory", "hostile", "victim=00:16:3e:00:01:01 delay=2 flood=3")])
+        ("mallory", "hostile", "victim=00:16:3e:00:01:01 flood=3")])
     xenlike("up", str(file), "--detach", run_dir=run_dir)
+    xenlike("xenstore", "write", "/local/domain/3/data/go", "1", run_dir=run_dir)
     wait_for(lambda: "crossing its page" in console(run_dir, "mallory"), timeout=60,
              what="mallory's last request")
     mallory = console(run_dir, "mallory")

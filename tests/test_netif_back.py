@@ -281,6 +281,17 @@ async def test_fragments_larger_than_their_packet_are_dropped(guest: Guest) -> N
     assert guest.sink.frames == [] and guest.broken is None
 
 
+async def test_a_packet_claiming_over_64_kib_is_dropped(guest: Guest) -> None:
+    # The first slot's 16-bit size cannot say more than 65535: a front end that
+    # wants more can only chain fragments past it, which the total gives away.
+    big = [guest.request(FIRST_REF, 0, NETTXF_more_data, 0xFFFF)]
+    big += [guest.request(FIRST_REF + i, 0, NETTXF_more_data if i < 17 else 0, PAGE)
+            for i in range(1, 18)]
+    responses = await guest.send(*big)
+    assert {status for _, status in responses} == {NETIF_RSP_ERROR} and guest.broken is None
+    assert guest.sink.frames == []
+
+
 def chain(guest: Guest, slots: int) -> list[tuple[int, int, int, int, int]]:
     return [guest.request(FIRST_REF + i, 0, NETTXF_more_data if i < slots - 1 else 0,
                           slots * 60 if i == 0 else 60) for i in range(slots)]
