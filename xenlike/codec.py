@@ -13,6 +13,7 @@ no stale byte of the writer's memory ever reaches the other side.
 """
 
 import functools
+import operator
 import re
 import struct
 from collections import namedtuple
@@ -117,6 +118,7 @@ class _Generator:
         self.pack_prelude: list[str] = []
         self._names = 0
         self._records: dict[int, tuple[type, str]] = {}
+        self._array_type: type | None = None
 
     def _name(self, prefix: str) -> str:
         self._names += 1
@@ -130,17 +132,21 @@ class _Generator:
         first = self.index
         local = self._name("s")
         self.pack_prelude.append(f"{local} = {src}")
+        lazy: dict[int, type] = {}
         for sub in layout.subcons:
             if sub.name is None:
                 self.padding(sub)
                 continue
+            self._array_type = None
             expr, sub_args, default = self.field(sub.subcon, f"{name}.{sub.name}",
                                                  f"{local}[{len(fields)}]")
+            if self._array_type is not None:
+                lazy[len(fields)] = self._array_type
             fields.append(sub.name)
             defaults.append(default)
             exprs.append(expr)
             args.extend(sub_args)
-        record, rec_name = self._record(layout, name, fields, defaults)
+        record, rec_name = self._record(layout, name, fields, defaults, lazy)
         if exprs == [f"v[{i}]" for i in range(first, self.index)] and first == 0:
             unpack = f"_new({rec_name}, v)"
         else:
@@ -148,11 +154,22 @@ class _Generator:
         return unpack, args, record
 
     def _record(self, layout: construct.Struct, name: str, fields: list[str],
-                defaults: list[Any]) -> tuple[type, str]:
-        """One namedtuple type per layout, shared by every element of an array."""
+                defaults: list[Any], lazy: dict[int, type]) -> tuple[type, str]:
+        """One namedtuple type per layout, shared by every element of an array.
+
+        A record array field holds the raw bytes as decoded (one struct call
+        made them); its property turns them into a `RecordArray` when read,
+        so a decoded record costs the same with an 11-element array as without.
+        """
         if id(layout) not in self._records:
             type_name = re.sub(r"\[\d+\]", "", name).replace(".", "_")
             record = namedtuple(type_name, fields, defaults=defaults)  # type: ignore[misc]
+            if lazy:
+                record = type(type_name, (record,), {
+                    "__slots__": (),
+                    **{fields[i]: _array_property(i, array_type) for i, array_type in lazy.items()},
+                    "__repr__": _lazy_repr,
+                })
             rec_name = self._name("R")
             self.namespace[rec_name] = record
             self._records[id(layout)] = (record, rec_name)
@@ -207,6 +224,7 @@ class _Generator:
                 "_iter": item.format.iter_unpack, "_unpack": item.format.unpack_from})
             type_name = self._name("A")
             self.namespace[type_name] = array_type
+            self._array_type = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
             self.namespace[f"{type_name}_put"] = array_type.put_into
             self.namespace[f"{type_name}_item"] = item.format.pack_into
@@ -222,7 +240,7 @@ class _Generator:
             ]
             self._append(f"{item.size * count}s", f"{item.size * count}x")
             self.index += 1
-            return f"{type_name}(v[{self.index - 1}])", [], array_type(bytes(item.size * count))
+            return f"v[{self.index - 1}]", [], array_type(bytes(item.size * count))
         first = self.index
         _, _, zero = self.field(con.subcon, f"{name}[0]", "x")
         for _ in range(count - 1):
@@ -234,6 +252,21 @@ class _Generator:
         self.pack_prelude.append(
             f"if len({local}) > {count}: _too_many({name!r}, {count}, {local})")
         return f"v[{first}:{self.index}]", [f"*{local}", f"*{tail}[len({local})]"], (zero,) * count
+
+
+def _array_property(index: int, array_type: type) -> property:
+    getter = operator.itemgetter(index)
+
+    def get(self: tuple[Any, ...]) -> Any:
+        value = getter(self)
+        return array_type(value) if type(value) is bytes else value
+
+    return property(get, doc=f"field {index}, decoded as a {array_type.__name__} when read")
+
+
+def _lazy_repr(self: tuple[Any, ...]) -> str:
+    fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)  # type: ignore[attr-defined]
+    return f"{type(self).__name__}({fields})"
 
 
 def _is_flat(con: construct.Construct) -> bool:
@@ -273,6 +306,9 @@ class RecordArray(Sequence[Any]):
         """
         if type(items) is cls:
             buf[offset:offset + len(items.raw)] = items.raw
+            return
+        if type(items) is bytes and len(items) == cls._count * cls._size:  # as decoded
+            buf[offset:offset + len(items)] = items
             return
         if len(items) > cls._count:
             raise ValueError(f"{cls.__name__}: at most {cls._count} elements, got {len(items)}")
