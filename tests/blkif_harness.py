@@ -176,7 +176,8 @@ async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
         front_port, back_port = doorbell_pair()
         front = RawFront(FrontRing(BLKIF_RING, ring_memory), front_port, grants)
         back.channel = channel = BackChannel(BackRing(BLKIF_RING, ring_memory), back_port)
-        nursery.start_soon(back.serve, channel)
+        # As Backend's own connect starts it, so that disconnect waits for it.
+        nursery.start_soon(back._serve_until_stopped, channel)
         try:
             yield Served(back, front, grants, store, image)
         finally:

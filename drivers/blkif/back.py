@@ -245,9 +245,6 @@ class BlkBack(Backend):
         self._quiet = trio.Event()
         self._quiet.set()
         self._background: trio.Nursery | None = None
-        self._data_path: trio.CancelScope | None = None
-        self._stopped = trio.Event()
-        self._stopped.set()
         self._threads = trio.CapacityLimiter(IO_THREADS)
         self.refused = 0
         self.offloaded = 0
@@ -321,15 +318,6 @@ class BlkBack(Backend):
         self.refused = 0
         self.stats = dict.fromkeys(STATISTICS, 0)
 
-    async def disconnect(self) -> None:
-        """Stop the data path and wait for it (I/O on worker threads included) before
-        the ring, the port and the granted pages are let go."""
-        if self._data_path is not None:
-            self._data_path.cancel()
-            with trio.CancelScope(shield=True):
-                await self._stopped.wait()
-        await super().disconnect()
-
     async def disconnected(self) -> None:
         if self._grants is not None:
             grants, self._grants = self._grants, None
@@ -342,27 +330,25 @@ class BlkBack(Backend):
         if channel is not self.channel:
             return  # disconnected before this task started
         broken: str | None = None
-        self._stopped = trio.Event()
+        # Backend.disconnect cancels this task and waits for it to end: the
+        # nursery below (worker-thread I/O included) is done before the ring,
+        # the port and the granted pages are let go.
         try:
-            with trio.CancelScope() as self._data_path:
-                async with trio.open_nursery() as nursery:
-                    self._background = nursery
-                    publishing = trio.CancelScope()
-                    nursery.start_soon(self._publish_statistics, publishing)
-                    try:
-                        async for batch in channel.batches_of_requests():
-                            await self._drain(channel, batch)
-                            self._count_waiting(channel)
-                    except ChannelBroken as exc:
-                        broken = f"ring protocol violation: {exc}"
-                    finally:
-                        publishing.cancel()
+            async with trio.open_nursery() as nursery:
+                self._background = nursery
+                publishing = trio.CancelScope()
+                nursery.start_soon(self._publish_statistics, publishing)
+                try:
+                    async for batch in channel.batches_of_requests():
+                        await self._drain(channel, batch)
+                        self._count_waiting(channel)
+                except ChannelBroken as exc:
+                    broken = f"ring protocol violation: {exc}"
+                finally:
+                    publishing.cancel()
         except Exception as exc:  # a bug here must not take Dom0 down
             self.log.exception("%s: the data path failed", self.device.nodename)
             broken = f"blkback failed: {exc!r}"
-        finally:
-            self._data_path = None
-            self._stopped.set()
         if broken is not None:
             with trio.CancelScope(shield=True):  # fatal cancels this task's scope
                 await self.fatal(broken)
