@@ -119,6 +119,7 @@ class XenbusDriver:
         self.device = device
         self.handshake = Handshake(self.role)
         self._restart = False  # reconnect(): start over once both ends are Closed
+        self._ports: list[Any] = []  # this end's event channels
         self.connected_event = trio.Event()
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
         self.trace = DeviceTrace.for_driver(self)  # handshake and ring events (xenlike.trace.events)
@@ -219,6 +220,15 @@ class XenbusDriver:
         self._restart = True
         await self.switch_state(XenbusState.Closing)
 
+    async def _close_ports(self) -> None:
+        """EVTCHNOP_close on this end's ports; the peer may be gone already."""
+        ports, self._ports = self._ports, []
+        for port in ports:
+            try:
+                await port.close()
+            except Exception as exc:
+                self.log.debug("closing port: %s", exc)
+
     async def _after_closed(self) -> bool:
         """Start over once both ends are Closed (the peer has let go of everything)."""
         if self._restart and self.handshake.state == XenbusState.Closed and \
@@ -267,7 +277,6 @@ class Backend(XenbusDriver):
         super().__init__(ctx, device)
         self.channel: BackChannel | RingGroup | None = None
         self._mapping: Any = None
-        self._ports: list[Any] = []
         self._serving: trio.CancelScope | None = None
         self._served = trio.Event()
         self._serve_task: Any = None
@@ -397,12 +406,7 @@ class Backend(XenbusDriver):
         elif self.channel is not None:
             self.channel.release()
         self.channel = None
-        ports, self._ports = self._ports, []
-        for port in ports:
-            try:
-                await port.close()
-            except Exception as exc:  # the peer may be gone already
-                self.log.debug("closing port: %s", exc)
+        await self._close_ports()
         if self._mapping is not None:
             mapping, self._mapping = self._mapping, None
             await self.ctx.domain.grants.unmap(mapping)
@@ -428,7 +432,6 @@ class Frontend(XenbusDriver):
         self.channel: FrontChannel | RingGroup | None = None
         self._pages: tuple[int, int] | None = None  # first gfn, count
         self._refs: list[int] = []
-        self._ports: list[Any] = []
         self._orphans: list[Any] = []
         self._collector: trio.CancelScope | None = None
         self._ready = trio.Event()
@@ -555,12 +558,7 @@ class Frontend(XenbusDriver):
         elif self.channel is not None:
             self.channel.release()
         self.channel = None
-        ports, self._ports = self._ports, []
-        for port in ports:
-            try:
-                await port.close()
-            except Exception as exc:
-                self.log.debug("closing port: %s", exc)
+        await self._close_ports()
         if self._pages is not None:
             (first, count), refs = self._pages, self._refs
             self._pages, self._refs = None, []
