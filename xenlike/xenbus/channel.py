@@ -61,6 +61,12 @@ class FrontChannel:
         self.notifies = 0
         self.trace: Any = None  # a RingTrace while the device's ring events are recorded
 
+    def _with_id(self, request: Any, rid: int) -> Any:
+        """The request with the channel's id in its id field (a record, or a plain
+        tuple in field order), without namedtuple._replace's keyword dict."""
+        i = self._id_index
+        return tuple.__new__(type(request), (*request[:i], rid, *request[i + 1:]))
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
@@ -89,7 +95,7 @@ class FrontChannel:
 
     def _queue(self, request: Any) -> _Pending:
         rid = self._free_ids.pop()
-        request = request._replace(**{request._fields[self._id_index]: rid})
+        request = self._with_id(request, rid)
         pending = _Pending(request)
         self._in_flight[rid] = pending
         self.ring.put_request(request)
@@ -150,8 +156,7 @@ class FrontChannel:
         for pending in orphans:
             await self._slots.acquire()
             rid = self._free_ids.pop()
-            pending.request = pending.request._replace(
-                **{pending.request._fields[self._id_index]: rid})
+            pending.request = self._with_id(pending.request, rid)
             self._in_flight[rid] = pending
             self.ring.put_request(pending.request)
             self.submitted += 1
