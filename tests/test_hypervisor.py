@@ -1,7 +1,5 @@
 """The hypervisor with real domain processes, driven through the control socket."""
 
-from pathlib import Path
-
 import pytest
 import trio
 
@@ -9,21 +7,7 @@ from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
 from xenlike.abi.sched import ShutdownReason
 from xenlike.hypercall import HypercallError
-from xenlike.hypervisor import Hypervisor
 from xenlike.xc import XenControl
-
-
-@pytest.fixture
-async def hv(tmp_path: Path, nursery: trio.Nursery) -> Hypervisor:
-    hypervisor = Hypervisor(tmp_path / "run")
-    await nursery.start(hypervisor.serve)
-    return hypervisor
-
-
-@pytest.fixture
-async def xc(hv: Hypervisor) -> XenControl:
-    async with XenControl.connect(hv.run_dir) as control:
-        yield control
 
 
 async def wait_for_log(xc: XenControl, text: str, timeout: float = 20) -> str:
