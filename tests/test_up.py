@@ -189,6 +189,16 @@ def test_crashes_are_preserved_and_down_still_cleans_up(run_dir: Path, tmp_path:
     assert wait_gone(pids) == []
 
 
+def test_detach_names_a_device_that_never_connects(run_dir: Path, tmp_path: Path) -> None:
+    topology = tmp_path / "stuck.toml"
+    topology.write_text('[[domain]]\nname = "lonely"\nmemory = 16\n'
+                        'devices = [{ type = "nodriver" }]\n')
+    up = xenlike("up", str(topology), "--detach", "--timeout", "3", run_dir=run_dir, check=False)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "lonely: nodriver 0 is frontend Initialising, backend Initialising" in up.stderr
+    assert "still running" in up.stderr  # detached: it says how to stop it
+
+
 def test_a_broken_topology_starts_nothing(run_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[[domain]]\nname = \"x\"\nmemory = 8\nvcpus = 3\n")

@@ -133,6 +133,8 @@ async def wait_ready(session: Session, on_status: Callable[[dict[str, Any]], Non
         problems = not_ready(session.topology, status)
         if not problems:
             return []
+        if any(g["state"] != "running" for g in status.get("guests", [])):
+            return problems  # a guest shut down while booting: waiting will not help
         await trio.sleep(0.05)
     return not_ready(session.topology, status) or ["timed out"]
 
