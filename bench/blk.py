@@ -51,6 +51,8 @@ WORKLOADS = {  # name: (kind, request bytes, depth, unit)
     "seqread1m": ("read", 1 << 20, 4, "MB/s"),
     "seqwrite1m": ("write", 1 << 20, 4, "MB/s"),
 }
+# Requests per read_many/write_many call: depth/batch tasks keep `depth` in flight.
+BATCH = {"rand4k": 16, "seqread44k": 8, "seqwrite44k": 8, "seqread1m": 2, "seqwrite1m": 2}
 GUESTS = {"pon": "persistent grants on", "poff": "persistent grants off"}
 OFFSETS = 1 << 16  # random offsets drawn once, shared by the guest and raw patterns
 
@@ -87,33 +89,35 @@ def random_offsets(size: int) -> list[int]:
 async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
     """One workload for `seconds`; returns IOPS or MB/s."""
     kind, size, depth, _ = WORKLOADS[name]
-    sectors = size // 512
+    batch = BATCH[name]
+    workers = depth // batch
+    count = size // 512
     done = 0
     deadline = time.perf_counter() + seconds
     if kind == "rand":
         offsets = [offset // 512 for offset in random_offsets(size)]
         stride = 1
     else:
-        offsets = list(range(0, DISK_BYTES // 512 - sectors + 1, sectors))
-        stride = depth
+        offsets = list(range(0, DISK_BYTES // 512 - count + 1, count))
+        stride = workers
     payload = os.urandom(size)
 
     async def worker(start: int) -> None:
         nonlocal done
         index = start
         while time.perf_counter() < deadline:
-            sector = offsets[index % len(offsets)]
+            starts = [offsets[(index + k * stride) % len(offsets)] for k in range(batch)]
             if kind == "write":
-                await disk.write(sector, payload)
+                await disk.write_many([(sector, payload) for sector in starts])
             else:
-                await disk.read(sector, sectors)
-            done += 1
-            index += stride
+                await disk.read_many([(sector, count) for sector in starts])
+            done += batch
+            index += batch * stride
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for k in range(depth):
-            nursery.start_soon(worker, k * len(offsets) // depth if kind == "rand" else k)
+        for k in range(workers):
+            nursery.start_soon(worker, k * len(offsets) // workers if kind == "rand" else k)
     elapsed = time.perf_counter() - start
     return done / elapsed if kind == "rand" else done * size / elapsed / 1e6
 

@@ -39,7 +39,7 @@ names: `xen_blkfront.feature_persistent=0`,
 """
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -315,37 +315,46 @@ class BlkFront(Frontend):
 
     async def read(self, sector: int, count: int) -> bytes:
         """`count` sectors from `sector`."""
-        self._check(sector, count)
-        if count <= self.max_sectors:
-            return await self._rw(READ, sector, count, None)  # type: ignore[return-value]
-        pieces = self._split(sector, count)
-        results: list[bytes] = [b""] * len(pieces)
+        (data,) = await self.read_many([(sector, count)])
+        return data
 
-        async def one(index: int, start: int, length: int) -> None:
-            results[index] = await self._rw(READ, start, length, None)  # type: ignore[assignment]
+    async def read_many(self, extents: Iterable[tuple[int, int]]) -> list[bytes]:
+        """Several reads at once, `(sector, count)` each; their data, in order.
 
-        async with trio.open_nursery() as nursery:
-            for index, (start, length) in enumerate(pieces):
-                nursery.start_soon(one, index, start, length)
-        return b"".join(results)
+        The requests are pushed together and the caller wakes once, when the
+        last is answered: this is how to keep a deep queue of I/O in flight
+        cheaply (a task per request costs a task switch per request).
+        """
+        items: list[tuple[int, int, memoryview | None]] = []
+        spans = []
+        for sector, count in extents:
+            self._check(sector, count)
+            first = len(items)
+            items += [(start, length, None) for start, length in self._split(sector, count)]
+            spans.append((first, len(items)))
+        data = await self._rw_many(READ, items)
+        return [data[a] if b - a == 1 else b"".join(data[a:b])  # type: ignore[misc, arg-type]
+                for a, b in spans]
 
     async def write(self, sector: int, data: Any) -> None:
         """Write `data` (whole sectors) from `sector`; done once the back end has it."""
-        view = memoryview(data).cast("B")
-        if len(view) % SECTOR_SIZE:
-            raise ValueError(f"{len(view)} bytes are not whole {SECTOR_SIZE}-byte sectors")
-        count = len(view) >> SECTOR_SHIFT
-        self._check(sector, count)
-        if self.readonly:
-            raise BlockDeviceError(errno.EROFS, f"{self._name} is read-only")
-        if count <= self.max_sectors:
-            await self._rw(WRITE, sector, count, view)
-            return
-        async with trio.open_nursery() as nursery:
+        await self.write_many([(sector, data)])
+
+    async def write_many(self, writes: Iterable[tuple[int, Any]]) -> None:
+        """Several writes at once, `(sector, data)` each (see `read_many`)."""
+        items: list[tuple[int, int, memoryview | None]] = []
+        for sector, data in writes:
+            view = memoryview(data).cast("B")
+            if len(view) % SECTOR_SIZE:
+                raise ValueError(f"{len(view)} bytes are not whole {SECTOR_SIZE}-byte sectors")
+            count = len(view) >> SECTOR_SHIFT
+            self._check(sector, count)
+            if self.readonly:
+                raise BlockDeviceError(errno.EROFS, f"{self._name} is read-only")
             for start, length in self._split(sector, count):
                 offset = (start - sector) << SECTOR_SHIFT
-                nursery.start_soon(self._rw, WRITE, start, length,
-                                   view[offset:offset + (length << SECTOR_SHIFT)])
+                items.append((start, length, view[offset:offset + (length << SECTOR_SHIFT)]))
+        await self._rw_many(WRITE, items)
 
     async def flush(self) -> None:
         """Make every acknowledged write durable (FLUSH_DISKCACHE, else WRITE_BARRIER).
@@ -398,35 +407,61 @@ class BlkFront(Frontend):
         return [(start, min(step, sector + count - start))
                 for start in range(sector, sector + count, step)]
 
-    async def _rw(self, op: int, sector: int, count: int, data: memoryview | None
-                  ) -> bytes | None:
-        """One request of at most `max_sectors`: pages, grants, the call, the copy."""
+    async def _rw_many(self, op: int, items: list[tuple[int, int, memoryview | None]]
+                       ) -> list[bytes | None]:
+        """Requests of at most `max_sectors` each, `(sector, count, data)`: pages,
+        grants, one push, the copies. They go out in rounds as large as the
+        buffer pool allows (a round holds its pages until it is answered)."""
         if not self.connected_now:
             await self.wait_connected()
-        assert self.pool is not None
-        pages = (count + SECTORS_PER_PAGE - 1) // SECTORS_PER_PAGE
-        nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-        extent = self.pool.take_nowait(pages + nr_indirect) or \
-            await self.pool.take(pages + nr_indirect)
-        granted: list[int] = []
-        try:
-            if data is not None:
-                extent.view(0, pages)[:len(data)] = data
-            request = self._request(op, sector, count, extent, pages, nr_indirect, granted)
-            response = await self.call(request)
-        except trio.Cancelled:
-            # The back end may yet write into these pages: they are never lent again.
-            raise
-        except BaseException:
-            self._end(granted)
-            self.pool.give(extent)
-            raise
-        try:
-            self._check_response(response, op, sector, count)
-            return bytes(extent.view(0, pages)[:count << SECTOR_SHIFT]) if op == READ else None
-        finally:
-            self._end(granted)
-            self.pool.give(extent)
+        pool = self.pool
+        assert pool is not None
+        results: list[bytes | None] = []
+        error: BlockDeviceError | None = None
+        done = 0
+        while done < len(items):
+            lent: list[tuple[Extent, int, list[int]]] = []  # extent, pages, own grants
+            requests = []
+            try:
+                for sector, count, data in items[done:]:
+                    pages = -(-count // SECTORS_PER_PAGE)
+                    nr_indirect = indirect_pages(pages) \
+                        if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+                    extent = pool.take_nowait(pages + nr_indirect)
+                    if extent is None:
+                        if lent:
+                            break  # send this round; its pages come back with the answers
+                        extent = await pool.take(pages + nr_indirect)
+                    granted: list[int] = []
+                    lent.append((extent, pages, granted))
+                    if data is not None:
+                        extent.view(0, pages)[:len(data)] = data
+                    requests.append(self._request(op, sector, count, extent, pages, nr_indirect,
+                                                  granted))
+                responses = await self.call_many(requests)
+            except trio.Cancelled:
+                # The back end may yet write into these pages: they are never lent again.
+                raise
+            except BaseException:
+                for extent, _, granted in lent:
+                    self._end(granted)
+                    pool.give(extent)
+                raise
+            for (sector, count, _), (extent, pages, granted), response in \
+                    zip(items[done:], lent, responses):
+                try:
+                    self._check_response(response, op, sector, count)
+                except BlockDeviceError as exc:
+                    error = error or exc
+                else:
+                    results.append(bytes(extent.view(0, pages)[:count << SECTOR_SHIFT])
+                                   if op == READ else None)
+                self._end(granted)
+                pool.give(extent)
+            done += len(lent)
+        if error is not None:
+            raise error
+        return results
 
     def _request(self, op: int, sector: int, count: int, extent: Extent, pages: int,
                  nr_indirect: int, granted: list[int]) -> Any:

@@ -467,9 +467,9 @@ class Frontend(XenbusDriver):
     async def call_many(self, requests: list[Any]) -> list[Any]:
         """Requests in one push; across a reconnect they are resubmitted (`resubmit`)."""
         while True:
-            channel = await self._channel()
+            channel = self.channel if self.connected_now else await self._channel()
             try:
-                return await channel.call_many(requests)
+                return await channel.call_many(requests)  # type: ignore[union-attr]
             except Disconnected:
                 if not self.resubmit:
                     raise
