@@ -11,7 +11,9 @@ workloads below as its init program when told to through XenStore
 the same pattern with os.preadv/os.pwritev on the same image file from this
 one Python process (a reused buffer, data from the page cache).
 
-Workloads (the guest keeps `depth` requests in flight; raw I/O is one at a time):
+Workloads (the guest keeps `depth` requests in flight, from depth/batch tasks
+that each read into or write from reused buffers with `readinto_many` /
+`write_many`; raw I/O is one at a time, into or from one reused buffer):
 - rand4k: 4 KiB reads at random 4 KiB-aligned offsets, depth 32 (IOPS);
 - seqread44k / seqwrite44k: sequential 44 KiB requests (11 direct segments),
   depth 16 (MB/s);
@@ -91,26 +93,26 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
     kind, size, depth, _ = WORKLOADS[name]
     batch = BATCH[name]
     workers = depth // batch
-    count = size // 512
     done = 0
     deadline = time.perf_counter() + seconds
     if kind == "rand":
         offsets = [offset // 512 for offset in random_offsets(size)]
         stride = 1
     else:
-        offsets = list(range(0, DISK_BYTES // 512 - count + 1, count))
+        offsets = list(range(0, (DISK_BYTES - size) // 512 + 1, size // 512))
         stride = workers
     payload = os.urandom(size)
 
     async def worker(start: int) -> None:
         nonlocal done
         index = start
+        buffers = [bytearray(size) for _ in range(batch)]  # reused, as the raw side's
         while time.perf_counter() < deadline:
             starts = [offsets[(index + k * stride) % len(offsets)] for k in range(batch)]
             if kind == "write":
                 await disk.write_many([(sector, payload) for sector in starts])
             else:
-                await disk.read_many([(sector, count) for sector in starts])
+                await disk.readinto_many(zip(starts, buffers))
             done += batch
             index += batch * stride
 

@@ -63,6 +63,15 @@ async def exercise(guest: Any) -> None:
     pieces = await disk.read_many(reversed(BATCH_PIECES))
     assert b"".join(reversed(pieces)) == data, "batch: read_many differs from write_many"
     assert await disk.read(sector, count) == data, "batch: read back differs"
+    buffers = [bytearray(length * 512) for _, length in BATCH_PIECES]
+    await disk.readinto_many(zip((start for start, _ in BATCH_PIECES), buffers))
+    assert b"".join(buffers) == data, "batch: readinto_many differs"
+    try:
+        await disk.readinto(sector, bytes(512))
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("readinto filled a read-only buffer")
 
     await disk.discard(*DISCARDED)
     assert await disk.read(*DISCARDED) == bytes(DISCARDED[1] * 512)
