@@ -18,7 +18,7 @@ that each read into or write from reused buffers with `readinto_many` /
 - seqread44k / seqwrite44k: sequential 44 KiB requests (11 direct segments),
   depth 16 (MB/s);
 - seqread1m / seqwrite1m: sequential 1 MiB requests (256 indirect segments),
-  depth 4 (MB/s): blkfront's buffers hold about 3 of them at once anyway.
+  depth 4 (MB/s).
 
 Rounds interleave (each workload through each guest, then raw, round after
 round) and the figures are medians of rounds. The last lines are
@@ -54,7 +54,7 @@ WORKLOADS = {  # name: (kind, request bytes, depth, unit)
     "seqwrite1m": ("write", 1 << 20, 4, "MB/s"),
 }
 # Requests per read_many/write_many call: depth/batch tasks keep `depth` in flight.
-BATCH = {"rand4k": 16, "seqread44k": 8, "seqwrite44k": 8, "seqread1m": 2, "seqwrite1m": 2}
+BATCH = {"rand4k": 8, "seqread44k": 4, "seqwrite44k": 4, "seqread1m": 1, "seqwrite1m": 1}
 GUESTS = {"pon": "persistent grants on", "poff": "persistent grants off"}
 OFFSETS = 1 << 16  # random offsets drawn once, shared by the guest and raw patterns
 

@@ -27,7 +27,9 @@ What it does is Linux's xen-blkback, in substance and in key names:
   a read) fail only the requests that name them.
 - Up to a ring's worth of requests are in flight. A read is first tried
   against the page cache without blocking (RWF_NOWAIT), a buffered write
-  lands in the page cache; both are answered at the end of the drain. What
+  lands in the page cache; both are answered at the end of the drain or,
+  when all its pages are persistent, as each 64 KiB of them is done (the
+  front end copies those while the rest of a large drain is done). What
   must wait for the device — a read miss, O_DIRECT I/O, a flush, a discard
   — runs on a worker thread and is answered when it completes, so Dom0's
   other services never wait behind a disk.
@@ -91,6 +93,9 @@ DISCARD, INDIRECT = BlkifOp.DISCARD, BlkifOp.INDIRECT
 MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's max_persistent_grants default
 MAP_BATCH = 1024  # grant refs per GNTTABOP_map_grant_ref (the hypervisor's batch limit)
 IO_THREADS = 8  # worker threads per device for I/O that must wait for the device
+# A drain answers what it has done each time this much data has moved, so the
+# front end works on those answers while the rest of a large drain is done.
+EARLY_ANSWER_SECTORS = 128  # 64 KiB
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
@@ -486,6 +491,9 @@ class BlkBack(Backend):
             if any(job.indirect_grefs for job in jobs):
                 jobs = await self._load_indirect(jobs, transient, done)
             views = await self._map_data(jobs, transient)
+            # Only persistent pages may be answered for before the drain ends.
+            early = not transient and self._grants is not None
+            unanswered = 0
             waiting: list[_Job] = []
             for job in jobs:
                 if job.segments is not None:
@@ -496,8 +504,13 @@ class BlkBack(Backend):
                 status = None if job.kind in (FLUSH, BARRIER, DISCARD) else self._io_now(job)
                 if status is None:
                     waiting.append(job)
-                else:
-                    done.append(self._finish(job, status))
+                    continue
+                done.append(self._finish(job, status))
+                unanswered += job.nr_sectors
+                if early and unanswered >= EARLY_ANSWER_SECTORS:
+                    channel.respond_many(done)
+                    done.clear()
+                    unanswered = 0
             if not waiting:
                 return
             if transient or self._grants is None:
@@ -528,7 +541,7 @@ class BlkBack(Backend):
         room), else mapped for this drain only."""
         cache = self._grants
         if cache is not None:
-            new = [ref for ref in refs if ref not in cache.pages]
+            new = list(refs - cache.pages.keys())
             if new:
                 room = max(cache.room(), 0)
                 if new[:room]:

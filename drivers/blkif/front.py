@@ -79,7 +79,10 @@ from xenlike.xenbus import Frontend, ProtocolError
 __all__ = ["BlkFront", "BlockDeviceError", "BufferPool", "FrontParams"]
 
 READ, WRITE = BlkifOp.READ, BlkifOp.WRITE
-MAX_POOL_PAGES = 1024  # 4 MiB of I/O buffers per disk: a quarter of the grant table
+# I/O buffers per disk (~4 MiB, a quarter of the grant table): as many pages as
+# blkback keeps persistently (its max_persistent_grants), so four 1 MiB
+# indirect requests (257 pages each) fit at once, all of them persistent.
+MAX_POOL_PAGES = 1056
 _SEGMENT_PAD = bytes(BLKIF_MAX_SEGMENTS_PER_REQUEST * 8)
 
 
