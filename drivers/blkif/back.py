@@ -541,7 +541,7 @@ class BlkBack(Backend):
         room), else mapped for this drain only."""
         cache = self._grants
         if cache is not None:
-            new = list(refs - cache.pages.keys())
+            new = list(refs.difference(cache.pages))  # O(len(refs)): a dict argument is probed
             if new:
                 room = max(cache.room(), 0)
                 if new[:room]:

@@ -130,6 +130,7 @@ class _Chunk:
     view: memoryview
     free: bytearray  # 1 per free page
     refs: list[int | None]
+    segments: list[Any]  # per page: seg[] of a 4 KiB request on it, once built
 
 
 @attrs.define(eq=False, slots=True)
@@ -199,7 +200,7 @@ class BufferPool:
                 return None
             raise BlockDeviceError(errno.ENOMEM, f"no {size} free pages for I/O buffers") from None
         chunk = _Chunk(first, self._domain.memory.frames(first, size), bytearray(b"\x01") * size,
-                       [None] * size)
+                       [None] * size, [None] * size)
         self.chunks.append(chunk)
         self.pages += size
         chunk.free[:count] = bytes(count)
@@ -222,6 +223,16 @@ class BufferPool:
                     chunk.refs[index] = grant(self._backend, chunk.first_gfn + index)
             refs = chunk.refs[start:start + count]
         return refs  # type: ignore[return-value]
+
+    def page_segment(self, extent: Extent) -> Any:
+        """seg[] of a 4 KiB request on the extent's persistently granted first page:
+        random 4 KiB I/O is the most frequent, so it is built once per page."""
+        chunk, index = extent.chunk, extent.start
+        segment = chunk.segments[index]
+        if segment is None:
+            words = segment_words(self.persistent_refs(extent, 0, 1), SECTORS_PER_PAGE)
+            segment = chunk.segments[index] = SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):])
+        return segment
 
     def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
                      granted: list[int]) -> list[int]:
@@ -377,6 +388,9 @@ class BlkFront(Frontend):
                             f"writable buffer")
         count = len(view) >> SECTOR_SHIFT
         self._check(sector, count)
+        if count <= self.max_sectors:
+            items.append((sector, count, view))
+            return
         for start, length in self._split(sector, count):
             offset = (start - sector) << SECTOR_SHIFT
             items.append((start, length, view[offset:offset + (length << SECTOR_SHIFT)]))
@@ -484,7 +498,9 @@ class BlkFront(Frontend):
                     error = error or exc
                 else:
                     if op == READ:
-                        data = extent.view(0, pages)[:count << SECTOR_SHIFT]
+                        data = extent.view(0, pages)
+                        if count & (SECTORS_PER_PAGE - 1):
+                            data = data[:count << SECTOR_SHIFT]
                         if buffer is None:
                             results.append(bytes(data))
                         else:
@@ -501,6 +517,8 @@ class BlkFront(Frontend):
         pool = self.pool
         assert pool is not None
         if self.feature_persistent:
+            if count == SECTORS_PER_PAGE:
+                return RW.record(op, 1, self.device.devid, 0, sector, pool.page_segment(extent))
             refs = pool.persistent_refs(extent, 0, pages + nr_indirect)
         else:
             refs = pool.request_refs(extent, 0, pages, op == WRITE, granted)

@@ -70,7 +70,7 @@ class FrontChannel:
         self._rsp_id_index = ring.spec.response.record._fields.index(id_field)
         self._free_ids = list(range(ring.nr_ents))
         self._in_flight: dict[int, _Pending] = {}
-        self._slots = trio.Semaphore(ring.nr_ents)
+        self._room = trio.lowlevel.ParkingLot()  # callers waiting for free slots
         self._broken: BaseException | None = None
         self.submitted = 0
         self.notifies = 0
@@ -96,41 +96,43 @@ class FrontChannel:
 
         The caller sleeps once, until the last response is in: a batch costs
         one task switch, not one per request. Only a full ring makes it push
-        early and wait for slots.
+        part of the batch and wait for room.
         """
         if not requests:
             await trio.lowlevel.checkpoint()
             return []
         batch = _Batch(len(requests))
         pendings = [_Pending(request, batch) for request in requests]
-        slots, queued = self._slots, 0
-        for pending in pendings:
-            try:
-                slots.acquire_nowait()
-            except trio.WouldBlock:
-                if queued:
-                    self._push()
-                    queued = 0
-                await slots.acquire()
-            if self._broken is not None:
-                slots.release()
-                raise Disconnected(str(self._broken))
-            self._queue(pending)
-            queued += 1
-        if queued:
-            self._push()
+        await self._submit(pendings)
         await batch.event.wait()
         for pending in pendings:
             if pending.error is not None:
                 raise pending.error
         return [pending.response for pending in pendings]
 
-    def _queue(self, pending: _Pending) -> None:
-        rid = self._free_ids.pop()
-        pending.request = self._with_id(pending.request, rid)
-        self._in_flight[rid] = pending
-        self.ring.put_request(pending.request)
-        self.submitted += 1
+    async def _submit(self, pendings: list[_Pending]) -> None:
+        """Give each an id and a slot, pushing as the ring fills; wait for room."""
+        start = 0
+        while start < len(pendings):
+            if self._broken is not None:
+                raise Disconnected(str(self._broken))
+            room = len(self._free_ids)  # a free id is a free slot: both come back together
+            if not room:
+                await self._room.park()
+                continue
+            chunk = pendings[start:start + room]
+            start += len(chunk)
+            ids = self._free_ids[-len(chunk):]
+            del self._free_ids[-len(chunk):]
+            in_flight, with_id = self._in_flight, self._with_id
+            requests = []
+            for pending, rid in zip(chunk, ids):
+                pending.request = request = with_id(pending.request, rid)
+                in_flight[rid] = pending
+                requests.append(request)
+            self.ring.put_requests(requests)
+            self.submitted += len(requests)
+            self._push()
 
     def _push(self) -> None:
         notify = self.ring.push_requests()
@@ -146,9 +148,11 @@ class FrontChannel:
         try:
             while True:
                 responses = ring.get_responses()
-                for response in responses:
-                    self._complete(response[index], response)
                 if responses:
+                    for response in responses:
+                        self._complete(response[index], response)
+                    if self._room:
+                        self._room.unpark_all()
                     continue
                 more = ring.final_check_for_responses()
                 if self.trace is not None:
@@ -165,7 +169,6 @@ class FrontChannel:
         self._free_ids.append(rid)
         pending.response = response
         pending.batch.done_one()
-        self._slots.release()
 
     def fail(self, error: BaseException) -> list[Any]:
         """Stop the channel and hand back what was in flight, in submission order.
@@ -177,16 +180,12 @@ class FrontChannel:
         self._broken = error
         orphans = list(self._in_flight.values())
         self._in_flight.clear()
-        for _ in range(self.ring.nr_ents):  # wake callers queued for a slot: they see _broken
-            self._slots.release()
+        self._room.unpark_all()  # callers waiting for room see _broken
         return orphans
 
     async def adopt(self, orphans: list[Any]) -> None:
         """Resubmit requests left in flight by an earlier channel; their callers keep waiting."""
-        for pending in orphans:
-            await self._slots.acquire()
-            self._queue(pending)
-        self._push()
+        await self._submit(orphans)
 
 
 def fail_orphans(orphans: list[Any], error: BaseException) -> None:
