@@ -85,6 +85,15 @@ def test_packed_segment_lists_round_trip(pages: int, sectors: int) -> None:
     assert struct.unpack_from("<IBB", raw, 0) == (1000, 0, 7 if pages > 1 else sectors - 1)
     parsed = parse_segments(raw, pages)
     assert parsed.grefs == refs and parsed.nr_sectors == sectors and parsed.bounds is None
+    assert parsed.run
+
+
+@pytest.mark.parametrize("refs", [[5, 5, 7], [5, 9, 7], [7, 6, 5], [5, 6, 8]])
+def test_only_consecutive_grefs_are_a_run(refs: list[int]) -> None:
+    """blkback reads a run as one range of its mapping: [5, 5, 7] spans the same
+    distance as 5..7 but is not a run."""
+    parsed = parse_segments(segment_words(refs, 24), 3)
+    assert parsed.grefs == refs and not parsed.run
 
 
 def test_a_sector_count_that_does_not_fit_the_pages_is_refused() -> None:

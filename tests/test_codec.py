@@ -47,6 +47,11 @@ def test_short_record_arrays_are_zero_filled_and_long_ones_refused() -> None:
     assert decoded.seg[:1] == (seg,)
     with pytest.raises(ValueError, match="at most 11"):
         codec.pack(codec.record(seg=[seg] * 12))
+    array_type = type(decoded.seg)
+    assert codec.pack(codec.record(seg=array_type(bytes(buf[24:32])))) == \
+        codec.pack(codec.record(seg=[seg]))  # raw bytes of fewer elements: the rest zeroed
+    with pytest.raises(ValueError, match="more than 11 elements"):
+        codec.pack(codec.record(seg=array_type(bytes(8 * 12))))
 
 
 def test_decoded_arrays_are_private_copies() -> None:

@@ -229,14 +229,18 @@ class _Generator:
             self.namespace[f"{type_name}_put"] = array_type.put_into
             self.namespace[f"{type_name}_item"] = item.format.pack_into
             local = self._name("a")
-            # One element (blkif's usual single segment) is packed inline: a
-            # call saved on the hot path.
+            # The hot cases are written inline, a call saved on each: a whole
+            # array as bytes (as decoded, or built once and reused) and one
+            # element (blkif's usual single segment).
+            start, end = f"offset + {offset}", f"offset + {offset + item.size * count}"
             self.pack_after += [
                 f"{local} = {src}",
-                f"if type({local}) is not {type_name} and len({local}) == 1:",
-                f"    {type_name}_item(buf, offset + {offset}, *{local}[0])",
+                f"if type({local}) is {type_name} and len({local}.raw) == {item.size * count}:",
+                f"    buf[{start}:{end}] = {local}.raw",
+                f"elif type({local}) is not {type_name} and len({local}) == 1:",
+                f"    {type_name}_item(buf, {start}, *{local}[0])",
                 "else:",
-                f"    {type_name}_put(buf, offset + {offset}, {local})",
+                f"    {type_name}_put(buf, {start}, {local})",
             ]
             self._append(f"{item.size * count}s", f"{item.size * count}x")
             self.index += 1
@@ -305,6 +309,9 @@ class RecordArray(Sequence[Any]):
         passes only the elements it uses.
         """
         if type(items) is cls:
+            if len(items.raw) > cls._count * cls._size:
+                raise ValueError(f"{cls.__name__}: {len(items.raw)} bytes, more than "
+                                 f"{cls._count} elements")
             buf[offset:offset + len(items.raw)] = items.raw
             return
         if type(items) is bytes and len(items) == cls._count * cls._size:  # as decoded

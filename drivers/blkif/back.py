@@ -64,6 +64,7 @@ from drivers.blkif.protocol import (
     Segments,
     indirect_pages,
     parse_segments,
+    raw_segments,
 )
 from xenlike.abi.blkif import (
     BLKIF_DISCARD_SECURE,
@@ -96,6 +97,7 @@ IO_THREADS = 8  # worker threads per device for I/O that must wait for the devic
 # A drain answers what it has done each time this much data has moved, so the
 # front end works on those answers while the rest of a large drain is done.
 EARLY_ANSWER_SECTORS = 128  # 64 KiB
+PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
@@ -246,6 +248,7 @@ class BlkBack(Backend):
         self.persistent = False
         self._grants: PersistentGrants | None = None
         self._in_flight: set[int] = set()
+        self._parsed: dict[tuple[bytes, int], Segments] = {}
         self._offloaded = 0
         self._quiet = trio.Event()
         self._quiet.set()
@@ -441,7 +444,7 @@ class BlkBack(Backend):
                                  f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
             job = _Job(request.id, op, op, request.sector_number, nr_segments=nseg)
             if nseg:
-                job.segments = parse_segments(request.seg.raw, nseg)
+                job.segments = self._segments(raw_segments(request), nseg)
             self._check_job(job)
             return job
         if op == INDIRECT:
@@ -465,6 +468,18 @@ class BlkBack(Backend):
             self._check_range(job)
             return job
         raise BadRequest(f"unknown operation {op}")
+
+    def _segments(self, raw: bytes, nr_segments: int) -> Segments:
+        """parse_segments, remembered: with persistent grants the same segment
+        lists come back request after request (a checked list stays valid)."""
+        key = (raw, nr_segments)
+        segments = self._parsed.get(key)
+        if segments is None:
+            segments = parse_segments(raw, nr_segments)
+            if len(self._parsed) >= PARSED_SEGMENT_LISTS:
+                self._parsed.clear()
+            self._parsed[key] = segments
+        return segments
 
     def _check_job(self, job: _Job) -> None:
         assert self.disk is not None
@@ -704,8 +719,8 @@ def _iovec(segments: Segments, views: _Mappings) -> list[Any] | None:
         whole, offset = views.where[first]
         if count > 1:
             last_whole, last_offset = views.where[grefs[-1]]
-            if last_whole is not whole or last_offset - offset != (count - 1) * XEN_PAGE_SIZE \
-                    or grefs != list(range(first, first + count)):
+            if not segments.run or last_whole is not whole \
+                    or last_offset - offset != (count - 1) * XEN_PAGE_SIZE:
                 iov = list(map(views.pages.__getitem__, grefs))
                 tail = nbytes - (count - 1) * XEN_PAGE_SIZE
                 if tail < XEN_PAGE_SIZE:

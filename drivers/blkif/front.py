@@ -130,7 +130,7 @@ class _Chunk:
     view: memoryview
     free: bytearray  # 1 per free page
     refs: list[int | None]
-    segments: list[Any]  # per page: seg[] of a 4 KiB request on it, once built
+    segments: dict[tuple[int, int], Any]  # (first page, pages): seg[] of full pages, built once
 
 
 @attrs.define(eq=False, slots=True)
@@ -200,7 +200,7 @@ class BufferPool:
                 return None
             raise BlockDeviceError(errno.ENOMEM, f"no {size} free pages for I/O buffers") from None
         chunk = _Chunk(first, self._domain.memory.frames(first, size), bytearray(b"\x01") * size,
-                       [None] * size, [None] * size)
+                       [None] * size, {})
         self.chunks.append(chunk)
         self.pages += size
         chunk.free[:count] = bytes(count)
@@ -224,15 +224,15 @@ class BufferPool:
             refs = chunk.refs[start:start + count]
         return refs  # type: ignore[return-value]
 
-    def page_segment(self, extent: Extent) -> Any:
-        """seg[] of a 4 KiB request on the extent's persistently granted first page:
-        random 4 KiB I/O is the most frequent, so it is built once per page."""
-        chunk, index = extent.chunk, extent.start
-        segment = chunk.segments[index]
-        if segment is None:
-            words = segment_words(self.persistent_refs(extent, 0, 1), SECTORS_PER_PAGE)
-            segment = chunk.segments[index] = SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):])
-        return segment
+    def full_pages_segments(self, extent: Extent, pages: int) -> Any:
+        """seg[] of a request filling the extent's first `pages` persistently granted
+        pages. Built once per run of pages: the same runs carry request after request."""
+        key = (extent.start, pages)
+        segments = extent.chunk.segments.get(key)
+        if segments is None:
+            words = segment_words(self.persistent_refs(extent, 0, pages), pages * SECTORS_PER_PAGE)
+            segments = extent.chunk.segments[key] = SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):])
+        return segments
 
     def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
                      granted: list[int]) -> list[int]:
@@ -271,6 +271,7 @@ class BlkFront(Frontend):
         self.discard_granularity = SECTOR_SIZE
         self.feature_persistent = False
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        self.max_sectors = self.max_segments * SECTORS_PER_PAGE
         self.pool: BufferPool | None = None
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
@@ -302,6 +303,7 @@ class BlkFront(Frontend):
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        self.max_sectors = self.max_segments * SECTORS_PER_PAGE  # the largest I/O one request carries
         pages = self.max_segments + (indirect_pages(self.max_segments)
                                      if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
         if self.pool is None:
@@ -324,10 +326,6 @@ class BlkFront(Frontend):
             return 0
         return (self.channel.ring.nr_ents // BLKIF_RING.nr_ents(1)).bit_length() - 1
 
-    @property
-    def max_sectors(self) -> int:
-        """The largest I/O one request carries."""
-        return self.max_segments * SECTORS_PER_PAGE
 
     # --- the block device ---------------------------------------------------------------
 
@@ -475,10 +473,10 @@ class BlkFront(Frontend):
                         if lent:
                             break  # send this round; its pages come back with the answers
                         extent = await pool.take(pages + nr_indirect)
-                    granted: list[int] = []
-                    lent.append((extent, pages, granted))
                     if data is not None and op == WRITE:
                         extent.view(0, pages)[:len(data)] = data
+                    granted: list[int] = []
+                    lent.append((extent, pages, granted))
                     requests.append(self._request(op, sector, count, extent, pages, nr_indirect,
                                                   granted))
                 responses = await self.call_many(requests)
@@ -517,8 +515,9 @@ class BlkFront(Frontend):
         pool = self.pool
         assert pool is not None
         if self.feature_persistent:
-            if count == SECTORS_PER_PAGE:
-                return RW.record(op, 1, self.device.devid, 0, sector, pool.page_segment(extent))
+            if count == pages * SECTORS_PER_PAGE and not nr_indirect:
+                return RW.record(op, pages, self.device.devid, 0, sector,
+                                 pool.full_pages_segments(extent, pages))
             refs = pool.persistent_refs(extent, 0, pages + nr_indirect)
         else:
             refs = pool.request_refs(extent, 0, pages, op == WRITE, granted)

@@ -51,6 +51,7 @@ __all__ = [
     "Segments",
     "indirect_pages",
     "parse_segments",
+    "raw_segments",
     "segment_words",
 ]
 
@@ -109,6 +110,16 @@ _SEVENS = bytes([SECTORS_PER_PAGE - 1]) * BLKIF_SEGS_PER_INDIRECT_FRAME * 8
 _ZEROS = bytes(BLKIF_SEGS_PER_INDIRECT_FRAME * 8)
 
 
+_SEG_INDEX = RW.record._fields.index("seg")
+
+
+def raw_segments(request: Any) -> bytes:
+    """seg[] of a blkif_request decoded off the ring, as its bytes: the codec keeps
+    a record array undecoded until read, so this costs no element records."""
+    raw = request[_SEG_INDEX]
+    return raw if type(raw) is bytes else request.seg.raw
+
+
 def indirect_pages(nr_segments: int) -> int:
     """Indirect descriptor pages an INDIRECT request of `nr_segments` needs."""
     return -(-nr_segments // BLKIF_SEGS_PER_INDIRECT_FRAME)
@@ -154,6 +165,7 @@ class Segments(NamedTuple):
     grefs: list[int]
     nr_sectors: int
     bounds: list[tuple[int, int]] | None
+    run: bool = True  # the grefs are consecutive numbers, as blkfront grants a buffer
 
 
 def parse_segments(raw: bytes, nr_segments: int) -> Segments:
@@ -179,7 +191,8 @@ def parse_segments(raw: bytes, nr_segments: int) -> Segments:
             raw[5:size - SEGMENT_SIZE:SEGMENT_SIZE] == _SEVENS[:nr_segments - 1]:
         last = raw[size - SEGMENT_SIZE + 5]
         if last < SECTORS_PER_PAGE:
-            return Segments(grefs, (nr_segments - 1) * SECTORS_PER_PAGE + last + 1, None)
+            return Segments(grefs, (nr_segments - 1) * SECTORS_PER_PAGE + last + 1, None,
+                            grefs == list(range(grefs[0], grefs[0] + nr_segments)))
     bounds = []
     total = 0
     for index, word in enumerate(words[1::2]):
@@ -189,4 +202,4 @@ def parse_segments(raw: bytes, nr_segments: int) -> Segments:
                              f"page holds sectors 0..{SECTORS_PER_PAGE - 1}, first <= last)")
         bounds.append((first << SECTOR_SHIFT, (last + 1) << SECTOR_SHIFT))
         total += last - first + 1
-    return Segments(grefs, total, bounds)
+    return Segments(grefs, total, bounds, False)
