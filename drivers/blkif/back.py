@@ -28,7 +28,7 @@ What it does is Linux's xen-blkback, in substance and in key names:
 - Up to a ring's worth of requests are in flight. A read is first tried
   against the page cache without blocking (RWF_NOWAIT), a buffered write
   lands in the page cache; both are answered at the end of the drain or,
-  when all its pages are persistent, as each 64 KiB of them is done (the
+  when all its pages are persistent, as each 256 KiB of them is done (the
   front end copies those while the rest of a large drain is done). What
   must wait for the device — a read miss, O_DIRECT I/O, a flush, a discard
   — runs on a worker thread and is answered when it completes, so Dom0's
@@ -96,7 +96,7 @@ MAP_BATCH = 1024  # grant refs per GNTTABOP_map_grant_ref (the hypervisor's batc
 IO_THREADS = 8  # worker threads per device for I/O that must wait for the device
 # A drain answers what it has done each time this much data has moved, so the
 # front end works on those answers while the rest of a large drain is done.
-EARLY_ANSWER_SECTORS = 128  # 64 KiB
+EARLY_ANSWER_SECTORS = 512  # 256 KiB
 PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
@@ -597,7 +597,7 @@ class BlkBack(Backend):
                 done.append(self._fail(job, "an indirect page's grant was refused"))
                 continue
             try:
-                job.segments = parse_segments(raw, job.nr_segments)
+                job.segments = self._segments(raw, job.nr_segments)
                 self._check_job(job)
             except BadRequest as exc:
                 done.append(self._fail(job, str(exc)))

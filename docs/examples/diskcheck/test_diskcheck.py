@@ -1,0 +1,17 @@
+"""The guest-programs example runs, and what it wrote is on the image."""
+
+from pathlib import Path
+
+from xenlike.testing import Topology
+
+EXAMPLES = Path(__file__).resolve().parent.parent
+
+
+def test_the_disk_example_runs_and_leaves_its_pattern(tmp_path: Path) -> None:
+    topology = (EXAMPLES / "diskcheck.toml").read_text()
+    with Topology(topology, tmp_path, pythonpath=[EXAMPLES]) as topo:
+        console = topo.wait_for_console("checker", "disk check passed")
+        assert "'persistent': True" in console
+    image = (tmp_path / "check.img").read_bytes()
+    assert image[:33 * 4096] == bytes(range(256)) * 16 * 33
+    assert image[33 * 4096:] == bytes(len(image) - 33 * 4096)
