@@ -74,6 +74,17 @@ def test_the_slot_is_copied_once_before_the_variant_is_chosen() -> None:
     assert type(BLKIF_REQUEST.unpack_from(bytes([7]) + bytes(111), 0)) is RW.record  # unknown op
 
 
+def test_a_run_of_slots_decodes_each_variant_by_its_operation() -> None:
+    records = [RW.record(blkif.BLKIF_OP_READ, 1, 1, 1, 8, [(5, 0, 7)]),
+               DISCARD.record(blkif.BLKIF_OP_DISCARD, 0, 1, 2, 3, 4),
+               INDIRECT.record(blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_WRITE, 300, 3, 8, 1, (9,)),
+               RW.record(9, 0, 1, 4)]  # an unknown operation reads as blkif_request
+    run = b"".join(BLKIF_REQUEST.pack(record) for record in records)
+    decoded = BLKIF_REQUEST.slots_unpacker(112)(run)
+    assert [type(d) for d in decoded] == [RW.record, DISCARD.record, INDIRECT.record, RW.record]
+    assert decoded == [BLKIF_REQUEST.unpack_from(run, 112 * i) for i in range(4)]
+
+
 # --- segment lists ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pages,sectors", [(1, 1), (1, 8), (3, 20), (11, 88), (256, 2048),

@@ -35,6 +35,20 @@ def test_codec_bytes_equal_construct_bytes(name: str, data: st.DataObject) -> No
     assert codec.size == layout.sizeof()
 
 
+@pytest.mark.parametrize("name", LAYOUTS)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_a_run_of_slots_decodes_as_each_slot_does(name: str, data: st.DataObject) -> None:
+    codec = compile_struct(LAYOUTS[name], name)
+    stride = codec.size + data.draw(st.integers(0, 24))
+    count = data.draw(st.integers(0, 5))
+    raw = data.draw(st.binary(min_size=stride * count, max_size=stride * count))
+    assert codec.slots_unpacker(stride)(raw) == \
+        [codec.unpack_from(raw, index * stride) for index in range(count)]
+    with pytest.raises(ValueError, match="cannot hold"):
+        codec.slots_unpacker(codec.size - 1)
+
+
 def test_short_record_arrays_are_zero_filled_and_long_ones_refused() -> None:
     codec = compile_struct(blkif.blkif_request, "blkif_request")
     seg = codec.record().seg[0]._replace(gref=0xDEAD, first_sect=2, last_sect=5)

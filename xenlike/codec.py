@@ -47,6 +47,9 @@ class Codec:
     pack_into: Callable[[Any, int, Any], None]
     unpack_from: Callable[[Any, int], Any]
     layout: construct.Construct
+    # stride -> a function decoding every record of a bytes copy whose records
+    # lie `stride` bytes apart (ring slots): see `slots_unpacker`.
+    unpack_slots: Callable[[int], Callable[[bytes], list[Any]]]
 
     def pack(self, value: Any) -> bytes:
         buf = bytearray(self.size)
@@ -57,6 +60,14 @@ class Codec:
         if len(data) != self.size:
             raise ValueError(f"{self.name}: expected {self.size} bytes, got {len(data)}")
         return self.unpack_from(data, 0)
+
+    def slots_unpacker(self, stride: int) -> Callable[[bytes], list[Any]]:
+        """A decoder of consecutive slots `stride` bytes apart, each holding one
+        record from its start: one `iter_unpack` over a copy of the whole run,
+        so a ring consumer copies a batch out of shared memory once."""
+        if stride < self.size:
+            raise ValueError(f"{self.name}: slots of {stride} bytes cannot hold {self.size}")
+        return self.unpack_slots(stride)
 
 
 def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
@@ -85,6 +96,16 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
         + "".join(f"    {line}\n" for line in gen.pack_after)
     )
     exec(compile(source, f"<xenlike.codec {name}>", "exec"), namespace)
+    many = (  # a flat record is built from the struct tuple as it is, at C speed
+        "    return list(map(_make, _iter(buf)))\n"
+        if unpack_expr == f"_new({gen._records[id(layout)][1]}, v)" else f"    return [{unpack_expr} for v in _iter(buf)]\n")
+    source = ("def unpack_slots(stride):\n"
+              f"    _iter = _struct.Struct(_fmt + f'{{stride - {fmt.size}}}x').iter_unpack\n"
+              "    def unpack_many(buf):\n"
+              f"    {many}"
+              "    return unpack_many\n")
+    namespace.update(_struct=struct, _fmt=fmt.format, _make=functools.partial(tuple.__new__, record))
+    exec(compile(source, f"<xenlike.codec {name} slots>", "exec"), namespace)
     return Codec(
         name=name,
         size=fmt.size,
@@ -93,7 +114,9 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
         pack_into=namespace["pack_into"],
         unpack_from=namespace["unpack_from"],
         layout=layout,
+        unpack_slots=namespace["unpack_slots"],
     )
+
 
 
 def _too_many(field: str, count: int, items: Any) -> None:

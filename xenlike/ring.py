@@ -31,7 +31,7 @@ peer that publishes more entries than the ring can hold gets a
 
 import platform
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -135,6 +135,18 @@ def _ring_area(spec: RingSpec, memory: memoryview) -> tuple[memoryview, memoryvi
     return memory, memory[:SRING_HEADER_SIZE].cast("I"), spec.nr_ents(nr_pages)
 
 
+def _copy_slots(mem: memoryview, start: int, count: int, nr_ents: int, slot: int,
+                unpack_slots: Callable[[bytes], list[Any]]) -> list[Any]:
+    """`count` entries from slot `start` on: copied out of shared memory once (one
+    or two runs, as the ring wraps), then decoded from the copy."""
+    first = min(count, nr_ents - start)
+    base = SRING_HEADER_SIZE + start * slot
+    out = unpack_slots(bytes(mem[base:base + first * slot]))
+    if first < count:
+        out += unpack_slots(bytes(mem[SRING_HEADER_SIZE:SRING_HEADER_SIZE + (count - first) * slot]))
+    return out
+
+
 class FrontRing:
     """The requesting end (ring.h's `front_ring`): the front end of a PV device.
 
@@ -149,7 +161,7 @@ class FrontRing:
         self._mask = self.nr_ents - 1
         self._slot = spec.entry_size
         self._pack = spec.request.pack_into
-        self._unpack = spec.response.unpack_from
+        self._unpack_slots = spec.response.slots_unpacker(spec.entry_size)
         if attach:
             self.req_prod_pvt = self._hdr[_REQ_PROD]
             self.rsp_cons = self._hdr[_RSP_PROD]
@@ -219,9 +231,9 @@ class FrontRing:
         if not count:
             return []
         rmb()
-        cons, mem, mask, slot, unpack = self.rsp_cons, self._mem, self._mask, self._slot, self._unpack
-        out = [unpack(mem, SRING_HEADER_SIZE + ((cons + i) & mask) * slot) for i in range(count)]
-        self.rsp_cons = (cons + count) & _MASK32
+        out = _copy_slots(self._mem, self.rsp_cons & self._mask, count, self.nr_ents, self._slot,
+                          self._unpack_slots)
+        self.rsp_cons = (self.rsp_cons + count) & _MASK32
         return out
 
     def final_check_for_responses(self) -> bool:
@@ -259,7 +271,7 @@ class BackRing:
         self._mask = self.nr_ents - 1
         self._slot = spec.entry_size
         self._pack = spec.response.pack_into
-        self._unpack = spec.request.unpack_from
+        self._unpack_slots = spec.request.slots_unpacker(spec.entry_size)
         start = self._hdr[_RSP_PROD] if attach else 0
         self.rsp_prod_pvt = start
         self.req_cons = start
@@ -287,9 +299,9 @@ class BackRing:
         if not count:
             return []
         rmb()
-        cons, mem, mask, slot, unpack = self.req_cons, self._mem, self._mask, self._slot, self._unpack
-        out = [unpack(mem, SRING_HEADER_SIZE + ((cons + i) & mask) * slot) for i in range(count)]
-        self.req_cons = (cons + count) & _MASK32
+        out = _copy_slots(self._mem, self.req_cons & self._mask, count, self.nr_ents, self._slot,
+                          self._unpack_slots)
+        self.req_cons = (self.req_cons + count) & _MASK32
         return out
 
     def put_response(self, response: Any) -> None:

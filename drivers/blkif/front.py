@@ -490,20 +490,18 @@ class BlkFront(Frontend):
                 raise
             for (sector, count, buffer), (extent, pages, granted), response in \
                     zip(items[done:], lent, responses):
-                try:
-                    self._check_response(response, op, sector, count)
-                except BlockDeviceError as exc:
-                    error = error or exc
-                else:
-                    if op == READ:
-                        data = extent.view(0, pages)
-                        if count & (SECTORS_PER_PAGE - 1):
-                            data = data[:count << SECTOR_SHIFT]
-                        if buffer is None:
-                            results.append(bytes(data))
-                        else:
-                            buffer[:] = data
-                self._end(granted)
+                if response.status != BLKIF_RSP_OKAY or response.operation != op:
+                    error = error or self._failure(response, op, sector, count)
+                elif op == READ:
+                    data = extent.view(0, pages)
+                    if count & (SECTORS_PER_PAGE - 1):
+                        data = data[:count << SECTOR_SHIFT]
+                    if buffer is None:
+                        results.append(bytes(data))
+                    else:
+                        buffer[:] = data
+                if granted or self._lingering:
+                    self._end(granted)
                 pool.give(extent)
             done += len(lent)
         if error is not None:
@@ -544,13 +542,16 @@ class BlkFront(Frontend):
                 self._lingering.append(ref)
 
     def _check_response(self, response: Any, op: int, sector: int, count: int) -> None:
-        if response.status == BLKIF_RSP_OKAY and response.operation == op:
-            return
+        if response.status != BLKIF_RSP_OKAY or response.operation != op:
+            raise self._failure(response, op, sector, count)
+
+    def _failure(self, response: Any, op: int, sector: int, count: int) -> BlockDeviceError:
+        """What a response other than OKAY for `op` means, as an exception."""
         what = f"{self._name}: {BlkifOp(op).name}" + \
             (f" of sectors {sector}..{sector + count - 1}" if count else "")
         if response.operation != op:
-            raise BlockDeviceError(errno.EIO, f"{what}: the back end answered operation "
-                                              f"{response.operation}")
+            return BlockDeviceError(errno.EIO, f"{what}: the back end answered operation "
+                                               f"{response.operation}")
         if response.status == BLKIF_RSP_EOPNOTSUPP:
-            raise BlockDeviceError(errno.EOPNOTSUPP, f"{what}: not supported by the back end")
-        raise BlockDeviceError(errno.EIO, f"{what} failed (status {response.status})")
+            return BlockDeviceError(errno.EOPNOTSUPP, f"{what}: not supported by the back end")
+        return BlockDeviceError(errno.EIO, f"{what} failed (status {response.status})")

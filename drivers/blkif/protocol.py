@@ -19,6 +19,7 @@ Everything here is sans-I/O.
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from xenlike.abi.blkif import (
@@ -93,9 +94,24 @@ def _union() -> Codec:
         slot = bytes(buf[offset:offset + size])  # the one read of shared memory
         return decoders.get(slot[0], rw_unpack)(slot, 0)
 
+    def unpack_slots(stride: int) -> Callable[[bytes], list[Any]]:
+        rw_many = RW.slots_unpacker(stride)
+        others = bytes(decoders)
+
+        def unpack_many(buf: bytes) -> list[Any]:
+            records = rw_many(buf)  # as blkif_request; then the other variants, if any
+            operations = buf[::stride]
+            if operations.translate(None, others) != operations:
+                for index, operation in enumerate(operations):
+                    if operation in decoders:
+                        records[index] = decoders[operation](buf, index * stride)
+            return records
+        return unpack_many
+
     # The layout is the slot's: blkif_request is the largest member of the union.
     return Codec(name="blkif_request", size=size, format=RW.format, record=RW.record,
-                 pack_into=pack_into, unpack_from=unpack_from, layout=blkif_request)
+                 pack_into=pack_into, unpack_from=unpack_from, layout=blkif_request,
+                 unpack_slots=unpack_slots)
 
 
 BLKIF_REQUEST = _union()
