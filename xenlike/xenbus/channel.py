@@ -36,28 +36,23 @@ class Disconnected(Exception):
 
 
 class _Batch:
-    """The callers of one `call_many`: one wake-up when its last response is in."""
+    """The requests of one `call_many` and their responses, with one wake-up for
+    the caller when the last is in. The channel keeps `(batch, index)` per id."""
 
-    __slots__ = ("left", "event")
+    __slots__ = ("requests", "responses", "left", "event", "error")
 
-    def __init__(self, count: int) -> None:
-        self.left = count
+    def __init__(self, requests: list[Any]) -> None:
+        self.requests = list(requests)
+        self.responses: list[Any] = [None] * len(requests)
+        self.left = len(requests)
         self.event = trio.Event()
+        self.error: BaseException | None = None
 
-    def done_one(self) -> None:
+    def answer(self, index: int, response: Any) -> None:
+        self.responses[index] = response
         self.left -= 1
         if not self.left:
             self.event.set()
-
-
-class _Pending:
-    __slots__ = ("request", "batch", "response", "error")
-
-    def __init__(self, request: Any, batch: _Batch) -> None:
-        self.request = request
-        self.batch = batch
-        self.response: Any = None
-        self.error: BaseException | None = None
 
 
 class FrontChannel:
@@ -69,7 +64,7 @@ class FrontChannel:
         self._id_index = ring.spec.request.record._fields.index(id_field)
         self._rsp_id_index = ring.spec.response.record._fields.index(id_field)
         self._free_ids = list(range(ring.nr_ents))
-        self._in_flight: dict[int, _Pending] = {}
+        self._in_flight: dict[int, tuple[_Batch, int]] = {}
         self._room = trio.lowlevel.ParkingLot()  # callers waiting for free slots
         self._broken: BaseException | None = None
         self.submitted = 0
@@ -101,34 +96,33 @@ class FrontChannel:
         if not requests:
             await trio.lowlevel.checkpoint()
             return []
-        batch = _Batch(len(requests))
-        pendings = [_Pending(request, batch) for request in requests]
-        await self._submit(pendings)
+        batch = _Batch(requests)
+        await self._submit([(batch, index) for index in range(len(requests))])
         await batch.event.wait()
-        for pending in pendings:
-            if pending.error is not None:
-                raise pending.error
-        return [pending.response for pending in pendings]
+        if batch.error is not None:
+            raise batch.error
+        return batch.responses
 
-    async def _submit(self, pendings: list[_Pending]) -> None:
-        """Give each an id and a slot, pushing as the ring fills; wait for room."""
+    async def _submit(self, entries: list[tuple[_Batch, int]]) -> None:
+        """Give each request an id and a slot, pushing as the ring fills; wait for room."""
         start = 0
-        while start < len(pendings):
+        while start < len(entries):
             if self._broken is not None:
                 raise Disconnected(str(self._broken))
             room = len(self._free_ids)  # a free id is a free slot: both come back together
             if not room:
                 await self._room.park()
                 continue
-            chunk = pendings[start:start + room]
+            chunk = entries[start:start + room]
             start += len(chunk)
             ids = self._free_ids[-len(chunk):]
             del self._free_ids[-len(chunk):]
             in_flight, with_id = self._in_flight, self._with_id
             requests = []
-            for pending, rid in zip(chunk, ids):
-                pending.request = request = with_id(pending.request, rid)
-                in_flight[rid] = pending
+            for entry, rid in zip(chunk, ids):
+                batch, index = entry
+                batch.requests[index] = request = with_id(batch.requests[index], rid)
+                in_flight[rid] = entry
                 requests.append(request)
             self.ring.put_requests(requests)
             self.submitted += len(requests)
@@ -149,8 +143,14 @@ class FrontChannel:
             while True:
                 responses = ring.get_responses()
                 if responses:
+                    in_flight, free_ids = self._in_flight, self._free_ids
                     for response in responses:
-                        self._complete(response[index], response)
+                        rid = response[index]
+                        entry = in_flight.pop(rid, None)
+                        if entry is None:
+                            raise RingOverflow(f"{ring.spec.name}: response for unknown id {rid}")
+                        free_ids.append(rid)
+                        entry[0].answer(entry[1], response)
                     if self._room:
                         self._room.unpark_all()
                     continue
@@ -161,14 +161,6 @@ class FrontChannel:
                     await self.port.wait()
         except RingOverflow as exc:
             raise ChannelBroken(str(exc)) from exc
-
-    def _complete(self, rid: int, response: Any) -> None:
-        pending = self._in_flight.pop(rid, None)
-        if pending is None:
-            raise RingOverflow(f"{self.ring.spec.name}: response for unknown id {rid}")
-        self._free_ids.append(rid)
-        pending.response = response
-        pending.batch.done_one()
 
     def fail(self, error: BaseException) -> list[Any]:
         """Stop the channel and hand back what was in flight, in submission order.
@@ -190,9 +182,9 @@ class FrontChannel:
 
 def fail_orphans(orphans: list[Any], error: BaseException) -> None:
     """Tell callers of requests that will never be resubmitted."""
-    for pending in orphans:
-        pending.error = Disconnected(str(error))
-        pending.batch.done_one()
+    for batch, index in orphans:
+        batch.error = Disconnected(str(error))
+        batch.answer(index, None)
 
 
 class BackChannel:
