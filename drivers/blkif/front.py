@@ -326,7 +326,6 @@ class BlkFront(Frontend):
             return 0
         return (self.channel.ring.nr_ents // BLKIF_RING.nr_ents(1)).bit_length() - 1
 
-
     # --- the block device ---------------------------------------------------------------
 
     async def read(self, sector: int, count: int) -> bytes:

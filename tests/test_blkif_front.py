@@ -1,0 +1,141 @@
+"""blkfront without processes: real memory and ring, a scripted back end.
+
+The front end under test is the real `BlkFront` over a `channel_pair`; its
+pages come from a real `DomainMemory` and `PageAllocator`, and the back
+end is a few lines here that answers each request as a test tells it to,
+reading and writing the granted pages as blkback would.
+"""
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from drivers.blkif import BLKIF_RING, BlkFront, BlockDeviceError
+from drivers.blkif.front import BufferPool
+from drivers.blkif.protocol import parse_segments, raw_segments
+from xenlike.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifOp
+from xenlike.memory import DomainMemory, PageAllocator
+from xenlike.testing import channel_pair
+from xenlike.xenbus.driver import DeviceInfo, XenbusContext
+
+SECTORS = 4096  # a 2 MiB disk
+
+
+class Grants:
+    """The guest's grant calls: a ref names a gfn, until its access ends."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, int] = {}
+        self._next = 8
+
+    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        self._next += 1
+        self.refs[self._next] = gfn
+        return self._next
+
+    def end_access(self, ref: int) -> None:
+        del self.refs[ref]
+
+
+class Guest:
+    def __init__(self, memory: DomainMemory) -> None:
+        self.domid, self.cmdline, self.ext = 1, "", {}
+        self.memory = memory
+        self.allocator = PageAllocator(16, memory.nr_pages)
+        self.grants = Grants()
+
+
+Answer = Callable[[Any], int]  # request -> status
+
+
+async def serve(back: Any, guest: Guest, disk: bytearray, answer: Answer) -> None:
+    """A back end over `disk` that moves the data of the requests `answer` says OKAY to."""
+    async for batch in back.batches_of_requests():
+        responses = []
+        for request in batch:
+            status = answer(request)
+            if status == BLKIF_RSP_OKAY:  # the tests' requests fill whole pages
+                segments = parse_segments(raw_segments(request), request.nr_segments)
+                offset = request.sector_number * 512
+                for ref in segments.grefs:
+                    page = guest.memory.frame(guest.grants.refs[ref])
+                    if request.operation == BlkifOp.READ:
+                        page[:] = disk[offset:offset + 4096]
+                    else:
+                        disk[offset:offset + 4096] = page
+                    offset += 4096
+            responses.append((request.id, request.operation, status))
+        back.respond_many(responses)
+
+
+async def front_end(nursery: trio.Nursery, answer: Answer = lambda request: BLKIF_RSP_OKAY,
+                    *, pool_pages: int = 64) -> tuple[BlkFront, bytearray, Guest]:
+    memory = DomainMemory.create(512)
+    guest = Guest(memory)
+    front = BlkFront(XenbusContext(guest, None, nursery), DeviceInfo("vbd", 51712, "b", "f", 0))
+    channel, back, _ = channel_pair(BLKIF_RING)
+    front.channel = channel
+    front.sectors = SECTORS
+    front.feature_persistent = True
+    front.pool = BufferPool(guest, 0, 11, max_pages=pool_pages)
+    front._ready.set()
+    disk = bytearray(SECTORS * 512)
+    nursery.start_soon(channel.run)
+    nursery.start_soon(serve, back, guest, disk, answer)
+    return front, disk, guest
+
+
+def pages_free(front: BlkFront) -> bool:
+    assert front.pool is not None
+    return all(chunk.free == b"\x01" * len(chunk.free) for chunk in front.pool.chunks)
+
+
+async def test_batches_larger_than_the_ring_and_the_pool_go_in_rounds(nursery) -> None:
+    front, disk, _ = await front_end(nursery, pool_pages=24)
+    pieces = [(8 * i, bytes([i]) * 4096) for i in range(40)]  # 40 requests, 32 slots, 24 pages
+    await front.write_many(pieces)
+    assert disk[:40 * 4096] == b"".join(data for _, data in pieces)
+    assert await front.read_many([(sector, 8) for sector, _ in pieces]) == \
+        [data for _, data in pieces]
+    buffers = [bytearray(4096) for _ in pieces]
+    await front.readinto_many(zip((sector for sector, _ in pieces), buffers))
+    assert buffers == [bytearray(data) for _, data in pieces]
+    assert pages_free(front) and front.pool.pages <= 24  # type: ignore[union-attr]
+
+
+async def test_a_failed_request_fails_its_batch_and_gives_every_page_back(nursery) -> None:
+    def answer(request: Any) -> int:
+        return BLKIF_RSP_ERROR if request.sector_number == 16 else BLKIF_RSP_OKAY
+
+    front, _, _ = await front_end(nursery, answer)
+    with pytest.raises(BlockDeviceError, match="READ of sectors 16..23 failed") as failed:
+        await front.read_many([(0, 8), (16, 8), (32, 8)])
+    assert failed.value.errno == errno.EIO
+    assert pages_free(front)
+
+
+async def test_an_unsupported_answer_is_eopnotsupp(nursery) -> None:
+    front, _, _ = await front_end(nursery, lambda request: BLKIF_RSP_EOPNOTSUPP)
+    with pytest.raises(BlockDeviceError) as failed:
+        await front.write(0, bytes(512))
+    assert failed.value.errno == errno.EOPNOTSUPP and pages_free(front)
+
+
+async def test_buffers_are_checked_before_anything_is_sent(nursery) -> None:
+    sent: list[Any] = []
+
+    def answer(request: Any) -> int:
+        sent.append(request)
+        return BLKIF_RSP_OKAY
+
+    front, _, _ = await front_end(nursery, answer)
+    with pytest.raises(TypeError, match="read-only"):
+        await front.readinto(0, bytes(512))
+    with pytest.raises(ValueError, match="whole 512-byte sectors"):
+        await front.write_many([(0, bytes(512)), (8, bytes(100))])
+    with pytest.raises(ValueError, match="not on a disk"):
+        await front.read_many([(0, 8), (SECTORS - 4, 8)])
+    assert sent == [] and pages_free(front)
