@@ -53,7 +53,8 @@ WORKLOADS = {  # name: (kind, request bytes, depth, unit)
     "seqread1m": ("read", 1 << 20, 4, "MB/s"),
     "seqwrite1m": ("write", 1 << 20, 4, "MB/s"),
 }
-# Requests per read_many/write_many call: depth/batch tasks keep `depth` in flight.
+# Requests per readinto_many/write_many call: depth/batch tasks keep `depth` in
+# flight (measured best: bigger batches stall the pipeline, smaller ones wake more).
 BATCH = {"rand4k": 8, "seqread44k": 4, "seqwrite44k": 4, "seqread1m": 1, "seqwrite1m": 1}
 GUESTS = {"pon": "persistent grants on", "poff": "persistent grants off"}
 OFFSETS = 1 << 16  # random offsets drawn once, shared by the guest and raw patterns
