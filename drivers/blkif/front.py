@@ -303,7 +303,7 @@ class BlkFront(Frontend):
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        self.max_sectors = self.max_segments * SECTORS_PER_PAGE  # the largest I/O one request carries
+        self.max_sectors = self.max_segments * SECTORS_PER_PAGE  # the most one request carries
         pages = self.max_segments + (indirect_pages(self.max_segments)
                                      if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
         if self.pool is None:

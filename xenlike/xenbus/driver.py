@@ -311,16 +311,15 @@ class Backend(XenbusDriver):
         `channel` is the `BackChannel` of `ring`; a driver with `rings` gets
         a `RingGroup` and must override this.
         """
+        async def one(responses: list[Any], index: int, request: Any) -> None:
+            responses[index] = await self.handle(request)
+
         async for batch in channel.batches_of_requests():
             if self.concurrent:
                 responses: list[Any] = [None] * len(batch)
-
-                async def one(index: int, request: Any) -> None:
-                    responses[index] = await self.handle(request)
-
                 async with trio.open_nursery() as nursery:
                     for index, request in enumerate(batch):
-                        nursery.start_soon(one, index, request)
+                        nursery.start_soon(one, responses, index, request)
             else:
                 responses = [await self.handle(request) for request in batch]
             channel.respond_many(responses)

@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import trio
-
 from kvdev import KvBackend
 from kvdev.protocol import KV_EINVAL, KV_ENOENT, KV_GET, KV_OKAY, KV_PUT, KV_RING
 from xenlike.testing import Topology, channel_pair, detached
