@@ -454,39 +454,11 @@ class BlkFront(Frontend):
         until it is answered)."""
         if not self.connected_now:
             await self.wait_connected()
-        pool = self.pool
-        assert pool is not None
         results: list[bytes] = []  # what reads without a buffer return
         error: BlockDeviceError | None = None
         done = 0
         while done < len(items):
-            lent: list[tuple[Extent, int, list[int]]] = []  # extent, pages, own grants
-            requests = []
-            try:
-                for sector, count, data in items[done:]:
-                    pages = -(-count // SECTORS_PER_PAGE)
-                    nr_indirect = indirect_pages(pages) \
-                        if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-                    extent = pool.take_nowait(pages + nr_indirect)
-                    if extent is None:
-                        if lent:
-                            break  # send this round; its pages come back with the answers
-                        extent = await pool.take(pages + nr_indirect)
-                    if data is not None and op == WRITE:
-                        extent.view(0, pages)[:len(data)] = data
-                    granted: list[int] = []
-                    lent.append((extent, pages, granted))
-                    requests.append(self._request(op, sector, count, extent, pages, nr_indirect,
-                                                  granted))
-                responses = await self.call_many(requests)
-            except trio.Cancelled:
-                # The back end may yet write into these pages: they are never lent again.
-                raise
-            except BaseException:
-                for extent, _, granted in lent:
-                    self._end(granted)
-                    pool.give(extent)
-                raise
+            lent, responses = await self._round(op, items[done:])
             for (sector, count, buffer), (extent, pages, granted), response in \
                     zip(items[done:], lent, responses):
                 if response.status != BLKIF_RSP_OKAY or response.operation != op:
@@ -499,13 +471,56 @@ class BlkFront(Frontend):
                         results.append(bytes(data))
                     else:
                         buffer[:] = data
-                if granted or self._lingering:
-                    self._end(granted)
-                pool.give(extent)
+            self._give_back(lent)
             done += len(lent)
         if error is not None:
             raise error
         return results
+
+    async def _round(self, op: int, items: list[tuple[int, int, memoryview | None]]
+                     ) -> tuple[list[tuple[Extent, int, list[int]]], list[Any]]:
+        """Lend pages to the first `items` the pool has room for now (at least one),
+        send their requests in one push, and return what was lent — extent, data
+        pages, the request's own grants — with the responses. The caller gives
+        the pages back (`_give_back`)."""
+        pool = self._pool()
+        lent: list[tuple[Extent, int, list[int]]] = []
+        requests = []
+        try:
+            for sector, count, data in items:
+                pages = -(-count // SECTORS_PER_PAGE)
+                nr_indirect = indirect_pages(pages) \
+                    if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+                extent = pool.take_nowait(pages + nr_indirect)
+                if extent is None:
+                    if lent:
+                        break  # send this round; its pages come back with the answers
+                    extent = await pool.take(pages + nr_indirect)
+                if data is not None and op == WRITE:
+                    extent.view(0, pages)[:len(data)] = data
+                granted: list[int] = []
+                lent.append((extent, pages, granted))
+                requests.append(self._request(op, sector, count, extent, pages, nr_indirect,
+                                              granted))
+            return lent, await self.call_many(requests)
+        except trio.Cancelled:
+            # The back end may yet write into these pages: they are never lent again.
+            raise
+        except BaseException:
+            self._give_back(lent)
+            raise
+
+    def _give_back(self, lent: list[tuple[Extent, int, list[int]]]) -> None:
+        pool = self._pool()
+        for extent, _, granted in lent:
+            if granted or self._lingering:
+                self._end(granted)
+            pool.give(extent)
+
+    def _pool(self) -> BufferPool:
+        if self.pool is None:
+            raise BlockDeviceError(errno.ENODEV, f"{self._name} is not connected")
+        return self.pool
 
     def _request(self, op: int, sector: int, count: int, extent: Extent, pages: int,
                  nr_indirect: int, granted: list[int]) -> Any:
