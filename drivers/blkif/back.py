@@ -101,6 +101,9 @@ PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
+_COUNTERS = {READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"),  # kind: what it counts
+             FLUSH: ("f_req", "wr_sect"), BARRIER: ("f_req", "wr_sect"),
+             DISCARD: ("ds_req", "ds_sect")}
 _MASK32 = 0xFFFFFFFF
 
 
@@ -395,17 +398,10 @@ class BlkBack(Backend):
         """The job's response; its id is free again once this is published."""
         job.iov = None
         self._in_flight.discard(job.id)
-        stats, kind = self.stats, job.kind
-        sectors = job.nr_sectors if status == BLKIF_RSP_OKAY else 0
-        if kind == READ:
-            stats["rd_req"] += 1
-            stats["rd_sect"] += sectors
-        elif kind == DISCARD:
-            stats["ds_req"] += 1
-            stats["ds_sect"] += sectors
-        else:
-            stats["wr_req" if kind == WRITE else "f_req"] += 1
-            stats["wr_sect"] += sectors
+        requests, sectors = _COUNTERS[job.kind]
+        self.stats[requests] += 1
+        if status == BLKIF_RSP_OKAY:
+            self.stats[sectors] += job.nr_sectors
         return (job.id, job.operation, status)
 
     def _count_waiting(self, channel: BackChannel) -> None:
