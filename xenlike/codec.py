@@ -96,15 +96,18 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
         + "".join(f"    {line}\n" for line in gen.pack_after)
     )
     exec(compile(source, f"<xenlike.codec {name}>", "exec"), namespace)
-    many = (  # a flat record is built from the struct tuple as it is, at C speed
-        "    return list(map(_make, _iter(buf)))\n"
-        if unpack_expr == f"_new({gen._records[id(layout)][1]}, v)" else f"    return [{unpack_expr} for v in _iter(buf)]\n")
+    # A run of slots: one iter_unpack over the copy, with the record format
+    # padded to the stride. A flat record (`_new(R, v)`) is built from each
+    # struct tuple as it is, at C speed.
+    records = "list(map(_make, _iter(buf)))" if unpack_expr.endswith(", v)") \
+        else f"[{unpack_expr} for v in _iter(buf)]"
     source = ("def unpack_slots(stride):\n"
               f"    _iter = _struct.Struct(_fmt + f'{{stride - {fmt.size}}}x').iter_unpack\n"
               "    def unpack_many(buf):\n"
-              f"    {many}"
+              f"        return {records}\n"
               "    return unpack_many\n")
-    namespace.update(_struct=struct, _fmt=fmt.format, _make=functools.partial(tuple.__new__, record))
+    namespace.update(_struct=struct, _fmt=fmt.format,
+                     _make=functools.partial(tuple.__new__, record))
     exec(compile(source, f"<xenlike.codec {name} slots>", "exec"), namespace)
     return Codec(
         name=name,
@@ -116,7 +119,6 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
         layout=layout,
         unpack_slots=namespace["unpack_slots"],
     )
-
 
 
 def _too_many(field: str, count: int, items: Any) -> None:
