@@ -78,7 +78,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         big_file = Path(tmp) / "big.toml"
         big_file.write_text(topology(big))
-        times: dict[str, list[float]] = {k: [] for k in ("default", "big", "base_default", "base_big")}
+        times: dict[str, list[float]] = {k: [] for k in ("default", "big", "base_default",
+                                                         "base_big")}
         rss: list[int] = []
         for round_ in range(rounds):
             times["base_default"].append(baseline_once(2 + 2))
@@ -95,7 +96,8 @@ def main() -> None:
     print(f"baseline, 4 bare processes: {med['base_default']:.2f} s")
     print(f"{big} guests up --detach: {med['big']:.2f} s")
     print(f"baseline, {big + 2} bare processes: {med['base_big']:.2f} s")
-    print(f"guest RSS median: {statistics.median(rss) / 1024:.1f} MiB, max: {max(rss) / 1024:.1f} MiB")
+    print(f"guest RSS median: {statistics.median(rss) / 1024:.1f} MiB, "
+          f"max: {max(rss) / 1024:.1f} MiB")
     print(f"ratio default_boot: {med['default'] / med['base_default']:.3f}")
     print(f"ratio {big}_guests_boot: {med['big'] / med['base_big']:.3f}")
     print(f"ratio max_guest_rss_vs_40MiB: {max(rss) / (40 * 1024):.3f}")

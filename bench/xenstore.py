@@ -4,8 +4,8 @@
 
 Measures reads, writes and directory listings per second (1 / the median
 time of one operation, one request in flight) and watch-event latency,
-through `xenlike.xenstore.open_client` against `python -m xenlike.xenstore`. The baseline sends the very same
-request bytes over the same kind of socket to a trivial trio server that
+through `xenlike.xenstore.open_client` against `python -m xenlike.xenstore`. The baseline
+sends the very same request bytes over the same kind of socket to a trivial trio server that
 answers each with the reply bytes xenstored gave (captured at start), with
 no store behind it, read by a bare client. Both servers are separate
 processes, so neither shares the client's event loop. Rounds interleave
@@ -37,7 +37,14 @@ from xenlike.abi.xs_wire import XS_DIRECTORY, XS_READ, XS_WATCH, XS_WATCH_EVENT,
 from xenlike._eventfd import EventFd
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.testing import CrossedDoorbell, doorbell_pair
-from xenlike.xenstore import Client, MessageReader, XenStored, XsMessage, connect_stream, open_client
+from xenlike.xenstore import (
+    Client,
+    MessageReader,
+    XenStored,
+    XsMessage,
+    connect_stream,
+    open_client,
+)
 
 HEADER = struct.Struct("<IIII")
 TOKEN = "bench"
@@ -111,7 +118,8 @@ async def capture(path: str) -> dict[bytes, bytes]:
 # -- the timed loops ------------------------------------------------------------------
 
 
-async def raw_round(path: str, name: str, canned: dict[bytes, bytes], seconds: float) -> list[float]:
+async def raw_round(path: str, name: str, canned: dict[bytes, bytes],
+                    seconds: float) -> list[float]:
     """Per-operation times of the bare client."""
     request = REQUESTS[name].encode()
     expected = len(canned[request])
@@ -179,19 +187,21 @@ class Ring:
 
     def stream(self) -> ByteRingStream:
         view = memoryview(self.page)
-        return ByteRingStream(ByteRing(view, XENSTORE.to_backend), ByteRing(view, XENSTORE.to_guest),
-                              self.client_bell)
+        return ByteRingStream(ByteRing(view, XENSTORE.to_backend),
+                              ByteRing(view, XENSTORE.to_guest), self.client_bell)
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
 
 
-async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: int, theirs: int) -> None:
+async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: int,
+                      theirs: int) -> None:
     """The other end of a `Ring`: xenstored, or canned replies with no store."""
     view = memoryview(mmap.mmap(memfd, 4096))
     bell = CrossedDoorbell(EventFd(mine), EventFd(theirs))
-    stream = ByteRingStream(ByteRing(view, XENSTORE.to_guest), ByteRing(view, XENSTORE.to_backend), bell)
+    stream = ByteRingStream(ByteRing(view, XENSTORE.to_guest),
+                            ByteRing(view, XENSTORE.to_backend), bell)
     print("listening", flush=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.pump)
@@ -207,7 +217,8 @@ async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: i
                 buffer = buffer[end:]
 
 
-async def raw_ring_round(ring: Ring, name: str, canned: dict[bytes, bytes], seconds: float) -> list[float]:
+async def raw_ring_round(ring: Ring, name: str, canned: dict[bytes, bytes],
+                         seconds: float) -> list[float]:
     request = REQUESTS[name].encode()
     expected = len(canned[request])
     stream = ring.stream()
@@ -251,12 +262,15 @@ async def bench_ring(rounds: int, seconds: float, canned: dict[bytes, bytes], ca
         ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
         for _ in range(rounds):
             for name in REQUESTS:
-                raw[name].append(statistics.median(await raw_ring_round(raw_ring, name, canned, seconds)))
-                ours[name].append(statistics.median(await xenlike_ring_round(our_ring, name, seconds)))
+                raw[name].append(
+                    statistics.median(await raw_ring_round(raw_ring, name, canned, seconds)))
+                ours[name].append(
+                    statistics.median(await xenlike_ring_round(our_ring, name, seconds)))
     finally:
         raw_ring.stop()
         our_ring.stop()
-    return _report("xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours, "ring_")
+    return _report("xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours,
+                   "ring_")
 
 
 def start_server(argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
@@ -270,21 +284,25 @@ def start_server(argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.
 
 async def bench(rounds: int, seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="xsbench") as tmp:
-        xs_path, raw_path, canned_path = (os.path.join(tmp, n) for n in ("xs.sock", "raw.sock", "canned"))
+        xs_path, raw_path, canned_path = (os.path.join(tmp, n)
+                                          for n in ("xs.sock", "raw.sock", "canned"))
         servers = [start_server([sys.executable, "-m", "xenlike.xenstore", "--socket", xs_path])]
         try:
             canned = await capture(xs_path)
             with open(canned_path, "w") as file:
                 json.dump({k.hex(): v.hex() for k, v in canned.items()}, file)
-            servers.append(start_server([sys.executable, __file__, "--raw-server", raw_path, canned_path]))
+            servers.append(start_server([sys.executable, __file__, "--raw-server", raw_path,
+                                         canned_path]))
             # Per round, the median time of one operation: robust to the
             # stalls other processes on the machine cause.
             raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
             ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
             for _ in range(rounds):
                 for name in REQUESTS:
-                    raw[name].append(statistics.median(await raw_round(raw_path, name, canned, seconds)))
-                    ours[name].append(statistics.median(await xenlike_round(xs_path, name, seconds)))
+                    raw[name].append(
+                        statistics.median(await raw_round(raw_path, name, canned, seconds)))
+                    ours[name].append(
+                        statistics.median(await xenlike_round(xs_path, name, seconds)))
         finally:
             for server in servers:
                 server.terminate()
@@ -320,7 +338,8 @@ def _load_canned(path: str) -> dict[bytes, bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"), help=argparse.SUPPRESS)
+    parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--ring-server", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ring_server:

@@ -138,10 +138,12 @@ async def evtchn_abuse(domain: Domain) -> None:
     results: dict[str, str] = {}
     results["send_never_opened"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=77))
     unbound = await domain.evtchn.alloc_unbound(0)
-    results["send_unbound"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=unbound.number))
+    results["send_unbound"] = await outcome(evtchn(domain, EvtchnOp.send, SEND,
+                                                   port=unbound.number))
     await unbound.close()
     results["send_closed"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=unbound.number))
-    results["close_closed"] = await outcome(evtchn(domain, EvtchnOp.close, CLOSE, port=unbound.number))
+    results["close_closed"] = await outcome(evtchn(domain, EvtchnOp.close, CLOSE,
+                                                   port=unbound.number))
     results["status_out_of_range"] = await outcome(evtchn(domain, EvtchnOp.status, STATUS,
                                                           dom=DOMID_SELF, port=5000))
     results["bind_dead"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
@@ -180,7 +182,8 @@ async def port_flood(domain: Domain) -> None:
         ports.append(ALLOC_UNBOUND.unpack(done.payload).port)
     freed = ports[len(ports) // 2]
     await evtchn(domain, EvtchnOp.close, CLOSE, port=freed)
-    again = await evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=DOMID_SELF, remote_dom=0)
+    again = await evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=DOMID_SELF,
+                         remote_dom=0)
     for fd in again.fds:
         os.close(fd)
     await report(domain, "flood", {

@@ -161,7 +161,8 @@ async def test_hostile_requests_are_refused_and_change_nothing(
         batch = [request._replace(id=i) for i, (_, request, _) in
                  enumerate(hostile_requests(s.front))]
         responses = await s.front.submit(*batch)
-        assert {r.id: r.status for r in responses} == {i: BLKIF_RSP_ERROR for i in range(len(batch))}
+        assert {r.id: r.status for r in responses} == {i: BLKIF_RSP_ERROR
+                                                       for i in range(len(batch))}
         # The device still works.
         ref, page = s.front.page()
         (rsp,) = await s.front.submit(rw(READ, 8, [(ref, 0, 7)]))

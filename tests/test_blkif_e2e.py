@@ -150,7 +150,8 @@ disk = ["format=raw, vdev=xvda, access=rw, target=victim.img"]
 name = "hostile"
 memory = 16
 init = "tests.blkif_hostile:hostile"
-devices = [{{ type = "vbd-hostile", driver = "tests.blkif_hostile:DRIVER", devid = "51712", params = "{image}", mode = "w" }}]
+devices = [{{ type = "vbd-hostile", driver = "tests.blkif_hostile:DRIVER", devid = "51712", \
+params = "{image}", mode = "w" }}]
 """
 
 

@@ -153,7 +153,8 @@ async def test_messages_over_64k_are_refused_and_the_limit_itself_is_read_whole(
     for size in (HYPERCALL_MAX_MESSAGE + 1, 128 * 1024):
         reply = await raw.exchange(b"\0" * size)
         assert reply.result == -Errno.E2BIG
-    at_limit = request(Hypercall.xen_version, XenVerOp.version, b"\0" * (HYPERCALL_MAX_MESSAGE - 16))
+    at_limit = request(Hypercall.xen_version, XenVerOp.version,
+                       b"\0" * (HYPERCALL_MAX_MESSAGE - 16))
     assert len(at_limit) == HYPERCALL_MAX_MESSAGE
     reply = await raw.exchange(at_limit)
     assert (reply.seq, reply.result) == (7, -Errno.EINVAL)  # xen_version takes no arguments

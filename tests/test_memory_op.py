@@ -66,7 +66,8 @@ async def raw(client: HypercallClient, cmd: XenMemOp, frames: list[int], *,
     head = RESERVATION.record(extent_start=extent_start,
                               nr_extents=len(frames) if nr_extents is None else nr_extents,
                               extent_order=order, mem_flags=flags, domid=domid)
-    return await raw_bytes(client, cmd, RESERVATION.pack(head) + struct.pack(f"<{len(frames)}Q", *frames))
+    return await raw_bytes(client, cmd,
+                           RESERVATION.pack(head) + struct.pack(f"<{len(frames)}Q", *frames))
 
 
 async def raw_bytes(client: HypercallClient, cmd: XenMemOp, payload: bytes) -> int:
@@ -203,7 +204,8 @@ async def test_node_requests_the_host_can_meet_are_accepted(hv: Hypervisor,
                                                            connect: DomainConnector) -> None:
     guest = await connect(built(hv))
     decrease = XenMemOp.decrease_reservation
-    assert await raw(guest, decrease, [100], flags=XENMEMF_node(0) | XENMEMF_exact_node_request) == 1
+    assert await raw(guest, decrease, [100],
+                     flags=XENMEMF_node(0) | XENMEMF_exact_node_request) == 1
     assert await raw(guest, decrease, [101], flags=XENMEMF_node(3) | 32) == 1  # a preference
 
 

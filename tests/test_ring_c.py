@@ -73,7 +73,8 @@ def py_header(view: memoryview) -> tuple[int, ...]:
 
 def split(items: list, rng: random.Random) -> list[list]:
     """Cut a batch into one to three consecutive pushes."""
-    cuts = sorted(rng.sample(range(1, len(items)), min(2, len(items) - 1))) if len(items) > 1 else []
+    cuts = (sorted(rng.sample(range(1, len(items)), min(2, len(items) - 1)))
+            if len(items) > 1 else [])
     return [items[a:b] for a, b in zip([0, *cuts], [*cuts, len(items)])]
 
 
@@ -102,7 +103,8 @@ def test_c_front_end_with_xenlike_back_end(ringpeer: Path, shared) -> None:
         for group in split(batch, rng):  # several pushes before the back end runs
             for r in group:
                 grefs = " ".join(str(s.gref) for s in r.seg[: r.nr_segments])
-                assert c.ask(f"put {r.id} {r.operation} {r.nr_segments} {r.sector_number} {grefs}") == "ok"
+                assert c.ask(f"put {r.id} {r.operation} {r.nr_segments} "
+                             f"{r.sector_number} {grefs}") == "ok"
             shadow_front.put_requests(group)
             expected_notify = shadow_front.push_requests()
             assert c.ask("push-requests") == f"notify {int(expected_notify)}"

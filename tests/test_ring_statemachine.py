@@ -96,7 +96,8 @@ class RingMachine(RuleBasedStateMachine):
     @rule()
     def front_consumes(self) -> None:
         for rsp in self.front.get_responses():
-            assert rsp.id < self.next_id and rsp.id not in self.completed, "bad or duplicate response"
+            assert (rsp.id < self.next_id
+                    and rsp.id not in self.completed), "bad or duplicate response"
             self.completed.add(rsp.id)
 
     @precondition(lambda self: not self.front_asleep and self.pushed == self.next_id)

@@ -74,7 +74,8 @@ def test_bad_disk_specs_say_what_is_wrong(spec: str, message: str) -> None:
 
 def test_positional_disk_spec_and_cdrom() -> None:
     disk = parse_disk_spec("/srv/x.iso,,hdc,cdrom")
-    assert (disk.target, disk.vdev, disk.devtype, disk.access) == ("/srv/x.iso", "hdc", "cdrom", "ro")
+    assert (disk.target, disk.vdev, disk.devtype, disk.access) == ("/srv/x.iso", "hdc", "cdrom",
+                                                                   "ro")
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -28,7 +28,8 @@ def xenlike(*args: str, run_dir: Path, check: bool = True, timeout: float = 120
 
 def started_pids(run_dir: Path) -> list[int]:
     """The hypervisor and every domain process it started, from its log."""
-    pids = [int(p) for p in re.findall(r"started pid (\d+)", (run_dir / "hypervisor.log").read_text())]
+    pids = [int(p) for p in re.findall(r"started pid (\d+)",
+                                       (run_dir / "hypervisor.log").read_text())]
     pid_file = run_dir / "hypervisor.pid"
     if pid_file.exists():
         pids.append(int(pid_file.read_text()))
@@ -180,7 +181,8 @@ def test_crashes_are_preserved_and_down_still_cleans_up(run_dir: Path, tmp_path:
         return {r["name"]: r["state"] for r in json.loads(xenlike("list", "--json",
                                                                   run_dir=run_dir).stdout)}
 
-    wait_for(lambda: states().get("victim", "")[4:5] == "c" and states().get("faulty", "")[4:5] == "c",
+    wait_for(lambda: states().get("victim", "")[4:5] == "c"
+                     and states().get("faulty", "")[4:5] == "c",
              what="both guests crashed")
     console = (run_dir / "console" / "faulty.log").read_text()
     assert "RuntimeError: the guest program failed on purpose" in console
@@ -216,7 +218,8 @@ def test_create_shutdown_destroy(run_dir: Path, tmp_path: Path) -> None:
     wait_for(lambda: "demo done" in (run_dir / "console" / "gamma.log").read_text(),
              what="gamma's demo")
     xenlike("shutdown", "alpha", run_dir=run_dir)
-    names = lambda: [r["name"] for r in json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)]  # noqa: E731
+    names = lambda: [r["name"]  # noqa: E731
+                     for r in json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)]
     wait_for(lambda: "alpha" not in names(), what="alpha powered off and destroyed")
     xenlike("destroy", "beta", run_dir=run_dir)
     assert names() == ["Domain-0", "gamma"]

@@ -8,7 +8,13 @@ import trio
 from xenlike.abi import blkif
 from xenlike.ring import BackRing, FrontRing, define_ring
 from xenlike.testing import doorbell_pair
-from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, fail_orphans
+from xenlike.xenbus.channel import (
+    BackChannel,
+    ChannelBroken,
+    Disconnected,
+    FrontChannel,
+    fail_orphans,
+)
 
 BLKIF = define_ring("blkif", request=blkif.blkif_request, response=blkif.blkif_response)
 

@@ -16,7 +16,8 @@ memory = 64
 name = "client"
 memory = 16
 init = "tests.echo_driver:program"
-devices = [{ type = "echo", driver = "tests.echo_driver:DRIVER", factor = "3", restart-after = "2" }]
+devices = [{ type = "echo", driver = "tests.echo_driver:DRIVER", factor = "3", \
+restart-after = "2" }]
 """
 
 
@@ -27,7 +28,8 @@ def test_custom_driver_connects_answers_and_survives_a_reconnect(tmp_path: Path)
     try:
         xenlike("up", str(topology), "--detach", run_dir=run_dir)
         console = run_dir / "console" / "client.log"
-        wait_for(lambda: "back-end restart ok" in console.read_text() or "Error" in console.read_text(),
+        wait_for(lambda: "back-end restart ok" in console.read_text()
+                         or "Error" in console.read_text(),
                  timeout=60, what="the echo program")
         text = console.read_text()
         assert "echo ok: 2000 answers, ring-page-order 1" in text, text

@@ -98,7 +98,8 @@ def test_reading_a_missing_key_fails(socket_path):
 
 @needs_tools
 def test_ls_prints_the_tree_escaped(socket_path):
-    ok(tool(socket_path, "xenstore-write", "/t5/k", "v", "/t5/d/e", r"tab\tend", "/t5/z", r"a\x00b"))
+    ok(tool(socket_path, "xenstore-write", "/t5/k", "v", "/t5/d/e", r"tab\tend", "/t5/z",
+            r"a\x00b"))
     assert ok(tool(socket_path, "xenstore-ls", "/t5")) == (
         b'k = "v"\n'
         b'd = ""\n'
@@ -138,7 +139,8 @@ def test_chmod_shows_in_ls_p(socket_path):
 def test_watch_fires_at_once_then_on_a_change(socket_path):
     env = {**os.environ, "XENSTORED_PATH": str(socket_path)}
     watcher = subprocess.Popen(
-        ["xenstore-watch", "-n", "2", "/t9"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ["xenstore-watch", "-n", "2", "/t9"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE
     )
     try:
         assert read_line(watcher.stdout) == b"/t9\n"  # the registration event, before any change
@@ -181,7 +183,9 @@ def receive(sock: socket.socket, reader: MessageReader) -> XsMessage:
     return message
 
 
-def call(sock: socket.socket, type_: int, payload: bytes, tx_id: int = 0, req_id: int = 5) -> XsMessage:
+def call(
+    sock: socket.socket, type_: int, payload: bytes, tx_id: int = 0, req_id: int = 5
+) -> XsMessage:
     sock.sendall(XsMessage(type_, req_id, tx_id, payload).encode())
     answer = receive(sock, MessageReader())
     assert (answer.req_id, answer.tx_id) == (req_id, tx_id)
@@ -233,7 +237,9 @@ def test_an_unknown_type_is_enosys_and_the_connection_stays(socket_path):
         (XS_READ, b"/" + b"a" * 2048 + b"\0", 0, b"EINVAL\0"),
     ],
 )
-def test_bad_requests_get_an_error_and_the_connection_stays(socket_path, type_, payload, tx_id, expected):
+def test_bad_requests_get_an_error_and_the_connection_stays(
+    socket_path, type_, payload, tx_id, expected
+):
     with connect(socket_path) as sock:
         answer = call(sock, type_, payload, tx_id=tx_id)
         assert (answer.type, answer.payload) == (XS_ERROR, expected)

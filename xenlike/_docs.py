@@ -34,7 +34,8 @@ def cli_reference() -> str:
              "Generated from `--help` by `python -m xenlike._docs`; do not edit by hand.", ""]
     for path, command in [([], cli), *_commands(cli, [])]:
         name = " ".join(["xenlike", *path])
-        with click.Context(command, info_name=name, terminal_width=100, max_content_width=100) as ctx:
+        with click.Context(command, info_name=name, terminal_width=100,
+                           max_content_width=100) as ctx:
             text = command.get_help(ctx)
         parts += [f"## `{name}`", "", "```text", text, "```", ""]
     return "\n".join(parts)

@@ -38,7 +38,8 @@ class ByteRingLayout:
     prod: int
 
 
-def _layout(name: str, struct_: object, data: str, size: int, cons: str, prod: str) -> ByteRingLayout:
+def _layout(name: str, struct_: object, data: str, size: int, cons: str,
+            prod: str) -> ByteRingLayout:
     return ByteRingLayout(name, offsetof(struct_, data), size, offsetof(struct_, cons),
                           offsetof(struct_, prod))
 

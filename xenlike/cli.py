@@ -50,7 +50,8 @@ def run_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of a table.")(func)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -260,7 +261,8 @@ async def _list(rd: RunDir) -> list[dict[str, Any]]:
         async with open_client(rd.xenstored_socket) as xs:
             for info in infos:
                 try:
-                    names[info.domain] = (await xs.read(f"/local/domain/{info.domain}/name")).decode()
+                    names[info.domain] = (await xs.read(
+                        f"/local/domain/{info.domain}/name")).decode()
                 except XenStoreError:
                     pass
     return [{"name": names.get(i.domain, "(null)"), "id": i.domain,

@@ -127,7 +127,8 @@ def define_ring(name: str, *, request: construct.Struct | Codec,
 
 def _ring_area(spec: RingSpec, memory: memoryview) -> tuple[memoryview, memoryview, int]:
     if memory.nbytes % XEN_PAGE_SIZE:
-        raise ValueError(f"a ring spans whole {XEN_PAGE_SIZE}-byte pages, got {memory.nbytes} bytes")
+        raise ValueError(f"a ring spans whole {XEN_PAGE_SIZE}-byte pages, "
+                         f"got {memory.nbytes} bytes")
     nr_pages = memory.nbytes // XEN_PAGE_SIZE
     if not 1 <= nr_pages <= 1 << MAX_RING_PAGE_ORDER:
         raise ValueError(f"a ring has 1 to {1 << MAX_RING_PAGE_ORDER} pages, got {nr_pages}")
@@ -143,7 +144,8 @@ def _copy_slots(mem: memoryview, start: int, count: int, nr_ents: int, slot: int
     base = SRING_HEADER_SIZE + start * slot
     out = unpack_slots(bytes(mem[base:base + first * slot]))
     if first < count:
-        out += unpack_slots(bytes(mem[SRING_HEADER_SIZE:SRING_HEADER_SIZE + (count - first) * slot]))
+        out += unpack_slots(
+            bytes(mem[SRING_HEADER_SIZE:SRING_HEADER_SIZE + (count - first) * slot]))
     return out
 
 

@@ -123,7 +123,8 @@ async def wait_ready(session: Session, on_status: Callable[[dict[str, Any]], Non
     while time.monotonic() < deadline:
         if not session.alive():
             return [f"the hypervisor exited with status {session.process.returncode}; see "
-                    f"{session.run_dir.path / 'hypervisor.stderr'} and {session.run_dir.hypervisor_log}"]
+                    f"{session.run_dir.path / 'hypervisor.stderr'} and "
+                    f"{session.run_dir.hypervisor_log}"]
         try:
             status = await toolstack_request(session.run_dir, {"op": "status"}, timeout=10)
         except (NotRunning, OSError, RuntimeError):

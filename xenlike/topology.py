@@ -211,7 +211,8 @@ def parse_disk_spec(spec: str) -> DiskSpec:
             key, _, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if key not in _DISK_KEYS:
-                raise ValueError(f"unknown disk key {key!r}; known: {', '.join(_DISK_KEYS[:6])} ...")
+                raise ValueError(f"unknown disk key {key!r}; "
+                                 f"known: {', '.join(_DISK_KEYS[:6])} ...")
             if key == "target" and index != len(items) - 1:
                 raise ValueError("target= must come last (it may contain commas, as xl says)")
             values[key] = value
@@ -263,7 +264,8 @@ def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in _VIF_KEYS:
-            raise ValueError(f"unknown vif setting {item!r}; known keys: {', '.join(_VIF_KEYS[:5])} ...")
+            raise ValueError(f"unknown vif setting {item!r}; "
+                             f"known keys: {', '.join(_VIF_KEYS[:5])} ...")
         values[key] = value.strip()
     mac = values.get("mac", default_mac).lower()
     if not _MAC.match(mac):
@@ -347,7 +349,8 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
 
     for key in data:
         if key not in ("host", "dom0", "domain"):
-            problem(key, None, None, f"unknown section [{key}]; expected [host], [dom0], [[domain]]")
+            problem(key, None, None, f"unknown section [{key}]; expected [host], "
+                                     "[dom0], [[domain]]")
 
     host = data.get("host", {})
     for key in host:
@@ -364,10 +367,12 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
                                        f"{', '.join(sorted(_DOM0_KEYS))}")
     dom0_memory = dom0_data.get("memory", 128)
     if not isinstance(dom0_memory, int) or not 16 <= dom0_memory <= 4096:
-        problem("dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, 16 to 4096")
+        problem("dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, "
+                                        "16 to 4096")
     nic = dom0_data.get("nic", "none")
     if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap):.+", nic)):
-        problem("dom0", None, "nic", f"nic = {nic!r}: expected \"none\", \"tap:NAME\" or \"pcap:FILE\"")
+        problem("dom0", None, "nic", f"nic = {nic!r}: expected \"none\", "
+                                     "\"tap:NAME\" or \"pcap:FILE\"")
     images: dict[str, int] = {}
     for image, size in dict(dom0_data.get("images", {})).items():
         try:
@@ -456,7 +461,8 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
         except ValueError as exc:
             bad("vif", f"vif {spec!r}: {exc}")
     devices = entry.get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, dict) and "type" in d for d in devices):
+    if not isinstance(devices, list) or not all(isinstance(d, dict) and "type" in d
+                                                for d in devices):
         bad("devices", "devices = [{ type = \"...\", ... }, ...]: each needs a type")
         devices = []
     if not ok:
@@ -464,7 +470,8 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
     return DomainConfig(
         name=name, memory=memory, vcpus=1, kernel=entry.get("kernel", DEFAULT_GUEST_KERNEL),
         init=entry.get("init"), extra=extra,
-        on_poweroff=entry.get("on_poweroff", "destroy"), on_reboot=entry.get("on_reboot", "restart"),
+        on_poweroff=entry.get("on_poweroff", "destroy"),
+        on_reboot=entry.get("on_reboot", "restart"),
         on_crash=entry.get("on_crash", "destroy"), disks=tuple(disks), vifs=tuple(vifs),
         devices=tuple(devices))
 

@@ -39,7 +39,8 @@ class DeviceWriter:
 
     @property
     def backend_domid(self) -> int:
-        backend = self.spec.get("backend", "0") if isinstance(self.spec, dict) else self.spec.backend
+        backend = (self.spec.get("backend", "0") if isinstance(self.spec, dict)
+                   else self.spec.backend)
         return int(backend)
 
     async def add(self, xs: Any, domid: int, index: int) -> None:

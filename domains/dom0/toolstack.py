@@ -226,8 +226,8 @@ class Toolstack:
             if not info.flags & XEN_DOMINF_shutdown or record.state != "running":
                 continue
             reason = info.flags >> XEN_DOMINF_shutdownshift & 0xFF
-            reason_name = ShutdownReason(reason).name if reason in ShutdownReason._value2member_map_ \
-                else str(reason)
+            reason_name = ShutdownReason(reason).name \
+                if reason in ShutdownReason._value2member_map_ else str(reason)
             action = getattr(record.config, ON_EVENT.get(reason, "on_crash"))
             record.state = f"shut down ({reason_name})"
             await self.dom0.console_write(

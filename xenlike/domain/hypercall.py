@@ -244,7 +244,8 @@ class HypercallClient:
             self._fail()
             raise _reset() from None
 
-    async def call_struct(self, op: int, cmd: int, layout: Any, arg: Any) -> tuple[int, Any, tuple[int, ...]]:
+    async def call_struct(self, op: int, cmd: int, layout: Any,
+                          arg: Any) -> tuple[int, Any, tuple[int, ...]]:
         """A call taking one Xen struct; returns (result, the struct as sent back, fds)."""
         codec = codec_for(layout)
         done = await self.call(op, cmd, codec.pack(arg), 1)

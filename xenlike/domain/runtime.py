@@ -70,7 +70,8 @@ class Domain:
     async def shutdown(self, reason: int = ShutdownReason.poweroff) -> None:
         """SCHEDOP_shutdown: this domain stops; the hypervisor reaps its process."""
         self.shut_down = True
-        await self.hypercalls.call(Hypercall.sched_op, SchedOp.shutdown, SHUTDOWN.pack((reason,)), 1)
+        await self.hypercalls.call(Hypercall.sched_op, SchedOp.shutdown,
+                                   SHUTDOWN.pack((reason,)), 1)
 
 
 def load_kernel(name: str) -> Kernel:

@@ -200,8 +200,9 @@ class Hypervisor:
                 self._nursery = nursery
                 dom0 = self.create_domain(domid=0, privileged=True)
                 dom0.max_pages = self.dom0_memory_mb * 256
-                self.log(None, f"Xen-compatible xenlike hypervisor {XEN_VERSION[0]}.{XEN_VERSION[1]}"
-                               f", run directory {self.run_dir}")
+                self.log(None,
+                         f"Xen-compatible xenlike hypervisor {XEN_VERSION[0]}.{XEN_VERSION[1]}"
+                         f", run directory {self.run_dir}")
                 if dom0_kernel:
                     self.build_domain(dom0, dom0_kernel, cmdline=dom0_cmdline)
                     self.unpause(dom0)
@@ -510,7 +511,8 @@ class Hypervisor:
         `fds` are duplicated, so the caller may close its own at once.
         """
         send, _ = domain._notices
-        reply = Reply(0, MessageKind.notification, int(code), payload, tuple(os.dup(fd) for fd in fds))
+        reply = Reply(0, MessageKind.notification, int(code), payload,
+                      tuple(os.dup(fd) for fd in fds))
         try:
             send.send_nowait(reply)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

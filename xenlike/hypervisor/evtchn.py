@@ -180,7 +180,8 @@ def status(call: Call, arg: Any) -> tuple[int, Any]:
     if port.state is EvtchnStat.unbound:
         u = port.remote_dom.to_bytes(2, "little").ljust(8, b"\0")
     elif port.state is EvtchnStat.interdomain:
-        u = port.remote_dom.to_bytes(2, "little") + bytes(2) + port.remote_port.to_bytes(4, "little")
+        u = (port.remote_dom.to_bytes(2, "little") + bytes(2)
+             + port.remote_port.to_bytes(4, "little"))
     else:
         u = port.virq.to_bytes(4, "little").ljust(8, b"\0")
     return 0, arg._replace(status=port.state, vcpu=port.vcpu, u=u)

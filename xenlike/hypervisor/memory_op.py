@@ -261,7 +261,8 @@ def _stat_target(call: Call, domid: int) -> Any:
     """Xen's order: an unknown domain is -ESRCH before a foreign one is -EPERM."""
     domain = call.hv.lookup(call.caller.domid if domid == DOMID_SELF else domid)
     if domain is not call.caller and not call.caller.privileged:
-        raise HypercallError(Errno.EPERM, f"d{call.caller.domid} may not read d{domid}'s reservation")
+        raise HypercallError(Errno.EPERM,
+                             f"d{call.caller.domid} may not read d{domid}'s reservation")
     return domain
 
 

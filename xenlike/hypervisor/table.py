@@ -62,7 +62,8 @@ class Entry:
         """The handler's argument: one record, a list (batched), bytes (raw) or None."""
         if self.raw:
             if count != len(payload):
-                raise HypercallError(Errno.EINVAL, f"{self.name}: count {count} != {len(payload)} bytes")
+                raise HypercallError(Errno.EINVAL,
+                                     f"{self.name}: count {count} != {len(payload)} bytes")
             return payload
         if self.args is None:
             if count or payload:

@@ -114,7 +114,8 @@ class FrontendBus(_Bus):
                 backend_id = await self._read(f"{nodename}/backend-id")
                 if backend is None or backend_id is None or not devid.isdigit():
                     continue  # the toolstack has not finished writing it
-                found.append(DeviceInfo(device_type, int(devid), nodename, backend, int(backend_id)))
+                found.append(DeviceInfo(device_type, int(devid), nodename, backend,
+                                        int(backend_id)))
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
@@ -136,7 +137,8 @@ class BackendBus(_Bus):
                     frontend = await self._read(f"{nodename}/frontend")
                     if frontend is None or not domid.isdigit() or not devid.isdigit():
                         continue
-                    found.append(DeviceInfo(device_type, int(devid), nodename, frontend, int(domid)))
+                    found.append(DeviceInfo(device_type, int(devid), nodename, frontend,
+                                            int(domid)))
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:

@@ -19,7 +19,8 @@ def mermaid(role: Role) -> str:
             arrows.setdefault((own, reaction.next_state, action), []).append(peer)
     lines = ["stateDiagram-v2"]
     for (own, target, action), peers in sorted(arrows.items(), key=lambda a: (a[0][0], a[0][1])):
-        names = "any" if len(peers) == len(XenbusState) else ", ".join(p.name for p in sorted(peers))
+        names = ("any" if len(peers) == len(XenbusState)
+                 else ", ".join(p.name for p in sorted(peers)))
         lines.append(f"    {own.name} --> {target.name}: peer {names} / {action}")
     return "\n".join(lines)
 

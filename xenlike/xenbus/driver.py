@@ -122,7 +122,8 @@ class XenbusDriver:
         self._ports: list[Any] = []  # this end's event channels
         self.connected_event = trio.Event()
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
-        self.trace = DeviceTrace.for_driver(self)  # handshake and ring events (xenlike.trace.events)
+        # handshake and ring events (xenlike.trace.events)
+        self.trace = DeviceTrace.for_driver(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device.nodename}>"
@@ -358,7 +359,8 @@ class Backend(XenbusDriver):
         if protocol != XEN_IO_PROTO_ABI_NATIVE:
             raise ProtocolError(f"protocol {protocol!r}: only {XEN_IO_PROTO_ABI_NATIVE} is spoken")
         domain, peer = self.ctx.domain, self.device.otherend_id
-        self._mapping = await domain.grants.map(peer, [ref for ring in refs.values() for ref in ring])
+        self._mapping = await domain.grants.map(peer, [ref for ring in refs.values()
+                                                       for ref in ring])
         ports: dict[str, Any] = {}
         for key in dict.fromkeys(layout[name].port_key for name in refs):
             ports[key] = await domain.evtchn.bind_interdomain(peer, await self.read_int(key, -1))

@@ -100,7 +100,8 @@ _row(_BACK, (S.Closing, S.Connected), (S.Closed,), Action.disconnect, S.Closed)
 # allows, straight away if the back end skipped InitWait and is Connected).
 _row(_FRONT, (S.Initialising,), (S.InitWait,), Action.setup, S.Initialised)
 _row(_FRONT, (S.Initialised,), (S.Connected,), Action.connected, S.Connected)
-_row(_FRONT, (S.Initialising, S.Initialised, S.Connected), (S.Closing,), Action.disconnect, S.Closing)
+_row(_FRONT, (S.Initialising, S.Initialised, S.Connected), (S.Closing,), Action.disconnect,
+     S.Closing)
 _row(_FRONT, (S.Initialised, S.Connected, S.Closing), (S.Closed,), Action.disconnect, S.Closed)
 # A front end that closes on its own (to reconnect) is Closed once the back end
 # has let go of the ring (blkfront's closing on the back end's Closing).

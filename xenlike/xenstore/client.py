@@ -186,7 +186,8 @@ class _Operations:
         while True:
             names, generation = b"", None
             while True:
-                part = await self._call(XS_DIRECTORY_PART, join_strings(path.encode(), b"%d" % len(names)))
+                part = await self._call(XS_DIRECTORY_PART,
+                                        join_strings(path.encode(), b"%d" % len(names)))
                 part_generation, _, chunk = part.partition(b"\0")
                 if generation is None:
                     generation = part_generation
@@ -398,7 +399,8 @@ class Client(_Operations):
             attempt += 1
 
     async def introduce(self, domid: int, gfn: int, port: int) -> None:
-        """XS_INTRODUCE: xenstored is to serve `domid` over the ring at `gfn`, event channel `port`."""
+        """XS_INTRODUCE: xenstored is to serve `domid` over the ring at `gfn`, event channel
+        `port`."""
         await self._request(XS_INTRODUCE, join_strings(b"%d" % domid, b"%d" % gfn, b"%d" % port))
 
     async def release(self, domid: int) -> None:
@@ -432,7 +434,8 @@ async def connect_stream(stream: trio.abc.Stream) -> AsyncIterator[Client]:
 
 
 def default_socket_path() -> str:
-    """Where libxenstore looks: $XENSTORED_PATH, $XENSTORED_RUNDIR/socket, /var/run/xenstored/socket."""
+    """Where libxenstore looks: $XENSTORED_PATH, $XENSTORED_RUNDIR/socket,
+    /var/run/xenstored/socket."""
     if path := os.environ.get("XENSTORED_PATH"):
         return path
     rundir = os.environ.get("XENSTORED_RUNDIR", "/var/run/xenstored")
@@ -442,6 +445,7 @@ def default_socket_path() -> str:
 @contextlib.asynccontextmanager
 async def open_client(path: str | os.PathLike[str] | None = None) -> AsyncIterator[Client]:
     """Connect to xenstored's Unix socket (by default where libxenstore would)."""
-    stream = await trio.open_unix_socket(os.fspath(path) if path is not None else default_socket_path())
+    stream = await trio.open_unix_socket(os.fspath(path) if path is not None
+                                         else default_socket_path())
     async with stream, connect_stream(stream) as client:
         yield client

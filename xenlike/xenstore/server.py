@@ -124,7 +124,8 @@ class Connection:
         if is_event and self._pending_events[data] and not message.payload.startswith(b"@"):
             return
         if self._queued + len(data) > self._queue_bytes:
-            log.warning("connection %d (domain %d) does not read its watch events", self.conn_id, self.domid)
+            log.warning("connection %d (domain %d) does not read its watch events", self.conn_id,
+                        self.domid)
             self.drop("outgoing queue full")
             return
         self._queue.append((data, is_event))
@@ -281,7 +282,8 @@ class XenStored:
                 conn.sending = False
 
     async def serve_unix(
-        self, path: str | os.PathLike[str], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, path: str | os.PathLike[str], *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen on a Unix stream socket; every client there is domain 0."""
         path = os.fspath(path)

@@ -567,7 +567,8 @@ class Store:
             missing.append(parent_path)
             parent_path = _parent(parent_path)
             parent = self._read(tx, parent_path)
-        if not conn.privileged and self._owned_now(tx, conn.domid) + len(missing) > self.quotas.nodes:
+        if (not conn.privileged
+                and self._owned_now(tx, conn.domid) + len(missing) > self.quotas.nodes):
             raise XenStoreError("ENOSPC", "nodes quota")
         writes = []
         for new_path in reversed(missing):
@@ -633,7 +634,8 @@ class Store:
                 if access.node is None:
                     self._nodes.pop(path, None)
                 else:
-                    self._nodes[path] = attrs.evolve(access.node, generation=self._next_generation())
+                    self._nodes[path] = attrs.evolve(access.node,
+                                                     generation=self._next_generation())
         self._owned.update(tx.owned_delta)
         for path, access in tx.accessed.items():
             if access.fire:

@@ -29,7 +29,8 @@ class KvBackend(Backend):
             return reply(id=request.id, status=KV_OKAY)
         if request.op == KV_GET and key in self.store:
             value = self.store[key]
-            return reply(id=request.id, status=KV_OKAY, value_len=len(value), value=value.ljust(MAX_VALUE, b"\0"))
+            return reply(id=request.id, status=KV_OKAY, value_len=len(value),
+                         value=value.ljust(MAX_VALUE, b"\0"))
         if request.op == KV_DELETE and self.store.pop(key, None) is not None:
             return reply(id=request.id, status=KV_OKAY)
         if request.op in (KV_GET, KV_DELETE):
