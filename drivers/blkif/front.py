@@ -459,7 +459,7 @@ class BlkFront(Frontend):
         done = 0
         while done < len(items):
             lent, responses = await self._round(op, items[done:])
-            for (sector, count, buffer), (extent, pages, granted), response in \
+            for (sector, count, buffer), (extent, pages, _), response in \
                     zip(items[done:], lent, responses):
                 if response.status != BLKIF_RSP_OKAY or response.operation != op:
                     error = error or self._failure(response, op, sector, count)
