@@ -1,9 +1,9 @@
 """blkfront without processes: real memory and ring, a scripted back end.
 
-The front end under test is the real `BlkFront` over a `channel_pair`; its
-pages come from a real `DomainMemory` and `PageAllocator`, and the back
-end is a few lines here that answers each request as a test tells it to,
-reading and writing the granted pages as blkback would.
+The front end under test is the real `BlkFront` over a `channel_pair`, in a
+`LocalDomain` (real memory and page allocator); the back end is a few
+lines here that answers each request as a test tells it to, reading and
+writing the granted pages as blkback would.
 """
 
 import errno
@@ -17,41 +17,16 @@ from drivers.blkif import BLKIF_RING, BlkFront, BlockDeviceError
 from drivers.blkif.front import BufferPool
 from drivers.blkif.protocol import parse_segments, raw_segments
 from xenlike.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifOp
-from xenlike.memory import DomainMemory, PageAllocator
-from xenlike.testing import channel_pair
+from xenlike.testing import LocalDomain, channel_pair
 from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 
 SECTORS = 4096  # a 2 MiB disk
 
 
-class Grants:
-    """The guest's grant calls: a ref names a gfn, until its access ends."""
-
-    def __init__(self) -> None:
-        self.refs: dict[int, int] = {}
-        self._next = 8
-
-    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
-        self._next += 1
-        self.refs[self._next] = gfn
-        return self._next
-
-    def end_access(self, ref: int) -> None:
-        del self.refs[ref]
-
-
-class Guest:
-    def __init__(self, memory: DomainMemory) -> None:
-        self.domid, self.cmdline, self.ext = 1, "", {}
-        self.memory = memory
-        self.allocator = PageAllocator(16, memory.nr_pages)
-        self.grants = Grants()
-
-
 Answer = Callable[[Any], int]  # request -> status
 
 
-async def serve(back: Any, guest: Guest, disk: bytearray, answer: Answer) -> None:
+async def serve(back: Any, guest: LocalDomain, disk: bytearray, answer: Answer) -> None:
     """A back end over `disk` that moves the data of the requests `answer` says OKAY to."""
     async for batch in back.batches_of_requests():
         responses = []
@@ -61,7 +36,7 @@ async def serve(back: Any, guest: Guest, disk: bytearray, answer: Answer) -> Non
                 segments = parse_segments(raw_segments(request), request.nr_segments)
                 offset = request.sector_number * 512
                 for ref in segments.grefs:
-                    page = guest.memory.frame(guest.grants.refs[ref])
+                    page = guest.granted[ref]
                     if request.operation == BlkifOp.READ:
                         page[:] = disk[offset:offset + 4096]
                     else:
@@ -72,9 +47,8 @@ async def serve(back: Any, guest: Guest, disk: bytearray, answer: Answer) -> Non
 
 
 async def front_end(nursery: trio.Nursery, answer: Answer = lambda request: BLKIF_RSP_OKAY,
-                    *, pool_pages: int = 64) -> tuple[BlkFront, bytearray, Guest]:
-    memory = DomainMemory.create(512)
-    guest = Guest(memory)
+                    *, pool_pages: int = 64) -> tuple[BlkFront, bytearray, LocalDomain]:
+    guest = LocalDomain(512)
     front = BlkFront(XenbusContext(guest, None, nursery), DeviceInfo("vbd", 51712, "b", "f", 0))
     channel, back, _ = channel_pair(BLKIF_RING)
     front.channel = channel

@@ -1,10 +1,9 @@
 """netfront and netback joined in one process: real rings, doorbells, static grants.
 
-The guest's memory and grant table are a stand-in the back end's grant ops
-resolve against, so what netfront grants is what netback maps or copies.
+The guest is a `LocalDomain` (real memory and page allocator, a grant table
+of its own) whose granted pages the back end's grant ops resolve against,
+so what netfront grants is what netback maps or copies.
 """
-
-from collections.abc import Iterator, Mapping
 
 import pytest
 import trio
@@ -19,65 +18,14 @@ from xenlike.abi.netif import (
     NETTXF_data_validated,
 )
 from xenlike.ring import BackRing, FrontRing
-from xenlike.testing import detached, doorbell_pair
+from xenlike.testing import LocalDomain, detached, doorbell_pair
 from xenlike.xenbus import RingGroup
-
-
-class GuestDomain:
-    """The guest side: memory, a page allocator and a grant table, as netfront uses them."""
-
-    def __init__(self, pages: int = 1100) -> None:
-        self.domid, self.ext = 1, {}
-        self.ram = bytearray(pages * PAGE)
-        self.granted: dict[int, tuple[int, bool]] = {}  # ref -> (gfn, readonly)
-        self.allocator = self.memory = self.grants = self
-        self._next_gfn, self._next_ref = 16, 8
-
-    def allocate_run(self, count: int) -> int:
-        first, self._next_gfn = self._next_gfn, self._next_gfn + count
-        return first
-
-    def allocate(self) -> int:
-        return self.allocate_run(1)
-
-    def free_run(self, first: int, count: int) -> None:
-        pass
-
-    def frames(self, first: int, count: int) -> memoryview:
-        return memoryview(self.ram)[first * PAGE:(first + count) * PAGE]
-
-    def frame(self, gfn: int) -> memoryview:
-        return self.frames(gfn, 1)
-
-    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
-        ref, self._next_ref = self._next_ref, self._next_ref + 1
-        self.granted[ref] = (gfn, readonly)
-        return ref
-
-    def end_access(self, ref: int) -> None:
-        del self.granted[ref]
-
-
-class GrantedPages(Mapping[int, memoryview]):
-    """The guest's granted pages by ref, as the back end's grant ops reach them."""
-
-    def __init__(self, guest: GuestDomain) -> None:
-        self.guest = guest
-
-    def __getitem__(self, ref: int) -> memoryview:
-        return self.guest.frame(self.guest.granted[ref][0])
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.guest.granted)
-
-    def __len__(self) -> int:
-        return len(self.guest.granted)
 
 
 class Pair:
     def __init__(self, nursery: trio.Nursery) -> None:
-        self.guest = GuestDomain()
-        self.dom0 = FakeDomain(GrantedPages(self.guest))  # type: ignore[arg-type]
+        self.guest = LocalDomain(1100)
+        self.dom0 = FakeDomain(self.guest.granted)  # type: ignore[arg-type]
         memory = {name: memoryview(bytearray(PAGE)) for name in ("tx", "rx", "ctrl")}
         specs = {"tx": TX_RING, "rx": RX_RING, "ctrl": CTRL_RING}
         front_rings = {name: FrontRing(spec, memory[name]) for name, spec in specs.items()}

@@ -7,6 +7,9 @@
   eventfds; `FaultyDoorbell` drops or delays notifications on purpose.
 - `HostileFrontRing`: writes raw slot bytes and impossible indices, as a
   malicious front end would.
+- `LocalDomain`: a guest domain with no hypervisor behind it (real memory
+  and page allocator, a grant table of its own), for a front end driven
+  over a `channel_pair`; `granted` is what a back end would map.
 - `Topology`: a real topology (`xenlike up --detach`) in a temporary run
   directory, with its consoles, XenStore and devices at hand, and
   `Topology.kill(name)` for a guest (and its front ends) that vanishes.
@@ -25,7 +28,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +36,7 @@ import trio
 
 from xenlike._eventfd import EventFd
 from xenlike.abi.ring import SRING_HEADER_SIZE, XEN_PAGE_SIZE
+from xenlike.memory import DomainMemory, PageAllocator
 from xenlike.ring import BackRing, FrontRing, RingSpec
 from xenlike.xenbus.channel import BackChannel, FrontChannel
 
@@ -40,6 +44,7 @@ __all__ = [
     "CrossedDoorbell",
     "FaultyDoorbell",
     "HostileFrontRing",
+    "LocalDomain",
     "Topology",
     "channel_pair",
     "detached",
@@ -142,6 +147,53 @@ class HostileFrontRing:
     def set_req_prod(self, value: int) -> None:
         """Publish any producer index at all, e.g. far past what the ring holds."""
         struct.pack_into("<I", self.memory, 0, value & 0xFFFFFFFF)
+
+
+class LocalDomain:
+    """A guest domain without a hypervisor, for testing front ends in one process.
+
+    Its memory is a real `DomainMemory` with a real `PageAllocator` (frames
+    from 16 on); its grant table is local: `grants.entries` maps each ref to
+    (gfn, readonly), and `granted` is a read-only mapping from ref to the
+    granted page, as a back end would map it.
+    """
+
+    def __init__(self, pages: int = 1024, *, domid: int = 1, cmdline: str = "") -> None:
+        self.domid, self.cmdline, self.ext = domid, cmdline, {}
+        self.memory = DomainMemory.create(pages)
+        self.allocator = PageAllocator(16, pages)
+        self.grants = _LocalGrants()
+        self.granted = _GrantedPages(self)
+
+
+class _LocalGrants:
+    """`grant_access` / `end_access` over a dict: ref -> (gfn, readonly)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[int, bool]] = {}
+        self._next_ref = 8  # refs below 8 are reserved, as in Xen
+
+    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        ref, self._next_ref = self._next_ref, self._next_ref + 1
+        self.entries[ref] = (gfn, readonly)
+        return ref
+
+    def end_access(self, ref: int) -> None:
+        del self.entries[ref]
+
+
+class _GrantedPages(Mapping[int, memoryview]):
+    def __init__(self, domain: LocalDomain) -> None:
+        self._domain = domain
+
+    def __getitem__(self, ref: int) -> memoryview:
+        return self._domain.memory.frame(self._domain.grants.entries[ref][0])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._domain.grants.entries)
+
+    def __len__(self) -> int:
+        return len(self._domain.grants.entries)
 
 
 def detached(driver_class: type[T], device_type: str | None = None) -> T:
