@@ -258,19 +258,28 @@ async def bench_ring(rounds: int, seconds: float, canned: dict[bytes, bytes], ca
                 for node, value in SETUP:
                     await xs.write(node, value)
             nursery.cancel_scope.cancel()
-        raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
-        ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
-        for _ in range(rounds):
-            for name in REQUESTS:
-                raw[name].append(
-                    statistics.median(await raw_ring_round(raw_ring, name, canned, seconds)))
-                ours[name].append(
-                    statistics.median(await xenlike_ring_round(our_ring, name, seconds)))
+        raw, ours = await interleaved(
+            rounds, lambda name: raw_ring_round(raw_ring, name, canned, seconds),
+            lambda name: xenlike_ring_round(our_ring, name, seconds))
     finally:
         raw_ring.stop()
         our_ring.stop()
     return _report("xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours,
                    "ring_")
+
+
+async def interleaved(rounds: int, raw_round: Callable[[str], Awaitable[list[float]]],
+                      our_round: Callable[[str], Awaitable[list[float]]]
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each request's rounds, raw and xenlike in turn. Per round, the median time
+    of one operation: robust to the stalls other processes on the machine cause."""
+    raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
+    ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
+    for _ in range(rounds):
+        for name in REQUESTS:
+            raw[name].append(statistics.median(await raw_round(name)))
+            ours[name].append(statistics.median(await our_round(name)))
+    return raw, ours
 
 
 def start_server(argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
@@ -293,16 +302,9 @@ async def bench(rounds: int, seconds: float) -> None:
                 json.dump({k.hex(): v.hex() for k, v in canned.items()}, file)
             servers.append(start_server([sys.executable, __file__, "--raw-server", raw_path,
                                          canned_path]))
-            # Per round, the median time of one operation: robust to the
-            # stalls other processes on the machine cause.
-            raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
-            ours: dict[str, list[float]] = {name: [] for name in REQUESTS}
-            for _ in range(rounds):
-                for name in REQUESTS:
-                    raw[name].append(
-                        statistics.median(await raw_round(raw_path, name, canned, seconds)))
-                    ours[name].append(
-                        statistics.median(await xenlike_round(xs_path, name, seconds)))
+            raw, ours = await interleaved(
+                rounds, lambda name: raw_round(raw_path, name, canned, seconds),
+                lambda name: xenlike_round(xs_path, name, seconds))
         finally:
             for server in servers:
                 server.terminate()
