@@ -13,22 +13,14 @@ from typing import Any
 import trio
 
 from xenlike.abi.domctl import DomctlOp, xen_domctl_getdomaininfo
-from xenlike.abi.event_channel import (
-    EvtchnOp,
-    EvtchnStat,
-    evtchn_alloc_unbound,
-    evtchn_bind_interdomain,
-    evtchn_bind_virq,
-    evtchn_close,
-    evtchn_send,
-    evtchn_status,
-)
+from xenlike.abi.event_channel import EvtchnOp, EvtchnStat
 from xenlike.abi.sched import SchedOp, sched_remote_shutdown
 from xenlike.abi.sysctl import SysctlOp, xen_sysctl_physinfo
 from xenlike.abi.version import XenVerOp
 from xenlike.abi.xen import DOMID_IO, DOMID_SELF, CONSOLEIO_read, Hypercall, Virq
-from xenlike.codec import compile_struct
 from xenlike.domain import Domain, GrantInUse, GrantMapping, memory_op
+from xenlike.domain.evtchn import ALLOC_UNBOUND, BIND_VIRQ, CLOSE, SEND, STATUS
+from xenlike.domain.evtchn import BIND_INTERDOMAIN as BIND
 from xenlike.domain.hypercall import HypercallResult, codec_for
 from xenlike.hypercall import HYPERCALL_MAX_MESSAGE, HypercallError
 
@@ -78,12 +70,6 @@ async def pong(domain: Domain) -> None:
 # the Xen errno name a refused call came back with.
 
 EVTCHN_OP = Hypercall.event_channel_op
-ALLOC_UNBOUND = compile_struct(evtchn_alloc_unbound, "evtchn_alloc_unbound")
-SEND = compile_struct(evtchn_send, "evtchn_send")
-CLOSE = compile_struct(evtchn_close, "evtchn_close")
-BIND = compile_struct(evtchn_bind_interdomain, "evtchn_bind_interdomain")
-BIND_VIRQ = compile_struct(evtchn_bind_virq, "evtchn_bind_virq")
-STATUS = compile_struct(evtchn_status, "evtchn_status")
 
 
 async def outcome(call: Awaitable[Any]) -> str:
