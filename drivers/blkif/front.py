@@ -524,8 +524,7 @@ class BlkFront(Frontend):
 
     def _request(self, op: int, sector: int, count: int, extent: Extent, pages: int,
                  nr_indirect: int, granted: list[int]) -> Any:
-        pool = self.pool
-        assert pool is not None
+        pool = self._pool()
         if self.feature_persistent:
             if count == pages * SECTORS_PER_PAGE and not nr_indirect:
                 return RW.record(op, pages, self.device.devid, 0, sector,
