@@ -260,3 +260,27 @@ async def test_counters_are_published_for_xenlike_top(image: tuple[Path, bytes])
                   for key in ("rd_req", "rd_sect", "wr_req", "wr_sect", "f_req", "ds_req")}
         assert values == {"rd_req": "1", "rd_sect": "8", "wr_req": "1", "wr_sect": "4",
                           "f_req": "1", "ds_req": "1"}
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
+async def test_a_large_drain_is_answered_as_it_goes_when_its_pages_are_persistent(
+        image: tuple[Path, bytes], persistent: bool) -> None:
+    """Eight 44 KiB reads in one drain: with persistent grants the first six
+    (256 KiB and more) are answered before the last two are read; pages mapped
+    for the drain alone must stay mapped until it is all answered at once."""
+    path, original = image
+    async with serving(path, persistent=persistent) as s:
+        assert s.back.channel is not None
+        pushes: list[int] = []
+        respond_many = s.back.channel.respond_many
+        s.back.channel.respond_many = lambda done: (  # type: ignore[method-assign]
+            pushes.append(len(done)), respond_many(done))
+        granted = [[s.front.page() for _ in range(11)] for _ in range(8)]
+        requests = [rw(READ, 88 * index, [(ref, 0, 7) for ref, _ in pages], index)
+                    for index, pages in enumerate(granted)]
+        responses = await s.front.submit(*requests)
+        assert sorted(r.id for r in responses) == list(range(8))
+        assert all(r.status == BLKIF_RSP_OKAY for r in responses)
+        assert pushes == ([6, 2] if persistent else [8])
+        read = b"".join(bytes(view) for pages in granted for _, view in pages)
+        assert read == original[:88 * 8 * 512]
