@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -121,18 +122,24 @@ async def capture(path: str) -> dict[bytes, bytes]:
 async def raw_round(path: str, name: str, canned: dict[bytes, bytes],
                     seconds: float) -> list[float]:
     """Per-operation times of the bare client."""
+    async with await trio.open_unix_socket(path) as stream:
+        return await _raw_timed(stream, name, canned, seconds)
+
+
+async def _raw_timed(stream: Any, name: str, canned: dict[bytes, bytes], seconds: float
+                     ) -> list[float]:
+    """The bare client's loop: send the request's bytes, read the reply's length."""
     request = REQUESTS[name].encode()
     expected = len(canned[request])
     times = []
-    async with await trio.open_unix_socket(path) as stream:
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            await stream.send_all(request)
-            received = 0
-            while received < expected:
-                received += len(await stream.receive_some(65536))
-            times.append(time.perf_counter() - start)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        await stream.send_all(request)
+        received = 0
+        while received < expected:
+            received += len(await stream.receive_some(65536))
+        times.append(time.perf_counter() - start)
     return times
 
 
@@ -219,20 +226,10 @@ async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: i
 
 async def raw_ring_round(ring: Ring, name: str, canned: dict[bytes, bytes],
                          seconds: float) -> list[float]:
-    request = REQUESTS[name].encode()
-    expected = len(canned[request])
     stream = ring.stream()
-    times = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.pump)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            await stream.send_all(request)
-            received = 0
-            while received < expected:
-                received += len(await stream.receive_some(65536))
-            times.append(time.perf_counter() - start)
+        times = await _raw_timed(stream, name, canned, seconds)
         nursery.cancel_scope.cancel()
     return times
 
