@@ -271,7 +271,6 @@ class BlkFront(Frontend):
         self.discard_granularity = SECTOR_SIZE
         self.feature_persistent = False
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
-        self.max_sectors = self.max_segments * SECTORS_PER_PAGE
         self.pool: BufferPool | None = None
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
@@ -303,7 +302,6 @@ class BlkFront(Frontend):
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        self.max_sectors = self.max_segments * SECTORS_PER_PAGE  # the most one request carries
         pages = self.max_segments + (indirect_pages(self.max_segments)
                                      if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
         if self.pool is None:
@@ -325,6 +323,11 @@ class BlkFront(Frontend):
         if self.channel is None:
             return 0
         return (self.channel.ring.nr_ents // BLKIF_RING.nr_ents(1)).bit_length() - 1
+
+    @property
+    def max_sectors(self) -> int:
+        """The largest I/O one request carries."""
+        return self.max_segments * SECTORS_PER_PAGE
 
     # --- the block device ---------------------------------------------------------------
 
