@@ -284,3 +284,51 @@ async def test_a_large_drain_is_answered_as_it_goes_when_its_pages_are_persisten
         assert pushes == ([6, 2] if persistent else [8])
         read = b"".join(bytes(view) for pages in granted for _, view in pages)
         assert read == original[:88 * 8 * 512]
+
+
+async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
+        image: tuple[Path, bytes]) -> None:
+    """The steady state: the same persistent pages, request after request. Such a
+    request is served without a parse or a lookup of its pages, and still gets
+    every check that depends on more than its segment list: the sectors, the id,
+    the disk's mode."""
+    path, original = image
+    expected = bytearray(original)
+    async with serving(path) as s:
+        parsed: list[int] = []
+        parse = s.back._parse
+        s.back._parse = lambda request: (  # type: ignore[method-assign]
+            parsed.append(request.id), parse(request))[1]
+        (ref, page), (ref2, page2) = s.front.page(), s.front.page()
+        one, two = [(ref, 0, 7)], [(ref, 0, 7), (ref2, 0, 3)]
+        await s.front.submit(rw(READ, 0, one, rid=1), rw(READ, 0, two, rid=2))
+        assert parsed == [1, 2]
+        data = os.urandom(PAGE + PAGE // 2)
+        page[:], page2[:PAGE // 2] = data[:PAGE], data[PAGE:]
+        responses = await s.front.submit(
+            rw(WRITE, 64, two, rid=3), rw(READ, SECTORS - 4, one, rid=5),
+            rw(READ, 8, one, rid=4), rw(READ, 16, one, rid=4), rw(READ, 24, one, rid=6))
+        expected[64 * 512:76 * 512] = data
+        assert {r.id: r.status for r in responses if r.id != 4} == {
+            3: BLKIF_RSP_OKAY, 5: BLKIF_RSP_ERROR, 6: BLKIF_RSP_OKAY}
+        assert sorted(r.status for r in responses if r.id == 4) == \
+            [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]  # the same id twice: the second refused
+        assert parsed == [1, 2, 5, 4, 4, 6]  # the write was served as ready, then 5 failed
+        assert bytes(page) == expected[24 * 512:32 * 512]
+        (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
+        assert rsp.status == BLKIF_RSP_OKAY and parsed == [1, 2, 5, 4, 4, 6]
+        assert bytes(page) + bytes(page2[:PAGE // 2]) == data
+    assert path.read_bytes() == expected
+    async with serving(path, mode="r") as s:
+        parsed.clear()
+        parse = s.back._parse
+        s.back._parse = lambda request: (  # type: ignore[method-assign]
+            parsed.append(request.id), parse(request))[1]
+        ref, page = s.front.page(data=os.urandom(PAGE))
+        await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=1))
+        await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=2))
+        page[:] = os.urandom(PAGE)
+        (rsp,) = await s.front.submit(rw(WRITE, 0, [(ref, 0, 7)], rid=3))
+        assert rsp.status == BLKIF_RSP_ERROR  # the mode is checked, not remembered
+        assert parsed == [1, 3]
+    assert path.read_bytes() == expected
