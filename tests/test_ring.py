@@ -5,6 +5,7 @@ import struct
 import pytest
 
 from xenlike.abi import blkif, netif
+from xenlike.codec import LayoutError
 from xenlike.ring import BackRing, FrontRing, RingFull, RingOverflow, define_ring
 
 BLKIF = define_ring("blkif", request=blkif.blkif_request, response=blkif.blkif_response)
@@ -200,3 +201,24 @@ def test_multi_page_ring_entries_straddle_pages() -> None:
         back.put_responses(BLKIF.response.record(id=r.id) for r in reqs)
         back.push_responses()
         assert len(front.get_responses()) == 100
+
+
+def test_ids_are_written_into_the_slots_the_requests_go_to() -> None:
+    """put_requests_with_ids: the ids given, not the records' own, across the wrap."""
+    front, back, _ = pair()
+    for _ in range(30):  # move the indices near the end of the 32 slots
+        front.put_request(read_request(0))
+    front.push_requests()
+    back.put_responses(BLKIF.response.record(id=r.id) for r in back.get_requests())
+    back.push_responses()
+    front.get_responses()
+    requests = [read_request(7, sector=i) for i in range(5)]
+    assert front.put_requests_with_ids(requests, [100, 2**64 - 1, 3, 4, 5]) == 5
+    front.push_requests()
+    got = back.get_requests()
+    assert [(r.id, r.sector_number) for r in got] == \
+        [(100, 0), (2**64 - 1, 1), (3, 2), (4, 3), (5, 4)]
+    with pytest.raises(RingFull):
+        front.put_requests_with_ids([read_request(0)] * 28, range(28))
+    with pytest.raises(LayoutError, match="no field 'tag'"):
+        front.put_requests_with_ids([read_request(0)], [1], "tag")

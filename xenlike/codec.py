@@ -61,6 +61,21 @@ class Codec:
             raise ValueError(f"{self.name}: expected {self.size} bytes, got {len(data)}")
         return self.unpack_from(data, 0)
 
+    def field_packer(self, name: str) -> tuple[int, Callable[[Any, int, Any], None]]:
+        """(offset, pack_into) of the top-level integer field `name`: to write that
+        one field of a packed record in place."""
+        offset = 0
+        for sub in self.layout.subcons:
+            if sub.name == name:
+                con = sub.subcon
+                while isinstance(con, construct.Renamed):
+                    con = con.subcon
+                if not isinstance(con, construct.FormatField):
+                    raise LayoutError(f"{self.name}.{name} is not an integer field")
+                return offset, struct.Struct("<" + con.fmtstr[1:]).pack_into
+            offset += sub.sizeof()
+        raise LayoutError(f"{self.name} has no field {name!r}")
+
     def slots_unpacker(self, stride: int) -> Callable[[bytes], list[Any]]:
         """A decoder of consecutive slots `stride` bytes apart, each holding one
         record from its start: one `iter_unpack` over a copy of the whole run,
@@ -255,12 +270,15 @@ class _Generator:
             self.namespace[f"{type_name}_item"] = item.format.pack_into
             local = self._name("a")
             # The hot cases are written inline, a call saved on each: a whole
-            # array as bytes (as decoded, or built once and reused) and one
-            # element (blkif's usual single segment).
+            # array as its bytes (as decoded, or built once and reused), bare
+            # or in a RecordArray, and one element (blkif's usual single segment).
             start, end = f"offset + {offset}", f"offset + {offset + item.size * count}"
             self.pack_after += [
                 f"{local} = {src}",
-                f"if type({local}) is {type_name} and len({local}.raw) == {item.size * count}:",
+                f"if type({local}) is bytes and len({local}) == {item.size * count}:",
+                f"    buf[{start}:{end}] = {local}",
+                f"elif type({local}) is {type_name} and len({local}.raw) == "
+                f"{item.size * count}:",
                 f"    buf[{start}:{end}] = {local}.raw",
                 f"elif type({local}) is not {type_name} and len({local}) == 1:",
                 f"    {type_name}_item(buf, {start}, *{local}[0])",

@@ -43,6 +43,7 @@ names: `xen_blkfront.feature_persistent=0`,
 """
 
 import errno
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -58,7 +59,6 @@ from drivers.blkif.protocol import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
-    SEGMENT_ARRAY,
     indirect_pages,
     segment_words,
 )
@@ -130,7 +130,7 @@ class _Chunk:
     view: memoryview
     free: bytearray  # 1 per free page
     refs: list[int | None]
-    segments: dict[tuple[int, int], Any]  # (first page, pages): seg[] of full pages, built once
+    segments: dict[tuple[int, int], bytes]  # (first page, pages): seg[] of full pages
 
 
 @attrs.define(eq=False, slots=True)
@@ -141,9 +141,15 @@ class Extent:
     start: int
     count: int
 
-    def view(self, first: int = 0, count: int | None = None) -> memoryview:
+    def view(self, first: int = 0, count: int | None = None, *, sectors: int | None = None
+             ) -> memoryview:
+        """Pages first..first+count-1 (to the end without `count`), or just the
+        first `sectors` sectors from page `first`."""
+        start = (self.start + first) << XEN_PAGE_SHIFT
+        if sectors is not None:
+            return self.chunk.view[start:start + (sectors << SECTOR_SHIFT)]
         end = self.start + (self.count if count is None else first + count)
-        return self.chunk.view[(self.start + first) << XEN_PAGE_SHIFT:end << XEN_PAGE_SHIFT]
+        return self.chunk.view[start:end << XEN_PAGE_SHIFT]
 
 
 class BufferPool:
@@ -182,7 +188,9 @@ class BufferPool:
             finally:
                 self._waiting -= 1
 
-    def take_nowait(self, count: int) -> Extent | None:
+    def take_nowait(self, count: int, *, past_max: bool = True) -> Extent | None:
+        """An extent now, or None. The pool grows past `max_pages` only with
+        `past_max` and for an extent no chunk could ever hold."""
         want = b"\x01" * count
         for chunk in self.chunks:
             start = chunk.free.find(want)
@@ -191,7 +199,7 @@ class BufferPool:
                 return Extent(chunk, start, count)
         size = max(count, self.chunk_pages)
         if self.pages + size > self.max_pages and \
-                any(len(chunk.free) >= count for chunk in self.chunks):
+                (not past_max or any(len(chunk.free) >= count for chunk in self.chunks)):
             return None  # wait for room rather than grow past max_pages
         try:
             first = self._domain.allocator.allocate_run(size)
@@ -224,14 +232,16 @@ class BufferPool:
             refs = chunk.refs[start:start + count]
         return refs  # type: ignore[return-value]
 
-    def full_pages_segments(self, extent: Extent, pages: int) -> Any:
-        """seg[] of a request filling the extent's first `pages` persistently granted
-        pages. Built once per run of pages: the same runs carry request after request."""
-        key = (extent.start, pages)
+    def full_pages_segments(self, extent: Extent, first: int, pages: int) -> bytes:
+        """seg[] (as its bytes) of a request filling `pages` persistently granted pages
+        of the extent from page `first`. Built once per run of pages: the same runs
+        carry request after request."""
+        key = (extent.start + first, pages)
         segments = extent.chunk.segments.get(key)
         if segments is None:
-            words = segment_words(self.persistent_refs(extent, 0, pages), pages * SECTORS_PER_PAGE)
-            segments = extent.chunk.segments[key] = SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):])
+            words = segment_words(self.persistent_refs(extent, first, pages),
+                                  pages * SECTORS_PER_PAGE)
+            segments = extent.chunk.segments[key] = words + _SEGMENT_PAD[len(words):]
         return segments
 
     def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
@@ -248,6 +258,25 @@ class BufferPool:
                 granted.append(ref)
             refs.append(ref)
         return refs
+
+
+@attrs.define(eq=False, slots=True)
+class _Round:
+    """Requests sent in one push: their pages, their data's memory, their own grants."""
+
+    extents: list[Extent] = attrs.Factory(list)
+    data: list[memoryview] = attrs.Factory(list)  # each request's data, in its pages
+    granted: list[int] = attrs.Factory(list)  # grants to end once answered (not persistent)
+    responses: list[Any] = attrs.Factory(list)
+
+
+def _pages(sectors: int) -> int:
+    """Pages a request of `sectors` takes from the pool: data, then indirect pages."""
+    pages = -(-sectors // SECTORS_PER_PAGE)
+    return pages + (indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
+
+
+_rw_request = functools.partial(tuple.__new__, RW.record)  # a blkif_request from a tuple
 
 
 class BlkFront(Frontend):
@@ -461,63 +490,69 @@ class BlkFront(Frontend):
         error: BlockDeviceError | None = None
         done = 0
         while done < len(items):
-            lent, responses = await self._round(op, items[done:])
-            for (sector, count, buffer), (extent, pages, _), response in \
-                    zip(items[done:], lent, responses):
-                if response.status != BLKIF_RSP_OKAY or response.operation != op:
-                    error = error or self._failure(response, op, sector, count)
-                elif op == READ:
-                    data = extent.view(0, pages)
-                    if count & (SECTORS_PER_PAGE - 1):
-                        data = data[:count << SECTOR_SHIFT]
-                    if buffer is None:
-                        results.append(bytes(data))
-                    else:
-                        buffer[:] = data
-            self._give_back(lent)
-            done += len(lent)
+            round_ = await self._round(op, items[done:] if done else items)
+            try:
+                for (sector, count, buffer), data, response in \
+                        zip(items[done:], round_.data, round_.responses):
+                    if response.status != BLKIF_RSP_OKAY or response.operation != op:
+                        error = error or self._failure(response, op, sector, count)
+                    elif op == READ:
+                        if buffer is None:
+                            results.append(bytes(data))
+                        else:
+                            buffer[:] = data
+            finally:
+                self._give_back(round_)
+            done += len(round_.data)
         if error is not None:
             raise error
         return results
 
-    async def _round(self, op: int, items: list[tuple[int, int, memoryview | None]]
-                     ) -> tuple[list[tuple[Extent, int, list[int]]], list[Any]]:
+    async def _round(self, op: int, items: list[tuple[int, int, memoryview | None]]) -> "_Round":
         """Lend pages to the first `items` the pool has room for now (at least one),
-        send their requests in one push, and return what was lent — extent, data
-        pages, the request's own grants — with the responses. The caller gives
-        the pages back (`_give_back`)."""
+        send their requests in one push, and return the round with the responses.
+        Its pages are one extent when the pool has a run that long, as it mostly
+        has. The caller gives the pages back (`_give_back`)."""
         pool = self._pool()
-        lent: list[tuple[Extent, int, list[int]]] = []
+        round_ = _Round()
+        sizes = [_pages(count) for _, count, _ in items]
+        whole = pool.take_nowait(sum(sizes), past_max=False)
         requests = []
         try:
-            for sector, count, data in items:
-                pages = -(-count // SECTORS_PER_PAGE)
-                nr_indirect = indirect_pages(pages) \
-                    if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-                extent = pool.take_nowait(pages + nr_indirect)
-                if extent is None:
-                    if lent:
-                        break  # send this round; its pages come back with the answers
-                    extent = await pool.take(pages + nr_indirect)
+            if whole is not None:
+                round_.extents.append(whole)
+            first = 0
+            for (sector, count, data), size in zip(items, sizes):
+                if whole is None:
+                    extent = pool.take_nowait(size)
+                    if extent is None:
+                        if round_.extents:
+                            break  # send this round; its pages come back with the answers
+                        extent = await pool.take(size)
+                    round_.extents.append(extent)
+                    first = 0
+                else:
+                    extent = whole
+                view = extent.view(first, count=None, sectors=count)
                 if data is not None and op == WRITE:
-                    extent.view(0, pages)[:len(data)] = data
-                granted: list[int] = []
-                lent.append((extent, pages, granted))
-                requests.append(self._request(op, sector, count, extent, pages, nr_indirect,
-                                              granted))
-            return lent, await self.call_many(requests)
+                    view[:] = data
+                round_.data.append(view)
+                requests.append(self._request(op, sector, count, extent, first, round_.granted))
+                first += size
+            round_.responses = await self.call_many(requests)
+            return round_
         except trio.Cancelled:
             # The back end may yet write into these pages: they are never lent again.
             raise
         except BaseException:
-            self._give_back(lent)
+            self._give_back(round_)
             raise
 
-    def _give_back(self, lent: list[tuple[Extent, int, list[int]]]) -> None:
+    def _give_back(self, round_: "_Round") -> None:
+        if round_.granted or self._lingering:
+            self._end(round_.granted)
         pool = self._pool()
-        for extent, _, granted in lent:
-            if granted or self._lingering:
-                self._end(granted)
+        for extent in round_.extents:
             pool.give(extent)
 
     def _pool(self) -> BufferPool:
@@ -525,22 +560,26 @@ class BlkFront(Frontend):
             raise BlockDeviceError(errno.ENODEV, f"{self._name} is not connected")
         return self.pool
 
-    def _request(self, op: int, sector: int, count: int, extent: Extent, pages: int,
-                 nr_indirect: int, granted: list[int]) -> Any:
+    def _request(self, op: int, sector: int, count: int, extent: Extent, first: int,
+                 granted: list[int]) -> Any:
+        """The request for `count` sectors in the extent's pages from `first` on (its
+        data pages, then its indirect pages, if it has any)."""
         pool = self._pool()
+        pages = -(-count // SECTORS_PER_PAGE)
+        nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         if self.feature_persistent:
             if count == pages * SECTORS_PER_PAGE and not nr_indirect:
-                return RW.record(op, pages, self.device.devid, 0, sector,
-                                 pool.full_pages_segments(extent, pages))
-            refs = pool.persistent_refs(extent, 0, pages + nr_indirect)
+                return _rw_request((op, pages, self.device.devid, 0, sector,
+                                    pool.full_pages_segments(extent, first, pages)))
+            refs = pool.persistent_refs(extent, first, pages + nr_indirect)
         else:
-            refs = pool.request_refs(extent, 0, pages, op == WRITE, granted)
-            refs += pool.request_refs(extent, pages, nr_indirect, True, granted)
+            refs = pool.request_refs(extent, first, pages, op == WRITE, granted)
+            refs += pool.request_refs(extent, first + pages, nr_indirect, True, granted)
         words = segment_words(refs[:pages], count)
         if not nr_indirect:
-            return RW.record(op, pages, self.device.devid, 0, sector,
-                             SEGMENT_ARRAY(words + _SEGMENT_PAD[len(words):]))
-        descriptors = extent.view(pages, nr_indirect)
+            return _rw_request((op, pages, self.device.devid, 0, sector,
+                                words + _SEGMENT_PAD[len(words):]))
+        descriptors = extent.view(first + pages, nr_indirect)
         descriptors[:len(words)] = words
         return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid,
                                refs[pages:])

@@ -61,7 +61,7 @@ class FrontChannel:
     def __init__(self, ring: FrontRing, port: Doorbell, *, id_field: str = "id") -> None:
         self.ring = ring
         self.port = port
-        self._id_index = ring.spec.request.record._fields.index(id_field)
+        self._id_field = id_field
         self._rsp_id_index = ring.spec.response.record._fields.index(id_field)
         self._free_ids = list(range(ring.nr_ents))
         self._in_flight: dict[int, tuple[_Batch, int]] = {}
@@ -70,12 +70,6 @@ class FrontChannel:
         self.submitted = 0
         self.notifies = 0
         self.trace: Any = None  # a RingTrace while the device's ring events are recorded
-
-    def _with_id(self, request: Any, rid: int) -> Any:
-        """The request with the channel's id in its id field (a record, or a plain
-        tuple in field order), without namedtuple._replace's keyword dict."""
-        i = self._id_index
-        return tuple.__new__(type(request), (*request[:i], rid, *request[i + 1:]))
 
     @property
     def in_flight(self) -> int:
@@ -117,15 +111,10 @@ class FrontChannel:
             start += len(chunk)
             ids = self._free_ids[-len(chunk):]
             del self._free_ids[-len(chunk):]
-            in_flight, with_id = self._in_flight, self._with_id
-            requests = []
-            for entry, rid in zip(chunk, ids):
-                batch, index = entry
-                batch.requests[index] = request = with_id(batch.requests[index], rid)
-                in_flight[rid] = entry
-                requests.append(request)
-            self.ring.put_requests(requests)
-            self.submitted += len(requests)
+            self._in_flight.update(zip(ids, chunk))
+            self.ring.put_requests_with_ids([batch.requests[index] for batch, index in chunk],
+                                            ids, self._id_field)
+            self.submitted += len(chunk)
             self._push()
 
     def _push(self) -> None:
