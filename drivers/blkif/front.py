@@ -141,15 +141,9 @@ class Extent:
     start: int
     count: int
 
-    def view(self, first: int = 0, count: int | None = None, *, sectors: int | None = None
-             ) -> memoryview:
-        """Pages first..first+count-1 (to the end without `count`), or just the
-        first `sectors` sectors from page `first`."""
-        start = (self.start + first) << XEN_PAGE_SHIFT
-        if sectors is not None:
-            return self.chunk.view[start:start + (sectors << SECTOR_SHIFT)]
+    def view(self, first: int = 0, count: int | None = None) -> memoryview:
         end = self.start + (self.count if count is None else first + count)
-        return self.chunk.view[start:end << XEN_PAGE_SHIFT]
+        return self.chunk.view[(self.start + first) << XEN_PAGE_SHIFT:end << XEN_PAGE_SHIFT]
 
 
 class BufferPool:
@@ -517,28 +511,20 @@ class BlkFront(Frontend):
         round_ = _Round()
         sizes = [_pages(count) for _, count, _ in items]
         whole = pool.take_nowait(sum(sizes), past_max=False)
-        requests = []
         try:
             if whole is not None:
                 round_.extents.append(whole)
-            first = 0
-            for (sector, count, data), size in zip(items, sizes):
-                if whole is None:
+                requests = self._fill(op, items, sizes, whole, round_)
+            else:
+                requests = []
+                for item, size in zip(items, sizes):
                     extent = pool.take_nowait(size)
                     if extent is None:
                         if round_.extents:
                             break  # send this round; its pages come back with the answers
                         extent = await pool.take(size)
                     round_.extents.append(extent)
-                    first = 0
-                else:
-                    extent = whole
-                view = extent.view(first, count=None, sectors=count)
-                if data is not None and op == WRITE:
-                    view[:] = data
-                round_.data.append(view)
-                requests.append(self._request(op, sector, count, extent, first, round_.granted))
-                first += size
+                    requests += self._fill(op, [item], [size], extent, round_)
             round_.responses = await self.call_many(requests)
             return round_
         except trio.Cancelled:
@@ -547,6 +533,30 @@ class BlkFront(Frontend):
         except BaseException:
             self._give_back(round_)
             raise
+
+    def _fill(self, op: int, items: list[tuple[int, int, memoryview | None]], sizes: list[int],
+              extent: Extent, round_: "_Round") -> list[Any]:
+        """The requests for `items` in consecutive pages of `extent` (`sizes` pages
+        each), a write's data copied in. A request over whole persistent pages
+        reuses the seg[] its pages had before."""
+        memory, base, known = extent.chunk.view, extent.start, extent.chunk.segments
+        persistent, devid = self.feature_persistent, self.device.devid
+        requests = []
+        first = 0
+        for (sector, count, data), size in zip(items, sizes):
+            start = (base + first) << XEN_PAGE_SHIFT
+            view = memory[start:start + (count << SECTOR_SHIFT)]
+            if data is not None and op == WRITE:
+                view[:] = data
+            round_.data.append(view)
+            segments = known.get((base + first, size)) \
+                if persistent and count == size * SECTORS_PER_PAGE else None
+            if segments is None:
+                requests.append(self._request(op, sector, count, extent, first, round_.granted))
+            else:
+                requests.append(_rw_request((op, size, devid, 0, sector, segments)))
+            first += size
+        return requests
 
     def _give_back(self, round_: "_Round") -> None:
         if round_.granted or self._lingering:
