@@ -12,7 +12,8 @@ the same pattern with os.preadv/os.pwritev on the same image file from this
 one Python process (a reused buffer, data from the page cache).
 
 Workloads (the guest keeps `depth` requests in flight, from depth/batch tasks
-that each read into or write from reused buffers with `readinto_many` /
+that each read into or write from reused disk buffers — `disk.buffer()`, its
+own memory, so the data is not copied in the guest — with `readinto_many` /
 `write_many`; raw I/O is one at a time, into or from one reused buffer):
 - rand4k: 4 KiB reads at random 4 KiB-aligned offsets, depth 32 (IOPS);
 - seqread44k / seqwrite44k: sequential 44 KiB requests (11 direct segments),
@@ -107,11 +108,14 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
     async def worker(start: int) -> None:
         nonlocal done
         index = start
-        buffers = [bytearray(size) for _ in range(batch)]  # reused, as the raw side's
+        buffers = [disk.buffer(size) for _ in range(batch)]  # reused, as the raw side's
+        if kind == "write":
+            for buffer in buffers:
+                buffer[:] = payload
         while time.perf_counter() < deadline:
             starts = [offsets[(index + k * stride) % len(offsets)] for k in range(batch)]
             if kind == "write":
-                await disk.write_many([(sector, payload) for sector in starts])
+                await disk.write_many(zip(starts, buffers))
             else:
                 await disk.readinto_many(zip(starts, buffers))
             done += batch

@@ -66,6 +66,15 @@ async def exercise(guest: Any) -> None:
     buffers = [bytearray(length * 512) for _, length in BATCH_PIECES]
     await disk.readinto_many(zip((start for start, _ in BATCH_PIECES), buffers))
     assert b"".join(buffers) == data, "batch: readinto_many differs"
+    own = disk.buffer(4096 * 512)  # the guest's own memory: indirect requests, no copy
+    start = (41200 - sector) * 512
+    await disk.readinto(41200, own)
+    assert own == data[start:start + len(own)], "batch: readinto a disk buffer differs"
+    own[:] = pattern("own", len(own))
+    await disk.write(41200, own)
+    assert await disk.read(41200, 4096) == own, "batch: a disk buffer's write differs"
+    own[:] = data[start:start + len(own)]
+    await disk.write(41200, own)
     try:
         await disk.readinto(sector, bytes(512))
     except TypeError:

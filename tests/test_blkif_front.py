@@ -113,3 +113,38 @@ async def test_buffers_are_checked_before_anything_is_sent(nursery) -> None:
     with pytest.raises(ValueError, match="not on a disk"):
         await front.read_many([(0, 8), (SECTORS - 4, 8)])
     assert sent == [] and pages_free(front)
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "granted-per-request"])
+async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
+        nursery, persistent: bool) -> None:
+    frames: set[int] = set()  # the guest frames the requests named
+
+    def answer(request: Any) -> int:
+        segments = parse_segments(raw_segments(request), request.nr_segments)
+        frames.update(guest.grants.entries[ref][0] for ref in segments.grefs)
+        return BLKIF_RSP_OKAY
+
+    front, disk, guest = await front_end(nursery, answer)
+    front.feature_persistent = persistent
+    buffer = front.buffer(30 * 4096)  # more than one request holds (11 pages each)
+    own = front._buffers[id(buffer)][1]
+    own_frames = set(range(own.chunk.first_gfn, own.chunk.first_gfn + 30))
+    buffer[:] = bytes(range(256)) * (30 * 16)
+    await front.write(64, buffer)
+    assert disk[64 * 512:(64 + 240) * 512] == buffer
+    disk[:30 * 4096] = bytes(reversed(disk[64 * 512:(64 + 240) * 512]))
+    await front.readinto(0, buffer)
+    assert buffer == disk[:30 * 4096]
+    assert frames == own_frames and front.pool.pages == 0  # no page of the pool was used
+    if not persistent:
+        assert not guest.granted  # each request's grants were ended
+    small = front.buffer(512)
+    await front.readinto_many([(8, small), (16, buffer[:4096])])  # a slice is copied into
+    assert small == disk[8 * 512:9 * 512] and buffer[:4096] == disk[16 * 512:24 * 512]
+    assert front.pool.pages > 0 and front.pool.dedicated == 31
+    with pytest.raises(ValueError, match="whole 512-byte sectors"):
+        front.buffer(1000)
+    with pytest.raises(BlockDeviceError, match="at most 64") as refused:
+        front.buffer(64 * 4096)
+    assert refused.value.errno == errno.ENOMEM

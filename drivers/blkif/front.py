@@ -14,7 +14,10 @@
 The data goes through pages of the guest's own memory granted to the back
 end (a guest program's bytes are not in guest memory): a read is copied out
 of them, a write into them. They come from a `BufferPool` of contiguous
-page runs, so a request's data is one copy, whatever its size.
+page runs, so a request's data is one copy, whatever its size. A disk
+buffer (`disk.buffer(nbytes)`) is such pages given to the program for
+keeps: I/O with it copies nothing in the guest, as Linux's blkfront grants
+a bio's own pages.
 
 How requests are built follows Linux's blkfront:
 
@@ -70,7 +73,7 @@ from xenlike.abi.blkif import (
     VDISK_READONLY,
     BlkifOp,
 )
-from xenlike.abi.ring import XEN_PAGE_SHIFT
+from xenlike.abi.ring import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
 from xenlike.domain.grant_table import GrantInUse
 from xenlike.memory import OutOfPages
 from xenlike.ring import MAX_RING_PAGE_ORDER
@@ -168,6 +171,7 @@ class BufferPool:
         self.max_pages = max_pages
         self.chunks: list[_Chunk] = []
         self.pages = 0
+        self.dedicated = 0  # pages of disk buffers (`dedicate`)
         self._given_back = trio.Event()
         self._waiting = 0
 
@@ -206,6 +210,21 @@ class BufferPool:
         self.chunks.append(chunk)
         self.pages += size
         chunk.free[:count] = bytes(count)
+        return Extent(chunk, 0, count)
+
+    def dedicate(self, count: int) -> Extent:
+        """`count` pages granted as the pool's are but never lent: a disk buffer's."""
+        if self.dedicated + count > self.max_pages:
+            raise BlockDeviceError(errno.ENOMEM, f"disk buffers of {self.dedicated + count} "
+                                                 f"pages: at most {self.max_pages}")
+        try:
+            first = self._domain.allocator.allocate_run(count)
+        except OutOfPages:
+            raise BlockDeviceError(errno.ENOMEM, f"no {count} free pages for a disk buffer"
+                                   ) from None
+        self.dedicated += count
+        chunk = _Chunk(first, self._domain.memory.frames(first, count), bytearray(count),
+                       [None] * count, {})
         return Extent(chunk, 0, count)
 
     def give(self, extent: Extent) -> None:
@@ -259,18 +278,23 @@ class _Round:
     """Requests sent in one push: their pages, their data's memory, their own grants."""
 
     extents: list[Extent] = attrs.Factory(list)
-    data: list[memoryview] = attrs.Factory(list)  # each request's data, in its pages
+    data: list[memoryview | None] = attrs.Factory(list)  # each request's data, in its pages
+    # (None for a disk buffer's: the data is in the buffer itself)
     granted: list[int] = attrs.Factory(list)  # grants to end once answered (not persistent)
     responses: list[Any] = attrs.Factory(list)
 
 
-def _pages(sectors: int) -> int:
-    """Pages a request of `sectors` takes from the pool: data, then indirect pages."""
+def _pages(sectors: int, data: Any) -> int:
+    """Pages a request of `sectors` takes from the pool: data (unless it is in a disk
+    buffer), then indirect pages."""
     pages = -(-sectors // SECTORS_PER_PAGE)
-    return pages + (indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
+    indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+    return indirect if type(data) is tuple else pages + indirect
 
 
 _rw_request = functools.partial(tuple.__new__, RW.record)  # a blkif_request from a tuple
+# The pool's part of a round of disk buffers without indirect pages: nothing.
+_NO_PAGES = Extent(_Chunk(0, memoryview(b""), bytearray(), [], {}), 0, 0)
 
 
 class BlkFront(Frontend):
@@ -294,7 +318,8 @@ class BlkFront(Frontend):
         self.discard_granularity = SECTOR_SIZE
         self.feature_persistent = False
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
-        self.pool: BufferPool | None = None
+        self.pool = BufferPool(ctx.domain, device.otherend_id, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        self._buffers: dict[int, tuple[memoryview, Extent]] = {}  # id -> a disk buffer
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
     # --- the handshake ---------------------------------------------------------------
@@ -327,10 +352,7 @@ class BlkFront(Frontend):
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         pages = self.max_segments + (indirect_pages(self.max_segments)
                                      if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
-        if self.pool is None:
-            self.pool = BufferPool(self.ctx.domain, self.device.otherend_id, pages)
-        else:
-            self.pool.chunk_pages = max(self.pool.chunk_pages, pages)
+        self.pool.chunk_pages = max(self.pool.chunk_pages, pages)
 
     @property
     def features(self) -> dict[str, Any]:
@@ -400,9 +422,38 @@ class BlkFront(Frontend):
             self._pieces(sector, data, items)
         await self._rw_many(WRITE, items)
 
+    def buffer(self, nbytes: int) -> memoryview:
+        """`nbytes` (whole sectors) of the guest's own memory, for I/O without a copy.
+
+        `readinto` and `write` (and their `_many` forms) given this very object
+        (not a slice of it) hand its pages to the back end, which reads into
+        them or writes from them: the data is not copied in the guest. Its
+        pages are granted as the buffer pool's are, and it lasts as long as
+        the device does.
+        """
+        if nbytes < SECTOR_SIZE or nbytes % SECTOR_SIZE:
+            raise ValueError(f"a disk buffer holds whole {SECTOR_SIZE}-byte sectors, "
+                             f"not {nbytes} bytes")
+        extent = self.pool.dedicate(-(-nbytes // XEN_PAGE_SIZE))
+        view = extent.view()[:nbytes]
+        self._buffers[id(view)] = (view, extent)
+        return view
+
     def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
                 ) -> None:
-        """Check a buffer of whole sectors at `sector`; add its requests' pieces to `items`."""
+        """Check a buffer of whole sectors at `sector`; add its requests' pieces to `items`:
+        `(sector, count, data)`, where data is a view of the buffer, or for a disk
+        buffer `(extent, first page)`."""
+        own = self._buffers.get(id(buffer))
+        if own is not None and own[0] is buffer:
+            count = len(buffer) >> SECTOR_SHIFT
+            self._check(sector, count)
+            if count <= self.max_sectors:
+                items.append((sector, count, (own[1], 0)))
+                return
+            for start, length in self._split(sector, count):
+                items.append((start, length, (own[1], (start - sector) // SECTORS_PER_PAGE)))
+            return
         view = memoryview(buffer).cast("B")
         if len(view) % SECTOR_SIZE:
             raise ValueError(f"{len(view)} bytes are not whole {SECTOR_SIZE}-byte sectors")
@@ -490,7 +541,7 @@ class BlkFront(Frontend):
                         zip(items[done:], round_.data, round_.responses):
                     if response.status != BLKIF_RSP_OKAY or response.operation != op:
                         error = error or self._failure(response, op, sector, count)
-                    elif op == READ:
+                    elif op == READ and data is not None:  # None: read into a disk buffer
                         if buffer is None:
                             results.append(bytes(data))
                         else:
@@ -507,13 +558,15 @@ class BlkFront(Frontend):
         send their requests in one push, and return the round with the responses.
         Its pages are one extent when the pool has a run that long, as it mostly
         has. The caller gives the pages back (`_give_back`)."""
-        pool = self._pool()
+        pool = self.pool
         round_ = _Round()
-        sizes = [_pages(count) for _, count, _ in items]
-        whole = pool.take_nowait(sum(sizes), past_max=False)
+        sizes = [_pages(count, data) for _, count, data in items]
+        total = sum(sizes)
+        whole = pool.take_nowait(total, past_max=False) if total else _NO_PAGES
         try:
             if whole is not None:
-                round_.extents.append(whole)
+                if whole is not _NO_PAGES:
+                    round_.extents.append(whole)
                 requests = self._fill(op, items, sizes, whole, round_)
             else:
                 requests = []
@@ -534,7 +587,7 @@ class BlkFront(Frontend):
             self._give_back(round_)
             raise
 
-    def _fill(self, op: int, items: list[tuple[int, int, memoryview | None]], sizes: list[int],
+    def _fill(self, op: int, items: list[tuple[int, int, Any]], sizes: list[int],
               extent: Extent, round_: "_Round") -> list[Any]:
         """The requests for `items` in consecutive pages of `extent` (`sizes` pages
         each), a write's data copied in. A request over whole persistent pages
@@ -544,6 +597,19 @@ class BlkFront(Frontend):
         requests = []
         first = 0
         for (sector, count, data), size in zip(items, sizes):
+            if type(data) is tuple:  # a disk buffer's pages; any indirect pages from here
+                round_.data.append(None)
+                own, at = data
+                pages, partial = divmod(count, SECTORS_PER_PAGE)
+                segments = own.chunk.segments.get((own.start + at, pages)) \
+                    if persistent and not size and not partial else None  # size: indirect
+                if segments is None:
+                    requests.append(self._request(op, sector, count, own, at, (extent, first),
+                                                  round_.granted))
+                else:
+                    requests.append(_rw_request((op, pages, devid, 0, sector, segments)))
+                first += size
+                continue
             start = (base + first) << XEN_PAGE_SHIFT
             view = memory[start:start + (count << SECTOR_SHIFT)]
             if data is not None and op == WRITE:
@@ -552,7 +618,9 @@ class BlkFront(Frontend):
             segments = known.get((base + first, size)) \
                 if persistent and count == size * SECTORS_PER_PAGE else None
             if segments is None:
-                requests.append(self._request(op, sector, count, extent, first, round_.granted))
+                pages = -(-count // SECTORS_PER_PAGE)
+                requests.append(self._request(op, sector, count, extent, first,
+                                              (extent, first + pages), round_.granted))
             else:
                 requests.append(_rw_request((op, size, devid, 0, sector, segments)))
             first += size
@@ -561,35 +629,33 @@ class BlkFront(Frontend):
     def _give_back(self, round_: "_Round") -> None:
         if round_.granted or self._lingering:
             self._end(round_.granted)
-        pool = self._pool()
+        pool = self.pool
         for extent in round_.extents:
             pool.give(extent)
 
-    def _pool(self) -> BufferPool:
-        if self.pool is None:
-            raise BlockDeviceError(errno.ENODEV, f"{self._name} is not connected")
-        return self.pool
-
     def _request(self, op: int, sector: int, count: int, extent: Extent, first: int,
-                 granted: list[int]) -> Any:
-        """The request for `count` sectors in the extent's pages from `first` on (its
-        data pages, then its indirect pages, if it has any)."""
-        pool = self._pool()
+                 indirect: tuple[Extent, int], granted: list[int]) -> Any:
+        """The request for `count` sectors in the extent's pages from `first` on; an
+        indirect one lists its segments in the pages at `indirect`."""
+        pool = self.pool
         pages = -(-count // SECTORS_PER_PAGE)
         nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         if self.feature_persistent:
             if count == pages * SECTORS_PER_PAGE and not nr_indirect:
                 return _rw_request((op, pages, self.device.devid, 0, sector,
                                     pool.full_pages_segments(extent, first, pages)))
-            refs = pool.persistent_refs(extent, first, pages + nr_indirect)
+            refs = pool.persistent_refs(extent, first, pages)
+            if nr_indirect:
+                refs += pool.persistent_refs(*indirect, nr_indirect)
         else:
             refs = pool.request_refs(extent, first, pages, op == WRITE, granted)
-            refs += pool.request_refs(extent, first + pages, nr_indirect, True, granted)
+            if nr_indirect:
+                refs += pool.request_refs(*indirect, nr_indirect, True, granted)
         words = segment_words(refs[:pages], count)
         if not nr_indirect:
             return _rw_request((op, pages, self.device.devid, 0, sector,
                                 words + _SEGMENT_PAD[len(words):]))
-        descriptors = extent.view(first + pages, nr_indirect)
+        descriptors = indirect[0].view(indirect[1], nr_indirect)
         descriptors[:len(words)] = words
         return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid,
                                refs[pages:])
