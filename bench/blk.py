@@ -120,6 +120,8 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
                 await disk.readinto_many(zip(starts, buffers))
             done += batch
             index += batch * stride
+        for buffer in buffers:
+            disk.release(buffer)  # for the next workload's buffers
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:

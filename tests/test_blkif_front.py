@@ -136,15 +136,26 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     disk[:30 * 4096] = bytes(reversed(disk[64 * 512:(64 + 240) * 512]))
     await front.readinto(0, buffer)
     assert buffer == disk[:30 * 4096]
-    assert frames == own_frames and front.pool.pages == 0  # no page of the pool was used
+    assert frames == own_frames  # the buffer's own pages, not copies
+    assert front.pool.pages == front.pool.kept == 30
     if not persistent:
         assert not guest.granted  # each request's grants were ended
     small = front.buffer(512)
     await front.readinto_many([(8, small), (16, buffer[:4096])])  # a slice is copied into
     assert small == disk[8 * 512:9 * 512] and buffer[:4096] == disk[16 * 512:24 * 512]
-    assert front.pool.pages > 0 and front.pool.dedicated == 31
+    assert front.pool.kept == 31 and front.pool.pages > 31
     with pytest.raises(ValueError, match="whole 512-byte sectors"):
         front.buffer(1000)
     with pytest.raises(BlockDeviceError, match="at most 64") as refused:
         front.buffer(64 * 4096)
     assert refused.value.errno == errno.ENOMEM
+    # A released buffer's pages go back to the pool; the old view is dead.
+    front.release(buffer)
+    with pytest.raises(ValueError, match="released"):
+        buffer[0]
+    with pytest.raises(ValueError, match="not a disk buffer"):
+        front.release(bytearray(512))
+    again = front.buffer(20 * 4096)
+    assert front.pool.kept == 21 and front._buffers[id(again)][1].chunk is own.chunk
+    await front.readinto(0, again)
+    assert again == disk[:20 * 4096]

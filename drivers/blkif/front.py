@@ -171,7 +171,8 @@ class BufferPool:
         self.max_pages = max_pages
         self.chunks: list[_Chunk] = []
         self.pages = 0
-        self.dedicated = 0  # pages of disk buffers (`dedicate`)
+        self.kept = 0  # pages of disk buffers (`keep`)
+        self._kept: set[Extent] = set()
         self._given_back = trio.Event()
         self._waiting = 0
 
@@ -187,8 +188,9 @@ class BufferPool:
                 self._waiting -= 1
 
     def take_nowait(self, count: int, *, past_max: bool = True) -> Extent | None:
-        """An extent now, or None. The pool grows past `max_pages` only with
-        `past_max` and for an extent no chunk could ever hold."""
+        """An extent now, or None. Pages kept for disk buffers do not count
+        against `max_pages`; past it the pool grows only with `past_max` and
+        for an extent no chunk could ever hold."""
         want = b"\x01" * count
         for chunk in self.chunks:
             start = chunk.free.find(want)
@@ -196,7 +198,7 @@ class BufferPool:
                 chunk.free[start:start + count] = bytes(count)
                 return Extent(chunk, start, count)
         size = max(count, self.chunk_pages)
-        if self.pages + size > self.max_pages and \
+        if self.pages - self.kept + size > self.max_pages and \
                 (not past_max or any(len(chunk.free) >= count for chunk in self.chunks)):
             return None  # wait for room rather than grow past max_pages
         try:
@@ -212,22 +214,29 @@ class BufferPool:
         chunk.free[:count] = bytes(count)
         return Extent(chunk, 0, count)
 
-    def dedicate(self, count: int) -> Extent:
-        """`count` pages granted as the pool's are but never lent: a disk buffer's."""
-        if self.dedicated + count > self.max_pages:
-            raise BlockDeviceError(errno.ENOMEM, f"disk buffers of {self.dedicated + count} "
+    def keep(self, count: int) -> Extent:
+        """An extent lent for keeps (a disk buffer's), until it is given back. Kept
+        pages do not count against `max_pages`, so disk buffers never leave the
+        requests that copy without room."""
+        if self.kept + count > self.max_pages:
+            raise BlockDeviceError(errno.ENOMEM, f"disk buffers of {self.kept + count} "
                                                  f"pages: at most {self.max_pages}")
+        self.kept += count  # first, so that the pool may grow for it
         try:
-            first = self._domain.allocator.allocate_run(count)
-        except OutOfPages:
-            raise BlockDeviceError(errno.ENOMEM, f"no {count} free pages for a disk buffer"
-                                   ) from None
-        self.dedicated += count
-        chunk = _Chunk(first, self._domain.memory.frames(first, count), bytearray(count),
-                       [None] * count, {})
-        return Extent(chunk, 0, count)
+            extent = self.take_nowait(count)
+        except BaseException:
+            self.kept -= count
+            raise
+        if extent is None:
+            self.kept -= count
+            raise BlockDeviceError(errno.ENOMEM, f"no {count} free pages for a disk buffer")
+        self._kept.add(extent)
+        return extent
 
     def give(self, extent: Extent) -> None:
+        if self._kept and extent in self._kept:
+            self._kept.remove(extent)
+            self.kept -= extent.count
         extent.chunk.free[extent.start:extent.start + extent.count] = b"\x01" * extent.count
         if self._waiting:
             self._given_back.set()
@@ -428,16 +437,26 @@ class BlkFront(Frontend):
         `readinto` and `write` (and their `_many` forms) given this very object
         (not a slice of it) hand its pages to the back end, which reads into
         them or writes from them: the data is not copied in the guest. Its
-        pages are granted as the buffer pool's are, and it lasts as long as
-        the device does.
+        pages come from the buffer pool, lent for keeps, and it lasts until it
+        is given to `release` (or for the device's life).
         """
         if nbytes < SECTOR_SIZE or nbytes % SECTOR_SIZE:
             raise ValueError(f"a disk buffer holds whole {SECTOR_SIZE}-byte sectors, "
                              f"not {nbytes} bytes")
-        extent = self.pool.dedicate(-(-nbytes // XEN_PAGE_SIZE))
+        extent = self.pool.keep(-(-nbytes // XEN_PAGE_SIZE))
         view = extent.view()[:nbytes]
         self._buffers[id(view)] = (view, extent)
         return view
+
+    def release(self, buffer: memoryview) -> None:
+        """Give a disk buffer back once its I/O is done: its pages go back to the
+        buffer pool, and the view can no longer be used."""
+        own = self._buffers.get(id(buffer))
+        if own is None or own[0] is not buffer:
+            raise ValueError(f"not a disk buffer of {self._name}")
+        buffer.release()
+        del self._buffers[id(buffer)]
+        self.pool.give(own[1])
 
     def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
                 ) -> None:
