@@ -318,6 +318,8 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
         assert rsp.status == BLKIF_RSP_OKAY and parsed == [1, 2, 5, 4, 4, 6]
         assert bytes(page) + bytes(page2[:PAGE // 2]) == data
+        assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} \
+            == {"rd_req": 5, "rd_sect": 48, "wr_req": 1, "wr_sect": 12}
     assert path.read_bytes() == expected
     async with serving(path, mode="r") as s:
         parsed.clear()

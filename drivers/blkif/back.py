@@ -412,13 +412,13 @@ class BlkBack(Backend):
         disk, ready, in_flight = self.disk, self._ready, self._in_flight
         assert disk is not None and ready is not None
         end, readonly = disk.sectors, disk.readonly
-        counts = dict.fromkeys(STATISTICS[:2] + STATISTICS[4:6], 0)
+        counts = dict.fromkeys((*_COUNTERS[READ], *_COUNTERS[WRITE]), 0)
         unanswered = served = 0
         for request in batch:
             op = request[0]
             if op != READ and (op != WRITE or readonly):
                 break
-            _, nr_segments, _, rid, sector, raw = request
+            _, nr_segments, _, rid, sector, raw = request  # a blkif_request, seg[] as bytes
             plan = ready.get((raw, nr_segments))
             if plan is None or rid in in_flight or sector + plan[0] > end:
                 break
