@@ -255,15 +255,18 @@ class BufferPool:
         return refs  # type: ignore[return-value]
 
     def full_pages_segments(self, extent: Extent, first: int, pages: int) -> bytes:
-        """seg[] (as its bytes) of a request filling `pages` persistently granted pages
-        of the extent from page `first`. Built once per run of pages: the same runs
-        carry request after request."""
+        """The segments (as their bytes) of a request filling `pages` persistently
+        granted pages of the extent from page `first`: a direct request's seg[11],
+        padded, or an indirect request's list. Built once per run of pages: the
+        same runs carry request after request."""
         key = (extent.start + first, pages)
         segments = extent.chunk.segments.get(key)
         if segments is None:
             words = segment_words(self.persistent_refs(extent, first, pages),
                                   pages * SECTORS_PER_PAGE)
-            segments = extent.chunk.segments[key] = words + _SEGMENT_PAD[len(words):]
+            if pages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                words += _SEGMENT_PAD[len(words):]
+            segments = extent.chunk.segments[key] = words
         return segments
 
     def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
@@ -660,24 +663,23 @@ class BlkFront(Frontend):
         pages = -(-count // SECTORS_PER_PAGE)
         nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         if self.feature_persistent:
-            if count == pages * SECTORS_PER_PAGE and not nr_indirect:
-                return _rw_request((op, pages, self.device.devid, 0, sector,
-                                    pool.full_pages_segments(extent, first, pages)))
-            refs = pool.persistent_refs(extent, first, pages)
-            if nr_indirect:
-                refs += pool.persistent_refs(*indirect, nr_indirect)
+            if count == pages * SECTORS_PER_PAGE:
+                words = pool.full_pages_segments(extent, first, pages)
+                if not nr_indirect:
+                    return _rw_request((op, pages, self.device.devid, 0, sector, words))
+            else:
+                words = segment_words(pool.persistent_refs(extent, first, pages), count)
+            refs = pool.persistent_refs(*indirect, nr_indirect) if nr_indirect else []
         else:
-            refs = pool.request_refs(extent, first, pages, op == WRITE, granted)
-            if nr_indirect:
-                refs += pool.request_refs(*indirect, nr_indirect, True, granted)
-        words = segment_words(refs[:pages], count)
+            words = segment_words(pool.request_refs(extent, first, pages, op == WRITE, granted),
+                                  count)
+            refs = pool.request_refs(*indirect, nr_indirect, True, granted)
         if not nr_indirect:
             return _rw_request((op, pages, self.device.devid, 0, sector,
                                 words + _SEGMENT_PAD[len(words):]))
         descriptors = indirect[0].view(indirect[1], nr_indirect)
         descriptors[:len(words)] = words
-        return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid,
-                               refs[pages:])
+        return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid, refs)
 
     def _end(self, granted: Sequence[int]) -> None:
         """End a request's own grants (and any the back end held on to before)."""
