@@ -320,6 +320,16 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         assert bytes(page) + bytes(page2[:PAGE // 2]) == data
         assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} \
             == {"rd_req": 5, "rd_sect": 48, "wr_req": 1, "wr_sect": 12}
+        # Indirect requests too: their list is read out of its persistent page each time.
+        pages = [s.front.page() for _ in range(20)]
+        list_ref, _ = s.front.page(data=segment_words([ref for ref, _ in pages], 20 * 8))
+        del parsed[:]
+        for rid, sector in ((8, 512), (9, 1024), (10, SECTORS - 8)):
+            (rsp,) = await s.front.submit(indirect(READ, sector, 20, (list_ref,), rid))
+            expected_status = BLKIF_RSP_ERROR if sector == SECTORS - 8 else BLKIF_RSP_OKAY
+            assert rsp.status == expected_status
+        assert parsed == [8, 10]  # the second was served as ready; the third is past the end
+        assert b"".join(bytes(view) for _, view in pages) == expected[1024 * 512:1184 * 512]
     assert path.read_bytes() == expected
     async with serving(path, mode="r") as s:
         parsed.clear()

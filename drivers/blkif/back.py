@@ -28,8 +28,9 @@ What it does is Linux's xen-blkback, in substance and in key names:
 - The steady state is cheap: with persistent grants a front end sends the
   same segment lists over the same pages again and again, so the back end
   remembers each list it has served with its iovec (the pages stay mapped
-  for the connection's life). Such a request is checked for what its list
-  does not settle (the id, the sectors, the disk's mode) and done at once.
+  for the connection's life). Such a request, direct or indirect, is
+  checked for what its list does not settle (the id, the sectors, the
+  disk's mode) and done at once.
 - Up to a ring's worth of requests are in flight. A read is first tried
   against the page cache without blocking (RWF_NOWAIT), a buffered write
   lands in the page cache; both are answered at the end of the drain or,
@@ -65,6 +66,7 @@ from drivers.blkif.protocol import (
     MAX_INDIRECT_SEGMENTS,
     SECTOR_SHIFT,
     SECTOR_SIZE,
+    SEGMENT_SIZE,
     BadRequest,
     Segments,
     indirect_pages,
@@ -404,21 +406,33 @@ class BlkBack(Backend):
 
     def _serve_ready(self, channel: BackChannel, batch: list[Any], done: list[Any],
                      answered: list[int]) -> int:
-        """Serve the leading reads and writes whose segment lists were served before
-        over persistent pages, the steady state of a busy disk: their checks come
-        down to the id, the sectors and the mode, and their pages need no lookup.
+        """Serve the leading reads and writes (direct or indirect) whose segment lists
+        were served before over persistent pages, the steady state of a busy disk:
+        their checks come down to the id, the sectors and the mode, and their pages
+        need no lookup.
         Returns how many it served (their ids are in `answered`, still in flight for
         the rest of the drain); the rest of the drain takes the full path."""
-        disk, ready, in_flight = self.disk, self._ready, self._in_flight
-        assert disk is not None and ready is not None
+        disk, ready, in_flight, grants = self.disk, self._ready, self._in_flight, self._grants
+        assert disk is not None and ready is not None and grants is not None
         end, readonly = disk.sectors, disk.readonly
         counts = dict.fromkeys((*_COUNTERS[READ], *_COUNTERS[WRITE]), 0)
         unanswered = served = 0
         for request in batch:
             op = request[0]
+            if op == INDIRECT:  # its list is in persistent pages, or it takes the full path
+                _, op, nr_segments, rid, sector, _, indirect_grefs = request
+                if not 0 < nr_segments <= self.max_indirect_segments:
+                    break
+                try:
+                    raw = _segment_list(grants.pages, indirect_grefs, nr_segments)
+                except KeyError:
+                    break
+            elif op == READ or op == WRITE:
+                _, nr_segments, _, rid, sector, raw = request  # a blkif_request, seg[] as bytes
+            else:
+                break
             if op != READ and (op != WRITE or readonly):
                 break
-            _, nr_segments, _, rid, sector, raw = request  # a blkif_request, seg[] as bytes
             plan = ready.get((raw, nr_segments))
             if plan is None or rid in in_flight or sector + plan[0] > end:
                 break
@@ -659,12 +673,13 @@ class BlkBack(Backend):
                 ready.append(job)
                 continue
             try:
-                raw = b"".join([bytes(pages[ref]) for ref in job.indirect_grefs])
+                job.key = (_segment_list(pages, job.indirect_grefs, job.nr_segments),
+                           job.nr_segments)
             except KeyError:
                 done.append(self._fail(job, "an indirect page's grant was refused"))
                 continue
             try:
-                job.segments = self._segments(raw, job.nr_segments)
+                job.segments = self._segments(*job.key)
                 self._check_job(job)
             except BadRequest as exc:
                 done.append(self._fail(job, str(exc)))
@@ -767,6 +782,13 @@ class BlkBack(Backend):
         self.log.warning("%s: the disk does not support %s; withdrawing %s",
                          self.device.nodename, BlkifOp(kind).name, key)
         self.ctx.nursery.start_soon(self.publish, {key: 0})
+
+
+def _segment_list(pages: dict[int, memoryview], grefs: Any, nr_segments: int) -> bytes:
+    """An indirect request's segment list, copied once out of the pages it names
+    (KeyError if one of them is not in `pages`)."""
+    size = nr_segments * SEGMENT_SIZE
+    return b"".join([pages[ref] for ref in grefs[:indirect_pages(nr_segments)]])[:size]
 
 
 def _iovec(segments: Segments, views: _Mappings) -> list[Any] | None:

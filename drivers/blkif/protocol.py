@@ -48,6 +48,7 @@ __all__ = [
     "SECTOR_SHIFT",
     "SECTOR_SIZE",
     "SEGMENT_ARRAY",
+    "SEGMENT_SIZE",
     "BadRequest",
     "Segments",
     "indirect_pages",
