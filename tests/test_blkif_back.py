@@ -344,3 +344,32 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         assert rsp.status == BLKIF_RSP_ERROR  # the mode is checked, not remembered
         assert parsed == [1, 3]
     assert path.read_bytes() == expected
+
+
+async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
+        image: tuple[Path, bytes]) -> None:
+    """A drain waiting for its map hypercall does not hold up the next drain; a
+    barrier still waits for every drain before it."""
+    path, original = image
+    async with serving(path, persistent=False) as s:
+        front = s.front
+
+        async def push(*requests: object) -> None:
+            for request in requests:
+                front.ring.put_request(request)
+            front.ring.push_requests()
+            front.port.notify()
+            await trio.sleep(0.05)  # blkback takes this push as a drain of its own
+
+        (ref_a, _), (ref_b, page_b), (ref_c, _) = front.page(), front.page(), front.page()
+        s.grants.map_delay = 0.5
+        await push(rw(READ, 0, [(ref_a, 0, 7)], rid=1))  # sits in its map hypercall
+        s.grants.map_delay = 0
+        await push(rw(READ, 8, [(ref_b, 0, 7)], rid=2))
+        await push(RW.record(BlkifOp.WRITE_BARRIER, 1, 51712, 3, 16,
+                             SEGMENT_ARRAY(struct.pack("<IBBxx", ref_c, 0, 7).ljust(88, b"\0"))))
+        responses = await front.responses(3)
+        assert [(r.id, r.status) for r in responses] == \
+            [(2, BLKIF_RSP_OKAY), (1, BLKIF_RSP_OKAY), (3, BLKIF_RSP_OKAY)]
+        assert bytes(page_b) == original[8 * 512:16 * 512]
+    assert not s.grants.mapped

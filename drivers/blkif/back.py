@@ -22,7 +22,9 @@ What it does is Linux's xen-blkback, in substance and in key names:
   no hypercall; without it, the grefs of a whole drain are mapped in one
   GNTTABOP_map_grant_ref and unmapped in one GNTTABOP_unmap_grant_ref
   before the drain is answered (the front end ends its grants on the
-  response, and Xen refuses that while a page is still mapped). Grants the
+  response, and Xen refuses that while a page is still mapped); up to
+  DRAINS_IN_FLIGHT such drains overlap, as each mostly waits for its
+  hypercalls, and a barrier waits for all of them. Grants the
   hypervisor refuses (never granted, granted to someone else, read-only for
   a read) fail only the requests that name them.
 - The steady state is cheap: with persistent grants a front end sends the
@@ -101,6 +103,7 @@ DISCARD, INDIRECT = BlkifOp.DISCARD, BlkifOp.INDIRECT
 MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's max_persistent_grants default
 MAP_BATCH = 1024  # grant refs per GNTTABOP_map_grant_ref (the hypervisor's batch limit)
 IO_THREADS = 8  # worker threads per device for I/O that must wait for the device
+DRAINS_IN_FLIGHT = 4  # drains at once without persistent grants (each maps its own pages)
 # A drain answers what it has done each time this much data has moved, so the
 # front end works on those answers while the rest of a large drain is done.
 EARLY_ANSWER_SECTORS = 512  # 256 KiB
@@ -268,6 +271,7 @@ class BlkBack(Backend):
         self._quiet.set()
         self._background: trio.Nursery | None = None
         self._threads = trio.CapacityLimiter(IO_THREADS)
+        self._drain_slots = trio.Semaphore(DRAINS_IN_FLIGHT)
         self.refused = 0
         self.offloaded = 0
         self.stats = dict.fromkeys(STATISTICS, 0)
@@ -365,7 +369,10 @@ class BlkBack(Backend):
                 nursery.start_soon(self._publish_statistics, publishing)
                 try:
                     async for batch in channel.batches_of_requests():
-                        await self._drain(channel, batch)
+                        if self._grants is None:
+                            await self._start_drain(nursery, channel, batch)
+                        else:
+                            await self._drain(channel, batch)
                         self._count_waiting(channel)
                 except ChannelBroken as exc:
                     broken = f"ring protocol violation: {exc}"
@@ -377,6 +384,31 @@ class BlkBack(Backend):
         if broken is not None:
             with trio.CancelScope(shield=True):  # fatal cancels this task's scope
                 await self.fatal(broken)
+
+    async def _start_drain(self, nursery: trio.Nursery, channel: BackChannel, batch: list[Any]
+                           ) -> None:
+        """Without persistent grants a drain mostly waits for its map and unmap
+        hypercalls, so up to DRAINS_IN_FLIGHT of them overlap, each answering
+        its own requests. A drain with a barrier waits for all the others and
+        runs alone: it is ordered after everything before it."""
+        slots = self._drain_slots
+        if any(request[0] == BARRIER for request in batch):
+            for _ in range(DRAINS_IN_FLIGHT):
+                await slots.acquire()
+            try:
+                await self._drain(channel, batch)
+            finally:
+                for _ in range(DRAINS_IN_FLIGHT):
+                    slots.release()
+            return
+        await slots.acquire()
+
+        async def drain() -> None:
+            try:
+                await self._drain(channel, batch)
+            finally:
+                slots.release()
+        nursery.start_soon(drain)
 
     async def _drain(self, channel: BackChannel, batch: list[Any]) -> None:
         done: list[tuple[int, int, int]] = []
