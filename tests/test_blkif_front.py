@@ -128,7 +128,7 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     front, disk, guest = await front_end(nursery, answer)
     front.feature_persistent = persistent
     buffer = front.buffer(30 * 4096)  # more than one request holds (11 pages each)
-    own = front._buffers[id(buffer)][1]
+    own = front._buffers[id(buffer)][1][0]
     own_frames = set(range(own.chunk.first_gfn, own.chunk.first_gfn + 30))
     buffer[:] = bytes(range(256)) * (30 * 16)
     await front.write(64, buffer)
@@ -146,6 +146,9 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     assert front.pool.kept == 31 and front.pool.pages > 31
     with pytest.raises(ValueError, match="whole 512-byte sectors"):
         front.buffer(1000)
+    for sector in (SECTORS, -1):  # checked as any buffer is
+        with pytest.raises(ValueError, match="not on a disk"):
+            await front.readinto(sector, small)
     with pytest.raises(BlockDeviceError, match="at most 64") as refused:
         front.buffer(64 * 4096)
     assert refused.value.errno == errno.ENOMEM
@@ -156,6 +159,6 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     with pytest.raises(ValueError, match="not a disk buffer"):
         front.release(bytearray(512))
     again = front.buffer(20 * 4096)
-    assert front.pool.kept == 21 and front._buffers[id(again)][1].chunk is own.chunk
+    assert front.pool.kept == 21 and front._buffers[id(again)][1][0].chunk is own.chunk
     await front.readinto(0, again)
     assert again == disk[:20 * 4096]

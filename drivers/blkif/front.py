@@ -305,6 +305,7 @@ def _pages(sectors: int, data: Any) -> int:
 
 
 _rw_request = functools.partial(tuple.__new__, RW.record)  # a blkif_request from a tuple
+_DIRECT_SECTORS = BLKIF_MAX_SEGMENTS_PER_REQUEST * SECTORS_PER_PAGE  # a direct request's most
 # The pool's part of a round of disk buffers without indirect pages: nothing.
 _NO_PAGES = Extent(_Chunk(0, memoryview(b""), bytearray(), [], {}), 0, 0)
 
@@ -331,7 +332,8 @@ class BlkFront(Frontend):
         self.feature_persistent = False
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self.pool = BufferPool(ctx.domain, device.otherend_id, BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        self._buffers: dict[int, tuple[memoryview, Extent]] = {}  # id -> a disk buffer
+        # id -> a disk buffer and its place: (its extent, 0), a piece of `items`
+        self._buffers: dict[int, tuple[memoryview, tuple[Extent, int]]] = {}
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
     # --- the handshake ---------------------------------------------------------------
@@ -448,7 +450,7 @@ class BlkFront(Frontend):
                              f"not {nbytes} bytes")
         extent = self.pool.keep(-(-nbytes // XEN_PAGE_SIZE))
         view = extent.view()[:nbytes]
-        self._buffers[id(view)] = (view, extent)
+        self._buffers[id(view)] = (view, (extent, 0))
         return view
 
     def release(self, buffer: memoryview) -> None:
@@ -459,7 +461,7 @@ class BlkFront(Frontend):
             raise ValueError(f"not a disk buffer of {self._name}")
         buffer.release()
         del self._buffers[id(buffer)]
-        self.pool.give(own[1])
+        self.pool.give(own[1][0])
 
     def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
                 ) -> None:
@@ -469,12 +471,14 @@ class BlkFront(Frontend):
         own = self._buffers.get(id(buffer))
         if own is not None and own[0] is buffer:
             count = len(buffer) >> SECTOR_SHIFT
-            self._check(sector, count)
-            if count <= self.max_sectors:
-                items.append((sector, count, (own[1], 0)))
+            if count <= self.max_segments * SECTORS_PER_PAGE and \
+                    0 <= sector and sector + count <= self.sectors:  # one request, on the disk
+                items.append((sector, count, own[1]))
                 return
+            self._check(sector, count)
+            extent = own[1][0]
             for start, length in self._split(sector, count):
-                items.append((start, length, (own[1], (start - sector) // SECTORS_PER_PAGE)))
+                items.append((start, length, (extent, (start - sector) // SECTORS_PER_PAGE)))
             return
         view = memoryview(buffer).cast("B")
         if len(view) % SECTOR_SIZE:
@@ -582,7 +586,8 @@ class BlkFront(Frontend):
         has. The caller gives the pages back (`_give_back`)."""
         pool = self.pool
         round_ = _Round()
-        sizes = [_pages(count, data) for _, count, data in items]
+        sizes = [0 if count <= _DIRECT_SECTORS and type(data) is tuple else _pages(count, data)
+                 for _, count, data in items]  # a disk buffer's direct request takes none
         total = sum(sizes)
         whole = pool.take_nowait(total, past_max=False) if total else _NO_PAGES
         try:

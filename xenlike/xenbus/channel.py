@@ -139,7 +139,11 @@ class FrontChannel:
                         if entry is None:
                             raise RingOverflow(f"{ring.spec.name}: response for unknown id {rid}")
                         free_ids.append(rid)
-                        entry[0].answer(entry[1], response)
+                        batch, position = entry  # batch.answer(position, response), inline
+                        batch.responses[position] = response
+                        batch.left -= 1
+                        if not batch.left:
+                            batch.event.set()
                     if self._room:
                         self._room.unpark_all()
                     continue
