@@ -285,6 +285,11 @@ class BufferPool:
         return refs
 
 
+# A request's part of an I/O: (sector, count, data), data a view of the caller's
+# buffer, None (a read that returns new bytes), or a disk buffer's (extent, page).
+_Piece = tuple[int, int, Any]
+
+
 @attrs.define(eq=False, slots=True)
 class _Round:
     """Requests sent in one push: their pages, their data's memory, their own grants."""
@@ -402,7 +407,7 @@ class BlkFront(Frontend):
         last is answered: this is how to keep a deep queue of I/O in flight
         cheaply (a task per request costs a task switch per request).
         """
-        items: list[tuple[int, int, memoryview | None]] = []
+        items: list[_Piece] = []
         spans = []
         for sector, count in extents:
             self._check(sector, count)
@@ -418,7 +423,7 @@ class BlkFront(Frontend):
 
     async def readinto_many(self, reads: Iterable[tuple[int, Any]]) -> None:
         """Several `readinto`s at once, `(sector, buffer)` each (see `read_many`)."""
-        items: list[tuple[int, int, memoryview | None]] = []
+        items: list[_Piece] = []
         for sector, buffer in reads:
             self._pieces(sector, buffer, items, writable=True)
         await self._rw_many(READ, items)
@@ -431,7 +436,7 @@ class BlkFront(Frontend):
         """Several writes at once, `(sector, data)` each (see `read_many`)."""
         if self.readonly:
             raise BlockDeviceError(errno.EROFS, f"{self._name} is read-only")
-        items: list[tuple[int, int, memoryview | None]] = []
+        items: list[_Piece] = []
         for sector, data in writes:
             self._pieces(sector, data, items)
         await self._rw_many(WRITE, items)
@@ -465,14 +470,12 @@ class BlkFront(Frontend):
 
     def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
                 ) -> None:
-        """Check a buffer of whole sectors at `sector`; add its requests' pieces to `items`:
-        `(sector, count, data)`, where data is a view of the buffer, or for a disk
-        buffer `(extent, first page)`."""
+        """Check a buffer of whole sectors at `sector`; add its requests' pieces to
+        `items` (see `_Piece`)."""
         own = self._buffers.get(id(buffer))
         if own is not None and own[0] is buffer:
             count = len(buffer) >> SECTOR_SHIFT
-            if count <= self.max_segments * SECTORS_PER_PAGE and \
-                    0 <= sector and sector + count <= self.sectors:  # one request, on the disk
+            if count <= self.max_sectors and 0 <= sector and sector + count <= self.sectors:
                 items.append((sector, count, own[1]))
                 return
             self._check(sector, count)
@@ -548,13 +551,12 @@ class BlkFront(Frontend):
         return [(start, min(step, sector + count - start))
                 for start in range(sector, sector + count, step)]
 
-    async def _rw_many(self, op: int, items: list[tuple[int, int, memoryview | None]]
-                       ) -> list[bytes]:
-        """Requests of at most `max_sectors` each, `(sector, count, buffer)`: pages,
-        grants, one push, the copies. A write's buffer holds its data; a read
-        fills its buffer, or returns new bytes without one. They go out in
-        rounds as large as the buffer pool allows (a round holds its pages
-        until it is answered)."""
+    async def _rw_many(self, op: int, items: list[_Piece]) -> list[bytes]:
+        """Requests of at most `max_sectors` each, one per piece: pages, grants,
+        one push, the copies. A write's buffer holds its data; a read fills its
+        buffer, or returns new bytes without one; a disk buffer is its own page.
+        They go out in rounds as large as the buffer pool allows (a round holds
+        its pages until it is answered)."""
         if not self.connected_now:
             await self.wait_connected()
         results: list[bytes] = []  # what reads without a buffer return
@@ -579,7 +581,7 @@ class BlkFront(Frontend):
             raise error
         return results
 
-    async def _round(self, op: int, items: list[tuple[int, int, memoryview | None]]) -> "_Round":
+    async def _round(self, op: int, items: list[_Piece]) -> _Round:
         """Lend pages to the first `items` the pool has room for now (at least one),
         send their requests in one push, and return the round with the responses.
         Its pages are one extent when the pool has a run that long, as it mostly
@@ -614,8 +616,8 @@ class BlkFront(Frontend):
             self._give_back(round_)
             raise
 
-    def _fill(self, op: int, items: list[tuple[int, int, Any]], sizes: list[int],
-              extent: Extent, round_: "_Round") -> list[Any]:
+    def _fill(self, op: int, items: list[_Piece], sizes: list[int],
+              extent: Extent, round_: _Round) -> list[Any]:
         """The requests for `items` in consecutive pages of `extent` (`sizes` pages
         each), a write's data copied in. A request over whole persistent pages
         reuses the seg[] its pages had before."""
@@ -653,7 +655,7 @@ class BlkFront(Frontend):
             first += size
         return requests
 
-    def _give_back(self, round_: "_Round") -> None:
+    def _give_back(self, round_: _Round) -> None:
         if round_.granted or self._lingering:
             self._end(round_.granted)
         pool = self.pool
