@@ -92,7 +92,6 @@ from xenlike.domain.grant_table import GrantError, GrantMapping, GrantStatusErro
 from xenlike.memory import MemoryInUse
 from xenlike.ring import MAX_RING_PAGE_ORDER
 from xenlike.xenbus import BackChannel, Backend, ChannelBroken, ProtocolError
-from xenlike.xenstore import XenStoreError
 
 __all__ = ["BlkBack", "BlockDevice", "PersistentGrants"]
 
@@ -109,7 +108,6 @@ DRAINS_IN_FLIGHT = 4  # drains at once without persistent grants (each maps its 
 EARLY_ANSWER_SECTORS = 512  # 256 KiB
 PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
-STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
 _COUNTERS = {READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"),  # kind: what it counts
              FLUSH: ("f_req", "wr_sect"), BARRIER: ("f_req", "wr_sect"),
@@ -517,18 +515,8 @@ class BlkBack(Backend):
             self.stats["oo_req"] += 1
 
     async def _publish_statistics(self, scope: trio.CancelScope) -> None:
-        """`statistics/<counter>` in the back-end directory, as `xenlike top` reads them."""
-        published: dict[str, int] = {}
-        with scope:
-            while True:
-                if self.stats != published:
-                    published = dict(self.stats)
-                    try:
-                        await self.publish({f"statistics/{key}": value
-                                            for key, value in published.items()})
-                    except XenStoreError as exc:  # the toolstack is removing the device
-                        self.log.debug("%s: statistics: %s", self.device.nodename, exc)
-                await trio.sleep(STATISTICS_INTERVAL)
+        with scope:  # the counters of whichever connection is current
+            await self.publish_statistics(lambda: self.stats)
 
     # --- checking a request ------------------------------------------------------------
 

@@ -79,7 +79,6 @@ from xenlike.abi.netif import (
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.domain.grant_table import GrantCopy, GrantError, GrantRef, GrantStatusError, LocalFrame
 from xenlike.ring import BackRing, RingOverflow
-from xenlike.xenstore import XenStoreError
 from xenlike.xenbus import (
     BackChannel,
     Backend,
@@ -94,7 +93,6 @@ __all__ = ["Bridge", "BridgePort", "Netback", "Vif"]
 
 log = logging.getLogger("xenlike.netif.back")
 
-STATISTICS_INTERVAL = 1.0  # seconds between updates of statistics/ in XenStore
 RX_QUEUE_MAX = 256  # frames from one port waiting for rx buffers before more are dropped
 Frame = tuple[bytes, int]  # a frame and its NETRXF_* checksum flags
 
@@ -193,7 +191,7 @@ class Netback(Backend):
         assert vif is not None, "connected() runs before the data path starts"
         broken = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._publish_statistics, vif)
+            nursery.start_soon(self.publish_statistics, lambda: vif.stats)
             try:
                 await vif.run(channel)
             except ChannelBroken as exc:
@@ -201,20 +199,6 @@ class Netback(Backend):
             nursery.cancel_scope.cancel()
         if broken is not None:
             raise broken
-
-    async def _publish_statistics(self, vif: "Vif") -> None:
-        """`statistics/<counter>` in the back-end directory once a second, as `xenlike top`
-        (xentop) reads them: Linux netback's names, counted from the guest's side."""
-        published: dict[str, int] = {}
-        while True:
-            if vif.stats != published:
-                published = dict(vif.stats)
-                try:
-                    await self.publish({f"statistics/{key}": value
-                                        for key, value in published.items()})
-                except XenStoreError as exc:  # the toolstack is removing the device
-                    self.log.debug("%s: statistics: %s", vif.name, exc)
-            await trio.sleep(STATISTICS_INTERVAL)
 
     async def disconnected(self) -> None:
         if self.vif is not None:

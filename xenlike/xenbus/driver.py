@@ -38,7 +38,7 @@ are resubmitted on the new ring (their callers keep waiting), never lost.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -64,6 +64,7 @@ from xenlike.xenstore import XenStoreError
 __all__ = ["Backend", "DeviceInfo", "Frontend", "SharedRing", "XenbusContext", "XenbusDriver"]
 
 log = logging.getLogger("xenlike.xenbus")
+STATISTICS_INTERVAL = 1.0  # seconds between updates of a back end's statistics/ in XenStore
 
 
 @attrs.frozen
@@ -295,6 +296,22 @@ class Backend(XenbusDriver):
 
     async def disconnected(self) -> None:
         """The data path has stopped."""
+
+    async def publish_statistics(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        """Publish `statistics/<counter>` in this end's directory every
+        STATISTICS_INTERVAL while `counters()` changes, as `xenlike top` (xentop)
+        reads them; run it beside the data path until it is cancelled."""
+        published: dict[str, int] = {}
+        while True:
+            current = counters()
+            if current != published:
+                published = dict(current)
+                try:
+                    await self.publish({f"statistics/{key}": value
+                                        for key, value in published.items()})
+                except XenStoreError as exc:  # the toolstack is removing the device
+                    self.log.debug("%s: statistics: %s", self.device.nodename, exc)
+            await trio.sleep(STATISTICS_INTERVAL)
 
     async def reconnect(self) -> None:
         """Reload: let go of the ring first (the front end cannot end its grants
