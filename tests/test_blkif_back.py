@@ -359,7 +359,12 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
                 front.ring.put_request(request)
             front.ring.push_requests()
             front.port.notify()
-            await trio.sleep(0.05)  # blkback takes this push as a drain of its own
+            with trio.fail_after(5):  # consumed before the next push: a drain of its own
+                while back_ring.req_cons != front.ring.req_prod_pvt:
+                    await trio.sleep(0.001)
+
+        assert s.back.channel is not None
+        back_ring = s.back.channel.ring
 
         (ref_a, _), (ref_b, page_b), (ref_c, _) = front.page(), front.page(), front.page()
         s.grants.map_delay = 0.5
