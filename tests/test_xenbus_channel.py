@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from xenlike.abi import blkif
+from xenlike.codec import LayoutError
 from xenlike.ring import BackRing, FrontRing, define_ring
 from xenlike.testing import doorbell_pair
 from xenlike.xenbus.channel import (
@@ -119,3 +120,9 @@ async def test_hostile_req_prod_breaks_the_back_channel() -> None:
     with pytest.raises(ChannelBroken):
         async for _ in back.requests():
             pass
+
+
+def test_an_id_field_the_request_lacks_is_refused_up_front() -> None:
+    front, _, _ = make_pair()
+    with pytest.raises(LayoutError, match="no field 'tag'"):
+        FrontChannel(front.ring, front.port, id_field="tag")
