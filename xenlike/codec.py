@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 import construct
 
+from xenlike.abi._layout import member
+
 __all__ = ["Codec", "LayoutError", "RecordArray", "compile_struct"]
 
 
@@ -64,17 +66,13 @@ class Codec:
     def field_packer(self, name: str) -> tuple[int, Callable[[Any, int, Any], None]]:
         """(offset, pack_into) of the top-level integer field `name`: to write that
         one field of a packed record in place."""
-        offset = 0
-        for sub in self.layout.subcons:
-            if sub.name == name:
-                con = sub.subcon
-                while isinstance(con, construct.Renamed):
-                    con = con.subcon
-                if not isinstance(con, construct.FormatField):
-                    raise LayoutError(f"{self.name}.{name} is not an integer field")
-                return offset, struct.Struct("<" + con.fmtstr[1:]).pack_into
-            offset += sub.sizeof()
-        raise LayoutError(f"{self.name} has no field {name!r}")
+        try:
+            field = member(self.layout, name)
+        except KeyError:
+            raise LayoutError(f"{self.name} has no field {name!r}") from None
+        if not isinstance(field.type, construct.FormatField):
+            raise LayoutError(f"{self.name}.{name} is not an integer field")
+        return field.offset, struct.Struct("<" + field.type.fmtstr[1:]).pack_into
 
     def slots_unpacker(self, stride: int) -> Callable[[bytes], list[Any]]:
         """A decoder of consecutive slots `stride` bytes apart, each holding one
@@ -158,7 +156,6 @@ class _Generator:
         self.pack_prelude: list[str] = []
         self._names = 0
         self._records: dict[int, tuple[type, str]] = {}
-        self._array_type: type | None = None
 
     def _name(self, prefix: str) -> str:
         self._names += 1
@@ -177,11 +174,10 @@ class _Generator:
             if sub.name is None:
                 self.padding(sub)
                 continue
-            self._array_type = None
             expr, sub_args, default = self.field(sub.subcon, f"{name}.{sub.name}",
                                                  f"{local}[{len(fields)}]")
-            if self._array_type is not None:
-                lazy[len(fields)] = self._array_type
+            if isinstance(default, RecordArray):  # kept as bytes, decoded when read
+                lazy[len(fields)] = type(default)
             fields.append(sub.name)
             defaults.append(default)
             exprs.append(expr)
@@ -264,7 +260,6 @@ class _Generator:
                 "_iter": item.format.iter_unpack, "_unpack": item.format.unpack_from})
             type_name = self._name("A")
             self.namespace[type_name] = array_type
-            self._array_type = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
             self.namespace[f"{type_name}_put"] = array_type.put_into
             self.namespace[f"{type_name}_item"] = item.format.pack_into
@@ -356,9 +351,6 @@ class RecordArray(Sequence[Any]):
                 raise ValueError(f"{cls.__name__}: {len(items.raw)} bytes, more than "
                                  f"{cls._count} elements")
             buf[offset:offset + len(items.raw)] = items.raw
-            return
-        if type(items) is bytes and len(items) == cls._count * cls._size:  # as decoded
-            buf[offset:offset + len(items)] = items
             return
         if len(items) > cls._count:
             raise ValueError(f"{cls.__name__}: at most {cls._count} elements, got {len(items)}")

@@ -214,9 +214,7 @@ class FrontRing:
         """`put_requests`, with `ids[i]` written into request i's `id_field` in its
         slot (the record's own value is not used): no record is rebuilt to change
         one field. Returns how many were written."""
-        if id_field not in self._id_packers:
-            self._id_packers[id_field] = self.spec.request.field_packer(id_field)
-        at, put_id = self._id_packers[id_field]
+        at, put_id = self.id_packer(id_field)
         prod = self.req_prod_pvt
         room = self.nr_ents - ((prod - self.rsp_cons) & _MASK32)
         if len(requests) > room:
@@ -229,6 +227,14 @@ class FrontRing:
             prod += 1
         self.req_prod_pvt = prod & _MASK32
         return len(requests)
+
+    def id_packer(self, id_field: str) -> tuple[int, Callable[[Any, int, Any], None]]:
+        """(offset in a slot, pack_into) of the requests' `id_field`, found once
+        (a LayoutError if the request has no such integer field)."""
+        packer = self._id_packers.get(id_field)
+        if packer is None:
+            packer = self._id_packers[id_field] = self.spec.request.field_packer(id_field)
+        return packer
 
     def push_requests(self) -> bool:
         """`RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`: publish, and say whether to notify."""

@@ -61,7 +61,7 @@ class FrontChannel:
     def __init__(self, ring: FrontRing, port: Doorbell, *, id_field: str = "id") -> None:
         self.ring = ring
         self.port = port
-        ring.spec.request.field_packer(id_field)  # a bad id field fails here, not when used
+        ring.id_packer(id_field)  # a bad id field fails here, not when used
         self._id_field = id_field
         self._rsp_id_index = ring.spec.response.record._fields.index(id_field)
         self._free_ids = list(range(ring.nr_ents))
