@@ -23,10 +23,10 @@ from xenlike.xenbus import RingGroup
 
 
 class Pair:
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, *, front_serves: bool = True) -> None:
         self.guest = LocalDomain(1100)
         self.dom0 = FakeDomain(self.guest.granted)  # type: ignore[arg-type]
-        memory = {name: memoryview(bytearray(PAGE)) for name in ("tx", "rx", "ctrl")}
+        self.memory = memory = {name: memoryview(bytearray(PAGE)) for name in ("tx", "rx", "ctrl")}
         specs = {"tx": TX_RING, "rx": RX_RING, "ctrl": CTRL_RING}
         front_rings = {name: FrontRing(spec, memory[name]) for name, spec in specs.items()}
         back_rings = {name: BackRing(spec, memory[name]) for name, spec in specs.items()}
@@ -40,7 +40,7 @@ class Pair:
         self.front.mtu = 9000
         self.received: list[tuple[bytes, int]] = []
         self.front.receiver = lambda frame, flags: self.received.append((frame, flags))
-        group = RingGroup(front_rings, ports[0])  # type: ignore[arg-type]
+        self.group = group = RingGroup(front_rings, ports[0])  # type: ignore[arg-type]
         self.front.channel = group
         self.front._ready.set()  # as the handshake would at Connected
         self.bridge = Bridge("xenbr0")
@@ -48,7 +48,8 @@ class Pair:
         self.bridge.attach(self.sink)
         self.vif = Vif(name="vif1.0", mac=GUEST_MAC, mtu=9000, sg=True, csum_offload=True,
                        domain=self.dom0, peer=1, bridge=self.bridge)
-        nursery.start_soon(self.front.serve, group)
+        if front_serves:
+            nursery.start_soon(self.front.serve, group)
         nursery.start_soon(self.vif.run, RingGroup(back_rings, ports[1]))  # type: ignore[arg-type]
 
     def frame(self, size: int, tag: int = 0) -> bytes:
@@ -108,3 +109,33 @@ async def test_received_frames_keep_coming_as_buffers_are_reposted(pair: Pair) -
                 await trio.sleep(0.005)
     assert [frame for frame, _ in pair.received] == frames
     assert pair.vif.stats["rx_dropped"] == 0
+
+
+async def test_a_back_end_breaking_the_ring_fails_the_device_not_the_guest(
+        nursery: trio.Nursery) -> None:
+    """An impossible rsp_prod is a protocol violation for this device alone: the
+    front end's data path stops and the device heads for Closing (fatal)."""
+    pair = Pair(nursery, front_serves=False)
+    fatal: list[str] = []
+
+    async def record(message: str) -> None:
+        fatal.append(message)
+
+    pair.front.fatal = record  # type: ignore[method-assign]
+    collecting = trio.Event()
+
+    async def collect() -> None:
+        await pair.front._collect(pair.group)
+        collecting.set()
+
+    nursery.start_soon(collect)
+    with trio.fail_after(5):
+        while not pair.front.static_grants:
+            await trio.sleep(0.01)
+    header = pair.memory["rx"][:16].cast("I")
+    header[2] += 100_000  # rsp_prod far past anything requested
+    header.release()
+    pair.vif._port.notify()  # the front end looks at its rings
+    with trio.fail_after(5):
+        await collecting.wait()
+    assert len(fatal) == 1 and "ring protocol violation" in fatal[0]

@@ -189,16 +189,10 @@ class Netback(Backend):
         """The vif `connected` made, and its counters published in XenStore meanwhile."""
         vif = self.vif
         assert vif is not None, "connected() runs before the data path starts"
-        broken = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.publish_statistics, lambda: vif.stats)
-            try:
-                await vif.run(channel)
-            except ChannelBroken as exc:
-                broken = exc  # raised below, bare, for the base class to disconnect
+            await vif.run(channel)  # ChannelBroken: the base class disconnects the device
             nursery.cancel_scope.cancel()
-        if broken is not None:
-            raise broken
 
     async def disconnected(self) -> None:
         if self.vif is not None:

@@ -48,7 +48,7 @@ from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
 from xenlike.domain.grant_table import GrantInUse
 from xenlike.abi.xenbus import XenbusState
 from xenlike.abi.ring import XEN_PAGE_SIZE
-from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingSpec
+from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingOverflow, RingSpec
 from xenlike.trace.events import DeviceTrace
 from xenlike.xenbus.channel import (
     BackChannel,
@@ -259,6 +259,15 @@ class XenbusDriver:
         """Stop the data path and release ring pages and port (both ends)."""
 
 
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first protocol violation of a data path: `except*` hands them over in a
+    group (one task's, or several of a driver's nursery at once)."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
 class ProtocolError(Exception):
     """The peer published something the protocol does not allow."""
 
@@ -395,7 +404,7 @@ class Backend(XenbusDriver):
         self._nursery.start_soon(self._serve_until_stopped, self.channel)
 
     async def _serve_until_stopped(self, channel: Any) -> None:
-        broken = None
+        broken: BaseException | None = None
         self._served = stopped = trio.Event()
         self._serve_task = trio.lowlevel.current_task()
         try:
@@ -403,8 +412,8 @@ class Backend(XenbusDriver):
                 self._serving = scope
                 try:
                     await self.serve(channel)
-                except ChannelBroken as exc:
-                    broken = exc
+                except* (ChannelBroken, RingOverflow) as group:
+                    broken = _first(group)
         finally:
             stopped.set()
         if broken is not None:  # outside the scope that fatal's disconnect cancels
@@ -544,13 +553,13 @@ class Frontend(XenbusDriver):
         self._nursery.start_soon(self._collect, self.channel)
 
     async def _collect(self, channel: Any) -> None:
-        broken = None
+        broken: BaseException | None = None
         with trio.CancelScope() as scope:
             self._collector = scope
             try:
                 await self.serve(channel)
-            except ChannelBroken as exc:
-                broken = exc
+            except* (ChannelBroken, RingOverflow) as group:
+                broken = _first(group)
         if broken is not None:  # outside the scope that fatal's disconnect cancels
             await self.fatal(f"ring protocol violation: {broken}")
 
