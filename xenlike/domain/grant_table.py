@@ -53,7 +53,7 @@ from xenlike.abi.grant_table import (
     grant_entry_v1,
 )
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, DOMID_SELF, Hypercall
-from xenlike.codec import Codec, compile_struct
+from xenlike.codec import compile_struct
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import Notification, Reply
 from xenlike.memory import (
@@ -80,18 +80,6 @@ __all__ = [
 
 GNTTAB_OP = Hypercall.grant_table_op
 ENTRY_SIZE = grant_entry_v1.sizeof()
-MAP = compile_struct(gnttab_map_grant_ref, "gnttab_map_grant_ref")
-UNMAP = compile_struct(gnttab_unmap_grant_ref, "gnttab_unmap_grant_ref")
-_MAP_ALL, _UNMAP_ALL = MAP.slots_unpacker(MAP.size), UNMAP.slots_unpacker(UNMAP.size)
-
-
-def _pack_all(codec: Codec, values: list[tuple[int, ...]]) -> bytes:
-    """A hypercall's array of elements (tuples in field order), packed in one buffer."""
-    buf = bytearray(codec.size * len(values))
-    pack, size = codec.pack_into, codec.size
-    for index, value in enumerate(values):
-        pack(buf, index * size, value)
-    return bytes(buf)
 COPY = compile_struct(gnttab_copy, "gnttab_copy")
 QUERY_SIZE = compile_struct(gnttab_query_size, "gnttab_query_size")
 SETUP = compile_struct(gnttab_setup_table, "gnttab_setup_table")
@@ -280,11 +268,10 @@ class GrantTable:
             raise ValueError("map needs at least one grant reference")
         flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
         with trio.CancelScope(shield=True):
-            done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.map_grant_ref,
-                                               _pack_all(MAP, [(0, flags, ref, domid, 0, 0, 0)
-                                                               for ref in refs]), len(refs))
-            outs = _MAP_ALL(done.payload[:len(refs) * MAP.size])
-            self._keep_memory_fds(outs, done.fds)
+            _, outs, fds = await self._hypercalls.call_batch(
+                GNTTAB_OP, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
+                [(0, flags, ref, domid, 0, 0, 0) for ref in refs])
+            self._keep_memory_fds(outs, fds)
             handles = tuple(out.handle for out in outs if out.status == GntStatus.okay)
             if len(handles) < len(outs):
                 if handles:
@@ -317,10 +304,10 @@ class GrantTable:
             await self._unmap_handles(mapping.handles)
 
     async def _unmap_handles(self, handles: Sequence[int]) -> None:
-        payload = _pack_all(UNMAP, [(0, 0, handle, 0) for handle in handles])
-        done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.unmap_grant_ref, payload,
-                                           len(handles))
-        statuses = [out.status for out in _UNMAP_ALL(done.payload[:len(handles) * UNMAP.size])]
+        _, outs, _ = await self._hypercalls.call_batch(
+            GNTTAB_OP, GnttabOp.unmap_grant_ref, gnttab_unmap_grant_ref,
+            [(0, 0, handle, 0) for handle in handles])
+        statuses = [out.status for out in outs]
         if any(statuses):
             raise GrantStatusError("GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles],
                                    statuses)
@@ -352,9 +339,9 @@ class GrantTable:
         """GNTTABOP_copy: the hypervisor copies each element, checking the grants."""
         if not ops:
             return
-        done = await self._hypercalls.call(GNTTAB_OP, GnttabOp.copy,
-                                           b"".join(COPY.pack(op.record()) for op in ops), len(ops))
-        statuses = [COPY.unpack_from(done.payload, i * COPY.size).status for i in range(len(ops))]
+        _, outs, _ = await self._hypercalls.call_batch(GNTTAB_OP, GnttabOp.copy, gnttab_copy,
+                                                       [op.record() for op in ops])
+        statuses = [out.status for out in outs]
         if any(statuses):
             raise GrantStatusError("GNTTABOP_copy", [f"copy {i} ({op.length} bytes)"
                                                      for i, op in enumerate(ops)], statuses)

@@ -16,7 +16,7 @@ wait on an fd at a time.
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import outcome
@@ -41,6 +41,7 @@ __all__ = ["HypercallClient", "HypercallResult"]
 DOMCTL = compile_struct(xen_domctl, "xen_domctl")
 SYSCTL = compile_struct(xen_sysctl, "xen_sysctl")
 _codecs: dict[int, Codec] = {}
+_decoders: dict[int, Callable[[bytes], list[Any]]] = {}  # a layout's batch decoder
 
 
 def codec_for(layout: Any) -> Codec:
@@ -252,14 +253,22 @@ class HypercallClient:
         out = codec.unpack(done.payload[: codec.size]) if done.payload else arg
         return done.result, out, done.fds
 
-    async def call_batch(self, op: int, cmd: int, layout: Any, args: list[Any]
+    async def call_batch(self, op: int, cmd: int, layout: Any, args: Sequence[Any]
                          ) -> tuple[int, list[Any], tuple[int, ...]]:
-        """A batched call (grant-table ops): each struct comes back with its own status."""
+        """A batched call (grant-table ops): the elements (records, or tuples in field
+        order) packed into one buffer; each comes back with its own status, and
+        they are decoded in one pass."""
         codec = codec_for(layout)
-        done = await self.call(op, cmd, b"".join(codec.pack(a) for a in args), len(args))
         size = codec.size
-        outs = [codec.unpack_from(done.payload, i * size) for i in range(len(done.payload) // size)]
-        return done.result, outs, done.fds
+        buf = bytearray(size * len(args))
+        for index, arg in enumerate(args):
+            codec.pack_into(buf, index * size, arg)
+        done = await self.call(op, cmd, bytes(buf), len(args))
+        decode = _decoders.get(id(layout))
+        if decode is None:
+            decode = _decoders[id(layout)] = codec.slots_unpacker(size)
+        count = min(len(args), len(done.payload) // size)
+        return done.result, decode(done.payload[:count * size]), done.fds
 
     async def domctl(self, cmd: int, domain: int, union_layout: Any = None, value: Any = None
                      ) -> tuple[int, Any]:
