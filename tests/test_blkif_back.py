@@ -8,12 +8,14 @@ exactly what the legitimate writes put there.
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from drivers.blkif.protocol import DISCARD, INDIRECT, RW, SEGMENT_ARRAY, segment_words
-from tests.blkif_harness import BACK, PAGE, make_image, serving
+from drivers.blkif.back import DRAINS_IN_FLIGHT
+from tests.blkif_harness import BACK, PAGE, Served, make_image, serving
 from xenlike.abi.blkif import (
     BLKIF_DISCARD_SECURE,
     BLKIF_RSP_EOPNOTSUPP,
@@ -51,6 +53,7 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
     expected = bytearray(original)
     async with serving(path, persistent=persistent, direct=direct) as s:
         assert s.back.disk is not None and s.back.disk.direct is direct
+        disk = s.back.disk = Flushes(s.back.disk)  # type: ignore[assignment]
         front = s.front
         assert s.store.values[f"{BACK}/sectors"] == str(SECTORS)
         assert s.store.values[f"{BACK}/feature-persistent"] == "1"
@@ -79,7 +82,7 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
         assert (rsp.operation, rsp.status) == (WRITE, BLKIF_RSP_OKAY)
         expected[1000 * 512:(1000 + 2048) * 512] = b"".join(bytes(v) for _, v in pages[:256])
         (rsp,) = await front.submit(RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 5, 0))
-        assert rsp.status == BLKIF_RSP_OKAY
+        assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 1  # done before the answer
         (rsp,) = await front.submit(DISCARD.record(BlkifOp.DISCARD, 0, 51712, 6, 2000, 16))
         assert rsp.status == BLKIF_RSP_OKAY
         expected[2000 * 512:2016 * 512] = bytes(16 * 512)
@@ -88,14 +91,18 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
         assert rsp.status == BLKIF_RSP_OKAY
         expected[3000 * 512:3003 * 512] = bytes(3 * 512)
         (rsp,) = await front.submit(RW.record(BlkifOp.WRITE_BARRIER, 0, 51712, 8, 0))
-        assert rsp.status == BLKIF_RSP_OKAY
+        assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 2
+        # A barrier with data: flushed, written, flushed again.
+        (rsp,) = await front.submit(rw(BlkifOp.WRITE_BARRIER, 4000, [(ref_a, 0, 7)], rid=10))
+        assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 4
+        expected[4000 * 512:4008 * 512] = data[:PAGE]
         maps = s.grants.maps
         (rsp,) = await front.submit(rw(READ, 0, [(ref_c, 0, 7)], rid=9))
         assert rsp.status == BLKIF_RSP_OKAY
         # Persistent grants: a gref seen before costs no hypercall.
         assert (s.grants.maps == maps) is persistent
         # Through the page cache nothing waits on a thread; with O_DIRECT all I/O does.
-        assert (s.back.offloaded > 4) is direct  # flush, two discards, barrier: always
+        assert (s.back.offloaded > 5) is direct  # flush, two discards, two barriers: always
     assert path.read_bytes() == bytes(expected)
     assert not s.grants.mapped, "every grant is unmapped once the device disconnects"
 
@@ -111,6 +118,20 @@ async def test_many_requests_in_one_push_are_answered_together(image: tuple[Path
         for i in range(32):
             gfn = s.grants.entries[refs[i]].gfn
             assert bytes(s.grants.page(gfn)) == original[i * PAGE:(i + 1) * PAGE]
+
+
+class Flushes:
+    """A disk that counts its flushes (FLUSH_DISKCACHE and barriers must flush)."""
+
+    def __init__(self, disk: Any) -> None:
+        self.disk, self.flushes = disk, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.disk, name)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.disk.flush()
 
 
 def hostile_requests(front: object) -> list[tuple[str, object, int]]:
@@ -157,12 +178,17 @@ async def test_hostile_requests_are_refused_and_change_nothing(
         for what, request, status in hostile_requests(s.front):
             (rsp,) = await s.front.submit(request._replace(id=77))
             assert (rsp.id, rsp.status) == (77, status), what
-        # All at once in one drain too, each on its own id.
+        # All at once in one drain too, each on its own id, around a good read: a
+        # refused grant fails only the requests that name it.
         batch = [request._replace(id=i) for i, (_, request, _) in
                  enumerate(hostile_requests(s.front))]
+        good_ref, good_page = s.front.page()
+        batch.insert(3, rw(READ, 24, [(good_ref, 0, 7)], rid=len(batch)))
         responses = await s.front.submit(*batch)
-        assert {r.id: r.status for r in responses} == {i: BLKIF_RSP_ERROR
-                                                       for i in range(len(batch))}
+        assert {r.id: r.status for r in responses} == {
+            i: BLKIF_RSP_OKAY if i == len(batch) - 1 else BLKIF_RSP_ERROR
+            for i in range(len(batch))}
+        assert bytes(good_page) == original[24 * 512:32 * 512]
         # The device still works.
         ref, page = s.front.page()
         (rsp,) = await s.front.submit(rw(READ, 8, [(ref, 0, 7)]))
@@ -242,8 +268,8 @@ async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
         s.front.port.notify()
         await trio.sleep(0.05)
         await s.back.disconnect()
-        assert s.back.channel is None
-    assert not s.grants.mapped
+        # By the time disconnect returns, the drain has mapped, written and unmapped.
+        assert (s.grants.maps, s.grants.unmaps, s.grants.mapped) == (1, 1, set())
 
 
 async def test_counters_are_published_for_xenlike_top(image: tuple[Path, bytes]) -> None:
@@ -355,16 +381,7 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
         front = s.front
 
         async def push(*requests: object) -> None:
-            for request in requests:
-                front.ring.put_request(request)
-            front.ring.push_requests()
-            front.port.notify()
-            with trio.fail_after(5):  # consumed before the next push: a drain of its own
-                while back_ring.req_cons != front.ring.req_prod_pvt:
-                    await trio.sleep(0.001)
-
-        assert s.back.channel is not None
-        back_ring = s.back.channel.ring
+            await push_drain(s, *requests)
 
         (ref_a, _), (ref_b, page_b), (ref_c, _) = front.page(), front.page(), front.page()
         s.grants.map_delay = 0.5
@@ -378,3 +395,29 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
             [(2, BLKIF_RSP_OKAY), (1, BLKIF_RSP_OKAY), (3, BLKIF_RSP_OKAY)]
         assert bytes(page_b) == original[8 * 512:16 * 512]
     assert not s.grants.mapped
+
+
+async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(
+        image: tuple[Path, bytes]) -> None:
+    path, _ = image
+    async with serving(path, persistent=False) as s:
+        s.grants.map_delay = 0.3  # every drain sits in its map hypercall meanwhile
+        for rid in range(DRAINS_IN_FLIGHT + 1):
+            ref, _ = s.front.page()
+            await push_drain(s, rw(READ, 8 * rid, [(ref, 0, 7)], rid=rid))
+        assert s.back.stats["oo_req"] == 1  # the last one waited
+        responses = await s.front.responses(DRAINS_IN_FLIGHT + 1)
+        assert all(r.status == BLKIF_RSP_OKAY for r in responses)
+
+
+async def push_drain(s: Served, *requests: object) -> None:
+    """Push `requests` and wait until blkback has taken them: a drain of their own."""
+    front = s.front
+    for request in requests:
+        front.ring.put_request(request)
+    front.ring.push_requests()
+    front.port.notify()
+    assert s.back.channel is not None
+    with trio.fail_after(5):
+        while s.back.channel.ring.req_cons != front.ring.req_prod_pvt:
+            await trio.sleep(0.001)

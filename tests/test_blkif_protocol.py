@@ -1,5 +1,6 @@
 """blkif without I/O: the request union, segment lists, blkfront's buffers, Dom0's disks."""
 
+import fcntl
 import os
 import struct
 from pathlib import Path
@@ -281,7 +282,7 @@ def test_direct_io(tmp_path: Path) -> None:
     try:
         disk.write(8, b"\7" * 4096)  # through an aligned bounce buffer
         assert disk.read(8, 8) == b"\7" * 4096
-        assert disk.direct
+        assert disk.direct and fcntl.fcntl(disk.fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
         disk.close()
     assert path.read_bytes()[4096:8192] == b"\7" * 4096

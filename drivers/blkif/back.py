@@ -46,7 +46,8 @@ What it does is Linux's xen-blkback, in substance and in key names:
   in flight, then flushes, writes and flushes again.
 - Counters with blkback's names (rd_req, wr_req, f_req, ds_req, rd_sect,
   wr_sect, ds_sect, oo_req) go to `statistics/` in the back-end directory
-  once a second while they change, for `xenlike top`.
+  once a second while they change, for `xenlike top`; oo_req counts the
+  drains that had to wait for room (DRAINS_IN_FLIGHT were under way).
 
 The disk itself is the driver domain's hardware, not this package's: the
 kernel hands an opener in `domain.ext["disks"]` (Dom0's is
@@ -112,7 +113,6 @@ STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_s
 _COUNTERS = {READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"),  # kind: what it counts
              FLUSH: ("f_req", "wr_sect"), BARRIER: ("f_req", "wr_sect"),
              DISCARD: ("ds_req", "ds_sect")}
-_MASK32 = 0xFFFFFFFF
 
 
 class BlockDevice(Protocol):
@@ -139,8 +139,9 @@ class _Job:
     """One accepted request on its way through a drain."""
 
     id: int
-    operation: int  # echoed in the response (an indirect request's indirect_op)
-    kind: int  # READ, WRITE, FLUSH_DISKCACHE, WRITE_BARRIER or DISCARD
+    # READ, WRITE, FLUSH_DISKCACHE, WRITE_BARRIER or DISCARD, echoed in the response
+    # (an indirect request's indirect_op)
+    kind: int
     sector: int
     nr_sectors: int = 0
     segments: Segments | None = None
@@ -371,7 +372,6 @@ class BlkBack(Backend):
                             await self._start_drain(nursery, channel, batch)
                         else:
                             await self._drain(channel, batch)
-                        self._count_waiting(channel)
                 except ChannelBroken as exc:
                     broken = f"ring protocol violation: {exc}"
                 finally:
@@ -399,6 +399,8 @@ class BlkBack(Backend):
                 for _ in range(DRAINS_IN_FLIGHT):
                     slots.release()
             return
+        if not slots.value:
+            self.stats["oo_req"] += 1  # as blkback's: requests wait for the back end's room
         await slots.acquire()
 
         async def drain() -> None:
@@ -505,14 +507,7 @@ class BlkBack(Backend):
         self.stats[requests] += 1
         if status == BLKIF_RSP_OKAY:
             self.stats[sectors] += job.nr_sectors
-        return (job.id, job.operation, status)
-
-    def _count_waiting(self, channel: BackChannel) -> None:
-        """oo_req: the ring holds requests, but every slot is taken by one in flight."""
-        ring = channel.ring
-        published = (ring.header()["req_prod"] - ring.req_cons) & _MASK32
-        if published and ring.nr_ents == (ring.req_cons - ring.rsp_prod_pvt) & _MASK32:
-            self.stats["oo_req"] += 1
+        return (job.id, job.kind, status)
 
     async def _publish_statistics(self, scope: trio.CancelScope) -> None:
         with scope:  # the counters of whichever connection is current
@@ -531,7 +526,7 @@ class BlkBack(Backend):
             if (nseg == 0 and op in (READ, WRITE)) or nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
                 raise BadRequest(f"{nseg} segments (a request carries 1.."
                                  f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
-            job = _Job(request.id, op, op, request.sector_number, nr_segments=nseg)
+            job = _Job(request.id, op, request.sector_number, nr_segments=nseg)
             if nseg:
                 job.key = (raw_segments(request), nseg)
                 job.segments = self._segments(*job.key)
@@ -544,7 +539,7 @@ class BlkBack(Backend):
             if not 0 < nseg <= self.max_indirect_segments:
                 raise BadRequest(f"{nseg} indirect segments (feature-max-indirect-segments is "
                                  f"{self.max_indirect_segments})")
-            job = _Job(request.id, indirect_op, indirect_op, request.sector_number,
+            job = _Job(request.id, indirect_op, request.sector_number,
                        nr_segments=nseg,
                        indirect_grefs=tuple(request.indirect_grefs[:indirect_pages(nseg)]))
             self._check_job(job)
@@ -553,7 +548,7 @@ class BlkBack(Backend):
             if not self.discard_enabled:
                 raise Unsupported("feature-discard is not offered")
             secure = bool(request.flag & BLKIF_DISCARD_SECURE)
-            job = _Job(request.id, op, op, request.sector_number, request.nr_sectors,
+            job = _Job(request.id, op, request.sector_number, request.nr_sectors,
                        secure=secure)
             self._check_range(job)
             return job

@@ -305,12 +305,15 @@ def _pages(sectors: int, data: Any) -> int:
     """Pages a request of `sectors` takes from the pool: data (unless it is in a disk
     buffer), then indirect pages."""
     pages = -(-sectors // SECTORS_PER_PAGE)
-    indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-    return indirect if type(data) is tuple else pages + indirect
+    return _indirect(pages) if type(data) is tuple else pages + _indirect(pages)
+
+
+def _indirect(pages: int) -> int:
+    """Indirect pages a request over `pages` data pages needs: none if it is direct."""
+    return indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
 
 
 _rw_request = functools.partial(tuple.__new__, RW.record)  # a blkif_request from a tuple
-_DIRECT_SECTORS = BLKIF_MAX_SEGMENTS_PER_REQUEST * SECTORS_PER_PAGE  # a direct request's most
 # The pool's part of a round of disk buffers without indirect pages: nothing.
 _NO_PAGES = Extent(_Chunk(0, memoryview(b""), bytearray(), [], {}), 0, 0)
 
@@ -369,9 +372,7 @@ class BlkFront(Frontend):
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        pages = self.max_segments + (indirect_pages(self.max_segments)
-                                     if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
-        self.pool.chunk_pages = max(self.pool.chunk_pages, pages)
+        self.pool.chunk_pages = max(self.pool.chunk_pages, _pages(self.max_sectors, None))
 
     @property
     def features(self) -> dict[str, Any]:
@@ -563,10 +564,11 @@ class BlkFront(Frontend):
         error: BlockDeviceError | None = None
         done = 0
         while done < len(items):
-            round_ = await self._round(op, items[done:] if done else items)
+            rest = items[done:] if done else items
+            round_ = await self._round(op, rest)
             try:
                 for (sector, count, buffer), data, response in \
-                        zip(items[done:], round_.data, round_.responses):
+                        zip(rest, round_.data, round_.responses):
                     if response.status != BLKIF_RSP_OKAY or response.operation != op:
                         error = error or self._failure(response, op, sector, count)
                     elif op == READ and data is not None:  # None: read into a disk buffer
@@ -588,8 +590,7 @@ class BlkFront(Frontend):
         has. The caller gives the pages back (`_give_back`)."""
         pool = self.pool
         round_ = _Round()
-        sizes = [0 if count <= _DIRECT_SECTORS and type(data) is tuple else _pages(count, data)
-                 for _, count, data in items]  # a disk buffer's direct request takes none
+        sizes = [_pages(count, data) for _, count, data in items]
         total = sum(sizes)
         whole = pool.take_nowait(total, past_max=False) if total else _NO_PAGES
         try:
@@ -668,7 +669,7 @@ class BlkFront(Frontend):
         indirect one lists its segments in the pages at `indirect`."""
         pool = self.pool
         pages = -(-count // SECTORS_PER_PAGE)
-        nr_indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        nr_indirect = _indirect(pages)
         if self.feature_persistent:
             if count == pages * SECTORS_PER_PAGE:
                 words = pool.full_pages_segments(extent, first, pages)

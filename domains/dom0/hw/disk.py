@@ -113,10 +113,6 @@ class Disk:
             os.close(fd)
             raise
 
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
