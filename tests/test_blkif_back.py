@@ -266,7 +266,9 @@ async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
         s.front.ring.put_request(rw(WRITE, 0, [(ref, 0, 7)]))
         s.front.ring.push_requests()
         s.front.port.notify()
-        await trio.sleep(0.05)
+        with trio.fail_after(5):
+            while not s.grants.maps:  # the drain is in its map hypercall
+                await trio.sleep(0.001)
         await s.back.disconnect()
         # By the time disconnect returns, the drain has mapped, written and unmapped.
         assert (s.grants.maps, s.grants.unmaps, s.grants.mapped) == (1, 1, set())
@@ -384,7 +386,7 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
             await push_drain(s, *requests)
 
         (ref_a, _), (ref_b, page_b), (ref_c, _) = front.page(), front.page(), front.page()
-        s.grants.map_delay = 0.5
+        s.grants.map_delay = 1.0
         await push(rw(READ, 0, [(ref_a, 0, 7)], rid=1))  # sits in its map hypercall
         s.grants.map_delay = 0
         await push(rw(READ, 8, [(ref_b, 0, 7)], rid=2))
@@ -401,7 +403,7 @@ async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(
         image: tuple[Path, bytes]) -> None:
     path, _ = image
     async with serving(path, persistent=False) as s:
-        s.grants.map_delay = 0.3  # every drain sits in its map hypercall meanwhile
+        s.grants.map_delay = 1.0  # every drain sits in its map hypercall meanwhile
         for rid in range(DRAINS_IN_FLIGHT + 1):
             ref, _ = s.front.page()
             await push_drain(s, rw(READ, 8 * rid, [(ref, 0, 7)], rid=rid))
