@@ -411,3 +411,13 @@ async def test_static_grants_through_the_control_ring(nursery: trio.Nursery) -> 
     mappings = list(guest.vif._mappings)
     await guest.vif.close()
     assert len(mappings) == 2 and all(mapping.unmapped for mapping in mappings)
+
+
+async def test_a_refused_rx_copy_is_an_error_not_a_packet(guest: Guest) -> None:
+    guest.post_rx([FIRST_REF, 9999, FIRST_REF + 1])  # 9999: never granted
+    for size in (100, 200, 300):
+        guest.vif.deliver(guest.frame(size), 0, guest.sink)
+    responses = await guest.receive(3)
+    assert [status for *_, status in responses] == [100, NETIF_RSP_ERROR, 300]
+    stats = guest.vif.stats
+    assert (stats["rx_packets"], stats["rx_bytes"], stats["rx_errors"]) == (2, 400, 1)

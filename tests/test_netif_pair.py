@@ -139,3 +139,13 @@ async def test_a_back_end_breaking_the_ring_fails_the_device_not_the_guest(
     with trio.fail_after(5):
         await collecting.wait()
     assert len(fatal) == 1 and "ring protocol violation" in fatal[0]
+
+
+async def test_a_frame_over_the_mtu_is_refused_before_it_reaches_the_ring(pair: Pair) -> None:
+    pair.front.mtu, pair.front.sg = 1500, False  # one page per frame at most
+    produced = pair.front._tx.req_prod_pvt  # type: ignore[union-attr]
+    for size in (pair.front.max_frame + 1, 2 * PAGE):  # in one slot, and over several
+        with pytest.raises(ValueError, match="over this vif's limit"):
+            pair.front.transmit_nowait(pair.frame(size))
+    assert pair.front._tx.req_prod_pvt == produced  # type: ignore[union-attr]
+    assert pair.front.transmit_nowait(pair.frame(pair.front.max_frame))

@@ -625,13 +625,29 @@ class Vif:
                     responses.append((rid, 0, (flags if start == 0 else 0) | more, len(chunk)))
             if copies:
                 await self._copy_out(copies, responses)
-            packets = sum(1 for response in responses if not response[2] & NETRXF_more_data)
-            self.stats["rx_packets"] += packets
-            self.stats["rx_bytes"] += sum(response[3] for response in responses)
+            self._count_received(responses)
             rx.put_responses(responses)
             if rx.push_responses():
                 self._port.notify()
             await trio.lowlevel.checkpoint()
+
+    def _count_received(self, responses: list[tuple[int, int, int, int]]) -> None:
+        """rx_packets and rx_bytes of what reached the guest: a packet with a slot whose
+        copy was refused (already an rx_error) counts for neither."""
+        packets = received = pending = 0
+        failed = False
+        for _, _, flags, size in responses:
+            if size < 0:
+                failed = True
+            else:
+                pending += size
+            if not flags & NETRXF_more_data:  # the packet's last slot
+                if not failed:
+                    packets += 1
+                    received += pending
+                pending, failed = 0, False
+        self.stats["rx_packets"] += packets
+        self.stats["rx_bytes"] += received
 
     async def _copy_out(self, copies: list[tuple[int, int, bytes]],
                         responses: list[tuple[int, int, int, int]]) -> None:

@@ -37,7 +37,6 @@ from xenlike.abi.netif import (
     XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
     XEN_NETIF_CTRLF_GREF_readonly,
     XEN_NETIF_MAX_TX_SIZE,
-    XEN_NETIF_NR_SLOTS_MIN,
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import FrontRing
@@ -142,8 +141,11 @@ class Netfront(Frontend):
         tx = self._tx
         if tx is None or not self.connected_now:
             return False
-        self._collect_tx()
         length = len(frame)
+        limit = min(self.max_frame, XEN_NETIF_MAX_TX_SIZE)
+        if length > limit:
+            raise ValueError(f"a {length}-byte frame is over this vif's limit of {limit} bytes")
+        self._collect_tx()
         if length <= XEN_PAGE_SIZE:
             free = self._tx_free
             if not free:
@@ -163,13 +165,7 @@ class Netfront(Frontend):
     def _transmit_fragments(self, frame: bytes, flags: int) -> bool:
         """A frame over one page: one slot per page, chained with NETTXF_more_data."""
         length = len(frame)
-        if length > min(self.max_frame, XEN_NETIF_MAX_TX_SIZE):
-            raise ValueError(f"a {length}-byte frame is over this vif's limit of "
-                             f"{min(self.max_frame, XEN_NETIF_MAX_TX_SIZE)} bytes")
-        slots = -(-length // XEN_PAGE_SIZE)
-        if slots > XEN_NETIF_NR_SLOTS_MIN:
-            raise ValueError(f"a {length}-byte frame needs {slots} slots, over "
-                             f"XEN_NETIF_NR_SLOTS_MIN")
+        slots = -(-length // XEN_PAGE_SIZE)  # <= 16 (64 KiB), under XEN_NETIF_NR_SLOTS_MIN
         if len(self._tx_free) < slots:
             return False
         for number, start in enumerate(range(0, length, XEN_PAGE_SIZE)):

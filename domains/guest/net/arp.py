@@ -52,11 +52,6 @@ class ArpCache:
             self._entries[ip] = (mac, time.monotonic() + REACHABLE_TIME)
             waiting.set()
 
-    def entries(self) -> dict[bytes, bytes]:
-        """The live entries, for `ip neigh`-like displays."""
-        now = time.monotonic()
-        return {ip: mac for ip, (mac, expiry) in self._entries.items() if expiry >= now}
-
     async def resolve(self, ip: bytes) -> bytes:
         """The MAC of `ip`, asking the segment when it is not known."""
         for _ in range(RETRIES):
