@@ -12,7 +12,7 @@ from typing import Any
 
 from xenlike.abi.xenbus import XenbusState as S
 from xenlike.rundir import RunDir
-from xenlike.xenstore import XenStoreError, open_client
+from xenlike.xenstore import open_client
 
 __all__ = ["describe_devices", "waiting_for"]
 
@@ -44,20 +44,6 @@ def waiting_for(device_type: str, front: S | None, back: S | None) -> str | None
     return f"front end {front.name if front else '-'}, back end {back.name}"
 
 
-async def _read(xs: Any, path: str) -> str | None:
-    try:
-        return (await xs.read(path)).decode()
-    except XenStoreError:
-        return None
-
-
-async def _ls(xs: Any, path: str) -> list[str]:
-    try:
-        return await xs.ls(path)
-    except XenStoreError:
-        return []
-
-
 def _state(text: str | None) -> S | None:
     try:
         return S(int(text)) if text is not None else None
@@ -69,27 +55,28 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
     """Every device of every guest (or of `name`), from XenStore."""
     report = []
     async with open_client(run_dir.xenstored_socket) as xs:
-        for domid in await _ls(xs, "/local/domain"):
-            domain_name = await _read(xs, f"/local/domain/{domid}/name") or f"d{domid}"
+        for domid in await xs.ls_optional("/local/domain"):
+            domain_name = await xs.read_optional(f"/local/domain/{domid}/name") or f"d{domid}"
             if domid == "0" or (name is not None and domain_name != name):
                 continue
             home = f"/local/domain/{domid}/device"
-            for device_type in await _ls(xs, home):
-                for devid in await _ls(xs, f"{home}/{device_type}"):
+            for device_type in await xs.ls_optional(home):
+                for devid in await xs.ls_optional(f"{home}/{device_type}"):
                     front = f"{home}/{device_type}/{devid}"
-                    back = await _read(xs, f"{front}/backend")
-                    front_state = _state(await _read(xs, f"{front}/state"))
-                    back_state = _state(await _read(xs, f"{back}/state")) if back else None
+                    back = await xs.read_optional(f"{front}/backend")
+                    front_state = _state(await xs.read_optional(f"{front}/state"))
+                    back_state = _state(await xs.read_optional(f"{back}/state")) if back else None
                     features = {}
                     for side, path in (("backend", back), ("frontend", front)):
                         if path is None:
                             continue
-                        for key in await _ls(xs, path):
+                        for key in await xs.ls_optional(path):
                             if key.startswith(_FEATURE_PREFIXES):
-                                features[f"{side}/{key}"] = await _read(xs, f"{path}/{key}")
-                    errors = [e for e in [await _read(xs, f"{front}/error"),
-                                          await _read(xs, f"{back}/error") if back else None] if e]
-                    backend_id = await _read(xs, f"{front}/backend-id")
+                                features[f"{side}/{key}"] = await xs.read_optional(f"{path}/{key}")
+                    errors = [e for e in [await xs.read_optional(f"{front}/error"),
+                                          await xs.read_optional(f"{back}/error") if back
+                                          else None] if e]
+                    backend_id = await xs.read_optional(f"{front}/backend-id")
                     report.append({
                         "domain": domain_name, "domid": int(domid), "type": device_type,
                         "devid": devid, "frontend": front, "backend": back,

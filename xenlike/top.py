@@ -53,7 +53,6 @@ from xenlike.session import NotRunning, find_run_dir
 from xenlike.trace import LostRecords, TraceReader
 from xenlike.trace.events import is_event
 from xenlike.trace.live import run_until_interrupted
-from xenlike.xenstore import XenStoreError
 
 __all__ = ["VBD_KEYS", "VIF_KEYS", "TopSampler", "format_frame", "open_sampler", "rows",
            "state_letters", "top"]
@@ -131,36 +130,25 @@ class TopSampler:
         names = {}
         devices = {}
         for domid in infos:
-            names[domid] = await self._read(f"/local/domain/{domid}/name") or f"d{domid}"
+            name = await self._xs.read_optional(f"/local/domain/{domid}/name")
+            names[domid] = name or f"d{domid}"
             devices[domid] = await self._device_counters(domid)
         return Sample(time.monotonic(), physinfo.total_pages, infos, names,
                       dict(self._hypercalls), dict(self._sends), devices)
-
-    async def _read(self, path: str) -> str | None:
-        try:
-            return (await self._xs.read(path)).decode()
-        except XenStoreError:
-            return None
-
-    async def _ls(self, path: str) -> list[str]:
-        try:
-            return await self._xs.ls(path)
-        except XenStoreError:
-            return []
 
     async def _device_counters(self, domid: int) -> dict[str, int]:
         totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
         for device_type, keys in (("vbd", VBD_KEYS), ("vif", VIF_KEYS)):
             home = f"/local/domain/{domid}/device/{device_type}"
-            for devid in await self._ls(home):
-                backend = await self._read(f"{home}/{devid}/backend")
+            devids = await self._xs.ls_optional(home)
+            totals[f"{device_type}s"] = len(devids)
+            for devid in devids:
+                backend = await self._xs.read_optional(f"{home}/{devid}/backend")
                 if backend is None:
                     continue
                 for key in keys:
-                    value = await self._read(f"{backend}/statistics/{key}")
+                    value = await self._xs.read_optional(f"{backend}/statistics/{key}")
                     totals[key] += int(value) if value and value.isdigit() else 0
-        totals["vbds"] = len(await self._ls(f"/local/domain/{domid}/device/vbd"))
-        totals["vifs"] = len(await self._ls(f"/local/domain/{domid}/device/vif"))
         return totals
 
 

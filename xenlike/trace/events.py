@@ -49,6 +49,7 @@ from xenlike.trace._layout import BUFFER_RECORDS_OFFSET, RECORD, TRACE_RECORD_SI
 from xenlike.xenstore.wire import XenStoreError
 
 __all__ = [
+    "EVENT_CMDS",
     "RING_TRACE_KEY",
     "XENLIKE_TRACE_OP_BASE",
     "DeviceTrace",
@@ -111,8 +112,8 @@ _ARGUMENTS: dict[tuple[int, int], tuple[str, ...]] = {
     (XenlikeOp.ring, RingEvent.final_check_responses): ("port", "cons", "more"),
     (XenlikeOp.evtchn, EvtchnEvent.peer): ("port", "remote_dom", "remote_port", "status"),
 }
-_CMDS: dict[int, type[IntEnum]] = {XenlikeOp.xenbus: XenbusEvent, XenlikeOp.ring: RingEvent,
-                                   XenlikeOp.evtchn: EvtchnEvent}
+EVENT_CMDS: dict[int, type[IntEnum]] = {  # each event op's sub-ops
+    XenlikeOp.xenbus: XenbusEvent, XenlikeOp.ring: RingEvent, XenlikeOp.evtchn: EvtchnEvent}
 
 
 def is_event(op: int) -> bool:
@@ -122,9 +123,9 @@ def is_event(op: int) -> bool:
 
 def describe_event(op: int, cmd: int) -> tuple[str, str, tuple[str, ...]] | None:
     """(op name, sub-op name, argument names) of a xenlike event, None for anything else."""
-    if op not in _CMDS:
+    if op not in EVENT_CMDS:
         return None
-    cmds = _CMDS[op]
+    cmds = EVENT_CMDS[op]
     cmd_name = cmds(cmd).name if cmd in cmds._value2member_map_ else str(cmd)
     return XenlikeOp(op).name, cmd_name, _ARGUMENTS.get((op, cmd), ())
 
@@ -152,7 +153,6 @@ class EventRecorder:
         self._words = buffer._words
         self._prods = buffer._prods
         self._mapping = buffer._mapping
-        self._pack = RECORD.format.pack_into
 
     def record(self, op: int, cmd: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0,
                count: int = 0, result: int = 0, duration_ns: int = 0,
@@ -160,14 +160,8 @@ class EventRecorder:
         """One event, if a reader is attached; stamped now unless `time_ns` says when."""
         if not self._words[_ENABLED]:
             return
-        buffer = self.buffer
-        index = buffer._next
-        self._pack(self._mapping,
-                   BUFFER_RECORDS_OFFSET + index % buffer.nr_records * TRACE_RECORD_SIZE,
-                   time.monotonic_ns() if time_ns is None else time_ns, result, duration_ns,
-                   a0, a1, a2, a3, count, op, cmd, self.domid, 0)
-        buffer._next = index + 1
-        self._prods[_PROD] = index + 1
+        self.buffer.write(time.monotonic_ns() if time_ns is None else time_ns, result,
+                          duration_ns, a0, a1, a2, a3, count, op, cmd, self.domid, 0)
 
     def ring(self, cmd: int, a0: int, a1: int, a2: int, a3: int = 0) -> None:
         """A ring event, stamped now: `record` without the keywords, for the data path."""

@@ -64,6 +64,7 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
     latencies: dict[tuple[int, str], list[int]] = defaultdict(list)
     counts: Counter[tuple[int, str]] = Counter()
     failures: Counter[tuple[int, str, str]] = Counter()
+    failed: Counter[tuple[int, str]] = Counter()
     for record in calls:
         key = (record.domid, record.name)
         counts[key] += 1
@@ -71,11 +72,11 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
             latencies[key].append(record.duration_ns)
         if record.result < 0:
             failures[(record.domid, record.name, record.error or str(record.result))] += 1
+            failed[key] += 1
     hypercalls = []
     for (domid, name), count in sorted(counts.items()):
         row: dict[str, Any] = {"domid": domid, "name": name, "count": count,
-                               "failures": sum(n for (d, c, _), n in failures.items()
-                                               if (d, c) == (domid, name))}
+                               "failures": failed[(domid, name)]}
         durations = sorted(latencies.get((domid, name), []))
         if durations:
             row.update(p50_us=_us(percentile(durations, 0.5)),

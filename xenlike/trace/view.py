@@ -19,6 +19,7 @@ from xenlike.abi.xen import Hypercall
 from xenlike.abi.xenbus import XenbusState
 from xenlike.trace._record import LostRecords, TraceEvent, TraceRecord
 from xenlike.trace.events import (
+    EVENT_CMDS,
     EvtchnEvent,
     RingEvent,
     XenbusEvent,
@@ -54,8 +55,7 @@ def _op_names() -> dict[str, int]:
 def _cmd_names(op: int) -> dict[str, int]:
     """The sub-ops the hypercall table (or xenlike's events) knows for `op`."""
     if is_event(op):
-        cmds = {XenlikeOp.xenbus: XenbusEvent, XenlikeOp.ring: RingEvent,
-                XenlikeOp.evtchn: EvtchnEvent}.get(op)
+        cmds = EVENT_CMDS.get(op)
         return {c.name: int(c) for c in cmds} if cmds else {}
     import xenlike.hypervisor  # noqa: F401  (registers every handler)
     from xenlike.hypervisor.table import HYPERCALLS

@@ -32,22 +32,6 @@ class _Bus:
         self._scopes: dict[str, trio.CancelScope] = {}
         self.changed = trio.Event()
 
-    async def _ls(self, path: str) -> list[str]:
-        try:
-            return await self.ctx.xs.ls(path)
-        except XenStoreError as exc:
-            if exc.name == "ENOENT":
-                return []
-            raise
-
-    async def _read(self, path: str) -> str | None:
-        try:
-            return (await self.ctx.xs.read(path)).decode()
-        except XenStoreError as exc:
-            if exc.name == "ENOENT":
-                return None
-            raise
-
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Probe now and whenever the tree changes, until cancelled."""
         root = f"{self.home}/{self.side}"
@@ -107,11 +91,11 @@ class FrontendBus(_Bus):
 
     async def _scan(self) -> list[DeviceInfo]:
         found = []
-        for device_type in await self._ls(f"{self.home}/device"):
-            for devid in await self._ls(f"{self.home}/device/{device_type}"):
+        for device_type in await self.ctx.xs.ls_optional(f"{self.home}/device"):
+            for devid in await self.ctx.xs.ls_optional(f"{self.home}/device/{device_type}"):
                 nodename = f"{self.home}/device/{device_type}/{devid}"
-                backend = await self._read(f"{nodename}/backend")
-                backend_id = await self._read(f"{nodename}/backend-id")
+                backend = await self.ctx.xs.read_optional(f"{nodename}/backend")
+                backend_id = await self.ctx.xs.read_optional(f"{nodename}/backend-id")
                 if backend is None or backend_id is None or not devid.isdigit():
                     continue  # the toolstack has not finished writing it
                 found.append(DeviceInfo(device_type, int(devid), nodename, backend,
@@ -130,11 +114,12 @@ class BackendBus(_Bus):
 
     async def _scan(self) -> list[DeviceInfo]:
         found = []
-        for device_type in await self._ls(f"{self.home}/backend"):
-            for domid in await self._ls(f"{self.home}/backend/{device_type}"):
-                for devid in await self._ls(f"{self.home}/backend/{device_type}/{domid}"):
+        ls = self.ctx.xs.ls_optional
+        for device_type in await ls(f"{self.home}/backend"):
+            for domid in await ls(f"{self.home}/backend/{device_type}"):
+                for devid in await ls(f"{self.home}/backend/{device_type}/{domid}"):
                     nodename = f"{self.home}/backend/{device_type}/{domid}/{devid}"
-                    frontend = await self._read(f"{nodename}/frontend")
+                    frontend = await self.ctx.xs.read_optional(f"{nodename}/frontend")
                     if frontend is None or not domid.isdigit() or not devid.isdigit():
                         continue
                     found.append(DeviceInfo(device_type, int(devid), nodename, frontend,

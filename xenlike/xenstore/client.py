@@ -160,6 +160,24 @@ class _Operations:
     async def read(self, path: str) -> bytes:
         return await self._call(XS_READ, _arg(path))
 
+    async def read_optional(self, path: str) -> str | None:
+        """A node's value as text, or None when there is no such node."""
+        try:
+            return (await self.read(path)).decode()
+        except XenStoreError as exc:
+            if exc.name == "ENOENT":
+                return None
+            raise
+
+    async def ls_optional(self, path: str) -> list[str]:
+        """A node's children, or none when there is no such node."""
+        try:
+            return await self.ls(path)
+        except XenStoreError as exc:
+            if exc.name == "ENOENT":
+                return []
+            raise
+
     async def write(self, path: str, value: bytes | str) -> None:
         if isinstance(value, str):
             value = value.encode()
