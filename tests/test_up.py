@@ -226,3 +226,20 @@ def test_create_shutdown_destroy(run_dir: Path, tmp_path: Path) -> None:
     missing = xenlike("destroy", "nobody", run_dir=run_dir, check=False)
     assert missing.returncode == 1 and "no domain named 'nobody'" in missing.stderr
     xenlike("down", run_dir=run_dir)
+
+
+def test_a_guest_that_is_killed_is_reaped_with_its_devices(tmp_path: Path) -> None:
+    """Topology.kill: SIGKILL, as a crash ends a guest. The hypervisor reaps it, the
+    toolstack removes its devices and XenStore home, and the other guest stays."""
+    from xenlike.testing import Topology, wait_for
+
+    with Topology(None, tmp_path) as topo:
+        beta = topo.domid("beta")
+        assert {d["domain"] for d in topo.devices()} == {"alpha", "beta"}
+        topo.kill("beta")
+        wait_for(lambda: "beta" not in {d["name"] for d in topo.domains()}, 20, "beta reaped")
+        wait_for(lambda: {d["domain"] for d in topo.devices()} == {"alpha"}, 20,
+                 "beta's devices removed")
+        assert topo.xenlike("xenstore", "read", f"/local/domain/{beta}/name",
+                            check=False).returncode != 0  # its home is gone
+        assert all(d["frontend_state"] == "Connected" for d in topo.devices("alpha"))

@@ -169,6 +169,10 @@ class FrontChannel:
         self._room.unpark_all()  # callers waiting for room see _broken
         return orphans
 
+    def release(self) -> None:
+        """Drop the ring's views of the shared pages, so they can be unmapped or freed."""
+        self.ring.release()
+
     async def adopt(self, orphans: list[Any]) -> None:
         """Resubmit requests left in flight by an earlier channel; their callers keep waiting."""
         await self._submit(orphans)
@@ -233,6 +237,10 @@ class BackChannel:
         if notify:
             self.notifies += 1
             self.port.notify()
+
+    def release(self) -> None:
+        """Drop the ring's views of the shared pages, so they can be unmapped or freed."""
+        self.ring.release()
 
     @property
     def notify_ratio(self) -> float:

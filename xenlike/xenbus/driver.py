@@ -217,7 +217,7 @@ class XenbusDriver:
         Either end may do it: the device passes through Closing and Closed,
         then this end starts over from Initialising and the peer follows.
         A front end's requests in flight are resubmitted on the new ring
-        (with `resubmit`).
+        (with `resubmit`). A reconnect asked for while one is under way joins it.
         """
         self._restart = True
         await self.switch_state(XenbusState.Closing)
@@ -428,9 +428,7 @@ class Backend(XenbusDriver):
                 # out of them first, not just told to leave.
                 with trio.CancelScope(shield=True):
                     await self._served.wait()
-        if isinstance(self.channel, BackChannel):
-            self.channel.ring.release()
-        elif self.channel is not None:
+        if self.channel is not None:
             self.channel.release()
         self.channel = None
         await self._close_ports()
@@ -581,8 +579,7 @@ class Frontend(XenbusDriver):
                 self._orphans.extend(orphans)
             else:
                 fail_orphans(orphans, Disconnected(f"{self.device.nodename} disconnected"))
-            self.channel.ring.release()
-        elif self.channel is not None:
+        if self.channel is not None:
             self.channel.release()
         self.channel = None
         await self._close_ports()
