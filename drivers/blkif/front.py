@@ -305,7 +305,8 @@ def _pages(sectors: int, data: Any) -> int:
     """Pages a request of `sectors` takes from the pool: data (unless it is in a disk
     buffer), then indirect pages."""
     pages = -(-sectors // SECTORS_PER_PAGE)
-    return _indirect(pages) if type(data) is tuple else pages + _indirect(pages)
+    indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0  # inline:
+    return indirect if type(data) is tuple else pages + indirect  # once per request
 
 
 def _indirect(pages: int) -> int:
