@@ -330,10 +330,15 @@ def page_text(page: memoryview) -> str:
 
 async def granter(domain: Domain) -> None:
     """Grants `pages` pages to `peer` (read-only with readonly=1), each saying whose
-    page it is; actions: `end` (end access to every grant not yet ended), `read`."""
+    page it is, and keeps a secret in the page after them; actions: `end` (end
+    access to every grant not yet ended), `read`, `rewrite` (new text in every
+    granted page)."""
     p = params(domain)
     peer, readonly = int(p["peer"]), p.get("readonly") == "1"
-    gfns = [domain.allocator.allocate() for _ in range(int(p["pages"]))]
+    gfns = [domain.allocator.allocate_run(int(p["pages"]) + 1) + i
+            for i in range(int(p["pages"]))]
+    with domain.memory.frame(gfns[-1] + 1) as page:
+        page[:32] = f"secret of d{domain.domid}".encode().ljust(32, b".")
     for index, gfn in enumerate(gfns):
         with domain.memory.frame(gfn) as page:
             page[:32] = f"d{domain.domid} page {index}".encode().ljust(32, b".")
@@ -360,7 +365,13 @@ async def granter(domain: Domain) -> None:
                 texts.append(page_text(page))
         return " | ".join(texts)
 
-    await run_script(domain, {"end": end, "read": read})
+    async def rewrite() -> str:
+        for index, gfn in enumerate(gfns):
+            with domain.memory.frame(gfn) as page:
+                page[:32] = f"d{domain.domid} page {index} rewritten".encode().ljust(32, b".")
+        return "ok"
+
+    await run_script(domain, {"end": end, "read": read, "rewrite": rewrite})
 
 
 async def mapper(domain: Domain) -> None:
@@ -391,6 +402,85 @@ async def mapper(domain: Domain) -> None:
         return "ok"
 
     await run_script(domain, {"map": map_, "write": write, "read": read, "unmap": unmap})
+
+
+async def grant_thief(domain: Domain) -> None:
+    """A hostile mapper of `refs` of `peer`: maps them with raw hypercalls and keeps
+    every file the hypervisor hands it, to reach more than it was granted.
+
+    Actions: `steal` (map, then try everything on the files), `unmap` (the
+    hypercall only: the files and their mmaps stay), `peek` (read through what
+    it kept), `scribble` (write through what it kept).
+    """
+    import errno as _errno
+    import mmap as _mmap
+
+    from xenlike.abi.grant_table import (
+        GNTMAP_host_map,
+        GNTMAP_readonly,
+        GnttabOp,
+        gnttab_map_grant_ref,
+        gnttab_unmap_grant_ref,
+    )
+
+    p = params(domain)
+    peer, readonly = int(p["peer"]), p.get("readonly") == "1"
+    refs = [int(ref) for ref in p["refs"].split(",")]
+    flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
+    kept: list[tuple[int, _mmap.mmap]] = []
+    handles: list[int] = []
+
+    def attempt(action: Callable[[], Any]) -> str:
+        try:
+            action()
+        except OSError as exc:
+            return _errno.errorcode.get(exc.errno, str(exc.errno))
+        return "allowed"
+
+    def peer_memfds() -> list[int]:
+        """Every fd of ours on the peer's memory or its frames."""
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                continue
+            if target.startswith(f"/memfd:xenlike-d{peer}"):
+                found.append(int(name))
+        return found
+
+    async def steal() -> str:
+        _, outs, fds = await domain.hypercalls.call_batch(
+            Hypercall.grant_table_op, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
+            [(0, flags, ref, peer, 0, 0, 0) for ref in refs])
+        handles.extend(out.handle for out in outs)
+        sizes = sorted({os.fstat(fd).st_size for fd in peer_memfds()})
+        fd = fds[0]
+        writable_map = attempt(lambda: _mmap.mmap(fd, 4096, _mmap.MAP_SHARED,
+                                                  _mmap.PROT_READ | _mmap.PROT_WRITE).close())
+        pwrite = attempt(lambda: os.pwrite(fd, b"stolen", 0))
+        beyond = len(os.pread(fd, 4096, 4096))  # bytes of the granter past the page
+        for fd in fds:
+            kept.append((fd, _mmap.mmap(fd, 4096, _mmap.MAP_SHARED, _mmap.PROT_READ)))
+        return (f"files={len(fds)} sizes={sizes} writable_map={writable_map} pwrite={pwrite} "
+                f"beyond={beyond} page={page_text(memoryview(kept[0][1]))}")
+
+    async def unmap() -> str:
+        _, outs, _ = await domain.hypercalls.call_batch(
+            Hypercall.grant_table_op, GnttabOp.unmap_grant_ref, gnttab_unmap_grant_ref,
+            [(0, 0, handle, 0) for handle in handles])
+        return ",".join(str(out.status) for out in outs)
+
+    async def peek() -> str:
+        return " | ".join(f"{page_text(memoryview(mapping))} / "
+                          f"{os.pread(fd, 32, 0).rstrip(b'.').decode()}" for fd, mapping in kept)
+
+    async def scribble() -> str:
+        return " | ".join(attempt(lambda fd=fd: os.pwrite(fd, b"scribbled".ljust(32, b"."), 0))
+                          for fd, _ in kept)
+
+    await run_script(domain, {"steal": steal, "unmap": unmap, "peek": peek,
+                              "scribble": scribble})
 
 
 async def store_vandal(domain: Domain) -> None:

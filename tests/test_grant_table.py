@@ -58,7 +58,8 @@ from xenlike.hypercall import MAX_FDS, HypercallError
 from xenlike.hypervisor import Domain, Hypervisor
 from xenlike.hypervisor import grant_table as hypervisor_grant_table
 from xenlike.hypervisor.grant_table import MAX_BATCH, PIN_LIMIT
-from xenlike.memory import BadFrame, DomainMemory, MemoryInUse, machine_address
+from xenlike.domain.runtime import attach_memory
+from xenlike.memory import XEN_PAGE_SIZE, BadFrame, DomainMemory, MemoryInUse, machine_address
 from xenlike.xc import XenControl
 
 GNTTAB_OP = Hypercall.grant_table_op
@@ -175,10 +176,10 @@ async def guest(hv: Hypervisor, connect: DomainConnector):
         domain = hv.domains[0] if domid == 0 else hv.create_domain(domid=domid)
         domain.max_pages = 256
         hv.build_domain(domain, "tests.kernels:sleeper")
-        memory = DomainMemory.attach(os.dup(domain.memory.fd), domain.nr_pages)
+        frames = domain.frames.domain_end
+        memory = attach_memory(os.dup(domain.memory.fd), domain.nr_pages, frames)
         hypercalls = await connect(domain)
-        grants = GrantTable(memory, domain.layout, hypercalls)
-        hypercalls.on_notification = grants.handle_notification
+        grants = GrantTable(memory, domain.layout, hypercalls, frames, f"xenlike-d{domain.domid}")
         return Guest(domain, hypercalls, memory, grants)
 
     return make
@@ -359,53 +360,58 @@ async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
     outs, fds = await raw_map(b.hypercalls, ops)
     assert [out.status for out in outs] == [S.okay, S.general_error, S.general_error, S.okay,
                                             S.bad_gntref, S.bad_domain]
-    assert len(fds) == 1  # the granter's memory, with its first map
+    assert len(fds) == 2  # each good element's page, in order
     region = hv.domains[a.domid].ext["grants"].region
     assert [outs[0].dev_bus_addr, outs[3].dev_bus_addr] == [machine_address(region, a.page(0)),
                                                             machine_address(region, a.page(1))]
     assert entry(hv, a.domid, ro).flags == GTF_permit_access | GTF_readonly
     assert len(hv.domains[b.domid].ext["maptrack"].entries) == 2
-    view = memoryview(mmap.mmap(fds[0], a.domain.nr_pages * 4096))
-    assert bytes(view[a.page(1) * 4096:][:8]) == b"page one"
+    view = memoryview(mmap.mmap(fds[1], 4096))
+    assert bytes(view[:8]) == b"page one"
     view.release()
-    os.close(fds[0])
+    close_all(fds)
     assert await raw_unmap(b.hypercalls, [outs[0].handle, outs[3].handle]) == [S.okay, S.okay]
     for ref in good:
         a.grants.end_access(ref)
 
 
-async def test_a_granter_memory_fd_comes_once_per_connection(hv: Hypervisor, guest,
-                                                             connect: DomainConnector) -> None:
+async def test_each_mapped_page_comes_as_a_file_of_its_own(hv: Hypervisor, guest,
+                                                           connect: DomainConnector) -> None:
+    """One file per element, whatever the socket: the page, and nothing else of the granter."""
     a, b = await guest(), await guest()
     ref = a.grants.grant_access(b.domid, a.page(0))
     first, fds = await raw_map(b.hypercalls, [map_op(a.domid, ref), map_op(a.domid, ref)])
-    assert len(fds) == 1
+    assert len(fds) == 2 and all(os.fstat(fd).st_size == XEN_PAGE_SIZE for fd in fds)
+    assert os.path.samestat(os.fstat(fds[0]), os.fstat(fds[1]))
     close_all(fds)
-    again, fds = await raw_map(b.hypercalls, [map_op(a.domid, ref)])
-    assert fds == ()
     other_socket = await connect(b.domain)
-    third, fds = await raw_map(other_socket, [map_op(a.domid, ref)])
+    again, fds = await raw_map(other_socket, [map_op(a.domid, ref)])
     assert len(fds) == 1
     close_all(fds)
-    handles = [first[0].handle, first[1].handle, again[0].handle, third[0].handle]
-    assert len(set(handles)) == 4  # one maptrack per domain, whatever the socket
-    assert await raw_unmap(b.hypercalls, handles) == [S.okay] * 4
+    handles = [first[0].handle, first[1].handle, again[0].handle]
+    assert len(set(handles)) == 3  # one maptrack per domain, whatever the socket
+    assert await raw_unmap(b.hypercalls, handles) == [S.okay] * 3
     a.grants.end_access(ref)
 
 
-async def test_a_reply_carries_at_most_max_fds_memories_and_the_rest_is_eagain(
+async def test_a_reply_carries_at_most_max_fds_files_and_the_rest_is_eagain(
         hv: Hypervisor, guest) -> None:
-    granters = [await guest() for _ in range(MAX_FDS + 1)]
-    b = await guest()
-    ops = [map_op(g.domid, g.grants.grant_access(b.domid, g.page(0))) for g in granters]
+    a, b = await guest(), await guest()
+    refs = [a.grants.grant_access(b.domid, a.page(i % 8)) for i in range(MAX_FDS + 1)]
+    ops = [map_op(a.domid, ref) for ref in refs]
     outs, fds = await raw_map(b.hypercalls, ops)
     close_all(fds)
     assert len(fds) == MAX_FDS
     assert [out.status for out in outs] == [S.okay] * MAX_FDS + [S.eagain]
-    assert entry(hv, granters[-1].domid, 8).flags == GTF_permit_access  # untouched
+    assert entry(hv, a.domid, refs[-1]).flags == GTF_permit_access  # untouched
     again, fds = await raw_map(b.hypercalls, ops[-1:])  # trying again works
     close_all(fds)
     assert again[0].status == S.okay and len(fds) == 1
+    handles = [out.handle for out in outs[:MAX_FDS]] + [again[0].handle]
+    assert await raw_unmap(b.hypercalls, handles) == [S.okay] * len(handles)
+    mapping = await b.grants.map(a.domid, refs)  # the runtime maps in chunks of MAX_FDS
+    assert len(mapping.handles) == len(refs) and bytes(mapping.page(MAX_FDS)[:1]) == b"\0"
+    await b.grants.unmap(mapping)
 
 
 async def test_pins_and_handles_have_xen_s_limits(hv: Hypervisor, guest, monkeypatch) -> None:
@@ -541,17 +547,12 @@ async def test_mappings_outlive_their_granter(hv: Hypervisor, guest) -> None:
 
 async def test_a_reused_domid_inherits_nothing(hv: Hypervisor, guest) -> None:
     """Dom0 maps two domains that had the same id, one after the other; the old
-    mapping never touches the new domain's grants, and Dom0 drops the fd of the
-    memory that went (Notification.memory_released)."""
+    mapping never touches the new domain's grants."""
     dom0 = await guest(0)
     old = await guest()
     old.write(old.page(0), b"old domain")
     old_map = await dom0.grants.map(old.domid, [old.grants.grant_access(0, old.page(0))])
-    assert len(dom0.grants._memory_fds) == 1
     hv.destroy(old.domain)
-    with trio.fail_after(5):
-        while dom0.grants._memory_fds:
-            await trio.sleep(0.01)
 
     new = await guest(old.domid)
     new.write(new.page(0), b"new domain")
@@ -621,13 +622,14 @@ async def pair(xc: XenControl):
     guests: list[Scripted] = []
 
     async def start(granter_args: str, granter_script: str, mapper_script: str,
-                    mapper_args: str = "") -> tuple[Scripted, Scripted, list[int]]:
+                    mapper_args: str = "", mapper_kernel: str = "mapper"
+                    ) -> tuple[Scripted, Scripted, list[int]]:
         granter_id, mapper_id = await xc.createdomain(), await xc.createdomain()
         granter = await boot_scripted(xc, granter_id, "tests.kernels:granter",
                                       f"peer={mapper_id} {granter_args} script={granter_script}")
         log = await wait_for_log(xc, f"(d{granter_id}) granted refs=")
         refs = re.search(rf"\(d{granter_id}\) granted refs=([\d,]+)", log).group(1)
-        mapper = await boot_scripted(xc, mapper_id, "tests.kernels:mapper",
+        mapper = await boot_scripted(xc, mapper_id, f"tests.kernels:{mapper_kernel}",
                                      f"peer={granter_id} refs={refs} {mapper_args} "
                                      f"script={mapper_script}")
         guests.extend((granter, mapper))
@@ -660,6 +662,41 @@ async def test_a_read_only_grant_between_guests(pair) -> None:
     assert await granter.step("end") == "8 in use"  # the mapper still holds its second mapping
 
 
+async def test_a_hostile_mapper_reaches_the_read_only_page_alone_and_only_while_granted(
+        pair) -> None:
+    """Containment: the file a read-only map hands over is that one page, read-only;
+    once unmapped and ended, what the thief kept no longer follows the page."""
+    granter, thief, refs = await pair("pages=1 readonly=1", "read,end,rewrite,read",
+                                      "steal,unmap,peek,scribble",
+                                      mapper_args="readonly=1", mapper_kernel="grant_thief")
+    stolen = await thief.step("steal")
+    assert stolen == (f"files=1 sizes=[4096] writable_map=EACCES pwrite=EBADF beyond=0 "
+                      f"page=d{granter.domid} page 0"), stolen
+    assert await granter.step("read") == f"d{granter.domid} page 0"  # the write never landed
+    assert await thief.step("unmap") == "0"
+    assert await granter.step("end") == f"{refs[0]} ended"
+    assert await granter.step("rewrite") == "ok"
+    assert await thief.step("peek") == f"d{granter.domid} page 0 / d{granter.domid} page 0"
+    assert await thief.step("scribble") == "EBADF"
+    assert await granter.step("read") == f"d{granter.domid} page 0 rewritten"
+
+
+async def test_a_writable_grant_kept_past_its_end_reaches_a_copy_of_the_past(pair) -> None:
+    granter, thief, refs = await pair("pages=2", "end,rewrite,read",
+                                      "steal,unmap,scribble,peek",
+                                      mapper_kernel="grant_thief")
+    stolen = await thief.step("steal")
+    assert stolen.startswith("files=2 sizes=[4096] writable_map=allowed pwrite=allowed beyond=0"), \
+        stolen
+    assert await thief.step("unmap") == "0,0"
+    assert await granter.step("end") == f"{refs[0]} ended, {refs[1]} ended"
+    assert await granter.step("rewrite") == "ok"
+    assert await thief.step("scribble") == "allowed | allowed"
+    assert await granter.step("read") == (f"d{granter.domid} page 0 rewritten | "
+                                          f"d{granter.domid} page 1 rewritten")
+    assert "rewritten" not in await thief.step("peek")
+
+
 async def test_a_killed_mapper_s_mappings_are_released(hv: Hypervisor, xc: XenControl,
                                                       pair) -> None:
     granter, mapper, _ = await pair("pages=1", "end,end", "map,unmap")
@@ -672,13 +709,14 @@ async def test_a_killed_mapper_s_mappings_are_released(hv: Hypervisor, xc: XenCo
 
 
 def memfds_of(pid: int, domid: int) -> int:
-    """How many fds process `pid` holds on domain `domid`'s memory."""
+    """How many fds process `pid` holds on domain `domid`'s memory or its frames' files."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:xenlike-d{domid} ")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            pass
+            continue
+        count += target.startswith((f"/memfd:xenlike-d{domid} ", f"/memfd:xenlike-d{domid}-"))
     return count
 
 
@@ -687,13 +725,10 @@ async def test_a_mapper_keeps_reading_after_its_granter_dies(hv: Hypervisor, xc:
     granter, mapper, _ = await pair("pages=2", "read", "map,read,map,unmap")
     await mapper.step("map")
     pid = hv.domains[mapper.domid].process.pid
-    assert memfds_of(pid, granter.domid) == 1  # handed over with the first map
+    assert memfds_of(pid, granter.domid) == 0  # its pages' files were closed once mapped
     await granter.step("read")  # its last action: the granter powers off
     assert await wait_for_shutdown(xc, granter.domid) == ShutdownReason.poweroff
     await xc.destroy(granter.domid)  # as the toolstack does
     assert await mapper.step("read") == f"d{granter.domid} page 0 | d{granter.domid} page 1"
     assert "GNTST_bad_domain" in await mapper.step("map")
-    with trio.fail_after(10):
-        while memfds_of(pid, granter.domid):  # closed on Notification.memory_released
-            await trio.sleep(0.02)
     assert await mapper.step("unmap") == "ok"

@@ -39,7 +39,8 @@ __all__ = [
 HYPERCALL_MAX_MESSAGE = 64 * 1024
 """Largest message either side accepts; a longer one is refused with -E2BIG."""
 
-MAX_FDS = 16
+MAX_FDS = 253
+"""SCM_MAX_FD: the most descriptors one message carries (a grant map hands one per page)."""
 
 hypercall_request = Struct(
     "seq" / Int32ul,  # echoed in the reply
@@ -72,9 +73,6 @@ class Notification(enum.IntEnum):
 
     port_unbound = 1  # payload: evtchn_close {port}; the peer closed or died
     port_bound = 2  # payload: evtchn_close {port}; fd: the new peer's doorbell
-    # payload: u64 machine address of a granter's memory, which is gone: close
-    # the descriptor a grant map handed over (mappings made from it stay valid)
-    memory_released = 3
 
 
 class HypercallError(Exception):

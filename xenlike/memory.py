@@ -3,9 +3,10 @@ allocator and the fixed frames it boots with.
 
 A domain's pseudo-physical memory is one memfd of 4 KiB frames numbered by
 gfn. The hypervisor creates it and maps all of it; the domain process attaches
-to the fd it receives over its hypercall socket. A domain that maps a foreign
-grant gets the granter's fd from the hypervisor and maps only the granted
-frames (`map_frames`).
+to the fd it receives at spawn. A frame that is granted moves into a file of
+its own (`xenlike.frames`), mapped over its place in the big mapping
+(`DomainMemory.back_frame`); a domain that maps a foreign grant gets that
+file alone and maps it beside the other granted pages (`map_pages`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ctypes
 import fcntl
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 
 from attrs import define, field, frozen
@@ -37,6 +38,8 @@ __all__ = [
     "XenMemoryError",
     "machine_address",
     "map_frames",
+    "map_pages",
+    "punch",
     "split_machine_address",
 ]
 
@@ -56,6 +59,10 @@ _libc_mmap.argtypes = [
 ]
 _libc_mmap.restype = ctypes.c_void_p
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
 
 
 class XenMemoryError(Exception):
@@ -186,6 +193,15 @@ class DomainMemory:
         with memoryview(self._mapping) as whole:
             return whole[gfn * XEN_PAGE_SIZE : (gfn + count) * XEN_PAGE_SIZE]
 
+    def back_frame(self, gfn: int, fd: int) -> None:
+        """Map the one-page file `fd` over frame `gfn`: from now on the frame is that
+        file's page, for every view already taken too (they name addresses)."""
+        if self._mapping.closed:
+            raise ValueError("domain memory is closed")
+        _check_frames(gfn, 1, 0, self.nr_pages, "domain memory")
+        _mmap_fixed(_address_of(self._mapping) + gfn * XEN_PAGE_SIZE, XEN_PAGE_SIZE,
+                    mmap.PROT_READ | mmap.PROT_WRITE, fd, 0)
+
     def close(self) -> None:
         """Unmap and close the fd; a second call does nothing."""
         if self.closed:
@@ -285,24 +301,46 @@ def map_frames(fd: int, gfns: Iterable[int], *, writable: bool) -> FrameMapping:
     nr_frames = os.fstat(fd).st_size // XEN_PAGE_SIZE
     for gfn in gfns:
         _check_frames(gfn, 1, 0, nr_frames, "the memory behind the fd")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return _reserve_and_fill(gfns, writable, [
+        (index, count, fd, first_gfn * XEN_PAGE_SIZE)
+        for index, first_gfn, count in _consecutive_runs(gfns)], prot)
+
+
+def map_pages(fds: Sequence[int], gfns: Iterable[int], *, writable: bool) -> FrameMapping:
+    """Map the one-page files `fds` side by side, in order (the granted frames
+    `gfns` name them for the record). The fds stay the caller's: close them
+    once mapped, and the mapping alone reaches the pages."""
+    gfns = tuple(gfns)
+    if not fds or len(fds) != len(gfns):
+        raise ValueError(f"map_pages needs one file per frame, got {len(fds)} for {len(gfns)}")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return _reserve_and_fill(gfns, writable,
+                             [(index, 1, fd, 0) for index, fd in enumerate(fds)], prot)
+
+
+def _reserve_and_fill(gfns: tuple[int, ...], writable: bool,
+                      pieces: list[tuple[int, int, int, int]], prot: int) -> FrameMapping:
+    """Reserve len(gfns) pages, then map each (slot, pages, fd, offset) over its slot."""
     # Writable, or Python would give ctypes no buffer to take the address
     # from; every page is mapped over before anyone sees the range.
     reservation = mmap.mmap(-1, len(gfns) * XEN_PAGE_SIZE, flags=mmap.MAP_PRIVATE)
     try:
         base = _address_of(reservation)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        for index, first_gfn, count in _consecutive_runs(gfns):
-            _mmap_fixed(
-                base + index * XEN_PAGE_SIZE,
-                count * XEN_PAGE_SIZE,
-                prot,
-                fd,
-                first_gfn * XEN_PAGE_SIZE,
-            )
+        for index, count, fd, offset in pieces:
+            _mmap_fixed(base + index * XEN_PAGE_SIZE, count * XEN_PAGE_SIZE, prot, fd, offset)
     except BaseException:
         reservation.close()
         raise
     return FrameMapping(gfns, writable, reservation)
+
+
+def punch(fd: int, gfn: int, count: int) -> None:
+    """Give frames gfn..gfn+count-1 of the file back to the host; they read as zeros after."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       gfn << XEN_PAGE_SHIFT, count * XEN_PAGE_SIZE) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{os.strerror(errno)}: punching {count} frames at gfn {gfn}")
 
 
 def _address_of(mapping: mmap.mmap) -> int:

@@ -8,12 +8,19 @@ fails while the hypervisor has GTF_reading/GTF_writing set because a peer
 still has the page mapped. It raises `GrantInUse` where Linux returns 0:
 a caller cannot then forget that the peer can still reach the page.
 
-Mapping a peer's grants is one batched GNTTABOP_map_grant_ref. The reply to
-the first map from a granter brings that granter's memory fd; each
-element's dev_bus_addr is the granted frame's machine address, so the pages
-are mapped side by side from that fd (`xenlike.memory.map_frames`). The fds
-are kept per granter memory and closed when the hypervisor says the granter
-is gone; mappings already made stay valid until unmapped.
+A frame is moved into a file of its own the first time it is granted
+(`xenlike.frames`): copied into a sealed one-page memfd that is mapped over
+its place in our memory, and sent to the hypervisor up the frame channel
+before the grant entry goes live, so a peer that maps the grant gets that
+page and nothing else of ours. When the last grant of a frame to a domain
+other than Dom0 ends, the frame moves to a fresh file, so a hostile mapper
+that kept its file holds only the past.
+
+Mapping a peer's grants is one batched GNTTABOP_map_grant_ref (in chunks of
+what one reply's descriptors carry). Each element of the reply brings the
+granted frame's own file, read-only for a read-only map; the files are
+mapped side by side (`xenlike.memory.map_pages`) and closed at once, so
+after unmap we hold nothing that reaches the peer's pages.
 
 Every batched operation raises `GrantStatusError` naming each element that
 failed with its GNTST_* status; a failed map undoes the elements that did
@@ -23,6 +30,7 @@ cancellation, so the hypervisor's view and ours never part.
 
 import ctypes
 import os
+import socket
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -55,13 +63,15 @@ from xenlike.abi.grant_table import (
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, DOMID_SELF, Hypercall
 from xenlike.codec import compile_struct
 from xenlike.domain.hypercall import HypercallClient
-from xenlike.hypercall import Notification, Reply
+from xenlike.frames import frame_file, send_frames
+from xenlike.hypercall import MAX_FDS
 from xenlike.memory import (
     BadFrame,
     BootLayout,
     DomainMemory,
     FrameMapping,
-    map_frames,
+    map_pages,
+    punch,
     split_machine_address,
 )
 from xenlike.ring import wmb
@@ -204,9 +214,12 @@ def _copy_ptr(side: GrantRef | LocalFrame) -> Any:
 class GrantTable:
     """This domain's grant table, and its mappings of other domains' grants."""
 
-    def __init__(self, memory: DomainMemory, layout: BootLayout, hypercalls: HypercallClient
-                 ) -> None:
+    def __init__(self, memory: DomainMemory, layout: BootLayout, hypercalls: HypercallClient,
+                 frames: socket.socket, name: str = "xenlike-dom") -> None:
         self._hypercalls = hypercalls
+        self._memory = memory
+        self._frames = frames  # our end of the frame channel
+        self._name = name
         self._nr_pages = memory.nr_pages
         self.nr_frames = layout.nr_grant_frames
         self.nr_entries = layout.nr_grant_frames * SHGNT_PER_PAGE_V1
@@ -217,8 +230,9 @@ class GrantTable:
         self._u32 = self._shared.cast("I")  # entry i: frame at 2i+1
         # Lowest ref first; the reserved refs belong to the toolstack.
         self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
-        self._granted: set[int] = set()
-        self._memory_fds: dict[int, int] = {}  # a granter's memory (machine region) -> its fd
+        self._granted: dict[int, int] = {}  # ref -> the frame it grants
+        self._grants_of: dict[int, int] = {}  # a frame with a file of its own -> its live grants
+        self._exposed: set[int] = set()  # frames granted to a domain other than Dom0 since moved
 
     # --- granting (local) ---------------------------------------------------
 
@@ -232,12 +246,18 @@ class GrantTable:
         if not self._free:
             raise NoFreeGrantRefs(f"all {self.nr_entries - GNTTAB_NR_RESERVED_ENTRIES} grant "
                                   f"references are in use; end access to some first")
+        if gfn not in self._grants_of:
+            self._move(gfn)
+            self._grants_of[gfn] = 0
         ref = self._free.pop()
+        self._grants_of[gfn] += 1
+        if domid != 0:
+            self._exposed.add(gfn)
         self._u16[4 * ref + 1] = domid
         self._u32[2 * ref + 1] = gfn
         wmb()  # the peer must never see the flags before domid and frame
         self._u16[4 * ref] = GTF_permit_access | (GTF_readonly if readonly else 0)
-        self._granted.add(ref)
+        self._granted[ref] = gfn
         return ref
 
     def end_access(self, ref: int) -> None:
@@ -256,41 +276,64 @@ class GrantTable:
             if seen == flags:
                 break
             flags = seen  # the hypervisor changed the bits under us: look again
-        self._granted.remove(ref)
+        gfn = self._granted.pop(ref)
         self._free.append(ref)
+        self._grants_of[gfn] -= 1
+        if not self._grants_of[gfn] and gfn in self._exposed:
+            self._exposed.discard(gfn)
+            self._move(gfn)  # what the last mapper may have kept is a copy of the past
+
+    def _move(self, gfn: int) -> None:
+        """Give frame `gfn` a file of its own, ours and the hypervisor's, before anyone
+        can map it; its old page goes back to the host."""
+        with self._memory.frame(gfn) as page:
+            fd = frame_file(f"{self._name}-gfn-{gfn:#x}", page)
+        try:
+            first = gfn not in self._grants_of
+            self._memory.back_frame(gfn, fd)
+            if first:
+                punch(self._memory.fd, gfn, 1)
+            send_frames(self._frames, [(gfn, fd)])
+        finally:
+            os.close(fd)
 
     # --- mapping others' grants ----------------------------------------------
 
     async def map(self, domid: int, refs: Iterable[int], readonly: bool = False) -> GrantMapping:
-        """Map the pages `domid` granted us as `refs`, with one batched hypercall."""
+        """Map the pages `domid` granted us as `refs`, with batched hypercalls."""
         refs = tuple(refs)
         if not refs:
             raise ValueError("map needs at least one grant reference")
         flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
+        handles: list[int] = []
+        frames: list[int] = []
+        files: list[int] = []
         with trio.CancelScope(shield=True):
-            _, outs, fds = await self._hypercalls.call_batch(
-                GNTTAB_OP, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
-                [(0, flags, ref, domid, 0, 0, 0) for ref in refs])
-            self._keep_memory_fds(outs, fds)
-            handles = tuple(out.handle for out in outs if out.status == GntStatus.okay)
-            if len(handles) < len(outs):
+            try:
+                for start in range(0, len(refs), MAX_FDS):
+                    chunk = refs[start:start + MAX_FDS]
+                    _, outs, fds = await self._hypercalls.call_batch(
+                        GNTTAB_OP, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
+                        [(0, flags, ref, domid, 0, 0, 0) for ref in chunk])
+                    files.extend(fds)
+                    handles.extend(out.handle for out in outs if out.status == GntStatus.okay)
+                    if len(handles) < start + len(outs):
+                        raise GrantStatusError(
+                            "GNTTABOP_map_grant_ref", [f"d{domid} ref {ref}" for ref in chunk],
+                            [out.status for out in outs])
+                    frames.extend(split_machine_address(out.dev_bus_addr)[1] for out in outs)
+                if len(files) != len(refs):
+                    raise GrantError(f"the hypervisor sent {len(files)} frame files for "
+                                     f"{len(refs)} grants")
+                pages = map_pages(files, frames, writable=not readonly)
+            except BaseException:
                 if handles:
                     await self._unmap_handles(handles)
-                raise GrantStatusError("GNTTABOP_map_grant_ref",
-                                       [f"d{domid} ref {ref}" for ref in refs],
-                                       [out.status for out in outs])
-            regions, frames = zip(*(split_machine_address(out.dev_bus_addr) for out in outs),
-                                   strict=True)
-            fd = self._memory_fds.get(regions[0])
-            try:
-                if fd is None:
-                    raise GrantError(f"no memory fd for d{domid}: the hypervisor handed it with "
-                                     f"an earlier map whose reply was not kept")
-                pages = map_frames(fd, frames, writable=not readonly)
-            except BaseException:
-                await self._unmap_handles(handles)
                 raise
-        return GrantMapping(domid, refs, handles, frames, readonly, pages)
+            finally:
+                for fd in files:
+                    os.close(fd)
+        return GrantMapping(domid, refs, tuple(handles), tuple(frames), readonly, pages)
 
     async def unmap(self, mapping: GrantMapping) -> None:
         """Unmap our pages, then tell the hypervisor (one batched hypercall).
@@ -311,27 +354,6 @@ class GrantTable:
         if any(statuses):
             raise GrantStatusError("GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles],
                                    statuses)
-
-    def _keep_memory_fds(self, outs: list[Any], fds: tuple[int, ...]) -> None:
-        """The reply's fds are the memories of the granters new to us, in element order."""
-        fds_left = list(fds)
-        for out in outs:
-            if out.status == GntStatus.okay and fds_left:
-                region, _ = split_machine_address(out.dev_bus_addr)
-                if region not in self._memory_fds:
-                    self._memory_fds[region] = fds_left.pop(0)
-        for fd in fds_left:  # more than we were owed: not ours to keep
-            os.close(fd)
-
-    def handle_notification(self, reply: Reply) -> bool:
-        """Apply a grant notification from the hypervisor; False if it is not one."""
-        if reply.result != Notification.memory_released:
-            return False
-        region, _ = split_machine_address(int.from_bytes(reply.payload[:8], "little"))
-        fd = self._memory_fds.pop(region, None)
-        if fd is not None:
-            os.close(fd)
-        return True
 
     # --- copying ---------------------------------------------------------------
 

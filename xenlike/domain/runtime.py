@@ -2,13 +2,15 @@
 
 `boot` is the first code a domain process runs (`python -m xenlike.domain`,
 spawned by the hypervisor): it maps the domain's memory from the fd it was
-given, reads start_info from frame 0, connects its hypercall socket, and
+given with the boot frames that have files of their own (`xenlike.frames`)
+over their places, reads start_info from frame 0, connects its hypercall socket, and
 calls the kernel the builder named with a `Domain`. The kernel's return
 shuts the domain down with SHUTDOWN_poweroff; an exception prints its
 traceback to the hypervisor log and shuts down with SHUTDOWN_crash.
 """
 
 import importlib
+import os
 import resource
 import socket
 import sys
@@ -25,6 +27,7 @@ from xenlike.codec import compile_struct
 from xenlike.domain.evtchn import EventChannels
 from xenlike.domain.grant_table import GrantTable
 from xenlike.domain.hypercall import HypercallClient
+from xenlike.frames import receive_frames
 from xenlike.hypercall import Reply
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.trace import TraceBuffer, fast_path_recorder
@@ -94,28 +97,38 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, kernel: str,
-               trace_fd: int) -> int:
+def attach_memory(memory_fd: int, nr_pages: int, frames: socket.socket) -> DomainMemory:
+    """The domain's memory, with the frames the builder moved into files mapped over."""
+    memory = DomainMemory.attach(memory_fd, nr_pages)
+    while moved := receive_frames(frames):
+        for gfn, fd in moved:
+            try:
+                memory.back_frame(gfn, fd)
+            finally:
+                os.close(fd)
+    return memory
+
+
+async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, frames_fd: int, domid: int,
+               kernel: str, trace_fd: int) -> int:
     """Run one domain to its end; return the process exit status.
 
     `trace_fd` is the domain's own trace buffer, for the event sends that
     skip the hypervisor (`xenlike.trace`).
     """
     _raise_fd_limit()
-    memory = DomainMemory.attach(memory_fd, nr_pages)
+    frames = socket.socket(fileno=frames_fd)
+    memory = attach_memory(memory_fd, nr_pages, frames)
     layout = BootLayout.for_domain(nr_pages)
     with memory.frame(layout.start_info_gfn) as page:
         info = START_INFO.unpack(bytes(page[: START_INFO.size]))
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=hypercall_fd))
     async with trio.open_nursery() as nursery:
         channels: EventChannels | None = None
-        grants: GrantTable | None = None
 
         def on_notification(reply: Reply) -> None:
-            if channels is not None and channels.handle_notification(reply):
-                return
-            if grants is not None:
-                grants.handle_notification(reply)
+            if channels is not None:
+                channels.handle_notification(reply)
 
         hypercalls = HypercallClient(sock, on_notification)
         hypervisor_gone = False
@@ -129,7 +142,7 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
             nursery.cancel_scope.cancel()
 
         await nursery.start(hypercall_reader)
-        grants = GrantTable(memory, layout, hypercalls)
+        grants = GrantTable(memory, layout, hypercalls, frames, f"xenlike-d{domid}")
         channels = EventChannels(hypercalls, nursery)
         trace = TraceBuffer.attach(trace_fd, writable=True)
         channels.on_send = fast_path_recorder(trace, domid)

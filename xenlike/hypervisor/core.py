@@ -49,6 +49,7 @@ from xenlike.hypercall import (
     fds_ancillary,
 )
 from xenlike._process import ChildProcess
+from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
 
@@ -110,6 +111,7 @@ class Domain:
     max_pages: int = 0
     memory: DomainMemory | None = None
     layout: BootLayout | None = None
+    frames: SharedFrames | None = None  # its frames with files of their own, from its build
     state: DomainState = DomainState.created
     shutdown_reason: int | None = None
     kernel: str | None = None
@@ -275,6 +277,10 @@ class Hypervisor:
             raise HypercallError(Errno.ENOMEM, str(exc)) from None
         domain.memory = DomainMemory.create(domain.max_pages, name=f"xenlike-d{domain.domid}")
         domain.layout = layout
+        domain.frames = SharedFrames.create(
+            domain.memory, str(domain),
+            frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
+            lambda text: self.log(domain, text))
         from xenlike.hypervisor import grant_table
 
         grant_table.attach(self, domain)
@@ -294,6 +300,7 @@ class Hypervisor:
         with domain.memory.frame(layout.start_info_gfn) as page:
             START_INFO.pack_into(page, 0, info)
         self._seed_grants(domain)
+        domain.frames.share_boot_frames([layout.console_gfn, layout.store_gfn])
         domain.kernel = kernel
         self.log(None, f"built d{domain.domid}: {domain.max_pages} pages, kernel {kernel}")
 
@@ -366,6 +373,8 @@ class Hypervisor:
 
         grant_table.teardown(self, domain)
         evtchn.teardown(self, domain)
+        if domain.frames is not None:
+            domain.frames.close()
         for conn in domain.connections:
             conn.sock.close()
         domain.connections.clear()
@@ -404,25 +413,32 @@ class Hypervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_path = self.run_dir / "domains" / f"{domain.domid}.log"
         memory = domain.require_memory()
+        frames = domain.frames
+        assert frames is not None and frames.domain_end is not None
+        frames_fd = frames.domain_end.fileno()
         argv = [sys.executable, "-m", "xenlike.domain", "--hypercall-fd", str(theirs.fileno()),
                 "--memory-fd", str(memory.fd), "--nr-pages", str(memory.nr_pages),
+                "--frames-fd", str(frames_fd),
                 "--domid", str(domain.domid), "--kernel", str(domain.kernel)]
         trace_fd = self.trace.domain_buffer(domain).fd
         argv += ["--trace-fd", str(trace_fd)]
         with log_path.open("ab") as log:
             try:
                 domain.process = ChildProcess(
-                    argv, pass_fds=(theirs.fileno(), memory.fd, trace_fd),
+                    argv, pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)
             finally:
                 theirs.close()
+                frames.domain_end.close()
+                frames.domain_end = None
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
         conn = Connection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.serve_connection, conn)
             nursery.start_soon(self._deliver_notices, domain)
+            nursery.start_soon(self._take_frames, frames)
             await domain.process.wait()
             nursery.cancel_scope.cancel()
         code = domain.process.returncode
@@ -431,6 +447,14 @@ class Hypervisor:
             self.log(domain, f"process exited with status {code} without shutting down")
             self.shutdown(domain, ShutdownReason.crash)
         self.teardown(domain)
+
+    async def _take_frames(self, frames: SharedFrames) -> None:
+        """Take in the files a domain sends as they come, not only when a map needs them."""
+        try:
+            while frames.drain():
+                await trio.lowlevel.wait_readable(frames.channel)
+        except (trio.ClosedResourceError, OSError):  # torn down under us
+            return
 
     async def _accept_control(self, listener: trio.socket.SocketType, dom0: Domain) -> None:
         assert self._nursery is not None

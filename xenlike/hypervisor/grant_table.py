@@ -11,14 +11,15 @@ flags+domid word and records the frame in the active entry; further pins
 only count. The last unpin clears the bits, so the granter can end access.
 Each map gets a handle in the mapper's maptrack.
 
-A mapping is the mapper's own mmap of the granter's memory: the reply to the
-first map from a granter hands the mapper that granter's memory fd, and each
-element's dev_bus_addr is the granted frame's machine address
-(`xenlike.memory.machine_address`), which names the granter's memory as well
-as the frame, so a mapper never confuses a reused domid's memory with its
-predecessor's. When a granter is torn down, whoever holds its fd is told to
-close it (Notification.memory_released); their mappings stay valid until
-they unmap, as Xen keeps a dying domain's pages while they are mapped.
+A mapping is the mapper's own mmap of the granted frame's own file
+(`xenlike.frames`): each element of the reply carries that one file,
+reopened read-only for a read-only map, so the mapper reaches the granted
+page and no other, with the granted rights. A frame the granter never moved
+into a file of its own cannot be mapped (GNTST_bad_page). Each element's
+dev_bus_addr is the granted frame's machine address
+(`xenlike.memory.machine_address`), which names the granter's memory as
+well as the frame. Mappings outlive their granter until they are unmapped,
+as Xen keeps a dying domain's pages while they are mapped.
 
 Every element of a batch is checked on its own and gets its own GNTST_*
 status; the hypercall returns 0 unless the call itself is malformed. An
@@ -58,7 +59,7 @@ from xenlike.abi.grant_table import (
 )
 from xenlike.abi.xen import DOMID_SELF, Hypercall
 from xenlike.codec import compile_struct
-from xenlike.hypercall import MAX_FDS, Notification
+from xenlike.hypercall import MAX_FDS
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE, DomainMemory, machine_address
 
@@ -109,7 +110,6 @@ class GrantTable:
     words: memoryview | None
     address: int  # of the table's first byte, for the atomics
     active: dict[int, ActiveGrant] = attrs.field(factory=dict)
-    holders: set[Any] = attrs.field(factory=set)  # connections given this memory's fd
 
     @property
     def nr_entries(self) -> int:
@@ -136,12 +136,11 @@ class Mapping:
 
 @attrs.define(eq=False)
 class Maptrack:
-    """A mapper's handles, and whose memory fd each of its connections holds."""
+    """A mapper's handles."""
 
     entries: dict[int, Mapping] = attrs.field(factory=dict)
     free: list[int] = attrs.field(factory=list)
     next_handle: int = 0
-    given: dict[Any, dict[int, GrantTable]] = attrs.field(factory=dict)  # conn -> region -> table
 
     def has_room(self) -> bool:
         return bool(self.free) or self.next_handle < MAPTRACK_LIMIT
@@ -189,28 +188,18 @@ def _maptrack(domain: Any) -> Maptrack:
 def teardown(hv: Any, domain: Any) -> None:
     """Unmap everything the domain mapped; let go of its own table's memory.
 
-    Mappers of its grants keep their mappings until they unmap; each domain
-    holding its memory fd is told to close it.
+    Mappers of its grants keep their mappings until they unmap.
     """
     maptrack = domain.ext.get("maptrack")
     if maptrack is not None:
         for handle in list(maptrack.entries):
             maptrack.release(handle)
-        for conn in list(maptrack.given):
-            _forget_connection(maptrack, conn)
     table = domain.ext.get("grants")
     if table is None or not table.live:
         return
     table.words.release()
     table.shared.release()
     table.words = table.shared = None
-    payload = machine_address(table.region, 0).to_bytes(8, "little")
-    for holder in {conn.domain for conn in table.holders}:
-        for regions in _maptrack(holder).given.values():
-            regions.pop(table.region, None)
-        if not holder.torn_down:
-            hv.notify(holder, Notification.memory_released, payload)
-    table.holders.clear()
 
 
 def release_connection(hv: Any, conn: Any) -> None:
@@ -221,12 +210,6 @@ def release_connection(hv: Any, conn: Any) -> None:
     for handle, mapping in list(maptrack.entries.items()):
         if mapping.connection is conn:
             maptrack.release(handle)
-    _forget_connection(maptrack, conn)
-
-
-def _forget_connection(maptrack: Maptrack, conn: Any) -> None:
-    for table in maptrack.given.pop(conn, {}).values():
-        table.holders.discard(conn)
 
 
 # --- pinning --------------------------------------------------------------
@@ -315,6 +298,25 @@ def _granter(call: Call, domid: int) -> GrantTable:
     return _live_table(domain)
 
 
+def _frame_file(table: GrantTable, frame: int, readonly: bool) -> int:
+    """The granted frame's own file, with the files the granter sent so far taken in."""
+    frames = table.domain.frames
+    fd = None
+    if frames is not None:
+        frames.drain()
+        fd = frames.file(frame, readonly)
+    if fd is None:
+        raise _Fail(GntStatus.bad_page, f"frame {frame:#x} of d{table.domain.domid} has no file "
+                                        f"of its own: its granter never shared it")
+    return fd
+
+
+def _take_frames(domain: Any) -> None:
+    """Before the hypervisor's view of a domain's frames is used: the files it sent."""
+    if domain.frames is not None:
+        domain.frames.drain()
+
+
 def _live_table(domain: Any) -> GrantTable:
     table = domain.ext.get("grants")
     if table is None or not table.live:
@@ -344,32 +346,33 @@ def _refused(call: Call, what: str, fail: _Fail) -> GntStatus:
 @hypercall(GNTTAB_OP, GnttabOp.map_grant_ref, args=gnttab_map_grant_ref, batch=MAX_BATCH)
 def map_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
     maptrack = _maptrack(call.caller)
-    given = maptrack.given.setdefault(call.connection, {})
     outs = []
     for op in ops:
         try:
-            outs.append(_map_one(call, maptrack, given, op))
+            outs.append(_map_one(call, maptrack, op))
         except _Fail as fail:
             outs.append(op._replace(status=_refused(call, f"map of d{op.dom} ref {op.ref}", fail)))
     return 0, outs
 
 
-def _map_one(call: Call, maptrack: Maptrack, given: dict[int, GrantTable], op: Any) -> Any:
+def _map_one(call: Call, maptrack: Maptrack, op: Any) -> Any:
+    """One element: the pin, then the frame's own file goes with the reply."""
     if not op.flags & GNTMAP_host_map:
         raise _Fail(GntStatus.bad_gntref, f"bad flags {op.flags:#x}: GNTMAP_host_map is needed")
     table = _granter(call, op.dom)
     if not maptrack.has_room():
         raise _Fail(GntStatus.no_device_space, f"all {MAPTRACK_LIMIT} maptrack handles in use")
-    hand_fd = table.region not in given
-    if hand_fd and len(call.fds) >= MAX_FDS:
-        raise _Fail(GntStatus.eagain, f"this reply carries {MAX_FDS} memory fds already")
+    if len(call.fds) >= MAX_FDS:
+        raise _Fail(GntStatus.eagain, f"this reply carries {MAX_FDS} frame files already")
     readonly = bool(op.flags & GNTMAP_readonly)
     act = _pin(table, op.ref, call.caller.domid, readonly, mapflag=True)
+    try:
+        fd = _frame_file(table, act.frame, readonly)
+    except _Fail:
+        _unpin(table, op.ref, readonly)
+        raise
     handle = maptrack.add(Mapping(table, op.ref, op.flags, call.connection))
-    if hand_fd:
-        call.send_fd(table.memory.fd)
-        given[table.region] = table
-        table.holders.add(call.connection)
+    call.send_fd(fd)
     return op._replace(status=GntStatus.okay, handle=handle,
                        dev_bus_addr=machine_address(table.region, act.frame))
 
@@ -451,6 +454,7 @@ def _copy_domain(call: Call, domid: int, is_gref: int) -> Any:
 def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool,
            pins: list[tuple[GrantTable, int, bool]]) -> tuple[DomainMemory, int]:
     """The memory and frame one side of a copy names, pinned if it is a grant."""
+    _take_frames(domain)
     if is_gref:
         table = _live_table(domain)
         ref = ptr.u & 0xFFFFFFFF  # union { grant_ref_t ref; xen_pfn_t gmfn; }

@@ -30,8 +30,6 @@ bad handle, order or flag does nothing and returns 0, never -errno (Xen's
 bare domid_t and fail with -ESRCH or -EPERM.
 """
 
-import ctypes
-import os
 import struct
 from typing import Any
 
@@ -49,8 +47,9 @@ from xenlike.abi.memory import (
 from xenlike.abi.xen import DOMID_SELF, Hypercall
 from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
+from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.table import Call, hypercall
-from xenlike.memory import XEN_PAGE_SHIFT, XEN_PAGE_SIZE, DomainMemory
+from xenlike.memory import XEN_PAGE_SHIFT, DomainMemory, punch
 
 __all__ = ["EXTENT_LIST", "Reservation", "reservation", "tot_pages", "xen_memory_domid"]
 
@@ -68,27 +67,12 @@ MEMOP_EXTENT_SHIFT = 6  # memory.h: the cmd bits above it count extents done
 DOMU_MAX_ORDER = 9
 CTLDOM_MAX_ORDER = 18
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_fallocate.restype = ctypes.c_int
-
-
-def _punch(fd: int, gfn: int, count: int) -> None:
-    """Give frames gfn..gfn+count-1 back to the host; they read as zeros after."""
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  gfn << XEN_PAGE_SHIFT, count * XEN_PAGE_SIZE) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{os.strerror(errno)}: punching {count} frames at gfn {gfn}")
-
-
 @attrs.define(eq=False)
 class Reservation:
     """Which of a domain's frames hold memory, and how many (tot_pages)."""
 
     memory: DomainMemory
+    frames: SharedFrames  # frames with files of their own lose or regain their page there
     populated: bytearray  # one byte per frame of the memfd: 1 if it holds memory
     xen_frames: frozenset[int]  # shared_info and grant table: Xen's, not the guest's
     tot_pages: int
@@ -104,7 +88,8 @@ class Reservation:
         return done
 
     def release(self, gfn: int, count: int) -> None:
-        _punch(self.memory.fd, gfn, count)
+        punch(self.memory.fd, gfn, count)
+        self.frames.punch(gfn, count)
         self.populated[gfn:gfn + count] = bytes(count)
         self.tot_pages -= count
 
@@ -113,7 +98,8 @@ class Reservation:
 
     def populate(self, gfn: int, count: int) -> None:
         """Back the frames again; punching first makes sure they read as zeros."""
-        _punch(self.memory.fd, gfn, count)
+        punch(self.memory.fd, gfn, count)
+        self.frames.punch(gfn, count)
         self.populated[gfn:gfn + count] = b"\x01" * count
         self.tot_pages += count
 
@@ -123,10 +109,10 @@ def reservation(domain: Any) -> Reservation | None:
     state = domain.ext.get("reservation")
     if state is None:
         memory = domain.memory
-        if memory is None or memory.closed or domain.layout is None:
+        if memory is None or memory.closed or domain.layout is None or domain.frames is None:
             return None
         layout = domain.layout
-        state = Reservation(memory, bytearray(b"\x01") * memory.nr_pages,
+        state = Reservation(memory, domain.frames, bytearray(b"\x01") * memory.nr_pages,
                             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
                             memory.nr_pages)
         domain.ext["reservation"] = state
