@@ -301,6 +301,26 @@ async def test_a_read_only_grant_refuses_a_writable_map(hv: Hypervisor, guest) -
     a.grants.end_access(ref)
 
 
+async def test_dom0_s_grant_maps_follow_the_grant_rules_too(guest) -> None:
+    """Dom0 is privileged, but a read-only grant maps read-only for it as well, so a
+    back end that writes where it may not fails here as it would under Xen."""
+    dom0, a = await guest(0), await guest()
+    a.write(a.page(0), b"read me")
+    ref = a.grants.grant_access(0, a.page(0), readonly=True)
+    outs, fds = await raw_map(dom0.hypercalls, [map_op(a.domid, ref, GNTMAP_host_map
+                                                        | GNTMAP_readonly)])
+    assert outs[0].status == S.okay and os.fstat(fds[0]).st_size == XEN_PAGE_SIZE
+    with pytest.raises(PermissionError):
+        mmap.mmap(fds[0], XEN_PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    close_all(fds)
+    assert await raw_unmap(dom0.hypercalls, [outs[0].handle]) == [S.okay]
+    mapping = await dom0.grants.map(a.domid, [ref], readonly=True)
+    with pytest.raises(TypeError):
+        mapping.view[0] = 0
+    await dom0.grants.unmap(mapping)
+    a.grants.end_access(ref)
+
+
 async def test_maps_xen_refuses(guest) -> None:
     a, b, c = await guest(), await guest(), await guest()
     to_c = a.grants.grant_access(c.domid, a.page(0))

@@ -298,23 +298,24 @@ def _granter(call: Call, domid: int) -> GrantTable:
     return _live_table(domain)
 
 
-def _frame_file(table: GrantTable, frame: int, readonly: bool) -> int:
+def _frame_file(table: GrantTable, frame: int, readonly: bool, taken: set[int]) -> int:
     """The granted frame's own file, with the files the granter sent so far taken in."""
+    _take_frames(table.domain, taken)
     frames = table.domain.frames
-    fd = None
-    if frames is not None:
-        frames.drain()
-        fd = frames.file(frame, readonly)
+    fd = frames.file(frame, readonly) if frames is not None else None
     if fd is None:
         raise _Fail(GntStatus.bad_page, f"frame {frame:#x} of d{table.domain.domid} has no file "
                                         f"of its own: its granter never shared it")
     return fd
 
 
-def _take_frames(domain: Any) -> None:
-    """Before the hypervisor's view of a domain's frames is used: the files it sent."""
-    if domain.frames is not None:
-        domain.frames.drain()
+def _take_frames(domain: Any, taken: set[int]) -> None:
+    """Before the hypervisor uses a domain's frames: the files it sent so far, read
+    once per hypercall (`taken` holds the domids already read)."""
+    if domain.domid not in taken:
+        taken.add(domain.domid)
+        if domain.frames is not None:
+            domain.frames.drain()
 
 
 def _live_table(domain: Any) -> GrantTable:
@@ -346,16 +347,17 @@ def _refused(call: Call, what: str, fail: _Fail) -> GntStatus:
 @hypercall(GNTTAB_OP, GnttabOp.map_grant_ref, args=gnttab_map_grant_ref, batch=MAX_BATCH)
 def map_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
     maptrack = _maptrack(call.caller)
+    taken: set[int] = set()
     outs = []
     for op in ops:
         try:
-            outs.append(_map_one(call, maptrack, op))
+            outs.append(_map_one(call, maptrack, op, taken))
         except _Fail as fail:
             outs.append(op._replace(status=_refused(call, f"map of d{op.dom} ref {op.ref}", fail)))
     return 0, outs
 
 
-def _map_one(call: Call, maptrack: Maptrack, op: Any) -> Any:
+def _map_one(call: Call, maptrack: Maptrack, op: Any, taken: set[int]) -> Any:
     """One element: the pin, then the frame's own file goes with the reply."""
     if not op.flags & GNTMAP_host_map:
         raise _Fail(GntStatus.bad_gntref, f"bad flags {op.flags:#x}: GNTMAP_host_map is needed")
@@ -367,7 +369,7 @@ def _map_one(call: Call, maptrack: Maptrack, op: Any) -> Any:
     readonly = bool(op.flags & GNTMAP_readonly)
     act = _pin(table, op.ref, call.caller.domid, readonly, mapflag=True)
     try:
-        fd = _frame_file(table, act.frame, readonly)
+        fd = _frame_file(table, act.frame, readonly, taken)
     except _Fail:
         _unpin(table, op.ref, readonly)
         raise
@@ -400,10 +402,11 @@ def unmap_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
 
 @hypercall(GNTTAB_OP, GnttabOp.copy, args=gnttab_copy, batch=MAX_BATCH)
 def copy(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
+    taken: set[int] = set()
     outs = []
     for op in ops:
         try:
-            _copy_one(call, op)
+            _copy_one(call, op, taken)
             status = GntStatus.okay
         except _Fail as fail:
             what = (f"copy {_side(op.source, op.flags & GNTCOPY_source_gref)} -> "
@@ -419,16 +422,16 @@ def _side(ptr: Any, is_gref: int) -> str:
     return f"{dom} ref {ptr.u & 0xFFFFFFFF}" if is_gref else f"{dom} frame {ptr.u:#x}"
 
 
-def _copy_one(call: Call, op: Any) -> None:
+def _copy_one(call: Call, op: Any, taken: set[int]) -> None:
     """Both domains first, then source and dest claimed, then the bounds: Xen's order."""
     source = _copy_domain(call, op.source.domid, op.flags & GNTCOPY_source_gref)
     dest = _copy_domain(call, op.dest.domid, op.flags & GNTCOPY_dest_gref)
     pins: list[tuple[GrantTable, int, bool]] = []
     try:
         src_memory, src_frame = _claim(call, source, op.source, op.flags & GNTCOPY_source_gref,
-                                       True, pins)
+                                       True, taken, pins)
         dst_memory, dst_frame = _claim(call, dest, op.dest, op.flags & GNTCOPY_dest_gref,
-                                       False, pins)
+                                       False, taken, pins)
         if op.source.offset + op.len > XEN_PAGE_SIZE or op.dest.offset + op.len > XEN_PAGE_SIZE:
             raise _Fail(GntStatus.bad_copy_arg,
                         f"{op.len} bytes from offsets {op.source.offset} and {op.dest.offset} "
@@ -451,10 +454,10 @@ def _copy_domain(call: Call, domid: int, is_gref: int) -> Any:
     return domain
 
 
-def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool,
+def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool, taken: set[int],
            pins: list[tuple[GrantTable, int, bool]]) -> tuple[DomainMemory, int]:
     """The memory and frame one side of a copy names, pinned if it is a grant."""
-    _take_frames(domain)
+    _take_frames(domain, taken)
     if is_gref:
         table = _live_table(domain)
         ref = ptr.u & 0xFFFFFFFF  # union { grant_ref_t ref; xen_pfn_t gmfn; }
