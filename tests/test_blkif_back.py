@@ -323,14 +323,10 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
     path, original = image
     expected = bytearray(original)
     async with serving(path) as s:
-        parsed: list[int] = []
-        parse = s.back._parse
-        s.back._parse = lambda request: (  # type: ignore[method-assign]
-            parsed.append(request.id), parse(request))[1]
         (ref, page), (ref2, page2) = s.front.page(), s.front.page()
         one, two = [(ref, 0, 7)], [(ref, 0, 7), (ref2, 0, 3)]
         await s.front.submit(rw(READ, 0, one, rid=1), rw(READ, 0, two, rid=2))
-        assert parsed == [1, 2]
+        assert s.back.served_ready == 0  # lists never seen: the full path
         data = os.urandom(PAGE + PAGE // 2)
         page[:], page2[:PAGE // 2] = data[:PAGE], data[PAGE:]
         responses = await s.front.submit(
@@ -341,36 +337,33 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
             3: BLKIF_RSP_OKAY, 5: BLKIF_RSP_ERROR, 6: BLKIF_RSP_OKAY}
         assert sorted(r.status for r in responses if r.id == 4) == \
             [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]  # the same id twice: the second refused
-        assert parsed == [1, 2, 5, 4, 4, 6]  # the write was served as ready, then 5 failed
+        assert s.back.served_ready == 1  # the write was served as ready, then 5 failed
         assert bytes(page) == expected[24 * 512:32 * 512]
         (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
-        assert rsp.status == BLKIF_RSP_OKAY and parsed == [1, 2, 5, 4, 4, 6]
+        assert rsp.status == BLKIF_RSP_OKAY and s.back.served_ready == 2
         assert bytes(page) + bytes(page2[:PAGE // 2]) == data
         assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} \
             == {"rd_req": 5, "rd_sect": 48, "wr_req": 1, "wr_sect": 12}
         # Indirect requests too: their list is read out of its persistent page each time.
         pages = [s.front.page() for _ in range(20)]
         list_ref, _ = s.front.page(data=segment_words([ref for ref, _ in pages], 20 * 8))
-        del parsed[:]
+        served = []
         for rid, sector in ((8, 512), (9, 1024), (10, SECTORS - 8)):
             (rsp,) = await s.front.submit(indirect(READ, sector, 20, (list_ref,), rid))
             expected_status = BLKIF_RSP_ERROR if sector == SECTORS - 8 else BLKIF_RSP_OKAY
             assert rsp.status == expected_status
-        assert parsed == [8, 10]  # the second was served as ready; the third is past the end
+            served.append(s.back.served_ready)
+        assert served == [2, 3, 3]  # the second was served as ready; the third is past the end
         assert b"".join(bytes(view) for _, view in pages) == expected[1024 * 512:1184 * 512]
     assert path.read_bytes() == expected
     async with serving(path, mode="r") as s:
-        parsed.clear()
-        parse = s.back._parse
-        s.back._parse = lambda request: (  # type: ignore[method-assign]
-            parsed.append(request.id), parse(request))[1]
         ref, page = s.front.page(data=os.urandom(PAGE))
         await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=1))
         await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=2))
         page[:] = os.urandom(PAGE)
         (rsp,) = await s.front.submit(rw(WRITE, 0, [(ref, 0, 7)], rid=3))
         assert rsp.status == BLKIF_RSP_ERROR  # the mode is checked, not remembered
-        assert parsed == [1, 3]
+        assert s.back.served_ready == 1
     assert path.read_bytes() == expected
 
 

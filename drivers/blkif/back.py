@@ -9,7 +9,8 @@ What it does is Linux's xen-blkback, in substance and in key names:
   at Connected it publishes sectors, sector-size, physical-sector-size and
   info (VDISK_READONLY for `mode = r`, VDISK_CDROM, VDISK_REMOVABLE).
 - Each drain of the ring is handled as a batch. Every request is copied out
-  of the slot once and checked before anything is mapped or done: the
+  of the slot once and checked before anything is mapped or done, by the
+  one pure checker in `drivers.blkif.protocol` (`check_request`): the
   operation, the segment count (1..11 direct, 1..256 indirect; 0 only for a
   flush or barrier), each segment's first_sect <= last_sect <= 7, the
   sectors against the disk's end, writes against a read-only disk, an id
@@ -71,14 +72,17 @@ from drivers.blkif.protocol import (
     SECTOR_SIZE,
     SEGMENT_SIZE,
     BadRequest,
+    Job,
+    Limits,
     Segments,
+    Unsupported,
+    check_access,
+    check_request,
+    check_segments,
     indirect_pages,
     parse_segments,
-    raw_segments,
 )
 from xenlike.abi.blkif import (
-    BLKIF_DISCARD_SECURE,
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
@@ -128,28 +132,6 @@ class BlockDevice(Protocol):
     def flush(self) -> None: ...
     def discard(self, sector: int, count: int, *, secure: bool = False) -> None: ...
     def close(self) -> None: ...
-
-
-class Unsupported(BadRequest):
-    """An optional operation the back end did not offer: BLKIF_RSP_EOPNOTSUPP."""
-
-
-@attrs.define(eq=False, slots=True)
-class _Job:
-    """One accepted request on its way through a drain."""
-
-    id: int
-    # READ, WRITE, FLUSH_DISKCACHE, WRITE_BARRIER or DISCARD, echoed in the response
-    # (an indirect request's indirect_op)
-    kind: int
-    sector: int
-    nr_sectors: int = 0
-    segments: Segments | None = None
-    nr_segments: int = 0
-    indirect_grefs: tuple[int, ...] = ()
-    secure: bool = False
-    iov: list[Any] | None = None
-    key: tuple[bytes, int] | None = None  # a direct request's (seg[] bytes, nr_segments)
 
 
 class _Mappings:
@@ -261,6 +243,8 @@ class BlkBack(Backend):
         self.persistent = False
         self._grants: PersistentGrants | None = None
         self._in_flight: set[int] = set()
+        self.limits = Limits(0, True, False, self.max_indirect_segments)  # set at Connected
+        self.served_ready = 0  # requests served by the ready path, for tests and tuning
         self._parsed: dict[tuple[bytes, int], Segments] = {}
         # (seg[] bytes, nr_segments) -> (sectors, iovec) of segment lists served before
         # over persistent pages: while persistent grants stay mapped, so does their memory.
@@ -341,6 +325,8 @@ class BlkBack(Backend):
             if self.persistent else None
         self._in_flight.clear()
         assert self.disk is not None
+        self.limits = Limits(self.disk.sectors, self.disk.readonly, self.discard_enabled,
+                             self.max_indirect_segments)
         self._ready = {} if self.persistent and not self.disk.direct else None
         self.refused = 0
         self.stats = dict.fromkeys(STATISTICS, 0)
@@ -412,7 +398,7 @@ class BlkBack(Backend):
 
     async def _drain(self, channel: BackChannel, batch: list[Any]) -> None:
         done: list[tuple[int, int, int]] = []
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         answered: list[int] = []  # ids of requests served as ready, in flight until the end
         if self._ready is not None:
             served = self._serve_ready(channel, batch, done, answered)
@@ -420,7 +406,7 @@ class BlkBack(Backend):
                 batch = batch[served:]
         for request in batch:
             try:
-                job = self._parse(request)
+                job = check_request(request, self.limits, self._in_flight, self._segments)
             except BadRequest as exc:
                 done.append(self._refuse(request, exc))
                 continue
@@ -444,9 +430,8 @@ class BlkBack(Backend):
         need no lookup.
         Returns how many it served (their ids are in `answered`, still in flight for
         the rest of the drain); the rest of the drain takes the full path."""
-        disk, ready, in_flight, grants = self.disk, self._ready, self._in_flight, self._grants
-        assert disk is not None and ready is not None and grants is not None
-        end, readonly = disk.sectors, disk.readonly
+        ready, in_flight, grants, limits = self._ready, self._in_flight, self._grants, self.limits
+        assert ready is not None and grants is not None
         counts = dict.fromkeys((*_COUNTERS[READ], *_COUNTERS[WRITE]), 0)
         unanswered = served = 0
         for request in batch:
@@ -463,12 +448,16 @@ class BlkBack(Backend):
                 _, nr_segments, _, rid, sector, raw = request  # a blkif_request, seg[] as bytes
             else:
                 break
-            if op != READ and (op != WRITE or readonly):
+            if op != READ and op != WRITE:
                 break
             plan = ready.get((raw, nr_segments))
-            if plan is None or rid in in_flight or sector + plan[0] > end:
+            if plan is None:
                 break
             sectors, iov = plan
+            try:
+                check_access(op, rid, sector, sectors, limits, in_flight)
+            except BadRequest:
+                break  # the full path refuses it, and says why
             status = self._io_now(op, sector, sectors, iov)
             if status is None:
                 break  # not in the page cache: a thread reads it
@@ -487,6 +476,7 @@ class BlkBack(Backend):
                     unanswered = 0
         for key, value in counts.items():
             self.stats[key] += value
+        self.served_ready += served
         return served
 
     def _refuse(self, request: Any, exc: BadRequest) -> tuple[int, int, int]:
@@ -499,7 +489,7 @@ class BlkBack(Backend):
         status = BLKIF_RSP_EOPNOTSUPP if isinstance(exc, Unsupported) else BLKIF_RSP_ERROR
         return (request.id, request.operation, status)
 
-    def _finish(self, job: _Job, status: int) -> tuple[int, int, int]:
+    def _finish(self, job: Job, status: int) -> tuple[int, int, int]:
         """The job's response; its id is free again once this is published."""
         job.iov = None
         self._in_flight.discard(job.id)
@@ -515,45 +505,6 @@ class BlkBack(Backend):
 
     # --- checking a request ------------------------------------------------------------
 
-    def _parse(self, request: Any) -> _Job:
-        """The request as a job, or BadRequest; no I/O, no mapping (see the module docstring)."""
-        assert self.disk is not None
-        op = request.operation
-        if request.id in self._in_flight:
-            raise BadRequest(f"id {request.id} is already in flight")
-        if op in (READ, WRITE, FLUSH, BARRIER):
-            nseg = request.nr_segments
-            if (nseg == 0 and op in (READ, WRITE)) or nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                raise BadRequest(f"{nseg} segments (a request carries 1.."
-                                 f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
-            job = _Job(request.id, op, request.sector_number, nr_segments=nseg)
-            if nseg:
-                job.key = (raw_segments(request), nseg)
-                job.segments = self._segments(*job.key)
-            self._check_job(job)
-            return job
-        if op == INDIRECT:
-            indirect_op, nseg = request.indirect_op, request.nr_segments
-            if indirect_op not in (READ, WRITE):
-                raise BadRequest(f"indirect_op {indirect_op}: an indirect request reads or writes")
-            if not 0 < nseg <= self.max_indirect_segments:
-                raise BadRequest(f"{nseg} indirect segments (feature-max-indirect-segments is "
-                                 f"{self.max_indirect_segments})")
-            job = _Job(request.id, indirect_op, request.sector_number,
-                       nr_segments=nseg,
-                       indirect_grefs=tuple(request.indirect_grefs[:indirect_pages(nseg)]))
-            self._check_job(job)
-            return job
-        if op == DISCARD:
-            if not self.discard_enabled:
-                raise Unsupported("feature-discard is not offered")
-            secure = bool(request.flag & BLKIF_DISCARD_SECURE)
-            job = _Job(request.id, op, request.sector_number, request.nr_sectors,
-                       secure=secure)
-            self._check_range(job)
-            return job
-        raise BadRequest(f"unknown operation {op}")
-
     def _segments(self, raw: bytes, nr_segments: int) -> Segments:
         """parse_segments, remembered: with persistent grants the same segment
         lists come back request after request (a checked list stays valid)."""
@@ -566,23 +517,9 @@ class BlkBack(Backend):
             self._parsed[key] = segments
         return segments
 
-    def _check_job(self, job: _Job) -> None:
-        assert self.disk is not None
-        if job.kind != READ and self.disk.readonly:
-            raise BadRequest(f"{BlkifOp(job.kind).name} on a read-only disk")
-        if job.segments is not None:
-            job.nr_sectors = job.segments.nr_sectors
-            self._check_range(job)
-
-    def _check_range(self, job: _Job) -> None:
-        assert self.disk is not None
-        if job.sector + job.nr_sectors > self.disk.sectors:
-            raise BadRequest(f"sectors {job.sector}..{job.sector + job.nr_sectors - 1} are past "
-                             f"the end of the disk ({self.disk.sectors} sectors)")
-
     # --- grants ------------------------------------------------------------------------
 
-    async def _run(self, channel: BackChannel, jobs: list[_Job], done: list[Any]) -> None:
+    async def _run(self, channel: BackChannel, jobs: list[Job], done: list[Any]) -> None:
         """Map what `jobs` need, do their I/O, and answer or hand them to threads."""
         if not jobs:
             return
@@ -594,7 +531,7 @@ class BlkBack(Backend):
             # Only persistent pages may be answered for before the drain ends.
             early = not transient and self._grants is not None
             unanswered = 0
-            waiting: list[_Job] = []
+            waiting: list[Job] = []
             for job in jobs:
                 if job.segments is not None:
                     job.iov = _iovec(job.segments, views)
@@ -641,7 +578,7 @@ class BlkBack(Backend):
             ready.clear()
         ready[key] = (sectors, iov)
 
-    def _fail(self, job: _Job, why: str) -> tuple[int, int, int]:
+    def _fail(self, job: Job, why: str) -> tuple[int, int, int]:
         self.refused += 1
         if self.refused <= REFUSALS_LOGGED:
             self.log.warning("%s: request id %d failed: %s", self.device.nodename, job.id, why)
@@ -676,8 +613,8 @@ class BlkBack(Backend):
         both.where = {**cache.where, **transient.where}
         return both
 
-    async def _load_indirect(self, jobs: list[_Job], transient: _Mappings, done: list[Any]
-                             ) -> list[_Job]:
+    async def _load_indirect(self, jobs: list[Job], transient: _Mappings, done: list[Any]
+                             ) -> list[Job]:
         """Copy each INDIRECT request's segment list out of its pages (once), then check it."""
         await self._map({ref for job in jobs for ref in job.indirect_grefs}, transient,
                         readonly=True)
@@ -688,14 +625,12 @@ class BlkBack(Backend):
                 ready.append(job)
                 continue
             try:
-                job.key = (_segment_list(pages, job.indirect_grefs, job.nr_segments),
-                           job.nr_segments)
+                raw = _segment_list(pages, job.indirect_grefs, job.nr_segments)
             except KeyError:
                 done.append(self._fail(job, "an indirect page's grant was refused"))
                 continue
             try:
-                job.segments = self._segments(*job.key)
-                self._check_job(job)
+                check_segments(job, raw, self.limits, self._segments)
             except BadRequest as exc:
                 done.append(self._fail(job, str(exc)))
                 continue
@@ -704,7 +639,7 @@ class BlkBack(Backend):
             await transient.unmap_all(self.log)  # copied: the data pages come next
         return ready
 
-    async def _map_data(self, jobs: list[_Job], transient: _Mappings) -> _Mappings:
+    async def _map_data(self, jobs: list[Job], transient: _Mappings) -> _Mappings:
         reads: set[int] = set()
         writes: set[int] = set()
         for job in jobs:
@@ -741,7 +676,7 @@ class BlkBack(Backend):
                            BlkifOp(kind).name, sector, sectors, exc)
             return BLKIF_RSP_ERROR
 
-    async def _io_later(self, job: _Job, answer: Callable[[tuple[int, int, int]], None]) -> None:
+    async def _io_later(self, job: Job, answer: Callable[[tuple[int, int, int]], None]) -> None:
         """Run a job that waits for the device on a worker thread, then answer it."""
         if job.kind == BARRIER:
             await self._quiet.wait()
@@ -759,7 +694,7 @@ class BlkBack(Backend):
             self._withdraw(job.kind)
         answer(self._finish(job, status))
 
-    def _io_blocking(self, job: _Job) -> int:
+    def _io_blocking(self, job: Job) -> int:
         """On a worker thread: the whole operation, waiting for the device."""
         disk = self.disk
         assert disk is not None
@@ -794,6 +729,7 @@ class BlkBack(Backend):
                DISCARD: "feature-discard"}[kind]
         if kind == DISCARD:
             self.discard_enabled = False
+            self.limits = attrs.evolve(self.limits, discard=False)
         self.log.warning("%s: the disk does not support %s; withdrawing %s",
                          self.device.nodename, BlkifOp(kind).name, key)
         self.ctx.nursery.start_soon(self.publish, {key: 0})

@@ -13,16 +13,24 @@ Segment lists are handled as arrays of 32-bit words, two per
 `blkif_request_segment` (gref; first_sect | last_sect << 8), so a list of
 256 segments packs and checks at C speed: `segment_words` builds one,
 `parse_segments` validates one (the back end's checks on untrusted input).
-Everything here is sans-I/O.
+
+`check_request` is the back end's one checker of an untrusted request:
+request + the disk's `Limits` + the ids in flight -> a `Job`, or
+BadRequest. `check_access` is the part of it that depends on more than the
+request's segment list; blkback's fast path for a list it has served
+before runs that part alone. Everything here is sans-I/O.
 """
 
 import struct
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, NamedTuple
 
+import attrs
+
 from xenlike.abi.blkif import (
+    BLKIF_DISCARD_SECURE,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SEGS_PER_INDIRECT_FRAME,
     BlkifOp,
@@ -50,7 +58,13 @@ __all__ = [
     "SEGMENT_ARRAY",
     "SEGMENT_SIZE",
     "BadRequest",
+    "Job",
+    "Limits",
     "Segments",
+    "Unsupported",
+    "check_access",
+    "check_request",
+    "check_segments",
     "indirect_pages",
     "parse_segments",
     "raw_segments",
@@ -219,3 +233,110 @@ def parse_segments(raw: bytes, nr_segments: int) -> Segments:
         bounds.append((first << SECTOR_SHIFT, (last + 1) << SECTOR_SHIFT))
         total += last - first + 1
     return Segments(grefs, total, bounds, False)
+
+
+class Unsupported(BadRequest):
+    """An optional operation the back end did not offer: BLKIF_RSP_EOPNOTSUPP."""
+
+
+@attrs.frozen
+class Limits:
+    """What a request is checked against: the disk, and what the back end offers."""
+
+    sectors: int
+    readonly: bool
+    discard: bool  # feature-discard offered
+    max_indirect_segments: int  # feature-max-indirect-segments
+
+
+@attrs.define(eq=False, slots=True)
+class Job:
+    """One accepted request on its way through the back end."""
+
+    id: int
+    # READ, WRITE, FLUSH_DISKCACHE, WRITE_BARRIER or DISCARD, echoed in the response
+    # (an indirect request's indirect_op)
+    kind: int
+    sector: int
+    nr_sectors: int = 0
+    segments: Segments | None = None
+    nr_segments: int = 0
+    indirect_grefs: tuple[int, ...] = ()
+    secure: bool = False
+    iov: list[Any] | None = None
+    key: tuple[bytes, int] | None = None  # (seg[] bytes, nr_segments), once known
+
+
+_READ, _WRITE = BlkifOp.READ, BlkifOp.WRITE
+_FLUSHES = (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER)
+
+
+def check_request(request: Any, limits: Limits, in_flight: Container[int],
+                  parse: Callable[[bytes, int], Segments] = parse_segments) -> Job:
+    """An untrusted request, as Linux blkback's dispatch_rw_block_io and
+    dispatch_discard_io check it before any mapping or I/O: a Job, or
+    BadRequest (Unsupported for an operation not offered).
+
+    An INDIRECT request's segment list lies in pages it names, so its job
+    comes back without segments: `check_segments` finishes it once the list
+    is read. `parse` may remember lists (a checked list stays valid).
+    """
+    op = request.operation
+    if op in (_READ, _WRITE) or op in _FLUSHES:
+        nseg = request.nr_segments
+        if (nseg == 0 and op in (_READ, _WRITE)) or nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise BadRequest(f"{nseg} segments (a request carries 1.."
+                             f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
+        job = Job(request.id, op, request.sector_number, nr_segments=nseg)
+        if nseg:
+            job.key = (raw_segments(request), nseg)
+            job.segments = parse(*job.key)
+            job.nr_sectors = job.segments.nr_sectors
+        check_access(op, job.id, job.sector, job.nr_sectors, limits, in_flight)
+        return job
+    if op == BlkifOp.INDIRECT:
+        indirect_op, nseg = request.indirect_op, request.nr_segments
+        if indirect_op not in (_READ, _WRITE):
+            raise BadRequest(f"indirect_op {indirect_op}: an indirect request reads or writes")
+        if not 0 < nseg <= limits.max_indirect_segments:
+            raise BadRequest(f"{nseg} indirect segments (feature-max-indirect-segments is "
+                             f"{limits.max_indirect_segments})")
+        check_access(indirect_op, request.id, request.sector_number, 0, limits, in_flight)
+        return Job(request.id, indirect_op, request.sector_number, nr_segments=nseg,
+                   indirect_grefs=tuple(request.indirect_grefs[:indirect_pages(nseg)]))
+    if op == BlkifOp.DISCARD:
+        if not limits.discard:
+            raise Unsupported("feature-discard is not offered")
+        check_access(op, request.id, request.sector_number, request.nr_sectors, limits,
+                     in_flight)
+        _check_end(request.sector_number, request.nr_sectors, limits)  # 0 sectors included
+        return Job(request.id, op, request.sector_number, request.nr_sectors,
+                   secure=bool(request.flag & BLKIF_DISCARD_SECURE))
+    raise BadRequest(f"unknown operation {op}")
+
+
+def check_segments(job: Job, raw: bytes, limits: Limits,
+                   parse: Callable[[bytes, int], Segments] = parse_segments) -> None:
+    """Finish an INDIRECT job with the segment list read out of its pages."""
+    job.key = (raw, job.nr_segments)
+    job.segments = parse(raw, job.nr_segments)
+    job.nr_sectors = job.segments.nr_sectors
+    check_access(job.kind, job.id, job.sector, job.nr_sectors, limits, ())
+
+
+def check_access(kind: int, rid: int, sector: int, nr_sectors: int, limits: Limits,
+                 in_flight: Container[int]) -> None:
+    """What depends on more than the segment list: a free id, the disk's mode, its end
+    (for a request that moves sectors, as xen_vbd_translate checks it)."""
+    if rid in in_flight:
+        raise BadRequest(f"id {rid} is already in flight")
+    if kind != _READ and limits.readonly:
+        raise BadRequest(f"{BlkifOp(kind).name} on a read-only disk")
+    if nr_sectors:
+        _check_end(sector, nr_sectors, limits)
+
+
+def _check_end(sector: int, nr_sectors: int, limits: Limits) -> None:
+    if sector + nr_sectors > limits.sectors:
+        raise BadRequest(f"sectors {sector}..{sector + nr_sectors - 1} are past "
+                         f"the end of the disk ({limits.sectors} sectors)")
