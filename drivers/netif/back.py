@@ -43,17 +43,18 @@ import trio
 
 from drivers.netif.protocol import (
     DEFAULT_MTU,
-    ETH_HLEN,
-    FATAL_SKB_SLOTS,
     GREF,
     GREFS_PER_PAGE,
     MAX_STATIC_GRANTS,
     NETIF_RINGS,
     fill_checksum,
     max_frame,
+    Refusal,
+    check_size,
+    check_slot,
     parse_mac,
+    parse_tx_packet,
     rx_flags_of,
-    tx_extra,
 )
 from xenlike.abi.netif import (
     NETIF_RSP_DROPPED,
@@ -71,10 +72,6 @@ from xenlike.abi.netif import (
     XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
     XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
     XEN_NETIF_CTRLF_GREF_readonly,
-    XEN_NETIF_EXTRA_FLAG_MORE,
-    XEN_NETIF_EXTRA_TYPE_MAX,
-    XEN_NETIF_EXTRA_TYPE_NONE,
-    XEN_NETIF_NR_SLOTS_MIN,
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.domain.grant_table import GrantCopy, GrantError, GrantRef, GrantStatusError, LocalFrame
@@ -429,10 +426,9 @@ class Vif:
                 index = self._parse_packet(requests, index, responses, frames, unread)
                 continue
             index += 1
-            if offset + size > XEN_PAGE_SIZE:
-                raise ChannelBroken(f"tx request {rid}: offset {offset} + size {size} crosses "
-                                    f"its page (Linux: 'Cross page boundary')")
-            status = self._check(size)
+            check_slot(rid, offset, size)
+            refusal = check_size(size, self._max_tx, self.mtu)
+            status = NETIF_RSP_OKAY if refusal is None else self._refuse(refusal)
             if status == NETIF_RSP_OKAY:
                 page = pages.get(gref)
                 if page is None:
@@ -454,78 +450,25 @@ class Vif:
         if good:
             self._bridge.forward(self, good)
 
-    def _check(self, size: int) -> int:
-        """The status a well-formed packet of `size` bytes gets (runts and giants are dropped)."""
-        if size < ETH_HLEN:
-            return self._refuse("tx_errors", "a packet shorter than an Ethernet header", size)
-        if size > self._max_tx:
-            return self._refuse("tx_dropped", f"a packet over the MTU of {self.mtu}", size)
-        return NETIF_RSP_OKAY
-
-    def _refuse(self, counter: str, what: str, size: int) -> int:
-        self.stats[counter] += 1
-        self._warn(what, f"{size} bytes")
-        return NETIF_RSP_ERROR if counter == "tx_errors" else NETIF_RSP_DROPPED
+    def _refuse(self, refusal: Refusal) -> int:
+        """Count and log a refused packet; its status."""
+        self.stats[refusal.counter] += 1
+        self._warn(refusal.what, f"{refusal.size} bytes")
+        return NETIF_RSP_ERROR if refusal.counter == "tx_errors" else NETIF_RSP_DROPPED
 
     def _parse_packet(self, requests: list[Any], index: int, responses: list[tuple[int, int]],
                       frames: list[Frame | None], unread: list[_Unread]) -> int:
-        """A packet with extra-info slots or fragments (xenvif_count_requests); returns the
-        index after it."""
-        count = len(requests)
-        gref, offset, flags, rid, size = requests[index]
-        after = index + 1
-        status = NETIF_RSP_OKAY
-        extras = 0
-        if flags & NETTXF_extra_info:
-            while True:
-                if after >= count:
-                    raise ChannelBroken(f"tx request {rid}: its extra info runs past the "
-                                        f"published requests")
-                extra = tx_extra(requests[after])
-                after += 1
-                extras += 1
-                if not XEN_NETIF_EXTRA_TYPE_NONE < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
-                    raise ChannelBroken(f"tx request {rid}: extra info type {extra.type} is "
-                                        f"none of netif.h's")
-                if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
-                    break
-            # GSO, multicast control and hashing were not negotiated.
-            status = self._refuse("tx_errors", f"extra info type {extra.type} was not "
-                                               f"negotiated", size)
-        fragments = [(gref, offset, size, rid)]
-        more = flags & NETTXF_more_data
-        while more:
-            if after >= count:
-                raise ChannelBroken(f"tx request {rid}: its NETTXF_more_data chain runs past "
-                                    f"the published requests")
-            if len(fragments) >= FATAL_SKB_SLOTS:
-                raise ChannelBroken(f"tx request {rid}: a packet of more than {FATAL_SKB_SLOTS} "
-                                    f"slots (Linux: 'Malicious frontend')")
-            f_gref, f_offset, f_flags, f_id, f_size = requests[after]
-            after += 1
-            if f_offset + f_size > XEN_PAGE_SIZE:
-                raise ChannelBroken(f"tx request {f_id}: offset {f_offset} + size {f_size} "
-                                    f"crosses its page")
-            fragments.append((f_gref, f_offset, f_size, f_id))
-            more = f_flags & NETTXF_more_data
-        rest = sum(fragment[2] for fragment in fragments[1:])
-        if status == NETIF_RSP_OKAY and len(fragments) > XEN_NETIF_NR_SLOTS_MIN:
-            status = self._refuse("tx_errors", f"a packet over {XEN_NETIF_NR_SLOTS_MIN} "
-                                               f"slots", size)
-        if status == NETIF_RSP_OKAY and rest > size:
-            status = self._refuse("tx_errors", "fragments larger than their packet", rest)
-        if status == NETIF_RSP_OKAY:
-            status = self._check(size)
-        if offset + max(size - rest, 0) > XEN_PAGE_SIZE:
-            raise ChannelBroken(f"tx request {rid}: offset {offset} + size {size - rest} "
-                                f"crosses its page")
+        """A packet with extra-info slots or fragments; returns the index after it."""
+        packet = parse_tx_packet(requests, index, self._max_tx, self.mtu)
+        rid, flags = requests[index][3], requests[index][2]
+        status = NETIF_RSP_OKAY if packet.refusal is None else self._refuse(packet.refusal)
         first_response = len(responses)
         responses.append((rid, status))
-        responses.extend((0, NETIF_RSP_NULL) for _ in range(extras))
-        responses.extend((fragment[3], status) for fragment in fragments[1:])
+        responses.extend((0, NETIF_RSP_NULL) for _ in range(packet.extras))
+        responses.extend((fid, status) for fid in packet.fragment_ids)
         if status != NETIF_RSP_OKAY:
-            return after
-        pieces = [(gref, offset, size - rest)] + [fragment[:3] for fragment in fragments[1:]]
+            return packet.after
+        pieces = packet.pieces
         if all(piece[0] in self._pages for piece in pieces):
             data = b"".join(bytes(self._pages[g][o:o + s]) for g, o, s in pieces)
             frames.append((data, rx_flags_of(flags)))
@@ -533,7 +476,7 @@ class Vif:
             unread.append(_Unread(len(frames), pieces, first_response,
                                   len(responses) - first_response, rx_flags_of(flags)))
             frames.append(None)
-        return after
+        return packet.after
 
     async def _copy_in(self, unread: list[_Unread], responses: list[tuple[int, int]],
                        frames: list[Frame | None]) -> None:

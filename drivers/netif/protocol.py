@@ -13,16 +13,26 @@ Checksums follow Linux: a packet sent with NETTXF_csum_blank (offload) has
 its TCP/UDP checksum left blank, and reaches a front end that accepts
 offload with NETRXF_csum_blank | NETRXF_data_validated; anything else it
 reaches gets the checksum filled in (`fill_checksum`).
+
+What the back end accepts from the tx ring is decided here, without I/O or
+counters: `parse_tx_packet` reads one packet's slots (xenvif_count_requests
+and xenvif_tx_build_gops) into its pieces or a `Refusal`, and raises
+ChannelBroken for what Linux calls a malicious front end.
 """
 
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from xenlike.abi.netif import (
     NETRXF_csum_blank,
     NETRXF_data_validated,
     NETTXF_csum_blank,
     NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_NONE,
     XEN_NETIF_NR_SLOTS_MIN,
     netif_extra_info,
     netif_rx_request,
@@ -36,7 +46,7 @@ from xenlike.abi.netif import (
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.codec import compile_struct
 from xenlike.ring import define_ring
-from xenlike.xenbus import SharedRing
+from xenlike.xenbus import ChannelBroken, SharedRing
 
 __all__ = [
     "CTRL_RING",
@@ -180,3 +190,93 @@ def fill_checksum(frame: bytes) -> bytes | None:
     if value == 0 and protocol == 17:
         value = 0xFFFF  # RFC 768: a computed zero is sent as all ones
     return frame[:field] + value.to_bytes(2, "big") + frame[field + 2:]
+
+
+# --- checking the tx ring (the back end's side) ------------------------------------------
+
+
+class Refusal(NamedTuple):
+    """A packet the back end answers with an error and drops; the vif counts it."""
+
+    counter: str  # "tx_errors" (NETIF_RSP_ERROR) or "tx_dropped" (NETIF_RSP_DROPPED)
+    what: str
+    size: int
+
+
+class TxPacket(NamedTuple):
+    """One packet's slots, read: where it ends and what it carries, or its refusal."""
+
+    after: int  # the index after its last slot
+    pieces: list[tuple[int, int, int]]  # (gref, offset, size) of its data, in order
+    extras: int  # extra-info slots after the first (each answered NETIF_RSP_NULL)
+    fragment_ids: list[int]  # the ids of its slots after the first and the extras
+    refusal: Refusal | None
+
+
+def check_size(size: int, max_tx: int, mtu: int) -> Refusal | None:
+    """Runts are errors and giants are dropped, as netback treats them."""
+    if size < ETH_HLEN:
+        return Refusal("tx_errors", "a packet shorter than an Ethernet header", size)
+    if size > max_tx:
+        return Refusal("tx_dropped", f"a packet over the MTU of {mtu}", size)
+    return None
+
+
+def check_slot(rid: int, offset: int, size: int) -> None:
+    """A slot's data must lie in its page (Linux: 'Cross page boundary')."""
+    if offset + size > XEN_PAGE_SIZE:
+        raise ChannelBroken(f"tx request {rid}: offset {offset} + size {size} crosses its page")
+
+
+def parse_tx_packet(requests: list[Any], index: int, max_tx: int, mtu: int) -> TxPacket:
+    """The packet whose first slot is requests[index] (xenvif_count_requests).
+
+    The first slot's size is the whole packet's; the NETTXF_more_data slots
+    after it carry the rest. Extra info (GSO, multicast, hashing) was never
+    negotiated, so a packet with it is refused once its slots are read.
+    """
+    count = len(requests)
+    gref, offset, flags, rid, size = requests[index]
+    after = index + 1
+    refusal = None
+    extras = 0
+    if flags & NETTXF_extra_info:
+        while True:
+            if after >= count:
+                raise ChannelBroken(f"tx request {rid}: its extra info runs past the "
+                                    f"published requests")
+            extra = tx_extra(requests[after])
+            after += 1
+            extras += 1
+            if not XEN_NETIF_EXTRA_TYPE_NONE < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
+                raise ChannelBroken(f"tx request {rid}: extra info type {extra.type} is "
+                                    f"none of netif.h's")
+            if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
+                break
+        refusal = Refusal("tx_errors", f"extra info type {extra.type} was not negotiated", size)
+    pieces: list[tuple[int, int, int]] = []
+    fragment_ids = []
+    more = flags & NETTXF_more_data
+    while more:
+        if after >= count:
+            raise ChannelBroken(f"tx request {rid}: its NETTXF_more_data chain runs past "
+                                f"the published requests")
+        if len(pieces) + 1 >= FATAL_SKB_SLOTS:
+            raise ChannelBroken(f"tx request {rid}: a packet of more than {FATAL_SKB_SLOTS} "
+                                f"slots (Linux: 'Malicious frontend')")
+        f_gref, f_offset, f_flags, f_id, f_size = requests[after]
+        after += 1
+        check_slot(f_id, f_offset, f_size)
+        pieces.append((f_gref, f_offset, f_size))
+        fragment_ids.append(f_id)
+        more = f_flags & NETTXF_more_data
+    rest = sum(piece[2] for piece in pieces)
+    if refusal is None and len(pieces) + 1 > XEN_NETIF_NR_SLOTS_MIN:
+        refusal = Refusal("tx_errors", f"a packet over {XEN_NETIF_NR_SLOTS_MIN} slots", size)
+    if refusal is None and rest > size:
+        refusal = Refusal("tx_errors", "fragments larger than their packet", rest)
+    if refusal is None:
+        refusal = check_size(size, max_tx, mtu)
+    check_slot(rid, offset, max(size - rest, 0))
+    pieces.insert(0, (gref, offset, size - rest))
+    return TxPacket(after, pieces, extras, fragment_ids, refusal)
