@@ -10,6 +10,16 @@ namedtuples: cheap to build, immutable, and readable (`req.operation`).
 Only fixed-size layouts compile: little-endian integers, `Padding`, `Bytes`,
 nested `Struct` and `Array` of those. Padding is always written as zeros, so
 no stale byte of the writer's memory ever reaches the other side.
+
+Why the functions are generated source (`exec`) and not closures: a
+generated `pack_into` calls `struct.pack_into` with a fixed argument list,
+which CPython passes by vectorcall; a closure must use `*value`, which
+builds a tuple per call. Measured with callgrind (instructions per call,
+2026-12): blkif_response pack 1,980 generated against 2,736 as a closure,
+a one-segment blkif_request pack 5,390 against 8,967, and a nested start_info
+unpack about 3x faster. Every ring entry pays that on both ends.
+tests/test_codec.py checks with hypothesis that each generated codec gives
+construct's bytes, the plain path.
 """
 
 import functools
