@@ -68,6 +68,28 @@ def test_short_record_arrays_are_zero_filled_and_long_ones_refused() -> None:
         codec.pack(codec.record(seg=array_type(bytes(8 * 12))))
 
 
+@settings(max_examples=60, deadline=None)
+@given(raw=st.binary(min_size=88, max_size=88), count=st.integers(0, 11),
+       index=st.integers(-11, 10), window=st.tuples(st.integers(-12, 12), st.integers(-12, 12)))
+def test_every_form_of_seg_packs_alike_and_reads_as_construct_does(
+        raw: bytes, count: int, index: int, window: tuple[int, int]) -> None:
+    """The packer's fast cases (the array's bytes, bare or as a RecordArray, one
+    record) and the plain one (a list of records) write the same slot."""
+    codec = compile_struct(blkif.blkif_request, "blkif_request")
+    segments = blkif.blkif_request_segment[11]
+    canonical = segments.build(segments.parse(raw))  # construct zeroes the padding
+    array = type(codec.record().seg)(canonical)
+    records = [codec.record().seg[0]._replace(**{k: v for k, v in item.items() if k != "_io"})
+               for item in segments.parse(canonical)]
+    assert list(array) == records and array[index] == records[index]
+    assert array[window[0]:window[1]] == tuple(records[window[0]:window[1]])
+    whole = {codec.pack(codec.record(seg=form)) for form in (canonical, array, records)}
+    assert len(whole) == 1 and whole.pop()[24:] == canonical
+    short = canonical[:8 * count].ljust(88, b"\0")  # fewer elements: the rest zeroed
+    assert codec.pack(codec.record(seg=type(array)(canonical[:8 * count])))[24:] == short
+    assert codec.pack(codec.record(seg=records[:count]))[24:] == short
+
+
 def test_decoded_arrays_are_private_copies() -> None:
     codec = compile_struct(blkif.blkif_request, "blkif_request")
     shared = bytearray(codec.size)
