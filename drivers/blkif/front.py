@@ -48,7 +48,7 @@ names: `xen_blkfront.feature_persistent=0`,
 import errno
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import trio
@@ -285,9 +285,16 @@ class BufferPool:
         return refs
 
 
+class _BufferPages(NamedTuple):
+    """Where a disk buffer's request finds its data: pages of the buffer's own extent."""
+
+    extent: Extent
+    page: int  # the first, counted from the extent's start
+
+
 # A request's part of an I/O: (sector, count, data), data a view of the caller's
-# buffer, None (a read that returns new bytes), or a disk buffer's (extent, page).
-_Piece = tuple[int, int, Any]
+# buffer, None (a read that returns new bytes), or a disk buffer's _BufferPages.
+_Piece = tuple[int, int, "memoryview | None | _BufferPages"]
 
 
 @attrs.define(eq=False, slots=True)
@@ -305,8 +312,8 @@ def _pages(sectors: int, data: Any) -> int:
     """Pages a request of `sectors` takes from the pool: data (unless it is in a disk
     buffer), then indirect pages."""
     pages = -(-sectors // SECTORS_PER_PAGE)
-    indirect = indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0  # inline:
-    return indirect if type(data) is tuple else pages + indirect  # once per request
+    indirect = _indirect(pages)
+    return indirect if type(data) is _BufferPages else pages + indirect
 
 
 def _indirect(pages: int) -> int:
@@ -342,7 +349,7 @@ class BlkFront(Frontend):
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self.pool = BufferPool(ctx.domain, device.otherend_id, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         # id -> a disk buffer and its place: (its extent, 0), a piece of `items`
-        self._buffers: dict[int, tuple[memoryview, tuple[Extent, int]]] = {}
+        self._buffers: dict[int, tuple[memoryview, _BufferPages]] = {}
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
     # --- the handshake ---------------------------------------------------------------
@@ -457,7 +464,7 @@ class BlkFront(Frontend):
                              f"not {nbytes} bytes")
         extent = self.pool.keep(-(-nbytes // XEN_PAGE_SIZE))
         view = extent.view()[:nbytes]
-        self._buffers[id(view)] = (view, (extent, 0))
+        self._buffers[id(view)] = (view, _BufferPages(extent, 0))
         return view
 
     def release(self, buffer: memoryview) -> None:
@@ -468,7 +475,7 @@ class BlkFront(Frontend):
             raise ValueError(f"not a disk buffer of {self._name}")
         buffer.release()
         del self._buffers[id(buffer)]
-        self.pool.give(own[1][0])
+        self.pool.give(own[1].extent)
 
     def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
                 ) -> None:
@@ -481,9 +488,10 @@ class BlkFront(Frontend):
                 items.append((sector, count, own[1]))
                 return
             self._check(sector, count)
-            extent = own[1][0]
+            extent = own[1].extent
             for start, length in self._split(sector, count):
-                items.append((start, length, (extent, (start - sector) // SECTORS_PER_PAGE)))
+                items.append((start, length,
+                              _BufferPages(extent, (start - sector) // SECTORS_PER_PAGE)))
             return
         view = memoryview(buffer).cast("B")
         if len(view) % SECTOR_SIZE:
@@ -628,7 +636,7 @@ class BlkFront(Frontend):
         requests = []
         first = 0
         for (sector, count, data), size in zip(items, sizes):
-            if type(data) is tuple:  # a disk buffer's pages; any indirect pages from here
+            if type(data) is _BufferPages:  # its data is there; any indirect pages are here
                 round_.data.append(None)
                 own, at = data
                 pages, partial = divmod(count, SECTORS_PER_PAGE)
