@@ -1,8 +1,9 @@
-"""blkback without processes: a fake XenStore and grant table, a raw front end.
+"""blkback without processes: xenlike.testing's fake XenStore and grant table,
+and a raw front end.
 
 The back end under test is the real `BlkBack` serving a real image file; the
-front end's memory is a real memfd, mapped by blkback through `map_frames`
-as the hypervisor would hand it over. `RawFront` plays the guest: it writes
+front end's memory is a real memfd, mapped by blkback through the fake grant
+table (`xenlike.testing.FakeGrantTable`). `RawFront` plays the guest: it writes
 whatever requests it likes into the shared ring (`FrontRing`), grants pages
 as it likes, and reads the responses, so tests can be as hostile as they
 want.
@@ -20,13 +21,9 @@ import trio
 
 from domains.dom0.hw import Disk
 from drivers.blkif import BLKIF_RING, BlkBack
-from xenlike.abi.grant_table import GntStatus
-from xenlike.domain.grant_table import GrantMapping, GrantStatusError
-from xenlike.memory import DomainMemory, map_frames
 from xenlike.ring import BackRing, FrontRing
-from xenlike.testing import doorbell_pair
+from xenlike.testing import FakeGrantTable, FakeXenStore, doorbell_pair
 from xenlike.xenbus import BackChannel, DeviceInfo, XenbusContext
-from xenlike.xenstore import XenStoreError
 
 FRONT_DOMID = 1
 BACK = f"/local/domain/0/backend/vbd/{FRONT_DOMID}/51712"
@@ -34,88 +31,10 @@ FRONT = f"/local/domain/{FRONT_DOMID}/device/vbd/51712"
 PAGE = 4096
 
 
-class Store:
-    """The XenStore calls a back end makes, over a dict."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = dict(values)
-
-    async def read(self, path: str) -> bytes:
-        try:
-            return self.values[path].encode()
-        except KeyError:
-            raise XenStoreError("ENOENT", path) from None
-
-    async def write(self, path: str, value: Any) -> None:
-        self.values[path] = str(value)
-
-    async def transact(self, body: Any) -> None:
-        await body(self)
-
-
-@attrs.define
-class _Grant:
-    gfn: int
-    domid: int
-    readonly: bool
-
-
-class GuestGrants:
-    """The guest's grant table, and the map/unmap hypercalls blkback makes on it.
-
-    A map is refused, element by element, as Xen refuses it: a ref never
-    granted, granted to another domain, or read-only for a writable map.
-    """
-
-    def __init__(self, nr_pages: int = 16384) -> None:
-        self.memory = DomainMemory.create(nr_pages)
-        self.entries: dict[int, _Grant] = {}
-        self._next = 8
-        self.maps = self.unmaps = 0
-        self.mapped: set[int] = set()
-        self.map_delay = 0.0
-
-    def grant(self, gfn: int, *, domid: int = 0, readonly: bool = False) -> int:
-        ref, self._next = self._next, self._next + 1
-        self.entries[ref] = _Grant(gfn, domid, readonly)
-        return ref
-
-    def page(self, gfn: int) -> memoryview:
-        return self.memory.frame(gfn)
-
-    async def map(self, domid: int, refs: Any, readonly: bool = False) -> GrantMapping:
-        assert domid == FRONT_DOMID
-        refs = tuple(refs)
-        self.maps += 1
-        with trio.CancelScope(shield=True):  # as GrantTable's: a hypercall is not cancelled
-            await trio.sleep(self.map_delay)
-        statuses = []
-        for ref in refs:
-            entry = self.entries.get(ref)
-            if entry is None:
-                statuses.append(GntStatus.bad_gntref)
-            elif entry.domid != 0 or (entry.readonly and not readonly):
-                statuses.append(GntStatus.general_error)
-            else:
-                statuses.append(GntStatus.okay)
-        if any(statuses):
-            raise GrantStatusError("GNTTABOP_map_grant_ref", [f"ref {r}" for r in refs], statuses)
-        frames = tuple(self.entries[ref].gfn for ref in refs)
-        self.mapped.update(refs)
-        pages = map_frames(self.memory.fd, frames, writable=not readonly)
-        return GrantMapping(domid, refs, tuple(range(len(refs))), frames, readonly, pages)
-
-    async def unmap(self, mapping: GrantMapping) -> None:
-        self.unmaps += 1
-        mapping._mapped().close()  # as GrantTable.unmap: refuses while views are alive
-        mapping._pages = None
-        self.mapped.difference_update(mapping.refs)
-
-
 class RawFront:
     """A front end that writes raw requests into the ring and collects the responses."""
 
-    def __init__(self, ring: FrontRing, port: Any, grants: GuestGrants) -> None:
+    def __init__(self, ring: FrontRing, port: Any, grants: FakeGrantTable) -> None:
         self.ring, self.port, self.grants = ring, port, grants
         self._next_gfn = 16  # gfn 0 holds the ring
 
@@ -150,8 +69,8 @@ class RawFront:
 class Served:
     back: BlkBack
     front: RawFront
-    grants: GuestGrants
-    store: Store
+    grants: FakeGrantTable
+    store: FakeXenStore
     image: Path
 
 
@@ -159,11 +78,12 @@ class Served:
 async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
                   discard: bool = True, direct: bool = False) -> AsyncIterator[Served]:
     """A BlkBack connected to a RawFront over a one-page ring, serving `image`."""
-    grants = GuestGrants()
-    store = Store({f"{BACK}/params": str(image), f"{BACK}/mode": mode, f"{BACK}/type": "file",
-                   f"{BACK}/discard-enable": "1" if discard else "0",
-                   f"{BACK}/direct-io-safe": "1" if direct else "0",
-                   f"{FRONT}/feature-persistent": "1" if persistent else "0"})
+    grants = FakeGrantTable()
+    store = FakeXenStore({f"{BACK}/params": str(image), f"{BACK}/mode": mode,
+                          f"{BACK}/type": "file",
+                          f"{BACK}/discard-enable": "1" if discard else "0",
+                          f"{BACK}/direct-io-safe": "1" if direct else "0",
+                          f"{FRONT}/feature-persistent": "1" if persistent else "0"})
     domain = SimpleNamespace(domid=0, grants=grants, ext={"disks": Disk.open})
     async with trio.open_nursery() as nursery:
         ctx = XenbusContext(domain, store, nursery)
@@ -187,7 +107,7 @@ async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
     back.disk.close()
 
 
-async def _publish(tx: Store, values: dict[str, Any]) -> None:
+async def _publish(tx: FakeXenStore, values: dict[str, Any]) -> None:
     for key, value in values.items():
         await tx.write(f"{BACK}/{key}", value)
 

@@ -10,6 +10,10 @@
 - `LocalDomain`: a guest domain with no hypervisor behind it (real memory
   and page allocator, a grant table of its own), for a front end driven
   over a `channel_pair`; `granted` is what a back end would map.
+- `FakeXenStore` and `FakeGrantTable`: what a back end calls on Dom0's
+  XenStore and grant table, over a dict and a guest's real memory, with
+  Xen's refusals: to drive a back end's `handle`/`serve` with a hostile
+  front end written by hand (see tests/blkif_harness.py).
 - `Topology`: a real topology (`xenlike up --detach`) in a temporary run
   directory, with its consoles, XenStore and devices at hand, and
   `Topology.kill(name)` for a guest (and its front ends) that vanishes.
@@ -30,18 +34,21 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
 from xenlike._eventfd import EventFd
 from xenlike.abi.ring import SRING_HEADER_SIZE, XEN_PAGE_SIZE
-from xenlike.memory import DomainMemory, PageAllocator
+from xenlike.memory import DomainMemory, PageAllocator, map_frames
 from xenlike.ring import BackRing, FrontRing, RingSpec
 from xenlike.xenbus.channel import BackChannel, FrontChannel
 
 __all__ = [
     "CrossedDoorbell",
+    "FakeGrant",
+    "FakeGrantTable",
+    "FakeXenStore",
     "FaultyDoorbell",
     "HostileFrontRing",
     "LocalDomain",
@@ -194,6 +201,102 @@ class _GrantedPages(Mapping[int, memoryview]):
 
     def __len__(self) -> int:
         return len(self._domain.grants.entries)
+
+
+class FakeXenStore:
+    """The XenStore calls a back end makes (read, write, transact), over a dict.
+
+    A missing key is XenStoreError ENOENT, as xenstored answers it; values
+    are kept as text.
+    """
+
+    def __init__(self, values: Mapping[str, str] = {}) -> None:  # noqa: B006 - copied
+        self.values = dict(values)
+
+    async def read(self, path: str) -> bytes:
+        from xenlike.xenstore import XenStoreError
+
+        try:
+            return self.values[path].encode()
+        except KeyError:
+            raise XenStoreError("ENOENT", path) from None
+
+    async def write(self, path: str, value: Any) -> None:
+        self.values[path] = str(value)
+
+    async def transact(self, body: Callable[["FakeXenStore"], Any]) -> None:
+        await body(self)
+
+
+class FakeGrant(NamedTuple):
+    """One entry of a `FakeGrantTable`."""
+
+    gfn: int
+    domid: int  # the grantee
+    readonly: bool
+
+
+class FakeGrantTable:
+    """A guest's memory and grant table, and the map/unmap calls a back end makes on it.
+
+    `grant(gfn)` grants one of the guest's frames (to Dom0 unless told
+    otherwise); `map` refuses, element by element, as Xen refuses: a ref
+    never granted (GNTST_bad_gntref), granted to another domain or
+    read-only for a writable map (GNTST_general_error), another granter
+    (GNTST_bad_domain). Mapped pages are the guest's real memory, so what
+    the back end writes the test reads back. `maps`, `unmaps` and `mapped`
+    count what the back end did; `map_delay` slows each map down.
+    """
+
+    def __init__(self, domid: int = 1, nr_pages: int = 16384) -> None:
+        self.domid = domid
+        self.memory = DomainMemory.create(nr_pages)
+        self.entries: dict[int, FakeGrant] = {}
+        self._next_ref = 8  # refs below 8 are reserved, as in Xen
+        self.maps = self.unmaps = 0
+        self.mapped: set[int] = set()
+        self.map_delay = 0.0
+
+    def grant(self, gfn: int, *, domid: int = 0, readonly: bool = False) -> int:
+        ref, self._next_ref = self._next_ref, self._next_ref + 1
+        self.entries[ref] = FakeGrant(gfn, domid, readonly)
+        return ref
+
+    def page(self, gfn: int) -> memoryview:
+        return self.memory.frame(gfn)
+
+    async def map(self, domid: int, refs: Any, readonly: bool = False) -> Any:
+        from xenlike.abi.grant_table import GntStatus
+        from xenlike.domain.grant_table import GrantMapping, GrantStatusError
+
+        refs = tuple(refs)
+        self.maps += 1
+        with trio.CancelScope(shield=True):  # as GrantTable's: a hypercall is not cancelled
+            await trio.sleep(self.map_delay)
+        statuses = []
+        for ref in refs:
+            entry = self.entries.get(ref)
+            if domid != self.domid:
+                statuses.append(GntStatus.bad_domain)
+            elif entry is None:
+                statuses.append(GntStatus.bad_gntref)
+            elif entry.domid != 0 or (entry.readonly and not readonly):
+                statuses.append(GntStatus.general_error)
+            else:
+                statuses.append(GntStatus.okay)
+        if any(statuses):
+            raise GrantStatusError("GNTTABOP_map_grant_ref", [f"ref {r}" for r in refs], statuses)
+        frames = tuple(self.entries[ref].gfn for ref in refs)
+        self.mapped.update(refs)
+        pages = map_frames(self.memory.fd, frames, writable=not readonly)
+        return GrantMapping(domid, refs, tuple(range(len(refs))), frames, readonly, pages)
+
+    async def unmap(self, mapping: Any) -> None:
+        """As GrantTable.unmap: refused (MemoryInUse) while views are alive."""
+        self.unmaps += 1
+        mapping._mapped().close()
+        mapping._pages = None
+        self.mapped.difference_update(mapping.refs)
 
 
 def detached(driver_class: type[T], device_type: str | None = None) -> T:
