@@ -1,6 +1,7 @@
 """The PV console page between a guest's writer and xenconsoled's reader."""
 
 import trio
+import trio.testing
 
 from drivers.console import ConsoleBack, ConsoleFront, ConsoleWriter
 from xenlike.testing import doorbell_pair
@@ -36,6 +37,6 @@ async def test_output_is_bounded_when_nobody_reads(nursery) -> None:
     nursery.start_soon(front.run)
     for _ in range(3000):
         front.write(b"y" * 1000)  # 3 MB with no xenconsoled: never blocks, stays bounded
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the writer task has done all it can
     assert len(front._pending) <= 1 << 20
     nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from domains.dom0.hw.bridge import Bridge
 from drivers.netif import Vif
@@ -351,7 +352,7 @@ async def test_a_guest_that_posts_no_buffers_loses_only_its_own_frames(guest: Gu
     for number in range(RX_QUEUE_MAX + 100):
         guest.vif.deliver(guest.frame(64 + number % 100), 0, guest.sink)
     assert guest.vif.stats["rx_dropped"] == 100
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the vif has done all it would
     assert guest.broken is None
     guest.post_rx([FIRST_REF + i for i in range(32)])
     responses = await guest.receive(32)

@@ -4,6 +4,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from xenlike.abi import blkif
 from xenlike.codec import LayoutError
@@ -103,7 +104,7 @@ async def test_requests_in_flight_are_resubmitted_on_a_new_channel(nursery) -> N
     async with trio.open_nursery() as callers:
         for sector in range(5):
             callers.start_soon(caller, sector)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # every caller has submitted
         assert len(back.ring.get_requests()) == 5  # consumed, never answered: the back end died
         orphans = front.fail(Disconnected("back end went away"))
         new_front, new_back, _ = make_pair()
