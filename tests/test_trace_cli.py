@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from click.testing import CliRunner
 
 from domains.guest import Guest
@@ -287,7 +288,7 @@ async def test_traced_ring_channels_record_pushes_notifies_and_final_checks(nurs
     async with trio.open_nursery() as callers:
         for value in range(200):
             callers.start_soon(front.call, ECHO_RING.request.record(value=value))
-    await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()  # the last pushes and final checks are traced
     nursery.cancel_scope.cancel()
     records = [r for r in buffer_events(buffer) if isinstance(r, TraceRecord)]
     pushes = [r for r in records if r.cmd == RingEvent.push_requests]
