@@ -531,7 +531,8 @@ def test_a_removed_and_recreated_node_still_conflicts(dom0, store):
 
 def test_quota_defaults_are_xenstoreds():
     assert Quotas() == Quotas(
-        nodes=1000, watches=128, outstanding=20, transactions=10, node_permissions=5, node_size=2048
+        nodes=1000, watches=128, outstanding=20, transactions=10, node_permissions=5,
+        node_size=2048, transaction_nodes=1024, memory=2621440,
     )
 
 
@@ -553,9 +554,10 @@ def test_transaction_quota_is_enospc_for_a_guest(store):
 
 def test_node_size_quota_is_enospc_for_a_guest(dom0, store):
     guest = guest_home(dom0, 5)
-    # 24 bytes of header and 8 per permission count too: 2048 - 32 = 2016.
-    ok(guest.write("data/v", b"x" * 2016))
-    assert error(guest.write("data/v", b"x" * 2017)) == "ENOSPC"
+    # 24 bytes of header and 8 per permission count too, and write_node_raw() refuses
+    # a record of 2048 bytes or more: 2047 - 32 = 2015.
+    ok(guest.write("data/v", b"x" * 2015))
+    assert error(guest.write("data/v", b"x" * 2016)) == "ENOSPC"
     ok(dom0.write("/local/domain/5/data/v", b"x" * 4000))
 
 
