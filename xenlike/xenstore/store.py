@@ -149,18 +149,29 @@ class Permission:
 
     @classmethod
     def parse(cls, text: str) -> "Permission":
-        """Parse `r5`-style text as xenstore_strings_to_perms does (domid in decimal)."""
+        """Parse `r5`-style text as xs_strings_to_perms() does.
+
+        The domid is read by strtol(p, &end, 0), so `r0x10` and `r 020` name
+        domain 16, and kept as C's unsigned int; domids no domain can have
+        are for the store to judge, not the parser.
+        """
         access = _PERM_ACCESS.get(text[:1])
-        digits = text[1:]
-        if access is None or not digits.isascii() or not digits.isdigit():
+        number = _STRTOL.fullmatch(text, 1)
+        if access is None or number is None:
             raise ValueError(f"bad permission {text!r}: want n, r, w or b and a domid")
-        domid = int(digits)
-        if domid > _DOMID_MAX:
-            raise ValueError(f"bad permission {text!r}: domid out of range")
-        return cls(domid, access)
+        sign, digits = number.groups()
+        if digits[:2] in ("0x", "0X"):
+            value = int(digits[2:], 16)
+        elif digits.startswith("0"):
+            value = int(digits, 8)
+        else:
+            value = int(digits)
+        value = min(value, 2**63) if sign == "-" else min(value, 2**63 - 1)  # LONG_MIN/MAX
+        return cls((-value if sign == "-" else value) & 0xFFFFFFFF, access)
 
     def __str__(self) -> str:
-        return f"{_PERM_LETTER[self.access & ~XS_PERM_IGNORE]}{self.domid}"
+        domid = self.domid - 2**32 if self.domid >= 2**31 else self.domid  # "%i"
+        return f"{_PERM_LETTER[self.access & ~XS_PERM_IGNORE]}{domid}"
 
     @property
     def ignored(self) -> bool:
@@ -174,6 +185,8 @@ _PERM_LETTER = {
     XS_PERM_READ | XS_PERM_WRITE: "b",
 }
 _PERM_ACCESS = {letter: access for access, letter in _PERM_LETTER.items()}
+# What strtol(p, &end, 0) consumes, when it must consume everything.
+_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 @attrs.frozen
@@ -337,6 +350,15 @@ def _onearg(payload: bytes) -> bytes:
     if not payload or payload.find(b"\0") != len(payload) - 1:
         raise XenStoreError("EINVAL", "want exactly one NUL-terminated argument")
     return payload[:-1]
+
+
+def _atoi(raw: bytes) -> int:
+    """C's atoi(): leading blanks, a sign, digits; whatever follows is ignored."""
+    number = _ATOI.match(raw)
+    return int(number.group()) if number else 0
+
+
+_ATOI = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
 def _number(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
@@ -536,12 +558,12 @@ class Store:
 
     # -- paths and permissions --------------------------------------------
 
-    def _canonical(self, conn: _Connection, raw: bytes, allow_special: bool = False) -> str:
+    def _canonical(self, conn: _Connection, raw: bytes) -> str:
         """canonicalize(): validate a path and make it absolute, or EINVAL."""
-        if not _VALID_CHARS.fullmatch(raw) or (raw.startswith(b"@") and not allow_special):
+        if not _VALID_CHARS.fullmatch(raw) or raw.startswith(b"@"):
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
         path = raw.decode("ascii")
-        if not path.startswith(("/", "@")):
+        if not path.startswith("/"):
             path = f"{conn.home}/{path}"
         local = _LOCAL_DOMAIN.match(path)
         length = len(path) - (local.end() if local else 0)
@@ -795,7 +817,7 @@ class Store:
             raise XenStoreError("EINVAL", "want path and offset")
         path = self._canonical(request.conn, args[0])
         node = self._get_node(request, path, XS_PERM_READ)
-        offset = _number(args[1])
+        offset = _atoi(args[1]) & 0xFFFFFFFF  # an unsigned int
         gen = f"{node.generation}".encode() + b"\0"
         children = join_strings(*(name.encode() for name in node.children))
         if offset >= len(children):
@@ -860,7 +882,8 @@ class Store:
         return OK
 
     def _do_get_perms(self, request: _Request) -> bytes:
-        path = self._canonical(request.conn, _onearg(request.message.payload), allow_special=True)
+        # get_node_canonicalized(): in 4.17 a special path is no node name (EINVAL).
+        path = self._canonical(request.conn, _onearg(request.message.payload))
         node = self._get_node(request, path, XS_PERM_READ)
         return join_strings(*(str(entry).encode() for entry in node.perms))
 
@@ -878,7 +901,13 @@ class Store:
         perms = self._alloc_permrefs(perms)
         if perms[0].ignored:
             raise XenStoreError("ENOENT", f"the owner, domain {perms[0].domid}, does not exist")
-        path = self._canonical(conn, args[0], allow_special=True)
+        if args[0].startswith(b"@"):
+            # set_perms_special(): only the two special nodes exist.
+            path = args[0].decode("latin-1")
+            if path not in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):
+                raise XenStoreError("ENOENT", f"no special node {path!r}")
+        else:
+            path = self._canonical(conn, args[0])
         node = self._get_node(request, path, XS_PERM_WRITE | XS_PERM_OWNER)
         if not conn.privileged and perms[0].domid != node.owner:
             raise XenStoreError("EPERM", "only domain 0 may change a node's owner")
@@ -907,7 +936,8 @@ class Store:
             path = self._canonical(conn, raw_path)
         if (path, token) in conn.watches:
             raise XenStoreError("EEXIST", "watch already set")
-        if not conn.privileged and len(conn.watches) >= self.quotas.watches:
+        # do_watch() compares the count before this watch: a guest gets one more.
+        if not conn.privileged and len(conn.watches) > self.quotas.watches:
             raise XenStoreError("E2BIG", "watches quota")
         watch = self._add_watch(conn, path, token, len(conn.home) + 1 if relative else 0)
         # Fire once up front, unconditionally: it simplifies clients.
@@ -939,7 +969,8 @@ class Store:
         conn = request.conn
         if request.tx is not None:
             raise XenStoreError("EBUSY", "transactions do not nest")
-        if not conn.privileged and len(conn.transactions) >= self.quotas.transactions:
+        # do_transaction_start() compares the count before this one: one more, too.
+        if not conn.privileged and len(conn.transactions) > self.quotas.transactions:
             raise XenStoreError("ENOSPC", "transactions quota")
         tx_id = conn.next_tx_id
         while tx_id == 0 or tx_id in conn.transactions:
