@@ -57,12 +57,18 @@ class _Socket:
         self.closed = False
 
     def send(self, message: XsMessage) -> None:
-        self.sock.sendall(message.encode())
+        try:
+            self.sock.sendall(message.encode())
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed = True
 
     def receive(self) -> XsMessage | None:
         """The next message, or None once the daemon closed the connection."""
         while not isinstance(message := self.reader.next_message(), XsMessage):
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:  # closed with our request unread
+                data = b""
             if not data:
                 self.closed = True
                 return None

@@ -111,7 +111,6 @@ XS_PERM_IGNORE = 0x10  # the entry names a domain gone since: it grants nothing
 _ALL = XS_PERM_READ | XS_PERM_WRITE | XS_PERM_OWNER
 
 DOMID_SELF = 0x7FF0  # xen.h; also DOMID_FIRST_RESERVED
-_DOMID_MAX = 0xFFFF
 
 # sizeof(struct xs_tdb_record_hdr) and sizeof(struct xs_permissions) in 4.17:
 # what xenstored counts towards a node's size besides value and children.
@@ -120,7 +119,6 @@ _PERM_SIZE = 8
 
 _VALID_CHARS = re.compile(rb"[A-Za-z0-9/_@-]*")
 _LOCAL_DOMAIN = re.compile(r"/local/domain/\d{1,5}/")  # sscanf "%5u/"
-_DIGITS = re.compile(rb"[0-9]+")
 
 _INTRODUCE_DOMAIN = "@introduceDomain"
 _RELEASE_DOMAIN = "@releaseDomain"
@@ -361,10 +359,8 @@ def _atoi(raw: bytes) -> int:
 _ATOI = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
-def _number(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
-    if not _DIGITS.fullmatch(raw) or int(raw) > limit:
-        raise XenStoreError("EINVAL", f"bad number {raw!r}")
-    return int(raw)
+def _domid(raw: bytes) -> int:
+    return _atoi(raw) & 0xFFFFFFFF
 
 
 class Store:
@@ -993,7 +989,8 @@ class Store:
         return OK
 
     def _domid_arg(self, request: _Request) -> int:
-        return _number(_onearg(request.message.payload), _DOMID_MAX)
+        """The domid argument, read with atoi() into an unsigned int as xenstored does."""
+        return _domid(_onearg(request.message.payload))
 
     def _introduced_domain(self, request: _Request) -> int:
         """onearg_domain(): an introduced domain other than 0, else EINVAL or ENOENT."""
@@ -1009,11 +1006,12 @@ class Store:
         args = split_strings(request.message.payload)
         if len(args) < 3:
             raise XenStoreError("EINVAL", "want domid, gfn and event channel")
-        domid = _number(args[0], DOMID_SELF - 1)
-        gfn = _number(args[1], 2**64 - 1)
-        port = _number(args[2])
+        domid, port = _domid(args[0]), _domid(args[2])  # atoi(), as do_introduce()
+        gfn = _atoi(args[1]) & (2**64 - 1)  # xenstored ignores it; xenlike maps a grant
         if port == 0:
             raise XenStoreError("EINVAL", "event channel 0")
+        if domid >= DOMID_SELF:
+            raise XenStoreError("EINVAL", f"no domain can have domid {domid}")
         if domid == 0:
             return OK  # domain 0 is introduced from the start
         known = domid in self.domains
@@ -1066,7 +1064,7 @@ class Store:
         args = split_strings(request.message.payload)
         if len(args) < 2:
             raise XenStoreError("EINVAL", "want domid and target domid")
-        domid, target = (_number(arg, _DOMID_MAX) for arg in args[:2])
+        domid, target = (_domid(arg) for arg in args[:2])
         for each in (domid, target):
             if each != 0 and each not in self.domains:
                 raise XenStoreError("ENOENT", f"domain {each} is not introduced")
