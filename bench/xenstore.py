@@ -15,14 +15,22 @@ The same runs again over the transport a guest uses: a xenstore_domain_interface
 page shared by two processes, woken by eventfds (`xenlike.bytering`), with
 xenstored (or the canned server) in the other process.
 
+Then xenlike's xenstored beside the real C xenstored of Xen 4.17 (Debian's
+xen-utils-4.17 under an LD_PRELOAD shim, see tests/cxenstored), with 1 and 4
+client processes each sending reads, writes and listings in turn, one
+request in flight per client, bare sockets. Rounds interleave the two
+daemons; each daemon's CPU time per operation comes from /proc.
+
 The last lines are `ratio NAME: VALUE`, xenlike's rate over the baseline's
 (for latency, the baseline's latency over xenlike's): 1.0 means no cost.
+The `cxenstored_*` ratios are xenlike's ops/s over cxenstored's.
 """
 
 import argparse
 import json
 import mmap
 import os
+import socket
 import statistics
 import struct
 import subprocess
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -308,8 +317,130 @@ async def bench(rounds: int, seconds: float) -> None:
                 server.wait()
         ratios = _report("xenstore over a Unix socket", rounds, seconds, raw, ours, "")
         ring_ratios = await bench_ring(rounds, seconds, canned, canned_path)
-    for name, ratio in {**ratios, **ring_ratios}.items():
+    peer_ratios = bench_peer(rounds, seconds * 2)
+    for name, ratio in {**ratios, **ring_ratios, **peer_ratios}.items():
         print(f"ratio {name}: {ratio:.2f}")
+
+
+# -- beside the real C xenstored ------------------------------------------------------
+
+CLIENT_COUNTS = (1, 4)
+MIX = [REQUESTS[name].encode() for name in ("read", "write", "ls")]
+
+
+def run_client(socket_path: str, seconds: float) -> None:
+    """One client process: connect, say "ready", read the start time (time.time()) from
+    stdin, then send requests in turn for `seconds` and print how many got their reply.
+    Blocking sockets, so the client costs as little as it can."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())
+    buffer = b""
+    done = 0
+    time.sleep(max(0.0, start - time.time()))
+    deadline = start + seconds
+    while time.time() < deadline:
+        sock.sendall(MIX[done % len(MIX)])
+        while True:
+            if len(buffer) >= HEADER.size:
+                end = HEADER.size + HEADER.unpack_from(buffer)[3]
+                if len(buffer) >= end:
+                    buffer = buffer[end:]
+                    break
+            buffer += sock.recv(65536)
+        done += 1
+    print(done, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peer_round(socket_path: str, pid: int, clients: int, seconds: float) -> tuple[float, float]:
+    """ops/s of `clients` client processes against one daemon, and its CPU seconds per op."""
+    processes = [subprocess.Popen([sys.executable, __file__, "--client", socket_path,
+                                   repr(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(clients)]
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    start = time.time() + 0.05
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(f"{start!r}\n")
+        process.stdin.close()
+    time.sleep(max(0.0, start - time.time()))
+    cpu_before = cpu_seconds(pid)
+    time.sleep(seconds)
+    cpu_used = cpu_seconds(pid) - cpu_before
+    done = 0
+    for process in processes:
+        assert process.stdout is not None
+        out = process.stdout.read()
+        process.wait()
+        if process.returncode:
+            raise SystemExit(f"a client of {socket_path} failed")
+        done += int(out)
+    return done / seconds, cpu_used / max(done, 1)
+
+
+def _setup_nodes(socket_path: str) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    reader = MessageReader()
+    for node, value in SETUP:
+        sock.sendall(XsMessage(XS_WRITE, 0, 0, node.encode() + b"\0" + value).encode())
+        while not isinstance(reader.next_message(), XsMessage):
+            reader.feed(sock.recv(65536))
+    sock.close()
+
+
+def bench_peer(rounds: int, seconds: float) -> dict[str, float]:
+    """xenlike's xenstored and cxenstored, side by side; their ratios (empty if no cxenstored)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.cxenstored import Unavailable, running
+
+    print(f"beside cxenstored (Xen 4.17, C): {rounds} interleaved rounds of {seconds}s, "
+          "clients sending read, write and ls in turn")
+    try:
+        peer = running()
+        cxenstored = peer.__enter__()
+    except Unavailable as error:
+        print(f"cxenstored unavailable, no comparison: {error}")
+        return {}
+    with tempfile.TemporaryDirectory(prefix="xsbench") as tmp:
+        xs_path = os.path.join(tmp, "xs.sock")
+        ours = start_server([sys.executable, "-m", "xenlike.xenstore", "--socket", xs_path])
+        try:
+            daemons = {"xenlike": (xs_path, ours.pid),
+                       "cxenstored": (cxenstored.socket_path, cxenstored.pid)}
+            for path, _ in daemons.values():
+                _setup_nodes(path)
+            rates: dict[tuple[str, int], list[float]] = {}
+            costs: dict[tuple[str, int], list[float]] = {}
+            for _ in range(rounds):
+                for clients in CLIENT_COUNTS:
+                    for name, (path, pid) in daemons.items():
+                        rate, cost = peer_round(path, pid, clients, seconds)
+                        rates.setdefault((name, clients), []).append(rate)
+                        costs.setdefault((name, clients), []).append(cost)
+        finally:
+            ours.terminate()
+            ours.wait()
+            peer.__exit__(None, None, None)
+    ratios = {}
+    for clients in CLIENT_COUNTS:
+        label = f"{clients}client" + ("s" if clients > 1 else "")
+        for name in daemons:
+            rate = statistics.median(rates[name, clients])
+            cost = statistics.median(costs[name, clients])
+            print(f"{name} {label}: {rate:.0f} ops/s, {cost * 1e6:.1f} us CPU per op")
+        ratios[f"cxenstored_{label}"] = (statistics.median(rates["xenlike", clients])
+                                         / statistics.median(rates["cxenstored", clients]))
+    return ratios
 
 
 def _report(title: str, rounds: int, seconds: float, raw: dict[str, list[float]],
@@ -340,7 +471,12 @@ def main() -> None:
     parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--ring-server", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        socket_path, seconds = args.client
+        run_client(socket_path, float(seconds))
+        return
     if args.ring_server:
         kind, canned_path, *fds = args.ring_server
         trio.run(ring_server, kind, _load_canned(canned_path), *map(int, fds))

@@ -127,7 +127,9 @@ def test_a_fresh_store_is_what_xenstored_starts_with(dom0):
     assert dom0.ls("/") == ["tool"]
     assert dom0.ls("/tool") == ["xenstored"]
     assert dom0.call(XS_GET_PERMS, "/") == b"n0\0"
-    assert dom0.call(XS_GET_PERMS, "@introduceDomain") == b"n0\0"
+    # 4.17's GET_PERMS takes node names only; SET_PERMS also takes the two special ones.
+    assert dom0.call(XS_GET_PERMS, "@introduceDomain") == b"EINVAL\0"
+    assert dom0.call(XS_SET_PERMS, "@introduceDomain", "n0") == b"OK\0"
 
 
 def test_write_creates_missing_parents_empty(dom0):
@@ -531,13 +533,14 @@ def test_a_removed_and_recreated_node_still_conflicts(dom0, store):
 
 def test_quota_defaults_are_xenstoreds():
     assert Quotas() == Quotas(
-        nodes=1000, watches=128, outstanding=20, transactions=10, node_permissions=5, node_size=2048
+        nodes=1000, watches=128, outstanding=20, transactions=10, node_permissions=5,
+        node_size=2048, transaction_nodes=1024, memory=2621440,
     )
 
 
 def test_watch_quota_is_e2big_for_a_guest_and_absent_for_domain_0(dom0, store):
     guest = Conn(store, 5)
-    for i in range(128):
+    for i in range(129):  # xenstored 4.17 checks `>`: the quota plus one
         ok(guest.send(XS_WATCH, b"@releaseDomain\0%d\0" % i))
     assert error(guest.send(XS_WATCH, b"@releaseDomain\0one-more\0")) == "E2BIG"
     for i in range(1000):
@@ -546,16 +549,17 @@ def test_watch_quota_is_e2big_for_a_guest_and_absent_for_domain_0(dom0, store):
 
 def test_transaction_quota_is_enospc_for_a_guest(store):
     guest = Conn(store, 5)
-    for _ in range(10):
+    for _ in range(11):  # xenstored 4.17 checks `>`: the quota plus one
         guest.start()
     assert error(guest.send(XS_TRANSACTION_START, b"\0")) == "ENOSPC"
 
 
 def test_node_size_quota_is_enospc_for_a_guest(dom0, store):
     guest = guest_home(dom0, 5)
-    # 24 bytes of header and 8 per permission count too: 2048 - 32 = 2016.
-    ok(guest.write("data/v", b"x" * 2016))
-    assert error(guest.write("data/v", b"x" * 2017)) == "ENOSPC"
+    # 24 bytes of header and 8 per permission count too, and write_node_raw() refuses
+    # a record of 2048 bytes or more: 2047 - 32 = 2015.
+    ok(guest.write("data/v", b"x" * 2015))
+    assert error(guest.write("data/v", b"x" * 2016)) == "ENOSPC"
     ok(dom0.write("/local/domain/5/data/v", b"x" * 4000))
 
 

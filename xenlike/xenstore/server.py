@@ -33,7 +33,8 @@ per-domain memory quota):
 Bad input (section 17 of xen-abi.md): only a header with `len` over
 XENSTORE_PAYLOAD_MAX closes the connection, without a reply; everything else
 gets an error reply from the store, and a partial message is simply waited
-for.
+for. Should the store ever raise (a defect), only that client's connection
+is closed.
 """
 
 import argparse
@@ -214,7 +215,15 @@ class XenStored:
         """Run one request and queue its reply and watch events."""
         if conn.closed:
             return  # dropped meanwhile (its domain released, say): the store forgot it
-        outcome = self.store.handle(conn.conn_id, message)
+        try:
+            outcome = self.store.handle(conn.conn_id, message)
+        except Exception:
+            # A defect in the store, not the client's fault; it costs this client
+            # its connection, never the daemon.
+            log.exception("connection %d (domain %d): %r failed", conn.conn_id, conn.domid,
+                          message)
+            conn.drop("internal error")
+            return
         for delivery in outcome.deliveries:
             target = self.connections.get(delivery.conn_id)
             if target is not None:

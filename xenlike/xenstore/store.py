@@ -27,9 +27,22 @@ C xenstored (tools/xenstored/{core,watch,transaction,domain}.c):
   into the transaction and remembers its generation; at commit every node
   first *read* must still have that generation, else EAGAIN. Their watch
   events fire on commit only.
+  A guest's transaction touches at most 1024 nodes (ENOSPC, and the
+  transaction fails: ENOMEM at commit), and each domain's nodes and
+  transaction copies together stay under a memory quota, so a guest's open
+  transactions cannot grow Dom0 without limit.
 - Quotas bind unprivileged domains only (`Quotas`, xenstored's defaults).
   Errors are Xen's: ENOSPC for nodes, node size, permissions and
-  transactions, E2BIG for watches and for a reply over XENSTORE_PAYLOAD_MAX.
+  transactions, E2BIG for watches and for a reply over XENSTORE_PAYLOAD_MAX,
+  ENOMEM for memory. A watch event longer than XENSTORE_PAYLOAD_MAX is
+  dropped, not sent (send_event()).
+- Domains (XSA-322): xenstored keeps a record per domain that permissions
+  name, stamped with the generation count at its creation. A permission
+  naming a domain that does not exist is ignored, as is one naming a
+  domain released since: its record is gone, and a domain reusing the domid
+  gets a new, younger one. SET_PERMS whose owner is no domain answers ENOENT.
+
+Where xenlike deliberately differs from cxenstored, docs/xenstore.md says so.
 """
 
 import re
@@ -94,10 +107,10 @@ XS_PERM_NONE = 0x00
 XS_PERM_READ = 0x01
 XS_PERM_WRITE = 0x02
 XS_PERM_OWNER = 0x08
+XS_PERM_IGNORE = 0x10  # the entry names a domain gone since: it grants nothing
 _ALL = XS_PERM_READ | XS_PERM_WRITE | XS_PERM_OWNER
 
 DOMID_SELF = 0x7FF0  # xen.h; also DOMID_FIRST_RESERVED
-_DOMID_MAX = 0xFFFF
 
 # sizeof(struct xs_tdb_record_hdr) and sizeof(struct xs_permissions) in 4.17:
 # what xenstored counts towards a node's size besides value and children.
@@ -106,7 +119,6 @@ _PERM_SIZE = 8
 
 _VALID_CHARS = re.compile(rb"[A-Za-z0-9/_@-]*")
 _LOCAL_DOMAIN = re.compile(r"/local/domain/\d{1,5}/")  # sscanf "%5u/"
-_DIGITS = re.compile(rb"[0-9]+")
 
 _INTRODUCE_DOMAIN = "@introduceDomain"
 _RELEASE_DOMAIN = "@releaseDomain"
@@ -122,6 +134,8 @@ class Quotas:
     transactions: int = 10  # open transactions per domain (-t, "transactions")
     node_permissions: int = 5  # entries in one node's perms (-A, "node-permissions")
     node_size: int = 2048  # header, perms, value and child names (-S, "node-size")
+    transaction_nodes: int = 1024  # nodes one transaction may touch ("transaction-nodes")
+    memory: int = 2 * 1024 * 1024 + 512 * 1024  # bytes per domain (-M, "memory" hard)
 
 
 @attrs.frozen
@@ -133,18 +147,33 @@ class Permission:
 
     @classmethod
     def parse(cls, text: str) -> "Permission":
-        """Parse `r5`-style text as xenstore_strings_to_perms does (domid in decimal)."""
+        """Parse `r5`-style text as xs_strings_to_perms() does.
+
+        The domid is read by strtol(p, &end, 0), so `r0x10` and `r 020` name
+        domain 16, and kept as C's unsigned int; domids no domain can have
+        are for the store to judge, not the parser.
+        """
         access = _PERM_ACCESS.get(text[:1])
-        digits = text[1:]
-        if access is None or not digits.isascii() or not digits.isdigit():
+        number = _STRTOL.fullmatch(text, 1)
+        if access is None or number is None:
             raise ValueError(f"bad permission {text!r}: want n, r, w or b and a domid")
-        domid = int(digits)
-        if domid > _DOMID_MAX:
-            raise ValueError(f"bad permission {text!r}: domid out of range")
-        return cls(domid, access)
+        sign, digits = number.groups()
+        if digits[:2] in ("0x", "0X"):
+            value = int(digits[2:], 16)
+        elif digits.startswith("0"):
+            value = int(digits, 8)
+        else:
+            value = int(digits)
+        value = min(value, 2**63) if sign == "-" else min(value, 2**63 - 1)  # LONG_MIN/MAX
+        return cls((-value if sign == "-" else value) & 0xFFFFFFFF, access)
 
     def __str__(self) -> str:
-        return f"{_PERM_LETTER[self.access]}{self.domid}"
+        domid = self.domid - 2**32 if self.domid >= 2**31 else self.domid  # "%i"
+        return f"{_PERM_LETTER[self.access & ~XS_PERM_IGNORE]}{domid}"
+
+    @property
+    def ignored(self) -> bool:
+        return bool(self.access & XS_PERM_IGNORE)
 
 
 _PERM_LETTER = {
@@ -154,6 +183,8 @@ _PERM_LETTER = {
     XS_PERM_READ | XS_PERM_WRITE: "b",
 }
 _PERM_ACCESS = {letter: access for access, letter in _PERM_LETTER.items()}
+# What strtol(p, &end, 0) consumes, when it must consume everything.
+_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 @attrs.frozen
@@ -170,7 +201,7 @@ class Node:
         return self.perms[0].domid
 
     def size(self) -> int:
-        """The size xenstored checks against the node-size quota."""
+        """The size xenstored checks against the node-size quota (and counts as memory)."""
         return (
             _NODE_HEADER_SIZE
             + _PERM_SIZE * len(self.perms)
@@ -236,6 +267,7 @@ class _Access:
     generation: int | None  # at first access; None: the node did not exist
     check: bool  # first access was a read: verify `generation` at commit
     old_perms: tuple[Permission, ...] | None  # who could see it before
+    memory: int = 0  # what this copy counts towards its domain's memory quota
     modified: bool = False
     fire: bool = False  # a watch event is queued for commit
     exact: bool = True
@@ -244,9 +276,12 @@ class _Access:
 @attrs.define(eq=False)
 class _Transaction:
     id: int
+    domid: int  # whose memory its copies count towards
     accessed: dict[str, _Access] = attrs.Factory(dict)
     owned_delta: Counter[int] = attrs.Factory(Counter)
     created: bool = False
+    failed: bool = False  # a quota was hit: commit answers ENOMEM
+    memory: int = 0
 
 
 @attrs.define(eq=False)
@@ -303,6 +338,11 @@ def _watch_paths(path: str, exact: bool) -> Iterator[str]:
         yield "/"
 
 
+def _memory_of(path: str, node: Node | None) -> int:
+    """What a node costs its domain's memory quota: its record and its key."""
+    return len(path) + (0 if node is None else node.size())
+
+
 def _onearg(payload: bytes) -> bytes:
     """The single argument of a request: the payload must hold exactly one NUL, last."""
     if not payload or payload.find(b"\0") != len(payload) - 1:
@@ -310,10 +350,17 @@ def _onearg(payload: bytes) -> bytes:
     return payload[:-1]
 
 
-def _number(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
-    if not _DIGITS.fullmatch(raw) or int(raw) > limit:
-        raise XenStoreError("EINVAL", f"bad number {raw!r}")
-    return int(raw)
+def _atoi(raw: bytes) -> int:
+    """C's atoi(): leading blanks, a sign, digits; whatever follows is ignored."""
+    number = _ATOI.match(raw)
+    return int(number.group()) if number else 0
+
+
+_ATOI = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
+
+
+def _domid(raw: bytes) -> int:
+    return _atoi(raw) & 0xFFFFFFFF
 
 
 class Store:
@@ -324,11 +371,22 @@ class Store:
     requests, `disconnect` frees its watches and transactions.
     """
 
-    def __init__(self, quotas: Quotas = Quotas()) -> None:
+    def __init__(
+        self,
+        quotas: Quotas = Quotas(),
+        domain_exists: Callable[[int], bool] = lambda domid: domid < DOMID_SELF,
+    ) -> None:
+        """`domain_exists` is the hypervisor's answer to "is there a domain `domid`?"
+        (xenstored asks xc_domain_getinfo); by default every domid below
+        DOMID_FIRST_RESERVED exists, so only reserved ones name no domain."""
         self.quotas = quotas
+        self.domain_exists = domain_exists
         self.domains: dict[int, IntroducedDomain] = {}
         self._nodes: dict[str, Node] = {}
         self._owned: Counter[int] = Counter()  # nodes per owner domid
+        self._memory: Counter[int] = Counter()  # bytes per domid other than 0
+        # struct domain: the generation count when xenstored first met each domain.
+        self._domain_generation: dict[int, int] = {0: 0}
         self._generation = 0
         self._conns: dict[int, _Connection] = {}
         self._next_conn_id = 1
@@ -386,6 +444,13 @@ class Store:
         deliveries = (*request.events, Delivery(conn.id, answer), *request.after_reply)
         return Outcome(answer, deliveries, tuple(request.closed))
 
+    def domain_memory(self, domid: int) -> int:
+        """Bytes counted against a domain's memory quota: its nodes and its transactions' copies.
+
+        Domain 0 has no quota and is not counted (0).
+        """
+        return self._memory[domid] if domid else 0
+
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             nodes=len(self._nodes),
@@ -406,30 +471,77 @@ class Store:
         access = tx.accessed.get(path)
         if access is None:
             node = self._nodes.get(path)
-            access = _Access(
-                node=node,
-                generation=None if node is None else node.generation,
-                check=True,
-                old_perms=None if node is None else node.perms,
-            )
-            tx.accessed[path] = access
+            access = self._access(tx, path, node)
+            access.generation = None if node is None else node.generation
+            access.check = True
+            access.old_perms = None if node is None else node.perms
         return access.node
+
+    def _access(self, tx: _Transaction, path: str, node: Node | None) -> _Access:
+        """access_node(): a transaction's first touch of a node, within its quotas.
+
+        A guest's transaction touches at most `Quotas.transaction_nodes` nodes
+        (ENOSPC), and its copies count towards the domain's memory (ENOMEM);
+        either failure also fails the transaction, so its commit is ENOMEM.
+        """
+        memory = 0
+        if tx.domid:
+            if len(tx.accessed) >= self.quotas.transaction_nodes:
+                tx.failed = True
+                raise XenStoreError("ENOSPC", "transaction-nodes quota")
+            memory = _memory_of(path, node)
+            if self._memory[tx.domid] + memory >= self.quotas.memory:
+                tx.failed = True
+                raise XenStoreError("ENOMEM", "memory quota")
+            self._memory[tx.domid] += memory
+            tx.memory += memory
+        access = tx.accessed[path] = _Access(node, None, False, None, memory)
+        return access
 
     def _put(self, tx: _Transaction | None, path: str, node: Node | None) -> None:
         """Store (or, with None, remove) a node; a change takes a new generation."""
         if node is not None:
             node = attrs.evolve(node, generation=self._next_generation())
         if tx is None:
+            old = self._nodes.get(path)
+            if old is not None and old.owner:
+                self._memory[old.owner] -= _memory_of(path, old)
             if node is None:
                 del self._nodes[path]
             else:
                 self._nodes[path] = node
+                if node.owner:
+                    self._memory[node.owner] += _memory_of(path, node)
             return
         access = tx.accessed.get(path)
         if access is None:
-            access = tx.accessed[path] = _Access(None, None, check=False, old_perms=None)
+            access = self._access(tx, path, None)
         access.node = node
         access.modified = True
+        if tx.domid:
+            memory = _memory_of(path, node)
+            self._memory[tx.domid] += memory - access.memory
+            tx.memory += memory - access.memory
+            access.memory = memory
+
+    def _check_memory(self, request: _Request, added: int) -> None:
+        """domain_memory_add(): a guest's change must keep its domain under the memory quota.
+
+        Checked before anything changes, so a refused request changes nothing.
+        """
+        domid = request.conn.domid
+        if not domid:
+            return
+        if self._memory[domid] + added >= self.quotas.memory:
+            if request.tx is not None:
+                request.tx.failed = True
+            raise XenStoreError("ENOMEM", "memory quota")
+
+    def _end_transaction(self, conn: _Connection, tx: _Transaction) -> None:
+        """Forget a transaction and give back the memory its copies held."""
+        del conn.transactions[tx.id]
+        if tx.domid:
+            self._memory[tx.domid] -= tx.memory
 
     def _count_owned(self, tx: _Transaction | None, domid: int, delta: int) -> None:
         if tx is None:
@@ -442,12 +554,12 @@ class Store:
 
     # -- paths and permissions --------------------------------------------
 
-    def _canonical(self, conn: _Connection, raw: bytes, allow_special: bool = False) -> str:
+    def _canonical(self, conn: _Connection, raw: bytes) -> str:
         """canonicalize(): validate a path and make it absolute, or EINVAL."""
-        if not _VALID_CHARS.fullmatch(raw) or (raw.startswith(b"@") and not allow_special):
+        if not _VALID_CHARS.fullmatch(raw) or raw.startswith(b"@"):
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
         path = raw.decode("ascii")
-        if not path.startswith(("/", "@")):
+        if not path.startswith("/"):
             path = f"{conn.home}/{path}"
         local = _LOCAL_DOMAIN.match(path)
         length = len(path) - (local.end() if local else 0)
@@ -464,7 +576,7 @@ class Store:
         if owner == conn.domid or owner == target:
             return _ALL
         for entry in perms[1:]:
-            if entry.domid == conn.domid or entry.domid == target:
+            if (entry.domid == conn.domid or entry.domid == target) and not entry.ignored:
                 return entry.access
         return perms[0].access
 
@@ -486,8 +598,46 @@ class Store:
         raise XenStoreError("EACCES")
 
     def _check_size(self, conn: _Connection, node: Node) -> None:
-        if not conn.privileged and node.size() > self.quotas.node_size:
+        if not conn.privileged and node.size() >= self.quotas.node_size:
             raise XenStoreError("ENOSPC", "node-size quota")
+
+    # -- domains (XSA-322) ----------------------------------------------------
+
+    def _alloc_permrefs(self, perms: tuple[Permission, ...]) -> tuple[Permission, ...]:
+        """domain_alloc_permrefs(): a record for each domain named; flag those that don't exist."""
+        adjusted = []
+        for entry in perms:
+            if entry.domid not in self._domain_generation:
+                if self.domain_exists(entry.domid):
+                    self._domain_generation[entry.domid] = self._next_generation()
+                else:
+                    entry = Permission(entry.domid, entry.access | XS_PERM_IGNORE)
+            adjusted.append(entry)
+        return tuple(adjusted)
+
+    def _adjust_perms(self, node: Node) -> Node:
+        """domain_adjust_node_perms(): flag entries naming a domain younger than the node.
+
+        For a copy a transaction commits: a domain released meanwhile has no
+        record, one that took its domid a younger one.
+        """
+        if len(node.perms) == 1:
+            return node
+        perms = list(node.perms)
+        for i, entry in enumerate(perms[1:], 1):
+            born = self._domain_generation.get(entry.domid)
+            if not entry.ignored and (born is None or born > node.generation):
+                perms[i] = Permission(entry.domid, entry.access | XS_PERM_IGNORE)
+        return attrs.evolve(node, perms=tuple(perms))
+
+    def _forget_domain(self, domid: int) -> None:
+        """destroy_domain(): drop the domain's record; what names it grants nothing more."""
+        del self._domain_generation[domid]
+        for path, node in self._nodes.items():
+            if any(entry.domid == domid and not entry.ignored for entry in node.perms[1:]):
+                perms = (node.perms[0], *(Permission(e.domid, e.access | XS_PERM_IGNORE)
+                                          if e.domid == domid else e for e in node.perms[1:]))
+                self._nodes[path] = attrs.evolve(node, perms=perms)
 
     # -- watches ------------------------------------------------------------
 
@@ -516,8 +666,10 @@ class Store:
                     self._conns[watch.conn_id], path, old_perms
                 )
             if allowed:
-                event = watch_event(encoded[watch.prefix_len :], watch.token)
-                request.events.append(Delivery(watch.conn_id, event))
+                reported = encoded[watch.prefix_len :]
+                if len(reported) + len(watch.token) + 2 <= XENSTORE_PAYLOAD_MAX:
+                    event = watch_event(reported, watch.token)
+                    request.events.append(Delivery(watch.conn_id, event))
 
     def _watch_permitted(
         self, conn: _Connection, path: str, old_perms: tuple[Permission, ...] | None
@@ -553,7 +705,8 @@ class Store:
         """Drop all watches and transactions of a connection."""
         for watch in list(conn.watches.values()):
             self._remove_watch(conn, watch)
-        conn.transactions.clear()
+        for tx in list(conn.transactions.values()):
+            self._end_transaction(conn, tx)
 
     # -- changing the tree ----------------------------------------------------
 
@@ -582,6 +735,7 @@ class Store:
         writes.append((path, parent))
         for _, node in writes:
             self._check_size(conn, node)
+        self._check_memory(request, sum(_memory_of(p, node) for p, node in writes[1:]))
         for node_path, node in writes:
             self._put(tx, node_path, node)
         for _, node in writes[1:]:
@@ -592,6 +746,11 @@ class Store:
     def _remove(self, request: _Request, path: str, node: Node) -> None:
         """rm_node(): a subtree, deepest first, firing each removed node's watches."""
         tx = request.tx
+        parent_path = _parent(path)
+        parent = self._read(tx, parent_path)
+        if parent is None:
+            # Possible in a transaction whose copy of the node outlived its parent.
+            raise XenStoreError("EINVAL", f"the parent of {path} is gone")
         removed = []
         stack = [(path, node, iter(node.children))]
         while stack:
@@ -611,9 +770,6 @@ class Store:
         for node_path, current in removed:
             self._put(tx, node_path, None)
             self._count_owned(tx, current.owner, -1)
-        parent_path = _parent(path)
-        parent = self._read(tx, parent_path)
-        assert parent is not None, "a node's parent exists"
         name = _basename(path)
         remaining = tuple(child for child in parent.children if child != name)
         self._put(tx, parent_path, attrs.evolve(parent, children=remaining))
@@ -621,6 +777,8 @@ class Store:
     def _commit(self, request: _Request, tx: _Transaction) -> None:
         """finalize_transaction(): check read generations, then publish and fire."""
         conn = request.conn
+        if tx.failed:
+            raise XenStoreError("ENOMEM", "the transaction hit a quota")
         owned = self._owned[conn.domid] + tx.owned_delta[conn.domid]
         if tx.created and not conn.privileged and owned > self.quotas.nodes:
             raise XenStoreError("ENOSPC", "nodes quota")
@@ -631,11 +789,11 @@ class Store:
                     raise XenStoreError("EAGAIN", f"transaction conflict on {path}")
         for path, access in tx.accessed.items():
             if access.modified:
-                if access.node is None:
-                    self._nodes.pop(path, None)
-                else:
-                    self._nodes[path] = attrs.evolve(access.node,
-                                                     generation=self._next_generation())
+                node = access.node
+                if node is not None:
+                    node = self._adjust_perms(node)
+                if path in self._nodes or node is not None:
+                    self._put(None, path, node)
         self._owned.update(tx.owned_delta)
         for path, access in tx.accessed.items():
             if access.fire:
@@ -655,7 +813,7 @@ class Store:
             raise XenStoreError("EINVAL", "want path and offset")
         path = self._canonical(request.conn, args[0])
         node = self._get_node(request, path, XS_PERM_READ)
-        offset = _number(args[1])
+        offset = _atoi(args[1]) & 0xFFFFFFFF  # an unsigned int
         gen = f"{node.generation}".encode() + b"\0"
         children = join_strings(*(name.encode() for name in node.children))
         if offset >= len(children):
@@ -687,9 +845,10 @@ class Store:
                 raise
             self._create(request, path, value)
         else:
-            node = attrs.evolve(node, value=value)
-            self._check_size(request.conn, node)
-            self._put(request.tx, path, node)
+            changed = attrs.evolve(node, value=value)
+            self._check_size(request.conn, changed)
+            self._check_memory(request, len(value) - len(node.value))
+            self._put(request.tx, path, changed)
         self._fire(request, path, exact=False)
         return OK
 
@@ -719,7 +878,8 @@ class Store:
         return OK
 
     def _do_get_perms(self, request: _Request) -> bytes:
-        path = self._canonical(request.conn, _onearg(request.message.payload), allow_special=True)
+        # get_node_canonicalized(): in 4.17 a special path is no node name (EINVAL).
+        path = self._canonical(request.conn, _onearg(request.message.payload))
         node = self._get_node(request, path, XS_PERM_READ)
         return join_strings(*(str(entry).encode() for entry in node.perms))
 
@@ -734,12 +894,22 @@ class Store:
             perms = tuple(Permission.parse(arg.decode("ascii")) for arg in args[1:])
         except (UnicodeDecodeError, ValueError) as error:
             raise XenStoreError("EINVAL", str(error)) from None
-        path = self._canonical(conn, args[0], allow_special=True)
+        perms = self._alloc_permrefs(perms)
+        if perms[0].ignored:
+            raise XenStoreError("ENOENT", f"the owner, domain {perms[0].domid}, does not exist")
+        if args[0].startswith(b"@"):
+            # set_perms_special(): only the two special nodes exist.
+            path = args[0].decode("latin-1")
+            if path not in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):
+                raise XenStoreError("ENOENT", f"no special node {path!r}")
+        else:
+            path = self._canonical(conn, args[0])
         node = self._get_node(request, path, XS_PERM_WRITE | XS_PERM_OWNER)
         if not conn.privileged and perms[0].domid != node.owner:
             raise XenStoreError("EPERM", "only domain 0 may change a node's owner")
         changed = attrs.evolve(node, perms=perms)
         self._check_size(conn, changed)
+        self._check_memory(request, _PERM_SIZE * (len(perms) - len(node.perms)))
         self._put(request.tx, path, changed)
         self._count_owned(request.tx, node.owner, -1)
         self._count_owned(request.tx, changed.owner, 1)
@@ -753,15 +923,23 @@ class Store:
             raise XenStoreError("EINVAL", "want a path and a token")
         raw_path, token = args
         relative = not raw_path.startswith((b"/", b"@"))
-        path = self._canonical(conn, raw_path, allow_special=True)
+        if raw_path.startswith(b"@"):
+            # check_watch_path(): a special path is any string, not a node name.
+            if len(raw_path) > XENSTORE_REL_PATH_MAX:
+                raise XenStoreError("EINVAL", "watch path too long")
+            path = raw_path.decode("latin-1")
+        else:
+            path = self._canonical(conn, raw_path)
         if (path, token) in conn.watches:
             raise XenStoreError("EEXIST", "watch already set")
-        if not conn.privileged and len(conn.watches) >= self.quotas.watches:
+        # do_watch() compares the count before this watch: a guest gets one more.
+        if not conn.privileged and len(conn.watches) > self.quotas.watches:
             raise XenStoreError("E2BIG", "watches quota")
         watch = self._add_watch(conn, path, token, len(conn.home) + 1 if relative else 0)
         # Fire once up front, unconditionally: it simplifies clients.
-        event = watch_event(path.encode()[watch.prefix_len :], token)
-        request.after_reply.append(Delivery(conn.id, event))
+        reported = path.encode("latin-1")[watch.prefix_len :]
+        if len(reported) + len(token) + 2 <= XENSTORE_PAYLOAD_MAX:
+            request.after_reply.append(Delivery(conn.id, watch_event(reported, token)))
         return OK
 
     def _do_unwatch(self, request: _Request) -> bytes:
@@ -769,7 +947,10 @@ class Store:
         args = split_strings(request.message.payload)
         if len(args) != 2:
             raise XenStoreError("EINVAL", "want a path and a token")
-        path = self._canonical(conn, args[0], allow_special=True)
+        # canonicalize() without validation: a path no watch has is ENOENT.
+        path = args[0].decode("latin-1")
+        if not path.startswith(("/", "@")):
+            path = f"{conn.home}/{path}"
         watch = conn.watches.get((path, args[1]))
         if watch is None:
             raise XenStoreError("ENOENT", "no such watch")
@@ -784,13 +965,14 @@ class Store:
         conn = request.conn
         if request.tx is not None:
             raise XenStoreError("EBUSY", "transactions do not nest")
-        if not conn.privileged and len(conn.transactions) >= self.quotas.transactions:
+        # do_transaction_start() compares the count before this one: one more, too.
+        if not conn.privileged and len(conn.transactions) > self.quotas.transactions:
             raise XenStoreError("ENOSPC", "transactions quota")
         tx_id = conn.next_tx_id
         while tx_id == 0 or tx_id in conn.transactions:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         conn.next_tx_id = (tx_id + 1) & 0xFFFFFFFF
-        conn.transactions[tx_id] = _Transaction(tx_id)
+        conn.transactions[tx_id] = _Transaction(tx_id, conn.domid)
         return f"{tx_id}".encode() + b"\0"
 
     def _do_transaction_end(self, request: _Request) -> bytes:
@@ -800,14 +982,15 @@ class Store:
         tx = request.tx
         if tx is None:
             raise XenStoreError("ENOENT", "no transaction")
-        del request.conn.transactions[tx.id]
+        self._end_transaction(request.conn, tx)
         request.tx = None  # from here on, changes are global
         if arg == b"T":
             self._commit(request, tx)
         return OK
 
     def _domid_arg(self, request: _Request) -> int:
-        return _number(_onearg(request.message.payload), _DOMID_MAX)
+        """The domid argument, read with atoi() into an unsigned int as xenstored does."""
+        return _domid(_onearg(request.message.payload))
 
     def _introduced_domain(self, request: _Request) -> int:
         """onearg_domain(): an introduced domain other than 0, else EINVAL or ENOENT."""
@@ -823,15 +1006,20 @@ class Store:
         args = split_strings(request.message.payload)
         if len(args) < 3:
             raise XenStoreError("EINVAL", "want domid, gfn and event channel")
-        domid = _number(args[0], DOMID_SELF - 1)
-        gfn = _number(args[1], 2**64 - 1)
-        port = _number(args[2])
+        domid, port = _domid(args[0]), _domid(args[2])  # atoi(), as do_introduce()
+        gfn = _atoi(args[1]) & (2**64 - 1)  # xenstored ignores it; xenlike maps a grant
         if port == 0:
             raise XenStoreError("EINVAL", "event channel 0")
+        if domid >= DOMID_SELF:
+            raise XenStoreError("EINVAL", f"no domain can have domid {domid}")
         if domid == 0:
             return OK  # domain 0 is introduced from the start
         known = domid in self.domains
         self.domains[domid] = IntroducedDomain(domid, gfn, port)
+        if domid not in self._domain_generation:
+            # Younger than every node: xenstored uses the current count, which a
+            # node written in a transaction just before could share.
+            self._domain_generation[domid] = self._next_generation()
         for conn in self._conns.values():
             if conn.domid == domid:
                 self._reset_connection(conn)
@@ -863,6 +1051,7 @@ class Store:
         home = self._nodes.get(f"/local/domain/{domid}")
         if home is not None:
             self._remove(request, f"/local/domain/{domid}", home)
+        self._forget_domain(domid)
         self._fire(request, _RELEASE_DOMAIN, exact=True)
         return OK
 
@@ -875,7 +1064,7 @@ class Store:
         args = split_strings(request.message.payload)
         if len(args) < 2:
             raise XenStoreError("EINVAL", "want domid and target domid")
-        domid, target = (_number(arg, _DOMID_MAX) for arg in args[:2])
+        domid, target = (_domid(arg) for arg in args[:2])
         for each in (domid, target):
             if each != 0 and each not in self.domains:
                 raise XenStoreError("ENOENT", f"domain {each} is not introduced")

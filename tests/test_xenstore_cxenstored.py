@@ -1,0 +1,230 @@
+"""xenlike's xenstored against the real C xenstored 4.17: the same requests, the same replies.
+
+Both daemons run as processes on Unix sockets (tests/cxenstored starts the
+real one under an LD_PRELOAD shim). Each script is replayed on fresh
+connections to each, and every reply and watch event must be equal. Socket
+clients are domain 0 in both, so guest-only rules (quotas) are checked by
+tests/test_xenstore_rules.py against xenstored's source instead.
+
+The differences docs/xenstore.md lists as deliberate are the only ones
+skipped: `DELIBERATE` holds them, and a test keeps the two lists equal.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tests.cxenstored import Unavailable, running
+from tests.cxenstored.exchange import Daemon, Step, replay
+from xenlike.abi.xs_wire import (
+    XS_CONTROL,
+    XS_DIRECTORY,
+    XS_DIRECTORY_PART,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_INTRODUCE,
+    XS_IS_DOMAIN_INTRODUCED,
+    XS_MKDIR,
+    XS_READ,
+    XS_RELEASE,
+    XS_RESET_WATCHES,
+    XS_RESUME,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_SET_TARGET,
+    XS_TRANSACTION_END,
+    XS_TRANSACTION_START,
+    XS_UNWATCH,
+    XS_WATCH,
+    XS_WRITE,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "xenstore.md"
+
+# Deliberate differences, by their name in docs/xenstore.md: which steps they cover.
+DELIBERATE = {
+    "control": lambda step: step.type == XS_CONTROL,
+    "set-perms-special-after-rm": lambda step: (step.type == XS_SET_PERMS
+                                                and step.payload.startswith(b"@")),
+}
+
+
+def deliberate(steps: list[Step]) -> bool:
+    return any(rule(step) for step in steps for rule in DELIBERATE.values())
+
+
+def test_the_deliberate_differences_are_those_the_docs_list():
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", DOCS.read_text(), re.MULTILINE))
+    assert listed == set(DELIBERATE)
+
+
+@pytest.fixture(scope="module")
+def daemons() -> Iterator[tuple[Daemon, Daemon]]:
+    try:
+        peer = running()
+        cxenstored = peer.__enter__()
+    except Unavailable as error:
+        pytest.skip(f"the real C xenstored cannot run here: {error}")
+    with tempfile.TemporaryDirectory(prefix="xl") as tmp:
+        path = os.path.join(tmp, "xs.sock")
+        ours = subprocess.Popen([sys.executable, "-m", "xenlike.xenstore", "--socket", path],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert ours.stdout is not None and "listening" in ours.stdout.readline()
+            yield Daemon(path), Daemon(cxenstored.socket_path)
+            assert cxenstored.alive(), "cxenstored died"
+        finally:
+            ours.terminate()
+            ours.wait()
+            peer.__exit__(None, None, None)
+
+
+def compare(daemons: tuple[Daemon, Daemon], steps: list[Step]) -> None:
+    ours, theirs = (replay(daemon, steps) for daemon in daemons)
+    for step, mine, real in zip(steps, ours, theirs, strict=True):
+        assert mine == real, f"{step}\n  xenlike:    {mine}\n  cxenstored: {real}"
+
+
+def z(*args: bytes) -> bytes:
+    return b"".join(arg + b"\0" for arg in args)
+
+
+# -- hand-picked scripts ----------------------------------------------------------------
+
+SCRIPTS = {
+    "bad input": [
+        Step(0, XS_READ, z(b"/a//b")), Step(0, XS_READ, z(b"/a b")), Step(0, XS_READ, b""),
+        Step(0, XS_READ, z(b"/x/")), Step(0, XS_READ, b"/nonul"), Step(0, 999, b""),
+        Step(0, XS_WRITE, b"/nonul"), Step(0, XS_READ, z(b"foo")), Step(0, XS_READ, z(b"/"), tx=-1),
+        Step(0, XS_WATCH, z(b"/x")), Step(0, XS_READ, z(b"/" + b"a" * 2047)),
+        Step(0, XS_READ, z(b"/" + b"a" * 2048)), Step(0, XS_READ, z(b"/" + b"a" * 2049)),
+        Step(0, XS_READ, z(b"/local/domain/0/" + b"a" * 2048)),
+        Step(0, XS_READ, z(b"/local/domain/0/" + b"a" * 2049)),
+        Step(0, XS_READ, z(b"/a", b"/b")), Step(0, XS_DIRECTORY, z(b"/tool") + b"junk"),
+        Step(0, XS_GET_DOMAIN_PATH, z(b"x")), Step(0, XS_GET_DOMAIN_PATH, z(b"70000")),
+        Step(0, XS_IS_DOMAIN_INTRODUCED, z(b"-1")), Step(0, XS_RESUME, z(b"0")),
+        Step(0, XS_SET_TARGET, z(b"1")), Step(0, XS_WRITE, b"/v\0\xff\x00\x01"),
+        Step(0, XS_READ, z(b"/v")), Step(0, XS_READ, z(b"/\xc3\xa9")),
+    ],
+    "tree": [
+        Step(0, XS_WRITE, b"/a/b/c\0v"), Step(0, XS_DIRECTORY, z(b"/a")),
+        Step(0, XS_GET_PERMS, z(b"/a/b")), Step(0, XS_MKDIR, z(b"/a")), Step(0, XS_READ, z(b"/a")),
+        Step(0, XS_RM, z(b"/a/x")), Step(0, XS_RM, z(b"/q/x")), Step(0, XS_RM, z(b"/")),
+        Step(0, XS_RM, z(b"/a")), Step(0, XS_READ, z(b"/a/b/c")), Step(0, XS_MKDIR, z(b"rel/d")),
+        Step(0, XS_DIRECTORY, z(b"/local/domain/0/rel")),
+        Step(0, XS_DIRECTORY_PART, z(b"/tool", b"0")),
+        Step(0, XS_DIRECTORY_PART, z(b"/tool", b"99")),
+        Step(0, XS_DIRECTORY_PART, z(b"/tool", b"x")),
+        Step(0, XS_DIRECTORY_PART, z(b"/tool", b"3")),
+        Step(0, XS_DIRECTORY_PART, z(b"/tool", b"-1")), Step(0, XS_DIRECTORY_PART, z(b"/tool")),
+    ],
+    "permissions": [
+        Step(0, XS_WRITE, b"/p\0"), Step(0, XS_SET_PERMS, z(b"/p", b"n5", b"r7", b"b3")),
+        Step(0, XS_GET_PERMS, z(b"/p")), Step(0, XS_SET_PERMS, z(b"/p", b"x5")),
+        Step(0, XS_SET_PERMS, z(b"/p")), Step(0, XS_SET_PERMS, z(b"/p", b"n32752")),
+        Step(0, XS_SET_PERMS, z(b"/p", b"n99999")), Step(0, XS_SET_PERMS, z(b"/p", b"n0", b"r-1")),
+        Step(0, XS_GET_PERMS, z(b"/p")), Step(0, XS_SET_PERMS, z(b"/p", b"n0x10", b"r 010")),
+        Step(0, XS_GET_PERMS, z(b"/p")), Step(0, XS_SET_PERMS, z(b"/p", b"n08")),
+        Step(0, XS_SET_PERMS, z(b"/p", b"n")), Step(0, XS_SET_PERMS, z(b"/nope", b"n1")),
+        Step(0, XS_GET_PERMS, z(b"@introduceDomain")), Step(0, XS_GET_PERMS, z(b"@other")),
+        Step(0, XS_READ, z(b"@introduceDomain")),
+        Step(0, XS_SET_PERMS, z(b"/p", b"n1", b"r2", b"r3", b"r4", b"r5", b"r6", b"r7")),
+        Step(0, XS_GET_PERMS, z(b"/p")), Step(0, XS_WRITE, b"/p/child\0"),
+        Step(0, XS_GET_PERMS, z(b"/p/child")),
+    ],
+    "watches": [
+        Step(0, XS_WATCH, z(b"/w", b"t")), Step(1, XS_WRITE, b"/w/x\0a"),
+        Step(0, XS_WATCH, z(b"w", b"r")), Step(1, XS_WRITE, b"/local/domain/0/w/y\0"),
+        Step(1, XS_RM, z(b"/w")), Step(0, XS_WATCH, z(b"/w", b"t")),
+        Step(0, XS_WATCH, z(b"@any thing", b"t")), Step(0, XS_UNWATCH, z(b"@any thing", b"t")),
+        Step(0, XS_UNWATCH, z(b"/bad path", b"t")), Step(0, XS_UNWATCH, z(b"/w")),
+        Step(2, XS_WATCH, z(b"/", b"x" * 3000)), Step(1, XS_WRITE, b"/w/" + b"y" * 1200 + b"\0"),
+        Step(1, XS_WRITE, b"/w/z\0"), Step(2, XS_WATCH, z(b"/w", b"t" * 4092)),
+        Step(0, XS_WATCH, z(b"@introduceDomain", b"i")),
+        Step(2, XS_WATCH, z(b"@releaseDomain", b"r")),
+        Step(0, XS_INTRODUCE, z(b"5", b"1", b"9")), Step(0, XS_INTRODUCE, z(b"5", b"1", b"9")),
+        Step(0, XS_GET_DOMAIN_PATH, z(b"5")), Step(0, XS_IS_DOMAIN_INTRODUCED, z(b"5")),
+        Step(0, XS_SET_TARGET, z(b"5", b"0")), Step(0, XS_RESUME, z(b"5")),
+        Step(0, XS_RELEASE, z(b"5")), Step(0, XS_RELEASE, z(b"5")), Step(0, XS_RELEASE, z(b"0")),
+        Step(0, XS_INTRODUCE, z(b"6", b"1", b"0")), Step(0, XS_RESET_WATCHES, b""),
+        Step(1, XS_WRITE, b"/w\0"),
+        Step(0, XS_WATCH, z(b"/w", b"t")), Step(0, XS_WATCH, z(b"/w", b"t")),
+    ],
+    "transactions": [
+        Step(0, XS_WRITE, b"/a/b\0" + b"1"), Step(0, XS_TRANSACTION_START, b"\0"),
+        Step(0, XS_READ, z(b"/a/b"), tx=0), Step(1, XS_RM, z(b"/a")),
+        Step(0, XS_RM, z(b"/a/b"), tx=0), Step(0, XS_TRANSACTION_END, z(b"T"), tx=0),
+        Step(0, XS_TRANSACTION_START, b"\0"), Step(0, XS_TRANSACTION_START, b"\0", tx=1),
+        Step(0, XS_WRITE, b"/t/x\0v", tx=1), Step(1, XS_WATCH, z(b"/t", b"k")),
+        Step(0, XS_READ, z(b"/t/x"), tx=1), Step(1, XS_READ, z(b"/t/x")),
+        Step(0, XS_WATCH, z(b"/u", b"k"), tx=1), Step(0, XS_TRANSACTION_END, z(b"T"), tx=1),
+        Step(0, XS_TRANSACTION_END, z(b"F"), tx=1), Step(0, XS_TRANSACTION_END, z(b"T")),
+        Step(0, XS_TRANSACTION_START, b"\0"), Step(0, XS_TRANSACTION_END, z(b"X"), tx=2),
+        Step(0, XS_TRANSACTION_END, b"", tx=2), Step(0, XS_WRITE, b"/c\0", tx=2),
+        Step(1, XS_WRITE, b"/c\0x"), Step(0, XS_TRANSACTION_END, z(b"T"), tx=2),
+        Step(0, XS_TRANSACTION_START, b"\0"), Step(0, XS_DIRECTORY, z(b"/"), tx=3),
+        Step(1, XS_WRITE, b"/new\0"), Step(0, XS_TRANSACTION_END, z(b"T"), tx=3),
+        Step(0, XS_TRANSACTION_START, b"\0"), Step(0, XS_SET_PERMS, z(b"/c", b"n0", b"r1"), tx=4),
+        Step(0, XS_RM, z(b"/new"), tx=4), Step(0, XS_MKDIR, z(b"/m/n"), tx=4),
+        Step(0, XS_INTRODUCE, z(b"3", b"1", b"9"), tx=4),
+        Step(0, XS_TRANSACTION_END, z(b"T"), tx=4),
+        Step(0, XS_GET_PERMS, z(b"/c")), Step(0, XS_DIRECTORY, z(b"/")),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_hand_picked_scripts_get_the_same_replies(daemons, name):
+    assert not deliberate(SCRIPTS[name])
+    compare(daemons, SCRIPTS[name])
+
+
+# -- generated scripts --------------------------------------------------------------------
+
+names = st.sampled_from([b"a", b"b", b"c", b"local", b"domain", b"0", b"tool"])
+good_paths = st.lists(names, min_size=0, max_size=4).map(lambda parts: b"/" + b"/".join(parts))
+relative_paths = st.lists(names, min_size=1, max_size=2).map(b"/".join)
+odd_paths = st.sampled_from([b"", b"/a/", b"//a", b"/a b", b"@introduceDomain", b"@releaseDomain",
+                             b"@x", b"/\xff", b"a" * 2050])
+paths = st.one_of(good_paths, good_paths, relative_paths, odd_paths)
+perm_texts = st.lists(st.builds(lambda letter, domid: letter + domid, st.sampled_from(
+    [b"n", b"r", b"w", b"b", b"x"]), st.sampled_from([b"0", b"1", b"5", b"0x5", b"32752", b"-1",
+                                                      b""])), min_size=0, max_size=4)
+tokens = st.sampled_from([b"t", b"u", b"x" * 3000])
+requests = st.one_of(
+    st.builds(lambda p: (XS_READ, z(p)), paths),
+    st.builds(lambda p: (XS_DIRECTORY, z(p)), paths),
+    st.builds(lambda p, o: (XS_DIRECTORY_PART, z(p, o)), paths, st.sampled_from([b"0", b"2"])),
+    st.builds(lambda p: (XS_GET_PERMS, z(p)), paths),
+    st.builds(lambda p, v: (XS_WRITE, p + b"\0" + v), paths, st.binary(max_size=12)),
+    st.builds(lambda p: (XS_MKDIR, z(p)), paths),
+    st.builds(lambda p: (XS_RM, z(p)), paths),
+    st.builds(lambda p, perms: (XS_SET_PERMS, z(p, *perms)), good_paths, perm_texts),
+    st.builds(lambda p, t: (XS_WATCH, z(p, t)), paths, tokens),
+    st.builds(lambda p, t: (XS_UNWATCH, z(p, t)), paths, tokens),
+    st.just((XS_TRANSACTION_START, b"\0")),
+    st.builds(lambda arg: (XS_TRANSACTION_END, arg), st.sampled_from([b"T\0", b"F\0", b"X\0"])),
+    st.builds(lambda d: (XS_INTRODUCE, z(d, b"1", b"9")), st.sampled_from([b"1", b"2", b"0"])),
+    st.builds(lambda d: (XS_RELEASE, z(d)), st.sampled_from([b"1", b"2", b"0", b"9"])),
+    st.builds(lambda d: (XS_IS_DOMAIN_INTRODUCED, z(d)), st.sampled_from([b"1", b"2"])),
+    st.just((XS_RESET_WATCHES, b"")),
+)
+steps = st.builds(lambda conn, request, tx: Step(conn, *request, tx=tx),
+                  st.integers(0, 2), requests, st.sampled_from([None, None, None, 0, 1, -1]))
+
+
+@settings(max_examples=int(os.environ.get("XENSTORE_DIFF_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(script=st.lists(steps, min_size=1, max_size=25))
+def test_generated_scripts_get_the_same_replies(daemons, script):
+    assume(not deliberate(script))
+    compare(daemons, script)
