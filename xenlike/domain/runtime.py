@@ -26,6 +26,7 @@ from xenlike.domain.evtchn import EventChannels
 from xenlike.domain.grant_table import GrantTable
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import Reply
+from xenlike.sandbox import set_not_dumpable
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.trace import TraceBuffer, fast_path_recorder
 from xenlike.trace.events import EventRecorder
@@ -102,6 +103,7 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, domid: int, 
     skip the hypervisor (`xenlike.trace`).
     """
     _raise_fd_limit()
+    set_not_dumpable()  # Dom0's /proc holds the hardware; a guest's, its own memory
     memory = DomainMemory.attach(memory_fd, nr_pages)
     layout = BootLayout.for_domain(nr_pages)
     with memory.frame(layout.start_info_gfn) as page:
