@@ -7,8 +7,11 @@ Dom0 and the victim keep their devices Connected.
 """
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +21,15 @@ import pytest
 
 from xenlike.sandbox import (
     DENIED,
+    FS_READ_DIR,
     OWN_PID_ONLY,
+    READ_TREE,
+    Protections,
     SYSCALLS,
     SandboxPolicy,
     _beneath,
+    domain_environment,
+    logged_protections,
     seccomp_filter,
 )
 from tests.test_hypervisor import wait_for_shutdown
@@ -129,6 +137,9 @@ def test_every_escape_fails_and_the_topology_keeps_running(
         expected = SandboxPolicy.for_run_dir(topo.run_dir).expected()
         assert "(d0) sandbox: privileged (not sandboxed)" in dmesg, dmesg
         assert f"(d{hostile}) sandbox: {expected}" in dmesg, dmesg
+        logged = logged_protections(dmesg)
+        assert logged[0] == Protections(privileged=True)
+        assert logged[hostile] == expected == logged[topo.domid("victim")]
         pid = re.findall(rf"\(d{hostile}\) started pid (\d+)", dmesg)[-1]
         status = (Path("/proc") / pid / "status").read_text()
         assert "NoNewPrivs:\t1" in status
@@ -150,13 +161,65 @@ def test_a_root_that_holds_the_run_directory_is_granted_around_it(tmp_path: Path
     (run / "xenstored").mkdir(parents=True)
     (project / "state" / "notes").write_text("")
     (project / "link-to-run").symlink_to(run)
-    roots = set(_beneath(str(project), (str(run),)))
-    assert roots == {str(project / "pkg"), str(project / "setup.cfg"),
-                     str(project / "state" / "notes")}
+    assert set(_beneath(str(project), (str(run),))) == {
+        (str(project), FS_READ_DIR), (str(project / "state"), FS_READ_DIR),
+        (str(project / "pkg"), READ_TREE), (str(project / "setup.cfg"), READ_TREE),
+        (str(project / "state" / "notes"), READ_TREE)}
     assert _beneath(str(run / "xenstored"), (str(run),)) == []
     assert _beneath(str(tmp_path / "elsewhere"), (str(run),)) == []  # does not exist
     (tmp_path / "elsewhere").mkdir()
-    assert _beneath(str(tmp_path / "elsewhere"), (str(run),)) == [str(tmp_path / "elsewhere")]
+    assert _beneath(str(tmp_path / "elsewhere"), (str(run),)) == [
+        (str(tmp_path / "elsewhere"), READ_TREE)]
+
+
+PROBE = """
+import os, sys
+import pkg, mod
+print("imported", pkg.VALUE, mod.X)
+for path in sys.argv[1:]:
+    try:
+        open(path, "rb").read(1)
+        print("read", path)
+    except PermissionError:
+        print("denied", path)
+"""
+
+
+def test_an_import_path_yields_its_modules_not_the_images_or_run_directory_beside_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox itself, in a child process: a directory on the import path that
+    also holds disk images and the run directory (as when `xenlike up` runs where
+    its topology file is) gives the domain its modules and nothing else."""
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "pkg" / "__init__.py").write_text("VALUE = 7\n")
+    (lib / "mod.py").write_text("X = 1\n")
+    (lib / "disk.img").write_bytes(b"the disk")
+    run = lib / "run"
+    run.mkdir()
+    (run / "hypervisor.log").write_text("the log\n")
+    monkeypatch.syspath_prepend(str(lib))
+    policy = SandboxPolicy.for_run_dir(run)
+    if not policy.landlock_abi:
+        pytest.skip("this kernel has no Landlock")
+    env = {**domain_environment(dict(os.environ)), "PYTHONPATH": str(lib)}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(lib / "disk.img"), str(run / "hypervisor.log"),
+         str(lib / "mod.py")],
+        preexec_fn=policy.enter, env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:4] == [
+        "imported 7 1", f"denied {lib / 'disk.img'}", f"denied {run / 'hypervisor.log'}",
+        f"read {lib / 'mod.py'}"], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("protections", [
+    Protections(privileged=True), Protections(),
+    Protections(no_new_privs=True, landlock_abi=3),
+    Protections(no_new_privs=True, capabilities_dropped=True, landlock_abi=7, seccomp=True),
+])
+def test_protections_read_back_from_their_log_line(protections: Protections) -> None:
+    log = f"(XEN) (d3) sandbox: no-new-privs\n(XEN) [  0.2] (d3) sandbox: {protections}\n"
+    assert logged_protections(log) == {3: protections}
 
 
 def _header_numbers(path: Path) -> dict[str, int]:

@@ -39,18 +39,20 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import resource
 import stat
 import struct
 import sys
 from collections.abc import Iterable
+from importlib.machinery import all_suffixes
 from importlib.util import find_spec
 from pathlib import Path
 
 import attrs
 
 __all__ = ["Protections", "SandboxPolicy", "domain_environment", "domain_protections",
-           "set_not_dumpable"]
+           "logged_protections", "set_not_dumpable"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -166,28 +168,52 @@ def _landlock(abi: int, rules: Iterable[tuple[str, int]]) -> None:
         os.close(ruleset)
 
 
-def _beneath(path: str, excluded: tuple[str, ...]) -> list[str]:
-    """`path` as Landlock roots that reach nothing in `excluded`.
+Rule = tuple[str, int]  # a path and the Landlock rights granted beneath it
 
-    A rule grants a whole hierarchy, so a root that contains an excluded
-    directory is replaced by its children, down to the excluded one.
-    Children are taken as they are now: a file created later there is not
-    granted, which is what a sandbox wants.
+
+def _beneath(path: str, excluded: tuple[str, ...]) -> list[Rule]:
+    """Read rules for `path` that reach nothing in `excluded`.
+
+    A rule grants a whole hierarchy, so a directory that contains an
+    excluded one is only listed (import finds modules by listing), and its
+    children get rules of their own, down to the excluded one. Children are
+    taken as they are now: a file created there later is not granted, which
+    is what a sandbox wants.
     """
     real = os.path.realpath(path)
     if any(real == ex or real.startswith(ex + "/") for ex in excluded):
         return []
     inside = tuple(ex for ex in excluded if ex.startswith(real.rstrip("/") + "/"))
     if not inside:
-        return [real] if os.path.exists(real) else []
-    roots: list[str] = []
+        return [(real, READ_TREE)] if os.path.exists(real) else []
     try:
-        entries = list(os.scandir(real))
+        children = list(os.scandir(real))
     except OSError:
         return []
-    for entry in entries:
-        roots.extend(_beneath(entry.path, inside))
-    return roots
+    rules = [(real, FS_READ_DIR)]
+    for child in children:
+        rules.extend(_beneath(child.path, inside))
+    return rules
+
+
+def _importable(entry: str, excluded: tuple[str, ...]) -> list[Rule]:
+    """Read rules for what import can load from the sys.path entry `entry`: its
+    packages (every directory: any may be a namespace package) and modules
+    (files with an import suffix), not the other files beside them, such as a
+    topology's disk images in the directory `xenlike up` ran from. The entry
+    itself is listed only, which lets its file names be seen."""
+    if not os.path.isdir(entry):
+        return _beneath(entry, excluded)  # a zip file, or nothing
+    suffixes = tuple(all_suffixes())
+    try:
+        children = list(os.scandir(entry))
+    except OSError:
+        return []
+    rules = [(entry, FS_READ_DIR)]
+    for child in children:
+        if child.is_dir() or child.name.endswith(suffixes):
+            rules.extend(_beneath(child.path, excluded))
+    return rules
 
 
 # --- capabilities ------------------------------------------------------------------------
@@ -393,7 +419,27 @@ class Protections:
         return names
 
     def __str__(self) -> str:
-        return ", ".join(self.names()) or "none: the kernel offers no sandbox here"
+        return ", ".join(self.names()) or NO_PROTECTION
+
+    @classmethod
+    def parse(cls, text: str) -> "Protections":
+        """The record back from its `str`, as the hypervisor log carries it."""
+        names = set(text.split(", "))
+        abi = re.search(r"landlock ABI (\d+)", text)
+        return cls(privileged="privileged (not sandboxed)" in names,
+                   no_new_privs="no-new-privs" in names,
+                   capabilities_dropped="capabilities dropped" in names,
+                   landlock_abi=int(abi[1]) if abi else 0, seccomp="seccomp" in names)
+
+
+NO_PROTECTION = "none: the kernel offers no sandbox here"
+
+
+def logged_protections(log: str) -> dict[int, Protections]:
+    """What confines each domain, from the hypervisor log's `(dN) sandbox: ...`
+    lines (`xenlike dmesg`); the newest line of a domain id wins."""
+    return {int(domid): Protections.parse(text)
+            for domid, text in re.findall(r"\(d(\d+)\) sandbox: (.+)$", log, re.MULTILINE)}
 
 
 def domain_protections(pid: int, landlock: int) -> Protections | None:
@@ -418,8 +464,8 @@ class SandboxPolicy:
     landlock_abi: int
     seccomp_machine: str | None  # None: no seccomp filter on this kernel or architecture
     last_capability: int  # 0: nothing to drop (no CAP_SETPCAP to drop the bounding set with)
-    read_only: tuple[str, ...]  # Landlock roots: read and execute
-    read_write: tuple[str, ...] = ("/dev/null",)
+    readable: tuple[Rule, ...]  # what it may read (and execute); it writes nothing
+    writable: tuple[str, ...] = ("/dev/null",)
 
     @classmethod
     def for_run_dir(cls, run_dir: Path) -> "SandboxPolicy":
@@ -427,11 +473,15 @@ class SandboxPolicy:
         excluded = (os.path.realpath(run_dir),)
         roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                  os.path.dirname(os.path.realpath(sys.executable)), *SYSTEM_FILES}
-        roots.update(os.path.abspath(entry or os.curdir) for entry in sys.path)
         for package in ("xenlike", "domains", "drivers"):  # editable installs map them
             spec = find_spec(package)
             roots.update(spec.submodule_search_locations or () if spec else ())
-        read_only = sorted({r for root in roots for r in _beneath(root, excluded)})
+        readable = {rule for root in roots for rule in _beneath(root, excluded)}
+        trees = [path for path, access in readable if access == READ_TREE]
+        for entry in sys.path:
+            real = os.path.realpath(entry or os.curdir)
+            if not any(real == tree or real.startswith(tree + "/") for tree in trees):
+                readable.update(_importable(real, excluded))
         status = _status()
         machine = platform.machine()
         seccomp = "Seccomp_filters" in status and machine in SYSCALLS
@@ -439,7 +489,7 @@ class SandboxPolicy:
         if int(status.get("CapEff", "0"), 16) >> 8 & 1:  # CAP_SETPCAP drops the bounding set
             last_capability = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
         return cls(landlock_abi(), machine if seccomp else None, last_capability,
-                   tuple(read_only))
+                   tuple(sorted(readable)))
 
     def expected(self) -> Protections:
         """What `enter` puts in force on this host."""
@@ -459,8 +509,8 @@ class SandboxPolicy:
         if self.landlock_abi:
             own = f"/proc/{os.getpid()}"  # its own /proc, which the interpreter reads
             _landlock(self.landlock_abi,
-                      [(path, READ_TREE) for path in self.read_only]
-                      + [(path, FS_READ_FILE | FS_WRITE_FILE) for path in self.read_write]
+                      [*self.readable]
+                      + [(path, FS_READ_FILE | FS_WRITE_FILE) for path in self.writable]
                       + [(own, FS_READ_FILE | FS_READ_DIR)])
         if self.last_capability:
             _drop_capabilities(self.last_capability)
