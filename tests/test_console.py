@@ -4,6 +4,7 @@ import trio
 import trio.testing
 
 from drivers.console import ConsoleBack, ConsoleFront, ConsoleWriter
+from drivers.console.back import RATE_LIMIT_ALLOWANCE, RATE_LIMIT_PERIOD
 from xenlike.testing import doorbell_pair
 
 
@@ -39,4 +40,21 @@ async def test_output_is_bounded_when_nobody_reads(nursery) -> None:
         front.write(b"y" * 1000)  # 3 MB with no xenconsoled: never blocks, stays bounded
     await trio.testing.wait_all_tasks_blocked()  # the writer task has done all it can
     assert len(front._pending) <= 1 << 20
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_flooding_guest_is_throttled_as_xenconsoled_throttles_it(nursery) -> None:
+    page = memoryview(bytearray(4096))
+    guest_bell, daemon_bell = doorbell_pair()
+    front, back = ConsoleFront(page, guest_bell), ConsoleBack(page, daemon_bell)
+    reads: list[float] = []
+    nursery.start_soon(front.run)
+    nursery.start_soon(back.run, lambda data: reads.append(trio.current_time()))
+    start = trio.current_time()
+    for _ in range(1000):
+        front.write(b"z" * 1000)  # 1 MB: 500 ring-fulls
+    await trio.sleep(1.0)
+    elapsed = trio.current_time() - start
+    allowed = RATE_LIMIT_ALLOWANCE * (int(elapsed / RATE_LIMIT_PERIOD) + 1)
+    assert RATE_LIMIT_ALLOWANCE < len(reads) <= allowed
     nursery.cancel_scope.cancel()

@@ -41,8 +41,18 @@ class ChildProcess:
     ten seconds: children must be forked from the thread that stays.
     """
 
-    def __init__(self, argv: list[str], **popen_kwargs: object) -> None:
-        self.popen = subprocess.Popen(argv, preexec_fn=die_with_parent(), **popen_kwargs)  # type: ignore[call-overload]
+    def __init__(self, argv: list[str], *, setup: Callable[[], None] | None = None,
+                 **popen_kwargs: object) -> None:
+        """`setup` runs in the child after the death signal is armed, before exec
+        (the sandbox goes there); if it raises, Popen raises SubprocessError."""
+        arm = die_with_parent()
+
+        def prepare() -> None:
+            arm()
+            if setup is not None:
+                setup()
+
+        self.popen = subprocess.Popen(argv, preexec_fn=prepare, **popen_kwargs)  # type: ignore[call-overload]
         self._pidfd = os.pidfd_open(self.popen.pid)
         self._exited: trio.Event | None = None
 

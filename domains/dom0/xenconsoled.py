@@ -2,7 +2,9 @@
 
 For each guest the toolstack hands over, the daemon maps the console page
 through grant ref GNTTAB_RESERVED_CONSOLE, binds the console port, appends
-all output to `<run-dir>/console/<name>.log`, and listens on
+all output to `<run-dir>/console/<name>.log` (which rotates to `<name>.log.1`
+at CONSOLE_LOG_MAX, so a flooding guest takes at most twice that on disk),
+and listens on
 `<run-dir>/console/<name>.sock`: a client there receives the output from
 then on and its bytes are typed into the guest (`xenlike console NAME`).
 """
@@ -18,11 +20,13 @@ import trio
 
 from drivers.console import ConsoleBack
 from xenlike.abi.grant_table import GNTTAB_RESERVED_CONSOLE
+from xenlike.logfile import RotatingLog
 
 __all__ = ["XenConsoled"]
 
 log = logging.getLogger("xenlike.dom0.xenconsoled")
 CLIENT_BACKLOG = 256  # chunks queued for a slow interactive client before it is dropped
+CONSOLE_LOG_MAX = 1 << 20  # bytes of a guest's console log before it rotates
 
 
 @attrs.define(eq=False)
@@ -30,7 +34,7 @@ class _Console:
     domid: int
     name: str
     back: ConsoleBack
-    log_file: Any
+    log_file: RotatingLog
     scope: trio.CancelScope
     clients: list[trio.MemorySendChannel[bytes]] = attrs.field(factory=list)
 
@@ -48,7 +52,7 @@ class XenConsoled:
         port = await self.domain.evtchn.bind_interdomain(domid, remote_port)
         page = mapping.view
         back = ConsoleBack(page, port)
-        log_file = (self.console_dir / f"{name}.log").open("ab", buffering=0)
+        log_file = RotatingLog(self.console_dir / f"{name}.log", CONSOLE_LOG_MAX)
         console = _Console(domid, name, back, log_file, trio.CancelScope())
         self.consoles[domid] = console
         ready = trio.Event()

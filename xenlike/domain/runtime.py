@@ -29,6 +29,7 @@ from xenlike.domain.grant_table import GrantTable
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.frames import receive_frames
 from xenlike.hypercall import Reply
+from xenlike.sandbox import set_not_dumpable
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.trace import TraceBuffer, fast_path_recorder
 from xenlike.trace.events import EventRecorder
@@ -117,6 +118,7 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, frames_fd: i
     skip the hypervisor (`xenlike.trace`).
     """
     _raise_fd_limit()
+    set_not_dumpable()  # Dom0's /proc holds the hardware; a guest's, its own memory
     frames = socket.socket(fileno=frames_fd)
     memory = attach_memory(memory_fd, nr_pages, frames)
     layout = BootLayout.for_domain(nr_pages)

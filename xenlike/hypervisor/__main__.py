@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from xenlike.hypervisor import Hypervisor
+from xenlike.sandbox import set_not_dumpable
 from xenlike.rundir import RunDir, RunDirBusy
 
 parser = argparse.ArgumentParser(prog="python -m xenlike.hypervisor", description=__doc__)
@@ -38,6 +39,7 @@ async def main(run_dir: RunDir) -> None:
                 break
 
 
+set_not_dumpable()  # no guest reads this process's /proc: its fds are every domain's memory
 run_dir = RunDir(args.run_dir)
 try:
     lock = run_dir.acquire()

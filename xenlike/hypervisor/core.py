@@ -50,7 +50,9 @@ from xenlike.hypercall import (
 )
 from xenlike._process import ChildProcess
 from xenlike.hypervisor.frames import SharedFrames
+from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.hypervisor.table import HYPERCALLS, Call
+from xenlike.logfile import PrintkRatelimit, RotatingLog
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
 
 __all__ = ["Connection", "Domain", "DomainState", "Hypervisor", "HypercallListener"]
@@ -62,6 +64,7 @@ XEN_VERSION = (4, 17)
 SHUTDOWN_GRACE = 2.0  # seconds a shut-down domain gets to exit before SIGKILL
 NOTIFY_BACKLOG = 1024  # notifications queued for a domain that does not read its socket
 LOG_LINES = 4096  # lines of hypervisor log kept for `dmesg`
+LOG_FILE_MAX = 4 << 20  # bytes of hypervisor.log before it rotates to hypervisor.log.1
 
 
 class DomainState(enum.Enum):
@@ -120,6 +123,10 @@ class Domain:
     created_at: float = attrs.field(factory=time.monotonic)
     torn_down: bool = False
     cpu_ns_at_exit: int = 0
+    sandbox: Protections | None = None  # what confines its process, once it runs
+    # What the lines it causes pass: its console writes, and the refusals of its calls.
+    console_ratelimit: PrintkRatelimit = attrs.field(factory=PrintkRatelimit)
+    refusal_ratelimit: PrintkRatelimit = attrs.field(factory=PrintkRatelimit)
     # Per-domain state that the hypercall modules keep (event channels, grants).
     ext: dict[str, Any] = attrs.field(factory=dict)
     _notices: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = attrs.field(
@@ -175,7 +182,8 @@ class Hypervisor:
         self.started_at = time.monotonic()
         self._next_domid = 1
         self._nursery: trio.Nursery | None = None
-        self._log_file: Any = None
+        self._log_file: RotatingLog | None = None
+        self._sandbox: SandboxPolicy | None = None
         self.on_domain_exit: list[Callable[[Domain], None]] = []
         self.on_connection_close: list[Callable[[Connection], None]] = []
         from xenlike.trace.hypervisor import HypervisorTrace
@@ -192,7 +200,7 @@ class Hypervisor:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "domains").mkdir(exist_ok=True)
-        self._log_file = self.log_path.open("a", buffering=1)
+        self._log_file = RotatingLog(self.log_path, LOG_FILE_MAX)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.control_path.unlink(missing_ok=True)
@@ -229,7 +237,34 @@ class Hypervisor:
             entry = prefix + source + line
             self.log_lines.append(entry)
             if self._log_file is not None:
-                self._log_file.write(entry + "\n")
+                self._log_file.write(entry.encode() + b"\n")
+
+    def log_console(self, domain: Domain, text: str) -> None:
+        """What a domain writes with CONSOLEIO_write, under its console rate limit."""
+        self._log_limited(domain, domain.console_ratelimit, text)
+
+    def log_refusal(self, domain: Domain, text: str) -> None:
+        """Why a domain's call was refused, under its refusal rate limit (its own, so
+        a guest that floods refusals still gets its console lines through)."""
+        self._log_limited(domain, domain.refusal_ratelimit, text)
+
+    def _log_limited(self, domain: Domain, limit: PrintkRatelimit, text: str) -> None:
+        """Xen's printk_ratelimit, per domain: a burst, then a line every 5 s, and how
+        many were suppressed. Dom0 is trusted, as Xen's hardware domain is."""
+        if not domain.privileged:
+            lost = limit.allow()
+            if lost is None:
+                return
+            if lost:
+                self.log(domain, f"printk: {lost} messages suppressed.")
+        self.log(domain, text)
+
+    @property
+    def sandbox(self) -> SandboxPolicy:
+        """The DomU sandbox this host can enforce, worked out at the first DomU."""
+        if self._sandbox is None:
+            self._sandbox = SandboxPolicy.for_run_dir(self.run_dir)
+        return self._sandbox
 
     # --- domains ----------------------------------------------------------
 
@@ -422,17 +457,29 @@ class Hypervisor:
                 "--domid", str(domain.domid), "--kernel", str(domain.kernel)]
         trace_fd = self.trace.domain_buffer(domain).fd
         argv += ["--trace-fd", str(trace_fd)]
+        policy = None if domain.privileged else self.sandbox
         with log_path.open("ab") as log:
             try:
                 domain.process = ChildProcess(
-                    argv, pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
+                    argv, setup=policy.enter if policy is not None else None,
+                    env=domain_environment(dict(os.environ)) if policy is not None else None,
+                    pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                ours.close()
+                self.log(domain, f"could not start its process: {exc}")
+                self.shutdown(domain, ShutdownReason.crash)
+                return
             finally:
                 theirs.close()
                 frames.domain_end.close()
                 frames.domain_end = None
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
+        domain.sandbox = (Protections(privileged=True) if policy is None
+                          else domain_protections(domain.process.pid, policy.landlock_abi)
+                          or policy.expected())
+        self.log(domain, f"sandbox: {domain.sandbox}")
         conn = Connection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
         async with trio.open_nursery() as nursery:
@@ -542,7 +589,7 @@ class Hypervisor:
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             for fd in reply.fds:
                 os.close(fd)
-            self.log(domain, f"notification {code.name} dropped: the domain does not read")
+            self.log_refusal(domain, f"notification {code.name} dropped: the domain does not read")
 
     # --- hypercalls -------------------------------------------------------
 
@@ -570,7 +617,8 @@ class Hypervisor:
         except HypercallError as exc:
             result, payload = -int(exc.errno), b""
         except Exception:
-            self.log(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
+            self.log_refusal(conn.domain,
+                             f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
             result, payload = -int(Errno.EINVAL), b""
         end = time.monotonic_ns()
         for listener in self.listeners:

@@ -337,7 +337,7 @@ def _any_domain(call: Call, domid: int) -> Any:
 
 
 def _refused(call: Call, what: str, fail: _Fail) -> GntStatus:
-    call.hv.log(call.caller, f"{what}: {fail}")
+    call.hv.log_refusal(call.caller, f"{what}: {fail}")
     return fail.status
 
 
