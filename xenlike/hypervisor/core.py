@@ -473,8 +473,9 @@ class Hypervisor:
                 return
             finally:
                 theirs.close()
-                frames.domain_end.close()
-                frames.domain_end = None
+                if frames.domain_end is not None:  # the child has its own copy now
+                    frames.domain_end.close()
+                    frames.domain_end = None
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
         domain.sandbox = (Protections(privileged=True) if policy is None
                           else domain_protections(domain.process.pid, policy.landlock_abi)
