@@ -11,7 +11,7 @@ from drivers.console import ConsoleFront, ConsoleWriter
 from xenlike.abi.sched import ShutdownReason
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
-from xenlike.xenbus import DriverRegistry, FrontendBus, XenbusContext
+from xenlike.xenbus import DeviceFailed, DriverRegistry, FrontendBus, XenbusContext
 from xenlike.xenstore import XenStoreError, connect_stream
 
 __all__ = ["main", "parse_cmdline"]
@@ -76,14 +76,19 @@ async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], ex
 
 
 async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
-    """Every front end connected (or the timeout, which the program then sees)."""
+    """Every front end connected or failed (or the timeout, which the program then
+    sees): a failed device is the program's to notice, not the boot's to wait for."""
     with trio.move_on_after(CONNECT_TIMEOUT):
         for driver in list(bus.devices.values()):
-            await driver.wait_connected()
+            try:
+                await driver.wait_connected()
+            except DeviceFailed:
+                pass
     devices: dict[str, list[Any]] = {}
     for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
         devices.setdefault(driver.device.type, []).append(driver)
-        state = "connected" if driver.connected_now else "NOT connected"
+        state = ("connected" if driver.connected_now else
+                 f"FAILED: {driver.failed}" if driver.failed else "NOT connected")
         print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
     return devices
 
