@@ -55,7 +55,8 @@ import attrs
 import trio
 
 from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
-from xenlike.domain.grant_table import GrantInUse
+from xenlike.domain.grant_table import GrantError, GrantInUse
+from xenlike.hypercall import HypercallError
 from xenlike.abi.xenbus import XenbusState
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingOverflow, RingSpec
@@ -75,6 +76,8 @@ __all__ = ["Backend", "DeviceFailed", "DeviceInfo", "Frontend", "SharedRing", "X
            "XenbusDriver", "error_node"]
 
 log = logging.getLogger("xenlike.xenbus")
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1  # grant_ref_t, evtchn_port_t
 STATISTICS_INTERVAL = 1.0  # seconds between updates of a back end's statistics/ in XenStore
 
 
@@ -180,12 +183,16 @@ class XenbusDriver:
                 return default
             raise
 
-    async def read_int(self, key: str, default: int, *, otherend: bool = True) -> int:
+    async def read_int(self, key: str, default: int, *, otherend: bool = True,
+                       maximum: int = U64_MAX) -> int:
+        """An unsigned number the peer (or the toolstack) published, as xenbus_scanf
+        "%u" reads it; `default` when the key is absent. Anything else (words,
+        signs, non-ASCII digits, more than `maximum`) is the peer's ProtocolError,
+        so a hostile value fails this device before any use."""
         text = await (self.read_otherend(key) if otherend else self.read(key))
-        try:
-            return int(text) if text is not None else default
-        except ValueError:
-            raise ProtocolError(f"{key} = {text!r} is not a number") from None
+        if text is None:
+            return default
+        return parse_uint(key, text, maximum)
 
     async def publish(self, values: dict[str, str | int]) -> None:
         """Write keys of this end's directory in one transaction."""
@@ -246,6 +253,10 @@ class XenbusDriver:
             return
         if isinstance(exc, XenStoreError):
             await self.fatal(f"{what} failed: {exc}", code=getattr(errno, exc.name, errno.EIO))
+            return
+        if isinstance(exc, (HypercallError, GrantError)):  # refused what the peer published
+            code = int(getattr(exc, "errno", 0) or errno.EINVAL)
+            await self.fatal(f"{what} failed: {exc}", code=code)
             return
         if isinstance(exc, OSError) and exc.errno:
             await self.fatal(f"{what} failed: {exc.strerror or exc}", code=exc.errno)
@@ -364,6 +375,16 @@ class ProtocolError(Exception):
     """The peer published something the protocol does not allow."""
 
 
+def parse_uint(key: str, text: str, maximum: int = U64_MAX) -> int:
+    """`text` as an unsigned decimal number of at most `maximum`, or ProtocolError."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 20 or \
+            int(stripped) > maximum:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ProtocolError(f"{key} = {shown!r} is not a number from 0 to {maximum}")
+    return int(stripped)
+
+
 def _peer_state(text: str | None) -> int:
     """The peer's `state` node, which the peer owns: anything but a XenbusState
     number (a huge one, words, nothing) is Unknown."""
@@ -474,14 +495,14 @@ class Backend(XenbusDriver):
             await self.connected()
             await self.publish(self.properties())
             return
-        order = await self.read_int("ring-page-order", 0)
+        order = await self.read_int("ring-page-order", 0, maximum=MAX_RING_PAGE_ORDER)
         if not 0 <= order <= min(self.max_ring_page_order, MAX_RING_PAGE_ORDER):
             raise ProtocolError(f"ring-page-order {order} over max-ring-page-order "
                                 f"{self.max_ring_page_order}")
         refs: dict[str, list[int]] = {}
         for name, shared in layout.items():
             keys = shared.ref_keys(order)
-            found = [await self.read_int(key, -1) for key in keys]
+            found = [await self.read_int(key, -1, maximum=U32_MAX) for key in keys]
             if shared.feature is not None and all(ref < 0 for ref in found):
                 continue  # an optional ring the front end did not set up
             if any(ref < 0 for ref in found):
@@ -490,12 +511,18 @@ class Backend(XenbusDriver):
         protocol = await self.read_otherend("protocol", XEN_IO_PROTO_ABI_NATIVE)
         if protocol != XEN_IO_PROTO_ABI_NATIVE:
             raise ProtocolError(f"protocol {protocol!r}: only {XEN_IO_PROTO_ABI_NATIVE} is spoken")
+        remote_ports: dict[str, int] = {}
+        for key in dict.fromkeys(layout[name].port_key for name in refs):
+            remote_ports[key] = await self.read_int(key, 0, maximum=U32_MAX)
+            if remote_ports[key] == 0:
+                raise ProtocolError(f"the front end published no {key}")
+        # Every value the front end published is checked; now they may be used.
         domain, peer = self.ctx.domain, self.device.otherend_id
         self._mapping = await domain.grants.map(peer, [ref for ring in refs.values()
                                                        for ref in ring])
         ports: dict[str, Any] = {}
-        for key in dict.fromkeys(layout[name].port_key for name in refs):
-            ports[key] = await domain.evtchn.bind_interdomain(peer, await self.read_int(key, -1))
+        for key, remote in remote_ports.items():
+            ports[key] = await domain.evtchn.bind_interdomain(peer, remote)
             self._ports.append(ports[key])
         size = XEN_PAGE_SIZE << order
         rings = {name: BackRing(layout[name].spec, self._mapping.view[i * size:(i + 1) * size])
