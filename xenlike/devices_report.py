@@ -13,6 +13,7 @@ from typing import Any
 
 from xenlike.abi.xenbus import XenbusState as S
 from xenlike.rundir import RunDir
+from xenlike.session import NoSuchDomain
 from xenlike.xenbus.driver import error_node
 from xenlike.xenstore import open_client
 
@@ -54,13 +55,18 @@ def _state(text: str | None) -> S | None:
 
 
 async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dict[str, Any]]:
-    """Every device of every guest (or of `name`), from XenStore."""
+    """Every device of every guest (or of `name`, a name or a domid), from XenStore;
+    NoSuchDomain if no domain answers to `name`."""
     report = []
+    known = []
+    found = name is None
     async with open_client(run_dir.xenstored_socket) as xs:
         for domid in await xs.ls_optional("/local/domain"):
             domain_name = await xs.read_optional(f"/local/domain/{domid}/name") or f"d{domid}"
-            if domid == "0" or (name is not None and domain_name != name):
+            known.append(domain_name)
+            if domid == "0" or (name is not None and name not in (domain_name, domid)):
                 continue
+            found = True
             home = f"/local/domain/{domid}/device"
             for device_type in await xs.ls_optional(home):
                 for devid in await xs.ls_optional(f"{home}/{device_type}"):
@@ -92,6 +98,8 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                         else None,
                         "last_event": None,
                     })
+    if not found:
+        raise NoSuchDomain(f"no domain named {name!r}; domains: {', '.join(known) or 'none'}")
     stuck = [device for device in report if device["waiting"]]
     if stuck:
         await _add_last_events(run_dir, stuck)

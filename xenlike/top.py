@@ -281,6 +281,8 @@ def top(run_dir: Path | None, batch: bool, iterations: int | None, delay: float,
 
     try:
         run_until_interrupted(run_top, rd.path, delay, iterations, emit)
+    except BrokenPipeError:  # the reader went away: the CLI ends quietly
+        raise
     except ConnectionError as exc:
         click.echo(f"xenlike top: {exc}", err=True)
         sys.exit(1)

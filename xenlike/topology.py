@@ -23,8 +23,11 @@ Every mistake is reported with the file, the line and what would be right,
 all of them at once, and nothing starts.
 """
 
+import importlib.util
 import ipaddress
+import os
 import re
+import sys
 import tomllib
 import zlib
 from collections.abc import Iterable
@@ -45,6 +48,7 @@ __all__ = [
     "VifSpec",
     "default_topology",
     "load_topology",
+    "module_problem",
     "parse_disk_spec",
     "parse_domain_file",
     "parse_size",
@@ -327,14 +331,43 @@ def _check_kernel_name(value: Any) -> str | None:
     return None
 
 
+def module_problem(dotted: str) -> str | None:
+    """Why the module of "package.module:NAME" cannot be imported here (None if it
+    can be found): the domains import it with the same Python and PYTHONPATH."""
+    module = dotted.partition(":")[0]
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", module):
+        return f"{module!r} is not a module name"
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:  # domains run with `python -m`, which puts the working directory first
+        sys.path.insert(0, cwd)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError as exc:  # a parent package is missing
+        return f"no module named {exc.name!r} (is it on PYTHONPATH?)"
+    except (ImportError, ValueError) as exc:
+        return f"module {module!r} cannot be imported: {exc}"
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if spec is None:
+        return f"no module named {module!r} (is it on PYTHONPATH?)"
+    return None
+
+
 _DOMAIN_KEYS = {"name", "memory", "vcpus", "kernel", "init", "extra", "on_poweroff", "on_reboot",
                 "on_crash", "disk", "vif", "devices", "maxmem", "type", "cmdline"}
 _DOM0_KEYS = {"memory", "nic", "images"}
 _HOST_KEYS = {"name"}
 
 
-def parse_topology(text: str, path: str = "<topology>", source: Path | None = None) -> Topology:
-    """Parse and check a topology; raise TopologyError listing every problem."""
+def parse_topology(text: str, path: str = "<topology>", source: Path | None = None, *,
+                   check_imports: bool = False) -> Topology:
+    """Parse and check a topology; raise TopologyError listing every problem.
+
+    With `check_imports`, every kernel, init and driver module must be
+    importable too, so a typo is found before anything boots.
+    """
     problems: list[Problem] = []
     try:
         data = tomllib.loads(text)
@@ -396,7 +429,7 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
         if not isinstance(entry, dict):
             problem("domain", index, None, "each [[domain]] is a table of xl.cfg keys")
             continue
-        domain = _parse_domain(entry, index, images, problem)
+        domain = _parse_domain(entry, index, images, problem, check_imports)
         if domain is not None:
             domains.append(domain)
     if problems:
@@ -406,7 +439,7 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
 
 
 def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
-                  problem: Any) -> DomainConfig | None:
+                  problem: Any, check_imports: bool = False) -> DomainConfig | None:
     ok = True
 
     def bad(key: str | None, message: str) -> None:
@@ -431,6 +464,8 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
         bad("vcpus", f"vcpus = {vcpus!r}: each domain has exactly one vCPU here")
     for key in ("kernel", "init"):
         if key in entry and (message := _check_kernel_name(entry[key])):
+            bad(key, f"{key} = {entry[key]!r}: {message}")
+        elif key in entry and check_imports and (message := module_problem(entry[key])):
             bad(key, f"{key} = {entry[key]!r}: {message}")
     for key in ("on_poweroff", "on_reboot", "on_crash"):
         value = entry.get(key)
@@ -465,6 +500,14 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
                                                 for d in devices):
         bad("devices", "devices = [{ type = \"...\", ... }, ...]: each needs a type")
         devices = []
+    for device in devices:
+        driver = device.get("driver")
+        if driver is None:
+            continue
+        if not isinstance(driver, str):
+            bad("devices", f"driver = {driver!r}: expected 'package.module:NAME'")
+        elif check_imports and (message := module_problem(driver)):
+            bad("devices", f"driver = {driver!r}: {message}")
     if not ok:
         return None
     return DomainConfig(
@@ -483,8 +526,8 @@ def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
     return value
 
 
-def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None
-                      ) -> DomainConfig:
+def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None,
+                      *, check_imports: bool = False) -> DomainConfig:
     """An xl.cfg-style file: one guest's keys at the top level (`xenlike create`).
 
     Its disks may name only images Dom0 already has (`images`).
@@ -502,23 +545,25 @@ def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] 
         line = where.line("domain", 0, key)
         problems.append(Problem(path, line - 1 if line and line > 1 else None, message))
 
-    domain = _parse_domain(entry, 0, dict(images or {}), problem)
+    domain = _parse_domain(entry, 0, dict(images or {}), problem, check_imports)
     if problems or domain is None:
         raise TopologyError(problems)
     return domain
 
 
-def load_topology(path: Path) -> Topology:
+def load_topology(path: Path, *, check_imports: bool = False) -> Topology:
     """Read a topology file; a missing or unreadable file is a TopologyError too."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError([Problem(str(path), None, f"cannot read: {exc.strerror}")]) from None
-    return parse_topology(text, str(path), source=path.resolve())
+    except UnicodeDecodeError:
+        raise TopologyError([Problem(str(path), None, "not a text file")]) from None
+    return parse_topology(text, str(path), source=path.resolve(), check_imports=check_imports)
 
 
-def default_topology() -> Topology:
+def default_topology(*, check_imports: bool = False) -> Topology:
     """The topology `xenlike up` runs with no file: Dom0 and two guests."""
     text = resources.files("xenlike").joinpath("default.toml").read_text()
-    return parse_topology(text, "<embedded default topology>")
+    return parse_topology(text, "<embedded default topology>", check_imports=check_imports)

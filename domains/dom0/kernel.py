@@ -48,8 +48,9 @@ async def main(domain: Domain) -> None:
             registry = DriverRegistry()
             registry.load_entry_points()
             for device in (d for guest in topology.domains for d in guest.devices):
-                if "driver" in device:
-                    registry.register_dotted(device["driver"])
+                if "driver" in device:  # one that cannot load fails its devices only
+                    if registry.register_dotted(device["driver"], device["type"]) is None:
+                        log.error("%s", registry.unloadable(device["type"]))
             backends = BackendBus(XenbusContext(domain, xs, nursery), registry)
             await nursery.start(backends.run)
             consoled = XenConsoled(domain, run_dir.consoles, nursery)
@@ -66,6 +67,7 @@ async def main(domain: Domain) -> None:
                 except Exception as exc:
                     log.error("creating %s failed: %s", config.name, exc)
                     await domain.console_write(f"dom0: creating {config.name} failed: {exc}")
+                    toolstack.note_failure(config.name, None, f"not created: {exc}")
             await xs.write("/tool/xenlike/ready", "1")
             await down.wait()
             await domain.console_write("dom0: every guest is down; shutting down")

@@ -20,7 +20,7 @@ import trio
 
 from xenlike.abi.xenbus import XenbusState
 from xenlike.xenbus.driver import DeviceInfo, XenbusContext, XenbusDriver, error_node
-from xenlike.xenbus.registry import DriverRegistry
+from xenlike.xenbus.registry import DriverRegistry, UnknownDriver
 from xenlike.xenstore import XenStoreError
 
 __all__ = ["BackendBus", "FrontendBus"]
@@ -60,6 +60,11 @@ class _Bus:
                 continue
             try:
                 driver = self._make(info)
+            except UnknownDriver as exc:
+                log.error("%s: %s", info.nodename, exc)
+                await self._report(info, str(exc))
+                self._broken.add(info.nodename)
+                continue
             except Exception as exc:
                 log.exception("%s: the %s driver cannot be started", info.nodename, info.type)
                 await self._report(info, f"starting the driver raised {type(exc).__name__}: "
@@ -131,6 +136,8 @@ class FrontendBus(_Bus):
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if (reason := self.registry.unloadable(info.type)) is not None:
+            raise UnknownDriver(reason)
         if info.type not in self.registry or self.registry.get(info.type).frontend is None:
             log.info("no front-end driver for %s", info.nodename)
             return None
@@ -155,6 +162,8 @@ class BackendBus(_Bus):
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if (reason := self.registry.unloadable(info.type)) is not None:
+            raise UnknownDriver(reason)
         if info.type not in self.registry or self.registry.get(info.type).backend is None:
             log.info("no back-end driver for %s", info.nodename)
             return None
