@@ -225,3 +225,30 @@ def test_up_names_a_device_that_fails(run_dir: Path, tmp_path: Path) -> None:
     assert up.returncode == 1
     assert "solo: faulty 0 failed" in up.stderr and \
         "connect raised DriverBug: connected on purpose" in up.stderr, up.stderr
+
+
+def test_an_attached_console_draws_lines_not_a_staircase(run_dir: Path, tmp_path: Path) -> None:
+    import pty
+
+    topology = tmp_path / "ticks.toml"
+    topology.write_text(ONE_GUEST + 'init = "tests.programs:ticker"\n')
+    xenlike("up", str(topology), "--detach", run_dir=run_dir)
+    master, slave = pty.openpty()
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
+    proc = subprocess.Popen([*XENLIKE, "console", "solo"], stdin=slave, stdout=slave,
+                            stderr=slave, env=env)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 20
+    try:
+        while output.count(b"tick") < 40 and time.monotonic() < deadline:
+            output += os.read(master, 4096)
+        os.write(master, b"\x1d")  # Ctrl-] detaches
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert output.count(b"tick") >= 40, output
+    assert re.search(rb"(?<!\r)\n", output) is None, output[-400:]
+    assert proc.returncode == 0

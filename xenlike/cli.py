@@ -513,6 +513,12 @@ def console(name: str, no_follow: bool, run_dir: Path | None) -> None:
     trio.run(_interactive_console, rd.console_socket(name))
 
 
+def raw_newlines(data: bytes) -> bytes:
+    """A raw terminal moves down on LF but not back to the margin: each line ends in
+    CR LF there (the terminal's own ONLCR is off), or lines draw as a staircase."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 async def _domain_name(rd: RunDir, domid: int) -> str:
     """The name of domain `domid`, as XenStore has it."""
     from xenlike.xenstore import open_client
@@ -538,7 +544,7 @@ async def _interactive_console(path: Path) -> None:
 
             async def output() -> None:
                 while data := await stream.receive_some(4096):
-                    os.write(sys.stdout.fileno(), data)
+                    os.write(sys.stdout.fileno(), raw_newlines(data) if saved else data)
                 nursery.cancel_scope.cancel()
 
             async def keyboard() -> None:
