@@ -20,7 +20,7 @@ from drivers.blkif.protocol import RW, SEGMENT_ARRAY, segment_words
 from tests.blkif_guests import pattern
 from xenlike.abi.blkif import BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifOp
 from xenlike.ring import FrontRing
-from xenlike.xenbus import Driver
+from xenlike.xenbus import Driver, error_node
 from xenlike.xenstore import XenStoreError
 
 DEVICE_TYPE = "vbd-hostile"
@@ -130,7 +130,7 @@ async def hostile(guest: Any) -> None:
     header.release()
     ring.port.notify()
     await wait_state(xs, f"{backend}/state", 5)  # Closing
-    error = (await xs.read(f"{backend}/error")).decode()
+    error = (await xs.read(error_node(backend))).decode()
     print(f"[{name}] a runaway req_prod: the back end is Closing ({error})")
     print(f"[{name}] hostile done")
     await trio.sleep_forever()

@@ -6,3 +6,14 @@ from domains.guest import Guest
 async def raise_error(guest: Guest) -> None:
     print(f"[{guest.name}] about to fail")
     raise RuntimeError("the guest program failed on purpose")
+
+
+async def ticker(guest: Guest) -> None:
+    """A line on the console every 0.1 s, for a console that is attached meanwhile."""
+    import trio
+
+    tick = 0
+    while True:
+        print(f"[{guest.name}] tick {tick}")
+        tick += 1
+        await trio.sleep(0.1)

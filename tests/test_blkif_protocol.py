@@ -224,13 +224,37 @@ def test_images_are_created_sparse_once(tmp_path: Path) -> None:
         create_image(tmp_path / "b.img", 1000)
 
 
-def test_dom0_creates_the_topologys_images_beside_the_topology_file(tmp_path: Path) -> None:
-    text = '[dom0]\nimages = { "a.img" = "1M", "b.img" = "2M" }\n'
+def test_dom0_creates_the_topologys_images_in_the_run_directory(tmp_path: Path) -> None:
+    text = '[dom0]\nimages = { "a.img" = "1M", "b.img" = "2M", "sub/c.img" = "1M" }\n'
     topology = parse_topology(text, "t.toml", source=tmp_path / "t.toml")
-    (tmp_path / "b.img").write_bytes(b"keep")
-    assert create_images(topology, tmp_path / "run") == [tmp_path / "a.img"]
-    assert (tmp_path / "a.img").stat().st_size == 1 << 20
-    assert (tmp_path / "b.img").read_bytes() == b"keep"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "b.img").write_bytes(b"keep")
+    assert create_images(topology, run) == [run / "a.img", run / "sub" / "c.img"]
+    assert (run / "a.img").stat().st_size == 1 << 20
+    assert (run / "b.img").read_bytes() == b"keep"
+    assert not (tmp_path / "a.img").exists()
+
+
+def test_images_cannot_leave_the_run_directory(tmp_path: Path) -> None:
+    """A symlink planted in the run directory does not make Dom0 write outside it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "link").symlink_to(outside)
+    topology = parse_topology('[dom0]\nimages = { "link/x.img" = "1M" }\n', "t.toml")
+    assert create_images(topology, run) == []
+    assert list(outside.iterdir()) == []
+    with pytest.raises(ValueError, match="leads out of the run directory"):
+        topology.image_path("link/x.img", run)
+
+
+def test_an_image_that_cannot_be_made_leaves_no_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "huge.img"
+    with pytest.raises(OSError):
+        create_image(path, 1 << 62)  # more than any file system holds: EFBIG
+    assert not path.exists()
 
 
 def test_the_sector_interface(tmp_path: Path) -> None:

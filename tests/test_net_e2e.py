@@ -230,7 +230,7 @@ def test_guests_talk_over_xenbr0_and_captures_decode(run_dir: Path, tmp_path: Pa
                                  run_dir=run_dir, check=False).stdout or 0) > 0,
              what="netback's statistics in XenStore")
     xenlike("down", run_dir=run_dir)
-    wire = tmp_path / "wire.pcap"
+    wire = run_dir / "wire.pcap"
     frames = [frame for _, frame in read_records(wire.read_bytes())]
     kinds = {frame[12:14] for frame in frames}
     assert {b"\x08\x06", b"\x08\x00"} <= kinds  # ARP and IPv4, from the boot on

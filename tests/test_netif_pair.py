@@ -118,7 +118,7 @@ async def test_a_back_end_breaking_the_ring_fails_the_device_not_the_guest(
     pair = Pair(nursery, front_serves=False)
     fatal: list[str] = []
 
-    async def record(message: str) -> None:
+    async def record(message: str, *, code: int = 0) -> None:
         fatal.append(message)
 
     pair.front.fatal = record  # type: ignore[method-assign]

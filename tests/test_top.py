@@ -137,3 +137,61 @@ def test_top_batch_and_json_print_every_domain(run_dir: Path) -> None:
     assert wait_for(alpha_reads, 20, "alpha's disk reads in xenlike top") >= 1
     assert xenlike("top", "-i", "1", run_dir=run_dir.parent / "nothing",
                    check=False).returncode == 1
+
+
+def test_the_table_fits_80_columns_and_shows_other_devices_statistics() -> None:
+    before = sample(10.0, [info(0, 1_000_000_000)], {0: 100}, {0: 10})
+    after = sample(12.0, [info(0, 1_500_000_000), info(1, 200_000_000, pages=1024)],
+                   {0: 300, 1: 50}, {0: 30, 1: 8})
+    table = rows(before, after)
+    table[1]["devices"] = {"kv": {"gets": 7, "puts": 3}}
+    frame = format_frame(table, 80).splitlines()
+    assert all(len(line) <= 80 for line in frame), frame
+    assert frame[1].split()[:7] == ["NAME", "ID", "STATE", "CPU(%)", "MEM(k)", "HCALL/s",
+                                    "EVTCHN/s"]
+    wide = format_frame(table).splitlines()
+    assert wide[3].endswith("kv gets=7 puts=3")
+
+
+async def test_other_device_types_statistics_are_summed_per_type() -> None:
+    back = "/local/domain/0/backend"
+    store = FakeStore({
+        "/local/domain/1/device/kv/0/backend": f"{back}/kv/1/0",
+        "/local/domain/1/device/kv/1/backend": f"{back}/kv/1/1",
+        f"{back}/kv/1/0/statistics/gets": "4",
+        f"{back}/kv/1/1/statistics/gets": "3",
+        f"{back}/kv/1/1/statistics/note": "not a number",
+    })
+    sampler = TopSampler(None, store, None)  # type: ignore[arg-type]  # only XenStore is used
+    assert await sampler._custom_counters(1) == {"kv": {"gets": 7}}
+
+
+def test_top_on_a_terminal_quits_on_q(run_dir: Path) -> None:
+    import os
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    xenlike("up", "--detach", run_dir=run_dir)
+    master, slave = pty.openpty()
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir), "COLUMNS": "80", "LINES": "24"}
+    proc = subprocess.Popen([sys.executable, "-m", "xenlike", "top", "-d", "0.2"], stdin=slave,
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"(q quits)" not in output and time.monotonic() < deadline:
+            output += os.read(master, 65536)
+        os.write(master, b"q")
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        os.close(master)
+    assert proc.returncode == 0, output
+    frame = output.decode(errors="replace").split("\x1b[2J")[-1]
+    assert all(len(line.rstrip("\r")) <= 80 for line in frame.splitlines()), frame
+    assert "Domain-0" in frame and "alpha" in frame

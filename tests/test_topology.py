@@ -146,3 +146,57 @@ def test_an_xl_cfg_style_domain_file() -> None:
     with pytest.raises(TopologyError) as info:
         parse_domain_file("name = 'x'\nmemory = 16\nvcpus = 4\n", "x.cfg")
     assert str(info.value).startswith("x.cfg:3: vcpus = 4")
+
+
+ONE = '[[domain]]\nname = "a"\nmemory = 16\n'
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ('[dom0]\nimages = "a.img"\n', 2, "images = 'a.img': a table of file name = size"),
+    ('dom0 = 5\n', 1, "dom0 = 5: [dom0] is a table of keys"),
+    ('host = "x"\n', 1, "host = 'x': [host] is a table of keys"),
+    ('[dom0]\nimages = { "/etc/passwd" = "1M" }\n', 2, "an absolute path"),
+    ('[dom0]\nimages = { "../x.img" = "1M" }\n', 2, "'..', '.' and empty parts"),
+    ('[dom0]\nimages = { "a.img" = 1000 }\n', 2, "not a whole number of 512-byte sectors"),
+    ('[dom0]\nimages = { "a.img" = "99999999T" }\n', 2, "more than the 4 TiB"),
+    ('[dom0]\nimages = { "a.img" = "0" }\n', 2, "0 bytes is not a whole number"),
+    ('[dom0]\nnic = "pcap:/tmp/x.pcap"\n', 2, "an absolute path"),
+    ('[dom0]\nnic = "pcap:../x.pcap"\n', 2, "'..'"),
+    ('[dom0]\nnic = "tap:much-too-long-a-name"\n', 2, "an interface name of 1 to 15"),
+    (ONE + 'vif = ["mac=00:16:3e:00:00:01"]\n' + ONE.replace('"a"', '"b"')
+     + 'vif = ["mac=00:16:3e:00:00:01"]\n', 8, "mac=00:16:3e:00:00:01 is used twice (a and b)"),
+    ('[dom0]\nimages = { "s.img" = "1M" }\n' + ONE + 'disk = ["vdev=xvda, target=s.img"]\n'
+     + ONE.replace('"a"', '"b"') + 'disk = ["vdev=xvda, access=ro, target=s.img"]\n', 10,
+     "image 's.img' is attached to a, b, and read-write"),
+    (ONE + 'devices = [{ type = "k", driver = "p.one:D" }, { type = "k", driver = "p.two:D", '
+     'devid = 1 }]\n', 4, "type 'k' has two drivers, 'p.one:D' and 'p.two:D'"),
+    (ONE + 'devices = [{ type = "k", devid = "x" }]\n', 4, "devid = 'x': a number"),
+    (ONE + 'devices = [{ type = "k" }, { type = "k", devid = 0 }]\n', 4, "k devid 0 is used twice"),
+    (ONE + 'devices = [{ type = "vbd", params = "/etc/shadow" }]\n', 4, "type = 'vbd' is built in"),
+    (ONE + 'devices = [{ type = "k", params = "/etc/shadow" }]\n', 4,
+     "params = '/etc/shadow' is not one of Dom0's images"),
+    (ONE + 'devices = [{ type = "k", frontend = "/local/domain/0" }]\n', 4,
+     "'frontend': the toolstack writes that key itself"),
+    (ONE + 'disk = ["vdev=xvda, backend=3, target=a.img"]\n', 4, "only Dom0 (0) runs back ends"),
+    ('[dom0]\nmemory = 4096\n' + (ONE.replace("16", "4096")) * 2000, 2, "this host has"),
+])
+def test_mistakes_that_once_crashed_or_slipped_through_are_line_errors(
+        text: str, line: int, message: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        parse_topology(text, "t.toml")
+    found = [p for p in info.value.problems if message in p.message]
+    assert found, info.value
+    if "this host has" not in message:
+        assert found[0].line == line, found[0]
+
+
+def test_create_cannot_name_host_files_either() -> None:
+    from xenlike.topology import parse_domain_file
+
+    with pytest.raises(TopologyError, match="not one of Dom0's images"):
+        parse_domain_file('name = "x"\nmemory = 16\n'
+                          'devices = [{ type = "k", params = "/etc/shadow" }]\n',
+                          images={"a.img": 1 << 20})
+    with pytest.raises(TopologyError, match="not one of Dom0's images"):
+        parse_domain_file('name = "x"\nmemory = 16\ndisk = ["vdev=xvda, target=/etc/shadow"]\n',
+                          images={"a.img": 1 << 20})

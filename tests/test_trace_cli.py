@@ -434,7 +434,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
                                     text=True)
         wait_for(lambda: sum((r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)
                              for r in recorded(live)) == 2, what="both ends' rings traced")
-        created = xenlike("create", str(tmp / "gamma.cfg"), run_dir=run_dir).stdout
+        created = xenlike("create", str(tmp / "gamma.cfg"), "--no-wait",  # a stuck device
+                          run_dir=run_dir).stdout
         xenlike("xenstore", "write", "/local/domain/1/data/go", "1", run_dir=run_dir)
         console = run_dir / "console" / "client.log"
         wait_for(lambda: "workload done" in console.read_text(), what="the workload")

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import trio
@@ -28,7 +28,10 @@ from xenlike.capture import capture
 from xenlike.devices_report import describe_devices
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.session import (
+    NoSuchDomain,
     NotRunning,
+    ToolstackRefused,
+    dom0_failure,
     find_run_dir,
     start_topology,
     stop,
@@ -54,7 +57,7 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Print JSON instead of a table.")(func)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"xenlike: {message}", err=True)
     sys.exit(code)
 
@@ -64,10 +67,73 @@ def running(run_dir: Path | None) -> RunDir:
         return find_run_dir(run_dir)
     except NotRunning as exc:
         fail(str(exc))
-        raise AssertionError from exc
 
 
-@click.group(context_settings=CONTEXT)
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside trio's exception groups (the first, if several)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def explain(exc: BaseException) -> str | None:
+    """The one line a user gets for an expected failure; None for a bug."""
+    from xenlike.hypercall import HypercallError
+    from xenlike.xenstore import XenStoreError
+
+    if isinstance(exc, (NotRunning, NoSuchDomain, ToolstackRefused, RunDirBusy)):
+        return str(exc).strip("'\"")
+    if isinstance(exc, TopologyError):
+        return "; ".join(str(problem) for problem in exc.problems)
+    if isinstance(exc, XenStoreError):
+        return f"xenstored: {exc}"
+    if isinstance(exc, HypercallError):
+        return f"the hypervisor refused: {exc}"
+    if isinstance(exc, trio.TooSlowError):
+        return "the topology did not answer in time"
+    if isinstance(exc, (ConnectionError, FileNotFoundError, trio.BrokenResourceError,
+                        trio.ClosedResourceError)):
+        reason = getattr(exc, "strerror", None) or str(exc) or "connection lost"
+        return f"the topology does not answer ({reason}): see `xenlike dmesg` and the " \
+               "domain logs in its run directory"
+    return None
+
+
+class Cli(click.Group):
+    """Expected failures end in one line and a non-zero exit, never a traceback; so
+    do Ctrl-C (exit 130) and a reader that goes away (`xenlike trace | head`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except BaseException as group:
+            exc = _leaf(group)
+            if isinstance(exc, (SystemExit, click.ClickException, click.exceptions.Exit)):
+                raise exc from None
+            if isinstance(exc, KeyboardInterrupt):
+                click.echo("", err=True)
+                sys.exit(130)
+            if isinstance(exc, BrokenPipeError):
+                _quiet_stdout()
+                sys.exit(1)
+            message = explain(exc)
+            if message is None:
+                if os.environ.get("XENLIKE_DEBUG"):
+                    raise
+                fail(f"unexpected error: {exc!r} (XENLIKE_DEBUG=1 shows the traceback)")
+            fail(message)
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout has gone: send what is left to /dev/null, not an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@click.group(cls=Cli, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="xenlike")
 def main() -> None:
     """Run and inspect a Xen-style paravirtualized topology.
@@ -104,7 +170,8 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         xenlike up demo.toml --detach    # background; `xenlike down` stops it
     """
     try:
-        topo = load_topology(topology) if topology is not None else default_topology()
+        topo = load_topology(topology, check_imports=True) if topology is not None \
+            else default_topology(check_imports=True)
     except TopologyError as exc:
         click.echo(f"xenlike: the topology has {len(exc.problems)} problem(s); nothing started:",
                    err=True)
@@ -120,15 +187,24 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         start_trace_recorder(rd, trace_file, detach)
     view = ProgressView(sys.stdout.isatty())
     click.echo(f"starting topology {topo.name!r} in {rd.path}")
-    problems = trio.run(wait_ready, session, view.update, timeout)
+    try:
+        problems = trio.run(wait_ready, session, view.update, timeout)
+    except KeyboardInterrupt:
+        problems = ["interrupted"]
     view.finish()
     if problems:
         click.echo("xenlike: the topology did not come up:", err=True)
         for problem in problems:
             click.echo(f"  {problem}", err=True)
         if detach:
-            click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)", err=True)
-            sys.exit(1)
+            if session.alive():
+                click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)",
+                           err=True)
+        else:
+            click.echo("shutting down ...", err=True)
+            stop(rd, grace=5)
+            session.process.wait()
+        sys.exit(1)
     else:
         click.echo(f"up: {len(topo.domains)} guest(s) running, every device Connected")
     if detach:
@@ -137,6 +213,12 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         follow_consoles(rd, session.alive)
     except KeyboardInterrupt:
         click.echo("\nshutting down ...")
+    else:  # the hypervisor stopped on its own
+        click.echo("xenlike: the topology stopped: Dom0 has exited", err=True)
+        for line in dom0_failure(rd):
+            click.echo(f"  {line}", err=True)
+        stop(rd)
+        sys.exit(1)
     stop(rd)
     session.process.wait()
     click.echo("down")
@@ -224,7 +306,7 @@ def down(run_dir: Path | None, grace: float) -> None:
         xenlike down --grace 0     # destroy the guests at once
     """
     try:
-        rd = find_run_dir(run_dir)
+        rd = find_run_dir(run_dir, running=False)
     except NotRunning as exc:
         click.echo(f"nothing to stop: {exc}")
         return
@@ -256,8 +338,8 @@ async def _list(rd: RunDir) -> list[dict[str, Any]]:
 
     async with XenControl.connect(rd.path) as xc:
         infos = await xc.list_domains()
-    names: dict[int, str] = {}
-    if rd.xenstored_socket.exists():
+    names: dict[int, str] = {0: "Domain-0"}
+    try:
         async with open_client(rd.xenstored_socket) as xs:
             for info in infos:
                 try:
@@ -265,7 +347,10 @@ async def _list(rd: RunDir) -> list[dict[str, Any]]:
                         f"/local/domain/{info.domain}/name")).decode()
                 except XenStoreError:
                     pass
-    return [{"name": names.get(i.domain, "(null)"), "id": i.domain,
+    except OSError:
+        click.echo("xenlike: xenstored does not answer (Dom0 is down?): names unknown",
+                   err=True)
+    return [{"name": names.get(i.domain, f"d{i.domain}"), "id": i.domain,
              "mem": i.tot_pages * 4 // 1024, "vcpus": i.nr_online_vcpus,
              "state": _state_letters(i.flags), "time": round(i.cpu_time / 1e9, 1)} for i in infos]
 
@@ -294,8 +379,15 @@ def list_(run_dir: Path | None, as_json: bool) -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @run_dir_option
-def create(file: Path, run_dir: Path | None) -> None:
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the guest to boot (its console and devices up).")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for its boot.")
+def create(file: Path, run_dir: Path | None, wait: bool, timeout: float) -> None:
     """Create a guest from an xl.cfg-style file in the running topology.
+
+    It returns once the guest's console and devices are up, and fails at once
+    (naming the cause) if the guest dies while booting or a device fails.
 
     \b
     Example:
@@ -303,12 +395,46 @@ def create(file: Path, run_dir: Path | None) -> None:
         xenlike create gamma.cfg
     """
     rd = running(run_dir)
-    try:
-        answer = trio.run(toolstack_request, rd,
-                          {"op": "create", "config": file.read_text(), "path": str(file)})
-    except RuntimeError as exc:
-        fail(str(exc))
+    answer = trio.run(toolstack_request, rd,
+                      {"op": "create", "config": file.read_text(), "path": str(file)})
     click.echo(f"created {answer['name']} as domain {answer['domid']}")
+    if not wait:
+        return
+    problems = trio.run(wait_created, rd, answer["name"], answer["domid"], timeout)
+    if problems:
+        click.echo(f"xenlike: {answer['name']} did not come up:", err=True)
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+
+
+async def wait_created(rd: RunDir, name: str, domid: int, timeout: float) -> list[str]:
+    """Follow a new guest until its console and devices are up; what went wrong if not."""
+    from xenlike.session import failed_devices, failures
+
+    problems = ["timed out"]
+    with trio.move_on_after(timeout):
+        while True:
+            status = await toolstack_request(rd, {"op": "status"}, timeout=10)
+            dead = failures(status, {name}, domid) + failed_devices(status, {name})
+            if dead:
+                return dead
+            guest = next((g for g in status["guests"] if g["domid"] == domid), None)
+            if guest is None:
+                return [f"{name} (d{domid}) is gone"]
+            problems = [f"{name}: {d['type']} {d['devid']} is frontend {d['frontend']}, "
+                        f"backend {d['backend']}" for d in guest["devices"]
+                        if (d["frontend"], d["backend"]) != ("Connected", "Connected")]
+            if not guest["console"]:
+                problems.append(f"{name}: console not connected")
+            elif not guest.get("booted", True):
+                problems.append(f"{name}: still booting")
+            if guest["state"] != "running":
+                return [f"{name}: {guest['state']}"]
+            if not problems:
+                return []
+            await trio.sleep(0.05)
+    return problems
 
 
 @main.command(context_settings=CONTEXT)
@@ -316,17 +442,15 @@ def create(file: Path, run_dir: Path | None) -> None:
 @click.option("--reboot", is_flag=True, help="Ask for a reboot instead of a poweroff.")
 @run_dir_option
 def shutdown(name: str, reboot: bool, run_dir: Path | None) -> None:
-    """Ask a guest to shut down (control/shutdown); its on_poweroff applies.
+    """Ask a guest (by name or domid) to shut down (control/shutdown); its on_poweroff
+    applies.
 
     \b
     Example:
         xenlike shutdown alpha
     """
-    try:
-        trio.run(toolstack_request, running(run_dir),
-                 {"op": "shutdown", "name": name, "reason": "reboot" if reboot else "poweroff"})
-    except RuntimeError as exc:
-        fail(str(exc))
+    trio.run(toolstack_request, running(run_dir),
+             {"op": "shutdown", "name": name, "reason": "reboot" if reboot else "poweroff"})
     click.echo(f"asked {name} to {'reboot' if reboot else 'power off'}")
 
 
@@ -334,16 +458,13 @@ def shutdown(name: str, reboot: bool, run_dir: Path | None) -> None:
 @click.argument("name")
 @run_dir_option
 def destroy(name: str, run_dir: Path | None) -> None:
-    """Destroy a guest at once (no clean shutdown).
+    """Destroy a guest (by name or domid) at once (no clean shutdown).
 
     \b
     Example:
         xenlike destroy beta
     """
-    try:
-        trio.run(toolstack_request, running(run_dir), {"op": "destroy", "name": name})
-    except RuntimeError as exc:
-        fail(str(exc))
+    trio.run(toolstack_request, running(run_dir), {"op": "destroy", "name": name})
     click.echo(f"destroyed {name}")
 
 
@@ -372,13 +493,15 @@ def dmesg(run_dir: Path | None) -> None:
 @click.option("--no-follow", is_flag=True, help="Print what the console holds and exit.")
 @run_dir_option
 def console(name: str, no_follow: bool, run_dir: Path | None) -> None:
-    """Attach to a guest's console; Ctrl-] detaches.
+    """Attach to a guest's console (by name or domid); Ctrl-] detaches.
 
     \b
     Example:
         xenlike console alpha --no-follow
     """
     rd = running(run_dir)
+    if name.isdigit():
+        name = trio.run(_domain_name, rd, int(name))
     log = rd.console_log(name)
     if not log.exists():
         known = ", ".join(p.stem for p in rd.consoles.glob("*.log")) or "none"
@@ -388,6 +511,23 @@ def console(name: str, no_follow: bool, run_dir: Path | None) -> None:
     if no_follow:
         return
     trio.run(_interactive_console, rd.console_socket(name))
+
+
+def raw_newlines(data: bytes) -> bytes:
+    """A raw terminal moves down on LF but not back to the margin: each line ends in
+    CR LF there (the terminal's own ONLCR is off), or lines draw as a staircase."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def _domain_name(rd: RunDir, domid: int) -> str:
+    """The name of domain `domid`, as XenStore has it."""
+    from xenlike.xenstore import open_client
+
+    async with open_client(rd.xenstored_socket) as xs:
+        found = await xs.read_optional(f"/local/domain/{domid}/name")
+    if found is None:
+        raise NoSuchDomain(f"no domain {domid}")
+    return found
 
 
 async def _interactive_console(path: Path) -> None:
@@ -404,7 +544,7 @@ async def _interactive_console(path: Path) -> None:
 
             async def output() -> None:
                 while data := await stream.receive_some(4096):
-                    os.write(sys.stdout.fileno(), data)
+                    os.write(sys.stdout.fileno(), raw_newlines(data) if saved else data)
                 nursery.cancel_scope.cancel()
 
             async def keyboard() -> None:

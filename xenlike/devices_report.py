@@ -4,7 +4,8 @@ A stuck handshake is the first thing to look at when a device does not
 work: each pair of (front-end state, back-end state) has one side waiting
 for the other, and the report says which side waits for what — and, when
 the trace buffers still hold it, the last XenBus or ring event of either
-end (`xenlike.trace.events`).
+end (`xenlike.trace.events`). A failed device shows its ends' error nodes
+(`error/<device path>/error`, as xenbus_dev_fatal writes them).
 """
 
 import time
@@ -12,6 +13,8 @@ from typing import Any
 
 from xenlike.abi.xenbus import XenbusState as S
 from xenlike.rundir import RunDir
+from xenlike.session import NoSuchDomain
+from xenlike.xenbus.driver import error_node
 from xenlike.xenstore import open_client
 
 __all__ = ["describe_devices", "waiting_for"]
@@ -52,13 +55,18 @@ def _state(text: str | None) -> S | None:
 
 
 async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dict[str, Any]]:
-    """Every device of every guest (or of `name`), from XenStore."""
+    """Every device of every guest (or of `name`, a name or a domid), from XenStore;
+    NoSuchDomain if no domain answers to `name`."""
     report = []
+    known = []
+    found = name is None
     async with open_client(run_dir.xenstored_socket) as xs:
         for domid in await xs.ls_optional("/local/domain"):
             domain_name = await xs.read_optional(f"/local/domain/{domid}/name") or f"d{domid}"
-            if domid == "0" or (name is not None and domain_name != name):
+            known.append(domain_name)
+            if domid == "0" or (name is not None and name not in (domain_name, domid)):
                 continue
+            found = True
             home = f"/local/domain/{domid}/device"
             for device_type in await xs.ls_optional(home):
                 for devid in await xs.ls_optional(f"{home}/{device_type}"):
@@ -73,9 +81,11 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                         for key in await xs.ls_optional(path):
                             if key.startswith(_FEATURE_PREFIXES):
                                 features[f"{side}/{key}"] = await xs.read_optional(f"{path}/{key}")
-                    errors = [e for e in [await xs.read_optional(f"{front}/error"),
-                                          await xs.read_optional(f"{back}/error") if back
-                                          else None] if e]
+                    errors = []
+                    for side, path in (("frontend", front), ("backend", back)):
+                        error = await xs.read_optional(error_node(path)) if path else None
+                        if error:
+                            errors.append(f"{side}: {error}")
                     backend_id = await xs.read_optional(f"{front}/backend-id")
                     report.append({
                         "domain": domain_name, "domid": int(domid), "type": device_type,
@@ -88,6 +98,8 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                         else None,
                         "last_event": None,
                     })
+    if not found:
+        raise NoSuchDomain(f"no domain named {name!r}; domains: {', '.join(known) or 'none'}")
     stuck = [device for device in report if device["waiting"]]
     if stuck:
         await _add_last_events(run_dir, stuck)

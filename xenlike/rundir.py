@@ -106,6 +106,25 @@ class RunDir:
                              f"(`xenlike down --run-dir {self.path}` stops it)") from None
         return fd
 
+    def leftovers(self) -> list[Path]:
+        """The sockets and pid file a topology that is no longer running left behind
+        (killed processes do not clean up); logs, images and consoles' logs stay."""
+        if not self.path.is_dir():
+            return []
+        found = [self.control, self.pid_file, self.toolstack, self.xenstored_socket,
+                 *self.consoles.glob("*.sock"), *(self.path / "net").glob("*.sock")]
+        return [path for path in found if path.is_socket() or path == self.pid_file
+                and path.exists()]
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove `leftovers` unless a topology runs here now; what was removed."""
+        if self.busy():
+            return []
+        removed = self.leftovers()
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
     def busy(self) -> bool:
         """Whether a topology holds the lock right now."""
         if not self.lock.exists():

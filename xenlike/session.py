@@ -25,22 +25,39 @@ from xenlike._process import die_with_parent
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.topology import Topology
 
-__all__ = ["NotRunning", "Session", "find_run_dir", "start_topology", "toolstack_request"]
+__all__ = ["NoSuchDomain", "NotRunning", "Session", "ToolstackRefused", "find_run_dir",
+           "start_topology", "toolstack_request"]
 
 DOM0_KERNEL = "domains.dom0:main"
 READY_TIMEOUT = 60.0
 
 
 class NotRunning(RuntimeError):
-    """No topology runs where the command looked."""
+    """No topology runs where the command looked, or the part asked for is gone."""
 
 
-def find_run_dir(explicit: Path | None) -> RunDir:
-    """--run-dir, else $XENLIKE_RUN_DIR, else the one running topology."""
-    if explicit is not None:
-        return RunDir(explicit)
-    if os.environ.get("XENLIKE_RUN_DIR"):
-        return RunDir(Path(os.environ["XENLIKE_RUN_DIR"]))
+class NoSuchDomain(LookupError):
+    """No domain has that name or domid."""
+
+
+class ToolstackRefused(RuntimeError):
+    """Dom0's toolstack answered {"ok": false}: its error is the message."""
+
+
+def find_run_dir(explicit: Path | None, *, running: bool = True) -> RunDir:
+    """--run-dir, else $XENLIKE_RUN_DIR, else the one running topology.
+
+    With `running`, a named run directory whose topology is stopped is
+    NotRunning too (its sockets may still be there, answering nobody).
+    """
+    named = explicit if explicit is not None else (
+        Path(os.environ["XENLIKE_RUN_DIR"]) if os.environ.get("XENLIKE_RUN_DIR") else None)
+    if named is not None:
+        rd = RunDir(named)
+        if running and not rd.busy():
+            raise NotRunning(f"no topology is running in {rd.path} "
+                             "(start one with `xenlike up`)")
+        return rd
     base = default_run_dir("x").parent
     running = sorted(p for p in base.glob("*") if RunDir(p).busy()) if base.exists() else []
     if len(running) == 1:
@@ -53,11 +70,16 @@ def find_run_dir(explicit: Path | None) -> RunDir:
 
 async def toolstack_request(run_dir: RunDir, request: dict[str, Any],
                             timeout: float = 120.0) -> dict[str, Any]:
-    """One request to Dom0's toolstack service; raises RuntimeError on {"ok": false}."""
+    """One request to Dom0's toolstack service; ToolstackRefused on {"ok": false}."""
     if not run_dir.toolstack.exists():
-        raise NotRunning(f"no toolstack at {run_dir.toolstack}: is the topology up?")
+        raise NotRunning(f"Dom0's toolstack is not running in {run_dir.path}: "
+                         "`xenlike dmesg` says what became of Dom0")
     with trio.fail_after(timeout):
-        stream = await trio.open_unix_socket(str(run_dir.toolstack))
+        try:
+            stream = await trio.open_unix_socket(str(run_dir.toolstack))
+        except OSError as exc:
+            raise NotRunning(f"Dom0's toolstack does not answer ({exc.strerror}): "
+                             "`xenlike dmesg` says what became of Dom0") from None
         async with stream:
             await stream.send_all(json.dumps(request).encode() + b"\n")
             buffer = b""
@@ -68,7 +90,7 @@ async def toolstack_request(run_dir: RunDir, request: dict[str, Any],
                 buffer += data
     answer = json.loads(buffer.split(b"\n", 1)[0])
     if not answer.get("ok"):
-        raise RuntimeError(answer.get("error", "the toolstack refused"))
+        raise ToolstackRefused(answer.get("error", "the toolstack refused"))
     return answer
 
 
@@ -120,11 +142,11 @@ async def wait_ready(session: Session, on_status: Callable[[dict[str, Any]], Non
     """Follow the toolstack's status until everything is up; return what is not."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {"guests": []}
+    names = {config.name for config in session.topology.domains}
     while time.monotonic() < deadline:
         if not session.alive():
-            return [f"the hypervisor exited with status {session.process.returncode}; see "
-                    f"{session.run_dir.path / 'hypervisor.stderr'} and "
-                    f"{session.run_dir.hypervisor_log}"]
+            return [f"the hypervisor exited with status {session.process.returncode}",
+                    *dom0_failure(session.run_dir)]
         try:
             status = await toolstack_request(session.run_dir, {"op": "status"}, timeout=10)
         except (NotRunning, OSError, RuntimeError):
@@ -134,10 +156,53 @@ async def wait_ready(session: Session, on_status: Callable[[dict[str, Any]], Non
         problems = not_ready(session.topology, status)
         if not problems:
             return []
+        # What waiting will not mend, reported at once: a guest that died while
+        # booting, a device that failed.
+        failed = failures(status, names) + failed_devices(status, names)
+        if failed:
+            return failed
         if any(g["state"] != "running" for g in status.get("guests", [])):
-            return problems  # a guest shut down while booting: waiting will not help
+            return problems
         await trio.sleep(0.05)
     return not_ready(session.topology, status) or ["timed out"]
+
+
+def failures(status: dict[str, Any], names: set[str], domid: int | None = None) -> list[str]:
+    """The toolstack's failed guests among `names` (or the one `domid`), each with the
+    last lines of its log."""
+    found = []
+    for failure in status.get("failures", []):
+        if failure["name"] not in names or (domid is not None and failure["domid"] != domid):
+            continue
+        who = failure["name"] + (f" (d{failure['domid']})" if failure["domid"] is not None
+                                 else "")
+        found.append("\n    ".join([f"{who} {failure['reason']}", *failure["log"]]))
+    return found
+
+
+def failed_devices(status: dict[str, Any], names: set[str]) -> list[str]:
+    """Devices of `names` that an end has failed (an error node), with the error."""
+    found = []
+    for guest in status.get("guests", []):
+        if guest["name"] not in names:
+            continue
+        for device in guest["devices"]:
+            if device.get("error"):
+                found.append(f"{guest['name']}: {device['type']} {device['devid']} failed "
+                             f"(frontend {device['frontend']}, backend {device['backend']}): "
+                             f"{device['error']}")
+    return found
+
+
+def dom0_failure(run_dir: RunDir, lines: int = 6) -> list[str]:
+    """The last lines of Dom0's own log, where a Dom0 that died says why."""
+    log = run_dir.path / "domains" / "0.log"
+    try:
+        text = log.read_bytes()[-8192:].decode("utf-8", "replace")
+    except OSError:
+        return [f"see {run_dir.hypervisor_log} and {run_dir.path / 'hypervisor.stderr'}"]
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return ["\n    ".join([f"last lines of {log}:", *tail])]
 
 
 def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
@@ -153,6 +218,8 @@ def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
             problems.append(f"{config.name}: {guest['state']}")
         if not guest["console"]:
             problems.append(f"{config.name}: console not connected")
+        elif not guest.get("booted", True):
+            problems.append(f"{config.name}: still booting")
         for device in guest["devices"]:
             if device["frontend"] != "Connected" or device["backend"] != "Connected":
                 problems.append(f"{config.name}: {device['type']} {device['devid']} is "
@@ -163,10 +230,14 @@ def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
 def stop(run_dir: RunDir, grace: float = 15.0, timeout: float = 20.0) -> bool:
     """Shut the guests down cleanly, then the hypervisor; True if something ran.
 
-    Guests get `grace` seconds to power off before they are destroyed.
+    Guests get `grace` seconds to power off before they are destroyed. Every
+    socket and pid file left behind (by this run, or by one killed with
+    SIGKILL) is removed once nothing runs, and so is every domain process
+    the hypervisor started that still runs without it.
     """
     if not run_dir.busy():
-        return False
+        strays = _kill_strays(run_dir)
+        return bool(run_dir.remove_leftovers()) or strays
     try:
         trio.run(toolstack_request, run_dir, {"op": "down", "timeout": grace}, grace + 45.0)
     except (NotRunning, OSError, RuntimeError, trio.TooSlowError):
@@ -181,7 +252,30 @@ def stop(run_dir: RunDir, grace: float = 15.0, timeout: float = 20.0) -> bool:
         _signal(pid, signal.SIGKILL)  # its domains die with it (PR_SET_PDEATHSIG)
         while run_dir.busy():
             time.sleep(0.05)
+    _kill_strays(run_dir)
+    run_dir.remove_leftovers()
     return True
+
+
+def _kill_strays(run_dir: RunDir) -> bool:
+    """SIGKILL every domain process of this run directory that outlived its hypervisor
+    (found by its --hypercall-fd command line and its log in the run directory);
+    True if there was one."""
+    domains = run_dir.path / "domains"
+    found = False
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"xenlike.domain" not in argv:
+                continue
+            logs = {os.readlink(fd) for fd in (proc / "fd").iterdir()
+                    if fd.name in ("1", "2")}
+        except OSError:
+            continue
+        if any(Path(log).parent == domains for log in logs):
+            _signal(int(proc.name), signal.SIGKILL)
+            found = True
+    return found
 
 
 def _pid(run_dir: RunDir) -> int | None:

@@ -23,11 +23,23 @@ and netback's names; a key that is absent reads 0::
 Counts are totals since the device connected, from the guest's side (tx is
 what the guest sent), as xentop shows them; a back end updates them at
 whatever pace suits it (once a second is plenty).
+
+A device of any other type shows what its back end publishes under
+`statistics/` (`Backend.publish_statistics`), summed per type, in the last
+column (`faulty served=12`) and in `--json` as `devices`.
+
+On a terminal the table fits its width (the least telling columns go
+first) and `q` quits.
 """
 
+import functools
 import json
+import os
+import shutil
 import sys
+import termios
 import time
+import tty
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -132,7 +144,8 @@ class TopSampler:
         for domid in infos:
             name = await self._xs.read_optional(f"/local/domain/{domid}/name")
             names[domid] = name or f"d{domid}"
-            devices[domid] = await self._device_counters(domid)
+            devices[domid] = {**await self._device_counters(domid),
+                              "devices": await self._custom_counters(domid)}
         return Sample(time.monotonic(), physinfo.total_pages, infos, names,
                       dict(self._hypercalls), dict(self._sends), devices)
 
@@ -150,6 +163,25 @@ class TopSampler:
                     value = await self._xs.read_optional(f"{backend}/statistics/{key}")
                     totals[key] += int(value) if value and value.isdigit() else 0
         return totals
+
+    async def _custom_counters(self, domid: int) -> dict[str, dict[str, int]]:
+        """Every other device type's published statistics, summed per type."""
+        found: dict[str, dict[str, int]] = {}
+        home = f"/local/domain/{domid}/device"
+        for device_type in await self._xs.ls_optional(home):
+            if device_type in ("vbd", "vif"):
+                continue
+            for devid in await self._xs.ls_optional(f"{home}/{device_type}"):
+                backend = await self._xs.read_optional(f"{home}/{device_type}/{devid}/backend")
+                if backend is None:
+                    continue
+                stats = f"{backend}/statistics"
+                for key in await self._xs.ls_optional(stats):
+                    value = await self._xs.read_optional(f"{stats}/{key}")
+                    if value is not None and value.isascii() and value.isdigit():
+                        counters = found.setdefault(device_type, {})
+                        counters[key] = counters.get(key, 0) + int(value)
+        return found
 
 
 @asynccontextmanager
@@ -206,39 +238,73 @@ _COLUMNS = (  # header, key, width, format
 )
 
 
-def format_frame(table: list[dict[str, Any]]) -> str:
-    """xentop's table: a header, then one line per domain."""
+# Which columns stay when the terminal is narrow: the first ones of this order.
+_PRIORITY = ("name", "domid", "state", "cpu_pct", "mem_k", "hypercalls_s", "evtchn_sends_s",
+             "rd_req", "wr_req", "tx_packets", "rx_packets", "cpu_s", "mem_pct", "vbds", "vifs",
+             "oo_req", "rd_sect", "wr_sect", "tx_bytes", "rx_bytes")
+
+
+def format_frame(table: list[dict[str, Any]], width: int | None = None) -> str:
+    """xentop's table: a header, then one line per domain; at most `width` columns
+    wide (the least telling columns left out), with other devices' statistics last."""
     clock = time.strftime("%H:%M:%S")
     running = sum("r" in row["state"] for row in table)
-    lines = [f"xenlike top - {clock}   {len(table)} domains: {running} running",
-             " ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w, _) in enumerate(_COLUMNS))]
+    columns = list(_COLUMNS)
+    if width is not None:
+        kept, used = set(), -1
+        for key in _PRIORITY:
+            column_width = next(w for _, k, w, _ in _COLUMNS if k == key)
+            if used + 1 + column_width > width:
+                break
+            kept.add(key)
+            used += 1 + column_width
+        columns = [column for column in _COLUMNS if column[1] in kept]
+    header = " ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w, _) in enumerate(columns))
+    lines = [f"xenlike top - {clock}   {len(table)} domains: {running} running", header]
     for row in table:
         cells = []
-        for i, (_, key, width, fmt) in enumerate(_COLUMNS):
+        for i, (_, key, column_width, fmt) in enumerate(columns):
             value = row[key]
             if key in ("tx_bytes", "rx_bytes"):
                 value //= 1024
             text = fmt.format(value)
-            cells.append(f"{text[:width]:<{width}}" if i == 0 else f"{text:>{width}}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+            cells.append(f"{text[:column_width]:<{column_width}}" if i == 0
+                         else f"{text:>{column_width}}")
+        custom = " ".join(f"{device_type} " + " ".join(f"{k}={v}" for k, v in counters.items())
+                          for device_type, counters in row.get("devices", {}).items())
+        lines.append(" ".join(cells) + (f"  {custom}" if custom else ""))
+    return "\n".join(line[:width] if width is not None else line for line in lines)
 
 
 async def run_top(run_dir: Path, delay: float, iterations: int | None,
-                  emit: Callable[[list[dict[str, Any]]], None], *, stop: trio.Event) -> None:
-    """Emit a table every `delay` seconds, `iterations` times (None: until `stop`)."""
-    async with open_sampler(run_dir) as sampler:
+                  emit: Callable[[list[dict[str, Any]]], None], *, stop: trio.Event,
+                  keys: int | None = None) -> None:
+    """Emit a table every `delay` seconds, `iterations` times (None: until `stop`);
+    `q` on the terminal `keys` (a file descriptor in cbreak mode) stops too."""
+    async with open_sampler(run_dir) as sampler, trio.open_nursery() as nursery:
+        if keys is not None:
+            nursery.start_soon(_quit_on_q, keys, stop)
         before = await sampler.sample()
         shown = 0
         while iterations is None or shown < iterations:
             with trio.move_on_after(delay):
                 await stop.wait()
             if stop.is_set():
-                return
+                break
             after = await sampler.sample()
             emit(rows(before, after))
             before = after
             shown += 1
+        nursery.cancel_scope.cancel()
+
+
+async def _quit_on_q(fd: int, stop: trio.Event) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        data = os.read(fd, 64)
+        if not data or b"q" in data.lower():
+            stop.set()
+            return
 
 
 @click.command(context_settings=CONTEXT)
@@ -276,11 +342,25 @@ def top(run_dir: Path | None, batch: bool, iterations: int | None, delay: float,
     def emit(table: list[dict[str, Any]]) -> None:
         if as_json:
             click.echo(json.dumps({"time": time.time(), "domains": table}))
+        elif redraw:
+            width = shutil.get_terminal_size().columns
+            click.echo(CLEAR + format_frame(table, width) + "\n(q quits)")
         else:
-            click.echo((CLEAR if redraw else "") + format_frame(table) + ("" if redraw else "\n"))
+            click.echo(format_frame(table) + "\n")
 
+    stdin = sys.stdin.fileno()
+    interactive = redraw and os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if interactive else None
     try:
-        run_until_interrupted(run_top, rd.path, delay, iterations, emit)
+        if saved is not None:
+            tty.setcbreak(stdin)
+        run_until_interrupted(functools.partial(run_top, keys=stdin if interactive else None),
+                              rd.path, delay, iterations, emit)
+    except BrokenPipeError:  # the reader went away: the CLI ends quietly
+        raise
     except ConnectionError as exc:
         click.echo(f"xenlike top: {exc}", err=True)
         sys.exit(1)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)

@@ -23,8 +23,11 @@ Every mistake is reported with the file, the line and what would be right,
 all of them at once, and nothing starts.
 """
 
+import importlib.util
 import ipaddress
+import os
 import re
+import sys
 import tomllib
 import zlib
 from collections.abc import Iterable
@@ -45,6 +48,7 @@ __all__ = [
     "VifSpec",
     "default_topology",
     "load_topology",
+    "module_problem",
     "parse_disk_spec",
     "parse_domain_file",
     "parse_size",
@@ -140,16 +144,52 @@ class Topology:
     name: str
     dom0: Dom0Config
     domains: tuple[DomainConfig, ...]
-    source: Path | None = None  # the file it came from; images are relative to its directory
+    source: Path | None = None  # the file it came from
 
     def image_path(self, name: str, run_dir: Path) -> Path:
-        base = self.source.parent if self.source is not None else run_dir
-        return (base / name).resolve()
+        """Where Dom0 keeps image (or pcap file) `name`: in the run directory, and
+        only there. A name that reaches out of it (absolute, `..`, or a symlink
+        in the way) is ValueError: only Dom0 owns the hardware, and no topology
+        or guest can make it open a host file."""
+        problem = file_name_problem(name)
+        if problem:
+            raise ValueError(f"{name!r}: {problem}")
+        base = Path(run_dir).resolve()
+        path = (base / name).resolve()
+        if not path.is_relative_to(base):
+            raise ValueError(f"{name!r} leads out of the run directory {base} (a symlink)")
+        return path
 
 
 # --- sizes, disks, vifs -------------------------------------------------------
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+SECTOR_SIZE = 512
+MAX_IMAGE_SIZE = 1 << 42  # 4 TiB: sparse, but a host file system still has to hold it
+_TAP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")  # IFNAMSIZ - 1
+
+
+def file_name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a file of Dom0's in the run directory (None if it can):
+    a relative path of plain names, no `..`, nothing absolute."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "expected a file name"
+    if name.startswith("/") or name.startswith("~"):
+        return "an absolute path; images and captures live in the run directory"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "'..', '.' and empty parts are not allowed; images and captures live in " \
+               "the run directory"
+    return None
+
+
+def image_size_problem(size: int) -> str | None:
+    """Why `size` bytes cannot be a disk image (None if it can)."""
+    if size <= 0 or size % SECTOR_SIZE:
+        return f"{size} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+    if size > MAX_IMAGE_SIZE:
+        return f"{size} bytes is more than the {MAX_IMAGE_SIZE >> 40} TiB an image may have"
+    return None
 
 
 def parse_size(text: str | int) -> int:
@@ -298,6 +338,15 @@ class _Locator:
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
 
+    def top_level(self, key: str) -> int | None:
+        """The line of `key = ...` before any table header."""
+        for number, text in enumerate(self.lines, 1):
+            if text.lstrip().startswith("["):
+                return None
+            if re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", text):
+                return number
+        return None
+
     def line(self, table: str, index: int | None, key: str | None) -> int | None:
         current, seen = "", -1
         header = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?")
@@ -327,14 +376,43 @@ def _check_kernel_name(value: Any) -> str | None:
     return None
 
 
+def module_problem(dotted: str) -> str | None:
+    """Why the module of "package.module:NAME" cannot be imported here (None if it
+    can be found): the domains import it with the same Python and PYTHONPATH."""
+    module = dotted.partition(":")[0]
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", module):
+        return f"{module!r} is not a module name"
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:  # domains run with `python -m`, which puts the working directory first
+        sys.path.insert(0, cwd)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError as exc:  # a parent package is missing
+        return f"no module named {exc.name!r} (is it on PYTHONPATH?)"
+    except (ImportError, ValueError) as exc:
+        return f"module {module!r} cannot be imported: {exc}"
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if spec is None:
+        return f"no module named {module!r} (is it on PYTHONPATH?)"
+    return None
+
+
 _DOMAIN_KEYS = {"name", "memory", "vcpus", "kernel", "init", "extra", "on_poweroff", "on_reboot",
                 "on_crash", "disk", "vif", "devices", "maxmem", "type", "cmdline"}
 _DOM0_KEYS = {"memory", "nic", "images"}
 _HOST_KEYS = {"name"}
 
 
-def parse_topology(text: str, path: str = "<topology>", source: Path | None = None) -> Topology:
-    """Parse and check a topology; raise TopologyError listing every problem."""
+def parse_topology(text: str, path: str = "<topology>", source: Path | None = None, *,
+                   check_imports: bool = False) -> Topology:
+    """Parse and check a topology; raise TopologyError listing every problem.
+
+    With `check_imports`, every kernel, init and driver module must be
+    importable too, so a typo is found before anything boots.
+    """
     problems: list[Problem] = []
     try:
         data = tomllib.loads(text)
@@ -352,6 +430,12 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
             problem(key, None, None, f"unknown section [{key}]; expected [host], "
                                      "[dom0], [[domain]]")
 
+    for section, kind in (("host", dict), ("dom0", dict)):
+        if section in data and not isinstance(data[section], kind):
+            problems.append(Problem(path, where.top_level(section),
+                                    f"{section} = {data[section]!r}: [{section}] is a table "
+                                    "of keys"))
+            data[section] = {}
     host = data.get("host", {})
     for key in host:
         if key not in _HOST_KEYS:
@@ -373,12 +457,28 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
     if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap):.+", nic)):
         problem("dom0", None, "nic", f"nic = {nic!r}: expected \"none\", "
                                      "\"tap:NAME\" or \"pcap:FILE\"")
+    elif nic.startswith("pcap:") and (message := file_name_problem(nic[5:])):
+        problem("dom0", None, "nic", f"nic = {nic!r}: {message}")
+    elif nic.startswith("tap:") and not _TAP_NAME.fullmatch(nic[4:]):
+        problem("dom0", None, "nic", f"nic = {nic!r}: an interface name of 1 to 15 letters, "
+                                     "digits, '.', '_' or '-'")
     images: dict[str, int] = {}
-    for image, size in dict(dom0_data.get("images", {})).items():
+    raw_images = dom0_data.get("images", {})
+    if not isinstance(raw_images, dict):
+        problem("dom0", None, "images", f"images = {raw_images!r}: a table of file name = size, "
+                                        "e.g. images = { \"web.img\" = \"64M\" }")
+        raw_images = {}
+    for image, size in raw_images.items():
+        if message := file_name_problem(image):
+            problem("dom0", None, "images", f"image {image!r}: {message}")
+            continue
         try:
             images[image] = parse_size(size)
         except (ValueError, TypeError) as exc:
             problem("dom0", None, "images", f"image {image!r}: {exc}")
+            continue
+        if message := image_size_problem(images[image]):
+            problem("dom0", None, "images", f"image {image!r} = {size!r}: {message}")
 
     domains: list[DomainConfig] = []
     raw_domains = data.get("domain", [])
@@ -396,17 +496,100 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
         if not isinstance(entry, dict):
             problem("domain", index, None, "each [[domain]] is a table of xl.cfg keys")
             continue
-        domain = _parse_domain(entry, index, images, problem)
+        domain = _parse_domain(entry, index, images, problem, check_imports)
         if domain is not None:
             domains.append(domain)
+    _check_across_domains(domains, problem)
+    if isinstance(dom0_memory, int):
+        total = dom0_memory + sum(d.memory for d in domains)
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+        if total > host:
+            problem("dom0", None, "memory", f"Dom0 and the guests ask for {total} MiB; this "
+                                            f"host has {host} MiB")
     if problems:
         raise TopologyError(problems)
     dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
     return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source)
 
 
+def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:
+    """What no one guest shows: a MAC used twice, an image written by one guest and
+    attached to another, two drivers for one device type."""
+    macs: dict[str, str] = {}
+    users: dict[str, list[tuple[str, bool]]] = {}
+    drivers: dict[str, str] = {}
+    for index, domain in enumerate(domains):
+        for vif in domain.vifs:
+            if vif.mac in macs:
+                problem("domain", index, "vif", f"mac={vif.mac} is used twice ({macs[vif.mac]} "
+                                                f"and {domain.name}); MACs are unique")
+            macs.setdefault(vif.mac, domain.name)
+        for disk in domain.disks:
+            users.setdefault(disk.target, []).append((domain.name, not disk.readonly))
+            attached = users[disk.target]
+            if len(attached) > 1 and any(writable for _, writable in attached):
+                names = ", ".join(name for name, _ in attached)
+                problem("domain", index, "disk", f"image {disk.target!r} is attached to "
+                                                 f"{names}, and read-write: only read-only "
+                                                 "images may be shared")
+        for device in domain.devices:
+            driver = device.get("driver")
+            if driver is None:
+                continue
+            known = drivers.setdefault(device["type"], driver)
+            if known != driver:
+                problem("domain", index, "devices", f"type {device['type']!r} has two drivers, "
+                                                    f"{known!r} and {driver!r}")
+
+
+# Keys of a back end's directory the toolstack writes itself, and the device types
+# whose keys come from xl's disk and vif lines, not from a `devices` table.
+_RESERVED_DEVICE_KEYS = {"frontend", "frontend-id", "backend-id", "online", "state",
+                         "hotplug-status", "error"}
+_BUILTIN_DEVICE_TYPES = {"vbd": "disk = [...]", "vif": "vif = [...]", "console": "(built in)",
+                         "qdisk": "disk = [...]", "vbd3": "disk = [...]"}
+
+
+def _device_problems(devices: list[dict[str, Any]], images: dict[str, int]) -> list[str]:
+    """Mistakes in `devices = [...]` tables, which the toolstack writes as they are
+    (but for `params`, which names one of Dom0's images and becomes its path)."""
+    problems = []
+    seen: set[tuple[str, int]] = set()
+    for index, device in enumerate(devices):
+        device_type = device["type"]
+        if not isinstance(device_type, str) or not re.fullmatch(r"[a-z][a-z0-9_\-]{0,31}",
+                                                                 device_type):
+            problems.append(f"type = {device_type!r}: lower-case letters, digits, '_', '-'")
+            continue
+        if device_type in _BUILTIN_DEVICE_TYPES:
+            problems.append(f"type = {device_type!r} is built in: use "
+                            f"{_BUILTIN_DEVICE_TYPES[device_type]}")
+        devid = device.get("devid", index)
+        if isinstance(devid, str) and devid.isdigit():
+            devid = int(devid)
+        if not isinstance(devid, int) or isinstance(devid, bool) or not 0 <= devid < 1 << 31:
+            problems.append(f"devid = {devid!r}: a number from 0 to {(1 << 31) - 1}")
+        elif (device_type, devid) in seen:
+            problems.append(f"{device_type} devid {devid} is used twice")
+        else:
+            seen.add((device_type, devid))
+        backend = device.get("backend", 0)
+        if str(backend) != "0":
+            problems.append(f"backend = {backend!r}: only Dom0 (0) runs back ends here")
+        for key, value in device.items():
+            if key in _RESERVED_DEVICE_KEYS or not re.fullmatch(r"[A-Za-z0-9_\-]+", key):
+                problems.append(f"{key!r}: the toolstack writes that key itself, or it is "
+                                "not a XenStore key name")
+            elif not isinstance(value, (str, int, bool)):
+                problems.append(f"{key} = {value!r}: a string or a number")
+            elif key == "params" and value not in images:
+                problems.append(f"params = {value!r} is not one of Dom0's images ([dom0] images "
+                                f"= {{...}}; declared: {', '.join(images) or 'none'})")
+    return problems
+
+
 def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
-                  problem: Any) -> DomainConfig | None:
+                  problem: Any, check_imports: bool = False) -> DomainConfig | None:
     ok = True
 
     def bad(key: str | None, message: str) -> None:
@@ -432,6 +615,8 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
     for key in ("kernel", "init"):
         if key in entry and (message := _check_kernel_name(entry[key])):
             bad(key, f"{key} = {entry[key]!r}: {message}")
+        elif key in entry and check_imports and (message := module_problem(entry[key])):
+            bad(key, f"{key} = {entry[key]!r}: {message}")
     for key in ("on_poweroff", "on_reboot", "on_crash"):
         value = entry.get(key)
         if value is not None and value not in SUPPORTED_ON_ACTIONS:
@@ -453,18 +638,36 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
                         f"([dom0] images = {{...}}; declared: {known})")
         if any(d.devid == disk.devid for d in disks):
             bad("disk", f"disk {spec!r}: vdev {disk.vdev} is used twice")
+        if disk.backend != "0":
+            bad("disk", f"disk {spec!r}: backend={disk.backend}: only Dom0 (0) runs back ends")
         disks.append(disk)
     vifs: list[VifSpec] = []
     for spec in _as_list(entry.get("vif", []), bad, "vif"):
         try:
-            vifs.append(parse_vif_spec(spec, default_mac=default_mac(str(name), len(vifs))))
+            vif = parse_vif_spec(spec, default_mac=default_mac(str(name), len(vifs)))
         except ValueError as exc:
             bad("vif", f"vif {spec!r}: {exc}")
+            continue
+        if vif.backend != "0":
+            bad("vif", f"vif {spec!r}: backend={vif.backend}: only Dom0 (0) runs back ends")
+        if any(v.mac == vif.mac for v in vifs):
+            bad("vif", f"vif {spec!r}: mac={vif.mac} is used twice")
+        vifs.append(vif)
     devices = entry.get("devices", [])
     if not isinstance(devices, list) or not all(isinstance(d, dict) and "type" in d
                                                 for d in devices):
         bad("devices", "devices = [{ type = \"...\", ... }, ...]: each needs a type")
         devices = []
+    for message in _device_problems(devices, images):
+        bad("devices", f"devices: {message}")
+    for device in devices:
+        driver = device.get("driver")
+        if driver is None:
+            continue
+        if not isinstance(driver, str):
+            bad("devices", f"driver = {driver!r}: expected 'package.module:NAME'")
+        elif check_imports and (message := module_problem(driver)):
+            bad("devices", f"driver = {driver!r}: {message}")
     if not ok:
         return None
     return DomainConfig(
@@ -483,8 +686,8 @@ def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
     return value
 
 
-def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None
-                      ) -> DomainConfig:
+def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None,
+                      *, check_imports: bool = False) -> DomainConfig:
     """An xl.cfg-style file: one guest's keys at the top level (`xenlike create`).
 
     Its disks may name only images Dom0 already has (`images`).
@@ -502,23 +705,25 @@ def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] 
         line = where.line("domain", 0, key)
         problems.append(Problem(path, line - 1 if line and line > 1 else None, message))
 
-    domain = _parse_domain(entry, 0, dict(images or {}), problem)
+    domain = _parse_domain(entry, 0, dict(images or {}), problem, check_imports)
     if problems or domain is None:
         raise TopologyError(problems)
     return domain
 
 
-def load_topology(path: Path) -> Topology:
+def load_topology(path: Path, *, check_imports: bool = False) -> Topology:
     """Read a topology file; a missing or unreadable file is a TopologyError too."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError([Problem(str(path), None, f"cannot read: {exc.strerror}")]) from None
-    return parse_topology(text, str(path), source=path.resolve())
+    except UnicodeDecodeError:
+        raise TopologyError([Problem(str(path), None, "not a text file")]) from None
+    return parse_topology(text, str(path), source=path.resolve(), check_imports=check_imports)
 
 
-def default_topology() -> Topology:
+def default_topology(*, check_imports: bool = False) -> Topology:
     """The topology `xenlike up` runs with no file: Dom0 and two guests."""
     text = resources.files("xenlike").joinpath("default.toml").read_text()
-    return parse_topology(text, "<embedded default topology>")
+    return parse_topology(text, "<embedded default topology>", check_imports=check_imports)

@@ -6,7 +6,8 @@ back end's in Dom0's (owned by Dom0, readable by the guest), with the cross
 links, `state` = Initialising, and the keys of the device type
 (xen-abi.md section 7): a vbd's `virtual-device`, `device-type`, `params`,
 `mode`; a vif's `handle`, `mac`, `bridge`, `ip`. A custom device's extra
-topology keys go to its back end's directory for its driver to read.
+topology keys go to its back end's directory for its driver to read (`params`
+names one of Dom0's images and is written as its path in the run directory).
 """
 
 from typing import Any
@@ -35,7 +36,11 @@ class DeviceWriter:
 
     def backend_keys(self, index: int) -> dict[str, str]:
         skip = {"type", "driver", "devid", "backend"}
-        return {key: str(value) for key, value in self.spec.items() if key not in skip}
+        keys = {key: str(value) for key, value in self.spec.items() if key not in skip}
+        if "params" in keys:  # one of Dom0's images, by name (the topology checked it)
+            keys["params"] = str(self.toolstack.topology.image_path(keys["params"],
+                                                                    self.toolstack.run_dir))
+        return keys
 
     @property
     def backend_domid(self) -> int:

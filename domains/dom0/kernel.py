@@ -1,8 +1,11 @@
 """Dom0's boot: its services as trio tasks in one process (see the package docstring)."""
 
+import errno
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -27,6 +30,24 @@ def _params(cmdline: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in cmdline.split() if "=" in word)
 
 
+def _image_opener(topology: Any, run_dir: Path) -> Callable[..., Disk]:
+    """Disk.open for Dom0's declared images only: a back-end directory naming any
+    other file (whoever wrote it) opens nothing."""
+    allowed = set()
+    for name in topology.dom0.images:
+        try:
+            allowed.add(topology.image_path(name, run_dir))
+        except ValueError as exc:
+            log.error("image %s: %s", name, exc)
+
+    def open_image(path: Path, **options: Any) -> Disk:
+        if Path(path).resolve() not in allowed:
+            raise PermissionError(errno.EACCES, "not one of Dom0's images", str(path))
+        return Disk.open(path, **options)
+
+    return open_image
+
+
 async def main(domain: Domain) -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                         format="%(asctime)s dom0 %(name)s: %(message)s")
@@ -35,7 +56,7 @@ async def main(domain: Domain) -> None:
     topology = load_topology(Path(params.get("topology", run_dir.topology)))
     for image in create_images(topology, run_dir.path):
         log.info("created disk image %s", image)
-    domain.ext["disks"] = Disk.open  # the hardware blkback opens images through
+    domain.ext["disks"] = _image_opener(topology, run_dir.path)  # what blkback opens
     domain.ext["net"] = network = Network.from_topology(topology, run_dir.path)  # netback's bridges
     down = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -48,8 +69,9 @@ async def main(domain: Domain) -> None:
             registry = DriverRegistry()
             registry.load_entry_points()
             for device in (d for guest in topology.domains for d in guest.devices):
-                if "driver" in device:
-                    registry.register_dotted(device["driver"])
+                if "driver" in device:  # one that cannot load fails its devices only
+                    if registry.register_dotted(device["driver"], device["type"]) is None:
+                        log.error("%s", registry.unloadable(device["type"]))
             backends = BackendBus(XenbusContext(domain, xs, nursery), registry)
             await nursery.start(backends.run)
             consoled = XenConsoled(domain, run_dir.consoles, nursery)
@@ -66,6 +88,7 @@ async def main(domain: Domain) -> None:
                 except Exception as exc:
                     log.error("creating %s failed: %s", config.name, exc)
                     await domain.console_write(f"dom0: creating {config.name} failed: {exc}")
+                    toolstack.note_failure(config.name, None, f"not created: {exc}")
             await xs.write("/tool/xenlike/ready", "1")
             await down.wait()
             await domain.console_write("dom0: every guest is down; shutting down")

@@ -34,8 +34,15 @@ from xenlike.abi.xen import Virq
 from xenlike.abi.xenbus import XenbusState
 from xenlike.hypercall import HypercallError
 from xenlike.memory import BootLayout
-from xenlike.topology import DomainConfig, Topology, TopologyError, parse_domain_file
+from xenlike.topology import (
+    DEFAULT_GUEST_KERNEL,
+    DomainConfig,
+    Topology,
+    TopologyError,
+    parse_domain_file,
+)
 from xenlike.xc import XenControl
+from xenlike.xenbus.driver import error_node
 from xenlike.xenstore import XenStoreError
 
 __all__ = ["GuestRecord", "Toolstack"]
@@ -44,6 +51,8 @@ log = logging.getLogger("xenlike.dom0.toolstack")
 ON_EVENT = {ShutdownReason.poweroff: "on_poweroff", ShutdownReason.reboot: "on_reboot",
             ShutdownReason.crash: "on_crash", ShutdownReason.watchdog: "on_crash"}
 BACKEND_DOMID = 0
+FAILURE_LINES = 6  # log lines kept with a failed guest
+MAX_FAILURES = 32
 
 
 @attrs.define(eq=False)
@@ -65,6 +74,7 @@ class Toolstack:
         self.run_dir = Path(run_dir)
         self.topology = topology
         self.guests: dict[str, GuestRecord] = {}
+        self.failures: list[dict[str, Any]] = []  # guests that died or were never created
         self._lock = trio.Lock()
 
     # --- creating ---------------------------------------------------------------
@@ -198,7 +208,10 @@ class Toolstack:
             pass
 
     def _record(self, name: str) -> GuestRecord:
+        """A guest by name or by domid, as xl takes either."""
         record = self.guests.get(name)
+        if record is None and name.isdigit():
+            record = next((r for r in self.guests.values() if r.domid == int(name)), None)
         if record is None:
             raise LookupError(f"no domain named {name!r}; running: "
                               f"{', '.join(self.guests) or 'none'}")
@@ -221,6 +234,7 @@ class Toolstack:
             if info is None:
                 if record.state == "running":
                     log.info("%s (d%d) vanished", record.config.name, record.domid)
+                    self.note_failure(record.config.name, record.domid, "vanished")
                     await self._destroy(record)
                 continue
             if not info.flags & XEN_DOMINF_shutdown or record.state != "running":
@@ -230,6 +244,8 @@ class Toolstack:
                 if reason in ShutdownReason._value2member_map_ else str(reason)
             action = getattr(record.config, ON_EVENT.get(reason, "on_crash"))
             record.state = f"shut down ({reason_name})"
+            if reason in (ShutdownReason.crash, ShutdownReason.watchdog):
+                self.note_failure(record.config.name, record.domid, "crashed")
             await self.dom0.console_write(
                 f"toolstack: {record.config.name} (d{record.domid}) {reason_name}: {action}")
             if action == "preserve":
@@ -256,6 +272,27 @@ class Toolstack:
             for record in list(self.guests.values()):
                 await self._destroy(record)
 
+    # --- failures ---------------------------------------------------------------
+
+    def note_failure(self, name: str, domid: int | None, reason: str) -> None:
+        """Remember a guest that crashed or could not be created, with the last lines
+        of its console (or of its process's own log), for `up` and `create` to show."""
+        lines: list[str] = []
+        sources = [self.run_dir / "console" / f"{name}.log"]
+        if domid is not None:
+            sources.append(self.run_dir / "domains" / f"{domid}.log")
+        for source in sources:
+            try:
+                text = source.read_bytes()[-8192:].decode("utf-8", "replace")
+            except OSError:
+                continue
+            lines = [line for line in text.splitlines() if line.strip()][-FAILURE_LINES:]
+            if lines:
+                lines.insert(0, f"(last lines of {source.relative_to(self.run_dir)})")
+                break
+        self.failures.append({"name": name, "domid": domid, "reason": reason, "log": lines})
+        del self.failures[:-MAX_FAILURES]
+
     # --- status -----------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
@@ -268,15 +305,28 @@ class Toolstack:
                 for devid in await self._ls(f"{home}/{device_type}"):
                     front = f"{home}/{device_type}/{devid}"
                     back = await self._read(f"{front}/backend")
+                    errors = [await self._read(error_node(path)) for path in (front, back)
+                              if path]
                     devices.append({
                         "type": device_type, "devid": devid,
                         "frontend": _state(await self._read(f"{front}/state")),
                         "backend": _state(await self._read(f"{back}/state")) if back else None,
+                        "error": "; ".join(e for e in errors if e) or None,
                     })
             console = record.domid in self.consoled.consoles
             guests.append({"name": record.config.name, "domid": record.domid,
-                           "state": record.state, "console": console, "devices": devices})
-        return {"guests": guests}
+                           "state": record.state, "console": console, "devices": devices,
+                           "booted": await self._booted(record)})
+        return {"guests": guests, "failures": self.failures}
+
+    async def _booted(self, record: GuestRecord) -> bool:
+        """Whether the guest's kernel has finished booting: xenlike's guest kernel then
+        writes control/feature-poweroff (as Linux's does), once its devices are up and
+        its program loaded. Another kernel is taken as booted once it runs."""
+        if record.config.kernel != DEFAULT_GUEST_KERNEL:
+            return True
+        return await self._read(f"/local/domain/{record.domid}/control/feature-poweroff") \
+            is not None
 
     async def _read(self, path: str) -> str | None:
         try:
@@ -309,7 +359,7 @@ class Toolstack:
             op = request["op"]
             if op == "create":
                 config = parse_domain_file(request["config"], request.get("path", "<create>"),
-                                           images=self.topology.dom0.images)
+                                           images=self.topology.dom0.images, check_imports=True)
                 async with self._lock:
                     record = await self.create(config)
                 return {"ok": True, "domid": record.domid, "name": record.config.name}
@@ -329,8 +379,12 @@ class Toolstack:
             return {"ok": False, "error": f"unknown op {op!r}"}
         except TopologyError as exc:
             return {"ok": False, "error": str(exc)}
-        except (KeyError, ValueError, LookupError, HypercallError, XenStoreError) as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        except KeyError as exc:
+            return {"ok": False, "error": f"the request has no {exc} field"}
+        except json.JSONDecodeError as exc:
+            return {"ok": False, "error": f"the request is not JSON: {exc}"}
+        except (ValueError, LookupError, HypercallError, XenStoreError) as exc:
+            return {"ok": False, "error": str(exc)}
 
 
 def _state(text: str | None) -> str | None:

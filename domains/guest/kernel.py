@@ -11,7 +11,13 @@ from drivers.console import ConsoleFront, ConsoleWriter
 from xenlike.abi.sched import ShutdownReason
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
-from xenlike.xenbus import DriverRegistry, FrontendBus, XenbusContext
+from xenlike.xenbus import (
+    DeviceFailed,
+    DriverRegistry,
+    FrontendBus,
+    UnknownDriver,
+    XenbusContext,
+)
 from xenlike.xenstore import XenStoreError, connect_stream
 
 __all__ = ["main", "parse_cmdline"]
@@ -60,10 +66,19 @@ async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], ex
     nursery.start_soon(stream.pump)
     async with connect_stream(stream) as xs:
         name = (await xs.read("name")).decode()
+        init = params.get("init")
+        try:  # a program that cannot be loaded crashes the boot before it advertises itself
+            program = load_kernel(init) if init else None
+        except Exception as exc:
+            print(f"[{name}] init={init} cannot be loaded: {exc}")
+            return ShutdownReason.crash
         registry = DriverRegistry()
         registry.load_entry_points()  # the built-in drivers are entry points too
         for dotted in filter(None, params.get("drivers", "").split(",")):
-            registry.register_dotted(dotted)
+            try:
+                registry.register_dotted(dotted)
+            except UnknownDriver as exc:  # its devices stay unconnected; the rest run
+                print(f"[{name}] {exc}")
         ctx = XenbusContext(domain, xs, nursery)
         bus = FrontendBus(ctx, registry)
         await nursery.start(bus.run)
@@ -72,18 +87,23 @@ async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], ex
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
         guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
-        return await _run_program(guest, params.get("init"), xs)
+        return await _run_program(guest, program, xs)
 
 
 async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
-    """Every front end connected (or the timeout, which the program then sees)."""
+    """Every front end connected or failed (or the timeout, which the program then
+    sees): a failed device is the program's to notice, not the boot's to wait for."""
     with trio.move_on_after(CONNECT_TIMEOUT):
         for driver in list(bus.devices.values()):
-            await driver.wait_connected()
+            try:
+                await driver.wait_connected()
+            except DeviceFailed:
+                pass
     devices: dict[str, list[Any]] = {}
     for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
         devices.setdefault(driver.device.type, []).append(driver)
-        state = "connected" if driver.connected_now else "NOT connected"
+        state = ("connected" if driver.connected_now else
+                 f"FAILED: {driver.failed}" if driver.failed else "NOT connected")
         print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
     return devices
 
@@ -97,7 +117,7 @@ async def _advertise_shutdown(xs: Any) -> None:
             pass
 
 
-async def _run_program(guest: Guest, init: str | None, xs: Any) -> int:
+async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
     """Run the program until it ends or the toolstack asks for a shutdown."""
     reason = ShutdownReason.poweroff
     async with trio.open_nursery() as nursery:
@@ -108,7 +128,7 @@ async def _run_program(guest: Guest, init: str | None, xs: Any) -> int:
                 print(f"[{guest.name}] no init= program; idling until shut down")
                 await trio.sleep_forever()
             try:
-                await load_kernel(init)(guest)
+                await init(guest)
             except Exception:
                 traceback.print_exc()
                 reason = ShutdownReason.crash

@@ -29,9 +29,13 @@ async def main(run_dir: RunDir) -> None:
     hv = Hypervisor(run_dir.path, dom0_memory_mb=args.dom0_memory)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: hv.serve(
-                dom0_kernel=args.dom0_kernel, dom0_cmdline=args.dom0_cmdline,
-                task_status=task_status))
+
+            async def serve(task_status: trio.TaskStatus[None]) -> None:
+                await hv.serve(dom0_kernel=args.dom0_kernel, dom0_cmdline=args.dom0_cmdline,
+                               task_status=task_status)
+                nursery.cancel_scope.cancel()  # it stopped on its own: Dom0 has exited
+
+            await nursery.start(serve)
             print(f"hypervisor listening on {hv.control_path}", flush=True)
             async for signum in signals:
                 hv.log(None, f"{signal.Signals(signum).name}: shutting down")

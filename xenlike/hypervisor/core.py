@@ -495,6 +495,11 @@ class Hypervisor:
             self.log(domain, f"process exited with status {code} without shutting down")
             self.shutdown(domain, ShutdownReason.crash)
         self.teardown(domain)
+        if domain.domid == 0 and self._nursery is not None:
+            # The guests' back ends are gone with Dom0: as Xen does when Dom0 dies,
+            # everything goes down rather than guests running on without devices.
+            self.log(None, "Domain 0 has exited: shutting down every domain")
+            self._nursery.cancel_scope.cancel()
 
     async def _take_frames(self, frames: SharedFrames) -> None:
         """Take in the files a domain sends as they come, not only when a map needs them."""

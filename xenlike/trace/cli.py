@@ -136,7 +136,7 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
     if ctx.invoked_subcommand is not None:
         return
     try:
-        rd = find_run_dir(run_dir)
+        rd = find_run_dir(run_dir, running=record is None)
     except NotRunning as exc:
         _fail(str(exc))
     wait = HYPERVISOR_WAIT if record is not None else 0.0
@@ -158,6 +158,8 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
     try:
         run_until_interrupted(functools.partial(trace_topology, rd.path, show, record=record,
                                                 rings=rings, wait=wait, on_ready=ready))
+    except BrokenPipeError:  # the reader went away: the CLI ends quietly
+        raise
     except ConnectionError as exc:
         _fail(str(exc))
     if record is not None and not quiet:

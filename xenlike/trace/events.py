@@ -68,6 +68,7 @@ __all__ = [
 XENLIKE_TRACE_OP_BASE = 0x10000
 RING_TRACE_KEY = "trace-rings"
 _MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
 
 # A ring event's `trace_record` with only what varies packed: time_ns, args[0..3], op, cmd,
 # domid; result, duration, count and flags are zero pad bytes (cheaper, on every push).
@@ -160,8 +161,11 @@ class EventRecorder:
         """One event, if a reader is attached; stamped now unless `time_ns` says when."""
         if not self._words[_ENABLED]:
             return
+        # Arguments may come from a peer (a state it wrote): whatever they are,
+        # the record holds their low 64 bits, never an exception in the caller.
         self.buffer.write(time.monotonic_ns() if time_ns is None else time_ns, result,
-                          duration_ns, a0, a1, a2, a3, count, op, cmd, self.domid, 0)
+                          duration_ns, a0 & _MASK64, a1 & _MASK64, a2 & _MASK64,
+                          a3 & _MASK64, count, op, cmd, self.domid, 0)
 
     def ring(self, cmd: int, a0: int, a1: int, a2: int, a3: int = 0) -> None:
         """A ring event, stamped now: `record` without the keywords, for the data path."""

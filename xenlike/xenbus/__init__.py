@@ -11,11 +11,13 @@ from xenlike.xenbus.bus import BackendBus, FrontendBus
 from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
 from xenlike.xenbus.driver import (
     Backend,
+    DeviceFailed,
     DeviceInfo,
     Frontend,
     ProtocolError,
     SharedRing,
     XenbusContext,
+    error_node,
 )
 from xenlike.xenbus.registry import Driver, DriverRegistry, UnknownDriver, load_driver
 from xenlike.xenbus.state import Action, Handshake, IllegalTransition, Role
@@ -26,6 +28,7 @@ __all__ = [
     "Backend",
     "BackendBus",
     "ChannelBroken",
+    "DeviceFailed",
     "DeviceInfo",
     "Disconnected",
     "Driver",
@@ -41,5 +44,6 @@ __all__ = [
     "SharedRing",
     "UnknownDriver",
     "XenbusContext",
+    "error_node",
     "load_driver",
 ]

@@ -5,15 +5,22 @@ and starts a front end for each `device/<type>/<devid>` whose type has a
 driver. `BackendBus` runs in a driver domain: it watches `backend/` and
 starts a back end for each `backend/<type>/<domid>/<devid>`, and stops it
 when the toolstack removes the directory.
+
+A driver that fails (its class cannot be made, or an exception escapes it
+past `XenbusDriver`'s own handling) fails its device only: the bus logs it,
+writes the device's error node, and keeps the device out of probing until the
+toolstack removes it, so a broken driver is not restarted in a loop.
 """
 
+import errno
 import logging
 from typing import Any
 
 import trio
 
-from xenlike.xenbus.driver import DeviceInfo, XenbusContext, XenbusDriver
-from xenlike.xenbus.registry import DriverRegistry
+from xenlike.abi.xenbus import XenbusState
+from xenlike.xenbus.driver import DeviceInfo, XenbusContext, XenbusDriver, error_node
+from xenlike.xenbus.registry import DriverRegistry, UnknownDriver
 from xenlike.xenstore import XenStoreError
 
 __all__ = ["BackendBus", "FrontendBus"]
@@ -30,6 +37,7 @@ class _Bus:
         self.home = f"/local/domain/{ctx.domain.domid}"
         self.devices: dict[str, XenbusDriver] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._broken: set[str] = set()  # failed devices, left alone until removed
         self.changed = trio.Event()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -48,13 +56,26 @@ class _Bus:
         seen = set()
         for info in await self._scan():
             seen.add(info.nodename)
-            if info.nodename in self.devices:
+            if info.nodename in self.devices or info.nodename in self._broken:
                 continue
-            driver = self._make(info)
+            try:
+                driver = self._make(info)
+            except UnknownDriver as exc:
+                log.error("%s: %s", info.nodename, exc)
+                await self._report(info, str(exc))
+                self._broken.add(info.nodename)
+                continue
+            except Exception as exc:
+                log.exception("%s: the %s driver cannot be started", info.nodename, info.type)
+                await self._report(info, f"starting the driver raised {type(exc).__name__}: "
+                                         f"{exc}")
+                self._broken.add(info.nodename)
+                continue
             if driver is None:
                 continue
             self.devices[info.nodename] = driver
             nursery.start_soon(self._run_driver, driver)
+        self._broken &= seen
         for nodename in list(self.devices):
             if nodename not in seen:
                 scope = self._scopes.pop(nodename, None)  # None: already stopping
@@ -71,6 +92,10 @@ class _Bus:
                 await driver.run()
             except XenStoreError as exc:
                 log.warning("%s stopped: %s", nodename, exc)
+            except Exception as exc:  # escaped the driver's own handling: this device only
+                with trio.CancelScope(shield=True):
+                    await driver.failed_with("the driver", exc)
+                self._broken.add(nodename)
         with trio.CancelScope(shield=True):
             try:
                 await driver.disconnect()
@@ -78,6 +103,14 @@ class _Bus:
                 log.warning("%s: disconnect failed: %s", nodename, exc)
         self.devices.pop(nodename, None)
         self._scopes.pop(nodename, None)
+
+    async def _report(self, info: DeviceInfo, message: str) -> None:
+        """xenbus_dev_fatal for a device that has no driver object to say it."""
+        try:
+            await self.ctx.xs.write(error_node(info.nodename), f"{errno.EIO} {message}")
+            await self.ctx.xs.write(f"{info.nodename}/state", str(int(XenbusState.Closing)))
+        except XenStoreError as exc:
+            log.warning("%s: %s", info.nodename, exc)
 
     async def _scan(self) -> list[DeviceInfo]:
         raise NotImplementedError
@@ -103,6 +136,8 @@ class FrontendBus(_Bus):
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if (reason := self.registry.unloadable(info.type)) is not None:
+            raise UnknownDriver(reason)
         if info.type not in self.registry or self.registry.get(info.type).frontend is None:
             log.info("no front-end driver for %s", info.nodename)
             return None
@@ -127,6 +162,8 @@ class BackendBus(_Bus):
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+        if (reason := self.registry.unloadable(info.type)) is not None:
+            raise UnknownDriver(reason)
         if info.type not in self.registry or self.registry.get(info.type).backend is None:
             log.info("no back-end driver for %s", info.nodename)
             return None

@@ -35,17 +35,28 @@ way and hand the driver a `RingGroup` to run its own data path over.
 Reconnection: when either end goes away and comes back, the pair passes
 through Closing and Closed and connects again; requests that were in flight
 are resubmitted on the new ring (their callers keep waiting), never lost.
+
+Failure: an exception escaping a driver's code (`handle`, `serve`,
+`connected`, `features`, `properties`, statistics, work started with
+`start_background`) fails that device alone, as xenbus_dev_fatal does: the
+traceback goes to the domain's log, one line to the hypervisor log
+(`xenlike dmesg`), "errno message" to `error/<device path>/error` in the
+domain's tree, and the device heads for Closing. A front end's callers then
+get `DeviceFailed`. The domain and its other devices run on.
 """
 
+import errno
 import logging
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
 import trio
 
 from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
-from xenlike.domain.grant_table import GrantInUse
+from xenlike.domain.grant_table import GrantError, GrantInUse
+from xenlike.hypercall import HypercallError
 from xenlike.abi.xenbus import XenbusState
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingOverflow, RingSpec
@@ -61,10 +72,28 @@ from xenlike.xenbus.channel import (
 from xenlike.xenbus.state import Action, Handshake, Role
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["Backend", "DeviceInfo", "Frontend", "SharedRing", "XenbusContext", "XenbusDriver"]
+__all__ = ["Backend", "DeviceFailed", "DeviceInfo", "Frontend", "SharedRing", "XenbusContext",
+           "XenbusDriver", "error_node"]
 
 log = logging.getLogger("xenlike.xenbus")
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1  # grant_ref_t, evtchn_port_t
 STATISTICS_INTERVAL = 1.0  # seconds between updates of a back end's statistics/ in XenStore
+
+
+class DeviceFailed(Disconnected):
+    """This device has failed (its driver raised, or the peer broke the protocol);
+    the message is what its error node says. Other devices are not affected."""
+
+
+def error_node(nodename: str) -> str:
+    """Where xenbus_dev_fatal reports a device's failure: `error/<nodename>/error`
+    in the domain's own tree (a nodename outside /local/domain stays relative)."""
+    parts = nodename.split("/")
+    if nodename.startswith("/local/domain/") and len(parts) > 4:
+        home, relative = "/".join(parts[:4]), "/".join(parts[4:])
+        return f"{home}/error/{relative}/error"
+    return f"error/{nodename}/error"
 
 
 @attrs.frozen
@@ -122,6 +151,7 @@ class XenbusDriver:
         self._restart = False  # reconnect(): start over once both ends are Closed
         self._ports: list[Any] = []  # this end's event channels
         self.connected_event = trio.Event()
+        self.failed: str | None = None  # the error node's text once the device has failed
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
         # handshake and ring events (xenlike.trace.events)
         self.trace = DeviceTrace.for_driver(self)
@@ -153,12 +183,16 @@ class XenbusDriver:
                 return default
             raise
 
-    async def read_int(self, key: str, default: int, *, otherend: bool = True) -> int:
+    async def read_int(self, key: str, default: int, *, otherend: bool = True,
+                       maximum: int = U64_MAX) -> int:
+        """An unsigned number the peer (or the toolstack) published, as xenbus_scanf
+        "%u" reads it; `default` when the key is absent. Anything else (words,
+        signs, non-ASCII digits, more than `maximum`) is the peer's ProtocolError,
+        so a hostile value fails this device before any use."""
         text = await (self.read_otherend(key) if otherend else self.read(key))
-        try:
-            return int(text) if text is not None else default
-        except ValueError:
-            raise ProtocolError(f"{key} = {text!r} is not a number") from None
+        if text is None:
+            return default
+        return parse_uint(key, text, maximum)
 
     async def publish(self, values: dict[str, str | int]) -> None:
         """Write keys of this end's directory in one transaction."""
@@ -176,6 +210,12 @@ class XenbusDriver:
             await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
         if state == XenbusState.Connected:
             self.connected_event.set()
+            if self.failed is not None:  # connected again: the failure is over
+                self.failed = None
+                try:
+                    await self.ctx.xs.rm(error_node(self.device.nodename))
+                except XenStoreError:
+                    pass
 
     # --- the handshake loop -------------------------------------------------
 
@@ -187,13 +227,43 @@ class XenbusDriver:
             async with self.ctx.xs.watch(f"{self.device.otherend}/state") as events:
                 async for _ in events:
                     peer = await self.read_otherend("state", "0")
-                    try:
-                        peer_state = int(peer or 0)
-                    except ValueError:
-                        peer_state = XenbusState.Unknown
+                    peer_state = _peer_state(peer)
                     self.trace.saw_peer(peer_state)
                     reaction = self.handshake.peer_changed(peer_state)
                     await self._react(reaction)
+
+    def start_background(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run `work(*args)` beside the handshake until the device goes away; an
+        exception escaping it fails this device alone (never the domain)."""
+        self._nursery.start_soon(self._guarded, work, args)
+
+    async def _guarded(self, work: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await work(*args)
+        except Exception as exc:  # a driver bug or a broken peer: this device only
+            with trio.CancelScope(shield=True):
+                await self.failed_with(getattr(work, "__name__", "background work"), exc)
+
+    async def failed_with(self, what: str, exc: BaseException) -> None:
+        """Fail the device because `what` raised `exc`: the peer's fault (a protocol
+        violation) is said in a line, a driver bug with its traceback too."""
+        exc = _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(exc, (ProtocolError, ChannelBroken, RingOverflow)):
+            await self.fatal(f"{what} failed: {exc}", code=errno.EPROTO)
+            return
+        if isinstance(exc, XenStoreError):
+            await self.fatal(f"{what} failed: {exc}", code=getattr(errno, exc.name, errno.EIO))
+            return
+        if isinstance(exc, (HypercallError, GrantError)):  # refused what the peer published
+            code = int(getattr(exc, "errno", 0) or errno.EINVAL)
+            await self.fatal(f"{what} failed: {exc}", code=code)
+            return
+        if isinstance(exc, OSError) and exc.errno:
+            await self.fatal(f"{what} failed: {exc.strerror or exc}", code=exc.errno)
+            return
+        self.log.error("%s: %s raised:\n%s", self.device.nodename, what,
+                       "".join(traceback.format_exception(exc)).rstrip())
+        await self.fatal(f"{what} raised {type(exc).__name__}: {exc}")
 
     async def _react(self, reaction: Any) -> None:
         while True:
@@ -204,8 +274,8 @@ class XenbusDriver:
                 continue
             try:
                 await self._perform(reaction.action)
-            except (ProtocolError, ChannelBroken, XenStoreError, OSError) as exc:
-                await self.fatal(f"{reaction.action.value} failed: {exc}")
+            except Exception as exc:
+                await self.failed_with(reaction.action.value, exc)
                 return
             if reaction.next_state is not None:
                 await self.switch_state(reaction.next_state)
@@ -240,23 +310,56 @@ class XenbusDriver:
             return True
         return False
 
-    async def fatal(self, message: str) -> None:
-        """xenbus_dev_fatal: say what went wrong in XenStore and head for Closing."""
+    async def fatal(self, message: str, *, code: int = errno.EIO) -> None:
+        """xenbus_dev_fatal: say what went wrong and head for Closing.
+
+        `error/<nodename>/error` = "<errno> <message>" in this domain's tree,
+        readable by the peer; one line in the hypervisor log; this end's data
+        path stopped and its ring released.
+        """
+        self.failed = message
         self.log.error("%s: %s", self.device.nodename, message)
+        await self._dmesg(f"xenbus: {self.device.nodename}: {message}")
+        path = error_node(self.device.nodename)
         try:
-            await self.ctx.xs.write(f"{self.device.nodename}/error", message)
+            await self.ctx.xs.write(path, f"{code} {message}")
+            await self.ctx.xs.set_perms(path, [f"n{self.ctx.domain.domid}",
+                                               f"r{self.device.otherend_id}"])
+        except (XenStoreError, AttributeError) as exc:  # a store without permissions
+            self.log.debug("%s: %s", path, exc)
+        try:
             await self.disconnect()
+        except Exception as exc:
+            self.log.error("%s: disconnect after a failure: %s", self.device.nodename, exc)
+        try:
             state = self.handshake.fail()
             async with self.trace.state_write(state):
                 await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
         except XenStoreError:
             pass
 
+    async def _dmesg(self, line: str) -> None:
+        """One line in the hypervisor log, where `xenlike dmesg` shows it."""
+        write = getattr(self.ctx.domain, "console_write", None)
+        if write is None:
+            return
+        try:
+            await write(line)
+        except Exception as exc:  # the hypervisor refuses or rate-limits: the log has it
+            self.log.debug("dmesg: %s", exc)
+
     async def _perform(self, action: Action) -> None:
         raise NotImplementedError
 
     async def disconnect(self) -> None:
         """Stop the data path and release ring pages and port (both ends)."""
+
+    async def _data_path_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, (ChannelBroken, RingOverflow)):
+            await self.fatal(f"ring protocol violation: {exc}", code=errno.EPROTO)
+        else:
+            frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(exc.__traceback__)}
+            await self.failed_with("handle" if "handle" in frames else "serve", exc)
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
@@ -270,6 +373,26 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 class ProtocolError(Exception):
     """The peer published something the protocol does not allow."""
+
+
+def parse_uint(key: str, text: str, maximum: int = U64_MAX) -> int:
+    """`text` as an unsigned decimal number of at most `maximum`, or ProtocolError."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 20 or \
+            int(stripped) > maximum:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ProtocolError(f"{key} = {shown!r} is not a number from 0 to {maximum}")
+    return int(stripped)
+
+
+def _peer_state(text: str | None) -> int:
+    """The peer's `state` node, which the peer owns: anything but a XenbusState
+    number (a huge one, words, nothing) is Unknown."""
+    try:
+        value = int(text or 0)
+    except ValueError:
+        return XenbusState.Unknown
+    return value if value in XenbusState._value2member_map_ else XenbusState.Unknown
 
 
 class Backend(XenbusDriver):
@@ -312,7 +435,11 @@ class Backend(XenbusDriver):
         reads them; run it beside the data path until it is cancelled."""
         published: dict[str, int] = {}
         while True:
-            current = counters()
+            try:
+                current = {str(key): int(value) for key, value in counters().items()}
+            except Exception as exc:
+                await self.failed_with("statistics", exc)
+                return
             if current != published:
                 published = dict(current)
                 try:
@@ -368,14 +495,14 @@ class Backend(XenbusDriver):
             await self.connected()
             await self.publish(self.properties())
             return
-        order = await self.read_int("ring-page-order", 0)
+        order = await self.read_int("ring-page-order", 0, maximum=MAX_RING_PAGE_ORDER)
         if not 0 <= order <= min(self.max_ring_page_order, MAX_RING_PAGE_ORDER):
             raise ProtocolError(f"ring-page-order {order} over max-ring-page-order "
                                 f"{self.max_ring_page_order}")
         refs: dict[str, list[int]] = {}
         for name, shared in layout.items():
             keys = shared.ref_keys(order)
-            found = [await self.read_int(key, -1) for key in keys]
+            found = [await self.read_int(key, -1, maximum=U32_MAX) for key in keys]
             if shared.feature is not None and all(ref < 0 for ref in found):
                 continue  # an optional ring the front end did not set up
             if any(ref < 0 for ref in found):
@@ -384,12 +511,18 @@ class Backend(XenbusDriver):
         protocol = await self.read_otherend("protocol", XEN_IO_PROTO_ABI_NATIVE)
         if protocol != XEN_IO_PROTO_ABI_NATIVE:
             raise ProtocolError(f"protocol {protocol!r}: only {XEN_IO_PROTO_ABI_NATIVE} is spoken")
+        remote_ports: dict[str, int] = {}
+        for key in dict.fromkeys(layout[name].port_key for name in refs):
+            remote_ports[key] = await self.read_int(key, 0, maximum=U32_MAX)
+            if remote_ports[key] == 0:
+                raise ProtocolError(f"the front end published no {key}")
+        # Every value the front end published is checked; now they may be used.
         domain, peer = self.ctx.domain, self.device.otherend_id
         self._mapping = await domain.grants.map(peer, [ref for ring in refs.values()
                                                        for ref in ring])
         ports: dict[str, Any] = {}
-        for key in dict.fromkeys(layout[name].port_key for name in refs):
-            ports[key] = await domain.evtchn.bind_interdomain(peer, await self.read_int(key, -1))
+        for key, remote in remote_ports.items():
+            ports[key] = await domain.evtchn.bind_interdomain(peer, remote)
             self._ports.append(ports[key])
         size = XEN_PAGE_SIZE << order
         rings = {name: BackRing(layout[name].spec, self._mapping.view[i * size:(i + 1) * size])
@@ -412,12 +545,12 @@ class Backend(XenbusDriver):
                 self._serving = scope
                 try:
                     await self.serve(channel)
-                except* (ChannelBroken, RingOverflow) as group:
+                except* Exception as group:
                     broken = _first(group)
         finally:
             stopped.set()
         if broken is not None:  # outside the scope that fatal's disconnect cancels
-            await self.fatal(f"ring protocol violation: {broken}")
+            await self._data_path_failed(broken)
 
     async def disconnect(self) -> None:
         if self._serving is not None:
@@ -477,8 +610,11 @@ class Frontend(XenbusDriver):
         await self._channel()
 
     async def _channel(self) -> FrontChannel:
-        """The current channel, once the device is connected (again)."""
+        """The current channel, once the device is connected (again); DeviceFailed
+        when either end has failed it."""
         while True:
+            if self.failed is not None:
+                raise DeviceFailed(f"{self.device.nodename}: {self.failed}")
             ready = self._ready
             await ready.wait()
             if ready is self._ready and self.channel is not None:
@@ -496,6 +632,8 @@ class Frontend(XenbusDriver):
             try:
                 return await channel.call_many(requests)  # type: ignore[union-attr]
             except Disconnected:
+                if self.failed is not None:
+                    raise DeviceFailed(f"{self.device.nodename}: {self.failed}") from None
                 if not self.resubmit:
                     raise
 
@@ -510,6 +648,31 @@ class Frontend(XenbusDriver):
                 await self.channel.adopt(orphans)
         elif action is Action.disconnect:
             await self.disconnect()
+            if not self._restart and self.failed is None:
+                error = await self._peer_error()
+                if error:  # the back end failed the device: nothing will be answered
+                    self._fail_callers(f"the back end failed: {error}")
+
+    async def _peer_error(self) -> str | None:
+        """The back end's error node: readable when it failed the device, refused
+        (EACCES) or missing otherwise."""
+        try:
+            return (await self.ctx.xs.read(error_node(self.device.otherend))).decode()
+        except XenStoreError:
+            return None
+
+    async def fatal(self, message: str, *, code: int = errno.EIO) -> None:
+        await super().fatal(message, code=code)
+        self._fail_callers(message)
+
+    def _fail_callers(self, message: str) -> None:
+        """Callers waiting for this device, and requests kept for resubmission, get
+        DeviceFailed instead of waiting for a reconnection that may never come."""
+        self.failed = message
+        orphans, self._orphans = self._orphans, []
+        fail_orphans(orphans, DeviceFailed(message))
+        ready, self._ready = self._ready, trio.Event()
+        ready.set()
 
     async def _setup(self) -> None:
         layout = self.shared_rings()
@@ -556,10 +719,10 @@ class Frontend(XenbusDriver):
             self._collector = scope
             try:
                 await self.serve(channel)
-            except* (ChannelBroken, RingOverflow) as group:
+            except* Exception as group:
                 broken = _first(group)
         if broken is not None:  # outside the scope that fatal's disconnect cancels
-            await self.fatal(f"ring protocol violation: {broken}")
+            await self._data_path_failed(broken)
 
     async def serve(self, channel: Any) -> None:
         """The data path until cancelled: by default, collect the responses of

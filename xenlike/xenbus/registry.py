@@ -50,13 +50,30 @@ def load_driver(dotted: str) -> Driver:
 class DriverRegistry:
     def __init__(self) -> None:
         self._drivers: dict[str, Driver] = {}
+        self._unloadable: dict[str, str] = {}  # device type -> why its driver did not load
 
     def register(self, driver: Driver) -> Driver:
         self._drivers[driver.type] = driver
         return driver
 
-    def register_dotted(self, dotted: str) -> Driver:
-        return self.register(load_driver(dotted))
+    def register_dotted(self, dotted: str, device_type: str | None = None) -> Driver | None:
+        """Load and register a driver by its dotted name.
+
+        With `device_type` (what the topology says it serves), a driver that
+        cannot be loaded is remembered instead of raised: that type's devices
+        then fail with the reason (`unloadable`), and every other device runs.
+        """
+        try:
+            return self.register(load_driver(dotted))
+        except UnknownDriver as exc:
+            if device_type is None:
+                raise
+            self._unloadable[device_type] = str(exc)
+            return None
+
+    def unloadable(self, device_type: str) -> str | None:
+        """Why the driver named for `device_type` could not be loaded, if it could not."""
+        return None if device_type in self._drivers else self._unloadable.get(device_type)
 
     def load_entry_points(self) -> None:
         """Every installed package's `xenlike.drivers` entry points."""

@@ -5,7 +5,7 @@ from construct import Bytes, Int8ul, Int16sl, Int16ul, Int64ul, Padding, Struct
 from xenlike.ring import define_ring
 
 KV_GET, KV_PUT, KV_DELETE = 0, 1, 2
-KV_OKAY, KV_ENOENT, KV_EINVAL = 0, -2, -22  # Xen's errno values, negated
+KV_OKAY, KV_ENOENT, KV_EINVAL, KV_ENOSPC = 0, -2, -22, -28  # Xen's errno values, negated
 MAX_KEY, MAX_VALUE = 32, 64
 
 kv_request = Struct(

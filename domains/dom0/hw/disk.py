@@ -57,6 +57,9 @@ def create_image(path: Path, size: int) -> bool:
         return False
     try:
         os.ftruncate(fd, size)
+    except OSError:
+        path.unlink(missing_ok=True)  # not a 0-byte image that a later boot would reuse
+        raise
     finally:
         os.close(fd)
     return True
@@ -65,18 +68,18 @@ def create_image(path: Path, size: int) -> bool:
 def create_images(topology: Any, run_dir: Path) -> list[Path]:
     """Dom0's boot step: every `[dom0] images` entry that is missing, created sparse.
 
-    Images live relative to the topology file's directory (the run directory
-    for the embedded default). A failure is logged and the rest go on: the
-    back end of a disk whose image is missing says so in its `error` node.
+    Images live in the run directory, and only there (`Topology.image_path`).
+    A failure is logged and the rest go on: the back end of a disk whose
+    image is missing says so in its error node.
     """
     created = []
     for name, size in topology.dom0.images.items():
-        path = topology.image_path(name, run_dir)
         try:
+            path = topology.image_path(name, run_dir)
             if create_image(path, size):
                 created.append(path)
-        except OSError as exc:
-            log.error("cannot create disk image %s: %s", path, exc)
+        except (OSError, ValueError) as exc:
+            log.error("cannot create disk image %s: %s", name, exc)
     return created
 
 

@@ -82,7 +82,11 @@ class Network:
             nursery.start_soon(tap.run, uplink)
             log.info("NIC: TAP device %s on %s", argument, uplink.name)
         elif mode == "pcap":
-            pcap = PcapNic(self._topology.image_path(argument, self.run_dir))
+            try:
+                pcap = PcapNic(self._topology.image_path(argument, self.run_dir))
+            except ValueError as exc:
+                log.error("no NIC: %s", exc)
+                return
             uplink.taps.append(pcap)
             nursery.start_soon(pcap.run)
             log.info("NIC: recording %s to %s", uplink.name, pcap.path)
