@@ -113,7 +113,7 @@ def test_every_escape_fails_and_the_topology_keeps_running(
         targets = {"dom0_pid": dom0_pid[1], "run_dir": str(topo.run_dir),
                    "host_file": str(secret), "new_file": str(host / "planted"),
                    "source_file": str(importable / "planted.py"),
-                   "image": str(tmp_path / "victim.img"),
+                   "image": str(topo.run_dir / "victim.img"),  # Dom0 keeps images there
                    "tcp_port": tcp_port, "udp_port": udp_port}
         hostile = topo.domid("hostile")
         topo.xenlike("xenstore", "write", f"/local/domain/{hostile}/data/targets",
