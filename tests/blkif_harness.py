@@ -21,6 +21,7 @@ import trio
 
 from domains.dom0.hw import Disk
 from drivers.blkif import BLKIF_RING, BlkBack
+from xenlike.domain import Hardware
 from xenlike.ring import BackRing, FrontRing
 from xenlike.testing import FakeGrantTable, FakeXenStore, doorbell_pair
 from xenlike.xenbus import BackChannel, DeviceInfo, XenbusContext
@@ -84,7 +85,7 @@ async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
                           f"{BACK}/discard-enable": "1" if discard else "0",
                           f"{BACK}/direct-io-safe": "1" if direct else "0",
                           f"{FRONT}/feature-persistent": "1" if persistent else "0"})
-    domain = SimpleNamespace(domid=0, grants=grants, ext={"disks": Disk.open})
+    domain = SimpleNamespace(domid=0, grants=grants, trace=None, hardware=Hardware(disks=Disk.open))
     async with trio.open_nursery() as nursery:
         ctx = XenbusContext(domain, store, nursery)
         back = BlkBack(ctx, DeviceInfo("vbd", 51712, BACK, FRONT, FRONT_DOMID))

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from xenlike.domain.hypercall import HypercallClient
-from xenlike.hypervisor import Connection, Domain, Hypervisor
+from xenlike.hypervisor import HypercallConnection, HypervisorDomain, Hypervisor
 from xenlike.xc import XenControl
 
 
@@ -38,7 +38,7 @@ async def xc(hv: Hypervisor) -> AsyncIterator[XenControl]:
         yield control
 
 
-DomainConnector = Callable[[Domain], Awaitable[HypercallClient]]
+DomainConnector = Callable[[HypervisorDomain], Awaitable[HypercallClient]]
 
 
 @pytest.fixture
@@ -48,9 +48,9 @@ def connect(hv: Hypervisor, nursery: trio.Nursery) -> DomainConnector:
     The hypervisor serves it as it serves a domain's own socket, so tests can
     make a built (or even a never built) domain's calls without booting it.
     """
-    async def connect_as(domain: Domain) -> HypercallClient:
+    async def connect_as(domain: HypervisorDomain) -> HypercallClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        conn = Connection(domain, trio.socket.from_stdlib_socket(ours))
+        conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
         nursery.start_soon(hv.serve_connection, conn)
         client = HypercallClient(trio.socket.from_stdlib_socket(theirs))

@@ -55,7 +55,7 @@ from xenlike.domain import (
 )
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import MAX_FDS, HypercallError
-from xenlike.hypervisor import Domain, Hypervisor
+from xenlike.hypervisor import HypervisorDomain, Hypervisor
 from xenlike.hypervisor import grant_table as hypervisor_grant_table
 from xenlike.hypervisor.grant_table import MAX_BATCH, PIN_LIMIT
 from xenlike.domain.runtime import attach_memory
@@ -147,7 +147,7 @@ def test_compare_and_swap_is_atomic_across_processes(cas: str) -> None:
 class Guest:
     """A built domain the test speaks as: its hypercalls, memory and GrantTable."""
 
-    domain: Domain
+    domain: HypervisorDomain
     hypercalls: HypercallClient
     memory: DomainMemory
     grants: GrantTable
@@ -381,11 +381,11 @@ async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
     assert [out.status for out in outs] == [S.okay, S.general_error, S.general_error, S.okay,
                                             S.bad_gntref, S.bad_domain]
     assert len(fds) == 2  # each good element's page, in order
-    region = hv.domains[a.domid].ext["grants"].region
+    region = hv.domains[a.domid].grant_table.region
     assert [outs[0].dev_bus_addr, outs[3].dev_bus_addr] == [machine_address(region, a.page(0)),
                                                             machine_address(region, a.page(1))]
     assert entry(hv, a.domid, ro).flags == GTF_permit_access | GTF_readonly
-    assert len(hv.domains[b.domid].ext["maptrack"].entries) == 2
+    assert len(hv.domains[b.domid].maptrack.entries) == 2
     view = memoryview(mmap.mmap(fds[1], 4096))
     assert bytes(view[:8]) == b"page one"
     view.release()
@@ -577,7 +577,7 @@ async def test_a_reused_domid_inherits_nothing(hv: Hypervisor, guest) -> None:
     new = await guest(old.domid)
     new.write(new.page(0), b"new domain")
     ref = new.grants.grant_access(0, new.page(0))
-    assert ref == 8 and new.domain.ext["grants"].active == {}
+    assert ref == 8 and new.domain.grant_table.active == {}
     new_map = await dom0.grants.map(new.domid, [ref])
     assert bytes(new_map.view[:10]) == b"new domain"
     assert bytes(old_map.view[:10]) == b"old domain"

@@ -274,7 +274,7 @@ async def test_ten_thousand_event_channels_end_in_enospc(hv: Hypervisor, xc: Xen
     results = reported(await wait_for_log(xc, ") flood ", timeout=60), "flood")
     assert results == {"ok": "1023", "highest": "1023", "ENOSPC": "8977", "freed": "512",
                        "again": "512", "version": str(VERSION)}
-    assert len(hv.domains[domid].ext["evtchn"].ports) == 1023
+    assert len(hv.domains[domid].evtchn.ports) == 1023
     # Nothing else is short of ports: Dom0 still makes them, also for the flooder.
     assert await xc.alloc_unbound(0, remote_dom=domid) > 0
     await xc.destroy(domid)
@@ -345,7 +345,7 @@ async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
     await wait_for_log(xc, f"(d{peer}) peer gone: port {peer_port} unbound for d{victim}")
     assert await status(xc, peer, peer_port) == (EvtchnStat.unbound, victim)
     assert await status(xc, victim, port) == (EvtchnStat.closed, 0)
-    assert domain.ext["evtchn"].ports == {} and domain.connections == []
+    assert domain.evtchn.ports == {} and domain.connections == []
     assert domain.memory is not None and domain.memory.closed
     # A dead domain takes no new ports and no bindings (Xen: -EINVAL for a dying domain).
     assert await errno_of(xc.alloc_unbound(victim, 0)) == Errno.EINVAL

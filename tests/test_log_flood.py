@@ -15,7 +15,7 @@ from domains.dom0.xenconsoled import CONSOLE_LOG_MAX
 from xenlike.hypervisor.core import LOG_FILE_MAX
 from xenlike.logfile import PRINTK_RATELIMIT_BURST, PrintkRatelimit, RotatingLog
 from xenlike.sandbox import DOMAIN_OUTPUT_MAX
-from xenlike.testing import Topology
+from xenlike.testing import RunningTopology
 
 FLOOD = """
 [host]
@@ -43,7 +43,7 @@ def size(path: Path) -> int:
 
 
 def test_a_flooding_guest_costs_bounded_disk_and_the_topology_answers(tmp_path: Path) -> None:
-    with Topology(FLOOD, tmp_path) as topo:
+    with RunningTopology(FLOOD, tmp_path) as topo:
         flood = topo.domid("flood")
         deadline = time.monotonic() + 90
         slowest = 0.0

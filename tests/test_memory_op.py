@@ -24,7 +24,7 @@ from xenlike.abi.xen import DOMID_SELF, Hypercall
 from xenlike.domain import memory_op
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import HypercallError
-from xenlike.hypervisor import Domain, Hypervisor
+from xenlike.hypervisor import HypervisorDomain, Hypervisor
 from xenlike.hypervisor.memory_op import EXTENT_LIST, RESERVATION
 from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.xc import XenControl
@@ -32,7 +32,7 @@ from xenlike.xc import XenControl
 PAGES = 1024  # 4 MiB
 
 
-def built(hv: Hypervisor, pages: int = PAGES) -> Domain:
+def built(hv: Hypervisor, pages: int = PAGES) -> HypervisorDomain:
     """A domain with memory and boot frames, never unpaused."""
     domain = hv.create_domain()
     domain.max_pages = pages
@@ -40,20 +40,20 @@ def built(hv: Hypervisor, pages: int = PAGES) -> Domain:
     return domain
 
 
-def blocks(domain: Domain) -> int:
+def blocks(domain: HypervisorDomain) -> int:
     """512-byte blocks the domain's memfd holds (what the host really spends)."""
     assert domain.memory is not None
     return os.fstat(domain.memory.fd).st_blocks
 
 
-def fill(domain: Domain, gfns: list[int]) -> None:
+def fill(domain: HypervisorDomain, gfns: list[int]) -> None:
     assert domain.memory is not None
     for gfn in gfns:
         with domain.memory.frame(gfn) as page:
             page[:] = b"\xa5" * XEN_PAGE_SIZE
 
 
-def is_zero(domain: Domain, gfn: int) -> bool:
+def is_zero(domain: HypervisorDomain, gfn: int) -> bool:
     assert domain.memory is not None
     with domain.memory.frame(gfn) as page:
         return page == bytes(XEN_PAGE_SIZE)

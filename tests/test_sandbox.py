@@ -35,7 +35,7 @@ from xenlike.sandbox import (
 from tests.test_hypervisor import wait_for_shutdown
 from xenlike.abi.sched import ShutdownReason
 from xenlike.hypervisor import Hypervisor
-from xenlike.testing import Topology
+from xenlike.testing import RunningTopology
 from xenlike.xc import XenControl
 
 ESCAPES = """
@@ -106,7 +106,7 @@ def test_every_escape_fails_and_the_topology_keeps_running(
     secret.write_text("the host's own file\n")
     importable = tmp_path / "lib"  # on the domains' import path: readable, never writable
     importable.mkdir()
-    with Topology(ESCAPES.format(), tmp_path, pythonpath=[importable]) as topo:
+    with RunningTopology(ESCAPES.format(), tmp_path, pythonpath=[importable]) as topo:
         log = (topo.run_dir / "hypervisor.log").read_text()
         dom0_pid = re.search(r"\(d0\) started pid (\d+)", log)
         assert dom0_pid is not None, log

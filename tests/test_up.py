@@ -231,9 +231,9 @@ def test_create_shutdown_destroy(run_dir: Path, tmp_path: Path) -> None:
 def test_a_guest_that_is_killed_is_reaped_with_its_devices(tmp_path: Path) -> None:
     """Topology.kill: SIGKILL, as a crash ends a guest. The hypervisor reaps it, the
     toolstack removes its devices and XenStore home, and the other guest stays."""
-    from xenlike.testing import Topology, wait_for
+    from xenlike.testing import RunningTopology, wait_for
 
-    with Topology(None, tmp_path) as topo:
+    with RunningTopology(None, tmp_path) as topo:
         beta = topo.domid("beta")
         assert {d["domain"] for d in topo.devices()} == {"alpha", "beta"}
         topo.kill("beta")

@@ -14,9 +14,9 @@
   XenStore and grant table, over a dict and a guest's real memory, with
   Xen's refusals: to drive a back end's `handle`/`serve` with a hostile
   front end written by hand (see tests/blkif_harness.py).
-- `Topology`: a real topology (`xenlike up --detach`) in a temporary run
+- `RunningTopology`: a real topology (`xenlike up --detach`) in a temporary run
   directory, with its consoles, XenStore and devices at hand, and
-  `Topology.kill(name)` for a guest (and its front ends) that vanishes.
+  `RunningTopology.kill(name)` for a guest (and its front ends) that vanishes.
 
 A back end that restarts mid-stream is `Backend.reconnect()` (either end
 can reload: the device passes through Closing and Closed and connects
@@ -40,6 +40,7 @@ import trio
 
 from xenlike._eventfd import EventFd
 from xenlike.abi.ring import SRING_HEADER_SIZE, XEN_PAGE_SIZE
+from xenlike.domain.runtime import Hardware
 from xenlike.memory import DomainMemory, PageAllocator, map_frames
 from xenlike.ring import BackRing, FrontRing, RingSpec
 from xenlike.xenbus.channel import BackChannel, FrontChannel
@@ -52,7 +53,7 @@ __all__ = [
     "FaultyDoorbell",
     "HostileFrontRing",
     "LocalDomain",
-    "Topology",
+    "RunningTopology",
     "channel_pair",
     "detached",
     "doorbell_pair",
@@ -166,7 +167,8 @@ class LocalDomain:
     """
 
     def __init__(self, pages: int = 1024, *, domid: int = 1, cmdline: str = "") -> None:
-        self.domid, self.cmdline, self.ext = domid, cmdline, {}
+        self.domid, self.cmdline = domid, cmdline
+        self.trace, self.hardware = None, Hardware()
         self.memory = DomainMemory.create(pages)
         self.allocator = PageAllocator(16, pages)
         self.grants = _LocalGrants()
@@ -307,7 +309,8 @@ def detached(driver_class: type[T], device_type: str | None = None) -> T:
     from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 
     name = device_type or getattr(driver_class, "device_type", "test")
-    nothing = XenbusContext(domain=SimpleNamespace(domid=0, ext={}), xs=None, nursery=None)
+    nothing = XenbusContext(domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()),
+                            xs=None, nursery=None)
     return driver_class(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
 
 
@@ -323,10 +326,10 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the
         time.sleep(0.05)
 
 
-class Topology:
+class RunningTopology:
     """A topology brought up with `xenlike up --detach` in its own run directory.
 
-        with Topology(TOML_TEXT, tmp_path) as topo:
+        with RunningTopology(TOML_TEXT, tmp_path) as topo:
             topo.wait_for_console("client", "ready")
             assert topo.xenstore("read", "/local/domain/1/name") == "client"
     """
@@ -354,7 +357,7 @@ class Topology:
                                  f"{result.stdout}{result.stderr}")
         return result
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> "RunningTopology":
         args = ["up", "--detach", "--timeout", str(self.timeout)]
         self.xenlike(*args, *([str(self.file)] if self.file else []))
         return self

@@ -56,8 +56,8 @@ async def main(domain: Domain) -> None:
     topology = load_topology(Path(params.get("topology", run_dir.topology)))
     for image in create_images(topology, run_dir.path):
         log.info("created disk image %s", image)
-    domain.ext["disks"] = _image_opener(topology, run_dir.path)  # what blkback opens
-    domain.ext["net"] = network = Network.from_topology(topology, run_dir.path)  # netback's bridges
+    domain.hardware.disks = _image_opener(topology, run_dir.path)  # what blkback opens
+    domain.hardware.net = network = Network.from_topology(topology, run_dir.path)  # its bridges
     down = trio.Event()
     async with trio.open_nursery() as nursery:
         xenstored = Dom0XenStored(domain, nursery)

@@ -51,7 +51,7 @@ What it does is Linux's xen-blkback, in substance and in key names:
   drains that had to wait for room (DRAINS_IN_FLIGHT were under way).
 
 The disk itself is the driver domain's hardware, not this package's: the
-kernel hands an opener in `domain.ext["disks"]` (Dom0's is
+kernel hands an opener in `domain.hardware.disks` (Dom0's is
 `domains.dom0.hw.Disk.open`).
 """
 
@@ -285,9 +285,9 @@ class BlkBack(Backend):
         mode = await self.read("mode")
         if mode not in ("r", "w"):
             raise ProtocolError(f"mode = {mode!r}: expected r or w")
-        opener: Callable[..., BlockDevice] | None = self.ctx.domain.ext.get("disks")
+        opener: Callable[..., BlockDevice] | None = self.ctx.domain.hardware.disks
         if opener is None:
-            raise ProtocolError(f"d{self.ctx.domain.domid} has no disks (domain.ext['disks'])")
+            raise ProtocolError(f"d{self.ctx.domain.domid} has no disks (domain.hardware.disks)")
         direct = await self.read("direct-io-safe", "0") == "1"
         self.disk = opener(Path(params), readonly=mode == "r", direct=direct)
         self.discard_enabled = (mode == "w"

@@ -2,7 +2,7 @@
 
 `Netfront` is a guest's interface (raw Ethernet frames in and out);
 `Netback` serves it in the driver domain as a port of a software bridge,
-which that domain lends its back ends as `domain.ext["net"]` (Dom0's is
+which that domain lends its back ends as `domain.hardware.net` (Dom0's is
 in `domains.dom0.hw.net`). The XenStore keys are Linux netfront/netback's:
 `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy`,
 `feature-rx-notify`, `feature-sg`, `feature-ctrl-ring` with `ctrl-ring-ref`

@@ -120,7 +120,7 @@ class BridgePort(Protocol):
 
 
 class Bridge(Protocol):
-    """The driver domain's software switch (`domain.ext["net"].bridge(name)`)."""
+    """The driver domain's software switch (`domain.hardware.net.bridge(name)`)."""
 
     name: str
 
@@ -162,10 +162,10 @@ class Netback(Backend):
         except ValueError as exc:
             raise ProtocolError(f"{self.device.nodename}/mac: {exc}") from None
         bridge_name = await self.read("bridge", "xenbr0") or "xenbr0"
-        network = self.ctx.domain.ext.get("net")
+        network = self.ctx.domain.hardware.net
         if network is None:
             raise ProtocolError(f"d{self.ctx.domain.domid} has no network hardware "
-                                f"(domain.ext['net'])")
+                                f"(domain.hardware.net)")
         try:
             bridge = network.bridge(bridge_name)
         except LookupError as exc:

@@ -18,7 +18,7 @@ from xenlike.domain.grant_table import (
     NoFreeGrantRefs,
 )
 from xenlike.domain.hypercall import HypercallClient, HypercallResult
-from xenlike.domain.runtime import Domain, Kernel, boot, load_kernel
+from xenlike.domain.runtime import Domain, Hardware, Kernel, boot, load_kernel
 
 __all__ = [
     "Domain",
@@ -30,6 +30,7 @@ __all__ = [
     "GrantRef",
     "GrantStatusError",
     "GrantTable",
+    "Hardware",
     "HypercallClient",
     "HypercallResult",
     "Kernel",

@@ -34,12 +34,22 @@ from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.trace import TraceBuffer, fast_path_recorder
 from xenlike.trace.events import EventRecorder
 
-__all__ = ["Domain", "Kernel", "boot", "load_kernel"]
+__all__ = ["Domain", "Hardware", "Kernel", "boot", "load_kernel"]
 
 START_INFO = compile_struct(start_info, "start_info")
 SHUTDOWN = compile_struct(sched_shutdown, "sched_shutdown")
 
 Kernel = Callable[["Domain"], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Hardware:
+    """What a driver domain lends its back ends (Dom0's is `domains.dom0.hw`): the
+    core never opens a host file or a network device itself."""
+
+    # Opens a disk image for blkback: (path, *, readonly, direct) -> a BlockDevice.
+    disks: Callable[..., Any] | None = None
+    net: Any = None  # netback's bridges: `net.bridge(name)`
 
 
 @attrs.define(eq=False)
@@ -55,7 +65,8 @@ class Domain:
     evtchn: EventChannels
     nursery: trio.Nursery  # for the domain's own background tasks
     grants: GrantTable
-    ext: dict[str, Any] = attrs.field(factory=dict)  # per-domain state of the core services
+    trace: EventRecorder | None = None  # XenBus and ring events, into its trace buffer
+    hardware: Hardware = attrs.field(factory=Hardware)  # a driver domain's, for its back ends
     shut_down: bool = False
 
     @property
@@ -151,7 +162,7 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, frames_fd: i
         domain = Domain(domid, info, memory, layout,
                         PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels,
                         nursery, grants)
-        domain.ext["trace"] = EventRecorder(trace, domid)  # XenBus and ring events
+        domain.trace = EventRecorder(trace, domid)
         reason = ShutdownReason.poweroff
         try:
             entry = load_kernel(kernel)

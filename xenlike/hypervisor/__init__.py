@@ -5,15 +5,21 @@ Run it on its own with `python -m xenlike.hypervisor --run-dir DIR`.
 """
 
 from xenlike.hypervisor import control, evtchn, grant_table, memory_op, platform  # noqa: F401  (registration)
-from xenlike.hypervisor.core import Connection, Domain, DomainState, Hypervisor, HypercallListener
+from xenlike.hypervisor.core import (
+    DomainState,
+    HypercallConnection,
+    HypercallListener,
+    Hypervisor,
+    HypervisorDomain,
+)
 from xenlike.hypervisor.table import HYPERCALLS, Call, hypercall
 from xenlike.trace import hypervisor as _trace  # noqa: F401  (registration)
 
 __all__ = [
     "HYPERCALLS",
     "Call",
-    "Connection",
-    "Domain",
+    "HypercallConnection",
+    "HypervisorDomain",
     "DomainState",
     "HypercallListener",
     "Hypervisor",

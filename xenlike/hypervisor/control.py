@@ -40,7 +40,7 @@ from xenlike.abi.sysctl import (
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, Hypercall
 from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
-from xenlike.hypervisor.core import Domain, DomainState
+from xenlike.hypervisor.core import HypervisorDomain, DomainState
 from xenlike.hypervisor.memory_op import tot_pages
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE
@@ -77,7 +77,7 @@ def _with_union(record: Any, codec: Any, value: Any) -> Any:
     return record._replace(u=codec.pack(value).ljust(128, b"\0"))
 
 
-def _domctl(call: Call, arg: Any) -> Domain:
+def _domctl(call: Call, arg: Any) -> HypervisorDomain:
     if arg.interface_version != XEN_DOMCTL_INTERFACE_VERSION:
         raise HypercallError(Errno.EACCES, f"domctl interface version {arg.interface_version:#x},"
                                            f" expected {XEN_DOMCTL_INTERFACE_VERSION:#x}")
@@ -131,7 +131,7 @@ def max_mem(call: Call, arg: Any) -> int:
     return 0
 
 
-def domain_info(domain: Domain) -> Any:
+def domain_info(domain: HypervisorDomain) -> Any:
     """A domain as xen_domctl_getdomaininfo describes it (what `xl list` shows)."""
     flags = 0
     if domain.state is DomainState.running:

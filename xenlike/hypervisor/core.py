@@ -49,13 +49,19 @@ from xenlike.hypercall import (
     fds_ancillary,
 )
 from xenlike._process import ChildProcess
+from xenlike.hypervisor import evtchn, grant_table
+from xenlike.hypervisor.evtchn import EvtchnTable
 from xenlike.hypervisor.frames import SharedFrames
+from xenlike.hypervisor.grant_table import HypervisorGrantTable, Maptrack
+from xenlike.hypervisor.memory_op import Reservation
 from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, RotatingLog
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
+from xenlike.trace.hypervisor import HypervisorTrace
 
-__all__ = ["Connection", "Domain", "DomainState", "Hypervisor", "HypercallListener"]
+__all__ = ["DomainState", "HypercallConnection", "HypercallListener", "Hypervisor",
+           "HypervisorDomain"]
 
 START_INFO = compile_struct(start_info, "start_info")
 GRANT_ENTRY = compile_struct(grant_entry_v1, "grant_entry_v1")
@@ -76,10 +82,10 @@ class DomainState(enum.Enum):
 
 
 @attrs.define(eq=False)
-class Connection:
+class HypercallConnection:
     """One hypercall socket: a domain's own, or a Dom0 tool's control connection."""
 
-    domain: "Domain"
+    domain: "HypervisorDomain"
     sock: trio.socket.SocketType
     send_lock: trio.Lock = attrs.field(factory=trio.Lock)
 
@@ -101,7 +107,7 @@ class Connection:
 
 
 @attrs.define(eq=False)
-class Domain:
+class HypervisorDomain:
     """A domain as the hypervisor holds it.
 
     Its memory exists from the moment it is built (`build_domain`), sized by
@@ -119,7 +125,7 @@ class Domain:
     shutdown_reason: int | None = None
     kernel: str | None = None
     process: ChildProcess | None = None
-    connections: list[Connection] = attrs.field(factory=list)
+    connections: list[HypercallConnection] = attrs.field(factory=list)
     created_at: float = attrs.field(factory=time.monotonic)
     torn_down: bool = False
     cpu_ns_at_exit: int = 0
@@ -127,8 +133,11 @@ class Domain:
     # What the lines it causes pass: its console writes, and the refusals of its calls.
     console_ratelimit: PrintkRatelimit = attrs.field(factory=PrintkRatelimit)
     refusal_ratelimit: PrintkRatelimit = attrs.field(factory=PrintkRatelimit)
-    # Per-domain state that the hypercall modules keep (event channels, grants).
-    ext: dict[str, Any] = attrs.field(factory=dict)
+    # What the hypercall subsystems keep per domain, as Xen keeps it in struct domain.
+    evtchn: EvtchnTable | None = None  # its ports, from its creation
+    grant_table: HypervisorGrantTable | None = None  # its own grants, from its build
+    maptrack: Maptrack = attrs.field(factory=Maptrack)  # what it maps of others' grants
+    reservation: Reservation | None = None  # its populated frames, from its build
     _notices: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = attrs.field(
         factory=lambda: trio.open_memory_channel(NOTIFY_BACKLOG))
 
@@ -174,7 +183,7 @@ class Hypervisor:
     def __init__(self, run_dir: Path, *, dom0_memory_mb: int = 64) -> None:
         self.run_dir = Path(run_dir)
         self.control_path = self.run_dir / "hypervisor.sock"
-        self.domains: dict[int, Domain] = {}
+        self.domains: dict[int, HypervisorDomain] = {}
         self.listeners: list[HypercallListener] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.log_path = self.run_dir / "hypervisor.log"
@@ -184,10 +193,8 @@ class Hypervisor:
         self._nursery: trio.Nursery | None = None
         self._log_file: RotatingLog | None = None
         self._sandbox: SandboxPolicy | None = None
-        self.on_domain_exit: list[Callable[[Domain], None]] = []
-        self.on_connection_close: list[Callable[[Connection], None]] = []
-        from xenlike.trace.hypervisor import HypervisorTrace
-
+        self.on_domain_exit: list[Callable[[HypervisorDomain], None]] = []
+        self.on_connection_close: list[Callable[[HypercallConnection], None]] = []
         self.trace = HypervisorTrace(self)
 
     # --- running ----------------------------------------------------------
@@ -229,7 +236,7 @@ class Hypervisor:
             self.control_path.unlink(missing_ok=True)
             self._log_file.close()
 
-    def log(self, domain: Domain | None, text: str) -> None:
+    def log(self, domain: HypervisorDomain | None, text: str) -> None:
         """A line in the hypervisor log, as Xen's console ring keeps it (`xl dmesg`)."""
         prefix = f"(XEN) [{time.monotonic() - self.started_at:10.6f}] "
         source = f"(d{domain.domid}) " if domain is not None else ""
@@ -239,16 +246,16 @@ class Hypervisor:
             if self._log_file is not None:
                 self._log_file.write(entry.encode() + b"\n")
 
-    def log_console(self, domain: Domain, text: str) -> None:
+    def log_console(self, domain: HypervisorDomain, text: str) -> None:
         """What a domain writes with CONSOLEIO_write, under its console rate limit."""
         self._log_limited(domain, domain.console_ratelimit, text)
 
-    def log_refusal(self, domain: Domain, text: str) -> None:
+    def log_refusal(self, domain: HypervisorDomain, text: str) -> None:
         """Why a domain's call was refused, under its refusal rate limit (its own, so
         a guest that floods refusals still gets its console lines through)."""
         self._log_limited(domain, domain.refusal_ratelimit, text)
 
-    def _log_limited(self, domain: Domain, limit: PrintkRatelimit, text: str) -> None:
+    def _log_limited(self, domain: HypervisorDomain, limit: PrintkRatelimit, text: str) -> None:
         """Xen's printk_ratelimit, per domain: a burst, then a line every 5 s, and how
         many were suppressed. Dom0 is trusted, as Xen's hardware domain is."""
         if not domain.privileged:
@@ -269,16 +276,14 @@ class Hypervisor:
     # --- domains ----------------------------------------------------------
 
     def create_domain(self, *, domid: int | None = None, privileged: bool = False,
-                      handle: bytes = bytes(16)) -> Domain:
+                      handle: bytes = bytes(16)) -> HypervisorDomain:
         """XEN_DOMCTL_createdomain: an empty, paused domain with its port table."""
         if domid is None:
             domid = self._allocate_domid()
         elif domid in self.domains:
             raise HypercallError(Errno.EEXIST, f"domain {domid} exists")
-        domain = Domain(domid, privileged, handle=handle)
+        domain = HypervisorDomain(domid, privileged, handle=handle)
         self.domains[domid] = domain
-        from xenlike.hypervisor import evtchn
-
         evtchn.attach(self, domain)
         self.log(None, f"created d{domid}")
         return domain
@@ -293,13 +298,13 @@ class Hypervisor:
                 return domid
         raise HypercallError(Errno.ENOSPC, "no free domain id")
 
-    def lookup(self, domid: int) -> Domain:
+    def lookup(self, domid: int) -> HypervisorDomain:
         try:
             return self.domains[domid]
         except KeyError:
             raise HypercallError(Errno.ESRCH, f"no domain {domid}") from None
 
-    def build_domain(self, domain: Domain, kernel: str, *, cmdline: str = "",
+    def build_domain(self, domain: HypervisorDomain, kernel: str, *, cmdline: str = "",
                      store_evtchn: int = 0, console_evtchn: int = 0) -> None:
         """What a domain builder does: memory, boot frames, and the kernel to run."""
         if domain.state is not DomainState.created or domain.memory is not None:
@@ -316,8 +321,6 @@ class Hypervisor:
             domain.memory, str(domain),
             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
             lambda text: self.log(domain, text))
-        from xenlike.hypervisor import grant_table
-
         grant_table.attach(self, domain)
         flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domain.privileged else 0
         blank = START_INFO.record()
@@ -339,7 +342,7 @@ class Hypervisor:
         domain.kernel = kernel
         self.log(None, f"built d{domain.domid}: {domain.max_pages} pages, kernel {kernel}")
 
-    def _seed_grants(self, domain: Domain, backend_domid: int = 0) -> None:
+    def _seed_grants(self, domain: HypervisorDomain, backend_domid: int = 0) -> None:
         """Grant Dom0 the console and XenStore pages at the reserved refs, as the
         domain builder does (xc_dom_gnttab_init), so xenconsoled and xenstored
         can map them with an ordinary grant map."""
@@ -351,7 +354,7 @@ class Hypervisor:
                 GRANT_ENTRY.pack_into(table, ref * GRANT_ENTRY.size,
                                       (GTF_permit_access, backend_domid, gfn))
 
-    def unpause(self, domain: Domain) -> None:
+    def unpause(self, domain: HypervisorDomain) -> None:
         if domain.state is DomainState.created:
             if domain.kernel is None:
                 raise HypercallError(Errno.EINVAL, f"{domain} has no kernel: build it first")
@@ -364,7 +367,7 @@ class Hypervisor:
         elif domain.state is not DomainState.running:
             raise HypercallError(Errno.EINVAL, f"{domain} is {domain.state.value}")
 
-    def pause(self, domain: Domain) -> None:
+    def pause(self, domain: HypervisorDomain) -> None:
         """Stop the domain's process: a paused vCPU does not run at all."""
         if domain.state is DomainState.running:
             self._signal(domain, signal.SIGSTOP)
@@ -372,7 +375,7 @@ class Hypervisor:
         elif domain.state not in (DomainState.paused, DomainState.created):
             raise HypercallError(Errno.EINVAL, f"{domain} is {domain.state.value}")
 
-    def shutdown(self, domain: Domain, reason: int) -> None:
+    def shutdown(self, domain: HypervisorDomain, reason: int) -> None:
         """The domain is shut down for `reason`: it runs no more and Dom0 hears of it."""
         if domain.state in (DomainState.shutdown, DomainState.dying):
             return
@@ -387,7 +390,7 @@ class Hypervisor:
             self.teardown(domain)
         self.domain_exception()
 
-    def destroy(self, domain: Domain) -> None:
+    def destroy(self, domain: HypervisorDomain) -> None:
         """XEN_DOMCTL_destroydomain: kill, tear down and forget the domain."""
         if domain.domid == 0:
             raise HypercallError(Errno.EPERM, "domain 0 cannot be destroyed")
@@ -397,15 +400,13 @@ class Hypervisor:
         self.log(None, f"destroyed d{domain.domid}")
         self.domain_exception()
 
-    def teardown(self, domain: Domain, *, kill: bool = False) -> None:
+    def teardown(self, domain: HypervisorDomain, *, kill: bool = False) -> None:
         """Release everything the domain holds. Idempotent."""
         if kill and domain.process is not None and domain.process.returncode is None:
             self._signal(domain, signal.SIGKILL)
         if domain.torn_down:
             return
         domain.torn_down = True
-        from xenlike.hypervisor import evtchn, grant_table
-
         grant_table.teardown(self, domain)
         evtchn.teardown(self, domain)
         if domain.frames is not None:
@@ -424,26 +425,24 @@ class Hypervisor:
 
     def domain_exception(self) -> None:
         """VIRQ_DOM_EXC to Dom0: a domain shut down, crashed or was destroyed."""
-        from xenlike.hypervisor import evtchn
-
         dom0 = self.domains.get(0)
         if dom0 is not None:
             evtchn.send_virq(self, dom0, Virq.DOM_EXC)
 
-    def _signal(self, domain: Domain, signum: int) -> None:
+    def _signal(self, domain: HypervisorDomain, signum: int) -> None:
         if domain.process is not None and domain.process.returncode is None:
             try:
                 domain.process.send_signal(signum)
             except ProcessLookupError:
                 pass
 
-    async def _kill_after_grace(self, domain: Domain) -> None:
+    async def _kill_after_grace(self, domain: HypervisorDomain) -> None:
         assert domain.process is not None
         with trio.move_on_after(SHUTDOWN_GRACE):
             await domain.process.wait()
         self.teardown(domain, kill=True)
 
-    async def _run_domain(self, domain: Domain) -> None:
+    async def _run_domain(self, domain: HypervisorDomain) -> None:
         """Spawn the domain's process, serve its hypercalls, reap it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_path = self.run_dir / "domains" / f"{domain.domid}.log"
@@ -481,7 +480,7 @@ class Hypervisor:
                           else domain_protections(domain.process.pid, policy.landlock_abi)
                           or policy.expected())
         self.log(domain, f"sandbox: {domain.sandbox}")
-        conn = Connection(domain, trio.socket.from_stdlib_socket(ours))
+        conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.serve_connection, conn)
@@ -509,26 +508,25 @@ class Hypervisor:
         except (trio.ClosedResourceError, OSError):  # torn down under us
             return
 
-    async def _accept_control(self, listener: trio.socket.SocketType, dom0: Domain) -> None:
+    async def _accept_control(self, listener: trio.socket.SocketType,
+                              dom0: HypervisorDomain) -> None:
         assert self._nursery is not None
         while True:
             sock, _ = await listener.accept()
-            conn = Connection(dom0, sock)
+            conn = HypercallConnection(dom0, sock)
             dom0.connections.append(conn)
             self._nursery.start_soon(self._serve_control, conn)
 
-    async def _serve_control(self, conn: Connection) -> None:
+    async def _serve_control(self, conn: HypercallConnection) -> None:
         try:
             await self.serve_connection(conn)
         finally:
             conn.sock.close()
             if conn in conn.domain.connections:
                 conn.domain.connections.remove(conn)
-            from xenlike.hypervisor import grant_table
-
             grant_table.release_connection(self, conn)
 
-    async def serve_connection(self, conn: Connection) -> None:
+    async def serve_connection(self, conn: HypercallConnection) -> None:
         """Answer hypercalls on one socket until it closes; then run `on_connection_close`."""
         try:
             await self._answer(conn)
@@ -536,7 +534,7 @@ class Hypervisor:
             for hook in self.on_connection_close:
                 hook(conn)
 
-    async def _answer(self, conn: Connection) -> None:
+    async def _answer(self, conn: HypercallConnection) -> None:
         """The hot path: read(2) on the socket, and a yield only when requests queue up.
 
         read(2) takes no ancillary data, so descriptors a domain sends along
@@ -568,7 +566,7 @@ class Hypervisor:
             except (OSError, trio.ClosedResourceError):
                 return
 
-    async def _deliver_notices(self, domain: Domain) -> None:
+    async def _deliver_notices(self, domain: HypervisorDomain) -> None:
         _, receive = domain._notices
         async for reply in receive:
             try:
@@ -581,7 +579,7 @@ class Hypervisor:
                 for fd in reply.fds:
                     os.close(fd)
 
-    def notify(self, domain: Domain, code: Notification, payload: bytes = b"",
+    def notify(self, domain: HypervisorDomain, code: Notification, payload: bytes = b"",
                fds: tuple[int, ...] = ()) -> None:
         """Tell a domain something unasked; dropped (and logged) if it never reads.
 
@@ -599,7 +597,7 @@ class Hypervisor:
 
     # --- hypercalls -------------------------------------------------------
 
-    def dispatch(self, conn: Connection, data: bytes) -> Reply:
+    def dispatch(self, conn: HypercallConnection, data: bytes) -> Reply:
         """Run one hypercall; every failure becomes a -errno result, never an exception."""
         start = time.monotonic_ns()
         seq = op = cmd = 0

@@ -37,7 +37,7 @@ from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError, Notification
 from xenlike.hypervisor.table import Call, hypercall
 
-__all__ = ["EventChannels", "Port", "attach", "send_virq", "teardown"]
+__all__ = ["EvtchnTable", "Evtchn", "attach", "send_virq", "teardown"]
 
 MAX_PORT_DOMU = 1023  # libxl's default max_event_channels for a guest
 MAX_PORT_DOM0 = 4095  # the 2-level ABI's limit (64 words of 64 bits)
@@ -46,7 +46,7 @@ EVTCHN_OP = Hypercall.event_channel_op
 
 
 @attrs.define(eq=False)
-class Port:
+class Evtchn:
     number: int
     state: EvtchnStat
     eventfd: int
@@ -57,15 +57,15 @@ class Port:
 
 
 @attrs.define(eq=False)
-class EventChannels:
+class EvtchnTable:
     """One domain's port table."""
 
     max_port: int
-    ports: dict[int, Port] = attrs.field(factory=dict)
+    ports: dict[int, Evtchn] = attrs.field(factory=dict)
     virqs: dict[int, int] = attrs.field(factory=dict)
     dying: bool = False  # torn down: no new ports, as Xen's get_free_port refuses
 
-    def allocate(self, state: EvtchnStat, **fields: Any) -> Port:
+    def allocate(self, state: EvtchnStat, **fields: Any) -> Evtchn:
         """The lowest free port (port 0 is never valid), with a fresh doorbell."""
         if self.dying:
             raise HypercallError(Errno.EINVAL, "the domain is dying")
@@ -76,23 +76,24 @@ class EventChannels:
             doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError as exc:  # the host is out of descriptors: Xen's failed allocation
             raise HypercallError(Errno.ENOMEM, f"no eventfd for a port: {exc.strerror}") from None
-        port = Port(number, state, doorbell, **fields)
+        port = Evtchn(number, state, doorbell, **fields)
         self.ports[number] = port
         return port
 
-    def get(self, number: int) -> Port:
+    def get(self, number: int) -> Evtchn:
         port = self.ports.get(number)
         if port is None:
             raise HypercallError(Errno.EINVAL, f"port {number} is not open")
         return port
 
 
-def table(domain: Any) -> EventChannels:
-    return domain.ext["evtchn"]
+def table(domain: Any) -> EvtchnTable:
+    channels: EvtchnTable = domain.evtchn
+    return channels
 
 
 def attach(hv: Any, domain: Any) -> None:
-    domain.ext["evtchn"] = EventChannels(MAX_PORT_DOM0 if domain.privileged else MAX_PORT_DOMU)
+    domain.evtchn = EvtchnTable(MAX_PORT_DOM0 if domain.privileged else MAX_PORT_DOMU)
 
 
 def _target(call: Call, dom: int) -> Any:
@@ -197,7 +198,7 @@ def unmask(call: Call, arg: Any) -> int:
     return 0
 
 
-def close_port(hv: Any, domain: Any, port: Port) -> None:
+def close_port(hv: Any, domain: Any, port: Evtchn) -> None:
     """EVTCHNOP_close: free the port; an interdomain peer goes back to unbound."""
     channels = table(domain)
     if port.state is EvtchnStat.interdomain:
@@ -216,7 +217,7 @@ def close_port(hv: Any, domain: Any, port: Port) -> None:
 
 def teardown(hv: Any, domain: Any) -> None:
     """Close every port of a dying domain; each peer sees its port unbound."""
-    channels = domain.ext.get("evtchn")
+    channels = domain.evtchn
     if channels is None:
         return
     channels.dying = True

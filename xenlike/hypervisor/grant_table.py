@@ -65,7 +65,7 @@ from xenlike.memory import XEN_PAGE_SIZE, DomainMemory, machine_address
 
 __all__ = [
     "ActiveGrant",
-    "GrantTable",
+    "HypervisorGrantTable",
     "Mapping",
     "Maptrack",
     "attach",
@@ -93,7 +93,7 @@ class ActiveGrant:
 
 
 @attrs.define(eq=False)
-class GrantTable:
+class HypervisorGrantTable:
     """A granter's table as the hypervisor sees it (Xen's struct grant_table).
 
     `words` views the table frames as u32s: entry `ref` is word 2*ref (flags
@@ -128,7 +128,7 @@ class GrantTable:
 class Mapping:
     """A maptrack entry (Xen's struct grant_mapping)."""
 
-    table: GrantTable
+    table: HypervisorGrantTable
     ref: int
     flags: int  # GNTMAP_*
     connection: Any  # the socket it was made over: a Dom0 tool's mappings end with it
@@ -173,15 +173,13 @@ def attach(hv: Any, domain: Any) -> None:
     layout = domain.layout
     shared = domain.memory.frames(layout.grant_table_gfn, layout.nr_grant_frames)
     address = ctypes.addressof(ctypes.c_char.from_buffer(shared))
-    domain.ext["grants"] = GrantTable(domain, next(_regions), layout.grant_table_gfns, shared,
-                                      shared.cast("I"), address)
+    domain.grant_table = HypervisorGrantTable(domain, next(_regions), layout.grant_table_gfns,
+                                              shared, shared.cast("I"), address)
 
 
 def _maptrack(domain: Any) -> Maptrack:
     """Any domain may map, built or not (Dom0's tools have no memory of their own)."""
-    maptrack = domain.ext.get("maptrack")
-    if maptrack is None:
-        maptrack = domain.ext["maptrack"] = Maptrack()
+    maptrack: Maptrack = domain.maptrack
     return maptrack
 
 
@@ -190,11 +188,10 @@ def teardown(hv: Any, domain: Any) -> None:
 
     Mappers of its grants keep their mappings until they unmap.
     """
-    maptrack = domain.ext.get("maptrack")
-    if maptrack is not None:
-        for handle in list(maptrack.entries):
-            maptrack.release(handle)
-    table = domain.ext.get("grants")
+    maptrack = domain.maptrack
+    for handle in list(maptrack.entries):
+        maptrack.release(handle)
+    table = domain.grant_table
     if table is None or not table.live:
         return
     table.words.release()
@@ -204,9 +201,7 @@ def teardown(hv: Any, domain: Any) -> None:
 
 def release_connection(hv: Any, conn: Any) -> None:
     """A Dom0 tool's socket closed: its mappings go, as gntdev's do when closed."""
-    maptrack = conn.domain.ext.get("maptrack")
-    if maptrack is None:
-        return
+    maptrack = conn.domain.maptrack
     for handle, mapping in list(maptrack.entries.items()):
         if mapping.connection is conn:
             maptrack.release(handle)
@@ -215,7 +210,7 @@ def release_connection(hv: Any, conn: Any) -> None:
 # --- pinning --------------------------------------------------------------
 
 
-def _set_status(table: GrantTable, ref: int, ldomid: int, readonly: bool, pinned: bool,
+def _set_status(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool, pinned: bool,
                 mapflag: bool) -> None:
     """Xen's _set_status_v1: check the entry and set the in-use bits, atomically.
 
@@ -242,7 +237,8 @@ def _set_status(table: GrantTable, ref: int, ldomid: int, readonly: bool, pinned
     raise _Fail(GntStatus.general_error, "shared grant entry is unstable")
 
 
-def _pin(table: GrantTable, ref: int, ldomid: int, readonly: bool, mapflag: bool) -> ActiveGrant:
+def _pin(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool,
+         mapflag: bool) -> ActiveGrant:
     """Take a read-only or writable pin on `ref` for `ldomid`; a failure changes nothing."""
     if not 0 <= ref < table.nr_entries:
         raise _Fail(GntStatus.bad_gntref, f"bad ref {ref:#x} for d{table.domain.domid}")
@@ -268,7 +264,7 @@ def _pin(table: GrantTable, ref: int, ldomid: int, readonly: bool, mapflag: bool
     return act
 
 
-def _unpin(table: GrantTable, ref: int, readonly: bool) -> None:
+def _unpin(table: HypervisorGrantTable, ref: int, readonly: bool) -> None:
     """Drop a pin; the last writer clears GTF_writing, the last pin GTF_reading."""
     act = table.active[ref]
     clear = 0
@@ -284,13 +280,13 @@ def _unpin(table: GrantTable, ref: int, readonly: bool) -> None:
     _clear(table, ref, clear)
 
 
-def _clear(table: GrantTable, ref: int, bits: int) -> None:
+def _clear(table: HypervisorGrantTable, ref: int, bits: int) -> None:
     """Xen's gnttab_clear_flags, on a table whose memory is still there."""
     if bits and table.live:
         fetch_and16(table.address, ref * ENTRY_SIZE, ~bits & 0xFFFF)
 
 
-def _granter(call: Call, domid: int) -> GrantTable:
+def _granter(call: Call, domid: int) -> HypervisorGrantTable:
     """A live table of domain `domid` (by id only: DOMID_SELF names no granter)."""
     domain = call.hv.domains.get(domid)
     if domain is None:
@@ -298,7 +294,7 @@ def _granter(call: Call, domid: int) -> GrantTable:
     return _live_table(domain)
 
 
-def _frame_file(table: GrantTable, frame: int, readonly: bool, taken: set[int]) -> int:
+def _frame_file(table: HypervisorGrantTable, frame: int, readonly: bool, taken: set[int]) -> int:
     """The granted frame's own file, with the files the granter sent so far taken in."""
     _take_frames(table.domain, taken)
     frames = table.domain.frames
@@ -318,8 +314,8 @@ def _take_frames(domain: Any, taken: set[int]) -> None:
             domain.frames.drain()
 
 
-def _live_table(domain: Any) -> GrantTable:
-    table = domain.ext.get("grants")
+def _live_table(domain: Any) -> HypervisorGrantTable:
+    table = domain.grant_table
     if table is None or not table.live:
         raise _Fail(GntStatus.bad_domain, f"d{domain.domid} has no grant table: not built, "
                                           f"or torn down")
@@ -426,7 +422,7 @@ def _copy_one(call: Call, op: Any, taken: set[int]) -> None:
     """Both domains first, then source and dest claimed, then the bounds: Xen's order."""
     source = _copy_domain(call, op.source.domid, op.flags & GNTCOPY_source_gref)
     dest = _copy_domain(call, op.dest.domid, op.flags & GNTCOPY_dest_gref)
-    pins: list[tuple[GrantTable, int, bool]] = []
+    pins: list[tuple[HypervisorGrantTable, int, bool]] = []
     try:
         src_memory, src_frame = _claim(call, source, op.source, op.flags & GNTCOPY_source_gref,
                                        True, taken, pins)
@@ -455,7 +451,7 @@ def _copy_domain(call: Call, domid: int, is_gref: int) -> Any:
 
 
 def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool, taken: set[int],
-           pins: list[tuple[GrantTable, int, bool]]) -> tuple[DomainMemory, int]:
+           pins: list[tuple[HypervisorGrantTable, int, bool]]) -> tuple[DomainMemory, int]:
     """The memory and frame one side of a copy names, pinned if it is a grant."""
     _take_frames(domain, taken)
     if is_gref:
@@ -474,7 +470,7 @@ def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool, take
 def query_size(call: Call, op: Any) -> tuple[int, Any]:
     """The table is its boot frames and never grows: nr_frames == max_nr_frames."""
     try:
-        table = _any_domain(call, op.dom).ext.get("grants")
+        table = _any_domain(call, op.dom).grant_table
     except _Fail as fail:
         return 0, op._replace(status=_refused(call, "query_size", fail))
     frames = len(table.gfns) if table is not None else 0
@@ -486,7 +482,7 @@ def setup_table(call: Call, op: Any) -> tuple[int, bytes]:
     """The frame list (xen_pfn_t each) follows the struct, in place of Xen's guest handle."""
     try:
         domain = _any_domain(call, op.dom)
-        table = domain.ext.get("grants")
+        table = domain.grant_table
         if table is None:
             raise _Fail(GntStatus.general_error, f"d{domain.domid} has no grant table: not built")
         if op.nr_frames > len(table.gfns):

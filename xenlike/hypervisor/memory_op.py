@@ -106,7 +106,7 @@ class Reservation:
 
 def reservation(domain: Any) -> Reservation | None:
     """The domain's reservation, from its build on; None without usable memory."""
-    state = domain.ext.get("reservation")
+    state = domain.reservation
     if state is None:
         memory = domain.memory
         if memory is None or memory.closed or domain.layout is None or domain.frames is None:
@@ -115,7 +115,7 @@ def reservation(domain: Any) -> Reservation | None:
         state = Reservation(memory, domain.frames, bytearray(b"\x01") * memory.nr_pages,
                             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
                             memory.nr_pages)
-        domain.ext["reservation"] = state
+        domain.reservation = state
     elif domain.memory is None or domain.memory.closed:
         return None
     return state
@@ -123,7 +123,7 @@ def reservation(domain: Any) -> Reservation | None:
 
 def tot_pages(domain: Any) -> int:
     """Frames the domain holds now (getdomaininfo's tot_pages)."""
-    state = domain.ext.get("reservation")
+    state = domain.reservation
     return state.tot_pages if state is not None else domain.nr_pages
 
 

@@ -230,7 +230,7 @@ class DeviceTrace:
 
     @classmethod
     def for_driver(cls, driver: Any) -> "DeviceTrace":
-        recorder = getattr(driver.ctx.domain, "ext", {}).get("trace")
+        recorder = getattr(driver.ctx.domain, "trace", None)
         device = driver.device
         return cls(recorder, device.type, device.devid, device.nodename, device.otherend_id,
                    backend=driver.role.name == "backend")

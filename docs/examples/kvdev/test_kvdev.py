@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kvdev import KvBackend
 from kvdev.protocol import KV_EINVAL, KV_ENOENT, KV_GET, KV_OKAY, KV_PUT, KV_RING
-from xenlike.testing import Topology, channel_pair, detached
+from xenlike.testing import RunningTopology, channel_pair, detached
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ async def test_the_back_end_stores_answers_and_refuses_bad_lengths(nursery) -> N
 
 def test_the_tutorial_topology_runs(tmp_path: Path) -> None:
     topology = (EXAMPLES / "kvdev.toml").read_text()
-    with Topology(topology, tmp_path, pythonpath=[EXAMPLES]) as topo:
+    with RunningTopology(topology, tmp_path, pythonpath=[EXAMPLES]) as topo:
         console = topo.wait_for_console("client", "get key7 -> None")
         assert "get greeting -> hello from client" in console
         assert "get key7 -> 49" in console and "delete key7 -> True" in console

@@ -2,7 +2,7 @@
 
 Dom0 boots with xenbr0 and every bridge its topology's vif lines name; the
 NIC (`[dom0] nic`) is xenbr0's uplink. Back ends reach the bridges through
-`domain.ext["net"].bridge(name)`.
+`domain.hardware.net.bridge(name)`.
 
 Capturing: each bridge listens on `<run-dir>/net/<bridge>.pcap.sock`; a
 client that connects gets a pcap stream (file header, then one record per
