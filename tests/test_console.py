@@ -3,7 +3,7 @@
 import trio
 
 from drivers.console import ConsoleBack, ConsoleFront, ConsoleWriter
-from drivers.console.back import RATE_LIMIT_ALLOWANCE, RATE_LIMIT_PERIOD
+from xenlike.logfile import RATE_LIMIT_ALLOWANCE, RATE_LIMIT_PERIOD
 from xenlike.testing import doorbell_pair
 
 

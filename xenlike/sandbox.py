@@ -21,7 +21,7 @@ not one line of the domain's own Python runs outside it:
   signals, rlimits or priorities for any process but itself, no chmod,
   chown or xattrs (Landlock leaves metadata alone), no io_uring (it would
   bypass the filter), no mount, bpf, perf, keyrings, modules, kexec;
-- core dumps off and the domain's own stdout file bounded (RLIMIT_FSIZE).
+- core dumps off.
 
 What the kernel lacks is skipped, never fatal; `Protections` records what
 is in force, read back from /proc/<pid>/status where the kernel reports it.
@@ -66,7 +66,6 @@ PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
-DOMAIN_OUTPUT_MAX = 4 << 20  # bytes a domain may write to its own stdout/stderr file
 
 
 def domain_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -505,7 +504,6 @@ class SandboxPolicy:
         """
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no-new-privs")
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (DOMAIN_OUTPUT_MAX, DOMAIN_OUTPUT_MAX))
         if self.landlock_abi:
             own = f"/proc/{os.getpid()}"  # its own /proc, which the interpreter reads
             _landlock(self.landlock_abi,
