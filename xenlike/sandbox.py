@@ -272,11 +272,20 @@ DENIED = (
     "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
     "setxattrat", "removexattrat", "utime", "utimes", "utimensat", "futimesat",
     "fork", "vfork", "uselib", "iopl", "ioperm", "modify_ldt",
+    # System V IPC and POSIX message queues: namespaces of their own, which
+    # Landlock does not cover and where uid 0 owns what other root processes made.
+    "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop",
+    "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
+    "mq_timedreceive", "mq_notify", "mq_getsetattr",
 )
 OWN_PID_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # first argument
 
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
+        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66,
+        "shmdt": 67, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "semtimedop": 220,
+        "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243,
+        "mq_notify": 244, "mq_getsetattr": 245,
         "socket": 41, "connect": 42, "accept": 43, "bind": 49, "listen": 50, "accept4": 288,
         "clone": 56, "fork": 57, "vfork": 58, "kill": 62, "chmod": 90, "fchmod": 91,
         "chown": 92, "fchown": 93, "lchown": 94, "ptrace": 101, "syslog": 103,
@@ -308,7 +317,11 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "get_robust_list": 100, "kexec_load": 104, "init_module": 105, "delete_module": 106,
         "syslog": 116, "ptrace": 117, "sched_setparam": 118, "sched_setscheduler": 119,
         "sched_setaffinity": 122, "kill": 129, "tkill": 130, "tgkill": 131,
-        "rt_sigqueueinfo": 138, "setpriority": 140, "reboot": 142, "socket": 198, "bind": 200,
+        "rt_sigqueueinfo": 138, "setpriority": 140, "reboot": 142, "mq_open": 180,
+        "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
+        "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189,
+        "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193, "shmget": 194,
+        "shmctl": 195, "shmat": 196, "shmdt": 197, "socket": 198, "bind": 200,
         "listen": 201, "accept": 202, "connect": 203, "add_key": 217, "request_key": 218,
         "keyctl": 219, "clone": 220, "swapon": 224, "swapoff": 225, "migrate_pages": 238,
         "move_pages": 239, "rt_tgsigqueueinfo": 240, "perf_event_open": 241, "accept4": 242,
