@@ -8,8 +8,9 @@ not one line of the domain's own Python runs outside it:
 - no-new-privs, so nothing it executes gains a privilege;
 - every capability dropped, the bounding set too (a root domain stays
   uid 0 but holds no CAP_*, so file permissions bind it as any owner);
-- Landlock: read and execute the Python installation, the import path and
-  the few system files the interpreter needs, write nothing but /dev/null;
+- Landlock: read and execute the Python installation, what import can load
+  from sys.path and the few system files the interpreter needs, write
+  nothing but /dev/null;
   the run directory (hypervisor.sock, xenstored's socket, the images, the
   logs) is carved out even when an import path contains it; no TCP bind or
   connect; abstract Unix sockets and signals scoped to the domain itself.
@@ -20,8 +21,9 @@ not one line of the domain's own Python runs outside it:
   through), no ptrace or process_vm_*, no new processes or namespaces, no
   signals, rlimits or priorities for any process but itself, no chmod,
   chown or xattrs (Landlock leaves metadata alone), no io_uring (it would
-  bypass the filter), no mount, bpf, perf, keyrings, modules, kexec;
-- core dumps off.
+  bypass the filter), no System V IPC or POSIX message queues, no mount,
+  bpf, perf, keyrings, modules, kexec;
+- core dumps off, and an environment without the run directory in it.
 
 What the kernel lacks is skipped, never fatal; `Protections` records what
 is in force, read back from /proc/<pid>/status where the kernel reports it.
@@ -65,7 +67,6 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
 
 
 def domain_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -115,7 +116,6 @@ SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
 SCOPE_SIGNAL = 1 << 1
 
 READ_TREE = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-READ_FILE = FS_EXECUTE | FS_READ_FILE
 SYSTEM_FILES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
                 "/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom")
 

@@ -49,10 +49,10 @@ from xenlike.hypercall import (
     fds_ancillary,
 )
 from xenlike._process import ChildProcess
-from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
+from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 
 __all__ = ["Connection", "Domain", "DomainState", "Hypervisor", "HypercallListener"]
 
