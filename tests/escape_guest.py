@@ -4,8 +4,9 @@ It waits for `data/targets` in its XenStore home (JSON the test writes once
 the topology is up: host paths, ports, Dom0's pid), tries each escape, and
 prints one line per attempt on its console:
 `escape NAME: denied EPERM` (or EACCES), `escape NAME: ESCAPED ...` when the
-attempt worked, or `escape NAME: failed ...` for any other error. Then
-`escape attempts done`, and it idles, so the test can see it still runs.
+attempt worked, or `escape NAME: failed ...` for any other error; and
+whether its environment names the run directory. Then `escape attempts
+done`, and it idles, so the test can see it still runs.
 """
 
 import ctypes
@@ -143,5 +144,7 @@ async def escape(guest: Any) -> None:
                     pass
     for name, attempt in attempts(targets).items():
         print(f"escape {name}: {outcome(attempt)}")
+    told = [key for key, value in os.environ.items() if targets["run_dir"] in value]
+    print(f"environment names the run directory: {told or 'no'}")
     print("escape attempts done")
     await trio.sleep_forever()

@@ -125,6 +125,7 @@ def test_every_escape_fails_and_the_topology_keeps_running(
         escaped = {name: what for name, what in outcomes.items()
                    if not what.startswith("denied ")}
         assert not escaped, escaped
+        assert "environment names the run directory: no" in console
 
         # The topology runs on: the guest too, and every device stays Connected.
         assert {d["name"] for d in topo.domains()} == {"Domain-0", "victim", "hostile"}
