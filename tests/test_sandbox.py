@@ -33,7 +33,7 @@ from xenlike.sandbox import (
     logged_protections,
     seccomp_filter,
 )
-from tests.test_hypervisor import wait_for_shutdown
+from tests.test_hypervisor import wait_for_log, wait_for_shutdown
 from xenlike.abi.sched import ShutdownReason
 from xenlike.hypervisor import Hypervisor
 from xenlike.testing import Topology
@@ -274,6 +274,21 @@ async def test_a_domain_the_kernel_will_not_confine_is_never_started(
     assert f"(d{domid}) could not start its process" in log, log
     assert "hello from" not in log
     assert await healthy_dom0(xc)
+
+
+async def test_what_the_kernel_lacks_is_skipped_and_said(hv: Hypervisor,
+                                                         xc: XenControl) -> None:
+    """As on a kernel without Landlock or seccomp: the domain boots, confined by
+    what remains, and dmesg says which; and it is not dumpable."""
+    hv._sandbox = attrs.evolve(hv.sandbox, landlock_abi=0, seccomp_machine=None)
+    domid = await xc.create_domain("tests.kernels:dumpable", memory_mb=4)
+    await xc.unpause(domid)
+    log = await wait_for_log(xc, f"(d{domid}) dumpable=")
+    assert f"(d{domid}) dumpable=0" in log
+    said = logged_protections(log)[domid]
+    assert said == attrs.evolve(hv.sandbox.expected(), landlock_abi=0, seccomp=False)
+    assert said.no_new_privs and "landlock" not in str(said) and "seccomp" not in str(said)
+    assert await wait_for_shutdown(xc, domid) == ShutdownReason.poweroff
 
 
 async def healthy_dom0(xc: XenControl) -> bool:
