@@ -107,3 +107,6 @@ def test_a_rotating_log_keeps_one_generation_and_its_bound(tmp_path: Path) -> No
     reopened.write(b"y")
     reopened.close()
     assert Path(f"{path}.1").read_bytes() == b"x" * 100 and path.read_bytes() == b"y"
+    path.unlink()  # a new run: the older generation goes with it
+    RotatingLog(path, 100).close()
+    assert not Path(f"{path}.1").exists() and path.read_bytes() == b""

@@ -79,11 +79,18 @@ class ReadThrottle:
 
 
 class RotatingLog:
-    """An append-only log file that rotates to `<path>.1` at `max_bytes`."""
+    """An append-only log file that rotates to `<path>.1` at `max_bytes`.
+
+    The `.1` generation belongs to the file beside it: a log that starts a
+    new file (its old one removed, as `xenlike up` clears the run
+    directory's logs) removes a `.1` left from before.
+    """
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        if not self.path.exists():
+            Path(f"{self.path}.1").unlink(missing_ok=True)
         self._file: BinaryIO = self.path.open("ab", buffering=0)
         self._size = self._file.tell()
 
