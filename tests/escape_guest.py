@@ -4,8 +4,9 @@ It waits for `data/targets` in its XenStore home (JSON the test writes once
 the topology is up: host paths, ports, Dom0's pid), tries each escape, and
 prints one line per attempt on its console:
 `escape NAME: denied EPERM` (or EACCES), `escape NAME: ESCAPED ...` when the
-attempt worked, or `escape NAME: failed ...` for any other error. Then
-`escape attempts done`, and it idles, so the test can see it still runs.
+attempt worked, or `escape NAME: failed ...` for any other error; and
+whether its environment names the run directory. Then `escape attempts
+done`, and it idles, so the test can see it still runs.
 """
 
 import ctypes
@@ -25,6 +26,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 CLONE_NEWUSER = 0x10000000
 PTRACE_ATTACH = 16
+IPC_PRIVATE = 0
 SYS = {"x86_64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 310},
        "aarch64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 270},
        }[os.uname().machine]
@@ -126,6 +128,7 @@ def attempts(targets: dict[str, Any]) -> dict[str, Callable[[], object]]:
         "fork": lambda: os.fork(),
         "io_uring": lambda: _raw(_libc.syscall(SYS["io_uring_setup"], 8,
                                                ctypes.create_string_buffer(120))),
+        "System V shared memory": lambda: _raw(_libc.shmget(IPC_PRIVATE, 4096, 0o1600)),
     }
 
 
@@ -141,5 +144,7 @@ async def escape(guest: Any) -> None:
                     pass
     for name, attempt in attempts(targets).items():
         print(f"escape {name}: {outcome(attempt)}")
+    told = [key for key, value in os.environ.items() if targets["run_dir"] in value]
+    print(f"environment names the run directory: {told or 'no'}")
     print("escape attempts done")
     await trio.sleep_forever()

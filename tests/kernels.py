@@ -33,6 +33,15 @@ async def hello(domain: Domain) -> None:
     await domain.console_write(f"hello from d{domain.domid}, {domain.start_info.nr_pages} pages")
 
 
+async def dumpable(domain: Domain) -> None:
+    """Report PR_GET_DUMPABLE: every domain process turns it off as it boots."""
+    import ctypes
+
+    pr_get_dumpable = 3
+    value = ctypes.CDLL(None).prctl(pr_get_dumpable, 0, 0, 0, 0)
+    await domain.console_write(f"dumpable={value}")
+
+
 async def crash(domain: Domain) -> None:
     raise RuntimeError("this kernel crashes on purpose")
 

@@ -4,7 +4,7 @@ import trio
 import trio.testing
 
 from drivers.console import ConsoleBack, ConsoleFront, ConsoleWriter
-from drivers.console.back import RATE_LIMIT_ALLOWANCE, RATE_LIMIT_PERIOD
+from xenlike.logfile import RATE_LIMIT_ALLOWANCE, RATE_LIMIT_PERIOD
 from xenlike.testing import doorbell_pair
 
 

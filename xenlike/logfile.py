@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 import attrs
+import trio
 
-__all__ = ["PrintkRatelimit", "RotatingLog"]
+__all__ = ["PrintkRatelimit", "ReadThrottle", "RotatingLog"]
 
 # xen/drivers/char/console.c: printk_ratelimit_ms and printk_ratelimit_burst.
 PRINTK_RATELIMIT_MS = 5 * 1000
 PRINTK_RATELIMIT_BURST = 10
+# tools/console/daemon/io.c: xenconsoled handles 30 events of a domain per 200 ms.
+RATE_LIMIT_ALLOWANCE = 30
+RATE_LIMIT_PERIOD = 0.2  # seconds
 
 
 @attrs.define
@@ -51,12 +55,42 @@ class PrintkRatelimit:
         return None
 
 
+class ReadThrottle:
+    """xenconsoled's throttle on a domain's output: `allowance` reads per `period`
+    seconds; past that the reader leaves the domain alone until the period ends,
+    and the guest's output waits on its side (a ring, a pipe)."""
+
+    def __init__(self, allowance: int = RATE_LIMIT_ALLOWANCE,
+                 period: float = RATE_LIMIT_PERIOD) -> None:
+        self.allowance = allowance
+        self.period = period
+        self._period_end = trio.current_time() + period
+        self._reads = 0
+
+    async def read(self) -> None:
+        """Count one read; sleep out the period once the allowance is spent."""
+        self._reads += 1
+        now = trio.current_time()
+        if now >= self._period_end:
+            self._period_end, self._reads = now + self.period, 0
+        elif self._reads >= self.allowance:
+            await trio.sleep_until(self._period_end)
+            self._period_end, self._reads = trio.current_time() + self.period, 0
+
+
 class RotatingLog:
-    """An append-only log file that rotates to `<path>.1` at `max_bytes`."""
+    """An append-only log file that rotates to `<path>.1` at `max_bytes`.
+
+    The `.1` generation belongs to the file beside it: a log that starts a
+    new file (its old one removed, as `xenlike up` clears the run
+    directory's logs) removes a `.1` left from before.
+    """
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        if not self.path.exists():
+            Path(f"{self.path}.1").unlink(missing_ok=True)
         self._file: BinaryIO = self.path.open("ab", buffering=0)
         self._size = self._file.tell()
 

@@ -29,8 +29,8 @@ from xenlike.domain.grant_table import GrantTable
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.frames import receive_frames
 from xenlike.hypercall import Reply
-from xenlike.sandbox import set_not_dumpable
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
+from xenlike.sandbox import set_not_dumpable
 from xenlike.trace import TraceBuffer, fast_path_recorder
 from xenlike.trace.events import EventRecorder
 

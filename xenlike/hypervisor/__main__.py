@@ -14,8 +14,8 @@ from pathlib import Path
 import trio
 
 from xenlike.hypervisor import Hypervisor
-from xenlike.sandbox import set_not_dumpable
 from xenlike.rundir import RunDir, RunDirBusy
+from xenlike.sandbox import set_not_dumpable
 
 parser = argparse.ArgumentParser(prog="python -m xenlike.hypervisor", description=__doc__)
 parser.add_argument("--run-dir", type=Path, required=True)

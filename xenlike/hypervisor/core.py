@@ -54,10 +54,10 @@ from xenlike.hypervisor.evtchn import EvtchnTable
 from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.grant_table import HypervisorGrantTable, Maptrack
 from xenlike.hypervisor.memory_op import Reservation
-from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.hypervisor.table import HYPERCALLS, Call
-from xenlike.logfile import PrintkRatelimit, RotatingLog
+from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
 from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
+from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.trace.hypervisor import HypervisorTrace
 
 __all__ = ["DomainState", "HypercallConnection", "HypercallListener", "Hypervisor",
@@ -71,6 +71,8 @@ SHUTDOWN_GRACE = 2.0  # seconds a shut-down domain gets to exit before SIGKILL
 NOTIFY_BACKLOG = 1024  # notifications queued for a domain that does not read its socket
 LOG_LINES = 4096  # lines of hypervisor log kept for `dmesg`
 LOG_FILE_MAX = 4 << 20  # bytes of hypervisor.log before it rotates to hypervisor.log.1
+OUTPUT_LOG_MAX = 1 << 20  # bytes of a DomU's stdout/stderr log (domains/<id>.log) per generation
+OUTPUT_READ = 4096  # bytes read from a DomU's output pipe at a time
 
 
 class DomainState(enum.Enum):
@@ -457,24 +459,33 @@ class Hypervisor:
         trace_fd = self.trace.domain_buffer(domain).fd
         argv += ["--trace-fd", str(trace_fd)]
         policy = None if domain.privileged else self.sandbox
-        with log_path.open("ab") as log:
-            try:
-                domain.process = ChildProcess(
-                    argv, setup=policy.enter if policy is not None else None,
-                    env=domain_environment(dict(os.environ)) if policy is not None else None,
-                    pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True)
-            except (OSError, subprocess.SubprocessError) as exc:
-                ours.close()
-                self.log(domain, f"could not start its process: {exc}")
-                self.shutdown(domain, ShutdownReason.crash)
-                return
-            finally:
-                theirs.close()
-                if frames.domain_end is not None:  # the child has its own copy now
-                    frames.domain_end.close()
-                    frames.domain_end = None
+        if policy is None:  # Dom0 is trusted with a file of its own
+            output, reader = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
+        else:
+            reader, output = os.pipe()
+        try:
+            domain.process = ChildProcess(
+                argv, setup=policy.enter if policy is not None else None,
+                env=domain_environment(dict(os.environ)) if policy is not None else None,
+                pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            ours.close()
+            if reader is not None:
+                os.close(reader)
+            self.log(domain, f"could not start its process: {exc}")
+            self.shutdown(domain, ShutdownReason.crash)
+            return
+        finally:
+            theirs.close()
+            os.close(output)
+            if frames.domain_end is not None:  # the child has its own copy now
+                frames.domain_end.close()
+                frames.domain_end = None
+        if reader is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._keep_output, reader, log_path)
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
         domain.sandbox = (Protections(privileged=True) if policy is None
                           else domain_protections(domain.process.pid, policy.landlock_abi)
@@ -507,6 +518,22 @@ class Hypervisor:
                 await trio.lowlevel.wait_readable(frames.channel)
         except (trio.ClosedResourceError, OSError):  # torn down under us
             return
+
+    async def _keep_output(self, reader: int, path: Path) -> None:
+        """A DomU's stdout and stderr, from its pipe into a log that rotates, read no
+        faster than xenconsoled reads a console: a guest that floods them waits on
+        its own pipe, and costs the host bounded disk and CPU."""
+        log = RotatingLog(path, OUTPUT_LOG_MAX)
+        throttle = ReadThrottle()
+        try:
+            async with trio.lowlevel.FdStream(reader) as stream:
+                while data := await stream.receive_some(OUTPUT_READ):
+                    log.write(data)
+                    await throttle.read()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            log.close()
 
     async def _accept_control(self, listener: trio.socket.SocketType,
                               dom0: HypervisorDomain) -> None:
