@@ -1,5 +1,9 @@
 """The hypervisor with real domain processes, driven through the control socket."""
 
+import re
+import resource
+from pathlib import Path
+
 import pytest
 import trio
 
@@ -7,6 +11,7 @@ from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
 from xenlike.abi.sched import ShutdownReason
 from xenlike.hypercall import HypercallError
+from xenlike.hypervisor import Hypervisor
 from xenlike.xc import XenControl
 
 
@@ -77,3 +82,19 @@ async def test_list_and_physinfo(xc: XenControl) -> None:
     assert physinfo.nr_cpus >= 1 and physinfo.total_pages > 0
     await xc.destroy(domid)
     assert [d.domain for d in await xc.list_domains()] == [0]
+
+
+async def test_the_hypervisor_takes_the_fds_it_holds_and_domains_keep_the_usual_limit(
+        hv: Hypervisor, xc: XenControl) -> None:
+    """A file per granted frame of every domain is held in the hypervisor, so it takes
+    all the kernel allows (as root); a domain's process gets the limit it started with."""
+    domid = await xc.create_domain("tests.kernels:sleeper", memory_mb=4)
+    await xc.unpause(domid)
+    await wait_for_log(xc, f"(d{domid}) sleeping")
+    pid = hv.domains[domid].process.pid
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    started = hv._child_nofile
+    assert re.search(rf"Max open files\s+{started[1]}\s+{started[1]}", limits), limits
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft == hard >= started[1]  # all it may: up to fs.nr_open with CAP_SYS_RESOURCE
+    await xc.destroy(domid)

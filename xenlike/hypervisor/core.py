@@ -13,6 +13,7 @@ hypervisor keeps serving everyone else.
 """
 
 import enum
+import functools
 import os
 import resource
 import signal
@@ -193,6 +194,7 @@ class Hypervisor:
         self.started_at = time.monotonic()
         self._next_domid = 1
         self._nursery: trio.Nursery | None = None
+        self._child_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)  # see _raise_fd_limit
         self._log_file: RotatingLog | None = None
         self._sandbox: SandboxPolicy | None = None
         self.on_domain_exit: list[Callable[[HypervisorDomain], None]] = []
@@ -204,9 +206,7 @@ class Hypervisor:
     async def serve(self, *, dom0_kernel: str | None = None, dom0_cmdline: str = "",
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Create Dom0, open the control socket, and serve until cancelled."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:  # an eventfd for every port of every domain is held here
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self._child_nofile = _raise_fd_limit()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "domains").mkdir(exist_ok=True)
         self._log_file = RotatingLog(self.log_path, LOG_FILE_MAX)
@@ -465,7 +465,7 @@ class Hypervisor:
             reader, output = os.pipe()
         try:
             domain.process = ChildProcess(
-                argv, setup=policy.enter if policy is not None else None,
+                argv, setup=functools.partial(self._enter_child, policy),
                 env=domain_environment(dict(os.environ)) if policy is not None else None,
                 pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
@@ -518,6 +518,13 @@ class Hypervisor:
                 await trio.lowlevel.wait_readable(frames.channel)
         except (trio.ClosedResourceError, OSError):  # torn down under us
             return
+
+    def _enter_child(self, policy: SandboxPolicy | None) -> None:
+        """In the child, before exec: the fd limit the hypervisor started with (it took
+        more for itself), then the sandbox for a DomU."""
+        resource.setrlimit(resource.RLIMIT_NOFILE, self._child_nofile)
+        if policy is not None:
+            policy.enter()
 
     async def _keep_output(self, reader: int, path: Path) -> None:
         """A DomU's stdout and stderr, from its pipe into a log that rotates, read no
@@ -660,6 +667,19 @@ class Hypervisor:
                 self.log(None, f"trace listener {listener!r} dropped:\n{traceback.format_exc()}")
         fds = tuple(call.fds) if call is not None and result >= 0 else ()
         return Reply(seq, MessageKind.reply, result, payload, fds)
+
+
+def _raise_fd_limit() -> tuple[int, int]:
+    """Take every fd RLIMIT_NOFILE allows (with CAP_SYS_RESOURCE, all the kernel does:
+    an eventfd for every port and a file for every granted frame of every domain
+    are held here); return the limit as it was, for the domains' processes."""
+    was = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        most = int(Path("/proc/sys/fs/nr_open").read_text())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+    except (OSError, ValueError):  # without CAP_SYS_RESOURCE the hard limit is the ceiling
+        resource.setrlimit(resource.RLIMIT_NOFILE, (was[1], was[1]))
+    return was
 
 
 def _reason_name(reason: int) -> str:
