@@ -55,7 +55,7 @@ class Codec:
     name: str
     size: int
     format: struct.Struct
-    record: type
+    record: Any  # a namedtuple type made at definition time
     pack_into: Callable[[Any, int, Any], None]
     unpack_from: Callable[[Any, int], Any]
     layout: construct.Construct
@@ -209,9 +209,8 @@ class _Generator:
         """
         if id(layout) not in self._records:
             type_name = re.sub(r"\[\d+\]", "", name).replace(".", "_")
-            record = namedtuple(type_name, fields, defaults=defaults)  # type: ignore[misc]
-            if lazy:
-                record = type(type_name, (record,), {
+            plain: Any = namedtuple(type_name, fields, defaults=defaults)  # type: ignore[misc]
+            record = plain if not lazy else type(type_name, (plain,), {
                     "__slots__": (),
                     **{fields[i]: _array_property(i, array_type) for i, array_type in lazy.items()},
                     "__repr__": _lazy_repr,
@@ -264,7 +263,7 @@ class _Generator:
             raise LayoutError(f"{name}: arrays hold scalars or flat structs only")
         if isinstance(con.subcon, construct.Struct):
             item = compile_struct(con.subcon, re.sub(r"\[\d+\]", "", name).replace(".", "_"))
-            array_type = type(f"{item.record.__name__}_array", (RecordArray,), {
+            array_type: Any = type(f"{item.record.__name__}_array", (RecordArray,), {
                 "__slots__": (), "_item": item, "_count": count, "_size": item.size,
                 "_make": functools.partial(tuple.__new__, item.record),
                 "_iter": item.format.iter_unpack, "_unpack": item.format.unpack_from})

@@ -32,7 +32,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -308,10 +308,12 @@ def detached(driver_class: type[T], device_type: str | None = None) -> T:
 
     from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 
-    name = device_type or getattr(driver_class, "device_type", "test")
-    nothing = XenbusContext(domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()),
-                            xs=None, nursery=None)
-    return driver_class(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
+    name = str(device_type or getattr(driver_class, "device_type", "test"))
+    nothing: Any = XenbusContext(domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()),
+                                 xs=None, nursery=None)  # type: ignore[arg-type]
+    make: Any = driver_class
+    driver: T = make(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
+    return driver
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the condition") -> T:
@@ -335,7 +337,7 @@ class RunningTopology:
     """
 
     def __init__(self, toml: str | None, directory: Path, *, timeout: float = 60.0,
-                 pythonpath: list[Path] = ()) -> None:
+                 pythonpath: Sequence[Path] = ()) -> None:
         self.directory = Path(directory)
         self.pythonpath = [str(Path(p).resolve()) for p in pythonpath]
         self.run_dir = self.directory / "run"
@@ -370,8 +372,10 @@ class RunningTopology:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_for_console(self, name: str, text: str, timeout: float = 30.0) -> str:
-        return wait_for(lambda: text in (console := self.console(name)) and console, timeout,
-                        f"{text!r} on {name}'s console")
+        def seen() -> str:
+            console = self.console(name)
+            return console if text in console else ""
+        return wait_for(seen, timeout, f"{text!r} on {name}'s console")
 
     def xenstore(self, *args: str) -> str:
         return self.xenlike("xenstore", *args).stdout.rstrip("\n")

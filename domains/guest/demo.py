@@ -31,6 +31,9 @@ async def network_demo(guest: Guest) -> None:
     exchange a UDP message with it; the echo service prints what it receives."""
     iface = guest.net()
     print(f"[{guest.name}] eth0 {iface.mac.hex(':')} {iface.address}")
+    if iface.address is None:
+        print(f"[{guest.name}] eth0 has no address: its vif line names no ip=")
+        return
     guest.domain.nursery.start_soon(_echo_service, guest, iface.udp(ECHO_PORT))
     broadcast = str(iface.address.network.broadcast_address)
     with iface.udp() as probe:

@@ -114,9 +114,9 @@ EARLY_ANSWER_SECTORS = 512  # 256 KiB
 PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
-_COUNTERS = {READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"),  # kind: what it counts
-             FLUSH: ("f_req", "wr_sect"), BARRIER: ("f_req", "wr_sect"),
-             DISCARD: ("ds_req", "ds_sect")}
+_COUNTERS: dict[int, tuple[str, str]] = {  # kind: the counters it adds to
+    READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"), FLUSH: ("f_req", "wr_sect"),
+    BARRIER: ("f_req", "wr_sect"), DISCARD: ("ds_req", "ds_sect")}
 
 
 class BlockDevice(Protocol):
@@ -725,14 +725,16 @@ class BlkBack(Backend):
 
     def _withdraw(self, kind: int) -> None:
         """The disk cannot do `kind` after all: stop offering it (as blkback does)."""
-        key = {FLUSH: "feature-flush-cache", BARRIER: "feature-barrier",
-               DISCARD: "feature-discard"}[kind]
+        features: dict[int, str] = {FLUSH: "feature-flush-cache", BARRIER: "feature-barrier",
+                                    DISCARD: "feature-discard"}
+        key = features[kind]
         if kind == DISCARD:
             self.discard_enabled = False
             self.limits = attrs.evolve(self.limits, discard=False)
         self.log.warning("%s: the disk does not support %s; withdrawing %s",
                          self.device.nodename, BlkifOp(kind).name, key)
-        self.ctx.nursery.start_soon(self.publish, {key: 0})
+        withdrawn: dict[str, str | int] = {key: 0}
+        self.ctx.nursery.start_soon(self.publish, withdrawn)
 
 
 def _segment_list(pages: dict[int, memoryview], grefs: Any, nr_segments: int) -> bytes:

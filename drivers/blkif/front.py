@@ -583,7 +583,7 @@ class BlkFront(Frontend):
                     elif op == READ and data is not None:  # None: read into a disk buffer
                         if buffer is None:
                             results.append(bytes(data))
-                        else:
+                        elif isinstance(buffer, memoryview):
                             buffer[:] = data
             finally:
                 self._give_back(round_)
@@ -636,7 +636,7 @@ class BlkFront(Frontend):
         requests = []
         first = 0
         for (sector, count, data), size in zip(items, sizes):
-            if type(data) is _BufferPages:  # its data is there; any indirect pages are here
+            if isinstance(data, _BufferPages):  # its data is there; any indirect pages are here
                 round_.data.append(None)
                 own, at = data
                 pages, partial = divmod(count, SECTORS_PER_PAGE)

@@ -99,7 +99,8 @@ def _union() -> Codec:
 
     packers = {RW.record: RW.pack_into, DISCARD.record: short(DISCARD),
                INDIRECT.record: short(INDIRECT)}
-    decoders = {BlkifOp.DISCARD: DISCARD.unpack_from, BlkifOp.INDIRECT: INDIRECT.unpack_from}
+    decoders: dict[int, Callable[[Any, int], Any]] = {
+        BlkifOp.DISCARD: DISCARD.unpack_from, BlkifOp.INDIRECT: INDIRECT.unpack_from}
     rw_pack, rw_unpack = RW.pack_into, RW.unpack_from
 
     def pack_into(buf: Any, offset: int, value: Any) -> None:
@@ -147,7 +148,8 @@ _SEG_INDEX = RW.record._fields.index("seg")
 def raw_segments(request: Any) -> bytes:
     """seg[] of a blkif_request decoded off the ring, as its bytes: the codec keeps
     a record array undecoded until read, so this costs no element records."""
-    return request[_SEG_INDEX]  # type: ignore[no-any-return]
+    raw: bytes = request[_SEG_INDEX]
+    return raw
 
 
 def indirect_pages(nr_segments: int) -> int:

@@ -13,7 +13,7 @@ handler runs, and turns any exception a handler raises into an error for
 that call alone.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -109,7 +109,7 @@ class HypercallTable:
         except KeyError:
             raise HypercallError(Errno.ENOSYS, f"no hypercall {op}/{cmd}") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Entry]:
         return iter(sorted(self._entries.values(), key=lambda e: (e.op, e.cmd)))
 
 
