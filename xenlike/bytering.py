@@ -12,7 +12,9 @@ the other side are checked: a producer more than a ring ahead of the
 consumer is a protocol error (`RingOverflow`), never a read past the array.
 """
 
-from typing import Protocol
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -22,7 +24,10 @@ from xenlike.abi._layout import offsetof
 from xenlike.abi.xs_wire import xenstore_domain_interface
 from xenlike.ring import RingOverflow, mb, rmb, wmb
 
-__all__ = ["ByteRing", "ByteRingLayout", "ByteRingStream", "CONSOLE", "Doorbell", "XENSTORE"]
+if TYPE_CHECKING:
+    from xenlike.domain.evtchn import Doorbell
+
+__all__ = ["ByteRing", "ByteRingLayout", "ByteRingStream", "CONSOLE", "XENSTORE"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -127,14 +132,6 @@ class ByteRing:
         mb()
         self._set_index(layout.cons, cons + count)
         return out
-
-
-class Doorbell(Protocol):
-    """An event channel port, as far as a byte ring needs one."""
-
-    def notify(self) -> None: ...
-
-    async def wait(self) -> int: ...
 
 
 class ByteRingStream(trio.abc.Stream):

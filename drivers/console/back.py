@@ -5,7 +5,7 @@ from collections.abc import Callable
 import trio
 
 from drivers.console.protocol import backend_stream
-from xenlike.bytering import Doorbell
+from xenlike.domain.evtchn import Doorbell
 from xenlike.logfile import ReadThrottle
 
 __all__ = ["ConsoleBack"]

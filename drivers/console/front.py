@@ -11,7 +11,7 @@ import io
 import trio
 
 from drivers.console.protocol import guest_stream
-from xenlike.bytering import Doorbell
+from xenlike.domain.evtchn import Doorbell
 
 __all__ = ["ConsoleFront", "ConsoleWriter"]
 

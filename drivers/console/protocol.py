@@ -5,7 +5,8 @@ keystrokes to the guest (1024 bytes); one event channel serves both.
 """
 
 from xenlike.abi.console import xencons_interface
-from xenlike.bytering import CONSOLE, ByteRing, ByteRingStream, Doorbell
+from xenlike.bytering import CONSOLE, ByteRing, ByteRingStream
+from xenlike.domain.evtchn import Doorbell
 
 __all__ = ["backend_stream", "guest_stream", "xencons_interface"]
 

@@ -14,7 +14,7 @@ is unmasked.
 import os
 import select
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -33,7 +33,7 @@ from xenlike.codec import compile_struct
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import HypercallError, Notification, Reply
 
-__all__ = ["EventChannels", "Port", "PortClosed"]
+__all__ = ["Doorbell", "EventChannels", "Port", "PortClosed"]
 
 EVTCHN_OP = Hypercall.event_channel_op
 ALLOC_UNBOUND = compile_struct(evtchn_alloc_unbound, "evtchn_alloc_unbound")
@@ -43,6 +43,16 @@ CLOSE = compile_struct(evtchn_close, "evtchn_close")
 SEND = compile_struct(evtchn_send, "evtchn_send")
 STATUS = compile_struct(evtchn_status, "evtchn_status")
 UNMASK = compile_struct(evtchn_unmask, "evtchn_unmask")
+
+
+class Doorbell(Protocol):
+    """An event channel port, as far as a data path needs one: every ring channel
+    and byte ring takes one. `Port` is one; `xenlike.testing.CrossedDoorbell`
+    is another, for tests without a hypervisor."""
+
+    def notify(self) -> None: ...
+
+    async def wait(self) -> int: ...
 
 
 class PortClosed(trio.ClosedResourceError):

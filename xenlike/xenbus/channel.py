@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from xenlike.bytering import Doorbell
+from xenlike.domain.evtchn import Doorbell
 from xenlike.ring import BackRing, FrontRing, RingOverflow
 
 __all__ = ["BackChannel", "ChannelBroken", "Disconnected", "FrontChannel", "RingGroup",
