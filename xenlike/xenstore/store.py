@@ -120,6 +120,8 @@ _PERM_SIZE = 8
 _VALID_CHARS = re.compile(rb"[A-Za-z0-9/_@-]*")
 _LOCAL_DOMAIN = re.compile(r"/local/domain/\d{1,5}/")  # sscanf "%5u/"
 
+_VALID_PATHS_KEPT = 4096  # at most this many remembered paths,
+_VALID_PATH_KEPT_LENGTH = 256  # each this long at most: a bounded cost
 _INTRODUCE_DOMAIN = "@introduceDomain"
 _RELEASE_DOMAIN = "@releaseDomain"
 
@@ -199,6 +201,14 @@ class Node:
     @property
     def owner(self) -> int:
         return self.perms[0].domid
+
+    def listing(self) -> bytes:
+        """The children's names, each NUL-terminated: XS_DIRECTORY's reply."""
+        return "\0".join(self.children).encode() + b"\0" if self.children else b""
+
+    def changed(self, generation: int) -> "Node":
+        """This node as a change stores it: the same content, a new generation."""
+        return Node(self.value, self.perms, self.children, generation)
 
     def size(self) -> int:
         """The size xenstored checks against the node-size quota (and counts as memory)."""
@@ -393,6 +403,7 @@ class Store:
         self._watch_index: dict[str, list[_Watch]] = {}
         self._watch_seq = 0
         self._targets: dict[int, int] = {}  # XS_SET_TARGET: domid -> target domid
+        self._valid_paths: dict[bytes, str] = {}  # absolute paths _canonical() accepted
         dom0_none = (Permission(0, XS_PERM_NONE),)
         # setup_structure(): what a fresh xenstored holds.
         for path, children in [
@@ -501,7 +512,7 @@ class Store:
     def _put(self, tx: _Transaction | None, path: str, node: Node | None) -> None:
         """Store (or, with None, remove) a node; a change takes a new generation."""
         if node is not None:
-            node = attrs.evolve(node, generation=self._next_generation())
+            node = node.changed(self._next_generation())
         if tx is None:
             old = self._nodes.get(path)
             if old is not None and old.owner:
@@ -555,7 +566,15 @@ class Store:
     # -- paths and permissions --------------------------------------------
 
     def _canonical(self, conn: _Connection, raw: bytes) -> str:
-        """canonicalize(): validate a path and make it absolute, or EINVAL."""
+        """canonicalize(): validate a path and make it absolute, or EINVAL.
+
+        Short absolute paths that passed are remembered: the same few paths come
+        back all the time, and checking them again was a fair part of a
+        request's cost.
+        """
+        path = self._valid_paths.get(raw)
+        if path is not None:
+            return path
         if not _VALID_CHARS.fullmatch(raw) or raw.startswith(b"@"):
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
         path = raw.decode("ascii")
@@ -565,6 +584,10 @@ class Store:
         length = len(path) - (local.end() if local else 0)
         if (path.endswith("/") and path != "/") or "//" in path or length > XENSTORE_REL_PATH_MAX:
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
+        if raw[:1] == b"/" and len(raw) <= _VALID_PATH_KEPT_LENGTH:
+            if len(self._valid_paths) >= _VALID_PATHS_KEPT:
+                self._valid_paths.clear()
+            self._valid_paths[raw] = path
         return path
 
     def _perm(self, conn: _Connection, perms: tuple[Permission, ...]) -> int:
@@ -804,7 +827,7 @@ class Store:
     def _do_directory(self, request: _Request) -> bytes:
         path = self._canonical(request.conn, _onearg(request.message.payload))
         node = self._get_node(request, path, XS_PERM_READ)
-        return join_strings(*(name.encode() for name in node.children))
+        return node.listing()
 
     def _do_directory_part(self, request: _Request) -> bytes:
         """send_directory_part(): children from a byte offset, with the node's generation."""
@@ -815,7 +838,7 @@ class Store:
         node = self._get_node(request, path, XS_PERM_READ)
         offset = _atoi(args[1]) & 0xFFFFFFFF  # an unsigned int
         gen = f"{node.generation}".encode() + b"\0"
-        children = join_strings(*(name.encode() for name in node.children))
+        children = node.listing()
         if offset >= len(children):
             return gen + b"\0"
         limit = XENSTORE_PAYLOAD_MAX - len(gen) - 1
@@ -845,7 +868,7 @@ class Store:
                 raise
             self._create(request, path, value)
         else:
-            changed = attrs.evolve(node, value=value)
+            changed = Node(value, node.perms, node.children, node.generation)
             self._check_size(request.conn, changed)
             self._check_memory(request, len(value) - len(node.value))
             self._put(request.tx, path, changed)
