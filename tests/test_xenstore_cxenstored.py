@@ -178,6 +178,30 @@ SCRIPTS = {
         Step(0, XS_TRANSACTION_END, z(b"T"), tx=4),
         Step(0, XS_GET_PERMS, z(b"/c")), Step(0, XS_DIRECTORY, z(b"/")),
     ],
+    "big directory": [
+        *(Step(i % 3, XS_WRITE, b"/d/" + b"n" * 140 + b"%d\0" % i) for i in range(32)),
+        Step(0, XS_DIRECTORY, z(b"/d")), Step(0, XS_DIRECTORY_PART, z(b"/d", b"0")),
+        Step(0, XS_DIRECTORY_PART, z(b"/d", b"3999")),
+        Step(0, XS_DIRECTORY_PART, z(b"/d", b"4000")),
+        Step(0, XS_DIRECTORY_PART, z(b"/d", b"4500")), Step(0, XS_DIRECTORY_PART, z(b"/d", b"70")),
+        Step(0, XS_WRITE, b"/big\0" + b"v" * 4090), Step(0, XS_READ, z(b"/big")),
+        Step(0, XS_WRITE, b"/big\0" + b"v" * 4092), Step(0, XS_READ, z(b"/big")),
+        Step(1, XS_WATCH, z(b"/d", b"w")), Step(0, XS_RM, z(b"/d")),
+    ],
+    "conflicts": [
+        Step(0, XS_WRITE, b"/k\0a"), Step(0, XS_TRANSACTION_START, b"\0"),
+        Step(1, XS_TRANSACTION_START, b"\0"), Step(0, XS_READ, z(b"/k"), tx=0),
+        Step(1, XS_READ, z(b"/k"), tx=0), Step(0, XS_WRITE, b"/k\0b", tx=0),
+        Step(1, XS_WRITE, b"/k\0c", tx=0), Step(2, XS_WATCH, z(b"/k", b"w")),
+        Step(0, XS_TRANSACTION_END, z(b"T"), tx=0), Step(1, XS_TRANSACTION_END, z(b"T"), tx=0),
+        Step(2, XS_READ, z(b"/k")), Step(1, XS_TRANSACTION_START, b"\0"),
+        Step(1, XS_READ, z(b"/missing"), tx=1), Step(0, XS_WRITE, b"/missing\0"),
+        Step(1, XS_WRITE, b"/other\0", tx=1), Step(1, XS_TRANSACTION_END, z(b"T"), tx=1),
+        Step(1, XS_TRANSACTION_START, b"\0"), Step(1, XS_RM, z(b"/k"), tx=2),
+        Step(1, XS_DIRECTORY, z(b"/"), tx=2), Step(1, XS_READ, z(b"/k"), tx=2),
+        Step(1, XS_TRANSACTION_END, z(b"T"), tx=2), Step(2, XS_READ, z(b"/k")),
+        Step(2, XS_UNWATCH, z(b"/k", b"w")), Step(2, XS_UNWATCH, z(b"/k", b"w")),
+    ],
 }
 
 
