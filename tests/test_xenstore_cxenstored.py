@@ -6,6 +6,10 @@ connections to each, and every reply and watch event must be equal. Socket
 clients are domain 0 in both, so guest-only rules (quotas) are checked by
 tests/test_xenstore_rules.py against xenstored's source instead.
 
+Guests too: cxenstored's guest is played on its ring page (a file the shim
+maps), xenlike's on its `Store` in this process; the scripts of
+`GUEST_SCRIPTS` reach the rules only guests meet (permissions, quotas).
+
 The differences docs/xenstore.md lists as deliberate are the only ones
 skipped: `DELIBERATE` holds them, and a test keeps the two lists equal.
 """
@@ -23,7 +27,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.cxenstored import Unavailable, running
-from tests.cxenstored.exchange import Daemon, Step, replay
+from tests.cxenstored.exchange import Daemon, Step, StoreDaemon, replay
+from xenlike.xenstore.store import Quotas
 from xenlike.abi.xs_wire import (
     XS_CONTROL,
     XS_DIRECTORY,
@@ -252,3 +257,131 @@ steps = st.builds(lambda conn, request, tx: Step(conn, *request, tx=tx),
 def test_generated_scripts_get_the_same_replies(daemons, script):
     assume(not deliberate(script))
     compare(daemons, script)
+
+
+# -- guests ---------------------------------------------------------------------------------
+
+GUESTS = (0, 5, 6)  # connection 0 is domain 0, 1 is domain 5, 2 is domain 6
+
+
+def guest_peers(quotas: Quotas, args: tuple[str, ...]) -> Iterator[tuple[StoreDaemon, Daemon]]:
+    with tempfile.TemporaryDirectory(prefix="cxs-rings") as ring_dir:
+        try:
+            peer = running(ring_dir=ring_dir, extra_args=args)
+            cxenstored = peer.__enter__()
+        except Unavailable as error:
+            pytest.skip(f"the real C xenstored cannot run here: {error}")
+        try:
+            yield StoreDaemon(quotas), Daemon(cxenstored.socket_path, ring_dir)
+            assert cxenstored.alive(), "cxenstored died"
+        finally:
+            peer.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def guest_daemons() -> Iterator[tuple[StoreDaemon, Daemon]]:
+    yield from guest_peers(Quotas(), ())
+
+
+@pytest.fixture(scope="module")
+def small_quota_daemons() -> Iterator[tuple[StoreDaemon, Daemon]]:
+    """Both with a node quota of 30 and a transaction-node quota of 8 (-E, -Q)."""
+    yield from guest_peers(Quotas(nodes=30, transaction_nodes=8),
+                           ("-E", "30", "-Q", "transaction-nodes=8"))
+
+
+def compare_guests(daemons: tuple[StoreDaemon, Daemon], steps: list[Step]) -> None:
+    ours, theirs = (replay(daemon, steps, GUESTS) for daemon in daemons)
+    for step, mine, real in zip(steps, ours, theirs, strict=True):
+        assert mine == real, f"{step}\n  xenlike:    {mine}\n  cxenstored: {real}"
+
+
+def home(domid: int) -> list[Step]:
+    """What the toolstack makes: a home the guest reads, a data directory it owns."""
+    path = b"/local/domain/%d" % domid
+    return [Step(0, XS_WRITE, path + b"/data\0"),
+            Step(0, XS_SET_PERMS, z(path, b"n0", b"r%d" % domid)),
+            Step(0, XS_SET_PERMS, z(path + b"/data", b"n%d" % domid))]
+
+
+HOMES = [*home(5), *home(6)]
+
+GUEST_SCRIPTS = {
+    "paths and permissions": [
+        *HOMES, Step(1, XS_READ, z(b"data")), Step(1, XS_WRITE, b"data/x\0v"),
+        Step(1, XS_WRITE, b"/local/domain/5/y\0v"), Step(1, XS_READ, z(b"/local/domain/6/data")),
+        Step(1, XS_READ, z(b"/local/domain/6/nothing")), Step(1, XS_READ, z(b"/nothing")),
+        Step(1, XS_DIRECTORY, z(b"/local/domain/5")), Step(1, XS_GET_PERMS, z(b"data/x")),
+        Step(1, XS_SET_PERMS, z(b"data/x", b"n6")),
+        Step(1, XS_SET_PERMS, z(b"data/x", b"n5", b"r6")),
+        Step(2, XS_READ, z(b"/local/domain/5/data/x")),
+        Step(2, XS_WRITE, b"/local/domain/5/data/x\0"),
+        Step(1, XS_SET_PERMS, z(b"data/x", b"n5", b"b6")),
+        Step(2, XS_WRITE, b"/local/domain/5/data/x\0w"),
+        Step(2, XS_GET_PERMS, z(b"/local/domain/5/data/x")), Step(1, XS_RM, z(b"data/x")),
+        Step(1, XS_RM, z(b"/local/domain/5")), Step(1, XS_MKDIR, z(b"data/m")),
+        Step(1, XS_GET_DOMAIN_PATH, z(b"5")), Step(1, XS_INTRODUCE, z(b"7", b"1", b"9")),
+        Step(1, XS_IS_DOMAIN_INTRODUCED, z(b"5")), Step(1, XS_RELEASE, z(b"6")),
+        Step(1, XS_SET_TARGET, z(b"5", b"6")), Step(1, XS_RESUME, z(b"5")),
+    ],
+    "watches": [
+        *HOMES, Step(1, XS_WATCH, z(b"data", b"rel")),
+        Step(1, XS_WATCH, z(b"/local/domain/6", b"o")),
+        Step(1, XS_WATCH, z(b"@releaseDomain", b"r")),
+        Step(0, XS_WRITE, b"/local/domain/5/data/a\0"),
+        Step(2, XS_WRITE, b"/local/domain/6/data/b\0"), Step(0, XS_WRITE, b"/local/domain/6/c\0"),
+        Step(0, XS_SET_PERMS, z(b"/local/domain/6/c", b"n0", b"r5")),
+        Step(0, XS_WRITE, b"/local/domain/6/c\0x"), Step(0, XS_RM, z(b"/local/domain/6")),
+        Step(1, XS_UNWATCH, z(b"data", b"rel")), Step(1, XS_RESET_WATCHES, b""),
+        Step(0, XS_WRITE, b"/local/domain/5/data/a\0z"),
+    ],
+    "quotas": [
+        *HOMES, Step(1, XS_WRITE, b"data/v\0" + b"x" * 2015),
+        Step(1, XS_WRITE, b"data/v\0" + b"x" * 2016),
+        Step(1, XS_WRITE, b"data/v\0" + b"x" * 2000), Step(1, XS_WRITE, b"data/p\0"),
+        Step(1, XS_SET_PERMS, z(b"data/p", b"n5", b"r1", b"r2", b"r3", b"r4")),
+        Step(1, XS_SET_PERMS, z(b"data/p", b"n5", b"r1", b"r2", b"r3", b"r4", b"r6")),
+        *(Step(1, XS_WATCH, z(b"data", b"%d" % i)) for i in range(131)),
+        *(Step(1, XS_TRANSACTION_START, b"\0") for _ in range(12)),
+        Step(1, XS_WRITE, b"data/t\0", tx=0), Step(1, XS_TRANSACTION_END, z(b"T"), tx=0),
+        Step(0, XS_WRITE, b"/local/domain/5/data/own\0"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GUEST_SCRIPTS))
+def test_guests_get_the_same_replies(guest_daemons, name):
+    assert not deliberate(GUEST_SCRIPTS[name])
+    compare_guests(guest_daemons, GUEST_SCRIPTS[name])
+
+
+SMALL_QUOTA_SCRIPTS = {
+    "nodes": [
+        *HOMES, *(Step(1, XS_WRITE, b"data/n%d\0" % i) for i in range(30)),
+        Step(1, XS_WRITE, b"data/a/b/c\0"), Step(1, XS_RM, z(b"data/n1")),
+        Step(1, XS_WRITE, b"data/a/b\0"), Step(1, XS_TRANSACTION_START, b"\0"),
+        Step(1, XS_RM, z(b"data/n2"), tx=0), Step(1, XS_WRITE, b"data/x/y\0", tx=0),
+        Step(1, XS_TRANSACTION_END, z(b"T"), tx=0), Step(1, XS_DIRECTORY, z(b"data/x")),
+    ],
+    "transaction nodes": [
+        *HOMES, *(Step(0, XS_WRITE, b"/local/domain/5/r%d\0v" % i) for i in range(10)),
+        Step(1, XS_TRANSACTION_START, b"\0"),
+        *(Step(1, XS_READ, z(b"r%d" % i), tx=0) for i in range(10)),
+        Step(1, XS_READ, z(b"r0"), tx=0), Step(1, XS_TRANSACTION_END, z(b"T"), tx=0),
+        Step(1, XS_TRANSACTION_START, b"\0"), Step(1, XS_READ, z(b"r9"), tx=1),
+        Step(1, XS_TRANSACTION_END, z(b"T"), tx=1), Step(0, XS_TRANSACTION_START, b"\0"),
+        *(Step(0, XS_READ, z(b"/local/domain/5/r%d" % i), tx=0) for i in range(10)),
+        Step(0, XS_TRANSACTION_END, z(b"T"), tx=0),
+    ],
+    "a removal whose parent went": [
+        *HOMES, Step(1, XS_WRITE, b"data/a/b\0"), Step(1, XS_TRANSACTION_START, b"\0"),
+        Step(1, XS_READ, z(b"data/a/b"), tx=0), Step(1, XS_RM, z(b"data/a")),
+        Step(1, XS_RM, z(b"data/a/b"), tx=0), Step(1, XS_TRANSACTION_END, z(b"T"), tx=0),
+        Step(1, XS_DIRECTORY, z(b"data")),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_QUOTA_SCRIPTS))
+def test_guests_meet_the_same_quotas(small_quota_daemons, name):
+    compare_guests(small_quota_daemons, SMALL_QUOTA_SCRIPTS[name])

@@ -86,7 +86,9 @@ class CXenStored:
     """One C xenstored process serving `socket_path` (no fork, in-memory database)."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, domains: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 ring_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """`domains`: the domids that exist ("0,2,5-9"; default all). `ring_dir`: where
+        introduced domains' ring pages are files (`dom<ID>.ring`), for tests playing guests."""
         self.socket_path = os.fspath(socket_path)
         binary, preload = xenstored_binary(), shim()
         self._rundir = tempfile.mkdtemp(prefix="cxenstored-run-")
@@ -95,6 +97,9 @@ class CXenStored:
                "XENSTORED_PATH": self.socket_path, "LD_PRELOAD": str(preload)}
         if domains is not None:
             env["XSHIM_DOMAINS"] = domains
+        self.ring_dir = ring_dir
+        if ring_dir is not None:
+            env["XSHIM_RINGDIR"] = ring_dir
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         with open(self.log_path, "wb") as log:

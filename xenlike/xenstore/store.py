@@ -560,9 +560,6 @@ class Store:
         else:
             tx.owned_delta[domid] += delta
 
-    def _owned_now(self, tx: _Transaction | None, domid: int) -> int:
-        return self._owned[domid] + (tx.owned_delta[domid] if tx else 0)
-
     # -- paths and permissions --------------------------------------------
 
     def _canonical(self, conn: _Connection, raw: bytes) -> str:
@@ -743,8 +740,10 @@ class Store:
             missing.append(parent_path)
             parent_path = _parent(parent_path)
             parent = self._read(tx, parent_path)
-        if (not conn.privileged
-                and self._owned_now(tx, conn.domid) + len(missing) > self.quotas.nodes):
+        # create_node() checks each new node against the domain's count, which a
+        # transaction leaves alone until its commit checks again.
+        added = 1 if tx is not None else len(missing)
+        if not conn.privileged and self._owned[conn.domid] + added > self.quotas.nodes:
             raise XenStoreError("ENOSPC", "nodes quota")
         writes = []
         for new_path in reversed(missing):
@@ -803,7 +802,8 @@ class Store:
         if tx.failed:
             raise XenStoreError("ENOMEM", "the transaction hit a quota")
         owned = self._owned[conn.domid] + tx.owned_delta[conn.domid]
-        if tx.created and not conn.privileged and owned > self.quotas.nodes:
+        # transaction_fix_domains(): at commit, reaching the quota is already too many.
+        if tx.created and not conn.privileged and owned >= self.quotas.nodes:
             raise XenStoreError("ENOSPC", "nodes quota")
         for path, access in tx.accessed.items():
             if access.check:
