@@ -385,3 +385,39 @@ SMALL_QUOTA_SCRIPTS = {
 @pytest.mark.parametrize("name", sorted(SMALL_QUOTA_SCRIPTS))
 def test_guests_meet_the_same_quotas(small_quota_daemons, name):
     compare_guests(small_quota_daemons, SMALL_QUOTA_SCRIPTS[name])
+
+
+guest_names = st.sampled_from([b"a", b"b", b"data", b"5", b"6"])
+guest_paths = st.one_of(
+    st.lists(guest_names, min_size=1, max_size=3).map(b"/".join),
+    st.builds(lambda domid, tail: b"/local/domain/%d/" % domid + b"/".join(tail),
+              st.sampled_from([5, 6]), st.lists(guest_names, min_size=1, max_size=3)),
+    st.sampled_from([b"/", b"/local/domain", b"/tool", b"@releaseDomain", b"data/"]),
+)
+guest_requests = st.one_of(
+    st.builds(lambda p: (XS_READ, z(p)), guest_paths),
+    st.builds(lambda p: (XS_DIRECTORY, z(p)), guest_paths),
+    st.builds(lambda p: (XS_GET_PERMS, z(p)), guest_paths),
+    st.builds(lambda p, v: (XS_WRITE, p + b"\0" + v), guest_paths, st.binary(max_size=8)),
+    st.builds(lambda p: (XS_MKDIR, z(p)), guest_paths),
+    st.builds(lambda p: (XS_RM, z(p)), guest_paths),
+    st.builds(lambda p, perms: (XS_SET_PERMS, z(p, *perms)),
+              guest_paths.filter(lambda p: not p.startswith(b"@")), perm_texts),
+    st.builds(lambda p, t: (XS_WATCH, z(p, t)), guest_paths, st.sampled_from([b"t", b"u"])),
+    st.builds(lambda p, t: (XS_UNWATCH, z(p, t)), guest_paths, st.sampled_from([b"t", b"u"])),
+    st.just((XS_TRANSACTION_START, b"\0")),
+    st.builds(lambda arg: (XS_TRANSACTION_END, arg), st.sampled_from([b"T\0", b"F\0"])),
+    st.builds(lambda d: (XS_INTRODUCE, z(d, b"1", b"9")), st.sampled_from([b"5", b"1"])),
+    st.just((XS_RESET_WATCHES, b"")),
+)
+guest_steps = st.builds(lambda conn, request, tx: Step(conn, *request, tx=tx),
+                        st.integers(0, 2), guest_requests, st.sampled_from([None, None, 0, 1]))
+
+
+@settings(max_examples=int(os.environ.get("XENSTORE_DIFF_EXAMPLES", "60")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(script=st.lists(guest_steps, min_size=1, max_size=20))
+def test_generated_guest_scripts_get_the_same_replies(small_quota_daemons, script):
+    assume(not deliberate(script))
+    compare_guests(small_quota_daemons, [*HOMES, *script])

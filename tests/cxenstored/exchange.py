@@ -31,6 +31,7 @@ from xenlike.abi.xs_wire import (
     XS_SET_PERMS,
     XS_TRANSACTION_START,
     XS_WATCH_EVENT,
+    XS_WRITE,
 )
 from xenlike.bytering import XENSTORE, ByteRing
 from xenlike.xenstore.store import Quotas, Store
@@ -187,12 +188,14 @@ class Daemon:
         self._call(XS_GET_DOMAIN_PATH, b"0\0")
 
     def reset(self) -> None:
-        """Remove every node outside /tool/xenstored, restore perms, release test domains."""
+        """Remove every node outside /tool/xenstored, empty and restore what is left,
+        release test domains."""
         for path, keep in ((b"/", b"tool"), (b"/tool", b"xenstored"), (b"/tool/xenstored", None)):
             listing = self._call(XS_DIRECTORY, path + b"\0")
             for name in listing.payload.split(b"\0")[:-1]:
                 if name != keep:
                     self._call(XS_RM, (b"" if path == b"/" else path) + b"/" + name + b"\0")
+            self._call(XS_WRITE, path + b"\0")
             self._call(XS_SET_PERMS, path + b"\0n0\0")
         for domid in range(1, 10):
             if self._call(XS_IS_DOMAIN_INTRODUCED, b"%d\0" % domid).payload == b"T\0":
