@@ -39,6 +39,8 @@ class Unavailable(Exception):
 def xenstored_binary() -> Path:
     """The xenstored binary: `$CXENSTORED`, or the cached one, unpacked on first use."""
     if override := os.environ.get("CXENSTORED"):
+        if not os.access(override, os.X_OK):
+            raise Unavailable(f"CXENSTORED={override} is no executable")
         return Path(override)
     binary = CACHE / BINARY
     if binary.exists():
