@@ -10,8 +10,12 @@ C xenstored (tools/xenstored/{core,watch,transaction,domain}.c):
 - Paths: Xen's characters (`A-Za-z0-9-/_@`), no `//`, no trailing `/`;
   relative paths resolve under `/local/domain/<domid>`; at most
   XENSTORE_REL_PATH_MAX (2048) characters after a `/local/domain/<id>/`
-  prefix, for every connection, as 4.17 does. `@`-paths are special watch
-  paths (`@introduceDomain`, `@releaseDomain`), readable only by their perms.
+  prefix, for every connection, as 4.17 does. `@`-paths name no node: a
+  watch takes any string starting with `@` (check_watch_path()), and
+  SET_PERMS the two special ones (`@introduceDomain`, `@releaseDomain`),
+  whose perms say who sees their events; elsewhere they are EINVAL.
+  Numbers are read as xenstored reads them: atoi() for domids and offsets,
+  strtol(, 0) for the domids in permissions.
 - Permissions: the first entry names the owner and the access of everyone
   not listed; the owner and domain 0 may do anything. A missing node reports
   ENOENT only to a caller allowed to know (the nearest existing ancestor
