@@ -55,11 +55,15 @@ def xenstored_binary() -> Path:
         if not debs:
             raise Unavailable(f"apt-get download {PACKAGE} failed: "
                               f"{download.stderr.strip().splitlines()[-1:]}")
-        unpacked = Path(tmp) / "root"
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(CACHE, ignore_errors=True)
-        shutil.move(unpacked, CACHE)
+        unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
+        try:
+            unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
+        except OSError:
+            shutil.rmtree(unpacked)
+    if not binary.exists():
+        raise Unavailable(f"{PACKAGE} holds no {BINARY}")
     return binary
 
 
