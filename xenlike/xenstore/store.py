@@ -418,7 +418,8 @@ class Store:
             (_INTRODUCE_DOMAIN, ()),
         ]:
             self._nodes[path] = Node(b"", dom0_none, children, self._next_generation())
-            self._owned[0] += 1
+            if not path.startswith("@"):
+                self._owned[0] += 1
 
     # -- connections ------------------------------------------------------
 
@@ -657,6 +658,12 @@ class Store:
     def _forget_domain(self, domid: int) -> None:
         """destroy_domain(): drop the domain's record; what names it grants nothing more."""
         del self._domain_generation[domid]
+        for path in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):  # remove_domid_from_perm()
+            special = self._nodes[path]
+            if special.owner == domid:
+                self._nodes[path] = Node(special.value, (Permission(0, special.perms[0].access),
+                                                         *special.perms[1:]), special.children,
+                                         special.generation)
         for path, node in self._nodes.items():
             if any(entry.domid == domid and not entry.ignored for entry in node.perms[1:]):
                 perms = (node.perms[0], *(Permission(e.domid, e.access | XS_PERM_IGNORE)
@@ -925,12 +932,9 @@ class Store:
         if perms[0].ignored:
             raise XenStoreError("ENOENT", f"the owner, domain {perms[0].domid}, does not exist")
         if args[0].startswith(b"@"):
-            # set_perms_special(): only the two special nodes exist.
-            path = args[0].decode("latin-1")
-            if path not in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):
-                raise XenStoreError("ENOENT", f"no special node {path!r}")
-        else:
-            path = self._canonical(conn, args[0])
+            self._set_special_perms(conn, args[0].decode("latin-1"), perms)
+            return OK
+        path = self._canonical(conn, args[0])
         node = self._get_node(request, path, XS_PERM_WRITE | XS_PERM_OWNER)
         if not conn.privileged and perms[0].domid != node.owner:
             raise XenStoreError("EPERM", "only domain 0 may change a node's owner")
@@ -942,6 +946,20 @@ class Store:
         self._count_owned(request.tx, changed.owner, 1)
         self._fire(request, path, exact=False, old_perms=node.perms)
         return OK
+
+    def _set_special_perms(self, conn: _Connection, path: str,
+                           perms: tuple[Permission, ...]) -> None:
+        """set_perms_special(): who sees `@introduceDomain` or `@releaseDomain` events.
+
+        No node changes: nothing fires, no transaction holds it, no quota counts it.
+        """
+        node = self._nodes.get(path) if path in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN) else None
+        if node is None:
+            raise XenStoreError("EINVAL", f"no special path {path!r}")
+        wanted = XS_PERM_WRITE | XS_PERM_OWNER
+        if self._perm(conn, node.perms) & wanted != wanted:
+            raise XenStoreError("EACCES")
+        self._nodes[path] = Node(node.value, perms, node.children, node.generation)
 
     def _do_watch(self, request: _Request) -> bytes:
         conn = request.conn
@@ -1063,8 +1081,8 @@ class Store:
             request.closed.append(conn.id)
         del self.domains[domid]
         self._targets.pop(domid, None)
-        # domain_tree_remove() removes what the domain owned; xenlike also
-        # removes its home, which libxl otherwise does itself.
+        # domain_tree_remove(): what the domain owned goes (its home is the
+        # toolstack's to remove, as libxl does).
         pending = ["/"]
         while pending:
             path = pending.pop()
@@ -1075,9 +1093,6 @@ class Store:
                 self._remove(request, path, node)
             else:
                 pending.extend(_child(path, name) for name in reversed(node.children))
-        home = self._nodes.get(f"/local/domain/{domid}")
-        if home is not None:
-            self._remove(request, f"/local/domain/{domid}", home)
         self._forget_domain(domid)
         self._fire(request, _RELEASE_DOMAIN, exact=True)
         return OK
