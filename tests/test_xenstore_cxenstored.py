@@ -60,6 +60,9 @@ SPECIAL = (b"@introduceDomain\0", b"@releaseDomain\0")
 # (given the domid each connection speaks for).
 DELIBERATE = {
     "control": lambda step, domids: step.type == XS_CONTROL,
+    "onearg-malformed": lambda step, domids: (
+        step.type in (XS_READ, XS_DIRECTORY, XS_GET_PERMS, XS_MKDIR, XS_RM)
+        and (not step.payload or step.payload.find(b"\0") != len(step.payload) - 1)),
     "set-perms-special-refused": lambda step, domids: (
         step.type == XS_SET_PERMS and step.payload.startswith(b"@")
         and (domids[step.conn] != 0 or not step.payload.startswith(SPECIAL))),
@@ -110,14 +113,14 @@ def z(*args: bytes) -> bytes:
 
 SCRIPTS = {
     "bad input": [
-        Step(0, XS_READ, z(b"/a//b")), Step(0, XS_READ, z(b"/a b")), Step(0, XS_READ, b""),
-        Step(0, XS_READ, z(b"/x/")), Step(0, XS_READ, b"/nonul"), Step(0, 999, b""),
+        Step(0, XS_READ, z(b"/a//b")), Step(0, XS_READ, z(b"/a b")),
+        Step(0, XS_READ, z(b"/x/")), Step(0, 999, b""),
         Step(0, XS_WRITE, b"/nonul"), Step(0, XS_READ, z(b"foo")), Step(0, XS_READ, z(b"/"), tx=-1),
         Step(0, XS_WATCH, z(b"/x")), Step(0, XS_READ, z(b"/" + b"a" * 2047)),
         Step(0, XS_READ, z(b"/" + b"a" * 2048)), Step(0, XS_READ, z(b"/" + b"a" * 2049)),
         Step(0, XS_READ, z(b"/local/domain/0/" + b"a" * 2048)),
         Step(0, XS_READ, z(b"/local/domain/0/" + b"a" * 2049)),
-        Step(0, XS_READ, z(b"/a", b"/b")), Step(0, XS_DIRECTORY, z(b"/tool") + b"junk"),
+        Step(0, XS_WATCH, z(b"/a", b"t", b"extra")), Step(0, XS_TRANSACTION_END, b"T"),
         Step(0, XS_GET_DOMAIN_PATH, z(b"x")), Step(0, XS_GET_DOMAIN_PATH, z(b"70000")),
         Step(0, XS_IS_DOMAIN_INTRODUCED, z(b"-1")), Step(0, XS_RESUME, z(b"0")),
         Step(0, XS_SET_TARGET, z(b"1")), Step(0, XS_WRITE, b"/v\0\xff\x00\x01"),
@@ -250,6 +253,18 @@ requests = st.one_of(
     st.builds(lambda d: (XS_RELEASE, z(d)), st.sampled_from([b"1", b"2", b"0", b"9"])),
     st.builds(lambda d: (XS_IS_DOMAIN_INTRODUCED, z(d)), st.sampled_from([b"1", b"2"])),
     st.just((XS_RESET_WATCHES, b"")),
+    # Odd arguments and malformed payloads.
+    st.builds(lambda t, d: (t, d), st.sampled_from([XS_GET_DOMAIN_PATH, XS_IS_DOMAIN_INTRODUCED,
+                                                    XS_RESUME, XS_RELEASE, XS_SET_TARGET,
+                                                    XS_INTRODUCE]),
+              st.sampled_from([b"", b"\0", b"1", b" 2\0", b"-1\0", b"0x10\0", b"32752\0",
+                               b"1\0 2\0", b"2\0x\0 9\0", b"1\0\0\0", b"99999999999\0"])),
+    st.builds(lambda t, p, tail: (t, p + tail),
+              st.sampled_from([XS_READ, XS_DIRECTORY, XS_MKDIR, XS_RM, XS_GET_PERMS,
+                               XS_WATCH, XS_UNWATCH, XS_TRANSACTION_END, XS_DIRECTORY_PART]),
+              good_paths, st.sampled_from([b"", b"\0\0", b"\0x", b"\0x\0y\0", b"\0 12"])),
+    st.builds(lambda p, o: (XS_DIRECTORY_PART, z(p, o)), good_paths,
+              st.sampled_from([b"1", b"4", b"5", b" 3", b"-2", b"4294967296", b""])),
 )
 steps = st.builds(lambda conn, request, tx: Step(conn, *request, tx=tx),
                   st.integers(0, 2), requests, st.sampled_from([None, None, None, 0, 1, -1]))
