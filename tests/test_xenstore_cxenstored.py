@@ -125,6 +125,12 @@ SCRIPTS = {
         Step(0, XS_IS_DOMAIN_INTRODUCED, z(b"-1")), Step(0, XS_RESUME, z(b"0")),
         Step(0, XS_SET_TARGET, z(b"1")), Step(0, XS_WRITE, b"/v\0\xff\x00\x01"),
         Step(0, XS_READ, z(b"/v")), Step(0, XS_READ, z(b"/\xc3\xa9")),
+        # atoi(): a long's range, then an unsigned int.
+        *(Step(0, XS_GET_DOMAIN_PATH, z(number)) for number in (
+            b"99999999999999999999999", b"-99999999999999999999", b"4294967296", b"2147483648",
+            b"-2147483649", b"+7", b"  -3x")),
+        *(Step(0, XS_DIRECTORY_PART, z(b"/tool", number)) for number in (
+            b"99999999999999999999999", b"-99999999999999999999", b"4294967295")),
     ],
     "tree": [
         Step(0, XS_WRITE, b"/a/b/c\0v"), Step(0, XS_DIRECTORY, z(b"/a")),

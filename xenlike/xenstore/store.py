@@ -365,9 +365,10 @@ def _onearg(payload: bytes) -> bytes:
 
 
 def _atoi(raw: bytes) -> int:
-    """C's atoi(): leading blanks, a sign, digits; whatever follows is ignored."""
+    """glibc's atoi(): leading blanks, a sign, digits, whatever follows ignored; the
+    value is strtol()'s, so clamped to a long."""
     number = _ATOI.match(raw)
-    return int(number.group()) if number else 0
+    return max(-(2**63), min(int(number.group()), 2**63 - 1)) if number else 0
 
 
 _ATOI = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
