@@ -114,17 +114,19 @@ class _RingGuest:
 
     cxenstored hears no event channel here; it looks at domains' rings each
     time its poll loop wakes, so `poke` (a request on a socket) wakes it. A
-    reply that does not come within a few seconds counts as a closed
-    connection (cxenstored stalls a guest over its memory quota, say).
+    guest whose domain is no longer introduced has no connection any more; a
+    reply that does not come within 20 s counts as none either.
     """
 
-    def __init__(self, ring_path: Path, poke: Callable[[], None]) -> None:
+    def __init__(self, ring_path: Path, poke: Callable[[], None],
+                 introduced: Callable[[], bool]) -> None:
         with open(ring_path, "r+b") as file:
             self._map = mmap.mmap(file.fileno(), 4096)
         page = memoryview(self._map)
         self._requests = ByteRing(page, XENSTORE.to_backend)
         self._replies = ByteRing(page, XENSTORE.to_guest)
         self._poke = poke
+        self._introduced = introduced
         self.reader = MessageReader()
         self.closed = False
 
@@ -138,13 +140,15 @@ class _RingGuest:
 
     def until_reply(self, req_id: int) -> list[XsMessage] | None:
         received: list[XsMessage] = []
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while (waited := time.monotonic() - start) < 20:
             self.reader.feed(self._replies.read())
             for message in self.reader:
                 received.append(message)
                 if message.type != XS_WATCH_EVENT and message.req_id == req_id:
                     return received
+            if waited > 0.2 and not self._introduced():
+                break
             self._poke()
         self.closed = True
         return None
@@ -174,7 +178,9 @@ class Daemon:
         assert self.ring_dir is not None, "only cxenstored's rings are played here"
         introduced = self._call(XS_INTRODUCE, b"%d\0%d\0%d\0" % (domid, 1, 9))
         assert introduced.type == XS_INTRODUCE, introduced
-        return _RingGuest(Path(self.ring_dir) / f"dom{domid}.ring", self._poke)
+        return _RingGuest(Path(self.ring_dir) / f"dom{domid}.ring", self._poke,
+                          lambda: self._call(XS_IS_DOMAIN_INTRODUCED,
+                                             b"%d\0" % domid).payload == b"T\0")
 
     def _call(self, type_: int, payload: bytes) -> XsMessage:
         if self._poker is None:
