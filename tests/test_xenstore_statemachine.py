@@ -173,6 +173,8 @@ class HostileClients(RuleBasedStateMachine):
         owned: Counter[int] = Counter()
         memory: Counter[int] = Counter()
         for path, node in self.store._nodes.items():
+            if path.startswith("@"):
+                continue  # special paths are no nodes: no quota counts them
             owned[node.owner] += 1
             if node.owner:
                 memory[node.owner] += _memory_of(path, node)

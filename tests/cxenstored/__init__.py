@@ -39,6 +39,8 @@ class Unavailable(Exception):
 def xenstored_binary() -> Path:
     """The xenstored binary: `$CXENSTORED`, or the cached one, unpacked on first use."""
     if override := os.environ.get("CXENSTORED"):
+        if not os.access(override, os.X_OK):
+            raise Unavailable(f"CXENSTORED={override} is no executable")
         return Path(override)
     binary = CACHE / BINARY
     if binary.exists():
@@ -53,11 +55,15 @@ def xenstored_binary() -> Path:
         if not debs:
             raise Unavailable(f"apt-get download {PACKAGE} failed: "
                               f"{download.stderr.strip().splitlines()[-1:]}")
-        unpacked = Path(tmp) / "root"
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(CACHE, ignore_errors=True)
-        shutil.move(unpacked, CACHE)
+        unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
+        try:
+            unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
+        except OSError:
+            shutil.rmtree(unpacked)
+    if not binary.exists():
+        raise Unavailable(f"{PACKAGE} holds no {BINARY}")
     return binary
 
 
@@ -86,7 +92,9 @@ class CXenStored:
     """One C xenstored process serving `socket_path` (no fork, in-memory database)."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, domains: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 ring_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """`domains`: the domids that exist ("0,2,5-9"; default all). `ring_dir`: where
+        introduced domains' ring pages are files (`dom<ID>.ring`), for tests playing guests."""
         self.socket_path = os.fspath(socket_path)
         binary, preload = xenstored_binary(), shim()
         self._rundir = tempfile.mkdtemp(prefix="cxenstored-run-")
@@ -95,6 +103,9 @@ class CXenStored:
                "XENSTORED_PATH": self.socket_path, "LD_PRELOAD": str(preload)}
         if domains is not None:
             env["XSHIM_DOMAINS"] = domains
+        self.ring_dir = ring_dir
+        if ring_dir is not None:
+            env["XSHIM_RINGDIR"] = ring_dir
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         with open(self.log_path, "wb") as log:

@@ -11,11 +11,16 @@
  * XSHIM_DOMAINS lists the domids xc_domain_getinfo reports ("0,2,5-9");
  * unset, every domid below DOMID_FIRST_RESERVED exists. xenstored asks it
  * whether a permission names a domain (SET_PERMS owner: ENOENT if not).
+ *
+ * XSHIM_RINGDIR, if set, makes the ring page of each introduced domain the
+ * file DIR/dom<ID>.ring, zeroed at each introduction, so a test can play the
+ * guest: write requests into it, read replies out of it.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -92,7 +97,24 @@ static void *zeroed_page(void)
 
 void *xengnttab_map_grant_ref(xengnttab_handle *xgt, uint32_t domid, uint32_t ref, int prot)
 {
-    return zeroed_page();
+    const char *dir = getenv("XSHIM_RINGDIR");
+    char path[4096];
+    void *page;
+    int fd;
+
+    if (!dir)
+        return zeroed_page();
+    snprintf(path, sizeof(path), "%s/dom%u.ring", dir, domid);
+    fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return NULL;
+    if (ftruncate(fd, 4096) < 0) {
+        close(fd);
+        return NULL;
+    }
+    page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return page == MAP_FAILED ? NULL : page;
 }
 
 int xengnttab_unmap(xengnttab_handle *xgt, void *start, uint32_t count)

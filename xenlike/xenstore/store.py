@@ -10,8 +10,12 @@ C xenstored (tools/xenstored/{core,watch,transaction,domain}.c):
 - Paths: Xen's characters (`A-Za-z0-9-/_@`), no `//`, no trailing `/`;
   relative paths resolve under `/local/domain/<domid>`; at most
   XENSTORE_REL_PATH_MAX (2048) characters after a `/local/domain/<id>/`
-  prefix, for every connection, as 4.17 does. `@`-paths are special watch
-  paths (`@introduceDomain`, `@releaseDomain`), readable only by their perms.
+  prefix, for every connection, as 4.17 does. `@`-paths name no node: a
+  watch takes any string starting with `@` (check_watch_path()), and
+  SET_PERMS the two special ones (`@introduceDomain`, `@releaseDomain`),
+  whose perms say who sees their events; elsewhere they are EINVAL.
+  Numbers are read as xenstored reads them: atoi() for domids and offsets,
+  strtol(, 0) for the domids in permissions.
 - Permissions: the first entry names the owner and the access of everyone
   not listed; the owner and domain 0 may do anything. A missing node reports
   ENOENT only to a caller allowed to know (the nearest existing ancestor
@@ -120,6 +124,8 @@ _PERM_SIZE = 8
 _VALID_CHARS = re.compile(rb"[A-Za-z0-9/_@-]*")
 _LOCAL_DOMAIN = re.compile(r"/local/domain/\d{1,5}/")  # sscanf "%5u/"
 
+_VALID_PATHS_KEPT = 4096  # at most this many remembered paths,
+_VALID_PATH_KEPT_LENGTH = 256  # each this long at most: a bounded cost
 _INTRODUCE_DOMAIN = "@introduceDomain"
 _RELEASE_DOMAIN = "@releaseDomain"
 
@@ -199,6 +205,14 @@ class Node:
     @property
     def owner(self) -> int:
         return self.perms[0].domid
+
+    def listing(self) -> bytes:
+        """The children's names, each NUL-terminated: XS_DIRECTORY's reply."""
+        return "\0".join(self.children).encode() + b"\0" if self.children else b""
+
+    def changed(self, generation: int) -> "Node":
+        """This node as a change stores it: the same content, a new generation."""
+        return Node(self.value, self.perms, self.children, generation)
 
     def size(self) -> int:
         """The size xenstored checks against the node-size quota (and counts as memory)."""
@@ -351,9 +365,10 @@ def _onearg(payload: bytes) -> bytes:
 
 
 def _atoi(raw: bytes) -> int:
-    """C's atoi(): leading blanks, a sign, digits; whatever follows is ignored."""
+    """glibc's atoi(): leading blanks, a sign, digits, whatever follows ignored; the
+    value is strtol()'s, so clamped to a long."""
     number = _ATOI.match(raw)
-    return int(number.group()) if number else 0
+    return max(-(2**63), min(int(number.group()), 2**63 - 1)) if number else 0
 
 
 _ATOI = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
@@ -393,6 +408,7 @@ class Store:
         self._watch_index: dict[str, list[_Watch]] = {}
         self._watch_seq = 0
         self._targets: dict[int, int] = {}  # XS_SET_TARGET: domid -> target domid
+        self._valid_paths: dict[bytes, str] = {}  # absolute paths _canonical() accepted
         dom0_none = (Permission(0, XS_PERM_NONE),)
         # setup_structure(): what a fresh xenstored holds.
         for path, children in [
@@ -403,7 +419,8 @@ class Store:
             (_INTRODUCE_DOMAIN, ()),
         ]:
             self._nodes[path] = Node(b"", dom0_none, children, self._next_generation())
-            self._owned[0] += 1
+            if not path.startswith("@"):
+                self._owned[0] += 1
 
     # -- connections ------------------------------------------------------
 
@@ -501,7 +518,7 @@ class Store:
     def _put(self, tx: _Transaction | None, path: str, node: Node | None) -> None:
         """Store (or, with None, remove) a node; a change takes a new generation."""
         if node is not None:
-            node = attrs.evolve(node, generation=self._next_generation())
+            node = node.changed(self._next_generation())
         if tx is None:
             old = self._nodes.get(path)
             if old is not None and old.owner:
@@ -549,13 +566,18 @@ class Store:
         else:
             tx.owned_delta[domid] += delta
 
-    def _owned_now(self, tx: _Transaction | None, domid: int) -> int:
-        return self._owned[domid] + (tx.owned_delta[domid] if tx else 0)
-
     # -- paths and permissions --------------------------------------------
 
     def _canonical(self, conn: _Connection, raw: bytes) -> str:
-        """canonicalize(): validate a path and make it absolute, or EINVAL."""
+        """canonicalize(): validate a path and make it absolute, or EINVAL.
+
+        Short absolute paths that passed are remembered: the same few paths come
+        back all the time, and checking them again was a fair part of a
+        request's cost.
+        """
+        path = self._valid_paths.get(raw)
+        if path is not None:
+            return path
         if not _VALID_CHARS.fullmatch(raw) or raw.startswith(b"@"):
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
         path = raw.decode("ascii")
@@ -565,6 +587,10 @@ class Store:
         length = len(path) - (local.end() if local else 0)
         if (path.endswith("/") and path != "/") or "//" in path or length > XENSTORE_REL_PATH_MAX:
             raise XenStoreError("EINVAL", f"bad path {raw!r}")
+        if raw[:1] == b"/" and len(raw) <= _VALID_PATH_KEPT_LENGTH:
+            if len(self._valid_paths) >= _VALID_PATHS_KEPT:
+                self._valid_paths.clear()
+            self._valid_paths[raw] = path
         return path
 
     def _perm(self, conn: _Connection, perms: tuple[Permission, ...]) -> int:
@@ -633,6 +659,12 @@ class Store:
     def _forget_domain(self, domid: int) -> None:
         """destroy_domain(): drop the domain's record; what names it grants nothing more."""
         del self._domain_generation[domid]
+        for path in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):  # remove_domid_from_perm()
+            special = self._nodes[path]
+            if special.owner == domid:
+                self._nodes[path] = Node(special.value, (Permission(0, special.perms[0].access),
+                                                         *special.perms[1:]), special.children,
+                                         special.generation)
         for path, node in self._nodes.items():
             if any(entry.domid == domid and not entry.ignored for entry in node.perms[1:]):
                 perms = (node.perms[0], *(Permission(e.domid, e.access | XS_PERM_IGNORE)
@@ -720,8 +752,10 @@ class Store:
             missing.append(parent_path)
             parent_path = _parent(parent_path)
             parent = self._read(tx, parent_path)
-        if (not conn.privileged
-                and self._owned_now(tx, conn.domid) + len(missing) > self.quotas.nodes):
+        # create_node() checks each new node against the domain's count, which a
+        # transaction leaves alone until its commit checks again.
+        added = 1 if tx is not None else len(missing)
+        if not conn.privileged and self._owned[conn.domid] + added > self.quotas.nodes:
             raise XenStoreError("ENOSPC", "nodes quota")
         writes = []
         for new_path in reversed(missing):
@@ -780,7 +814,8 @@ class Store:
         if tx.failed:
             raise XenStoreError("ENOMEM", "the transaction hit a quota")
         owned = self._owned[conn.domid] + tx.owned_delta[conn.domid]
-        if tx.created and not conn.privileged and owned > self.quotas.nodes:
+        # transaction_fix_domains(): at commit, reaching the quota is already too many.
+        if tx.created and not conn.privileged and owned >= self.quotas.nodes:
             raise XenStoreError("ENOSPC", "nodes quota")
         for path, access in tx.accessed.items():
             if access.check:
@@ -804,7 +839,7 @@ class Store:
     def _do_directory(self, request: _Request) -> bytes:
         path = self._canonical(request.conn, _onearg(request.message.payload))
         node = self._get_node(request, path, XS_PERM_READ)
-        return join_strings(*(name.encode() for name in node.children))
+        return node.listing()
 
     def _do_directory_part(self, request: _Request) -> bytes:
         """send_directory_part(): children from a byte offset, with the node's generation."""
@@ -815,7 +850,7 @@ class Store:
         node = self._get_node(request, path, XS_PERM_READ)
         offset = _atoi(args[1]) & 0xFFFFFFFF  # an unsigned int
         gen = f"{node.generation}".encode() + b"\0"
-        children = join_strings(*(name.encode() for name in node.children))
+        children = node.listing()
         if offset >= len(children):
             return gen + b"\0"
         limit = XENSTORE_PAYLOAD_MAX - len(gen) - 1
@@ -845,7 +880,7 @@ class Store:
                 raise
             self._create(request, path, value)
         else:
-            changed = attrs.evolve(node, value=value)
+            changed = Node(value, node.perms, node.children, node.generation)
             self._check_size(request.conn, changed)
             self._check_memory(request, len(value) - len(node.value))
             self._put(request.tx, path, changed)
@@ -898,12 +933,9 @@ class Store:
         if perms[0].ignored:
             raise XenStoreError("ENOENT", f"the owner, domain {perms[0].domid}, does not exist")
         if args[0].startswith(b"@"):
-            # set_perms_special(): only the two special nodes exist.
-            path = args[0].decode("latin-1")
-            if path not in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):
-                raise XenStoreError("ENOENT", f"no special node {path!r}")
-        else:
-            path = self._canonical(conn, args[0])
+            self._set_special_perms(conn, args[0].decode("latin-1"), perms)
+            return OK
+        path = self._canonical(conn, args[0])
         node = self._get_node(request, path, XS_PERM_WRITE | XS_PERM_OWNER)
         if not conn.privileged and perms[0].domid != node.owner:
             raise XenStoreError("EPERM", "only domain 0 may change a node's owner")
@@ -915,6 +947,20 @@ class Store:
         self._count_owned(request.tx, changed.owner, 1)
         self._fire(request, path, exact=False, old_perms=node.perms)
         return OK
+
+    def _set_special_perms(self, conn: _Connection, path: str,
+                           perms: tuple[Permission, ...]) -> None:
+        """set_perms_special(): who sees `@introduceDomain` or `@releaseDomain` events.
+
+        No node changes: nothing fires, no transaction holds it, no quota counts it.
+        """
+        node = self._nodes.get(path) if path in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN) else None
+        if node is None:
+            raise XenStoreError("EINVAL", f"no special path {path!r}")
+        wanted = XS_PERM_WRITE | XS_PERM_OWNER
+        if self._perm(conn, node.perms) & wanted != wanted:
+            raise XenStoreError("EACCES")
+        self._nodes[path] = Node(node.value, perms, node.children, node.generation)
 
     def _do_watch(self, request: _Request) -> bytes:
         conn = request.conn
@@ -1036,8 +1082,8 @@ class Store:
             request.closed.append(conn.id)
         del self.domains[domid]
         self._targets.pop(domid, None)
-        # domain_tree_remove() removes what the domain owned; xenlike also
-        # removes its home, which libxl otherwise does itself.
+        # domain_tree_remove(): what the domain owned goes (its home is the
+        # toolstack's to remove, as libxl does).
         pending = ["/"]
         while pending:
             path = pending.pop()
@@ -1048,9 +1094,6 @@ class Store:
                 self._remove(request, path, node)
             else:
                 pending.extend(_child(path, name) for name in reversed(node.children))
-        home = self._nodes.get(f"/local/domain/{domid}")
-        if home is not None:
-            self._remove(request, f"/local/domain/{domid}", home)
         self._forget_domain(domid)
         self._fire(request, _RELEASE_DOMAIN, exact=True)
         return OK
