@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Costs", "Usage", "own_usage", "process_usage"]
+__all__ = ["Costs", "Usage", "own_usage", "process_usage", "topology_processes"]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -61,6 +61,24 @@ def process_usage(pid: int) -> Usage:
             if line.startswith("voluntary_ctxt_switches:"):
                 switches += int(line.split()[1])
     return Usage(cpu, switches)
+
+
+def topology_processes(run_dir: Path) -> dict[int | str, int]:
+    """The pids of a running topology: `"hypervisor"`, and each domain's by domid
+    (the hypervisor's children, each started with `--domid N`)."""
+    hypervisor = int((run_dir / "hypervisor.pid").read_text())
+    found: dict[int | str, int] = {"hypervisor": hypervisor}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if int(stat.rsplit(")", 1)[1].split()[1]) == hypervisor and b"--domid" in argv:
+            found[int(argv[argv.index(b"--domid") + 1])] = int(entry.name)
+    return found
 
 
 class Costs:
