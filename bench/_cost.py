@@ -37,7 +37,7 @@ class Usage(NamedTuple):
     cpu: float  # user + system seconds
     vcsw: int  # voluntary context switches
 
-    def __sub__(self, other: "Usage") -> "Usage":  # type: ignore[override]
+    def __sub__(self, other: "Usage") -> "Usage":
         return Usage(self.cpu - other.cpu, self.vcsw - other.vcsw)
 
 

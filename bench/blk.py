@@ -95,8 +95,9 @@ def random_offsets(size: int) -> list[int]:
 
 # --- the guest's side -----------------------------------------------------------------
 
-async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int]:
-    """One workload for `seconds`; returns IOPS or MB/s, and the requests done."""
+async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int, Usage]:
+    """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
+    this process's usage while they ran."""
     kind, size, depth, _ = WORKLOADS[name]
     batch = BATCH[name]
     workers = depth // batch
@@ -128,12 +129,14 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int
         for buffer in buffers:
             disk.release(buffer)  # for the next workload's buffers
 
+    before = own_usage()
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for k in range(workers):
             nursery.start_soon(worker, k * len(offsets) // workers if kind == "rand" else k)
     elapsed = time.perf_counter() - start
-    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done
+    used = own_usage() - before
+    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done, used
 
 
 def event_sends(g: Any) -> int:
@@ -157,17 +160,18 @@ async def guest(g: Any) -> None:
                 continue
             seen = order
             number, name, seconds = order.split()
-            before, sends = own_usage(), event_sends(g)
-            value, done = await run_in_guest(disk, name, float(seconds))
-            used, sends = own_usage() - before, event_sends(g) - sends
+            sends = event_sends(g)
+            value, done, used = await run_in_guest(disk, name, float(seconds))
+            sends = event_sends(g) - sends
             await g.xs.write("data/bench/result",
                              f"{number} {value} {done} {used.cpu:.6f} {used.vcsw} {sends}")
 
 
 # --- raw I/O on the image, from this process -------------------------------------------
 
-def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int]:
-    """One workload for `seconds`; returns IOPS or MB/s, and the requests done."""
+def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int, Usage]:
+    """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
+    this process's usage while they ran."""
     kind, size, _, _ = WORKLOADS[name]
     import mmap
 
@@ -183,6 +187,7 @@ def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int]:
         iov = [view]
         count = len(offsets)
         done = 0
+        before = own_usage()
         start = time.perf_counter()
         deadline = start + seconds
         while time.perf_counter() < deadline:
@@ -190,11 +195,12 @@ def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int]:
                 io(fd, iov, offsets[index % count])
             done += 64
         elapsed = time.perf_counter() - start
+        used = own_usage() - before
     finally:
         os.close(fd)
         view.release()
         buffer.close()
-    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done
+    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done, used
 
 
 # --- driving it ----------------------------------------------------------------------
@@ -225,9 +231,8 @@ async def measure(run_dir: Path, images: Path, rounds: int, seconds: float, cost
             for name in WORKLOADS:
                 for who in (*GUESTS, "raw"):
                     if who == "raw":
-                        before = own_usage()
-                        value, done = run_raw(images / "pon.img", name, seconds)
-                        costs.add("raw", name, own_usage() - before, done)
+                        value, done, used = run_raw(images / "pon.img", name, seconds)
+                        costs.add("raw", name, used, done)
                     else:
                         number += 1
                         home = f"/local/domain/{domids[who]}/data/bench"
