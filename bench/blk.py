@@ -22,7 +22,11 @@ own memory, so the data is not copied in the guest — with `readinto_many` /
   depth 4 (MB/s).
 
 Rounds interleave (each workload through each guest, then raw, round after
-round) and the figures are medians of rounds. The last lines are
+round) and the figures are medians of rounds. Then, per request, CPU time
+and voluntary context switches of the guest (measured by itself, with its
+event channel sends as `wakeups_per_op`), of Dom0 and of the hypervisor
+(from /proc, over the round), and of raw's process; see bench/_cost.py.
+The last lines are
 `ratio NAME: VALUE`: guest figure / raw figure, per workload, for
 persistent grants on and off.
 """
@@ -44,7 +48,8 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xenlike.xenstore import XenStoreError, open_client
+from bench._cost import Costs, Usage, own_usage, process_usage, topology_processes  # noqa: E402
+from xenlike.xenstore import XenStoreError, open_client  # noqa: E402
 
 DISK_BYTES = 64 << 20
 WORKLOADS = {  # name: (kind, request bytes, depth, unit)
@@ -90,8 +95,9 @@ def random_offsets(size: int) -> list[int]:
 
 # --- the guest's side -----------------------------------------------------------------
 
-async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
-    """One workload for `seconds`; returns IOPS or MB/s."""
+async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int, Usage]:
+    """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
+    this process's usage while they ran."""
     kind, size, depth, _ = WORKLOADS[name]
     batch = BATCH[name]
     workers = depth // batch
@@ -123,16 +129,25 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> float:
         for buffer in buffers:
             disk.release(buffer)  # for the next workload's buffers
 
+    before = own_usage()
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for k in range(workers):
             nursery.start_soon(worker, k * len(offsets) // workers if kind == "rand" else k)
     elapsed = time.perf_counter() - start
-    return done / elapsed if kind == "rand" else done * size / elapsed / 1e6
+    used = own_usage() - before
+    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done, used
+
+
+def event_sends(g: Any) -> int:
+    """Notifications this guest has sent on all its event channel ports."""
+    return sum(port.sends for port in g.domain.evtchn.ports.values())
 
 
 async def guest(g: Any) -> None:
-    """The init program: run what `data/bench/go` says, answer in `data/bench/result`."""
+    """The init program: run what `data/bench/go` says, answer in `data/bench/result`
+    (the figure, the requests done, and over the workload this process's CPU
+    seconds, voluntary switches and event channel sends)."""
     disk = g.device("vbd")
     seen = ""
     async with g.xs.watch("data/bench/go") as events:
@@ -145,13 +160,18 @@ async def guest(g: Any) -> None:
                 continue
             seen = order
             number, name, seconds = order.split()
-            value = await run_in_guest(disk, name, float(seconds))
-            await g.xs.write("data/bench/result", f"{number} {value}")
+            sends = event_sends(g)
+            value, done, used = await run_in_guest(disk, name, float(seconds))
+            sends = event_sends(g) - sends
+            await g.xs.write("data/bench/result",
+                             f"{number} {value} {done} {used.cpu:.6f} {used.vcsw} {sends}")
 
 
 # --- raw I/O on the image, from this process -------------------------------------------
 
-def run_raw(path: Path, name: str, seconds: float) -> float:
+def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int, Usage]:
+    """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
+    this process's usage while they ran."""
     kind, size, _, _ = WORKLOADS[name]
     import mmap
 
@@ -167,6 +187,7 @@ def run_raw(path: Path, name: str, seconds: float) -> float:
         iov = [view]
         count = len(offsets)
         done = 0
+        before = own_usage()
         start = time.perf_counter()
         deadline = start + seconds
         while time.perf_counter() < deadline:
@@ -174,11 +195,12 @@ def run_raw(path: Path, name: str, seconds: float) -> float:
                 io(fd, iov, offsets[index % count])
             done += 64
         elapsed = time.perf_counter() - start
+        used = own_usage() - before
     finally:
         os.close(fd)
         view.release()
         buffer.close()
-    return done / elapsed if kind == "rand" else done * size / elapsed / 1e6
+    return (done / elapsed if kind == "rand" else done * size / elapsed / 1e6), done, used
 
 
 # --- driving it ----------------------------------------------------------------------
@@ -191,9 +213,14 @@ def xenlike(*args: str, run_dir: Path) -> str:
     return result.stdout
 
 
-async def measure(run_dir: Path, images: Path, rounds: int, seconds: float
+async def measure(run_dir: Path, images: Path, rounds: int, seconds: float, costs: Costs
                   ) -> dict[tuple[str, str], list[float]]:
+    """The figures of every round; per-request costs of every process go to `costs`:
+    the guest's from itself, Dom0's and the hypervisor's from /proc, raw's (this
+    process) from getrusage."""
     figures: dict[tuple[str, str], list[float]] = {}
+    pids = topology_processes(run_dir)
+    others = {"dom0": pids[0], "hypervisor": pids["hypervisor"]}
     async with open_client(run_dir / "xenstored" / "socket") as xs:
         domids = {}
         for domid in await xs.ls("/local/domain"):
@@ -204,23 +231,30 @@ async def measure(run_dir: Path, images: Path, rounds: int, seconds: float
             for name in WORKLOADS:
                 for who in (*GUESTS, "raw"):
                     if who == "raw":
-                        value = run_raw(images / "pon.img", name, seconds)
+                        value, done, used = run_raw(images / "pon.img", name, seconds)
+                        costs.add("raw", name, used, done)
                     else:
                         number += 1
                         home = f"/local/domain/{domids[who]}/data/bench"
+                        before_others = {k: process_usage(pid) for k, pid in others.items()}
                         await xs.write(f"{home}/go", f"{number} {name} {seconds}")
-                        value = await result(xs, f"{home}/result", number)
+                        value, done, used, sends = await result(xs, f"{home}/result", number)
+                        costs.add("guest", f"{name}_{who}", used, done, sends)
+                        for process, pid in others.items():
+                            costs.add(process, f"{name}_{who}",
+                                      process_usage(pid) - before_others[process], done)
                     figures.setdefault((who, name), []).append(value)
     return figures
 
 
-async def result(xs: Any, path: str, number: int) -> float:
+async def result(xs: Any, path: str, number: int) -> tuple[float, int, Usage, int]:
+    """The guest's answer to order `number`: figure, requests, usage, event sends."""
     with trio.fail_after(120):
         while True:
             try:
-                got, value = (await xs.read(path)).decode().split()
+                got, value, done, cpu, switches, sends = (await xs.read(path)).decode().split()
                 if int(got) == number:
-                    return float(value)
+                    return float(value), int(done), Usage(float(cpu), int(switches)), int(sends)
             except XenStoreError:
                 pass
             await trio.sleep(0.02)
@@ -245,7 +279,8 @@ def main() -> None:
         run_dir = base / "run"
         xenlike("up", str(base / "bench.toml"), "--detach", run_dir=run_dir)
         try:
-            figures = trio.run(measure, run_dir, base, rounds, seconds)
+            costs = Costs()
+            figures = trio.run(measure, run_dir, base, rounds, seconds, costs)
         finally:
             xenlike("down", run_dir=run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -255,6 +290,7 @@ def main() -> None:
         print(f"raw {name}: {medians[('raw', name)]:.0f} {unit}")
         for who, label in GUESTS.items():
             print(f"{label} {name}: {medians[(who, name)]:.0f} {unit}")
+    print("\n".join(costs.lines()))
     for who in GUESTS:
         for name in WORKLOADS:
             ratio = medians[(who, name)] / medians[("raw", name)]

@@ -15,7 +15,11 @@ rounds, in microseconds per round trip. The last line is
 `ratio round_trip: VALUE`, xenlike's time over raw's (the target is 1.3 or
 less). Two processes on a 2-vCPU machine land on one vCPU or two as the
 scheduler likes, so single rounds vary; compare medians from one run.
-`--cpu N` pins every process to vCPU N.
+`--cpu N` pins every process to vCPU N. Then, per round trip, each
+process's CPU time and voluntary context switches over the measured trips
+(ping and pong; raw_ping and raw_pong; see bench/_cost.py): each sends one
+event per trip, so the switches say how many of them woke a sleeper. The
+hypervisor takes no part in a send.
 """
 
 import argparse
@@ -33,6 +37,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._cost import Costs, Usage, own_usage  # noqa: E402
 from xenlike.hypervisor import Hypervisor  # noqa: E402
 from xenlike.xc import XenControl  # noqa: E402
 
@@ -50,9 +55,15 @@ async def ping(domain: Any) -> None:
     """Owns the port Dom0 allocated for the peer; answers every event."""
     p = _params(domain)
     port = await domain.evtchn.port(p["port"])
-    for _ in range(p["warmup"] + p["rounds"]):
+    for _ in range(p["warmup"]):
         await port.wait()
         port.notify()
+    before = own_usage()
+    for _ in range(p["rounds"]):
+        await port.wait()
+        port.notify()
+    used = own_usage() - before
+    await domain.console_write(f"{TAG} {used.cpu:.6f} {used.vcsw}")
 
 
 async def pong(domain: Any) -> None:
@@ -63,16 +74,20 @@ async def pong(domain: Any) -> None:
     for _ in range(p["warmup"]):  # the peer learns our doorbell meanwhile
         port.notify()
         await port.wait()
+    before = own_usage()
     start = time.perf_counter()
     for _ in range(p["rounds"]):
         port.notify()
         await port.wait()
     elapsed = time.perf_counter() - start
-    await domain.console_write(f"{TAG} {elapsed / p['rounds'] * 1e6:.3f}")
+    used = own_usage() - before
+    per_trip = elapsed / p["rounds"] * 1e6
+    await domain.console_write(f"{TAG} {per_trip:.3f} {used.cpu:.6f} {used.vcsw}")
 
 
-async def xenlike_round(rounds: int, warmup: int) -> float:
-    """Microseconds per round trip, as the pong domain measured them."""
+async def xenlike_round(rounds: int, warmup: int, costs: Costs) -> float:
+    """Microseconds per round trip, as the pong domain measured them; both
+    domains' usage over the measured trips goes to `costs`."""
     with tempfile.TemporaryDirectory() as run_dir:
         hv = Hypervisor(Path(run_dir))
         exited = 0
@@ -100,10 +115,16 @@ async def xenlike_round(rounds: int, warmup: int) -> float:
                 with trio.fail_after(120):
                     await both_gone.wait()  # Dom0 stays quiet while they measure
             nursery.cancel_scope.cancel()
-    figures = [line.rsplit(" ", 1)[1] for line in hv.log_lines if f"(d{ponger}) {TAG} " in line]
-    if not figures:
-        raise SystemExit("the pong domain did not report:\n" + "\n".join(hv.log_lines))
-    return float(figures[0])
+    def reported(domid: int) -> list[str]:
+        for line in hv.log_lines:
+            if f"(d{domid}) {TAG} " in line:
+                return line.split(f"(d{domid}) {TAG} ", 1)[1].split()
+        raise SystemExit(f"d{domid} did not report:\n" + "\n".join(hv.log_lines))
+
+    per_trip, *pong_used = reported(ponger)
+    for name, (cpu, switches) in (("ping", reported(pinger)), ("pong", pong_used)):
+        costs.add(name, "round_trip", Usage(float(cpu), int(switches)), rounds)
+    return float(per_trip)
 
 
 # --- raw -----------------------------------------------------------------------
@@ -117,46 +138,59 @@ async def raw_wait(fd: int) -> int:
             await trio.lowlevel.wait_readable(fd)
 
 
-async def raw_ping(wait_fd: int, peer_fd: int, total: int) -> None:
-    for _ in range(total):
+async def raw_ping(wait_fd: int, peer_fd: int, rounds: int, warmup: int) -> str:
+    """CPU seconds and voluntary switches over the measured trips."""
+    for _ in range(warmup):
         await raw_wait(wait_fd)
         os.eventfd_write(peer_fd, 1)
+    before = own_usage()
+    for _ in range(rounds):
+        await raw_wait(wait_fd)
+        os.eventfd_write(peer_fd, 1)
+    used = own_usage() - before
+    return f"{used.cpu:.6f} {used.vcsw}"
 
 
-async def raw_pong(wait_fd: int, peer_fd: int, rounds: int, warmup: int) -> float:
+async def raw_pong(wait_fd: int, peer_fd: int, rounds: int, warmup: int) -> str:
+    """Microseconds per round trip, then CPU seconds and voluntary switches."""
     for _ in range(warmup):
         os.eventfd_write(peer_fd, 1)
         await raw_wait(wait_fd)
+    before = own_usage()
     start = time.perf_counter()
     for _ in range(rounds):
         os.eventfd_write(peer_fd, 1)
         await raw_wait(wait_fd)
-    return (time.perf_counter() - start) / rounds * 1e6
+    elapsed = time.perf_counter() - start
+    used = own_usage() - before
+    return f"{elapsed / rounds * 1e6} {used.cpu:.6f} {used.vcsw}"
 
 
-def raw_round(rounds: int, warmup: int) -> float:
-    """Microseconds per round trip, as the raw pong process measured them."""
+def raw_round(rounds: int, warmup: int, costs: Costs) -> float:
+    """Microseconds per round trip, as the raw pong process measured them; both
+    processes' usage over the measured trips goes to `costs`."""
     to_ping = os.eventfd(0, os.EFD_NONBLOCK)
     to_pong = os.eventfd(0, os.EFD_NONBLOCK)
     common = [sys.executable, __file__, "--trips", str(rounds), "--warmup", str(warmup)]
     fds = (to_ping, to_pong)
     pinger = subprocess.Popen(common + ["--raw", "ping", "--fds", str(to_ping), str(to_pong)],
-                              pass_fds=fds, start_new_session=True)
+                              pass_fds=fds, stdout=subprocess.PIPE, start_new_session=True)
     ponger = subprocess.Popen(common + ["--raw", "pong", "--fds", str(to_pong), str(to_ping)],
                               pass_fds=fds, stdout=subprocess.PIPE, start_new_session=True)
     os.close(to_ping)
     os.close(to_pong)
     out, _ = ponger.communicate(timeout=120)
-    if ponger.returncode != 0 or pinger.wait(timeout=60) != 0:
+    ping_out, _ = pinger.communicate(timeout=60)
+    if ponger.returncode != 0 or pinger.returncode != 0:
         raise SystemExit("a raw ping-pong process failed")
-    return float(out)
+    per_trip, *pong_used = out.split()
+    for name, (cpu, switches) in (("raw_ping", ping_out.split()), ("raw_pong", pong_used)):
+        costs.add(name, "round_trip", Usage(float(cpu), int(switches)), rounds)
+    return float(per_trip)
 
 
 def run_raw(role: str, wait_fd: int, peer_fd: int, rounds: int, warmup: int) -> None:
-    if role == "ping":
-        trio.run(raw_ping, wait_fd, peer_fd, warmup + rounds)
-    else:
-        print(trio.run(raw_pong, wait_fd, peer_fd, rounds, warmup))
+    print(trio.run(raw_ping if role == "ping" else raw_pong, wait_fd, peer_fd, rounds, warmup))
 
 
 def main() -> None:
@@ -179,16 +213,18 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the guests import this file
 
+    costs = Costs()
     times: dict[str, list[float]] = {"raw": [], "xenlike": []}
     for _ in range(repeat):
-        times["raw"].append(raw_round(trips, args.warmup))
-        times["xenlike"].append(trio.run(xenlike_round, trips, args.warmup))
+        times["raw"].append(raw_round(trips, args.warmup, costs))
+        times["xenlike"].append(trio.run(xenlike_round, trips, args.warmup, costs))
     med = {kind: statistics.median(values) for kind, values in times.items()}
     where = f"pinned to vCPU {args.cpu}" if args.cpu is not None else "unpinned"
     print(f"rounds: {repeat} (medians), {trips} round trips each, {where}")
     print(f"raw round trip: {med['raw']:.1f} us")
     print(f"xenlike round trip: {med['xenlike']:.1f} us")
     print(f"xenlike round trips/s: {1e6 / med['xenlike']:,.0f}")
+    print("\n".join(costs.lines()))
     print(f"ratio round_trip: {med['xenlike'] / med['raw']:.3f}")
 
 

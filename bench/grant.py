@@ -9,6 +9,8 @@ GNTTABOP_map_grant_ref of 32 refs plus one GNTTABOP_unmap_grant_ref, or as
 32 maps of one ref followed by 32 unmaps of one handle. Rounds interleave
 (batched, single, batched, ...) and the figures are medians of rounds.
 
+Then, per page mapped and unmapped, the mapping guest's CPU time and
+voluntary context switches for each kind (see bench/_cost.py).
 The last line is `ratio batched_vs_single: VALUE`: how many times faster
 the batched map and unmap of 32 pages is than the single calls.
 """
@@ -26,6 +28,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._cost import Costs, Usage, own_usage  # noqa: E402
 from xenlike.domain import Domain  # noqa: E402
 from xenlike.hypervisor import Hypervisor  # noqa: E402
 
@@ -63,14 +66,17 @@ async def mapper(domain: Domain) -> None:
     iterations = int(p["iterations"])
     await batched()  # the first map brings the granter's memory fd: not part of the figures
     for number in range(int(p["rounds"])):
-        figures = {}
+        words = [f"round {number}"]
         for name, cycle in (("batched", batched), ("single", single)):
+            before = own_usage()
             start = time.perf_counter()
             for _ in range(iterations):
                 await cycle()
-            figures[name] = (time.perf_counter() - start) / iterations * 1e6
-        await domain.console_write(f"round {number} batched_us={figures['batched']:.1f} "
-                                   f"single_us={figures['single']:.1f}")
+            per_cycle = (time.perf_counter() - start) / iterations * 1e6
+            used = own_usage() - before
+            words += [f"{name}_us={per_cycle:.1f}", f"{name}_cpu={used.cpu:.6f}",
+                      f"{name}_vcsw={used.vcsw}"]
+        await domain.console_write(" ".join(words))
     await domain.console_write("bench done")
 
 
@@ -107,7 +113,7 @@ async def measure(rounds: int, iterations: int) -> list[dict[str, float]]:
             for line in hv.log_lines:
                 if f"(d{mapping.domid}) round " in line:
                     fields = dict(word.split("=") for word in line.split() if "=" in word)
-                    results.append({k.removesuffix("_us"): float(v) for k, v in fields.items()})
+                    results.append({k: float(v) for k, v in fields.items()})
             nursery.cancel_scope.cancel()
     return results
 
@@ -120,13 +126,19 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 7)
     iterations = 5 if args.quick else 50
     results = trio.run(measure, rounds, iterations)
-    batched = statistics.median(r["batched"] for r in results)
-    single = statistics.median(r["single"] for r in results)
+    batched = statistics.median(r["batched_us"] for r in results)
+    single = statistics.median(r["single_us"] for r in results)
+    costs = Costs()
+    for r in results:
+        for name in ("batched", "single"):
+            costs.add("mapper", name, Usage(r[f"{name}_cpu"], int(r[f"{name}_vcsw"])),
+                      iterations * PAGES)
     print(f"rounds: {rounds} (medians), {iterations} map+unmap cycles of {PAGES} pages each")
     print(f"batched map+unmap of {PAGES} pages (2 hypercalls): {batched:.0f} us")
     print(f"single map+unmap of {PAGES} pages ({2 * PAGES} hypercalls): {single:.0f} us")
     print(f"batched per page: {batched / PAGES:.1f} us")
     print(f"single per page: {single / PAGES:.1f} us")
+    print("\n".join(costs.lines()))
     print(f"ratio batched_vs_single: {single / batched:.3f}")
 
 

@@ -12,7 +12,12 @@
 Each round sends a burst of datagrams of 64 bytes (packets/s) or 1400 bytes
 (MB/s of payload); the rate is the receiver's: datagrams received over the
 time from the first to the last. Rounds interleave (raw 64, xenlike 64,
-raw 1400, xenlike 1400, ...) and the figures are medians. The last lines
+raw 1400, xenlike 1400, ...) and the figures are medians. Then, per
+datagram sent (workloads `64B`, `1400B`), CPU time and voluntary context
+switches of the sender and receiver guests (measured by themselves, with
+their event channel sends as `wakeups_per_op`), of Dom0 and the
+hypervisor (from /proc, over the round), and of raw_sender and
+raw_receiver; see bench/_cost.py. The last lines
 are `ratio NAME: VALUE`, xenlike's rate over raw's (the target for
 packets/s is 0.3 or more).
 """
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._cost import Costs, Usage, own_usage, process_usage, topology_processes  # noqa: E402
 from xenlike.rundir import RunDir  # noqa: E402
 from xenlike.xenstore import XenStoreError, open_client  # noqa: E402
 
@@ -66,11 +73,15 @@ vif = ["mac=00:16:3e:00:00:01, bridge=xenbr0, ip={SENDER_IP}/24"]
 
 
 class Counter:
-    """The receiving end of a round: datagrams and bytes, first and last arrival."""
+    """The receiving end of a round: datagrams and bytes, first and last arrival,
+    and this process's usage and event channel sends since the round began."""
 
-    def __init__(self) -> None:
+    def __init__(self, sends: Callable[[], int] = lambda: 0) -> None:
         self.count = self.bytes = 0
         self.first = self.last = 0.0
+        self._sends = sends
+        self._sends_before = sends()
+        self._before = own_usage()
 
     def add(self, size: int) -> None:
         now = time.perf_counter()
@@ -81,18 +92,27 @@ class Counter:
         self.bytes += size
 
     def result(self) -> bytes:
-        return f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f}".encode()
+        used = own_usage() - self._before
+        return (f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f} "
+                f"{used.cpu:.6f} {used.vcsw} {self._sends() - self._sends_before}").encode()
+
+
+def event_sends(guest: Any) -> Callable[[], int]:
+    """How many notifications the guest has sent on all its event channel ports."""
+    ports = guest.domain.evtchn.ports
+    return lambda: sum(port.sends for port in ports.values())
 
 
 async def receiver(guest: Any) -> None:
     """Counts the datagrams of each round; START resets, END answers with the count."""
     sock = guest.net().udp(PORT)
-    counter = Counter()
+    sends = event_sends(guest)
+    counter = Counter(sends)
     print(f"[{guest.name}] receiving on {RECEIVER_IP}:{PORT}")
     while True:
         data, sender = await sock.recvfrom()
         if data == START:
-            counter = Counter()
+            counter = Counter(sends)
             await sock.sendto(START, sender)
         elif data == END:
             await sock.sendto(counter.result(), sender)
@@ -112,8 +132,10 @@ async def _ask(sock: Any, message: bytes, answer: bytes) -> bytes:
 
 
 async def sender(guest: Any) -> None:
-    """Runs the round `data/bench/go` names; writes the receiver's count to `data/bench/result`."""
+    """Runs the round `data/bench/go` names; writes the receiver's count to `data/bench/result`,
+    then its own CPU seconds, voluntary switches and event sends over the burst."""
     iface = guest.net()
+    sends = event_sends(guest)
     sock = iface.udp(PORT)
     await iface.ping(RECEIVER_IP, timeout=10)
     async with guest.xs.watch("data/bench/go") as events:
@@ -123,13 +145,16 @@ async def sender(guest: Any) -> None:
             except (XenStoreError, ValueError):
                 continue  # the watch fires once at once, before any round
             await _ask(sock, START, START)
+            before, sent_before = own_usage(), sends()
             payload = b"x" * int(size)
             destination = (RECEIVER_IP, PORT)
             for _ in range(int(count)):
                 await sock.sendto(payload, destination)
             await trio.sleep(0.05)  # let the tail drain before asking
+            used, sent = own_usage() - before, sends() - sent_before
             result = (await _ask(sock, END, b"RESULT")).decode().removeprefix("RESULT ")
-            await guest.xs.write("data/bench/result", f"{number} {result}")
+            await guest.xs.write("data/bench/result",
+                                 f"{number} {result} {used.cpu:.6f} {used.vcsw} {sent}")
 
 
 # --- raw: loopback UDP between two processes -------------------------------------------
@@ -165,15 +190,18 @@ class Raw:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.connect(("127.0.0.1", self.ready.get(timeout=30)))
 
-    def round(self, size: int, count: int) -> tuple[int, int, float]:
+    def round(self, size: int, count: int, costs: Costs) -> tuple[int, int, float]:
         self.sock.send(START)
         time.sleep(0.01)
+        before = own_usage()
         payload, send = b"x" * size, self.sock.send
         for _ in range(count):
             send(payload)
         time.sleep(0.05)
+        costs.add("raw_sender", f"{size}B", own_usage() - before, count)
         self.sock.send(END)
-        received, nbytes, elapsed = self.results.get(timeout=60).split()
+        received, nbytes, elapsed, cpu, switches, _ = self.results.get(timeout=60).split()
+        costs.add("raw_receiver", f"{size}B", Usage(float(cpu), int(switches)), count)
         return int(received), int(nbytes), float(elapsed)
 
     def close(self) -> None:
@@ -197,6 +225,8 @@ class Guests:
         subprocess.run([sys.executable, "-m", "xenlike", "up", str(topology), "--detach"],
                        env=self.env, check=True, capture_output=True, timeout=120)
         self.number = 0
+        pids = topology_processes(self.run_dir.path)
+        self.hosts = {"dom0": pids[0], "hypervisor": pids["hypervisor"]}
 
     async def _sender_domid(self, xs: Any) -> str:
         for domid in await xs.ls("/local/domain"):
@@ -207,10 +237,13 @@ class Guests:
                 continue
         raise RuntimeError("no guest named sender")
 
-    async def round(self, size: int, count: int) -> tuple[int, int, float]:
+    async def round(self, size: int, count: int, costs: Costs) -> tuple[int, int, float]:
+        """Received datagrams and bytes and the time they took; each process's
+        usage goes to `costs`: the guests' from themselves, the hosts' from /proc."""
         self.number += 1
         async with open_client(self.run_dir.xenstored_socket) as xs:
             home = f"/local/domain/{await self._sender_domid(xs)}/data/bench"
+            before = {name: process_usage(pid) for name, pid in self.hosts.items()}
             await xs.write(f"{home}/go", f"{self.number} {size} {count}")
             with trio.fail_after(120):
                 while True:
@@ -220,9 +253,14 @@ class Guests:
                         text = ""
                     number, *result = text.split() or ["0"]
                     if int(number) == self.number:
-                        received, nbytes, elapsed = result
-                        return int(received), int(nbytes), float(elapsed)
+                        break
                     await trio.sleep(0.05)
+        for name, pid in self.hosts.items():
+            costs.add(name, f"{size}B", process_usage(pid) - before[name], count)
+        received, nbytes, elapsed, *usages = result
+        for name, (cpu, switches, sends) in (("receiver", usages[0:3]), ("sender", usages[3:6])):
+            costs.add(name, f"{size}B", Usage(float(cpu), int(switches)), count, int(sends))
+        return int(received), int(nbytes), float(elapsed)
 
     def close(self) -> None:
         subprocess.run([sys.executable, "-m", "xenlike", "down"], env=self.env,
@@ -239,6 +277,7 @@ def main() -> None:
     sizes = (64, 1400)
     rates: dict[tuple[str, int], list[float]] = {}
     lost: dict[tuple[str, int], list[float]] = {}
+    costs = Costs()
     with tempfile.TemporaryDirectory(prefix="xenlike-bench-net-") as tmp:
         raw = Raw()
         guests = Guests(Path(tmp))
@@ -248,9 +287,10 @@ def main() -> None:
                     for name in ("raw", "xenlike"):
                         count = counts[name]
                         if name == "raw":
-                            received, nbytes, elapsed = raw.round(size, count)
+                            received, nbytes, elapsed = raw.round(size, count, costs)
                         else:
-                            received, nbytes, elapsed = trio.run(guests.round, size, count)
+                            received, nbytes, elapsed = trio.run(guests.round, size, count,
+                                                                 costs)
                         rate = (received - 1) / elapsed if elapsed > 0 else 0.0
                         rates.setdefault((name, size), []).append(
                             rate if size == 64 else rate * size / 1e6)
@@ -267,6 +307,7 @@ def main() -> None:
     print(f"xenlike guest to guest, 1400-byte payloads: {med['xenlike', 1400]:.1f} MB/s")
     for key, values in sorted(lost.items()):
         print(f"{key[0]} {key[1]}-byte datagrams lost: {statistics.median(values):.1%}")
+    print("\n".join(costs.lines()))
     print(f"ratio packets_per_second: {med['xenlike', 64] / med['raw', 64]:.3f}")
     print(f"ratio megabytes_per_second: {med['xenlike', 1400] / med['raw', 1400]:.3f}")
 

@@ -13,7 +13,9 @@ eventfds, with a blkif-shaped ring (112-byte requests carrying one segment,
 
 Rounds alternate raw, xenlike, raw, ... and the medians are reported:
 batched throughput (32 in flight) and unbatched round-trip latency (1 in
-flight, a notify each way). Run: `python bench/ring.py [--quick]`.
+flight, a notify each way), then for each side (front, back, raw_front,
+raw_back) CPU time, notifies sent and voluntary context switches per pair
+(see bench/_cost.py). Run: `python bench/ring.py [--quick]`.
 """
 
 import argparse
@@ -25,12 +27,14 @@ import struct
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._cost import Costs, own_usage  # noqa: E402
 from xenlike._eventfd import EventFd  # noqa: E402
 from xenlike.abi import blkif  # noqa: E402
 from xenlike.ring import BackRing, FrontRing, define_ring  # noqa: E402
@@ -41,9 +45,9 @@ SEGMENT = BLKIF.request.record().seg[0]._replace(gref=8, first_sect=0, last_sect
 
 # --- xenlike ---------------------------------------------------------------
 
-async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> None:
+async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> int:
     back = BackRing(BLKIF, mem)
-    served = 0
+    served = notifies = 0
     while served < count:
         reqs = back.get_requests()
         if not reqs:
@@ -60,14 +64,16 @@ async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, coun
         back.put_responses(responses)
         if back.push_responses():
             rsp_evt.notify()
+            notifies += 1
         served += len(reqs)
+    return notifies
 
 
 async def xenlike_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
-                        depth: int) -> None:
+                        depth: int) -> int:
     front = FrontRing(BLKIF, mem)
     seg = (SEGMENT,)
-    sent = done = 0
+    sent = done = notifies = 0
     while done < count:
         room = min(depth - (sent - done), count - sent)
         if room > 0:
@@ -76,12 +82,14 @@ async def xenlike_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, cou
             sent += room
             if front.push_requests():
                 req_evt.notify()
+                notifies += 1
         rsps = front.get_responses()
         if rsps:
             done += len(rsps)
             continue
         if not front.final_check_for_responses():
             await rsp_evt.wait()
+    return notifies
 
 
 # --- raw, by hand ----------------------------------------------------------
@@ -93,9 +101,9 @@ SLOT, NR_ENTS, M = 112, 32, 0xFFFFFFFF
 _lock = threading.Lock()
 
 
-async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> None:
+async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> int:
     hdr = mem[:64].cast("I")
-    req_cons = rsp_prod_pvt = served = 0
+    req_cons = rsp_prod_pvt = served = notifies = 0
     unpack_hdr, unpack_seg, pack = HDR.unpack_from, SEG.unpack_from, RSP.pack_into
     while served < count:
         avail = (hdr[0] - req_cons) & M
@@ -123,15 +131,17 @@ async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: i
             pass
         if ((rsp_prod_pvt - hdr[3]) & M) < ((rsp_prod_pvt - old) & M):
             rsp_evt.notify()
+            notifies += 1
         served += avail
+    return notifies
 
 
 async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
-                    depth: int) -> None:
+                    depth: int) -> int:
     hdr = mem[:64].cast("I")
     hdr[0] = hdr[2] = 0
     hdr[1] = hdr[3] = 1
-    req_prod = rsp_cons = sent = 0
+    req_prod = rsp_cons = sent = notifies = 0
     pack_hdr, pack_seg, unpack = HDR.pack_into, SEG.pack_into, RSP.unpack_from
     while rsp_cons < count:
         room = min(depth - (sent - rsp_cons), count - sent)
@@ -148,6 +158,7 @@ async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: 
                 pass
             if ((req_prod - hdr[1]) & M) < ((req_prod - old) & M):
                 req_evt.notify()
+                notifies += 1
         avail = (hdr[2] - rsp_cons) & M
         if avail:
             for i in range(avail):
@@ -159,23 +170,30 @@ async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: 
             pass
         if not (hdr[2] - rsp_cons) & M:
             await rsp_evt.wait()
+    return notifies
 
 
 LOOPS = {"raw": (raw_front, raw_back), "xenlike": (xenlike_front, xenlike_back)}
 
 
-def _run_back(kind: str, shm: mmap.mmap, req_fd: int, rsp_fd: int, count: int) -> None:
-    trio.run(LOOPS[kind][1], memoryview(shm), EventFd(req_fd), EventFd(rsp_fd), count)
+def _run_back(kind: str, shm: mmap.mmap, req_fd: int, rsp_fd: int, count: int,
+              report: Connection) -> None:
+    before = own_usage()
+    notifies = trio.run(LOOPS[kind][1], memoryview(shm), EventFd(req_fd), EventFd(rsp_fd), count)
+    report.send((own_usage() - before, notifies))
 
 
-def one_round(kind: str, count: int, depth: int) -> float:
-    """Seconds for `count` request/response pairs between two processes."""
+def one_round(kind: str, count: int, depth: int, costs: Costs) -> float:
+    """Seconds for `count` request/response pairs between two processes; each
+    side's CPU time, notifies and voluntary switches go to `costs`."""
     shm = mmap.mmap(-1, 4096)
     req_evt, rsp_evt = EventFd.create(), EventFd.create()
     os.set_inheritable(req_evt.fd, True)
     os.set_inheritable(rsp_evt.fd, True)
     ctx = multiprocessing.get_context("fork")
-    child = ctx.Process(target=_run_back, args=(kind, shm, req_evt.fd, rsp_evt.fd, count))
+    from_back, to_parent = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_run_back,
+                        args=(kind, shm, req_evt.fd, rsp_evt.fd, count, to_parent))
     mem = memoryview(shm)
     if kind == "xenlike":
         FrontRing(BLKIF, mem)  # initialise the shared header before the back end looks
@@ -183,12 +201,20 @@ def one_round(kind: str, count: int, depth: int) -> float:
         mem[:64].cast("I")[1] = 1
         mem[:64].cast("I")[3] = 1
     child.start()
+    before = own_usage()
     start = time.perf_counter()
-    trio.run(LOOPS[kind][0], mem, req_evt, rsp_evt, count, depth)
+    notifies = trio.run(LOOPS[kind][0], mem, req_evt, rsp_evt, count, depth)
     elapsed = time.perf_counter() - start
+    usage = own_usage() - before
+    back_report = from_back.recv() if from_back.poll(30) else None
     child.join(30)
-    if child.exitcode != 0:
+    if child.exitcode != 0 or back_report is None:
         raise SystemExit(f"{kind} back end failed with exit code {child.exitcode}")
+    workload = "batched" if depth > 1 else "unbatched"
+    prefix = "raw_" if kind == "raw" else ""
+    costs.add(f"{prefix}front", workload, usage, count, notifies)
+    back_usage, back_notifies = back_report
+    costs.add(f"{prefix}back", workload, back_usage, count, back_notifies)
     req_evt.close()
     rsp_evt.close()
     return elapsed
@@ -203,13 +229,14 @@ def main() -> None:
     batched_n = 20_000 if args.quick else 200_000
     single_n = 2_000 if args.quick else 20_000
 
+    costs = Costs()
     rates: dict[str, list[float]] = {"raw": [], "xenlike": []}
     latency: dict[str, list[float]] = {"raw": [], "xenlike": []}
     for _ in range(rounds):
         for kind in ("raw", "xenlike"):
-            rates[kind].append(batched_n / one_round(kind, batched_n, depth=32))
+            rates[kind].append(batched_n / one_round(kind, batched_n, 32, costs))
         for kind in ("raw", "xenlike"):
-            latency[kind].append(one_round(kind, single_n, depth=1) / single_n * 1e6)
+            latency[kind].append(one_round(kind, single_n, 1, costs) / single_n * 1e6)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     lat = {k: statistics.median(v) for k, v in latency.items()}
@@ -218,6 +245,7 @@ def main() -> None:
     print(f"xenlike batched (32 in flight): {med['xenlike']:,.0f} pairs/s")
     print(f"raw unbatched round trip: {lat['raw']:.1f} us")
     print(f"xenlike unbatched round trip: {lat['xenlike']:.1f} us")
+    print("\n".join(costs.lines()))
     print(f"ratio batched_throughput: {med['xenlike'] / med['raw']:.3f}")
     print(f"ratio unbatched_latency: {lat['xenlike'] / lat['raw']:.3f}")
 
