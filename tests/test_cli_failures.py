@@ -134,6 +134,9 @@ def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:
     for command in (("shutdown", "nosuch"), ("destroy", "nosuch"),
                     ("console", "nosuch", "--no-follow"), ("console", "9", "--no-follow")):
         assert_one_clean_line(xenlike(*command, run_dir=run_dir, check=False))
+    line = assert_one_clean_line(xenlike("trace", "--rings", "nosuch/vbd", run_dir=run_dir,
+                                         check=False))
+    assert "no domain named 'nosuch'" in line
     by_id = json.loads(xenlike("devices", "2", "--json", run_dir=run_dir).stdout)
     assert {d["domain"] for d in by_id} == {"beta"}
     assert "[alpha]" in xenlike("console", "1", "--no-follow", run_dir=run_dir).stdout

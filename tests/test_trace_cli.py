@@ -428,7 +428,9 @@ def traced(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     recorder = None
     try:
         xenlike("up", str(tmp / "traced.toml"), "--detach", "--trace", str(boot), run_dir=run_dir)
-        recorder = subprocess.Popen([*XENLIKE, "trace", "--record", str(live), "--rings"],
+        # --history: the handshakes happened before this recorder attached
+        recorder = subprocess.Popen([*XENLIKE, "trace", "--record", str(live), "--rings",
+                                     "--history"],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
         wait_for(lambda: sum((r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)

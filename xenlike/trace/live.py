@@ -129,7 +129,7 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
                          record: Path | None = None, rings: str | None = None,
                          wait: float = 0.0,
                          on_ready: Callable[[list[str]], None] | None = None,
-                         stop: trio.Event | None = None) -> int:
+                         stop: trio.Event | None = None, history: bool = False) -> int:
     """Follow every record until the hypervisor stops or `stop` is set.
 
     Each record goes to `on_event`, and to the file `record` if given
@@ -148,7 +148,7 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
             if writer is not None:
                 nursery.start_soon(_flush_periodically, writer)
             started = False
-            async with aclosing(follow(run_dir, until=stop)) as events:
+            async with aclosing(follow(run_dir, until=stop, history=history)) as events:
                 async for event in events:
                     if not started:  # the reader's own sysctl comes first: tracing is on
                         started = True
@@ -192,7 +192,7 @@ async def last_device_events(run_dir: Path) -> dict[tuple[int, str, int, int], T
     """
     ports: dict[tuple[int, int], tuple[int, str, int, int]] = {}
     last: dict[tuple[int, str, int, int], TraceRecord] = {}
-    with await TraceReader.open(run_dir) as reader:
+    with await TraceReader.open(run_dir, history=True) as reader:
         events = reader.read_available()
     for event in events:
         if not isinstance(event, TraceRecord) or event.op not in (XenlikeOp.xenbus, XenlikeOp.ring):
