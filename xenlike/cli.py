@@ -154,7 +154,7 @@ def main() -> None:
 @run_dir_option
 @click.option("--detach", is_flag=True, help="Return once every device is Connected.")
 @click.option("--trace", "trace_file", type=click.Path(path_type=Path),
-              help="Record every hypercall trace record to FILE.")
+              help="Record every hypercall trace record, and ring events, to FILE.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the boot.")
 def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Path | None,
        timeout: float) -> None:
@@ -225,7 +225,8 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
 
 
 def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
-    """`xenlike trace --record FILE` alongside the topology; its errors go to trace.log."""
+    """`xenlike trace --record FILE --rings` alongside the topology (ring events of every
+    device, as they appear); its errors go to trace.log."""
     import signal
     import subprocess
 
@@ -233,7 +234,7 @@ def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
 
     with (rd.path / "trace.log").open("ab") as log:
         subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
-                          "--record", str(trace_file), "--quiet"],
+                          "--record", str(trace_file), "--rings", "--quiet"],
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=log,
                          preexec_fn=None if detach else die_with_parent(signal.SIGTERM))

@@ -66,8 +66,9 @@ class GuestRecord:
 
 class Toolstack:
     def __init__(self, dom0: Any, xc: XenControl, xs: Any, consoled: XenConsoled,
-                 run_dir: Path, topology: Topology) -> None:
+                 run_dir: Path, topology: Topology, registry: Any = None) -> None:
         self.dom0 = dom0
+        self.registry = registry  # Dom0's back-end drivers: a created guest's are added
         self.xc = xc
         self.xs = xs
         self.consoled = consoled
@@ -84,6 +85,10 @@ class Toolstack:
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
+        if self.registry is not None:  # a driver that cannot load fails its devices only
+            for device in config.devices:
+                if "driver" in device and device["type"] not in self.registry:
+                    self.registry.register_dotted(device["driver"], device["type"])
         handle = uuid.uuid4()
         domid = await self.xc.createdomain(handle=handle.bytes)
         record = GuestRecord(config, domid, str(handle))
