@@ -17,6 +17,7 @@ import trio
 
 from xenlike import __version__
 from xenlike.abi.domctl import (
+    XEN_DOMINF_blocked,
     XEN_DOMINF_dying,
     XEN_DOMINF_paused,
     XEN_DOMINF_running,
@@ -325,7 +326,7 @@ def _state_letters(flags: int) -> str:
     shutdown = bool(flags & XEN_DOMINF_shutdown)
     return "".join([
         "r" if flags & XEN_DOMINF_running else "-",
-        "-",
+        "b" if flags & XEN_DOMINF_blocked else "-",
         "p" if flags & XEN_DOMINF_paused else "-",
         "s" if shutdown and reason != ShutdownReason.crash else "-",
         "c" if shutdown and reason == ShutdownReason.crash else "-",
