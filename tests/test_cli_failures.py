@@ -208,9 +208,11 @@ def test_modules_that_cannot_be_imported_are_found_before_anything_boots(
     assert not (run_dir / "hypervisor.log").exists()
     xenlike("up", "--detach", run_dir=run_dir)
     cfg = tmp_path / "typo.cfg"
-    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\n')
+    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\n'
+                   'vcpus = 2\n')
     line = assert_one_clean_line(xenlike("create", str(cfg), run_dir=run_dir, check=False))
     assert f"{cfg}:3: init = 'tests.no_such_module:main': no module named" in line, line
+    assert f"{cfg}:4: vcpus = 2" in line, line  # both problems, in one line
     cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.programs:no_such_program"\n')
     start = time.monotonic()
     create = xenlike("create", str(cfg), run_dir=run_dir, check=False)

@@ -83,7 +83,7 @@ def explain(exc: BaseException) -> str | None:
     from xenlike.xenstore import XenStoreError
 
     if isinstance(exc, (NotRunning, NoSuchDomain, ToolstackRefused, RunDirBusy)):
-        return str(exc).strip("'\"")
+        return "; ".join(str(exc).strip("'\"").splitlines())  # a topology's problems, one line
     if isinstance(exc, TopologyError):
         return "; ".join(str(problem) for problem in exc.problems)
     if isinstance(exc, XenStoreError):
