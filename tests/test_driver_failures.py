@@ -90,6 +90,11 @@ def test_a_driver_that_raises_fails_its_device_and_nothing_else(tmp_path: Path) 
         assert "xenbus: /local/domain/0/backend/faulty/1/0: handle raised" in dmesg
         dom0_log = (run_dir / "domains" / "0.log").read_text()
         assert "Traceback" in dom0_log and "ZeroDivisionError: handle on purpose" in dom0_log
-        xenlike("xenstore", "write", "/local/domain/0/name", "Domain-0", run_dir=run_dir)
+        node = "/local/domain/0/error/backend/faulty/1/0/error"
+        assert "handle raised" in xenlike("xenstore", "read", node, run_dir=run_dir).stdout
+        xenlike("destroy", "bad", run_dir=run_dir)  # its error nodes go with its back ends
+        assert xenlike("xenstore", "read", node, run_dir=run_dir, check=False).returncode == 1
+        good = json.loads(xenlike("devices", "good", "--json", run_dir=run_dir).stdout)
+        assert all(d["backend_state"] == "Connected" for d in good)
     finally:
         xenlike("down", run_dir=run_dir, check=False)

@@ -185,8 +185,10 @@ class Toolstack:
         """libxl_domain_destroy: devices, the domain, its XenStore tree, its console."""
         domid = record.domid
         self.consoled.remove(domid)
-        for path in await self._ls(f"/local/domain/{BACKEND_DOMID}/backend"):
-            await self._rm(f"/local/domain/{BACKEND_DOMID}/backend/{path}/{domid}")
+        for root in ("backend", "error/backend"):  # its back ends, and their error nodes
+            home = f"/local/domain/{BACKEND_DOMID}/{root}"
+            for path in await self._ls(home):
+                await self._rm(f"{home}/{path}/{domid}")
         try:
             await self.xc.destroy(domid)
         except HypercallError as exc:
