@@ -134,7 +134,9 @@ class Toolstack:
         words = []
         if config.init:
             words.append(f"init={config.init}")
-        drivers = [d["driver"] for d in config.devices if "driver" in d]
+        # TYPE@module:NAME, so that a guest that cannot load a driver fails its devices
+        drivers = dict.fromkeys(f"{d['type']}@{d['driver']}" for d in config.devices
+                                if "driver" in d)
         if drivers:
             words.append("drivers=" + ",".join(drivers))
         if config.extra:
