@@ -126,6 +126,17 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
     assert wait_gone(pids) == []
     xenlike("down", run_dir=run_dir)
     assert leftovers(run_dir) == []
+    for log in (run_dir / "console").glob("*.log"):  # the last run's "demo done"
+        log.unlink()
+    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    wait_for(lambda: (run_dir / "console" / "beta.log").exists() and
+             "demo done" in (run_dir / "console" / "beta.log").read_text(), what="beta's demo")
+    pids = started_pids(run_dir)
+    proc.terminate()  # SIGTERM: as clean as Ctrl-C
+    assert proc.wait(timeout=60) == 0
+    assert wait_gone(pids) == []
+    assert leftovers(run_dir) == []  # without a `down`
 
 
 def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:

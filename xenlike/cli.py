@@ -6,6 +6,7 @@ Each command is a small sync function that calls `trio.run`; the work is in
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -184,6 +185,8 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         session = start_topology(topo, rd, detach=detach, topology_path=topology)
     except RunDirBusy as exc:
         fail(str(exc))
+    if not detach:  # `kill` stops a foreground topology as cleanly as Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     if trace_file is not None:  # before the boot, so the recording has the guests' creation
         start_trace_recorder(rd, trace_file, detach)
     view = ProgressView(sys.stdout.isatty())
@@ -223,6 +226,10 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
     stop(rd)
     session.process.wait()
     click.echo("down")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
