@@ -317,3 +317,21 @@ def test_only_regular_files_are_disks(tmp_path: Path) -> None:
         Disk.open(tmp_path, readonly=True)
     with pytest.raises(OSError, match="not a regular file"):
         Disk.open("/dev/null")
+
+
+def test_dom0_opens_its_declared_images_and_nothing_else(tmp_path: Path) -> None:
+    """What blkback opens through (domain.hardware.disks): a back-end directory naming
+    any other file, whoever wrote it, opens nothing."""
+    from domains.dom0.kernel import _image_opener
+
+    run = tmp_path / "run"
+    run.mkdir()
+    topology = parse_topology('[dom0]\nimages = { "a.img" = "1M" }\n', "t.toml")
+    create_images(topology, run)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 4096)
+    open_image = _image_opener(topology, run)
+    open_image(run / "a.img", readonly=True).close()
+    for path in (secret, run / "b.img", run / "sub" / ".." / ".." / "secret"):
+        with pytest.raises(PermissionError):
+            open_image(path, readonly=True)

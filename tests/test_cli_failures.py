@@ -98,7 +98,8 @@ def test_killing_dom0_takes_the_guests_down_and_down_leaves_nothing(run_dir: Pat
     os.kill(dom0_pid(run_dir), signal.SIGKILL)
     # As Xen does when Dom0 dies: no guest runs on without its back ends.
     assert wait_gone(pids) == [], [p for p in pids if alive(p)]
-    assert "Domain 0 has exited" in (run_dir / "hypervisor.log").read_text()
+    assert "Domain 0 crashed: shutting down every domain" in \
+        (run_dir / "hypervisor.log").read_text()
     line = assert_one_clean_line(xenlike("list", run_dir=run_dir, check=False))
     assert "no topology is running" in line
     xenlike("down", run_dir=run_dir)
@@ -125,6 +126,17 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
     assert wait_gone(pids) == []
     xenlike("down", run_dir=run_dir)
     assert leftovers(run_dir) == []
+    for log in (run_dir / "console").glob("*.log"):  # the last run's "demo done"
+        log.unlink()
+    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    wait_for(lambda: (run_dir / "console" / "beta.log").exists() and
+             "demo done" in (run_dir / "console" / "beta.log").read_text(), what="beta's demo")
+    pids = started_pids(run_dir)
+    proc.terminate()  # SIGTERM: as clean as Ctrl-C
+    assert proc.wait(timeout=60) == 0
+    assert wait_gone(pids) == []
+    assert leftovers(run_dir) == []  # without a `down`
 
 
 def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:
@@ -134,6 +146,9 @@ def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:
     for command in (("shutdown", "nosuch"), ("destroy", "nosuch"),
                     ("console", "nosuch", "--no-follow"), ("console", "9", "--no-follow")):
         assert_one_clean_line(xenlike(*command, run_dir=run_dir, check=False))
+    line = assert_one_clean_line(xenlike("trace", "--rings", "nosuch/vbd", run_dir=run_dir,
+                                         check=False))
+    assert "no domain named 'nosuch'" in line
     by_id = json.loads(xenlike("devices", "2", "--json", run_dir=run_dir).stdout)
     assert {d["domain"] for d in by_id} == {"beta"}
     assert "[alpha]" in xenlike("console", "1", "--no-follow", run_dir=run_dir).stdout
@@ -205,9 +220,11 @@ def test_modules_that_cannot_be_imported_are_found_before_anything_boots(
     assert not (run_dir / "hypervisor.log").exists()
     xenlike("up", "--detach", run_dir=run_dir)
     cfg = tmp_path / "typo.cfg"
-    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\n')
+    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\n'
+                   'vcpus = 2\n')
     line = assert_one_clean_line(xenlike("create", str(cfg), run_dir=run_dir, check=False))
     assert f"{cfg}:3: init = 'tests.no_such_module:main': no module named" in line, line
+    assert f"{cfg}:4: vcpus = 2" in line, line  # both problems, in one line
     cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.programs:no_such_program"\n')
     start = time.monotonic()
     create = xenlike("create", str(cfg), run_dir=run_dir, check=False)

@@ -90,6 +90,52 @@ def test_a_driver_that_raises_fails_its_device_and_nothing_else(tmp_path: Path) 
         assert "xenbus: /local/domain/0/backend/faulty/1/0: handle raised" in dmesg
         dom0_log = (run_dir / "domains" / "0.log").read_text()
         assert "Traceback" in dom0_log and "ZeroDivisionError: handle on purpose" in dom0_log
-        xenlike("xenstore", "write", "/local/domain/0/name", "Domain-0", run_dir=run_dir)
+        node = "/local/domain/0/error/backend/faulty/1/0/error"
+        assert "handle raised" in xenlike("xenstore", "read", node, run_dir=run_dir).stdout
+        xenlike("destroy", "bad", run_dir=run_dir)  # its error nodes go with its back ends
+        assert xenlike("xenstore", "read", node, run_dir=run_dir, check=False).returncode == 1
+        good = json.loads(xenlike("devices", "good", "--json", run_dir=run_dir).stdout)
+        assert all(d["backend_state"] == "Connected" for d in good)
     finally:
         xenlike("down", run_dir=run_dir, check=False)
+
+
+class _Store:
+    """Just enough XenStore for probing: reads, listings and writes over a dict."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes = nodes
+
+    async def read_optional(self, path: str) -> str | None:
+        return self.nodes.get(path)
+
+    async def ls_optional(self, path: str) -> list[str]:
+        return sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
+                       if p.startswith(path + "/")})
+
+    async def write(self, path: str, value: str) -> None:
+        self.nodes[path] = value
+
+
+async def test_a_driver_that_cannot_be_loaded_fails_its_devices_only(nursery) -> None:  # type: ignore[no-untyped-def]
+    """A guest (or Dom0) whose driver module is gone by the time it loads it: the
+    device of that type fails with the reason; another type's device is probed."""
+    from types import SimpleNamespace
+
+    from xenlike.xenbus import DriverRegistry, FrontendBus, XenbusContext
+
+    home = "/local/domain/1/device"
+    store = _Store({f"{home}/gone/0/backend": "/local/domain/0/backend/gone/1/0",
+                    f"{home}/gone/0/backend-id": "0",
+                    f"{home}/other/0/backend": "/local/domain/0/backend/other/1/0",
+                    f"{home}/other/0/backend-id": "0"})
+    registry = DriverRegistry()
+    assert registry.register_dotted("tests.no_such_driver:DRIVER", "gone") is None
+    bus = FrontendBus(XenbusContext(SimpleNamespace(domid=1), store, nursery), registry)
+    await bus._probe(nursery)
+    error = store.nodes["/local/domain/1/error/device/gone/0/error"]
+    assert error.startswith("5 driver 'tests.no_such_driver:DRIVER' cannot be loaded"), error
+    assert store.nodes[f"{home}/gone/0/state"] == "5"  # Closing
+    assert f"{home}/other/0/state" not in store.nodes  # no driver: left alone, not failed
+    await bus._probe(nursery)  # probed again: reported once, not in a loop
+    assert bus.devices == {}

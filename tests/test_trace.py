@@ -503,3 +503,21 @@ async def test_only_dom0_may_read_the_traces(hv: Hypervisor, connect: DomainConn
     assert hv.trace.statistics().readers == 0
 
 
+
+
+async def test_a_new_reader_starts_at_the_present_and_replays_only_when_asked(
+        hv: Hypervisor, xc: XenControl) -> None:
+    with await TraceReader.open(hv.run_dir):
+        with pytest.raises(HypercallError):
+            await xc.hypercalls.call(99, 3)  # recorded while the first reader is attached
+    await wait_for_readers(hv, 0)
+    with await TraceReader.open(hv.run_dir) as reader:
+        with pytest.raises(HypercallError):
+            await xc.hypercalls.call(99, 4)
+        now = [r.name for r in calls(reader.read_available(), 0)]
+    assert "99.4" in now and "99.3" not in now
+    assert not any(isinstance(e, LostRecords) for e in reader.read_available())
+    await wait_for_readers(hv, 0)
+    with await TraceReader.open(hv.run_dir, history=True) as reader:
+        replayed = [r.name for r in calls(reader.read_available(), 0)]
+    assert replayed.index("99.3") < replayed.index("99.4")

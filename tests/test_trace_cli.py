@@ -429,7 +429,9 @@ def traced(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     recorder = None
     try:
         xenlike("up", str(tmp / "traced.toml"), "--detach", "--trace", str(boot), run_dir=run_dir)
-        recorder = subprocess.Popen([*XENLIKE, "trace", "--record", str(live), "--rings"],
+        # --history: the handshakes happened before this recorder attached
+        recorder = subprocess.Popen([*XENLIKE, "trace", "--record", str(live), "--rings",
+                                     "--history"],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
         wait_for(lambda: sum((r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)
@@ -592,3 +594,27 @@ def test_show_filters_the_file_as_live_would(traced: dict) -> None:
     xenbus = show("--op", "xenbus", "-d", "2")
     assert xenbus and all("xenbus." in line for line in xenbus)
     assert show("--slower-than", "10s") == []
+
+
+def test_up_trace_records_ring_events_of_devices_that_appear_later(tmp_path: Path) -> None:
+    """`up --trace` records ring events, for the guests it boots and for one created
+    afterwards: the recorder follows devices as they appear."""
+    run_dir = tmp_path / "run"
+    trace = tmp_path / "up.xltrace"
+    cfg = tmp_path / "gamma.cfg"
+    cfg.write_text('name = "gamma"\nmemory = 16\n'  # a driver Dom0 did not boot with
+                   'devices = [{ type = "echo", driver = "tests.echo_driver:DRIVER" }]\n')
+    try:
+        xenlike("up", "--detach", "--trace", str(trace), run_dir=run_dir)
+        xenlike("create", str(cfg), run_dir=run_dir)
+
+        def attached() -> set[int]:
+            return {r.domid for r in recorded(trace)
+                    if (r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)}
+
+        wait_for(lambda: {1, 2, 3} <= attached(), what="ring events of d1, d2 and d3")
+        pushes = [r for r in recorded(trace)
+                  if r.op == XenlikeOp.ring and r.cmd == RingEvent.push_requests]
+        assert pushes
+    finally:
+        xenlike("down", run_dir=run_dir, check=False)

@@ -6,6 +6,7 @@ Each command is a small sync function that calls `trio.run`; the work is in
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import trio
 
 from xenlike import __version__
 from xenlike.abi.domctl import (
+    XEN_DOMINF_blocked,
     XEN_DOMINF_dying,
     XEN_DOMINF_paused,
     XEN_DOMINF_running,
@@ -82,7 +84,7 @@ def explain(exc: BaseException) -> str | None:
     from xenlike.xenstore import XenStoreError
 
     if isinstance(exc, (NotRunning, NoSuchDomain, ToolstackRefused, RunDirBusy)):
-        return str(exc).strip("'\"")
+        return "; ".join(str(exc).strip("'\"").splitlines())  # a topology's problems, one line
     if isinstance(exc, TopologyError):
         return "; ".join(str(problem) for problem in exc.problems)
     if isinstance(exc, XenStoreError):
@@ -154,7 +156,7 @@ def main() -> None:
 @run_dir_option
 @click.option("--detach", is_flag=True, help="Return once every device is Connected.")
 @click.option("--trace", "trace_file", type=click.Path(path_type=Path),
-              help="Record every hypercall trace record to FILE.")
+              help="Record every hypercall trace record, and ring events, to FILE.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the boot.")
 def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Path | None,
        timeout: float) -> None:
@@ -183,6 +185,8 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         session = start_topology(topo, rd, detach=detach, topology_path=topology)
     except RunDirBusy as exc:
         fail(str(exc))
+    if not detach:  # `kill` stops a foreground topology as cleanly as Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     if trace_file is not None:  # before the boot, so the recording has the guests' creation
         start_trace_recorder(rd, trace_file, detach)
     view = ProgressView(sys.stdout.isatty())
@@ -224,8 +228,13 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
     click.echo("down")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
-    """`xenlike trace --record FILE` alongside the topology; its errors go to trace.log."""
+    """`xenlike trace --record FILE --rings` alongside the topology (ring events of every
+    device, as they appear); its errors go to trace.log."""
     import signal
     import subprocess
 
@@ -233,7 +242,7 @@ def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
 
     with (rd.path / "trace.log").open("ab") as log:
         subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
-                          "--record", str(trace_file), "--quiet"],
+                          "--record", str(trace_file), "--rings", "--quiet"],
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=log,
                          preexec_fn=None if detach else die_with_parent(signal.SIGTERM))
@@ -324,7 +333,7 @@ def _state_letters(flags: int) -> str:
     shutdown = bool(flags & XEN_DOMINF_shutdown)
     return "".join([
         "r" if flags & XEN_DOMINF_running else "-",
-        "-",
+        "b" if flags & XEN_DOMINF_blocked else "-",
         "p" if flags & XEN_DOMINF_paused else "-",
         "s" if shutdown and reason != ShutdownReason.crash else "-",
         "c" if shutdown and reason == ShutdownReason.crash else "-",

@@ -11,7 +11,8 @@
         console/<name>.log    each guest's console output, kept by xenconsoled
         console/<name>.sock   interactive console connections
         domains/<id>.log      each domain process's own stdout and stderr
-        <name>.img            disk images of the embedded default topology
+        net/<bridge>.pcap.sock  each bridge's capture socket (`xenlike capture`)
+        <name>.img            Dom0's disk images (and a pcap NIC's file): here and only here
 
 The default is `$XDG_RUNTIME_DIR/xenlike/<topology name>` (or
 `/tmp/xenlike-<uid>/<name>` without XDG_RUNTIME_DIR); `XENLIKE_RUN_DIR` and

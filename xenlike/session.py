@@ -117,6 +117,7 @@ def start_topology(topology: Topology, run_dir: RunDir, *, detach: bool,
         raise RunDirBusy(f"{run_dir.path} is in use by a running topology "
                          f"(`xenlike down --run-dir {run_dir.path}` stops it)")
     run_dir.create()
+    run_dir.remove_leftovers()  # a killed topology's sockets
     for stale in [*run_dir.consoles.glob("*"), *(run_dir.path / "domains").glob("*.log")]:
         stale.unlink(missing_ok=True)
     run_dir.hypervisor_log.unlink(missing_ok=True)

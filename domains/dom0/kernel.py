@@ -76,7 +76,7 @@ async def main(domain: Domain) -> None:
             await nursery.start(backends.run)
             consoled = XenConsoled(domain, run_dir.consoles, nursery)
             toolstack = Toolstack(domain, XenControl(domain.hypercalls), xs, consoled, run_dir.path,
-                                  topology)
+                                  topology, registry)
             nursery.start_soon(toolstack.follow_domains)
             await nursery.start(lambda task_status: toolstack.serve(run_dir.toolstack, down=down,
                                                                     task_status=task_status))

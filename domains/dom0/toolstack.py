@@ -66,8 +66,9 @@ class GuestRecord:
 
 class Toolstack:
     def __init__(self, dom0: Any, xc: XenControl, xs: Any, consoled: XenConsoled,
-                 run_dir: Path, topology: Topology) -> None:
+                 run_dir: Path, topology: Topology, registry: Any = None) -> None:
         self.dom0 = dom0
+        self.registry = registry  # Dom0's back-end drivers: a created guest's are added
         self.xc = xc
         self.xs = xs
         self.consoled = consoled
@@ -84,6 +85,10 @@ class Toolstack:
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
+        if self.registry is not None:  # a driver that cannot load fails its devices only
+            for device in config.devices:
+                if "driver" in device and device["type"] not in self.registry:
+                    self.registry.register_dotted(device["driver"], device["type"])
         handle = uuid.uuid4()
         domid = await self.xc.createdomain(handle=handle.bytes)
         record = GuestRecord(config, domid, str(handle))
@@ -129,7 +134,9 @@ class Toolstack:
         words = []
         if config.init:
             words.append(f"init={config.init}")
-        drivers = [d["driver"] for d in config.devices if "driver" in d]
+        # TYPE@module:NAME, so that a guest that cannot load a driver fails its devices
+        drivers = dict.fromkeys(f"{d['type']}@{d['driver']}" for d in config.devices
+                                if "driver" in d)
         if drivers:
             words.append("drivers=" + ",".join(drivers))
         if config.extra:
@@ -180,8 +187,10 @@ class Toolstack:
         """libxl_domain_destroy: devices, the domain, its XenStore tree, its console."""
         domid = record.domid
         self.consoled.remove(domid)
-        for path in await self._ls(f"/local/domain/{BACKEND_DOMID}/backend"):
-            await self._rm(f"/local/domain/{BACKEND_DOMID}/backend/{path}/{domid}")
+        for root in ("backend", "error/backend"):  # its back ends, and their error nodes
+            home = f"/local/domain/{BACKEND_DOMID}/{root}"
+            for path in await self._ls(home):
+                await self._rm(f"{home}/{path}/{domid}")
         try:
             await self.xc.destroy(domid)
         except HypercallError as exc:

@@ -74,10 +74,12 @@ async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], ex
             return ShutdownReason.crash
         registry = DriverRegistry()
         registry.load_entry_points()  # the built-in drivers are entry points too
-        for dotted in filter(None, params.get("drivers", "").split(",")):
+        for word in filter(None, params.get("drivers", "").split(",")):
+            device_type, _, dotted = word.rpartition("@")  # TYPE@module:NAME
             try:
-                registry.register_dotted(dotted)
-            except UnknownDriver as exc:  # its devices stay unconnected; the rest run
+                if registry.register_dotted(dotted, device_type or None) is None:
+                    print(f"[{name}] {registry.unloadable(device_type)}")  # its devices fail
+            except UnknownDriver as exc:  # no type to fail: its devices stay unconnected
                 print(f"[{name}] {exc}")
         ctx = XenbusContext(domain, xs, nursery)
         bus = FrontendBus(ctx, registry)

@@ -16,6 +16,7 @@ from construct import Bytes, Int16ul, Int32ul, Padding, Struct
 
 from xenlike.abi.domctl import (
     XEN_DOMCTL_INTERFACE_VERSION,
+    XEN_DOMINF_blocked,
     XEN_DOMINF_dying,
     XEN_DOMINF_paused,
     XEN_DOMINF_running,
@@ -131,11 +132,23 @@ def max_mem(call: Call, arg: Any) -> int:
     return 0
 
 
+def _blocked(domain: HypervisorDomain) -> bool:
+    """Whether the domain's vCPU (its process) waits for an event rather than runs, as
+    Xen's `blocked` flag says: the process sleeps (/proc/PID/stat state S or D)."""
+    if domain.process is None or domain.process.returncode is not None:
+        return False
+    try:
+        stat = Path(f"/proc/{domain.process.pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("S", "D")
+
+
 def domain_info(domain: HypervisorDomain) -> Any:
     """A domain as xen_domctl_getdomaininfo describes it (what `xl list` shows)."""
     flags = 0
     if domain.state is DomainState.running:
-        flags |= XEN_DOMINF_running
+        flags |= XEN_DOMINF_blocked if _blocked(domain) else XEN_DOMINF_running
     elif domain.state in (DomainState.paused, DomainState.created):
         flags |= XEN_DOMINF_paused
     elif domain.state is DomainState.dying:

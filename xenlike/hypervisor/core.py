@@ -508,7 +508,8 @@ class Hypervisor:
         if domain.domid == 0 and self._nursery is not None:
             # The guests' back ends are gone with Dom0: as Xen does when Dom0 dies,
             # everything goes down rather than guests running on without devices.
-            self.log(None, "Domain 0 has exited: shutting down every domain")
+            how = "crashed" if domain.shutdown_reason == ShutdownReason.crash else "shut down"
+            self.log(None, f"Domain 0 {how}: shutting down every domain")
             self._nursery.cancel_scope.cancel()
 
     async def _take_frames(self, frames: SharedFrames) -> None:

@@ -42,6 +42,7 @@ class _Followed:
     cursor: TraceCursor
     domid: int
     source: TraceSource
+    first_read: bool = True  # may still hold records from before the reader attached
 
     @property
     def flags(self) -> int:
@@ -59,20 +60,26 @@ class TraceReader:
     the hypervisor keeps it on while this reader's control connection is
     open. `rescan` picks up the buffers of domains made since; a domain's
     buffers are dropped once it is gone and they are read to the end.
+
+    A reader starts at the present: what the buffers still hold from an
+    earlier reader's time is left out, unless `history` asks for it (a
+    flight recorder's dump, as `xenlike devices` wants).
     """
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, *, since_ns: int | None = None) -> None:
         self._sock = sock
         self._seq = 0
         self._followed: list[_Followed] = []
+        self._since_ns = since_ns  # None: replay whatever the buffers hold
 
     @classmethod
-    async def open(cls, run_dir: str | os.PathLike[str]) -> "TraceReader":
+    async def open(cls, run_dir: str | os.PathLike[str], *,
+                   history: bool = False) -> "TraceReader":
         """Connect to the hypervisor serving `run_dir` and attach every buffer it has."""
         from xenlike.xc import connect_control_socket  # not at the top: xc imports the hypervisor
 
-
-        reader = cls(await connect_control_socket(run_dir))
+        since = None if history else time.monotonic_ns()
+        reader = cls(await connect_control_socket(run_dir), since_ns=since)
         try:
             await reader.rescan()
         except BaseException:
@@ -140,6 +147,14 @@ class TraceReader:
             closed = followed.buffer.closed  # before reading, so the read gets the last record
             lost, data = followed.buffer.read(followed.cursor)
             records = decode_records(data, domid=followed.domid, flags=followed.flags)
+            if followed.first_read and self._since_ns is not None:
+                # Records stamped before this reader attached are an earlier one's.
+                followed.first_read = False
+                since = self._since_ns
+                old = len(records)
+                records = [record for record in records if record.time_ns >= since]
+                if old != len(records) or not records:
+                    lost = 0  # what was overwritten is from before this reader, too
             if lost:
                 when = records[0].time_ns if records else time.monotonic_ns()
                 events.append(LostRecords(when, followed.domid, lost,
@@ -161,7 +176,8 @@ class TraceReader:
 
 async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05,
                  rescan_interval: float = 0.25, reorder: float = 0.05,
-                 until: trio.Event | None = None) -> AsyncIterator[TraceEvent]:
+                 until: trio.Event | None = None,
+                 history: bool = False) -> AsyncIterator[TraceEvent]:
     """Every record of a running hypervisor from now on, in time order, until it stops.
 
     The buffers are read every `poll_interval` seconds; new domains are
@@ -172,9 +188,10 @@ async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05
     records come about `rescan_interval` behind. Close the generator
     (`contextlib.aclosing`) to stop reading and turn tracing off; or set
     `until`, and it ends once it has yielded everything written so far.
+    With `history`, the records the buffers hold from before come first.
     """
     scanned = time.monotonic_ns()
-    with await TraceReader.open(run_dir) as reader:
+    with await TraceReader.open(run_dir, history=history) as reader:
         next_scan = trio.current_time() + rescan_interval
         held: list[TraceEvent] = []
         while True:

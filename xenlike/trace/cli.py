@@ -114,10 +114,13 @@ def _load(file: Path) -> Any:
               help="Record ring events too: pushes, notifies sent or suppressed, final checks. "
                    "All devices, or NAME, NAME/TYPE, NAME/TYPE/DEVID.")
 @click.option("--quiet", "-q", is_flag=True, help="Print no records (with --record).")
+@click.option("--history", is_flag=True,
+              help="First replay what the buffers still hold from before (an earlier "
+                   "reader's time); by default a reader starts at the present.")
 @click.pass_context
 def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
           ops: tuple[str, ...], errors: bool, slower_than: str | None, record: Path | None,
-          rings: str | None, quiet: bool) -> None:
+          rings: str | None, quiet: bool, history: bool) -> None:
     """Follow the running topology's hypercalls, one line each, until Ctrl-C.
 
     Each line: time, domain, Xen's op.sub-op, decoded arguments, the result
@@ -141,6 +144,10 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
         _fail(str(exc))
     wait = HYPERVISOR_WAIT if record is not None else 0.0
     names = trio.run(_domain_names, rd.path)
+    target = (rings or "all").split("/")[0]
+    if target != "all" and names and target not in names:
+        _fail(f"--rings {rings}: no domain named {target!r}; running: "
+              f"{', '.join(sorted(names))}")
     keep = _filter(domains, ops, errors, slower_than, names)
     wallclock = monotonic_to_wallclock()
     color = sys.stdout.isatty()
@@ -157,7 +164,8 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
 
     try:
         run_until_interrupted(functools.partial(trace_topology, rd.path, show, record=record,
-                                                rings=rings, wait=wait, on_ready=ready))
+                                                rings=rings, wait=wait, on_ready=ready,
+                                                history=history))
     except BrokenPipeError:  # the reader went away: the CLI ends quietly
         raise
     except ConnectionError as exc:

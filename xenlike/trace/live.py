@@ -40,6 +40,7 @@ __all__ = ["PortPeers", "last_device_events", "monotonic_to_wallclock", "run_unt
 STATUS = compile_struct(evtchn_status, "evtchn_status")
 EVTCHN_OP = int(Hypercall.event_channel_op)
 FLUSH_INTERVAL = 0.25  # seconds between flushes of a recording
+NEW_DEVICE_INTERVAL = 0.5  # seconds between looks for devices to trace the rings of
 
 
 class PortPeers:
@@ -84,11 +85,13 @@ async def wait_for_hypervisor(run_dir: Path, timeout: float) -> None:
             await trio.sleep(0.02)
 
 
-async def set_ring_tracing(xs: Any, devices: str, on: bool) -> list[str]:
+async def set_ring_tracing(xs: Any, devices: str, on: bool,
+                           done: set[str] | None = None) -> list[str]:
     """Write (or remove) `trace-rings` in both ends' directories of the chosen devices.
 
     `devices` is "all", a guest's name, or NAME/TYPE or NAME/TYPE/DEVID.
-    Returns the devices touched, as NAME/TYPE/DEVID.
+    Returns the devices touched, as NAME/TYPE/DEVID. Front-end paths in `done`
+    are left as they are, and those touched now are added to it.
     """
     from xenlike.xenstore import XenStoreError
 
@@ -106,9 +109,9 @@ async def set_ring_tracing(xs: Any, devices: str, on: bool) -> list[str]:
             if len(wanted) > 1 and wanted[1] != device_type:
                 continue
             for devid in await xs.ls(f"/local/domain/{domid}/device/{device_type}"):
-                if len(wanted) > 2 and wanted[2] != devid:
-                    continue
                 front = f"/local/domain/{domid}/device/{device_type}/{devid}"
+                if len(wanted) > 2 and wanted[2] != devid or done is not None and front in done:
+                    continue
                 try:
                     back = (await xs.read(f"{front}/backend")).decode()
                 except XenStoreError:
@@ -122,6 +125,8 @@ async def set_ring_tracing(xs: Any, devices: str, on: bool) -> list[str]:
                     except XenStoreError:
                         pass  # the device went away meanwhile
                 touched.append(f"{name}/{device_type}/{devid}")
+                if done is not None:
+                    done.add(front)
     return touched
 
 
@@ -129,12 +134,13 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
                          record: Path | None = None, rings: str | None = None,
                          wait: float = 0.0,
                          on_ready: Callable[[list[str]], None] | None = None,
-                         stop: trio.Event | None = None) -> int:
+                         stop: trio.Event | None = None, history: bool = False) -> int:
     """Follow every record until the hypervisor stops or `stop` is set.
 
     Each record goes to `on_event`, and to the file `record` if given
     (every record, flushed every quarter second). With `rings`, the chosen
-    devices' ring events are switched on once the reader is attached, and
+    devices' ring events are switched on once the reader is attached (and
+    for chosen devices that appear later: a guest created or rebooted), and
     off again at the end. Returns how many records the file holds.
     """
     from xenlike.xc import XenControl
@@ -148,12 +154,14 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
             if writer is not None:
                 nursery.start_soon(_flush_periodically, writer)
             started = False
-            async with aclosing(follow(run_dir, until=stop)) as events:
+            async with aclosing(follow(run_dir, until=stop, history=history)) as events:
                 async for event in events:
                     if not started:  # the reader's own sysctl comes first: tracing is on
                         started = True
                         if rings is not None:
-                            touched = await _switch_rings(run_dir, rings, True)
+                            done: set[str] = set()
+                            touched = await _switch_rings(run_dir, rings, True, done)
+                            nursery.start_soon(_follow_new_devices, run_dir, rings, touched, done)
                         if on_ready is not None:
                             on_ready(touched)
                     if peers is not None and isinstance(event, TraceRecord):
@@ -171,12 +179,32 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
     return writer.count if writer is not None else 0
 
 
-async def _switch_rings(run_dir: Path, devices: str, on: bool) -> list[str]:
+async def _follow_new_devices(run_dir: Path, devices: str, touched: list[str],
+                              done: set[str]) -> None:
+    """Switch ring events on for the chosen devices as they appear (a guest booting,
+    created or rebooted), adding them to `touched` and `done`, until cancelled."""
+    from xenlike.xenstore import XenStoreError, open_client
+
+    while True:
+        try:
+            async with open_client(Path(run_dir) / "xenstored" / "socket") as xs:
+                while True:
+                    try:
+                        touched.extend(await set_ring_tracing(xs, devices, True, done))
+                    except XenStoreError:
+                        pass  # a domain went away while we looked
+                    await trio.sleep(NEW_DEVICE_INTERVAL)
+        except OSError:  # no xenstored yet (a recording from the boot on), or any more
+            await trio.sleep(NEW_DEVICE_INTERVAL)
+
+
+async def _switch_rings(run_dir: Path, devices: str, on: bool,
+                        done: set[str] | None = None) -> list[str]:
     from xenlike.xenstore import open_client
 
     try:
         async with open_client(Path(run_dir) / "xenstored" / "socket") as xs:
-            return await set_ring_tracing(xs, devices, on)
+            return await set_ring_tracing(xs, devices, on, done)
     except OSError:  # no xenstored (yet, or any more)
         return []
 
@@ -192,7 +220,7 @@ async def last_device_events(run_dir: Path) -> dict[tuple[int, str, int, int], T
     """
     ports: dict[tuple[int, int], tuple[int, str, int, int]] = {}
     last: dict[tuple[int, str, int, int], TraceRecord] = {}
-    with await TraceReader.open(run_dir) as reader:
+    with await TraceReader.open(run_dir, history=True) as reader:
         events = reader.read_available()
     for event in events:
         if not isinstance(event, TraceRecord) or event.op not in (XenlikeOp.xenbus, XenlikeOp.ring):
