@@ -121,7 +121,7 @@ async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
     async for drain, batch in port_batches(port, drains):
         handler = drain.handler
         if handler is None:
-            raise TypeError(f"{drain.ring and drain.ring.spec.name}: a ring served without a handler")
+            raise TypeError("a ring served by serve_port needs a handler")
         await handler(batch)
 
 
@@ -160,7 +160,7 @@ class FrontChannel:
         self._broken: BaseException | None = None
         self.submitted = 0
         self.notifies = 0
-        self._drain = Drain(self._answer).bind(ring)
+        self._drain = Drain(self.collect).bind(ring)
 
     @property
     def trace(self) -> Any:
@@ -229,8 +229,10 @@ class FrontChannel:
         """Collect responses until cancelled; a protocol violation breaks the channel."""
         await serve_port(self.port, [self._drain])
 
-    async def _answer(self, responses: list[Any]) -> None:
-        """Wake the callers whose last response is in; free the ids for new requests."""
+    async def collect(self, responses: list[Any]) -> None:
+        """Take a batch of responses: wake the callers whose last response is in, free
+        the ids. `run` calls it; a `RingGroup` whose rings share a port takes it
+        as the handler of this channel's ring."""
         in_flight, free_ids, index = self._in_flight, self._free_ids, self._rsp_id_index
         for response in responses:
             rid = response[index]
@@ -348,7 +350,7 @@ class RingGroup:
     def __init__(self, rings: Mapping[str, FrontRing | BackRing],
                  ports: Mapping[str, Doorbell]) -> None:
         self.rings = dict(rings)
-        self.ports = dict(ports)  # ring name -> its event channel (shared ports appear more than once)
+        self.ports = dict(ports)  # ring name -> its event channel (shared ones appear twice)
 
     async def serve(self, handlers: Mapping[str, Handler | Drain]) -> None:
         """Hand each ring's batches to its handler until cancelled (or a handler raises).
