@@ -20,6 +20,7 @@ A protocol violation (an impossible index) breaks the channel with
 """
 
 import math
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,11 +119,12 @@ def _final_checks(drains: Sequence[Drain]) -> bool:
 
 async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
     """Hand each batch of the rings bound to `port` to its handler, until cancelled."""
-    async for drain, batch in port_batches(port, drains):
-        handler = drain.handler
-        if handler is None:
-            raise TypeError("a ring served by serve_port needs a handler")
-        await handler(batch)
+    async with aclosing(port_batches(port, drains)) as batches:  # closed when a handler raises
+        async for drain, batch in batches:
+            handler = drain.handler
+            if handler is None:
+                raise TypeError("a ring served by serve_port needs a handler")
+            await handler(batch)
 
 
 class _Batch:
