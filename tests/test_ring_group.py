@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from xenlike.ring import BackRing, FrontRing, define_ring
 from xenlike.testing import doorbell_pair
 from xenlike.xenbus import ChannelBroken, Drain, RingGroup
+from xenlike.xenbus.channel import Handler
 
 WORD = define_ring("word", request=Struct("id" / Int64ul, "value" / Int64ul),
                    response=Struct("id" / Int64ul, "value" / Int64ul))
@@ -44,7 +45,7 @@ async def exchange(sends: list[tuple[int, int, int]], seed: int) -> dict[str, li
     answered: dict[str, list[int]] = {name: [] for name in NAMES}
     room = {name: trio.Event() for name in NAMES}
 
-    def back_handler(name: str):  # type: ignore[no-untyped-def]
+    def back_handler(name: str) -> Handler:
         channel = back.back_channel(name)
 
         async def on_requests(requests: list[tuple[int, int]]) -> None:
@@ -53,7 +54,7 @@ async def exchange(sends: list[tuple[int, int, int]], seed: int) -> dict[str, li
             channel.respond_many([(rid, value * 2) for rid, value in requests])
         return on_requests
 
-    def front_handler(name: str):  # type: ignore[no-untyped-def]
+    def front_handler(name: str) -> Handler:
         async def on_responses(responses: list[tuple[int, int]]) -> None:
             answered[name].extend(value for _, value in responses)
             room[name].set()
@@ -113,8 +114,9 @@ async def test_a_ring_not_armed_is_still_drained_when_the_port_wakes() -> None:
 
     a, b = back.rings["a"], back.rings["b"]
     async with trio.open_nursery() as nursery:
-        unarmed = Drain(lambda batch: on("b", batch), armed=lambda: False)
-        nursery.start_soon(back.serve, {"a": lambda batch: on("a", batch), "b": unarmed})
+        unarmed = Drain(lambda batch: on("b", batch), armed=False)
+        handlers: dict[str, Handler | Drain] = {"a": lambda batch: on("a", batch), "b": unarmed}
+        nursery.start_soon(back.serve, handlers)
         await trio.testing.wait_all_tasks_blocked()
         assert isinstance(a, BackRing) and isinstance(b, BackRing)
         assert b.header()["req_event"] == 1  # never armed past the initial value
@@ -135,6 +137,43 @@ async def test_a_ring_not_armed_is_still_drained_when_the_port_wakes() -> None:
             while taken["b"] != [7, 8]:
                 await trio.sleep(0.001)
         assert taken["a"] == [1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_task_waiting_on_an_unarmed_ring_is_woken_by_the_next_push() -> None:
+    """netfront's sender waiting for room, netback's rx waiting for buffers: `wait`
+    arms the ring, so the peer's push notifies, and returns once the batch is handled."""
+    front, back = make_groups()
+    taken: list[int] = []
+
+    async def on_b(batch: list[tuple[int, int]]) -> None:
+        taken.extend(rid for rid, _ in batch)
+
+    b = Drain(on_b, armed=False)
+    ring_b = front.rings["b"]
+    assert isinstance(ring_b, FrontRing)
+    async with trio.open_nursery() as nursery:
+        handlers: dict[str, Handler | Drain] = {"a": on_b, "b": b}
+        nursery.start_soon(back.serve, handlers)
+        ring_b.put_request((1, 0))
+        ring_b.push_requests()
+        front.ports["b"].notify()
+        with trio.fail_after(5):
+            while taken != [1]:
+                await trio.sleep(0.001)
+        ring_b.put_request((2, 0))
+        assert ring_b.push_requests() is False  # not armed: no notification asked for
+        await b.wait()  # its final check finds request 2 at once: take it yourself
+        assert taken == [1] and back.rings["b"].unconsumed_requests() == 1  # type: ignore[union-attr]
+        back.rings["b"].get_requests()  # type: ignore[union-attr]
+        with trio.fail_after(5):
+            async with trio.open_nursery() as waiter:
+                waiter.start_soon(b.wait)
+                await trio.testing.wait_all_tasks_blocked()
+                ring_b.put_request((3, 0))
+                assert ring_b.push_requests() is True  # wait armed req_event
+                front.ports["b"].notify()
+        assert taken == [1, 3]  # handled before the waiter was woken
         nursery.cancel_scope.cancel()
 
 

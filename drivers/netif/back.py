@@ -317,7 +317,7 @@ class Vif:
         self._rx_queue = _FairQueue(RX_QUEUE_MAX)
         self._rx_buffers: deque[tuple[int, int, int]] = deque()  # consumed rx requests
         self._rx_kick = _Kick()
-        self._rx_stalled = False  # frames wait and req_event is armed for new buffers
+        self._rx_drain = Drain(self._on_rx_buffers, armed=False)  # rx waits on it for buffers
         self._closed = False
         self._warned: dict[str, float] = {}
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0,
@@ -352,13 +352,13 @@ class Vif:
         The framework's loop serves the rings (tx and rx on one port, ctrl on
         its own): tx requests are transmitted, rx requests are buffers for the
         rx task, which copies frames from the bridge into them. The rx ring's
-        event index is armed only while frames wait for buffers.
+        event index is armed only while frames wait for buffers (`Drain.wait`).
         """
         self._tx = cast(BackRing, group.rings["tx"])
         self._rx = cast(BackRing, group.rings["rx"])
         self._port = group.ports["tx"]
-        rx = Drain(self._on_rx_buffers, armed=lambda: self._rx_stalled)
-        handlers: dict[str, Any] = {"tx": self._on_tx, "rx": rx}
+        self._rx_drain.bind(self._rx)
+        handlers: dict[str, Any] = {"tx": self._on_tx, "rx": self._rx_drain}
         if "ctrl" in group.rings:
             handlers["ctrl"] = functools.partial(self._on_ctrl, group.back_channel("ctrl"))
         broken: list[ChannelBroken] = []
@@ -524,10 +524,8 @@ class Vif:
     # --- rx: bridge -> guest ------------------------------------------------------------
 
     async def _on_rx_buffers(self, requests: list[Any]) -> None:
-        """Buffers the front end posted: wake the rx task if frames wait for them."""
+        """Buffers the front end posted (the loop then wakes the rx task if it waits)."""
         self._rx_buffers.extend(requests)
-        if self._rx_queue:
-            self._rx_kick.set()
 
     async def _rx_loop(self) -> None:
         while True:
@@ -540,11 +538,8 @@ class Vif:
         while queue:
             buffers.extend(rx.get_requests())
             if len(buffers) < -(-len(queue.peek()[0]) // XEN_PAGE_SIZE):
-                self._rx_stalled = True
-                if rx.final_check_for_requests():
-                    continue
-                return  # req_event is armed: the front end notifies when it posts buffers
-            self._rx_stalled = False
+                await self._rx_drain.wait()  # req_event armed: the front end notifies
+                continue
             responses: list[tuple[int, int, int, int]] = []
             copies: list[tuple[int, int, bytes]] = []  # response index, gref, data
             writable = self._writable

@@ -9,7 +9,7 @@ rather than a hypercall. Every tx slot id is the index of its buffer.
 The framework's loop serves both rings on the shared port (`RingGroup.serve`):
 rx responses are delivered to `receiver` (the guest's IP stack) as they
 come, tx responses reclaim their buffers. The tx response event index is
-armed only while a sender waits for room (a `Drain` with `armed`), so a
+armed only while a sender waits for room (`Drain.wait`, `armed=False`), so a
 guest that keeps sending is not woken for every tx completion.
 """
 
@@ -110,8 +110,7 @@ class Netfront(Frontend):
         self._rx_posted = bytearray()  # per rx buffer: posted, not yet filled
         self._rx_partial: list[bytes | None] = []  # a frame's slots so far (None: in error)
         self._rx_partial_flags = 0
-        self._tx_space = trio.Event()
-        self._tx_waiting = 0
+        self._tx_drain = Drain(self._on_tx, armed=False)  # senders wait on it for room
 
     def front_keys(self) -> dict[str, str | int]:
         return {"request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}
@@ -190,13 +189,7 @@ class Netfront(Frontend):
             if not self.connected_now:
                 await self.wait_connected()
                 continue
-            self._tx_waiting += 1
-            try:
-                space = self._tx_space
-                if not self._tx.final_check_for_responses():
-                    await space.wait()  # the back end notifies: rsp_event is armed
-            finally:
-                self._tx_waiting -= 1
+            await self._tx_drain.wait()  # rsp_event armed: the back end notifies
 
     def _collect_tx(self) -> None:
         """Reclaim the buffers of answered tx requests (a sender looks before giving up)."""
@@ -208,7 +201,7 @@ class Netfront(Frontend):
         self._tx_answered(responses)
 
     def _tx_answered(self, responses: list[Any]) -> None:
-        """Free the slots of answered tx requests; wake a sender waiting for room."""
+        """Free the slots of answered tx requests (the loop then wakes waiting senders)."""
         busy, free, stats = self._tx_busy, self._tx_free, self.stats
         for slot, status in responses:
             if status == NETIF_RSP_NULL:
@@ -219,9 +212,6 @@ class Netfront(Frontend):
             free.append(slot)
             if status != NETIF_RSP_OKAY:
                 stats["tx_dropped" if status == NETIF_RSP_DROPPED else "tx_errors"] += 1
-        if self._tx_waiting:
-            self._tx_space.set()
-            self._tx_space = trio.Event()
 
     # --- the data path -----------------------------------------------------------
 
@@ -230,6 +220,7 @@ class Netfront(Frontend):
         rings until cancelled (a driver's own serve: it sets up buffers first)."""
         self._tx, self._rx = channel.rings["tx"], channel.rings["rx"]
         self._port = channel.ports["tx"]
+        self._tx_drain.bind(self._tx)  # before any sender can wait on it
         buffers = self._buffers = _Buffers(self.ctx.domain, self.device.otherend_id,
                                            self._tx.nr_ents, self._rx.nr_ents)
         self._tx_pages, self._tx_refs = buffers.tx_pages, buffers.tx_refs
@@ -245,7 +236,7 @@ class Netfront(Frontend):
             if "ctrl" in channel.rings:
                 nursery.start_soon(self._map_statically, channel.front_channel("ctrl"), buffers)
             await channel.serve({"rx": self._on_rx,
-                                 "tx": Drain(self._on_tx, armed=lambda: self._tx_waiting)})
+                                 "tx": self._tx_drain})
 
     async def _on_rx(self, responses: list[Any]) -> None:
         """Deliver the frames received and repost their buffers; then the other tasks' turn."""
@@ -336,8 +327,7 @@ class Netfront(Frontend):
                           self.device.nodename)
 
     async def disconnect(self) -> None:
-        self._tx_space.set()  # senders waiting for room see the device gone
-        self._tx_space = trio.Event()
+        self._tx_drain.wake()  # senders waiting for room see the device gone
         await super().disconnect()
         self._tx = self._rx = self._port = None
         self.static_grants = False

@@ -21,7 +21,7 @@ A protocol violation (an impossible index) breaks the channel with
 
 import math
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -49,22 +49,25 @@ class Drain:
     A `BackRing`'s batches are requests, a `FrontRing`'s are responses;
     `serve_port` hands them to `handler` (`port_batches` yields them, and
     then a handler is not needed).
+
     `armed` says whether the loop runs ring.h's final check for this ring
     before sleeping (which sets req_event / rsp_event, so the peer notifies
-    on its next push); None means always. A ring not armed is still drained
-    whenever the port wakes: netfront arms its tx ring only while a sender
-    waits for room, so a guest that keeps sending is not woken per
-    completion.
+    on its next push): always by default; with `armed=False` only while a
+    task is in `wait`. A ring not armed is still drained whenever the port
+    wakes: netfront's tx ring is armed only while a sender waits for room,
+    so a guest that keeps sending is not woken per completion.
     """
 
-    __slots__ = ("handler", "armed", "ring", "trace", "take", "final_check")
+    __slots__ = ("handler", "armed", "ring", "trace", "take", "final_check", "_waiting",
+                 "_handled")
 
-    def __init__(self, handler: Handler | None = None, *,
-                 armed: Callable[[], Any] | None = None) -> None:
+    def __init__(self, handler: Handler | None = None, *, armed: bool = True) -> None:
         self.handler = handler
         self.armed = armed
         self.ring: FrontRing | BackRing | None = None
         self.trace: Any = None  # a RingTrace while the device's ring events are recorded
+        self._waiting = 0
+        self._handled = trio.Event()
 
     def bind(self, ring: FrontRing | BackRing) -> "Drain":
         """Attach the ring this drains (once, before the loop runs)."""
@@ -76,9 +79,31 @@ class Drain:
             self.take, self.final_check = ring.get_responses, ring.final_check_for_responses
         return self
 
+    async def wait(self) -> None:
+        """Sleep until this ring has news, for a task waiting on it outside the loop
+        (a sender waiting for room, a back end waiting for buffers).
+
+        The ring is armed meanwhile, and ring.h's final check runs here first:
+        when it finds a batch waiting, this returns at once (take it yourself);
+        otherwise the peer's next push wakes the port's loop, and this returns
+        once the loop has handled that batch, or at `wake`.
+        """
+        self._waiting += 1
+        try:
+            handled = self._handled
+            if not _final_check(self):
+                await handled.wait()
+        finally:
+            self._waiting -= 1
+
+    def wake(self) -> None:
+        """End every `wait` now (after a handled batch, or when the device goes away)."""
+        self._handled.set()
+        self._handled = trio.Event()
+
 
 async def port_batches(port: Doorbell, drains: Sequence[Drain]
-                       ) -> AsyncIterator[tuple[Drain, list[Any]]]:
+                       ) -> AsyncGenerator[tuple[Drain, list[Any]], None]:
     """Each batch published on the rings bound to `port`, sleeping only when safe.
 
     ring.h's consumer loop, the one place it is written: take what each ring
@@ -98,6 +123,8 @@ async def port_batches(port: Doorbell, drains: Sequence[Drain]
                 if batch:
                     busy = True
                     yield drain, batch
+                    if drain._waiting:
+                        drain.wake()
             if busy or _final_checks(drains):
                 continue
             await port.wait()
@@ -108,13 +135,16 @@ async def port_batches(port: Doorbell, drains: Sequence[Drain]
 def _final_checks(drains: Sequence[Drain]) -> bool:
     """Arm every armed ring's event index; True when one of them has more."""
     for drain in drains:
-        if drain.armed is None or drain.armed():
-            more = drain.final_check()
-            if drain.trace is not None:
-                drain.trace.final_check(more)
-            if more:
-                return True
+        if (drain.armed or drain._waiting) and _final_check(drain):
+            return True
     return False
+
+
+def _final_check(drain: Drain) -> bool:
+    more = drain.final_check()
+    if drain.trace is not None:
+        drain.trace.final_check(more)
+    return more
 
 
 async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
