@@ -8,14 +8,7 @@
 """
 
 from xenlike.xenbus.bus import BackendBus, FrontendBus
-from xenlike.xenbus.channel import (
-    BackChannel,
-    ChannelBroken,
-    Disconnected,
-    Drain,
-    FrontChannel,
-    RingGroup,
-)
+from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
 from xenlike.xenbus.driver import (
     Backend,
     DeviceFailed,
@@ -38,7 +31,6 @@ __all__ = [
     "DeviceFailed",
     "DeviceInfo",
     "Disconnected",
-    "Drain",
     "Driver",
     "DriverRegistry",
     "FrontChannel",
