@@ -612,9 +612,9 @@ def test_up_trace_records_ring_events_of_devices_that_appear_later(tmp_path: Pat
             return {r.domid for r in recorded(trace)
                     if (r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)}
 
+        # Ring attach events of the booted guests and of gamma, created later. (Pushes
+        # are not waited for: the guests' boot I/O may be done before the recorder
+        # follows their rings, and after it they are idle.)
         wait_for(lambda: {1, 2, 3} <= attached(), what="ring events of d1, d2 and d3")
-        pushes = [r for r in recorded(trace)
-                  if r.op == XenlikeOp.ring and r.cmd == RingEvent.push_requests]
-        assert pushes
     finally:
         xenlike("down", run_dir=run_dir, check=False)
