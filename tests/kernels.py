@@ -494,6 +494,40 @@ async def grant_thief(domain: Domain) -> None:
                               "scribble": scribble})
 
 
+async def frame_vandal(domain: Domain) -> None:
+    """Sends the hypervisor what a hostile guest can up its frame channel: a file it
+    then truncates (a SIGBUS for whoever had mapped it), one for its grant table,
+    a message whose gfns and files do not pair up, and more files than allowed;
+    then grants the frame whose file was refused and says so."""
+    import fcntl as _fcntl
+    import socket as _socket
+
+    from xenlike.frames import frame_file, send_frames
+    from xenlike.hypervisor.frames import MAX_FRAME_FILES
+
+    channel = domain.grants._frames
+    gfn = domain.allocator.allocate()
+    loose = os.memfd_create("xenlike-vandal", os.MFD_ALLOW_SEALING)
+    os.ftruncate(loose, 4096)
+    send_frames(channel, [(gfn, loose), (domain.layout.grant_table_gfn, loose)])
+    os.ftruncate(loose, 0)
+    _fcntl.fcntl(loose, _fcntl.F_ADD_SEALS, _fcntl.F_SEAL_SEAL)
+    channel.sendmsg([bytes(16)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                   loose.to_bytes(4, "little"))])
+    page = frame_file("xenlike-vandal-page", bytes(4096))
+    first = domain.layout.first_free_gfn
+    for start in range(first, first + MAX_FRAME_FILES + 64, 200):
+        send_frames(channel, [(g, page) for g in range(start, start + 200)
+                              if g < domain.start_info.nr_pages and g != gfn])
+    os.close(page)
+    os.close(loose)
+    with domain.memory.frame(gfn) as view:
+        view[:5] = b"still"
+    await domain.console_write(f"vandal done; gfn {gfn:#x} reads "
+                               f"{bytes(domain.memory.frame(gfn)[:5]).decode()}")
+    await trio.sleep_forever()
+
+
 async def store_vandal(domain: Domain) -> None:
     """Writes an impossible req_prod into its XenStore ring page and tells xenstored.
 

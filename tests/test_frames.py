@@ -159,3 +159,26 @@ def test_a_moved_frame_that_is_ballooned_out_reads_zeros(shared) -> None:
     frames.punch(4, 3)
     assert os.pread(fd, XEN_PAGE_SIZE, 0) == bytes(XEN_PAGE_SIZE)
     os.close(fd)
+
+
+def test_a_domain_cannot_make_the_hypervisor_hold_more_files_than_the_limit() -> None:
+    memory = DomainMemory.create(16, name="xenlike-test")
+    lines: list[str] = []
+    frames = SharedFrames.create(memory, "d7", frozenset(), lines.append)
+    frames.limit = 3
+    fds = [frame_file(f"xenlike-d7-gfn-{gfn}", PAGE) for gfn in range(5)]
+    try:
+        send_frames(frames.domain_end, list(enumerate(fds)))
+        frames.drain()
+        assert sorted(frames.files) == [0, 1, 2]
+        assert lines == ["frame channel: refused a file for gfn 0x3: 3 frames have files "
+                         "already", "frame channel: refused a file for gfn 0x4: 3 frames "
+                         "have files already"]
+        send_frames(frames.domain_end, [(1, fds[4])])  # moving a frame again is no new file
+        frames.drain()
+        assert sorted(frames.files) == [0, 1, 2] and len(lines) == 2
+    finally:
+        for fd in fds:
+            os.close(fd)
+        frames.close()
+        memory.close()

@@ -57,6 +57,7 @@ from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import MAX_FDS, HypercallError
 from xenlike.hypervisor import HypervisorDomain, Hypervisor
 from xenlike.hypervisor import grant_table as hypervisor_grant_table
+from xenlike.hypervisor.frames import MAX_FRAME_FILES
 from xenlike.hypervisor.grant_table import MAX_BATCH, PIN_LIMIT
 from xenlike.domain.runtime import attach_memory
 from xenlike.memory import XEN_PAGE_SIZE, BadFrame, DomainMemory, MemoryInUse, machine_address
@@ -715,6 +716,27 @@ async def test_a_writable_grant_kept_past_its_end_reaches_a_copy_of_the_past(pai
     assert await granter.step("read") == (f"d{granter.domid} page 0 rewritten | "
                                           f"d{granter.domid} page 1 rewritten")
     assert "rewritten" not in await thief.step("peek")
+
+
+async def test_a_guest_that_abuses_its_frame_channel_harms_only_itself(
+        hv: Hypervisor, xc: XenControl) -> None:
+    """A file it truncates, one for its grant table, a malformed message, more files
+    than allowed: each is refused (in the rate-limited log), the hypervisor never
+    maps what could fault under it, and holds at most MAX_FRAME_FILES of its fds."""
+    domid = await xc.create_domain("tests.kernels:frame_vandal", memory_mb=32)
+    await xc.unpause(domid)
+    log = await wait_for_log(xc, f"(d{domid}) vandal done")
+    gfn = int(re.search(rf"\(d{domid}\) vandal done; gfn (0x[0-9a-f]+)", log).group(1), 16)
+    frames = hv.domains[domid].frames
+    with trio.fail_after(10):
+        while len(frames.files) < MAX_FRAME_FILES:  # the rest of its sends, taken in
+            await trio.sleep(0.02)
+    assert len(frames.files) == MAX_FRAME_FILES
+    assert gfn not in frames.files and hv.domains[domid].layout.grant_table_gfn not in frames.files
+    assert f"(d{domid}) frame channel: refused a file for gfn {gfn:#x}" in log
+    assert "printk: " in await xc.dmesg() or log.count("frame channel") <= 10
+    assert domid in {info.domain for info in await xc.list_domains()}  # it runs on
+    await xc.destroy(domid)
 
 
 async def test_a_killed_mapper_s_mappings_are_released(hv: Hypervisor, xc: XenControl,

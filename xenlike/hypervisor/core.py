@@ -322,7 +322,7 @@ class Hypervisor:
         domain.frames = SharedFrames.create(
             domain.memory, str(domain),
             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
-            lambda text: self.log(domain, text))
+            lambda text: self.log_refusal(domain, text))
         grant_table.attach(self, domain)
         flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domain.privileged else 0
         blank = START_INFO.record()

@@ -21,7 +21,12 @@ import trio
 from xenlike.frames import BadFrameFile, check_frame_file, frame_file, receive_frames, send_frames
 from xenlike.memory import DomainMemory, punch
 
-__all__ = ["SharedFrames"]
+__all__ = ["MAX_FRAME_FILES", "SharedFrames"]
+
+MAX_FRAME_FILES = 4096
+"""Frames of one domain that may have files of their own: every one is an fd held
+here, so a guest that moves all its frames must not exhaust the hypervisor's.
+A default guest moves about a thousand (its blkfront pool, netfront's grants)."""
 
 
 @attrs.define(eq=False)
@@ -33,7 +38,8 @@ class SharedFrames:
     forbidden: frozenset[int]  # Xen's own frames (shared_info, the grant table): never moved
     channel: socket.socket
     domain_end: socket.socket | None  # handed to the domain's process when it starts
-    log: Callable[[str], None]
+    log: Callable[[str], None]  # rate-limited: the domain decides how often it is called
+    limit: int = MAX_FRAME_FILES
     files: dict[int, int] = attrs.field(factory=dict)  # gfn -> read-write fd
     _readonly: dict[int, int] = attrs.field(factory=dict)  # gfn -> O_RDONLY reopen, on demand
 
@@ -74,6 +80,8 @@ class SharedFrames:
                 try:
                     if gfn >= self.memory.nr_pages or gfn in self.forbidden:
                         raise BadFrameFile(f"gfn {gfn:#x} is not the domain's to share")
+                    if gfn not in self.files and len(self.files) >= self.limit:
+                        raise BadFrameFile(f"{self.limit} frames have files already")
                     check_frame_file(fd)
                     self._install(gfn, fd)
                 except (BadFrameFile, OSError) as exc:
