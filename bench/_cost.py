@@ -87,8 +87,9 @@ class Costs:
     def __init__(self) -> None:
         self._rounds: dict[str, dict[str, dict[str, list[float]]]] = {}
 
-    def add(self, process: str, workload: str, usage: Usage, ops: int,
-            wakeups: int | None = None) -> None:
+    def add(
+        self, process: str, workload: str, usage: Usage, ops: int, wakeups: int | None = None
+    ) -> None:
         """One round of one process: its usage difference over `ops` operations."""
         if ops <= 0:
             return

@@ -95,6 +95,7 @@ def random_offsets(size: int) -> list[int]:
 
 # --- the guest's side -----------------------------------------------------------------
 
+
 async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int, Usage]:
     """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
     this process's usage while they ran."""
@@ -163,11 +164,13 @@ async def guest(g: Any) -> None:
             sends = event_sends(g)
             value, done, used = await run_in_guest(disk, name, float(seconds))
             sends = event_sends(g) - sends
-            await g.xs.write("data/bench/result",
-                             f"{number} {value} {done} {used.cpu:.6f} {used.vcsw} {sends}")
+            await g.xs.write(
+                "data/bench/result", f"{number} {value} {done} {used.cpu:.6f} {used.vcsw} {sends}"
+            )
 
 
 # --- raw I/O on the image, from this process -------------------------------------------
+
 
 def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int, Usage]:
     """One workload for `seconds`; returns IOPS or MB/s, the requests done, and
@@ -181,8 +184,9 @@ def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int, Usage]:
         view[:] = os.urandom(size)
     fd = os.open(path, os.O_RDWR)
     try:
-        offsets = random_offsets(size) if kind == "rand" else \
-            list(range(0, DISK_BYTES - size + 1, size))
+        offsets = (
+            random_offsets(size) if kind == "rand" else list(range(0, DISK_BYTES - size + 1, size))
+        )
         io = os.pwritev if kind == "write" else os.preadv
         iov = [view]
         count = len(offsets)
@@ -205,16 +209,23 @@ def run_raw(path: Path, name: str, seconds: float) -> tuple[float, int, Usage]:
 
 # --- driving it ----------------------------------------------------------------------
 
+
 def xenlike(*args: str, run_dir: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "xenlike", *args, "--run-dir", str(run_dir)],
-                            capture_output=True, text=True, timeout=180, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "xenlike", *args, "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"xenlike {' '.join(args)}: {result.stdout}{result.stderr}")
     return result.stdout
 
 
-async def measure(run_dir: Path, images: Path, rounds: int, seconds: float, costs: Costs
-                  ) -> dict[tuple[str, str], list[float]]:
+async def measure(
+    run_dir: Path, images: Path, rounds: int, seconds: float, costs: Costs
+) -> dict[tuple[str, str], list[float]]:
     """The figures of every round; per-request costs of every process go to `costs`:
     the guest's from itself, Dom0's and the hypervisor's from /proc, raw's (this
     process) from getrusage."""
@@ -241,8 +252,12 @@ async def measure(run_dir: Path, images: Path, rounds: int, seconds: float, cost
                         value, done, used, sends = await result(xs, f"{home}/result", number)
                         costs.add("guest", f"{name}_{who}", used, done, sends)
                         for process, pid in others.items():
-                            costs.add(process, f"{name}_{who}",
-                                      process_usage(pid) - before_others[process], done)
+                            costs.add(
+                                process,
+                                f"{name}_{who}",
+                                process_usage(pid) - before_others[process],
+                                done,
+                            )
                     figures.setdefault((who, name), []).append(value)
     return figures
 
@@ -267,8 +282,9 @@ def main() -> None:
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = 0.2 if args.quick else 1.0
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                             os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     with tempfile.TemporaryDirectory(prefix="xenlike-bench-blk-") as tmp:
         base = Path(tmp)
         (base / "bench.toml").write_text(TOPOLOGY)

@@ -22,22 +22,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPORTS = ("import trio, construct, attrs, xenlike.domain, xenlike.xenstore, xenlike.xenbus, "
-           "domains.guest, domains.dom0, drivers.console")
+IMPORTS = (
+    "import trio, construct, attrs, xenlike.domain, xenlike.xenstore, xenlike.xenbus, "
+    "domains.guest, domains.dom0, drivers.console"
+)
 
 
 def topology(guests: int) -> str:
-    lines = ['[host]', 'name = "boot"', '', '[dom0]', 'memory = 128', '']
+    lines = ["[host]", 'name = "boot"', "", "[dom0]", "memory = 128", ""]
     for index in range(guests):
-        lines += ['[[domain]]', f'name = "g{index}"', 'memory = 16',
-                  'init = "domains.guest.demo:main"', '']
+        lines += [
+            "[[domain]]",
+            f'name = "g{index}"',
+            "memory = 16",
+            'init = "domains.guest.demo:main"',
+            "",
+        ]
     return "\n".join(lines)
 
 
 def xenlike(*args: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    return subprocess.run([sys.executable, "-m", "xenlike", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "xenlike", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def boot_once(topology_file: Path | None, run_dir: Path) -> tuple[float, list[int]]:
@@ -49,8 +62,9 @@ def boot_once(topology_file: Path | None, run_dir: Path) -> tuple[float, list[in
     if result.returncode != 0:
         raise SystemExit(f"up failed:\n{result.stdout}\n{result.stderr}")
     log = (run_dir / "hypervisor.log").read_text()
-    pids = [int(pid) for domid, pid in re.findall(r"\(d(\d+)\) started pid (\d+)", log)
-            if domid != "0"]
+    pids = [
+        int(pid) for domid, pid in re.findall(r"\(d(\d+)\) started pid (\d+)", log) if domid != "0"
+    ]
     rss = []
     for pid in pids:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -61,8 +75,9 @@ def boot_once(topology_file: Path | None, run_dir: Path) -> tuple[float, list[in
 
 def baseline_once(processes: int) -> float:
     start = time.perf_counter()
-    children = [subprocess.Popen([sys.executable, "-c", IMPORTS], cwd=ROOT)
-                for _ in range(processes)]
+    children = [
+        subprocess.Popen([sys.executable, "-c", IMPORTS], cwd=ROOT) for _ in range(processes)
+    ]
     for child in children:
         if child.wait() != 0:
             raise SystemExit("a baseline process failed")
@@ -78,8 +93,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         big_file = Path(tmp) / "big.toml"
         big_file.write_text(topology(big))
-        times: dict[str, list[float]] = {k: [] for k in ("default", "big", "base_default",
-                                                         "base_big")}
+        times: dict[str, list[float]] = {
+            k: [] for k in ("default", "big", "base_default", "base_big")
+        }
         rss: list[int] = []
         for round_ in range(rounds):
             times["base_default"].append(baseline_once(2 + 2))
@@ -96,8 +112,9 @@ def main() -> None:
     print(f"baseline, 4 bare processes: {med['base_default']:.2f} s")
     print(f"{big} guests up --detach: {med['big']:.2f} s")
     print(f"baseline, {big + 2} bare processes: {med['base_big']:.2f} s")
-    print(f"guest RSS median: {statistics.median(rss) / 1024:.1f} MiB, "
-          f"max: {max(rss) / 1024:.1f} MiB")
+    print(
+        f"guest RSS median: {statistics.median(rss) / 1024:.1f} MiB, max: {max(rss) / 1024:.1f} MiB"
+    )
     print(f"ratio default_boot: {med['default'] / med['base_default']:.3f}")
     print(f"ratio {big}_guests_boot: {med['big'] / med['base_big']:.3f}")
     print(f"ratio max_guest_rss_vs_40MiB: {max(rss) / (40 * 1024):.3f}")

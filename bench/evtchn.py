@@ -108,13 +108,15 @@ async def xenlike_round(rounds: int, warmup: int, costs: Costs) -> float:
                 port = await xc.alloc_unbound(pinger, remote_dom=pinger + 1)
                 counts = f"rounds={rounds} warmup={warmup}"
                 await xc.build(pinger, "bench.evtchn:ping", cmdline=f"port={port} {counts}")
-                ponger = await xc.create_domain("bench.evtchn:pong", memory_mb=4,
-                                                cmdline=f"peer={pinger} port={port} {counts}")
+                ponger = await xc.create_domain(
+                    "bench.evtchn:pong", memory_mb=4, cmdline=f"peer={pinger} port={port} {counts}"
+                )
                 await xc.unpause(pinger)
                 await xc.unpause(ponger)
                 with trio.fail_after(120):
                     await both_gone.wait()  # Dom0 stays quiet while they measure
             nursery.cancel_scope.cancel()
+
     def reported(domid: int) -> list[str]:
         for line in hv.log_lines:
             if f"(d{domid}) {TAG} " in line:
@@ -173,10 +175,18 @@ def raw_round(rounds: int, warmup: int, costs: Costs) -> float:
     to_pong = os.eventfd(0, os.EFD_NONBLOCK)
     common = [sys.executable, __file__, "--trips", str(rounds), "--warmup", str(warmup)]
     fds = (to_ping, to_pong)
-    pinger = subprocess.Popen(common + ["--raw", "ping", "--fds", str(to_ping), str(to_pong)],
-                              pass_fds=fds, stdout=subprocess.PIPE, start_new_session=True)
-    ponger = subprocess.Popen(common + ["--raw", "pong", "--fds", str(to_pong), str(to_ping)],
-                              pass_fds=fds, stdout=subprocess.PIPE, start_new_session=True)
+    pinger = subprocess.Popen(
+        common + ["--raw", "ping", "--fds", str(to_ping), str(to_pong)],
+        pass_fds=fds,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    ponger = subprocess.Popen(
+        common + ["--raw", "pong", "--fds", str(to_pong), str(to_ping)],
+        pass_fds=fds,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     os.close(to_ping)
     os.close(to_pong)
     out, _ = ponger.communicate(timeout=120)
@@ -211,7 +221,8 @@ def main() -> None:
     repeat = args.rounds or (3 if args.quick else 9)
     trips = args.trips or (2_000 if args.quick else 20_000)
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the guests import this file
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )  # the guests import this file
 
     costs = Costs()
     times: dict[str, list[float]] = {"raw": [], "xenlike": []}

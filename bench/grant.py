@@ -74,8 +74,11 @@ async def mapper(domain: Domain) -> None:
                 await cycle()
             per_cycle = (time.perf_counter() - start) / iterations * 1e6
             used = own_usage() - before
-            words += [f"{name}_us={per_cycle:.1f}", f"{name}_cpu={used.cpu:.6f}",
-                      f"{name}_vcsw={used.vcsw}"]
+            words += [
+                f"{name}_us={per_cycle:.1f}",
+                f"{name}_cpu={used.cpu:.6f}",
+                f"{name}_vcsw={used.vcsw}",
+            ]
         await domain.console_write(" ".join(words))
     await domain.console_write("bench done")
 
@@ -91,8 +94,9 @@ async def wait_for(hv: Hypervisor, text: str, timeout: float = 120) -> str:
 
 async def measure(rounds: int, iterations: int) -> list[dict[str, float]]:
     # The guests import this file as `bench.grant`.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                             os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         hv = Hypervisor(Path(tmp) / "run")
         async with trio.open_nursery() as nursery:
@@ -104,9 +108,12 @@ async def measure(rounds: int, iterations: int) -> list[dict[str, float]]:
             hv.unpause(granting)
             line = await wait_for(hv, f"(d{granting.domid}) granted refs=")
             refs = line.split("granted refs=", 1)[1]
-            hv.build_domain(mapping, "bench.grant:mapper",
-                            cmdline=f"peer={granting.domid} refs={refs} rounds={rounds} "
-                                    f"iterations={iterations}")
+            hv.build_domain(
+                mapping,
+                "bench.grant:mapper",
+                cmdline=f"peer={granting.domid} refs={refs} rounds={rounds} "
+                f"iterations={iterations}",
+            )
             hv.unpause(mapping)
             await wait_for(hv, f"(d{mapping.domid}) bench done")
             results = []
@@ -131,8 +138,9 @@ def main() -> None:
     costs = Costs()
     for r in results:
         for name in ("batched", "single"):
-            costs.add("mapper", name, Usage(r[f"{name}_cpu"], int(r[f"{name}_vcsw"])),
-                      iterations * PAGES)
+            costs.add(
+                "mapper", name, Usage(r[f"{name}_cpu"], int(r[f"{name}_vcsw"])), iterations * PAGES
+            )
     print(f"rounds: {rounds} (medians), {iterations} map+unmap cycles of {PAGES} pages each")
     print(f"batched map+unmap of {PAGES} pages (2 hypercalls): {batched:.0f} us")
     print(f"single map+unmap of {PAGES} pages ({2 * PAGES} hypercalls): {single:.0f} us")

@@ -102,14 +102,16 @@ async def xenlike_round(calls: int, warmup: int, costs: Costs) -> float:
         async with trio.open_nursery() as nursery:
             await nursery.start(hv.serve)
             async with XenControl.connect(hv.run_dir) as xc:
-                domid = await xc.create_domain("bench.hypercall:guest", memory_mb=4,
-                                               cmdline=f"calls={calls} warmup={warmup}")
+                domid = await xc.create_domain(
+                    "bench.hypercall:guest", memory_mb=4, cmdline=f"calls={calls} warmup={warmup}"
+                )
                 await xc.unpause(domid)
                 with trio.fail_after(120):
                     await gone.wait()  # Dom0 stays quiet while the guest measures
             nursery.cancel_scope.cancel()
-    figures = [line.split(f"(d1) {TAG} ", 1)[1].split() for line in hv.log_lines
-               if f"(d1) {TAG} " in line]
+    figures = [
+        line.split(f"(d1) {TAG} ", 1)[1].split() for line in hv.log_lines if f"(d1) {TAG} " in line
+    ]
     if not figures or hv.used is None:
         raise SystemExit("the guest did not report:\n" + "\n".join(hv.log_lines))
     per_call, cpu, switches = figures[0]
@@ -152,9 +154,20 @@ def raw_round(calls: int, warmup: int, costs: Costs) -> float:
     sides' usage over the measured exchanges goes to `costs`."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = subprocess.Popen(
-        [sys.executable, __file__, "--raw-client", str(theirs.fileno()), "--calls", str(calls),
-         "--warmup", str(warmup)],
-        pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE, start_new_session=True)
+        [
+            sys.executable,
+            __file__,
+            "--raw-client",
+            str(theirs.fileno()),
+            "--calls",
+            str(calls),
+            "--warmup",
+            str(warmup),
+        ],
+        pass_fds=(theirs.fileno(),),
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     theirs.close()
 
     async def serve() -> Usage:
@@ -172,8 +185,9 @@ def raw_round(calls: int, warmup: int, costs: Costs) -> float:
 
 def run_raw_client(fd: int, calls: int, warmup: int) -> None:
     async def run() -> str:
-        return await raw_client(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)),
-                                calls, warmup)
+        return await raw_client(
+            trio.socket.from_stdlib_socket(socket.socket(fileno=fd)), calls, warmup
+        )
 
     print(trio.run(run))
 
@@ -196,7 +210,8 @@ def main() -> None:
     calls = args.calls or (1_000 if args.quick else 10_000)
     warmup = args.warmup
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the guest imports this file
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )  # the guest imports this file
 
     costs = Costs()
     times: dict[str, list[float]] = {"raw": [], "xenlike": []}

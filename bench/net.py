@@ -93,8 +93,10 @@ class Counter:
 
     def result(self) -> bytes:
         used = own_usage() - self._before
-        return (f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f} "
-                f"{used.cpu:.6f} {used.vcsw} {self._sends() - self._sends_before}").encode()
+        return (
+            f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f} "
+            f"{used.cpu:.6f} {used.vcsw} {self._sends() - self._sends_before}"
+        ).encode()
 
 
 def event_sends(guest: Any) -> Callable[[], int]:
@@ -153,8 +155,9 @@ async def sender(guest: Any) -> None:
             await trio.sleep(0.05)  # let the tail drain before asking
             used, sent = own_usage() - before, sends() - sent_before
             result = (await _ask(sock, END, b"RESULT")).decode().removeprefix("RESULT ")
-            await guest.xs.write("data/bench/result",
-                                 f"{number} {result} {used.cpu:.6f} {used.vcsw} {sent}")
+            await guest.xs.write(
+                "data/bench/result", f"{number} {result} {used.cpu:.6f} {used.vcsw} {sent}"
+            )
 
 
 # --- raw: loopback UDP between two processes -------------------------------------------
@@ -184,8 +187,9 @@ class Raw:
     def __init__(self) -> None:
         self.ready: Any = multiprocessing.Queue()
         self.results: Any = multiprocessing.Queue()
-        self.process = multiprocessing.Process(target=_raw_receiver,
-                                               args=(self.ready, self.results), daemon=True)
+        self.process = multiprocessing.Process(
+            target=_raw_receiver, args=(self.ready, self.results), daemon=True
+        )
         self.process.start()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.connect(("127.0.0.1", self.ready.get(timeout=30)))
@@ -219,11 +223,18 @@ class Guests:
         self.run_dir = RunDir(tmp / "run")
         topology = tmp / "bench-net.toml"
         topology.write_text(TOPOLOGY)
-        self.env = {**os.environ, "XENLIKE_RUN_DIR": str(self.run_dir.path),
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                os.environ.get("PYTHONPATH")]))}
-        subprocess.run([sys.executable, "-m", "xenlike", "up", str(topology), "--detach"],
-                       env=self.env, check=True, capture_output=True, timeout=120)
+        self.env = {
+            **os.environ,
+            "XENLIKE_RUN_DIR": str(self.run_dir.path),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        subprocess.run(
+            [sys.executable, "-m", "xenlike", "up", str(topology), "--detach"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         self.number = 0
         pids = topology_processes(self.run_dir.path)
         self.hosts = {"dom0": pids[0], "hypervisor": pids["hypervisor"]}
@@ -263,8 +274,9 @@ class Guests:
         return int(received), int(nbytes), float(elapsed)
 
     def close(self) -> None:
-        subprocess.run([sys.executable, "-m", "xenlike", "down"], env=self.env,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "xenlike", "down"], env=self.env, capture_output=True, timeout=60
+        )
 
 
 def main() -> None:
@@ -289,18 +301,20 @@ def main() -> None:
                         if name == "raw":
                             received, nbytes, elapsed = raw.round(size, count, costs)
                         else:
-                            received, nbytes, elapsed = trio.run(guests.round, size, count,
-                                                                 costs)
+                            received, nbytes, elapsed = trio.run(guests.round, size, count, costs)
                         rate = (received - 1) / elapsed if elapsed > 0 else 0.0
                         rates.setdefault((name, size), []).append(
-                            rate if size == 64 else rate * size / 1e6)
+                            rate if size == 64 else rate * size / 1e6
+                        )
                         lost.setdefault((name, size), []).append(1 - received / count)
         finally:
             guests.close()
             raw.close()
     med = {key: statistics.median(values) for key, values in rates.items()}
-    print(f"rounds: {rounds} (medians); bursts of {counts['raw']} (raw) and "
-          f"{counts['xenlike']} (xenlike) datagrams")
+    print(
+        f"rounds: {rounds} (medians); bursts of {counts['raw']} (raw) and "
+        f"{counts['xenlike']} (xenlike) datagrams"
+    )
     print(f"raw loopback UDP, 64-byte payloads: {med['raw', 64]:,.0f} packets/s")
     print(f"xenlike guest to guest, 64-byte payloads: {med['xenlike', 64]:,.0f} packets/s")
     print(f"raw loopback UDP, 1400-byte payloads: {med['raw', 1400]:.1f} MB/s")

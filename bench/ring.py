@@ -45,6 +45,7 @@ SEGMENT = BLKIF.request.record().seg[0]._replace(gref=8, first_sect=0, last_sect
 
 # --- xenlike ---------------------------------------------------------------
 
+
 async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int) -> int:
     back = BackRing(BLKIF, mem)
     served = notifies = 0
@@ -69,8 +70,9 @@ async def xenlike_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, coun
     return notifies
 
 
-async def xenlike_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
-                        depth: int) -> int:
+async def xenlike_front(
+    mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int, depth: int
+) -> int:
     front = FrontRing(BLKIF, mem)
     seg = (SEGMENT,)
     sent = done = notifies = 0
@@ -136,8 +138,9 @@ async def raw_back(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: i
     return notifies
 
 
-async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
-                    depth: int) -> int:
+async def raw_front(
+    mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int, depth: int
+) -> int:
     hdr = mem[:64].cast("I")
     hdr[0] = hdr[2] = 0
     hdr[1] = hdr[3] = 1
@@ -176,8 +179,9 @@ async def raw_front(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: 
 LOOPS = {"raw": (raw_front, raw_back), "xenlike": (xenlike_front, xenlike_back)}
 
 
-def _run_back(kind: str, shm: mmap.mmap, req_fd: int, rsp_fd: int, count: int,
-              report: Connection) -> None:
+def _run_back(
+    kind: str, shm: mmap.mmap, req_fd: int, rsp_fd: int, count: int, report: Connection
+) -> None:
     before = own_usage()
     notifies = trio.run(LOOPS[kind][1], memoryview(shm), EventFd(req_fd), EventFd(rsp_fd), count)
     report.send((own_usage() - before, notifies))
@@ -192,8 +196,9 @@ def one_round(kind: str, count: int, depth: int, costs: Costs) -> float:
     os.set_inheritable(rsp_evt.fd, True)
     ctx = multiprocessing.get_context("fork")
     from_back, to_parent = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_run_back,
-                        args=(kind, shm, req_evt.fd, rsp_evt.fd, count, to_parent))
+    child = ctx.Process(
+        target=_run_back, args=(kind, shm, req_evt.fd, rsp_evt.fd, count, to_parent)
+    )
     mem = memoryview(shm)
     if kind == "xenlike":
         FrontRing(BLKIF, mem)  # initialise the shared header before the back end looks

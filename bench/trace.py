@@ -66,11 +66,13 @@ FRONT_PORT, BACK_PORT = 5, 7
 
 # --- ring between two processes ------------------------------------------------------
 
+
 class TracedDoorbell:
     """A port's doorbell as `Port.notify` rings it: the send hook first, then the eventfd."""
 
-    def __init__(self, mine: EventFd, theirs: EventFd, port: int, on_send: Callable[[int], None]
-                 ) -> None:
+    def __init__(
+        self, mine: EventFd, theirs: EventFd, port: int, on_send: Callable[[int], None]
+    ) -> None:
         self.mine, self.theirs, self.number, self.on_send = mine, theirs, port, on_send
 
     def notify(self) -> None:
@@ -81,17 +83,25 @@ class TracedDoorbell:
         return await self.mine.wait()
 
 
-def _traced(channel: Any, buffer_fd: int, domid: int, port: int, mode: str, backend: bool,
-            mine: EventFd, theirs: EventFd) -> None:
+def _traced(
+    channel: Any,
+    buffer_fd: int,
+    domid: int,
+    port: int,
+    mode: str,
+    backend: bool,
+    mine: EventFd,
+    theirs: EventFd,
+) -> None:
     buffer = TraceBuffer.attach(os.dup(buffer_fd), writable=True)
     channel.port = TracedDoorbell(mine, theirs, port, fast_path_recorder(buffer, domid))
     if mode != "off":
-        channel.trace = RingTrace(EventRecorder(buffer, domid), channel.ring, port,
-                                  backend=backend)
+        channel.trace = RingTrace(EventRecorder(buffer, domid), channel.ring, port, backend=backend)
 
 
-async def _back(mem: memoryview, evts: tuple[int, int], buffer_fd: int, mode: str,
-                count: int) -> None:
+async def _back(
+    mem: memoryview, evts: tuple[int, int], buffer_fd: int, mode: str, count: int
+) -> None:
     back = BackChannel(BackRing(ECHO_RING, mem), None)  # type: ignore[arg-type]  # set below
     _traced(back, buffer_fd, 0, BACK_PORT, mode, True, EventFd(evts[0]), EventFd(evts[1]))
     answered = 0
@@ -102,8 +112,9 @@ async def _back(mem: memoryview, evts: tuple[int, int], buffer_fd: int, mode: st
             return
 
 
-def _run_back(mem: mmap.mmap, evts: tuple[int, int], buffer_fd: int, mode: str, cpu: int,
-              count: int) -> None:
+def _run_back(
+    mem: mmap.mmap, evts: tuple[int, int], buffer_fd: int, mode: str, cpu: int, count: int
+) -> None:
     os.sched_setaffinity(0, {cpu})
     trio.run(_back, memoryview(mem), evts, buffer_fd, mode, count)
 
@@ -152,8 +163,10 @@ def ring_round(mode: str, count: int, cpus: list[int]) -> float:
     front = FrontChannel(FrontRing(ECHO_RING, mem), None)  # type: ignore[arg-type]  # set below
     _traced(front, buffers[0].fd, 1, FRONT_PORT, mode, False, rsp, req)
     ctx = multiprocessing.get_context("fork")
-    back = ctx.Process(target=_run_back, args=(shm, (req.fd, rsp.fd), buffers[1].fd, mode,
-                                               cpus[0], count // DEPTH * DEPTH))
+    back = ctx.Process(
+        target=_run_back,
+        args=(shm, (req.fd, rsp.fd), buffers[1].fd, mode, cpus[0], count // DEPTH * DEPTH),
+    )
     reader = ctx.Process(target=_run_reader, args=((buffers[0].fd, buffers[1].fd), cpus[-1]))
     back.start()
     if mode == "live":
@@ -173,14 +186,16 @@ def ring_round(mode: str, count: int, cpus: list[int]) -> float:
 
 # --- guests under a hypervisor ----------------------------------------------------------
 
+
 async def _readers(hv: Hypervisor, count: int) -> None:
     with trio.fail_after(20):
         while hv.trace.statistics().readers != count:
             await trio.sleep(0.01)
 
 
-async def traced(hv: Hypervisor, mode: str, cpu: int, out: Path,
-                 measure: Callable[[], Awaitable[float]]) -> float:
+async def traced(
+    hv: Hypervisor, mode: str, cpu: int, out: Path, measure: Callable[[], Awaitable[float]]
+) -> float:
     """`measure()` with tracing off, buffers on and unread, or the real recorder following."""
     if mode == "off":
         return await measure()
@@ -188,8 +203,19 @@ async def traced(hv: Hypervisor, mode: str, cpu: int, out: Path,
         with await TraceReader.open(hv.run_dir):
             return await measure()
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "xenlike", "trace", "--run-dir", str(hv.run_dir), "--record",
-         str(out), "--quiet"], preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        [
+            sys.executable,
+            "-m",
+            "xenlike",
+            "trace",
+            "--run-dir",
+            str(hv.run_dir),
+            "--record",
+            str(out),
+            "--quiet",
+        ],
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
     try:
         await _readers(hv, 1)
         await trio.sleep(0.3)  # past its first records
@@ -200,8 +226,9 @@ async def traced(hv: Hypervisor, mode: str, cpu: int, out: Path,
         await _readers(hv, 0)
 
 
-async def guests(rounds: int, pairs: int, calls: int, cpus: list[int]
-                 ) -> dict[str, dict[str, list[float]]]:
+async def guests(
+    rounds: int, pairs: int, calls: int, cpus: list[int]
+) -> dict[str, dict[str, list[float]]]:
     figures: dict[str, dict[str, list[float]]] = {"ping-pong": {}, "hypercall": {}}
     with TemporaryDirectory() as tmp:
         hv = Hypervisor(Path(tmp) / "run")
@@ -209,10 +236,11 @@ async def guests(rounds: int, pairs: int, calls: int, cpus: list[int]
             await nursery.start(hv.serve)
             async with XenControl.connect(hv.run_dir) as xc:
                 for r in range(rounds):
-                    for mode in MODES[r % 3:] + MODES[:r % 3]:
+                    for mode in MODES[r % 3 :] + MODES[: r % 3]:
                         out = Path(tmp) / f"{mode}.xltrace"
-                        us = await traced(hv, mode, cpus[-1], out,
-                                          lambda: ping_pong_us(xc, pairs, hook=True))
+                        us = await traced(
+                            hv, mode, cpus[-1], out, lambda: ping_pong_us(xc, pairs, hook=True)
+                        )
                         figures["ping-pong"].setdefault(mode, []).append(1e6 / us)
                         us = await traced(hv, mode, cpus[-1], out, lambda: hypercall_us(xc, calls))
                         figures["hypercall"].setdefault(mode, []).append(1e6 / us)
@@ -234,15 +262,19 @@ def main() -> None:
 
     ring: dict[str, list[float]] = {}
     for r in range(rounds):
-        for mode in MODES[r % 3:] + MODES[:r % 3]:
+        for mode in MODES[r % 3 :] + MODES[: r % 3]:
             ring.setdefault(mode, []).append(ring_round(mode, ring_n, cpus))
     figures = {"ring": ring, **trio.run(guests, rounds, pairs, calls, cpus)}
 
-    med = {name: {mode: statistics.median(v) for mode, v in by_mode.items()}
-           for name, by_mode in figures.items()}
+    med = {
+        name: {mode: statistics.median(v) for mode, v in by_mode.items()}
+        for name, by_mode in figures.items()
+    }
     units = {"ring": "pairs/s", "ping-pong": "round trips/s", "hypercall": "calls/s"}
-    print(f"rounds: {rounds} (medians); ring {ring_n} pairs, {DEPTH} in flight; "
-          f"ping-pong {pairs} round trips; {calls} hypercalls; {len(cpus)} CPUs")
+    print(
+        f"rounds: {rounds} (medians); ring {ring_n} pairs, {DEPTH} in flight; "
+        f"ping-pong {pairs} round trips; {calls} hypercalls; {len(cpus)} CPUs"
+    )
     for name, by_mode in med.items():
         for mode in MODES:
             print(f"{name}, {mode}: {by_mode[mode]:,.0f} {units[name]}")

@@ -60,6 +60,7 @@ trio.run(main)
 
 # --- guest kernels (the domains import this module by name) -----------------
 
+
 def _params(domain: Domain) -> dict[str, str]:
     return dict(word.split("=", 1) for word in domain.cmdline.split())
 
@@ -103,6 +104,7 @@ async def caller(domain: Domain) -> None:
 
 # --- the driver ----------------------------------------------------------------
 
+
 def send_hook_ns(rounds: int, calls: int) -> dict[str, float]:
     """ns per `trace_send` in this process: no hook, hook with no reader, hook recording."""
     buffer = TraceBuffer.create(1 << 16, domid=1, source=TraceSource.domain)
@@ -136,8 +138,9 @@ async def ping_pong_us(xc: XenControl, rounds: int, hook: bool) -> float:
     port = await xc.alloc_unbound(ping, remote_dom=ping + 1)
     args = f"port={port} rounds={rounds} hook={int(hook)}"
     await xc.build(ping, "bench.trace_overhead:ping", cmdline=args)
-    pong = await xc.create_domain("bench.trace_overhead:pong", memory_mb=4,
-                                  cmdline=f"peer={ping} {args}")
+    pong = await xc.create_domain(
+        "bench.trace_overhead:pong", memory_mb=4, cmdline=f"peer={ping} {args}"
+    )
     await xc.unpause(ping)
     await xc.unpause(pong)
     ns = await elapsed(xc, pong)
@@ -147,19 +150,20 @@ async def ping_pong_us(xc: XenControl, rounds: int, hook: bool) -> float:
 
 
 async def hypercall_us(xc: XenControl, calls: int) -> float:
-    domid = await xc.create_domain("bench.trace_overhead:caller", memory_mb=4,
-                                   cmdline=f"calls={calls}")
+    domid = await xc.create_domain(
+        "bench.trace_overhead:caller", memory_mb=4, cmdline=f"calls={calls}"
+    )
     await xc.unpause(domid)
     ns = await elapsed(xc, domid)
     await xc.destroy(domid)
     return ns / calls / 1000
 
 
-async def with_reader(run_dir: Path, cpu: int, measure: Callable[[], Awaitable[float]]
-                      ) -> float:
+async def with_reader(run_dir: Path, cpu: int, measure: Callable[[], Awaitable[float]]) -> float:
     """Run `measure()` while a reader in another process, on `cpu`, follows every buffer."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-c", READER, str(run_dir), str(cpu)], stdout=subprocess.PIPE)
+        [sys.executable, "-c", READER, str(run_dir), str(cpu)], stdout=subprocess.PIPE
+    )
     assert process.stdout is not None
     try:
         said = b""
@@ -185,15 +189,17 @@ async def bench(rounds: int, pairs: int, calls: int) -> None:
                 modes: dict[str, Callable[[], Awaitable[float]]] = {
                     "pp none": lambda: ping_pong_us(xc, pairs, hook=False),
                     "pp off": lambda: ping_pong_us(xc, pairs, hook=True),
-                    "pp on": lambda: with_reader(hv.run_dir, cpus[-1],
-                                                 lambda: ping_pong_us(xc, pairs, hook=True)),
+                    "pp on": lambda: with_reader(
+                        hv.run_dir, cpus[-1], lambda: ping_pong_us(xc, pairs, hook=True)
+                    ),
                     "hc off": lambda: hypercall_us(xc, calls),
-                    "hc on": lambda: with_reader(hv.run_dir, cpus[-1],
-                                                 lambda: hypercall_us(xc, calls)),
+                    "hc on": lambda: with_reader(
+                        hv.run_dir, cpus[-1], lambda: hypercall_us(xc, calls)
+                    ),
                 }
                 names = list(modes)
                 for r in range(rounds):
-                    for name in names[r % len(names):] + names[:r % len(names)]:
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
                         figures.setdefault(name, []).append(await modes[name]())
             nursery.cancel_scope.cancel()
     hook = send_hook_ns(rounds, 100_000)

@@ -43,8 +43,8 @@ from typing import Any
 
 import trio
 
-from xenlike.abi.xs_wire import XS_DIRECTORY, XS_READ, XS_WATCH, XS_WATCH_EVENT, XS_WRITE
 from xenlike._eventfd import EventFd
+from xenlike.abi.xs_wire import XS_DIRECTORY, XS_READ, XS_WATCH, XS_WATCH_EVENT, XS_WRITE
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.testing import CrossedDoorbell, doorbell_pair
 from xenlike.xenstore import (
@@ -128,15 +128,17 @@ async def capture(path: str) -> dict[bytes, bytes]:
 # -- the timed loops ------------------------------------------------------------------
 
 
-async def raw_round(path: str, name: str, canned: dict[bytes, bytes],
-                    seconds: float) -> list[float]:
+async def raw_round(
+    path: str, name: str, canned: dict[bytes, bytes], seconds: float
+) -> list[float]:
     """Per-operation times of the bare client."""
     async with await trio.open_unix_socket(path) as stream:
         return await _raw_timed(stream, name, canned, seconds)
 
 
-async def _raw_timed(stream: Any, name: str, canned: dict[bytes, bytes], seconds: float
-                     ) -> list[float]:
+async def _raw_timed(
+    stream: Any, name: str, canned: dict[bytes, bytes], seconds: float
+) -> list[float]:
     """The bare client's loop: send the request's bytes, read the reply's length."""
     request = REQUESTS[name].encode()
     expected = len(canned[request])
@@ -198,26 +200,31 @@ class Ring:
         self.page = mmap.mmap(self.fd, 4096)
         self.client_bell, server_bell = doorbell_pair()
         fds = (self.fd, server_bell.mine.fd, server_bell.theirs.fd)
-        self.process = start_server([sys.executable, __file__, "--ring-server", kind, canned_path,
-                                     *map(str, fds)], pass_fds=fds)
+        self.process = start_server(
+            [sys.executable, __file__, "--ring-server", kind, canned_path, *map(str, fds)],
+            pass_fds=fds,
+        )
 
     def stream(self) -> ByteRingStream:
         view = memoryview(self.page)
-        return ByteRingStream(ByteRing(view, XENSTORE.to_backend),
-                              ByteRing(view, XENSTORE.to_guest), self.client_bell)
+        return ByteRingStream(
+            ByteRing(view, XENSTORE.to_backend), ByteRing(view, XENSTORE.to_guest), self.client_bell
+        )
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
 
 
-async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: int,
-                      theirs: int) -> None:
+async def ring_server(
+    kind: str, canned: dict[bytes, bytes], memfd: int, mine: int, theirs: int
+) -> None:
     """The other end of a `Ring`: xenstored, or canned replies with no store."""
     view = memoryview(mmap.mmap(memfd, 4096))
     bell = CrossedDoorbell(EventFd(mine), EventFd(theirs))
-    stream = ByteRingStream(ByteRing(view, XENSTORE.to_guest),
-                            ByteRing(view, XENSTORE.to_backend), bell)
+    stream = ByteRingStream(
+        ByteRing(view, XENSTORE.to_guest), ByteRing(view, XENSTORE.to_backend), bell
+    )
     print("listening", flush=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.pump)
@@ -227,14 +234,16 @@ async def ring_server(kind: str, canned: dict[bytes, bytes], memfd: int, mine: i
         buffer = b""
         while data := await stream.receive_some(65536):
             buffer += data
-            while len(buffer) >= HEADER.size and \
-                    len(buffer) >= (end := HEADER.size + HEADER.unpack_from(buffer)[3]):
+            while len(buffer) >= HEADER.size and len(buffer) >= (
+                end := HEADER.size + HEADER.unpack_from(buffer)[3]
+            ):
                 await stream.send_all(canned[buffer[:end]])
                 buffer = buffer[end:]
 
 
-async def raw_ring_round(ring: Ring, name: str, canned: dict[bytes, bytes],
-                         seconds: float) -> list[float]:
+async def raw_ring_round(
+    ring: Ring, name: str, canned: dict[bytes, bytes], seconds: float
+) -> list[float]:
     stream = ring.stream()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.pump)
@@ -253,8 +262,9 @@ async def xenlike_ring_round(ring: Ring, name: str, seconds: float) -> list[floa
     return times
 
 
-async def bench_ring(rounds: int, seconds: float, canned: dict[bytes, bytes], canned_path: str
-                     ) -> dict[str, float]:
+async def bench_ring(
+    rounds: int, seconds: float, canned: dict[bytes, bytes], canned_path: str
+) -> dict[str, float]:
     raw_ring, our_ring = Ring("raw", canned_path), Ring("xenlike", canned_path)
     try:
         stream = our_ring.stream()
@@ -265,18 +275,23 @@ async def bench_ring(rounds: int, seconds: float, canned: dict[bytes, bytes], ca
                     await xs.write(node, value)
             nursery.cancel_scope.cancel()
         raw, ours = await interleaved(
-            rounds, lambda name: raw_ring_round(raw_ring, name, canned, seconds),
-            lambda name: xenlike_ring_round(our_ring, name, seconds))
+            rounds,
+            lambda name: raw_ring_round(raw_ring, name, canned, seconds),
+            lambda name: xenlike_ring_round(our_ring, name, seconds),
+        )
     finally:
         raw_ring.stop()
         our_ring.stop()
-    return _report("xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours,
-                   "ring_")
+    return _report(
+        "xenstore over a ring page (eventfd doorbells)", rounds, seconds, raw, ours, "ring_"
+    )
 
 
-async def interleaved(rounds: int, raw_round: Callable[[str], Awaitable[list[float]]],
-                      our_round: Callable[[str], Awaitable[list[float]]]
-                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+async def interleaved(
+    rounds: int,
+    raw_round: Callable[[str], Awaitable[list[float]]],
+    our_round: Callable[[str], Awaitable[list[float]]],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Each request's rounds, raw and xenlike in turn. Per round, the median time
     of one operation: robust to the stalls other processes on the machine cause."""
     raw: dict[str, list[float]] = {name: [] for name in REQUESTS}
@@ -299,18 +314,22 @@ def start_server(argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.
 
 async def bench(rounds: int, seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="xsbench") as tmp:
-        xs_path, raw_path, canned_path = (os.path.join(tmp, n)
-                                          for n in ("xs.sock", "raw.sock", "canned"))
+        xs_path, raw_path, canned_path = (
+            os.path.join(tmp, n) for n in ("xs.sock", "raw.sock", "canned")
+        )
         servers = [start_server([sys.executable, "-m", "xenlike.xenstore", "--socket", xs_path])]
         try:
             canned = await capture(xs_path)
             with open(canned_path, "w") as file:
                 json.dump({k.hex(): v.hex() for k, v in canned.items()}, file)
-            servers.append(start_server([sys.executable, __file__, "--raw-server", raw_path,
-                                         canned_path]))
+            servers.append(
+                start_server([sys.executable, __file__, "--raw-server", raw_path, canned_path])
+            )
             raw, ours = await interleaved(
-                rounds, lambda name: raw_round(raw_path, name, canned, seconds),
-                lambda name: xenlike_round(xs_path, name, seconds))
+                rounds,
+                lambda name: raw_round(raw_path, name, canned, seconds),
+                lambda name: xenlike_round(xs_path, name, seconds),
+            )
         finally:
             for server in servers:
                 server.terminate()
@@ -362,9 +381,15 @@ def cpu_seconds(pid: int) -> float:
 
 def peer_round(socket_path: str, pid: int, clients: int, seconds: float) -> tuple[float, float]:
     """ops/s of `clients` client processes against one daemon, and its CPU seconds per op."""
-    processes = [subprocess.Popen([sys.executable, __file__, "--client", socket_path,
-                                   repr(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True) for _ in range(clients)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--client", socket_path, repr(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(clients)
+    ]
     for process in processes:
         assert process.stdout is not None and process.stdout.readline() == "ready\n"
     start = time.time() + 0.05
@@ -403,8 +428,10 @@ def bench_peer(rounds: int, seconds: float) -> dict[str, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.cxenstored import Unavailable, running
 
-    print(f"beside cxenstored (Xen 4.17, C): {rounds} interleaved rounds of {seconds}s, "
-          "clients sending read, write and ls in turn")
+    print(
+        f"beside cxenstored (Xen 4.17, C): {rounds} interleaved rounds of {seconds}s, "
+        "clients sending read, write and ls in turn"
+    )
     try:
         peer = running()
         cxenstored = peer.__enter__()
@@ -415,8 +442,10 @@ def bench_peer(rounds: int, seconds: float) -> dict[str, float]:
         xs_path = os.path.join(tmp, "xs.sock")
         ours = start_server([sys.executable, "-m", "xenlike.xenstore", "--socket", xs_path])
         try:
-            daemons = {"xenlike": (xs_path, ours.pid),
-                       "cxenstored": (cxenstored.socket_path, cxenstored.pid)}
+            daemons = {
+                "xenlike": (xs_path, ours.pid),
+                "cxenstored": (cxenstored.socket_path, cxenstored.pid),
+            }
             for path, _ in daemons.values():
                 _setup_nodes(path)
             rates: dict[tuple[str, int], list[float]] = {}
@@ -438,13 +467,20 @@ def bench_peer(rounds: int, seconds: float) -> dict[str, float]:
             rate = statistics.median(rates[name, clients])
             cost = statistics.median(costs[name, clients])
             print(f"{name} {label}: {rate:.0f} ops/s, {cost * 1e6:.1f} us CPU per op")
-        ratios[f"cxenstored_{label}"] = (statistics.median(rates["xenlike", clients])
-                                         / statistics.median(rates["cxenstored", clients]))
+        ratios[f"cxenstored_{label}"] = statistics.median(
+            rates["xenlike", clients]
+        ) / statistics.median(rates["cxenstored", clients])
     return ratios
 
 
-def _report(title: str, rounds: int, seconds: float, raw: dict[str, list[float]],
-            ours: dict[str, list[float]], prefix: str) -> dict[str, float]:
+def _report(
+    title: str,
+    rounds: int,
+    seconds: float,
+    raw: dict[str, list[float]],
+    ours: dict[str, list[float]],
+    prefix: str,
+) -> dict[str, float]:
     """Print one transport's figures; return its ratios (xenlike rate / raw rate)."""
     print(f"{title}: {rounds} interleaved rounds of {seconds}s, one request in flight")
     ratios = {}
@@ -468,8 +504,9 @@ def _load_canned(path: str) -> dict[bytes, bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--raw-server", nargs=2, metavar=("SOCKET", "CANNED"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--raw-server", nargs=2, metavar=("SOCKET", "CANNED"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--ring-server", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -18,8 +18,14 @@ from drivers.blkif.protocol import RW, SEGMENT_ARRAY, segment_words
 from xenlike.abi.blkif import BLKIF_RSP_ERROR, BlkifOp
 
 # (label, first sector, sectors): what `exercise` leaves on the disk.
-WRITES = [("small", 3, 3), ("44k", 100, 88), ("big", 1000, 4096 + 3), ("many", 20000, 64 * 8),
-          ("reconnect", 30000, 128 * 8), ("batch", 40000, 150 * 8 + 2 * 4096)]
+WRITES = [
+    ("small", 3, 3),
+    ("44k", 100, 88),
+    ("big", 1000, 4096 + 3),
+    ("many", 20000, 64 * 8),
+    ("reconnect", 30000, 128 * 8),
+    ("batch", 40000, 150 * 8 + 2 * 4096),
+]
 # How "batch" is cut for write_many/read_many: more requests than the ring has
 # slots, and more pages than blkfront's buffer pool holds at once.
 BATCH_PIECES = [(40000 + 8 * i, 8) for i in range(150)] + [(41200, 4096), (45296, 4096)]
@@ -44,8 +50,11 @@ async def exercise(guest: Any) -> None:
     many = WRITES[3]
     async with trio.open_nursery() as nursery:
         for i in range(64):
-            nursery.start_soon(disk.write, many[1] + 8 * i,
-                               pattern(many[0], many[2] * 512)[i * 4096:(i + 1) * 4096])
+            nursery.start_soon(
+                disk.write,
+                many[1] + 8 * i,
+                pattern(many[0], many[2] * 512)[i * 4096 : (i + 1) * 4096],
+            )
     results: dict[int, bytes] = {}
 
     async def read_page(i: int) -> None:
@@ -58,8 +67,12 @@ async def exercise(guest: Any) -> None:
 
     label, sector, count = WRITES[5]
     data = pattern(label, count * 512)
-    await disk.write_many([(start, data[(start - sector) * 512:(start - sector + length) * 512])
-                           for start, length in BATCH_PIECES])
+    await disk.write_many(
+        [
+            (start, data[(start - sector) * 512 : (start - sector + length) * 512])
+            for start, length in BATCH_PIECES
+        ]
+    )
     pieces = await disk.read_many(reversed(BATCH_PIECES))
     assert b"".join(reversed(pieces)) == data, "batch: read_many differs from write_many"
     assert await disk.read(sector, count) == data, "batch: read back differs"
@@ -69,11 +82,11 @@ async def exercise(guest: Any) -> None:
     own = disk.buffer(4096 * 512)  # the guest's own memory: indirect requests, no copy
     start = (41200 - sector) * 512
     await disk.readinto(41200, own)
-    assert own == data[start:start + len(own)], "batch: readinto a disk buffer differs"
+    assert own == data[start : start + len(own)], "batch: readinto a disk buffer differs"
     own[:] = pattern("own", len(own))
     await disk.write(41200, own)
     assert await disk.read(41200, 4096) == own, "batch: a disk buffer's write differs"
-    own[:] = data[start:start + len(own)]
+    own[:] = data[start : start + len(own)]
     await disk.write(41200, own)
     try:
         await disk.readinto(sector, bytes(512))
@@ -91,13 +104,15 @@ async def exercise(guest: Any) -> None:
     data = pattern(label, count * 512)
     async with trio.open_nursery() as nursery:
         for i in range(128):
-            nursery.start_soon(disk.write, sector + 8 * i, data[i * 4096:(i + 1) * 4096])
+            nursery.start_soon(disk.write, sector + 8 * i, data[i * 4096 : (i + 1) * 4096])
         await trio.lowlevel.checkpoint()
         await disk.reconnect()
     assert await disk.read(sector, count) == data, "writes lost across the reconnect"
     await disk.flush()
-    print(f"[{name}] blk ok: reads, writes, flush, discard, 64 in flight, batches, 128 across "
-          f"a reconnect")
+    print(
+        f"[{name}] blk ok: reads, writes, flush, discard, 64 in flight, batches, 128 across "
+        f"a reconnect"
+    )
     await trio.sleep_forever()
 
 
@@ -117,8 +132,9 @@ async def read_only(guest: Any) -> None:
     gfn = domain.allocator.allocate()
     ref = domain.grants.grant_access(disk.device.otherend_id, gfn)
     words = segment_words([ref], 8)
-    response = await disk.call(RW.record(BlkifOp.WRITE, 1, disk.device.devid, 0, 0,
-                                         SEGMENT_ARRAY(words.ljust(88, b"\0"))))
+    response = await disk.call(
+        RW.record(BlkifOp.WRITE, 1, disk.device.devid, 0, 0, SEGMENT_ARRAY(words.ljust(88, b"\0")))
+    )
     assert response.status == BLKIF_RSP_ERROR, response
     await disk.flush()  # nothing to flush: no feature, no request
     print(f"[{guest.name}] ro ok: reads work, writes refused (locally and by blkback)")

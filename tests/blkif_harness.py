@@ -39,13 +39,14 @@ class RawFront:
         self.ring, self.port, self.grants = ring, port, grants
         self._next_gfn = 16  # gfn 0 holds the ring
 
-    def page(self, *, domid: int = 0, readonly: bool = False, data: bytes | None = None
-             ) -> tuple[int, memoryview]:
+    def page(
+        self, *, domid: int = 0, readonly: bool = False, data: bytes | None = None
+    ) -> tuple[int, memoryview]:
         """A fresh guest page, granted as asked; (ref, its memory)."""
         gfn, self._next_gfn = self._next_gfn, self._next_gfn + 1
         view = self.grants.page(gfn)
         if data is not None:
-            view[:len(data)] = data
+            view[: len(data)] = data
         return self.grants.grant(gfn, domid=domid, readonly=readonly), view
 
     async def submit(self, *requests: Any) -> list[Any]:
@@ -76,15 +77,26 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(image: Path, *, persistent: bool = True, mode: str = "w",
-                  discard: bool = True, direct: bool = False) -> AsyncIterator[Served]:
+async def serving(
+    image: Path,
+    *,
+    persistent: bool = True,
+    mode: str = "w",
+    discard: bool = True,
+    direct: bool = False,
+) -> AsyncIterator[Served]:
     """A BlkBack connected to a RawFront over a one-page ring, serving `image`."""
     grants = FakeGrantTable()
-    store = FakeXenStore({f"{BACK}/params": str(image), f"{BACK}/mode": mode,
-                          f"{BACK}/type": "file",
-                          f"{BACK}/discard-enable": "1" if discard else "0",
-                          f"{BACK}/direct-io-safe": "1" if direct else "0",
-                          f"{FRONT}/feature-persistent": "1" if persistent else "0"})
+    store = FakeXenStore(
+        {
+            f"{BACK}/params": str(image),
+            f"{BACK}/mode": mode,
+            f"{BACK}/type": "file",
+            f"{BACK}/discard-enable": "1" if discard else "0",
+            f"{BACK}/direct-io-safe": "1" if direct else "0",
+            f"{FRONT}/feature-persistent": "1" if persistent else "0",
+        }
+    )
     domain = SimpleNamespace(domid=0, grants=grants, trace=None, hardware=Hardware(disks=Disk.open))
     async with trio.open_nursery() as nursery:
         ctx = XenbusContext(domain, store, nursery)

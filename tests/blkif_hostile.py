@@ -30,8 +30,9 @@ NOT_A_DOMAIN = 42
 
 
 def rw(op: int, sector: int, ref: int, rid: int) -> Any:
-    return RW.record(op, 1, 51712, rid, sector,
-                     SEGMENT_ARRAY(segment_words([ref], 8).ljust(88, b"\0")))
+    return RW.record(
+        op, 1, 51712, rid, sector, SEGMENT_ARRAY(segment_words([ref], 8).ljust(88, b"\0"))
+    )
 
 
 class Ring:
@@ -48,7 +49,7 @@ class Ring:
         """Write bytes straight into the next slots, as no honest front end would."""
         for slot in slots:
             index = self.front.req_prod_pvt & (self.front.nr_ents - 1)
-            self.view[64 + 112 * index:64 + 112 * (index + 1)] = slot
+            self.view[64 + 112 * index : 64 + 112 * (index + 1)] = slot
             self.front.req_prod_pvt += 1
         return await self._push(len(slots))
 
@@ -85,9 +86,12 @@ async def hostile(guest: Any) -> None:
 
     ring_gfn = domain.allocator.allocate()
     ring = Ring(domain.memory.frame(ring_gfn), await domain.evtchn.alloc_unbound(backend_id))
-    for key, value in {"ring-ref": domain.grants.grant_access(backend_id, ring_gfn),
-                       "event-channel": ring.port.number, "feature-persistent": 1,
-                       "state": 3}.items():
+    for key, value in {
+        "ring-ref": domain.grants.grant_access(backend_id, ring_gfn),
+        "event-channel": ring.port.number,
+        "feature-persistent": 1,
+        "state": 3,
+    }.items():
         await xs.write(f"{node}/{key}", str(value))
     await wait_state(xs, f"{backend}/state", 4)  # Connected
     await xs.write(f"{node}/state", "4")
@@ -95,7 +99,7 @@ async def hostile(guest: Any) -> None:
 
     def page(*, domid: int = backend_id, readonly: bool = False, data: bytes = b"") -> int:
         gfn = domain.allocator.allocate()
-        domain.memory.frame(gfn)[:len(data)] = data
+        domain.memory.frame(gfn)[: len(data)] = data
         return domain.grants.grant_access(domid, gfn, readonly)
 
     attacks = [
@@ -120,8 +124,7 @@ async def hostile(guest: Any) -> None:
     print(f"[{name}] the same id twice: the second refused")
 
     sector, label = LEGIT
-    (response,) = await ring.submit(rw(BlkifOp.WRITE, sector, page(data=pattern(label, 4096)),
-                                       10))
+    (response,) = await ring.submit(rw(BlkifOp.WRITE, sector, page(data=pattern(label, 4096)), 10))
     assert response.status == BLKIF_RSP_OKAY, response
     print(f"[{name}] a legitimate write: done")
 

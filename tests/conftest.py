@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from xenlike.domain.hypercall import HypercallClient
-from xenlike.hypervisor import HypercallConnection, HypervisorDomain, Hypervisor
+from xenlike.hypervisor import HypercallConnection, Hypervisor, HypervisorDomain
 from xenlike.xc import XenControl
 
 
@@ -48,6 +48,7 @@ def connect(hv: Hypervisor, nursery: trio.Nursery) -> DomainConnector:
     The hypervisor serves it as it serves a domain's own socket, so tests can
     make a built (or even a never built) domain's calls without booting it.
     """
+
     async def connect_as(domain: HypervisorDomain) -> HypercallClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))

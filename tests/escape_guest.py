@@ -27,9 +27,10 @@ _libc.syscall.restype = ctypes.c_long
 CLONE_NEWUSER = 0x10000000
 PTRACE_ATTACH = 16
 IPC_PRIVATE = 0
-SYS = {"x86_64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 310},
-       "aarch64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 270},
-       }[os.uname().machine]
+SYS = {
+    "x86_64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 310},
+    "aarch64": {"pidfd_open": 434, "io_uring_setup": 425, "process_vm_readv": 270},
+}[os.uname().machine]
 
 
 def _raw(result: int) -> object:
@@ -126,8 +127,9 @@ def attempts(targets: dict[str, Any]) -> dict[str, Callable[[], object]]:
         "pidfd_open hypervisor": lambda: _raw(_libc.syscall(SYS["pidfd_open"], hypervisor, 0)),
         "new user namespace": lambda: _raw(_libc.unshare(CLONE_NEWUSER)),
         "fork": lambda: os.fork(),
-        "io_uring": lambda: _raw(_libc.syscall(SYS["io_uring_setup"], 8,
-                                               ctypes.create_string_buffer(120))),
+        "io_uring": lambda: _raw(
+            _libc.syscall(SYS["io_uring_setup"], 8, ctypes.create_string_buffer(120))
+        ),
         "System V shared memory": lambda: _raw(_libc.shmget(IPC_PRIVATE, 4096, 0o1600)),
     }
 

@@ -86,8 +86,9 @@ class FeatureFailingFrontend(FaultyFrontend):
 
 
 DRIVER = Driver("faulty", frontend=FaultyFrontend, backend=FaultyBackend)
-FEATURES_DRIVER = Driver("faulty-features", frontend=FeatureFailingFrontend,
-                         backend=FeatureFailingBackend)
+FEATURES_DRIVER = Driver(
+    "faulty-features", frontend=FeatureFailingFrontend, backend=FeatureFailingBackend
+)
 
 
 async def program(guest: Guest) -> None:

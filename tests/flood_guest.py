@@ -16,8 +16,11 @@ LINE = "flood " + "x" * 250
 
 
 async def flood(guest: Any) -> None:
-    seconds = float(dict(word.split("=", 1) for word in guest.cmdline.split()
-                         if "=" in word).get("seconds", "3"))
+    seconds = float(
+        dict(word.split("=", 1) for word in guest.cmdline.split() if "=" in word).get(
+            "seconds", "3"
+        )
+    )
     tally = {"console_bytes": 0, "console_io": 0, "refused": 0, "stdout_bytes": 0}
     os.set_blocking(1, False)  # its own stdout pipe: never wait on it
     deadline = trio.current_time() + seconds

@@ -106,19 +106,29 @@ async def privileged_ops(domain: Domain) -> None:
     hc = domain.hypercalls
     info = codec_for(xen_domctl_getdomaininfo).record()
     results = {
-        "getdomaininfo": await outcome(hc.domctl(DomctlOp.getdomaininfo, 0,
-                                                 xen_domctl_getdomaininfo, info)),
+        "getdomaininfo": await outcome(
+            hc.domctl(DomctlOp.getdomaininfo, 0, xen_domctl_getdomaininfo, info)
+        ),
         "destroydomain": await outcome(hc.domctl(DomctlOp.destroydomain, 0)),
         "pausedomain": await outcome(hc.domctl(DomctlOp.pausedomain, 0)),
         "createdomain": await outcome(hc.domctl(DomctlOp.createdomain, 0)),
-        "physinfo": await outcome(hc.sysctl(SysctlOp.physinfo, xen_sysctl_physinfo,
-                                            codec_for(xen_sysctl_physinfo).record())),
-        "remote_shutdown": await outcome(hc.call_struct(
-            Hypercall.sched_op, SchedOp.remote_shutdown, sched_remote_shutdown,
-            codec_for(sched_remote_shutdown).record(domain_id=0, reason=0))),
+        "physinfo": await outcome(
+            hc.sysctl(
+                SysctlOp.physinfo, xen_sysctl_physinfo, codec_for(xen_sysctl_physinfo).record()
+            )
+        ),
+        "remote_shutdown": await outcome(
+            hc.call_struct(
+                Hypercall.sched_op,
+                SchedOp.remote_shutdown,
+                sched_remote_shutdown,
+                codec_for(sched_remote_shutdown).record(domain_id=0, reason=0),
+            )
+        ),
         "console_read": await outcome(hc.call(Hypercall.console_io, CONSOLEIO_read)),
-        "alloc_unbound_for_dom0": await outcome(evtchn(domain, EvtchnOp.alloc_unbound,
-                                                       ALLOC_UNBOUND, dom=0, remote_dom=0)),
+        "alloc_unbound_for_dom0": await outcome(
+            evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=0, remote_dom=0)
+        ),
         "status_of_dom0": await outcome(evtchn(domain, EvtchnOp.status, STATUS, dom=0, port=1)),
         "current_reservation_of_dom0": await outcome(memory_op.current_reservation(hc, 0)),
         "decrease_dom0": await outcome(memory_op.decrease_reservation(hc, [100], domid=0)),
@@ -133,30 +143,41 @@ async def evtchn_abuse(domain: Domain) -> None:
     results: dict[str, str] = {}
     results["send_never_opened"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=77))
     unbound = await domain.evtchn.alloc_unbound(0)
-    results["send_unbound"] = await outcome(evtchn(domain, EvtchnOp.send, SEND,
-                                                   port=unbound.number))
+    results["send_unbound"] = await outcome(
+        evtchn(domain, EvtchnOp.send, SEND, port=unbound.number)
+    )
     await unbound.close()
     results["send_closed"] = await outcome(evtchn(domain, EvtchnOp.send, SEND, port=unbound.number))
-    results["close_closed"] = await outcome(evtchn(domain, EvtchnOp.close, CLOSE,
-                                                   port=unbound.number))
-    results["status_out_of_range"] = await outcome(evtchn(domain, EvtchnOp.status, STATUS,
-                                                          dom=DOMID_SELF, port=5000))
-    results["bind_dead"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
-                                                remote_dom=dead, remote_port=1))
-    results["bind_reserved_domid"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
-                                                          remote_dom=DOMID_IO, remote_port=1))
-    results["bind_not_offered"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
-                                                       remote_dom=other, remote_port=other_port))
-    results["bind_missing_port"] = await outcome(evtchn(domain, EvtchnOp.bind_interdomain, BIND,
-                                                        remote_dom=other, remote_port=999))
-    results["alloc_for_other"] = await outcome(evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND,
-                                                      dom=other, remote_dom=0))
-    results["bind_virq_bad"] = await outcome(evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ,
-                                                    virq=99, vcpu=0))
-    results["bind_virq_vcpu1"] = await outcome(evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ,
-                                                      virq=Virq.DEBUG, vcpu=1))
-    results["short_struct"] = await outcome(domain.hypercalls.call(EVTCHN_OP, EvtchnOp.send,
-                                                                   b"\x01\x00", 1))
+    results["close_closed"] = await outcome(
+        evtchn(domain, EvtchnOp.close, CLOSE, port=unbound.number)
+    )
+    results["status_out_of_range"] = await outcome(
+        evtchn(domain, EvtchnOp.status, STATUS, dom=DOMID_SELF, port=5000)
+    )
+    results["bind_dead"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_interdomain, BIND, remote_dom=dead, remote_port=1)
+    )
+    results["bind_reserved_domid"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_interdomain, BIND, remote_dom=DOMID_IO, remote_port=1)
+    )
+    results["bind_not_offered"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_interdomain, BIND, remote_dom=other, remote_port=other_port)
+    )
+    results["bind_missing_port"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_interdomain, BIND, remote_dom=other, remote_port=999)
+    )
+    results["alloc_for_other"] = await outcome(
+        evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=other, remote_dom=0)
+    )
+    results["bind_virq_bad"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ, virq=99, vcpu=0)
+    )
+    results["bind_virq_vcpu1"] = await outcome(
+        evtchn(domain, EvtchnOp.bind_virq, BIND_VIRQ, virq=Virq.DEBUG, vcpu=1)
+    )
+    results["short_struct"] = await outcome(
+        domain.hypercalls.call(EVTCHN_OP, EvtchnOp.send, b"\x01\x00", 1)
+    )
     await report(domain, "evtchn_abuse", results)
 
 
@@ -177,16 +198,25 @@ async def port_flood(domain: Domain) -> None:
         ports.append(ALLOC_UNBOUND.unpack(done.payload).port)
     freed = ports[len(ports) // 2]
     await evtchn(domain, EvtchnOp.close, CLOSE, port=freed)
-    again = await evtchn(domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=DOMID_SELF,
-                         remote_dom=0)
+    again = await evtchn(
+        domain, EvtchnOp.alloc_unbound, ALLOC_UNBOUND, dom=DOMID_SELF, remote_dom=0
+    )
     for fd in again.fds:
         os.close(fd)
-    await report(domain, "flood", {
-        "ok": len(ports), "highest": max(ports),
-        **{k: v for k, v in sorted(outcomes.items())},
-        "freed": freed, "again": ALLOC_UNBOUND.unpack(again.payload).port,
-        "version": await outcome(domain.hypercalls.call(Hypercall.xen_version, XenVerOp.version)),
-    })
+    await report(
+        domain,
+        "flood",
+        {
+            "ok": len(ports),
+            "highest": max(ports),
+            **{k: v for k, v in sorted(outcomes.items())},
+            "freed": freed,
+            "again": ALLOC_UNBOUND.unpack(again.payload).port,
+            "version": await outcome(
+                domain.hypercalls.call(Hypercall.xen_version, XenVerOp.version)
+            ),
+        },
+    )
     await trio.sleep_forever()
 
 
@@ -212,8 +242,11 @@ async def hammer(domain: Domain) -> None:
 
 # The fuzzer may not shut itself down: that is a legitimate call, not garbage; nor write
 # to the console: its writes are rate-limited, and would leave no room for its report.
-FUZZ_SKIP = {(Hypercall.sched_op, SchedOp.shutdown), (Hypercall.sched_op, SchedOp.shutdown_code),
-             (Hypercall.console_io, CONSOLEIO_write)}
+FUZZ_SKIP = {
+    (Hypercall.sched_op, SchedOp.shutdown),
+    (Hypercall.sched_op, SchedOp.shutdown_code),
+    (Hypercall.console_io, CONSOLEIO_write),
+}
 
 
 async def fuzz(domain: Domain) -> None:
@@ -281,7 +314,7 @@ async def balloon(domain: Domain) -> None:
     results["again"] = await memory_op.populate_physmap(hc, half[:1])  # populated: refused
     gained = await memory_op.increase_reservation(hc, out)  # only out - out//2 are free
     results["increased"] = len(gained)
-    results["increased_match"] = sorted(gained) == sorted(frames)[out // 2:]
+    results["increased_match"] = sorted(gained) == sorted(frames)[out // 2 :]
     results["tot_in"] = await memory_op.current_reservation(hc)
     results["zeroed"] = all(not any(domain.memory.frame(gfn)) for gfn in frames)
     results["held"] = await memory_op.decrease_reservation(hc, sorted(frames)[:hold])
@@ -311,8 +344,9 @@ async def peer_watch(domain: Domain) -> None:
             break
         await trio.sleep(0.01)
     remote = int.from_bytes(status.u[:2], "little")
-    await domain.console_write(f"peer gone: port {port.number} {EvtchnStat(status.status).name}"
-                               f" for d{remote}")
+    await domain.console_write(
+        f"peer gone: port {port.number} {EvtchnStat(status.status).name} for d{remote}"
+    )
     await trio.sleep_forever()
 
 
@@ -346,8 +380,7 @@ async def granter(domain: Domain) -> None:
     granted page)."""
     p = params(domain)
     peer, readonly = int(p["peer"]), p.get("readonly") == "1"
-    gfns = [domain.allocator.allocate_run(int(p["pages"]) + 1) + i
-            for i in range(int(p["pages"]))]
+    gfns = [domain.allocator.allocate_run(int(p["pages"]) + 1) + i for i in range(int(p["pages"]))]
     with domain.memory.frame(gfns[-1] + 1) as page:
         page[:32] = f"secret of d{domain.domid}".encode().ljust(32, b".")
     for index, gfn in enumerate(gfns):
@@ -462,36 +495,49 @@ async def grant_thief(domain: Domain) -> None:
 
     async def steal() -> str:
         _, outs, fds = await domain.hypercalls.call_batch(
-            Hypercall.grant_table_op, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
-            [(0, flags, ref, peer, 0, 0, 0) for ref in refs])
+            Hypercall.grant_table_op,
+            GnttabOp.map_grant_ref,
+            gnttab_map_grant_ref,
+            [(0, flags, ref, peer, 0, 0, 0) for ref in refs],
+        )
         handles.extend(out.handle for out in outs)
         sizes = sorted({os.fstat(fd).st_size for fd in peer_memfds()})
         fd = fds[0]
-        writable_map = attempt(lambda: _mmap.mmap(fd, 4096, _mmap.MAP_SHARED,
-                                                  _mmap.PROT_READ | _mmap.PROT_WRITE).close())
+        writable_map = attempt(
+            lambda: _mmap.mmap(
+                fd, 4096, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE
+            ).close()
+        )
         pwrite = attempt(lambda: os.pwrite(fd, b"stolen", 0))
         beyond = len(os.pread(fd, 4096, 4096))  # bytes of the granter past the page
         for fd in fds:
             kept.append((fd, _mmap.mmap(fd, 4096, _mmap.MAP_SHARED, _mmap.PROT_READ)))
-        return (f"files={len(fds)} sizes={sizes} writable_map={writable_map} pwrite={pwrite} "
-                f"beyond={beyond} page={page_text(memoryview(kept[0][1]))}")
+        return (
+            f"files={len(fds)} sizes={sizes} writable_map={writable_map} pwrite={pwrite} "
+            f"beyond={beyond} page={page_text(memoryview(kept[0][1]))}"
+        )
 
     async def unmap() -> str:
         _, outs, _ = await domain.hypercalls.call_batch(
-            Hypercall.grant_table_op, GnttabOp.unmap_grant_ref, gnttab_unmap_grant_ref,
-            [(0, 0, handle, 0) for handle in handles])
+            Hypercall.grant_table_op,
+            GnttabOp.unmap_grant_ref,
+            gnttab_unmap_grant_ref,
+            [(0, 0, handle, 0) for handle in handles],
+        )
         return ",".join(str(out.status) for out in outs)
 
     async def peek() -> str:
-        return " | ".join(f"{page_text(memoryview(mapping))} / "
-                          f"{os.pread(fd, 32, 0).rstrip(b'.').decode()}" for fd, mapping in kept)
+        return " | ".join(
+            f"{page_text(memoryview(mapping))} / {os.pread(fd, 32, 0).rstrip(b'.').decode()}"
+            for fd, mapping in kept
+        )
 
     async def scribble() -> str:
-        return " | ".join(attempt(lambda fd=fd: os.pwrite(fd, b"scribbled".ljust(32, b"."), 0))
-                          for fd, _ in kept)
+        return " | ".join(
+            attempt(lambda fd=fd: os.pwrite(fd, b"scribbled".ljust(32, b"."), 0)) for fd, _ in kept
+        )
 
-    await run_script(domain, {"steal": steal, "unmap": unmap, "peek": peek,
-                              "scribble": scribble})
+    await run_script(domain, {"steal": steal, "unmap": unmap, "peek": peek, "scribble": scribble})
 
 
 async def frame_vandal(domain: Domain) -> None:
@@ -512,19 +558,27 @@ async def frame_vandal(domain: Domain) -> None:
     send_frames(channel, [(gfn, loose), (domain.layout.grant_table_gfn, loose)])
     os.ftruncate(loose, 0)
     _fcntl.fcntl(loose, _fcntl.F_ADD_SEALS, _fcntl.F_SEAL_SEAL)
-    channel.sendmsg([bytes(16)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                   loose.to_bytes(4, "little"))])
+    channel.sendmsg(
+        [bytes(16)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, loose.to_bytes(4, "little"))]
+    )
     page = frame_file("xenlike-vandal-page", bytes(4096))
     first = domain.layout.first_free_gfn
     for start in range(first, first + MAX_FRAME_FILES + 64, 200):
-        send_frames(channel, [(g, page) for g in range(start, start + 200)
-                              if g < domain.start_info.nr_pages and g != gfn])
+        send_frames(
+            channel,
+            [
+                (g, page)
+                for g in range(start, start + 200)
+                if g < domain.start_info.nr_pages and g != gfn
+            ],
+        )
     os.close(page)
     os.close(loose)
     with domain.memory.frame(gfn) as view:
         view[:5] = b"still"
-    await domain.console_write(f"vandal done; gfn {gfn:#x} reads "
-                               f"{bytes(domain.memory.frame(gfn)[:5]).decode()}")
+    await domain.console_write(
+        f"vandal done; gfn {gfn:#x} reads {bytes(domain.memory.frame(gfn)[:5]).decode()}"
+    )
     await trio.sleep_forever()
 
 

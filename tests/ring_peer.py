@@ -57,8 +57,9 @@ async def serve(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int)
     return sleeps
 
 
-async def drive(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int, depth: int,
-                stall_after: float) -> tuple[int, int]:
+async def drive(
+    mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int, depth: int, stall_after: float
+) -> tuple[int, int]:
     """Submit `count` requests, `depth` in flight; check every response."""
     front = FrontRing(BLKIF, mem, attach=True)
     sent = done = sleeps = 0
@@ -66,8 +67,10 @@ async def drive(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
     while done < count:
         room = min(depth - (sent - done), count - sent)
         if room > 0:
-            batch = [(blkif.BLKIF_OP_READ, 1, 51712, sent + i, (sent + i) * 8, (SEGMENT,))
-                     for i in range(room)]
+            batch = [
+                (blkif.BLKIF_OP_READ, 1, 51712, sent + i, (sent + i) * 8, (SEGMENT,))
+                for i in range(room)
+            ]
             front.put_requests(batch)
             outstanding.update((rid, sector) for _, _, _, rid, sector, _ in batch)
             sent += room
@@ -84,8 +87,10 @@ async def drive(mem: memoryview, req_evt: EventFd, rsp_evt: EventFd, count: int,
         with trio.move_on_after(stall_after) as scope:
             await rsp_evt.wait()
         if scope.cancelled_caught:
-            raise Stall(f"no response for {stall_after}s after {done} of {count}: "
-                        f"ring indices {front.header()}, {sent - done} in flight")
+            raise Stall(
+                f"no response for {stall_after}s after {done} of {count}: "
+                f"ring indices {front.header()}, {sent - done} in flight"
+            )
     return done, sleeps
 
 
@@ -101,8 +106,9 @@ def run_pair(count: int, depth: int, pages: int = 1, stall_after: float = 10.0) 
     req_evt, rsp_evt = EventFd.create(), EventFd.create()
     ctx = multiprocessing.get_context("fork")
     parent_conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_back_process,
-                        args=(shm, req_evt.fd, rsp_evt.fd, count, child_conn), daemon=True)
+    child = ctx.Process(
+        target=_back_process, args=(shm, req_evt.fd, rsp_evt.fd, count, child_conn), daemon=True
+    )
     child.start()
     try:
         done, front_sleeps = trio.run(drive, mem, req_evt, rsp_evt, count, depth, stall_after)

@@ -26,8 +26,12 @@ sys.stdin.read()
 
 @pytest.fixture
 def worker():
-    process = subprocess.Popen([sys.executable, "-c", WORKER, "--domid", "7"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER, "--domid", "7"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield process
     finally:
@@ -57,8 +61,7 @@ def test_own_usage_counts_this_process():
 
 def test_topology_processes_are_the_hypervisors_children_by_domid(tmp_path: Path, worker):
     (tmp_path / "hypervisor.pid").write_text(f"{os.getpid()}\n")
-    assert topology_processes(tmp_path) == {"hypervisor": os.getpid(),
-                                            7: worker.pid}
+    assert topology_processes(tmp_path) == {"hypervisor": os.getpid(), 7: worker.pid}
 
 
 def test_lines_are_medians_per_operation_each_workload_together():

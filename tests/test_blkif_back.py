@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from drivers.blkif.protocol import DISCARD, INDIRECT, RW, SEGMENT_ARRAY, segment_words
 from drivers.blkif.back import DRAINS_IN_FLIGHT
+from drivers.blkif.protocol import DISCARD, INDIRECT, RW, SEGMENT_ARRAY, segment_words
 from tests.blkif_harness import BACK, PAGE, Served, make_image, serving
 from xenlike.abi.blkif import (
     BLKIF_DISCARD_SECURE,
@@ -34,8 +34,9 @@ def rw(op: int, sector: int, segments: list[tuple[int, int, int]], rid: int = 1)
     return RW.record(op, len(segments), 51712, rid, sector, SEGMENT_ARRAY(raw.ljust(88, b"\0")))
 
 
-def indirect(op: int, sector: int, nr_segments: int, grefs: tuple[int, ...], rid: int = 1
-             ) -> object:
+def indirect(
+    op: int, sector: int, nr_segments: int, grefs: tuple[int, ...], rid: int = 1
+) -> object:
     return INDIRECT.record(BlkifOp.INDIRECT, op, nr_segments, rid, sector, 51712, grefs)
 
 
@@ -45,10 +46,14 @@ def image(tmp_path: Path) -> tuple[Path, bytes]:
     return path, make_image(path, SECTORS)
 
 
-@pytest.mark.parametrize("persistent,direct", [(True, False), (False, False), (True, True)],
-                         ids=["persistent", "mapped-per-drain", "persistent-O_DIRECT"])
+@pytest.mark.parametrize(
+    "persistent,direct",
+    [(True, False), (False, False), (True, True)],
+    ids=["persistent", "mapped-per-drain", "persistent-O_DIRECT"],
+)
 async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
-        image: tuple[Path, bytes], persistent: bool, direct: bool) -> None:
+    image: tuple[Path, bytes], persistent: bool, direct: bool
+) -> None:
     path, original = image
     expected = bytearray(original)
     async with serving(path, persistent=persistent, direct=direct) as s:
@@ -64,12 +69,12 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
         (ref_a, _), (ref_b, _) = front.page(data=data[:PAGE]), front.page(data=data[PAGE:])
         (rsp,) = await front.submit(rw(WRITE, 100, [(ref_a, 2, 7), (ref_b, 0, 1)]))
         assert (rsp.id, rsp.operation, rsp.status) == (1, WRITE, BLKIF_RSP_OKAY)
-        expected[100 * 512:108 * 512] = data[2 * 512:PAGE] + data[PAGE:PAGE + 2 * 512]
+        expected[100 * 512 : 108 * 512] = data[2 * 512 : PAGE] + data[PAGE : PAGE + 2 * 512]
         # Read it back into fresh pages.
         (ref_c, page_c), (ref_d, page_d) = front.page(), front.page()
         (rsp,) = await front.submit(rw(READ, 96, [(ref_c, 0, 7), (ref_d, 0, 7)], rid=2))
         assert rsp.status == BLKIF_RSP_OKAY
-        assert bytes(page_c) + bytes(page_d) == bytes(expected[96 * 512:112 * 512])
+        assert bytes(page_c) + bytes(page_d) == bytes(expected[96 * 512 : 112 * 512])
         # An indirect write of 300 pages (two indirect pages of segments).
         pages = [front.page(data=os.urandom(PAGE)) for _ in range(300)]
         words = segment_words([ref for ref, _ in pages], 300 * 8)
@@ -80,22 +85,23 @@ async def test_reads_writes_flush_discard_straight_through_the_granted_pages(
         ind_ref, _ = front.page(data=words)
         (rsp,) = await front.submit(indirect(WRITE, 1000, 256, (ind_ref,), 4))
         assert (rsp.operation, rsp.status) == (WRITE, BLKIF_RSP_OKAY)
-        expected[1000 * 512:(1000 + 2048) * 512] = b"".join(bytes(v) for _, v in pages[:256])
+        expected[1000 * 512 : (1000 + 2048) * 512] = b"".join(bytes(v) for _, v in pages[:256])
         (rsp,) = await front.submit(RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 5, 0))
         assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 1  # done before the answer
         (rsp,) = await front.submit(DISCARD.record(BlkifOp.DISCARD, 0, 51712, 6, 2000, 16))
         assert rsp.status == BLKIF_RSP_OKAY
-        expected[2000 * 512:2016 * 512] = bytes(16 * 512)
-        (rsp,) = await front.submit(DISCARD.record(BlkifOp.DISCARD, BLKIF_DISCARD_SECURE, 51712,
-                                                   7, 3000, 3))
+        expected[2000 * 512 : 2016 * 512] = bytes(16 * 512)
+        (rsp,) = await front.submit(
+            DISCARD.record(BlkifOp.DISCARD, BLKIF_DISCARD_SECURE, 51712, 7, 3000, 3)
+        )
         assert rsp.status == BLKIF_RSP_OKAY
-        expected[3000 * 512:3003 * 512] = bytes(3 * 512)
+        expected[3000 * 512 : 3003 * 512] = bytes(3 * 512)
         (rsp,) = await front.submit(RW.record(BlkifOp.WRITE_BARRIER, 0, 51712, 8, 0))
         assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 2
         # A barrier with data: flushed, written, flushed again.
         (rsp,) = await front.submit(rw(BlkifOp.WRITE_BARRIER, 4000, [(ref_a, 0, 7)], rid=10))
         assert rsp.status == BLKIF_RSP_OKAY and disk.flushes == 4
-        expected[4000 * 512:4008 * 512] = data[:PAGE]
+        expected[4000 * 512 : 4008 * 512] = data[:PAGE]
         maps = s.grants.maps
         (rsp,) = await front.submit(rw(READ, 0, [(ref_c, 0, 7)], rid=9))
         assert rsp.status == BLKIF_RSP_OKAY
@@ -117,7 +123,7 @@ async def test_many_requests_in_one_push_are_answered_together(image: tuple[Path
         assert all(r.status == BLKIF_RSP_OKAY for r in responses)
         for i in range(32):
             gfn = s.grants.entries[refs[i]].gfn
-            assert bytes(s.grants.page(gfn)) == original[i * PAGE:(i + 1) * PAGE]
+            assert bytes(s.grants.page(gfn)) == original[i * PAGE : (i + 1) * PAGE]
 
 
 class Flushes:
@@ -144,35 +150,44 @@ def hostile_requests(front: object) -> list[tuple[str, object, int]]:
     never = 4000
     return [
         ("nr_segments 0", rw(WRITE, 0, []), BLKIF_RSP_ERROR),
-        ("nr_segments 12", RW.record(WRITE, 12, 0, 1, 0, SEGMENT_ARRAY(
-            struct.pack("<IBBxx", good, 0, 7) * 11)), BLKIF_RSP_ERROR),
+        (
+            "nr_segments 12",
+            RW.record(WRITE, 12, 0, 1, 0, SEGMENT_ARRAY(struct.pack("<IBBxx", good, 0, 7) * 11)),
+            BLKIF_RSP_ERROR,
+        ),
         ("first_sect > last_sect", rw(WRITE, 0, [(good, 4, 3)]), BLKIF_RSP_ERROR),
         ("last_sect 8", rw(WRITE, 0, [(good, 0, 8)]), BLKIF_RSP_ERROR),
         ("one bad segment of two", rw(WRITE, 0, [(good, 0, 7), (good, 3, 9)]), BLKIF_RSP_ERROR),
         ("past the end", rw(WRITE, SECTORS - 7, [(good, 0, 7)]), BLKIF_RSP_ERROR),
-        ("far past the end", rw(READ, 2 ** 63, [(good, 0, 7)]), BLKIF_RSP_ERROR),
+        ("far past the end", rw(READ, 2**63, [(good, 0, 7)]), BLKIF_RSP_ERROR),
         ("operation 4 (reserved)", RW.record(4, 1, 0, 1, 0), BLKIF_RSP_ERROR),
         ("operation 7", RW.record(7, 1, 0, 1, 0), BLKIF_RSP_ERROR),
-        ("operation 255", RW.record(255, 255, 0xFFFF, 1, 2 ** 64 - 1), BLKIF_RSP_ERROR),
+        ("operation 255", RW.record(255, 255, 0xFFFF, 1, 2**64 - 1), BLKIF_RSP_ERROR),
         ("never granted", rw(WRITE, 0, [(never, 0, 7)]), BLKIF_RSP_ERROR),
         ("granted to another domain", rw(WRITE, 0, [(elsewhere, 0, 7)]), BLKIF_RSP_ERROR),
         ("read-only grant for a read", rw(READ, 0, [(readonly, 0, 7)]), BLKIF_RSP_ERROR),
-        ("good page then never granted", rw(WRITE, 8, [(good, 0, 7), (never, 0, 7)]),
-         BLKIF_RSP_ERROR),
+        (
+            "good page then never granted",
+            rw(WRITE, 8, [(good, 0, 7), (never, 0, 7)]),
+            BLKIF_RSP_ERROR,
+        ),
         ("indirect with 0 segments", indirect(WRITE, 0, 0, (bad_list,)), BLKIF_RSP_ERROR),
         ("indirect with 257 segments", indirect(WRITE, 0, 257, (bad_list,)), BLKIF_RSP_ERROR),
-        ("indirect flush", indirect(BlkifOp.FLUSH_DISKCACHE, 0, 1, (bad_list,)),
-         BLKIF_RSP_ERROR),
+        ("indirect flush", indirect(BlkifOp.FLUSH_DISKCACHE, 0, 1, (bad_list,)), BLKIF_RSP_ERROR),
         ("indirect page never granted", indirect(WRITE, 0, 2, (never,)), BLKIF_RSP_ERROR),
         ("indirect bad segment", indirect(WRITE, 16, 2, (bad_list,)), BLKIF_RSP_ERROR),
-        ("discard past the end", DISCARD.record(BlkifOp.DISCARD, 0, 0, 1, SECTORS - 1, 2),
-         BLKIF_RSP_ERROR),
+        (
+            "discard past the end",
+            DISCARD.record(BlkifOp.DISCARD, 0, 0, 1, SECTORS - 1, 2),
+            BLKIF_RSP_ERROR,
+        ),
     ]
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
 async def test_hostile_requests_are_refused_and_change_nothing(
-        image: tuple[Path, bytes], persistent: bool) -> None:
+    image: tuple[Path, bytes], persistent: bool
+) -> None:
     path, original = image
     async with serving(path, persistent=persistent) as s:
         for what, request, status in hostile_requests(s.front):
@@ -180,19 +195,20 @@ async def test_hostile_requests_are_refused_and_change_nothing(
             assert (rsp.id, rsp.status) == (77, status), what
         # All at once in one drain too, each on its own id, around a good read: a
         # refused grant fails only the requests that name it.
-        batch = [request._replace(id=i) for i, (_, request, _) in
-                 enumerate(hostile_requests(s.front))]
+        batch = [
+            request._replace(id=i) for i, (_, request, _) in enumerate(hostile_requests(s.front))
+        ]
         good_ref, good_page = s.front.page()
         batch.insert(3, rw(READ, 24, [(good_ref, 0, 7)], rid=len(batch)))
         responses = await s.front.submit(*batch)
         assert {r.id: r.status for r in responses} == {
-            i: BLKIF_RSP_OKAY if i == len(batch) - 1 else BLKIF_RSP_ERROR
-            for i in range(len(batch))}
-        assert bytes(good_page) == original[24 * 512:32 * 512]
+            i: BLKIF_RSP_OKAY if i == len(batch) - 1 else BLKIF_RSP_ERROR for i in range(len(batch))
+        }
+        assert bytes(good_page) == original[24 * 512 : 32 * 512]
         # The device still works.
         ref, page = s.front.page()
         (rsp,) = await s.front.submit(rw(READ, 8, [(ref, 0, 7)]))
-        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[8 * 512:16 * 512]
+        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[8 * 512 : 16 * 512]
         assert s.store.values.get(f"{BACK}/state") is None  # not closed: errors sufficed
     assert path.read_bytes() == original
 
@@ -202,8 +218,9 @@ async def test_the_same_id_twice_in_flight_is_refused(image: tuple[Path, bytes])
     async with serving(path) as s:
         a, _ = s.front.page()
         b, _ = s.front.page()
-        responses = await s.front.submit(rw(READ, 0, [(a, 0, 7)], rid=5),
-                                         rw(READ, 8, [(b, 0, 7)], rid=5))
+        responses = await s.front.submit(
+            rw(READ, 0, [(a, 0, 7)], rid=5), rw(READ, 8, [(b, 0, 7)], rid=5)
+        )
         assert sorted(r.status for r in responses) == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]
         (rsp,) = await s.front.submit(rw(READ, 0, [(a, 0, 7)], rid=5))
         assert rsp.status == BLKIF_RSP_OKAY  # answered: the id is free again
@@ -228,7 +245,8 @@ async def test_a_runaway_req_prod_closes_the_device(image: tuple[Path, bytes]) -
 
 
 async def test_a_read_only_disk_refuses_writes_flushes_and_discards(
-        image: tuple[Path, bytes]) -> None:
+    image: tuple[Path, bytes],
+) -> None:
     path, original = image
     async with serving(path, mode="r") as s:
         values = s.store.values
@@ -240,11 +258,16 @@ async def test_a_read_only_disk_refuses_writes_flushes_and_discards(
             rw(WRITE, 0, [(ref, 0, 7)], rid=1),
             RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 2, 0),
             RW.record(BlkifOp.WRITE_BARRIER, 0, 51712, 3, 0),
-            DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 0, 8))
+            DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 0, 8),
+        )
         assert {r.id: r.status for r in responses} == {
-            1: BLKIF_RSP_ERROR, 2: BLKIF_RSP_ERROR, 3: BLKIF_RSP_ERROR, 4: BLKIF_RSP_EOPNOTSUPP}
+            1: BLKIF_RSP_ERROR,
+            2: BLKIF_RSP_ERROR,
+            3: BLKIF_RSP_ERROR,
+            4: BLKIF_RSP_EOPNOTSUPP,
+        }
         (rsp,) = await s.front.submit(rw(READ, 16, [(ref, 0, 7)], rid=5))
-        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[16 * 512:24 * 512]
+        assert rsp.status == BLKIF_RSP_OKAY and bytes(page) == original[16 * 512 : 24 * 512]
     assert path.read_bytes() == original
 
 
@@ -258,7 +281,8 @@ async def test_discard_not_offered_is_eopnotsupp(image: tuple[Path, bytes]) -> N
 
 
 async def test_a_disconnect_in_the_middle_of_a_drain_waits_for_it(
-        image: tuple[Path, bytes]) -> None:
+    image: tuple[Path, bytes],
+) -> None:
     """The ring and pages are let go only once the drain using them has stopped."""
     path, _original = image
     async with serving(path, persistent=False) as s:
@@ -279,21 +303,33 @@ async def test_counters_are_published_for_xenlike_top(image: tuple[Path, bytes])
     path, _ = image
     async with serving(path) as s:
         ref, _ = s.front.page()
-        await s.front.submit(rw(READ, 0, [(ref, 0, 7)], rid=1), rw(WRITE, 8, [(ref, 0, 3)], rid=2),
-                             RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 3, 0),
-                             DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 100, 16))
+        await s.front.submit(
+            rw(READ, 0, [(ref, 0, 7)], rid=1),
+            rw(WRITE, 8, [(ref, 0, 3)], rid=2),
+            RW.record(BlkifOp.FLUSH_DISKCACHE, 0, 51712, 3, 0),
+            DISCARD.record(BlkifOp.DISCARD, 0, 51712, 4, 100, 16),
+        )
         with trio.fail_after(5):
             while s.store.values.get(f"{BACK}/statistics/ds_sect") != "16":
                 await trio.sleep(0.05)
-        values = {key: s.store.values[f"{BACK}/statistics/{key}"]
-                  for key in ("rd_req", "rd_sect", "wr_req", "wr_sect", "f_req", "ds_req")}
-        assert values == {"rd_req": "1", "rd_sect": "8", "wr_req": "1", "wr_sect": "4",
-                          "f_req": "1", "ds_req": "1"}
+        values = {
+            key: s.store.values[f"{BACK}/statistics/{key}"]
+            for key in ("rd_req", "rd_sect", "wr_req", "wr_sect", "f_req", "ds_req")
+        }
+        assert values == {
+            "rd_req": "1",
+            "rd_sect": "8",
+            "wr_req": "1",
+            "wr_sect": "4",
+            "f_req": "1",
+            "ds_req": "1",
+        }
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "mapped-per-drain"])
 async def test_a_large_drain_is_answered_as_it_goes_when_its_pages_are_persistent(
-        image: tuple[Path, bytes], persistent: bool) -> None:
+    image: tuple[Path, bytes], persistent: bool
+) -> None:
     """Eight 44 KiB reads in one drain: with persistent grants the first six
     (256 KiB and more) are answered before the last two are read; pages mapped
     for the drain alone must stay mapped until it is all answered at once."""
@@ -303,20 +339,25 @@ async def test_a_large_drain_is_answered_as_it_goes_when_its_pages_are_persisten
         pushes: list[int] = []
         respond_many = s.back.channel.respond_many
         s.back.channel.respond_many = lambda done: (  # type: ignore[method-assign]
-            pushes.append(len(done)), respond_many(done))
+            pushes.append(len(done)),
+            respond_many(done),
+        )
         granted = [[s.front.page() for _ in range(11)] for _ in range(8)]
-        requests = [rw(READ, 88 * index, [(ref, 0, 7) for ref, _ in pages], index)
-                    for index, pages in enumerate(granted)]
+        requests = [
+            rw(READ, 88 * index, [(ref, 0, 7) for ref, _ in pages], index)
+            for index, pages in enumerate(granted)
+        ]
         responses = await s.front.submit(*requests)
         assert sorted(r.id for r in responses) == list(range(8))
         assert all(r.status == BLKIF_RSP_OKAY for r in responses)
         assert pushes == ([6, 2] if persistent else [8])
         read = b"".join(bytes(view) for pages in granted for _, view in pages)
-        assert read == original[:88 * 8 * 512]
+        assert read == original[: 88 * 8 * 512]
 
 
 async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
-        image: tuple[Path, bytes]) -> None:
+    image: tuple[Path, bytes],
+) -> None:
     """The steady state: the same persistent pages, request after request. Such a
     request is served without a parse or a lookup of its pages, and still gets
     every check that depends on more than its segment list: the sectors, the id,
@@ -329,22 +370,35 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         await s.front.submit(rw(READ, 0, one, rid=1), rw(READ, 0, two, rid=2))
         assert s.back.served_ready == 0  # lists never seen: the full path
         data = os.urandom(PAGE + PAGE // 2)
-        page[:], page2[:PAGE // 2] = data[:PAGE], data[PAGE:]
+        page[:], page2[: PAGE // 2] = data[:PAGE], data[PAGE:]
         responses = await s.front.submit(
-            rw(WRITE, 64, two, rid=3), rw(READ, SECTORS - 4, one, rid=5),
-            rw(READ, 8, one, rid=4), rw(READ, 16, one, rid=4), rw(READ, 24, one, rid=6))
-        expected[64 * 512:76 * 512] = data
+            rw(WRITE, 64, two, rid=3),
+            rw(READ, SECTORS - 4, one, rid=5),
+            rw(READ, 8, one, rid=4),
+            rw(READ, 16, one, rid=4),
+            rw(READ, 24, one, rid=6),
+        )
+        expected[64 * 512 : 76 * 512] = data
         assert {r.id: r.status for r in responses if r.id != 4} == {
-            3: BLKIF_RSP_OKAY, 5: BLKIF_RSP_ERROR, 6: BLKIF_RSP_OKAY}
-        assert sorted(r.status for r in responses if r.id == 4) == \
-            [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]  # the same id twice: the second refused
+            3: BLKIF_RSP_OKAY,
+            5: BLKIF_RSP_ERROR,
+            6: BLKIF_RSP_OKAY,
+        }
+        assert sorted(r.status for r in responses if r.id == 4) == [
+            BLKIF_RSP_ERROR,
+            BLKIF_RSP_OKAY,
+        ]  # the same id twice: the second refused
         assert s.back.served_ready == 1  # the write was served as ready, then 5 failed
-        assert bytes(page) == expected[24 * 512:32 * 512]
+        assert bytes(page) == expected[24 * 512 : 32 * 512]
         (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
         assert rsp.status == BLKIF_RSP_OKAY and s.back.served_ready == 2
-        assert bytes(page) + bytes(page2[:PAGE // 2]) == data
-        assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} \
-            == {"rd_req": 5, "rd_sect": 48, "wr_req": 1, "wr_sect": 12}
+        assert bytes(page) + bytes(page2[: PAGE // 2]) == data
+        assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} == {
+            "rd_req": 5,
+            "rd_sect": 48,
+            "wr_req": 1,
+            "wr_sect": 12,
+        }
         # Indirect requests too: their list is read out of its persistent page each time.
         pages = [s.front.page() for _ in range(20)]
         list_ref, _ = s.front.page(data=segment_words([ref for ref, _ in pages], 20 * 8))
@@ -355,7 +409,7 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
             assert rsp.status == expected_status
             served.append(s.back.served_ready)
         assert served == [2, 3, 3]  # the second was served as ready; the third is past the end
-        assert b"".join(bytes(view) for _, view in pages) == expected[1024 * 512:1184 * 512]
+        assert b"".join(bytes(view) for _, view in pages) == expected[1024 * 512 : 1184 * 512]
     assert path.read_bytes() == expected
     async with serving(path, mode="r") as s:
         ref, page = s.front.page(data=os.urandom(PAGE))
@@ -369,7 +423,8 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
 
 
 async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
-        image: tuple[Path, bytes]) -> None:
+    image: tuple[Path, bytes],
+) -> None:
     """A drain waiting for its map hypercall does not hold up the next drain; a
     barrier still waits for every drain before it."""
     path, original = image
@@ -384,17 +439,27 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
         await push(rw(READ, 0, [(ref_a, 0, 7)], rid=1))  # sits in its map hypercall
         s.grants.map_delay = 0
         await push(rw(READ, 8, [(ref_b, 0, 7)], rid=2))
-        await push(RW.record(BlkifOp.WRITE_BARRIER, 1, 51712, 3, 16,
-                             SEGMENT_ARRAY(struct.pack("<IBBxx", ref_c, 0, 7).ljust(88, b"\0"))))
+        await push(
+            RW.record(
+                BlkifOp.WRITE_BARRIER,
+                1,
+                51712,
+                3,
+                16,
+                SEGMENT_ARRAY(struct.pack("<IBBxx", ref_c, 0, 7).ljust(88, b"\0")),
+            )
+        )
         responses = await front.responses(3)
-        assert [(r.id, r.status) for r in responses] == \
-            [(2, BLKIF_RSP_OKAY), (1, BLKIF_RSP_OKAY), (3, BLKIF_RSP_OKAY)]
-        assert bytes(page_b) == original[8 * 512:16 * 512]
+        assert [(r.id, r.status) for r in responses] == [
+            (2, BLKIF_RSP_OKAY),
+            (1, BLKIF_RSP_OKAY),
+            (3, BLKIF_RSP_OKAY),
+        ]
+        assert bytes(page_b) == original[8 * 512 : 16 * 512]
     assert not s.grants.mapped
 
 
-async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(
-        image: tuple[Path, bytes]) -> None:
+async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(image: tuple[Path, bytes]) -> None:
     path, _ = image
     async with serving(path, persistent=False) as s:
         s.grants.map_delay = 1.0  # every drain sits in its map hypercall meanwhile

@@ -42,26 +42,53 @@ def test_a_read_becomes_a_job_over_its_pages() -> None:
     assert job.segments.grefs == [10, 11] and job.key[1] == 2
 
 
-@pytest.mark.parametrize(("request_", "limits", "in_flight", "refusal"), [
-    (rw(BlkifOp.READ, 0, []), DISK, (), "0 segments"),
-    (rw(BlkifOp.READ, 0, [(1, 0, 7)] * 11, rid=2), DISK, {2}, "id 2 is already in flight"),
-    (rw(BlkifOp.READ, 0, [(1, 3, 2)]), DISK, (), "first_sect 3, last_sect 2"),
-    (rw(BlkifOp.READ, 0, [(1, 0, 8)]), DISK, (), "last_sect 8"),
-    (rw(BlkifOp.READ, 1020, [(1, 0, 7)]), DISK, (), "sectors 1020..1027 are past the end"),
-    (rw(BlkifOp.WRITE, 0, [(1, 0, 7)]), READ_ONLY, (), "WRITE on a read-only disk"),
-    (rw(BlkifOp.FLUSH_DISKCACHE, 0, []), READ_ONLY, (), "FLUSH_DISKCACHE on a read-only"),
-    (off_the_ring(DISCARD.record(BlkifOp.DISCARD, 0, 0, 1, 1000, 100)), DISK, (),
-     "past the end"),
-    (off_the_ring(INDIRECT.record(BlkifOp.INDIRECT, BlkifOp.DISCARD, 4, 1, 0, 0, (5,))), DISK,
-     (), "indirect_op 5"),
-    (off_the_ring(INDIRECT.record(BlkifOp.INDIRECT, BlkifOp.READ, 257, 1, 0, 0, (5,))), DISK,
-     (), "257 indirect segments"),
-    (off_the_ring(RW.record(9, 1, 0, 1, 0, [(1, 0, 7)])), DISK, (), "unknown operation 9"),
-], ids=["no-segments", "id-in-flight", "first-after-last", "past-the-page", "past-the-end",
-        "write-read-only", "flush-read-only", "discard-past-the-end", "indirect-op",
-        "indirect-count", "unknown-op"])
-def test_refusals_say_why(request_: object, limits: Limits, in_flight: object,
-                          refusal: str) -> None:
+@pytest.mark.parametrize(
+    ("request_", "limits", "in_flight", "refusal"),
+    [
+        (rw(BlkifOp.READ, 0, []), DISK, (), "0 segments"),
+        (rw(BlkifOp.READ, 0, [(1, 0, 7)] * 11, rid=2), DISK, {2}, "id 2 is already in flight"),
+        (rw(BlkifOp.READ, 0, [(1, 3, 2)]), DISK, (), "first_sect 3, last_sect 2"),
+        (rw(BlkifOp.READ, 0, [(1, 0, 8)]), DISK, (), "last_sect 8"),
+        (rw(BlkifOp.READ, 1020, [(1, 0, 7)]), DISK, (), "sectors 1020..1027 are past the end"),
+        (rw(BlkifOp.WRITE, 0, [(1, 0, 7)]), READ_ONLY, (), "WRITE on a read-only disk"),
+        (rw(BlkifOp.FLUSH_DISKCACHE, 0, []), READ_ONLY, (), "FLUSH_DISKCACHE on a read-only"),
+        (
+            off_the_ring(DISCARD.record(BlkifOp.DISCARD, 0, 0, 1, 1000, 100)),
+            DISK,
+            (),
+            "past the end",
+        ),
+        (
+            off_the_ring(INDIRECT.record(BlkifOp.INDIRECT, BlkifOp.DISCARD, 4, 1, 0, 0, (5,))),
+            DISK,
+            (),
+            "indirect_op 5",
+        ),
+        (
+            off_the_ring(INDIRECT.record(BlkifOp.INDIRECT, BlkifOp.READ, 257, 1, 0, 0, (5,))),
+            DISK,
+            (),
+            "257 indirect segments",
+        ),
+        (off_the_ring(RW.record(9, 1, 0, 1, 0, [(1, 0, 7)])), DISK, (), "unknown operation 9"),
+    ],
+    ids=[
+        "no-segments",
+        "id-in-flight",
+        "first-after-last",
+        "past-the-page",
+        "past-the-end",
+        "write-read-only",
+        "flush-read-only",
+        "discard-past-the-end",
+        "indirect-op",
+        "indirect-count",
+        "unknown-op",
+    ],
+)
+def test_refusals_say_why(
+    request_: object, limits: Limits, in_flight: object, refusal: str
+) -> None:
     with pytest.raises(BadRequest, match=refusal):
         check_request(request_, limits, in_flight)
 
@@ -84,15 +111,20 @@ def test_an_indirect_job_is_finished_by_the_list_read_out_of_its_pages() -> None
     assert job.nr_sectors == 160 and job.segments.run
 
 
-segment = st.tuples(st.integers(0, 2 ** 32 - 1), st.integers(0, 255), st.integers(0, 255))
+segment = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 255), st.integers(0, 255))
 
 
-@given(op=st.integers(0, 255), sector=st.integers(0, 2 ** 64 - 1),
-       segments=st.lists(segment, max_size=11), rid=st.integers(0, 2 ** 64 - 1),
-       readonly=st.booleans(), in_flight=st.sets(st.integers(0, 4), max_size=3))
+@given(
+    op=st.integers(0, 255),
+    sector=st.integers(0, 2**64 - 1),
+    segments=st.lists(segment, max_size=11),
+    rid=st.integers(0, 2**64 - 1),
+    readonly=st.booleans(),
+    in_flight=st.sets(st.integers(0, 4), max_size=3),
+)
 def test_any_request_is_a_job_inside_the_disk_or_a_refusal(
-        op: int, sector: int, segments: list, rid: int, readonly: bool,
-        in_flight: set[int]) -> None:
+    op: int, sector: int, segments: list, rid: int, readonly: bool, in_flight: set[int]
+) -> None:
     limits = Limits(1024, readonly, not readonly, 256)
     request = off_the_ring(RW.record(op, len(segments), 0, rid, sector, segments))
     try:
@@ -104,11 +136,17 @@ def test_any_request_is_a_job_inside_the_disk_or_a_refusal(
     assert job.kind == BlkifOp.READ or not readonly
 
 
-@given(sector=st.integers(0, 2048), sectors=st.integers(1, 88), rid=st.integers(0, 8),
-       op=st.sampled_from([BlkifOp.READ, BlkifOp.WRITE]), readonly=st.booleans(),
-       in_flight=st.sets(st.integers(0, 8), max_size=4))
+@given(
+    sector=st.integers(0, 2048),
+    sectors=st.integers(1, 88),
+    rid=st.integers(0, 8),
+    op=st.sampled_from([BlkifOp.READ, BlkifOp.WRITE]),
+    readonly=st.booleans(),
+    in_flight=st.sets(st.integers(0, 8), max_size=4),
+)
 def test_the_ready_path_s_check_agrees_with_the_full_check(
-        sector: int, sectors: int, rid: int, op: int, readonly: bool, in_flight: set[int]) -> None:
+    sector: int, sectors: int, rid: int, op: int, readonly: bool, in_flight: set[int]
+) -> None:
     """blkback's fast path for a list it has served runs check_access alone: it must
     accept and refuse exactly what the full check does for the same list."""
     limits = Limits(1024, readonly, False, 256)
@@ -123,5 +161,6 @@ def test_the_ready_path_s_check_agrees_with_the_full_check(
             return False
         return True
 
-    assert verdict(lambda: check_request(request, limits, in_flight)) == \
-        verdict(lambda: check_access(op, rid, sector, sectors, limits, in_flight))
+    assert verdict(lambda: check_request(request, limits, in_flight)) == verdict(
+        lambda: check_access(op, rid, sector, sectors, limits, in_flight)
+    )

@@ -68,12 +68,13 @@ def test_disks_through_xenlike_up(tmp_path: Path) -> None:
         for name in ("rw", "plain"):
             wait_for_line(run_dir, name, "blk ok")
         wait_for_line(run_dir, "ro", "ro ok")
-        report = {(d["domain"], d["type"]): d for d in
-                  json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)}
+        report = {
+            (d["domain"], d["type"]): d
+            for d in json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)
+        }
         rw, plain, ro = (report[(name, "vbd")] for name in ("rw", "plain", "ro"))
         for device in (rw, plain, ro):
-            assert (device["frontend_state"], device["backend_state"]) == ("Connected",
-                                                                           "Connected")
+            assert (device["frontend_state"], device["backend_state"]) == ("Connected", "Connected")
         assert rw["features"]["frontend/ring-page-order"] == "2"
         assert rw["features"]["frontend/feature-persistent"] == "1"
         assert rw["features"]["backend/feature-max-indirect-segments"] == "256"
@@ -81,19 +82,21 @@ def test_disks_through_xenlike_up(tmp_path: Path) -> None:
         assert plain["features"]["frontend/feature-persistent"] == "0"
         assert plain["devid"] == "51728"  # xvdb
         assert ro["features"]["backend/info"] == "4"  # VDISK_READONLY
-        assert "'persistent': True, 'max-indirect-segments': 256, 'ring-page-order': 2" in \
-            console(run_dir, "rw")
-        assert "'persistent': False, 'max-indirect-segments': 0, 'ring-page-order': 0" in \
-            console(run_dir, "plain")
+        assert "'persistent': True, 'max-indirect-segments': 256, 'ring-page-order': 2" in console(
+            run_dir, "rw"
+        )
+        assert "'persistent': False, 'max-indirect-segments': 0, 'ring-page-order': 0" in console(
+            run_dir, "plain"
+        )
     finally:
         xenlike("down", run_dir=run_dir, check=False)
     for name in ("rw", "plain"):
         image = (run_dir / f"{name}.img").read_bytes()
         expected = bytearray(32 << 20)
         for label, sector, count in WRITES:
-            expected[sector * 512:(sector + count) * 512] = pattern(label, count * 512)
+            expected[sector * 512 : (sector + count) * 512] = pattern(label, count * 512)
         start, count = DISCARDED
-        expected[start * 512:(start + count) * 512] = bytes(count * 512)
+        expected[start * 512 : (start + count) * 512] = bytes(count * 512)
         assert image == bytes(expected), f"{name}.img is not what the guest wrote"
     assert ro_image.read_bytes() == pattern("ro", 4096) + bytes((4 << 20) - 4096)
 
@@ -119,8 +122,12 @@ def test_a_flushed_write_survives_killing_everything(tmp_path: Path) -> None:
     topology = tmp_path / "durable.toml"
     topology.write_text(DURABLE)
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    up = subprocess.Popen([*XENLIKE, "up", str(topology)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=env)
+    up = subprocess.Popen(
+        [*XENLIKE, "up", str(topology)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         wait_for_line(run_dir, "d", "flushed")
         pids = started_pids(run_dir)
@@ -131,7 +138,7 @@ def test_a_flushed_write_survives_killing_everything(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
     data = (run_dir / "d.img").read_bytes()
-    assert data[4096 * 512:4096 * 512 + (1 << 20)] == pattern("durable", 1 << 20)
+    assert data[4096 * 512 : 4096 * 512 + (1 << 20)] == pattern("durable", 1 << 20)
 
 
 HOSTILE = """\
@@ -158,7 +165,8 @@ params = "hostile.img", mode = "w" }]
 
 
 def test_a_hostile_front_end_gets_errors_and_a_closed_device_and_harms_nothing(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     run_dir = tmp_path / "run"
     image = run_dir / "hostile.img"
     run_dir.mkdir()
@@ -170,18 +178,23 @@ def test_a_hostile_front_end_gets_errors_and_a_closed_device_and_harms_nothing(
         xenlike("up", str(topology), "--detach", run_dir=run_dir)
         xenlike("xenstore", "write", "/local/domain/2/data/attack", "1", run_dir=run_dir)
         text = wait_for_line(run_dir, "hostile", "hostile done")
-        for outcome in ("a grant never made: refused", "a grant made to another domain: refused",
-                        "a read-only grant for a read: refused",
-                        "7 slots of random bytes: refused", "the same id twice: the second refused",
-                        "a legitimate write: done",
-                        "a runaway req_prod: the back end is Closing ("):
+        for outcome in (
+            "a grant never made: refused",
+            "a grant made to another domain: refused",
+            "a read-only grant for a read: refused",
+            "7 slots of random bytes: refused",
+            "the same id twice: the second refused",
+            "a legitimate write: done",
+            "a runaway req_prod: the back end is Closing (",
+        ):
             assert outcome in text, text
         assert re.search(r"the back end is Closing \(\d+ ring protocol violation", text), text
         wait_for_line(run_dir, "victim", "blk ok")
         rows = json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
         assert [r["name"] for r in rows] == ["Domain-0", "victim", "hostile"]
-        report = {d["domain"]: d for d in
-                  json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)}
+        report = {
+            d["domain"]: d for d in json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)
+        }
         assert report["victim"]["backend_state"] == "Connected"
         assert report["hostile"]["backend_state"] in ("Closing", "Closed")
         assert any("ring protocol violation" in e for e in report["hostile"]["errors"])
@@ -189,11 +202,11 @@ def test_a_hostile_front_end_gets_errors_and_a_closed_device_and_harms_nothing(
         xenlike("down", run_dir=run_dir, check=False)
     expected = bytearray(original)
     sector, label = LEGIT
-    expected[sector * 512:sector * 512 + 4096] = pattern(label, 4096)
+    expected[sector * 512 : sector * 512 + 4096] = pattern(label, 4096)
     assert image.read_bytes() == bytes(expected), "bytes outside the legitimate write changed"
     victim = bytearray(32 << 20)
     for label, start, count in WRITES:
-        victim[start * 512:(start + count) * 512] = pattern(label, count * 512)
+        victim[start * 512 : (start + count) * 512] = pattern(label, count * 512)
     start, count = DISCARDED
-    victim[start * 512:(start + count) * 512] = bytes(count * 512)
+    victim[start * 512 : (start + count) * 512] = bytes(count * 512)
     assert (run_dir / "victim.img").read_bytes() == bytes(victim)

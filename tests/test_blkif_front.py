@@ -38,16 +38,17 @@ async def serve(back: Any, guest: LocalDomain, disk: bytearray, answer: Answer) 
                 for ref in segments.grefs:
                     page = guest.granted[ref]
                     if request.operation == BlkifOp.READ:
-                        page[:] = disk[offset:offset + 4096]
+                        page[:] = disk[offset : offset + 4096]
                     else:
-                        disk[offset:offset + 4096] = page
+                        disk[offset : offset + 4096] = page
                     offset += 4096
             responses.append((request.id, request.operation, status))
         back.respond_many(responses)
 
 
-async def front_end(nursery: trio.Nursery, answer: Answer = lambda request: BLKIF_RSP_OKAY,
-                    *, pool_pages: int = 64) -> tuple[BlkFront, bytearray, LocalDomain]:
+async def front_end(
+    nursery: trio.Nursery, answer: Answer = lambda request: BLKIF_RSP_OKAY, *, pool_pages: int = 64
+) -> tuple[BlkFront, bytearray, LocalDomain]:
     guest = LocalDomain(512)
     front = BlkFront(XenbusContext(guest, None, nursery), DeviceInfo("vbd", 51712, "b", "f", 0))
     channel, back, _ = channel_pair(BLKIF_RING)
@@ -71,9 +72,10 @@ async def test_batches_larger_than_the_ring_and_the_pool_go_in_rounds(nursery) -
     front, disk, _ = await front_end(nursery, pool_pages=24)
     pieces = [(8 * i, bytes([i]) * 4096) for i in range(40)]  # 40 requests, 32 slots, 24 pages
     await front.write_many(pieces)
-    assert disk[:40 * 4096] == b"".join(data for _, data in pieces)
-    assert await front.read_many([(sector, 8) for sector, _ in pieces]) == \
-        [data for _, data in pieces]
+    assert disk[: 40 * 4096] == b"".join(data for _, data in pieces)
+    assert await front.read_many([(sector, 8) for sector, _ in pieces]) == [
+        data for _, data in pieces
+    ]
     buffers = [bytearray(4096) for _ in pieces]
     await front.readinto_many(zip((sector for sector, _ in pieces), buffers))
     assert buffers == [bytearray(data) for _, data in pieces]
@@ -117,7 +119,8 @@ async def test_buffers_are_checked_before_anything_is_sent(nursery) -> None:
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "granted-per-request"])
 async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
-        nursery, persistent: bool) -> None:
+    nursery, persistent: bool
+) -> None:
     frames: set[int] = set()  # the guest frames the requests named
 
     def answer(request: Any) -> int:
@@ -132,17 +135,17 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     own_frames = set(range(own.chunk.first_gfn, own.chunk.first_gfn + 30))
     buffer[:] = bytes(range(256)) * (30 * 16)
     await front.write(64, buffer)
-    assert disk[64 * 512:(64 + 240) * 512] == buffer
-    disk[:30 * 4096] = bytes(reversed(disk[64 * 512:(64 + 240) * 512]))
+    assert disk[64 * 512 : (64 + 240) * 512] == buffer
+    disk[: 30 * 4096] = bytes(reversed(disk[64 * 512 : (64 + 240) * 512]))
     await front.readinto(0, buffer)
-    assert buffer == disk[:30 * 4096]
+    assert buffer == disk[: 30 * 4096]
     assert frames == own_frames  # the buffer's own pages, not copies
     assert front.pool.pages == front.pool.kept == 30
     if not persistent:
         assert not guest.granted  # each request's grants were ended
     small = front.buffer(512)
     await front.readinto_many([(8, small), (16, buffer[:4096])])  # a slice is copied into
-    assert small == disk[8 * 512:9 * 512] and buffer[:4096] == disk[16 * 512:24 * 512]
+    assert small == disk[8 * 512 : 9 * 512] and buffer[:4096] == disk[16 * 512 : 24 * 512]
     assert front.pool.kept == 31 and front.pool.pages > 31
     with pytest.raises(ValueError, match="whole 512-byte sectors"):
         front.buffer(1000)
@@ -161,4 +164,4 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     again = front.buffer(20 * 4096)
     assert front.pool.kept == 21 and front._buffers[id(again)][1][0].chunk is own.chunk
     await front.readinto(0, again)
-    assert again == disk[:20 * 4096]
+    assert again == disk[: 20 * 4096]

@@ -28,6 +28,7 @@ from xenlike.topology import parse_topology
 
 # --- the ring -------------------------------------------------------------------------
 
+
 def test_the_ring_has_xens_sizes() -> None:
     assert (BLKIF_RING.entry_size, BLKIF_RING.nr_ents(1), BLKIF_RING.nr_ents(16)) == (112, 32, 512)
     assert BLKIF_REQUEST.size == 112 and blkif.BLKIF_SEGS_PER_INDIRECT_FRAME == 512
@@ -37,27 +38,62 @@ def _segment(gref: int, first: int, last: int) -> dict[str, int]:
     return {"gref": gref, "first_sect": first, "last_sect": last}
 
 
-RW_FIELDS = {"operation": 1, "nr_segments": 2, "handle": 51712, "id": 0xDEADBEEF,
-             "sector_number": 12345, "seg": [_segment(10, 0, 7), _segment(11, 1, 3)]
-             + [_segment(0, 0, 0)] * 9}
-DISCARD_FIELDS = {"operation": 5, "flag": 1, "handle": 51712, "id": 7, "sector_number": 100,
-                  "nr_sectors": 2 ** 40}
-INDIRECT_FIELDS = {"operation": 6, "indirect_op": 0, "nr_segments": 300, "id": 9,
-                   "sector_number": 8, "handle": 51712,
-                   "indirect_grefs": [55, 56, 0, 0, 0, 0, 0, 0]}
+RW_FIELDS = {
+    "operation": 1,
+    "nr_segments": 2,
+    "handle": 51712,
+    "id": 0xDEADBEEF,
+    "sector_number": 12345,
+    "seg": [_segment(10, 0, 7), _segment(11, 1, 3)] + [_segment(0, 0, 0)] * 9,
+}
+DISCARD_FIELDS = {
+    "operation": 5,
+    "flag": 1,
+    "handle": 51712,
+    "id": 7,
+    "sector_number": 100,
+    "nr_sectors": 2**40,
+}
+INDIRECT_FIELDS = {
+    "operation": 6,
+    "indirect_op": 0,
+    "nr_segments": 300,
+    "id": 9,
+    "sector_number": 8,
+    "handle": 51712,
+    "indirect_grefs": [55, 56, 0, 0, 0, 0, 0, 0],
+}
 
 
-@pytest.mark.parametrize("record,layout,fields", [
-    (RW.record(blkif.BLKIF_OP_WRITE, 2, 51712, 0xDEADBEEF, 12345, [(10, 0, 7), (11, 1, 3)]),
-     blkif.blkif_request, RW_FIELDS),
-    (DISCARD.record(blkif.BLKIF_OP_DISCARD, blkif.BLKIF_DISCARD_SECURE, 51712, 7, 100, 2 ** 40),
-     blkif.blkif_request_discard, DISCARD_FIELDS),
-    (INDIRECT.record(blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_READ, 300, 9, 8, 51712, (55, 56)),
-     blkif.blkif_request_indirect, INDIRECT_FIELDS),
-], ids=["rw", "discard", "indirect"])
+@pytest.mark.parametrize(
+    "record,layout,fields",
+    [
+        (
+            RW.record(blkif.BLKIF_OP_WRITE, 2, 51712, 0xDEADBEEF, 12345, [(10, 0, 7), (11, 1, 3)]),
+            blkif.blkif_request,
+            RW_FIELDS,
+        ),
+        (
+            DISCARD.record(
+                blkif.BLKIF_OP_DISCARD, blkif.BLKIF_DISCARD_SECURE, 51712, 7, 100, 2**40
+            ),
+            blkif.blkif_request_discard,
+            DISCARD_FIELDS,
+        ),
+        (
+            INDIRECT.record(
+                blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_READ, 300, 9, 8, 51712, (55, 56)
+            ),
+            blkif.blkif_request_indirect,
+            INDIRECT_FIELDS,
+        ),
+    ],
+    ids=["rw", "discard", "indirect"],
+)
 def test_each_variant_packs_as_construct_builds_it_and_decodes_by_operation(
-        record: object, layout: object, fields: dict) -> None:
-    slot = bytearray(b"\xAA" * 112)  # a stale slot: whatever it held must not survive
+    record: object, layout: object, fields: dict
+) -> None:
+    slot = bytearray(b"\xaa" * 112)  # a stale slot: whatever it held must not survive
     BLKIF_REQUEST.pack_into(slot, 0, record)
     assert bytes(slot) == layout.build(fields).ljust(112, b"\0")  # type: ignore[attr-defined]
     decoded = BLKIF_REQUEST.unpack_from(slot, 0)
@@ -76,10 +112,12 @@ def test_the_slot_is_copied_once_before_the_variant_is_chosen() -> None:
 
 
 def test_a_run_of_slots_decodes_each_variant_by_its_operation() -> None:
-    records = [RW.record(blkif.BLKIF_OP_READ, 1, 1, 1, 8, [(5, 0, 7)]),
-               DISCARD.record(blkif.BLKIF_OP_DISCARD, 0, 1, 2, 3, 4),
-               INDIRECT.record(blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_WRITE, 300, 3, 8, 1, (9,)),
-               RW.record(9, 0, 1, 4)]  # an unknown operation reads as blkif_request
+    records = [
+        RW.record(blkif.BLKIF_OP_READ, 1, 1, 1, 8, [(5, 0, 7)]),
+        DISCARD.record(blkif.BLKIF_OP_DISCARD, 0, 1, 2, 3, 4),
+        INDIRECT.record(blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_OP_WRITE, 300, 3, 8, 1, (9,)),
+        RW.record(9, 0, 1, 4),
+    ]  # an unknown operation reads as blkif_request
     run = b"".join(BLKIF_REQUEST.pack(record) for record in records)
     decoded = BLKIF_REQUEST.slots_unpacker(112)(run)
     assert [type(d) for d in decoded] == [RW.record, DISCARD.record, INDIRECT.record, RW.record]
@@ -88,8 +126,10 @@ def test_a_run_of_slots_decodes_each_variant_by_its_operation() -> None:
 
 # --- segment lists ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pages,sectors", [(1, 1), (1, 8), (3, 20), (11, 88), (256, 2048),
-                                           (300, 2393)])
+
+@pytest.mark.parametrize(
+    "pages,sectors", [(1, 1), (1, 8), (3, 20), (11, 88), (256, 2048), (300, 2393)]
+)
 def test_packed_segment_lists_round_trip(pages: int, sectors: int) -> None:
     refs = list(range(1000, 1000 + pages))
     raw = segment_words(refs, sectors)
@@ -147,12 +187,16 @@ def test_seg_array_takes_raw_segment_bytes() -> None:
 
 # --- blkfront's parameters and buffers ---------------------------------------------------
 
+
 def test_module_parameters_come_from_the_kernel_command_line() -> None:
-    params = FrontParams.from_cmdline("init=x:y xen_blkfront.feature_persistent=0 quiet "
-                                      "xen_blkfront.max_indirect_segments=64 "
-                                      "xen_blkfront.max_ring_page_order=9 other.thing=1")
-    assert params == FrontParams(feature_persistent=False, max_indirect_segments=64,
-                                 max_ring_page_order=4)
+    params = FrontParams.from_cmdline(
+        "init=x:y xen_blkfront.feature_persistent=0 quiet "
+        "xen_blkfront.max_indirect_segments=64 "
+        "xen_blkfront.max_ring_page_order=9 other.thing=1"
+    )
+    assert params == FrontParams(
+        feature_persistent=False, max_indirect_segments=64, max_ring_page_order=4
+    )
     assert FrontParams.from_cmdline("") == FrontParams()
     with pytest.raises(ValueError, match="max_indirect_segments=lots"):
         FrontParams.from_cmdline("xen_blkfront.max_indirect_segments=lots")
@@ -168,8 +212,9 @@ class _Grants:
 
 
 def _guest(pages: int) -> SimpleNamespace:
-    return SimpleNamespace(memory=DomainMemory.create(pages), allocator=PageAllocator(10, pages),
-                           grants=_Grants())
+    return SimpleNamespace(
+        memory=DomainMemory.create(pages), allocator=PageAllocator(10, pages), grants=_Grants()
+    )
 
 
 async def test_the_pool_lends_contiguous_runs_and_grows_by_chunks_up_to_its_limit() -> None:
@@ -212,6 +257,7 @@ async def test_persistent_grants_cover_a_whole_chunk_in_page_order() -> None:
 
 
 # --- Dom0's disks -------------------------------------------------------------------------
+
 
 def test_images_are_created_sparse_once(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "a.img"
@@ -266,7 +312,7 @@ def test_the_sector_interface(tmp_path: Path) -> None:
         assert (disk.sectors, disk.readonly, disk.physical_sector_size >= 512) == (64, False, True)
         buffers = [bytearray(512), bytearray(1024)]
         assert disk.readv(4, buffers) == 1536
-        assert bytes(buffers[0] + buffers[1]) == data[4 * 512:7 * 512]
+        assert bytes(buffers[0] + buffers[1]) == data[4 * 512 : 7 * 512]
         disk.write(10, b"\1" * 1024)
         disk.flush()
         disk.discard(0, 8)
@@ -280,8 +326,8 @@ def test_the_sector_interface(tmp_path: Path) -> None:
         disk.close()
     expected = bytearray(data)
     expected[0:4096] = bytes(4096)
-    expected[10 * 512:12 * 512] = b"\1" * 1024
-    expected[20 * 512:23 * 512] = bytes(1536)
+    expected[10 * 512 : 12 * 512] = b"\1" * 1024
+    expected[20 * 512 : 23 * 512] = bytes(1536)
     assert path.read_bytes() == bytes(expected) and path.stat().st_size == len(data)
 
 

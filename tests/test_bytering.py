@@ -22,11 +22,14 @@ def test_offsets_are_xens() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(chunks=st.lists(st.binary(min_size=0, max_size=3000), max_size=20),
-       reads=st.lists(st.integers(1, 3000), min_size=1, max_size=20),
-       start=st.integers(0, 2**32 - 1))
-def test_bytes_arrive_in_order_across_wraps(chunks: list[bytes], reads: list[int],
-                                            start: int) -> None:
+@given(
+    chunks=st.lists(st.binary(min_size=0, max_size=3000), max_size=20),
+    reads=st.lists(st.integers(1, 3000), min_size=1, max_size=20),
+    start=st.integers(0, 2**32 - 1),
+)
+def test_bytes_arrive_in_order_across_wraps(
+    chunks: list[bytes], reads: list[int], start: int
+) -> None:
     page = memoryview(bytearray(4096))
     layout = CONSOLE.to_backend
     struct.pack_into("<I", page, layout.cons, start)
@@ -67,10 +70,12 @@ def test_hostile_producer_index_is_refused(ahead: int) -> None:
 async def test_stream_over_a_page_carries_a_megabyte_both_ways(nursery) -> None:
     page = memoryview(bytearray(4096))
     guest_bell, daemon_bell = doorbell_pair()
-    guest = ByteRingStream(ByteRing(page, XENSTORE.to_backend), ByteRing(page, XENSTORE.to_guest),
-                           guest_bell)
-    daemon = ByteRingStream(ByteRing(page, XENSTORE.to_guest), ByteRing(page, XENSTORE.to_backend),
-                            daemon_bell)
+    guest = ByteRingStream(
+        ByteRing(page, XENSTORE.to_backend), ByteRing(page, XENSTORE.to_guest), guest_bell
+    )
+    daemon = ByteRingStream(
+        ByteRing(page, XENSTORE.to_guest), ByteRing(page, XENSTORE.to_backend), daemon_bell
+    )
     nursery.start_soon(guest.pump)
     nursery.start_soon(daemon.pump)
     payload = bytes(range(256)) * 4096

@@ -37,15 +37,19 @@ def assert_one_clean_line(result: subprocess.CompletedProcess[str], *, code: int
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert not re.search(r"\b[A-Z][A-Za-z]+(Error|Exception|Interrupt)\b", result.stderr), \
+    assert not re.search(r"\b[A-Z][A-Za-z]+(Error|Exception|Interrupt)\b", result.stderr), (
         result.stderr
+    )
     return lines[0]
 
 
 def leftovers(run_dir: Path) -> list[str]:
     """Sockets and pid files in the run directory."""
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-                  if p.is_socket() or p.name.endswith(".pid"))
+    return sorted(
+        str(p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if p.is_socket() or p.name.endswith(".pid")
+    )
 
 
 def hypervisor_pid(run_dir: Path) -> int:
@@ -65,15 +69,23 @@ def run_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 COMMANDS = [
-    ("list",), ("dmesg",), ("devices",), ("devices", "solo"), ("xenstore", "ls", "/"),
-    ("shutdown", "solo"), ("destroy", "solo"), ("console", "solo", "--no-follow"),
-    ("capture", "xenbr0", "-w", "-", "--count", "1"), ("top", "--batch", "-i", "1"),
+    ("list",),
+    ("dmesg",),
+    ("devices",),
+    ("devices", "solo"),
+    ("xenstore", "ls", "/"),
+    ("shutdown", "solo"),
+    ("destroy", "solo"),
+    ("console", "solo", "--no-follow"),
+    ("capture", "xenbr0", "-w", "-", "--count", "1"),
+    ("top", "--batch", "-i", "1"),
     ("trace",),
 ]
 
 
 def test_every_command_against_a_stopped_topology_says_so_in_one_line(
-        run_dir: Path, tmp_path: Path) -> None:
+    run_dir: Path, tmp_path: Path
+) -> None:
     cfg = tmp_path / "gamma.cfg"
     cfg.write_text('name = "gamma"\nmemory = 16\n')
     xenlike("up", "--detach", run_dir=run_dir)
@@ -98,8 +110,9 @@ def test_killing_dom0_takes_the_guests_down_and_down_leaves_nothing(run_dir: Pat
     os.kill(dom0_pid(run_dir), signal.SIGKILL)
     # As Xen does when Dom0 dies: no guest runs on without its back ends.
     assert wait_gone(pids) == [], [p for p in pids if alive(p)]
-    assert "Domain 0 crashed: shutting down every domain" in \
-        (run_dir / "hypervisor.log").read_text()
+    assert (
+        "Domain 0 crashed: shutting down every domain" in (run_dir / "hypervisor.log").read_text()
+    )
     line = assert_one_clean_line(xenlike("list", run_dir=run_dir, check=False))
     assert "no topology is running" in line
     xenlike("down", run_dir=run_dir)
@@ -111,14 +124,24 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
     xenlike("down", run_dir=run_dir)
     assert leftovers(run_dir) == []
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [*XENLIKE, "up"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     try:
-        wait_for(lambda: "every device Connected" in "".join(
-            p.read_text() for p in (run_dir / "console").glob("*.log")) or
-            (run_dir / "toolstack.sock").exists(), what="the topology")
-        wait_for(lambda: json.loads(xenlike("list", "--json", run_dir=run_dir,
-                                            check=False).stdout or "[]"), what="a listing")
+        wait_for(
+            lambda: (
+                "every device Connected"
+                in "".join(p.read_text() for p in (run_dir / "console").glob("*.log"))
+                or (run_dir / "toolstack.sock").exists()
+            ),
+            what="the topology",
+        )
+        wait_for(
+            lambda: json.loads(
+                xenlike("list", "--json", run_dir=run_dir, check=False).stdout or "[]"
+            ),
+            what="a listing",
+        )
         pids = started_pids(run_dir)
     finally:
         proc.kill()
@@ -128,10 +151,16 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
     assert leftovers(run_dir) == []
     for log in (run_dir / "console").glob("*.log"):  # the last run's "demo done"
         log.unlink()
-    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    wait_for(lambda: (run_dir / "console" / "beta.log").exists() and
-             "demo done" in (run_dir / "console" / "beta.log").read_text(), what="beta's demo")
+    proc = subprocess.Popen(
+        [*XENLIKE, "up"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    wait_for(
+        lambda: (
+            (run_dir / "console" / "beta.log").exists()
+            and "demo done" in (run_dir / "console" / "beta.log").read_text()
+        ),
+        what="beta's demo",
+    )
     pids = started_pids(run_dir)
     proc.terminate()  # SIGTERM: as clean as Ctrl-C
     assert proc.wait(timeout=60) == 0
@@ -143,11 +172,16 @@ def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:
     xenlike("up", "--detach", run_dir=run_dir)
     line = assert_one_clean_line(xenlike("devices", "nosuch", run_dir=run_dir, check=False))
     assert "no domain named 'nosuch'" in line
-    for command in (("shutdown", "nosuch"), ("destroy", "nosuch"),
-                    ("console", "nosuch", "--no-follow"), ("console", "9", "--no-follow")):
+    for command in (
+        ("shutdown", "nosuch"),
+        ("destroy", "nosuch"),
+        ("console", "nosuch", "--no-follow"),
+        ("console", "9", "--no-follow"),
+    ):
         assert_one_clean_line(xenlike(*command, run_dir=run_dir, check=False))
-    line = assert_one_clean_line(xenlike("trace", "--rings", "nosuch/vbd", run_dir=run_dir,
-                                         check=False))
+    line = assert_one_clean_line(
+        xenlike("trace", "--rings", "nosuch/vbd", run_dir=run_dir, check=False)
+    )
     assert "no domain named 'nosuch'" in line
     by_id = json.loads(xenlike("devices", "2", "--json", run_dir=run_dir).stdout)
     assert {d["domain"] for d in by_id} == {"beta"}
@@ -161,34 +195,46 @@ def test_unknown_domains_and_domains_by_domid(run_dir: Path) -> None:
 def test_trace_into_a_closed_pipe_and_ctrl_c_are_quiet(run_dir: Path) -> None:
     xenlike("up", "--detach", run_dir=run_dir)
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    trace = subprocess.Popen([*XENLIKE, "trace"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+    trace = subprocess.Popen(
+        [*XENLIKE, "trace"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     assert trace.stdout is not None and trace.stderr is not None
     trace.stdout.readline()
     trace.stdout.close()  # as `xenlike trace | head -1` does
     xenlike("xenstore", "write", "/local/domain/1/data/poke", "1", run_dir=run_dir)
     assert trace.wait(timeout=30) != 0
     assert trace.stderr.read() == b""
-    top = subprocess.Popen([*XENLIKE, "dmesg"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, env=env)
+    top = subprocess.Popen(
+        [*XENLIKE, "dmesg"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     top.communicate(timeout=30)
     for command in (["trace"], ["console", "alpha"], ["xenstore", "watch", "/"]):
-        proc = subprocess.Popen([*XENLIKE, *command], stdout=subprocess.DEVNULL,
-                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(
+            [*XENLIKE, *command],
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         time.sleep(1.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, (command, err)
-    early = subprocess.Popen([sys.executable, "-m", "xenlike", "list"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+    early = subprocess.Popen(
+        [sys.executable, "-m", "xenlike", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     time.sleep(0.15)  # importing the CLI (about 0.3 s)
     early.send_signal(signal.SIGINT)
     _, err = early.communicate(timeout=30)
     assert b"Traceback" not in err, err
 
 
-def test_up_names_a_guest_that_dies_while_booting_within_10_s(run_dir: Path,
-                                                                tmp_path: Path) -> None:
+def test_up_names_a_guest_that_dies_while_booting_within_10_s(
+    run_dir: Path, tmp_path: Path
+) -> None:
     topology = tmp_path / "dies.toml"
     topology.write_text(ONE_GUEST + 'init = "tests.programs:no_such_program"\n')
     start = time.monotonic()
@@ -205,23 +251,28 @@ def test_up_names_a_guest_that_dies_while_booting_within_10_s(run_dir: Path,
 
 
 def test_modules_that_cannot_be_imported_are_found_before_anything_boots(
-        run_dir: Path, tmp_path: Path) -> None:
+    run_dir: Path, tmp_path: Path
+) -> None:
     topology = tmp_path / "typo.toml"
-    topology.write_text(ONE_GUEST + 'init = "tests.no_such_module:main"\n'
-                        'devices = [{ type = "x", driver = "nowhere.driver:DRIVER" }]\n')
+    topology.write_text(
+        ONE_GUEST + 'init = "tests.no_such_module:main"\n'
+        'devices = [{ type = "x", driver = "nowhere.driver:DRIVER" }]\n'
+    )
     start = time.monotonic()
     up = xenlike("up", str(topology), "--detach", run_dir=run_dir, check=False)
     assert time.monotonic() - start < 10
     assert up.returncode == 2, up.stderr
-    assert f"{topology}:10: init = 'tests.no_such_module:main': no module named " \
-           "'tests.no_such_module'" in up.stderr, up.stderr
-    assert f"{topology}:11: driver = 'nowhere.driver:DRIVER': no module named 'nowhere'" \
-        in up.stderr, up.stderr
+    assert (
+        f"{topology}:10: init = 'tests.no_such_module:main': no module named "
+        "'tests.no_such_module'" in up.stderr
+    ), up.stderr
+    assert (
+        f"{topology}:11: driver = 'nowhere.driver:DRIVER': no module named 'nowhere'" in up.stderr
+    ), up.stderr
     assert not (run_dir / "hypervisor.log").exists()
     xenlike("up", "--detach", run_dir=run_dir)
     cfg = tmp_path / "typo.cfg"
-    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\n'
-                   'vcpus = 2\n')
+    cfg.write_text('name = "gamma"\nmemory = 16\ninit = "tests.no_such_module:main"\nvcpus = 2\n')
     line = assert_one_clean_line(xenlike("create", str(cfg), run_dir=run_dir, check=False))
     assert f"{cfg}:3: init = 'tests.no_such_module:main': no module named" in line, line
     assert f"{cfg}:4: vcpus = 2" in line, line  # both problems, in one line
@@ -234,14 +285,18 @@ def test_modules_that_cannot_be_imported_are_found_before_anything_boots(
 
 def test_up_names_a_device_that_fails(run_dir: Path, tmp_path: Path) -> None:
     topology = tmp_path / "fails.toml"
-    topology.write_text(ONE_GUEST + 'devices = [{ type = "faulty", driver = '
-                        '"tests.faulty_driver:DRIVER", fail-in = "connected" }]\n')
+    topology.write_text(
+        ONE_GUEST + 'devices = [{ type = "faulty", driver = '
+        '"tests.faulty_driver:DRIVER", fail-in = "connected" }]\n'
+    )
     start = time.monotonic()
     up = xenlike("up", str(topology), "--detach", run_dir=run_dir, check=False)
     assert time.monotonic() - start < 10, up.stderr
     assert up.returncode == 1
-    assert "solo: faulty 0 failed" in up.stderr and \
-        "connect raised DriverBug: connected on purpose" in up.stderr, up.stderr
+    assert (
+        "solo: faulty 0 failed" in up.stderr
+        and "connect raised DriverBug: connected on purpose" in up.stderr
+    ), up.stderr
 
 
 def test_an_attached_console_draws_lines_not_a_staircase(run_dir: Path, tmp_path: Path) -> None:
@@ -252,8 +307,9 @@ def test_an_attached_console_draws_lines_not_a_staircase(run_dir: Path, tmp_path
     xenlike("up", str(topology), "--detach", run_dir=run_dir)
     master, slave = pty.openpty()
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    proc = subprocess.Popen([*XENLIKE, "console", "solo"], stdin=slave, stdout=slave,
-                            stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [*XENLIKE, "console", "solo"], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
     os.close(slave)
     output = b""
     deadline = time.monotonic() + 20

@@ -43,8 +43,9 @@ def test_a_run_of_slots_decodes_as_each_slot_does(name: str, data: st.DataObject
     stride = codec.size + data.draw(st.integers(0, 24))
     count = data.draw(st.integers(0, 5))
     raw = data.draw(st.binary(min_size=stride * count, max_size=stride * count))
-    assert codec.slots_unpacker(stride)(raw) == \
-        [codec.unpack_from(raw, index * stride) for index in range(count)]
+    assert codec.slots_unpacker(stride)(raw) == [
+        codec.unpack_from(raw, index * stride) for index in range(count)
+    ]
     with pytest.raises(ValueError, match="cannot hold"):
         codec.slots_unpacker(codec.size - 1)
 
@@ -62,31 +63,39 @@ def test_short_record_arrays_are_zero_filled_and_long_ones_refused() -> None:
     with pytest.raises(ValueError, match="at most 11"):
         codec.pack(codec.record(seg=[seg] * 12))
     array_type = type(decoded.seg)
-    assert codec.pack(codec.record(seg=array_type(bytes(buf[24:32])))) == \
-        codec.pack(codec.record(seg=[seg]))  # raw bytes of fewer elements: the rest zeroed
+    assert codec.pack(codec.record(seg=array_type(bytes(buf[24:32])))) == codec.pack(
+        codec.record(seg=[seg])
+    )  # raw bytes of fewer elements: the rest zeroed
     with pytest.raises(ValueError, match="more than 11 elements"):
         codec.pack(codec.record(seg=array_type(bytes(8 * 12))))
 
 
 @settings(max_examples=60, deadline=None)
-@given(raw=st.binary(min_size=88, max_size=88), count=st.integers(0, 11),
-       index=st.integers(-11, 10), window=st.tuples(st.integers(-12, 12), st.integers(-12, 12)))
+@given(
+    raw=st.binary(min_size=88, max_size=88),
+    count=st.integers(0, 11),
+    index=st.integers(-11, 10),
+    window=st.tuples(st.integers(-12, 12), st.integers(-12, 12)),
+)
 def test_every_form_of_seg_packs_alike_and_reads_as_construct_does(
-        raw: bytes, count: int, index: int, window: tuple[int, int]) -> None:
+    raw: bytes, count: int, index: int, window: tuple[int, int]
+) -> None:
     """The packer's fast cases (the array's bytes, bare or as a RecordArray, one
     record) and the plain one (a list of records) write the same slot."""
     codec = compile_struct(blkif.blkif_request, "blkif_request")
     segments = blkif.blkif_request_segment[11]
     canonical = segments.build(segments.parse(raw))  # construct zeroes the padding
     array = type(codec.record().seg)(canonical)
-    records = [codec.record().seg[0]._replace(**{k: v for k, v in item.items() if k != "_io"})
-               for item in segments.parse(canonical)]
+    records = [
+        codec.record().seg[0]._replace(**{k: v for k, v in item.items() if k != "_io"})
+        for item in segments.parse(canonical)
+    ]
     assert list(array) == records and array[index] == records[index]
-    assert array[window[0]:window[1]] == tuple(records[window[0]:window[1]])
+    assert array[window[0] : window[1]] == tuple(records[window[0] : window[1]])
     whole = {codec.pack(codec.record(seg=form)) for form in (canonical, array, records)}
     assert len(whole) == 1 and whole.pop()[24:] == canonical
-    short = canonical[:8 * count].ljust(88, b"\0")  # fewer elements: the rest zeroed
-    assert codec.pack(codec.record(seg=type(array)(canonical[:8 * count])))[24:] == short
+    short = canonical[: 8 * count].ljust(88, b"\0")  # fewer elements: the rest zeroed
+    assert codec.pack(codec.record(seg=type(array)(canonical[: 8 * count])))[24:] == short
     assert codec.pack(codec.record(seg=records[:count]))[24:] == short
 
 

@@ -36,14 +36,23 @@ def matches(expected: str, actual: str) -> bool:
             pattern.append(r"(?:[^\n]*\n)*?")
         else:
             pattern.append(".*".join(re.escape(part) for part in line.split("...")) + r"\n")
-    return re.fullmatch("".join(pattern), actual if actual.endswith("\n") or not actual
-                        else actual + "\n", re.S) is not None
+    return (
+        re.fullmatch(
+            "".join(pattern), actual if actual.endswith("\n") or not actual else actual + "\n", re.S
+        )
+        is not None
+    )
 
 
 def test_generated_pages_are_current() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    result = subprocess.run([sys.executable, "-m", "xenlike._docs", "--check"], capture_output=True,
-                            text=True, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "xenlike._docs", "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -52,8 +61,11 @@ PAGES = [page for page in sorted(DOCS.glob("*.md")) if sessions(page)]
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_console_sessions_replay(page: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "XENLIKE_RUN_DIR": str(tmp_path / "run"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "XENLIKE_RUN_DIR": str(tmp_path / "run"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     try:
         for session in sessions(page):
             for command, expected in session:
@@ -61,17 +73,29 @@ def test_console_sessions_replay(page: Path, tmp_path: Path) -> None:
                 # is run again, for a while, as a reader would look again.
                 deadline = time.monotonic() + 30
                 while True:
-                    result = subprocess.run(["bash", "-c", command], capture_output=True,
-                                            text=True, env=env, cwd=ROOT, timeout=120)
+                    result = subprocess.run(
+                        ["bash", "-c", command],
+                        capture_output=True,
+                        text=True,
+                        env=env,
+                        cwd=ROOT,
+                        timeout=120,
+                    )
                     assert result.returncode == 0, f"$ {command}\n{result.stdout}{result.stderr}"
                     if matches(expected, result.stdout) or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
-                assert matches(expected, result.stdout), \
+                assert matches(expected, result.stdout), (
                     f"$ {command}\nexpected:\n{expected}\nactual:\n{result.stdout}"
+                )
     finally:
-        subprocess.run(["bash", "-c", "xenlike down --grace 2"], env=env, cwd=ROOT,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", "-c", "xenlike down --grace 2"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def test_the_matcher_can_fail() -> None:
@@ -93,8 +117,10 @@ def test_pages_show_the_example_code_as_it_is(name: str, blocks: int) -> None:
 
 
 def test_the_tutorial_driver_stays_short() -> None:
-    lines = sum(len((DOCS / "examples" / "kvdev" / f).read_text().splitlines())
-                for f in ("protocol.py", "back.py", "front.py", "__init__.py"))
+    lines = sum(
+        len((DOCS / "examples" / "kvdev" / f).read_text().splitlines())
+        for f in ("protocol.py", "back.py", "front.py", "__init__.py")
+    )
     assert lines < 150
 
 

@@ -54,13 +54,16 @@ def test_a_driver_that_raises_fails_its_device_and_nothing_else(tmp_path: Path) 
     topology = tmp_path / "faulty.toml"
     topology.write_text(TOPOLOGY)
     try:
-        xenlike("up", str(topology), "--detach", "--timeout", "20", run_dir=run_dir,
-                check=False)
+        xenlike("up", str(topology), "--detach", "--timeout", "20", run_dir=run_dir, check=False)
         console = run_dir / "console" / "bad.log"
-        wait_for(lambda: "faulty done" in console.read_text(), timeout=60,
-                 what="the bad guest's program")
-        wait_for(lambda: "faulty done" in (run_dir / "console" / "good.log").read_text(),
-                 timeout=30, what="the good guest's program")
+        wait_for(
+            lambda: "faulty done" in console.read_text(), timeout=60, what="the bad guest's program"
+        )
+        wait_for(
+            lambda: "faulty done" in (run_dir / "console" / "good.log").read_text(),
+            timeout=30,
+            what="the good guest's program",
+        )
         text = console.read_text()
         for devid, (_side, message) in EXPECTED.items():
             assert f"faulty {devid}: failed: " in text and message in text, text
@@ -72,13 +75,16 @@ def test_a_driver_that_raises_fails_its_device_and_nothing_else(tmp_path: Path) 
         by_name = {(d["domain"], d["type"], d["devid"]): d for d in report}
         for key in [("good", "faulty", "0"), ("good", "vif", "0"), ("bad", "faulty", "5")]:
             device = by_name[key]
-            assert (device["frontend_state"], device["backend_state"]) == \
-                ("Connected", "Connected"), device
+            assert (device["frontend_state"], device["backend_state"]) == (
+                "Connected",
+                "Connected",
+            ), device
         for devid, (side, message) in EXPECTED.items():
             device = by_name[("bad", "faulty", devid)]
             assert "Connected" not in (device["frontend_state"], device["backend_state"]), device
-            assert any(e.startswith(f"{side}: 5 ") and message in e
-                       for e in device["errors"]), device
+            assert any(e.startswith(f"{side}: 5 ") and message in e for e in device["errors"]), (
+                device
+            )
         features = by_name[("bad", "faulty-features", "0")]
         assert any("publish features raised DriverBug" in e for e in features["errors"])
 
@@ -110,8 +116,9 @@ class _Store:
         return self.nodes.get(path)
 
     async def ls_optional(self, path: str) -> list[str]:
-        return sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
-                       if p.startswith(path + "/")})
+        return sorted(
+            {p[len(path) + 1 :].split("/")[0] for p in self.nodes if p.startswith(path + "/")}
+        )
 
     async def write(self, path: str, value: str) -> None:
         self.nodes[path] = value
@@ -125,10 +132,14 @@ async def test_a_driver_that_cannot_be_loaded_fails_its_devices_only(nursery) ->
     from xenlike.xenbus import DriverRegistry, FrontendBus, XenbusContext
 
     home = "/local/domain/1/device"
-    store = _Store({f"{home}/gone/0/backend": "/local/domain/0/backend/gone/1/0",
-                    f"{home}/gone/0/backend-id": "0",
-                    f"{home}/other/0/backend": "/local/domain/0/backend/other/1/0",
-                    f"{home}/other/0/backend-id": "0"})
+    store = _Store(
+        {
+            f"{home}/gone/0/backend": "/local/domain/0/backend/gone/1/0",
+            f"{home}/gone/0/backend-id": "0",
+            f"{home}/other/0/backend": "/local/domain/0/backend/other/1/0",
+            f"{home}/other/0/backend-id": "0",
+        }
+    )
     registry = DriverRegistry()
     assert registry.register_dotted("tests.no_such_driver:DRIVER", "gone") is None
     bus = FrontendBus(XenbusContext(SimpleNamespace(domid=1), store, nursery), registry)

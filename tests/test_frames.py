@@ -43,16 +43,26 @@ def _memfd(size: int, seals: int) -> int:
     return fd
 
 
-@pytest.mark.parametrize(("size", "seals", "why"), [
-    (XEN_PAGE_SIZE, 0, "seals 0x0"),  # could be truncated under its mappers: SIGBUS
-    (XEN_PAGE_SIZE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, "seals 0x6"),  # could take more
-    (XEN_PAGE_SIZE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-     | fcntl.F_SEAL_WRITE, "seals 0xf"),
-    (2 * XEN_PAGE_SIZE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-     "8192 bytes"),
-])
+@pytest.mark.parametrize(
+    ("size", "seals", "why"),
+    [
+        (XEN_PAGE_SIZE, 0, "seals 0x0"),  # could be truncated under its mappers: SIGBUS
+        (XEN_PAGE_SIZE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, "seals 0x6"),  # could take more
+        (
+            XEN_PAGE_SIZE,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL | fcntl.F_SEAL_WRITE,
+            "seals 0xf",
+        ),
+        (
+            2 * XEN_PAGE_SIZE,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            "8192 bytes",
+        ),
+    ],
+)
 def test_files_a_hostile_domain_could_change_under_its_mappers_are_refused(
-        size: int, seals: int, why: str) -> None:
+    size: int, seals: int, why: str
+) -> None:
     fd = _memfd(size, seals)
     try:
         with pytest.raises(BadFrameFile, match=why):
@@ -74,8 +84,10 @@ def test_a_file_that_is_no_memfd_is_refused(tmp_path) -> None:
 
 def test_the_frame_channel_carries_gfns_and_files_in_order() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [frame_file(f"xenlike-test-{i}", bytes([i]) * XEN_PAGE_SIZE)
-           for i in range(MAX_FRAMES_PER_MESSAGE + 2)]
+    fds = [
+        frame_file(f"xenlike-test-{i}", bytes([i]) * XEN_PAGE_SIZE)
+        for i in range(MAX_FRAMES_PER_MESSAGE + 2)
+    ]
     try:
         assert receive_frames(theirs) == []
         send_frames(ours, [(gfn * 3, fd) for gfn, fd in enumerate(fds)])
@@ -96,8 +108,9 @@ def test_a_malformed_frame_message_is_refused_and_its_files_closed() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fd = frame_file("xenlike-test", PAGE)
     before = len(os.listdir("/proc/self/fd"))
-    ours.sendmsg([b"\0" * 16], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                 fd.to_bytes(4, "little"))])  # two gfns, one file
+    ours.sendmsg(
+        [b"\0" * 16], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
+    )  # two gfns, one file
     with pytest.raises(BadFrameFile, match="16 bytes with 1 files"):
         receive_frames(theirs)
     assert len(os.listdir("/proc/self/fd")) == before
@@ -139,7 +152,7 @@ def test_hostile_files_leave_the_hypervisor_s_view_alone(shared) -> None:
     domain_end = frames.domain_end
     unsealed = _memfd(XEN_PAGE_SIZE, 0)
     good = frame_file("xenlike-d7", PAGE)
-    send_frames(domain_end, [(5, unsealed), (1, good), (16, good), (2 ** 63, good)])
+    send_frames(domain_end, [(5, unsealed), (1, good), (16, good), (2**63, good)])
     assert frames.drain()
     os.ftruncate(unsealed, 0)  # would be SIGBUS for the hypervisor, had it mapped this
     with memory.frame(5) as page:
@@ -171,9 +184,10 @@ def test_a_domain_cannot_make_the_hypervisor_hold_more_files_than_the_limit() ->
         send_frames(frames.domain_end, list(enumerate(fds)))
         frames.drain()
         assert sorted(frames.files) == [0, 1, 2]
-        assert lines == ["frame channel: refused a file for gfn 0x3: 3 frames have files "
-                         "already", "frame channel: refused a file for gfn 0x4: 3 frames "
-                         "have files already"]
+        assert lines == [
+            "frame channel: refused a file for gfn 0x3: 3 frames have files already",
+            "frame channel: refused a file for gfn 0x4: 3 frames have files already",
+        ]
         send_frames(frames.domain_end, [(1, fds[4])])  # moving a frame again is no new file
         frames.drain()
         assert sorted(frames.files) == [0, 1, 2] and len(lines) == 2

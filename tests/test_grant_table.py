@@ -30,12 +30,12 @@ from xenlike.abi.event_channel import EvtchnOp, evtchn_bind_interdomain
 from xenlike.abi.grant_table import (
     GNTMAP_host_map,
     GNTMAP_readonly,
-    GTF_permit_access,
-    GTF_readonly,
-    GTF_reading,
-    GTF_writing,
     GntStatus,
     GnttabOp,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
     gnttab_copy,
     gnttab_map_grant_ref,
     gnttab_unmap_grant_ref,
@@ -54,12 +54,12 @@ from xenlike.domain import (
     NoFreeGrantRefs,
 )
 from xenlike.domain.hypercall import HypercallClient
+from xenlike.domain.runtime import attach_memory
 from xenlike.hypercall import MAX_FDS, HypercallError
-from xenlike.hypervisor import HypervisorDomain, Hypervisor
+from xenlike.hypervisor import Hypervisor, HypervisorDomain
 from xenlike.hypervisor import grant_table as hypervisor_grant_table
 from xenlike.hypervisor.frames import MAX_FRAME_FILES
 from xenlike.hypervisor.grant_table import MAX_BATCH, PIN_LIMIT
-from xenlike.domain.runtime import attach_memory
 from xenlike.memory import XEN_PAGE_SIZE, BadFrame, DomainMemory, MemoryInUse, machine_address
 from xenlike.xc import XenControl
 
@@ -163,11 +163,11 @@ class Guest:
 
     def write(self, gfn: int, data: bytes, offset: int = 0) -> None:
         with self.memory.frame(gfn) as page:
-            page[offset:offset + len(data)] = data
+            page[offset : offset + len(data)] = data
 
     def read(self, gfn: int, length: int = 32, offset: int = 0) -> bytes:
         with self.memory.frame(gfn) as page:
-            return bytes(page[offset:offset + length])
+            return bytes(page[offset : offset + length])
 
 
 @pytest.fixture
@@ -194,15 +194,19 @@ def entry(hv: Hypervisor, domid: int, ref: int):
 
 
 async def raw_map(hypercalls: HypercallClient, ops: list) -> tuple[list, tuple[int, ...]]:
-    done = await hypercalls.call(GNTTAB_OP, GnttabOp.map_grant_ref,
-                                 b"".join(MAP.pack(op) for op in ops), len(ops))
+    done = await hypercalls.call(
+        GNTTAB_OP, GnttabOp.map_grant_ref, b"".join(MAP.pack(op) for op in ops), len(ops)
+    )
     return [MAP.unpack_from(done.payload, i * MAP.size) for i in range(len(ops))], done.fds
 
 
 async def raw_unmap(hypercalls: HypercallClient, handles: list[int]) -> list[int]:
-    done = await hypercalls.call(GNTTAB_OP, GnttabOp.unmap_grant_ref,
-                                 b"".join(UNMAP.pack(UNMAP.record(handle=h)) for h in handles),
-                                 len(handles))
+    done = await hypercalls.call(
+        GNTTAB_OP,
+        GnttabOp.unmap_grant_ref,
+        b"".join(UNMAP.pack(UNMAP.record(handle=h)) for h in handles),
+        len(handles),
+    )
     return [UNMAP.unpack_from(done.payload, i * UNMAP.size).status for i in range(len(handles))]
 
 
@@ -219,7 +223,8 @@ def close_all(fds: tuple[int, ...]) -> None:
 
 
 async def test_grant_access_writes_xen_entries_and_end_access_frees_the_ref(
-        hv: Hypervisor, guest) -> None:
+    hv: Hypervisor, guest
+) -> None:
     a = await guest()
     ref = a.grants.grant_access(7, a.page(0))
     ro = a.grants.grant_access(9, a.page(1), readonly=True)
@@ -260,8 +265,11 @@ async def test_a_mapper_reads_and_writes_the_granted_pages(hv: Hypervisor, guest
     for ref in refs:
         assert entry(hv, a.domid, ref).flags == GTF_permit_access | GTF_reading | GTF_writing
 
-    with pytest.raises(GrantInUse, match=f"grant ref {refs[0]} is still in use by d{b.domid} "
-                                         r"\(GTF_reading\|GTF_writing set\)"):
+    with pytest.raises(
+        GrantInUse,
+        match=f"grant ref {refs[0]} is still in use by d{b.domid} "
+        r"\(GTF_reading\|GTF_writing set\)",
+    ):
         a.grants.end_access(refs[0])
     assert entry(hv, a.domid, refs[0]).flags & GTF_permit_access  # nothing changed
 
@@ -289,8 +297,11 @@ async def test_a_read_only_grant_refuses_a_writable_map(hv: Hypervisor, guest) -
     a, b = await guest(), await guest()
     a.write(a.page(0), b"read me")
     ref = a.grants.grant_access(b.domid, a.page(0), readonly=True)
-    with pytest.raises(GrantStatusError, match=f"d{a.domid} ref {ref}: GNTST_general_error "
-                                               r"\(undefined error\)"):
+    with pytest.raises(
+        GrantStatusError,
+        match=f"d{a.domid} ref {ref}: GNTST_general_error "
+        r"\(undefined error\)",
+    ):
         await b.grants.map(a.domid, [ref])
     assert entry(hv, a.domid, ref).flags == GTF_permit_access | GTF_readonly  # no trace
     mapping = await b.grants.map(a.domid, [ref], readonly=True)
@@ -308,8 +319,9 @@ async def test_dom0_s_grant_maps_follow_the_grant_rules_too(guest) -> None:
     dom0, a = await guest(0), await guest()
     a.write(a.page(0), b"read me")
     ref = a.grants.grant_access(0, a.page(0), readonly=True)
-    outs, fds = await raw_map(dom0.hypercalls, [map_op(a.domid, ref, GNTMAP_host_map
-                                                        | GNTMAP_readonly)])
+    outs, fds = await raw_map(
+        dom0.hypercalls, [map_op(a.domid, ref, GNTMAP_host_map | GNTMAP_readonly)]
+    )
     assert outs[0].status == S.okay and os.fstat(fds[0]).st_size == XEN_PAGE_SIZE
     with pytest.raises(PermissionError):
         mmap.mmap(fds[0], XEN_PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -344,7 +356,8 @@ async def test_maps_xen_refuses(guest) -> None:
 
 
 async def test_a_ref_mapped_twice_has_two_handles_and_stays_in_use_until_both_go(
-        hv: Hypervisor, guest) -> None:
+    hv: Hypervisor, guest
+) -> None:
     a, b = await guest(), await guest()
     ref = a.grants.grant_access(b.domid, a.page(0))
     first = await b.grants.map(a.domid, [ref])
@@ -365,26 +378,44 @@ async def test_unmap_of_unknown_or_released_handles_is_bad_handle(guest) -> None
     close_all(fds)
     handle = outs[0].handle
     assert await raw_unmap(b.hypercalls, [12345, handle, handle]) == [
-        S.bad_handle, S.okay, S.bad_handle]
+        S.bad_handle,
+        S.okay,
+        S.bad_handle,
+    ]
     assert await raw_unmap(a.hypercalls, [handle]) == [S.bad_handle]  # handles are per mapper
 
 
 async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
-        hv: Hypervisor, guest) -> None:
+    hv: Hypervisor, guest
+) -> None:
     a, b = await guest(), await guest()
     a.write(a.page(0), b"page zero")
     a.write(a.page(1), b"page one")
     good = [a.grants.grant_access(b.domid, a.page(0)), a.grants.grant_access(b.domid, a.page(1))]
     ro = a.grants.grant_access(b.domid, a.page(2), readonly=True)
-    ops = [map_op(a.domid, good[0]), map_op(a.domid, 100), map_op(a.domid, ro),
-           map_op(a.domid, good[1]), map_op(a.domid, 4096), map_op(99, 8)]
+    ops = [
+        map_op(a.domid, good[0]),
+        map_op(a.domid, 100),
+        map_op(a.domid, ro),
+        map_op(a.domid, good[1]),
+        map_op(a.domid, 4096),
+        map_op(99, 8),
+    ]
     outs, fds = await raw_map(b.hypercalls, ops)
-    assert [out.status for out in outs] == [S.okay, S.general_error, S.general_error, S.okay,
-                                            S.bad_gntref, S.bad_domain]
+    assert [out.status for out in outs] == [
+        S.okay,
+        S.general_error,
+        S.general_error,
+        S.okay,
+        S.bad_gntref,
+        S.bad_domain,
+    ]
     assert len(fds) == 2  # each good element's page, in order
     region = hv.domains[a.domid].grant_table.region
-    assert [outs[0].dev_bus_addr, outs[3].dev_bus_addr] == [machine_address(region, a.page(0)),
-                                                            machine_address(region, a.page(1))]
+    assert [outs[0].dev_bus_addr, outs[3].dev_bus_addr] == [
+        machine_address(region, a.page(0)),
+        machine_address(region, a.page(1)),
+    ]
     assert entry(hv, a.domid, ro).flags == GTF_permit_access | GTF_readonly
     assert len(hv.domains[b.domid].maptrack.entries) == 2
     view = memoryview(mmap.mmap(fds[1], 4096))
@@ -396,8 +427,9 @@ async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
         a.grants.end_access(ref)
 
 
-async def test_each_mapped_page_comes_as_a_file_of_its_own(hv: Hypervisor, guest,
-                                                           connect: DomainConnector) -> None:
+async def test_each_mapped_page_comes_as_a_file_of_its_own(
+    hv: Hypervisor, guest, connect: DomainConnector
+) -> None:
     """One file per element, whatever the socket: the page, and nothing else of the granter."""
     a, b = await guest(), await guest()
     ref = a.grants.grant_access(b.domid, a.page(0))
@@ -416,7 +448,8 @@ async def test_each_mapped_page_comes_as_a_file_of_its_own(hv: Hypervisor, guest
 
 
 async def test_a_reply_carries_at_most_max_fds_files_and_the_rest_is_eagain(
-        hv: Hypervisor, guest) -> None:
+    hv: Hypervisor, guest
+) -> None:
     a, b = await guest(), await guest()
     refs = [a.grants.grant_access(b.domid, a.page(i % 8)) for i in range(MAX_FDS + 1)]
     ops = [map_op(a.domid, ref) for ref in refs]
@@ -442,8 +475,10 @@ async def test_pins_and_handles_have_xen_s_limits(hv: Hypervisor, guest, monkeyp
     outs, fds = await raw_map(b.hypercalls, [read_only] * (PIN_LIMIT + 1))
     close_all(fds)
     assert [out.status for out in outs] == [S.okay] * PIN_LIMIT + [S.general_error]
-    assert await raw_unmap(b.hypercalls, [out.handle for out in outs[:PIN_LIMIT]]) == [
-        S.okay] * PIN_LIMIT
+    assert (
+        await raw_unmap(b.hypercalls, [out.handle for out in outs[:PIN_LIMIT]])
+        == [S.okay] * PIN_LIMIT
+    )
     a.grants.end_access(ref)
 
     monkeypatch.setattr(hypervisor_grant_table, "MAPTRACK_LIMIT", 2)
@@ -461,8 +496,9 @@ async def test_a_pinned_grant_keeps_its_frame_and_its_mapper(hv: Hypervisor, gue
     a.write(a.page(0), b"granted")
     ref = a.grants.grant_access(b.domid, a.page(0))
     first = await b.grants.map(a.domid, [ref])
-    a.write(a.domain.layout.grant_table_gfn, struct.pack("<HI", c.domid, a.page(1)),
-            offset=ref * 8 + 2)
+    a.write(
+        a.domain.layout.grant_table_gfn, struct.pack("<HI", c.domid, a.page(1)), offset=ref * 8 + 2
+    )
     with pytest.raises(GrantStatusError, match="GNTST_general_error"):
         await c.grants.map(a.domid, [ref])
     second = await b.grants.map(a.domid, [ref])
@@ -488,36 +524,51 @@ async def test_grant_copy_both_ways_and_its_checks(hv: Hypervisor, guest) -> Non
     readonly = a.grants.grant_access(b.domid, a.page(1), readonly=True)
     b.write(b.page(3), b"from the copier")
 
-    await b.grants.copy([
-        GrantCopy(GrantRef(a.domid, writable, 100), LocalFrame(b.page(4), 10), 16),
-        GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, writable, 4000), 15),
-    ])
+    await b.grants.copy(
+        [
+            GrantCopy(GrantRef(a.domid, writable, 100), LocalFrame(b.page(4), 10), 16),
+            GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, writable, 4000), 15),
+        ]
+    )
     assert b.read(b.page(4), 16, offset=10) == b"from the granter"
     assert a.read(a.page(0), 15, offset=4000) == b"from the copier"
     assert entry(hv, a.domid, writable).flags == GTF_permit_access  # pins end with the copy
 
     with pytest.raises(GrantStatusError) as info:
-        await b.grants.copy([
-            GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, writable, 4090), 7),
-            GrantCopy(LocalFrame(b.page(3), 4095), LocalFrame(b.page(4)), 2),
-            GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, readonly), 4),
-            GrantCopy(GrantRef(a.domid, readonly), LocalFrame(b.page(4)), 4),
-            GrantCopy(GrantRef(a.domid, 2048), LocalFrame(b.page(4)), 4),
-            GrantCopy(LocalFrame(10_000), LocalFrame(b.page(4)), 4),
-            GrantCopy(GrantRef(88, writable), LocalFrame(b.page(4)), 4),
-        ])
-    assert info.value.statuses == [S.bad_copy_arg, S.bad_copy_arg, S.general_error, S.okay,
-                                   S.bad_gntref, S.bad_page, S.bad_domain]
+        await b.grants.copy(
+            [
+                GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, writable, 4090), 7),
+                GrantCopy(LocalFrame(b.page(3), 4095), LocalFrame(b.page(4)), 2),
+                GrantCopy(LocalFrame(b.page(3)), GrantRef(a.domid, readonly), 4),
+                GrantCopy(GrantRef(a.domid, readonly), LocalFrame(b.page(4)), 4),
+                GrantCopy(GrantRef(a.domid, 2048), LocalFrame(b.page(4)), 4),
+                GrantCopy(LocalFrame(10_000), LocalFrame(b.page(4)), 4),
+                GrantCopy(GrantRef(88, writable), LocalFrame(b.page(4)), 4),
+            ]
+        )
+    assert info.value.statuses == [
+        S.bad_copy_arg,
+        S.bad_copy_arg,
+        S.general_error,
+        S.okay,
+        S.bad_gntref,
+        S.bad_page,
+        S.bad_domain,
+    ]
     assert "copy 0 (7 bytes): GNTST_bad_copy_arg (copy arguments cross page boundary)" in str(
-        info.value)
+        info.value
+    )
     assert entry(hv, a.domid, readonly).flags == GTF_permit_access | GTF_readonly
 
 
 async def test_only_domid_self_may_copy_by_frame(guest) -> None:
     a, b = await guest(), await guest()
     op = COPY.record()
-    op = op._replace(source=op.source._replace(u=a.page(0), domid=a.domid),
-                     dest=op.dest._replace(u=b.page(0), domid=DOMID_SELF), len=4)
+    op = op._replace(
+        source=op.source._replace(u=a.page(0), domid=a.domid),
+        dest=op.dest._replace(u=b.page(0), domid=DOMID_SELF),
+        len=4,
+    )
     done = await b.hypercalls.call(GNTTAB_OP, GnttabOp.copy, COPY.pack(op), 1)
     assert COPY.unpack(done.payload).status == S.permission_denied
 
@@ -538,7 +589,8 @@ async def test_query_size_and_setup_table(hv: Hypervisor, guest) -> None:
         await dom0.grants.query_size(55)
     assert await dom0.grants.query_size(b.domid) == (4, 4)
     assert await dom0.grants.setup_table(2, domid=b.domid) == list(
-        b.domain.layout.grant_table_gfns[:2])
+        b.domain.layout.grant_table_gfns[:2]
+    )
 
 
 # --- domains that go away -------------------------------------------------------------------
@@ -629,8 +681,11 @@ async def boot_scripted(xc: XenControl, domid: int, kernel: str, cmdline: str) -
     await xc.set_max_mem(domid, 4096)
     port = await xc.alloc_unbound(domid, remote_dom=0)
     _, _, fds = await xc.hypercalls.call_struct(
-        Hypercall.event_channel_op, EvtchnOp.bind_interdomain, evtchn_bind_interdomain,
-        BIND.record(remote_dom=domid, remote_port=port))
+        Hypercall.event_channel_op,
+        EvtchnOp.bind_interdomain,
+        evtchn_bind_interdomain,
+        BIND.record(remote_dom=domid, remote_port=port),
+    )
     os.close(fds[0])  # Dom0's own end: the test never waits on it
     await xc.build(domid, kernel, cmdline=f"{cmdline} step={port}")
     await xc.unpause(domid)
@@ -642,17 +697,28 @@ async def pair(xc: XenControl):
     """A granter guest and a mapper guest: `await pair(granter_args, mapper_script)`."""
     guests: list[Scripted] = []
 
-    async def start(granter_args: str, granter_script: str, mapper_script: str,
-                    mapper_args: str = "", mapper_kernel: str = "mapper"
-                    ) -> tuple[Scripted, Scripted, list[int]]:
+    async def start(
+        granter_args: str,
+        granter_script: str,
+        mapper_script: str,
+        mapper_args: str = "",
+        mapper_kernel: str = "mapper",
+    ) -> tuple[Scripted, Scripted, list[int]]:
         granter_id, mapper_id = await xc.createdomain(), await xc.createdomain()
-        granter = await boot_scripted(xc, granter_id, "tests.kernels:granter",
-                                      f"peer={mapper_id} {granter_args} script={granter_script}")
+        granter = await boot_scripted(
+            xc,
+            granter_id,
+            "tests.kernels:granter",
+            f"peer={mapper_id} {granter_args} script={granter_script}",
+        )
         log = await wait_for_log(xc, f"(d{granter_id}) granted refs=")
         refs = re.search(rf"\(d{granter_id}\) granted refs=([\d,]+)", log).group(1)
-        mapper = await boot_scripted(xc, mapper_id, f"tests.kernels:{mapper_kernel}",
-                                     f"peer={granter_id} refs={refs} {mapper_args} "
-                                     f"script={mapper_script}")
+        mapper = await boot_scripted(
+            xc,
+            mapper_id,
+            f"tests.kernels:{mapper_kernel}",
+            f"peer={granter_id} refs={refs} {mapper_args} script={mapper_script}",
+        )
         guests.extend((granter, mapper))
         return granter, mapper, [int(ref) for ref in refs.split(",")]
 
@@ -674,8 +740,9 @@ async def test_two_guests_share_pages(hv: Hypervisor, pair) -> None:
 
 
 async def test_a_read_only_grant_between_guests(pair) -> None:
-    granter, mapper, _ = await pair("pages=1 readonly=1", "end", "map,map,write,unmap,unmap",
-                                    mapper_args="readonly=1")
+    granter, mapper, _ = await pair(
+        "pages=1 readonly=1", "end", "map,map,write,unmap,unmap", mapper_args="readonly=1"
+    )
     assert await mapper.step("map") == f"d{granter.domid} page 0"
     assert await mapper.step("map") == f"d{granter.domid} page 0"
     assert (await mapper.step("write")).startswith("TypeError")
@@ -684,15 +751,22 @@ async def test_a_read_only_grant_between_guests(pair) -> None:
 
 
 async def test_a_hostile_mapper_reaches_the_read_only_page_alone_and_only_while_granted(
-        pair) -> None:
+    pair,
+) -> None:
     """Containment: the file a read-only map hands over is that one page, read-only;
     once unmapped and ended, what the thief kept no longer follows the page."""
-    granter, thief, refs = await pair("pages=1 readonly=1", "read,end,rewrite,read",
-                                      "steal,unmap,peek,scribble",
-                                      mapper_args="readonly=1", mapper_kernel="grant_thief")
+    granter, thief, refs = await pair(
+        "pages=1 readonly=1",
+        "read,end,rewrite,read",
+        "steal,unmap,peek,scribble",
+        mapper_args="readonly=1",
+        mapper_kernel="grant_thief",
+    )
     stolen = await thief.step("steal")
-    assert stolen == (f"files=1 sizes=[4096] writable_map=EACCES pwrite=EBADF beyond=0 "
-                      f"page=d{granter.domid} page 0"), stolen
+    assert stolen == (
+        f"files=1 sizes=[4096] writable_map=EACCES pwrite=EBADF beyond=0 "
+        f"page=d{granter.domid} page 0"
+    ), stolen
     assert await granter.step("read") == f"d{granter.domid} page 0"  # the write never landed
     assert await thief.step("unmap") == "0"
     assert await granter.step("end") == f"{refs[0]} ended"
@@ -703,23 +777,26 @@ async def test_a_hostile_mapper_reaches_the_read_only_page_alone_and_only_while_
 
 
 async def test_a_writable_grant_kept_past_its_end_reaches_a_copy_of_the_past(pair) -> None:
-    granter, thief, refs = await pair("pages=2", "end,rewrite,read",
-                                      "steal,unmap,scribble,peek",
-                                      mapper_kernel="grant_thief")
+    granter, thief, refs = await pair(
+        "pages=2", "end,rewrite,read", "steal,unmap,scribble,peek", mapper_kernel="grant_thief"
+    )
     stolen = await thief.step("steal")
-    assert stolen.startswith("files=2 sizes=[4096] writable_map=allowed pwrite=allowed beyond=0"), \
+    assert stolen.startswith("files=2 sizes=[4096] writable_map=allowed pwrite=allowed beyond=0"), (
         stolen
+    )
     assert await thief.step("unmap") == "0,0"
     assert await granter.step("end") == f"{refs[0]} ended, {refs[1]} ended"
     assert await granter.step("rewrite") == "ok"
     assert await thief.step("scribble") == "allowed | allowed"
-    assert await granter.step("read") == (f"d{granter.domid} page 0 rewritten | "
-                                          f"d{granter.domid} page 1 rewritten")
+    assert await granter.step("read") == (
+        f"d{granter.domid} page 0 rewritten | d{granter.domid} page 1 rewritten"
+    )
     assert "rewritten" not in await thief.step("peek")
 
 
 async def test_a_guest_that_abuses_its_frame_channel_harms_only_itself(
-        hv: Hypervisor, xc: XenControl) -> None:
+    hv: Hypervisor, xc: XenControl
+) -> None:
     """A file it truncates, one for its grant table, a malformed message, more files
     than allowed: each is refused (in the rate-limited log), the hypervisor never
     maps what could fault under it, and holds at most MAX_FRAME_FILES of its fds."""
@@ -739,8 +816,9 @@ async def test_a_guest_that_abuses_its_frame_channel_harms_only_itself(
     await xc.destroy(domid)
 
 
-async def test_a_killed_mapper_s_mappings_are_released(hv: Hypervisor, xc: XenControl,
-                                                      pair) -> None:
+async def test_a_killed_mapper_s_mappings_are_released(
+    hv: Hypervisor, xc: XenControl, pair
+) -> None:
     granter, mapper, _ = await pair("pages=1", "end,end", "map,unmap")
     await mapper.step("map")
     assert await granter.step("end") == "8 in use"
@@ -762,8 +840,9 @@ def memfds_of(pid: int, domid: int) -> int:
     return count
 
 
-async def test_a_mapper_keeps_reading_after_its_granter_dies(hv: Hypervisor, xc: XenControl,
-                                                            pair) -> None:
+async def test_a_mapper_keeps_reading_after_its_granter_dies(
+    hv: Hypervisor, xc: XenControl, pair
+) -> None:
     granter, mapper, _ = await pair("pages=2", "read", "map,read,map,unmap")
     await mapper.step("map")
     pid = hv.domains[mapper.domid].process.pid

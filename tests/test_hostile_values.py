@@ -49,11 +49,21 @@ def test_impossible_values_close_their_device_and_nothing_else(tmp_path: Path) -
     topology.write_text(TOPOLOGY)
     trace = tmp_path / "trace.xlt"
     try:
-        xenlike("up", str(topology), "--detach", "--timeout", "10", "--trace", str(trace),
-                run_dir=run_dir, check=False)
+        xenlike(
+            "up",
+            str(topology),
+            "--detach",
+            "--timeout",
+            "10",
+            "--trace",
+            str(trace),
+            run_dir=run_dir,
+            check=False,
+        )
         console = run_dir / "console" / "evil.log"
-        wait_for(lambda: "hostile done" in console.read_text(), timeout=90,
-                 what="the hostile program")
+        wait_for(
+            lambda: "hostile done" in console.read_text(), timeout=90, what="the hostile program"
+        )
         text = console.read_text()
         assert "hostile 0: back end state 2" in text, text  # still waiting, unharmed
         for devid, pattern in EXPECTED.items():
@@ -64,8 +74,8 @@ def test_impossible_values_close_their_device_and_nothing_else(tmp_path: Path) -
         report = json.loads(xenlike("devices", "--json", run_dir=run_dir).stdout)
         good = [d for d in report if d["domain"] == "good"]
         assert len(good) == 2 and all(
-            (d["frontend_state"], d["backend_state"]) == ("Connected", "Connected")
-            for d in good), good
+            (d["frontend_state"], d["backend_state"]) == ("Connected", "Connected") for d in good
+        ), good
         rows = json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
         assert [r["name"] for r in rows] == ["Domain-0", "good", "evil"]
         assert "Traceback" not in (run_dir / "domains" / "0.log").read_text()

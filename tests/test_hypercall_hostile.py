@@ -64,7 +64,7 @@ async def healthy(hv: Hypervisor) -> None:
 
 def reported(log: str, tag: str) -> dict[str, str]:
     """The `tag k=v ...` line a test kernel wrote to the log."""
-    line = log[log.index(f") {tag} ") + len(tag) + 3:].split("\n", 1)[0]
+    line = log[log.index(f") {tag} ") + len(tag) + 3 :].split("\n", 1)[0]
     return dict(word.split("=", 1) for word in line.split())
 
 
@@ -76,8 +76,9 @@ async def errno_of(call: object) -> Errno:
 
 async def status(xc: XenControl, domid: int, port: int) -> tuple[EvtchnStat, int]:
     """EVTCHNOP_status as Dom0 asks it: the state, and the domain at the other end."""
-    _, out, _ = await xc.hypercalls.call_struct(EVTCHN_OP, EvtchnOp.status, evtchn_status,
-                                                STATUS.record(dom=domid, port=port))
+    _, out, _ = await xc.hypercalls.call_struct(
+        EVTCHN_OP, EvtchnOp.status, evtchn_status, STATUS.record(dom=domid, port=port)
+    )
     return EvtchnStat(out.status), int.from_bytes(out.u[:2], "little")
 
 
@@ -106,16 +107,18 @@ class RawClient:
     async def exchange(self, message: bytes, fds: tuple[int, ...] = ()) -> Reply:
         await self.sock.sendmsg([message], fds_ancillary(fds))
         with trio.fail_after(5):
-            data, ancdata, _, _ = await self.sock.recvmsg(HYPERCALL_MAX_MESSAGE + 1,
-                                                          ANCILLARY_SPACE)
+            data, ancdata, _, _ = await self.sock.recvmsg(
+                HYPERCALL_MAX_MESSAGE + 1, ANCILLARY_SPACE
+            )
         return Reply.decode(data, fds_received(ancdata))
 
     def close(self) -> None:
         self.sock.close()
 
 
-def request(op: int, cmd: int, payload: bytes = b"", count: int | None = None,
-            seq: int = 7) -> bytes:
+def request(
+    op: int, cmd: int, payload: bytes = b"", count: int | None = None, seq: int = 7
+) -> bytes:
     return Request(seq, op, cmd, len(payload) if count is None else count, payload).encode()
 
 
@@ -140,21 +143,26 @@ async def test_garbage_frames_get_errors_with_the_callers_sequence_number(hv: Hy
     rng = random.Random(1)
     for seq in range(500):
         noise = rng.randbytes(rng.randrange(0, 300))
-        reply = await raw.exchange(request(rng.randrange(56, 2**32), rng.randrange(2**32), noise,
-                                           rng.randrange(2**32), seq))
+        reply = await raw.exchange(
+            request(
+                rng.randrange(56, 2**32), rng.randrange(2**32), noise, rng.randrange(2**32), seq
+            )
+        )
         assert (reply.seq, reply.result) == (seq, -Errno.ENOSYS)
     raw.close()
     await healthy(hv)
 
 
 async def test_messages_over_64k_are_refused_and_the_limit_itself_is_read_whole(
-        hv: Hypervisor) -> None:
+    hv: Hypervisor,
+) -> None:
     raw = await RawClient.connect(hv)
     for size in (HYPERCALL_MAX_MESSAGE + 1, 128 * 1024):
         reply = await raw.exchange(b"\0" * size)
         assert reply.result == -Errno.E2BIG
-    at_limit = request(Hypercall.xen_version, XenVerOp.version,
-                       b"\0" * (HYPERCALL_MAX_MESSAGE - 16))
+    at_limit = request(
+        Hypercall.xen_version, XenVerOp.version, b"\0" * (HYPERCALL_MAX_MESSAGE - 16)
+    )
     assert len(at_limit) == HYPERCALL_MAX_MESSAGE
     reply = await raw.exchange(at_limit)
     assert (reply.seq, reply.result) == (7, -Errno.EINVAL)  # xen_version takes no arguments
@@ -169,8 +177,9 @@ async def test_descriptors_sent_to_the_hypervisor_are_closed(hv: Hypervisor) -> 
     raw = await RawClient.connect(hv)
     read_end, write_end = os.pipe()
     for count in (3, 20):  # 20 is more than a reply's ancillary space: the kernel drops the rest
-        reply = await raw.exchange(request(Hypercall.xen_version, XenVerOp.version),
-                                   (write_end,) * count)
+        reply = await raw.exchange(
+            request(Hypercall.xen_version, XenVerOp.version), (write_end,) * count
+        )
         assert reply.result == VERSION and reply.fds == ()
     os.close(write_end)
     assert os.read(read_end, 1) == b""
@@ -221,9 +230,17 @@ async def test_wrong_domids_from_dom0(hv: Hypervisor, xc: XenControl) -> None:
     assert await errno_of(xc.destroy(0)) == Errno.EPERM
     bind = codec_for(evtchn_bind_interdomain)
     for remote in (missing, DOMID_INVALID):
-        assert await errno_of(xc.hypercalls.call_struct(
-            EVTCHN_OP, EvtchnOp.bind_interdomain, evtchn_bind_interdomain,
-            bind.record(remote_dom=remote, remote_port=1))) == Errno.ESRCH
+        assert (
+            await errno_of(
+                xc.hypercalls.call_struct(
+                    EVTCHN_OP,
+                    EvtchnOp.bind_interdomain,
+                    evtchn_bind_interdomain,
+                    bind.record(remote_dom=remote, remote_port=1),
+                )
+            )
+            == Errno.ESRCH
+        )
     await healthy(hv)
 
 
@@ -243,7 +260,7 @@ async def test_a_domu_calling_dom0_hypercalls_gets_eperm(hv: Hypervisor, xc: Xen
 
 
 async def test_event_channel_abuse_gets_xens_errnos(hv: Hypervisor, xc: XenControl) -> None:
-    dead = (await xc.createdomain())
+    dead = await xc.createdomain()
     await xc.destroy(dead)
     other = await xc.create_domain("tests.kernels:sleeper", memory_mb=4)
     offered = await xc.alloc_unbound(other, remote_dom=0)  # offered to Dom0, not to the abuser
@@ -272,8 +289,14 @@ async def test_event_channel_abuse_gets_xens_errnos(hv: Hypervisor, xc: XenContr
 async def test_ten_thousand_event_channels_end_in_enospc(hv: Hypervisor, xc: XenControl) -> None:
     domid = await boot(xc, "port_flood", "count=10000")
     results = reported(await wait_for_log(xc, ") flood ", timeout=60), "flood")
-    assert results == {"ok": "1023", "highest": "1023", "ENOSPC": "8977", "freed": "512",
-                       "again": "512", "version": str(VERSION)}
+    assert results == {
+        "ok": "1023",
+        "highest": "1023",
+        "ENOSPC": "8977",
+        "freed": "512",
+        "again": "512",
+        "version": str(VERSION),
+    }
     assert len(hv.domains[domid].evtchn.ports) == 1023
     # Nothing else is short of ports: Dom0 still makes them, also for the flooder.
     assert await xc.alloc_unbound(0, remote_dom=domid) > 0
@@ -319,10 +342,14 @@ async def test_fuzzed_hypercalls_from_a_guest(hv: Hypervisor, xc: XenControl) ->
 
 
 async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
-        hv: Hypervisor, xc: XenControl) -> None:
+    hv: Hypervisor, xc: XenControl
+) -> None:
     _, _, fds = await xc.hypercalls.call_struct(
-        EVTCHN_OP, EvtchnOp.bind_virq, evtchn_bind_virq,
-        codec_for(evtchn_bind_virq).record(virq=Virq.DOM_EXC, vcpu=0))
+        EVTCHN_OP,
+        EvtchnOp.bind_virq,
+        evtchn_bind_virq,
+        codec_for(evtchn_bind_virq).record(virq=Virq.DOM_EXC, vcpu=0),
+    )
     dom_exc = fds[0]  # Dom0's VIRQ_DOM_EXC port, as a Dom0 kernel would wait on it
     victim = await xc.createdomain()
     peer = victim + 1
@@ -349,10 +376,17 @@ async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
     assert domain.memory is not None and domain.memory.closed
     # A dead domain takes no new ports and no bindings (Xen: -EINVAL for a dying domain).
     assert await errno_of(xc.alloc_unbound(victim, 0)) == Errno.EINVAL
-    assert await errno_of(xc.hypercalls.call_struct(
-        EVTCHN_OP, EvtchnOp.bind_interdomain, evtchn_bind_interdomain,
-        codec_for(evtchn_bind_interdomain).record(remote_dom=victim, remote_port=port))) \
+    assert (
+        await errno_of(
+            xc.hypercalls.call_struct(
+                EVTCHN_OP,
+                EvtchnOp.bind_interdomain,
+                evtchn_bind_interdomain,
+                codec_for(evtchn_bind_interdomain).record(remote_dom=victim, remote_port=port),
+            )
+        )
         == Errno.EINVAL
+    )
     assert await memory_op.populate_physmap(xc.hypercalls, [100], domid=victim) == 0
     assert await memory_op.current_reservation(xc.hypercalls, victim) == PAGES - 32
 
@@ -366,8 +400,9 @@ async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
 
     # The same domid again, as a toolstack may ask for it: nothing carries over.
     config = codec_for(xen_domctl_createdomain).record(max_vcpus=1)
-    again, _ = await xc.hypercalls.domctl(DomctlOp.createdomain, victim, xen_domctl_createdomain,
-                                          config)
+    again, _ = await xc.hypercalls.domctl(
+        DomctlOp.createdomain, victim, xen_domctl_createdomain, config
+    )
     assert again == victim
     await xc.set_max_mem(victim, PAGES * 4)
     await xc.build(victim, "tests.kernels:hello")
@@ -389,7 +424,8 @@ async def test_a_killed_guest_is_reaped_and_its_successor_inherits_nothing(
 
 
 async def test_many_tasks_calling_at_once_each_get_their_own_reply(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     client = await connect(hv.create_domain())
 
     async def caller(index: int) -> None:
@@ -405,7 +441,8 @@ async def test_many_tasks_calling_at_once_each_get_their_own_reply(
 
 
 async def test_notifications_are_routed_whether_or_not_a_call_is_reading(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     got: list[int] = []
     client = await connect(hv.domains[0])  # Dom0's connections hear Dom0's notifications
     client.on_notification = lambda reply: got.append(struct.unpack("<I", reply.payload)[0])
@@ -422,8 +459,9 @@ async def test_notifications_are_routed_whether_or_not_a_call_is_reading(
     assert got == list(range(1, 50))
 
 
-async def test_cancelled_calls_leave_the_client_in_step(hv: Hypervisor,
-                                                        connect: DomainConnector) -> None:
+async def test_cancelled_calls_leave_the_client_in_step(
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     client = await connect(hv.create_domain())
 
     async def write(text: bytes) -> int:
@@ -443,7 +481,8 @@ async def test_cancelled_calls_leave_the_client_in_step(hv: Hypervisor,
 
 
 async def test_calls_end_with_connection_reset_when_the_hypervisor_goes(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     domain = hv.create_domain()
     client = await connect(domain)
     assert (await client.call(Hypercall.xen_version, XenVerOp.version)).result == VERSION
@@ -455,7 +494,8 @@ async def test_calls_end_with_connection_reset_when_the_hypervisor_goes(
 
 
 async def test_a_host_out_of_descriptors_fails_a_port_with_enomem(
-        hv: Hypervisor, xc: XenControl, monkeypatch: pytest.MonkeyPatch) -> None:
+    hv: Hypervisor, xc: XenControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_more(*_: object) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 

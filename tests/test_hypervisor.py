@@ -56,8 +56,9 @@ async def test_event_channel_ping_pong_between_two_guests(xc: XenControl) -> Non
     await xc.set_max_mem(ping, 4096)
     port = await xc.alloc_unbound(ping, remote_dom=ping + 1)  # as libxl does for the store port
     await xc.build(ping, "tests.kernels:ping", cmdline=f"port={port} rounds={rounds}")
-    pong = await xc.create_domain("tests.kernels:pong", memory_mb=4,
-                                  cmdline=f"peer={ping} port={port} rounds={rounds}")
+    pong = await xc.create_domain(
+        "tests.kernels:pong", memory_mb=4, cmdline=f"peer={ping} port={port} rounds={rounds}"
+    )
     assert pong == ping + 1
     await xc.unpause(ping)
     await xc.unpause(pong)
@@ -85,7 +86,8 @@ async def test_list_and_physinfo(xc: XenControl) -> None:
 
 
 async def test_the_hypervisor_takes_the_fds_it_holds_and_domains_keep_the_usual_limit(
-        hv: Hypervisor, xc: XenControl) -> None:
+    hv: Hypervisor, xc: XenControl
+) -> None:
     """A file per granted frame of every domain is held in the hypervisor, so it takes
     all the kernel allows (as root); a domain's process gets the limit it started with."""
     domid = await xc.create_domain("tests.kernels:sleeper", memory_mb=4)

@@ -52,8 +52,11 @@ def test_a_flooding_guest_costs_bounded_disk_and_the_topology_answers(tmp_path: 
             assert {d["name"] for d in topo.domains()} == {"Domain-0", "quiet", "flood"}
             slowest = max(slowest, time.monotonic() - start)
         assert slowest < 10, f"`xenlike list` took {slowest:.1f} s during the flood"
-        done = re.search(r"flood done: \{'console_bytes': (\d+), 'console_io': (\d+), "
-                         r"'refused': (\d+), 'stdout_bytes': (\d+)\}", topo.console("flood"))
+        done = re.search(
+            r"flood done: \{'console_bytes': (\d+), 'console_io': (\d+), "
+            r"'refused': (\d+), 'stdout_bytes': (\d+)\}",
+            topo.console("flood"),
+        )
         assert done is not None, topo.console("flood")
         console_bytes, console_io, refused, stdout_bytes = map(int, done.groups())
         assert console_io > 100 and refused > 100, done[0]
@@ -71,8 +74,9 @@ def test_a_flooding_guest_costs_bounded_disk_and_the_topology_answers(tmp_path: 
         assert size(log) + size(Path(f"{log}.1")) <= 2 * LOG_FILE_MAX
         dmesg = topo.xenlike("dmesg").stdout
         ours = [line for line in dmesg.splitlines() if f"(d{flood}) " in line]
-        suppressed = sum(int(n) for n in re.findall(
-            rf"\(d{flood}\) printk: (\d+) messages suppressed", dmesg))
+        suppressed = sum(
+            int(n) for n in re.findall(rf"\(d{flood}\) printk: (\d+) messages suppressed", dmesg)
+        )
         # Two buckets (console, refusals) of 10, then one line each per 5 s for the flood.
         flood_lines = [line for line in ours if "flood x" in line or "map of d0" in line]
         assert len(flood_lines) <= 2 * (PRINTK_RATELIMIT_BURST + 3), flood_lines[-5:]

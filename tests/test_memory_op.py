@@ -24,7 +24,7 @@ from xenlike.abi.xen import DOMID_SELF, Hypercall
 from xenlike.domain import memory_op
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import HypercallError
-from xenlike.hypervisor import HypervisorDomain, Hypervisor
+from xenlike.hypervisor import Hypervisor, HypervisorDomain
 from xenlike.hypervisor.memory_op import EXTENT_LIST, RESERVATION
 from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.xc import XenControl
@@ -59,23 +59,37 @@ def is_zero(domain: HypervisorDomain, gfn: int) -> bool:
         return page == bytes(XEN_PAGE_SIZE)
 
 
-async def raw(client: HypercallClient, cmd: XenMemOp, frames: list[int], *,
-              extent_start: int = EXTENT_LIST, order: int = 0, flags: int = 0,
-              domid: int = DOMID_SELF, nr_extents: int | None = None) -> int:
+async def raw(
+    client: HypercallClient,
+    cmd: XenMemOp,
+    frames: list[int],
+    *,
+    extent_start: int = EXTENT_LIST,
+    order: int = 0,
+    flags: int = 0,
+    domid: int = DOMID_SELF,
+    nr_extents: int | None = None,
+) -> int:
     """One reservation op with every field and the array under the test's control."""
-    head = RESERVATION.record(extent_start=extent_start,
-                              nr_extents=len(frames) if nr_extents is None else nr_extents,
-                              extent_order=order, mem_flags=flags, domid=domid)
-    return await raw_bytes(client, cmd,
-                           RESERVATION.pack(head) + struct.pack(f"<{len(frames)}Q", *frames))
+    head = RESERVATION.record(
+        extent_start=extent_start,
+        nr_extents=len(frames) if nr_extents is None else nr_extents,
+        extent_order=order,
+        mem_flags=flags,
+        domid=domid,
+    )
+    return await raw_bytes(
+        client, cmd, RESERVATION.pack(head) + struct.pack(f"<{len(frames)}Q", *frames)
+    )
 
 
 async def raw_bytes(client: HypercallClient, cmd: XenMemOp, payload: bytes) -> int:
     return (await client.call(Hypercall.memory_op, cmd, payload)).result
 
 
-async def test_a_built_domain_holds_every_frame(hv: Hypervisor, xc: XenControl,
-                                                connect: DomainConnector) -> None:
+async def test_a_built_domain_holds_every_frame(
+    hv: Hypervisor, xc: XenControl, connect: DomainConnector
+) -> None:
     domain = built(hv)
     guest = await connect(domain)
     assert await memory_op.current_reservation(guest) == PAGES
@@ -84,8 +98,9 @@ async def test_a_built_domain_holds_every_frame(hv: Hypervisor, xc: XenControl,
     assert (await xc.domain_info(domain.domid)).tot_pages == PAGES
 
 
-async def test_decrease_hands_memory_back_to_the_host(hv: Hypervisor, xc: XenControl,
-                                                      connect: DomainConnector) -> None:
+async def test_decrease_hands_memory_back_to_the_host(
+    hv: Hypervisor, xc: XenControl, connect: DomainConnector
+) -> None:
     domain = built(hv)
     guest = await connect(domain)
     frames = list(range(100, 356))
@@ -100,7 +115,8 @@ async def test_decrease_hands_memory_back_to_the_host(hv: Hypervisor, xc: XenCon
 
 
 async def test_decrease_stops_at_the_first_frame_the_domain_does_not_hold(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     domain = built(hv)
     assert domain.layout is not None
     guest = await connect(domain)
@@ -112,7 +128,8 @@ async def test_decrease_stops_at_the_first_frame_the_domain_does_not_hold(
 
 
 async def test_an_extent_cut_short_keeps_the_pages_before_the_gap(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     """Xen removes an extent page by page and counts only whole extents."""
     domain = built(hv)
     guest = await connect(domain)
@@ -124,7 +141,8 @@ async def test_an_extent_cut_short_keeps_the_pages_before_the_gap(
 
 
 async def test_populate_brings_frames_back_zeroed_and_only_once(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     domain = built(hv)
     guest = await connect(domain)
     fill(domain, [300, 301, 302])
@@ -137,7 +155,8 @@ async def test_populate_brings_frames_back_zeroed_and_only_once(
 
 
 async def test_increase_chooses_the_lowest_free_frames_up_to_the_limit(
-        hv: Hypervisor, xc: XenControl, connect: DomainConnector) -> None:
+    hv: Hypervisor, xc: XenControl, connect: DomainConnector
+) -> None:
     domain = built(hv)
     guest = await connect(domain)
     assert await memory_op.increase_reservation(guest, 1) == []  # all populated
@@ -153,7 +172,8 @@ async def test_increase_chooses_the_lowest_free_frames_up_to_the_limit(
 
 
 async def test_increase_with_a_null_handle_reports_only_the_count(
-        hv: Hypervisor, connect: DomainConnector) -> None:
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     domain = built(hv)
     guest = await connect(domain)
     assert await memory_op.decrease_reservation(guest, [40, 41, 42]) == 3
@@ -161,8 +181,9 @@ async def test_increase_with_a_null_handle_reports_only_the_count(
     assert await memory_op.current_reservation(guest) == PAGES - 1
 
 
-async def test_lists_of_more_than_a_page_go_in_batches(hv: Hypervisor,
-                                                       connect: DomainConnector) -> None:
+async def test_lists_of_more_than_a_page_go_in_batches(
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     domain = built(hv, pages=4096)
     guest = await connect(domain)
     frames = list(range(1000, 2200))  # 1200 frames: three hypercalls of at most 512
@@ -171,11 +192,25 @@ async def test_lists_of_more_than_a_page_go_in_batches(hv: Hypervisor,
     assert await memory_op.current_reservation(guest) == 4096
 
 
-@pytest.mark.parametrize("case", ["garbage_handle", "short_array", "long_array", "no_array",
-                                  "order_10", "huge_order", "pod", "address_bits_12",
-                                  "exact_node_1", "short_struct", "huge_nr_extents"])
-async def test_bad_arguments_do_nothing_and_return_zero(hv: Hypervisor, connect: DomainConnector,
-                                                        case: str) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "garbage_handle",
+        "short_array",
+        "long_array",
+        "no_array",
+        "order_10",
+        "huge_order",
+        "pod",
+        "address_bits_12",
+        "exact_node_1",
+        "short_struct",
+        "huge_nr_extents",
+    ],
+)
+async def test_bad_arguments_do_nothing_and_return_zero(
+    hv: Hypervisor, connect: DomainConnector, case: str
+) -> None:
     """Xen returns `start_extent` (0) for these, never -errno."""
     domain = built(hv)
     guest = await connect(domain)
@@ -187,30 +222,36 @@ async def test_bad_arguments_do_nothing_and_return_zero(hv: Hypervisor, connect:
         "no_array": lambda: raw(guest, decrease, [], extent_start=0, nr_extents=1),
         "order_10": lambda: raw(guest, decrease, [0], order=10),  # DomU's memop-max-order is 9
         "huge_order": lambda: raw(guest, decrease, [100], order=2**32 - 1),
-        "pod": lambda: raw(guest, XenMemOp.populate_physmap, [100],
-                           flags=XENMEMF_populate_on_demand),
+        "pod": lambda: raw(
+            guest, XenMemOp.populate_physmap, [100], flags=XENMEMF_populate_on_demand
+        ),
         "address_bits_12": lambda: raw(guest, decrease, [100], flags=12),
-        "exact_node_1": lambda: raw(guest, decrease, [100],
-                                    flags=XENMEMF_node(1) | XENMEMF_exact_node_request),
+        "exact_node_1": lambda: raw(
+            guest, decrease, [100], flags=XENMEMF_node(1) | XENMEMF_exact_node_request
+        ),
         "short_struct": lambda: raw_bytes(guest, decrease, bytes(31)),
-        "huge_nr_extents": lambda: raw(guest, XenMemOp.increase_reservation, [], extent_start=0,
-                                       nr_extents=2**63),
+        "huge_nr_extents": lambda: raw(
+            guest, XenMemOp.increase_reservation, [], extent_start=0, nr_extents=2**63
+        ),
     }
     assert await calls[case]() == 0
     assert await memory_op.current_reservation(guest) == PAGES
 
 
-async def test_node_requests_the_host_can_meet_are_accepted(hv: Hypervisor,
-                                                           connect: DomainConnector) -> None:
+async def test_node_requests_the_host_can_meet_are_accepted(
+    hv: Hypervisor, connect: DomainConnector
+) -> None:
     guest = await connect(built(hv))
     decrease = XenMemOp.decrease_reservation
-    assert await raw(guest, decrease, [100],
-                     flags=XENMEMF_node(0) | XENMEMF_exact_node_request) == 1
+    assert (
+        await raw(guest, decrease, [100], flags=XENMEMF_node(0) | XENMEMF_exact_node_request) == 1
+    )
     assert await raw(guest, decrease, [101], flags=XENMEMF_node(3) | 32) == 1  # a preference
 
 
-async def test_only_dom0_acts_on_another_domain(hv: Hypervisor, xc: XenControl,
-                                                connect: DomainConnector) -> None:
+async def test_only_dom0_acts_on_another_domain(
+    hv: Hypervisor, xc: XenControl, connect: DomainConnector
+) -> None:
     victim, other = built(hv), built(hv)
     guest = await connect(other)
     # Reservation ops refuse by doing nothing; the stat ops say EPERM, after ESRCH.
@@ -227,13 +268,15 @@ async def test_only_dom0_acts_on_another_domain(hv: Hypervisor, xc: XenControl,
     assert await memory_op.decrease_reservation(guest, [100], domid=other.domid) == 1  # itself
     assert await memory_op.decrease_reservation(guest, [100], domid=4321) == 0
     # Dom0 balloons a guest from outside, as a toolstack may, with its larger max order.
-    assert await memory_op.decrease_reservation(xc.hypercalls, [512], order=9,
-                                                domid=victim.domid) == 1
+    assert (
+        await memory_op.decrease_reservation(xc.hypercalls, [512], order=9, domid=victim.domid) == 1
+    )
     assert await memory_op.current_reservation(xc.hypercalls, victim.domid) == PAGES - 512
 
 
-async def test_a_domain_without_memory_has_nothing_to_move(hv: Hypervisor, xc: XenControl,
-                                                            connect: DomainConnector) -> None:
+async def test_a_domain_without_memory_has_nothing_to_move(
+    hv: Hypervisor, xc: XenControl, connect: DomainConnector
+) -> None:
     unbuilt = hv.create_domain()
     guest = await connect(unbuilt)
     assert await memory_op.decrease_reservation(guest, [100]) == 0
@@ -249,15 +292,24 @@ async def test_a_guest_balloons_itself(hv: Hypervisor, xc: XenControl) -> None:
     domid = await xc.create_domain("tests.kernels:balloon", memory_mb=4, cmdline="out=64 hold=16")
     await xc.unpause(domid)
     log = await wait_for_log(xc, "balloon ")
-    line = log[log.index("balloon "):].split("\n", 1)[0]
+    line = log[log.index("balloon ") :].split("\n", 1)[0]
     result = dict(word.split("=", 1) for word in line.split()[1:])
     pages_out = 64 * XEN_PAGE_SIZE // 512
     assert result == {
-        "tot": str(PAGES), "max": str(PAGES), "blocks": result["blocks"],
-        "out": "64", "tot_out": str(PAGES - 64),
+        "tot": str(PAGES),
+        "max": str(PAGES),
+        "blocks": result["blocks"],
+        "out": "64",
+        "tot_out": str(PAGES - 64),
         "blocks_out": str(int(result["blocks"]) - pages_out),
-        "in": "32", "again": "0", "increased": "32", "increased_match": "True",
-        "tot_in": str(PAGES), "zeroed": "True", "held": "16", "tot_held": str(PAGES - 16),
+        "in": "32",
+        "again": "0",
+        "increased": "32",
+        "increased_match": "True",
+        "tot_in": str(PAGES),
+        "zeroed": "True",
+        "held": "16",
+        "tot_held": str(PAGES - 16),
     }
     assert (await xc.domain_info(domid)).tot_pages == PAGES - 16
     # The zero check touched all 64 frames again (shmem backs a page on its first touch,

@@ -10,9 +10,9 @@ from domains.dom0.hw import bridge as bridge_module
 from domains.dom0.hw.bridge import AGEING_TIME, Bridge
 from domains.dom0.hw.net import Network
 from domains.dom0.hw.nic import PcapNic, TapNic, TapUnavailable
-from xenlike.capture import NoSuchBridge, capture_bridge
-from xenlike.pcap import PcapError, PcapReader, file_header, read_records, record
 from xenlike.rundir import RunDir
+from xenlike.tools.capture import NoSuchBridge, capture_bridge
+from xenlike.tools.pcap import PcapError, PcapReader, file_header, read_records, record
 from xenlike.topology import parse_topology
 
 A, B, C = (bytes.fromhex(f"00163e00000{n}") for n in (1, 2, 3))
@@ -75,7 +75,8 @@ def test_a_vif_may_only_send_from_its_own_mac(switch) -> None:  # type: ignore[n
 
 
 def test_learned_addresses_age_out_and_leave_with_their_port(
-        switch, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    switch, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     bridge, a, b, up = switch
     bridge.forward(b, [(frame(BROADCAST, B), 0)])
     assert bridge.lookup(B) is b
@@ -123,9 +124,9 @@ def test_a_tap_that_cannot_be_made_says_why() -> None:
 
 
 async def test_capture_clients_get_a_pcap_stream_of_the_bridge(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
-    topology = parse_topology('[[domain]]\nname = "g"\nmemory = 16\n'
-                              'vif = ["bridge=xenbr1"]\n')
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    topology = parse_topology('[[domain]]\nname = "g"\nmemory = 16\nvif = ["bridge=xenbr1"]\n')
     network = Network.from_topology(topology, tmp_path)
     await nursery.start(network.run)
     assert sorted(network.bridges) == ["xenbr0", "xenbr1"]

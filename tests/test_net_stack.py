@@ -90,8 +90,9 @@ def make_pair(nursery: trio.Nursery, offload: bool) -> tuple[Interface, Interfac
 
 
 @pytest.fixture(params=[True, False], ids=["offload", "no-offload"])
-async def pair(request: pytest.FixtureRequest, nursery: trio.Nursery
-               ) -> tuple[Interface, Interface]:
+async def pair(
+    request: pytest.FixtureRequest, nursery: trio.Nursery
+) -> tuple[Interface, Interface]:
     """Two interfaces whose back ends offer checksum offload, or do not."""
     return make_pair(nursery, request.param)
 
@@ -110,15 +111,34 @@ def test_checksum_matches_rfc1071_word_by_word(data: bytes) -> None:
     assert checksum(data) == naive_checksum(data)
 
 
-@pytest.mark.parametrize(("layout", "fmt", "values"), [
-    (ethernet_header, ETHERNET, (b"\xff" * 6, b"\x00\x16\x3e\x00\x00\x01", 0x0806)),
-    (arp_packet, ARP, (1, 0x0800, 6, 4, 1, b"\x00\x16\x3e\x00\x00\x01", b"\x0a\0\0\x01",
-                       bytes(6), b"\x0a\0\0\x02")),
-    (ipv4_header, IPV4, (0x45, 0, 84, 7, 0x4000, 64, 1, 0x1234, b"\x0a\0\0\x01",
-                         b"\x0a\0\0\x02")),
-    (icmp_echo, ICMP_ECHO, (8, 0, 0xBEEF, 1, 2)),
-    (udp_header, UDP, (5000, 9000, 20, 0)),
-])
+@pytest.mark.parametrize(
+    ("layout", "fmt", "values"),
+    [
+        (ethernet_header, ETHERNET, (b"\xff" * 6, b"\x00\x16\x3e\x00\x00\x01", 0x0806)),
+        (
+            arp_packet,
+            ARP,
+            (
+                1,
+                0x0800,
+                6,
+                4,
+                1,
+                b"\x00\x16\x3e\x00\x00\x01",
+                b"\x0a\0\0\x01",
+                bytes(6),
+                b"\x0a\0\0\x02",
+            ),
+        ),
+        (
+            ipv4_header,
+            IPV4,
+            (0x45, 0, 84, 7, 0x4000, 64, 1, 0x1234, b"\x0a\0\0\x01", b"\x0a\0\0\x02"),
+        ),
+        (icmp_echo, ICMP_ECHO, (8, 0, 0xBEEF, 1, 2)),
+        (udp_header, UDP, (5000, 9000, 20, 0)),
+    ],
+)
 def test_struct_formats_give_the_construct_layouts_bytes(layout, fmt, values) -> None:  # type: ignore[no-untyped-def]
     names = [sub.name for sub in layout.subcons]
     assert fmt.pack(*values) == layout.build(dict(zip(names, values, strict=True)))
@@ -137,7 +157,8 @@ async def test_ping_resolves_with_arp_then_answers(pair: tuple[Interface, Interf
 
 
 async def test_every_header_checksum_is_right_on_the_wire(
-        pair: tuple[Interface, Interface]) -> None:
+    pair: tuple[Interface, Interface],
+) -> None:
     a, b = pair
     with b.udp(9000) as server, a.udp() as client:
         await client.sendto(b"payload" * 10, ("10.0.0.2", 9000))
@@ -151,8 +172,11 @@ async def test_every_header_checksum_is_right_on_the_wire(
             assert flags & NETTXF_data_validated
             frame = fill_checksum(frame)
         segment = frame[34:]
-        extra = pseudo_header_sum(frame[26:30], frame[30:34], 17, len(segment)) \
-            if frame[23] == 17 else 0
+        extra = (
+            pseudo_header_sum(frame[26:30], frame[30:34], 17, len(segment))
+            if frame[23] == 17
+            else 0
+        )
         assert checksum(segment, extra) == 0, f"protocol {frame[23]}"
 
 
@@ -169,9 +193,28 @@ async def test_udp_both_ways_and_the_sender_address(pair: tuple[Interface, Inter
 async def test_a_datagram_with_a_bad_checksum_is_dropped(nursery: trio.Nursery) -> None:
     a, b = make_pair(nursery, offload=False)
     with b.udp(9000) as server:
-        frame = ETH_UDP.pack(b.mac, a.mac, 0x0800, 0x45, 0, 33, 1, 0x4000, 64, 17, 0,
-                             socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"),
-                             1234, 9000, 13, 0xDEAD) + b"abcde"
+        frame = (
+            ETH_UDP.pack(
+                b.mac,
+                a.mac,
+                0x0800,
+                0x45,
+                0,
+                33,
+                1,
+                0x4000,
+                64,
+                17,
+                0,
+                socket.inet_aton("10.0.0.1"),
+                socket.inet_aton("10.0.0.2"),
+                1234,
+                9000,
+                13,
+                0xDEAD,
+            )
+            + b"abcde"
+        )
         frame = frame[:24] + checksum(frame[14:34]).to_bytes(2, "big") + frame[26:]
         b._receive(frame, 0)
         assert b.stats["bad_checksum"] == 1
@@ -190,7 +233,8 @@ async def test_no_socket_means_icmp_port_unreachable(pair: tuple[Interface, Inte
 
 
 async def test_ports_are_exclusive_and_ephemeral_ones_distinct(
-        pair: tuple[Interface, Interface]) -> None:
+    pair: tuple[Interface, Interface],
+) -> None:
     a, _ = pair
     with a.udp(5000):
         with pytest.raises(AddressInUse):
@@ -200,7 +244,8 @@ async def test_ports_are_exclusive_and_ephemeral_ones_distinct(
 
 
 async def test_unknown_hosts_and_other_networks_fail_clearly(
-        pair: tuple[Interface, Interface], monkeypatch: pytest.MonkeyPatch) -> None:
+    pair: tuple[Interface, Interface], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, _ = pair
     with pytest.raises(TimeoutError, match="no echo reply within 0.1 s"):
         await a.ping("10.0.0.9", timeout=0.1)
@@ -211,8 +256,9 @@ async def test_unknown_hosts_and_other_networks_fail_clearly(
         await a.resolve("10.0.0.9")
 
 
-async def test_arp_entries_expire(pair: tuple[Interface, Interface],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_arp_entries_expire(
+    pair: tuple[Interface, Interface], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = pair
     await a.ping("10.0.0.2")
     peer = socket.inet_aton("10.0.0.2")

@@ -24,6 +24,13 @@ from xenlike.abi.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER,
+    XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED,
+    XEN_NETIF_CTRL_STATUS_SUCCESS,
+    XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
+    XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
+    XEN_NETIF_EXTRA_TYPE_GSO,
     NETRXF_csum_blank,
     NETRXF_data_validated,
     NETRXF_more_data,
@@ -31,14 +38,7 @@ from xenlike.abi.netif import (
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
-    XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER,
-    XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED,
-    XEN_NETIF_CTRL_STATUS_SUCCESS,
-    XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
-    XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
-    XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
     XEN_NETIF_CTRLF_GREF_readonly,
-    XEN_NETIF_EXTRA_TYPE_GSO,
 )
 from xenlike.domain.grant_table import GrantCopy, GrantStatusError, LocalFrame
 from xenlike.ring import BackRing, FrontRing
@@ -61,11 +61,11 @@ class FakeGrants:
     def _side(self, side: Any, length: int) -> memoryview | None:
         if isinstance(side, LocalFrame):
             start = side.gfn * PAGE + side.offset
-            return memoryview(self.dom0)[start:start + length]
+            return memoryview(self.dom0)[start : start + length]
         page = self.front.get(side.ref)
         if page is None or side.offset + length > PAGE:
             return None
-        return memoryview(page)[side.offset:side.offset + length]
+        return memoryview(page)[side.offset : side.offset + length]
 
     async def copy(self, ops: list[GrantCopy]) -> None:
         self.copies += 1
@@ -84,8 +84,11 @@ class FakeGrants:
         self.maps += 1
         missing = [ref for ref in refs if ref not in self.front]
         if missing:
-            raise GrantStatusError("GNTTABOP_map_grant_ref", [str(r) for r in refs],
-                                   [GntStatus.bad_gntref if r in missing else 0 for r in refs])
+            raise GrantStatusError(
+                "GNTTABOP_map_grant_ref",
+                [str(r) for r in refs],
+                [GntStatus.bad_gntref if r in missing else 0 for r in refs],
+            )
         return FakeMapping(tuple(refs), readonly, self.front)
 
     async def unmap(self, mapping: Any) -> None:
@@ -121,7 +124,7 @@ class FakeDomain:
         pass
 
     def frames(self, first: int, count: int) -> memoryview:
-        return memoryview(self.dom0)[first * PAGE:(first + count) * PAGE]
+        return memoryview(self.dom0)[first * PAGE : (first + count) * PAGE]
 
 
 class Sink:
@@ -139,8 +142,9 @@ class Sink:
 class Guest:
     """The test's front end: raw rings, the granted pages, and the vif it talks to."""
 
-    def __init__(self, nursery: trio.Nursery, *, mtu: int = 1500, offload: bool = True,
-                 ctrl: bool = False) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, *, mtu: int = 1500, offload: bool = True, ctrl: bool = False
+    ) -> None:
         self.pages = {FIRST_REF + i: bytearray(PAGE) for i in range(64)}
         self.domain = FakeDomain(self.pages)
         memory = {name: memoryview(bytearray(PAGE)) for name in ("tx", "rx", "ctrl")}
@@ -157,8 +161,16 @@ class Guest:
         self.bridge = Bridge("xenbr0")
         self.sink = Sink()
         self.bridge.attach(self.sink)
-        self.vif = Vif(name="vif1.0", mac=GUEST_MAC, mtu=mtu, sg=True, csum_offload=offload,
-                       domain=self.domain, peer=1, bridge=self.bridge)
+        self.vif = Vif(
+            name="vif1.0",
+            mac=GUEST_MAC,
+            mtu=mtu,
+            sg=True,
+            csum_offload=offload,
+            domain=self.domain,
+            peer=1,
+            bridge=self.bridge,
+        )
         self.group = RingGroup(rings, ports)
         self.broken: BaseException | None = None
         self.stopped = trio.Event()
@@ -177,14 +189,15 @@ class Guest:
         body = bytes((i * 7) & 0xFF for i in range(max(size - 14, 0)))
         return (PEER_MAC + source + b"\x88\xb5" + body)[:size]
 
-    def request(self, ref: int, offset: int, flags: int, size: int, rid: int | None = None
-                ) -> tuple[int, int, int, int, int]:
+    def request(
+        self, ref: int, offset: int, flags: int, size: int, rid: int | None = None
+    ) -> tuple[int, int, int, int, int]:
         if rid is None:
             rid, self.next_id = self.next_id, self.next_id + 1
         return (ref, offset, flags, rid, size)
 
     def put(self, data: bytes, ref: int, offset: int = 0) -> None:
-        self.pages[ref][offset:offset + len(data)] = data
+        self.pages[ref][offset : offset + len(data)] = data
 
     async def send(self, *requests: tuple[int, ...]) -> list[tuple[int, int]]:
         """Publish requests, notify, and collect one response per slot (or the vif breaking)."""
@@ -228,10 +241,13 @@ async def test_a_frame_goes_to_the_bridge_with_its_checksum_flags(guest: Guest) 
     guest.put(blank, FIRST_REF + 1)
     responses = await guest.send(
         guest.request(FIRST_REF, 200, NETTXF_data_validated, 100),
-        guest.request(FIRST_REF + 1, 0, NETTXF_csum_blank | NETTXF_data_validated, 60))
+        guest.request(FIRST_REF + 1, 0, NETTXF_csum_blank | NETTXF_data_validated, 60),
+    )
     assert responses == [(0, NETIF_RSP_OKAY), (1, NETIF_RSP_OKAY)]
-    assert guest.sink.frames == [(frame, NETRXF_data_validated),
-                                 (blank, NETRXF_csum_blank | NETRXF_data_validated)]
+    assert guest.sink.frames == [
+        (frame, NETRXF_data_validated),
+        (blank, NETRXF_csum_blank | NETRXF_data_validated),
+    ]
     assert guest.vif.stats["tx_packets"] == 2 and guest.broken is None
 
 
@@ -242,9 +258,14 @@ async def test_runts_empty_and_oversized_frames_are_dropped_not_fatal(guest: Gue
         guest.request(FIRST_REF, 0, 0, 10),  # shorter than an Ethernet header
         guest.request(FIRST_REF + 1, 0, 0, 0),  # size 0
         guest.request(FIRST_REF + 2, 0, 0, 1519),  # over MTU 1500 + header + VLAN tag
-        guest.request(FIRST_REF + 3, 0, 0, 1518))  # the largest a 1500 MTU allows
-    assert [status for _, status in responses] == [NETIF_RSP_ERROR, NETIF_RSP_ERROR,
-                                                   NETIF_RSP_DROPPED, NETIF_RSP_OKAY]
+        guest.request(FIRST_REF + 3, 0, 0, 1518),
+    )  # the largest a 1500 MTU allows
+    assert [status for _, status in responses] == [
+        NETIF_RSP_ERROR,
+        NETIF_RSP_ERROR,
+        NETIF_RSP_DROPPED,
+        NETIF_RSP_OKAY,
+    ]
     assert len(guest.sink.frames) == 1 and guest.broken is None
     assert guest.vif.stats["tx_errors"] == 2 and guest.vif.stats["tx_dropped"] == 1
 
@@ -253,11 +274,12 @@ async def test_a_grant_never_given_fails_its_packet_only(guest: Guest) -> None:
     first, last = guest.frame(64), guest.frame(80)
     guest.put(first, FIRST_REF)
     guest.put(last, FIRST_REF + 1)
-    responses = await guest.send(guest.request(FIRST_REF, 0, 0, 64),
-                                 guest.request(2000, 0, 0, 64),  # no such grant
-                                 guest.request(FIRST_REF + 1, 0, 0, 80))
-    assert [status for _, status in responses] == [NETIF_RSP_OKAY, NETIF_RSP_ERROR,
-                                                   NETIF_RSP_OKAY]
+    responses = await guest.send(
+        guest.request(FIRST_REF, 0, 0, 64),
+        guest.request(2000, 0, 0, 64),  # no such grant
+        guest.request(FIRST_REF + 1, 0, 0, 80),
+    )
+    assert [status for _, status in responses] == [NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_OKAY]
     assert [frame for frame, _ in guest.sink.frames] == [first, last]  # in order
     assert guest.domain.grants.copies == 1  # one batched GNTTABOP_copy for the drain
 
@@ -268,16 +290,19 @@ async def test_a_frame_over_several_slots_is_joined(nursery: trio.Nursery) -> No
     guest.put(frame[:1000], FIRST_REF, 3096)
     guest.put(frame[1000:2500], FIRST_REF + 1)
     guest.put(frame[2500:], FIRST_REF + 2, 100)
-    responses = await guest.send(guest.request(FIRST_REF, 3096, NETTXF_more_data, 3000),
-                                 guest.request(FIRST_REF + 1, 0, NETTXF_more_data, 1500),
-                                 guest.request(FIRST_REF + 2, 100, 0, 500))
+    responses = await guest.send(
+        guest.request(FIRST_REF, 3096, NETTXF_more_data, 3000),
+        guest.request(FIRST_REF + 1, 0, NETTXF_more_data, 1500),
+        guest.request(FIRST_REF + 2, 100, 0, 500),
+    )
     assert responses == [(0, NETIF_RSP_OKAY), (1, NETIF_RSP_OKAY), (2, NETIF_RSP_OKAY)]
     assert guest.sink.frames == [(frame, 0)]
 
 
 async def test_fragments_larger_than_their_packet_are_dropped(guest: Guest) -> None:
-    responses = await guest.send(guest.request(FIRST_REF, 0, NETTXF_more_data, 100),
-                                 guest.request(FIRST_REF + 1, 0, 0, 200))
+    responses = await guest.send(
+        guest.request(FIRST_REF, 0, NETTXF_more_data, 100), guest.request(FIRST_REF + 1, 0, 0, 200)
+    )
     assert [status for _, status in responses] == [NETIF_RSP_ERROR, NETIF_RSP_ERROR]
     assert guest.sink.frames == [] and guest.broken is None
 
@@ -286,16 +311,22 @@ async def test_a_packet_claiming_over_64_kib_is_dropped(guest: Guest) -> None:
     # The first slot's 16-bit size cannot say more than 65535: a front end that
     # wants more can only chain fragments past it, which the total gives away.
     big = [guest.request(FIRST_REF, 0, NETTXF_more_data, 0xFFFF)]
-    big += [guest.request(FIRST_REF + i, 0, NETTXF_more_data if i < 17 else 0, PAGE)
-            for i in range(1, 18)]
+    big += [
+        guest.request(FIRST_REF + i, 0, NETTXF_more_data if i < 17 else 0, PAGE)
+        for i in range(1, 18)
+    ]
     responses = await guest.send(*big)
     assert {status for _, status in responses} == {NETIF_RSP_ERROR} and guest.broken is None
     assert guest.sink.frames == []
 
 
 def chain(guest: Guest, slots: int) -> list[tuple[int, int, int, int, int]]:
-    return [guest.request(FIRST_REF + i, 0, NETTXF_more_data if i < slots - 1 else 0,
-                          slots * 60 if i == 0 else 60) for i in range(slots)]
+    return [
+        guest.request(
+            FIRST_REF + i, 0, NETTXF_more_data if i < slots - 1 else 0, slots * 60 if i == 0 else 60
+        )
+        for i in range(slots)
+    ]
 
 
 async def test_over_the_slot_limit_drops_and_far_over_it_disconnects(guest: Guest) -> None:
@@ -308,18 +339,26 @@ async def test_over_the_slot_limit_drops_and_far_over_it_disconnects(guest: Gues
     assert "more than 20 slots" in str(guest.broken)
 
 
-@pytest.mark.parametrize(("requests", "why"), [
-    ([(FIRST_REF, 4000, 0, 0, 200)], "crosses its page"),
-    ([(FIRST_REF, 0, NETTXF_more_data, 0, 300), (FIRST_REF + 1, 4000, 0, 1, 200)],
-     "crosses its page"),
-    ([(FIRST_REF, 0, NETTXF_more_data, 0, 300)], "runs past the published requests"),
-    ([(FIRST_REF, 0, NETTXF_extra_info, 0, 300)], "runs past the published requests"),
-    ([(FIRST_REF, 0, NETTXF_extra_info, 0, 300), (0x0107, 0, 0, 0, 0)],  # extra type 7
-     "none of netif.h's"),
-], ids=["past-page", "fragment-past-page", "chain-unpublished", "extra-unpublished",
-        "extra-type"])
+@pytest.mark.parametrize(
+    ("requests", "why"),
+    [
+        ([(FIRST_REF, 4000, 0, 0, 200)], "crosses its page"),
+        (
+            [(FIRST_REF, 0, NETTXF_more_data, 0, 300), (FIRST_REF + 1, 4000, 0, 1, 200)],
+            "crosses its page",
+        ),
+        ([(FIRST_REF, 0, NETTXF_more_data, 0, 300)], "runs past the published requests"),
+        ([(FIRST_REF, 0, NETTXF_extra_info, 0, 300)], "runs past the published requests"),
+        (
+            [(FIRST_REF, 0, NETTXF_extra_info, 0, 300), (0x0107, 0, 0, 0, 0)],  # extra type 7
+            "none of netif.h's",
+        ),
+    ],
+    ids=["past-page", "fragment-past-page", "chain-unpublished", "extra-unpublished", "extra-type"],
+)
 async def test_what_only_a_malicious_front_end_sends_disconnects(
-        guest: Guest, requests: list[tuple[int, ...]], why: str) -> None:
+    guest: Guest, requests: list[tuple[int, ...]], why: str
+) -> None:
     await guest.send(*requests)
     await guest.stopped.wait()
     assert why in str(guest.broken)
@@ -327,23 +366,25 @@ async def test_what_only_a_malicious_front_end_sends_disconnects(
 
 async def test_extra_info_not_negotiated_drops_and_answers_null(guest: Guest) -> None:
     gso = XEN_NETIF_EXTRA_TYPE_GSO | 1400 << 16  # type, flags, then u.gso.size
-    responses = await guest.send(guest.request(FIRST_REF, 0, NETTXF_extra_info, 100),
-                                 (gso, 0, 0, 0, 0))
+    responses = await guest.send(
+        guest.request(FIRST_REF, 0, NETTXF_extra_info, 100), (gso, 0, 0, 0, 0)
+    )
     assert [status for _, status in responses] == [NETIF_RSP_ERROR, NETIF_RSP_NULL]
     assert guest.broken is None
 
 
-async def test_received_frames_fill_posted_buffers_in_request_order(
-        nursery: trio.Nursery) -> None:
+async def test_received_frames_fill_posted_buffers_in_request_order(nursery: trio.Nursery) -> None:
     guest = Guest(nursery, mtu=9000)
     guest.post_rx([FIRST_REF + i for i in range(4)])
     small, big = guest.frame(300), guest.frame(6000)
     guest.vif.deliver(small, NETRXF_data_validated, guest.sink)
     guest.vif.deliver(big, 0, guest.sink)
     responses = await guest.receive(3)
-    assert responses == [(FIRST_REF, 0, NETRXF_data_validated, 300),
-                         (FIRST_REF + 1, 0, NETRXF_more_data, 4096),
-                         (FIRST_REF + 2, 0, 0, 6000 - 4096)]
+    assert responses == [
+        (FIRST_REF, 0, NETRXF_data_validated, 300),
+        (FIRST_REF + 1, 0, NETRXF_more_data, 4096),
+        (FIRST_REF + 2, 0, 0, 6000 - 4096),
+    ]
     assert bytes(guest.pages[FIRST_REF][:300]) == small
     assert bytes(guest.pages[FIRST_REF + 1]) + bytes(guest.pages[FIRST_REF + 2][:1904]) == big
 
@@ -372,10 +413,11 @@ async def test_a_flooding_sender_overflows_only_its_own_queue(guest: Guest) -> N
 
 
 async def test_a_checksum_left_blank_is_filled_for_a_front_end_without_offload(
-        nursery: trio.Nursery) -> None:
+    nursery: trio.Nursery,
+) -> None:
     guest = Guest(nursery, offload=False)
     guest.post_rx([FIRST_REF])
-    udp = bytes.fromhex("0a000001" "0a000002")  # 10.0.0.1 -> 10.0.0.2
+    udp = bytes.fromhex("0a0000010a000002")  # 10.0.0.1 -> 10.0.0.2
     payload = b"hi!!"
     ip = struct.pack("!BBHHHBBH8s", 0x45, 0, 32, 1, 0x4000, 64, 17, 0, udp)
     frame = PEER_MAC + GUEST_MAC + b"\x08\x00" + ip + struct.pack("!HHHH", 1, 2, 12, 0) + payload
@@ -392,13 +434,18 @@ async def test_static_grants_through_the_control_ring(nursery: trio.Nursery) -> 
     assert (size.status, size.data) == (XEN_NETIF_CTRL_STATUS_SUCCESS, MAX_STATIC_GRANTS)
     listing = FIRST_REF + 63
     for i in range(8):  # tx buffers read-only, rx buffers writable
-        GREF.pack_into(guest.pages[listing], i * GREF.size,
-                       (FIRST_REF + i, XEN_NETIF_CTRLF_GREF_readonly if i < 4 else 0, 0))
-    added = await guest.ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
-                                          data=(0, listing, 8)))
+        GREF.pack_into(
+            guest.pages[listing],
+            i * GREF.size,
+            (FIRST_REF + i, XEN_NETIF_CTRLF_GREF_readonly if i < 4 else 0, 0),
+        )
+    added = await guest.ctrl.call(
+        request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING, data=(0, listing, 8))
+    )
     assert added.status == XEN_NETIF_CTRL_STATUS_SUCCESS
-    again = await guest.ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
-                                          data=(0, listing, 8)))
+    again = await guest.ctrl.call(
+        request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING, data=(0, listing, 8))
+    )
     assert again.status == XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER  # already mapped
     other = await guest.ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_SET_HASH_KEY))
     assert other.status == XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED

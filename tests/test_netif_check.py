@@ -14,11 +14,11 @@ from drivers.netif.protocol import (
     parse_tx_packet,
 )
 from xenlike.abi.netif import (
-    NETTXF_extra_info,
-    NETTXF_more_data,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_NR_SLOTS_MIN,
+    NETTXF_extra_info,
+    NETTXF_more_data,
 )
 from xenlike.xenbus import ChannelBroken
 
@@ -36,42 +36,69 @@ def extra(kind: int, more: bool = False) -> tuple:
 
 
 def test_a_fragmented_packet_is_its_pieces_in_order() -> None:
-    slots = [slot(10, 3000, NETTXF_more_data, rid=1, offset=100),
-             slot(11, 1000, NETTXF_more_data, rid=2), slot(12, 500, rid=3), slot(13, 60)]
+    slots = [
+        slot(10, 3000, NETTXF_more_data, rid=1, offset=100),
+        slot(11, 1000, NETTXF_more_data, rid=2),
+        slot(12, 500, rid=3),
+        slot(13, 60),
+    ]
     packet = parse_tx_packet(slots, 0, 9000, 8982)
     assert packet.after == 3 and packet.refusal is None and packet.extras == 0
     assert packet.pieces == [(10, 100, 1500), (11, 0, 1000), (12, 0, 500)]
     assert packet.fragment_ids == [2, 3]
 
 
-@pytest.mark.parametrize(("slots", "refusal"), [
-    ([slot(1, 60, NETTXF_extra_info), extra(XEN_NETIF_EXTRA_TYPE_GSO)],
-     Refusal("tx_errors", "extra info type 1 was not negotiated", 60)),
-    ([slot(1, 100, NETTXF_more_data), slot(2, 200)],
-     Refusal("tx_errors", "fragments larger than their packet", 200)),
-    ([slot(1, 10)], Refusal("tx_errors", "a packet shorter than an Ethernet header", 10)),
-    ([slot(1, 2000, NETTXF_more_data), slot(2, 1000)],
-     Refusal("tx_dropped", "a packet over the MTU of 1500", 2000)),
-    ([slot(1, 1000, NETTXF_more_data)] + [slot(2, 10, NETTXF_more_data)] * XEN_NETIF_NR_SLOTS_MIN
-     + [slot(3, 10)], Refusal("tx_errors", f"a packet over {XEN_NETIF_NR_SLOTS_MIN} slots", 1000)),
-], ids=["extra-info", "fragments-too-large", "runt", "giant", "too-many-slots"])
-def test_refused_packets_say_why_and_still_consume_their_slots(slots: list,
-                                                               refusal: Refusal) -> None:
+@pytest.mark.parametrize(
+    ("slots", "refusal"),
+    [
+        (
+            [slot(1, 60, NETTXF_extra_info), extra(XEN_NETIF_EXTRA_TYPE_GSO)],
+            Refusal("tx_errors", "extra info type 1 was not negotiated", 60),
+        ),
+        (
+            [slot(1, 100, NETTXF_more_data), slot(2, 200)],
+            Refusal("tx_errors", "fragments larger than their packet", 200),
+        ),
+        ([slot(1, 10)], Refusal("tx_errors", "a packet shorter than an Ethernet header", 10)),
+        (
+            [slot(1, 2000, NETTXF_more_data), slot(2, 1000)],
+            Refusal("tx_dropped", "a packet over the MTU of 1500", 2000),
+        ),
+        (
+            [slot(1, 1000, NETTXF_more_data)]
+            + [slot(2, 10, NETTXF_more_data)] * XEN_NETIF_NR_SLOTS_MIN
+            + [slot(3, 10)],
+            Refusal("tx_errors", f"a packet over {XEN_NETIF_NR_SLOTS_MIN} slots", 1000),
+        ),
+    ],
+    ids=["extra-info", "fragments-too-large", "runt", "giant", "too-many-slots"],
+)
+def test_refused_packets_say_why_and_still_consume_their_slots(
+    slots: list, refusal: Refusal
+) -> None:
     packet = parse_tx_packet(slots, 0, MAX_TX, 1500)
     assert packet.refusal == refusal
     assert packet.after == len(slots)
     assert 1 + packet.extras + len(packet.fragment_ids) == len(slots)
 
 
-@pytest.mark.parametrize(("slots", "why"), [
-    ([slot(1, 100, NETTXF_more_data)], "more_data chain runs past"),
-    ([slot(1, 60, NETTXF_extra_info), extra(XEN_NETIF_EXTRA_TYPE_GSO, more=True)],
-     "extra info runs past"),
-    ([slot(1, 60, NETTXF_extra_info), extra(9)], "extra info type 9"),
-    ([slot(1, 100, offset=4050)], "crosses its page"),
-    ([slot(1, 9000, NETTXF_more_data)] + [slot(2, 10, NETTXF_more_data)] * FATAL_SKB_SLOTS,
-     "Malicious frontend"),
-], ids=["chain-past-prod", "extras-past-prod", "extra-type", "cross-page", "fatal-slots"])
+@pytest.mark.parametrize(
+    ("slots", "why"),
+    [
+        ([slot(1, 100, NETTXF_more_data)], "more_data chain runs past"),
+        (
+            [slot(1, 60, NETTXF_extra_info), extra(XEN_NETIF_EXTRA_TYPE_GSO, more=True)],
+            "extra info runs past",
+        ),
+        ([slot(1, 60, NETTXF_extra_info), extra(9)], "extra info type 9"),
+        ([slot(1, 100, offset=4050)], "crosses its page"),
+        (
+            [slot(1, 9000, NETTXF_more_data)] + [slot(2, 10, NETTXF_more_data)] * FATAL_SKB_SLOTS,
+            "Malicious frontend",
+        ),
+    ],
+    ids=["chain-past-prod", "extras-past-prod", "extra-type", "cross-page", "fatal-slots"],
+)
 def test_a_malicious_front_end_breaks_the_channel(slots: list, why: str) -> None:
     with pytest.raises(ChannelBroken, match=why):
         parse_tx_packet(slots, 0, MAX_TX, 1500)
@@ -85,15 +112,19 @@ def test_the_one_slot_path_uses_the_same_checks() -> None:
         check_slot(1, 4000, 97)
 
 
-any_slot = st.tuples(st.integers(0, 2 ** 32 - 1), st.integers(0, 0xFFFF),
-                     st.sampled_from([0, NETTXF_more_data, NETTXF_extra_info,
-                                      NETTXF_more_data | NETTXF_extra_info]),
-                     st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
+any_slot = st.tuples(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 0xFFFF),
+    st.sampled_from([0, NETTXF_more_data, NETTXF_extra_info, NETTXF_more_data | NETTXF_extra_info]),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+)
 
 
 @given(st.lists(any_slot, min_size=1, max_size=30))
 def test_any_slots_are_a_packet_that_accounts_for_its_slots_or_a_broken_channel(
-        slots: list) -> None:
+    slots: list,
+) -> None:
     try:
         packet = parse_tx_packet(slots, 0, MAX_TX, 1500)
     except ChannelBroken:

@@ -32,8 +32,10 @@ class Pair:
         back_rings = {name: BackRing(spec, memory[name]) for name, spec in specs.items()}
         front_port, back_port = doorbell_pair()
         front_ctrl, back_ctrl = doorbell_pair()
-        ports = ({"tx": front_port, "rx": front_port, "ctrl": front_ctrl},
-                 {"tx": back_port, "rx": back_port, "ctrl": back_ctrl})
+        ports = (
+            {"tx": front_port, "rx": front_port, "ctrl": front_ctrl},
+            {"tx": back_port, "rx": back_port, "ctrl": back_ctrl},
+        )
         self.front = detached(Netfront)
         self.front.ctx.domain = self.guest
         self.front.mac, self.front.sg, self.front.csum_offload = GUEST_MAC, True, True
@@ -46,8 +48,16 @@ class Pair:
         self.bridge = Bridge("xenbr0")
         self.sink = Sink()
         self.bridge.attach(self.sink)
-        self.vif = Vif(name="vif1.0", mac=GUEST_MAC, mtu=9000, sg=True, csum_offload=True,
-                       domain=self.dom0, peer=1, bridge=self.bridge)
+        self.vif = Vif(
+            name="vif1.0",
+            mac=GUEST_MAC,
+            mtu=9000,
+            sg=True,
+            csum_offload=True,
+            domain=self.dom0,
+            peer=1,
+            bridge=self.bridge,
+        )
         if front_serves:
             nursery.start_soon(self.front.serve, group)
         nursery.start_soon(self.vif.run, RingGroup(back_rings, ports[1]))  # type: ignore[arg-type]
@@ -102,7 +112,7 @@ async def test_jumbo_frames_travel_over_several_slots_each_way(pair: Pair) -> No
 async def test_received_frames_keep_coming_as_buffers_are_reposted(pair: Pair) -> None:
     frames = [pair.frame(64 + n % 500, n) for n in range(1000)]
     for start in range(0, 1000, 100):  # ten bursts, each within the fair queue's bound
-        for frame in frames[start:start + 100]:
+        for frame in frames[start : start + 100]:
             pair.vif.deliver(frame, 0, pair.sink)
         with trio.fail_after(5):
             while len(pair.received) < start + 100:
@@ -112,7 +122,8 @@ async def test_received_frames_keep_coming_as_buffers_are_reposted(pair: Pair) -
 
 
 async def test_a_back_end_breaking_the_ring_fails_the_device_not_the_guest(
-        nursery: trio.Nursery) -> None:
+    nursery: trio.Nursery,
+) -> None:
     """An impossible rsp_prod is a protocol violation for this device alone: the
     front end's data path stops and the device heads for Closing (fatal)."""
     pair = Pair(nursery, front_serves=False)

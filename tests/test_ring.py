@@ -26,8 +26,9 @@ def header(mem: memoryview) -> tuple[int, ...]:
 
 
 def read_request(rid: int, sector: int = 0):
-    return BLKIF.request.record(operation=blkif.BLKIF_OP_READ, nr_segments=1, id=rid,
-                                sector_number=sector)
+    return BLKIF.request.record(
+        operation=blkif.BLKIF_OP_READ, nr_segments=1, id=rid, sector_number=sector
+    )
 
 
 @pytest.mark.parametrize(("order", "slots"), [(0, 32), (1, 64), (2, 128), (3, 256), (4, 512)])
@@ -108,14 +109,21 @@ def test_final_check_sees_work_that_raced_in() -> None:
 def test_request_fields_round_trip_and_status_is_signed() -> None:
     front, back, _ = pair()
     seg = BLKIF.request.record().seg[0]._replace(gref=77, first_sect=1, last_sect=7)
-    req = BLKIF.request.record(operation=blkif.BLKIF_OP_WRITE, nr_segments=1, handle=51712,
-                               id=2**64 - 1, sector_number=123456789, seg=[seg])
+    req = BLKIF.request.record(
+        operation=blkif.BLKIF_OP_WRITE,
+        nr_segments=1,
+        handle=51712,
+        id=2**64 - 1,
+        sector_number=123456789,
+        seg=[seg],
+    )
     front.put_request(req)
     front.push_requests()
     (got,) = back.get_requests()
     assert got.id == 2**64 - 1 and got.handle == 51712 and got.seg[0] == seg
-    back.put_response(BLKIF.response.record(id=got.id, operation=got.operation,
-                                            status=blkif.BLKIF_RSP_EOPNOTSUPP))
+    back.put_response(
+        BLKIF.response.record(id=got.id, operation=got.operation, status=blkif.BLKIF_RSP_EOPNOTSUPP)
+    )
     back.push_responses()
     (rsp,) = front.get_responses()
     assert rsp.status == -2 and rsp.id == 2**64 - 1
@@ -126,7 +134,7 @@ def test_response_padding_is_zeroed() -> None:
     front.put_request(read_request(9))
     front.push_requests()
     back.get_requests()
-    mem[64:64 + 16] = b"\xee" * 16
+    mem[64 : 64 + 16] = b"\xee" * 16
     back.put_response(BLKIF.response.record(id=9, operation=0, status=-1))
     back.push_responses()
     raw = bytes(mem[64:80])
@@ -216,8 +224,13 @@ def test_ids_are_written_into_the_slots_the_requests_go_to() -> None:
     assert front.put_requests_with_ids(requests, [100, 2**64 - 1, 3, 4, 5]) == 5
     front.push_requests()
     got = back.get_requests()
-    assert [(r.id, r.sector_number) for r in got] == \
-        [(100, 0), (2**64 - 1, 1), (3, 2), (4, 3), (5, 4)]
+    assert [(r.id, r.sector_number) for r in got] == [
+        (100, 0),
+        (2**64 - 1, 1),
+        (3, 2),
+        (4, 3),
+        (5, 4),
+    ]
     with pytest.raises(RingFull):
         front.put_requests_with_ids([read_request(0)] * 28, range(28))
     with pytest.raises(LayoutError, match="no field 'tag'"):

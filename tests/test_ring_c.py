@@ -35,8 +35,13 @@ def ringpeer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class CPeer:
     def __init__(self, exe: Path, shared: Path) -> None:
-        self.proc = subprocess.Popen([str(exe), str(shared)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [str(exe), str(shared)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def ask(self, command: str) -> str:
         assert self.proc.stdin and self.proc.stdout
@@ -73,8 +78,9 @@ def py_header(view: memoryview) -> tuple[int, ...]:
 
 def split(items: list, rng: random.Random) -> list[list]:
     """Cut a batch into one to three consecutive pushes."""
-    cuts = (sorted(rng.sample(range(1, len(items)), min(2, len(items) - 1)))
-            if len(items) > 1 else [])
+    cuts = (
+        sorted(rng.sample(range(1, len(items)), min(2, len(items) - 1))) if len(items) > 1 else []
+    )
     return [items[a:b] for a, b in zip([0, *cuts], [*cuts, len(items)])]
 
 
@@ -82,10 +88,16 @@ def make_request(rid: int, rng: random.Random):
     nseg = rng.randint(0, blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST)
     seg = BLKIF.request.record().seg[0]
     return BLKIF.request.record(
-        operation=rng.choice([blkif.BLKIF_OP_READ, blkif.BLKIF_OP_WRITE]), nr_segments=nseg,
-        handle=51712, id=rid, sector_number=rng.randrange(2**40),
-        seg=[seg._replace(gref=rng.randrange(2**32), first_sect=i % 8, last_sect=7)
-             for i in range(nseg)])
+        operation=rng.choice([blkif.BLKIF_OP_READ, blkif.BLKIF_OP_WRITE]),
+        nr_segments=nseg,
+        handle=51712,
+        id=rid,
+        sector_number=rng.randrange(2**40),
+        seg=[
+            seg._replace(gref=rng.randrange(2**32), first_sect=i % 8, last_sect=7)
+            for i in range(nseg)
+        ],
+    )
 
 
 def test_c_front_end_with_xenlike_back_end(ringpeer: Path, shared) -> None:
@@ -103,8 +115,10 @@ def test_c_front_end_with_xenlike_back_end(ringpeer: Path, shared) -> None:
         for group in split(batch, rng):  # several pushes before the back end runs
             for r in group:
                 grefs = " ".join(str(s.gref) for s in r.seg[: r.nr_segments])
-                assert c.ask(f"put {r.id} {r.operation} {r.nr_segments} "
-                             f"{r.sector_number} {grefs}") == "ok"
+                assert (
+                    c.ask(f"put {r.id} {r.operation} {r.nr_segments} {r.sector_number} {grefs}")
+                    == "ok"
+                )
             shadow_front.put_requests(group)
             expected_notify = shadow_front.push_requests()
             assert c.ask("push-requests") == f"notify {int(expected_notify)}"
@@ -114,15 +128,18 @@ def test_c_front_end_with_xenlike_back_end(ringpeer: Path, shared) -> None:
         assert back.final_check_for_requests() is False
         shadow_back.get_requests()
         shadow_back.final_check_for_requests()
-        assert [(r.id, r.operation, r.nr_segments, r.sector_number, r.handle) for r in got] == \
-            [(r.id, r.operation, r.nr_segments, r.sector_number, 51712) for r in batch]
+        assert [(r.id, r.operation, r.nr_segments, r.sector_number, r.handle) for r in got] == [
+            (r.id, r.operation, r.nr_segments, r.sector_number, 51712) for r in batch
+        ]
         for g, r in zip(got, batch):
             assert g.seg[: g.nr_segments] == tuple(r.seg[: r.nr_segments])
         assert py_header(view) == py_header(shadow_mem)
 
         rng.shuffle(got)
-        responses = [BLKIF.response.record(id=r.id, operation=r.operation,
-                                           status=rng.choice([0, -1, -2])) for r in got]
+        responses = [
+            BLKIF.response.record(id=r.id, operation=r.operation, status=rng.choice([0, -1, -2]))
+            for r in got
+        ]
         for group in split(responses, rng):
             back.put_responses(group)
             shadow_back.put_responses(group)
@@ -156,8 +173,15 @@ def test_xenlike_front_end_with_c_back_end(ringpeer: Path, shared) -> None:
         assert not more
         for line, r in zip(lines, batch, strict=True):
             segs = [f"{s.gref}:{s.first_sect}:{s.last_sect}" for s in r.seg[: r.nr_segments]]
-            assert line == ["req", str(r.id), str(r.operation), str(r.nr_segments), "51712",
-                            str(r.sector_number), *segs]
+            assert line == [
+                "req",
+                str(r.id),
+                str(r.operation),
+                str(r.nr_segments),
+                "51712",
+                str(r.sector_number),
+                *segs,
+            ]
         shadow_back.get_requests()
         shadow_back.final_check_for_requests()
         assert c.header() == py_header(shadow_mem)
@@ -168,8 +192,9 @@ def test_xenlike_front_end_with_c_back_end(ringpeer: Path, shared) -> None:
             for r in group:
                 status = rng.choice([0, -1, -2])
                 assert c.ask(f"respond {r.id} {r.operation} {status}") == "ok"
-                shadow_back.put_response(BLKIF.response.record(id=r.id, operation=r.operation,
-                                                               status=status))
+                shadow_back.put_response(
+                    BLKIF.response.record(id=r.id, operation=r.operation, status=status)
+                )
             assert c.ask("push-responses") == f"notify {int(shadow_back.push_responses())}"
             assert c.header() == py_header(shadow_mem)
         got = front.get_responses()

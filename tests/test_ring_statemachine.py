@@ -85,8 +85,9 @@ class RingMachine(RuleBasedStateMachine):
         if notify:
             self.front_asleep = False
 
-    @precondition(lambda self: not self.back_asleep and not self.unanswered
-                  and not self.answered_unpushed)
+    @precondition(
+        lambda self: not self.back_asleep and not self.unanswered and not self.answered_unpushed
+    )
     @rule()
     def back_sleeps(self) -> None:
         if not self.back.final_check_for_requests():
@@ -96,8 +97,9 @@ class RingMachine(RuleBasedStateMachine):
     @rule()
     def front_consumes(self) -> None:
         for rsp in self.front.get_responses():
-            assert (rsp.id < self.next_id
-                    and rsp.id not in self.completed), "bad or duplicate response"
+            assert rsp.id < self.next_id and rsp.id not in self.completed, (
+                "bad or duplicate response"
+            )
             self.completed.add(rsp.id)
 
     @precondition(lambda self: not self.front_asleep and self.pushed == self.next_id)

@@ -19,23 +19,23 @@ from pathlib import Path
 import attrs
 import pytest
 
+from tests.test_hypervisor import wait_for_log, wait_for_shutdown
+from xenlike.abi.sched import ShutdownReason
+from xenlike.hypervisor import Hypervisor
 from xenlike.sandbox import (
     DENIED,
     FS_READ_DIR,
     HOT,
     OWN_PID_ONLY,
     READ_TREE,
-    Protections,
     SYSCALLS,
+    Protections,
     SandboxPolicy,
     _beneath,
     domain_environment,
     logged_protections,
     seccomp_filter,
 )
-from tests.test_hypervisor import wait_for_log, wait_for_shutdown
-from xenlike.abi.sched import ShutdownReason
-from xenlike.hypervisor import Hypervisor
 from xenlike.testing import RunningTopology
 from xenlike.xc import XenControl
 
@@ -99,7 +99,8 @@ def escapes(console: str) -> dict[str, str]:
 
 
 def test_every_escape_fails_and_the_topology_keeps_running(
-        tmp_path: Path, listeners: tuple[int, int, list[bytes]]) -> None:
+    tmp_path: Path, listeners: tuple[int, int, list[bytes]]
+) -> None:
     tcp_port, udp_port, reached = listeners
     host = tmp_path / "host"
     host.mkdir()
@@ -111,19 +112,24 @@ def test_every_escape_fails_and_the_topology_keeps_running(
         log = (topo.run_dir / "hypervisor.log").read_text()
         dom0_pid = re.search(r"\(d0\) started pid (\d+)", log)
         assert dom0_pid is not None, log
-        targets = {"dom0_pid": dom0_pid[1], "run_dir": str(topo.run_dir),
-                   "host_file": str(secret), "new_file": str(host / "planted"),
-                   "source_file": str(importable / "planted.py"),
-                   "image": str(topo.run_dir / "victim.img"),  # Dom0 keeps images there
-                   "tcp_port": tcp_port, "udp_port": udp_port}
+        targets = {
+            "dom0_pid": dom0_pid[1],
+            "run_dir": str(topo.run_dir),
+            "host_file": str(secret),
+            "new_file": str(host / "planted"),
+            "source_file": str(importable / "planted.py"),
+            "image": str(topo.run_dir / "victim.img"),  # Dom0 keeps images there
+            "tcp_port": tcp_port,
+            "udp_port": udp_port,
+        }
         hostile = topo.domid("hostile")
-        topo.xenlike("xenstore", "write", f"/local/domain/{hostile}/data/targets",
-                     json.dumps(targets))
+        topo.xenlike(
+            "xenstore", "write", f"/local/domain/{hostile}/data/targets", json.dumps(targets)
+        )
         console = topo.wait_for_console("hostile", "escape attempts done", timeout=60)
         outcomes = escapes(console)
         assert len(outcomes) >= 30, console
-        escaped = {name: what for name, what in outcomes.items()
-                   if not what.startswith("denied ")}
+        escaped = {name: what for name, what in outcomes.items() if not what.startswith("denied ")}
         assert not escaped, escaped
         assert "environment names the run directory: no" in console
 
@@ -131,8 +137,9 @@ def test_every_escape_fails_and_the_topology_keeps_running(
         assert {d["name"] for d in topo.domains()} == {"Domain-0", "victim", "hostile"}
         devices = topo.devices()
         assert {d["domain"] for d in devices} == {"victim", "hostile"}
-        assert all(d["frontend_state"] == d["backend_state"] == "Connected"
-                   for d in devices), devices
+        assert all(d["frontend_state"] == d["backend_state"] == "Connected" for d in devices), (
+            devices
+        )
 
         # dmesg says what confines each domain, and /proc agrees.
         dmesg = topo.xenlike("dmesg").stdout
@@ -164,14 +171,18 @@ def test_a_root_that_holds_the_run_directory_is_granted_around_it(tmp_path: Path
     (project / "state" / "notes").write_text("")
     (project / "link-to-run").symlink_to(run)
     assert set(_beneath(str(project), (str(run),))) == {
-        (str(project), FS_READ_DIR), (str(project / "state"), FS_READ_DIR),
-        (str(project / "pkg"), READ_TREE), (str(project / "setup.cfg"), READ_TREE),
-        (str(project / "state" / "notes"), READ_TREE)}
+        (str(project), FS_READ_DIR),
+        (str(project / "state"), FS_READ_DIR),
+        (str(project / "pkg"), READ_TREE),
+        (str(project / "setup.cfg"), READ_TREE),
+        (str(project / "state" / "notes"), READ_TREE),
+    }
     assert _beneath(str(run / "xenstored"), (str(run),)) == []
     assert _beneath(str(tmp_path / "elsewhere"), (str(run),)) == []  # does not exist
     (tmp_path / "elsewhere").mkdir()
     assert _beneath(str(tmp_path / "elsewhere"), (str(run),)) == [
-        (str(tmp_path / "elsewhere"), READ_TREE)]
+        (str(tmp_path / "elsewhere"), READ_TREE)
+    ]
 
 
 PROBE = """
@@ -188,7 +199,8 @@ for path in sys.argv[1:]:
 
 
 def test_an_import_path_yields_its_modules_not_the_images_or_run_directory_beside_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sandbox itself, in a child process: a directory on the import path that
     also holds disk images and the run directory (as when `xenlike up` runs where
     its topology file is) gives the domain its modules and nothing else."""
@@ -206,19 +218,37 @@ def test_an_import_path_yields_its_modules_not_the_images_or_run_directory_besid
         pytest.skip("this kernel has no Landlock")
     env = {**domain_environment(dict(os.environ)), "PYTHONPATH": str(lib)}
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(lib / "disk.img"), str(run / "hypervisor.log"),
-         str(lib / "mod.py")],
-        preexec_fn=policy.enter, env=env, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            str(lib / "disk.img"),
+            str(run / "hypervisor.log"),
+            str(lib / "mod.py"),
+        ],
+        preexec_fn=policy.enter,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.stdout.split("\n")[:4] == [
-        "imported 7 1", f"denied {lib / 'disk.img'}", f"denied {run / 'hypervisor.log'}",
-        f"read {lib / 'mod.py'}"], result.stdout + result.stderr
+        "imported 7 1",
+        f"denied {lib / 'disk.img'}",
+        f"denied {run / 'hypervisor.log'}",
+        f"read {lib / 'mod.py'}",
+    ], result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("protections", [
-    Protections(privileged=True), Protections(),
-    Protections(no_new_privs=True, landlock_abi=3),
-    Protections(no_new_privs=True, capabilities_dropped=True, landlock_abi=7, seccomp=True),
-])
+@pytest.mark.parametrize(
+    "protections",
+    [
+        Protections(privileged=True),
+        Protections(),
+        Protections(no_new_privs=True, landlock_abi=3),
+        Protections(no_new_privs=True, capabilities_dropped=True, landlock_abi=7, seccomp=True),
+    ],
+)
 def test_protections_read_back_from_their_log_line(protections: Protections) -> None:
     log = f"(XEN) (d3) sandbox: no-new-privs\n(XEN) [  0.2] (d3) sandbox: {protections}\n"
     assert logged_protections(log) == {3: protections}
@@ -226,14 +256,19 @@ def test_protections_read_back_from_their_log_line(protections: Protections) -> 
 
 def _header_numbers(path: Path) -> dict[str, int]:
     text = path.read_text()
-    return {name: int(number) for name, number in
-            re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", text)}
+    return {
+        name: int(number)
+        for name, number in re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", text)
+    }
 
 
-@pytest.mark.parametrize(("machine", "header"), [
-    ("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
-    ("aarch64", "/usr/include/asm-generic/unistd.h"),
-])
+@pytest.mark.parametrize(
+    ("machine", "header"),
+    [
+        ("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+        ("aarch64", "/usr/include/asm-generic/unistd.h"),
+    ],
+)
 def test_the_syscall_numbers_are_the_kernel_headers(machine: str, header: str) -> None:
     path = Path(header)
     if not path.exists():
@@ -250,8 +285,11 @@ def test_every_denied_call_is_named_for_some_architecture() -> None:
         assert any(name in table for table in SYSCALLS.values()), name
     for table in SYSCALLS.values():  # the fast path allows nothing the filter denies
         hot = {table[name] for name in HOT if name in table}
-        assert hot.isdisjoint(table[name] for name in (*DENIED, *OWN_PID_ONLY, "clone",
-                                                       "clone3", "prlimit64") if name in table)
+        assert hot.isdisjoint(
+            table[name]
+            for name in (*DENIED, *OWN_PID_ONLY, "clone", "clone3", "prlimit64")
+            if name in table
+        )
     for name in (*OWN_PID_ONLY, "clone", "clone3", "prlimit64", "socket", "connect"):
         assert all(name in table for table in SYSCALLS.values()), name
 
@@ -263,7 +301,8 @@ def test_the_filter_is_whole_instructions_within_bpf_limits(machine: str) -> Non
 
 
 async def test_a_domain_the_kernel_will_not_confine_is_never_started(
-        hv: Hypervisor, xc: XenControl) -> None:
+    hv: Hypervisor, xc: XenControl
+) -> None:
     """A policy the child cannot enter (here a filter for another machine) never
     yields a less confined domain: the domain's code never runs, and it crashes."""
     hv._sandbox = attrs.evolve(hv.sandbox, seccomp_machine="s390x")
@@ -276,8 +315,7 @@ async def test_a_domain_the_kernel_will_not_confine_is_never_started(
     assert await healthy_dom0(xc)
 
 
-async def test_what_the_kernel_lacks_is_skipped_and_said(hv: Hypervisor,
-                                                         xc: XenControl) -> None:
+async def test_what_the_kernel_lacks_is_skipped_and_said(hv: Hypervisor, xc: XenControl) -> None:
     """As on a kernel without Landlock or seccomp: the domain boots, confined by
     what remains, and dmesg says which; and it is not dumpable."""
     hv._sandbox = attrs.evolve(hv.sandbox, landlock_abi=0, seccomp_machine=None)

@@ -51,22 +51,36 @@ def test_a_good_topology_parses() -> None:
     assert web.kernel == "domains.guest:main" and web.init == "myapp.guest:main"
 
 
-@pytest.mark.parametrize(("vdev", "number"), [
-    ("xvda", 51712), ("xvdb", 51728), ("xvda1", 51713), ("xvdp", 51952), ("xvdq", 268439552),
-    ("xvdaa", 268442112), ("hda", 768), ("hdc", 5632), ("sda", 2048), ("sdb3", 2067),
-])
+@pytest.mark.parametrize(
+    ("vdev", "number"),
+    [
+        ("xvda", 51712),
+        ("xvdb", 51728),
+        ("xvda1", 51713),
+        ("xvdp", 51952),
+        ("xvdq", 268439552),
+        ("xvdaa", 268442112),
+        ("hda", 768),
+        ("hdc", 5632),
+        ("sda", 2048),
+        ("sdb3", 2067),
+    ],
+)
 def test_vdev_numbers_follow_vbd_interface_txt(vdev: str, number: int) -> None:
     assert vdev_number(vdev) == number
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("format=qcow2, vdev=xvda, target=a.img", "only format=raw"),
-    ("vdev=xvda, access=x, target=a.img", "access=x"),
-    ("format=raw, target=a.img, vdev=xvda", "target= must come last"),
-    ("format=raw, vdev=xvda", "needs target"),
-    ("colour=red, vdev=xvda, target=a.img", "unknown disk key 'colour'"),
-    ("format=raw, vdev=floppy, target=a.img", "vdev 'floppy'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("format=qcow2, vdev=xvda, target=a.img", "only format=raw"),
+        ("vdev=xvda, access=x, target=a.img", "access=x"),
+        ("format=raw, target=a.img, vdev=xvda", "target= must come last"),
+        ("format=raw, vdev=xvda", "needs target"),
+        ("colour=red, vdev=xvda, target=a.img", "unknown disk key 'colour'"),
+        ("format=raw, vdev=floppy, target=a.img", "vdev 'floppy'"),
+    ],
+)
 def test_bad_disk_specs_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_disk_spec(spec)
@@ -74,17 +88,24 @@ def test_bad_disk_specs_say_what_is_wrong(spec: str, message: str) -> None:
 
 def test_positional_disk_spec_and_cdrom() -> None:
     disk = parse_disk_spec("/srv/x.iso,,hdc,cdrom")
-    assert (disk.target, disk.vdev, disk.devtype, disk.access) == ("/srv/x.iso", "hdc", "cdrom",
-                                                                   "ro")
+    assert (disk.target, disk.vdev, disk.devtype, disk.access) == (
+        "/srv/x.iso",
+        "hdc",
+        "cdrom",
+        "ro",
+    )
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("mac=01:16:3e:00:00:01", "multicast"),
-    ("mac=00:16:3e:00:00", "six hex bytes"),
-    ("ip=10.0.0.300", "IPv4"),
-    ("speed=fast", "unknown vif setting"),
-    ("type=ioemu", "only PV vifs"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mac=01:16:3e:00:00:01", "multicast"),
+        ("mac=00:16:3e:00:00", "six hex bytes"),
+        ("ip=10.0.0.300", "IPv4"),
+        ("speed=fast", "unknown vif setting"),
+        ("type=ioemu", "only PV vifs"),
+    ],
+)
 def test_bad_vif_specs_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_vif_spec(spec, default_mac="00:16:3e:00:00:09")
@@ -97,15 +118,17 @@ def test_sizes() -> None:
 
 
 def test_every_mistake_is_reported_with_its_line() -> None:
-    text = GOOD.replace('memory = 64', 'memory = "lots"').replace(
-        'on_crash = "preserve"', 'on_crash = "explode"\ncolour = "blue"').replace(
-        'name = "db"', 'name = "web"')
+    text = (
+        GOOD.replace("memory = 64", 'memory = "lots"')
+        .replace('on_crash = "preserve"', 'on_crash = "explode"\ncolour = "blue"')
+        .replace('name = "db"', 'name = "web"')
+    )
     with pytest.raises(TopologyError) as info:
         parse_topology(text, "demo.toml")
     report = str(info.value)
     lines = text.splitlines()
     problems = {p.message.split(":")[0].split(" =")[0]: p for p in info.value.problems}
-    assert 'memory' in problems and lines[problems["memory"].line - 1].startswith("memory")
+    assert "memory" in problems and lines[problems["memory"].line - 1].startswith("memory")
     assert lines[problems["on_crash"].line - 1].startswith("on_crash")
     assert "unknown key 'colour'" in report
     assert "used twice" in report
@@ -151,37 +174,76 @@ def test_an_xl_cfg_style_domain_file() -> None:
 ONE = '[[domain]]\nname = "a"\nmemory = 16\n'
 
 
-@pytest.mark.parametrize(("text", "line", "message"), [
-    ('[dom0]\nimages = "a.img"\n', 2, "images = 'a.img': a table of file name = size"),
-    ('dom0 = 5\n', 1, "dom0 = 5: [dom0] is a table of keys"),
-    ('host = "x"\n', 1, "host = 'x': [host] is a table of keys"),
-    ('[dom0]\nimages = { "/etc/passwd" = "1M" }\n', 2, "an absolute path"),
-    ('[dom0]\nimages = { "../x.img" = "1M" }\n', 2, "'..', '.' and empty parts"),
-    ('[dom0]\nimages = { "a.img" = 1000 }\n', 2, "not a whole number of 512-byte sectors"),
-    ('[dom0]\nimages = { "a.img" = "99999999T" }\n', 2, "more than the 4 TiB"),
-    ('[dom0]\nimages = { "a.img" = "0" }\n', 2, "0 bytes is not a whole number"),
-    ('[dom0]\nnic = "pcap:/tmp/x.pcap"\n', 2, "an absolute path"),
-    ('[dom0]\nnic = "pcap:../x.pcap"\n', 2, "'..'"),
-    ('[dom0]\nnic = "tap:much-too-long-a-name"\n', 2, "an interface name of 1 to 15"),
-    (ONE + 'vif = ["mac=00:16:3e:00:00:01"]\n' + ONE.replace('"a"', '"b"')
-     + 'vif = ["mac=00:16:3e:00:00:01"]\n', 8, "mac=00:16:3e:00:00:01 is used twice (a and b)"),
-    ('[dom0]\nimages = { "s.img" = "1M" }\n' + ONE + 'disk = ["vdev=xvda, target=s.img"]\n'
-     + ONE.replace('"a"', '"b"') + 'disk = ["vdev=xvda, access=ro, target=s.img"]\n', 10,
-     "image 's.img' is attached to a, b, and read-write"),
-    (ONE + 'devices = [{ type = "k", driver = "p.one:D" }, { type = "k", driver = "p.two:D", '
-     'devid = 1 }]\n', 4, "type 'k' has two drivers, 'p.one:D' and 'p.two:D'"),
-    (ONE + 'devices = [{ type = "k", devid = "x" }]\n', 4, "devid = 'x': a number"),
-    (ONE + 'devices = [{ type = "k" }, { type = "k", devid = 0 }]\n', 4, "k devid 0 is used twice"),
-    (ONE + 'devices = [{ type = "vbd", params = "/etc/shadow" }]\n', 4, "type = 'vbd' is built in"),
-    (ONE + 'devices = [{ type = "k", params = "/etc/shadow" }]\n', 4,
-     "params = '/etc/shadow' is not one of Dom0's images"),
-    (ONE + 'devices = [{ type = "k", frontend = "/local/domain/0" }]\n', 4,
-     "'frontend': the toolstack writes that key itself"),
-    (ONE + 'disk = ["vdev=xvda, backend=3, target=a.img"]\n', 4, "only Dom0 (0) runs back ends"),
-    ('[dom0]\nmemory = 4096\n' + (ONE.replace("16", "4096")) * 2000, 2, "this host has"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('[dom0]\nimages = "a.img"\n', 2, "images = 'a.img': a table of file name = size"),
+        ("dom0 = 5\n", 1, "dom0 = 5: [dom0] is a table of keys"),
+        ('host = "x"\n', 1, "host = 'x': [host] is a table of keys"),
+        ('[dom0]\nimages = { "/etc/passwd" = "1M" }\n', 2, "an absolute path"),
+        ('[dom0]\nimages = { "../x.img" = "1M" }\n', 2, "'..', '.' and empty parts"),
+        ('[dom0]\nimages = { "a.img" = 1000 }\n', 2, "not a whole number of 512-byte sectors"),
+        ('[dom0]\nimages = { "a.img" = "99999999T" }\n', 2, "more than the 4 TiB"),
+        ('[dom0]\nimages = { "a.img" = "0" }\n', 2, "0 bytes is not a whole number"),
+        ('[dom0]\nnic = "pcap:/tmp/x.pcap"\n', 2, "an absolute path"),
+        ('[dom0]\nnic = "pcap:../x.pcap"\n', 2, "'..'"),
+        ('[dom0]\nnic = "tap:much-too-long-a-name"\n', 2, "an interface name of 1 to 15"),
+        (
+            ONE
+            + 'vif = ["mac=00:16:3e:00:00:01"]\n'
+            + ONE.replace('"a"', '"b"')
+            + 'vif = ["mac=00:16:3e:00:00:01"]\n',
+            8,
+            "mac=00:16:3e:00:00:01 is used twice (a and b)",
+        ),
+        (
+            '[dom0]\nimages = { "s.img" = "1M" }\n'
+            + ONE
+            + 'disk = ["vdev=xvda, target=s.img"]\n'
+            + ONE.replace('"a"', '"b"')
+            + 'disk = ["vdev=xvda, access=ro, target=s.img"]\n',
+            10,
+            "image 's.img' is attached to a, b, and read-write",
+        ),
+        (
+            ONE
+            + 'devices = [{ type = "k", driver = "p.one:D" }, { type = "k", driver = "p.two:D", '
+            "devid = 1 }]\n",
+            4,
+            "type 'k' has two drivers, 'p.one:D' and 'p.two:D'",
+        ),
+        (ONE + 'devices = [{ type = "k", devid = "x" }]\n', 4, "devid = 'x': a number"),
+        (
+            ONE + 'devices = [{ type = "k" }, { type = "k", devid = 0 }]\n',
+            4,
+            "k devid 0 is used twice",
+        ),
+        (
+            ONE + 'devices = [{ type = "vbd", params = "/etc/shadow" }]\n',
+            4,
+            "type = 'vbd' is built in",
+        ),
+        (
+            ONE + 'devices = [{ type = "k", params = "/etc/shadow" }]\n',
+            4,
+            "params = '/etc/shadow' is not one of Dom0's images",
+        ),
+        (
+            ONE + 'devices = [{ type = "k", frontend = "/local/domain/0" }]\n',
+            4,
+            "'frontend': the toolstack writes that key itself",
+        ),
+        (
+            ONE + 'disk = ["vdev=xvda, backend=3, target=a.img"]\n',
+            4,
+            "only Dom0 (0) runs back ends",
+        ),
+        ("[dom0]\nmemory = 4096\n" + (ONE.replace("16", "4096")) * 2000, 2, "this host has"),
+    ],
+)
 def test_mistakes_that_once_crashed_or_slipped_through_are_line_errors(
-        text: str, line: int, message: str) -> None:
+    text: str, line: int, message: str
+) -> None:
     with pytest.raises(TopologyError) as info:
         parse_topology(text, "t.toml")
     found = [p for p in info.value.problems if message in p.message]
@@ -194,9 +256,12 @@ def test_create_cannot_name_host_files_either() -> None:
     from xenlike.topology import parse_domain_file
 
     with pytest.raises(TopologyError, match="not one of Dom0's images"):
-        parse_domain_file('name = "x"\nmemory = 16\n'
-                          'devices = [{ type = "k", params = "/etc/shadow" }]\n',
-                          images={"a.img": 1 << 20})
+        parse_domain_file(
+            'name = "x"\nmemory = 16\ndevices = [{ type = "k", params = "/etc/shadow" }]\n',
+            images={"a.img": 1 << 20},
+        )
     with pytest.raises(TopologyError, match="not one of Dom0's images"):
-        parse_domain_file('name = "x"\nmemory = 16\ndisk = ["vdev=xvda, target=/etc/shadow"]\n',
-                          images={"a.img": 1 << 20})
+        parse_domain_file(
+            'name = "x"\nmemory = 16\ndisk = ["vdev=xvda, target=/etc/shadow"]\n',
+            images={"a.img": 1 << 20},
+        )

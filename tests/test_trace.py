@@ -33,7 +33,6 @@ from xenlike.trace import (
     TRACE_FLAG_FAST_PATH,
     TRACE_FLAG_LOST,
     TRACE_RECORD_SIZE,
-    XENLIKE_SYSCTL_trace_buffers,
     BadTraceBuffer,
     BadTraceFile,
     LostRecords,
@@ -42,6 +41,7 @@ from xenlike.trace import (
     TraceReader,
     TraceRecord,
     TraceSource,
+    XENLIKE_SYSCTL_trace_buffers,
     decode_records,
     fast_path_recorder,
     follow,
@@ -79,6 +79,7 @@ def read_all(buffer: TraceBuffer, cursor: TraceCursor) -> tuple[int, list[int]]:
 
 # --- layouts -----------------------------------------------------------------
 
+
 def test_layouts_are_what_the_docstring_says() -> None:
     assert trace_record.sizeof() == TRACE_RECORD_SIZE == 72
     assert trace_buffer_header.sizeof() == 32
@@ -87,20 +88,39 @@ def test_layouts_are_what_the_docstring_says() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.tuples(st.integers(0, 2**64 - 1), st.integers(-2**63, 2**63 - 1),
-                 st.integers(0, 2**64 - 1),
-                 *[st.integers(0, 2**64 - 1)] * 4,
-                 st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
-                 st.integers(0, 2**16 - 1), st.integers(0, 2**16 - 1)))
+@given(
+    st.tuples(
+        st.integers(0, 2**64 - 1),
+        st.integers(-(2**63), 2**63 - 1),
+        st.integers(0, 2**64 - 1),
+        *[st.integers(0, 2**64 - 1)] * 4,
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**16 - 1),
+        st.integers(0, 2**16 - 1),
+    )
+)
 def test_the_recording_codec_writes_constructs_bytes(fields: tuple[int, ...]) -> None:
     time_ns, result, duration_ns, a0, a1, a2, a3, count, op, cmd, domid, flags = fields
-    built = trace_record.build(dict(time_ns=time_ns, result=result, duration_ns=duration_ns,
-                                    args=[a0, a1, a2, a3], count=count, op=op, cmd=cmd,
-                                    domid=domid, flags=flags))
+    built = trace_record.build(
+        dict(
+            time_ns=time_ns,
+            result=result,
+            duration_ns=duration_ns,
+            args=[a0, a1, a2, a3],
+            count=count,
+            op=op,
+            cmd=cmd,
+            domid=domid,
+            flags=flags,
+        )
+    )
     assert RECORD.format.pack(*fields) == built
 
 
 # --- the ring ----------------------------------------------------------------
+
 
 def test_a_new_buffer_is_empty_and_disabled() -> None:
     buffer = new_buffer(8)
@@ -148,10 +168,13 @@ def test_readers_are_independent_and_a_late_one_starts_at_the_oldest_record() ->
 
 
 @settings(max_examples=400, deadline=None)
-@given(nr_records=st.integers(2, 6),
-       steps=st.lists(st.sampled_from(["write", "tear", "begin", "copy", "finish"]), max_size=120))
+@given(
+    nr_records=st.integers(2, 6),
+    steps=st.lists(st.sampled_from(["write", "tear", "begin", "copy", "finish"]), max_size=120),
+)
 def test_interleaved_producer_and_reader_never_deliver_a_torn_record(
-        nr_records: int, steps: list[str]) -> None:
+    nr_records: int, steps: list[str]
+) -> None:
     """The reader copies one slot per step, the producer writes (or is halfway through
     writing: "tear") between any two of them."""
     buffer = new_buffer(nr_records)
@@ -168,7 +191,7 @@ def test_interleaved_producer_and_reader_never_deliver_a_torn_record(
             chunks.append(buffer.copy(first + len(chunks), first + len(chunks) + 1))
         missed, start = cursor.accept(first, end, buffer.prod)
         lost += missed
-        delivered.extend(decode_records(b"".join(chunks)[(start - first) * TRACE_RECORD_SIZE:]))
+        delivered.extend(decode_records(b"".join(chunks)[(start - first) * TRACE_RECORD_SIZE :]))
         copying = None
 
     try:
@@ -177,9 +200,9 @@ def test_interleaved_producer_and_reader_never_deliver_a_torn_record(
                 buffer.write(*numbered(written))
                 written += 1
             elif step == "tear":  # half of the next record, over the oldest one's slot
-                half = RECORD.format.pack(*numbered(written))[:TRACE_RECORD_SIZE // 2]
+                half = RECORD.format.pack(*numbered(written))[: TRACE_RECORD_SIZE // 2]
                 offset = BUFFER_RECORDS_OFFSET + written % nr_records * TRACE_RECORD_SIZE
-                buffer._mapping[offset:offset + len(half)] = half
+                buffer._mapping[offset : offset + len(half)] = half
             elif step == "begin" and copying is None:
                 copying = (*cursor.window(buffer.prod), [])
             elif step == "copy" and copying is not None:
@@ -241,6 +264,7 @@ def test_a_buffer_cannot_be_resized_under_its_readers() -> None:
 
 # --- records -----------------------------------------------------------------
 
+
 def test_fast_path_sends_are_recorded_only_while_enabled() -> None:
     buffer = new_buffer(8)
     record_send = fast_path_recorder(TraceBuffer.attach(os.dup(buffer.fd), writable=True), domid=3)
@@ -252,7 +276,10 @@ def test_fast_path_sends_are_recorded_only_while_enabled() -> None:
     record_send(6)
     (record,) = decode_records(buffer.read(TraceCursor.oldest(8, 0))[1])
     assert record.fast_path and (record.domid, record.name, record.arguments) == (
-        3, "event_channel_op.send", {"port": 5})
+        3,
+        "event_channel_op.send",
+        {"port": 5},
+    )
     assert (record.result, record.duration_ns, record.count, record.error) == (0, 0, 1, None)
     buffer.close()
 
@@ -266,10 +293,14 @@ def test_a_reader_believes_the_hypervisor_not_the_domain_about_who_wrote_a_recor
 
 
 def test_records_are_named_from_the_hypercall_table() -> None:
-    bind = TraceRecord(0, 2, Hypercall.event_channel_op, EvtchnOp.bind_interdomain, (1, 5, 0, 0),
-                       1, -22, 900)
-    assert (bind.op_name, bind.cmd_name, bind.error) == ("event_channel_op", "bind_interdomain",
-                                                        "EINVAL")
+    bind = TraceRecord(
+        0, 2, Hypercall.event_channel_op, EvtchnOp.bind_interdomain, (1, 5, 0, 0), 1, -22, 900
+    )
+    assert (bind.op_name, bind.cmd_name, bind.error) == (
+        "event_channel_op",
+        "bind_interdomain",
+        "EINVAL",
+    )
     assert bind.arguments == {"remote_dom": 1, "remote_port": 5, "local_port": 0}
     unknown = TraceRecord(0, 0, 99, 3, (0,) * 4, 0, -Errno.ENOSYS, 1)
     assert (unknown.name, unknown.error, unknown.arguments) == ("99.3", "ENOSYS", {})
@@ -288,19 +319,37 @@ def test_arguments_are_summarised_by_their_first_integer_fields() -> None:
 
 # --- files -------------------------------------------------------------------
 
-EVENTS = st.lists(st.one_of(
-    st.builds(TraceRecord, st.integers(0, 2**63), st.integers(0, 0x7FEF), st.integers(0, 60),
-              st.integers(0, 0x2000), st.tuples(*[st.integers(0, 2**64 - 1)] * 4),
-              st.integers(0, 2**32 - 1), st.integers(-2**63, 2**63 - 1), st.integers(0, 2**40),
-              st.booleans()),
-    st.builds(LostRecords, st.integers(0, 2**63), st.integers(0, 0x7FEF),
-              st.integers(1, 2**32 - 1), st.booleans())), max_size=30)
+EVENTS = st.lists(
+    st.one_of(
+        st.builds(
+            TraceRecord,
+            st.integers(0, 2**63),
+            st.integers(0, 0x7FEF),
+            st.integers(0, 60),
+            st.integers(0, 0x2000),
+            st.tuples(*[st.integers(0, 2**64 - 1)] * 4),
+            st.integers(0, 2**32 - 1),
+            st.integers(-(2**63), 2**63 - 1),
+            st.integers(0, 2**40),
+            st.booleans(),
+        ),
+        st.builds(
+            LostRecords,
+            st.integers(0, 2**63),
+            st.integers(0, 0x7FEF),
+            st.integers(1, 2**32 - 1),
+            st.booleans(),
+        ),
+    ),
+    max_size=30,
+)
 
 
 @settings(max_examples=50, deadline=None)
 @given(events=EVENTS)
-def test_save_and_load_round_trip(tmp_path_factory: pytest.TempPathFactory,
-                                  events: list[TraceRecord | LostRecords]) -> None:
+def test_save_and_load_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, events: list[TraceRecord | LostRecords]
+) -> None:
     path = tmp_path_factory.mktemp("trace") / "t.xltrace"
     assert save(events, path) == len(events)
     loaded = load(path)
@@ -326,6 +375,7 @@ def test_the_public_names_exist() -> None:
 
 # --- with a hypervisor and guests ---------------------------------------------
 
+
 async def ping_and_stay(domain: Domain) -> None:
     await kernels.ping(domain)
     await trio.sleep_forever()
@@ -338,14 +388,18 @@ async def pong_and_stay(domain: Domain) -> None:
 
 async def ping_pong(xc: XenControl, rounds: int, *, stay: bool = False) -> tuple[int, int, int]:
     """Two guests that bounce an event `rounds` times: (ping, pong, ping's port). Paused."""
-    ping_kernel, pong_kernel = (("tests.test_trace:ping_and_stay", "tests.test_trace:pong_and_stay")
-                                if stay else ("tests.kernels:ping", "tests.kernels:pong"))
+    ping_kernel, pong_kernel = (
+        ("tests.test_trace:ping_and_stay", "tests.test_trace:pong_and_stay")
+        if stay
+        else ("tests.kernels:ping", "tests.kernels:pong")
+    )
     ping = await xc.createdomain()
     await xc.set_max_mem(ping, 4096)
     port = await xc.alloc_unbound(ping, remote_dom=ping + 1)
     await xc.build(ping, ping_kernel, cmdline=f"port={port} rounds={rounds}")
-    pong = await xc.create_domain(pong_kernel, memory_mb=4,
-                                  cmdline=f"peer={ping} port={port} rounds={rounds}")
+    pong = await xc.create_domain(
+        pong_kernel, memory_mb=4, cmdline=f"peer={ping} port={port} rounds={rounds}"
+    )
     return ping, pong, port
 
 
@@ -366,8 +420,9 @@ async def wait_for_readers(hv: Hypervisor, count: int) -> None:
             await trio.sleep(0.01)
 
 
-async def test_a_reader_sees_a_guest_boot_in_order(hv: Hypervisor, xc: XenControl,
-                                                   tmp_path: Path) -> None:
+async def test_a_reader_sees_a_guest_boot_in_order(
+    hv: Hypervisor, xc: XenControl, tmp_path: Path
+) -> None:
     with await TraceReader.open(hv.run_dir) as reader:
         domid = await xc.create_domain("tests.kernels:hello", memory_mb=4)
         await xc.unpause(domid)
@@ -384,8 +439,14 @@ async def test_a_reader_sees_a_guest_boot_in_order(hv: Hypervisor, xc: XenContro
     assert guest[1].arguments == {"reason": 0} and not any(r.fast_path for r in guest)
     dom0 = [r.name for r in calls(events, 0)]
     assert dom0[0] == "sysctl.xenlike_trace_buffers"
-    expected = ["domctl.createdomain", "domctl.max_mem", "domctl.xenlike_build",
-                "domctl.unpausedomain", "99.3", "sysctl.xenlike_trace_buffers"]
+    expected = [
+        "domctl.createdomain",
+        "domctl.max_mem",
+        "domctl.xenlike_build",
+        "domctl.unpausedomain",
+        "99.3",
+        "sysctl.xenlike_trace_buffers",
+    ]
     assert [n for n in dom0[1:] if n in expected] == expected
     failed = [r for r in calls(events, 0) if r.name == "99.3"]
     assert failed[0].error == "ENOSYS" and failed[0].duration_ns > 0
@@ -393,8 +454,9 @@ async def test_a_reader_sees_a_guest_boot_in_order(hv: Hypervisor, xc: XenContro
     assert list(load(tmp_path / "boot.xltrace").events) == events
 
 
-async def test_fast_path_sends_of_a_ping_pong_interleave_in_time(hv: Hypervisor,
-                                                                 xc: XenControl) -> None:
+async def test_fast_path_sends_of_a_ping_pong_interleave_in_time(
+    hv: Hypervisor, xc: XenControl
+) -> None:
     rounds = 200
     with await TraceReader.open(hv.run_dir) as reader:
         ping, pong, port = await ping_pong(xc, rounds)
@@ -428,15 +490,18 @@ async def test_a_reader_that_goes_away_turns_tracing_off(hv: Hypervisor, xc: Xen
     sleeper = await xc.create_domain("tests.kernels:sleeper", memory_mb=4)
     await xc.unpause(sleeper)
     await wait_for_log(xc, f"(d{sleeper}) sleeping")
-    script = ("import sys, trio\n"
-              "from xenlike.trace import TraceReader\n"
-              "async def main():\n"
-              "    with await TraceReader.open(sys.argv[1]):\n"
-              "        print('reading', flush=True)\n"
-              "        await trio.sleep_forever()\n"
-              "trio.run(main)\n")
-    process = await trio.lowlevel.open_process([sys.executable, "-c", script, str(hv.run_dir)],
-                                               stdout=subprocess.PIPE)
+    script = (
+        "import sys, trio\n"
+        "from xenlike.trace import TraceReader\n"
+        "async def main():\n"
+        "    with await TraceReader.open(sys.argv[1]):\n"
+        "        print('reading', flush=True)\n"
+        "        await trio.sleep_forever()\n"
+        "trio.run(main)\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script, str(hv.run_dir)], stdout=subprocess.PIPE
+    )
     assert process.stdout is not None
     try:
         said = b""
@@ -460,8 +525,9 @@ async def test_a_reader_that_goes_away_turns_tracing_off(hv: Hypervisor, xc: Xen
     assert not any(b.enabled for b in hv.trace.statistics().buffers)
 
 
-async def test_small_buffers_lose_the_oldest_records_and_say_how_many(hv: Hypervisor,
-                                                                      xc: XenControl) -> None:
+async def test_small_buffers_lose_the_oldest_records_and_say_how_many(
+    hv: Hypervisor, xc: XenControl
+) -> None:
     rounds = 500
     hv.trace.nr_records = 64
     with await TraceReader.open(hv.run_dir) as reader:
@@ -478,8 +544,9 @@ async def test_small_buffers_lose_the_oldest_records_and_say_how_many(hv: Hyperv
         assert events.index(lost[0]) < events.index(fast[0])
 
 
-async def test_follow_finds_new_domains_and_yields_in_time_order(hv: Hypervisor,
-                                                                 xc: XenControl) -> None:
+async def test_follow_finds_new_domains_and_yields_in_time_order(
+    hv: Hypervisor, xc: XenControl
+) -> None:
     seen: list = []
     async with aclosing(follow(hv.run_dir, poll_interval=0.01, rescan_interval=0.05)) as events:
         domid = await xc.create_domain("tests.kernels:hello", memory_mb=4)
@@ -487,8 +554,11 @@ async def test_follow_finds_new_domains_and_yields_in_time_order(hv: Hypervisor,
         with trio.fail_after(20):
             async for event in events:
                 seen.append(event)
-                if isinstance(event, TraceRecord) and event.domid == domid and \
-                        event.name == "sched_op.shutdown":
+                if (
+                    isinstance(event, TraceRecord)
+                    and event.domid == domid
+                    and event.name == "sched_op.shutdown"
+                ):
                     break
     await wait_for_readers(hv, 0)
     assert [e.time_ns for e in seen] == sorted(e.time_ns for e in seen)
@@ -503,10 +573,9 @@ async def test_only_dom0_may_read_the_traces(hv: Hypervisor, connect: DomainConn
     assert hv.trace.statistics().readers == 0
 
 
-
-
 async def test_a_new_reader_starts_at_the_present_and_replays_only_when_asked(
-        hv: Hypervisor, xc: XenControl) -> None:
+    hv: Hypervisor, xc: XenControl
+) -> None:
     with await TraceReader.open(hv.run_dir):
         with pytest.raises(HypercallError):
             await xc.hypercalls.call(99, 3)  # recorded while the first reader is attached

@@ -27,11 +27,11 @@ from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, EvtchnStat, evtchn_close
 from xenlike.abi.grant_table import GnttabOp
 from xenlike.abi.xen import Hypercall
-from xenlike.cli import main
 from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
 from xenlike.ring import BackRing, FrontRing
 from xenlike.testing import doorbell_pair
+from xenlike.tools.cli import main
 from xenlike.trace import (
     LostRecords,
     TraceBuffer,
@@ -74,28 +74,45 @@ CLOSE = compile_struct(evtchn_close, "evtchn_close")
 WORKLOAD_CALLS = 300
 
 
-def call(time_ns: int, domid: int, op: int, cmd: int, args: tuple[int, ...] = (0, 0, 0, 0), *,
-         result: int = 0, duration_ns: int = 1_000, count: int = 1, fast: bool = False
-         ) -> TraceRecord:
+def call(
+    time_ns: int,
+    domid: int,
+    op: int,
+    cmd: int,
+    args: tuple[int, ...] = (0, 0, 0, 0),
+    *,
+    result: int = 0,
+    duration_ns: int = 1_000,
+    count: int = 1,
+    fast: bool = False,
+) -> TraceRecord:
     return TraceRecord(time_ns, domid, op, cmd, args, count, result, duration_ns, fast)
 
 
-def event(time_ns: int, domid: int, op: int, cmd: int, args: tuple[int, ...], count: int = 0
-          ) -> TraceRecord:
+def event(
+    time_ns: int, domid: int, op: int, cmd: int, args: tuple[int, ...], count: int = 0
+) -> TraceRecord:
     return TraceRecord(time_ns, domid, op, cmd, args, count, 0, 0, True)
 
 
-def ring_push(time_ns: int, domid: int, port: int, pushed: int, notify: bool, *,
-              backend: bool = False) -> TraceRecord:
+def ring_push(
+    time_ns: int, domid: int, port: int, pushed: int, notify: bool, *, backend: bool = False
+) -> TraceRecord:
     cmd = RingEvent.push_responses if backend else RingEvent.push_requests
     return event(time_ns, domid, XenlikeOp.ring, cmd, (port, time_ns, pushed, int(notify)))
 
 
 # --- parsing and filtering ------------------------------------------------------
 
+
 def test_durations_take_a_unit() -> None:
-    assert [parse_duration(t) for t in ("100us", "2ms", "1.5s", "500ns", "20µs")] == \
-        [100_000, 2_000_000, 1_500_000_000, 500, 20_000]
+    assert [parse_duration(t) for t in ("100us", "2ms", "1.5s", "500ns", "20µs")] == [
+        100_000,
+        2_000_000,
+        1_500_000_000,
+        500,
+        20_000,
+    ]
     with pytest.raises(ValueError, match="a number and a unit"):
         parse_duration("100")
 
@@ -119,11 +136,15 @@ def test_filters_combine_and_lost_records_always_show_for_their_domain() -> None
     lost = LostRecords(4, 1, 10, True)
     events = [send, slow_map, failed, lost]
     assert [e for e in events if Filter(domains=frozenset({1}))(e)] == [send, failed, lost]
-    assert [e for e in events if Filter(ops=(parse_op("event_channel_op.send"),))(e)] == \
-        [send, lost]
+    assert [e for e in events if Filter(ops=(parse_op("event_channel_op.send"),))(e)] == [
+        send,
+        lost,
+    ]
     assert [e for e in events if Filter(errors=True)(e)] == [failed, lost]
-    assert [e for e in events if Filter(slower_than_ns=parse_duration("2ms"))(e)] == \
-        [slow_map, lost]
+    assert [e for e in events if Filter(slower_than_ns=parse_duration("2ms"))(e)] == [
+        slow_map,
+        lost,
+    ]
     assert [e for e in events if Filter(frozenset({0}), errors=True)(e)] == []
 
 
@@ -131,8 +152,9 @@ def test_a_line_has_time_domain_call_arguments_result_and_duration() -> None:
     def wallclock(ns: int) -> int:
         return 1_700_000_000_000_000_000 + ns
 
-    failed = call(0, 1, EVTCHN, EvtchnOp.close, (999, 0, 0, 0), result=-Errno.EINVAL,
-                  duration_ns=12_345)
+    failed = call(
+        0, 1, EVTCHN, EvtchnOp.close, (999, 0, 0, 0), result=-Errno.EINVAL, duration_ns=12_345
+    )
     line = format_event(failed, wallclock)
     assert " d1 " in line and "event_channel_op.close" in line and "port=999" in line
     assert line.endswith("= EINVAL  12.3us")
@@ -142,8 +164,9 @@ def test_a_line_has_time_domain_call_arguments_result_and_duration() -> None:
     assert describe(state) == "xenbus.state frontend vbd/51712 -> Connected"
     peer = event(0, 0, XenlikeOp.xenbus, XenbusEvent.peer, (pack_name("vbd"), 51712, 3, 1), 1)
     assert describe(peer) == "xenbus.peer backend vbd/51712 saw frontend (d1) Initialised"
-    assert describe(ring_push(0, 1, 5, 3, False)) == \
-        "ring.push_requests port 5 prod 0 +3 suppressed"
+    assert (
+        describe(ring_push(0, 1, 5, 3, False)) == "ring.push_requests port 5 prod 0 +3 suppressed"
+    )
     assert describe(LostRecords(0, 1, 9, True)) == "lost 9 records (domain buffer)"
     colored = format_event(failed, wallclock, color=True)
     assert "\x1b[" in colored and "EINVAL" in colored
@@ -151,6 +174,7 @@ def test_a_line_has_time_domain_call_arguments_result_and_duration() -> None:
 
 
 # --- report and export on made-up records ----------------------------------------------
+
 
 def made_up_trace() -> list[Any]:
     """d1's front end pushes on port 5 (peer d0:7), d0's back end answers on port 7."""
@@ -184,17 +208,31 @@ def test_report_counts_failures_latencies_sends_grants_and_rings() -> None:
     assert rows[(1, "event_channel_op.send")]["p50_us"] is None  # fast path: no latency
     assert rows[(0, "domctl.createdomain")]["max_us"] == 1.5
     assert rows[(1, "event_channel_op.close")]["failures"] == 1
-    assert summary["failures"] == [{"domid": 1, "name": "event_channel_op.close",
-                                    "error": "EINVAL", "count": 1}]
+    assert summary["failures"] == [
+        {"domid": 1, "name": "event_channel_op.close", "error": "EINVAL", "count": 1}
+    ]
     sends = {(s["domid"], s["port"]): s for s in summary["evtchn_sends"]}
     assert sends[(1, 5)]["peer"] is None and sends[(0, 7)]["peer"] == "d1:5"
     assert (sends[(1, 5)]["ring_pushes"], sends[(1, 5)]["suppressed"]) == (4, 2)
     assert sends[(1, 5)]["suppressed_share"] == 0.5
-    assert summary["grants"] == [{"domid": 0, "map_calls": 1, "map_refs": 2, "map_failures": 0,
-                                  "unmap_calls": 1, "unmap_refs": 2, "unmap_failures": 0}]
+    assert summary["grants"] == [
+        {
+            "domid": 0,
+            "map_calls": 1,
+            "map_refs": 2,
+            "map_failures": 0,
+            "unmap_calls": 1,
+            "unmap_refs": 2,
+            "unmap_failures": 0,
+        }
+    ]
     busiest = summary["rings"][0]
-    assert (busiest["domid"], busiest["port"], busiest["device"], busiest["side"]) == \
-        (1, 5, "echo/0", "frontend")
+    assert (busiest["domid"], busiest["port"], busiest["device"], busiest["side"]) == (
+        1,
+        5,
+        "echo/0",
+        "frontend",
+    )
     assert (busiest["pushes"], busiest["entries"], busiest["suppressed"]) == (4, 8, 2)
     domains = {d["domid"]: d for d in summary["domains"]}
     assert domains[1]["fast_path_sends"] == 2 and domains[1]["lost"] == 3
@@ -247,6 +285,7 @@ def test_perfetto_export_of_made_up_records() -> None:
 
 
 # --- files, recorders and ring channels --------------------------------------------
+
 
 def test_a_streamed_file_is_readable_at_every_flush(tmp_path: Path) -> None:
     path = tmp_path / "stream.xltrace"
@@ -310,8 +349,9 @@ async def test_traced_ring_channels_record_pushes_notifies_and_final_checks(nurs
 async def test_a_device_records_its_state_writes_and_what_it_saw() -> None:
     buffer = TraceBuffer.create(64, domid=2, source=TraceSource.domain)
     buffer.enabled = True
-    trace = DeviceTrace(EventRecorder(buffer, 2), "vif", 0, "/local/domain/2/device/vif/0", 0,
-                        backend=False)
+    trace = DeviceTrace(
+        EventRecorder(buffer, 2), "vif", 0, "/local/domain/2/device/vif/0", 0, backend=False
+    )
     trace.saw_peer(2)
     async with trace.state_write(3):
         pass
@@ -320,7 +360,11 @@ async def test_a_device_records_its_state_writes_and_what_it_saw() -> None:
             raise XenStoreError("EACCES")
     peer, ok, refused = buffer_events(buffer)
     assert peer.name == "xenbus.peer" and peer.arguments == {
-        "device": pack_name("vif"), "devid": 0, "state": 2, "otherend": 0}
+        "device": pack_name("vif"),
+        "devid": 0,
+        "state": 2,
+        "otherend": 0,
+    }
     assert ok.name == "xenbus.state" and ok.arguments["state"] == 3 and ok.result == 0
     assert refused.error == "EACCES" and refused.duration_ns > 0
     silent = DeviceTrace(None, "vif", 0, "/x", 0, backend=True)  # a domain with no buffer
@@ -344,19 +388,21 @@ def test_bad_options_are_usage_errors_that_say_what_is_valid(tmp_path: Path) -> 
     assert junk.exit_code == 1 and "not a xenlike trace file" in junk.output
     shown = runner.invoke(main, ["trace", "show", str(path), "-d", "1", "--errors"])
     assert shown.exit_code == 0
-    assert [line.split()[2] for line in shown.output.splitlines()] == \
-        ["event_channel_op.close", "lost"]
+    assert [line.split()[2] for line in shown.output.splitlines()] == [
+        "event_channel_op.close",
+        "lost",
+    ]
 
 
 def test_every_trace_command_has_an_example() -> None:
     runner = CliRunner()
-    for args in (["trace"], ["trace", "show"], ["trace", "report"], ["trace", "export"],
-                 ["top"]):
+    for args in (["trace"], ["trace", "show"], ["trace", "report"], ["trace", "export"], ["top"]):
         result = runner.invoke(main, [*args, "--help"])
         assert result.exit_code == 0 and "Example:" in result.output, args
 
 
 # --- a topology, traced ------------------------------------------------------------
+
 
 async def workload(guest: Guest) -> None:
     """Waits for data/go; then WORKLOAD_CALLS echo calls at once and one refused close."""
@@ -372,8 +418,9 @@ async def workload(guest: Guest) -> None:
         for value in range(WORKLOAD_CALLS):
             nursery.start_soon(device.scale, value)
     try:
-        await guest.domain.hypercalls.call(Hypercall.event_channel_op, EvtchnOp.close,
-                                           CLOSE.pack((999,)), 1)
+        await guest.domain.hypercalls.call(
+            Hypercall.event_channel_op, EvtchnOp.close, CLOSE.pack((999,)), 1
+        )
     except HypercallError as exc:
         print(f"[{guest.name}] close 999: {Errno(exc.errno).name}")
     print(f"[{guest.name}] workload done")
@@ -430,14 +477,26 @@ def traced(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     try:
         xenlike("up", str(tmp / "traced.toml"), "--detach", "--trace", str(boot), run_dir=run_dir)
         # --history: the handshakes happened before this recorder attached
-        recorder = subprocess.Popen([*XENLIKE, "trace", "--record", str(live), "--rings",
-                                     "--history"],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-        wait_for(lambda: sum((r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)
-                             for r in recorded(live)) == 2, what="both ends' rings traced")
-        created = xenlike("create", str(tmp / "gamma.cfg"), "--no-wait",  # a stuck device
-                          run_dir=run_dir).stdout
+        recorder = subprocess.Popen(
+            [*XENLIKE, "trace", "--record", str(live), "--rings", "--history"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(
+            lambda: (
+                sum((r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach) for r in recorded(live))
+                == 2
+            ),
+            what="both ends' rings traced",
+        )
+        created = xenlike(
+            "create",
+            str(tmp / "gamma.cfg"),
+            "--no-wait",  # a stuck device
+            run_dir=run_dir,
+        ).stdout
         xenlike("xenstore", "write", "/local/domain/1/data/go", "1", run_dir=run_dir)
         console = run_dir / "console" / "client.log"
         wait_for(lambda: "workload done" in console.read_text(), what="the workload")
@@ -450,12 +509,22 @@ def traced(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         devices_text = xenlike("devices", "gamma", run_dir=run_dir).stdout
         recorder.send_signal(signal.SIGINT)
         _, err = recorder.communicate(timeout=30)
-        rings_left = xenlike("xenstore", "ls", "/local/domain/1/device/echo/0",
-                             run_dir=run_dir).stdout
-        yield {"boot": boot, "live": live, "created": created, "console": console.read_text(),
-               "device": gamma_device, "devices_text": devices_text, "recorder_exit":
-               recorder.returncode, "recorder_err": err, "rings_left": rings_left,
-               "run_dir": run_dir, "tmp": tmp}
+        rings_left = xenlike(
+            "xenstore", "ls", "/local/domain/1/device/echo/0", run_dir=run_dir
+        ).stdout
+        yield {
+            "boot": boot,
+            "live": live,
+            "created": created,
+            "console": console.read_text(),
+            "device": gamma_device,
+            "devices_text": devices_text,
+            "recorder_exit": recorder.returncode,
+            "recorder_err": err,
+            "rings_left": rings_left,
+            "run_dir": run_dir,
+            "tmp": tmp,
+        }
     finally:
         if recorder is not None and recorder.poll() is None:
             recorder.kill()
@@ -474,8 +543,15 @@ def names(records: list[Any], domid: int, *, tools: bool = False) -> list[str]:
     (their rescans, the recorder's EVTCHNOP_status) are left out.
     """
     skip = set() if tools else TOOLS
-    return [r.name for r in records if isinstance(r, TraceRecord) and r.domid == domid
-            and r.op < XenlikeOp.xenbus and r.cmd_name != "send" and r.name not in skip]
+    return [
+        r.name
+        for r in records
+        if isinstance(r, TraceRecord)
+        and r.domid == domid
+        and r.op < XenlikeOp.xenbus
+        and r.cmd_name != "send"
+        and r.name not in skip
+    ]
 
 
 def test_the_recorder_stops_cleanly_and_switches_ring_events_off(traced: dict) -> None:
@@ -496,28 +572,45 @@ def test_a_guest_boot_is_recorded_call_by_call(traced: dict) -> None:
     assert "created gamma as domain 2" in traced["created"]
     gamma = 2
     assert names(records, gamma) == ["event_channel_op.unmask", "event_channel_op.unmask"]
-    dom0 = [r for r in records if isinstance(r, TraceRecord) and r.domid == 0
-            and r.name in names([r], 0)]
+    dom0 = [
+        r
+        for r in records
+        if isinstance(r, TraceRecord) and r.domid == 0 and r.name in names([r], 0)
+    ]
     mine = [r for r in dom0 if about(r, gamma)]
-    toolstack = ["domctl.createdomain", "domctl.max_mem", "event_channel_op.alloc_unbound",
-                 "event_channel_op.alloc_unbound", "domctl.xenlike_build",
-                 "domctl.getdomaininfo", "domctl.unpausedomain"]
+    toolstack = [
+        "domctl.createdomain",
+        "domctl.max_mem",
+        "event_channel_op.alloc_unbound",
+        "event_channel_op.alloc_unbound",
+        "domctl.xenlike_build",
+        "domctl.getdomaininfo",
+        "domctl.unpausedomain",
+    ]
     assert [r.name for r in mine if r.name in toolstack] == toolstack[1:]
     assert dom0[dom0.index(mine[0]) - 1].name == "domctl.createdomain"  # its result is d2
     build = next(r for r in mine if r.name == "domctl.xenlike_build")
     store_port, console_port = build.arguments["store_evtchn"], build.arguments["console_evtchn"]
-    services = [(r.name, r.arguments.get("ref"), r.arguments.get("remote_port"))
-                for r in mine if r.name not in toolstack]
+    services = [
+        (r.name, r.arguments.get("ref"), r.arguments.get("remote_port"))
+        for r in mine
+        if r.name not in toolstack
+    ]
     # XS_INTRODUCE has xenstored map the store page (ref 1) and bind the store port;
     # xenconsoled maps the console page (ref 0) and binds its port; the two interleave.
-    assert sorted(services, key=str) == sorted([
-        ("grant_table_op.map_grant_ref", 1, None),
-        ("event_channel_op.bind_interdomain", None, store_port),
-        ("grant_table_op.map_grant_ref", 0, None),
-        ("event_channel_op.bind_interdomain", None, console_port)], key=str)
+    assert sorted(services, key=str) == sorted(
+        [
+            ("grant_table_op.map_grant_ref", 1, None),
+            ("event_channel_op.bind_interdomain", None, store_port),
+            ("grant_table_op.map_grant_ref", 0, None),
+            ("event_channel_op.bind_interdomain", None, console_port),
+        ],
+        key=str,
+    )
     for ref, port in ((1, store_port), (0, console_port)):
-        assert services.index(("grant_table_op.map_grant_ref", ref, None)) < \
-            services.index(("event_channel_op.bind_interdomain", None, port))
+        assert services.index(("grant_table_op.map_grant_ref", ref, None)) < services.index(
+            ("event_channel_op.bind_interdomain", None, port)
+        )
     assert all(r.result >= 0 for r in mine)
     boot = recorded(traced["boot"])  # `up --trace` started before Dom0 created the client
     assert "domctl.createdomain" in names(boot, 0)
@@ -526,17 +619,23 @@ def test_a_guest_boot_is_recorded_call_by_call(traced: dict) -> None:
 
 def test_ring_and_handshake_events_match_the_workload(traced: dict) -> None:
     records = [r for r in recorded(traced["live"]) if isinstance(r, TraceRecord)]
-    pushes = [r for r in records if (r.domid, r.op, r.cmd) ==
-              (1, XenlikeOp.ring, RingEvent.push_requests)]
-    answers = [r for r in records if (r.domid, r.op, r.cmd) ==
-               (0, XenlikeOp.ring, RingEvent.push_responses)]
+    pushes = [
+        r for r in records if (r.domid, r.op, r.cmd) == (1, XenlikeOp.ring, RingEvent.push_requests)
+    ]
+    answers = [
+        r
+        for r in records
+        if (r.domid, r.op, r.cmd) == (0, XenlikeOp.ring, RingEvent.push_responses)
+    ]
     assert sum(r.arguments["pushed"] for r in pushes) == WORKLOAD_CALLS
     assert sum(r.arguments["pushed"] for r in answers) == WORKLOAD_CALLS
     gamma_events = [describe(r) for r in records if r.domid == 2 and r.op == XenlikeOp.xenbus]
     assert gamma_events[0] == "xenbus.peer frontend stuck/0 saw backend (d0) Initialising"
     assert "waiting: no back end has picked the device up" in traced["devices_text"]
-    assert "last event: d2 xenbus.peer frontend stuck/0 saw backend (d0) Initialising" in \
-        traced["devices_text"]
+    assert (
+        "last event: d2 xenbus.peer frontend stuck/0 saw backend (d0) Initialising"
+        in traced["devices_text"]
+    )
     assert traced["device"]["last_event"].startswith("d2 xenbus.peer frontend stuck/0")
 
 
@@ -551,12 +650,12 @@ def test_the_report_counts_what_the_file_holds(traced: dict) -> None:
         mine = [r for r in calls if (r.domid, r.name) == (row["domid"], row["name"])]
         assert row["count"] == len(mine)
         assert row["failures"] == sum(r.result < 0 for r in mine)
-    assert {"domid": 1, "name": "event_channel_op.close", "error": "EINVAL", "count": 1} in \
-        summary["failures"]
+    assert {"domid": 1, "name": "event_channel_op.close", "error": "EINVAL", "count": 1} in summary[
+        "failures"
+    ]
     ring = next(r for r in summary["rings"] if (r["domid"], r["side"]) == (1, "frontend"))
     assert ring["device"] == "echo/0" and ring["entries"] == WORKLOAD_CALLS
-    port = next(s for s in summary["evtchn_sends"] if (s["domid"], s["port"]) ==
-                (1, ring["port"]))
+    port = next(s for s in summary["evtchn_sends"] if (s["domid"], s["port"]) == (1, ring["port"]))
     assert port["peer"].startswith("d0:") and port["ring_pushes"] == ring["pushes"]
     assert port["sends"] == ring["notified"]  # every notify is a send, every send a notify
     assert 0 < port["suppressed_share"] < 1
@@ -567,8 +666,16 @@ def test_the_report_counts_what_the_file_holds(traced: dict) -> None:
 
 def test_the_export_is_valid_trace_event_json(traced: dict) -> None:
     out = traced["tmp"] / "live.json"
-    result = xenlike("trace", "export", str(traced["live"]), "--format", "perfetto", "-o",
-                     str(out), run_dir=traced["run_dir"])
+    result = xenlike(
+        "trace",
+        "export",
+        str(traced["live"]),
+        "--format",
+        "perfetto",
+        "-o",
+        str(out),
+        run_dir=traced["run_dir"],
+    )
     assert "trace events" in result.stdout
     events = check_trace_events(json.loads(out.read_text()))
     processes = {e["args"]["name"] for e in events if e["name"] == "process_name"}
@@ -584,8 +691,9 @@ def test_the_export_is_valid_trace_event_json(traced: dict) -> None:
 
 def test_show_filters_the_file_as_live_would(traced: dict) -> None:
     def show(*args: str) -> list[str]:
-        return xenlike("trace", "show", str(traced["live"]), *args,
-                       run_dir=traced["run_dir"]).stdout.splitlines()
+        return xenlike(
+            "trace", "show", str(traced["live"]), *args, run_dir=traced["run_dir"]
+        ).stdout.splitlines()
 
     errors = show("--errors")
     assert len(errors) == 1 and "event_channel_op.close" in errors[0] and "EINVAL" in errors[0]
@@ -602,15 +710,20 @@ def test_up_trace_records_ring_events_of_devices_that_appear_later(tmp_path: Pat
     run_dir = tmp_path / "run"
     trace = tmp_path / "up.xltrace"
     cfg = tmp_path / "gamma.cfg"
-    cfg.write_text('name = "gamma"\nmemory = 16\n'  # a driver Dom0 did not boot with
-                   'devices = [{ type = "echo", driver = "tests.echo_driver:DRIVER" }]\n')
+    cfg.write_text(
+        'name = "gamma"\nmemory = 16\n'  # a driver Dom0 did not boot with
+        'devices = [{ type = "echo", driver = "tests.echo_driver:DRIVER" }]\n'
+    )
     try:
         xenlike("up", "--detach", "--trace", str(trace), run_dir=run_dir)
         xenlike("create", str(cfg), run_dir=run_dir)
 
         def attached() -> set[int]:
-            return {r.domid for r in recorded(trace)
-                    if (r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)}
+            return {
+                r.domid
+                for r in recorded(trace)
+                if (r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach)
+            }
 
         # Ring attach events of the booted guests and of gamma, created later. (Pushes
         # are not waited for: the guests' boot I/O may be done before the recorder

@@ -15,21 +15,26 @@ import pytest
 XENLIKE = [sys.executable, "-m", "xenlike"]
 
 
-def xenlike(*args: str, run_dir: Path, check: bool = True, timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
+def xenlike(
+    *args: str, run_dir: Path, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    result = subprocess.run([*XENLIKE, *args], capture_output=True, text=True, env=env,
-                            timeout=timeout)
+    result = subprocess.run(
+        [*XENLIKE, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"xenlike {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"xenlike {' '.join(args)} exited {result.returncode}:\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
 def started_pids(run_dir: Path) -> list[int]:
     """The hypervisor and every domain process it started, from its log."""
-    pids = [int(p) for p in re.findall(r"started pid (\d+)",
-                                       (run_dir / "hypervisor.log").read_text())]
+    pids = [
+        int(p) for p in re.findall(r"started pid (\d+)", (run_dir / "hypervisor.log").read_text())
+    ]
     pid_file = run_dir / "hypervisor.pid"
     if pid_file.exists():
         pids.append(int(pid_file.read_text()))
@@ -85,19 +90,31 @@ def test_up_detach_list_devices_console_xenstore_down(run_dir: Path) -> None:
         assert f"{name} vbd 51712: frontend Connected, backend Connected" in devices, devices
         assert f"{name} vif 0: frontend Connected, backend Connected" in devices, devices
     assert "backend/feature-persistent = 1" in devices and "backend/sectors = 131072" in devices
-    console = wait_for(lambda: "demo done" in (out := xenlike(
-        "console", "alpha", "--no-follow", run_dir=run_dir).stdout) and out, what="alpha's demo")
+    console = wait_for(
+        lambda: (
+            "demo done"
+            in (out := xenlike("console", "alpha", "--no-follow", run_dir=run_dir).stdout)
+            and out
+        ),
+        what="alpha's demo",
+    )
     assert "[alpha] hello from domain 1" in console
     assert "[alpha] xvda: 64 MiB; wrote, flushed and read back 64 KiB: ok" in console, console
     assert "[alpha] ping 10.0.0.2: reply in" in console, console
     assert "[alpha] udp echo from 10.0.0.2: hello from alpha" in console, console
-    assert 'greeting = "hello from alpha"' in xenlike("xenstore", "ls", "/local/domain/1",
-                                                      run_dir=run_dir).stdout
+    assert (
+        'greeting = "hello from alpha"'
+        in xenlike("xenstore", "ls", "/local/domain/1", run_dir=run_dir).stdout
+    )
     assert xenlike("xenstore", "read", "/local/domain/2/name", run_dir=run_dir).stdout == "beta\n"
     if shutil.which("xenstore-ls"):
-        real = subprocess.run(["xenstore-ls", "/local/domain/1"], capture_output=True, text=True,
-                              env={**os.environ, "XENSTORED_RUNDIR": str(run_dir / "xenstored")},
-                              timeout=30)
+        real = subprocess.run(
+            ["xenstore-ls", "/local/domain/1"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XENSTORED_RUNDIR": str(run_dir / "xenstored")},
+            timeout=30,
+        )
         assert real.returncode == 0, real.stderr
         assert 'name = "alpha"' in real.stdout and 'greeting = "hello from alpha"' in real.stdout
     busy = xenlike("up", "--detach", run_dir=run_dir, check=False)
@@ -112,8 +129,9 @@ def test_up_detach_list_devices_console_xenstore_down(run_dir: Path) -> None:
 
 def test_foreground_up_streams_consoles_and_ctrl_c_stops_everything(run_dir: Path) -> None:
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [*XENLIKE, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -122,8 +140,9 @@ def test_foreground_up_streams_consoles_and_ctrl_c_stops_everything(run_dir: Pat
             line = proc.stdout.readline()
             lines.append(line)
             if "beta | [beta] demo done" in line or "alpha | [alpha] demo done" in line:
-                if any("beta | [beta] demo done" in x for x in lines) and \
-                        any("alpha | [alpha] demo done" in x for x in lines):
+                if any("beta | [beta] demo done" in x for x in lines) and any(
+                    "alpha | [alpha] demo done" in x for x in lines
+                ):
                     break
         pids = started_pids(run_dir)
         proc.send_signal(signal.SIGINT)
@@ -138,10 +157,16 @@ def test_foreground_up_streams_consoles_and_ctrl_c_stops_everything(run_dir: Pat
 
 def test_killing_up_leaves_no_process_and_the_run_dir_reusable(run_dir: Path) -> None:
     env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
-    proc = subprocess.Popen([*XENLIKE, "up"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    wait_for(lambda: (run_dir / "console" / "beta.log").exists() and
-             "demo done" in (run_dir / "console" / "beta.log").read_text(), what="beta's demo")
+    proc = subprocess.Popen(
+        [*XENLIKE, "up"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    wait_for(
+        lambda: (
+            (run_dir / "console" / "beta.log").exists()
+            and "demo done" in (run_dir / "console" / "beta.log").read_text()
+        ),
+        what="beta's demo",
+    )
     pids = started_pids(run_dir)
     proc.kill()
     proc.wait()
@@ -174,17 +199,22 @@ def test_crashes_are_preserved_and_down_still_cleans_up(run_dir: Path, tmp_path:
     topology = tmp_path / "crashes.toml"
     topology.write_text(PRESERVE)
     xenlike("up", str(topology), "--detach", run_dir=run_dir, check=False)
-    victim = [int(p) for p in re.findall(r"\(d1\) started pid (\d+)",
-                                         (run_dir / "hypervisor.log").read_text())][0]
+    victim = [
+        int(p)
+        for p in re.findall(r"\(d1\) started pid (\d+)", (run_dir / "hypervisor.log").read_text())
+    ][0]
     os.kill(victim, signal.SIGKILL)
 
     def states() -> dict[str, str]:
-        return {r["name"]: r["state"] for r in json.loads(xenlike("list", "--json",
-                                                                  run_dir=run_dir).stdout)}
+        return {
+            r["name"]: r["state"]
+            for r in json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
+        }
 
-    wait_for(lambda: states().get("victim", "")[4:5] == "c"
-                     and states().get("faulty", "")[4:5] == "c",
-             what="both guests crashed")
+    wait_for(
+        lambda: states().get("victim", "")[4:5] == "c" and states().get("faulty", "")[4:5] == "c",
+        what="both guests crashed",
+    )
     console = (run_dir / "console" / "faulty.log").read_text()
     assert "RuntimeError: the guest program failed on purpose" in console
     pids = started_pids(run_dir)
@@ -194,8 +224,9 @@ def test_crashes_are_preserved_and_down_still_cleans_up(run_dir: Path, tmp_path:
 
 def test_detach_names_a_device_that_never_connects(run_dir: Path, tmp_path: Path) -> None:
     topology = tmp_path / "stuck.toml"
-    topology.write_text('[[domain]]\nname = "lonely"\nmemory = 16\n'
-                        'devices = [{ type = "nodriver" }]\n')
+    topology.write_text(
+        '[[domain]]\nname = "lonely"\nmemory = 16\ndevices = [{ type = "nodriver" }]\n'
+    )
     up = xenlike("up", str(topology), "--detach", "--timeout", "3", run_dir=run_dir, check=False)
     assert up.returncode == 1, up.stdout + up.stderr
     assert "lonely: nodriver 0 is frontend Initialising, backend Initialising" in up.stderr
@@ -204,7 +235,7 @@ def test_detach_names_a_device_that_never_connects(run_dir: Path, tmp_path: Path
 
 def test_a_broken_topology_starts_nothing(run_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[[domain]]\nname = \"x\"\nmemory = 8\nvcpus = 3\n")
+    bad.write_text('[[domain]]\nname = "x"\nmemory = 8\nvcpus = 3\n')
     result = xenlike("up", str(bad), "--detach", run_dir=run_dir, check=False)
     assert result.returncode == 2
     assert f"{bad}:4: vcpus = 3" in result.stderr
@@ -216,11 +247,14 @@ def test_create_shutdown_destroy(run_dir: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "gamma.cfg"
     cfg.write_text('name = "gamma"\nmemory = 16\ninit = "domains.guest.demo:main"\n')
     assert "created gamma as domain 3" in xenlike("create", str(cfg), run_dir=run_dir).stdout
-    wait_for(lambda: "demo done" in (run_dir / "console" / "gamma.log").read_text(),
-             what="gamma's demo")
+    wait_for(
+        lambda: "demo done" in (run_dir / "console" / "gamma.log").read_text(), what="gamma's demo"
+    )
     xenlike("shutdown", "alpha", run_dir=run_dir)
-    names = lambda: [r["name"]  # noqa: E731
-                     for r in json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)]
+
+    def names() -> list[str]:
+        return [r["name"] for r in json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)]
+
     wait_for(lambda: "alpha" not in names(), what="alpha powered off and destroyed")
     xenlike("destroy", "beta", run_dir=run_dir)
     assert names() == ["Domain-0", "gamma"]
@@ -239,8 +273,11 @@ def test_a_guest_that_is_killed_is_reaped_with_its_devices(tmp_path: Path) -> No
         assert {d["domain"] for d in topo.devices()} == {"alpha", "beta"}
         topo.kill("beta")
         wait_for(lambda: "beta" not in {d["name"] for d in topo.domains()}, 20, "beta reaped")
-        wait_for(lambda: {d["domain"] for d in topo.devices()} == {"alpha"}, 20,
-                 "beta's devices removed")
-        assert topo.xenlike("xenstore", "read", f"/local/domain/{beta}/name",
-                            check=False).returncode != 0  # its home is gone
+        wait_for(
+            lambda: {d["domain"] for d in topo.devices()} == {"alpha"}, 20, "beta's devices removed"
+        )
+        assert (
+            topo.xenlike("xenstore", "read", f"/local/domain/{beta}/name", check=False).returncode
+            != 0
+        )  # its home is gone
         assert all(d["frontend_state"] == "Connected" for d in topo.devices("alpha"))

@@ -34,8 +34,14 @@ async def echo_server(back: BackChannel, reverse: bool = False) -> None:
     async for batch in back.batches_of_requests():
         if reverse:
             batch = batch[::-1]
-        back.respond_many([BLKIF.response.record(id=r.id, operation=r.operation,
-                                                 status=r.sector_number % 2 - 1) for r in batch])
+        back.respond_many(
+            [
+                BLKIF.response.record(
+                    id=r.id, operation=r.operation, status=r.sector_number % 2 - 1
+                )
+                for r in batch
+            ]
+        )
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -28,9 +28,11 @@ def test_custom_driver_connects_answers_and_survives_a_reconnect(tmp_path: Path)
     try:
         xenlike("up", str(topology), "--detach", run_dir=run_dir)
         console = run_dir / "console" / "client.log"
-        wait_for(lambda: "back-end restart ok" in console.read_text()
-                         or "Error" in console.read_text(),
-                 timeout=60, what="the echo program")
+        wait_for(
+            lambda: "back-end restart ok" in console.read_text() or "Error" in console.read_text(),
+            timeout=60,
+            what="the echo program",
+        )
         text = console.read_text()
         assert "echo ok: 2000 answers, ring-page-order 1" in text, text
         assert "echo reconnect ok" in text, text

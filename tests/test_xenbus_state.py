@@ -60,8 +60,12 @@ def test_handshake_follows_xens_sequence() -> None:
     link = Link()
     link.settle([1, 0])
     assert (link.front.state, link.back.state) == (S.Connected, S.Connected)
-    assert link.log == [("backend", Action.publish_features), ("frontend", Action.setup),
-                        ("backend", Action.connect), ("frontend", Action.connected)]
+    assert link.log == [
+        ("backend", Action.publish_features),
+        ("frontend", Action.setup),
+        ("backend", Action.connect),
+        ("frontend", Action.connected),
+    ]
 
 
 @settings(max_examples=200, deadline=None)

@@ -30,13 +30,20 @@ def test_a_guest_that_corrupts_its_ring_is_cut_off_and_the_rest_carry_on(tmp_pat
     try:
         # The vandal has no PV console, so `up` reports it; the topology runs regardless.
         xenlike("up", str(topology), "--detach", "--timeout", "10", run_dir=run_dir, check=False)
-        log = wait_for(lambda: "store vandal: ring error" in (out := xenlike(
-            "dmesg", run_dir=run_dir).stdout) and out, what="the vandal's report")
+        log = wait_for(
+            lambda: (
+                "store vandal: ring error" in (out := xenlike("dmesg", run_dir=run_dir).stdout)
+                and out
+            ),
+            what="the vandal's report",
+        )
         assert "store vandal: ring error 2" in log  # XENSTORE_ERROR_RINGIDX
         console = run_dir / "console" / "honest.log"
         wait_for(lambda: "demo done" in console.read_text(), what="the honest guest's demo")
-        assert xenlike("xenstore", "read", "/local/domain/2/data/greeting",
-                       run_dir=run_dir).stdout == "hello from honest\n"
+        assert (
+            xenlike("xenstore", "read", "/local/domain/2/data/greeting", run_dir=run_dir).stdout
+            == "hello from honest\n"
+        )
         xenlike("xenstore", "write", "/local/domain/2/data/after", "still served", run_dir=run_dir)
         assert "Domain-0" in xenlike("list", run_dir=run_dir).stdout
     finally:

@@ -70,8 +70,10 @@ async def test_a_store_defect_closes_only_that_connection(caplog):
         return message
 
     async with trio.open_nursery() as nursery:
-        (bad, bad_server), (good, good_server) = (trio.testing.memory_stream_pair(),
-                                                  trio.testing.memory_stream_pair())
+        (bad, bad_server), (good, good_server) = (
+            trio.testing.memory_stream_pair(),
+            trio.testing.memory_stream_pair(),
+        )
         nursery.start_soon(xenstored.serve_stream, bad_server)
         nursery.start_soon(xenstored.serve_stream, good_server)
         with caplog.at_level(logging.ERROR, "xenlike.xenstore"):
@@ -250,7 +252,6 @@ def test_a_write_in_a_transaction_counts_towards_memory(dom0):
     assert "ENOMEM" in results
     assert error(guest.end(tx)) == "ENOMEM"
     assert guest.ls("data") == []
-
 
 
 def test_the_issues_ten_transactions_of_5000_reads_stay_within_a_few_mib(dom0, store):

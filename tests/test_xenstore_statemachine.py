@@ -43,15 +43,35 @@ names = st.sampled_from(["a", "b", "c", "data", "local", "domain", "1", "2", "to
 absolute = st.lists(names, min_size=0, max_size=4).map(lambda p: "/" + "/".join(p))
 relative = st.lists(names, min_size=1, max_size=3).map("/".join)
 in_data = st.lists(st.sampled_from(["a", "b", "c"]), min_size=0, max_size=3).map(
-    lambda p: "/".join(["data", *p]))
-in_homes = st.builds(lambda domid, tail: f"/local/domain/{domid}/{tail}",
-                     st.sampled_from([1, 2, 3]), in_data)
-odd = st.sampled_from(["", "/a/", "//a", "/a b", "@introduceDomain", "@releaseDomain", "@x y",
-                       "/local/domain/1", "/local/domain/2/data", "a" * 2100])
+    lambda p: "/".join(["data", *p])
+)
+in_homes = st.builds(
+    lambda domid, tail: f"/local/domain/{domid}/{tail}", st.sampled_from([1, 2, 3]), in_data
+)
+odd = st.sampled_from(
+    [
+        "",
+        "/a/",
+        "//a",
+        "/a b",
+        "@introduceDomain",
+        "@releaseDomain",
+        "@x y",
+        "/local/domain/1",
+        "/local/domain/2/data",
+        "a" * 2100,
+    ]
+)
 paths = st.one_of(in_data, in_data, in_homes, absolute, relative, odd).map(str.encode)
-perms = st.lists(st.builds(lambda letter, domid: f"{letter}{domid}".encode(),
-                           st.sampled_from("nrwbx"), st.sampled_from([0, 1, 2, 3, 9, 32752])),
-                 min_size=0, max_size=7)
+perms = st.lists(
+    st.builds(
+        lambda letter, domid: f"{letter}{domid}".encode(),
+        st.sampled_from("nrwbx"),
+        st.sampled_from([0, 1, 2, 3, 9, 32752]),
+    ),
+    min_size=0,
+    max_size=7,
+)
 values = st.binary(max_size=40) | st.just(b"v" * 600)
 
 
@@ -69,8 +89,9 @@ payloads = {
     XS_SET_PERMS: st.builds(lambda p, ps: z(p, *ps), paths, perms),
     XS_WATCH: st.builds(z, paths, st.sampled_from([b"t", b"u", b"x" * 3000])),
     XS_UNWATCH: st.builds(z, paths, st.sampled_from([b"t", b"u"])),
-    XS_DIRECTORY_PART: st.builds(lambda p, o: z(p, o), paths,
-                                 st.sampled_from([b"0", b"1", b"3", b"999", b"x"])),
+    XS_DIRECTORY_PART: st.builds(
+        lambda p, o: z(p, o), paths, st.sampled_from([b"0", b"1", b"3", b"999", b"x"])
+    ),
     XS_TRANSACTION_START: st.just(b"\0"),
     XS_TRANSACTION_END: st.sampled_from([b"T\0", b"F\0", b"X\0", b""]),
     XS_INTRODUCE: st.builds(lambda d: z(d, b"99", b"7"), st.sampled_from([b"1", b"2", b"3", b"0"])),
@@ -83,28 +104,41 @@ payloads = {
     XS_CONTROL: st.just(b"help\0"),
     999: st.binary(max_size=8),
 }
-COMMON = [XS_WRITE, XS_READ, XS_RM, XS_DIRECTORY, XS_SET_PERMS, XS_MKDIR, XS_WATCH,
-          XS_TRANSACTION_START, XS_TRANSACTION_END]
+COMMON = [
+    XS_WRITE,
+    XS_READ,
+    XS_RM,
+    XS_DIRECTORY,
+    XS_SET_PERMS,
+    XS_MKDIR,
+    XS_WATCH,
+    XS_TRANSACTION_START,
+    XS_TRANSACTION_END,
+]
 requests = st.sampled_from(sorted(payloads) + COMMON * 4).flatmap(
-    lambda type_: payloads[type_].map(lambda payload: (type_, payload)))
+    lambda type_: payloads[type_].map(lambda payload: (type_, payload))
+)
 
 
 class HostileClients(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         # Small quotas, so random runs reach them.
-        self.store = Store(Quotas(nodes=12, watches=3, transactions=2, transaction_nodes=6,
-                                  memory=3000))
+        self.store = Store(
+            Quotas(nodes=12, watches=3, transactions=2, transaction_nodes=6, memory=3000)
+        )
         self.conns: dict[int, int] = {}  # conn id -> domid
         self.txs: dict[int, set[int]] = {}  # conn id -> open transaction ids
         # What the toolstack makes for each guest: a home it reads, a data dir it owns.
         dom0 = self.store.connect(0)
         for domid in (1, 2, 3):
             home = f"/local/domain/{domid}".encode()
-            for type_, payload in [(XS_INTRODUCE, z(b"%d" % domid, b"99", b"7")),
-                                   (XS_MKDIR, z(home + b"/data")),
-                                   (XS_SET_PERMS, z(home, b"n0", b"r%d" % domid)),
-                                   (XS_SET_PERMS, z(home + b"/data", b"n%d" % domid))]:
+            for type_, payload in [
+                (XS_INTRODUCE, z(b"%d" % domid, b"99", b"7")),
+                (XS_MKDIR, z(home + b"/data")),
+                (XS_SET_PERMS, z(home, b"n0", b"r%d" % domid)),
+                (XS_SET_PERMS, z(home + b"/data", b"n%d" % domid)),
+            ]:
                 assert self.store.handle(dom0, XsMessage(type_, 0, 0, payload)).reply.type == type_
         self.store.disconnect(dom0)
 
@@ -129,8 +163,11 @@ class HostileClients(RuleBasedStateMachine):
         tx_id = 0
         if in_tx:
             open_txs = sorted(self.txs[conn_id])
-            tx_id = data.draw(st.sampled_from(open_txs * 9 + [12345]) if open_txs
-                              else st.sampled_from([0] * 9 + [12345]))
+            tx_id = data.draw(
+                st.sampled_from(open_txs * 9 + [12345])
+                if open_txs
+                else st.sampled_from([0] * 9 + [12345])
+            )
         outcome = self.store.handle(conn_id, XsMessage(type_, 42, tx_id, payload))
         answer = outcome.reply
         assert (answer.req_id, answer.tx_id) == (42, tx_id)
@@ -142,8 +179,11 @@ class HostileClients(RuleBasedStateMachine):
                 assert delivery.message.type == XS_WATCH_EVENT
         if answer.type == XS_TRANSACTION_START:
             self.txs[conn_id].add(int(answer.payload[:-1]))
-        if type_ == XS_TRANSACTION_END and tx_id in self.txs[conn_id] and payload in (b"T\0",
-                                                                                      b"F\0"):
+        if (
+            type_ == XS_TRANSACTION_END
+            and tx_id in self.txs[conn_id]
+            and payload in (b"T\0", b"F\0")
+        ):
             self.txs[conn_id].discard(tx_id)
         if type_ == XS_INTRODUCE and answer.type == XS_INTRODUCE:
             # A second introduce resets the domain's connections.
@@ -192,6 +232,5 @@ class HostileClients(RuleBasedStateMachine):
             assert set(self.store._conns[conn_id].transactions) == self.txs[conn_id]
 
 
-HostileClients.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
-                                            deadline=None)
+HostileClients.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_hostile_clients_never_make_the_store_raise = HostileClients.TestCase

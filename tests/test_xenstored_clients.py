@@ -98,8 +98,11 @@ def test_reading_a_missing_key_fails(socket_path):
 
 @needs_tools
 def test_ls_prints_the_tree_escaped(socket_path):
-    ok(tool(socket_path, "xenstore-write", "/t5/k", "v", "/t5/d/e", r"tab\tend", "/t5/z",
-            r"a\x00b"))
+    ok(
+        tool(
+            socket_path, "xenstore-write", "/t5/k", "v", "/t5/d/e", r"tab\tend", "/t5/z", r"a\x00b"
+        )
+    )
     assert ok(tool(socket_path, "xenstore-ls", "/t5")) == (
         b'k = "v"\n'
         b'd = ""\n'
@@ -139,8 +142,10 @@ def test_chmod_shows_in_ls_p(socket_path):
 def test_watch_fires_at_once_then_on_a_change(socket_path):
     env = {**os.environ, "XENSTORED_PATH": str(socket_path)}
     watcher = subprocess.Popen(
-        ["xenstore-watch", "-n", "2", "/t9"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE
+        ["xenstore-watch", "-n", "2", "/t9"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         assert read_line(watcher.stdout) == b"/t9\n"  # the registration event, before any change

@@ -92,8 +92,9 @@ def events(outcome: Outcome, conn: Conn | None = None) -> list[tuple[str, str]]:
     """The (path, token) watch events of an outcome, for one connection or all."""
     found = []
     for delivery in outcome.deliveries:
-        if delivery.message.type == XS_WATCH_EVENT and (conn is None
-                                                        or delivery.conn_id == conn.id):
+        if delivery.message.type == XS_WATCH_EVENT and (
+            conn is None or delivery.conn_id == conn.id
+        ):
             path, token, _ = delivery.message.payload.split(b"\0")
             found.append((path.decode(), token.decode()))
     return found
@@ -344,8 +345,11 @@ def test_watches_fire_for_the_path_and_everything_below(dom0):
     ok(dom0.send(XS_WATCH, b"/a\0A\0"))
     ok(dom0.send(XS_WATCH, b"/a/b/c\0C\0"))
     ok(dom0.send(XS_WATCH, b"/\0ROOT\0"))
-    assert events(dom0.write("/a/b/c/d", "1")) == [("/a/b/c/d", "A"), ("/a/b/c/d", "C"),
-                                                   ("/a/b/c/d", "ROOT")]
+    assert events(dom0.write("/a/b/c/d", "1")) == [
+        ("/a/b/c/d", "A"),
+        ("/a/b/c/d", "C"),
+        ("/a/b/c/d", "ROOT"),
+    ]
     assert events(dom0.write("/a", "2")) == [("/a", "A"), ("/a", "ROOT")]
     assert events(dom0.write("/ab", "3")) == [("/ab", "ROOT")]  # not below /a
 
@@ -533,8 +537,14 @@ def test_a_removed_and_recreated_node_still_conflicts(dom0, store):
 
 def test_quota_defaults_are_xenstoreds():
     assert Quotas() == Quotas(
-        nodes=1000, watches=128, outstanding=20, transactions=10, node_permissions=5,
-        node_size=2048, transaction_nodes=1024, memory=2621440,
+        nodes=1000,
+        watches=128,
+        outstanding=20,
+        transactions=10,
+        node_permissions=5,
+        node_size=2048,
+        transaction_nodes=1024,
+        memory=2621440,
     )
 
 
@@ -749,6 +759,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         assert self.conn.store.statistics().nodes == len(self.model) + specials
 
 
-StoreAgainstModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
-                                               deadline=None)
+StoreAgainstModel.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
 test_store_against_a_dict_of_paths = StoreAgainstModel.TestCase

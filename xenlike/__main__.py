@@ -9,7 +9,7 @@ import sys
 
 def run() -> None:
     try:
-        from xenlike.cli import main
+        from xenlike.tools.cli import main
     except KeyboardInterrupt:
         sys.exit(130)
     main()

@@ -24,18 +24,29 @@ try:
 except OSError as exc:
     raise ImportError(
         "xenlike needs GCC's libatomic (libatomic.so.1) for atomic operations on shared "
-        "memory, and it is not installed; on Debian: apt-get install libatomic1") from exc
+        "memory, and it is not installed; on Debian: apt-get install libatomic1"
+    ) from exc
 
 _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
 _cas2 = _libatomic["__atomic_compare_exchange_2"]
-_cas2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint16), ctypes.c_uint16,
-                  ctypes.c_int, ctypes.c_int]
+_cas2.argtypes = [
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint16),
+    ctypes.c_uint16,
+    ctypes.c_int,
+    ctypes.c_int,
+]
 _cas2.restype = ctypes.c_bool
 
 _cas4 = _libatomic["__atomic_compare_exchange_4"]
-_cas4.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32,
-                  ctypes.c_int, ctypes.c_int]
+_cas4.argtypes = [
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+    ctypes.c_uint32,
+    ctypes.c_int,
+    ctypes.c_int,
+]
 _cas4.restype = ctypes.c_bool
 
 _fetch_and2 = _libatomic["__atomic_fetch_and_2"]

@@ -1,7 +1,7 @@
 """The generated pages of docs/: the CLI reference (from --help) and the XenBus diagram.
 
-    python -m xenlike._docs        # rewrite them
-    python -m xenlike._docs --check  # exit 1 if they are out of date (tests/test_docs.py)
+python -m xenlike._docs        # rewrite them
+python -m xenlike._docs --check  # exit 1 if they are out of date (tests/test_docs.py)
 """
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from xenlike.cli import main as cli
+from xenlike.tools.cli import main as cli
 from xenlike.xenbus.diagram import page as xenbus_page
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -30,12 +30,17 @@ def _commands(group: click.Group, prefix: list[str]) -> list[tuple[list[str], cl
 
 def cli_reference() -> str:
     """Every command's --help, in order, as the CLI prints it."""
-    parts = ["# Command-line reference", "",
-             "Generated from `--help` by `python -m xenlike._docs`; do not edit by hand.", ""]
+    parts = [
+        "# Command-line reference",
+        "",
+        "Generated from `--help` by `python -m xenlike._docs`; do not edit by hand.",
+        "",
+    ]
     for path, command in [([], cli), *_commands(cli, [])]:
         name = " ".join(["xenlike", *path])
-        with click.Context(command, info_name=name, terminal_width=100,
-                           max_content_width=100) as ctx:
+        with click.Context(
+            command, info_name=name, terminal_width=100, max_content_width=100
+        ) as ctx:
             text = command.get_help(ctx)
         parts += [f"## `{name}`", "", "```text", text, "```", ""]
     return "\n".join(parts)

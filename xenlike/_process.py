@@ -41,8 +41,9 @@ class ChildProcess:
     ten seconds: children must be forked from the thread that stays.
     """
 
-    def __init__(self, argv: list[str], *, setup: Callable[[], None] | None = None,
-                 **popen_kwargs: object) -> None:
+    def __init__(
+        self, argv: list[str], *, setup: Callable[[], None] | None = None, **popen_kwargs: object
+    ) -> None:
         """`setup` runs in the child after the death signal is armed, before exec
         (the sandbox goes there); if it raises, Popen raises SubprocessError."""
         arm = die_with_parent()

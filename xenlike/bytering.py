@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from xenlike.abi.console import xencons_interface
 from xenlike.abi._layout import offsetof
+from xenlike.abi.console import xencons_interface
 from xenlike.abi.xs_wire import xenstore_domain_interface
 from xenlike.ring import RingOverflow, mb, rmb, wmb
 
@@ -43,10 +43,12 @@ class ByteRingLayout:
     prod: int
 
 
-def _layout(name: str, struct_: object, data: str, size: int, cons: str,
-            prod: str) -> ByteRingLayout:
-    return ByteRingLayout(name, offsetof(struct_, data), size, offsetof(struct_, cons),
-                          offsetof(struct_, prod))
+def _layout(
+    name: str, struct_: object, data: str, size: int, cons: str, prod: str
+) -> ByteRingLayout:
+    return ByteRingLayout(
+        name, offsetof(struct_, data), size, offsetof(struct_, cons), offsetof(struct_, prod)
+    )
 
 
 class _Pair:
@@ -93,8 +95,9 @@ class ByteRing:
         """Bytes written and not yet consumed; refuses impossible indices."""
         used = (self._index(self.layout.prod) - self._index(self.layout.cons)) & _MASK32
         if used > self.layout.size:
-            raise RingOverflow(f"{self.layout.name}: producer {used} bytes ahead of a "
-                               f"{self.layout.size}-byte ring")
+            raise RingOverflow(
+                f"{self.layout.name}: producer {used} bytes ahead of a {self.layout.size}-byte ring"
+            )
         return used
 
     def space(self) -> int:
@@ -107,9 +110,9 @@ class ByteRing:
         count = min(len(data), self.space())
         first = min(count, layout.size - (prod & self._mask))
         start = layout.data + (prod & self._mask)
-        self.page[start:start + first] = data[:first]
+        self.page[start : start + first] = data[:first]
         if count > first:
-            self.page[layout.data:layout.data + count - first] = data[first:count]
+            self.page[layout.data : layout.data + count - first] = data[first:count]
         wmb()
         self._set_index(layout.prod, prod + count)
         return count
@@ -126,9 +129,9 @@ class ByteRing:
         rmb()
         first = min(count, layout.size - (cons & self._mask))
         start = layout.data + (cons & self._mask)
-        out = bytes(self.page[start:start + first])
+        out = bytes(self.page[start : start + first])
         if count > first:
-            out += bytes(self.page[layout.data:layout.data + count - first])
+            out += bytes(self.page[layout.data : layout.data + count - first])
         mb()
         self._set_index(layout.cons, cons + count)
         return out

@@ -100,8 +100,10 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
     fmt = struct.Struct("<" + "".join(gen.fmt))
     pack_fmt = struct.Struct("<" + "".join(gen.pack_fmt))
     if fmt.size != layout.sizeof():
-        raise LayoutError(f"{name}: struct format {fmt.format!r} is {fmt.size} bytes, "
-                          f"construct says {layout.sizeof()}")
+        raise LayoutError(
+            f"{name}: struct format {fmt.format!r} is {fmt.size} bytes, "
+            f"construct says {layout.sizeof()}"
+        )
     namespace: dict[str, Any] = {
         "_unpack_from": fmt.unpack_from,
         "_pack_into": pack_fmt.pack_into,
@@ -122,15 +124,21 @@ def compile_struct(layout: construct.Struct, name: str = "record") -> Codec:
     # A run of slots: one iter_unpack over the copy, with the record format
     # padded to the stride. A flat record (`_new(R, v)`) is built from each
     # struct tuple as it is, at C speed.
-    records = "list(map(_make, _iter(buf)))" if unpack_expr.endswith(", v)") \
+    records = (
+        "list(map(_make, _iter(buf)))"
+        if unpack_expr.endswith(", v)")
         else f"[{unpack_expr} for v in _iter(buf)]"
-    source = ("def unpack_slots(stride):\n"
-              f"    _iter = _struct.Struct(_fmt + f'{{stride - {fmt.size}}}x').iter_unpack\n"
-              "    def unpack_many(buf):\n"
-              f"        return {records}\n"
-              "    return unpack_many\n")
-    namespace.update(_struct=struct, _fmt=fmt.format,
-                     _make=functools.partial(tuple.__new__, record))
+    )
+    source = (
+        "def unpack_slots(stride):\n"
+        f"    _iter = _struct.Struct(_fmt + f'{{stride - {fmt.size}}}x').iter_unpack\n"
+        "    def unpack_many(buf):\n"
+        f"        return {records}\n"
+        "    return unpack_many\n"
+    )
+    namespace.update(
+        _struct=struct, _fmt=fmt.format, _make=functools.partial(tuple.__new__, record)
+    )
     exec(compile(source, f"<xenlike.codec {name} slots>", "exec"), namespace)
     return Codec(
         name=name,
@@ -184,8 +192,9 @@ class _Generator:
             if sub.name is None:
                 self.padding(sub)
                 continue
-            expr, sub_args, default = self.field(sub.subcon, f"{name}.{sub.name}",
-                                                 f"{local}[{len(fields)}]")
+            expr, sub_args, default = self.field(
+                sub.subcon, f"{name}.{sub.name}", f"{local}[{len(fields)}]"
+            )
             if isinstance(default, RecordArray):  # kept as bytes, decoded when read
                 lazy[len(fields)] = type(default)
             fields.append(sub.name)
@@ -199,8 +208,14 @@ class _Generator:
             unpack = f"_new({rec_name}, ({', '.join(exprs)},))"
         return unpack, args, record
 
-    def _record(self, layout: construct.Struct, name: str, fields: list[str],
-                defaults: list[Any], lazy: dict[int, type]) -> tuple[type, str]:
+    def _record(
+        self,
+        layout: construct.Struct,
+        name: str,
+        fields: list[str],
+        defaults: list[Any],
+        lazy: dict[int, type],
+    ) -> tuple[type, str]:
         """One namedtuple type per layout, shared by every element of an array.
 
         A record array field holds the raw bytes as decoded (one struct call
@@ -210,11 +225,22 @@ class _Generator:
         if id(layout) not in self._records:
             type_name = re.sub(r"\[\d+\]", "", name).replace(".", "_")
             plain: Any = namedtuple(type_name, fields, defaults=defaults)  # type: ignore[misc]
-            record = plain if not lazy else type(type_name, (plain,), {
-                    "__slots__": (),
-                    **{fields[i]: _array_property(i, array_type) for i, array_type in lazy.items()},
-                    "__repr__": _lazy_repr,
-                })
+            record = (
+                plain
+                if not lazy
+                else type(
+                    type_name,
+                    (plain,),
+                    {
+                        "__slots__": (),
+                        **{
+                            fields[i]: _array_property(i, array_type)
+                            for i, array_type in lazy.items()
+                        },
+                        "__repr__": _lazy_repr,
+                    },
+                )
+            )
             rec_name = self._name("R")
             self.namespace[rec_name] = record
             self._records[id(layout)] = (record, rec_name)
@@ -263,10 +289,19 @@ class _Generator:
             raise LayoutError(f"{name}: arrays hold scalars or flat structs only")
         if isinstance(con.subcon, construct.Struct):
             item = compile_struct(con.subcon, re.sub(r"\[\d+\]", "", name).replace(".", "_"))
-            array_type: Any = type(f"{item.record.__name__}_array", (RecordArray,), {
-                "__slots__": (), "_item": item, "_count": count, "_size": item.size,
-                "_make": functools.partial(tuple.__new__, item.record),
-                "_iter": item.format.iter_unpack, "_unpack": item.format.unpack_from})
+            array_type: Any = type(
+                f"{item.record.__name__}_array",
+                (RecordArray,),
+                {
+                    "__slots__": (),
+                    "_item": item,
+                    "_count": count,
+                    "_size": item.size,
+                    "_make": functools.partial(tuple.__new__, item.record),
+                    "_iter": item.format.iter_unpack,
+                    "_unpack": item.format.unpack_from,
+                },
+            )
             type_name = self._name("A")
             self.namespace[type_name] = array_type
             offset = struct.calcsize("<" + "".join(self.fmt))
@@ -281,8 +316,7 @@ class _Generator:
                 f"{local} = {src}",
                 f"if type({local}) is bytes and len({local}) == {item.size * count}:",
                 f"    buf[{start}:{end}] = {local}",
-                f"elif type({local}) is {type_name} and len({local}.raw) == "
-                f"{item.size * count}:",
+                f"elif type({local}) is {type_name} and len({local}.raw) == {item.size * count}:",
                 f"    buf[{start}:{end}] = {local}.raw",
                 f"elif type({local}) is not {type_name} and len({local}) == 1:",
                 f"    {type_name}_item(buf, {start}, *{local}[0])",
@@ -301,7 +335,8 @@ class _Generator:
         self.namespace[tail] = tuple((zero,) * (count - n) for n in range(count + 1))
         self.pack_prelude.append(f"{local} = {src}")
         self.pack_prelude.append(
-            f"if len({local}) > {count}: _too_many({name!r}, {count}, {local})")
+            f"if len({local}) > {count}: _too_many({name!r}, {count}, {local})"
+        )
         return f"v[{first}:{self.index}]", [f"*{local}", f"*{tail}[len({local})]"], (zero,) * count
 
 
@@ -357,9 +392,10 @@ class RecordArray(Sequence[Any]):
         """
         if type(items) is cls:
             if len(items.raw) > cls._count * cls._size:
-                raise ValueError(f"{cls.__name__}: {len(items.raw)} bytes, more than "
-                                 f"{cls._count} elements")
-            buf[offset:offset + len(items.raw)] = items.raw
+                raise ValueError(
+                    f"{cls.__name__}: {len(items.raw)} bytes, more than {cls._count} elements"
+                )
+            buf[offset : offset + len(items.raw)] = items.raw
             return
         if len(items) > cls._count:
             raise ValueError(f"{cls.__name__}: at most {cls._count} elements, got {len(items)}")
@@ -381,8 +417,12 @@ class RecordArray(Sequence[Any]):
                 if start == 0 and stop == 1:
                     return (self._make(self._unpack(self.raw, 0)),)
                 size = self._size
-                return tuple(map(self._make, self._iter(self.raw[start * size:
-                                                                  min(stop, self._count) * size])))
+                return tuple(
+                    map(
+                        self._make,
+                        self._iter(self.raw[start * size : min(stop, self._count) * size]),
+                    )
+                )
             return tuple(self)[index]
         if index < 0:
             index += self._count

@@ -86,8 +86,10 @@ def check_frame_file(fd: int) -> None:
     except OSError:
         raise BadFrameFile("not a memfd: it takes no seals") from None
     if seals & FRAME_SEALS != FRAME_SEALS or seals & _WRITE_SEALS:
-        raise BadFrameFile(f"seals {seals:#x}; a frame's file needs exactly "
-                           f"shrink, grow and seal ({FRAME_SEALS:#x})")
+        raise BadFrameFile(
+            f"seals {seals:#x}; a frame's file needs exactly "
+            f"shrink, grow and seal ({FRAME_SEALS:#x})"
+        )
 
 
 def send_frames(sock: socket.socket, frames: Sequence[tuple[int, int]]) -> None:
@@ -98,7 +100,7 @@ def send_frames(sock: socket.socket, frames: Sequence[tuple[int, int]]) -> None:
     from its own loop and empties it without our help.
     """
     for start in range(0, len(frames), MAX_FRAMES_PER_MESSAGE):
-        chunk = frames[start:start + MAX_FRAMES_PER_MESSAGE]
+        chunk = frames[start : start + MAX_FRAMES_PER_MESSAGE]
         payload = b"".join(_GFN.pack(gfn) for gfn, _ in chunk)
         fds = array.array("i", (fd for _, fd in chunk)).tobytes()
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
@@ -110,8 +112,10 @@ def send_frames(sock: socket.socket, frames: Sequence[tuple[int, int]]) -> None:
                 poller = select.poll()
                 poller.register(sock, select.POLLOUT)
                 if not poller.poll(SEND_TIMEOUT * 1000):
-                    raise TimeoutError(f"the frame channel stayed full for {SEND_TIMEOUT} s: "
-                                       f"the hypervisor does not read it") from None
+                    raise TimeoutError(
+                        f"the frame channel stayed full for {SEND_TIMEOUT} s: "
+                        f"the hypervisor does not read it"
+                    ) from None
 
 
 def receive_frames(sock: socket.socket) -> list[tuple[int, int]] | None:
@@ -123,7 +127,9 @@ def receive_frames(sock: socket.socket) -> list[tuple[int, int]] | None:
     try:
         data, ancdata, flags, _ = sock.recvmsg(
             MAX_FRAMES_PER_MESSAGE * _GFN.size + 1,
-            socket.CMSG_SPACE(MAX_FRAMES_PER_MESSAGE * 4), socket.MSG_DONTWAIT)
+            socket.CMSG_SPACE(MAX_FRAMES_PER_MESSAGE * 4),
+            socket.MSG_DONTWAIT,
+        )
     except BlockingIOError:
         return []
     except OSError:

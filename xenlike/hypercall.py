@@ -99,8 +99,9 @@ class Request:
     def decode(cls, message: bytes) -> "Request":
         """Parse a request; a short message is the caller's -EINVAL."""
         if len(message) < REQUEST_HEADER_SIZE:
-            raise HypercallError(Errno.EINVAL,
-                                 f"{len(message)}-byte message is shorter than a header")
+            raise HypercallError(
+                Errno.EINVAL, f"{len(message)}-byte message is shorter than a header"
+            )
         seq, op, cmd, count = _REQUEST.format.unpack_from(message)
         return cls(seq, op, cmd, count, message[REQUEST_HEADER_SIZE:])
 

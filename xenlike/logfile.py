@@ -60,8 +60,9 @@ class ReadThrottle:
     seconds; past that the reader leaves the domain alone until the period ends,
     and the guest's output waits on its side (a ring, a pipe)."""
 
-    def __init__(self, allowance: int = RATE_LIMIT_ALLOWANCE,
-                 period: float = RATE_LIMIT_PERIOD) -> None:
+    def __init__(
+        self, allowance: int = RATE_LIMIT_ALLOWANCE, period: float = RATE_LIMIT_PERIOD
+    ) -> None:
         self.allowance = allowance
         self.period = period
         self._period_end = trio.current_time() + period
@@ -100,7 +101,7 @@ class RotatingLog:
             os.replace(self.path, f"{self.path}.1")
             self._file = self.path.open("ab", buffering=0)
             self._size = 0
-        data = data[-self.max_bytes:]  # one write longer than the limit keeps its end
+        data = data[-self.max_bytes :]  # one write longer than the limit keeps its end
         self._file.write(data)
         self._size += len(data)
 

@@ -199,8 +199,13 @@ class DomainMemory:
         if self._mapping.closed:
             raise ValueError("domain memory is closed")
         _check_frames(gfn, 1, 0, self.nr_pages, "domain memory")
-        _mmap_fixed(_address_of(self._mapping) + gfn * XEN_PAGE_SIZE, XEN_PAGE_SIZE,
-                    mmap.PROT_READ | mmap.PROT_WRITE, fd, 0)
+        _mmap_fixed(
+            _address_of(self._mapping) + gfn * XEN_PAGE_SIZE,
+            XEN_PAGE_SIZE,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            fd,
+            0,
+        )
 
     def close(self) -> None:
         """Unmap and close the fd; a second call does nothing."""
@@ -302,9 +307,15 @@ def map_frames(fd: int, gfns: Iterable[int], *, writable: bool) -> FrameMapping:
     for gfn in gfns:
         _check_frames(gfn, 1, 0, nr_frames, "the memory behind the fd")
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return _reserve_and_fill(gfns, writable, [
-        (index, count, fd, first_gfn * XEN_PAGE_SIZE)
-        for index, first_gfn, count in _consecutive_runs(gfns)], prot)
+    return _reserve_and_fill(
+        gfns,
+        writable,
+        [
+            (index, count, fd, first_gfn * XEN_PAGE_SIZE)
+            for index, first_gfn, count in _consecutive_runs(gfns)
+        ],
+        prot,
+    )
 
 
 def map_pages(fds: Sequence[int], gfns: Iterable[int], *, writable: bool) -> FrameMapping:
@@ -315,12 +326,14 @@ def map_pages(fds: Sequence[int], gfns: Iterable[int], *, writable: bool) -> Fra
     if not fds or len(fds) != len(gfns):
         raise ValueError(f"map_pages needs one file per frame, got {len(fds)} for {len(gfns)}")
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return _reserve_and_fill(gfns, writable,
-                             [(index, 1, fd, 0) for index, fd in enumerate(fds)], prot)
+    return _reserve_and_fill(
+        gfns, writable, [(index, 1, fd, 0) for index, fd in enumerate(fds)], prot
+    )
 
 
-def _reserve_and_fill(gfns: tuple[int, ...], writable: bool,
-                      pieces: list[tuple[int, int, int, int]], prot: int) -> FrameMapping:
+def _reserve_and_fill(
+    gfns: tuple[int, ...], writable: bool, pieces: list[tuple[int, int, int, int]], prot: int
+) -> FrameMapping:
     """Reserve len(gfns) pages, then map each (slot, pages, fd, offset) over its slot."""
     # Writable, or Python would give ctypes no buffer to take the address
     # from; every page is mapped over before anyone sees the range.
@@ -337,8 +350,15 @@ def _reserve_and_fill(gfns: tuple[int, ...], writable: bool,
 
 def punch(fd: int, gfn: int, count: int) -> None:
     """Give frames gfn..gfn+count-1 of the file back to the host; they read as zeros after."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                       gfn << XEN_PAGE_SHIFT, count * XEN_PAGE_SIZE) != 0:
+    if (
+        _libc.fallocate(
+            fd,
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+            gfn << XEN_PAGE_SHIFT,
+            count * XEN_PAGE_SIZE,
+        )
+        != 0
+    ):
         errno = ctypes.get_errno()
         raise OSError(errno, f"{os.strerror(errno)}: punching {count} frames at gfn {gfn}")
 

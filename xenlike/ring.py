@@ -112,13 +112,15 @@ class RingSpec:
         return slots
 
 
-def define_ring(name: str, *, request: construct.Struct | Codec,
-                response: construct.Struct | Codec) -> RingSpec:
+def define_ring(
+    name: str, *, request: construct.Struct | Codec, response: construct.Struct | Codec
+) -> RingSpec:
     """Define a ring type from construct layouts (or ready codecs, e.g. for unions).
 
     Example: ``blkif = define_ring("blkif", request=blkif_request,
     response=blkif_response)`` gives 32 slots of 112 bytes in one page.
     """
+
     def as_codec(layout: construct.Struct | Codec, role: str) -> Codec:
         return layout if isinstance(layout, Codec) else compile_struct(layout, f"{name}_{role}")
 
@@ -127,8 +129,9 @@ def define_ring(name: str, *, request: construct.Struct | Codec,
 
 def _ring_area(spec: RingSpec, memory: memoryview) -> tuple[memoryview, memoryview, int]:
     if memory.nbytes % XEN_PAGE_SIZE:
-        raise ValueError(f"a ring spans whole {XEN_PAGE_SIZE}-byte pages, "
-                         f"got {memory.nbytes} bytes")
+        raise ValueError(
+            f"a ring spans whole {XEN_PAGE_SIZE}-byte pages, got {memory.nbytes} bytes"
+        )
     nr_pages = memory.nbytes // XEN_PAGE_SIZE
     if not 1 <= nr_pages <= 1 << MAX_RING_PAGE_ORDER:
         raise ValueError(f"a ring has 1 to {1 << MAX_RING_PAGE_ORDER} pages, got {nr_pages}")
@@ -136,16 +139,23 @@ def _ring_area(spec: RingSpec, memory: memoryview) -> tuple[memoryview, memoryvi
     return memory, memory[:SRING_HEADER_SIZE].cast("I"), spec.nr_ents(nr_pages)
 
 
-def _copy_slots(mem: memoryview, start: int, count: int, nr_ents: int, slot: int,
-                unpack_slots: Callable[[bytes], list[Any]]) -> list[Any]:
+def _copy_slots(
+    mem: memoryview,
+    start: int,
+    count: int,
+    nr_ents: int,
+    slot: int,
+    unpack_slots: Callable[[bytes], list[Any]],
+) -> list[Any]:
     """`count` entries from slot `start` on: copied out of shared memory once (one
     or two runs, as the ring wraps), then decoded from the copy."""
     first = min(count, nr_ents - start)
     base = SRING_HEADER_SIZE + start * slot
-    out = unpack_slots(bytes(mem[base:base + first * slot]))
+    out = unpack_slots(bytes(mem[base : base + first * slot]))
     if first < count:
         out += unpack_slots(
-            bytes(mem[SRING_HEADER_SIZE:SRING_HEADER_SIZE + (count - first) * slot]))
+            bytes(mem[SRING_HEADER_SIZE : SRING_HEADER_SIZE + (count - first) * slot])
+        )
     return out
 
 
@@ -209,8 +219,9 @@ class FrontRing:
         self.req_prod_pvt = (prod + done) & _MASK32
         return done
 
-    def put_requests_with_ids(self, requests: Sequence[Any], ids: Sequence[int],
-                              id_field: str = "id") -> int:
+    def put_requests_with_ids(
+        self, requests: Sequence[Any], ids: Sequence[int], id_field: str = "id"
+    ) -> int:
         """`put_requests`, with `ids[i]` written into request i's `id_field` in its
         slot (the record's own value is not used): no record is rebuilt to change
         one field. Returns how many were written."""
@@ -252,7 +263,8 @@ class FrontRing:
         if produced > ((self.req_prod_pvt - self.rsp_cons) & _MASK32):
             raise RingOverflow(
                 f"{self.spec.name}: back end published {produced} responses "
-                f"for {(self.req_prod_pvt - self.rsp_cons) & _MASK32} outstanding requests")
+                f"for {(self.req_prod_pvt - self.rsp_cons) & _MASK32} outstanding requests"
+            )
         return produced
 
     def get_responses(self) -> list[Any]:
@@ -261,8 +273,14 @@ class FrontRing:
         if not count:
             return []
         rmb()
-        out = _copy_slots(self._mem, self.rsp_cons & self._mask, count, self.nr_ents, self._slot,
-                          self._unpack_slots)
+        out = _copy_slots(
+            self._mem,
+            self.rsp_cons & self._mask,
+            count,
+            self.nr_ents,
+            self._slot,
+            self._unpack_slots,
+        )
         self.rsp_cons = (self.rsp_cons + count) & _MASK32
         return out
 
@@ -316,7 +334,8 @@ class BackRing:
         if ((req_prod - self.rsp_prod_pvt) & _MASK32) > self.nr_ents:  # RING_REQUEST_PROD_OVERFLOW
             raise RingOverflow(
                 f"{self.spec.name}: front end published req_prod {req_prod}, more than "
-                f"{self.nr_ents} slots past the last response {self.rsp_prod_pvt}")
+                f"{self.nr_ents} slots past the last response {self.rsp_prod_pvt}"
+            )
         unconsumed = (req_prod - self.req_cons) & _MASK32
         room = self.nr_ents - ((self.req_cons - self.rsp_prod_pvt) & _MASK32)
         return min(unconsumed, room)
@@ -329,8 +348,14 @@ class BackRing:
         if not count:
             return []
         rmb()
-        out = _copy_slots(self._mem, self.req_cons & self._mask, count, self.nr_ents, self._slot,
-                          self._unpack_slots)
+        out = _copy_slots(
+            self._mem,
+            self.req_cons & self._mask,
+            count,
+            self.nr_ents,
+            self._slot,
+            self._unpack_slots,
+        )
         self.req_cons = (self.req_cons + count) & _MASK32
         return out
 

@@ -103,8 +103,10 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirBusy(f"{self.path} is in use by a running topology "
-                             f"(`xenlike down --run-dir {self.path}` stops it)") from None
+            raise RunDirBusy(
+                f"{self.path} is in use by a running topology "
+                f"(`xenlike down --run-dir {self.path}` stops it)"
+            ) from None
         return fd
 
     def leftovers(self) -> list[Path]:
@@ -112,10 +114,17 @@ class RunDir:
         (killed processes do not clean up); logs, images and consoles' logs stay."""
         if not self.path.is_dir():
             return []
-        found = [self.control, self.pid_file, self.toolstack, self.xenstored_socket,
-                 *self.consoles.glob("*.sock"), *(self.path / "net").glob("*.sock")]
-        return [path for path in found if path.is_socket() or path == self.pid_file
-                and path.exists()]
+        found = [
+            self.control,
+            self.pid_file,
+            self.toolstack,
+            self.xenstored_socket,
+            *self.consoles.glob("*.sock"),
+            *(self.path / "net").glob("*.sock"),
+        ]
+        return [
+            path for path in found if path.is_socket() or path == self.pid_file and path.exists()
+        ]
 
     def remove_leftovers(self) -> list[Path]:
         """Remove `leftovers` unless a topology runs here now; what was removed."""

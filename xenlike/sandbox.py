@@ -53,8 +53,14 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["Protections", "SandboxPolicy", "domain_environment", "domain_protections",
-           "logged_protections", "set_not_dumpable"]
+__all__ = [
+    "Protections",
+    "SandboxPolicy",
+    "domain_environment",
+    "domain_protections",
+    "logged_protections",
+    "set_not_dumpable",
+]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -76,8 +82,11 @@ def domain_environment(environ: dict[str, str]) -> dict[str, str]:
     ctypes' find_library (which trio calls as it is imported) skips the
     temporary file it cannot write here and finds nothing, instead of failing.
     """
-    kept = {key: value for key, value in environ.items()
-            if key.startswith(("PYTHON", "LC_")) or key in ("LANG", "LANGUAGE", "TZ")}
+    kept = {
+        key: value
+        for key, value in environ.items()
+        if key.startswith(("PYTHON", "LC_")) or key in ("LANG", "LANGUAGE", "TZ")
+    }
     return {**kept, "PATH": ""}
 
 
@@ -116,21 +125,38 @@ SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
 SCOPE_SIGNAL = 1 << 1
 
 READ_TREE = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-SYSTEM_FILES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
-                "/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom")
+SYSTEM_FILES = (
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/local/lib",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/usr/share/zoneinfo",
+    "/dev/urandom",
+)
 
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version; 0 when it has none (or it is disabled)."""
-    version = _libc.syscall(SYS_landlock_create_ruleset, None, ctypes.c_size_t(0),
-                            ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    version = _libc.syscall(
+        SYS_landlock_create_ruleset,
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+    )
     return max(int(version), 0)
 
 
 def _ruleset_attr(abi: int) -> bytes:
     """landlock_ruleset_attr, as long as this ABI knows it: every right it has is handled."""
-    fs = FS_ABI1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | (
-        FS_IOCTL_DEV if abi >= 5 else 0)
+    fs = (
+        FS_ABI1
+        | (FS_REFER if abi >= 2 else 0)
+        | (FS_TRUNCATE if abi >= 3 else 0)
+        | (FS_IOCTL_DEV if abi >= 5 else 0)
+    )
     if abi < 4:
         return struct.pack("<Q", fs)
     net = NET_BIND_TCP | NET_CONNECT_TCP  # no rule follows: no TCP port at all
@@ -143,9 +169,12 @@ def _landlock(abi: int, rules: Iterable[tuple[str, int]]) -> None:
     """Create, fill and enforce one ruleset on the calling process."""
     data = _ruleset_attr(abi)
     attr = ctypes.create_string_buffer(data, len(data))
-    ruleset = _check(_libc.syscall(SYS_landlock_create_ruleset, attr,
-                                   ctypes.c_size_t(len(data)), ctypes.c_uint32(0)),
-                     "landlock_create_ruleset")
+    ruleset = _check(
+        _libc.syscall(
+            SYS_landlock_create_ruleset, attr, ctypes.c_size_t(len(data)), ctypes.c_uint32(0)
+        ),
+        "landlock_create_ruleset",
+    )
     try:
         for path, access in rules:
             try:
@@ -156,13 +185,22 @@ def _landlock(abi: int, rules: Iterable[tuple[str, int]]) -> None:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     access &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE
                 rule = ctypes.create_string_buffer(struct.pack("<Qi", access, fd))
-                _check(_libc.syscall(SYS_landlock_add_rule, ruleset,
-                                     ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), rule,
-                                     ctypes.c_uint32(0)), f"landlock_add_rule {path}")
+                _check(
+                    _libc.syscall(
+                        SYS_landlock_add_rule,
+                        ruleset,
+                        ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                        rule,
+                        ctypes.c_uint32(0),
+                    ),
+                    f"landlock_add_rule {path}",
+                )
             finally:
                 os.close(fd)
-        _check(_libc.syscall(SYS_landlock_restrict_self, ruleset, ctypes.c_uint32(0)),
-               "landlock_restrict_self")
+        _check(
+            _libc.syscall(SYS_landlock_restrict_self, ruleset, ctypes.c_uint32(0)),
+            "landlock_restrict_self",
+        )
     finally:
         os.close(ruleset)
 
@@ -223,8 +261,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def _status(pid: int | str = "self") -> dict[str, str]:
@@ -257,95 +298,402 @@ CLONE_NAMESPACES = 0x7E020080  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWP
 
 # Denied outright (EPERM). Names are the kernel's; each table is the arch's numbers.
 DENIED = (
-    "socket", "connect", "bind", "listen", "accept", "accept4",
-    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "process_mrelease",
-    "kcmp", "get_robust_list", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "tkill",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig",
-    "fsmount", "fspick", "mount_setattr", "unshare", "setns", "swapon", "swapoff", "quotactl",
-    "open_by_handle_at", "name_to_handle_at", "fanotify_init", "lookup_dcookie", "vhangup",
-    "bpf", "perf_event_open", "userfaultfd", "kexec_load", "kexec_file_load", "reboot", "acct",
-    "syslog", "init_module", "finit_module", "delete_module", "keyctl", "add_key", "request_key",
-    "setpriority", "ioprio_set", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
-    "sched_setattr", "migrate_pages", "move_pages",
-    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
-    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
-    "setxattrat", "removexattrat", "utime", "utimes", "utimensat", "futimesat",
-    "fork", "vfork", "uselib", "iopl", "ioperm", "modify_ldt",
+    "socket",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "process_madvise",
+    "process_mrelease",
+    "kcmp",
+    "get_robust_list",
+    "pidfd_open",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "tkill",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "swapon",
+    "swapoff",
+    "quotactl",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fanotify_init",
+    "lookup_dcookie",
+    "vhangup",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "acct",
+    "syslog",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "setpriority",
+    "ioprio_set",
+    "sched_setaffinity",
+    "sched_setscheduler",
+    "sched_setparam",
+    "sched_setattr",
+    "migrate_pages",
+    "move_pages",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "setxattrat",
+    "removexattrat",
+    "utime",
+    "utimes",
+    "utimensat",
+    "futimesat",
+    "fork",
+    "vfork",
+    "uselib",
+    "iopl",
+    "ioperm",
+    "modify_ldt",
     # System V IPC and POSIX message queues: namespaces of their own, which
     # Landlock does not cover and where uid 0 owns what other root processes made.
-    "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop",
-    "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
-    "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "semget",
+    "semop",
+    "semctl",
+    "semtimedop",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
 )
 OWN_PID_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # first argument
 # Allowed first, so that the data path's calls (eventfd and socket reads and
 # writes, epoll, futex) skip the whole list.
-HOT = ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
-       "sendto", "recvfrom", "sendmsg", "recvmsg", "epoll_wait", "epoll_pwait", "ppoll", "poll",
-       "futex", "close", "mmap", "munmap", "getpid")
+HOT = (
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "pwritev",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "epoll_wait",
+    "epoll_pwait",
+    "ppoll",
+    "poll",
+    "futex",
+    "close",
+    "mmap",
+    "munmap",
+    "getpid",
+)
 
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
-        "read": 0, "write": 1, "close": 3, "poll": 7, "mmap": 9, "munmap": 11, "pread64": 17,
-        "pwrite64": 18, "readv": 19, "writev": 20, "getpid": 39, "sendto": 44, "recvfrom": 45,
-        "sendmsg": 46, "recvmsg": 47, "futex": 202, "epoll_wait": 232, "ppoll": 271,
-        "epoll_pwait": 281, "preadv": 295, "pwritev": 296,
-        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66,
-        "shmdt": 67, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "semtimedop": 220,
-        "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243,
-        "mq_notify": 244, "mq_getsetattr": 245,
-        "socket": 41, "connect": 42, "accept": 43, "bind": 49, "listen": 50, "accept4": 288,
-        "clone": 56, "fork": 57, "vfork": 58, "kill": 62, "chmod": 90, "fchmod": 91,
-        "chown": 92, "fchown": 93, "lchown": 94, "ptrace": 101, "syslog": 103,
-        "rt_sigqueueinfo": 129, "utime": 132, "uselib": 134, "setpriority": 141,
-        "sched_setparam": 142, "sched_setscheduler": 144, "vhangup": 153, "modify_ldt": 154,
-        "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165, "umount2": 166,
-        "swapon": 167, "swapoff": 168, "reboot": 169, "iopl": 172, "ioperm": 173,
-        "init_module": 175, "delete_module": 176, "quotactl": 179, "setxattr": 188,
-        "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198,
-        "fremovexattr": 199, "tkill": 200, "sched_setaffinity": 203, "lookup_dcookie": 212,
-        "tgkill": 234, "utimes": 235, "migrate_pages": 256, "kexec_load": 246, "add_key": 248,
-        "request_key": 249, "keyctl": 250, "ioprio_set": 251, "fchownat": 260, "futimesat": 261,
-        "fchmodat": 268, "unshare": 272, "get_robust_list": 274, "move_pages": 279,
-        "utimensat": 280, "rt_tgsigqueueinfo": 297, "perf_event_open": 298, "fanotify_init": 300,
-        "prlimit64": 302, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
-        "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
-        "sched_setattr": 314, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323,
-        "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
-        "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-        "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435,
-        "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
-        "process_mrelease": 448, "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
+        "read": 0,
+        "write": 1,
+        "close": 3,
+        "poll": 7,
+        "mmap": 9,
+        "munmap": 11,
+        "pread64": 17,
+        "pwrite64": 18,
+        "readv": 19,
+        "writev": 20,
+        "getpid": 39,
+        "sendto": 44,
+        "recvfrom": 45,
+        "sendmsg": 46,
+        "recvmsg": 47,
+        "futex": 202,
+        "epoll_wait": 232,
+        "ppoll": 271,
+        "epoll_pwait": 281,
+        "preadv": 295,
+        "pwritev": 296,
+        "shmget": 29,
+        "shmat": 30,
+        "shmctl": 31,
+        "semget": 64,
+        "semop": 65,
+        "semctl": 66,
+        "shmdt": 67,
+        "msgget": 68,
+        "msgsnd": 69,
+        "msgrcv": 70,
+        "msgctl": 71,
+        "semtimedop": 220,
+        "mq_open": 240,
+        "mq_unlink": 241,
+        "mq_timedsend": 242,
+        "mq_timedreceive": 243,
+        "mq_notify": 244,
+        "mq_getsetattr": 245,
+        "socket": 41,
+        "connect": 42,
+        "accept": 43,
+        "bind": 49,
+        "listen": 50,
+        "accept4": 288,
+        "clone": 56,
+        "fork": 57,
+        "vfork": 58,
+        "kill": 62,
+        "chmod": 90,
+        "fchmod": 91,
+        "chown": 92,
+        "fchown": 93,
+        "lchown": 94,
+        "ptrace": 101,
+        "syslog": 103,
+        "rt_sigqueueinfo": 129,
+        "utime": 132,
+        "uselib": 134,
+        "setpriority": 141,
+        "sched_setparam": 142,
+        "sched_setscheduler": 144,
+        "vhangup": 153,
+        "modify_ldt": 154,
+        "pivot_root": 155,
+        "chroot": 161,
+        "acct": 163,
+        "mount": 165,
+        "umount2": 166,
+        "swapon": 167,
+        "swapoff": 168,
+        "reboot": 169,
+        "iopl": 172,
+        "ioperm": 173,
+        "init_module": 175,
+        "delete_module": 176,
+        "quotactl": 179,
+        "setxattr": 188,
+        "lsetxattr": 189,
+        "fsetxattr": 190,
+        "removexattr": 197,
+        "lremovexattr": 198,
+        "fremovexattr": 199,
+        "tkill": 200,
+        "sched_setaffinity": 203,
+        "lookup_dcookie": 212,
+        "tgkill": 234,
+        "utimes": 235,
+        "migrate_pages": 256,
+        "kexec_load": 246,
+        "add_key": 248,
+        "request_key": 249,
+        "keyctl": 250,
+        "ioprio_set": 251,
+        "fchownat": 260,
+        "futimesat": 261,
+        "fchmodat": 268,
+        "unshare": 272,
+        "get_robust_list": 274,
+        "move_pages": 279,
+        "utimensat": 280,
+        "rt_tgsigqueueinfo": 297,
+        "perf_event_open": 298,
+        "fanotify_init": 300,
+        "prlimit64": 302,
+        "name_to_handle_at": 303,
+        "open_by_handle_at": 304,
+        "setns": 308,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "kcmp": 312,
+        "finit_module": 313,
+        "sched_setattr": 314,
+        "kexec_file_load": 320,
+        "bpf": 321,
+        "userfaultfd": 323,
+        "pidfd_send_signal": 424,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "pidfd_open": 434,
+        "clone3": 435,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+        "mount_setattr": 442,
+        "process_mrelease": 448,
+        "fchmodat2": 452,
+        "setxattrat": 463,
+        "removexattrat": 466,
     },
     "aarch64": {  # asm-generic/unistd.h
-        "epoll_pwait": 22, "close": 57, "read": 63, "write": 64, "readv": 65, "writev": 66,
-        "pread64": 67, "pwrite64": 68, "preadv": 69, "pwritev": 70, "ppoll": 73, "futex": 98,
-        "getpid": 172, "sendto": 206, "recvfrom": 207, "sendmsg": 211, "recvmsg": 212,
-        "munmap": 215, "mmap": 222,
-        "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15,
-        "fremovexattr": 16, "lookup_dcookie": 18, "ioprio_set": 30, "umount2": 39, "mount": 40,
-        "pivot_root": 41, "chroot": 51, "fchmod": 52, "fchmodat": 53, "fchownat": 54,
-        "fchown": 55, "vhangup": 58, "quotactl": 60, "utimensat": 88, "acct": 89, "unshare": 97,
-        "get_robust_list": 100, "kexec_load": 104, "init_module": 105, "delete_module": 106,
-        "syslog": 116, "ptrace": 117, "sched_setparam": 118, "sched_setscheduler": 119,
-        "sched_setaffinity": 122, "kill": 129, "tkill": 130, "tgkill": 131,
-        "rt_sigqueueinfo": 138, "setpriority": 140, "reboot": 142, "mq_open": 180,
-        "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
-        "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189,
-        "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193, "shmget": 194,
-        "shmctl": 195, "shmat": 196, "shmdt": 197, "socket": 198, "bind": 200,
-        "listen": 201, "accept": 202, "connect": 203, "add_key": 217, "request_key": 218,
-        "keyctl": 219, "clone": 220, "swapon": 224, "swapoff": 225, "migrate_pages": 238,
-        "move_pages": 239, "rt_tgsigqueueinfo": 240, "perf_event_open": 241, "accept4": 242,
-        "prlimit64": 261, "fanotify_init": 262, "name_to_handle_at": 264,
-        "open_by_handle_at": 265, "setns": 268, "process_vm_readv": 270,
-        "process_vm_writev": 271, "kcmp": 272, "finit_module": 273, "sched_setattr": 274,
-        "bpf": 280, "userfaultfd": 282, "kexec_file_load": 294, "pidfd_send_signal": 424,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
-        "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-        "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
-        "mount_setattr": 442, "process_mrelease": 448, "fchmodat2": 452, "setxattrat": 463,
+        "epoll_pwait": 22,
+        "close": 57,
+        "read": 63,
+        "write": 64,
+        "readv": 65,
+        "writev": 66,
+        "pread64": 67,
+        "pwrite64": 68,
+        "preadv": 69,
+        "pwritev": 70,
+        "ppoll": 73,
+        "futex": 98,
+        "getpid": 172,
+        "sendto": 206,
+        "recvfrom": 207,
+        "sendmsg": 211,
+        "recvmsg": 212,
+        "munmap": 215,
+        "mmap": 222,
+        "setxattr": 5,
+        "lsetxattr": 6,
+        "fsetxattr": 7,
+        "removexattr": 14,
+        "lremovexattr": 15,
+        "fremovexattr": 16,
+        "lookup_dcookie": 18,
+        "ioprio_set": 30,
+        "umount2": 39,
+        "mount": 40,
+        "pivot_root": 41,
+        "chroot": 51,
+        "fchmod": 52,
+        "fchmodat": 53,
+        "fchownat": 54,
+        "fchown": 55,
+        "vhangup": 58,
+        "quotactl": 60,
+        "utimensat": 88,
+        "acct": 89,
+        "unshare": 97,
+        "get_robust_list": 100,
+        "kexec_load": 104,
+        "init_module": 105,
+        "delete_module": 106,
+        "syslog": 116,
+        "ptrace": 117,
+        "sched_setparam": 118,
+        "sched_setscheduler": 119,
+        "sched_setaffinity": 122,
+        "kill": 129,
+        "tkill": 130,
+        "tgkill": 131,
+        "rt_sigqueueinfo": 138,
+        "setpriority": 140,
+        "reboot": 142,
+        "mq_open": 180,
+        "mq_unlink": 181,
+        "mq_timedsend": 182,
+        "mq_timedreceive": 183,
+        "mq_notify": 184,
+        "mq_getsetattr": 185,
+        "msgget": 186,
+        "msgctl": 187,
+        "msgrcv": 188,
+        "msgsnd": 189,
+        "semget": 190,
+        "semctl": 191,
+        "semtimedop": 192,
+        "semop": 193,
+        "shmget": 194,
+        "shmctl": 195,
+        "shmat": 196,
+        "shmdt": 197,
+        "socket": 198,
+        "bind": 200,
+        "listen": 201,
+        "accept": 202,
+        "connect": 203,
+        "add_key": 217,
+        "request_key": 218,
+        "keyctl": 219,
+        "clone": 220,
+        "swapon": 224,
+        "swapoff": 225,
+        "migrate_pages": 238,
+        "move_pages": 239,
+        "rt_tgsigqueueinfo": 240,
+        "perf_event_open": 241,
+        "accept4": 242,
+        "prlimit64": 261,
+        "fanotify_init": 262,
+        "name_to_handle_at": 264,
+        "open_by_handle_at": 265,
+        "setns": 268,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "kcmp": 272,
+        "finit_module": 273,
+        "sched_setattr": 274,
+        "bpf": 280,
+        "userfaultfd": 282,
+        "kexec_file_load": 294,
+        "pidfd_send_signal": 424,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "pidfd_open": 434,
+        "clone3": 435,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+        "mount_setattr": 442,
+        "process_mrelease": 448,
+        "fchmodat2": 452,
+        "setxattrat": 463,
         "removexattrat": 466,
     },
 }
@@ -379,16 +727,23 @@ def seccomp_filter(machine: str, pid: int) -> bytes:
         "not-clone",
     ]
     for name in OWN_PID_ONLY:
-        code += [(_JEQ, 0, f"not-{name}", numbers[name]), (_LD_W_ABS, 0, 0, _ARG0),
-                 (_JEQ, "allow", "deny", pid), f"not-{name}"]
+        code += [
+            (_JEQ, 0, f"not-{name}", numbers[name]),
+            (_LD_W_ABS, 0, 0, _ARG0),
+            (_JEQ, "allow", "deny", pid),
+            f"not-{name}",
+        ]
     code += [
         (_JEQ, 0, "allow", numbers["prlimit64"]),
         (_LD_W_ABS, 0, 0, _ARG0),
         (_JEQ, "allow", 0, 0),  # pid 0 is the caller itself
         (_JEQ, "allow", "deny", pid),
-        "allow", (_RET, 0, 0, SECCOMP_RET_ALLOW),
-        "deny", (_RET, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-        "enosys", (_RET, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+        "allow",
+        (_RET, 0, 0, SECCOMP_RET_ALLOW),
+        "deny",
+        (_RET, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+        "enosys",
+        (_RET, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
     ]
     labels: dict[str, int] = {}
     instructions: list[tuple[int, int | str, int | str, int]] = []
@@ -406,8 +761,10 @@ def seccomp_filter(machine: str, pid: int) -> bytes:
             raise ValueError(f"seccomp jump to {target} out of reach")
         return distance
 
-    return b"".join(struct.pack("<HBBI", op, offset(jt, at), offset(jf, at), k)
-                    for at, (op, jt, jf, k) in enumerate(instructions))
+    return b"".join(
+        struct.pack("<HBBI", op, offset(jt, at), offset(jf, at), k)
+        for at, (op, jt, jf, k) in enumerate(instructions)
+    )
 
 
 class _SockFprog(ctypes.Structure):
@@ -418,8 +775,10 @@ def _seccomp(machine: str) -> None:
     program = seccomp_filter(machine, os.getpid())
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
-           "installing the seccomp filter")
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
+        "installing the seccomp filter",
+    )
 
 
 # --- the policy ----------------------------------------------------------------------------
@@ -452,10 +811,13 @@ class Protections:
         """The record back from its `str`, as the hypervisor log carries it."""
         names = set(text.split(", "))
         abi = re.search(r"landlock ABI (\d+)", text)
-        return cls(privileged="privileged (not sandboxed)" in names,
-                   no_new_privs="no-new-privs" in names,
-                   capabilities_dropped="capabilities dropped" in names,
-                   landlock_abi=int(abi[1]) if abi else 0, seccomp="seccomp" in names)
+        return cls(
+            privileged="privileged (not sandboxed)" in names,
+            no_new_privs="no-new-privs" in names,
+            capabilities_dropped="capabilities dropped" in names,
+            landlock_abi=int(abi[1]) if abi else 0,
+            seccomp="seccomp" in names,
+        )
 
 
 NO_PROTECTION = "none: the kernel offers no sandbox here"
@@ -464,8 +826,10 @@ NO_PROTECTION = "none: the kernel offers no sandbox here"
 def logged_protections(log: str) -> dict[int, Protections]:
     """What confines each domain, from the hypervisor log's `(dN) sandbox: ...`
     lines (`xenlike dmesg`); the newest line of a domain id wins."""
-    return {int(domid): Protections.parse(text)
-            for domid, text in re.findall(r"\(d(\d+)\) sandbox: (.+)$", log, re.MULTILINE)}
+    return {
+        int(domid): Protections.parse(text)
+        for domid, text in re.findall(r"\(d(\d+)\) sandbox: (.+)$", log, re.MULTILINE)
+    }
 
 
 def domain_protections(pid: int, landlock: int) -> Protections | None:
@@ -476,8 +840,10 @@ def domain_protections(pid: int, landlock: int) -> Protections | None:
         return None
     return Protections(
         no_new_privs=status.get("NoNewPrivs") == "1",
-        capabilities_dropped=all(int(status.get(key, "1"), 16) == 0
-                                 for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
+        capabilities_dropped=all(
+            int(status.get(key, "1"), 16) == 0
+            for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        ),
         landlock_abi=landlock,
         seccomp=status.get("Seccomp") == "2",
     )
@@ -497,8 +863,14 @@ class SandboxPolicy:
     def for_run_dir(cls, run_dir: Path) -> "SandboxPolicy":
         """The policy for the domains of the topology served from `run_dir`."""
         excluded = (os.path.realpath(run_dir),)
-        roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                 os.path.dirname(os.path.realpath(sys.executable)), *SYSTEM_FILES}
+        roots = {
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable)),
+            *SYSTEM_FILES,
+        }
         for package in ("xenlike", "domains", "drivers"):  # editable installs map them
             spec = find_spec(package)
             roots.update(spec.submodule_search_locations or () if spec else ())
@@ -514,14 +886,18 @@ class SandboxPolicy:
         last_capability = 0
         if int(status.get("CapEff", "0"), 16) >> 8 & 1:  # CAP_SETPCAP drops the bounding set
             last_capability = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-        return cls(landlock_abi(), machine if seccomp else None, last_capability,
-                   tuple(sorted(readable)))
+        return cls(
+            landlock_abi(), machine if seccomp else None, last_capability, tuple(sorted(readable))
+        )
 
     def expected(self) -> Protections:
         """What `enter` puts in force on this host."""
-        return Protections(no_new_privs=True, capabilities_dropped=self.last_capability > 0,
-                           landlock_abi=self.landlock_abi,
-                           seccomp=self.seccomp_machine is not None)
+        return Protections(
+            no_new_privs=True,
+            capabilities_dropped=self.last_capability > 0,
+            landlock_abi=self.landlock_abi,
+            seccomp=self.seccomp_machine is not None,
+        )
 
     def enter(self) -> None:
         """Confine the calling process for good; run in the domain's child before exec.
@@ -533,10 +909,12 @@ class SandboxPolicy:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if self.landlock_abi:
             own = f"/proc/{os.getpid()}"  # its own /proc, which the interpreter reads
-            _landlock(self.landlock_abi,
-                      [*self.readable]
-                      + [(path, FS_READ_FILE | FS_WRITE_FILE) for path in self.writable]
-                      + [(own, FS_READ_FILE | FS_READ_DIR)])
+            _landlock(
+                self.landlock_abi,
+                [*self.readable]
+                + [(path, FS_READ_FILE | FS_WRITE_FILE) for path in self.writable]
+                + [(own, FS_READ_FILE | FS_READ_DIR)],
+            )
         if self.last_capability:
             _drop_capabilities(self.last_capability)
         if self.seccomp_machine is not None:

@@ -93,8 +93,15 @@ class FaultyDoorbell:
     timeout or a final check), delayed ones shake out ordering assumptions.
     """
 
-    def __init__(self, inner: Any, *, drop: float = 0.0, delay: float = 0.0,
-                 nursery: trio.Nursery | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        drop: float = 0.0,
+        delay: float = 0.0,
+        nursery: trio.Nursery | None = None,
+        seed: int = 0,
+    ) -> None:
         if delay and nursery is None:
             raise ValueError("delayed notifications need a nursery to deliver them from")
         self.inner, self.drop, self.delay, self.nursery = inner, drop, delay, nursery
@@ -118,8 +125,9 @@ class FaultyDoorbell:
         return await self.inner.wait()
 
 
-def channel_pair(spec: RingSpec, pages: int = 1, *, front_bell: Any = None, back_bell: Any = None
-                 ) -> tuple[FrontChannel, BackChannel, memoryview]:
+def channel_pair(
+    spec: RingSpec, pages: int = 1, *, front_bell: Any = None, back_bell: Any = None
+) -> tuple[FrontChannel, BackChannel, memoryview]:
     """A front and a back channel over one shared ring of `pages` pages.
 
     Run `front.run()` in a nursery to collect responses, and serve the back
@@ -146,7 +154,7 @@ class HostileFrontRing:
         index = self.ring.req_prod_pvt & (self.ring.nr_ents - 1)
         offset = SRING_HEADER_SIZE + index * self.spec.entry_size
         data = slot_bytes[: self.spec.entry_size].ljust(self.spec.entry_size, b"\0")
-        self.memory[offset:offset + len(data)] = data
+        self.memory[offset : offset + len(data)] = data
         self.ring.req_prod_pvt = (self.ring.req_prod_pvt + 1) & 0xFFFFFFFF
 
     def push(self) -> bool:
@@ -309,8 +317,9 @@ def detached(driver_class: type[T], device_type: str | None = None) -> T:
     from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 
     name = str(device_type or getattr(driver_class, "device_type", "test"))
-    nothing: Any = XenbusContext(domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()),
-                                 xs=None, nursery=None)  # type: ignore[arg-type]
+    nothing: Any = XenbusContext(
+        domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()), xs=None, nursery=None
+    )  # type: ignore[arg-type]
     make: Any = driver_class
     driver: T = make(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
     return driver
@@ -331,13 +340,19 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the
 class RunningTopology:
     """A topology brought up with `xenlike up --detach` in its own run directory.
 
-        with RunningTopology(TOML_TEXT, tmp_path) as topo:
-            topo.wait_for_console("client", "ready")
-            assert topo.xenstore("read", "/local/domain/1/name") == "client"
+    with RunningTopology(TOML_TEXT, tmp_path) as topo:
+        topo.wait_for_console("client", "ready")
+        assert topo.xenstore("read", "/local/domain/1/name") == "client"
     """
 
-    def __init__(self, toml: str | None, directory: Path, *, timeout: float = 60.0,
-                 pythonpath: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        toml: str | None,
+        directory: Path,
+        *,
+        timeout: float = 60.0,
+        pythonpath: Sequence[Path] = (),
+    ) -> None:
         self.directory = Path(directory)
         self.pythonpath = [str(Path(p).resolve()) for p in pythonpath]
         self.run_dir = self.directory / "run"
@@ -352,11 +367,18 @@ class RunningTopology:
         env = {**os.environ, "XENLIKE_RUN_DIR": str(self.run_dir)}
         if self.pythonpath:  # where the domains import a driver or program from
             env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")])
-        result = subprocess.run([sys.executable, "-m", "xenlike", *args], capture_output=True,
-                                text=True, env=env, timeout=self.timeout + 60)
+        result = subprocess.run(
+            [sys.executable, "-m", "xenlike", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=self.timeout + 60,
+        )
         if check and result.returncode:
-            raise AssertionError(f"xenlike {' '.join(args)} exited {result.returncode}:\n"
-                                 f"{result.stdout}{result.stderr}")
+            raise AssertionError(
+                f"xenlike {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
         return result
 
     def __enter__(self) -> "RunningTopology":
@@ -375,6 +397,7 @@ class RunningTopology:
         def seen() -> str:
             console = self.console(name)
             return console if text in console else ""
+
         return wait_for(seen, timeout, f"{text!r} on {name}'s console")
 
     def xenstore(self, *args: str) -> str:

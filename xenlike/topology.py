@@ -58,8 +58,15 @@ __all__ = [
 ]
 
 DEFAULT_GUEST_KERNEL = "domains.guest:main"
-ON_ACTIONS = ("destroy", "restart", "preserve", "rename-restart", "coredump-destroy",
-              "coredump-restart", "soft-reset")
+ON_ACTIONS = (
+    "destroy",
+    "restart",
+    "preserve",
+    "rename-restart",
+    "coredump-destroy",
+    "coredump-restart",
+    "soft-reset",
+)
 SUPPORTED_ON_ACTIONS = ("destroy", "restart", "preserve")
 XEN_OUI = "00:16:3e"
 
@@ -178,8 +185,10 @@ def file_name_problem(name: Any) -> str | None:
         return "an absolute path; images and captures live in the run directory"
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        return "'..', '.' and empty parts are not allowed; images and captures live in " \
-               "the run directory"
+        return (
+            "'..', '.' and empty parts are not allowed; images and captures live in "
+            "the run directory"
+        )
     return None
 
 
@@ -234,9 +243,24 @@ def _spec_items(spec: str) -> list[str]:
     return [item.strip() for item in spec.split(",")]
 
 
-_DISK_KEYS = ("target", "format", "vdev", "access", "devtype", "backend", "backendtype", "script",
-              "direct-io-safe", "discard", "no-discard", "trusted", "untrusted", "cdrom",
-              "colo", "specification")
+_DISK_KEYS = (
+    "target",
+    "format",
+    "vdev",
+    "access",
+    "devtype",
+    "backend",
+    "backendtype",
+    "script",
+    "direct-io-safe",
+    "discard",
+    "no-discard",
+    "trusted",
+    "untrusted",
+    "cdrom",
+    "colo",
+    "specification",
+)
 _DISK_POSITIONAL = ("target", "format", "vdev", "access")
 
 
@@ -251,8 +275,9 @@ def parse_disk_spec(spec: str) -> DiskSpec:
             key, _, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if key not in _DISK_KEYS:
-                raise ValueError(f"unknown disk key {key!r}; "
-                                 f"known: {', '.join(_DISK_KEYS[:6])} ...")
+                raise ValueError(
+                    f"unknown disk key {key!r}; known: {', '.join(_DISK_KEYS[:6])} ..."
+                )
             if key == "target" and index != len(items) - 1:
                 raise ValueError("target= must come last (it may contain commas, as xl says)")
             values[key] = value
@@ -285,13 +310,33 @@ def parse_disk_spec(spec: str) -> DiskSpec:
         raise ValueError(f"devtype={devtype}: expected disk or cdrom")
     if devtype == "cdrom":
         access = "ro"
-    return DiskSpec(target=target, vdev=values["vdev"], devid=vdev_number(values["vdev"]),
-                    format=fmt, access=access, devtype=devtype,
-                    backend=values.get("backend", "0"), discard="no-discard" not in flags)
+    return DiskSpec(
+        target=target,
+        vdev=values["vdev"],
+        devid=vdev_number(values["vdev"]),
+        format=fmt,
+        access=access,
+        devtype=devtype,
+        backend=values.get("backend", "0"),
+        discard="no-discard" not in flags,
+    )
 
 
-_VIF_KEYS = ("mac", "bridge", "ip", "vifname", "backend", "type", "model", "script", "rate",
-             "gatewaydev", "mtu", "trusted", "untrusted")
+_VIF_KEYS = (
+    "mac",
+    "bridge",
+    "ip",
+    "vifname",
+    "backend",
+    "type",
+    "model",
+    "script",
+    "rate",
+    "gatewaydev",
+    "mtu",
+    "trusted",
+    "untrusted",
+)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -304,8 +349,9 @@ def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in _VIF_KEYS:
-            raise ValueError(f"unknown vif setting {item!r}; "
-                             f"known keys: {', '.join(_VIF_KEYS[:5])} ...")
+            raise ValueError(
+                f"unknown vif setting {item!r}; known keys: {', '.join(_VIF_KEYS[:5])} ..."
+            )
         values[key] = value.strip()
     mac = values.get("mac", default_mac).lower()
     if not _MAC.match(mac):
@@ -320,8 +366,13 @@ def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
             raise ValueError(f"ip={ip}: expected an IPv4 address like 10.0.0.2/24") from None
     if values.get("type", "vif") != "vif":
         raise ValueError(f"type={values['type']}: only PV vifs (type=vif) exist here")
-    return VifSpec(mac=mac, bridge=values.get("bridge", "xenbr0"), ip=ip,
-                   vifname=values.get("vifname"), backend=values.get("backend", "0"))
+    return VifSpec(
+        mac=mac,
+        bridge=values.get("bridge", "xenbr0"),
+        ip=ip,
+        vifname=values.get("vifname"),
+        backend=values.get("backend", "0"),
+    )
 
 
 def default_mac(domain_name: str, index: int) -> str:
@@ -331,6 +382,7 @@ def default_mac(domain_name: str, index: int) -> str:
 
 
 # --- the file -------------------------------------------------------------------
+
 
 class _Locator:
     """Finds the line of a key in the TOML text (tomllib keeps no positions)."""
@@ -400,14 +452,30 @@ def module_problem(dotted: str) -> str | None:
     return None
 
 
-_DOMAIN_KEYS = {"name", "memory", "vcpus", "kernel", "init", "extra", "on_poweroff", "on_reboot",
-                "on_crash", "disk", "vif", "devices", "maxmem", "type", "cmdline"}
+_DOMAIN_KEYS = {
+    "name",
+    "memory",
+    "vcpus",
+    "kernel",
+    "init",
+    "extra",
+    "on_poweroff",
+    "on_reboot",
+    "on_crash",
+    "disk",
+    "vif",
+    "devices",
+    "maxmem",
+    "type",
+    "cmdline",
+}
 _DOM0_KEYS = {"memory", "nic", "images"}
 _HOST_KEYS = {"name"}
 
 
-def parse_topology(text: str, path: str = "<topology>", source: Path | None = None, *,
-                   check_imports: bool = False) -> Topology:
+def parse_topology(
+    text: str, path: str = "<topology>", source: Path | None = None, *, check_imports: bool = False
+) -> Topology:
     """Parse and check a topology; raise TopologyError listing every problem.
 
     With `check_imports`, every kernel, init and driver module must be
@@ -418,8 +486,9 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
-        raise TopologyError([Problem(path, int(line.group(1)) if line else None,
-                                     f"not valid TOML: {exc}")]) from None
+        raise TopologyError(
+            [Problem(path, int(line.group(1)) if line else None, f"not valid TOML: {exc}")]
+        ) from None
     where = _Locator(text)
 
     def problem(table: str, index: int | None, key: str | None, message: str) -> None:
@@ -427,14 +496,19 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
 
     for key in data:
         if key not in ("host", "dom0", "domain"):
-            problem(key, None, None, f"unknown section [{key}]; expected [host], "
-                                     "[dom0], [[domain]]")
+            problem(
+                key, None, None, f"unknown section [{key}]; expected [host], [dom0], [[domain]]"
+            )
 
     for section, kind in (("host", dict), ("dom0", dict)):
         if section in data and not isinstance(data[section], kind):
-            problems.append(Problem(path, where.top_level(section),
-                                    f"{section} = {data[section]!r}: [{section}] is a table "
-                                    "of keys"))
+            problems.append(
+                Problem(
+                    path,
+                    where.top_level(section),
+                    f"{section} = {data[section]!r}: [{section}] is a table of keys",
+                )
+            )
             data[section] = {}
     host = data.get("host", {})
     for key in host:
@@ -447,26 +521,39 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
     dom0_data = data.get("dom0", {})
     for key in dom0_data:
         if key not in _DOM0_KEYS:
-            problem("dom0", None, key, f"unknown key {key!r} in [dom0]; expected one of "
-                                       f"{', '.join(sorted(_DOM0_KEYS))}")
+            problem(
+                "dom0",
+                None,
+                key,
+                f"unknown key {key!r} in [dom0]; expected one of {', '.join(sorted(_DOM0_KEYS))}",
+            )
     dom0_memory = dom0_data.get("memory", 128)
     if not isinstance(dom0_memory, int) or not 16 <= dom0_memory <= 4096:
-        problem("dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, "
-                                        "16 to 4096")
+        problem(
+            "dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, 16 to 4096"
+        )
     nic = dom0_data.get("nic", "none")
     if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap):.+", nic)):
-        problem("dom0", None, "nic", f"nic = {nic!r}: expected \"none\", "
-                                     "\"tap:NAME\" or \"pcap:FILE\"")
+        problem("dom0", None, "nic", f'nic = {nic!r}: expected "none", "tap:NAME" or "pcap:FILE"')
     elif nic.startswith("pcap:") and (message := file_name_problem(nic[5:])):
         problem("dom0", None, "nic", f"nic = {nic!r}: {message}")
     elif nic.startswith("tap:") and not _TAP_NAME.fullmatch(nic[4:]):
-        problem("dom0", None, "nic", f"nic = {nic!r}: an interface name of 1 to 15 letters, "
-                                     "digits, '.', '_' or '-'")
+        problem(
+            "dom0",
+            None,
+            "nic",
+            f"nic = {nic!r}: an interface name of 1 to 15 letters, digits, '.', '_' or '-'",
+        )
     images: dict[str, int] = {}
     raw_images = dom0_data.get("images", {})
     if not isinstance(raw_images, dict):
-        problem("dom0", None, "images", f"images = {raw_images!r}: a table of file name = size, "
-                                        "e.g. images = { \"web.img\" = \"64M\" }")
+        problem(
+            "dom0",
+            None,
+            "images",
+            f"images = {raw_images!r}: a table of file name = size, "
+            'e.g. images = { "web.img" = "64M" }',
+        )
         raw_images = {}
     for image, size in raw_images.items():
         if message := file_name_problem(image):
@@ -490,8 +577,12 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
         name_value = entry.get("name") if isinstance(entry, dict) else None
         if isinstance(name_value, str):
             if name_value in names:
-                problem("domain", index, "name", f"name = {name_value!r} is used twice; "
-                                                 "names are unique")
+                problem(
+                    "domain",
+                    index,
+                    "name",
+                    f"name = {name_value!r} is used twice; names are unique",
+                )
             names.add(name_value)
         if not isinstance(entry, dict):
             problem("domain", index, None, "each [[domain]] is a table of xl.cfg keys")
@@ -504,8 +595,12 @@ def parse_topology(text: str, path: str = "<topology>", source: Path | None = No
         total = dom0_memory + sum(d.memory for d in domains)
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
         if total > host:
-            problem("dom0", None, "memory", f"Dom0 and the guests ask for {total} MiB; this "
-                                            f"host has {host} MiB")
+            problem(
+                "dom0",
+                None,
+                "memory",
+                f"Dom0 and the guests ask for {total} MiB; this host has {host} MiB",
+            )
     if problems:
         raise TopologyError(problems)
     dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
@@ -521,33 +616,59 @@ def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:
     for index, domain in enumerate(domains):
         for vif in domain.vifs:
             if vif.mac in macs:
-                problem("domain", index, "vif", f"mac={vif.mac} is used twice ({macs[vif.mac]} "
-                                                f"and {domain.name}); MACs are unique")
+                problem(
+                    "domain",
+                    index,
+                    "vif",
+                    f"mac={vif.mac} is used twice ({macs[vif.mac]} "
+                    f"and {domain.name}); MACs are unique",
+                )
             macs.setdefault(vif.mac, domain.name)
         for disk in domain.disks:
             users.setdefault(disk.target, []).append((domain.name, not disk.readonly))
             attached = users[disk.target]
             if len(attached) > 1 and any(writable for _, writable in attached):
                 names = ", ".join(name for name, _ in attached)
-                problem("domain", index, "disk", f"image {disk.target!r} is attached to "
-                                                 f"{names}, and read-write: only read-only "
-                                                 "images may be shared")
+                problem(
+                    "domain",
+                    index,
+                    "disk",
+                    f"image {disk.target!r} is attached to "
+                    f"{names}, and read-write: only read-only "
+                    "images may be shared",
+                )
         for device in domain.devices:
             driver = device.get("driver")
             if driver is None:
                 continue
             known = drivers.setdefault(device["type"], driver)
             if known != driver:
-                problem("domain", index, "devices", f"type {device['type']!r} has two drivers, "
-                                                    f"{known!r} and {driver!r}")
+                problem(
+                    "domain",
+                    index,
+                    "devices",
+                    f"type {device['type']!r} has two drivers, {known!r} and {driver!r}",
+                )
 
 
 # Keys of a back end's directory the toolstack writes itself, and the device types
 # whose keys come from xl's disk and vif lines, not from a `devices` table.
-_RESERVED_DEVICE_KEYS = {"frontend", "frontend-id", "backend-id", "online", "state",
-                         "hotplug-status", "error"}
-_BUILTIN_DEVICE_TYPES = {"vbd": "disk = [...]", "vif": "vif = [...]", "console": "(built in)",
-                         "qdisk": "disk = [...]", "vbd3": "disk = [...]"}
+_RESERVED_DEVICE_KEYS = {
+    "frontend",
+    "frontend-id",
+    "backend-id",
+    "online",
+    "state",
+    "hotplug-status",
+    "error",
+}
+_BUILTIN_DEVICE_TYPES = {
+    "vbd": "disk = [...]",
+    "vif": "vif = [...]",
+    "console": "(built in)",
+    "qdisk": "disk = [...]",
+    "vbd3": "disk = [...]",
+}
 
 
 def _device_problems(devices: list[dict[str, Any]], images: dict[str, int]) -> list[str]:
@@ -557,13 +678,15 @@ def _device_problems(devices: list[dict[str, Any]], images: dict[str, int]) -> l
     seen: set[tuple[str, int]] = set()
     for index, device in enumerate(devices):
         device_type = device["type"]
-        if not isinstance(device_type, str) or not re.fullmatch(r"[a-z][a-z0-9_\-]{0,31}",
-                                                                 device_type):
+        if not isinstance(device_type, str) or not re.fullmatch(
+            r"[a-z][a-z0-9_\-]{0,31}", device_type
+        ):
             problems.append(f"type = {device_type!r}: lower-case letters, digits, '_', '-'")
             continue
         if device_type in _BUILTIN_DEVICE_TYPES:
-            problems.append(f"type = {device_type!r} is built in: use "
-                            f"{_BUILTIN_DEVICE_TYPES[device_type]}")
+            problems.append(
+                f"type = {device_type!r} is built in: use {_BUILTIN_DEVICE_TYPES[device_type]}"
+            )
         devid = device.get("devid", index)
         if isinstance(devid, str) and devid.isdigit():
             devid = int(devid)
@@ -578,18 +701,27 @@ def _device_problems(devices: list[dict[str, Any]], images: dict[str, int]) -> l
             problems.append(f"backend = {backend!r}: only Dom0 (0) runs back ends here")
         for key, value in device.items():
             if key in _RESERVED_DEVICE_KEYS or not re.fullmatch(r"[A-Za-z0-9_\-]+", key):
-                problems.append(f"{key!r}: the toolstack writes that key itself, or it is "
-                                "not a XenStore key name")
+                problems.append(
+                    f"{key!r}: the toolstack writes that key itself, or it is "
+                    "not a XenStore key name"
+                )
             elif not isinstance(value, (str, int, bool)):
                 problems.append(f"{key} = {value!r}: a string or a number")
             elif key == "params" and value not in images:
-                problems.append(f"params = {value!r} is not one of Dom0's images ([dom0] images "
-                                f"= {{...}}; declared: {', '.join(images) or 'none'})")
+                problems.append(
+                    f"params = {value!r} is not one of Dom0's images ([dom0] images "
+                    f"= {{...}}; declared: {', '.join(images) or 'none'})"
+                )
     return problems
 
 
-def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
-                  problem: Any, check_imports: bool = False) -> DomainConfig | None:
+def _parse_domain(
+    entry: dict[str, Any],
+    index: int,
+    images: dict[str, int],
+    problem: Any,
+    check_imports: bool = False,
+) -> DomainConfig | None:
     ok = True
 
     def bad(key: str | None, message: str) -> None:
@@ -602,13 +734,17 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
             bad(key, f"unknown key {key!r}; xl.cfg keys here: {', '.join(sorted(_DOMAIN_KEYS))}")
     name = entry.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", name):
-        bad("name" if "name" in entry else None,
-            f"name = {name!r}: every [[domain]] needs a name of letters, digits, '.', '_', '-'")
+        bad(
+            "name" if "name" in entry else None,
+            f"name = {name!r}: every [[domain]] needs a name of letters, digits, '.', '_', '-'",
+        )
         name = f"domain{index}"
     memory = entry.get("memory")
     if not isinstance(memory, int) or not 4 <= memory <= 4096:
-        bad("memory" if "memory" in entry else None,
-            f"memory = {memory!r}: MiB as a whole number, 4 to 4096")
+        bad(
+            "memory" if "memory" in entry else None,
+            f"memory = {memory!r}: MiB as a whole number, 4 to 4096",
+        )
     vcpus = entry.get("vcpus", 1)
     if vcpus != 1:
         bad("vcpus", f"vcpus = {vcpus!r}: each domain has exactly one vCPU here")
@@ -634,8 +770,11 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
             continue
         if disk.target not in images:
             known = ", ".join(images) or "none declared"
-            bad("disk", f"disk {spec!r}: target {disk.target!r} is not one of Dom0's images "
-                        f"([dom0] images = {{...}}; declared: {known})")
+            bad(
+                "disk",
+                f"disk {spec!r}: target {disk.target!r} is not one of Dom0's images "
+                f"([dom0] images = {{...}}; declared: {known})",
+            )
         if any(d.devid == disk.devid for d in disks):
             bad("disk", f"disk {spec!r}: vdev {disk.vdev} is used twice")
         if disk.backend != "0":
@@ -654,9 +793,10 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
             bad("vif", f"vif {spec!r}: mac={vif.mac} is used twice")
         vifs.append(vif)
     devices = entry.get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, dict) and "type" in d
-                                                for d in devices):
-        bad("devices", "devices = [{ type = \"...\", ... }, ...]: each needs a type")
+    if not isinstance(devices, list) or not all(
+        isinstance(d, dict) and "type" in d for d in devices
+    ):
+        bad("devices", 'devices = [{ type = "...", ... }, ...]: each needs a type')
         devices = []
     for message in _device_problems(devices, images):
         bad("devices", f"devices: {message}")
@@ -671,12 +811,19 @@ def _parse_domain(entry: dict[str, Any], index: int, images: dict[str, int],
     if not ok:
         return None
     return DomainConfig(
-        name=name, memory=memory, vcpus=1, kernel=entry.get("kernel", DEFAULT_GUEST_KERNEL),
-        init=entry.get("init"), extra=extra,
+        name=name,
+        memory=memory,
+        vcpus=1,
+        kernel=entry.get("kernel", DEFAULT_GUEST_KERNEL),
+        init=entry.get("init"),
+        extra=extra,
         on_poweroff=entry.get("on_poweroff", "destroy"),
         on_reboot=entry.get("on_reboot", "restart"),
-        on_crash=entry.get("on_crash", "destroy"), disks=tuple(disks), vifs=tuple(vifs),
-        devices=tuple(devices))
+        on_crash=entry.get("on_crash", "destroy"),
+        disks=tuple(disks),
+        vifs=tuple(vifs),
+        devices=tuple(devices),
+    )
 
 
 def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
@@ -686,8 +833,13 @@ def _as_list(value: Any, bad: Any, key: str) -> Iterable[str]:
     return value
 
 
-def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] | None = None,
-                      *, check_imports: bool = False) -> DomainConfig:
+def parse_domain_file(
+    text: str,
+    path: str = "<domain>",
+    images: dict[str, int] | None = None,
+    *,
+    check_imports: bool = False,
+) -> DomainConfig:
     """An xl.cfg-style file: one guest's keys at the top level (`xenlike create`).
 
     Its disks may name only images Dom0 already has (`images`).
@@ -697,8 +849,9 @@ def parse_domain_file(text: str, path: str = "<domain>", images: dict[str, int] 
         entry = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
-        raise TopologyError([Problem(path, int(line.group(1)) if line else None,
-                                     f"not valid xl.cfg/TOML: {exc}")]) from None
+        raise TopologyError(
+            [Problem(path, int(line.group(1)) if line else None, f"not valid xl.cfg/TOML: {exc}")]
+        ) from None
     where = _Locator("[[domain]]\n" + text)
 
     def problem(table: str, index: int | None, key: str | None, message: str) -> None:

@@ -17,13 +17,13 @@ from typing import Any
 
 import trio
 
-from xenlike.abi.errno import Errno
 from xenlike.abi.domctl import (
     DomctlOp,
     xen_domctl_createdomain,
     xen_domctl_getdomaininfo,
     xen_domctl_max_mem,
 )
+from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, evtchn_alloc_unbound
 from xenlike.abi.sched import SchedOp, ShutdownReason, sched_remote_shutdown
 from xenlike.abi.sysctl import SysctlOp, xen_sysctl_getdomaininfolist, xen_sysctl_physinfo
@@ -70,15 +70,27 @@ class XenControl:
                 nursery.cancel_scope.cancel()
                 sock.close()
 
-    async def create_domain(self, kernel: str, *, memory_mb: int, cmdline: str = "",
-                            store_evtchn: int = 0, console_evtchn: int = 0,
-                            handle: bytes = bytes(16)) -> int:
+    async def create_domain(
+        self,
+        kernel: str,
+        *,
+        memory_mb: int,
+        cmdline: str = "",
+        store_evtchn: int = 0,
+        console_evtchn: int = 0,
+        handle: bytes = bytes(16),
+    ) -> int:
         """createdomain, max_mem, then build: a paused domain ready to unpause."""
         domid = await self.createdomain(handle)
         try:
             await self.set_max_mem(domid, memory_mb * 1024)
-            await self.build(domid, kernel, cmdline=cmdline, store_evtchn=store_evtchn,
-                             console_evtchn=console_evtchn)
+            await self.build(
+                domid,
+                kernel,
+                cmdline=cmdline,
+                store_evtchn=store_evtchn,
+                console_evtchn=console_evtchn,
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.destroy(domid)
@@ -87,30 +99,52 @@ class XenControl:
 
     async def createdomain(self, handle: bytes = bytes(16)) -> int:
         """XEN_DOMCTL_createdomain: a new empty domain, paused, with no memory yet."""
-        config = codec_for(xen_domctl_createdomain).record(handle=handle, max_vcpus=1,
-                                                           max_evtchn_port=1023,
-                                                           max_grant_frames=-1,
-                                                           max_maptrack_frames=-1)
-        domid, _ = await self.hypercalls.domctl(DomctlOp.createdomain, 0, xen_domctl_createdomain,
-                                                config)
+        config = codec_for(xen_domctl_createdomain).record(
+            handle=handle,
+            max_vcpus=1,
+            max_evtchn_port=1023,
+            max_grant_frames=-1,
+            max_maptrack_frames=-1,
+        )
+        domid, _ = await self.hypercalls.domctl(
+            DomctlOp.createdomain, 0, xen_domctl_createdomain, config
+        )
         return domid
 
     async def set_max_mem(self, domid: int, max_memkb: int) -> None:
-        await self.hypercalls.domctl(DomctlOp.max_mem, domid, xen_domctl_max_mem,
-                                     codec_for(xen_domctl_max_mem).record(max_memkb=max_memkb))
+        await self.hypercalls.domctl(
+            DomctlOp.max_mem,
+            domid,
+            xen_domctl_max_mem,
+            codec_for(xen_domctl_max_mem).record(max_memkb=max_memkb),
+        )
 
-    async def build(self, domid: int, kernel: str, *, cmdline: str = "", store_evtchn: int = 0,
-                    console_evtchn: int = 0) -> None:
-        arg = BUILD.record(domain=domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
-                           kernel=kernel.encode().ljust(256, b"\0"),
-                           cmd_line=cmdline.encode().ljust(1024, b"\0"))
+    async def build(
+        self,
+        domid: int,
+        kernel: str,
+        *,
+        cmdline: str = "",
+        store_evtchn: int = 0,
+        console_evtchn: int = 0,
+    ) -> None:
+        arg = BUILD.record(
+            domain=domid,
+            store_evtchn=store_evtchn,
+            console_evtchn=console_evtchn,
+            kernel=kernel.encode().ljust(256, b"\0"),
+            cmd_line=cmdline.encode().ljust(1024, b"\0"),
+        )
         await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_build, BUILD.pack(arg), 1)
 
     async def alloc_unbound(self, domid: int, remote_dom: int) -> int:
         """A port in `domid` that `remote_dom` may bind (the store and console ports)."""
         _, out, fds = await self.hypercalls.call_struct(
-            Hypercall.event_channel_op, EvtchnOp.alloc_unbound, evtchn_alloc_unbound,
-            codec_for(evtchn_alloc_unbound).record(dom=domid, remote_dom=remote_dom))
+            Hypercall.event_channel_op,
+            EvtchnOp.alloc_unbound,
+            evtchn_alloc_unbound,
+            codec_for(evtchn_alloc_unbound).record(dom=domid, remote_dom=remote_dom),
+        )
         return out.port
 
     async def unpause(self, domid: int) -> None:
@@ -125,28 +159,35 @@ class XenControl:
     async def shutdown(self, domid: int, reason: int = ShutdownReason.poweroff) -> None:
         """SCHEDOP_remote_shutdown: stop a domain now, for `reason`."""
         await self.hypercalls.call_struct(
-            Hypercall.sched_op, SchedOp.remote_shutdown, sched_remote_shutdown,
-            codec_for(sched_remote_shutdown).record(domain_id=domid, reason=reason))
+            Hypercall.sched_op,
+            SchedOp.remote_shutdown,
+            sched_remote_shutdown,
+            codec_for(sched_remote_shutdown).record(domain_id=domid, reason=reason),
+        )
 
     async def domain_info(self, domid: int) -> Any:
         """getdomaininfo of exactly `domid` (Xen answers the next one up; we check)."""
-        found, info = await self.hypercalls.domctl(DomctlOp.getdomaininfo, domid,
-                                                   xen_domctl_getdomaininfo, INFO.record())
+        found, info = await self.hypercalls.domctl(
+            DomctlOp.getdomaininfo, domid, xen_domctl_getdomaininfo, INFO.record()
+        )
         if found != domid:
             raise HypercallError(Errno.ESRCH, f"no domain {domid}")
         return info
 
     async def list_domains(self, first: int = 0, max_domains: int = 512) -> list[Any]:
         """sysctl getdomaininfolist: every domain's getdomaininfo, by domid."""
-        query = codec_for(xen_sysctl_getdomaininfolist).record(first_domain=first,
-                                                               max_domains=max_domains)
-        count, _, records = await self.hypercalls.sysctl(SysctlOp.getdomaininfolist,
-                                                         xen_sysctl_getdomaininfolist, query)
+        query = codec_for(xen_sysctl_getdomaininfolist).record(
+            first_domain=first, max_domains=max_domains
+        )
+        count, _, records = await self.hypercalls.sysctl(
+            SysctlOp.getdomaininfolist, xen_sysctl_getdomaininfolist, query
+        )
         return [INFO.unpack_from(records, i * INFO.size) for i in range(count)]
 
     async def physinfo(self) -> Any:
-        _, info, _ = await self.hypercalls.sysctl(SysctlOp.physinfo, xen_sysctl_physinfo,
-                                                  codec_for(xen_sysctl_physinfo).record())
+        _, info, _ = await self.hypercalls.sysctl(
+            SysctlOp.physinfo, xen_sysctl_physinfo, codec_for(xen_sysctl_physinfo).record()
+        )
         return info
 
     async def dmesg(self) -> str:

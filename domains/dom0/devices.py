@@ -38,14 +38,16 @@ class DeviceWriter:
         skip = {"type", "driver", "devid", "backend"}
         keys = {key: str(value) for key, value in self.spec.items() if key not in skip}
         if "params" in keys:  # one of Dom0's images, by name (the topology checked it)
-            keys["params"] = str(self.toolstack.topology.image_path(keys["params"],
-                                                                    self.toolstack.run_dir))
+            keys["params"] = str(
+                self.toolstack.topology.image_path(keys["params"], self.toolstack.run_dir)
+            )
         return keys
 
     @property
     def backend_domid(self) -> int:
-        backend = (self.spec.get("backend", "0") if isinstance(self.spec, dict)
-                   else self.spec.backend)
+        backend = (
+            self.spec.get("backend", "0") if isinstance(self.spec, dict) else self.spec.backend
+        )
         return int(backend)
 
     async def add(self, xs: Any, domid: int, index: int) -> None:
@@ -59,10 +61,19 @@ class DeviceWriter:
             await tx.set_perms(front, [f"n{domid}", f"r{back_domid}"])
             await tx.write(back, "")
             await tx.set_perms(back, [f"n{back_domid}", f"r{domid}"])
-            front_keys = {"backend": back, "backend-id": str(back_domid), "state": INITIALISING,
-                          **self.frontend_keys(index)}
-            back_keys = {"frontend": front, "frontend-id": str(domid), "online": "1",
-                         "state": INITIALISING, **self.backend_keys(index)}
+            front_keys = {
+                "backend": back,
+                "backend-id": str(back_domid),
+                "state": INITIALISING,
+                **self.frontend_keys(index),
+            }
+            back_keys = {
+                "frontend": front,
+                "frontend-id": str(domid),
+                "online": "1",
+                "state": INITIALISING,
+                **self.backend_keys(index),
+            }
             for key, value in front_keys.items():
                 await tx.write(f"{front}/{key}", value)
             for key, value in back_keys.items():
@@ -85,9 +96,16 @@ class VbdWriter(DeviceWriter):
     def backend_keys(self, index: int) -> dict[str, str]:
         topology = self.toolstack.topology
         image = topology.image_path(self.spec.target, self.toolstack.run_dir)
-        return {"params": str(image), "type": "file", "mode": "r" if self.spec.readonly else "w",
-                "dev": self.spec.vdev, "device-type": self.spec.devtype, "removable": "0",
-                "bootable": "1", "discard-enable": "1" if self.spec.discard else "0"}
+        return {
+            "params": str(image),
+            "type": "file",
+            "mode": "r" if self.spec.readonly else "w",
+            "dev": self.spec.vdev,
+            "device-type": self.spec.devtype,
+            "removable": "0",
+            "bootable": "1",
+            "discard-enable": "1" if self.spec.discard else "0",
+        }
 
 
 class VifWriter(DeviceWriter):
@@ -99,8 +117,12 @@ class VifWriter(DeviceWriter):
         return {"handle": str(index), "mac": self.spec.mac}
 
     def backend_keys(self, index: int) -> dict[str, str]:
-        keys = {"handle": str(index), "mac": self.spec.mac, "bridge": self.spec.bridge,
-                "type": "vif"}
+        keys = {
+            "handle": str(index),
+            "mac": self.spec.mac,
+            "bridge": self.spec.bridge,
+            "type": "vif",
+        }
         if self.spec.ip:
             keys["ip"] = self.spec.ip
         if self.spec.vifname:
@@ -108,5 +130,8 @@ class VifWriter(DeviceWriter):
         return keys
 
 
-DEVICE_WRITERS: dict[str, type[DeviceWriter]] = {"vbd": VbdWriter, "vif": VifWriter,
-                                                 "*": DeviceWriter}
+DEVICE_WRITERS: dict[str, type[DeviceWriter]] = {
+    "vbd": VbdWriter,
+    "vif": VifWriter,
+    "*": DeviceWriter,
+}

@@ -49,8 +49,9 @@ def _image_opener(topology: Any, run_dir: Path) -> Callable[..., Disk]:
 
 
 async def main(domain: Domain) -> None:
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format="%(asctime)s dom0 %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s"
+    )
     params = _params(domain.cmdline)
     run_dir = RunDir(Path(params["rundir"]))
     topology = load_topology(Path(params.get("topology", run_dir.topology)))
@@ -75,13 +76,25 @@ async def main(domain: Domain) -> None:
             backends = BackendBus(XenbusContext(domain, xs, nursery), registry)
             await nursery.start(backends.run)
             consoled = XenConsoled(domain, run_dir.consoles, nursery)
-            toolstack = Toolstack(domain, XenControl(domain.hypercalls), xs, consoled, run_dir.path,
-                                  topology, registry)
+            toolstack = Toolstack(
+                domain,
+                XenControl(domain.hypercalls),
+                xs,
+                consoled,
+                run_dir.path,
+                topology,
+                registry,
+            )
             nursery.start_soon(toolstack.follow_domains)
-            await nursery.start(lambda task_status: toolstack.serve(run_dir.toolstack, down=down,
-                                                                    task_status=task_status))
-            await domain.console_write(f"dom0: services up; creating {len(topology.domains)} "
-                                       f"guest(s) of topology {topology.name!r}")
+            await nursery.start(
+                lambda task_status: toolstack.serve(
+                    run_dir.toolstack, down=down, task_status=task_status
+                )
+            )
+            await domain.console_write(
+                f"dom0: services up; creating {len(topology.domains)} "
+                f"guest(s) of topology {topology.name!r}"
+            )
             for config in topology.domains:
                 try:
                     await toolstack.create(config)

@@ -48,8 +48,12 @@ from xenlike.xenstore import XenStoreError
 __all__ = ["GuestRecord", "Toolstack"]
 
 log = logging.getLogger("xenlike.dom0.toolstack")
-ON_EVENT = {ShutdownReason.poweroff: "on_poweroff", ShutdownReason.reboot: "on_reboot",
-            ShutdownReason.crash: "on_crash", ShutdownReason.watchdog: "on_crash"}
+ON_EVENT = {
+    ShutdownReason.poweroff: "on_poweroff",
+    ShutdownReason.reboot: "on_reboot",
+    ShutdownReason.crash: "on_crash",
+    ShutdownReason.watchdog: "on_crash",
+}
 BACKEND_DOMID = 0
 FAILURE_LINES = 6  # log lines kept with a failed guest
 MAX_FAILURES = 32
@@ -65,8 +69,16 @@ class GuestRecord:
 
 
 class Toolstack:
-    def __init__(self, dom0: Any, xc: XenControl, xs: Any, consoled: XenConsoled,
-                 run_dir: Path, topology: Topology, registry: Any = None) -> None:
+    def __init__(
+        self,
+        dom0: Any,
+        xc: XenControl,
+        xs: Any,
+        consoled: XenConsoled,
+        run_dir: Path,
+        topology: Topology,
+        registry: Any = None,
+    ) -> None:
         self.dom0 = dom0
         self.registry = registry  # Dom0's back-end drivers: a created guest's are added
         self.xc = xc
@@ -97,8 +109,13 @@ class Toolstack:
             await self.xc.set_max_mem(domid, config.memory * 1024)
             store_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
             console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
-            await self.xc.build(domid, config.kernel, cmdline=self._cmdline(config),
-                                store_evtchn=store_port, console_evtchn=console_port)
+            await self.xc.build(
+                domid,
+                config.kernel,
+                cmdline=self._cmdline(config),
+                store_evtchn=store_port,
+                console_evtchn=console_port,
+            )
             info = await self.xc.domain_info(domid)
             layout = BootLayout.for_domain(info.tot_pages)
             await self._write_domain_tree(record, layout, store_port, console_port)
@@ -135,16 +152,18 @@ class Toolstack:
         if config.init:
             words.append(f"init={config.init}")
         # TYPE@module:NAME, so that a guest that cannot load a driver fails its devices
-        drivers = dict.fromkeys(f"{d['type']}@{d['driver']}" for d in config.devices
-                                if "driver" in d)
+        drivers = dict.fromkeys(
+            f"{d['type']}@{d['driver']}" for d in config.devices if "driver" in d
+        )
         if drivers:
             words.append("drivers=" + ",".join(drivers))
         if config.extra:
             words.append(config.extra)
         return " ".join(words)
 
-    async def _write_domain_tree(self, record: GuestRecord, layout: Any, store_port: int,
-                                 console_port: int) -> None:
+    async def _write_domain_tree(
+        self, record: GuestRecord, layout: Any, store_port: int, console_port: int
+    ) -> None:
         """libxl__domain_make and libxl__build_post: the keys every guest has."""
         domid, config = record.domid, record.config
         home = f"/local/domain/{domid}"
@@ -158,12 +177,17 @@ class Toolstack:
                 await tx.write(f"{home}/{sub}", "")
                 await tx.set_perms(f"{home}/{sub}", [f"n{domid}", f"r{BACKEND_DOMID}"])
             values = {
-                "name": config.name, "domid": str(domid), "vm": vm,
+                "name": config.name,
+                "domid": str(domid),
+                "vm": vm,
                 "memory/target": str(config.memory * 1024),
                 "memory/static-max": str(config.memory * 1024),
-                "console/ring-ref": str(layout.console_gfn), "console/port": str(console_port),
-                "console/type": "xenconsoled", "console/limit": "1048576",
-                "store/ring-ref": str(layout.store_gfn), "store/port": str(store_port),
+                "console/ring-ref": str(layout.console_gfn),
+                "console/port": str(console_port),
+                "console/type": "xenconsoled",
+                "console/limit": "1048576",
+                "store/ring-ref": str(layout.store_gfn),
+                "store/port": str(store_port),
                 "control/shutdown": "",
             }
             for key, value in values.items():
@@ -222,8 +246,9 @@ class Toolstack:
         if record is None and name.isdigit():
             record = next((r for r in self.guests.values() if r.domid == int(name)), None)
         if record is None:
-            raise LookupError(f"no domain named {name!r}; running: "
-                              f"{', '.join(self.guests) or 'none'}")
+            raise LookupError(
+                f"no domain named {name!r}; running: {', '.join(self.guests) or 'none'}"
+            )
         return record
 
     # --- following the guests -----------------------------------------------------
@@ -249,14 +274,18 @@ class Toolstack:
             if not info.flags & XEN_DOMINF_shutdown or record.state != "running":
                 continue
             reason = info.flags >> XEN_DOMINF_shutdownshift & 0xFF
-            reason_name = ShutdownReason(reason).name \
-                if reason in ShutdownReason._value2member_map_ else str(reason)
+            reason_name = (
+                ShutdownReason(reason).name
+                if reason in ShutdownReason._value2member_map_
+                else str(reason)
+            )
             action = getattr(record.config, ON_EVENT.get(reason, "on_crash"))
             record.state = f"shut down ({reason_name})"
             if reason in (ShutdownReason.crash, ShutdownReason.watchdog):
                 self.note_failure(record.config.name, record.domid, "crashed")
             await self.dom0.console_write(
-                f"toolstack: {record.config.name} (d{record.domid}) {reason_name}: {action}")
+                f"toolstack: {record.config.name} (d{record.domid}) {reason_name}: {action}"
+            )
             if action == "preserve":
                 record.state = f"preserved ({reason_name})"
             elif action == "restart":
@@ -314,18 +343,27 @@ class Toolstack:
                 for devid in await self._ls(f"{home}/{device_type}"):
                     front = f"{home}/{device_type}/{devid}"
                     back = await self._read(f"{front}/backend")
-                    errors = [await self._read(error_node(path)) for path in (front, back)
-                              if path]
-                    devices.append({
-                        "type": device_type, "devid": devid,
-                        "frontend": _state(await self._read(f"{front}/state")),
-                        "backend": _state(await self._read(f"{back}/state")) if back else None,
-                        "error": "; ".join(e for e in errors if e) or None,
-                    })
+                    errors = [await self._read(error_node(path)) for path in (front, back) if path]
+                    devices.append(
+                        {
+                            "type": device_type,
+                            "devid": devid,
+                            "frontend": _state(await self._read(f"{front}/state")),
+                            "backend": _state(await self._read(f"{back}/state")) if back else None,
+                            "error": "; ".join(e for e in errors if e) or None,
+                        }
+                    )
             console = record.domid in self.consoled.consoles
-            guests.append({"name": record.config.name, "domid": record.domid,
-                           "state": record.state, "console": console, "devices": devices,
-                           "booted": await self._booted(record)})
+            guests.append(
+                {
+                    "name": record.config.name,
+                    "domid": record.domid,
+                    "state": record.state,
+                    "console": console,
+                    "devices": devices,
+                    "booted": await self._booted(record),
+                }
+            )
         return {"guests": guests, "failures": self.failures}
 
     async def _booted(self, record: GuestRecord) -> bool:
@@ -334,8 +372,9 @@ class Toolstack:
         its program loaded. Another kernel is taken as booted once it runs."""
         if record.config.kernel != DEFAULT_GUEST_KERNEL:
             return True
-        return await self._read(f"/local/domain/{record.domid}/control/feature-poweroff") \
-            is not None
+        return (
+            await self._read(f"/local/domain/{record.domid}/control/feature-poweroff") is not None
+        )
 
     async def _read(self, path: str) -> str | None:
         try:
@@ -345,8 +384,9 @@ class Toolstack:
 
     # --- the service ------------------------------------------------------------
 
-    async def serve(self, path: Path, *, down: trio.Event,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, path: Path, *, down: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         path.unlink(missing_ok=True)
         listener = await unix_listener(path)
         task_status.started()
@@ -367,8 +407,12 @@ class Toolstack:
             request = json.loads(line)
             op = request["op"]
             if op == "create":
-                config = parse_domain_file(request["config"], request.get("path", "<create>"),
-                                           images=self.topology.dom0.images, check_imports=True)
+                config = parse_domain_file(
+                    request["config"],
+                    request.get("path", "<create>"),
+                    images=self.topology.dom0.images,
+                    check_imports=True,
+                )
                 async with self._lock:
                     record = await self.create(config)
                 return {"ok": True, "domid": record.domid, "name": record.config.name}

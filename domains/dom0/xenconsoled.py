@@ -64,15 +64,17 @@ class XenConsoled:
         if console is not None:
             console.scope.cancel()
 
-    async def _serve(self, console: _Console, mapping: Any, page: memoryview, port: Any,
-                     ready: trio.Event) -> None:
+    async def _serve(
+        self, console: _Console, mapping: Any, page: memoryview, port: Any, ready: trio.Event
+    ) -> None:
         socket_path = self.console_dir / f"{console.name}.sock"
         with console.scope:
             async with trio.open_nursery() as nursery:
                 socket_path.unlink(missing_ok=True)
                 listener = await unix_listener(socket_path)
-                nursery.start_soon(trio.serve_listeners, lambda s: self._client(console, s),
-                                   [listener])
+                nursery.start_soon(
+                    trio.serve_listeners, lambda s: self._client(console, s), [listener]
+                )
                 ready.set()
                 await console.back.run(lambda data: self._output(console, data))
         with trio.CancelScope(shield=True):

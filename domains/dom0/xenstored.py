@@ -13,8 +13,8 @@ from typing import Any
 
 import trio
 
-from xenlike.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xenlike.abi._layout import offsetof
+from xenlike.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xenlike.abi.xs_wire import XENSTORE_ERROR_RINGIDX, xenstore_domain_interface
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.xenstore import IntroducedDomain, XenStored
@@ -57,8 +57,10 @@ class Dom0XenStored(XenStored):
             await grants.unmap(mapping)
             return
         page = mapping.view
-        to_guest, from_guest = (ByteRing(page, XENSTORE.to_guest),
-                                ByteRing(page, XENSTORE.to_backend))
+        to_guest, from_guest = (
+            ByteRing(page, XENSTORE.to_guest),
+            ByteRing(page, XENSTORE.to_backend),
+        )
         stream = ByteRingStream(to_guest, from_guest, port)
         with trio.CancelScope() as scope:
             self.rings[domid] = scope
@@ -67,8 +69,9 @@ class Dom0XenStored(XenStored):
                 await self.serve_stream(stream, domid)
                 if stream.broken is not None:
                     log.warning("d%d broke its XenStore ring: %s", domid, stream.broken)
-                    page[ERROR_OFFSET:ERROR_OFFSET + 4] = XENSTORE_ERROR_RINGIDX.to_bytes(
-                        4, "little")
+                    page[ERROR_OFFSET : ERROR_OFFSET + 4] = XENSTORE_ERROR_RINGIDX.to_bytes(
+                        4, "little"
+                    )
                 nursery.cancel_scope.cancel()
         self.rings.pop(domid, None)
         with trio.CancelScope(shield=True):

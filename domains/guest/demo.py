@@ -65,11 +65,13 @@ async def _echo_service(guest: Guest, sock: Any) -> None:
 async def disk_demo(guest: Guest) -> None:
     """Write a pattern to the first disk, flush it, read it back, and say how it went."""
     disk = guest.device("vbd")
-    pattern = (f"{guest.name} was here; ".encode() * 8192)[:64 * 1024]
+    pattern = (f"{guest.name} was here; ".encode() * 8192)[: 64 * 1024]
     sector = 2048  # 1 MiB in, clear of anything a partition table would use
     await disk.write(sector, pattern)
     await disk.flush()
     ok = await disk.read(sector, len(pattern) // disk.sector_size) == pattern
     features = ", ".join(name for name, on in disk.features.items() if on is True)
-    print(f"[{guest.name}] xvda: {disk.sectors * disk.sector_size >> 20} MiB; wrote, flushed "
-          f"and read back {len(pattern) >> 10} KiB: {'ok' if ok else 'MISMATCH'} ({features})")
+    print(
+        f"[{guest.name}] xvda: {disk.sectors * disk.sector_size >> 20} MiB; wrote, flushed "
+        f"and read back {len(pattern) >> 10} KiB: {'ok' if ok else 'MISMATCH'} ({features})"
+    )

@@ -23,8 +23,12 @@ from xenlike.xenstore import XenStoreError, connect_stream
 __all__ = ["main", "parse_cmdline"]
 
 CONNECT_TIMEOUT = 30.0  # seconds the front ends get to reach Connected
-SHUTDOWN_REQUESTS = {"poweroff": ShutdownReason.poweroff, "halt": ShutdownReason.poweroff,
-                     "reboot": ShutdownReason.reboot, "crash": ShutdownReason.crash}
+SHUTDOWN_REQUESTS = {
+    "poweroff": ShutdownReason.poweroff,
+    "halt": ShutdownReason.poweroff,
+    "reboot": ShutdownReason.reboot,
+    "crash": ShutdownReason.crash,
+}
 
 
 def parse_cmdline(cmdline: str) -> tuple[dict[str, str], str]:
@@ -57,12 +61,14 @@ async def main(domain: Domain) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], extra: str,
-               nursery: trio.Nursery) -> int:
+async def _run(
+    domain: Domain, console: ConsoleFront, params: dict[str, str], extra: str, nursery: trio.Nursery
+) -> int:
     store_port = await domain.evtchn.port(domain.start_info.store_evtchn)
     page = domain.memory.frame(domain.layout.store_gfn)
-    stream = ByteRingStream(ByteRing(page, XENSTORE.to_backend), ByteRing(page, XENSTORE.to_guest),
-                            store_port)
+    stream = ByteRingStream(
+        ByteRing(page, XENSTORE.to_backend), ByteRing(page, XENSTORE.to_guest), store_port
+    )
     nursery.start_soon(stream.pump)
     async with connect_stream(stream) as xs:
         name = (await xs.read("name")).decode()
@@ -84,8 +90,10 @@ async def _run(domain: Domain, console: ConsoleFront, params: dict[str, str], ex
         ctx = XenbusContext(domain, xs, nursery)
         bus = FrontendBus(ctx, registry)
         await nursery.start(bus.run)
-        print(f"[{name}] xenlike guest kernel, domain {domain.domid}, "
-              f"{domain.start_info.nr_pages * 4 // 1024} MiB")
+        print(
+            f"[{name}] xenlike guest kernel, domain {domain.domid}, "
+            f"{domain.start_info.nr_pages * 4 // 1024} MiB"
+        )
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
         guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
@@ -104,8 +112,13 @@ async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]
     devices: dict[str, list[Any]] = {}
     for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
         devices.setdefault(driver.device.type, []).append(driver)
-        state = ("connected" if driver.connected_now else
-                 f"FAILED: {driver.failed}" if driver.failed else "NOT connected")
+        state = (
+            "connected"
+            if driver.connected_now
+            else f"FAILED: {driver.failed}"
+            if driver.failed
+            else "NOT connected"
+        )
         print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
     return devices
 

@@ -29,8 +29,9 @@ class Guest:
     interfaces: list[Interface] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
-        self.interfaces = [Interface(vif, f"eth{i}") for i, vif in
-                           enumerate(self.devices.get("vif", []))]
+        self.interfaces = [
+            Interface(vif, f"eth{i}") for i, vif in enumerate(self.devices.get("vif", []))
+        ]
 
     def net(self, index: int = 0) -> Interface:
         """The IPv4 interface of vif `index` (ping, UDP sockets)."""

@@ -115,8 +115,12 @@ PARSED_SEGMENT_LISTS = 4096  # checked segment lists remembered per device
 REFUSALS_LOGGED = 10  # per connection; a hostile front end must not flood Dom0's log
 STATISTICS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "ds_sect", "oo_req")
 _COUNTERS: dict[int, tuple[str, str]] = {  # kind: the counters it adds to
-    READ: ("rd_req", "rd_sect"), WRITE: ("wr_req", "wr_sect"), FLUSH: ("f_req", "wr_sect"),
-    BARRIER: ("f_req", "wr_sect"), DISCARD: ("ds_req", "ds_sect")}
+    READ: ("rd_req", "rd_sect"),
+    WRITE: ("wr_req", "wr_sect"),
+    FLUSH: ("f_req", "wr_sect"),
+    BARRIER: ("f_req", "wr_sect"),
+    DISCARD: ("ds_req", "ds_sect"),
+}
 
 
 class BlockDevice(Protocol):
@@ -162,13 +166,16 @@ class _Mappings:
         refused: set[int] = set()
         refs = sorted(refs)
         for start in range(0, len(refs), MAP_BATCH):
-            batch = refs[start:start + MAP_BATCH]
+            batch = refs[start : start + MAP_BATCH]
             for _ in range(2):
                 try:
                     mapping = await self._grants.map(self._domid, batch, readonly)
                 except GrantStatusError as exc:
-                    refused.update(ref for ref, status in zip(batch, exc.statuses, strict=True)
-                                   if status != GntStatus.okay)
+                    refused.update(
+                        ref
+                        for ref, status in zip(batch, exc.statuses, strict=True)
+                        if status != GntStatus.okay
+                    )
                     batch = [ref for ref in batch if ref not in refused]
                     if batch:
                         continue
@@ -186,7 +193,7 @@ class _Mappings:
         self._held.append((mapping, whole))
         for index, ref in enumerate(mapping.refs):
             offset = index * XEN_PAGE_SIZE
-            self.pages[ref] = whole[offset:offset + XEN_PAGE_SIZE]
+            self.pages[ref] = whole[offset : offset + XEN_PAGE_SIZE]
             self.where[ref] = (whole, offset)
 
     async def unmap_all(self, log: logging.Logger) -> None:
@@ -277,8 +284,9 @@ class BlkBack(Backend):
         """Open the image the toolstack named (`params`, `type`, `mode`, ...)."""
         params = await self.read("params")
         if not params or not Path(params).is_absolute():
-            raise ProtocolError(f"params = {params!r}: the toolstack must name the image by "
-                                f"its absolute path")
+            raise ProtocolError(
+                f"params = {params!r}: the toolstack must name the image by its absolute path"
+            )
         kind = await self.read("type", "file")
         if kind != "file":
             raise ProtocolError(f"type = {kind!r}: only raw image files (type = file) are backed")
@@ -290,11 +298,14 @@ class BlkBack(Backend):
             raise ProtocolError(f"d{self.ctx.domain.domid} has no disks (domain.hardware.disks)")
         direct = await self.read("direct-io-safe", "0") == "1"
         self.disk = opener(Path(params), readonly=mode == "r", direct=direct)
-        self.discard_enabled = (mode == "w"
-                                and await self.read_int("discard-enable", 1, otherend=False) == 1)
-        self.info = ((VDISK_READONLY if mode == "r" else 0)
-                     | (VDISK_CDROM if await self.read("device-type", "disk") == "cdrom" else 0)
-                     | (VDISK_REMOVABLE if await self.read("removable", "0") == "1" else 0))
+        self.discard_enabled = (
+            mode == "w" and await self.read_int("discard-enable", 1, otherend=False) == 1
+        )
+        self.info = (
+            (VDISK_READONLY if mode == "r" else 0)
+            | (VDISK_CDROM if await self.read("device-type", "disk") == "cdrom" else 0)
+            | (VDISK_REMOVABLE if await self.read("removable", "0") == "1" else 0)
+        )
 
     def features(self) -> dict[str, str | int]:
         if self.disk is None:
@@ -308,25 +319,36 @@ class BlkBack(Backend):
             "feature-max-indirect-segments": self.max_indirect_segments,
         }
         if self.discard_enabled:
-            keys.update({"discard-granularity": self.disk.physical_sector_size,
-                         "discard-alignment": 0, "discard-secure": 1})
+            keys.update(
+                {
+                    "discard-granularity": self.disk.physical_sector_size,
+                    "discard-alignment": 0,
+                    "discard-secure": 1,
+                }
+            )
         return keys
 
     def properties(self) -> dict[str, str | int]:
         assert self.disk is not None
-        return {"sectors": self.disk.sectors, "info": self.info, "sector-size": SECTOR_SIZE,
-                "physical-sector-size": self.disk.physical_sector_size}
+        return {
+            "sectors": self.disk.sectors,
+            "info": self.info,
+            "sector-size": SECTOR_SIZE,
+            "physical-sector-size": self.disk.physical_sector_size,
+        }
 
     async def connected(self) -> None:
         front = await self.read_int("feature-persistent", 0)
         self.persistent = self.feature_persistent and front == 1
         domain = self.ctx.domain
-        self._grants = PersistentGrants(domain.grants, self.device.otherend_id) \
-            if self.persistent else None
+        self._grants = (
+            PersistentGrants(domain.grants, self.device.otherend_id) if self.persistent else None
+        )
         self._in_flight.clear()
         assert self.disk is not None
-        self.limits = Limits(self.disk.sectors, self.disk.readonly, self.discard_enabled,
-                             self.max_indirect_segments)
+        self.limits = Limits(
+            self.disk.sectors, self.disk.readonly, self.discard_enabled, self.max_indirect_segments
+        )
         self._ready = {} if self.persistent and not self.disk.direct else None
         self.refused = 0
         self.stats = dict.fromkeys(STATISTICS, 0)
@@ -369,8 +391,9 @@ class BlkBack(Backend):
             with trio.CancelScope(shield=True):  # fatal cancels this task's scope
                 await self.fatal(broken)
 
-    async def _start_drain(self, nursery: trio.Nursery, channel: BackChannel, batch: list[Any]
-                           ) -> None:
+    async def _start_drain(
+        self, nursery: trio.Nursery, channel: BackChannel, batch: list[Any]
+    ) -> None:
         """Without persistent grants a drain mostly waits for its map and unmap
         hypercalls, so up to DRAINS_IN_FLIGHT of them overlap, each answering
         its own requests. A drain with a barrier waits for all the others and
@@ -394,6 +417,7 @@ class BlkBack(Backend):
                 await self._drain(channel, batch)
             finally:
                 slots.release()
+
         nursery.start_soon(drain)
 
     async def _drain(self, channel: BackChannel, batch: list[Any]) -> None:
@@ -422,8 +446,9 @@ class BlkBack(Backend):
             channel.respond_many(done)
         self._in_flight.difference_update(answered)
 
-    def _serve_ready(self, channel: BackChannel, batch: list[Any], done: list[Any],
-                     answered: list[int]) -> int:
+    def _serve_ready(
+        self, channel: BackChannel, batch: list[Any], done: list[Any], answered: list[int]
+    ) -> int:
         """Serve the leading reads and writes (direct or indirect) whose segment lists
         were served before over persistent pages, the steady state of a busy disk:
         their checks come down to the id, the sectors and the mode, and their pages
@@ -482,10 +507,14 @@ class BlkBack(Backend):
     def _refuse(self, request: Any, exc: BadRequest) -> tuple[int, int, int]:
         self.refused += 1
         if self.refused <= REFUSALS_LOGGED:
-            self.log.warning("%s: refused request id %d (operation %d): %s%s",
-                             self.device.nodename, request.id, request.operation, exc,
-                             "; further refusals are not logged"
-                             if self.refused == REFUSALS_LOGGED else "")
+            self.log.warning(
+                "%s: refused request id %d (operation %d): %s%s",
+                self.device.nodename,
+                request.id,
+                request.operation,
+                exc,
+                "; further refusals are not logged" if self.refused == REFUSALS_LOGGED else "",
+            )
         status = BLKIF_RSP_EOPNOTSUPP if isinstance(exc, Unsupported) else BLKIF_RSP_ERROR
         return (request.id, request.operation, status)
 
@@ -540,8 +569,11 @@ class BlkBack(Backend):
                         continue
                     if early and job.key is not None and self._ready is not None:
                         self._remember(job.key, job.nr_sectors, job.iov)
-                status = None if job.kind in (FLUSH, BARRIER, DISCARD) else \
-                    self._io_now(job.kind, job.sector, job.nr_sectors, job.iov)
+                status = (
+                    None
+                    if job.kind in (FLUSH, BARRIER, DISCARD)
+                    else self._io_now(job.kind, job.sector, job.nr_sectors, job.iov)
+                )
                 if status is None:
                     waiting.append(job)
                     continue
@@ -613,11 +645,13 @@ class BlkBack(Backend):
         both.where = {**cache.where, **transient.where}
         return both
 
-    async def _load_indirect(self, jobs: list[Job], transient: _Mappings, done: list[Any]
-                             ) -> list[Job]:
+    async def _load_indirect(
+        self, jobs: list[Job], transient: _Mappings, done: list[Any]
+    ) -> list[Job]:
         """Copy each INDIRECT request's segment list out of its pages (once), then check it."""
-        await self._map({ref for job in jobs for ref in job.indirect_grefs}, transient,
-                        readonly=True)
+        await self._map(
+            {ref for job in jobs for ref in job.indirect_grefs}, transient, readonly=True
+        )
         pages = self._views(transient).pages
         ready = []
         for job in jobs:
@@ -672,8 +706,14 @@ class BlkBack(Backend):
         except BlockingIOError:
             return None
         except (OSError, ValueError) as exc:
-            self.log.error("%s: %s of sectors %d+%d: %s", self.device.nodename,
-                           BlkifOp(kind).name, sector, sectors, exc)
+            self.log.error(
+                "%s: %s of sectors %d+%d: %s",
+                self.device.nodename,
+                BlkifOp(kind).name,
+                sector,
+                sectors,
+                exc,
+            )
             return BLKIF_RSP_ERROR
 
     async def _io_later(self, job: Job, answer: Callable[[tuple[int, int, int]], None]) -> None:
@@ -701,8 +741,11 @@ class BlkBack(Backend):
         expected = job.nr_sectors * SECTOR_SIZE
         try:
             if job.kind == READ:
-                return BLKIF_RSP_OKAY if disk.readv(job.sector, job.iov) == expected \
+                return (
+                    BLKIF_RSP_OKAY
+                    if disk.readv(job.sector, job.iov) == expected
                     else BLKIF_RSP_ERROR
+                )
             if job.kind == DISCARD:
                 disk.discard(job.sector, job.nr_sectors, secure=job.secure)
                 return BLKIF_RSP_OKAY
@@ -716,8 +759,14 @@ class BlkBack(Backend):
         except OSError as exc:
             if exc.errno == errno.EOPNOTSUPP and job.kind in (FLUSH, BARRIER, DISCARD):
                 return BLKIF_RSP_EOPNOTSUPP
-            self.log.error("%s: %s of sectors %d+%d: %s", self.device.nodename,
-                           BlkifOp(job.kind).name, job.sector, job.nr_sectors, exc)
+            self.log.error(
+                "%s: %s of sectors %d+%d: %s",
+                self.device.nodename,
+                BlkifOp(job.kind).name,
+                job.sector,
+                job.nr_sectors,
+                exc,
+            )
             return BLKIF_RSP_ERROR
         except ValueError as exc:
             self.log.error("%s: %s", self.device.nodename, exc)
@@ -725,14 +774,21 @@ class BlkBack(Backend):
 
     def _withdraw(self, kind: int) -> None:
         """The disk cannot do `kind` after all: stop offering it (as blkback does)."""
-        features: dict[int, str] = {FLUSH: "feature-flush-cache", BARRIER: "feature-barrier",
-                                    DISCARD: "feature-discard"}
+        features: dict[int, str] = {
+            FLUSH: "feature-flush-cache",
+            BARRIER: "feature-barrier",
+            DISCARD: "feature-discard",
+        }
         key = features[kind]
         if kind == DISCARD:
             self.discard_enabled = False
             self.limits = attrs.evolve(self.limits, discard=False)
-        self.log.warning("%s: the disk does not support %s; withdrawing %s",
-                         self.device.nodename, BlkifOp(kind).name, key)
+        self.log.warning(
+            "%s: the disk does not support %s; withdrawing %s",
+            self.device.nodename,
+            BlkifOp(kind).name,
+            key,
+        )
         withdrawn: dict[str, str | int] = {key: 0}
         self.ctx.nursery.start_soon(self.publish, withdrawn)
 
@@ -741,7 +797,7 @@ def _segment_list(pages: dict[int, memoryview], grefs: Any, nr_segments: int) ->
     """An indirect request's segment list, copied once out of the pages it names
     (KeyError if one of them is not in `pages`)."""
     size = nr_segments * SEGMENT_SIZE
-    return b"".join([pages[ref] for ref in grefs[:indirect_pages(nr_segments)]])[:size]
+    return b"".join([pages[ref] for ref in grefs[: indirect_pages(nr_segments)]])[:size]
 
 
 def _iovec(segments: Segments, views: _Mappings) -> list[Any] | None:
@@ -759,13 +815,16 @@ def _iovec(segments: Segments, views: _Mappings) -> list[Any] | None:
         whole, offset = views.where[first]
         if count > 1:
             last_whole, last_offset = views.where[grefs[-1]]
-            if not segments.run or last_whole is not whole \
-                    or last_offset - offset != (count - 1) * XEN_PAGE_SIZE:
+            if (
+                not segments.run
+                or last_whole is not whole
+                or last_offset - offset != (count - 1) * XEN_PAGE_SIZE
+            ):
                 iov = list(map(views.pages.__getitem__, grefs))
                 tail = nbytes - (count - 1) * XEN_PAGE_SIZE
                 if tail < XEN_PAGE_SIZE:
                     iov[-1] = iov[-1][:tail]
                 return iov
-        return [whole[offset:offset + nbytes]]
+        return [whole[offset : offset + nbytes]]
     except KeyError:
         return None

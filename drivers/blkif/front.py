@@ -146,7 +146,7 @@ class Extent:
 
     def view(self, first: int = 0, count: int | None = None) -> memoryview:
         end = self.start + (self.count if count is None else first + count)
-        return self.chunk.view[(self.start + first) << XEN_PAGE_SHIFT:end << XEN_PAGE_SHIFT]
+        return self.chunk.view[(self.start + first) << XEN_PAGE_SHIFT : end << XEN_PAGE_SHIFT]
 
 
 class BufferPool:
@@ -163,8 +163,9 @@ class BufferPool:
     there as they are here.
     """
 
-    def __init__(self, domain: Any, backend_domid: int, chunk_pages: int,
-                 max_pages: int = MAX_POOL_PAGES) -> None:
+    def __init__(
+        self, domain: Any, backend_domid: int, chunk_pages: int, max_pages: int = MAX_POOL_PAGES
+    ) -> None:
         self._domain = domain
         self._backend = backend_domid
         self.chunk_pages = chunk_pages
@@ -195,11 +196,12 @@ class BufferPool:
         for chunk in self.chunks:
             start = chunk.free.find(want)
             if start >= 0:
-                chunk.free[start:start + count] = bytes(count)
+                chunk.free[start : start + count] = bytes(count)
                 return Extent(chunk, start, count)
         size = max(count, self.chunk_pages)
-        if self.pages - self.kept + size > self.max_pages and \
-                (not past_max or any(len(chunk.free) >= count for chunk in self.chunks)):
+        if self.pages - self.kept + size > self.max_pages and (
+            not past_max or any(len(chunk.free) >= count for chunk in self.chunks)
+        ):
             return None  # wait for room rather than grow past max_pages
         try:
             first = self._domain.allocator.allocate_run(size)
@@ -207,8 +209,13 @@ class BufferPool:
             if self.chunks:
                 return None
             raise BlockDeviceError(errno.ENOMEM, f"no {size} free pages for I/O buffers") from None
-        chunk = _Chunk(first, self._domain.memory.frames(first, size), bytearray(b"\x01") * size,
-                       [None] * size, {})
+        chunk = _Chunk(
+            first,
+            self._domain.memory.frames(first, size),
+            bytearray(b"\x01") * size,
+            [None] * size,
+            {},
+        )
         self.chunks.append(chunk)
         self.pages += size
         chunk.free[:count] = bytes(count)
@@ -219,8 +226,9 @@ class BufferPool:
         pages do not count against `max_pages`, so disk buffers never leave the
         requests that copy without room."""
         if self.kept + count > self.max_pages:
-            raise BlockDeviceError(errno.ENOMEM, f"disk buffers of {self.kept + count} "
-                                                 f"pages: at most {self.max_pages}")
+            raise BlockDeviceError(
+                errno.ENOMEM, f"disk buffers of {self.kept + count} pages: at most {self.max_pages}"
+            )
         self.kept += count  # first, so that the pool may grow for it
         try:
             extent = self.take_nowait(count)
@@ -237,7 +245,7 @@ class BufferPool:
         if self._kept and extent in self._kept:
             self._kept.remove(extent)
             self.kept -= extent.count
-        extent.chunk.free[extent.start:extent.start + extent.count] = b"\x01" * extent.count
+        extent.chunk.free[extent.start : extent.start + extent.count] = b"\x01" * extent.count
         if self._waiting:
             self._given_back.set()
             self._given_back = trio.Event()
@@ -245,13 +253,13 @@ class BufferPool:
     def persistent_refs(self, extent: Extent, first: int, count: int) -> list[int]:
         """Grants of pages first..first+count-1 of `extent`, made writable once and kept."""
         chunk, start = extent.chunk, extent.start + first
-        refs = chunk.refs[start:start + count]
+        refs = chunk.refs[start : start + count]
         if None in refs:
             grant = self._domain.grants.grant_access
             for index, ref in enumerate(chunk.refs):
                 if ref is None:
                     chunk.refs[index] = grant(self._backend, chunk.first_gfn + index)
-            refs = chunk.refs[start:start + count]
+            refs = chunk.refs[start : start + count]
         return refs  # type: ignore[return-value]
 
     def full_pages_segments(self, extent: Extent, first: int, pages: int) -> bytes:
@@ -262,15 +270,17 @@ class BufferPool:
         key = (extent.start + first, pages)
         segments = extent.chunk.segments.get(key)
         if segments is None:
-            words = segment_words(self.persistent_refs(extent, first, pages),
-                                  pages * SECTORS_PER_PAGE)
+            words = segment_words(
+                self.persistent_refs(extent, first, pages), pages * SECTORS_PER_PAGE
+            )
             if pages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                words += _SEGMENT_PAD[len(words):]
+                words += _SEGMENT_PAD[len(words) :]
             segments = extent.chunk.segments[key] = words
         return segments
 
-    def request_refs(self, extent: Extent, first: int, count: int, readonly: bool,
-                     granted: list[int]) -> list[int]:
+    def request_refs(
+        self, extent: Extent, first: int, count: int, readonly: bool, granted: list[int]
+    ) -> list[int]:
         """Grants for one request: a page's persistent grant if it has one, else a new
         grant, appended to `granted` for the caller to end once answered."""
         chunk, start = extent.chunk, extent.start + first
@@ -364,19 +374,23 @@ class BlkFront(Frontend):
             raise ProtocolError("the back end published no sectors")
         sector_size = await self.read_int("sector-size", SECTOR_SIZE)
         if sector_size != SECTOR_SIZE:
-            raise ProtocolError(f"sector-size {sector_size}: without feature-large-sector-size "
-                                f"it must be {SECTOR_SIZE}")
+            raise ProtocolError(
+                f"sector-size {sector_size}: without feature-large-sector-size "
+                f"it must be {SECTOR_SIZE}"
+            )
         self.sectors = sectors
         self.physical_sector_size = await self.read_int("physical-sector-size", SECTOR_SIZE)
         self.readonly = bool(await self.read_int("info", 0) & VDISK_READONLY)
         self.feature_flush_cache = await self.read_int("feature-flush-cache", 0) == 1
         self.feature_barrier = await self.read_int("feature-barrier", 0) == 1
         self.feature_discard = await self.read_int("feature-discard", 0) == 1
-        self.feature_secure_discard = (self.feature_discard
-                                       and await self.read_int("discard-secure", 0) == 1)
+        self.feature_secure_discard = (
+            self.feature_discard and await self.read_int("discard-secure", 0) == 1
+        )
         self.discard_granularity = await self.read_int("discard-granularity", SECTOR_SIZE)
-        self.feature_persistent = (self.params.feature_persistent
-                                   and await self.read_int("feature-persistent", 0) == 1)
+        self.feature_persistent = (
+            self.params.feature_persistent and await self.read_int("feature-persistent", 0) == 1
+        )
         offered = await self.read_int("feature-max-indirect-segments", 0)
         segments = min(offered, self.params.max_indirect_segments)
         self.max_segments = max(segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
@@ -385,11 +399,17 @@ class BlkFront(Frontend):
     @property
     def features(self) -> dict[str, Any]:
         """What was negotiated, by blkif.h's feature names."""
-        return {"flush-cache": self.feature_flush_cache, "barrier": self.feature_barrier,
-                "discard": self.feature_discard, "discard-secure": self.feature_secure_discard,
-                "persistent": self.feature_persistent, "max-indirect-segments":
-                    self.max_segments if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0,
-                "ring-page-order": self._ring_order}
+        return {
+            "flush-cache": self.feature_flush_cache,
+            "barrier": self.feature_barrier,
+            "discard": self.feature_discard,
+            "discard-secure": self.feature_secure_discard,
+            "persistent": self.feature_persistent,
+            "max-indirect-segments": self.max_segments
+            if self.max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST
+            else 0,
+            "ring-page-order": self._ring_order,
+        }
 
     @property
     def _ring_order(self) -> int:
@@ -460,8 +480,9 @@ class BlkFront(Frontend):
         is given to `release` (or for the device's life).
         """
         if nbytes < SECTOR_SIZE or nbytes % SECTOR_SIZE:
-            raise ValueError(f"a disk buffer holds whole {SECTOR_SIZE}-byte sectors, "
-                             f"not {nbytes} bytes")
+            raise ValueError(
+                f"a disk buffer holds whole {SECTOR_SIZE}-byte sectors, not {nbytes} bytes"
+            )
         extent = self.pool.keep(-(-nbytes // XEN_PAGE_SIZE))
         view = extent.view()[:nbytes]
         self._buffers[id(view)] = (view, _BufferPages(extent, 0))
@@ -477,8 +498,9 @@ class BlkFront(Frontend):
         del self._buffers[id(buffer)]
         self.pool.give(own[1].extent)
 
-    def _pieces(self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
-                ) -> None:
+    def _pieces(
+        self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
+    ) -> None:
         """Check a buffer of whole sectors at `sector`; add its requests' pieces to
         `items` (see `_Piece`)."""
         own = self._buffers.get(id(buffer))
@@ -490,15 +512,17 @@ class BlkFront(Frontend):
             self._check(sector, count)
             extent = own[1].extent
             for start, length in self._split(sector, count):
-                items.append((start, length,
-                              _BufferPages(extent, (start - sector) // SECTORS_PER_PAGE)))
+                items.append(
+                    (start, length, _BufferPages(extent, (start - sector) // SECTORS_PER_PAGE))
+                )
             return
         view = memoryview(buffer).cast("B")
         if len(view) % SECTOR_SIZE:
             raise ValueError(f"{len(view)} bytes are not whole {SECTOR_SIZE}-byte sectors")
         if writable and view.readonly:
-            raise TypeError(f"{type(buffer).__name__} is read-only: readinto needs a "
-                            f"writable buffer")
+            raise TypeError(
+                f"{type(buffer).__name__} is read-only: readinto needs a writable buffer"
+            )
         count = len(view) >> SECTOR_SHIFT
         self._check(sector, count)
         if count <= self.max_sectors:
@@ -506,7 +530,7 @@ class BlkFront(Frontend):
             return
         for start, length in self._split(sector, count):
             offset = (start - sector) << SECTOR_SHIFT
-            items.append((start, length, view[offset:offset + (length << SECTOR_SHIFT)]))
+            items.append((start, length, view[offset : offset + (length << SECTOR_SHIFT)]))
 
     async def flush(self) -> None:
         """Make every acknowledged write durable (FLUSH_DISKCACHE, else WRITE_BARRIER).
@@ -534,10 +558,18 @@ class BlkFront(Frontend):
         """
         self._check(sector, count)
         if not self.feature_discard or (secure and not self.feature_secure_discard):
-            raise BlockDeviceError(errno.EOPNOTSUPP, f"{self._name}: the back end offers no "
-                                                     f"{'secure ' if secure else ''}discard")
-        request = DISCARD.record(BlkifOp.DISCARD, BLKIF_DISCARD_SECURE if secure else 0,
-                                 self.device.devid, 0, sector, count)
+            raise BlockDeviceError(
+                errno.EOPNOTSUPP,
+                f"{self._name}: the back end offers no {'secure ' if secure else ''}discard",
+            )
+        request = DISCARD.record(
+            BlkifOp.DISCARD,
+            BLKIF_DISCARD_SECURE if secure else 0,
+            self.device.devid,
+            0,
+            sector,
+            count,
+        )
         response = await self.call(request)
         if response.status == BLKIF_RSP_EOPNOTSUPP:
             self.feature_discard = False
@@ -551,15 +583,19 @@ class BlkFront(Frontend):
 
     def _check(self, sector: int, count: int) -> None:
         if sector < 0 or count < 1 or sector + count > self.sectors:
-            raise ValueError(f"{self._name}: sectors {sector}..{sector + count - 1} are not on a "
-                             f"disk of {self.sectors} sectors")
+            raise ValueError(
+                f"{self._name}: sectors {sector}..{sector + count - 1} are not on a "
+                f"disk of {self.sectors} sectors"
+            )
 
     def _split(self, sector: int, count: int) -> list[tuple[int, int]]:
         step = self.max_sectors
         if count <= step:
             return [(sector, count)]
-        return [(start, min(step, sector + count - start))
-                for start in range(sector, sector + count, step)]
+        return [
+            (start, min(step, sector + count - start))
+            for start in range(sector, sector + count, step)
+        ]
 
     async def _rw_many(self, op: int, items: list[_Piece]) -> list[bytes]:
         """Requests of at most `max_sectors` each, one per piece: pages, grants,
@@ -576,8 +612,9 @@ class BlkFront(Frontend):
             rest = items[done:] if done else items
             round_ = await self._round(op, rest)
             try:
-                for (sector, count, buffer), data, response in \
-                        zip(rest, round_.data, round_.responses):
+                for (sector, count, buffer), data, response in zip(
+                    rest, round_.data, round_.responses
+                ):
                     if response.status != BLKIF_RSP_OKAY or response.operation != op:
                         error = error or self._failure(response, op, sector, count)
                     elif op == READ and data is not None:  # None: read into a disk buffer
@@ -626,8 +663,9 @@ class BlkFront(Frontend):
             self._give_back(round_)
             raise
 
-    def _fill(self, op: int, items: list[_Piece], sizes: list[int],
-              extent: Extent, round_: _Round) -> list[Any]:
+    def _fill(
+        self, op: int, items: list[_Piece], sizes: list[int], extent: Extent, round_: _Round
+    ) -> list[Any]:
         """The requests for `items` in consecutive pages of `extent` (`sizes` pages
         each), a write's data copied in. A request over whole persistent pages
         reuses the seg[] its pages had before."""
@@ -640,26 +678,36 @@ class BlkFront(Frontend):
                 round_.data.append(None)
                 own, at = data
                 pages, partial = divmod(count, SECTORS_PER_PAGE)
-                segments = own.chunk.segments.get((own.start + at, pages)) \
-                    if persistent and not size and not partial else None  # size: indirect
+                segments = (
+                    own.chunk.segments.get((own.start + at, pages))
+                    if persistent and not size and not partial
+                    else None
+                )  # size: indirect
                 if segments is None:
-                    requests.append(self._request(op, sector, count, own, at, (extent, first),
-                                                  round_.granted))
+                    requests.append(
+                        self._request(op, sector, count, own, at, (extent, first), round_.granted)
+                    )
                 else:
                     requests.append(_rw_request((op, pages, devid, 0, sector, segments)))
                 first += size
                 continue
             start = (base + first) << XEN_PAGE_SHIFT
-            view = memory[start:start + (count << SECTOR_SHIFT)]
+            view = memory[start : start + (count << SECTOR_SHIFT)]
             if data is not None and op == WRITE:
                 view[:] = data
             round_.data.append(view)
-            segments = known.get((base + first, size)) \
-                if persistent and count == size * SECTORS_PER_PAGE else None
+            segments = (
+                known.get((base + first, size))
+                if persistent and count == size * SECTORS_PER_PAGE
+                else None
+            )
             if segments is None:
                 pages = -(-count // SECTORS_PER_PAGE)
-                requests.append(self._request(op, sector, count, extent, first,
-                                              (extent, first + pages), round_.granted))
+                requests.append(
+                    self._request(
+                        op, sector, count, extent, first, (extent, first + pages), round_.granted
+                    )
+                )
             else:
                 requests.append(_rw_request((op, size, devid, 0, sector, segments)))
             first += size
@@ -672,8 +720,16 @@ class BlkFront(Frontend):
         for extent in round_.extents:
             pool.give(extent)
 
-    def _request(self, op: int, sector: int, count: int, extent: Extent, first: int,
-                 indirect: tuple[Extent, int], granted: list[int]) -> Any:
+    def _request(
+        self,
+        op: int,
+        sector: int,
+        count: int,
+        extent: Extent,
+        first: int,
+        indirect: tuple[Extent, int],
+        granted: list[int],
+    ) -> Any:
         """The request for `count` sectors in the extent's pages from `first` on; an
         indirect one lists its segments in the pages at `indirect`."""
         pool = self.pool
@@ -688,14 +744,16 @@ class BlkFront(Frontend):
                 words = segment_words(pool.persistent_refs(extent, first, pages), count)
             refs = pool.persistent_refs(*indirect, nr_indirect) if nr_indirect else []
         else:
-            words = segment_words(pool.request_refs(extent, first, pages, op == WRITE, granted),
-                                  count)
+            words = segment_words(
+                pool.request_refs(extent, first, pages, op == WRITE, granted), count
+            )
             refs = pool.request_refs(*indirect, nr_indirect, True, granted)
         if not nr_indirect:
-            return _rw_request((op, pages, self.device.devid, 0, sector,
-                                words + _SEGMENT_PAD[len(words):]))
+            return _rw_request(
+                (op, pages, self.device.devid, 0, sector, words + _SEGMENT_PAD[len(words) :])
+            )
         descriptors = indirect[0].view(indirect[1], nr_indirect)
-        descriptors[:len(words)] = words
+        descriptors[: len(words)] = words
         return INDIRECT.record(BlkifOp.INDIRECT, op, pages, 0, sector, self.device.devid, refs)
 
     def _end(self, granted: Sequence[int]) -> None:
@@ -716,11 +774,13 @@ class BlkFront(Frontend):
 
     def _failure(self, response: Any, op: int, sector: int, count: int) -> BlockDeviceError:
         """What a response other than OKAY for `op` means, as an exception."""
-        what = f"{self._name}: {BlkifOp(op).name}" + \
-            (f" of sectors {sector}..{sector + count - 1}" if count else "")
+        what = f"{self._name}: {BlkifOp(op).name}" + (
+            f" of sectors {sector}..{sector + count - 1}" if count else ""
+        )
         if response.operation != op:
-            return BlockDeviceError(errno.EIO, f"{what}: the back end answered operation "
-                                               f"{response.operation}")
+            return BlockDeviceError(
+                errno.EIO, f"{what}: the back end answered operation {response.operation}"
+            )
         if response.status == BLKIF_RSP_EOPNOTSUPP:
             return BlockDeviceError(errno.EOPNOTSUPP, f"{what}: not supported by the back end")
         return BlockDeviceError(errno.EIO, f"{what} failed (status {response.status})")

@@ -94,20 +94,26 @@ def _union() -> Codec:
 
         def pack_into(buf: Any, offset: int, value: Any) -> None:
             pack(buf, offset, value)
-            buf[offset + codec.size:offset + size] = zeros[:tail]
+            buf[offset + codec.size : offset + size] = zeros[:tail]
+
         return pack_into
 
-    packers = {RW.record: RW.pack_into, DISCARD.record: short(DISCARD),
-               INDIRECT.record: short(INDIRECT)}
+    packers = {
+        RW.record: RW.pack_into,
+        DISCARD.record: short(DISCARD),
+        INDIRECT.record: short(INDIRECT),
+    }
     decoders: dict[int, Callable[[Any, int], Any]] = {
-        BlkifOp.DISCARD: DISCARD.unpack_from, BlkifOp.INDIRECT: INDIRECT.unpack_from}
+        BlkifOp.DISCARD: DISCARD.unpack_from,
+        BlkifOp.INDIRECT: INDIRECT.unpack_from,
+    }
     rw_pack, rw_unpack = RW.pack_into, RW.unpack_from
 
     def pack_into(buf: Any, offset: int, value: Any) -> None:
         packers.get(type(value), rw_pack)(buf, offset, value)
 
     def unpack_from(buf: Any, offset: int) -> Any:
-        slot = bytes(buf[offset:offset + size])  # the one read of shared memory
+        slot = bytes(buf[offset : offset + size])  # the one read of shared memory
         return decoders.get(slot[0], rw_unpack)(slot, 0)
 
     def unpack_slots(stride: int) -> Callable[[bytes], list[Any]]:
@@ -122,12 +128,20 @@ def _union() -> Codec:
                     if operation in decoders:
                         records[index] = decoders[operation](buf, index * stride)
             return records
+
         return unpack_many
 
     # The layout is the slot's: blkif_request is the largest member of the union.
-    return Codec(name="blkif_request", size=size, format=RW.format, record=RW.record,
-                 pack_into=pack_into, unpack_from=unpack_from, layout=blkif_request,
-                 unpack_slots=unpack_slots)
+    return Codec(
+        name="blkif_request",
+        size=size,
+        format=RW.format,
+        record=RW.record,
+        pack_into=pack_into,
+        unpack_from=unpack_from,
+        layout=blkif_request,
+        unpack_slots=unpack_slots,
+    )
 
 
 BLKIF_REQUEST = _union()
@@ -219,19 +233,27 @@ def parse_segments(raw: bytes, nr_segments: int) -> Segments:
         words.byteswap()
     grefs = words[0::2].tolist()
     # Packed: every first_sect 0, every last_sect 7 but the last one's.
-    if raw[4:size:SEGMENT_SIZE] == _ZEROS[:nr_segments] and \
-            raw[5:size - SEGMENT_SIZE:SEGMENT_SIZE] == _SEVENS[:nr_segments - 1]:
+    if (
+        raw[4:size:SEGMENT_SIZE] == _ZEROS[:nr_segments]
+        and raw[5 : size - SEGMENT_SIZE : SEGMENT_SIZE] == _SEVENS[: nr_segments - 1]
+    ):
         last = raw[size - SEGMENT_SIZE + 5]
         if last < SECTORS_PER_PAGE:
-            return Segments(grefs, (nr_segments - 1) * SECTORS_PER_PAGE + last + 1, None,
-                            grefs == list(range(grefs[0], grefs[0] + nr_segments)))
+            return Segments(
+                grefs,
+                (nr_segments - 1) * SECTORS_PER_PAGE + last + 1,
+                None,
+                grefs == list(range(grefs[0], grefs[0] + nr_segments)),
+            )
     bounds = []
     total = 0
     for index, word in enumerate(words[1::2]):
         first, last = word & 0xFF, word >> 8 & 0xFF
         if last >= SECTORS_PER_PAGE or first > last:
-            raise BadRequest(f"segment {index}: first_sect {first}, last_sect {last} (a 4 KiB "
-                             f"page holds sectors 0..{SECTORS_PER_PAGE - 1}, first <= last)")
+            raise BadRequest(
+                f"segment {index}: first_sect {first}, last_sect {last} (a 4 KiB "
+                f"page holds sectors 0..{SECTORS_PER_PAGE - 1}, first <= last)"
+            )
         bounds.append((first << SECTOR_SHIFT, (last + 1) << SECTOR_SHIFT))
         total += last - first + 1
     return Segments(grefs, total, bounds, False)
@@ -273,8 +295,12 @@ _READ, _WRITE = BlkifOp.READ, BlkifOp.WRITE
 _FLUSHES = (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER)
 
 
-def check_request(request: Any, limits: Limits, in_flight: Container[int],
-                  parse: Callable[[bytes, int], Segments] = parse_segments) -> Job:
+def check_request(
+    request: Any,
+    limits: Limits,
+    in_flight: Container[int],
+    parse: Callable[[bytes, int], Segments] = parse_segments,
+) -> Job:
     """An untrusted request, as Linux blkback's dispatch_rw_block_io and
     dispatch_discard_io check it before any mapping or I/O: a Job, or
     BadRequest (Unsupported for an operation not offered).
@@ -287,8 +313,9 @@ def check_request(request: Any, limits: Limits, in_flight: Container[int],
     if op in (_READ, _WRITE) or op in _FLUSHES:
         nseg = request.nr_segments
         if (nseg == 0 and op in (_READ, _WRITE)) or nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise BadRequest(f"{nseg} segments (a request carries 1.."
-                             f"{BLKIF_MAX_SEGMENTS_PER_REQUEST})")
+            raise BadRequest(
+                f"{nseg} segments (a request carries 1..{BLKIF_MAX_SEGMENTS_PER_REQUEST})"
+            )
         job = Job(request.id, op, request.sector_number, nr_segments=nseg)
         if nseg:
             job.key = (raw_segments(request), nseg)
@@ -301,24 +328,36 @@ def check_request(request: Any, limits: Limits, in_flight: Container[int],
         if indirect_op not in (_READ, _WRITE):
             raise BadRequest(f"indirect_op {indirect_op}: an indirect request reads or writes")
         if not 0 < nseg <= limits.max_indirect_segments:
-            raise BadRequest(f"{nseg} indirect segments (feature-max-indirect-segments is "
-                             f"{limits.max_indirect_segments})")
+            raise BadRequest(
+                f"{nseg} indirect segments (feature-max-indirect-segments is "
+                f"{limits.max_indirect_segments})"
+            )
         check_access(indirect_op, request.id, request.sector_number, 0, limits, in_flight)
-        return Job(request.id, indirect_op, request.sector_number, nr_segments=nseg,
-                   indirect_grefs=tuple(request.indirect_grefs[:indirect_pages(nseg)]))
+        return Job(
+            request.id,
+            indirect_op,
+            request.sector_number,
+            nr_segments=nseg,
+            indirect_grefs=tuple(request.indirect_grefs[: indirect_pages(nseg)]),
+        )
     if op == BlkifOp.DISCARD:
         if not limits.discard:
             raise Unsupported("feature-discard is not offered")
-        check_access(op, request.id, request.sector_number, request.nr_sectors, limits,
-                     in_flight)
+        check_access(op, request.id, request.sector_number, request.nr_sectors, limits, in_flight)
         _check_end(request.sector_number, request.nr_sectors, limits)  # 0 sectors included
-        return Job(request.id, op, request.sector_number, request.nr_sectors,
-                   secure=bool(request.flag & BLKIF_DISCARD_SECURE))
+        return Job(
+            request.id,
+            op,
+            request.sector_number,
+            request.nr_sectors,
+            secure=bool(request.flag & BLKIF_DISCARD_SECURE),
+        )
     raise BadRequest(f"unknown operation {op}")
 
 
-def check_segments(job: Job, raw: bytes, limits: Limits,
-                   parse: Callable[[bytes, int], Segments] = parse_segments) -> None:
+def check_segments(
+    job: Job, raw: bytes, limits: Limits, parse: Callable[[bytes, int], Segments] = parse_segments
+) -> None:
     """Finish an INDIRECT job with the segment list read out of its pages."""
     job.key = (raw, job.nr_segments)
     job.segments = parse(raw, job.nr_segments)
@@ -326,8 +365,9 @@ def check_segments(job: Job, raw: bytes, limits: Limits,
     check_access(job.kind, job.id, job.sector, job.nr_sectors, limits, ())
 
 
-def check_access(kind: int, rid: int, sector: int, nr_sectors: int, limits: Limits,
-                 in_flight: Container[int]) -> None:
+def check_access(
+    kind: int, rid: int, sector: int, nr_sectors: int, limits: Limits, in_flight: Container[int]
+) -> None:
     """What depends on more than the segment list: a free id, the disk's mode, its end
     (for a request that moves sectors, as xen_vbd_translate checks it)."""
     if rid in in_flight:
@@ -340,5 +380,7 @@ def check_access(kind: int, rid: int, sector: int, nr_sectors: int, limits: Limi
 
 def _check_end(sector: int, nr_sectors: int, limits: Limits) -> None:
     if sector + nr_sectors > limits.sectors:
-        raise BadRequest(f"sectors {sector}..{sector + nr_sectors - 1} are past "
-                         f"the end of the disk ({limits.sectors} sectors)")
+        raise BadRequest(
+            f"sectors {sector}..{sector + nr_sectors - 1} are past "
+            f"the end of the disk ({limits.sectors} sectors)"
+        )

@@ -13,11 +13,13 @@ __all__ = ["backend_stream", "guest_stream", "xencons_interface"]
 
 def guest_stream(page: memoryview, port: Doorbell) -> ByteRingStream:
     """The guest's end: it writes `out` and reads `in`."""
-    return ByteRingStream(ByteRing(page, CONSOLE.to_backend),
-                          ByteRing(page, CONSOLE.to_guest), port)
+    return ByteRingStream(
+        ByteRing(page, CONSOLE.to_backend), ByteRing(page, CONSOLE.to_guest), port
+    )
 
 
 def backend_stream(page: memoryview, port: Doorbell) -> ByteRingStream:
     """xenconsoled's end: it reads `out` and writes `in`."""
-    return ByteRingStream(ByteRing(page, CONSOLE.to_guest),
-                          ByteRing(page, CONSOLE.to_backend), port)
+    return ByteRingStream(
+        ByteRing(page, CONSOLE.to_guest), ByteRing(page, CONSOLE.to_backend), port
+    )

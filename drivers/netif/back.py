@@ -47,11 +47,11 @@ from drivers.netif.protocol import (
     GREFS_PER_PAGE,
     MAX_STATIC_GRANTS,
     NETIF_RINGS,
-    fill_checksum,
-    max_frame,
     Refusal,
     check_size,
     check_slot,
+    fill_checksum,
+    max_frame,
     parse_mac,
     parse_tx_packet,
     rx_flags_of,
@@ -61,16 +61,16 @@ from xenlike.abi.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
-    NETRXF_csum_blank,
-    NETRXF_data_validated,
-    NETRXF_more_data,
-    NETTXF_extra_info,
-    NETTXF_more_data,
     XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER,
     XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED,
     XEN_NETIF_CTRL_STATUS_SUCCESS,
     XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
     XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_more_data,
+    NETTXF_extra_info,
+    NETTXF_more_data,
     XEN_NETIF_CTRLF_GREF_readonly,
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
@@ -143,8 +143,7 @@ class Netback(Backend):
         self.vif: Vif | None = None
 
     def features(self) -> dict[str, str | int]:
-        return {"feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0,
-                "feature-ctrl-ring": 1}
+        return {"feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-ctrl-ring": 1}
 
     def properties(self) -> dict[str, str | int]:
         return {"hotplug-status": "connected"}  # what libxl waits for from vif-bridge
@@ -152,11 +151,15 @@ class Netback(Backend):
     async def connected(self) -> None:
         """Check what the front end asked for and plug the vif into its bridge."""
         if await self.read_int("request-rx-copy", 0) != 1:
-            raise ProtocolError("request-rx-copy is not 1: this back end only copies into "
-                                "posted rx buffers (page flipping is gone from Xen)")
+            raise ProtocolError(
+                "request-rx-copy is not 1: this back end only copies into "
+                "posted rx buffers (page flipping is gone from Xen)"
+            )
         if await self.read_int("feature-rx-notify", 0) != 1:
-            raise ProtocolError("feature-rx-notify is not 1: without it the back end is never "
-                                "told of new rx buffers")
+            raise ProtocolError(
+                "feature-rx-notify is not 1: without it the back end is never "
+                "told of new rx buffers"
+            )
         try:
             mac = parse_mac(await self.read("mac"))
         except ValueError as exc:
@@ -164,8 +167,9 @@ class Netback(Backend):
         bridge_name = await self.read("bridge", "xenbr0") or "xenbr0"
         network = self.ctx.domain.hardware.net
         if network is None:
-            raise ProtocolError(f"d{self.ctx.domain.domid} has no network hardware "
-                                f"(domain.hardware.net)")
+            raise ProtocolError(
+                f"d{self.ctx.domain.domid} has no network hardware (domain.hardware.net)"
+            )
         try:
             bridge = network.bridge(bridge_name)
         except LookupError as exc:
@@ -279,11 +283,11 @@ class _Staging:
 
     def read(self, gfn: int, offset: int, length: int) -> bytes:
         start = (gfn - self.first) * XEN_PAGE_SIZE + offset
-        return bytes(self.view[start:start + length])
+        return bytes(self.view[start : start + length])
 
     def write(self, gfn: int, offset: int, data: bytes) -> None:
         start = (gfn - self.first) * XEN_PAGE_SIZE + offset
-        self.view[start:start + len(data)] = data
+        self.view[start : start + len(data)] = data
 
     def free(self) -> None:
         self.view.release()
@@ -296,8 +300,18 @@ class _Staging:
 class Vif:
     """One connected vif: the netback data path, and a port of its bridge."""
 
-    def __init__(self, *, name: str, mac: bytes, mtu: int, sg: bool, csum_offload: bool,
-                 domain: Any, peer: int, bridge: Bridge) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        mac: bytes,
+        mtu: int,
+        sg: bool,
+        csum_offload: bool,
+        domain: Any,
+        peer: int,
+        bridge: Bridge,
+    ) -> None:
         self.name = name
         self.mac = mac
         self.mtu = mtu
@@ -318,8 +332,16 @@ class Vif:
         self._rx_stalled = False  # frames wait and req_event is armed for new buffers
         self._closed = False
         self._warned: dict[str, float] = {}
-        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_errors": 0, "rx_dropped": 0}
+        self.stats = {
+            "tx_packets": 0,
+            "tx_bytes": 0,
+            "tx_errors": 0,
+            "tx_dropped": 0,
+            "rx_packets": 0,
+            "rx_bytes": 0,
+            "rx_errors": 0,
+            "rx_dropped": 0,
+        }
 
     def __repr__(self) -> str:
         return f"<Vif {self.name} {self.mac.hex(':')}>"
@@ -359,8 +381,13 @@ class Vif:
                 nursery.cancel_scope.cancel()
 
         self._bridge.attach(self)
-        log.info("%s: connected to %s (%s, mtu %d)", self.name, self._bridge.name,
-                 self.mac.hex(":"), self.mtu)
+        log.info(
+            "%s: connected to %s (%s, mtu %d)",
+            self.name,
+            self._bridge.name,
+            self.mac.hex(":"),
+            self.mtu,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guarded, self._tx_loop)
@@ -388,8 +415,11 @@ class Vif:
             if staging is not None:
                 staging.free()
         self._tx_staging = self._rx_staging = None
-        log.info("%s: disconnected; %s", self.name,
-                 ", ".join(f"{key} {value}" for key, value in self.stats.items()))
+        log.info(
+            "%s: disconnected; %s",
+            self.name,
+            ", ".join(f"{key} {value}" for key, value in self.stats.items()),
+        )
 
     def _warn(self, what: str, detail: str) -> None:
         """Log a dropped or refused packet, at most once a second per kind."""
@@ -432,11 +462,18 @@ class Vif:
             if status == NETIF_RSP_OKAY:
                 page = pages.get(gref)
                 if page is None:
-                    unread.append(_Unread(len(frames), [(gref, offset, size)], len(responses), 1,
-                                          rx_flags_of(flags)))
+                    unread.append(
+                        _Unread(
+                            len(frames),
+                            [(gref, offset, size)],
+                            len(responses),
+                            1,
+                            rx_flags_of(flags),
+                        )
+                    )
                     frames.append(None)
                 else:
-                    frames.append((bytes(page[offset:offset + size]), rx_flags_of(flags)))
+                    frames.append((bytes(page[offset : offset + size]), rx_flags_of(flags)))
             responses.append((rid, status))
         if unread:
             await self._copy_in(unread, responses, frames)
@@ -456,8 +493,14 @@ class Vif:
         self._warn(refusal.what, f"{refusal.size} bytes")
         return NETIF_RSP_ERROR if refusal.counter == "tx_errors" else NETIF_RSP_DROPPED
 
-    def _parse_packet(self, requests: list[Any], index: int, responses: list[tuple[int, int]],
-                      frames: list[Frame | None], unread: list[_Unread]) -> int:
+    def _parse_packet(
+        self,
+        requests: list[Any],
+        index: int,
+        responses: list[tuple[int, int]],
+        frames: list[Frame | None],
+        unread: list[_Unread],
+    ) -> int:
         """A packet with extra-info slots or fragments; returns the index after it."""
         packet = parse_tx_packet(requests, index, self._max_tx, self.mtu)
         rid, flags = requests[index][3], requests[index][2]
@@ -470,16 +513,24 @@ class Vif:
             return packet.after
         pieces = packet.pieces
         if all(piece[0] in self._pages for piece in pieces):
-            data = b"".join(bytes(self._pages[g][o:o + s]) for g, o, s in pieces)
+            data = b"".join(bytes(self._pages[g][o : o + s]) for g, o, s in pieces)
             frames.append((data, rx_flags_of(flags)))
         else:
-            unread.append(_Unread(len(frames), pieces, first_response,
-                                  len(responses) - first_response, rx_flags_of(flags)))
+            unread.append(
+                _Unread(
+                    len(frames),
+                    pieces,
+                    first_response,
+                    len(responses) - first_response,
+                    rx_flags_of(flags),
+                )
+            )
             frames.append(None)
         return packet.after
 
-    async def _copy_in(self, unread: list[_Unread], responses: list[tuple[int, int]],
-                       frames: list[Frame | None]) -> None:
+    async def _copy_in(
+        self, unread: list[_Unread], responses: list[tuple[int, int]], frames: list[Frame | None]
+    ) -> None:
         """Read the packets whose grants are not mapped: one GNTTABOP_copy for the drain.
 
         A grant the hypervisor refuses fails its packet (NETIF_RSP_ERROR), no other.
@@ -557,13 +608,13 @@ class Vif:
                     break
                 queue.pop()
                 for start in range(0, length, XEN_PAGE_SIZE):
-                    chunk = frame[start:start + XEN_PAGE_SIZE]
+                    chunk = frame[start : start + XEN_PAGE_SIZE]
                     rid, _, gref = buffers.popleft()
                     page = writable.get(gref)
                     if page is None:
                         copies.append((len(responses), gref, chunk))
                     else:
-                        page[:len(chunk)] = chunk
+                        page[: len(chunk)] = chunk
                     more = NETRXF_more_data if start + XEN_PAGE_SIZE < length else 0
                     responses.append((rid, 0, (flags if start == 0 else 0) | more, len(chunk)))
             if copies:
@@ -592,8 +643,9 @@ class Vif:
         self.stats["rx_packets"] += packets
         self.stats["rx_bytes"] += received
 
-    async def _copy_out(self, copies: list[tuple[int, int, bytes]],
-                        responses: list[tuple[int, int, int, int]]) -> None:
+    async def _copy_out(
+        self, copies: list[tuple[int, int, bytes]], responses: list[tuple[int, int, int, int]]
+    ) -> None:
         """Copy into buffers that are not statically mapped: one GNTTABOP_copy."""
         if self._rx_staging is None:
             self._rx_staging = _Staging(self._domain, self._rx.nr_ents)
@@ -631,8 +683,11 @@ class Vif:
             return rid, kind, XEN_NETIF_CTRL_STATUS_SUCCESS, MAX_STATIC_GRANTS
         if kind == XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING:
             queue, list_ref, entries = data
-            if queue != 0 or not 0 < entries <= GREFS_PER_PAGE or \
-                    len(self._pages) + entries > MAX_STATIC_GRANTS:
+            if (
+                queue != 0
+                or not 0 < entries <= GREFS_PER_PAGE
+                or len(self._pages) + entries > MAX_STATIC_GRANTS
+            ):
                 return rid, kind, XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER, 0
             try:
                 await self._add_static_grants(list_ref, entries)

@@ -29,14 +29,14 @@ from xenlike.abi.netif import (
     NETIF_RSP_DROPPED,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
-    NETRXF_extra_info,
-    NETRXF_more_data,
-    NETTXF_more_data,
     XEN_NETIF_CTRL_STATUS_SUCCESS,
     XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
     XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE,
-    XEN_NETIF_CTRLF_GREF_readonly,
     XEN_NETIF_MAX_TX_SIZE,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_more_data,
+    XEN_NETIF_CTRLF_GREF_readonly,
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import FrontRing
@@ -60,11 +60,13 @@ class _Buffers:
         self.count = tx_count + rx_count
         self.first = domain.allocator.allocate_run(self.count)
         self.view = domain.memory.frames(self.first, self.count)
-        self.tx_refs = [domain.grants.grant_access(peer, self.first + i, readonly=True)
-                        for i in range(tx_count)]
-        self.rx_refs = [domain.grants.grant_access(peer, self.first + tx_count + i)
-                        for i in range(rx_count)]
-        pages = [self.view[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE] for i in range(self.count)]
+        self.tx_refs = [
+            domain.grants.grant_access(peer, self.first + i, readonly=True) for i in range(tx_count)
+        ]
+        self.rx_refs = [
+            domain.grants.grant_access(peer, self.first + tx_count + i) for i in range(rx_count)
+        ]
+        pages = [self.view[i * XEN_PAGE_SIZE : (i + 1) * XEN_PAGE_SIZE] for i in range(self.count)]
         self.tx_pages, self.rx_pages = pages[:tx_count], pages[tx_count:]
 
     def release_views(self) -> None:
@@ -94,8 +96,15 @@ class Netfront(Frontend):
         self.csum_offload = False  # the back end takes NETTXF_csum_blank
         self.static_grants = False  # the back end mapped every buffer once
         self.receiver: Callable[[bytes, int], None] | None = None
-        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_errors": 0}
+        self.stats = {
+            "tx_packets": 0,
+            "tx_bytes": 0,
+            "tx_errors": 0,
+            "tx_dropped": 0,
+            "rx_packets": 0,
+            "rx_bytes": 0,
+            "rx_errors": 0,
+        }
         self._buffers: _Buffers | None = None
         self._tx: Any = None  # FrontRing, while there is a data path
         self._rx: Any = None
@@ -169,14 +178,15 @@ class Netfront(Frontend):
         if len(self._tx_free) < slots:
             return False
         for number, start in enumerate(range(0, length, XEN_PAGE_SIZE)):
-            chunk = frame[start:start + XEN_PAGE_SIZE]
+            chunk = frame[start : start + XEN_PAGE_SIZE]
             slot = self._tx_free.pop()
-            self._tx_pages[slot][:len(chunk)] = chunk
+            self._tx_pages[slot][: len(chunk)] = chunk
             self._tx_busy[slot] = 1
             more = NETTXF_more_data if start + XEN_PAGE_SIZE < length else 0
             size = length if number == 0 else len(chunk)  # the first slot carries the total
-            self._tx.put_request((self._tx_refs[slot], 0, (flags if number == 0 else 0) | more,
-                                  slot, size))
+            self._tx.put_request(
+                (self._tx_refs[slot], 0, (flags if number == 0 else 0) | more, slot, size)
+            )
         return True
 
     async def transmit(self, frame: bytes, flags: int = 0) -> None:
@@ -222,8 +232,9 @@ class Netfront(Frontend):
         """Post the rx buffers, map them statically if offered, then poll until cancelled."""
         self._tx, self._rx = channel.rings["tx"], channel.rings["rx"]
         self._port = channel.ports["tx"]
-        buffers = self._buffers = _Buffers(self.ctx.domain, self.device.otherend_id,
-                                           self._tx.nr_ents, self._rx.nr_ents)
+        buffers = self._buffers = _Buffers(
+            self.ctx.domain, self.device.otherend_id, self._tx.nr_ents, self._rx.nr_ents
+        )
         self._tx_pages, self._tx_refs = buffers.tx_pages, buffers.tx_refs
         self._rx_pages, self._rx_refs = buffers.rx_pages, buffers.rx_refs
         self._tx_free = list(range(self._tx.nr_ents))
@@ -235,8 +246,7 @@ class Netfront(Frontend):
             self._port.notify()
         async with trio.open_nursery() as nursery:
             if "ctrl" in channel.rings:
-                ctrl = FrontChannel(cast(FrontRing, channel.rings["ctrl"]),
-                                    channel.ports["ctrl"])
+                ctrl = FrontChannel(cast(FrontRing, channel.rings["ctrl"]), channel.ports["ctrl"])
                 nursery.start_soon(self._map_statically, ctrl, buffers)
             await self._poll()
 
@@ -272,7 +282,7 @@ class Netfront(Frontend):
             good = status >= 0 and offset + status <= XEN_PAGE_SIZE
             if not partial and not flags & NETRXF_more_data:  # a frame in one slot
                 if good:
-                    data = bytes(pages[buffer][offset:offset + status])
+                    data = bytes(pages[buffer][offset : offset + status])
                     stats["rx_packets"] += 1
                     stats["rx_bytes"] += status
                     self._deliver(data, flags)
@@ -281,7 +291,7 @@ class Netfront(Frontend):
                 continue
             if not partial:
                 self._rx_partial_flags = flags & ~NETRXF_more_data  # the first slot's csum flags
-            partial.append(bytes(pages[buffer][offset:offset + status]) if good else None)
+            partial.append(bytes(pages[buffer][offset : offset + status]) if good else None)
             if flags & NETRXF_more_data:
                 continue
             pieces = [piece for piece in partial if piece is not None]
@@ -307,13 +317,15 @@ class Netfront(Frontend):
         try:
             self.receiver(frame, flags)
         except Exception:
-            self.log.exception("%s: the receiver failed on a %d-byte frame",
-                               self.device.nodename, len(frame))
+            self.log.exception(
+                "%s: the receiver failed on a %d-byte frame", self.device.nodename, len(frame)
+            )
 
     async def _map_statically(self, ctrl: FrontChannel, buffers: _Buffers) -> None:
         """XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING of every buffer, through one list page."""
-        wanted = [(ref, XEN_NETIF_CTRLF_GREF_readonly) for ref in buffers.tx_refs] + \
-                 [(ref, 0) for ref in buffers.rx_refs]
+        wanted = [(ref, XEN_NETIF_CTRLF_GREF_readonly) for ref in buffers.tx_refs] + [
+            (ref, 0) for ref in buffers.rx_refs
+        ]
         request = CTRL_RING.request.record
         domain, peer = self.ctx.domain, self.device.otherend_id
         try:
@@ -328,19 +340,25 @@ class Netfront(Frontend):
                     page.release()
                     list_ref = domain.grants.grant_access(peer, gfn, readonly=True)
                     try:
-                        added = await ctrl.call(request(type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
-                                                        data=(0, list_ref, len(wanted))))
+                        added = await ctrl.call(
+                            request(
+                                type=XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING,
+                                data=(0, list_ref, len(wanted)),
+                            )
+                        )
                     finally:
                         with trio.CancelScope(shield=True):
                             await self.release_grants([list_ref], gfn, 1)
                     self.static_grants = added.status == XEN_NETIF_CTRL_STATUS_SUCCESS
                 nursery.cancel_scope.cancel()
         except* ChannelBroken as group:
-            self.log.warning("%s: control ring broken: %s", self.device.nodename,
-                             group.exceptions[0])
+            self.log.warning(
+                "%s: control ring broken: %s", self.device.nodename, group.exceptions[0]
+            )
         if not self.static_grants:
-            self.log.info("%s: no static grants; the back end copies with GNTTABOP_copy",
-                          self.device.nodename)
+            self.log.info(
+                "%s: no static grants; the back end copies with GNTTABOP_copy", self.device.nodename
+            )
 
     async def disconnect(self) -> None:
         self._tx_space.set()  # senders waiting for room see the device gone
@@ -351,5 +369,6 @@ class Netfront(Frontend):
         if self._buffers is not None:
             buffers, self._buffers = self._buffers, None
             buffers.release_views()
-            await self.release_grants(buffers.tx_refs + buffers.rx_refs, buffers.first,
-                                      buffers.count)
+            await self.release_grants(
+                buffers.tx_refs + buffers.rx_refs, buffers.first, buffers.count
+            )

@@ -24,16 +24,16 @@ import struct
 from typing import Any, NamedTuple
 
 from xenlike.abi.netif import (
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_NONE,
+    XEN_NETIF_NR_SLOTS_MIN,
     NETRXF_csum_blank,
     NETRXF_data_validated,
     NETTXF_csum_blank,
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
-    XEN_NETIF_EXTRA_FLAG_MORE,
-    XEN_NETIF_EXTRA_TYPE_MAX,
-    XEN_NETIF_EXTRA_TYPE_NONE,
-    XEN_NETIF_NR_SLOTS_MIN,
     netif_extra_info,
     netif_rx_request,
     netif_rx_response,
@@ -75,16 +75,18 @@ __all__ = [
 
 TX_RING = define_ring("netif_tx", request=netif_tx_request, response=netif_tx_response)
 RX_RING = define_ring("netif_rx", request=netif_rx_request, response=netif_rx_response)
-CTRL_RING = define_ring("xen_netif_ctrl", request=xen_netif_ctrl_request,
-                        response=xen_netif_ctrl_response)
+CTRL_RING = define_ring(
+    "xen_netif_ctrl", request=xen_netif_ctrl_request, response=xen_netif_ctrl_response
+)
 EXTRA = compile_struct(netif_extra_info, "netif_extra_info")
 GREF = compile_struct(xen_netif_gref, "xen_netif_gref")
 
 NETIF_RINGS = {
     "tx": SharedRing(TX_RING, "tx-ring-ref"),
     "rx": SharedRing(RX_RING, "rx-ring-ref"),
-    "ctrl": SharedRing(CTRL_RING, "ctrl-ring-ref", "event-channel-ctrl",
-                       feature="feature-ctrl-ring"),
+    "ctrl": SharedRing(
+        CTRL_RING, "ctrl-ring-ref", "event-channel-ctrl", feature="feature-ctrl-ring"
+    ),
 }
 
 ETH_HLEN = 14  # destination, source, ethertype
@@ -169,8 +171,8 @@ def l4_checksum_field(frame: bytes) -> tuple[int, int, int] | None:
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     field = _IPV4_L4_CSUM.get(frame[ETH_HLEN + 9])
     start = ETH_HLEN + ihl
-    end = ETH_HLEN + int.from_bytes(frame[ETH_HLEN + 2:ETH_HLEN + 4], "big")
-    fragment = int.from_bytes(frame[ETH_HLEN + 6:ETH_HLEN + 8], "big") & 0x3FFF
+    end = ETH_HLEN + int.from_bytes(frame[ETH_HLEN + 2 : ETH_HLEN + 4], "big")
+    fragment = int.from_bytes(frame[ETH_HLEN + 6 : ETH_HLEN + 8], "big") & 0x3FFF
     if field is None or ihl < 20 or fragment or end > len(frame) or start + field + 2 > end:
         return None
     return start, start + field, end
@@ -183,13 +185,19 @@ def fill_checksum(frame: bytes) -> bytes | None:
         return None
     start, field, end = where
     protocol = frame[ETH_HLEN + 9]
-    segment = frame[start:field] + b"\0\0" + frame[field + 2:end]
-    value = checksum(segment, pseudo_header_sum(frame[ETH_HLEN + 12:ETH_HLEN + 16],
-                                                frame[ETH_HLEN + 16:ETH_HLEN + 20], protocol,
-                                                end - start))
+    segment = frame[start:field] + b"\0\0" + frame[field + 2 : end]
+    value = checksum(
+        segment,
+        pseudo_header_sum(
+            frame[ETH_HLEN + 12 : ETH_HLEN + 16],
+            frame[ETH_HLEN + 16 : ETH_HLEN + 20],
+            protocol,
+            end - start,
+        ),
+    )
     if value == 0 and protocol == 17:
         value = 0xFFFF  # RFC 768: a computed zero is sent as all ones
-    return frame[:field] + value.to_bytes(2, "big") + frame[field + 2:]
+    return frame[:field] + value.to_bytes(2, "big") + frame[field + 2 :]
 
 
 # --- checking the tx ring (the back end's side) ------------------------------------------
@@ -243,14 +251,16 @@ def parse_tx_packet(requests: list[Any], index: int, max_tx: int, mtu: int) -> T
     if flags & NETTXF_extra_info:
         while True:
             if after >= count:
-                raise ChannelBroken(f"tx request {rid}: its extra info runs past the "
-                                    f"published requests")
+                raise ChannelBroken(
+                    f"tx request {rid}: its extra info runs past the published requests"
+                )
             extra = tx_extra(requests[after])
             after += 1
             extras += 1
             if not XEN_NETIF_EXTRA_TYPE_NONE < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
-                raise ChannelBroken(f"tx request {rid}: extra info type {extra.type} is "
-                                    f"none of netif.h's")
+                raise ChannelBroken(
+                    f"tx request {rid}: extra info type {extra.type} is none of netif.h's"
+                )
             if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
                 break
         refusal = Refusal("tx_errors", f"extra info type {extra.type} was not negotiated", size)
@@ -259,11 +269,14 @@ def parse_tx_packet(requests: list[Any], index: int, max_tx: int, mtu: int) -> T
     more = flags & NETTXF_more_data
     while more:
         if after >= count:
-            raise ChannelBroken(f"tx request {rid}: its NETTXF_more_data chain runs past "
-                                f"the published requests")
+            raise ChannelBroken(
+                f"tx request {rid}: its NETTXF_more_data chain runs past the published requests"
+            )
         if len(pieces) + 1 >= FATAL_SKB_SLOTS:
-            raise ChannelBroken(f"tx request {rid}: a packet of more than {FATAL_SKB_SLOTS} "
-                                f"slots (Linux: 'Malicious frontend')")
+            raise ChannelBroken(
+                f"tx request {rid}: a packet of more than {FATAL_SKB_SLOTS} "
+                f"slots (Linux: 'Malicious frontend')"
+            )
         f_gref, f_offset, f_flags, f_id, f_size = requests[after]
         after += 1
         check_slot(f_id, f_offset, f_size)

@@ -49,12 +49,14 @@ def xenstored_binary() -> Path:
         if shutil.which(tool) is None:
             raise Unavailable(f"no {tool}: cannot fetch {PACKAGE} (set CXENSTORED)")
     with tempfile.TemporaryDirectory(prefix="cxenstored-") as tmp:
-        download = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp,
-                                  capture_output=True, text=True, check=False)
+        download = subprocess.run(
+            ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True, check=False
+        )
         debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
         if not debs:
-            raise Unavailable(f"apt-get download {PACKAGE} failed: "
-                              f"{download.stderr.strip().splitlines()[-1:]}")
+            raise Unavailable(
+                f"apt-get download {PACKAGE} failed: {download.stderr.strip().splitlines()[-1:]}"
+            )
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
         subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
@@ -79,9 +81,23 @@ def shim() -> Path:
         raise Unavailable("no Xen headers (install libxen-dev) to build the LD_PRELOAD shim")
     built.parent.mkdir(parents=True, exist_ok=True)
     partial = built.with_suffix(f".{os.getpid()}.tmp")
-    compiled = subprocess.run(["gcc", "-O2", "-Wall", "-Wno-unused-parameter", "-shared", "-fPIC",
-                               "-o", str(partial), str(SHIM_SOURCE), "-ldl"],
-                              capture_output=True, text=True, check=False)
+    compiled = subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-Wall",
+            "-Wno-unused-parameter",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(partial),
+            str(SHIM_SOURCE),
+            "-ldl",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if compiled.returncode:
         raise Unavailable(f"building the shim failed: {compiled.stderr.strip()}")
     partial.rename(built)
@@ -91,16 +107,26 @@ def shim() -> Path:
 class CXenStored:
     """One C xenstored process serving `socket_path` (no fork, in-memory database)."""
 
-    def __init__(self, socket_path: str | os.PathLike[str], *, domains: str | None = None,
-                 ring_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        domains: str | None = None,
+        ring_dir: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         """`domains`: the domids that exist ("0,2,5-9"; default all). `ring_dir`: where
         introduced domains' ring pages are files (`dom<ID>.ring`), for tests playing guests."""
         self.socket_path = os.fspath(socket_path)
         binary, preload = xenstored_binary(), shim()
         self._rundir = tempfile.mkdtemp(prefix="cxenstored-run-")
         self.log_path = Path(self._rundir) / "xenstored.log"
-        env = {**os.environ, "XENSTORED_RUNDIR": self._rundir,
-               "XENSTORED_PATH": self.socket_path, "LD_PRELOAD": str(preload)}
+        env = {
+            **os.environ,
+            "XENSTORED_RUNDIR": self._rundir,
+            "XENSTORED_PATH": self.socket_path,
+            "LD_PRELOAD": str(preload),
+        }
         if domains is not None:
             env["XSHIM_DOMAINS"] = domains
         self.ring_dir = ring_dir
@@ -109,8 +135,13 @@ class CXenStored:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([str(binary), "-N", *extra_args], env=env,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [str(binary), "-N", *extra_args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         self._wait_listening()
 
     @property
@@ -121,8 +152,10 @@ class CXenStored:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise Unavailable(f"xenstored exited with {self.process.returncode}: "
-                                  f"{self.log_path.read_text(errors='replace')[-500:]}")
+                raise Unavailable(
+                    f"xenstored exited with {self.process.returncode}: "
+                    f"{self.log_path.read_text(errors='replace')[-500:]}"
+                )
             with socket.socket(socket.AF_UNIX) as probe:
                 try:
                     probe.connect(self.socket_path)

@@ -118,8 +118,9 @@ class _RingGuest:
     reply that does not come within 20 s counts as none either.
     """
 
-    def __init__(self, ring_path: Path, poke: Callable[[], None],
-                 introduced: Callable[[], bool]) -> None:
+    def __init__(
+        self, ring_path: Path, poke: Callable[[], None], introduced: Callable[[], bool]
+    ) -> None:
         with open(ring_path, "r+b") as file:
             self._map = mmap.mmap(file.fileno(), 4096)
         page = memoryview(self._map)
@@ -134,7 +135,7 @@ class _RingGuest:
         data = message.encode()
         deadline = time.monotonic() + 5
         while data and time.monotonic() < deadline:
-            data = data[self._requests.write(data):]
+            data = data[self._requests.write(data) :]
             self._poke()
         self.closed = self.closed or bool(data)
 
@@ -178,9 +179,11 @@ class Daemon:
         assert self.ring_dir is not None, "only cxenstored's rings are played here"
         introduced = self._call(XS_INTRODUCE, b"%d\0%d\0%d\0" % (domid, 1, 9))
         assert introduced.type == XS_INTRODUCE, introduced
-        return _RingGuest(Path(self.ring_dir) / f"dom{domid}.ring", self._poke,
-                          lambda: self._call(XS_IS_DOMAIN_INTRODUCED,
-                                             b"%d\0" % domid).payload == b"T\0")
+        return _RingGuest(
+            Path(self.ring_dir) / f"dom{domid}.ring",
+            self._poke,
+            lambda: self._call(XS_IS_DOMAIN_INTRODUCED, b"%d\0" % domid).payload == b"T\0",
+        )
 
     def _call(self, type_: int, payload: bytes) -> XsMessage:
         if self._poker is None:
@@ -267,8 +270,9 @@ class StoreDaemon:
         return _StoreConnection(self, domid)
 
 
-def replay(daemon: Daemon | StoreDaemon, steps: list[Step],
-           domids: tuple[int, ...] = (0, 0, 0)) -> list[object]:
+def replay(
+    daemon: Daemon | StoreDaemon, steps: list[Step], domids: tuple[int, ...] = (0, 0, 0)
+) -> list[object]:
     """Run `steps` on fresh connections, the i-th speaking for `domids[i]`; the
     normalised record of each step."""
     daemon.reset()
@@ -301,8 +305,7 @@ def replay(daemon: Daemon | StoreDaemon, steps: list[Step],
                     continue
                 other.send(XsMessage(XS_GET_DOMAIN_PATH, _SYNC_REQ_ID, 0, b"0\0"))
                 synced = other.until_reply(_SYNC_REQ_ID)
-                events.append("closed" if synced is None else
-                              [_normalise(m) for m in synced[:-1]])
+                events.append("closed" if synced is None else [_normalise(m) for m in synced[:-1]])
             type_, req_id, echoed, payload = _normalise(answer)
             record.append(((type_, req_id, echoed == tx_id, payload), events))
     finally:

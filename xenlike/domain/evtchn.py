@@ -62,8 +62,9 @@ class PortClosed(trio.ClosedResourceError):
 class Port:
     """One local event channel port."""
 
-    def __init__(self, channels: "EventChannels", number: int, wait_fd: int,
-                 peer_fd: int | None = None) -> None:
+    def __init__(
+        self, channels: "EventChannels", number: int, wait_fd: int, peer_fd: int | None = None
+    ) -> None:
         self._channels = channels
         self.number = number
         self._wait_fd = wait_fd
@@ -126,16 +127,20 @@ class Port:
     async def status(self) -> Any:
         """EVTCHNOP_status: the hypervisor's view of this port."""
         _, out, _ = await self._channels.hypercalls.call_struct(
-            EVTCHN_OP, EvtchnOp.status, evtchn_status,
-            STATUS.record(dom=DOMID_SELF, port=self.number))
+            EVTCHN_OP,
+            EvtchnOp.status,
+            evtchn_status,
+            STATUS.record(dom=DOMID_SELF, port=self.number),
+        )
         return out
 
     async def close(self) -> None:
         """EVTCHNOP_close; the peer's port becomes unbound."""
         if self._wait_fd < 0:
             return
-        await self._channels.hypercalls.call_struct(EVTCHN_OP, EvtchnOp.close, evtchn_close,
-                                                    CLOSE.record(port=self.number))
+        await self._channels.hypercalls.call_struct(
+            EVTCHN_OP, EvtchnOp.close, evtchn_close, CLOSE.record(port=self.number)
+        )
         self._channels.forget(self)
 
     def _set_peer(self, fd: int | None) -> None:
@@ -172,29 +177,34 @@ class EventChannels:
     async def alloc_unbound(self, remote_dom: int) -> Port:
         """A port for `remote_dom` to bind to (the front end's side of a device)."""
         _, out, fds = await self.hypercalls.call_struct(
-            EVTCHN_OP, EvtchnOp.alloc_unbound, evtchn_alloc_unbound,
-            ALLOC_UNBOUND.record(dom=DOMID_SELF, remote_dom=remote_dom))
+            EVTCHN_OP,
+            EvtchnOp.alloc_unbound,
+            evtchn_alloc_unbound,
+            ALLOC_UNBOUND.record(dom=DOMID_SELF, remote_dom=remote_dom),
+        )
         return self._adopt(out.port, fds)
 
     async def bind_interdomain(self, remote_dom: int, remote_port: int) -> Port:
         """Connect to a port that `remote_dom` allocated for us (the back end's side)."""
         _, out, fds = await self.hypercalls.call_struct(
-            EVTCHN_OP, EvtchnOp.bind_interdomain, evtchn_bind_interdomain,
-            BIND_INTERDOMAIN.record(remote_dom=remote_dom, remote_port=remote_port))
+            EVTCHN_OP,
+            EvtchnOp.bind_interdomain,
+            evtchn_bind_interdomain,
+            BIND_INTERDOMAIN.record(remote_dom=remote_dom, remote_port=remote_port),
+        )
         return self._adopt(out.local_port, fds)
 
     async def bind_virq(self, virq: int) -> Port:
         _, out, fds = await self.hypercalls.call_struct(
-            EVTCHN_OP, EvtchnOp.bind_virq, evtchn_bind_virq,
-            BIND_VIRQ.record(virq=virq, vcpu=0))
+            EVTCHN_OP, EvtchnOp.bind_virq, evtchn_bind_virq, BIND_VIRQ.record(virq=virq, vcpu=0)
+        )
         return self._adopt(out.port, fds)
 
     async def port(self, number: int) -> Port:
         """A port this domain already has (given at boot, e.g. start_info.store_evtchn)."""
         if number in self.ports:
             return self.ports[number]
-        done = await self.hypercalls.call(EVTCHN_OP, EvtchnOp.unmask,
-                                          UNMASK.pack((number,)), 1)
+        done = await self.hypercalls.call(EVTCHN_OP, EvtchnOp.unmask, UNMASK.pack((number,)), 1)
         return self._adopt(number, done.fds)
 
     def send_slow(self, port: Port) -> None:
@@ -203,8 +213,9 @@ class EventChannels:
 
     async def _fetch_peer(self, port: Port) -> None:
         try:
-            done = await self.hypercalls.call(EVTCHN_OP, EvtchnOp.send,
-                                              SEND.pack((port.number,)), 1)
+            done = await self.hypercalls.call(
+                EVTCHN_OP, EvtchnOp.send, SEND.pack((port.number,)), 1
+            )
         except (HypercallError, ConnectionResetError, trio.ClosedResourceError):
             return  # a closed or unbound port: the send is dropped, as in Xen
         if done.fds:

@@ -40,19 +40,19 @@ import trio
 
 from xenlike._atomic import cmpxchg16
 from xenlike.abi.grant_table import (
+    GNTTAB_NR_RESERVED_ENTRIES,
+    SHGNT_PER_PAGE_V1,
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
     GNTMAP_host_map,
     GNTMAP_readonly,
-    GNTTAB_NR_RESERVED_ENTRIES,
-    GNTTABOP_error_msgs,
-    GTF_permit_access,
-    GTF_readonly,
-    GTF_reading,
-    GTF_writing,
-    SHGNT_PER_PAGE_V1,
     GntStatus,
     GnttabOp,
+    GNTTABOP_error_msgs,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
     gnttab_copy,
     gnttab_map_grant_ref,
     gnttab_query_size,
@@ -108,10 +108,15 @@ class GrantInUse(GrantError):
     """end_access refused: the peer still has the grant mapped (GTF_reading/GTF_writing)."""
 
     def __init__(self, ref: int, domid: int, flags: int) -> None:
-        bits = "|".join(name for bit, name in ((GTF_reading, "GTF_reading"),
-                                               (GTF_writing, "GTF_writing")) if flags & bit)
-        super().__init__(f"grant ref {ref} is still in use by d{domid} ({bits} set): it must "
-                         f"unmap it before access can end")
+        bits = "|".join(
+            name
+            for bit, name in ((GTF_reading, "GTF_reading"), (GTF_writing, "GTF_writing"))
+            if flags & bit
+        )
+        super().__init__(
+            f"grant ref {ref} is still in use by d{domid} ({bits} set): it must "
+            f"unmap it before access can end"
+        )
         self.ref, self.domid, self.flags = ref, domid, flags
 
 
@@ -123,15 +128,17 @@ class GrantStatusError(GrantError):
     """
 
     def __init__(self, op: str, labels: Sequence[str], statuses: Sequence[int]) -> None:
-        failed = [f"{label}: {_status_text(status)}"
-                  for label, status in zip(labels, statuses, strict=True)
-                  if status != GntStatus.okay]
+        failed = [
+            f"{label}: {_status_text(status)}"
+            for label, status in zip(labels, statuses, strict=True)
+            if status != GntStatus.okay
+        ]
         super().__init__(f"{op}: {len(failed)} of {len(statuses)} failed: " + "; ".join(failed))
         self.op, self.statuses = op, list(statuses)
 
 
 def _status_text(status: int) -> str:
-    """"GNTST_bad_gntref (invalid grant reference)", as Xen's GNTTABOP_error_msgs say it."""
+    """ "GNTST_bad_gntref (invalid grant reference)", as Xen's GNTTABOP_error_msgs say it."""
     try:
         return f"GNTST_{GntStatus(status).name} ({GNTTABOP_error_msgs[-status]})"
     except (ValueError, IndexError):
@@ -199,10 +206,12 @@ class GrantCopy:
 
     def record(self) -> Any:
         """This element as Xen's struct gnttab_copy."""
-        flags = ((GNTCOPY_source_gref if isinstance(self.source, GrantRef) else 0)
-                 | (GNTCOPY_dest_gref if isinstance(self.dest, GrantRef) else 0))
-        return COPY.record(source=_copy_ptr(self.source), dest=_copy_ptr(self.dest),
-                           len=self.length, flags=flags)
+        flags = (GNTCOPY_source_gref if isinstance(self.source, GrantRef) else 0) | (
+            GNTCOPY_dest_gref if isinstance(self.dest, GrantRef) else 0
+        )
+        return COPY.record(
+            source=_copy_ptr(self.source), dest=_copy_ptr(self.dest), len=self.length, flags=flags
+        )
 
 
 def _copy_ptr(side: GrantRef | LocalFrame) -> Any:
@@ -214,8 +223,14 @@ def _copy_ptr(side: GrantRef | LocalFrame) -> Any:
 class GrantTable:
     """This domain's grant table, and its mappings of other domains' grants."""
 
-    def __init__(self, memory: DomainMemory, layout: BootLayout, hypercalls: HypercallClient,
-                 frames: socket.socket, name: str = "xenlike-dom") -> None:
+    def __init__(
+        self,
+        memory: DomainMemory,
+        layout: BootLayout,
+        hypercalls: HypercallClient,
+        frames: socket.socket,
+        name: str = "xenlike-dom",
+    ) -> None:
         self._hypercalls = hypercalls
         self._memory = memory
         self._frames = frames  # our end of the frame channel
@@ -241,11 +256,14 @@ class GrantTable:
         if not 0 <= domid < DOMID_FIRST_RESERVED:
             raise ValueError(f"domid {domid} names no domain that could be granted access")
         if not 0 <= gfn < self._nr_pages:
-            raise BadFrame(f"gfn {gfn} is outside this domain's memory "
-                           f"(gfns 0..{self._nr_pages - 1})")
+            raise BadFrame(
+                f"gfn {gfn} is outside this domain's memory (gfns 0..{self._nr_pages - 1})"
+            )
         if not self._free:
-            raise NoFreeGrantRefs(f"all {self.nr_entries - GNTTAB_NR_RESERVED_ENTRIES} grant "
-                                  f"references are in use; end access to some first")
+            raise NoFreeGrantRefs(
+                f"all {self.nr_entries - GNTTAB_NR_RESERVED_ENTRIES} grant "
+                f"references are in use; end access to some first"
+            )
         if gfn not in self._grants_of:
             self._move(gfn)
             self._grants_of[gfn] = 0
@@ -311,20 +329,26 @@ class GrantTable:
         with trio.CancelScope(shield=True):
             try:
                 for start in range(0, len(refs), MAX_FDS):
-                    chunk = refs[start:start + MAX_FDS]
+                    chunk = refs[start : start + MAX_FDS]
                     _, outs, fds = await self._hypercalls.call_batch(
-                        GNTTAB_OP, GnttabOp.map_grant_ref, gnttab_map_grant_ref,
-                        [(0, flags, ref, domid, 0, 0, 0) for ref in chunk])
+                        GNTTAB_OP,
+                        GnttabOp.map_grant_ref,
+                        gnttab_map_grant_ref,
+                        [(0, flags, ref, domid, 0, 0, 0) for ref in chunk],
+                    )
                     files.extend(fds)
                     handles.extend(out.handle for out in outs if out.status == GntStatus.okay)
                     if len(handles) < start + len(outs):
                         raise GrantStatusError(
-                            "GNTTABOP_map_grant_ref", [f"d{domid} ref {ref}" for ref in chunk],
-                            [out.status for out in outs])
+                            "GNTTABOP_map_grant_ref",
+                            [f"d{domid} ref {ref}" for ref in chunk],
+                            [out.status for out in outs],
+                        )
                     frames.extend(split_machine_address(out.dev_bus_addr)[1] for out in outs)
                 if len(files) != len(refs):
-                    raise GrantError(f"the hypervisor sent {len(files)} frame files for "
-                                     f"{len(refs)} grants")
+                    raise GrantError(
+                        f"the hypervisor sent {len(files)} frame files for {len(refs)} grants"
+                    )
                 pages = map_pages(files, frames, writable=not readonly)
             except BaseException:
                 if handles:
@@ -348,12 +372,16 @@ class GrantTable:
 
     async def _unmap_handles(self, handles: Sequence[int]) -> None:
         _, outs, _ = await self._hypercalls.call_batch(
-            GNTTAB_OP, GnttabOp.unmap_grant_ref, gnttab_unmap_grant_ref,
-            [(0, 0, handle, 0) for handle in handles])
+            GNTTAB_OP,
+            GnttabOp.unmap_grant_ref,
+            gnttab_unmap_grant_ref,
+            [(0, 0, handle, 0) for handle in handles],
+        )
         statuses = [out.status for out in outs]
         if any(statuses):
-            raise GrantStatusError("GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles],
-                                   statuses)
+            raise GrantStatusError(
+                "GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles], statuses
+            )
 
     # --- copying ---------------------------------------------------------------
 
@@ -361,26 +389,29 @@ class GrantTable:
         """GNTTABOP_copy: the hypervisor copies each element, checking the grants."""
         if not ops:
             return
-        _, outs, _ = await self._hypercalls.call_batch(GNTTAB_OP, GnttabOp.copy, gnttab_copy,
-                                                       [op.record() for op in ops])
+        _, outs, _ = await self._hypercalls.call_batch(
+            GNTTAB_OP, GnttabOp.copy, gnttab_copy, [op.record() for op in ops]
+        )
         statuses = [out.status for out in outs]
         if any(statuses):
-            raise GrantStatusError("GNTTABOP_copy", [f"copy {i} ({op.length} bytes)"
-                                                     for i, op in enumerate(ops)], statuses)
+            raise GrantStatusError(
+                "GNTTABOP_copy",
+                [f"copy {i} ({op.length} bytes)" for i, op in enumerate(ops)],
+                statuses,
+            )
 
     # --- the table's frames -------------------------------------------------------
 
     async def query_size(self, domid: int = DOMID_SELF) -> tuple[int, int]:
         """(nr_frames, max_nr_frames) of a grant table: ours, or any for Dom0."""
-        _, out, _ = await self._hypercalls.call_struct(GNTTAB_OP, GnttabOp.query_size,
-                                                       gnttab_query_size,
-                                                       QUERY_SIZE.record(dom=domid))
+        _, out, _ = await self._hypercalls.call_struct(
+            GNTTAB_OP, GnttabOp.query_size, gnttab_query_size, QUERY_SIZE.record(dom=domid)
+        )
         if out.status:
             raise GrantStatusError("GNTTABOP_query_size", [f"d{domid}"], [out.status])
         return out.nr_frames, out.max_nr_frames
 
-    async def setup_table(self, nr_frames: int | None = None, domid: int = DOMID_SELF
-                          ) -> list[int]:
+    async def setup_table(self, nr_frames: int | None = None, domid: int = DOMID_SELF) -> list[int]:
         """The gfns of the first `nr_frames` frames of a grant table (all of ours by default)."""
         count = self.nr_frames if nr_frames is None else nr_frames
         arg = SETUP.record(dom=domid, nr_frames=count)

@@ -103,8 +103,9 @@ class HypercallClient:
     only after that, so the hypervisor sees the connection end.
     """
 
-    def __init__(self, sock: trio.socket.SocketType,
-                 on_notification: Callable[[Reply], None] | None = None) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, on_notification: Callable[[Reply], None] | None = None
+    ) -> None:
         self.sock = sock
         self.on_notification = on_notification
         self._raw = socket.socket(fileno=os.dup(sock.fileno()))  # shares O_NONBLOCK with sock
@@ -171,8 +172,9 @@ class HypercallClient:
             waiter.fail(_reset())
         self._waiting.clear()
 
-    async def call(self, op: int, cmd: int, payload: bytes = b"", count: int | None = None
-                   ) -> HypercallResult:
+    async def call(
+        self, op: int, cmd: int, payload: bytes = b"", count: int | None = None
+    ) -> HypercallResult:
         """One hypercall; raises HypercallError when it returns -errno."""
         if self._closed is not None:
             raise _reset()
@@ -245,16 +247,18 @@ class HypercallClient:
             self._fail()
             raise _reset() from None
 
-    async def call_struct(self, op: int, cmd: int, layout: Any,
-                          arg: Any) -> tuple[int, Any, tuple[int, ...]]:
+    async def call_struct(
+        self, op: int, cmd: int, layout: Any, arg: Any
+    ) -> tuple[int, Any, tuple[int, ...]]:
         """A call taking one Xen struct; returns (result, the struct as sent back, fds)."""
         codec = codec_for(layout)
         done = await self.call(op, cmd, codec.pack(arg), 1)
         out = codec.unpack(done.payload[: codec.size]) if done.payload else arg
         return done.result, out, done.fds
 
-    async def call_batch(self, op: int, cmd: int, layout: Any, args: Sequence[Any]
-                         ) -> tuple[int, list[Any], tuple[int, ...]]:
+    async def call_batch(
+        self, op: int, cmd: int, layout: Any, args: Sequence[Any]
+    ) -> tuple[int, list[Any], tuple[int, ...]]:
         """A batched call (grant-table ops): the elements (records, or tuples in field
         order) packed into one buffer; each comes back with its own status, and
         they are decoded in one pass."""
@@ -268,29 +272,37 @@ class HypercallClient:
         if decode is None:
             decode = _decoders[id(layout)] = codec.slots_unpacker(size)
         count = min(len(args), len(done.payload) // size)
-        return done.result, decode(done.payload[:count * size]), done.fds
+        return done.result, decode(done.payload[: count * size]), done.fds
 
-    async def domctl(self, cmd: int, domain: int, union_layout: Any = None, value: Any = None
-                     ) -> tuple[int, Any]:
+    async def domctl(
+        self, cmd: int, domain: int, union_layout: Any = None, value: Any = None
+    ) -> tuple[int, Any]:
         """A xen_domctl with its command struct in `u`; returns (result, the `u` struct back)."""
         u = codec_for(union_layout).pack(value).ljust(128, b"\0") if union_layout else bytes(128)
-        arg = DOMCTL.record(cmd=cmd, interface_version=XEN_DOMCTL_INTERFACE_VERSION,
-                            domain=domain, u=u)
+        arg = DOMCTL.record(
+            cmd=cmd, interface_version=XEN_DOMCTL_INTERFACE_VERSION, domain=domain, u=u
+        )
         done = await self.call(Hypercall.domctl, cmd, DOMCTL.pack(arg), 1)
         out = DOMCTL.unpack(done.payload[: DOMCTL.size])
-        back = codec_for(union_layout).unpack(out.u[: codec_for(union_layout).size]) \
-            if union_layout else None
+        back = (
+            codec_for(union_layout).unpack(out.u[: codec_for(union_layout).size])
+            if union_layout
+            else None
+        )
         _close_all(done.fds)
         return out.domain, back
 
     async def sysctl(self, cmd: int, union_layout: Any, value: Any) -> tuple[int, Any, bytes]:
         """A xen_sysctl; returns (result, the `u` struct back, any records after it)."""
         codec = codec_for(union_layout)
-        arg = SYSCTL.record(cmd=cmd, interface_version=XEN_SYSCTL_INTERFACE_VERSION,
-                            u=codec.pack(value).ljust(128, b"\0"))
+        arg = SYSCTL.record(
+            cmd=cmd,
+            interface_version=XEN_SYSCTL_INTERFACE_VERSION,
+            u=codec.pack(value).ljust(128, b"\0"),
+        )
         done = await self.call(Hypercall.sysctl, cmd, SYSCTL.pack(arg), 1)
         out = SYSCTL.unpack(done.payload[: SYSCTL.size])
-        return done.result, codec.unpack(out.u[: codec.size]), done.payload[SYSCTL.size:]
+        return done.result, codec.unpack(out.u[: codec.size]), done.payload[SYSCTL.size :]
 
 
 def _op_name(op: int) -> str:

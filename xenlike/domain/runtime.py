@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from xenlike.abi.sched import SchedOp, ShutdownReason, sched_shutdown
-from xenlike.abi.xen import CONSOLEIO_write, SIF_PRIVILEGED, Hypercall, start_info
+from xenlike.abi.xen import SIF_PRIVILEGED, CONSOLEIO_write, Hypercall, start_info
 from xenlike.codec import compile_struct
 from xenlike.domain.evtchn import EventChannels
 from xenlike.domain.grant_table import GrantTable
@@ -85,8 +85,9 @@ class Domain:
     async def shutdown(self, reason: int = ShutdownReason.poweroff) -> None:
         """SCHEDOP_shutdown: this domain stops; the hypervisor reaps its process."""
         self.shut_down = True
-        await self.hypercalls.call(Hypercall.sched_op, SchedOp.shutdown,
-                                   SHUTDOWN.pack((reason,)), 1)
+        await self.hypercalls.call(
+            Hypercall.sched_op, SchedOp.shutdown, SHUTDOWN.pack((reason,)), 1
+        )
 
 
 def load_kernel(name: str) -> Kernel:
@@ -121,8 +122,16 @@ def attach_memory(memory_fd: int, nr_pages: int, frames: socket.socket) -> Domai
     return memory
 
 
-async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, frames_fd: int, domid: int,
-               kernel: str, trace_fd: int) -> int:
+async def boot(
+    *,
+    hypercall_fd: int,
+    memory_fd: int,
+    nr_pages: int,
+    frames_fd: int,
+    domid: int,
+    kernel: str,
+    trace_fd: int,
+) -> int:
     """Run one domain to its end; return the process exit status.
 
     `trace_fd` is the domain's own trace buffer, for the event sends that
@@ -159,9 +168,17 @@ async def boot(*, hypercall_fd: int, memory_fd: int, nr_pages: int, frames_fd: i
         channels = EventChannels(hypercalls, nursery)
         trace = TraceBuffer.attach(trace_fd, writable=True)
         channels.on_send = fast_path_recorder(trace, domid)
-        domain = Domain(domid, info, memory, layout,
-                        PageAllocator(layout.first_free_gfn, nr_pages), hypercalls, channels,
-                        nursery, grants)
+        domain = Domain(
+            domid,
+            info,
+            memory,
+            layout,
+            PageAllocator(layout.first_free_gfn, nr_pages),
+            hypercalls,
+            channels,
+            nursery,
+            grants,
+        )
         domain.trace = EventRecorder(trace, domid)
         reason = ShutdownReason.poweroff
         try:

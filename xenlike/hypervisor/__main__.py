@@ -31,8 +31,11 @@ async def main(run_dir: RunDir) -> None:
         async with trio.open_nursery() as nursery:
 
             async def serve(task_status: trio.TaskStatus[None]) -> None:
-                await hv.serve(dom0_kernel=args.dom0_kernel, dom0_cmdline=args.dom0_cmdline,
-                               task_status=task_status)
+                await hv.serve(
+                    dom0_kernel=args.dom0_kernel,
+                    dom0_cmdline=args.dom0_cmdline,
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()  # it stopped on its own: Dom0 has exited
 
             await nursery.start(serve)

@@ -16,13 +16,13 @@ from construct import Bytes, Int16ul, Int32ul, Padding, Struct
 
 from xenlike.abi.domctl import (
     XEN_DOMCTL_INTERFACE_VERSION,
+    DomctlOp,
     XEN_DOMINF_blocked,
     XEN_DOMINF_dying,
     XEN_DOMINF_paused,
     XEN_DOMINF_running,
     XEN_DOMINF_shutdown,
     XEN_DOMINF_shutdownshift,
-    DomctlOp,
     xen_domctl,
     xen_domctl_createdomain,
     xen_domctl_getdomaininfo,
@@ -31,9 +31,9 @@ from xenlike.abi.domctl import (
 from xenlike.abi.errno import Errno
 from xenlike.abi.sysctl import (
     XEN_SYSCTL_INTERFACE_VERSION,
+    SysctlOp,
     XEN_SYSCTL_PHYSCAP_gnttab_v1,
     XEN_SYSCTL_PHYSCAP_pv,
-    SysctlOp,
     xen_sysctl,
     xen_sysctl_getdomaininfolist,
     xen_sysctl_physinfo,
@@ -41,7 +41,7 @@ from xenlike.abi.sysctl import (
 from xenlike.abi.xen import DOMID_FIRST_RESERVED, Hypercall
 from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
-from xenlike.hypervisor.core import HypervisorDomain, DomainState
+from xenlike.hypervisor.core import DomainState, HypervisorDomain
 from xenlike.hypervisor.memory_op import tot_pages
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE
@@ -80,8 +80,11 @@ def _with_union(record: Any, codec: Any, value: Any) -> Any:
 
 def _domctl(call: Call, arg: Any) -> HypervisorDomain:
     if arg.interface_version != XEN_DOMCTL_INTERFACE_VERSION:
-        raise HypercallError(Errno.EACCES, f"domctl interface version {arg.interface_version:#x},"
-                                           f" expected {XEN_DOMCTL_INTERFACE_VERSION:#x}")
+        raise HypercallError(
+            Errno.EACCES,
+            f"domctl interface version {arg.interface_version:#x},"
+            f" expected {XEN_DOMCTL_INTERFACE_VERSION:#x}",
+        )
     return call.hv.lookup(arg.domain)
 
 
@@ -157,9 +160,16 @@ def domain_info(domain: HypervisorDomain) -> Any:
         flags |= XEN_DOMINF_shutdown | domain.shutdown_reason << XEN_DOMINF_shutdownshift
     layout = domain.layout
     return INFO.record(
-        domain=domain.domid, flags=flags, tot_pages=tot_pages(domain), max_pages=domain.max_pages,
+        domain=domain.domid,
+        flags=flags,
+        tot_pages=tot_pages(domain),
+        max_pages=domain.max_pages,
         shared_info_frame=layout.shared_info_gfn if layout else 0,
-        cpu_time=domain.cpu_time_ns(), nr_online_vcpus=1, max_vcpu_id=0, handle=domain.handle)
+        cpu_time=domain.cpu_time_ns(),
+        nr_online_vcpus=1,
+        max_vcpu_id=0,
+        handle=domain.handle,
+    )
 
 
 @domctl(DomctlOp.getdomaininfo)
@@ -174,12 +184,22 @@ def getdomaininfo(call: Call, arg: Any) -> tuple[int, Any]:
     return 0, _with_union(arg._replace(domain=info.domain), INFO, info)
 
 
-@hypercall(Hypercall.domctl, XENLIKE_DOMCTL_build, args=xenlike_domctl_build, privileged=True,
-           name="xenlike_build")
+@hypercall(
+    Hypercall.domctl,
+    XENLIKE_DOMCTL_build,
+    args=xenlike_domctl_build,
+    privileged=True,
+    name="xenlike_build",
+)
 def build(call: Call, arg: Any) -> int:
     domain = call.hv.lookup(arg.domain)
-    call.hv.build_domain(domain, _cstring(arg.kernel), cmdline=_cstring(arg.cmd_line),
-                         store_evtchn=arg.store_evtchn, console_evtchn=arg.console_evtchn)
+    call.hv.build_domain(
+        domain,
+        _cstring(arg.kernel),
+        cmdline=_cstring(arg.cmd_line),
+        store_evtchn=arg.store_evtchn,
+        console_evtchn=arg.console_evtchn,
+    )
     return 0
 
 
@@ -214,11 +234,18 @@ def physinfo(call: Call, arg: Any) -> tuple[int, Any]:
     cpus = os.cpu_count() or 1
     meminfo = _meminfo()
     info = PHYSINFO.record(
-        threads_per_core=1, cores_per_socket=cpus, nr_cpus=cpus, max_cpu_id=cpus - 1, nr_nodes=1,
-        max_node_id=0, cpu_khz=_cpu_khz(),
+        threads_per_core=1,
+        cores_per_socket=cpus,
+        nr_cpus=cpus,
+        max_cpu_id=cpus - 1,
+        nr_nodes=1,
+        max_node_id=0,
+        cpu_khz=_cpu_khz(),
         capabilities=XEN_SYSCTL_PHYSCAP_pv | XEN_SYSCTL_PHYSCAP_gnttab_v1,
-        total_pages=meminfo.get("MemTotal", 0) // 4, free_pages=meminfo.get("MemAvailable", 0) // 4,
-        max_mfn=meminfo.get("MemTotal", 0) // 4)
+        total_pages=meminfo.get("MemTotal", 0) // 4,
+        free_pages=meminfo.get("MemAvailable", 0) // 4,
+        max_mfn=meminfo.get("MemTotal", 0) // 4,
+    )
     return 0, _with_union(arg, PHYSINFO, info)
 
 

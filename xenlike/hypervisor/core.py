@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from xenlike._process import ChildProcess
 from xenlike.abi.errno import Errno
 from xenlike.abi.grant_table import (
     GNTTAB_RESERVED_CONSOLE,
@@ -49,7 +50,6 @@ from xenlike.hypercall import (
     Request,
     fds_ancillary,
 )
-from xenlike._process import ChildProcess
 from xenlike.hypervisor import evtchn, grant_table
 from xenlike.hypervisor.evtchn import EvtchnTable
 from xenlike.hypervisor.frames import SharedFrames
@@ -57,12 +57,17 @@ from xenlike.hypervisor.grant_table import HypervisorGrantTable, Maptrack
 from xenlike.hypervisor.memory_op import Reservation
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
-from xenlike.memory import BootLayout, DomainMemory, XEN_PAGE_SIZE
+from xenlike.memory import XEN_PAGE_SIZE, BootLayout, DomainMemory
 from xenlike.sandbox import Protections, SandboxPolicy, domain_environment, domain_protections
 from xenlike.trace.hypervisor import HypervisorTrace
 
-__all__ = ["DomainState", "HypercallConnection", "HypercallListener", "Hypervisor",
-           "HypervisorDomain"]
+__all__ = [
+    "DomainState",
+    "HypercallConnection",
+    "HypercallListener",
+    "Hypervisor",
+    "HypervisorDomain",
+]
 
 START_INFO = compile_struct(start_info, "start_info")
 GRANT_ENTRY = compile_struct(grant_entry_v1, "grant_entry_v1")
@@ -142,7 +147,8 @@ class HypervisorDomain:
     maptrack: Maptrack = attrs.field(factory=Maptrack)  # what it maps of others' grants
     reservation: Reservation | None = None  # its populated frames, from its build
     _notices: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = attrs.field(
-        factory=lambda: trio.open_memory_channel(NOTIFY_BACKLOG))
+        factory=lambda: trio.open_memory_channel(NOTIFY_BACKLOG)
+    )
 
     @property
     def nr_pages(self) -> int:
@@ -176,8 +182,9 @@ class HypercallListener(Protocol):
     process on the host reads alike.
     """
 
-    def hypercall(self, domid: int, op: int, cmd: int, arg: Any, result: int,
-                  start_ns: int, end_ns: int) -> None: ...
+    def hypercall(
+        self, domid: int, op: int, cmd: int, arg: Any, result: int, start_ns: int, end_ns: int
+    ) -> None: ...
 
 
 class Hypervisor:
@@ -203,8 +210,13 @@ class Hypervisor:
 
     # --- running ----------------------------------------------------------
 
-    async def serve(self, *, dom0_kernel: str | None = None, dom0_cmdline: str = "",
-                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        dom0_kernel: str | None = None,
+        dom0_cmdline: str = "",
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Create Dom0, open the control socket, and serve until cancelled."""
         self._child_nofile = _raise_fd_limit()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,9 +231,11 @@ class Hypervisor:
                 self._nursery = nursery
                 dom0 = self.create_domain(domid=0, privileged=True)
                 dom0.max_pages = self.dom0_memory_mb * 256
-                self.log(None,
-                         f"Xen-compatible xenlike hypervisor {XEN_VERSION[0]}.{XEN_VERSION[1]}"
-                         f", run directory {self.run_dir}")
+                self.log(
+                    None,
+                    f"Xen-compatible xenlike hypervisor {XEN_VERSION[0]}.{XEN_VERSION[1]}"
+                    f", run directory {self.run_dir}",
+                )
                 if dom0_kernel:
                     self.build_domain(dom0, dom0_kernel, cmdline=dom0_cmdline)
                     self.unpause(dom0)
@@ -277,8 +291,9 @@ class Hypervisor:
 
     # --- domains ----------------------------------------------------------
 
-    def create_domain(self, *, domid: int | None = None, privileged: bool = False,
-                      handle: bytes = bytes(16)) -> HypervisorDomain:
+    def create_domain(
+        self, *, domid: int | None = None, privileged: bool = False, handle: bytes = bytes(16)
+    ) -> HypervisorDomain:
         """XEN_DOMCTL_createdomain: an empty, paused domain with its port table."""
         if domid is None:
             domid = self._allocate_domid()
@@ -306,8 +321,15 @@ class Hypervisor:
         except KeyError:
             raise HypercallError(Errno.ESRCH, f"no domain {domid}") from None
 
-    def build_domain(self, domain: HypervisorDomain, kernel: str, *, cmdline: str = "",
-                     store_evtchn: int = 0, console_evtchn: int = 0) -> None:
+    def build_domain(
+        self,
+        domain: HypervisorDomain,
+        kernel: str,
+        *,
+        cmdline: str = "",
+        store_evtchn: int = 0,
+        console_evtchn: int = 0,
+    ) -> None:
         """What a domain builder does: memory, boot frames, and the kernel to run."""
         if domain.state is not DomainState.created or domain.memory is not None:
             raise HypercallError(Errno.EBUSY, f"{domain} is already built")
@@ -320,9 +342,11 @@ class Hypervisor:
         domain.memory = DomainMemory.create(domain.max_pages, name=f"xenlike-d{domain.domid}")
         domain.layout = layout
         domain.frames = SharedFrames.create(
-            domain.memory, str(domain),
+            domain.memory,
+            str(domain),
             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
-            lambda text: self.log_refusal(domain, text))
+            lambda text: self.log_refusal(domain, text),
+        )
         grant_table.attach(self, domain)
         flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domain.privileged else 0
         blank = START_INFO.record()
@@ -334,7 +358,8 @@ class Hypervisor:
             store_mfn=layout.store_gfn,
             store_evtchn=store_evtchn,
             console=blank.console._replace(
-                domU=blank.console.domU._replace(mfn=layout.console_gfn, evtchn=console_evtchn)),
+                domU=blank.console.domU._replace(mfn=layout.console_gfn, evtchn=console_evtchn)
+            ),
             cmd_line=cmdline.encode()[:1023].ljust(1024, b"\0"),
         )
         with domain.memory.frame(layout.start_info_gfn) as page:
@@ -351,10 +376,13 @@ class Hypervisor:
         assert domain.memory is not None and domain.layout is not None
         layout = domain.layout
         with domain.memory.frame(layout.grant_table_gfn) as table:
-            for ref, gfn in ((GNTTAB_RESERVED_CONSOLE, layout.console_gfn),
-                             (GNTTAB_RESERVED_XENSTORE, layout.store_gfn)):
-                GRANT_ENTRY.pack_into(table, ref * GRANT_ENTRY.size,
-                                      (GTF_permit_access, backend_domid, gfn))
+            for ref, gfn in (
+                (GNTTAB_RESERVED_CONSOLE, layout.console_gfn),
+                (GNTTAB_RESERVED_XENSTORE, layout.store_gfn),
+            ):
+                GRANT_ENTRY.pack_into(
+                    table, ref * GRANT_ENTRY.size, (GTF_permit_access, backend_domid, gfn)
+                )
 
     def unpause(self, domain: HypervisorDomain) -> None:
         if domain.state is DomainState.created:
@@ -452,10 +480,23 @@ class Hypervisor:
         frames = domain.frames
         assert frames is not None and frames.domain_end is not None
         frames_fd = frames.domain_end.fileno()
-        argv = [sys.executable, "-m", "xenlike.domain", "--hypercall-fd", str(theirs.fileno()),
-                "--memory-fd", str(memory.fd), "--nr-pages", str(memory.nr_pages),
-                "--frames-fd", str(frames_fd),
-                "--domid", str(domain.domid), "--kernel", str(domain.kernel)]
+        argv = [
+            sys.executable,
+            "-m",
+            "xenlike.domain",
+            "--hypercall-fd",
+            str(theirs.fileno()),
+            "--memory-fd",
+            str(memory.fd),
+            "--nr-pages",
+            str(memory.nr_pages),
+            "--frames-fd",
+            str(frames_fd),
+            "--domid",
+            str(domain.domid),
+            "--kernel",
+            str(domain.kernel),
+        ]
         trace_fd = self.trace.domain_buffer(domain).fd
         argv += ["--trace-fd", str(trace_fd)]
         policy = None if domain.privileged else self.sandbox
@@ -465,11 +506,15 @@ class Hypervisor:
             reader, output = os.pipe()
         try:
             domain.process = ChildProcess(
-                argv, setup=functools.partial(self._enter_child, policy),
+                argv,
+                setup=functools.partial(self._enter_child, policy),
                 env=domain_environment(dict(os.environ)) if policy is not None else None,
                 pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             ours.close()
             if reader is not None:
@@ -487,9 +532,11 @@ class Hypervisor:
             assert self._nursery is not None
             self._nursery.start_soon(self._keep_output, reader, log_path)
         self.log(domain, f"started pid {domain.process.pid}: {domain.kernel}")
-        domain.sandbox = (Protections(privileged=True) if policy is None
-                          else domain_protections(domain.process.pid, policy.landlock_abi)
-                          or policy.expected())
+        domain.sandbox = (
+            Protections(privileged=True)
+            if policy is None
+            else domain_protections(domain.process.pid, policy.landlock_abi) or policy.expected()
+        )
         self.log(domain, f"sandbox: {domain.sandbox}")
         conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
@@ -543,8 +590,9 @@ class Hypervisor:
         finally:
             log.close()
 
-    async def _accept_control(self, listener: trio.socket.SocketType,
-                              dom0: HypervisorDomain) -> None:
+    async def _accept_control(
+        self, listener: trio.socket.SocketType, dom0: HypervisorDomain
+    ) -> None:
         assert self._nursery is not None
         while True:
             sock, _ = await listener.accept()
@@ -614,15 +662,21 @@ class Hypervisor:
                 for fd in reply.fds:
                     os.close(fd)
 
-    def notify(self, domain: HypervisorDomain, code: Notification, payload: bytes = b"",
-               fds: tuple[int, ...] = ()) -> None:
+    def notify(
+        self,
+        domain: HypervisorDomain,
+        code: Notification,
+        payload: bytes = b"",
+        fds: tuple[int, ...] = (),
+    ) -> None:
         """Tell a domain something unasked; dropped (and logged) if it never reads.
 
         `fds` are duplicated, so the caller may close its own at once.
         """
         send, _ = domain._notices
-        reply = Reply(0, MessageKind.notification, int(code), payload,
-                      tuple(os.dup(fd) for fd in fds))
+        reply = Reply(
+            0, MessageKind.notification, int(code), payload, tuple(os.dup(fd) for fd in fds)
+        )
         try:
             send.send_nowait(reply)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -656,8 +710,7 @@ class Hypervisor:
         except HypercallError as exc:
             result, payload = -int(exc.errno), b""
         except Exception:
-            self.log_refusal(conn.domain,
-                             f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
+            self.log_refusal(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
             result, payload = -int(Errno.EINVAL), b""
         end = time.monotonic_ns()
         for listener in self.listeners:

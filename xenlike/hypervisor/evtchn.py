@@ -122,17 +122,20 @@ def bind_interdomain(call: Call, arg: Any) -> tuple[int, Any]:
     remote = call.hv.lookup(remote_dom)
     remote_port = table(remote).get(arg.remote_port)
     if remote_port.state is not EvtchnStat.unbound or remote_port.remote_dom != local.domid:
-        raise HypercallError(Errno.EINVAL, f"d{remote_dom} port {arg.remote_port} is not "
-                                           f"unbound for d{local.domid}")
-    port = table(local).allocate(EvtchnStat.interdomain, remote_dom=remote_dom,
-                                 remote_port=remote_port.number)
+        raise HypercallError(
+            Errno.EINVAL, f"d{remote_dom} port {arg.remote_port} is not unbound for d{local.domid}"
+        )
+    port = table(local).allocate(
+        EvtchnStat.interdomain, remote_dom=remote_dom, remote_port=remote_port.number
+    )
     remote_port.state = EvtchnStat.interdomain
     remote_port.remote_dom = local.domid
     remote_port.remote_port = port.number
     call.send_fd(port.eventfd)  # to wait on
     call.send_fd(remote_port.eventfd)  # to send with, no hypercall needed
-    call.hv.notify(remote, Notification.port_bound, CLOSE.pack((remote_port.number,)),
-                   (port.eventfd,))
+    call.hv.notify(
+        remote, Notification.port_bound, CLOSE.pack((remote_port.number,)), (port.eventfd,)
+    )
     os.eventfd_write(port.eventfd, 1)  # Xen marks the new local port pending
     return 0, arg._replace(local_port=port.number)
 
@@ -181,8 +184,11 @@ def status(call: Call, arg: Any) -> tuple[int, Any]:
     if port.state is EvtchnStat.unbound:
         u = port.remote_dom.to_bytes(2, "little").ljust(8, b"\0")
     elif port.state is EvtchnStat.interdomain:
-        u = (port.remote_dom.to_bytes(2, "little") + bytes(2)
-             + port.remote_port.to_bytes(4, "little"))
+        u = (
+            port.remote_dom.to_bytes(2, "little")
+            + bytes(2)
+            + port.remote_port.to_bytes(4, "little")
+        )
     else:
         u = port.virq.to_bytes(4, "little").ljust(8, b"\0")
     return 0, arg._replace(status=port.state, vcpu=port.vcpu, u=u)

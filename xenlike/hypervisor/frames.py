@@ -44,8 +44,9 @@ class SharedFrames:
     _readonly: dict[int, int] = attrs.field(factory=dict)  # gfn -> O_RDONLY reopen, on demand
 
     @classmethod
-    def create(cls, memory: DomainMemory, name: str, forbidden: frozenset[int],
-               log: Callable[[str], None]) -> SharedFrames:
+    def create(
+        cls, memory: DomainMemory, name: str, forbidden: frozenset[int], log: Callable[[str], None]
+    ) -> SharedFrames:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         return cls(memory, name, forbidden, ours, theirs, log)
 

@@ -37,19 +37,19 @@ import attrs
 
 from xenlike._atomic import cmpxchg32, fetch_and16
 from xenlike.abi.grant_table import (
+    SHGNT_PER_PAGE_V1,
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
     GNTMAP_host_map,
     GNTMAP_readonly,
+    GntStatus,
+    GnttabOp,
     GTF_permit_access,
-    GTF_readonly,
     GTF_reading,
+    GTF_readonly,
     GTF_sub_page,
     GTF_type_mask,
     GTF_writing,
-    SHGNT_PER_PAGE_V1,
-    GntStatus,
-    GnttabOp,
     gnttab_copy,
     gnttab_map_grant_ref,
     gnttab_query_size,
@@ -173,8 +173,9 @@ def attach(hv: Any, domain: Any) -> None:
     layout = domain.layout
     shared = domain.memory.frames(layout.grant_table_gfn, layout.nr_grant_frames)
     address = ctypes.addressof(ctypes.c_char.from_buffer(shared))
-    domain.grant_table = HypervisorGrantTable(domain, next(_regions), layout.grant_table_gfns,
-                                              shared, shared.cast("I"), address)
+    domain.grant_table = HypervisorGrantTable(
+        domain, next(_regions), layout.grant_table_gfns, shared, shared.cast("I"), address
+    )
 
 
 def _maptrack(domain: Any) -> Maptrack:
@@ -210,8 +211,9 @@ def release_connection(hv: Any, conn: Any) -> None:
 # --- pinning --------------------------------------------------------------
 
 
-def _set_status(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool, pinned: bool,
-                mapflag: bool) -> None:
+def _set_status(
+    table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool, pinned: bool, mapflag: bool
+) -> None:
     """Xen's _set_status_v1: check the entry and set the in-use bits, atomically.
 
     Flags and domid are swapped as one word, so the check and the bits hold
@@ -223,8 +225,10 @@ def _set_status(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bo
     for _ in range(5):
         flags, domid = word & 0xFFFF, word >> 16
         if not pinned and ((flags & mask) != GTF_permit_access or domid != ldomid):
-            raise _Fail(GntStatus.general_error,
-                        f"bad flags ({flags:#x}) or dom ({domid}); expected d{ldomid}")
+            raise _Fail(
+                GntStatus.general_error,
+                f"bad flags ({flags:#x}) or dom ({domid}); expected d{ldomid}",
+            )
         new = flags | GTF_reading
         if not readonly:
             if flags & GTF_readonly:
@@ -237,16 +241,21 @@ def _set_status(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bo
     raise _Fail(GntStatus.general_error, "shared grant entry is unstable")
 
 
-def _pin(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool,
-         mapflag: bool) -> ActiveGrant:
+def _pin(
+    table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool, mapflag: bool
+) -> ActiveGrant:
     """Take a read-only or writable pin on `ref` for `ldomid`; a failure changes nothing."""
     if not 0 <= ref < table.nr_entries:
         raise _Fail(GntStatus.bad_gntref, f"bad ref {ref:#x} for d{table.domain.domid}")
     act = table.active.get(ref)
-    if act is not None and (act.domid != ldomid or act.readers >= PIN_LIMIT
-                            or act.writers >= PIN_LIMIT):
-        raise _Fail(GntStatus.general_error, f"pinned for d{act.domid}, {act.readers} read and "
-                                             f"{act.writers} write pins: none for d{ldomid}")
+    if act is not None and (
+        act.domid != ldomid or act.readers >= PIN_LIMIT or act.writers >= PIN_LIMIT
+    ):
+        raise _Fail(
+            GntStatus.general_error,
+            f"pinned for d{act.domid}, {act.readers} read and "
+            f"{act.writers} write pins: none for d{ldomid}",
+        )
     if act is None or (not readonly and not act.writers):
         _set_status(table, ref, ldomid, readonly, act is not None, mapflag)
         if act is None:
@@ -254,8 +263,10 @@ def _pin(table: HypervisorGrantTable, ref: int, ldomid: int, readonly: bool,
             frame = table.words[2 * ref + 1]
             if frame >= table.memory.nr_pages:
                 _clear(table, ref, GTF_reading | (0 if readonly else GTF_writing))
-                raise _Fail(GntStatus.bad_page, f"frame {frame:#x} is beyond the granter's "
-                                                f"{table.memory.nr_pages} frames")
+                raise _Fail(
+                    GntStatus.bad_page,
+                    f"frame {frame:#x} is beyond the granter's {table.memory.nr_pages} frames",
+                )
             act = table.active[ref] = ActiveGrant(ldomid, frame)
     if readonly:
         act.readers += 1
@@ -300,8 +311,11 @@ def _frame_file(table: HypervisorGrantTable, frame: int, readonly: bool, taken: 
     frames = table.domain.frames
     fd = frames.file(frame, readonly) if frames is not None else None
     if fd is None:
-        raise _Fail(GntStatus.bad_page, f"frame {frame:#x} of d{table.domain.domid} has no file "
-                                        f"of its own: its granter never shared it")
+        raise _Fail(
+            GntStatus.bad_page,
+            f"frame {frame:#x} of d{table.domain.domid} has no file "
+            f"of its own: its granter never shared it",
+        )
     return fd
 
 
@@ -317,8 +331,9 @@ def _take_frames(domain: Any, taken: set[int]) -> None:
 def _live_table(domain: Any) -> HypervisorGrantTable:
     table = domain.grant_table
     if table is None or not table.live:
-        raise _Fail(GntStatus.bad_domain, f"d{domain.domid} has no grant table: not built, "
-                                          f"or torn down")
+        raise _Fail(
+            GntStatus.bad_domain, f"d{domain.domid} has no grant table: not built, or torn down"
+        )
     return table
 
 
@@ -371,8 +386,9 @@ def _map_one(call: Call, maptrack: Maptrack, op: Any, taken: set[int]) -> Any:
         raise
     handle = maptrack.add(Mapping(table, op.ref, op.flags, call.connection))
     call.send_fd(fd)
-    return op._replace(status=GntStatus.okay, handle=handle,
-                       dev_bus_addr=machine_address(table.region, act.frame))
+    return op._replace(
+        status=GntStatus.okay, handle=handle, dev_bus_addr=machine_address(table.region, act.frame)
+    )
 
 
 @hypercall(GNTTAB_OP, GnttabOp.unmap_grant_ref, args=gnttab_unmap_grant_ref, batch=MAX_BATCH)
@@ -387,8 +403,10 @@ def unmap_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
                 raise _Fail(GntStatus.bad_handle, f"bad d{call.caller.domid} handle {op.handle:#x}")
             frame = mapping.table.active[mapping.ref].frame
             if op.dev_bus_addr and op.dev_bus_addr != machine_address(mapping.table.region, frame):
-                raise _Fail(GntStatus.general_error, f"bus address {op.dev_bus_addr:#x} doesn't "
-                                                     f"match handle {op.handle:#x}")
+                raise _Fail(
+                    GntStatus.general_error,
+                    f"bus address {op.dev_bus_addr:#x} doesn't match handle {op.handle:#x}",
+                )
             maptrack.release(op.handle)
             outs.append(op._replace(status=GntStatus.okay))
         except _Fail as fail:
@@ -405,8 +423,10 @@ def copy(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
             _copy_one(call, op, taken)
             status = GntStatus.okay
         except _Fail as fail:
-            what = (f"copy {_side(op.source, op.flags & GNTCOPY_source_gref)} -> "
-                    f"{_side(op.dest, op.flags & GNTCOPY_dest_gref)}")
+            what = (
+                f"copy {_side(op.source, op.flags & GNTCOPY_source_gref)} -> "
+                f"{_side(op.dest, op.flags & GNTCOPY_dest_gref)}"
+            )
             status = _refused(call, what, fail)
         outs.append(op._replace(status=status))
     return 0, outs
@@ -424,17 +444,21 @@ def _copy_one(call: Call, op: Any, taken: set[int]) -> None:
     dest = _copy_domain(call, op.dest.domid, op.flags & GNTCOPY_dest_gref)
     pins: list[tuple[HypervisorGrantTable, int, bool]] = []
     try:
-        src_memory, src_frame = _claim(call, source, op.source, op.flags & GNTCOPY_source_gref,
-                                       True, taken, pins)
-        dst_memory, dst_frame = _claim(call, dest, op.dest, op.flags & GNTCOPY_dest_gref,
-                                       False, taken, pins)
+        src_memory, src_frame = _claim(
+            call, source, op.source, op.flags & GNTCOPY_source_gref, True, taken, pins
+        )
+        dst_memory, dst_frame = _claim(
+            call, dest, op.dest, op.flags & GNTCOPY_dest_gref, False, taken, pins
+        )
         if op.source.offset + op.len > XEN_PAGE_SIZE or op.dest.offset + op.len > XEN_PAGE_SIZE:
-            raise _Fail(GntStatus.bad_copy_arg,
-                        f"{op.len} bytes from offsets {op.source.offset} and {op.dest.offset} "
-                        f"cross a page boundary")
+            raise _Fail(
+                GntStatus.bad_copy_arg,
+                f"{op.len} bytes from offsets {op.source.offset} and {op.dest.offset} "
+                f"cross a page boundary",
+            )
         with src_memory.frame(src_frame) as src, dst_memory.frame(dst_frame) as dst:
             start, end = op.source.offset, op.source.offset + op.len
-            dst[op.dest.offset:op.dest.offset + op.len] = src[start:end]
+            dst[op.dest.offset : op.dest.offset + op.len] = src[start:end]
     finally:
         for table, ref, readonly in pins:
             _unpin(table, ref, readonly)
@@ -450,8 +474,15 @@ def _copy_domain(call: Call, domid: int, is_gref: int) -> Any:
     return domain
 
 
-def _claim(call: Call, domain: Any, ptr: Any, is_gref: int, readonly: bool, taken: set[int],
-           pins: list[tuple[HypervisorGrantTable, int, bool]]) -> tuple[DomainMemory, int]:
+def _claim(
+    call: Call,
+    domain: Any,
+    ptr: Any,
+    is_gref: int,
+    readonly: bool,
+    taken: set[int],
+    pins: list[tuple[HypervisorGrantTable, int, bool]],
+) -> tuple[DomainMemory, int]:
     """The memory and frame one side of a copy names, pinned if it is a grant."""
     _take_frames(domain, taken)
     if is_gref:
@@ -486,10 +517,13 @@ def setup_table(call: Call, op: Any) -> tuple[int, bytes]:
         if table is None:
             raise _Fail(GntStatus.general_error, f"d{domain.domid} has no grant table: not built")
         if op.nr_frames > len(table.gfns):
-            raise _Fail(GntStatus.general_error, f"d{domain.domid} is limited to "
-                                                 f"{len(table.gfns)} grant-table frames")
+            raise _Fail(
+                GntStatus.general_error,
+                f"d{domain.domid} is limited to {len(table.gfns)} grant-table frames",
+            )
     except _Fail as fail:
         return 0, SETUP.pack(op._replace(status=_refused(call, "setup_table", fail)))
-    frames = table.gfns[:op.nr_frames]
-    return 0, SETUP.pack(op._replace(status=GntStatus.okay)) + struct.pack(f"<{len(frames)}Q",
-                                                                           *frames)
+    frames = table.gfns[: op.nr_frames]
+    return 0, SETUP.pack(op._replace(status=GntStatus.okay)) + struct.pack(
+        f"<{len(frames)}Q", *frames
+    )

@@ -67,6 +67,7 @@ MEMOP_EXTENT_SHIFT = 6  # memory.h: the cmd bits above it count extents done
 DOMU_MAX_ORDER = 9
 CTLDOM_MAX_ORDER = 18
 
+
 @attrs.define(eq=False)
 class Reservation:
     """Which of a domain's frames hold memory, and how many (tot_pages)."""
@@ -90,7 +91,7 @@ class Reservation:
     def release(self, gfn: int, count: int) -> None:
         punch(self.memory.fd, gfn, count)
         self.frames.punch(gfn, count)
-        self.populated[gfn:gfn + count] = bytes(count)
+        self.populated[gfn : gfn + count] = bytes(count)
         self.tot_pages -= count
 
     def can_populate(self, gfn: int, count: int) -> bool:
@@ -100,7 +101,7 @@ class Reservation:
         """Back the frames again; punching first makes sure they read as zeros."""
         punch(self.memory.fd, gfn, count)
         self.frames.punch(gfn, count)
-        self.populated[gfn:gfn + count] = b"\x01" * count
+        self.populated[gfn : gfn + count] = b"\x01" * count
         self.tot_pages += count
 
 
@@ -112,9 +113,13 @@ def reservation(domain: Any) -> Reservation | None:
         if memory is None or memory.closed or domain.layout is None or domain.frames is None:
             return None
         layout = domain.layout
-        state = Reservation(memory, domain.frames, bytearray(b"\x01") * memory.nr_pages,
-                            frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
-                            memory.nr_pages)
+        state = Reservation(
+            memory,
+            domain.frames,
+            bytearray(b"\x01") * memory.nr_pages,
+            frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
+            memory.nr_pages,
+        )
         domain.reservation = state
     elif domain.memory is None or domain.memory.closed:
         return None
@@ -145,7 +150,7 @@ def _batch(call: Call, payload: bytes, *, needs_list: bool) -> _Batch | None:
     arg = RESERVATION.unpack_from(payload, 0)
     if arg.nr_extents > 0xFFFFFFFF >> MEMOP_EXTENT_SHIFT:  # more than a continuation encodes
         return None
-    array = payload[RESERVATION.size:]
+    array = payload[RESERVATION.size :]
     if arg.extent_start == 0 and not needs_list and not array:
         frames = None
     elif arg.extent_start == EXTENT_LIST and len(array) == arg.nr_extents * 8:
@@ -205,7 +210,7 @@ def increase_reservation(call: Call, payload: bytes) -> tuple[int, bytes] | int:
         done += 1
     if batch.frames is None:
         return done
-    return done, payload[:RESERVATION.size] + struct.pack(f"<{len(batch.frames)}Q", *batch.frames)
+    return done, payload[: RESERVATION.size] + struct.pack(f"<{len(batch.frames)}Q", *batch.frames)
 
 
 @hypercall(MEMORY_OP, XenMemOp.populate_physmap, raw=True)
@@ -247,8 +252,9 @@ def _stat_target(call: Call, domid: int) -> Any:
     """Xen's order: an unknown domain is -ESRCH before a foreign one is -EPERM."""
     domain = call.hv.lookup(call.caller.domid if domid == DOMID_SELF else domid)
     if domain is not call.caller and not call.caller.privileged:
-        raise HypercallError(Errno.EPERM,
-                             f"d{call.caller.domid} may not read d{domid}'s reservation")
+        raise HypercallError(
+            Errno.EPERM, f"d{call.caller.domid} may not read d{domid}'s reservation"
+        )
     return domain
 
 

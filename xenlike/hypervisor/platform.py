@@ -96,8 +96,7 @@ def shutdown_code(call: Call, arg: Any) -> int:
     return 0
 
 
-@hypercall(Hypercall.sched_op, SchedOp.remote_shutdown, args=sched_remote_shutdown,
-           privileged=True)
+@hypercall(Hypercall.sched_op, SchedOp.remote_shutdown, args=sched_remote_shutdown, privileged=True)
 def remote_shutdown(call: Call, arg: Any) -> int:
     call.hv.shutdown(call.hv.lookup(arg.domain_id), _reason(arg.reason))
     return 0

@@ -62,8 +62,9 @@ class Entry:
         """The handler's argument: one record, a list (batched), bytes (raw) or None."""
         if self.raw:
             if count != len(payload):
-                raise HypercallError(Errno.EINVAL,
-                                     f"{self.name}: count {count} != {len(payload)} bytes")
+                raise HypercallError(
+                    Errno.EINVAL, f"{self.name}: count {count} != {len(payload)} bytes"
+                )
             return payload
         if self.args is None:
             if count or payload:
@@ -74,8 +75,10 @@ class Entry:
             raise HypercallError(errno, f"{self.name}: batch of {count}, limit {self.max_batch}")
         size = self.args.size
         if len(payload) != count * size:
-            raise HypercallError(Errno.EINVAL, f"{self.name}: {len(payload)} bytes for "
-                                               f"{count} x {size}-byte {self.args.name}")
+            raise HypercallError(
+                Errno.EINVAL,
+                f"{self.name}: {len(payload)} bytes for {count} x {size}-byte {self.args.name}",
+            )
         if self.max_batch == 1:
             return self.args.unpack_from(payload, 0)
         unpack = self.args.unpack_from
@@ -116,9 +119,16 @@ class HypercallTable:
 HYPERCALLS = HypercallTable()
 
 
-def hypercall(op: int, cmd: Any, *, args: construct.Struct | None = None, privileged: bool = False,
-              batch: int = 1, raw: bool = False, name: str | None = None
-              ) -> Callable[[Handler], Handler]:
+def hypercall(
+    op: int,
+    cmd: Any,
+    *,
+    args: construct.Struct | None = None,
+    privileged: bool = False,
+    batch: int = 1,
+    raw: bool = False,
+    name: str | None = None,
+) -> Callable[[Handler], Handler]:
     """Register a handler for (op, cmd) in `HYPERCALLS`.
 
     `args` is the argument struct (Xen's layout); `batch` > 1 accepts that
@@ -126,13 +136,14 @@ def hypercall(op: int, cmd: Any, *, args: construct.Struct | None = None, privil
     payload as bytes (console writes); `privileged` admits Dom0 only;
     `name` names the sub-op where `cmd` is a plain number.
     """
+
     def register(handler: Handler) -> Handler:
         cmd_name = name or getattr(cmd, "name", str(int(cmd))).rstrip("_")
         full_name = f"{Hypercall(op).name}.{cmd_name}"
         codec = compile_struct(args, full_name.replace(".", "_")) if args is not None else None
-        HYPERCALLS.register(Entry(int(op), int(cmd), full_name, handler, codec, privileged, batch,
-                                  raw))
+        HYPERCALLS.register(
+            Entry(int(op), int(cmd), full_name, handler, codec, privileged, batch, raw)
+        )
         return handler
 
     return register
-

@@ -104,19 +104,30 @@ class TraceBuffer:
         """
         if nr_records < 2:
             raise ValueError(f"a trace buffer needs at least two slots, got {nr_records}")
-        fd = os.memfd_create(f"xenlike-trace-d{domid}-{source.name}",
-                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create(
+            f"xenlike-trace-d{domid}-{source.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
         try:
             os.ftruncate(fd, BUFFER_RECORDS_OFFSET + nr_records * TRACE_RECORD_SIZE)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
             buffer = cls._map(fd, nr_records, writable=True)
         except BaseException:
             os.close(fd)
             raise
-        HEADER.pack_into(buffer._mapping, 0, HEADER.record(
-            magic=TRACE_BUFFER_MAGIC, version=TRACE_BUFFER_VERSION, record_size=TRACE_RECORD_SIZE,
-            nr_records=nr_records, domid=domid, source=source))
+        HEADER.pack_into(
+            buffer._mapping,
+            0,
+            HEADER.record(
+                magic=TRACE_BUFFER_MAGIC,
+                version=TRACE_BUFFER_VERSION,
+                record_size=TRACE_RECORD_SIZE,
+                nr_records=nr_records,
+                domid=domid,
+                source=source,
+            ),
+        )
         return buffer
 
     @classmethod
@@ -140,20 +151,30 @@ class TraceBuffer:
         if writable:
             header = HEADER.unpack_from(buffer._mapping, 0)
             if (header.magic, header.version, header.record_size, header.nr_records) != (
-                    TRACE_BUFFER_MAGIC, TRACE_BUFFER_VERSION, TRACE_RECORD_SIZE, nr_records):
+                TRACE_BUFFER_MAGIC,
+                TRACE_BUFFER_VERSION,
+                TRACE_RECORD_SIZE,
+                nr_records,
+            ):
                 buffer.close()
-                raise BadTraceBuffer(f"trace buffer header {header} is not version "
-                                     f"{TRACE_BUFFER_VERSION} with {nr_records} records")
+                raise BadTraceBuffer(
+                    f"trace buffer header {header} is not version "
+                    f"{TRACE_BUFFER_VERSION} with {nr_records} records"
+                )
             buffer._next = header.prod
         return buffer
 
     @classmethod
     def _map(cls, fd: int, nr_records: int, *, writable: bool) -> "TraceBuffer":
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mapping = mmap.mmap(fd, BUFFER_RECORDS_OFFSET + nr_records * TRACE_RECORD_SIZE,
-                            flags=mmap.MAP_SHARED, prot=prot)
+        mapping = mmap.mmap(
+            fd,
+            BUFFER_RECORDS_OFFSET + nr_records * TRACE_RECORD_SIZE,
+            flags=mmap.MAP_SHARED,
+            prot=prot,
+        )
         with memoryview(mapping) as whole:
-            header = whole[:trace_buffer_header.sizeof()]
+            header = whole[: trace_buffer_header.sizeof()]
             words, prods = header.cast("I"), header.cast("Q")
             header.release()
         return cls(nr_records, fd, mapping, words, prods)
@@ -190,9 +211,11 @@ class TraceBuffer:
     def write(self, *fields: Any) -> None:
         """Write one record, fields in `trace_record` order (args flattened), and publish it."""
         index = self._next
-        RECORD.format.pack_into(self._mapping,
-                                BUFFER_RECORDS_OFFSET + index % self.nr_records * TRACE_RECORD_SIZE,
-                                *fields)
+        RECORD.format.pack_into(
+            self._mapping,
+            BUFFER_RECORDS_OFFSET + index % self.nr_records * TRACE_RECORD_SIZE,
+            *fields,
+        )
         self._next = index + 1
         self._prods[_PROD] = index + 1
 
@@ -213,7 +236,7 @@ class TraceBuffer:
         first, end = cursor.window(self._prods[_PROD])
         data = self.copy(first, end)
         lost, start = cursor.accept(first, end, self._prods[_PROD])
-        return lost, data[(start - first) * TRACE_RECORD_SIZE:]
+        return lost, data[(start - first) * TRACE_RECORD_SIZE :]
 
     def close(self) -> None:
         """Unmap (and close the fd if this object owns one); a second call does nothing."""

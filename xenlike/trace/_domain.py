@@ -20,8 +20,9 @@ __all__ = ["fast_path_recorder"]
 # then count, op, cmd, domid, flags; result, duration and args[1:] are pad bytes, which
 # `struct` writes as zeros. Half the cost of packing all twelve fields.
 SEND_RECORD = struct.Struct("<Q16xQ24xLLLHH")
-assert SEND_RECORD.size == TRACE_RECORD_SIZE and SEND_RECORD.pack(1, 2, 3, 4, 5, 6, 7) == \
-    RECORD.format.pack(1, 0, 0, 2, 0, 0, 0, 3, 4, 5, 6, 7)
+assert SEND_RECORD.size == TRACE_RECORD_SIZE and SEND_RECORD.pack(
+    1, 2, 3, 4, 5, 6, 7
+) == RECORD.format.pack(1, 0, 0, 2, 0, 0, 0, 3, 4, 5, 6, 7)
 
 
 def fast_path_recorder(buffer: TraceBuffer, domid: int) -> Callable[[int], None]:
@@ -32,16 +33,29 @@ def fast_path_recorder(buffer: TraceBuffer, domid: int) -> Callable[[int], None]
     load of the buffer's `enabled` word. With one it is `TraceBuffer.write`
     inlined, with everything looked up once here: this runs on every notify.
     """
-    words, prods, mapping, nr_records = buffer._words, buffer._prods, buffer._mapping, \
-        buffer.nr_records
+    words, prods, mapping, nr_records = (
+        buffer._words,
+        buffer._prods,
+        buffer._mapping,
+        buffer.nr_records,
+    )
     pack, clock = SEND_RECORD.pack_into, time.monotonic_ns
     op, cmd = int(Hypercall.event_channel_op), int(EvtchnOp.send)
 
     def record_send(port: int) -> None:
         if words[_ENABLED]:
             index = buffer._next
-            pack(mapping, BUFFER_RECORDS_OFFSET + index % nr_records * TRACE_RECORD_SIZE, clock(),
-                 port, 1, op, cmd, domid, TRACE_FLAG_FAST_PATH)
+            pack(
+                mapping,
+                BUFFER_RECORDS_OFFSET + index % nr_records * TRACE_RECORD_SIZE,
+                clock(),
+                port,
+                1,
+                op,
+                cmd,
+                domid,
+                TRACE_FLAG_FAST_PATH,
+            )
             buffer._next = index + 1
             prods[_PROD] = index + 1
 

@@ -53,9 +53,16 @@ class TraceWriter:
         self.count = 0
         self._out: BinaryIO = self.path.open("wb")
         self._batch = bytearray()
-        self._out.write(trace_file_header.build(dict(
-            version=TRACE_FILE_VERSION, record_size=TRACE_RECORD_SIZE,
-            wallclock_ns=time.time_ns(), monotonic_ns=time.monotonic_ns())))
+        self._out.write(
+            trace_file_header.build(
+                dict(
+                    version=TRACE_FILE_VERSION,
+                    record_size=TRACE_RECORD_SIZE,
+                    wallclock_ns=time.time_ns(),
+                    monotonic_ns=time.monotonic_ns(),
+                )
+            )
+        )
         self._out.flush()
 
     def write(self, event: TraceEvent) -> None:
@@ -77,8 +84,12 @@ class TraceWriter:
     def __enter__(self) -> "TraceWriter":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -98,8 +109,10 @@ def load(path: str | os.PathLike[str]) -> TraceFile:
     except construct.ConstructError as exc:
         raise BadTraceFile(f"{path}: not a xenlike trace file ({exc})") from None
     if (header.version, header.record_size) != (TRACE_FILE_VERSION, TRACE_RECORD_SIZE):
-        raise BadTraceFile(f"{path}: version {header.version} with {header.record_size}-byte "
-                           f"records; this reads version {TRACE_FILE_VERSION}")
+        raise BadTraceFile(
+            f"{path}: version {header.version} with {header.record_size}-byte "
+            f"records; this reads version {TRACE_FILE_VERSION}"
+        )
     body = memoryview(data)[_HEADER_SIZE:]
     if len(body) % TRACE_RECORD_SIZE:
         raise BadTraceFile(f"{path}: {len(body) % TRACE_RECORD_SIZE} bytes of a cut-off record")

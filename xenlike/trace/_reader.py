@@ -24,9 +24,9 @@ from xenlike.hypercall import (
 from xenlike.trace._buffer import TraceBuffer, TraceCursor
 from xenlike.trace._layout import (
     TRACE_FLAG_FAST_PATH,
-    XENLIKE_SYSCTL_trace_buffers,
     XENLIKE_TRACE_BUFFERS_PER_CALL,
     TraceSource,
+    XENLIKE_SYSCTL_trace_buffers,
     xenlike_trace_buffer,
 )
 from xenlike.trace._record import LostRecords, TraceEvent, decode_records
@@ -73,8 +73,7 @@ class TraceReader:
         self._since_ns = since_ns  # None: replay whatever the buffers hold
 
     @classmethod
-    async def open(cls, run_dir: str | os.PathLike[str], *,
-                   history: bool = False) -> "TraceReader":
+    async def open(cls, run_dir: str | os.PathLike[str], *, history: bool = False) -> "TraceReader":
         """Connect to the hypervisor serving `run_dir` and attach every buffer it has."""
         from xenlike.xc import connect_control_socket  # not at the top: xc imports the hypervisor
 
@@ -90,8 +89,12 @@ class TraceReader:
     def __enter__(self) -> "TraceReader":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     async def rescan(self) -> int:
@@ -102,22 +105,27 @@ class TraceReader:
         attached = 0
         while True:
             reply = await self._trace_buffers()
-            infos = [BUFFER_INFO.unpack_from(reply.payload, i * BUFFER_INFO.size)
-                     for i in range(len(reply.payload) // BUFFER_INFO.size)]
+            infos = [
+                BUFFER_INFO.unpack_from(reply.payload, i * BUFFER_INFO.size)
+                for i in range(len(reply.payload) // BUFFER_INFO.size)
+            ]
             fds = reply.fds
             if not len(infos) == len(fds) == reply.result:
                 _close_all(fds)
-                raise HypercallError(Errno.EBADMSG, f"{reply.result} trace buffers, {len(infos)}"
-                                                    f" descriptions and {len(fds)} fds")
+                raise HypercallError(
+                    Errno.EBADMSG,
+                    f"{reply.result} trace buffers, {len(infos)} descriptions and {len(fds)} fds",
+                )
             for index, (fd, info) in enumerate(zip(fds, infos)):
                 try:
                     buffer = TraceBuffer.attach(fd, writable=False)
                 except BaseException:
-                    _close_all(fds[index + 1:])
+                    _close_all(fds[index + 1 :])
                     raise
                 cursor = TraceCursor.oldest(buffer.nr_records, buffer.prod)
-                self._followed.append(_Followed(buffer, cursor, info.domid,
-                                                TraceSource(info.source)))
+                self._followed.append(
+                    _Followed(buffer, cursor, info.domid, TraceSource(info.source))
+                )
                 attached += 1
             if reply.result < XENLIKE_TRACE_BUFFERS_PER_CALL:
                 return attached
@@ -125,11 +133,13 @@ class TraceReader:
     async def _trace_buffers(self) -> Reply:
         """XENLIKE_SYSCTL_trace_buffers, skipping the notifications Dom0's tools all get."""
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        await self._sock.send(Request(seq, Hypercall.sysctl, XENLIKE_SYSCTL_trace_buffers, 0,
-                                      b"").encode())
+        await self._sock.send(
+            Request(seq, Hypercall.sysctl, XENLIKE_SYSCTL_trace_buffers, 0, b"").encode()
+        )
         while True:
-            data, ancdata, _, _ = await self._sock.recvmsg(HYPERCALL_MAX_MESSAGE + 1,
-                                                           ANCILLARY_SPACE)
+            data, ancdata, _, _ = await self._sock.recvmsg(
+                HYPERCALL_MAX_MESSAGE + 1, ANCILLARY_SPACE
+            )
             if not data:
                 raise ConnectionError("the hypervisor closed the control socket")
             reply = Reply.decode(data, fds_received(ancdata))
@@ -157,8 +167,9 @@ class TraceReader:
                     lost = 0  # what was overwritten is from before this reader, too
             if lost:
                 when = records[0].time_ns if records else time.monotonic_ns()
-                events.append(LostRecords(when, followed.domid, lost,
-                                          followed.source is TraceSource.domain))
+                events.append(
+                    LostRecords(when, followed.domid, lost, followed.source is TraceSource.domain)
+                )
             events += records
             if closed:
                 followed.buffer.close()
@@ -174,10 +185,15 @@ class TraceReader:
         self._sock.close()
 
 
-async def follow(run_dir: str | os.PathLike[str], *, poll_interval: float = 0.05,
-                 rescan_interval: float = 0.25, reorder: float = 0.05,
-                 until: trio.Event | None = None,
-                 history: bool = False) -> AsyncIterator[TraceEvent]:
+async def follow(
+    run_dir: str | os.PathLike[str],
+    *,
+    poll_interval: float = 0.05,
+    rescan_interval: float = 0.25,
+    reorder: float = 0.05,
+    until: trio.Event | None = None,
+    history: bool = False,
+) -> AsyncIterator[TraceEvent]:
     """Every record of a running hypervisor from now on, in time order, until it stops.
 
     The buffers are read every `poll_interval` seconds; new domains are

@@ -66,8 +66,17 @@ class TraceRecord:
 
     def fields(self) -> tuple[int, ...]:
         """The record's values in `trace_record` order, args flattened."""
-        return (self.time_ns, self.result, self.duration_ns, *self.args, self.count, self.op,
-                self.cmd, self.domid, TRACE_FLAG_FAST_PATH if self.fast_path else 0)
+        return (
+            self.time_ns,
+            self.result,
+            self.duration_ns,
+            *self.args,
+            self.count,
+            self.op,
+            self.cmd,
+            self.domid,
+            TRACE_FLAG_FAST_PATH if self.fast_path else 0,
+        )
 
 
 @attrs.frozen
@@ -91,8 +100,9 @@ class LostRecords:
 TraceEvent = TraceRecord | LostRecords
 
 
-def decode_records(data: bytes, *, domid: int | None = None, flags: int | None = None
-                   ) -> list[TraceEvent]:
+def decode_records(
+    data: bytes, *, domid: int | None = None, flags: int | None = None
+) -> list[TraceEvent]:
     """Records from raw `trace_record` bytes.
 
     A reader passes the `domid` and `flags` the hypervisor vouches for,
@@ -100,8 +110,20 @@ def decode_records(data: bytes, *, domid: int | None = None, flags: int | None =
     could otherwise pose as another domain, or forge lost-record marks.
     """
     events: list[TraceEvent] = []
-    for time_ns, result, duration_ns, a0, a1, a2, a3, count, op, cmd, rec_domid, rec_flags \
-            in RECORD.format.iter_unpack(data):
+    for (
+        time_ns,
+        result,
+        duration_ns,
+        a0,
+        a1,
+        a2,
+        a3,
+        count,
+        op,
+        cmd,
+        rec_domid,
+        rec_flags,
+    ) in RECORD.format.iter_unpack(data):
         if domid is not None:
             rec_domid = domid
         if flags is not None:
@@ -110,8 +132,19 @@ def decode_records(data: bytes, *, domid: int | None = None, flags: int | None =
         if rec_flags & TRACE_FLAG_LOST:
             events.append(LostRecords(time_ns, rec_domid, count, fast_path))
         else:
-            events.append(TraceRecord(time_ns, rec_domid, op, cmd, (a0, a1, a2, a3), count, result,
-                                      duration_ns, fast_path))
+            events.append(
+                TraceRecord(
+                    time_ns,
+                    rec_domid,
+                    op,
+                    cmd,
+                    (a0, a1, a2, a3),
+                    count,
+                    result,
+                    duration_ns,
+                    fast_path,
+                )
+            )
     return events
 
 
@@ -129,7 +162,7 @@ def summarize(arg: Any) -> tuple[int, ...]:
     if isinstance(arg, list):
         count, arg = len(arg), arg[0]
     values = [arg[i] & _U64 for i, _ in _summary_fields(type(arg))]
-    return (*values, *_NO_ARGS[len(values):], count)
+    return (*values, *_NO_ARGS[len(values) :], count)
 
 
 @functools.cache
@@ -140,8 +173,11 @@ def _summary_fields(record: type) -> tuple[tuple[int, str], ...]:
     records for the rest, so the defaults tell which fields are integers.
     """
     blank = record()
-    picked = [(i, name) for i, (name, value) in enumerate(zip(record._fields, blank))
-              if isinstance(value, int)]
+    picked = [
+        (i, name)
+        for i, (name, value) in enumerate(zip(record._fields, blank))
+        if isinstance(value, int)
+    ]
     return tuple(picked[:TRACE_NR_ARGS])
 
 

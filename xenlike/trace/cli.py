@@ -13,7 +13,7 @@ from typing import Any
 import click
 import trio
 
-from xenlike.session import NotRunning, find_run_dir
+from xenlike.tools.session import NotRunning, find_run_dir
 from xenlike.trace._file import BadTraceFile, load
 from xenlike.trace._record import TraceEvent
 from xenlike.trace.export import perfetto
@@ -37,23 +37,42 @@ def _fail(message: str) -> None:
 
 
 def _filter_options(func: Any) -> Any:
-    for option in reversed([
-        click.option("--domain", "-d", "domains", multiple=True,
-                     help="Only this domain: a domid, or a guest's name while the topology "
-                          "runs. Repeatable."),
-        click.option("--op", "ops", multiple=True,
-                     help="Only this op, by Xen's name or number, with or without a sub-op: "
-                          "event_channel_op.send, grant_table_op, 20, xenbus. Repeatable."),
-        click.option("--errors", is_flag=True, help="Only failed calls."),
-        click.option("--slower-than", metavar="DURATION",
-                     help="Only calls that took longer, e.g. 100us, 2ms."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--domain",
+                "-d",
+                "domains",
+                multiple=True,
+                help="Only this domain: a domid, or a guest's name while the topology "
+                "runs. Repeatable.",
+            ),
+            click.option(
+                "--op",
+                "ops",
+                multiple=True,
+                help="Only this op, by Xen's name or number, with or without a sub-op: "
+                "event_channel_op.send, grant_table_op, 20, xenbus. Repeatable.",
+            ),
+            click.option("--errors", is_flag=True, help="Only failed calls."),
+            click.option(
+                "--slower-than",
+                metavar="DURATION",
+                help="Only calls that took longer, e.g. 100us, 2ms.",
+            ),
+        ]
+    ):
         func = option(func)
     return func
 
 
-def _filter(domains: tuple[str, ...], ops: tuple[str, ...], errors: bool,
-            slower_than: str | None, names: dict[str, int] | None = None) -> Filter:
+def _filter(
+    domains: tuple[str, ...],
+    ops: tuple[str, ...],
+    errors: bool,
+    slower_than: str | None,
+    names: dict[str, int] | None = None,
+) -> Filter:
     """The filter the options describe; bad values are usage errors, with what is valid."""
     domids = set()
     for domain in domains:
@@ -63,12 +82,14 @@ def _filter(domains: tuple[str, ...], ops: tuple[str, ...], errors: bool,
         elif names is not None and domain in names:
             domids.add(names[domain])
         elif names is None:
-            raise click.BadParameter(f"{domain!r}: a saved trace knows domids only, "
-                                     f"not names", param_hint="--domain")
+            raise click.BadParameter(
+                f"{domain!r}: a saved trace knows domids only, not names", param_hint="--domain"
+            )
         else:
-            raise click.BadParameter(f"no domain named {domain!r}; running: "
-                                     f"{', '.join(sorted(names)) or 'none'}",
-                                     param_hint="--domain")
+            raise click.BadParameter(
+                f"no domain named {domain!r}; running: {', '.join(sorted(names)) or 'none'}",
+                param_hint="--domain",
+            )
     try:
         specs = tuple(parse_op(op) for op in ops)
     except ValueError as exc:
@@ -104,23 +125,47 @@ def _load(file: Path) -> Any:
 
 
 @click.group(invoke_without_command=True, context_settings=CONTEXT)
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).",
+)
 @_filter_options
-@click.option("--record", type=click.Path(dir_okay=False, path_type=Path),
-              help="Save every record to FILE as it comes (the filters choose only what is "
-                   "printed).")
-@click.option("--rings", metavar="DEVICE", is_flag=False, flag_value="all", default=None,
-              help="Record ring events too: pushes, notifies sent or suppressed, final checks. "
-                   "All devices, or NAME, NAME/TYPE, NAME/TYPE/DEVID.")
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save every record to FILE as it comes (the filters choose only what is printed).",
+)
+@click.option(
+    "--rings",
+    metavar="DEVICE",
+    is_flag=False,
+    flag_value="all",
+    default=None,
+    help="Record ring events too: pushes, notifies sent or suppressed, final checks. "
+    "All devices, or NAME, NAME/TYPE, NAME/TYPE/DEVID.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print no records (with --record).")
-@click.option("--history", is_flag=True,
-              help="First replay what the buffers still hold from before (an earlier "
-                   "reader's time); by default a reader starts at the present.")
+@click.option(
+    "--history",
+    is_flag=True,
+    help="First replay what the buffers still hold from before (an earlier "
+    "reader's time); by default a reader starts at the present.",
+)
 @click.pass_context
-def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
-          ops: tuple[str, ...], errors: bool, slower_than: str | None, record: Path | None,
-          rings: str | None, quiet: bool, history: bool) -> None:
+def trace(
+    ctx: click.Context,
+    run_dir: Path | None,
+    domains: tuple[str, ...],
+    ops: tuple[str, ...],
+    errors: bool,
+    slower_than: str | None,
+    record: Path | None,
+    rings: str | None,
+    quiet: bool,
+    history: bool,
+) -> None:
     """Follow the running topology's hypercalls, one line each, until Ctrl-C.
 
     Each line: time, domain, Xen's op.sub-op, decoded arguments, the result
@@ -146,8 +191,7 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
     names = trio.run(_domain_names, rd.path)
     target = (rings or "all").split("/")[0]
     if target != "all" and names and target not in names:
-        _fail(f"--rings {rings}: no domain named {target!r}; running: "
-              f"{', '.join(sorted(names))}")
+        _fail(f"--rings {rings}: no domain named {target!r}; running: {', '.join(sorted(names))}")
     keep = _filter(domains, ops, errors, slower_than, names)
     wallclock = monotonic_to_wallclock()
     color = sys.stdout.isatty()
@@ -163,9 +207,18 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
             click.echo(f"ring events on for: {', '.join(touched) or 'no device'}", err=True)
 
     try:
-        run_until_interrupted(functools.partial(trace_topology, rd.path, show, record=record,
-                                                rings=rings, wait=wait, on_ready=ready,
-                                                history=history))
+        run_until_interrupted(
+            functools.partial(
+                trace_topology,
+                rd.path,
+                show,
+                record=record,
+                rings=rings,
+                wait=wait,
+                on_ready=ready,
+                history=history,
+            )
+        )
     except BrokenPipeError:  # the reader went away: the CLI ends quietly
         raise
     except ConnectionError as exc:
@@ -177,8 +230,13 @@ def trace(ctx: click.Context, run_dir: Path | None, domains: tuple[str, ...],
 @trace.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_filter_options
-def show(file: Path, domains: tuple[str, ...], ops: tuple[str, ...], errors: bool,
-         slower_than: str | None) -> None:
+def show(
+    file: Path,
+    domains: tuple[str, ...],
+    ops: tuple[str, ...],
+    errors: bool,
+    slower_than: str | None,
+) -> None:
     """Print a saved trace, one line a record, with the same filters as live.
 
     \b
@@ -216,10 +274,21 @@ def report(file: Path, as_json: bool) -> None:
 
 @trace.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["perfetto"]), default="perfetto",
-              show_default=True, help="Chrome / Perfetto trace-event JSON.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write it.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["perfetto"]),
+    default="perfetto",
+    show_default=True,
+    help="Chrome / Perfetto trace-event JSON.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write it.",
+)
 def export(file: Path, fmt: str, output: Path) -> None:
     """Write a saved trace for a trace viewer: ui.perfetto.dev or chrome://tracing.
 

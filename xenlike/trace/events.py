@@ -73,8 +73,9 @@ _MASK64 = (1 << 64) - 1
 # A ring event's `trace_record` with only what varies packed: time_ns, args[0..3], op, cmd,
 # domid; result, duration, count and flags are zero pad bytes (cheaper, on every push).
 RING_RECORD = struct.Struct("<Q16xQQQQ4xLLH2x")
-assert RING_RECORD.size == TRACE_RECORD_SIZE and RING_RECORD.pack(1, 2, 3, 4, 5, 6, 7, 8) == \
-    RECORD.format.pack(1, 0, 0, 2, 3, 4, 5, 0, 6, 7, 8, 0)
+assert RING_RECORD.size == TRACE_RECORD_SIZE and RING_RECORD.pack(
+    1, 2, 3, 4, 5, 6, 7, 8
+) == RECORD.format.pack(1, 0, 0, 2, 3, 4, 5, 0, 6, 7, 8, 0)
 
 
 class XenlikeOp(IntEnum):
@@ -114,7 +115,10 @@ _ARGUMENTS: dict[tuple[int, int], tuple[str, ...]] = {
     (XenlikeOp.evtchn, EvtchnEvent.peer): ("port", "remote_dom", "remote_port", "status"),
 }
 EVENT_CMDS: dict[int, type[IntEnum]] = {  # each event op's sub-ops
-    XenlikeOp.xenbus: XenbusEvent, XenlikeOp.ring: RingEvent, XenlikeOp.evtchn: EvtchnEvent}
+    XenlikeOp.xenbus: XenbusEvent,
+    XenlikeOp.ring: RingEvent,
+    XenlikeOp.evtchn: EvtchnEvent,
+}
 
 
 def is_event(op: int) -> bool:
@@ -155,17 +159,38 @@ class EventRecorder:
         self._prods = buffer._prods
         self._mapping = buffer._mapping
 
-    def record(self, op: int, cmd: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0,
-               count: int = 0, result: int = 0, duration_ns: int = 0,
-               time_ns: int | None = None) -> None:
+    def record(
+        self,
+        op: int,
+        cmd: int,
+        a0: int = 0,
+        a1: int = 0,
+        a2: int = 0,
+        a3: int = 0,
+        count: int = 0,
+        result: int = 0,
+        duration_ns: int = 0,
+        time_ns: int | None = None,
+    ) -> None:
         """One event, if a reader is attached; stamped now unless `time_ns` says when."""
         if not self._words[_ENABLED]:
             return
         # Arguments may come from a peer (a state it wrote): whatever they are,
         # the record holds their low 64 bits, never an exception in the caller.
-        self.buffer.write(time.monotonic_ns() if time_ns is None else time_ns, result,
-                          duration_ns, a0 & _MASK64, a1 & _MASK64, a2 & _MASK64,
-                          a3 & _MASK64, count, op, cmd, self.domid, 0)
+        self.buffer.write(
+            time.monotonic_ns() if time_ns is None else time_ns,
+            result,
+            duration_ns,
+            a0 & _MASK64,
+            a1 & _MASK64,
+            a2 & _MASK64,
+            a3 & _MASK64,
+            count,
+            op,
+            cmd,
+            self.domid,
+            0,
+        )
 
     def ring(self, cmd: int, a0: int, a1: int, a2: int, a3: int = 0) -> None:
         """A ring event, stamped now: `record` without the keywords, for the data path."""
@@ -173,9 +198,18 @@ class EventRecorder:
             return
         buffer = self.buffer
         index = buffer._next
-        RING_RECORD.pack_into(self._mapping,
-                              BUFFER_RECORDS_OFFSET + index % buffer.nr_records * TRACE_RECORD_SIZE,
-                              time.monotonic_ns(), a0, a1, a2, a3, XenlikeOp.ring, cmd, self.domid)
+        RING_RECORD.pack_into(
+            self._mapping,
+            BUFFER_RECORDS_OFFSET + index % buffer.nr_records * TRACE_RECORD_SIZE,
+            time.monotonic_ns(),
+            a0,
+            a1,
+            a2,
+            a3,
+            XenlikeOp.ring,
+            cmd,
+            self.domid,
+        )
         buffer._next = index + 1
         self._prods[_PROD] = index + 1
 
@@ -192,8 +226,9 @@ class RingTrace:
         self._backend = backend
         self._last_prod = self._prod()
         self._push_cmd = RingEvent.push_responses if backend else RingEvent.push_requests
-        self._check_cmd = RingEvent.final_check_requests if backend else \
-            RingEvent.final_check_responses
+        self._check_cmd = (
+            RingEvent.final_check_requests if backend else RingEvent.final_check_responses
+        )
 
     def _prod(self) -> int:
         return self._ring.rsp_prod_pvt if self._backend else self._ring.req_prod_pvt
@@ -218,8 +253,16 @@ class DeviceTrace:
     trace buffer (a driver tested alone) it records nothing.
     """
 
-    def __init__(self, recorder: EventRecorder | None, device_type: str, devid: int,
-                 nodename: str, otherend_id: int, *, backend: bool) -> None:
+    def __init__(
+        self,
+        recorder: EventRecorder | None,
+        device_type: str,
+        devid: int,
+        nodename: str,
+        otherend_id: int,
+        *,
+        backend: bool,
+    ) -> None:
         self._recorder = recorder
         self._device = (pack_name(device_type), devid)
         self._nodename = nodename
@@ -232,8 +275,14 @@ class DeviceTrace:
     def for_driver(cls, driver: Any) -> "DeviceTrace":
         recorder = getattr(driver.ctx.domain, "trace", None)
         device = driver.device
-        return cls(recorder, device.type, device.devid, device.nodename, device.otherend_id,
-                   backend=driver.role.name == "backend")
+        return cls(
+            recorder,
+            device.type,
+            device.devid,
+            device.nodename,
+            device.otherend_id,
+            backend=driver.role.name == "backend",
+        )
 
     @asynccontextmanager
     async def state_write(self, state: int) -> AsyncIterator[None]:
@@ -247,15 +296,29 @@ class DeviceTrace:
             raise
         finally:
             if self._recorder is not None:
-                self._recorder.record(XenlikeOp.xenbus, XenbusEvent.state, *self._device,
-                                      int(state), self._otherend, self._backend, result=result,
-                                      duration_ns=time.monotonic_ns() - start, time_ns=start)
+                self._recorder.record(
+                    XenlikeOp.xenbus,
+                    XenbusEvent.state,
+                    *self._device,
+                    int(state),
+                    self._otherend,
+                    self._backend,
+                    result=result,
+                    duration_ns=time.monotonic_ns() - start,
+                    time_ns=start,
+                )
 
     def saw_peer(self, state: int) -> None:
         """The peer's `state` as the watch found it: the cause of what this end does next."""
         if self._recorder is not None:
-            self._recorder.record(XenlikeOp.xenbus, XenbusEvent.peer, *self._device, int(state),
-                                  self._otherend, self._backend)
+            self._recorder.record(
+                XenlikeOp.xenbus,
+                XenbusEvent.peer,
+                *self._device,
+                int(state),
+                self._otherend,
+                self._backend,
+            )
 
     def attach(self, channel: Any) -> None:
         """A new ring channel for the device: traced at once if the device's rings are."""
@@ -269,8 +332,9 @@ class DeviceTrace:
             return
         port = getattr(channel.port, "number", 0)
         channel.trace = RingTrace(self._recorder, channel.ring, port, backend=bool(self._backend))
-        self._recorder.record(XenlikeOp.ring, RingEvent.attach, *self._device, port,
-                              self._otherend, self._backend)
+        self._recorder.record(
+            XenlikeOp.ring, RingEvent.attach, *self._device, port, self._otherend, self._backend
+        )
 
     def set_rings(self, on: bool) -> None:
         if on == self.rings:

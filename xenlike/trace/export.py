@@ -38,21 +38,50 @@ def perfetto(events: Iterable[TraceEvent]) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     for domid in sorted({e.domid for e in events}):
         out += [
-            {"ph": "M", "name": "process_name", "pid": domid, "tid": 0,
-             "args": {"name": f"d{domid}"}},
-            {"ph": "M", "name": "process_sort_index", "pid": domid, "tid": 0,
-             "args": {"sort_index": domid}},
-            {"ph": "M", "name": "thread_name", "pid": domid, "tid": HYPERCALL_TID,
-             "args": {"name": "hypercalls"}},
-            {"ph": "M", "name": "thread_name", "pid": domid, "tid": DOMAIN_TID,
-             "args": {"name": "domain"}},
+            {
+                "ph": "M",
+                "name": "process_name",
+                "pid": domid,
+                "tid": 0,
+                "args": {"name": f"d{domid}"},
+            },
+            {
+                "ph": "M",
+                "name": "process_sort_index",
+                "pid": domid,
+                "tid": 0,
+                "args": {"sort_index": domid},
+            },
+            {
+                "ph": "M",
+                "name": "thread_name",
+                "pid": domid,
+                "tid": HYPERCALL_TID,
+                "args": {"name": "hypercalls"},
+            },
+            {
+                "ph": "M",
+                "name": "thread_name",
+                "pid": domid,
+                "tid": DOMAIN_TID,
+                "args": {"name": "domain"},
+            },
         ]
     peers: dict[tuple[int, int], tuple[int, int]] = {}  # (domid, port) -> (domid, port)
     flow = 0
     for event in events:
         if isinstance(event, LostRecords):
-            out.append({"ph": "i", "s": "p", "name": describe(event), "cat": "lost",
-                        "pid": event.domid, "tid": DOMAIN_TID, "ts": ts(event.time_ns)})
+            out.append(
+                {
+                    "ph": "i",
+                    "s": "p",
+                    "name": describe(event),
+                    "cat": "lost",
+                    "pid": event.domid,
+                    "tid": DOMAIN_TID,
+                    "ts": ts(event.time_ns),
+                }
+            )
             continue
         key = (event.op, event.cmd)
         if key == (XenlikeOp.evtchn, EvtchnEvent.peer):
@@ -62,26 +91,66 @@ def perfetto(events: Iterable[TraceEvent]) -> dict[str, Any]:
         if key == (EVTCHN_OP, EvtchnOp.bind_interdomain) and event.result >= 0:
             peers.setdefault((event.args[0], event.args[1]), (event.domid, 0))
         if is_event(event.op):
-            out.append({"ph": "i", "s": "t", "name": describe(event), "cat": event.op_name,
-                        "pid": event.domid, "tid": DOMAIN_TID, "ts": ts(event.time_ns),
-                        "args": _args(event)})
+            out.append(
+                {
+                    "ph": "i",
+                    "s": "t",
+                    "name": describe(event),
+                    "cat": event.op_name,
+                    "pid": event.domid,
+                    "tid": DOMAIN_TID,
+                    "ts": ts(event.time_ns),
+                    "args": _args(event),
+                }
+            )
             continue
         tid = DOMAIN_TID if event.fast_path else HYPERCALL_TID
-        out.append({"ph": "X", "name": event.name, "cat": event.op_name, "pid": event.domid,
-                    "tid": tid, "ts": ts(event.time_ns), "dur": round(event.duration_ns / 1000, 3),
-                    "args": _args(event)})
+        out.append(
+            {
+                "ph": "X",
+                "name": event.name,
+                "cat": event.op_name,
+                "pid": event.domid,
+                "tid": tid,
+                "ts": ts(event.time_ns),
+                "dur": round(event.duration_ns / 1000, 3),
+                "args": _args(event),
+            }
+        )
         peer = peers.get((event.domid, event.args[0]))
         if key == (EVTCHN_OP, EvtchnOp.send) and event.result >= 0 and peer is not None:
             flow += 1
             receiver, port = peer
             out += [
-                {"ph": "s", "id": flow, "name": "evtchn", "cat": "evtchn", "pid": event.domid,
-                 "tid": tid, "ts": ts(event.time_ns)},
-                {"ph": "X", "name": f"evtchn wake port {port}" if port else "evtchn wake",
-                 "cat": "evtchn", "pid": receiver, "tid": DOMAIN_TID, "ts": ts(event.time_ns),
-                 "dur": 0, "args": {"from": f"d{event.domid}:{event.args[0]}"}},
-                {"ph": "f", "bp": "e", "id": flow, "name": "evtchn", "cat": "evtchn",
-                 "pid": receiver, "tid": DOMAIN_TID, "ts": ts(event.time_ns)},
+                {
+                    "ph": "s",
+                    "id": flow,
+                    "name": "evtchn",
+                    "cat": "evtchn",
+                    "pid": event.domid,
+                    "tid": tid,
+                    "ts": ts(event.time_ns),
+                },
+                {
+                    "ph": "X",
+                    "name": f"evtchn wake port {port}" if port else "evtchn wake",
+                    "cat": "evtchn",
+                    "pid": receiver,
+                    "tid": DOMAIN_TID,
+                    "ts": ts(event.time_ns),
+                    "dur": 0,
+                    "args": {"from": f"d{event.domid}:{event.args[0]}"},
+                },
+                {
+                    "ph": "f",
+                    "bp": "e",
+                    "id": flow,
+                    "name": "evtchn",
+                    "cat": "evtchn",
+                    "pid": receiver,
+                    "tid": DOMAIN_TID,
+                    "ts": ts(event.time_ns),
+                },
             ]
     return {"traceEvents": out, "displayTimeUnit": "ns"}
 

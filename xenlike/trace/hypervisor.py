@@ -31,9 +31,9 @@ from xenlike.codec import compile_struct
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.trace._buffer import TraceBuffer
 from xenlike.trace._layout import (
-    XENLIKE_SYSCTL_trace_buffers,
     XENLIKE_TRACE_BUFFERS_PER_CALL,
     TraceSource,
+    XENLIKE_SYSCTL_trace_buffers,
     xenlike_trace_buffer,
 )
 from xenlike.trace._record import summarize
@@ -91,9 +91,13 @@ class HypervisorTrace:
     def _buffers(self, domain: Any) -> _DomainBuffers:
         entry = self._live.get(domain.domid)
         if entry is None:
-            entry = _DomainBuffers(domain.domid, *(
-                TraceBuffer.create(self.nr_records, domid=domain.domid, source=source)
-                for source in TraceSource))
+            entry = _DomainBuffers(
+                domain.domid,
+                *(
+                    TraceBuffer.create(self.nr_records, domid=domain.domid, source=source)
+                    for source in TraceSource
+                ),
+            )
             for buffer in entry.pair:
                 buffer.enabled = bool(self._readers)
             self._live[domain.domid] = entry
@@ -116,8 +120,10 @@ class HypervisorTrace:
             entry.given.add(conn)
             entry.unconfirmed.add(conn)
             entry.owed.discard(conn)
-            out += [(entry.hypervisor, entry.domid, TraceSource.hypervisor),
-                    (entry.domain, entry.domid, TraceSource.domain)]
+            out += [
+                (entry.hypervisor, entry.domid, TraceSource.hypervisor),
+                (entry.domain, entry.domid, TraceSource.domain),
+            ]
         return out
 
     def _add_reader(self, conn: Any) -> None:
@@ -164,8 +170,9 @@ class HypervisorTrace:
 
     # --- recording --------------------------------------------------------
 
-    def hypercall(self, domid: int, op: int, cmd: int, arg: Any, result: int, start_ns: int,
-                  end_ns: int) -> None:
+    def hypercall(
+        self, domid: int, op: int, cmd: int, arg: Any, result: int, start_ns: int, end_ns: int
+    ) -> None:
         """The HypercallListener: listed in the dispatcher only while someone reads."""
         entry = self._live.get(domid)
         if entry is None:
@@ -173,18 +180,24 @@ class HypervisorTrace:
             if domain is None or domain.torn_down:
                 return
             entry = self._buffers(domain)
-        entry.hypervisor.write(start_ns, result, end_ns - start_ns, *summarize(arg), op, cmd,
-                               domid, 0)
+        entry.hypervisor.write(
+            start_ns, result, end_ns - start_ns, *summarize(arg), op, cmd, domid, 0
+        )
 
     def statistics(self) -> TraceStatistics:
-        return TraceStatistics(len(self._readers), tuple(
-            BufferStatistics(entry.domid, source, buffer.enabled, buffer.prod)
-            for entry in self._live.values()
-            for buffer, source in zip(entry.pair, TraceSource)))
+        return TraceStatistics(
+            len(self._readers),
+            tuple(
+                BufferStatistics(entry.domid, source, buffer.enabled, buffer.prod)
+                for entry in self._live.values()
+                for buffer, source in zip(entry.pair, TraceSource)
+            ),
+        )
 
 
-@hypercall(Hypercall.sysctl, XENLIKE_SYSCTL_trace_buffers, privileged=True,
-           name="xenlike_trace_buffers")
+@hypercall(
+    Hypercall.sysctl, XENLIKE_SYSCTL_trace_buffers, privileged=True, name="xenlike_trace_buffers"
+)
 def trace_buffers(call: Call, _: None) -> tuple[int, bytes]:
     """Hand a Dom0 reader the buffers it lacks; tracing stays on while its connection lives."""
     out = call.hv.trace.hand_out(call.connection)

@@ -34,8 +34,15 @@ from xenlike.trace.events import (
     unpack_name,
 )
 
-__all__ = ["PortPeers", "last_device_events", "monotonic_to_wallclock", "run_until_interrupted",
-           "set_ring_tracing", "trace_topology", "wait_for_hypervisor"]
+__all__ = [
+    "PortPeers",
+    "last_device_events",
+    "monotonic_to_wallclock",
+    "run_until_interrupted",
+    "set_ring_tracing",
+    "trace_topology",
+    "wait_for_hypervisor",
+]
 
 STATUS = compile_struct(evtchn_status, "evtchn_status")
 EVTCHN_OP = int(Hypercall.event_channel_op)
@@ -66,16 +73,27 @@ class PortPeers:
         self._known.add((record.domid, port))
         try:
             _, out, _ = await self._xc.hypercalls.call_struct(
-                EVTCHN_OP, EvtchnOp.status, evtchn_status,
-                STATUS.record(dom=record.domid, port=port))
+                EVTCHN_OP,
+                EvtchnOp.status,
+                evtchn_status,
+                STATUS.record(dom=record.domid, port=port),
+            )
         except HypercallError:  # the domain is gone already
             return None
         remote_dom = remote_port = 0
         if out.status == EvtchnStat.interdomain:
             remote_dom = int.from_bytes(out.u[0:2], "little")
             remote_port = int.from_bytes(out.u[4:8], "little")
-        return TraceRecord(record.time_ns, record.domid, XenlikeOp.evtchn, EvtchnEvent.peer,
-                           (port, remote_dom, remote_port, out.status), 0, 0, 0)
+        return TraceRecord(
+            record.time_ns,
+            record.domid,
+            XenlikeOp.evtchn,
+            EvtchnEvent.peer,
+            (port, remote_dom, remote_port, out.status),
+            0,
+            0,
+            0,
+        )
 
 
 async def wait_for_hypervisor(run_dir: Path, timeout: float) -> None:
@@ -85,8 +103,9 @@ async def wait_for_hypervisor(run_dir: Path, timeout: float) -> None:
             await trio.sleep(0.02)
 
 
-async def set_ring_tracing(xs: Any, devices: str, on: bool,
-                           done: set[str] | None = None) -> list[str]:
+async def set_ring_tracing(
+    xs: Any, devices: str, on: bool, done: set[str] | None = None
+) -> list[str]:
     """Write (or remove) `trace-rings` in both ends' directories of the chosen devices.
 
     `devices` is "all", a guest's name, or NAME/TYPE or NAME/TYPE/DEVID.
@@ -130,11 +149,17 @@ async def set_ring_tracing(xs: Any, devices: str, on: bool,
     return touched
 
 
-async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], *,
-                         record: Path | None = None, rings: str | None = None,
-                         wait: float = 0.0,
-                         on_ready: Callable[[list[str]], None] | None = None,
-                         stop: trio.Event | None = None, history: bool = False) -> int:
+async def trace_topology(
+    run_dir: Path,
+    on_event: Callable[[TraceEvent], None],
+    *,
+    record: Path | None = None,
+    rings: str | None = None,
+    wait: float = 0.0,
+    on_ready: Callable[[list[str]], None] | None = None,
+    stop: trio.Event | None = None,
+    history: bool = False,
+) -> int:
     """Follow every record until the hypervisor stops or `stop` is set.
 
     Each record goes to `on_event`, and to the file `record` if given
@@ -179,8 +204,9 @@ async def trace_topology(run_dir: Path, on_event: Callable[[TraceEvent], None], 
     return writer.count if writer is not None else 0
 
 
-async def _follow_new_devices(run_dir: Path, devices: str, touched: list[str],
-                              done: set[str]) -> None:
+async def _follow_new_devices(
+    run_dir: Path, devices: str, touched: list[str], done: set[str]
+) -> None:
     """Switch ring events on for the chosen devices as they appear (a guest booting,
     created or rebooted), adding them to `touched` and `done`, until cancelled."""
     from xenlike.xenstore import XenStoreError, open_client
@@ -198,8 +224,9 @@ async def _follow_new_devices(run_dir: Path, devices: str, touched: list[str],
             await trio.sleep(NEW_DEVICE_INTERVAL)
 
 
-async def _switch_rings(run_dir: Path, devices: str, on: bool,
-                        done: set[str] | None = None) -> list[str]:
+async def _switch_rings(
+    run_dir: Path, devices: str, on: bool, done: set[str] | None = None
+) -> list[str]:
     from xenlike.xenstore import open_client
 
     try:
@@ -236,8 +263,9 @@ async def last_device_events(run_dir: Path) -> dict[tuple[int, str, int, int], T
     return last
 
 
-def _deliver(event: TraceEvent, writer: TraceWriter | None,
-             on_event: Callable[[TraceEvent], None]) -> None:
+def _deliver(
+    event: TraceEvent, writer: TraceWriter | None, on_event: Callable[[TraceEvent], None]
+) -> None:
     if writer is not None:
         writer.write(event)
     on_event(event)
@@ -264,6 +292,7 @@ def run_until_interrupted(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     An error comes out as itself, not wrapped in the exception groups of
     the nurseries it passed.
     """
+
     async def main() -> Any:
         stop = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -75,12 +75,19 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
             failed[key] += 1
     hypercalls = []
     for (domid, name), count in sorted(counts.items()):
-        row: dict[str, Any] = {"domid": domid, "name": name, "count": count,
-                               "failures": failed[(domid, name)]}
+        row: dict[str, Any] = {
+            "domid": domid,
+            "name": name,
+            "count": count,
+            "failures": failed[(domid, name)],
+        }
         durations = sorted(latencies.get((domid, name), []))
         if durations:
-            row.update(p50_us=_us(percentile(durations, 0.5)),
-                       p99_us=_us(percentile(durations, 0.99)), max_us=_us(durations[-1]))
+            row.update(
+                p50_us=_us(percentile(durations, 0.5)),
+                p99_us=_us(percentile(durations, 0.99)),
+                max_us=_us(durations[-1]),
+            )
         else:
             row.update(p50_us=None, p99_us=None, max_us=None)
         hypercalls.append(row)
@@ -89,13 +96,22 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
         "records": len(records),
         "lost": sum(e.count for e in lost),
         "duration_s": round((events[-1].time_ns - events[0].time_ns) / 1e9, 6) if events else 0.0,
-        "domains": [{"domid": domid, "hypercalls": c["hypercalls"],
-                     "fast_path_sends": c["fast_path_sends"], "failures": c["failures"],
-                     "events": c["events"], "lost": c["lost"]}
-                    for domid, c in sorted(per_domain.items())],
+        "domains": [
+            {
+                "domid": domid,
+                "hypercalls": c["hypercalls"],
+                "fast_path_sends": c["fast_path_sends"],
+                "failures": c["failures"],
+                "events": c["events"],
+                "lost": c["lost"],
+            }
+            for domid, c in sorted(per_domain.items())
+        ],
         "hypercalls": hypercalls,
-        "failures": [{"domid": d, "name": n, "error": e, "count": c}
-                     for (d, n, e), c in sorted(failures.items())],
+        "failures": [
+            {"domid": d, "name": n, "error": e, "count": c}
+            for (d, n, e), c in sorted(failures.items())
+        ],
         "evtchn_sends": _sends(records),
         "grants": _grants(calls),
         "rings": _rings(records),
@@ -110,8 +126,10 @@ def _ring_pushes(records: list[TraceRecord]) -> dict[tuple[int, int], Counter[st
             ring["pushes"] += 1
             ring["entries"] += r.args[2]
             ring["notified"] += bool(r.args[3])
-        elif r.op == XenlikeOp.ring and r.cmd in (RingEvent.final_check_requests,
-                                                  RingEvent.final_check_responses):
+        elif r.op == XenlikeOp.ring and r.cmd in (
+            RingEvent.final_check_requests,
+            RingEvent.final_check_responses,
+        ):
             ring = pushes[(r.domid, r.args[0])]
             ring["final_checks"] += 1
             ring["sleeps"] += not r.args[2]
@@ -127,20 +145,31 @@ def _sends(records: list[TraceRecord]) -> list[dict[str, Any]]:
         if (r.op, r.cmd) == (EVTCHN_OP, EvtchnOp.send):
             sends[(r.domid, r.args[0])] += 1
             fast[(r.domid, r.args[0])] += r.fast_path
-        elif (r.op, r.cmd) == (XenlikeOp.evtchn, EvtchnEvent.peer) and \
-                r.args[3] == EvtchnStat.interdomain:
+        elif (r.op, r.cmd) == (XenlikeOp.evtchn, EvtchnEvent.peer) and r.args[
+            3
+        ] == EvtchnStat.interdomain:
             peers[(r.domid, r.args[0])] = f"d{r.args[1]}:{r.args[2]}"
     pushes = _ring_pushes(records)
     rows = []
     for (domid, port), count in sorted(sends.items()):
         ring = pushes.get((domid, port))
-        row: dict[str, Any] = {"domid": domid, "port": port, "peer": peers.get((domid, port)),
-                               "sends": count, "fast_path": fast[(domid, port)],
-                               "ring_pushes": None, "suppressed": None, "suppressed_share": None}
+        row: dict[str, Any] = {
+            "domid": domid,
+            "port": port,
+            "peer": peers.get((domid, port)),
+            "sends": count,
+            "fast_path": fast[(domid, port)],
+            "ring_pushes": None,
+            "suppressed": None,
+            "suppressed_share": None,
+        }
         if ring and ring["pushes"]:
             suppressed = ring["pushes"] - ring["notified"]
-            row.update(ring_pushes=ring["pushes"], suppressed=suppressed,
-                       suppressed_share=round(suppressed / ring["pushes"], 4))
+            row.update(
+                ring_pushes=ring["pushes"],
+                suppressed=suppressed,
+                suppressed_share=round(suppressed / ring["pushes"], 4),
+            )
         rows.append(row)
     return rows
 
@@ -165,15 +194,27 @@ def _rings(records: list[TraceRecord]) -> list[dict[str, Any]]:
     names: dict[tuple[int, int], tuple[str, str]] = {}
     for r in records:
         if (r.op, r.cmd) == (XenlikeOp.ring, RingEvent.attach):
-            names[(r.domid, r.args[2])] = (f"{unpack_name(r.args[0])}/{r.args[1]}",
-                                           "backend" if r.count else "frontend")
+            names[(r.domid, r.args[2])] = (
+                f"{unpack_name(r.args[0])}/{r.args[1]}",
+                "backend" if r.count else "frontend",
+            )
     rows = []
     for (domid, port), ring in _ring_pushes(records).items():
         device, side = names.get((domid, port), (None, None))
-        rows.append({"domid": domid, "port": port, "device": device, "side": side,
-                     "pushes": ring["pushes"], "entries": ring["entries"],
-                     "notified": ring["notified"], "suppressed": ring["pushes"] - ring["notified"],
-                     "final_checks": ring["final_checks"], "sleeps": ring["sleeps"]})
+        rows.append(
+            {
+                "domid": domid,
+                "port": port,
+                "device": device,
+                "side": side,
+                "pushes": ring["pushes"],
+                "entries": ring["entries"],
+                "notified": ring["notified"],
+                "suppressed": ring["pushes"] - ring["notified"],
+                "final_checks": ring["final_checks"],
+                "sleeps": ring["sleeps"],
+            }
+        )
     rows.sort(key=lambda row: (-row["entries"], -row["pushes"], row["domid"], row["port"]))
     return rows[:BUSIEST_RINGS]
 
@@ -184,8 +225,12 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     numeric = [all(_numeric(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(values: list[str]) -> str:
-        return "  " + "  ".join(v.rjust(w) if right else v.ljust(w)
-                                for v, w, right in zip(values, widths, numeric)).rstrip()
+        return (
+            "  "
+            + "  ".join(
+                v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)
+            ).rstrip()
+        )
 
     return [line(headers), *(line(r) for r in cells)]
 
@@ -203,27 +248,108 @@ def render(summary: dict[str, Any]) -> str:
         out.append(title)
         out.extend(_table(headers, rows) if rows else ["  (none)"])
 
-    section("domains", ["domain", "hypercalls", "fast-path sends", "failures", "events", "lost"],
-            [[f"d{d['domid']}", d["hypercalls"], d["fast_path_sends"], d["failures"], d["events"],
-              d["lost"]] for d in summary["domains"]])
-    section("hypercalls", ["domain", "hypercall", "count", "failures", "p50 us", "p99 us",
-                           "max us"],
-            [[f"d{h['domid']}", h["name"], h["count"], h["failures"], h["p50_us"], h["p99_us"],
-              h["max_us"]] for h in summary["hypercalls"]])
-    section("failures", ["domain", "hypercall", "error", "count"],
-            [[f"d{f['domid']}", f["name"], f["error"], f["count"]] for f in summary["failures"]])
-    section("event-channel sends", ["domain", "port", "peer", "sends", "fast path",
-                                    "ring pushes", "suppressed"],
-            [[f"d{s['domid']}", s["port"], s["peer"], s["sends"], s["fast_path"],
-              s["ring_pushes"],
-              None if s["suppressed_share"] is None else f"{s['suppressed_share']:.1%}"]
-             for s in summary["evtchn_sends"]])
-    section("grant maps", ["domain", "map calls", "refs mapped", "map failures", "unmap calls",
-                           "refs unmapped", "unmap failures"],
-            [[f"d{g['domid']}", g["map_calls"], g["map_refs"], g["map_failures"],
-              g["unmap_calls"], g["unmap_refs"], g["unmap_failures"]] for g in summary["grants"]])
-    section("busiest rings", ["domain", "port", "device", "side", "pushes", "entries",
-                              "notified", "suppressed", "sleeps"],
-            [[f"d{r['domid']}", r["port"], r["device"], r["side"], r["pushes"], r["entries"],
-              r["notified"], r["suppressed"], r["sleeps"]] for r in summary["rings"]])
+    section(
+        "domains",
+        ["domain", "hypercalls", "fast-path sends", "failures", "events", "lost"],
+        [
+            [
+                f"d{d['domid']}",
+                d["hypercalls"],
+                d["fast_path_sends"],
+                d["failures"],
+                d["events"],
+                d["lost"],
+            ]
+            for d in summary["domains"]
+        ],
+    )
+    section(
+        "hypercalls",
+        ["domain", "hypercall", "count", "failures", "p50 us", "p99 us", "max us"],
+        [
+            [
+                f"d{h['domid']}",
+                h["name"],
+                h["count"],
+                h["failures"],
+                h["p50_us"],
+                h["p99_us"],
+                h["max_us"],
+            ]
+            for h in summary["hypercalls"]
+        ],
+    )
+    section(
+        "failures",
+        ["domain", "hypercall", "error", "count"],
+        [[f"d{f['domid']}", f["name"], f["error"], f["count"]] for f in summary["failures"]],
+    )
+    section(
+        "event-channel sends",
+        ["domain", "port", "peer", "sends", "fast path", "ring pushes", "suppressed"],
+        [
+            [
+                f"d{s['domid']}",
+                s["port"],
+                s["peer"],
+                s["sends"],
+                s["fast_path"],
+                s["ring_pushes"],
+                None if s["suppressed_share"] is None else f"{s['suppressed_share']:.1%}",
+            ]
+            for s in summary["evtchn_sends"]
+        ],
+    )
+    section(
+        "grant maps",
+        [
+            "domain",
+            "map calls",
+            "refs mapped",
+            "map failures",
+            "unmap calls",
+            "refs unmapped",
+            "unmap failures",
+        ],
+        [
+            [
+                f"d{g['domid']}",
+                g["map_calls"],
+                g["map_refs"],
+                g["map_failures"],
+                g["unmap_calls"],
+                g["unmap_refs"],
+                g["unmap_failures"],
+            ]
+            for g in summary["grants"]
+        ],
+    )
+    section(
+        "busiest rings",
+        [
+            "domain",
+            "port",
+            "device",
+            "side",
+            "pushes",
+            "entries",
+            "notified",
+            "suppressed",
+            "sleeps",
+        ],
+        [
+            [
+                f"d{r['domid']}",
+                r["port"],
+                r["device"],
+                r["side"],
+                r["pushes"],
+                r["entries"],
+                r["notified"],
+                r["suppressed"],
+                r["sleeps"],
+            ]
+            for r in summary["rings"]
+        ],
+    )
     return "\n".join(out)

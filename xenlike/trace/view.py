@@ -31,16 +31,26 @@ from xenlike.trace.events import (
 __all__ = ["Filter", "OpSpec", "describe", "format_event", "parse_duration", "parse_op"]
 
 _UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
-_PALETTE = ("cyan", "green", "magenta", "blue", "yellow", "bright_cyan", "bright_green",
-            "bright_magenta")
+_PALETTE = (
+    "cyan",
+    "green",
+    "magenta",
+    "blue",
+    "yellow",
+    "bright_cyan",
+    "bright_green",
+    "bright_magenta",
+)
 
 
 def parse_duration(text: str) -> int:
     """'100us', '2ms', '1.5s', '500ns' as nanoseconds."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s)\s*", text)
     if found is None:
-        raise ValueError(f"{text!r} is not a duration: write a number and a unit "
-                         f"(ns, us, ms, s), e.g. 100us or 2ms")
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit "
+            f"(ns, us, ms, s), e.g. 100us or 2ms"
+        )
     return round(float(found.group(1)) * _UNITS[found.group(2)])
 
 
@@ -159,8 +169,10 @@ def _describe_event(record: TraceRecord) -> str:
         return f"{device} saw {_side(not record.count)} (d{a[3]}) {_state(a[2])}"
     if key == (XenlikeOp.ring, RingEvent.attach):
         return f"{_side(record.count)} {unpack_name(a[0])}/{a[1]} (peer d{a[3]}) on port {a[2]}"
-    if record.op == XenlikeOp.ring and record.cmd in (RingEvent.push_requests,
-                                                      RingEvent.push_responses):
+    if record.op == XenlikeOp.ring and record.cmd in (
+        RingEvent.push_requests,
+        RingEvent.push_responses,
+    ):
         return f"port {a[0]} prod {a[1]} +{a[2]} {'notify' if a[3] else 'suppressed'}"
     if record.op == XenlikeOp.ring:
         return f"port {a[0]} cons {a[1]} {'more' if a[2] else 'sleep'}"
@@ -193,17 +205,18 @@ def _result(record: TraceRecord) -> str:
     return str(record.result)
 
 
-def format_event(event: TraceEvent, wallclock: Callable[[int], int], *, color: bool = False
-                 ) -> str:
+def format_event(event: TraceEvent, wallclock: Callable[[int], int], *, color: bool = False) -> str:
     """One line: wall-clock time, domain, name and arguments, result, duration.
 
     `wallclock` turns a record's CLOCK_MONOTONIC time into CLOCK_REALTIME
     nanoseconds (`TraceFile.wallclock`, or the offset read when following).
     """
-    stamp = datetime.datetime.fromtimestamp(wallclock(event.time_ns) / 1e9).strftime(
-        "%H:%M:%S.%f")
-    domain = click.style(f"d{event.domid:<4}", fg=_PALETTE[event.domid % len(_PALETTE)]) \
-        if color else f"d{event.domid:<4}"
+    stamp = datetime.datetime.fromtimestamp(wallclock(event.time_ns) / 1e9).strftime("%H:%M:%S.%f")
+    domain = (
+        click.style(f"d{event.domid:<4}", fg=_PALETTE[event.domid % len(_PALETTE)])
+        if color
+        else f"d{event.domid:<4}"
+    )
     if isinstance(event, LostRecords):
         text = describe(event)
         return f"{stamp} {domain} {click.style(text, fg='red', bold=True) if color else text}"
@@ -225,4 +238,3 @@ def format_event(event: TraceEvent, wallclock: Callable[[int], int], *, color: b
         name = f"{name:<34}"
     tail = "  ".join(part for part in (f"= {result}" if result else "", timing) if part)
     return f"{stamp} {domain} {name} {arguments:<40} {tail}".rstrip()
-

@@ -67,8 +67,7 @@ class _Bus:
                 continue
             except Exception as exc:
                 log.exception("%s: the %s driver cannot be started", info.nodename, info.type)
-                await self._report(info, f"starting the driver raised {type(exc).__name__}: "
-                                         f"{exc}")
+                await self._report(info, f"starting the driver raised {type(exc).__name__}: {exc}")
                 self._broken.add(info.nodename)
                 continue
             if driver is None:
@@ -131,8 +130,9 @@ class FrontendBus(_Bus):
                 backend_id = await self.ctx.xs.read_optional(f"{nodename}/backend-id")
                 if backend is None or backend_id is None or not devid.isdigit():
                     continue  # the toolstack has not finished writing it
-                found.append(DeviceInfo(device_type, int(devid), nodename, backend,
-                                        int(backend_id)))
+                found.append(
+                    DeviceInfo(device_type, int(devid), nodename, backend, int(backend_id))
+                )
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:
@@ -157,8 +157,9 @@ class BackendBus(_Bus):
                     frontend = await self.ctx.xs.read_optional(f"{nodename}/frontend")
                     if frontend is None or not domid.isdigit() or not devid.isdigit():
                         continue
-                    found.append(DeviceInfo(device_type, int(devid), nodename, frontend,
-                                            int(domid)))
+                    found.append(
+                        DeviceInfo(device_type, int(devid), nodename, frontend, int(domid))
+                    )
         return found
 
     def _make(self, info: DeviceInfo) -> XenbusDriver | None:

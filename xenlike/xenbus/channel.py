@@ -23,8 +23,14 @@ import trio
 from xenlike.domain.evtchn import Doorbell
 from xenlike.ring import BackRing, FrontRing, RingOverflow
 
-__all__ = ["BackChannel", "ChannelBroken", "Disconnected", "FrontChannel", "RingGroup",
-           "fail_orphans"]
+__all__ = [
+    "BackChannel",
+    "ChannelBroken",
+    "Disconnected",
+    "FrontChannel",
+    "RingGroup",
+    "fail_orphans",
+]
 
 
 class ChannelBroken(Exception):
@@ -108,13 +114,14 @@ class FrontChannel:
             if not room:
                 await self._room.park()
                 continue
-            chunk = entries[start:start + room]
+            chunk = entries[start : start + room]
             start += len(chunk)
-            ids = self._free_ids[-len(chunk):]
-            del self._free_ids[-len(chunk):]
+            ids = self._free_ids[-len(chunk) :]
+            del self._free_ids[-len(chunk) :]
             self._in_flight.update(zip(ids, chunk))
-            self.ring.put_requests_with_ids([batch.requests[index] for batch, index in chunk],
-                                            ids, self._id_field)
+            self.ring.put_requests_with_ids(
+                [batch.requests[index] for batch, index in chunk], ids, self._id_field
+            )
             self.submitted += len(chunk)
             self._push()
 

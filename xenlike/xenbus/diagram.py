@@ -19,22 +19,25 @@ def mermaid(role: Role) -> str:
             arrows.setdefault((own, reaction.next_state, action), []).append(peer)
     lines = ["stateDiagram-v2"]
     for (own, target, action), peers in sorted(arrows.items(), key=lambda a: (a[0][0], a[0][1])):
-        names = ("any" if len(peers) == len(XenbusState)
-                 else ", ".join(p.name for p in sorted(peers)))
+        names = (
+            "any" if len(peers) == len(XenbusState) else ", ".join(p.name for p in sorted(peers))
+        )
         lines.append(f"    {own.name} --> {target.name}: peer {names} / {action}")
     return "\n".join(lines)
 
 
 def page() -> str:
-    parts = ["# XenBus handshake states",
-             "",
-             "Generated from `xenlike.xenbus.state.TRANSITIONS` by "
-             "`python -m xenlike.xenbus.diagram`; do not edit by hand.",
-             "",
-             "Each arrow is one row of the table: when this end is in the state on the left",
-             "and sees the peer's `state` node change to *peer X*, it performs the action",
-             "and publishes the state on the right.",
-             ""]
+    parts = [
+        "# XenBus handshake states",
+        "",
+        "Generated from `xenlike.xenbus.state.TRANSITIONS` by "
+        "`python -m xenlike.xenbus.diagram`; do not edit by hand.",
+        "",
+        "Each arrow is one row of the table: when this end is in the state on the left",
+        "and sees the peer's `state` node change to *peer X*, it performs the action",
+        "and publishes the state on the right.",
+        "",
+    ]
     for role in Role:
         parts += [f"## The {role.value}", "", "```mermaid", mermaid(role), "```", ""]
     return "\n".join(parts)

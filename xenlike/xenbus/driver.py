@@ -54,11 +54,11 @@ from typing import Any, ClassVar
 import attrs
 import trio
 
+from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.abi.xen import XEN_IO_PROTO_ABI_NATIVE
+from xenlike.abi.xenbus import XenbusState
 from xenlike.domain.grant_table import GrantError, GrantInUse
 from xenlike.hypercall import HypercallError
-from xenlike.abi.xenbus import XenbusState
-from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.ring import MAX_RING_PAGE_ORDER, BackRing, FrontRing, RingOverflow, RingSpec
 from xenlike.trace.events import DeviceTrace
 from xenlike.xenbus.channel import (
@@ -72,8 +72,16 @@ from xenlike.xenbus.channel import (
 from xenlike.xenbus.state import Action, Handshake, Role
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["Backend", "DeviceFailed", "DeviceInfo", "Frontend", "SharedRing", "XenbusContext",
-           "XenbusDriver", "error_node"]
+__all__ = [
+    "Backend",
+    "DeviceFailed",
+    "DeviceInfo",
+    "Frontend",
+    "SharedRing",
+    "XenbusContext",
+    "XenbusDriver",
+    "error_node",
+]
 
 log = logging.getLogger("xenlike.xenbus")
 U64_MAX = (1 << 64) - 1
@@ -183,8 +191,9 @@ class XenbusDriver:
                 return default
             raise
 
-    async def read_int(self, key: str, default: int, *, otherend: bool = True,
-                       maximum: int = U64_MAX) -> int:
+    async def read_int(
+        self, key: str, default: int, *, otherend: bool = True, maximum: int = U64_MAX
+    ) -> int:
         """An unsigned number the peer (or the toolstack) published, as xenbus_scanf
         "%u" reads it; `default` when the key is absent. Anything else (words,
         signs, non-ASCII digits, more than `maximum`) is the peer's ProtocolError,
@@ -196,6 +205,7 @@ class XenbusDriver:
 
     async def publish(self, values: dict[str, str | int]) -> None:
         """Write keys of this end's directory in one transaction."""
+
         async def write_all(tx: Any) -> None:
             for key, value in values.items():
                 await tx.write(f"{self.device.nodename}/{key}", str(value))
@@ -261,8 +271,12 @@ class XenbusDriver:
         if isinstance(exc, OSError) and exc.errno:
             await self.fatal(f"{what} failed: {exc.strerror or exc}", code=exc.errno)
             return
-        self.log.error("%s: %s raised:\n%s", self.device.nodename, what,
-                       "".join(traceback.format_exception(exc)).rstrip())
+        self.log.error(
+            "%s: %s raised:\n%s",
+            self.device.nodename,
+            what,
+            "".join(traceback.format_exception(exc)).rstrip(),
+        )
         await self.fatal(f"{what} raised {type(exc).__name__}: {exc}")
 
     async def _react(self, reaction: Any) -> None:
@@ -303,8 +317,11 @@ class XenbusDriver:
 
     async def _after_closed(self) -> bool:
         """Start over once both ends are Closed (the peer has let go of everything)."""
-        if self._restart and self.handshake.state == XenbusState.Closed and \
-                self.handshake.peer_state == XenbusState.Closed:
+        if (
+            self._restart
+            and self.handshake.state == XenbusState.Closed
+            and self.handshake.peer_state == XenbusState.Closed
+        ):
             self._restart = False
             await self.switch_state(XenbusState.Initialising)
             return True
@@ -379,8 +396,11 @@ class ProtocolError(Exception):
 def parse_uint(key: str, text: str, maximum: int = U64_MAX) -> int:
     """`text` as an unsigned decimal number of at most `maximum`, or ProtocolError."""
     stripped = text.strip()
-    if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 20 or \
-            int(stripped) > maximum:
+    if (
+        not (stripped.isascii() and stripped.isdigit())
+        or len(stripped) > 20
+        or int(stripped) > maximum
+    ):
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise ProtocolError(f"{key} = {shown!r} is not a number from 0 to {maximum}")
     return int(stripped)
@@ -444,8 +464,9 @@ class Backend(XenbusDriver):
             if current != published:
                 published = dict(current)
                 try:
-                    await self.publish({f"statistics/{key}": value
-                                        for key, value in published.items()})
+                    await self.publish(
+                        {f"statistics/{key}": value for key, value in published.items()}
+                    )
                 except XenStoreError as exc:  # the toolstack is removing the device
                     self.log.debug("%s: statistics: %s", self.device.nodename, exc)
             await trio.sleep(STATISTICS_INTERVAL)
@@ -466,6 +487,7 @@ class Backend(XenbusDriver):
         `channel` is the `BackChannel` of `ring`; a driver with `rings` gets
         a `RingGroup` and must override this.
         """
+
         async def one(responses: list[Any], index: int, request: Any) -> None:
             responses[index] = await self.handle(request)
 
@@ -498,8 +520,9 @@ class Backend(XenbusDriver):
             return
         order = await self.read_int("ring-page-order", 0, maximum=MAX_RING_PAGE_ORDER)
         if not 0 <= order <= min(self.max_ring_page_order, MAX_RING_PAGE_ORDER):
-            raise ProtocolError(f"ring-page-order {order} over max-ring-page-order "
-                                f"{self.max_ring_page_order}")
+            raise ProtocolError(
+                f"ring-page-order {order} over max-ring-page-order {self.max_ring_page_order}"
+            )
         refs: dict[str, list[int]] = {}
         for name, shared in layout.items():
             keys = shared.ref_keys(order)
@@ -519,15 +542,18 @@ class Backend(XenbusDriver):
                 raise ProtocolError(f"the front end published no {key}")
         # Every value the front end published is checked; now they may be used.
         domain, peer = self.ctx.domain, self.device.otherend_id
-        self._mapping = await domain.grants.map(peer, [ref for ring in refs.values()
-                                                       for ref in ring])
+        self._mapping = await domain.grants.map(
+            peer, [ref for ring in refs.values() for ref in ring]
+        )
         ports: dict[str, Any] = {}
         for key, remote in remote_ports.items():
             ports[key] = await domain.evtchn.bind_interdomain(peer, remote)
             self._ports.append(ports[key])
         size = XEN_PAGE_SIZE << order
-        rings = {name: BackRing(layout[name].spec, self._mapping.view[i * size:(i + 1) * size])
-                 for i, name in enumerate(refs)}
+        rings = {
+            name: BackRing(layout[name].spec, self._mapping.view[i * size : (i + 1) * size])
+            for i, name in enumerate(refs)
+        }
         if self.ring is not None:
             self.channel = BackChannel(rings["ring"], ports["event-channel"])
             self.trace.attach(self.channel)
@@ -681,15 +707,19 @@ class Frontend(XenbusDriver):
             await self.publish(self.front_keys())
             return
         domain, peer = self.ctx.domain, self.device.otherend_id
-        wanted = [name for name, shared in layout.items()
-                  if shared.feature is None or await self.read_int(shared.feature, 0)]
+        wanted = [
+            name
+            for name, shared in layout.items()
+            if shared.feature is None or await self.read_int(shared.feature, 0)
+        ]
         offered = await self.read_int("max-ring-page-order", 0)
         order = min(self.ring_page_order, offered, MAX_RING_PAGE_ORDER)
         count = 1 << order
         first = domain.allocator.allocate_run(count * len(wanted))
         self._pages = (first, count * len(wanted))
-        self._refs = [domain.grants.grant_access(peer, first + i)
-                      for i in range(count * len(wanted))]
+        self._refs = [
+            domain.grants.grant_access(peer, first + i) for i in range(count * len(wanted))
+        ]
         keys: dict[str, str | int] = {"protocol": XEN_IO_PROTO_ABI_NATIVE}
         if order:
             keys["ring-page-order"] = order
@@ -704,7 +734,9 @@ class Frontend(XenbusDriver):
             view = domain.memory.frames(first + index * count, count)
             view[:] = bytes(len(view))
             rings[name] = FrontRing(shared.spec, view)
-            keys.update(zip(shared.ref_keys(order), self._refs[index * count:(index + 1) * count]))
+            keys.update(
+                zip(shared.ref_keys(order), self._refs[index * count : (index + 1) * count])
+            )
         if self.ring is not None:
             self.channel = FrontChannel(rings["ring"], ports["event-channel"])
             self.trace.attach(self.channel)
@@ -772,7 +804,10 @@ class Frontend(XenbusDriver):
                 break
             await trio.sleep(0.02)
         if still_mapped:
-            self.log.warning("%s: back end still maps refs %s; leaking their pages",
-                             self.device.nodename, still_mapped)
+            self.log.warning(
+                "%s: back end still maps refs %s; leaking their pages",
+                self.device.nodename,
+                still_mapped,
+            )
         else:
             domain.allocator.free_run(first, count)

@@ -34,7 +34,7 @@ class UnknownDriver(LookupError):
 
 
 def load_driver(dotted: str) -> Driver:
-    """"package.module:NAME" (or "package.module", which must define DRIVER)."""
+    """ "package.module:NAME" (or "package.module", which must define DRIVER)."""
     module_name, _, attr = dotted.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -87,8 +87,10 @@ class DriverRegistry:
         try:
             return self._drivers[device_type]
         except KeyError:
-            raise UnknownDriver(f"no driver for device type {device_type!r}; "
-                                f"known: {', '.join(sorted(self._drivers)) or 'none'}") from None
+            raise UnknownDriver(
+                f"no driver for device type {device_type!r}; "
+                f"known: {', '.join(sorted(self._drivers)) or 'none'}"
+            ) from None
 
     def __contains__(self, device_type: str) -> bool:
         return device_type in self._drivers

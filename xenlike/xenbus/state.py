@@ -68,8 +68,13 @@ class IllegalTransition(Exception):
 TRANSITIONS: dict[tuple[Role, XenbusState, XenbusState], Reaction] = {}
 
 
-def _row(role: Role, own: tuple[XenbusState, ...], peer: tuple[XenbusState, ...],
-         action: Action | None, next_state: XenbusState | None) -> None:
+def _row(
+    role: Role,
+    own: tuple[XenbusState, ...],
+    peer: tuple[XenbusState, ...],
+    action: Action | None,
+    next_state: XenbusState | None,
+) -> None:
     for o in own:
         for p in peer:
             TRANSITIONS[(role, o, p)] = Reaction(action, next_state)
@@ -83,8 +88,13 @@ _row(_BACK, (S.Initialising,), tuple(S), Action.publish_features, S.InitWait)
 _row(_BACK, (S.InitWait,), (S.Initialised, S.Connected), Action.connect, S.Connected)
 # A front end that starts over after a disconnect: the back end offers itself again.
 _row(_BACK, (S.Closed,), (S.Initialising,), Action.publish_features, S.InitWait)
-_row(_BACK, (S.Initialising, S.InitWait, S.Initialised, S.Connected), (S.Closing,),
-     Action.disconnect, S.Closing)
+_row(
+    _BACK,
+    (S.Initialising, S.InitWait, S.Initialised, S.Connected),
+    (S.Closing,),
+    Action.disconnect,
+    S.Closing,
+)
 # A front end seen starting over while still connected (its Closing and Closed
 # were missed: watch events coalesce) closes the back end, which then offers
 # itself again.
@@ -100,8 +110,9 @@ _row(_BACK, (S.Closing, S.Connected), (S.Closed,), Action.disconnect, S.Closed)
 # allows, straight away if the back end skipped InitWait and is Connected).
 _row(_FRONT, (S.Initialising,), (S.InitWait,), Action.setup, S.Initialised)
 _row(_FRONT, (S.Initialised,), (S.Connected,), Action.connected, S.Connected)
-_row(_FRONT, (S.Initialising, S.Initialised, S.Connected), (S.Closing,), Action.disconnect,
-     S.Closing)
+_row(
+    _FRONT, (S.Initialising, S.Initialised, S.Connected), (S.Closing,), Action.disconnect, S.Closing
+)
 _row(_FRONT, (S.Initialised, S.Connected, S.Closing), (S.Closed,), Action.disconnect, S.Closed)
 # A front end that closes on its own (to reconnect) is Closed once the back end
 # has let go of the ring (blkfront's closing on the back end's Closing).

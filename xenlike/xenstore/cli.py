@@ -7,7 +7,7 @@ from typing import Any
 import click
 import trio
 
-from xenlike.session import NotRunning, find_run_dir
+from xenlike.tools.session import NotRunning, find_run_dir
 from xenlike.xenstore.client import open_client
 from xenlike.xenstore.wire import XenStoreError
 
@@ -36,8 +36,12 @@ def _run(run_dir: Path | None, body: Any) -> Any:
         sys.exit(1)
 
 
-run_dir_option = click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-                              help="The topology's run directory (default: the running one).")
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The topology's run directory (default: the running one).",
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -66,6 +70,7 @@ def ls(path: str, run_dir: Path | None) -> None:
     Example:
         xenlike xenstore ls /local/domain/0
     """
+
     async def walk(xs: Any) -> list[str]:
         lines: list[str] = []
 
@@ -76,7 +81,7 @@ def ls(path: str, run_dir: Path | None) -> None:
                     value = _escape(await xs.read(full))
                 except XenStoreError:
                     value = ""
-                lines.append(f"{' ' * depth}{child} = \"{value}\"")
+                lines.append(f'{" " * depth}{child} = "{value}"')
                 await visit(full, depth + 1)
 
         await visit(path, 0)
@@ -151,6 +156,7 @@ def watch(path: str, count: int | None, run_dir: Path | None) -> None:
     Example:
         xenlike xenstore watch /local/domain/1/device -n 5
     """
+
     async def follow(xs: Any) -> None:
         seen = 0
         async with xs.watch(path) as events:

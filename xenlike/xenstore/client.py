@@ -204,8 +204,9 @@ class _Operations:
         while True:
             names, generation = b"", None
             while True:
-                part = await self._call(XS_DIRECTORY_PART,
-                                        join_strings(path.encode(), b"%d" % len(names)))
+                part = await self._call(
+                    XS_DIRECTORY_PART, join_strings(path.encode(), b"%d" % len(names))
+                )
                 part_generation, _, chunk = part.partition(b"\0")
                 if generation is None:
                     generation = part_generation
@@ -463,7 +464,8 @@ def default_socket_path() -> str:
 @contextlib.asynccontextmanager
 async def open_client(path: str | os.PathLike[str] | None = None) -> AsyncIterator[Client]:
     """Connect to xenstored's Unix socket (by default where libxenstore would)."""
-    stream = await trio.open_unix_socket(os.fspath(path) if path is not None
-                                         else default_socket_path())
+    stream = await trio.open_unix_socket(
+        os.fspath(path) if path is not None else default_socket_path()
+    )
     async with stream, connect_stream(stream) as client:
         yield client

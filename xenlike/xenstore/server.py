@@ -126,8 +126,9 @@ class Connection:
         if is_event and self._pending_events[data] and not message.payload.startswith(b"@"):
             return
         if self._queued + len(data) > self._queue_bytes:
-            log.warning("connection %d (domain %d) does not read its watch events", self.conn_id,
-                        self.domid)
+            log.warning(
+                "connection %d (domain %d) does not read its watch events", self.conn_id, self.domid
+            )
             self.drop("outgoing queue full")
             return
         self._queue.append((data, is_event))
@@ -224,8 +225,7 @@ class XenStored:
         except Exception:
             # A defect in the store, not the client's fault; it costs this client
             # its connection, never the daemon.
-            log.exception("connection %d (domain %d): %r failed", conn.conn_id, conn.domid,
-                          message)
+            log.exception("connection %d (domain %d): %r failed", conn.conn_id, conn.domid, message)
             conn.drop("internal error")
             return
         for delivery in outcome.deliveries:
@@ -241,8 +241,9 @@ class XenStored:
         """Serve one client over a byte stream until it closes or is dropped, then close it."""
         conn = self.open_connection(domid)
         log.debug("connection %d (domain %d) opened", conn.conn_id, domid)
-        transport: _ByteStream = (_DirectSocket(stream) if isinstance(stream, trio.SocketStream)
-                                  else stream)
+        transport: _ByteStream = (
+            _DirectSocket(stream) if isinstance(stream, trio.SocketStream) else stream
+        )
         try:
             async with trio.open_nursery() as nursery:
                 conn.cancel_scope = nursery.cancel_scope
@@ -297,8 +298,10 @@ class XenStored:
                 conn.sending = False
 
     async def serve_unix(
-        self, path: str | os.PathLike[str], *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        path: str | os.PathLike[str],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a Unix stream socket; every client there is domain 0."""
         path = os.fspath(path)
@@ -367,7 +370,7 @@ class _DirectSocket:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             except BlockingIOError:
                 self._busy = 0
                 await trio.lowlevel.wait_writable(self._fd)

@@ -662,13 +662,21 @@ class Store:
         for path in (_INTRODUCE_DOMAIN, _RELEASE_DOMAIN):  # remove_domid_from_perm()
             special = self._nodes[path]
             if special.owner == domid:
-                self._nodes[path] = Node(special.value, (Permission(0, special.perms[0].access),
-                                                         *special.perms[1:]), special.children,
-                                         special.generation)
+                self._nodes[path] = Node(
+                    special.value,
+                    (Permission(0, special.perms[0].access), *special.perms[1:]),
+                    special.children,
+                    special.generation,
+                )
         for path, node in self._nodes.items():
             if any(entry.domid == domid and not entry.ignored for entry in node.perms[1:]):
-                perms = (node.perms[0], *(Permission(e.domid, e.access | XS_PERM_IGNORE)
-                                          if e.domid == domid else e for e in node.perms[1:]))
+                perms = (
+                    node.perms[0],
+                    *(
+                        Permission(e.domid, e.access | XS_PERM_IGNORE) if e.domid == domid else e
+                        for e in node.perms[1:]
+                    ),
+                )
                 self._nodes[path] = attrs.evolve(node, perms=perms)
 
     # -- watches ------------------------------------------------------------
@@ -948,8 +956,9 @@ class Store:
         self._fire(request, path, exact=False, old_perms=node.perms)
         return OK
 
-    def _set_special_perms(self, conn: _Connection, path: str,
-                           perms: tuple[Permission, ...]) -> None:
+    def _set_special_perms(
+        self, conn: _Connection, path: str, perms: tuple[Permission, ...]
+    ) -> None:
         """set_perms_special(): who sees `@introduceDomain` or `@releaseDomain` events.
 
         No node changes: nothing fires, no transaction holds it, no quota counts it.

@@ -1,11 +1,18 @@
 """The kv back end, in Dom0: a dictionary per device, behind the ring."""
 
-from xenlike.xenbus import Backend
-
 from kvdev.protocol import (
-    KV_DELETE, KV_EINVAL, KV_ENOENT, KV_ENOSPC, KV_GET, KV_OKAY, KV_PUT, KV_RING, MAX_KEY,
+    KV_DELETE,
+    KV_EINVAL,
+    KV_ENOENT,
+    KV_ENOSPC,
+    KV_GET,
+    KV_OKAY,
+    KV_PUT,
+    KV_RING,
+    MAX_KEY,
     MAX_VALUE,
 )
+from xenlike.xenbus import Backend
 
 
 class KvBackend(Backend):
@@ -37,8 +44,12 @@ class KvBackend(Backend):
             return reply(id=request.id, status=KV_OKAY)
         if request.op == KV_GET and key in self.store:
             value = self.store[key]
-            return reply(id=request.id, status=KV_OKAY, value_len=len(value),
-                         value=value.ljust(MAX_VALUE, b"\0"))
+            return reply(
+                id=request.id,
+                status=KV_OKAY,
+                value_len=len(value),
+                value=value.ljust(MAX_VALUE, b"\0"),
+            )
         if request.op == KV_DELETE and self.store.pop(key, None) is not None:
             return reply(id=request.id, status=KV_OKAY)
         if request.op in (KV_GET, KV_DELETE):

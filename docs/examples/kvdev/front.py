@@ -1,10 +1,16 @@
 """The kv front end, in the guest: `get`, `put` and `delete` for the guest program."""
 
-from xenlike.xenbus import Frontend
-
 from kvdev.protocol import (
-    KV_DELETE, KV_ENOENT, KV_GET, KV_OKAY, KV_PUT, KV_RING, MAX_KEY, MAX_VALUE,
+    KV_DELETE,
+    KV_ENOENT,
+    KV_GET,
+    KV_OKAY,
+    KV_PUT,
+    KV_RING,
+    MAX_KEY,
+    MAX_VALUE,
 )
+from xenlike.xenbus import Frontend
 
 
 class KvError(Exception):
@@ -19,8 +25,12 @@ class KvFrontend(Frontend):
         if len(key) > MAX_KEY or len(value) > MAX_VALUE:
             raise ValueError(f"keys hold {MAX_KEY} bytes and values {MAX_VALUE}")
         request = KV_RING.request.record(
-            op=op, key_len=len(key), value_len=len(value),
-            key=key.ljust(MAX_KEY, b"\0"), value=value.ljust(MAX_VALUE, b"\0"))
+            op=op,
+            key_len=len(key),
+            value_len=len(value),
+            key=key.ljust(MAX_KEY, b"\0"),
+            value=value.ljust(MAX_VALUE, b"\0"),
+        )
         response = await self.call(request)
         if response.status not in (KV_OKAY, KV_ENOENT):
             raise KvError(f"the back end answered {response.status}")

@@ -19,7 +19,7 @@ async def test_the_back_end_stores_answers_and_refuses_bad_lengths(nursery) -> N
     got = await front.call(request(op=KV_GET, key_len=1, key=b"k"))
     missing = await front.call(request(op=KV_GET, key_len=1, key=b"x"))
     hostile = await front.call(request(op=KV_GET, key_len=200, key=b"k"))
-    assert put.status == KV_OKAY and (got.status, got.value[:got.value_len]) == (KV_OKAY, b"vv")
+    assert put.status == KV_OKAY and (got.status, got.value[: got.value_len]) == (KV_OKAY, b"vv")
     assert missing.status == KV_ENOENT and hostile.status == KV_EINVAL
     nursery.cancel_scope.cancel()
 

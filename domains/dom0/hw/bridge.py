@@ -96,6 +96,10 @@ class Bridge:
         now = time.monotonic()
         if now - self._spoof_logged.get(port.name, -AGEING_TIME) >= 1.0:
             self._spoof_logged[port.name] = now
-            log.warning("%s: dropped frames from %s with source %s (the port's MAC is %s)",
-                        self.name, port.name, source.hex(":"),
-                        port.mac.hex(":") if port.mac else "-")
+            log.warning(
+                "%s: dropped frames from %s with source %s (the port's MAC is %s)",
+                self.name,
+                port.name,
+                source.hex(":"),
+                port.mac.hex(":") if port.mac else "-",
+            )

@@ -48,8 +48,9 @@ def create_image(path: Path, size: int) -> bool:
     a guest's data.
     """
     if size <= 0 or size % SECTOR_SIZE:
-        raise ValueError(f"{path}: an image of {size} bytes is not a whole number of "
-                         f"{SECTOR_SIZE}-byte sectors")
+        raise ValueError(
+            f"{path}: an image of {size} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -108,8 +109,10 @@ class Disk:
         try:
             st = os.fstat(fd)
             if not (st.st_mode & 0o170000) == 0o100000:
-                raise OSError(errno.EINVAL, f"{path} is not a regular file (only raw image "
-                                            f"files are disks here)")
+                raise OSError(
+                    errno.EINVAL,
+                    f"{path} is not a regular file (only raw image files are disks here)",
+                )
             physical = max(SECTOR_SIZE, st.st_blksize)
             return cls(path, fd, st.st_size // SECTOR_SIZE, readonly, direct, physical)
         except BaseException:
@@ -123,8 +126,10 @@ class Disk:
 
     def _check(self, sector: int, count: int) -> int:
         if sector < 0 or count < 0 or sector + count > self.sectors:
-            raise ValueError(f"{self.path.name}: sectors {sector}..{sector + count - 1} are not "
-                             f"on a disk of {self.sectors} sectors")
+            raise ValueError(
+                f"{self.path.name}: sectors {sector}..{sector + count - 1} are not "
+                f"on a disk of {self.sectors} sectors"
+            )
         return sector * SECTOR_SIZE
 
     # --- the sector interface (buffers are the caller's: no copy here) -----------
@@ -163,8 +168,9 @@ class Disk:
         if secure:
             self._zero(sector, count)
             self.flush()
-        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
-                      count * SECTOR_SIZE):
+        if _fallocate(
+            self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count * SECTOR_SIZE
+        ):
             code = ctypes.get_errno()
             raise OSError(code, f"fallocate(PUNCH_HOLE) on {self.path.name}: {os.strerror(code)}")
 
@@ -174,7 +180,7 @@ class Disk:
             done = 0
             while done < count:
                 step = min(count - done, chunk // SECTOR_SIZE)
-                view = memoryview(zeros)[:step * SECTOR_SIZE]
+                view = memoryview(zeros)[: step * SECTOR_SIZE]
                 try:
                     self.writev(sector + done, [view])
                 finally:
@@ -199,8 +205,8 @@ class Disk:
             raise ValueError(f"{len(data)} bytes are not whole {SECTOR_SIZE}-byte sectors")
         self._check(sector, len(data) // SECTOR_SIZE)
         with mmap.mmap(-1, max(len(data), 1)) as buffer:
-            buffer[:len(data)] = data
-            view = memoryview(buffer)[:len(data)]
+            buffer[: len(data)] = data
+            view = memoryview(buffer)[: len(data)]
             try:
                 self.writev(sector, [view])
             finally:

@@ -22,7 +22,7 @@ import trio
 from domains.dom0.hw.bridge import Bridge
 from domains.dom0.hw.nic import PcapNic, TapNic, TapUnavailable, complete
 from domains.dom0.xenconsoled import unix_listener
-from xenlike.pcap import capture_socket, file_header, record
+from xenlike.tools.pcap import capture_socket, file_header, record
 from xenlike.topology import Topology
 
 __all__ = ["DEFAULT_BRIDGE", "Network"]
@@ -53,8 +53,9 @@ class Network:
         try:
             return self.bridges[name]
         except KeyError:
-            raise LookupError(f"bridge {name!r} does not exist in Dom0; its bridges: "
-                              f"{', '.join(self.bridges)}") from None
+            raise LookupError(
+                f"bridge {name!r} does not exist in Dom0; its bridges: {', '.join(self.bridges)}"
+            ) from None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Capture sockets and the NIC, until cancelled."""
@@ -65,8 +66,7 @@ class Network:
                 path = capture_socket(self.run_dir, bridge.name)
                 path.unlink(missing_ok=True)
                 listener = await unix_listener(path)
-                nursery.start_soon(trio.serve_listeners, self._capture_handler(bridge),
-                                   [listener])
+                nursery.start_soon(trio.serve_listeners, self._capture_handler(bridge), [listener])
             self._start_nic(nursery)
             task_status.started()
 
@@ -141,6 +141,5 @@ class Network:
                 nursery.start_soon(then_stop, until_hangup)
         finally:
             bridge.taps.remove(tap)
-            log.info("%s: capture client gone (%d frames lost to its queue)", bridge.name,
-                     dropped)
+            log.info("%s: capture client gone (%d frames lost to its queue)", bridge.name, dropped)
             await trio.aclose_forcefully(stream)

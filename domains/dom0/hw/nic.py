@@ -26,7 +26,7 @@ from domains.dom0.hw.bridge import Bridge
 from drivers.netif import BridgePort
 from drivers.netif.protocol import fill_checksum
 from xenlike.abi.netif import NETRXF_csum_blank
-from xenlike.pcap import file_header, record
+from xenlike.tools.pcap import file_header, record
 
 __all__ = ["PcapNic", "TapNic", "TapUnavailable"]
 
@@ -59,15 +59,21 @@ class TapNic:
     def __init__(self, ifname: str) -> None:
         self.name = ifname
         if not 0 < len(ifname.encode()) < IFNAMSIZ or "/" in ifname or ifname.strip() != ifname:
-            raise TapUnavailable(errno.EINVAL, f"tap:{ifname}: an interface name has 1 to "
-                                               f"{IFNAMSIZ - 1} characters, no '/' or blanks")
+            raise TapUnavailable(
+                errno.EINVAL,
+                f"tap:{ifname}: an interface name has 1 to "
+                f"{IFNAMSIZ - 1} characters, no '/' or blanks",
+            )
         try:
             self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise TapUnavailable(exc.errno, f"tap:{ifname}: /dev/net/tun: {exc.strerror}") from None
         try:
-            fcntl.ioctl(self._fd, TUNSETIFF, struct.pack(f"{IFNAMSIZ}sH", ifname.encode(),
-                                                         IFF_TAP | IFF_NO_PI))
+            fcntl.ioctl(
+                self._fd,
+                TUNSETIFF,
+                struct.pack(f"{IFNAMSIZ}sH", ifname.encode(), IFF_TAP | IFF_NO_PI),
+            )
         except OSError as exc:
             os.close(self._fd)
             raise TapUnavailable(exc.errno, f"tap:{ifname}: TUNSETIFF: {exc.strerror}") from None

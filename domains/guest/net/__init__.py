@@ -16,5 +16,11 @@ from domains.guest.net.arp import ArpCache, HostUnreachable
 from domains.guest.net.interface import Interface, NetworkUnreachable
 from domains.guest.net.udp import AddressInUse, UdpSocket
 
-__all__ = ["AddressInUse", "ArpCache", "HostUnreachable", "Interface", "NetworkUnreachable",
-           "UdpSocket"]
+__all__ = [
+    "AddressInUse",
+    "ArpCache",
+    "HostUnreachable",
+    "Interface",
+    "NetworkUnreachable",
+    "UdpSocket",
+]

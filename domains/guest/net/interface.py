@@ -88,8 +88,15 @@ class Interface:
         self._ip = _ANY
         self._broadcast = _LIMITED_BROADCAST
         self._header_sum = 0
-        self.stats = {"ip_in": 0, "ip_out": 0, "bad_header": 0, "bad_checksum": 0,
-                      "fragments": 0, "no_port": 0, "icmp_unreachable": 0}
+        self.stats = {
+            "ip_in": 0,
+            "ip_out": 0,
+            "bad_header": 0,
+            "bad_checksum": 0,
+            "fragments": 0,
+            "no_port": 0,
+            "icmp_unreachable": 0,
+        }
         vif.receiver = self._receive
         self._configure()
         if self.address is not None:
@@ -144,25 +151,30 @@ class Interface:
         for_us = self._ip != _ANY and tpa == self._ip
         self.arp.learn(spa, sha, create=for_us)
         if for_us and oper == ARP_REQUEST:
-            reply = ETHERNET.pack(sha, self.vif.mac, ETH_P_ARP) + \
-                ARP.pack(1, ETH_P_IP, 6, 4, ARP_REPLY, self.vif.mac, self._ip, sha, spa)
+            reply = ETHERNET.pack(sha, self.vif.mac, ETH_P_ARP) + ARP.pack(
+                1, ETH_P_IP, 6, 4, ARP_REPLY, self.vif.mac, self._ip, sha, spa
+            )
             self.vif.transmit_nowait(reply)
 
     def _receive_ipv4(self, frame: bytes, flags: int) -> None:
         if len(frame) < 14 + IPV4.size:
             return
-        version_ihl, _, total, _, fragment, _, protocol, _, source, destination = \
-            IPV4.unpack_from(frame, 14)
+        version_ihl, _, total, _, fragment, _, protocol, _, source, destination = IPV4.unpack_from(
+            frame, 14
+        )
         ihl = (version_ihl & 0x0F) * 4
         stats = self.stats
         if version_ihl >> 4 != 4 or ihl < 20 or total < ihl or 14 + total > len(frame):
             stats["bad_header"] += 1
             return
-        if checksum(frame[14:14 + ihl]):
+        if checksum(frame[14 : 14 + ihl]):
             stats["bad_checksum"] += 1
             return
-        if destination != self._ip and destination != self._broadcast and \
-                destination != _LIMITED_BROADCAST:
+        if (
+            destination != self._ip
+            and destination != self._broadcast
+            and destination != _LIMITED_BROADCAST
+        ):
             self._configure()
             if destination != self._ip:
                 return
@@ -170,14 +182,15 @@ class Interface:
             stats["fragments"] += 1
             return
         stats["ip_in"] += 1
-        payload = frame[14 + ihl:14 + total]
+        payload = frame[14 + ihl : 14 + total]
         if protocol == IPPROTO_UDP:
             self._receive_udp(frame, payload, source, destination, flags)
         elif protocol == IPPROTO_ICMP:
             self._receive_icmp(frame, payload, source, destination, flags)
 
-    def _receive_udp(self, frame: bytes, payload: bytes, source: bytes, destination: bytes,
-                     flags: int) -> None:
+    def _receive_udp(
+        self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
+    ) -> None:
         if len(payload) < UDP.size:
             self.stats["bad_header"] += 1
             return
@@ -185,9 +198,13 @@ class Interface:
         if length < UDP.size or length > len(payload):
             self.stats["bad_header"] += 1
             return
-        if sum_ and not flags & NETRXF_data_validated and \
-                checksum(payload[:length], pseudo_header_sum(source, destination, IPPROTO_UDP,
-                                                              length)):
+        if (
+            sum_
+            and not flags & NETRXF_data_validated
+            and checksum(
+                payload[:length], pseudo_header_sum(source, destination, IPPROTO_UDP, length)
+            )
+        ):
             self.stats["bad_checksum"] += 1
             return
         sock = self._udp.get(port)
@@ -196,10 +213,11 @@ class Interface:
             if destination == self._ip:
                 self._unreachable(frame, source)
             return
-        sock.deliver(payload[UDP.size:length], (socket.inet_ntoa(source), source_port))
+        sock.deliver(payload[UDP.size : length], (socket.inet_ntoa(source), source_port))
 
-    def _receive_icmp(self, frame: bytes, payload: bytes, source: bytes, destination: bytes,
-                      flags: int) -> None:
+    def _receive_icmp(
+        self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
+    ) -> None:
         if len(payload) < ICMP_ECHO.size:
             self.stats["bad_header"] += 1
             return
@@ -208,7 +226,7 @@ class Interface:
             return
         kind, _, _, identifier, sequence = ICMP_ECHO.unpack_from(payload)
         if kind == ICMP_ECHO_REQUEST and destination == self._ip:  # broadcast pings ignored
-            reply = self._icmp(ICMP_ECHO_REPLY, 0, identifier, sequence, payload[ICMP_ECHO.size:])
+            reply = self._icmp(ICMP_ECHO_REPLY, 0, identifier, sequence, payload[ICMP_ECHO.size :])
             self.vif.transmit_nowait(self._ip_frame(frame[6:12], source, IPPROTO_ICMP, reply))
         elif kind == ICMP_ECHO_REPLY:
             waiter = self._pings.pop((identifier, sequence), None)
@@ -220,7 +238,7 @@ class Interface:
     def _unreachable(self, frame: bytes, source: bytes) -> None:
         """ICMP port unreachable back to a datagram's sender (its IP header and 8 bytes)."""
         ihl = (frame[14] & 0x0F) * 4
-        quoted = frame[14:14 + ihl + 8]
+        quoted = frame[14 : 14 + ihl + 8]
         message = self._icmp(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, quoted)
         self.vif.transmit_nowait(self._ip_frame(frame[6:12], source, IPPROTO_ICMP, message))
 
@@ -236,9 +254,13 @@ class Interface:
         dest = int.from_bytes(destination, "big")
         sum_ = _fold(self._header_sum + protocol + total + ident + (dest >> 16) + (dest & 0xFFFF))
         self.stats["ip_out"] += 1
-        return ETHERNET.pack(mac, self.vif.mac, ETH_P_IP) + IPV4.pack(
-            0x45, 0, total, ident, DONT_FRAGMENT, TTL, protocol, sum_, self._ip,
-            destination) + payload
+        return (
+            ETHERNET.pack(mac, self.vif.mac, ETH_P_IP)
+            + IPV4.pack(
+                0x45, 0, total, ident, DONT_FRAGMENT, TTL, protocol, sum_, self._ip, destination
+            )
+            + payload
+        )
 
     @staticmethod
     def _icmp(kind: int, code: int, identifier: int, sequence: int, data: bytes) -> bytes:
@@ -249,23 +271,24 @@ class Interface:
         """The MAC a packet for `destination` goes to (ARP-resolved; broadcast for broadcasts)."""
         self._configure()
         if self.address is None:
-            raise NetworkUnreachable(f"{self.name} has no IPv4 address: give its vif line "
-                                     f"an ip=")
+            raise NetworkUnreachable(f"{self.name} has no IPv4 address: give its vif line an ip=")
         if destination == self._broadcast or destination == _LIMITED_BROADCAST:
             return BROADCAST_MAC
         if ipaddress.IPv4Address(destination) not in self.address.network:
-            raise NetworkUnreachable(f"{socket.inet_ntoa(destination)} is not on "
-                                     f"{self.address.network}, and there is no gateway")
+            raise NetworkUnreachable(
+                f"{socket.inet_ntoa(destination)} is not on "
+                f"{self.address.network}, and there is no gateway"
+            )
         return await self.arp.resolve(destination)
 
-    async def send_ip(self, destination: bytes, protocol: int, payload: bytes,
-                      flags: int = 0) -> None:
+    async def send_ip(
+        self, destination: bytes, protocol: int, payload: bytes, flags: int = 0
+    ) -> None:
         """One IPv4 packet (payload and protocol number) to an address of the network."""
         mac = await self.next_hop(destination)
         await self.vif.transmit(self._ip_frame(mac, destination, protocol, payload), flags)
 
-    async def send_udp(self, source_port: int, destination: bytes, port: int,
-                       data: bytes) -> None:
+    async def send_udp(self, source_port: int, destination: bytes, port: int, data: bytes) -> None:
         """One datagram; the hot path of `UdpSocket.sendto`."""
         mac = self.arp.lookup(destination)
         if mac is None:
@@ -274,32 +297,58 @@ class Interface:
         total = IPV4.size + length
         ident = self._next_ident()
         dest = int.from_bytes(destination, "big")
-        header_sum = _fold(self._header_sum + IPPROTO_UDP + total + ident + (dest >> 16)
-                           + (dest & 0xFFFF))
+        header_sum = _fold(
+            self._header_sum + IPPROTO_UDP + total + ident + (dest >> 16) + (dest & 0xFFFF)
+        )
         if self.vif.csum_offload:
             sum_, flags = 0, NETTXF_csum_blank | NETTXF_data_validated
         else:
-            sum_ = checksum(UDP.pack(source_port, port, length, 0) + data,
-                            pseudo_header_sum(self._ip, destination, IPPROTO_UDP, length)) or 0xFFFF
+            sum_ = (
+                checksum(
+                    UDP.pack(source_port, port, length, 0) + data,
+                    pseudo_header_sum(self._ip, destination, IPPROTO_UDP, length),
+                )
+                or 0xFFFF
+            )
             flags = NETTXF_data_validated
-        frame = ETH_UDP.pack(mac, self.vif.mac, ETH_P_IP, 0x45, 0, total, ident, DONT_FRAGMENT,
-                             TTL, IPPROTO_UDP, header_sum, self._ip, destination, source_port,
-                             port, length, sum_) + data
+        frame = (
+            ETH_UDP.pack(
+                mac,
+                self.vif.mac,
+                ETH_P_IP,
+                0x45,
+                0,
+                total,
+                ident,
+                DONT_FRAGMENT,
+                TTL,
+                IPPROTO_UDP,
+                header_sum,
+                self._ip,
+                destination,
+                source_port,
+                port,
+                length,
+                sum_,
+            )
+            + data
+        )
         self.stats["ip_out"] += 1
         await self.vif.transmit(frame, flags)
 
     def _arp_request(self, ip: bytes) -> None:
-        frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + \
-            ARP.pack(1, ETH_P_IP, 6, 4, ARP_REQUEST, self.vif.mac, self._ip, bytes(6), ip)
+        frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + ARP.pack(
+            1, ETH_P_IP, 6, 4, ARP_REQUEST, self.vif.mac, self._ip, bytes(6), ip
+        )
         self.vif.transmit_nowait(frame)
 
     def announce(self) -> None:
         """A gratuitous ARP: tells the segment (and the bridge) where our address lives."""
         self._configure()
         if self.address is not None:
-            frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + \
-                ARP.pack(1, ETH_P_IP, 6, 4, ARP_REQUEST, self.vif.mac, self._ip, bytes(6),
-                         self._ip)
+            frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + ARP.pack(
+                1, ETH_P_IP, 6, 4, ARP_REQUEST, self.vif.mac, self._ip, bytes(6), self._ip
+            )
             self.vif.transmit_nowait(frame)
 
     # --- the programs' API --------------------------------------------------------------------
@@ -313,8 +362,9 @@ class Interface:
         sequence = next(self._ping_seq) & 0xFFFF
         key = (self._ping_id, sequence)
         answered = self._pings[key] = trio.Event()
-        message = self._icmp(ICMP_ECHO_REQUEST, 0, self._ping_id, sequence,
-                             (_PATTERN * (size // 256 + 1))[:size])
+        message = self._icmp(
+            ICMP_ECHO_REQUEST, 0, self._ping_id, sequence, (_PATTERN * (size // 256 + 1))[:size]
+        )
         start = time.perf_counter()
         try:
             with trio.fail_after(timeout):

@@ -80,6 +80,7 @@ udp_header = Struct(
     "checksum" / Int16ub,  # 0: none (IPv4 only)
 )
 
+
 def struct_of(layout: Struct) -> str:
     """The big-endian struct format of a flat layout of bytes and unsigned integers."""
     codes = []
@@ -102,8 +103,9 @@ IPV4 = struct.Struct("!" + struct_of(ipv4_header))
 ICMP_ECHO = struct.Struct("!" + struct_of(icmp_echo))
 UDP = struct.Struct("!" + struct_of(udp_header))
 # Ethernet, IPv4 and UDP headers in one pack: a datagram's 42 bytes in one call.
-ETH_UDP = struct.Struct("!" + struct_of(ethernet_header) + struct_of(ipv4_header)
-                        + struct_of(udp_header))
+ETH_UDP = struct.Struct(
+    "!" + struct_of(ethernet_header) + struct_of(ipv4_header) + struct_of(udp_header)
+)
 
 BROADCAST_MAC = b"\xff" * 6
 ARP_REQUEST, ARP_REPLY = 1, 2

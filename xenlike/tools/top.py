@@ -61,13 +61,21 @@ from xenlike.abi.domctl import (
 from xenlike.abi.event_channel import EvtchnOp
 from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import Hypercall
-from xenlike.session import NotRunning, find_run_dir
+from xenlike.tools.session import NotRunning, find_run_dir
 from xenlike.trace import LostRecords, TraceReader
 from xenlike.trace.events import is_event
 from xenlike.trace.live import run_until_interrupted
 
-__all__ = ["VBD_KEYS", "VIF_KEYS", "TopSampler", "format_frame", "open_sampler", "rows",
-           "state_letters", "top"]
+__all__ = [
+    "VBD_KEYS",
+    "VIF_KEYS",
+    "TopSampler",
+    "format_frame",
+    "open_sampler",
+    "rows",
+    "state_letters",
+    "top",
+]
 
 VBD_KEYS = ("rd_req", "wr_req", "rd_sect", "wr_sect", "oo_req")
 VIF_KEYS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
@@ -82,10 +90,17 @@ def state_letters(flags: int) -> str:
     """xentop's STATE column: d(ying) s(hutdown) b(locked) p(aused) c(rashed) r(unning)."""
     shutdown = bool(flags & XEN_DOMINF_shutdown)
     crashed = shutdown and (flags >> XEN_DOMINF_shutdownshift & 0xFF) == ShutdownReason.crash
-    return "".join(letter if on else "-" for letter, on in (
-        ("d", flags & XEN_DOMINF_dying), ("s", shutdown and not crashed),
-        ("b", flags & XEN_DOMINF_blocked), ("p", flags & XEN_DOMINF_paused),
-        ("c", crashed), ("r", flags & XEN_DOMINF_running)))
+    return "".join(
+        letter if on else "-"
+        for letter, on in (
+            ("d", flags & XEN_DOMINF_dying),
+            ("s", shutdown and not crashed),
+            ("b", flags & XEN_DOMINF_blocked),
+            ("p", flags & XEN_DOMINF_paused),
+            ("c", crashed),
+            ("r", flags & XEN_DOMINF_running),
+        )
+    )
 
 
 @attrs.frozen
@@ -144,10 +159,19 @@ class TopSampler:
         for domid in infos:
             name = await self._xs.read_optional(f"/local/domain/{domid}/name")
             names[domid] = name or f"d{domid}"
-            devices[domid] = {**await self._device_counters(domid),
-                              "devices": await self._custom_counters(domid)}
-        return Sample(time.monotonic(), physinfo.total_pages, infos, names,
-                      dict(self._hypercalls), dict(self._sends), devices)
+            devices[domid] = {
+                **await self._device_counters(domid),
+                "devices": await self._custom_counters(domid),
+            }
+        return Sample(
+            time.monotonic(),
+            physinfo.total_pages,
+            infos,
+            names,
+            dict(self._hypercalls),
+            dict(self._sends),
+            devices,
+        )
 
     async def _device_counters(self, domid: int) -> dict[str, int]:
         totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
@@ -190,8 +214,11 @@ async def open_sampler(run_dir: Path) -> AsyncIterator[TopSampler]:
     from xenlike.xc import XenControl
     from xenlike.xenstore import open_client
 
-    async with XenControl.connect(run_dir) as xc, open_client(run_dir / "xenstored" / "socket") \
-            as xs, trio.open_nursery() as nursery:
+    async with (
+        XenControl.connect(run_dir) as xc,
+        open_client(run_dir / "xenstored" / "socket") as xs,
+        trio.open_nursery() as nursery,
+    ):
         with await TraceReader.open(run_dir) as reader:
             sampler = TopSampler(xc, xs, reader)
             await nursery.start(sampler.count_calls)
@@ -207,41 +234,78 @@ def rows(before: Sample, after: Sample) -> list[dict[str, Any]]:
         old = before.infos.get(domid)
         cpu_ns = info.cpu_time - (old.cpu_time if old is not None else info.cpu_time)
         io = after.devices.get(domid, {})
-        out.append({
-            "name": after.names.get(domid, f"d{domid}"), "domid": domid,
-            "state": state_letters(info.flags),
-            "cpu_s": round(info.cpu_time / 1e9, 1),
-            "cpu_pct": round(max(cpu_ns, 0) / 1e9 / elapsed * 100, 1),
-            "mem_k": info.tot_pages * 4, "maxmem_k": info.max_pages * 4,
-            "mem_pct": round(info.tot_pages / after.total_pages * 100, 1)
-            if after.total_pages else 0.0,
-            "vcpus": info.nr_online_vcpus,
-            "hypercalls_s": round((after.hypercalls.get(domid, 0)
-                                   - before.hypercalls.get(domid, 0)) / elapsed, 1),
-            "evtchn_sends_s": round((after.sends.get(domid, 0)
-                                     - before.sends.get(domid, 0)) / elapsed, 1),
-            **io,
-        })
+        out.append(
+            {
+                "name": after.names.get(domid, f"d{domid}"),
+                "domid": domid,
+                "state": state_letters(info.flags),
+                "cpu_s": round(info.cpu_time / 1e9, 1),
+                "cpu_pct": round(max(cpu_ns, 0) / 1e9 / elapsed * 100, 1),
+                "mem_k": info.tot_pages * 4,
+                "maxmem_k": info.max_pages * 4,
+                "mem_pct": round(info.tot_pages / after.total_pages * 100, 1)
+                if after.total_pages
+                else 0.0,
+                "vcpus": info.nr_online_vcpus,
+                "hypercalls_s": round(
+                    (after.hypercalls.get(domid, 0) - before.hypercalls.get(domid, 0)) / elapsed, 1
+                ),
+                "evtchn_sends_s": round(
+                    (after.sends.get(domid, 0) - before.sends.get(domid, 0)) / elapsed, 1
+                ),
+                **io,
+            }
+        )
     return out
 
 
 _COLUMNS = (  # header, key, width, format
-    ("NAME", "name", 12, "{}"), ("ID", "domid", 4, "{}"), ("STATE", "state", 6, "{}"),
-    ("CPU(sec)", "cpu_s", 8, "{:.1f}"), ("CPU(%)", "cpu_pct", 6, "{:.1f}"),
-    ("MEM(k)", "mem_k", 8, "{}"), ("MEM(%)", "mem_pct", 6, "{:.1f}"),
-    ("HCALL/s", "hypercalls_s", 8, "{:.0f}"), ("EVTCHN/s", "evtchn_sends_s", 8, "{:.0f}"),
-    ("VBDS", "vbds", 4, "{}"), ("VBD_OO", "oo_req", 6, "{}"), ("VBD_RD", "rd_req", 7, "{}"),
-    ("VBD_WR", "wr_req", 7, "{}"), ("VBD_RSECT", "rd_sect", 9, "{}"),
-    ("VBD_WSECT", "wr_sect", 9, "{}"), ("NETS", "vifs", 4, "{}"),
-    ("NETTX(pk)", "tx_packets", 9, "{}"), ("NETRX(pk)", "rx_packets", 9, "{}"),
-    ("NETTX(k)", "tx_bytes", 8, "{}"), ("NETRX(k)", "rx_bytes", 8, "{}"),
+    ("NAME", "name", 12, "{}"),
+    ("ID", "domid", 4, "{}"),
+    ("STATE", "state", 6, "{}"),
+    ("CPU(sec)", "cpu_s", 8, "{:.1f}"),
+    ("CPU(%)", "cpu_pct", 6, "{:.1f}"),
+    ("MEM(k)", "mem_k", 8, "{}"),
+    ("MEM(%)", "mem_pct", 6, "{:.1f}"),
+    ("HCALL/s", "hypercalls_s", 8, "{:.0f}"),
+    ("EVTCHN/s", "evtchn_sends_s", 8, "{:.0f}"),
+    ("VBDS", "vbds", 4, "{}"),
+    ("VBD_OO", "oo_req", 6, "{}"),
+    ("VBD_RD", "rd_req", 7, "{}"),
+    ("VBD_WR", "wr_req", 7, "{}"),
+    ("VBD_RSECT", "rd_sect", 9, "{}"),
+    ("VBD_WSECT", "wr_sect", 9, "{}"),
+    ("NETS", "vifs", 4, "{}"),
+    ("NETTX(pk)", "tx_packets", 9, "{}"),
+    ("NETRX(pk)", "rx_packets", 9, "{}"),
+    ("NETTX(k)", "tx_bytes", 8, "{}"),
+    ("NETRX(k)", "rx_bytes", 8, "{}"),
 )
 
 
 # Which columns stay when the terminal is narrow: the first ones of this order.
-_PRIORITY = ("name", "domid", "state", "cpu_pct", "mem_k", "hypercalls_s", "evtchn_sends_s",
-             "rd_req", "wr_req", "tx_packets", "rx_packets", "cpu_s", "mem_pct", "vbds", "vifs",
-             "oo_req", "rd_sect", "wr_sect", "tx_bytes", "rx_bytes")
+_PRIORITY = (
+    "name",
+    "domid",
+    "state",
+    "cpu_pct",
+    "mem_k",
+    "hypercalls_s",
+    "evtchn_sends_s",
+    "rd_req",
+    "wr_req",
+    "tx_packets",
+    "rx_packets",
+    "cpu_s",
+    "mem_pct",
+    "vbds",
+    "vifs",
+    "oo_req",
+    "rd_sect",
+    "wr_sect",
+    "tx_bytes",
+    "rx_bytes",
+)
 
 
 def format_frame(table: list[dict[str, Any]], width: int | None = None) -> str:
@@ -268,17 +332,26 @@ def format_frame(table: list[dict[str, Any]], width: int | None = None) -> str:
             if key in ("tx_bytes", "rx_bytes"):
                 value //= 1024
             text = fmt.format(value)
-            cells.append(f"{text[:column_width]:<{column_width}}" if i == 0
-                         else f"{text:>{column_width}}")
-        custom = " ".join(f"{device_type} " + " ".join(f"{k}={v}" for k, v in counters.items())
-                          for device_type, counters in row.get("devices", {}).items())
+            cells.append(
+                f"{text[:column_width]:<{column_width}}" if i == 0 else f"{text:>{column_width}}"
+            )
+        custom = " ".join(
+            f"{device_type} " + " ".join(f"{k}={v}" for k, v in counters.items())
+            for device_type, counters in row.get("devices", {}).items()
+        )
         lines.append(" ".join(cells) + (f"  {custom}" if custom else ""))
     return "\n".join(line[:width] if width is not None else line for line in lines)
 
 
-async def run_top(run_dir: Path, delay: float, iterations: int | None,
-                  emit: Callable[[list[dict[str, Any]]], None], *, stop: trio.Event,
-                  keys: int | None = None) -> None:
+async def run_top(
+    run_dir: Path,
+    delay: float,
+    iterations: int | None,
+    emit: Callable[[list[dict[str, Any]]], None],
+    *,
+    stop: trio.Event,
+    keys: int | None = None,
+) -> None:
     """Emit a table every `delay` seconds, `iterations` times (None: until `stop`);
     `q` on the terminal `keys` (a file descriptor in cbreak mode) stops too."""
     async with open_sampler(run_dir) as sampler, trio.open_nursery() as nursery:
@@ -308,18 +381,39 @@ async def _quit_on_q(fd: int, stop: trio.Event) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).")
-@click.option("--batch", "-b", is_flag=True,
-              help="Print each table after the last instead of redrawing (for scripts).")
-@click.option("--iterations", "-i", type=click.IntRange(min=1), default=None,
-              help="Stop after N tables (default: until Ctrl-C).")
-@click.option("--delay", "-d", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
-              help="Seconds between tables.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print each table as one JSON object per line instead.")
-def top(run_dir: Path | None, batch: bool, iterations: int | None, delay: float,
-        as_json: bool) -> None:
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).",
+)
+@click.option(
+    "--batch",
+    "-b",
+    is_flag=True,
+    help="Print each table after the last instead of redrawing (for scripts).",
+)
+@click.option(
+    "--iterations",
+    "-i",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after N tables (default: until Ctrl-C).",
+)
+@click.option(
+    "--delay",
+    "-d",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between tables.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print each table as one JSON object per line instead."
+)
+def top(
+    run_dir: Path | None, batch: bool, iterations: int | None, delay: float, as_json: bool
+) -> None:
     """Show each domain's CPU, memory, hypercalls, event sends and I/O, as xentop does.
 
     CPU seconds and %, memory, hypercalls and event-channel sends per second
@@ -354,8 +448,13 @@ def top(run_dir: Path | None, batch: bool, iterations: int | None, delay: float,
     try:
         if saved is not None:
             tty.setcbreak(stdin)
-        run_until_interrupted(functools.partial(run_top, keys=stdin if interactive else None),
-                              rd.path, delay, iterations, emit)
+        run_until_interrupted(
+            functools.partial(run_top, keys=stdin if interactive else None),
+            rd.path,
+            delay,
+            iterations,
+            emit,
+        )
     except BrokenPipeError:  # the reader went away: the CLI ends quietly
         raise
     except ConnectionError as exc:

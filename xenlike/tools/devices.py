@@ -13,15 +13,26 @@ from typing import Any
 
 from xenlike.abi.xenbus import XenbusState as S
 from xenlike.rundir import RunDir
-from xenlike.session import NoSuchDomain
+from xenlike.tools.session import NoSuchDomain
 from xenlike.xenbus.driver import error_node
 from xenlike.xenstore import open_client
 
 __all__ = ["describe_devices", "waiting_for"]
 
-_FEATURE_PREFIXES = ("feature-", "max-ring-page-order", "ring-page-order", "multi-queue",
-                     "sectors", "sector-size", "physical-sector-size", "info", "discard-",
-                     "mode", "mac", "request-rx-copy")
+_FEATURE_PREFIXES = (
+    "feature-",
+    "max-ring-page-order",
+    "ring-page-order",
+    "multi-queue",
+    "sectors",
+    "sector-size",
+    "physical-sector-size",
+    "info",
+    "discard-",
+    "mode",
+    "mac",
+    "request-rx-copy",
+)
 
 
 def waiting_for(device_type: str, front: S | None, back: S | None) -> str | None:
@@ -31,15 +42,21 @@ def waiting_for(device_type: str, front: S | None, back: S | None) -> str | None
     if back in (None, S.Unknown):
         return "the back-end directory is missing: the toolstack did not create it"
     if back == S.Initialising:
-        return (f"no back end has picked the device up: is a back-end driver for "
-                f"'{device_type}' running in the back-end domain?")
+        return (
+            f"no back end has picked the device up: is a back-end driver for "
+            f"'{device_type}' running in the back-end domain?"
+        )
     if back == S.InitWait and front in (S.Initialising, S.Unknown, None):
-        return (f"the back end offers its features and waits for the front end to publish "
-                f"its ring (ring-ref, event-channel): is a front-end driver for "
-                f"'{device_type}' loaded in the guest?")
+        return (
+            f"the back end offers its features and waits for the front end to publish "
+            f"its ring (ring-ref, event-channel): is a front-end driver for "
+            f"'{device_type}' loaded in the guest?"
+        )
     if back == S.InitWait and front == S.Initialised:
-        return ("the front end published its ring; the back end has not mapped it and "
-                "connected: look at the back end's error node and Dom0's log")
+        return (
+            "the front end published its ring; the back end has not mapped it and "
+            "connected: look at the back end's error node and Dom0's log"
+        )
     if back == S.Connected and front == S.Initialised:
         return "the back end is Connected; the front end has not yet read its properties"
     if S.Closing in (front, back) or S.Closed in (front, back):
@@ -87,17 +104,25 @@ async def describe_devices(run_dir: RunDir, name: str | None = None) -> list[dic
                         if error:
                             errors.append(f"{side}: {error}")
                     backend_id = await xs.read_optional(f"{front}/backend-id")
-                    report.append({
-                        "domain": domain_name, "domid": int(domid), "type": device_type,
-                        "devid": devid, "frontend": front, "backend": back,
-                        "frontend_state": front_state.name if front_state is not None else None,
-                        "backend_state": back_state.name if back_state is not None else None,
-                        "features": features, "errors": errors,
-                        "waiting": waiting_for(device_type, front_state, back_state),
-                        "backend_domid": int(backend_id) if backend_id and backend_id.isdigit()
-                        else None,
-                        "last_event": None,
-                    })
+                    report.append(
+                        {
+                            "domain": domain_name,
+                            "domid": int(domid),
+                            "type": device_type,
+                            "devid": devid,
+                            "frontend": front,
+                            "backend": back,
+                            "frontend_state": front_state.name if front_state is not None else None,
+                            "backend_state": back_state.name if back_state is not None else None,
+                            "features": features,
+                            "errors": errors,
+                            "waiting": waiting_for(device_type, front_state, back_state),
+                            "backend_domid": int(backend_id)
+                            if backend_id and backend_id.isdigit()
+                            else None,
+                            "last_event": None,
+                        }
+                    )
     if not found:
         raise NoSuchDomain(f"no domain named {name!r}; domains: {', '.join(known) or 'none'}")
     stuck = [device for device in report if device["waiting"]]

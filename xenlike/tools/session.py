@@ -25,8 +25,15 @@ from xenlike._process import die_with_parent
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.topology import Topology
 
-__all__ = ["NoSuchDomain", "NotRunning", "Session", "ToolstackRefused", "find_run_dir",
-           "start_topology", "toolstack_request"]
+__all__ = [
+    "NoSuchDomain",
+    "NotRunning",
+    "Session",
+    "ToolstackRefused",
+    "find_run_dir",
+    "start_topology",
+    "toolstack_request",
+]
 
 DOM0_KERNEL = "domains.dom0:main"
 READY_TIMEOUT = 60.0
@@ -50,13 +57,15 @@ def find_run_dir(explicit: Path | None, *, running: bool = True) -> RunDir:
     With `running`, a named run directory whose topology is stopped is
     NotRunning too (its sockets may still be there, answering nobody).
     """
-    named = explicit if explicit is not None else (
-        Path(os.environ["XENLIKE_RUN_DIR"]) if os.environ.get("XENLIKE_RUN_DIR") else None)
+    named = (
+        explicit
+        if explicit is not None
+        else (Path(os.environ["XENLIKE_RUN_DIR"]) if os.environ.get("XENLIKE_RUN_DIR") else None)
+    )
     if named is not None:
         rd = RunDir(named)
         if running and not rd.busy():
-            raise NotRunning(f"no topology is running in {rd.path} "
-                             "(start one with `xenlike up`)")
+            raise NotRunning(f"no topology is running in {rd.path} (start one with `xenlike up`)")
         return rd
     base = default_run_dir("x").parent
     running = sorted(p for p in base.glob("*") if RunDir(p).busy()) if base.exists() else []
@@ -68,18 +77,23 @@ def find_run_dir(explicit: Path | None, *, running: bool = True) -> RunDir:
     raise NotRunning(f"several topologies are running ({names}); choose one with --run-dir")
 
 
-async def toolstack_request(run_dir: RunDir, request: dict[str, Any],
-                            timeout: float = 120.0) -> dict[str, Any]:
+async def toolstack_request(
+    run_dir: RunDir, request: dict[str, Any], timeout: float = 120.0
+) -> dict[str, Any]:
     """One request to Dom0's toolstack service; ToolstackRefused on {"ok": false}."""
     if not run_dir.toolstack.exists():
-        raise NotRunning(f"Dom0's toolstack is not running in {run_dir.path}: "
-                         "`xenlike dmesg` says what became of Dom0")
+        raise NotRunning(
+            f"Dom0's toolstack is not running in {run_dir.path}: "
+            "`xenlike dmesg` says what became of Dom0"
+        )
     with trio.fail_after(timeout):
         try:
             stream = await trio.open_unix_socket(str(run_dir.toolstack))
         except OSError as exc:
-            raise NotRunning(f"Dom0's toolstack does not answer ({exc.strerror}): "
-                             "`xenlike dmesg` says what became of Dom0") from None
+            raise NotRunning(
+                f"Dom0's toolstack does not answer ({exc.strerror}): "
+                "`xenlike dmesg` says what became of Dom0"
+            ) from None
         async with stream:
             await stream.send_all(json.dumps(request).encode() + b"\n")
             buffer = b""
@@ -106,16 +120,19 @@ class Session:
         return self.process.poll() is None
 
 
-def start_topology(topology: Topology, run_dir: RunDir, *, detach: bool,
-                   topology_path: Path | None) -> Session:
+def start_topology(
+    topology: Topology, run_dir: RunDir, *, detach: bool, topology_path: Path | None
+) -> Session:
     """Spawn the hypervisor (which boots Dom0, which creates the guests).
 
     In the foreground the hypervisor dies with this process; detached it
     runs on in its own session.
     """
     if run_dir.busy():
-        raise RunDirBusy(f"{run_dir.path} is in use by a running topology "
-                         f"(`xenlike down --run-dir {run_dir.path}` stops it)")
+        raise RunDirBusy(
+            f"{run_dir.path} is in use by a running topology "
+            f"(`xenlike down --run-dir {run_dir.path}` stops it)"
+        )
     run_dir.create()
     run_dir.remove_leftovers()  # a killed topology's sockets
     for stale in [*run_dir.consoles.glob("*"), *(run_dir.path / "domains").glob("*.log")]:
@@ -128,26 +145,44 @@ def start_topology(topology: Topology, run_dir: RunDir, *, detach: bool,
         topology_path = run_dir.topology
     else:
         run_dir.topology.write_text(topology_path.read_text())
-    argv = [sys.executable, "-m", "xenlike.hypervisor", "--run-dir", str(run_dir.path),
-            "--dom0-kernel", DOM0_KERNEL, "--dom0-memory", str(topology.dom0.memory),
-            "--dom0-cmdline", f"rundir={run_dir.path} topology={topology_path.resolve()}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "xenlike.hypervisor",
+        "--run-dir",
+        str(run_dir.path),
+        "--dom0-kernel",
+        DOM0_KERNEL,
+        "--dom0-memory",
+        str(topology.dom0.memory),
+        "--dom0-cmdline",
+        f"rundir={run_dir.path} topology={topology_path.resolve()}",
+    ]
     with (run_dir.path / "hypervisor.stderr").open("wb") as err:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                   start_new_session=True,
-                                   preexec_fn=None if detach else die_with_parent(signal.SIGTERM))
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=None if detach else die_with_parent(signal.SIGTERM),
+        )
     return Session(run_dir, topology, process)
 
 
-async def wait_ready(session: Session, on_status: Callable[[dict[str, Any]], None],
-                     timeout: float = READY_TIMEOUT) -> list[str]:
+async def wait_ready(
+    session: Session, on_status: Callable[[dict[str, Any]], None], timeout: float = READY_TIMEOUT
+) -> list[str]:
     """Follow the toolstack's status until everything is up; return what is not."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {"guests": []}
     names = {config.name for config in session.topology.domains}
     while time.monotonic() < deadline:
         if not session.alive():
-            return [f"the hypervisor exited with status {session.process.returncode}",
-                    *dom0_failure(session.run_dir)]
+            return [
+                f"the hypervisor exited with status {session.process.returncode}",
+                *dom0_failure(session.run_dir),
+            ]
         try:
             status = await toolstack_request(session.run_dir, {"op": "status"}, timeout=10)
         except (NotRunning, OSError, RuntimeError):
@@ -175,8 +210,7 @@ def failures(status: dict[str, Any], names: set[str], domid: int | None = None) 
     for failure in status.get("failures", []):
         if failure["name"] not in names or (domid is not None and failure["domid"] != domid):
             continue
-        who = failure["name"] + (f" (d{failure['domid']})" if failure["domid"] is not None
-                                 else "")
+        who = failure["name"] + (f" (d{failure['domid']})" if failure["domid"] is not None else "")
         found.append("\n    ".join([f"{who} {failure['reason']}", *failure["log"]]))
     return found
 
@@ -189,9 +223,11 @@ def failed_devices(status: dict[str, Any], names: set[str]) -> list[str]:
             continue
         for device in guest["devices"]:
             if device.get("error"):
-                found.append(f"{guest['name']}: {device['type']} {device['devid']} failed "
-                             f"(frontend {device['frontend']}, backend {device['backend']}): "
-                             f"{device['error']}")
+                found.append(
+                    f"{guest['name']}: {device['type']} {device['devid']} failed "
+                    f"(frontend {device['frontend']}, backend {device['backend']}): "
+                    f"{device['error']}"
+                )
     return found
 
 
@@ -223,8 +259,10 @@ def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
             problems.append(f"{config.name}: still booting")
         for device in guest["devices"]:
             if device["frontend"] != "Connected" or device["backend"] != "Connected":
-                problems.append(f"{config.name}: {device['type']} {device['devid']} is "
-                                f"frontend {device['frontend']}, backend {device['backend']}")
+                problems.append(
+                    f"{config.name}: {device['type']} {device['devid']} is "
+                    f"frontend {device['frontend']}, backend {device['backend']}"
+                )
     return problems
 
 
@@ -269,8 +307,7 @@ def _kill_strays(run_dir: RunDir) -> bool:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if b"xenlike.domain" not in argv:
                 continue
-            logs = {os.readlink(fd) for fd in (proc / "fd").iterdir()
-                    if fd.name in ("1", "2")}
+            logs = {os.readlink(fd) for fd in (proc / "fd").iterdir() if fd.name in ("1", "2")}
         except OSError:
             continue
         if any(Path(log).parent == domains for log in logs):

@@ -65,8 +65,15 @@ def capture_socket(run_dir: Path, bridge: str) -> Path:
 
 
 def file_header(snaplen: int = SNAPLEN, linktype: int = LINKTYPE_ETHERNET) -> bytes:
-    return _FILE.pack(_FILE.record(magic_number=PCAP_MAGIC, version_major=2, version_minor=4,
-                                   snaplen=snaplen, network=linktype))
+    return _FILE.pack(
+        _FILE.record(
+            magic_number=PCAP_MAGIC,
+            version_major=2,
+            version_minor=4,
+            snaplen=snaplen,
+            network=linktype,
+        )
+    )
 
 
 def record(frame: bytes, timestamp: float | None = None) -> bytes:
@@ -94,8 +101,8 @@ class PcapReader:
             magic = _FILE.unpack_from(buffer, 0).magic_number
             if magic != PCAP_MAGIC:
                 raise PcapError(f"magic {magic:#x} is not pcap's {PCAP_MAGIC:#x}")
-            self.header = bytes(buffer[:_FILE.size])
-            del buffer[:_FILE.size]
+            self.header = bytes(buffer[: _FILE.size])
+            del buffer[: _FILE.size]
         records, offset = [], 0
         while offset + _RECORD.size <= len(buffer):
             end = offset + _RECORD.size + _RECORD.unpack_from(buffer, offset).incl_len
@@ -110,7 +117,7 @@ class PcapReader:
     def parse(raw: bytes) -> tuple[float, bytes]:
         """(timestamp, frame) of one raw record."""
         rec = _RECORD.unpack_from(raw, 0)
-        return rec.ts_sec + rec.ts_usec / 1e6, raw[_RECORD.size:]
+        return rec.ts_sec + rec.ts_usec / 1e6, raw[_RECORD.size :]
 
 
 def read_records(data: bytes) -> Iterator[tuple[float, bytes]]:

@@ -1,7 +1,7 @@
 """`xenlike capture BRIDGE -w FILE`: a pcap of what crosses one of Dom0's bridges.
 
 Dom0 streams each bridge's traffic as pcap on a Unix socket in the run
-directory (`xenlike.pcap.capture_socket`); this command connects to it and
+directory (`xenlike.tools.pcap.capture_socket`); this command connects to it and
 writes whole records to FILE (tshark, Wireshark and tcpdump read it) until
 Ctrl-C, `--count` frames or `--duration` seconds. The file is flushed after
 every batch, so `tshark -r FILE` works while the capture runs.
@@ -14,9 +14,9 @@ from typing import BinaryIO
 import click
 import trio
 
-from xenlike.pcap import PcapReader, capture_socket
 from xenlike.rundir import RunDir
-from xenlike.session import NotRunning, find_run_dir
+from xenlike.tools.pcap import PcapReader, capture_socket
+from xenlike.tools.session import NotRunning, find_run_dir
 
 __all__ = ["NoSuchBridge", "Progress", "capture", "capture_bridge"]
 
@@ -33,16 +33,23 @@ class Progress:
     frames = 0
 
 
-async def capture_bridge(run_dir: RunDir, bridge: str, sink: BinaryIO, *,
-                         count: int | None = None, duration: float | None = None,
-                         progress: Progress | None = None) -> int:
+async def capture_bridge(
+    run_dir: RunDir,
+    bridge: str,
+    sink: BinaryIO,
+    *,
+    count: int | None = None,
+    duration: float | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Copy the bridge's pcap stream to `sink` (whole records only); returns the frames written."""
     path = capture_socket(run_dir.path, bridge)
     if not path.exists():
-        bridges = sorted(p.name.removesuffix(".pcap.sock")
-                         for p in path.parent.glob("*.pcap.sock"))
-        raise NoSuchBridge(f"no bridge {bridge!r} in {run_dir.path} (bridges: "
-                           f"{', '.join(bridges) or 'none: is the topology up?'})")
+        bridges = sorted(p.name.removesuffix(".pcap.sock") for p in path.parent.glob("*.pcap.sock"))
+        raise NoSuchBridge(
+            f"no bridge {bridge!r} in {run_dir.path} (bridges: "
+            f"{', '.join(bridges) or 'none: is the topology up?'})"
+        )
     reader = PcapReader()
     progress = progress or Progress()
     stream = await trio.open_unix_socket(str(path))
@@ -57,7 +64,7 @@ async def capture_bridge(run_dir: RunDir, bridge: str, sink: BinaryIO, *,
                 if not header_seen and reader.header is not None:
                     sink.write(reader.header)
                 if count is not None:
-                    records = records[:count - progress.frames]
+                    records = records[: count - progress.frames]
                 sink.write(b"".join(records))
                 sink.flush()
                 progress.frames += len(records)
@@ -66,14 +73,25 @@ async def capture_bridge(run_dir: RunDir, bridge: str, sink: BinaryIO, *,
 
 @click.command(context_settings=CONTEXT)
 @click.argument("bridge", default="xenbr0")
-@click.option("-w", "--write", "output", required=True, type=click.Path(path_type=Path,
-              allow_dash=True, dir_okay=False), help="The pcap file to write (- for stdout).")
+@click.option(
+    "-w",
+    "--write",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
+    help="The pcap file to write (- for stdout).",
+)
 @click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after COUNT frames.")
 @click.option("--duration", type=click.FloatRange(min=0), help="Stop after SECONDS seconds.")
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).")
-def capture(bridge: str, output: Path, count: int | None, duration: float | None,
-            run_dir: Path | None) -> None:
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).",
+)
+def capture(
+    bridge: str, output: Path, count: int | None, duration: float | None, run_dir: Path | None
+) -> None:
     """Record the frames crossing a Dom0 bridge (xenbr0) to a pcap file.
 
     Frames are recorded from the moment the command connects, until Ctrl-C,
@@ -92,8 +110,11 @@ def capture(bridge: str, output: Path, count: int | None, duration: float | None
     sink = sys.stdout.buffer if str(output) == "-" else open(output, "wb")  # noqa: SIM115
     progress = Progress()
     try:
-        trio.run(lambda: capture_bridge(rd, bridge, sink, count=count, duration=duration,
-                                        progress=progress))
+        trio.run(
+            lambda: capture_bridge(
+                rd, bridge, sink, count=count, duration=duration, progress=progress
+            )
+        )
     except NoSuchBridge as exc:
         click.echo(f"xenlike: {exc}", err=True)
         sys.exit(1)

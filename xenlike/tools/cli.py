@@ -1,7 +1,7 @@
 """The `xenlike` command line: thin commands that parse, call the library, print.
 
 Each command is a small sync function that calls `trio.run`; the work is in
-`xenlike.session`, `xenlike.xc` and `xenlike.xenstore`.
+`xenlike.tools.session`, `xenlike.xc` and `xenlike.xenstore`.
 """
 
 import json
@@ -26,10 +26,10 @@ from xenlike.abi.domctl import (
     XEN_DOMINF_shutdownshift,
 )
 from xenlike.abi.sched import ShutdownReason
-from xenlike.capture import capture
-from xenlike.devices_report import describe_devices
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
-from xenlike.session import (
+from xenlike.tools.capture import capture
+from xenlike.tools.devices import describe_devices
+from xenlike.tools.session import (
     NoSuchDomain,
     NotRunning,
     ToolstackRefused,
@@ -40,7 +40,7 @@ from xenlike.session import (
     toolstack_request,
     wait_ready,
 )
-from xenlike.top import top
+from xenlike.tools.top import top
 from xenlike.topology import TopologyError, default_topology, load_topology
 from xenlike.trace.cli import trace
 from xenlike.xenstore.cli import xenstore
@@ -49,14 +49,18 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def run_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-                        help="The topology's run directory (default: the running one; "
-                             "$XENLIKE_RUN_DIR).")(func)
+    return click.option(
+        "--run-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="The topology's run directory (default: the running one; $XENLIKE_RUN_DIR).",
+    )(func)
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print JSON instead of a table.")(func)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        func
+    )
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -93,11 +97,15 @@ def explain(exc: BaseException) -> str | None:
         return f"the hypervisor refused: {exc}"
     if isinstance(exc, trio.TooSlowError):
         return "the topology did not answer in time"
-    if isinstance(exc, (ConnectionError, FileNotFoundError, trio.BrokenResourceError,
-                        trio.ClosedResourceError)):
+    if isinstance(
+        exc,
+        (ConnectionError, FileNotFoundError, trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
         reason = getattr(exc, "strerror", None) or str(exc) or "connection lost"
-        return f"the topology does not answer ({reason}): see `xenlike dmesg` and the " \
-               "domain logs in its run directory"
+        return (
+            f"the topology does not answer ({reason}): see `xenlike dmesg` and the "
+            "domain logs in its run directory"
+        )
     return None
 
 
@@ -151,15 +159,25 @@ def main() -> None:
 
 # --- up / down -------------------------------------------------------------------
 
+
 @main.command(context_settings=CONTEXT)
 @click.argument("topology", required=False, type=click.Path(path_type=Path))
 @run_dir_option
 @click.option("--detach", is_flag=True, help="Return once every device is Connected.")
-@click.option("--trace", "trace_file", type=click.Path(path_type=Path),
-              help="Record every hypercall trace record, and ring events, to FILE.")
+@click.option(
+    "--trace",
+    "trace_file",
+    type=click.Path(path_type=Path),
+    help="Record every hypercall trace record, and ring events, to FILE.",
+)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the boot.")
-def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Path | None,
-       timeout: float) -> None:
+def up(
+    topology: Path | None,
+    run_dir: Path | None,
+    detach: bool,
+    trace_file: Path | None,
+    timeout: float,
+) -> None:
     """Start a topology: the hypervisor, Dom0, then every guest.
 
     Without TOPOLOGY the embedded default runs: Dom0 and two guests, alpha
@@ -172,11 +190,15 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
         xenlike up demo.toml --detach    # background; `xenlike down` stops it
     """
     try:
-        topo = load_topology(topology, check_imports=True) if topology is not None \
+        topo = (
+            load_topology(topology, check_imports=True)
+            if topology is not None
             else default_topology(check_imports=True)
+        )
     except TopologyError as exc:
-        click.echo(f"xenlike: the topology has {len(exc.problems)} problem(s); nothing started:",
-                   err=True)
+        click.echo(
+            f"xenlike: the topology has {len(exc.problems)} problem(s); nothing started:", err=True
+        )
         for problem in exc.problems:
             click.echo(f"  {problem}", err=True)
         sys.exit(2)
@@ -202,8 +224,7 @@ def up(topology: Path | None, run_dir: Path | None, detach: bool, trace_file: Pa
             click.echo(f"  {problem}", err=True)
         if detach:
             if session.alive():
-                click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)",
-                           err=True)
+                click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)", err=True)
         else:
             click.echo("shutting down ...", err=True)
             stop(rd, grace=5)
@@ -241,11 +262,25 @@ def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
     from xenlike._process import die_with_parent
 
     with (rd.path / "trace.log").open("ab") as log:
-        subprocess.Popen([sys.executable, "-m", "xenlike", "trace", "--run-dir", str(rd.path),
-                          "--record", str(trace_file), "--rings", "--quiet"],
-                         start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=log,
-                         preexec_fn=None if detach else die_with_parent(signal.SIGTERM))
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xenlike",
+                "trace",
+                "--run-dir",
+                str(rd.path),
+                "--record",
+                str(trace_file),
+                "--rings",
+                "--quiet",
+            ],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=None if detach else die_with_parent(signal.SIGTERM),
+        )
 
 
 class ProgressView:
@@ -262,8 +297,10 @@ class ProgressView:
             console = "console up" if guest["console"] else "console pending"
             lines.append(f"{guest['name']:<12} d{guest['domid']:<3} {guest['state']:<10} {console}")
             for device in guest["devices"]:
-                lines.append(f"  {device['type']} {device['devid']:<8} frontend "
-                             f"{device['frontend']}, backend {device['backend']}")
+                lines.append(
+                    f"  {device['type']} {device['devid']:<8} frontend "
+                    f"{device['frontend']}, backend {device['backend']}"
+                )
         if lines == self.lines:
             return
         if self.tty:
@@ -304,8 +341,12 @@ def follow_consoles(rd: RunDir, alive: Callable[[], bool]) -> None:
 
 @main.command(context_settings=CONTEXT)
 @run_dir_option
-@click.option("--grace", default=15.0, show_default=True,
-              help="Seconds guests get to power off before they are destroyed.")
+@click.option(
+    "--grace",
+    default=15.0,
+    show_default=True,
+    help="Seconds guests get to power off before they are destroyed.",
+)
 def down(run_dir: Path | None, grace: float) -> None:
     """Shut every guest down cleanly, then Dom0 and the hypervisor.
 
@@ -327,18 +368,21 @@ def down(run_dir: Path | None, grace: float) -> None:
 
 # --- domains -----------------------------------------------------------------------
 
+
 def _state_letters(flags: int) -> str:
     """xl list's State column: r b p s c d."""
     reason = flags >> XEN_DOMINF_shutdownshift & 0xFF
     shutdown = bool(flags & XEN_DOMINF_shutdown)
-    return "".join([
-        "r" if flags & XEN_DOMINF_running else "-",
-        "b" if flags & XEN_DOMINF_blocked else "-",
-        "p" if flags & XEN_DOMINF_paused else "-",
-        "s" if shutdown and reason != ShutdownReason.crash else "-",
-        "c" if shutdown and reason == ShutdownReason.crash else "-",
-        "d" if flags & XEN_DOMINF_dying else "-",
-    ])
+    return "".join(
+        [
+            "r" if flags & XEN_DOMINF_running else "-",
+            "b" if flags & XEN_DOMINF_blocked else "-",
+            "p" if flags & XEN_DOMINF_paused else "-",
+            "s" if shutdown and reason != ShutdownReason.crash else "-",
+            "c" if shutdown and reason == ShutdownReason.crash else "-",
+            "d" if flags & XEN_DOMINF_dying else "-",
+        ]
+    )
 
 
 async def _list(rd: RunDir) -> list[dict[str, Any]]:
@@ -352,16 +396,24 @@ async def _list(rd: RunDir) -> list[dict[str, Any]]:
         async with open_client(rd.xenstored_socket) as xs:
             for info in infos:
                 try:
-                    names[info.domain] = (await xs.read(
-                        f"/local/domain/{info.domain}/name")).decode()
+                    names[info.domain] = (
+                        await xs.read(f"/local/domain/{info.domain}/name")
+                    ).decode()
                 except XenStoreError:
                     pass
     except OSError:
-        click.echo("xenlike: xenstored does not answer (Dom0 is down?): names unknown",
-                   err=True)
-    return [{"name": names.get(i.domain, f"d{i.domain}"), "id": i.domain,
-             "mem": i.tot_pages * 4 // 1024, "vcpus": i.nr_online_vcpus,
-             "state": _state_letters(i.flags), "time": round(i.cpu_time / 1e9, 1)} for i in infos]
+        click.echo("xenlike: xenstored does not answer (Dom0 is down?): names unknown", err=True)
+    return [
+        {
+            "name": names.get(i.domain, f"d{i.domain}"),
+            "id": i.domain,
+            "mem": i.tot_pages * 4 // 1024,
+            "vcpus": i.nr_online_vcpus,
+            "state": _state_letters(i.flags),
+            "time": round(i.cpu_time / 1e9, 1),
+        }
+        for i in infos
+    ]
 
 
 @main.command(name="list", context_settings=CONTEXT)
@@ -381,17 +433,22 @@ def list_(run_dir: Path | None, as_json: bool) -> None:
         return
     click.echo(f"{'Name':<32}{'ID':>5}{'Mem':>7}{'VCPUs':>6}{'State':>10}{'Time(s)':>10}")
     for r in rows:
-        click.echo(f"{r['name']:<32}{r['id']:>5}{r['mem']:>7}{r['vcpus']:>6}"
-                   f"{r['state']:>10}{r['time']:>10.1f}")
+        click.echo(
+            f"{r['name']:<32}{r['id']:>5}{r['mem']:>7}{r['vcpus']:>6}"
+            f"{r['state']:>10}{r['time']:>10.1f}"
+        )
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @run_dir_option
-@click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Wait for the guest to boot (its console and devices up).")
-@click.option("--timeout", default=30.0, show_default=True,
-              help="Seconds to wait for its boot.")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait for the guest to boot (its console and devices up).",
+)
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for its boot.")
 def create(file: Path, run_dir: Path | None, wait: bool, timeout: float) -> None:
     """Create a guest from an xl.cfg-style file in the running topology.
 
@@ -404,8 +461,9 @@ def create(file: Path, run_dir: Path | None, wait: bool, timeout: float) -> None
         xenlike create gamma.cfg
     """
     rd = running(run_dir)
-    answer = trio.run(toolstack_request, rd,
-                      {"op": "create", "config": file.read_text(), "path": str(file)})
+    answer = trio.run(
+        toolstack_request, rd, {"op": "create", "config": file.read_text(), "path": str(file)}
+    )
     click.echo(f"created {answer['name']} as domain {answer['domid']}")
     if not wait:
         return
@@ -419,7 +477,7 @@ def create(file: Path, run_dir: Path | None, wait: bool, timeout: float) -> None
 
 async def wait_created(rd: RunDir, name: str, domid: int, timeout: float) -> list[str]:
     """Follow a new guest until its console and devices are up; what went wrong if not."""
-    from xenlike.session import failed_devices, failures
+    from xenlike.tools.session import failed_devices, failures
 
     problems = ["timed out"]
     with trio.move_on_after(timeout):
@@ -431,9 +489,12 @@ async def wait_created(rd: RunDir, name: str, domid: int, timeout: float) -> lis
             guest = next((g for g in status["guests"] if g["domid"] == domid), None)
             if guest is None:
                 return [f"{name} (d{domid}) is gone"]
-            problems = [f"{name}: {d['type']} {d['devid']} is frontend {d['frontend']}, "
-                        f"backend {d['backend']}" for d in guest["devices"]
-                        if (d["frontend"], d["backend"]) != ("Connected", "Connected")]
+            problems = [
+                f"{name}: {d['type']} {d['devid']} is frontend {d['frontend']}, "
+                f"backend {d['backend']}"
+                for d in guest["devices"]
+                if (d["frontend"], d["backend"]) != ("Connected", "Connected")
+            ]
             if not guest["console"]:
                 problems.append(f"{name}: console not connected")
             elif not guest.get("booted", True):
@@ -458,8 +519,11 @@ def shutdown(name: str, reboot: bool, run_dir: Path | None) -> None:
     Example:
         xenlike shutdown alpha
     """
-    trio.run(toolstack_request, running(run_dir),
-             {"op": "shutdown", "name": name, "reason": "reboot" if reboot else "poweroff"})
+    trio.run(
+        toolstack_request,
+        running(run_dir),
+        {"op": "shutdown", "name": name, "reason": "reboot" if reboot else "poweroff"},
+    )
     click.echo(f"asked {name} to {'reboot' if reboot else 'power off'}")
 
 
@@ -496,6 +560,7 @@ def dmesg(run_dir: Path | None) -> None:
 
 
 # --- consoles ----------------------------------------------------------------------
+
 
 @main.command(context_settings=CONTEXT)
 @click.argument("name")
@@ -575,6 +640,7 @@ async def _interactive_console(path: Path) -> None:
 
 # --- devices -------------------------------------------------------------------------
 
+
 @main.command(context_settings=CONTEXT)
 @click.argument("name", required=False)
 @run_dir_option
@@ -594,8 +660,10 @@ def devices(name: str | None, run_dir: Path | None, as_json: bool) -> None:
     if not report:
         click.echo("no devices" + (f" for {name}" if name else ""))
     for device in report:
-        click.echo(f"{device['domain']} {device['type']} {device['devid']}: "
-                   f"frontend {device['frontend_state']}, backend {device['backend_state']}")
+        click.echo(
+            f"{device['domain']} {device['type']} {device['devid']}: "
+            f"frontend {device['frontend_state']}, backend {device['backend_state']}"
+        )
         for key, value in device["features"].items():
             click.echo(f"    {key} = {value}")
         if device["waiting"]:
