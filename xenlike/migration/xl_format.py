@@ -91,7 +91,7 @@ def _read_config(cursor: Cursor, optional: memoryview, json_flag: bool, at: int)
         raise cursor.error("xl config not NUL-terminated", at)
     try:
         config = json.loads(data[:-1].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise cursor.error(f"xl config is not JSON ({error})", at) from None
     if not isinstance(config, dict):
         raise cursor.error("xl config is not a JSON object", at)
