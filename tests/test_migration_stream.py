@@ -304,7 +304,7 @@ def test_a_truncated_page_data_names_the_record_and_where_it_starts() -> None:
     offset, _, _ = next(
         r for r in records(data, libxc + 40) if r[1] == libxc_stream.RecType.PAGE_DATA
     )
-    with pytest.raises(StreamError, match=f"^truncated PAGE_DATA record at offset {offset + 8}$"):
+    with pytest.raises(StreamError, match=f"^truncated PAGE_DATA record at offset {offset}$"):
         read_save_file(data[: offset + 5000])
 
 

@@ -50,10 +50,11 @@ class Cursor:
     def error(self, message: str, at: int | None = None) -> StreamError:
         return StreamError(f"{message} at offset {self.offset if at is None else at}")
 
-    def take(self, size: int, what: str) -> memoryview:
-        """The next `size` bytes, or "truncated <what>" if the file ends first."""
+    def take(self, size: int, what: str, at: int | None = None) -> memoryview:
+        """The next `size` bytes, or "truncated <what>" (at `at`, by default here) if the
+        file ends first."""
         if size > len(self.data) - self.offset:
-            raise self.error(f"truncated {what}")
+            raise self.error(f"truncated {what}", at)
         chunk = self.data[self.offset : self.offset + size]
         self.offset += size
         return chunk
@@ -76,8 +77,8 @@ class Cursor:
             raise self.error(f"unknown {layer} record type {rec_type:#x}", start)
         if length > max_length:
             raise self.error(f"{name} record of {length} bytes (at most {max_length})", start)
-        body = self.take(length, f"{name} record")
-        pad = self.take(_padding(length), f"{name} record padding")
+        body = self.take(length, f"{name} record", start)
+        pad = self.take(_padding(length), f"{name} record padding", start)
         if any(pad):
             raise self.error(f"non-zero padding after {name} record", self.offset - len(pad))
         return rec_type, start, body
