@@ -416,3 +416,19 @@ def test_a_config_nested_past_pythons_recursion_limit_is_refused() -> None:
     )
     with pytest.raises(StreamError, match="xl config is not JSON"):
         read_save_file(hostile)
+
+
+def test_optional_records_are_skipped_as_both_specs_allow() -> None:
+    """Bit 31 of a record type marks a record a reader may ignore; a mandatory one it
+    does not know is refused."""
+    data = save(sample())
+    libxl, libxc, libxc_end = layers(data)
+    optional = struct.pack("<II", 0x80000042, 3) + b"abc" + bytes(5)
+    libxc_first = libxc + 40
+    with_optional = (
+        data[:libxc_first] + optional + data[libxc_first:libxc_end] + optional + data[libxc_end:]
+    )
+    assert read_save_file(with_optional) == sample()
+    mandatory = optional.replace(b"\x42\x00\x00\x80", b"\x42\x00\x00\x00")
+    with pytest.raises(StreamError, match="unknown libxc record type 0x42"):
+        read_save_file(data[:libxc_first] + mandatory + data[libxc_first:])

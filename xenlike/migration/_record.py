@@ -10,9 +10,10 @@ from collections.abc import Mapping
 
 from construct import Int32ul, Struct
 
-__all__ = ["REC_ALIGN", "Cursor", "StreamError", "rec_hdr", "record"]
+__all__ = ["REC_ALIGN", "REC_TYPE_OPTIONAL", "Cursor", "StreamError", "rec_hdr", "record"]
 
 REC_ALIGN = 8
+REC_TYPE_OPTIONAL = 0x80000000  # records a reader may skip (both specs)
 
 rec_hdr = Struct(
     "type" / Int32ul,
@@ -67,12 +68,15 @@ class Cursor:
     ) -> tuple[int, int, memoryview]:
         """The next record as (type, offset of its header, body).
 
-        Checks what every record must satisfy: a known type (`names`), a length
+        Checks what every record must satisfy: a known type (`names`) or an
+        optional one (bit 31 set, which both specs let a reader skip), a length
         within `max_length`, a body that is all there, and zero padding.
         """
         start = self.offset
         rec_type, length = _REC_HDR.unpack(self.take(_REC_HDR.size, f"{layer} record header"))
         name = names.get(rec_type)
+        if name is None and rec_type & REC_TYPE_OPTIONAL:
+            name = f"optional {layer} record {rec_type:#x}"
         if name is None:
             raise self.error(f"unknown {layer} record type {rec_type:#x}", start)
         if length > max_length:

@@ -56,7 +56,7 @@ from construct import (
 from xenlike.abi._layout import export_enum, offsetof
 from xenlike.hypervisor.core import XEN_VERSION
 from xenlike.memory import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
-from xenlike.migration._record import Cursor, record
+from xenlike.migration._record import REC_TYPE_OPTIONAL, Cursor, record
 from xenlike.migration.image import DomainImage
 
 __all__ = [
@@ -98,7 +98,6 @@ DHDR_TYPE_X86_PV = 0x00000001
 DHDR_TYPE_X86_HVM = 0x00000002
 
 REC_LENGTH_MAX = 128 << 20  # "somewhat arbitrary": Xen's restore refuses longer records
-REC_TYPE_OPTIONAL = 0x80000000
 MAX_BATCH_SIZE = 1024  # pfns per PAGE_DATA record (xg_sr_common.h)
 
 PAGE_DATA_PFN_MASK = 0x000FFFFFFFFFFFFF
@@ -386,6 +385,8 @@ class _Reader:
                 if len(body):
                     raise cursor.error("END record with a body", start)
                 break
+            if rec_type & REC_TYPE_OPTIONAL:
+                continue  # "the contents of optional records may be ignored"
             handler = self.HANDLERS.get(RecType(rec_type))
             if handler is None:
                 raise cursor.error(f"{_NAMES[rec_type]} record in an x86 PV save file", start)

@@ -26,7 +26,7 @@ from construct import Int32ub, Int32ul, Int64ub, Struct
 
 from xenlike.abi._layout import export_enum
 from xenlike.migration import libxc_stream
-from xenlike.migration._record import Cursor, record
+from xenlike.migration._record import REC_TYPE_OPTIONAL, Cursor, record
 from xenlike.migration.image import XENSTORE_KEY, DomainImage
 
 __all__ = [
@@ -149,6 +149,8 @@ def read(cursor: Cursor) -> DomainImage:
     xenstore: dict[str, str] = {}
     while True:
         rec_type, start, body = cursor.record(_NAMES, "libxl", _REC_LENGTH_MAX)
+        if rec_type & REC_TYPE_OPTIONAL:
+            continue  # "the contents of optional records may be ignored"
         name = _NAMES[rec_type]
         if rec_type == RecType.END:
             if len(body):
