@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["CXenStored", "Unavailable", "running", "shim", "xenstored_binary"]
+__all__ = ["CXenStored", "Unavailable", "package_root", "running", "shim", "xenstored_binary"]
 
 PACKAGE = "xen-utils-4.17"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xenlike" / PACKAGE
@@ -42,9 +42,17 @@ def xenstored_binary() -> Path:
         if not os.access(override, os.X_OK):
             raise Unavailable(f"CXENSTORED={override} is no executable")
         return Path(override)
-    binary = CACHE / BINARY
-    if binary.exists():
-        return binary
+    binary = package_root() / BINARY
+    if not binary.exists():
+        raise Unavailable(f"{PACKAGE} holds no {BINARY}")
+    return binary
+
+
+def package_root() -> Path:
+    """Where xen-utils-4.17 is unpacked (fetched on first use): its other tools, e.g.
+    verify-stream-v2, live under it too."""
+    if CACHE.exists():
+        return CACHE
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise Unavailable(f"no {tool}: cannot fetch {PACKAGE} (set CXENSTORED)")
@@ -64,9 +72,7 @@ def xenstored_binary() -> Path:
             unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
         except OSError:
             shutil.rmtree(unpacked)
-    if not binary.exists():
-        raise Unavailable(f"{PACKAGE} holds no {BINARY}")
-    return binary
+    return CACHE
 
 
 def shim() -> Path:

@@ -1,0 +1,88 @@
+"""What the three layers share: the error, a reading cursor, and record framing.
+
+libxl's and libxc's streams frame records identically (libxl_sr_stream_format.h
+and xg_sr_stream_format.h): a header of two native-endian uint32_t, type and
+body length, then the body, zero-padded to the next multiple of 8 octets.
+"""
+
+import struct
+from collections.abc import Mapping
+
+from construct import Int32ul, Struct
+
+__all__ = ["REC_ALIGN", "REC_TYPE_OPTIONAL", "Cursor", "StreamError", "rec_hdr", "record"]
+
+REC_ALIGN = 8
+REC_TYPE_OPTIONAL = 0x80000000  # records a reader may skip (both specs)
+
+rec_hdr = Struct(
+    "type" / Int32ul,
+    "length" / Int32ul,
+)
+
+_REC_HDR = struct.Struct("<II")
+
+
+class StreamError(Exception):
+    """A save file or stream is truncated, corrupt or foreign: the file's fault.
+
+    The message is one line that names the layer, what is wrong and where
+    (a byte offset from the start of the file), so `restore` can print it as is.
+    """
+
+
+def _padding(length: int) -> int:
+    return -length % REC_ALIGN
+
+
+def record(rec_type: int, *body: bytes) -> bytes:
+    """One record: header, the body parts, and the zero padding to 8 octets."""
+    length = sum(map(len, body))
+    return b"".join((_REC_HDR.pack(rec_type, length), *body, bytes(_padding(length))))
+
+
+class Cursor:
+    """Reads a whole save file front to back; every error carries its offset."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        self.data = memoryview(data).cast("B")
+        self.offset = offset
+
+    def error(self, message: str, at: int | None = None) -> StreamError:
+        return StreamError(f"{message} at offset {self.offset if at is None else at}")
+
+    def take(self, size: int, what: str, at: int | None = None) -> memoryview:
+        """The next `size` bytes, or "truncated <what>" (at `at`, by default here) if the
+        file ends first."""
+        if size > len(self.data) - self.offset:
+            raise self.error(f"truncated {what}", at)
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+    def at_end(self) -> bool:
+        return self.offset == len(self.data)
+
+    def record(
+        self, names: Mapping[int, str], layer: str, max_length: int
+    ) -> tuple[int, int, memoryview]:
+        """The next record as (type, offset of its header, body).
+
+        Checks what every record must satisfy: a known type (`names`) or an
+        optional one (bit 31 set, which both specs let a reader skip), a length
+        within `max_length`, a body that is all there, and zero padding.
+        """
+        start = self.offset
+        rec_type, length = _REC_HDR.unpack(self.take(_REC_HDR.size, f"{layer} record header"))
+        name = names.get(rec_type)
+        if name is None and rec_type & REC_TYPE_OPTIONAL:
+            name = f"optional {layer} record {rec_type:#x}"
+        if name is None:
+            raise self.error(f"unknown {layer} record type {rec_type:#x}", start)
+        if length > max_length:
+            raise self.error(f"{name} record of {length} bytes (at most {max_length})", start)
+        body = self.take(length, f"{name} record", start)
+        pad = self.take(_padding(length), f"{name} record padding", start)
+        if any(pad):
+            raise self.error(f"non-zero padding after {name} record", self.offset - len(pad))
+        return rec_type, start, body
