@@ -100,3 +100,38 @@ async def test_the_hypervisor_takes_the_fds_it_holds_and_domains_keep_the_usual_
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft == hard >= started[1]  # all it may: up to fs.nr_open with CAP_SYS_RESOURCE
     await xc.destroy(domid)
+
+
+async def test_a_raising_or_detaching_listener_does_not_make_the_next_one_skipped(
+    hv: Hypervisor, xc: XenControl
+) -> None:
+    """The dispatcher drops a listener that raises, and a listener may detach itself
+    (trace readers do): neither may hide the hypercall from the listener after it."""
+    seen: list[str] = []
+
+    class Raising:
+        def hypercall(self, *call: object) -> None:
+            seen.append("raising")
+            raise RuntimeError("a broken listener")
+
+    class Detaching:
+        def hypercall(self, *call: object) -> None:
+            seen.append("detaching")
+            hv.listeners.remove(self)
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def hypercall(self, *call: object) -> None:
+            seen.append(self.name)
+
+    raising, detaching = Raising(), Detaching()
+    after_raising, after_detaching = Recording("after raising"), Recording("after detaching")
+    hv.listeners[:] = [raising, after_raising, detaching, after_detaching]
+    await xc.physinfo()
+    assert seen == ["raising", "after raising", "detaching", "after detaching"]
+    assert hv.listeners == [after_raising, after_detaching]
+    seen.clear()
+    await xc.physinfo()
+    assert seen == ["after raising", "after detaching"]
