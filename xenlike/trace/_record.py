@@ -185,12 +185,11 @@ def _summary_fields(record: type) -> tuple[tuple[int, str], ...]:
 def _describe(op: int, cmd: int) -> tuple[str, str, tuple[str, ...]]:
     """(op name, sub-op name, argument names) from the hypercall table.
 
-    Imported here, not at the top: the table fills as the hypervisor package
-    imports its handlers, and a domain process that records fast-path sends
+    Imported here, not at the top: the hypervisor package builds the table
+    from its subsystems, and a domain process that records fast-path sends
     has no business importing the hypervisor.
     """
-    import xenlike.hypervisor  # noqa: F401  (registers every handler)
-    from xenlike.hypervisor.table import HYPERCALLS
+    from xenlike.hypervisor import HYPERCALLS
 
     try:
         entry = HYPERCALLS.lookup(op, cmd)
