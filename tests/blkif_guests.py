@@ -97,7 +97,7 @@ async def exercise(guest: Any) -> None:
 
     await disk.discard(*DISCARDED)
     assert await disk.read(*DISCARDED) == bytes(DISCARDED[1] * 512)
-    if disk.feature_secure_discard:
+    if disk.features["discard-secure"]:
         await disk.discard(DISCARDED[0], 1, secure=True)
 
     label, sector, count = WRITES[4]
@@ -106,7 +106,7 @@ async def exercise(guest: Any) -> None:
         for i in range(128):
             nursery.start_soon(disk.write, sector + 8 * i, data[i * 4096 : (i + 1) * 4096])
         await trio.lowlevel.checkpoint()
-        await disk.reconnect()
+        await disk.front.reconnect()  # the driver under the program's Disk
     assert await disk.read(sector, count) == data, "writes lost across the reconnect"
     await disk.flush()
     print(
@@ -119,7 +119,7 @@ async def exercise(guest: Any) -> None:
 async def read_only(guest: Any) -> None:
     """A read-only disk: reads work; writes are refused here and by the back end."""
     disk = guest.device("vbd")
-    assert disk.readonly and not disk.feature_flush_cache and not disk.feature_discard
+    assert disk.readonly and not disk.features["flush-cache"] and not disk.features["discard"]
     assert await disk.read(0, 8) == pattern("ro", 4096)
     try:
         await disk.write(0, bytes(512))
@@ -130,10 +130,12 @@ async def read_only(guest: Any) -> None:
     # Past blkfront's own check: the back end refuses the request itself.
     domain = guest.domain
     gfn = domain.allocator.allocate()
-    ref = domain.grants.grant_access(disk.device.otherend_id, gfn)
+    ref = domain.grants.grant_access(disk.front.device.otherend_id, gfn)
     words = segment_words([ref], 8)
-    response = await disk.call(
-        RW.record(BlkifOp.WRITE, 1, disk.device.devid, 0, 0, SEGMENT_ARRAY(words.ljust(88, b"\0")))
+    response = await disk.front.call(
+        RW.record(
+            BlkifOp.WRITE, 1, disk.front.device.devid, 0, 0, SEGMENT_ARRAY(words.ljust(88, b"\0"))
+        )
     )
     assert response.status == BLKIF_RSP_ERROR, response
     await disk.flush()  # nothing to flush: no feature, no request

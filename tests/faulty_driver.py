@@ -97,7 +97,10 @@ async def program(guest: Guest) -> None:
         for device in guest.devices.get(device_type, []):
             name = f"{device_type} {device.device.devid}"
             try:
-                with trio.move_on_after(3):  # statistics and background work notice
+                # Absence for a sound device, so a fixed wait: 3 s is three of the back
+                # end's STATISTICS_INTERVALs, time for a raising statistics() or background
+                # task to fail the device while the calls go on.
+                with trio.move_on_after(3):
                     for value in (1, 0, *range(2, 1000)):
                         assert await device.double(value) == value * 2
                         await trio.sleep(0.05)

@@ -59,7 +59,10 @@ async def program(guest: Any) -> None:
         for key, value in keys.items():
             await xs.write(f"{node}/{key}", value)
         if devid == 0:
-            await trio.sleep(1)  # the back end has seen it (and traced it)
+            # Absence: garbage states must change nothing, and no event says "ignored".
+            # Each value stays long enough for the back end's watch (milliseconds) to read
+            # it: a later write would otherwise hide it, as a watch reads the node's latest.
+            await trio.sleep(1)
             await xs.write(f"{node}/state", "three")
             await trio.sleep(0.5)
             state = await _state(xs, f"{backend}/state")

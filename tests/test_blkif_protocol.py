@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from domains.dom0.hw import Disk, create_image, create_images
 from drivers.blkif import BLKIF_RING, BufferPool, FrontParams
@@ -230,7 +231,7 @@ async def test_the_pool_lends_contiguous_runs_and_grows_by_chunks_up_to_its_limi
     assert bytes(guest.memory.frame(a.chunk.first_gfn)[:5]) == b"hello"
 
     async def give_later() -> None:
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # take() is waiting for room
         pool.give(a)
 
     async with trio.open_nursery() as nursery:

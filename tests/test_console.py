@@ -43,7 +43,10 @@ async def test_output_is_bounded_when_nobody_reads(nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
-async def test_a_flooding_guest_is_throttled_as_xenconsoled_throttles_it(nursery) -> None:
+async def test_a_flooding_guest_is_throttled_as_xenconsoled_throttles_it(
+    nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The throttle sleeps on trio's clock, so a simulated second shows its five periods."""
     page = memoryview(bytearray(4096))
     guest_bell, daemon_bell = doorbell_pair()
     front, back = ConsoleFront(page, guest_bell), ConsoleBack(page, daemon_bell)
@@ -56,5 +59,5 @@ async def test_a_flooding_guest_is_throttled_as_xenconsoled_throttles_it(nursery
     await trio.sleep(1.0)
     elapsed = trio.current_time() - start
     allowed = RATE_LIMIT_ALLOWANCE * (int(elapsed / RATE_LIMIT_PERIOD) + 1)
-    assert RATE_LIMIT_ALLOWANCE < len(reads) <= allowed
+    assert RATE_LIMIT_ALLOWANCE * 4 < len(reads) <= allowed
     nursery.cancel_scope.cancel()

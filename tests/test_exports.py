@@ -1,5 +1,7 @@
 """The public surface: every name xenlike exports resolves, and nothing else leaks."""
 
+import ast
+import inspect
 import subprocess
 import sys
 
@@ -25,3 +27,20 @@ def test_unknown_names_are_attribute_errors() -> None:
         assert "no_such_thing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_type_checkers_see_the_lazy_names_where_they_load_from() -> None:
+    """The TYPE_CHECKING imports are exactly the lazy `_EXPORTS`, each from its module."""
+    tree = ast.parse(inspect.getsource(xenlike))
+    (block,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    ]
+    seen = {
+        alias.asname or alias.name: node.module
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert seen == xenlike._EXPORTS

@@ -12,9 +12,11 @@ import random
 import signal
 import socket
 import struct
+from collections import Counter
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import DomainConnector
 from tests.test_hypervisor import wait_for_log, wait_for_shutdown
@@ -205,10 +207,19 @@ async def test_a_client_that_never_reads_its_replies_stalls_only_itself(hv: Hype
     raw = await RawClient.connect(hv)
     message = request(Hypercall.xen_version, XenVerOp.capabilities)
     sent = 0
-    with trio.move_on_after(0.5):
-        while sent < 5000:  # until both socket buffers are full
-            await raw.sock.send(message)
-            sent += 1
+    with trio.fail_after(30):
+        while True:  # until both socket buffers are full: the hypervisor stopped reading
+            try:
+                os.write(raw.sock.fileno(), message)
+                sent += 1
+                continue
+            except BlockingIOError:
+                await trio.testing.wait_all_tasks_blocked()  # it has read what it will
+            try:
+                os.write(raw.sock.fileno(), message)
+                sent += 1
+            except BlockingIOError:
+                break
     assert sent > 100
     await healthy(hv)
     raw.close()
@@ -317,7 +328,16 @@ async def test_hypercalls_racing_a_domains_death(hv: Hypervisor, xc: XenControl)
     victims = [await boot(xc, "hammer", f"every=1000 pause={pause}") for pause in (0, 0.001, 0.01)]
     for victim in victims:
         await wait_for_log(xc, f"(d{victim}) hammering")
-    await trio.sleep(0.1)  # all of them deep in their loops
+    calls = Counter[int]()
+
+    class Counting:
+        def hypercall(self, domid: int, *call: object) -> None:
+            calls[domid] += 1
+
+    hv.listeners.append(Counting())
+    with trio.fail_after(10):  # all of them deep in their loops: two rounds each
+        while any(calls[victim] < 8 for victim in victims):
+            await trio.sleep(0.01)
     for victim in victims:
         await xc.destroy(victim)  # while its calls are in flight
         seen = progress(await xc.dmesg(), bystander)

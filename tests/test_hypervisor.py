@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import trio
 
+import xenlike.hypervisor
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
 from xenlike.abi.sched import ShutdownReason
+from xenlike.abi.xen import Hypercall
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor import Hypervisor
+from xenlike.hypervisor.table import HypercallTable, handlers
 from xenlike.xc import XenControl
 
 
@@ -100,3 +103,59 @@ async def test_the_hypervisor_takes_the_fds_it_holds_and_domains_keep_the_usual_
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft == hard >= started[1]  # all it may: up to fs.nr_open with CAP_SYS_RESOURCE
     await xc.destroy(domid)
+
+
+async def test_a_raising_or_detaching_listener_does_not_make_the_next_one_skipped(
+    hv: Hypervisor, xc: XenControl
+) -> None:
+    """The dispatcher drops a listener that raises, and a listener may detach itself
+    (trace readers do): neither may hide the hypercall from the listener after it."""
+    seen: list[str] = []
+
+    class Raising:
+        def hypercall(self, *call: object) -> None:
+            seen.append("raising")
+            raise RuntimeError("a broken listener")
+
+    class Detaching:
+        def hypercall(self, *call: object) -> None:
+            seen.append("detaching")
+            hv.listeners.remove(self)
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def hypercall(self, *call: object) -> None:
+            seen.append(self.name)
+
+    raising, detaching = Raising(), Detaching()
+    after_raising, after_detaching = Recording("after raising"), Recording("after detaching")
+    hv.listeners[:] = [raising, after_raising, detaching, after_detaching]
+    await xc.physinfo()
+    assert seen == ["raising", "after raising", "detaching", "after detaching"]
+    assert hv.listeners == [after_raising, after_detaching]
+    seen.clear()
+    await xc.physinfo()
+    assert seen == ["after raising", "after detaching"]
+
+
+def test_the_hypercall_table_is_built_from_the_listed_subsystems() -> None:
+    """Each subsystem contributes its handlers under Xen's names, and marking a
+    handler registers nothing until its module is installed."""
+    names = {entry.name for entry in xenlike.hypervisor.HYPERCALLS}
+    for subsystem in xenlike.hypervisor.SUBSYSTEMS:
+        assert handlers(subsystem), f"{subsystem.__name__} handles no hypercall"
+        assert {entry.name for entry in handlers(subsystem)} <= names
+    assert {"event_channel_op.send", "grant_table_op.map_grant_ref", "sysctl.physinfo"} <= names
+    assert "sysctl.xenlike_trace_buffers" in names
+
+    @xenlike.hypervisor.hypercall(Hypercall.sched_op, 99, name="unlisted")
+    def unlisted(call: xenlike.hypervisor.Call, arg: None) -> int:
+        return 0
+
+    assert "sched_op.unlisted" not in {e.name for e in xenlike.hypervisor.HYPERCALLS}
+    table = HypercallTable()
+    table.install([xenlike.hypervisor.platform])
+    with pytest.raises(ValueError, match="already registered"):
+        table.install([xenlike.hypervisor.platform])

@@ -119,7 +119,6 @@ async def hostile(guest: Guest) -> None:
         async for _ in events:
             if await _written(guest, "data/go"):  # a watch also fires once at once
                 break
-    await trio.sleep(1)  # the others' pings before the flood
     start = time.time()
     sent = 0
     while time.time() - start < float(params.get("flood", "3")):
@@ -132,14 +131,16 @@ async def hostile(guest: Guest) -> None:
         while len(vif._tx_free) < 8:
             vif._collect_tx()
             await trio.sleep(0.01)
-    before = dict(vif.stats)
+    before, free = dict(vif.stats), len(vif._tx_free)
     _raw_tx(vif, size=10, data=junk)  # a runt
     _raw_tx(vif, size=0)
     _raw_tx(vif, size=1600, data=junk + bytes(1600))  # over the MTU
     _raw_tx(vif, size=60, gref=2000, data=junk)  # a grant never given
     await vif.transmit(b"\xff" * 6 + victim + b"\x88\xb5" + bytes(46))  # spoofed source
-    await trio.sleep(0.5)
-    vif._collect_tx()  # tx responses are reaped lazily, on the next send
+    with trio.fail_after(10):  # all five answered (tx responses are reaped lazily, on a send)
+        while len(vif._tx_free) < free:
+            vif._collect_tx()
+            await trio.sleep(0.01)
     errors = vif.stats["tx_errors"] - before["tx_errors"]
     dropped = vif.stats["tx_dropped"] - before["tx_dropped"]
     print(f"[{guest.name}] malformed: {errors} errors, {dropped} dropped")
@@ -404,6 +405,11 @@ def test_a_hostile_guest_is_cut_off_while_the_others_keep_working(
         ],
     )
     xenlike("up", str(file), "--detach", run_dir=run_dir)
+    wait_for(  # the others talk before the flood starts
+        lambda: all("ping ok" in console(run_dir, name) for name in ("alpha", "beta")),
+        timeout=30,
+        what="alpha's and beta's first pings",
+    )
     xenlike("xenstore", "write", "/local/domain/3/data/go", "1", run_dir=run_dir)
     wait_for(
         lambda: "crossing its page" in console(run_dir, "mallory"),
@@ -413,7 +419,14 @@ def test_a_hostile_guest_is_cut_off_while_the_others_keep_working(
     mallory = console(run_dir, "mallory")
     assert "malformed: 3 errors, 1 dropped" in mallory, mallory
     start, end = map(float, re.search(r"flood from (\S+) to (\S+):", mallory).groups())
-    time.sleep(2)  # pings after the disconnection
+    wait_for(
+        lambda: all(
+            any(stamp > end + 1 for stamp, _ in pings(console(run_dir, name)))
+            for name in ("alpha", "beta")
+        ),
+        timeout=30,
+        what="pings after the disconnection",
+    )
     for name in ("alpha", "beta"):
         during = [ok for stamp, ok in pings(console(run_dir, name)) if start <= stamp <= end]
         after = [ok for stamp, ok in pings(console(run_dir, name)) if stamp > end + 1]

@@ -7,6 +7,7 @@ from collections import deque
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -190,7 +191,9 @@ async def test_udp_both_ways_and_the_sender_address(pair: tuple[Interface, Inter
         assert await client.recvfrom() == (b"HELLO", ("10.0.0.2", 7))
 
 
-async def test_a_datagram_with_a_bad_checksum_is_dropped(nursery: trio.Nursery) -> None:
+async def test_a_datagram_with_a_bad_checksum_is_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     a, b = make_pair(nursery, offload=False)
     with b.udp(9000) as server:
         frame = (
@@ -218,6 +221,8 @@ async def test_a_datagram_with_a_bad_checksum_is_dropped(nursery: trio.Nursery) 
         frame = frame[:24] + checksum(frame[14:34]).to_bytes(2, "big") + frame[26:]
         b._receive(frame, 0)
         assert b.stats["bad_checksum"] == 1
+        # Absence, on the mock clock: the timeout passes only once every task of the
+        # in-process stack is blocked, so a delivery would have happened by then.
         with trio.move_on_after(0.05):
             await server.recvfrom()
             pytest.fail("a corrupt datagram was delivered")
@@ -227,7 +232,7 @@ async def test_no_socket_means_icmp_port_unreachable(pair: tuple[Interface, Inte
     a, b = pair
     with a.udp() as client:
         await client.sendto(b"anyone?", ("10.0.0.2", 4444))
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the wire and both stacks are done
     assert b.stats["no_port"] == 1
     assert a.stats["icmp_unreachable"] == 1
 
@@ -244,20 +249,22 @@ async def test_ports_are_exclusive_and_ephemeral_ones_distinct(
 
 
 async def test_unknown_hosts_and_other_networks_fail_clearly(
-    pair: tuple[Interface, Interface], monkeypatch: pytest.MonkeyPatch
+    pair: tuple[Interface, Interface], autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Timeouts and ARP retries run on the mock clock."""
     a, _ = pair
     with pytest.raises(TimeoutError, match="no echo reply within 0.1 s"):
         await a.ping("10.0.0.9", timeout=0.1)
     with pytest.raises(NetworkUnreachable, match="192.168.1.1 is not on 10.0.0.0/24"):
         await a.ping("192.168.1.1")
-    monkeypatch.setattr(arp_module, "RETRY_INTERVAL", 0.02)
     with pytest.raises(HostUnreachable, match="10.0.0.9: no ARP reply to 3 requests"):
         await a.resolve("10.0.0.9")
 
 
 async def test_arp_entries_expire(
-    pair: tuple[Interface, Interface], monkeypatch: pytest.MonkeyPatch
+    pair: tuple[Interface, Interface],
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     a, b = pair
     await a.ping("10.0.0.2")
@@ -265,8 +272,7 @@ async def test_arp_entries_expire(
     clock = arp_module.time.monotonic() + arp_module.REACHABLE_TIME + 1
     monkeypatch.setattr(arp_module.time, "monotonic", lambda: clock)
     assert a.arp.lookup(peer) is None
-    b.vif.wire.cut = True  # the peer is gone: resolving again fails
-    monkeypatch.setattr(arp_module, "RETRY_INTERVAL", 0.01)
+    b.vif.wire.cut = True  # the peer is gone: resolving again fails (retries on the mock clock)
     with pytest.raises(HostUnreachable):
         await a.resolve("10.0.0.2")
 

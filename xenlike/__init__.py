@@ -10,7 +10,29 @@ so that a domain process importing one corner of xenlike pays for no other.
 
 import importlib
 from importlib.metadata import version as _version
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ loads, spelled out for type checkers (kept equal by a test)
+    from xenlike.domain import Domain as Domain
+    from xenlike.hypervisor import Hypervisor as Hypervisor
+    from xenlike.ring import BackRing as BackRing
+    from xenlike.ring import FrontRing as FrontRing
+    from xenlike.ring import RingFull as RingFull
+    from xenlike.ring import RingOverflow as RingOverflow
+    from xenlike.ring import RingSpec as RingSpec
+    from xenlike.ring import define_ring as define_ring
+    from xenlike.topology import Topology as Topology
+    from xenlike.topology import TopologyError as TopologyError
+    from xenlike.topology import load_topology as load_topology
+    from xenlike.xc import XenControl as XenControl
+    from xenlike.xenbus import BackChannel as BackChannel
+    from xenlike.xenbus import Backend as Backend
+    from xenlike.xenbus import Driver as Driver
+    from xenlike.xenbus import FrontChannel as FrontChannel
+    from xenlike.xenbus import Frontend as Frontend
+    from xenlike.xenbus import SharedRing as SharedRing
+    from xenlike.xenstore import XenStoreError as XenStoreError
+    from xenlike.xenstore import open_client as open_client
 
 __version__ = _version("xenlike")
 

@@ -317,9 +317,10 @@ def detached(driver_class: type[T], device_type: str | None = None) -> T:
     from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 
     name = str(device_type or getattr(driver_class, "device_type", "test"))
-    nothing: Any = XenbusContext(
+    context: Any = XenbusContext  # no XenStore, no nursery: typed fields left empty
+    nothing = context(
         domain=SimpleNamespace(domid=0, trace=None, hardware=Hardware()), xs=None, nursery=None
-    )  # type: ignore[arg-type]
+    )
     make: Any = driver_class
     driver: T = make(nothing, DeviceInfo(name, 0, f"backend/{name}/1/0", f"device/{name}/0", 1))
     return driver

@@ -810,6 +810,7 @@ def _parse_domain(
             bad("devices", f"driver = {driver!r}: {message}")
     if not ok:
         return None
+    assert isinstance(memory, int)  # `ok` says it was checked above
     return DomainConfig(
         name=name,
         memory=memory,

@@ -17,6 +17,7 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 {"op": "down"}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 """
 
+import functools
 import json
 import logging
 import uuid
@@ -390,7 +391,7 @@ class Toolstack:
         path.unlink(missing_ok=True)
         listener = await unix_listener(path)
         task_status.started()
-        await trio.serve_listeners(lambda stream: self._client(stream, down), [listener])
+        await trio.serve_listeners(functools.partial(self._client, down=down), [listener])
 
     async def _client(self, stream: trio.SocketStream, down: trio.Event) -> None:
         buffer = b""

@@ -111,7 +111,7 @@ async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]
                 pass
     devices: dict[str, list[Any]] = {}
     for driver in sorted(bus.devices.values(), key=lambda d: (d.device.type, d.device.devid)):
-        devices.setdefault(driver.device.type, []).append(driver)
+        devices.setdefault(driver.device.type, []).append(driver.for_program())
         state = (
             "connected"
             if driver.connected_now

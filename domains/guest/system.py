@@ -14,7 +14,8 @@ class Guest:
     """The running guest, as its program sees it.
 
     `devices` maps each device type to its front ends, connected, in devid
-    order (`guest.devices["vbd"][0]` is the first disk). Each vif has an IP
+    order, as each hands itself to programs (`for_program`: `guest.devices["vbd"][0]`
+    is the first disk, blkfront's `Disk`). Each vif has an IP
     interface (`guest.net()`), up as soon as the guest is: it answers ARP
     and pings whatever the program does.
     """

@@ -1,6 +1,6 @@
 """blkfront: the block front end, the guest program's disk.
 
-`BlkFront` is what `guest.device("vbd")` returns: an async block device of
+`guest.device("vbd")` returns blkfront's `Disk`: an async block device of
 512-byte sectors::
 
     disk = guest.device("vbd")
@@ -77,9 +77,9 @@ from xenlike.abi.ring import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
 from xenlike.domain.grant_table import GrantInUse
 from xenlike.memory import OutOfPages
 from xenlike.ring import MAX_RING_PAGE_ORDER
-from xenlike.xenbus import Frontend, ProtocolError
+from xenlike.xenbus import FrontChannel, Frontend, ProtocolError
 
-__all__ = ["BlkFront", "BlockDeviceError", "BufferPool", "FrontParams"]
+__all__ = ["BlkFront", "BlockDeviceError", "BufferPool", "Disk", "FrontParams"]
 
 READ, WRITE = BlkifOp.READ, BlkifOp.WRITE
 # I/O buffers per disk (~4 MiB, a quarter of the grant table): as many pages as
@@ -413,7 +413,7 @@ class BlkFront(Frontend):
 
     @property
     def _ring_order(self) -> int:
-        if self.channel is None:
+        if not isinstance(self.channel, FrontChannel):
             return 0
         return (self.channel.ring.nr_ents // BLKIF_RING.nr_ents(1)).bit_length() - 1
 
@@ -424,8 +424,11 @@ class BlkFront(Frontend):
 
     # --- the block device ---------------------------------------------------------------
 
-    async def read(self, sector: int, count: int) -> bytes:
-        """`count` sectors from `sector`."""
+    def for_program(self) -> "Disk":
+        return Disk(self)
+
+    async def read_sectors(self, sector: int, count: int) -> bytes:
+        """`count` sectors from `sector` (the program's `Disk.read`)."""
         (data,) = await self.read_many([(sector, count)])
         return data
 
@@ -784,3 +787,81 @@ class BlkFront(Frontend):
         if response.status == BLKIF_RSP_EOPNOTSUPP:
             return BlockDeviceError(errno.EOPNOTSUPP, f"{what}: not supported by the back end")
         return BlockDeviceError(errno.EIO, f"{what} failed (status {response.status})")
+
+
+class Disk:
+    """The guest program's disk: blkfront's block calls, without its XenBus ones.
+
+    A block `read(sector, count)` on the driver itself would shadow the XenBus
+    `read(key)` that the driver's own handshake calls (`read_int`); here it
+    reads the disk and nothing else. Hostile-guest tests reach the driver as
+    `front`.
+    """
+
+    def __init__(self, front: BlkFront) -> None:
+        self.front = front
+
+    def __repr__(self) -> str:
+        return f"<Disk {self.front.device.nodename}>"
+
+    @property
+    def sectors(self) -> int:
+        return self.front.sectors
+
+    @property
+    def sector_size(self) -> int:
+        return self.front.sector_size
+
+    @property
+    def readonly(self) -> bool:
+        return self.front.readonly
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """What both ends negotiated, by blkif.h's feature names."""
+        return self.front.features
+
+    @property
+    def max_sectors(self) -> int:
+        """The largest I/O one request carries."""
+        return self.front.max_sectors
+
+    async def read(self, sector: int, count: int) -> bytes:
+        """`count` sectors from `sector`."""
+        return await self.front.read_sectors(sector, count)
+
+    async def read_many(self, extents: Iterable[tuple[int, int]]) -> list[bytes]:
+        """Several reads pushed together, `(sector, count)` each; their data, in order."""
+        return await self.front.read_many(extents)
+
+    async def readinto(self, sector: int, buffer: Any) -> None:
+        """Fill `buffer` (writable, whole sectors) from `sector`."""
+        await self.front.readinto(sector, buffer)
+
+    async def readinto_many(self, reads: Iterable[tuple[int, Any]]) -> None:
+        """Several `readinto`s at once, `(sector, buffer)` each."""
+        await self.front.readinto_many(reads)
+
+    async def write(self, sector: int, data: Any) -> None:
+        """Write `data` (whole sectors) from `sector`; done once the back end has it."""
+        await self.front.write(sector, data)
+
+    async def write_many(self, writes: Iterable[tuple[int, Any]]) -> None:
+        """Several writes at once, `(sector, data)` each."""
+        await self.front.write_many(writes)
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """`nbytes` of the guest's own memory, for I/O without a copy (see BlkFront.buffer)."""
+        return self.front.buffer(nbytes)
+
+    def release(self, buffer: memoryview) -> None:
+        """Give a disk buffer back once its I/O is done."""
+        self.front.release(buffer)
+
+    async def flush(self) -> None:
+        """Make every acknowledged write durable."""
+        await self.front.flush()
+
+    async def discard(self, sector: int, count: int, *, secure: bool = False) -> None:
+        """Give sectors back; they read as zeros."""
+        await self.front.discard(sector, count, secure=secure)

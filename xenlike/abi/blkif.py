@@ -70,7 +70,7 @@ blkif_request_segment = Struct(
 
 # Segments one indirect page holds; blkif.h states the rule, Linux names it
 # XEN_PAGE_SIZE / sizeof(struct blkif_request_segment).
-BLKIF_SEGS_PER_INDIRECT_FRAME = XEN_PAGE_SIZE // blkif_request_segment.sizeof()
+BLKIF_SEGS_PER_INDIRECT_FRAME: int = XEN_PAGE_SIZE // blkif_request_segment.sizeof()
 
 blkif_request = Struct(
     "operation" / Int8ul,

@@ -1,10 +1,10 @@
 """The hypervisor process: domains, hypercall table, event channels, grant tables.
 
-Importing this package registers every hypercall handler in `HYPERCALLS`.
+The hypercall table is built here, from the subsystems listed in `SUBSYSTEMS`.
 Run it on its own with `python -m xenlike.hypervisor --run-dir DIR`.
 """
 
-from xenlike.hypervisor import control, evtchn, grant_table, memory_op, platform  # noqa: F401  (registration)
+from xenlike.hypervisor import control, evtchn, grant_table, memory_op, platform
 from xenlike.hypervisor.core import (
     DomainState,
     HypercallConnection,
@@ -13,12 +13,18 @@ from xenlike.hypervisor.core import (
     HypervisorDomain,
 )
 from xenlike.hypervisor.table import HYPERCALLS, Call, hypercall
-from xenlike.trace import hypervisor as _trace  # noqa: F401  (registration)
+from xenlike.trace import hypervisor as tracing
+
+SUBSYSTEMS = (platform, control, evtchn, grant_table, memory_op, tracing)
+"""The modules whose `@hypercall` handlers make up the hypercall table."""
+
+HYPERCALLS.install(SUBSYSTEMS)
 
 __all__ = [
     "HYPERCALLS",
     "Call",
     "HypercallConnection",
+    "SUBSYSTEMS",
     "HypervisorDomain",
     "DomainState",
     "HypercallListener",

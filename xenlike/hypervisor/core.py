@@ -713,11 +713,14 @@ class Hypervisor:
             self.log_refusal(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
             result, payload = -int(Errno.EINVAL), b""
         end = time.monotonic_ns()
-        for listener in self.listeners:
+        # A snapshot: a listener that raises is removed below, and one may detach itself
+        # (trace readers do); either must not make the next listener skipped.
+        for listener in tuple(self.listeners):
             try:
                 listener.hypercall(conn.domain.domid, op, cmd, arg, result, start, end)
             except Exception:
-                self.listeners.remove(listener)
+                if listener in self.listeners:
+                    self.listeners.remove(listener)
                 self.log(None, f"trace listener {listener!r} dropped:\n{traceback.format_exc()}")
         fds = tuple(call.fds) if call is not None and result >= 0 else ()
         return Reply(seq, MessageKind.reply, result, payload, fds)

@@ -1,10 +1,15 @@
 """The hypercall table: (hypercall number, sub-op) -> handler, layout, privilege.
 
-Adding a hypercall is one decorated function::
+Adding a hypercall is one decorated function in a subsystem module::
 
     @hypercall(Hypercall.event_channel_op, EvtchnOp.send, args=evtchn_send)
     def evtchn_send_op(call: Call, arg) -> int:
         ...
+
+The decorator only marks the handler; `HypercallTable.install` takes every
+marked function of the subsystems it is given, so the table holds what
+`xenlike.hypervisor.SUBSYSTEMS` lists (as Xen's hypercall table lists each
+do_*_op) and nothing registers itself by being imported.
 
 The dispatcher decodes the argument structs with the layout's codec,
 refuses unknown ops (-ENOSYS), malformed messages (-EINVAL), unprivileged
@@ -13,7 +18,8 @@ handler runs, and turns any exception a handler raises into an error for
 that call alone.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from types import FunctionType, ModuleType
 from typing import Any
 
 import attrs
@@ -24,7 +30,7 @@ from xenlike.abi.xen import Hypercall
 from xenlike.codec import Codec, compile_struct
 from xenlike.hypercall import HypercallError
 
-__all__ = ["Call", "Entry", "HYPERCALLS", "HypercallTable", "hypercall"]
+__all__ = ["Call", "Entry", "HYPERCALLS", "HypercallTable", "handlers", "hypercall"]
 
 
 @attrs.define(eq=False)
@@ -106,6 +112,12 @@ class HypercallTable:
             raise ValueError(f"{entry.name} is already registered as {self._entries[key].name}")
         self._entries[key] = entry
 
+    def install(self, subsystems: Iterable[ModuleType]) -> None:
+        """Register the handlers of each subsystem module (see `handlers`)."""
+        for subsystem in subsystems:
+            for entry in handlers(subsystem):
+                self.register(entry)
+
     def lookup(self, op: int, cmd: int) -> Entry:
         try:
             return self._entries[(op, cmd)]
@@ -117,6 +129,20 @@ class HypercallTable:
 
 
 HYPERCALLS = HypercallTable()
+"""The hypervisor's table, filled from `xenlike.hypervisor.SUBSYSTEMS` when that package loads."""
+
+_ENTRY = "__hypercall_entry__"
+
+
+def handlers(subsystem: ModuleType) -> list[Entry]:
+    """The hypercalls `subsystem` handles: its own functions marked by `hypercall`."""
+    return [
+        value.__dict__[_ENTRY]
+        for value in vars(subsystem).values()
+        if isinstance(value, FunctionType)
+        and value.__module__ == subsystem.__name__
+        and _ENTRY in value.__dict__
+    ]
 
 
 def hypercall(
@@ -129,7 +155,7 @@ def hypercall(
     raw: bool = False,
     name: str | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register a handler for (op, cmd) in `HYPERCALLS`.
+    """Mark a handler for (op, cmd), for `HypercallTable.install` to register.
 
     `args` is the argument struct (Xen's layout); `batch` > 1 accepts that
     many structs in one call, as grant-table ops do; `raw` passes the
@@ -141,9 +167,8 @@ def hypercall(
         cmd_name = name or getattr(cmd, "name", str(int(cmd))).rstrip("_")
         full_name = f"{Hypercall(op).name}.{cmd_name}"
         codec = compile_struct(args, full_name.replace(".", "_")) if args is not None else None
-        HYPERCALLS.register(
-            Entry(int(op), int(cmd), full_name, handler, codec, privileged, batch, raw)
-        )
+        entry = Entry(int(op), int(cmd), full_name, handler, codec, privileged, batch, raw)
+        setattr(handler, _ENTRY, entry)
         return handler
 
     return register

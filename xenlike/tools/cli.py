@@ -220,8 +220,8 @@ def up(
     view.finish()
     if problems:
         click.echo("xenlike: the topology did not come up:", err=True)
-        for problem in problems:
-            click.echo(f"  {problem}", err=True)
+        for not_up in problems:
+            click.echo(f"  {not_up}", err=True)
         if detach:
             if session.alive():
                 click.echo(f"  (it is still running: `xenlike down --run-dir {rd.path}`)", err=True)

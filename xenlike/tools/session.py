@@ -68,12 +68,12 @@ def find_run_dir(explicit: Path | None, *, running: bool = True) -> RunDir:
             raise NotRunning(f"no topology is running in {rd.path} (start one with `xenlike up`)")
         return rd
     base = default_run_dir("x").parent
-    running = sorted(p for p in base.glob("*") if RunDir(p).busy()) if base.exists() else []
-    if len(running) == 1:
-        return RunDir(running[0])
-    if not running:
+    busy = sorted(p for p in base.glob("*") if RunDir(p).busy()) if base.exists() else []
+    if len(busy) == 1:
+        return RunDir(busy[0])
+    if not busy:
         raise NotRunning(f"no topology is running under {base} (start one with `xenlike up`)")
-    names = ", ".join(str(p) for p in running)
+    names = ", ".join(str(p) for p in busy)
     raise NotRunning(f"several topologies are running ({names}); choose one with --run-dir")
 
 

@@ -113,7 +113,7 @@ class Sample:
     names: dict[int, str]
     hypercalls: dict[int, int]  # since top started
     sends: dict[int, int]
-    devices: dict[int, dict[str, int]]  # domid -> VBD_KEYS and VIF_KEYS, summed over devices
+    devices: dict[int, dict[str, Any]]  # domid -> VBD_KEYS and VIF_KEYS summed, and "devices"
 
 
 class TopSampler:

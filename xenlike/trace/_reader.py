@@ -3,7 +3,7 @@
 import bisect
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 
 import attrs
@@ -193,7 +193,7 @@ async def follow(
     reorder: float = 0.05,
     until: trio.Event | None = None,
     history: bool = False,
-) -> AsyncIterator[TraceEvent]:
+) -> AsyncGenerator[TraceEvent, None]:
     """Every record of a running hypervisor from now on, in time order, until it stops.
 
     The buffers are read every `poll_interval` seconds; new domains are

@@ -101,7 +101,7 @@ TraceEvent = TraceRecord | LostRecords
 
 
 def decode_records(
-    data: bytes, *, domid: int | None = None, flags: int | None = None
+    data: bytes | memoryview, *, domid: int | None = None, flags: int | None = None
 ) -> list[TraceEvent]:
     """Records from raw `trace_record` bytes.
 
@@ -161,12 +161,12 @@ def summarize(arg: Any) -> tuple[int, ...]:
     count = 1
     if isinstance(arg, list):
         count, arg = len(arg), arg[0]
-    values = [arg[i] & _U64 for i, _ in _summary_fields(type(arg))]
+    values = [arg[i] & _U64 for i, _ in _summary_fields(arg.__class__)]
     return (*values, *_NO_ARGS[len(values) :], count)
 
 
 @functools.cache
-def _summary_fields(record: type) -> tuple[tuple[int, str], ...]:
+def _summary_fields(record: Any) -> tuple[tuple[int, str], ...]:
     """(index, name) of the first integer fields of a codec's record type.
 
     The codec gives every field a default: 0 for integers, bytes, tuples or
@@ -185,12 +185,11 @@ def _summary_fields(record: type) -> tuple[tuple[int, str], ...]:
 def _describe(op: int, cmd: int) -> tuple[str, str, tuple[str, ...]]:
     """(op name, sub-op name, argument names) from the hypercall table.
 
-    Imported here, not at the top: the table fills as the hypervisor package
-    imports its handlers, and a domain process that records fast-path sends
+    Imported here, not at the top: the hypervisor package builds the table
+    from its subsystems, and a domain process that records fast-path sends
     has no business importing the hypervisor.
     """
-    import xenlike.hypervisor  # noqa: F401  (registers every handler)
-    from xenlike.hypervisor.table import HYPERCALLS
+    from xenlike.hypervisor import HYPERCALLS
 
     try:
         entry = HYPERCALLS.lookup(op, cmd)

@@ -91,13 +91,11 @@ class HypervisorTrace:
     def _buffers(self, domain: Any) -> _DomainBuffers:
         entry = self._live.get(domain.domid)
         if entry is None:
-            entry = _DomainBuffers(
-                domain.domid,
-                *(
-                    TraceBuffer.create(self.nr_records, domid=domain.domid, source=source)
-                    for source in TraceSource
-                ),
+            hypervisor, own = (
+                TraceBuffer.create(self.nr_records, domid=domain.domid, source=source)
+                for source in (TraceSource.hypervisor, TraceSource.domain)
             )
+            entry = _DomainBuffers(domain.domid, hypervisor, own)
             for buffer in entry.pair:
                 buffer.enabled = bool(self._readers)
             self._live[domain.domid] = entry

@@ -252,6 +252,7 @@ async def last_device_events(run_dir: Path) -> dict[tuple[int, str, int, int], T
     for event in events:
         if not isinstance(event, TraceRecord) or event.op not in (XenlikeOp.xenbus, XenlikeOp.ring):
             continue
+        key: tuple[int, str, int, int] | None
         if event.op == XenlikeOp.xenbus or event.cmd == RingEvent.attach:
             key = (event.domid, unpack_name(event.args[0]), event.args[1], event.args[3])
             if event.op == XenlikeOp.ring:

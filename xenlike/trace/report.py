@@ -51,15 +51,15 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
 
     per_domain: dict[int, Counter[str]] = defaultdict(Counter)
     for event in events:
-        counts = per_domain[event.domid]
+        tally = per_domain[event.domid]
         if isinstance(event, LostRecords):
-            counts["lost"] += event.count
+            tally["lost"] += event.count
         elif is_event(event.op):
-            counts["events"] += 1
+            tally["events"] += 1
         else:
-            counts["hypercalls"] += not event.fast_path
-            counts["fast_path_sends"] += event.fast_path
-            counts["failures"] += event.result < 0
+            tally["hypercalls"] += not event.fast_path
+            tally["fast_path_sends"] += event.fast_path
+            tally["failures"] += event.result < 0
 
     latencies: dict[tuple[int, str], list[int]] = defaultdict(list)
     counts: Counter[tuple[int, str]] = Counter()
@@ -198,7 +198,7 @@ def _rings(records: list[TraceRecord]) -> list[dict[str, Any]]:
                 f"{unpack_name(r.args[0])}/{r.args[1]}",
                 "backend" if r.count else "frontend",
             )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (domid, port), ring in _ring_pushes(records).items():
         device, side = names.get((domid, port), (None, None))
         rows.append(

@@ -67,8 +67,7 @@ def _cmd_names(op: int) -> dict[str, int]:
     if is_event(op):
         cmds = EVENT_CMDS.get(op)
         return {c.name: int(c) for c in cmds} if cmds else {}
-    import xenlike.hypervisor  # noqa: F401  (registers every handler)
-    from xenlike.hypervisor.table import HYPERCALLS
+    from xenlike.hypervisor import HYPERCALLS
 
     return {entry.name.partition(".")[2]: entry.cmd for entry in HYPERCALLS if entry.op == op}
 

@@ -14,12 +14,19 @@ toolstack removes it, so a broken driver is not restarted in a loop.
 
 import errno
 import logging
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
 from xenlike.abi.xenbus import XenbusState
-from xenlike.xenbus.driver import DeviceInfo, XenbusContext, XenbusDriver, error_node
+from xenlike.xenbus.driver import (
+    Backend,
+    DeviceInfo,
+    Frontend,
+    XenbusContext,
+    XenbusDriver,
+    error_node,
+)
 from xenlike.xenbus.registry import DriverRegistry, UnknownDriver
 from xenlike.xenstore import XenStoreError
 
@@ -27,15 +34,17 @@ __all__ = ["BackendBus", "FrontendBus"]
 
 log = logging.getLogger("xenlike.xenbus")
 
+DriverT = TypeVar("DriverT", bound=XenbusDriver)
 
-class _Bus:
+
+class _Bus(Generic[DriverT]):
     side: str
 
     def __init__(self, ctx: XenbusContext, registry: DriverRegistry) -> None:
         self.ctx = ctx
         self.registry = registry
         self.home = f"/local/domain/{ctx.domain.domid}"
-        self.devices: dict[str, XenbusDriver] = {}
+        self.devices: dict[str, DriverT] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._broken: set[str] = set()  # failed devices, left alone until removed
         self.changed = trio.Event()
@@ -114,11 +123,11 @@ class _Bus:
     async def _scan(self) -> list[DeviceInfo]:
         raise NotImplementedError
 
-    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+    def _make(self, info: DeviceInfo) -> DriverT | None:
         raise NotImplementedError
 
 
-class FrontendBus(_Bus):
+class FrontendBus(_Bus[Frontend]):
     side = "device"
 
     async def _scan(self) -> list[DeviceInfo]:
@@ -135,16 +144,17 @@ class FrontendBus(_Bus):
                 )
         return found
 
-    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+    def _make(self, info: DeviceInfo) -> Frontend | None:
         if (reason := self.registry.unloadable(info.type)) is not None:
             raise UnknownDriver(reason)
-        if info.type not in self.registry or self.registry.get(info.type).frontend is None:
+        driver = self.registry.get(info.type).frontend if info.type in self.registry else None
+        if driver is None:
             log.info("no front-end driver for %s", info.nodename)
             return None
-        return self.registry.get(info.type).frontend(self.ctx, info)
+        return driver(self.ctx, info)
 
 
-class BackendBus(_Bus):
+class BackendBus(_Bus[Backend]):
     side = "backend"
 
     async def _scan(self) -> list[DeviceInfo]:
@@ -162,10 +172,11 @@ class BackendBus(_Bus):
                     )
         return found
 
-    def _make(self, info: DeviceInfo) -> XenbusDriver | None:
+    def _make(self, info: DeviceInfo) -> Backend | None:
         if (reason := self.registry.unloadable(info.type)) is not None:
             raise UnknownDriver(reason)
-        if info.type not in self.registry or self.registry.get(info.type).backend is None:
+        driver = self.registry.get(info.type).backend if info.type in self.registry else None
+        if driver is None:
             log.info("no back-end driver for %s", info.nodename)
             return None
-        return self.registry.get(info.type).backend(self.ctx, info)
+        return driver(self.ctx, info)

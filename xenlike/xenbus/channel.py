@@ -15,7 +15,7 @@ A protocol violation (an impossible index) breaks the channel with
 """
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import trio
@@ -263,7 +263,9 @@ class RingGroup:
     `rings` are `FrontRing`s in a front end and `BackRing`s in a back end.
     """
 
-    def __init__(self, rings: dict[str, FrontRing | BackRing], ports: dict[str, Doorbell]) -> None:
+    def __init__(
+        self, rings: Mapping[str, FrontRing | BackRing], ports: dict[str, Doorbell]
+    ) -> None:
         self.rings = rings
         self.ports = ports  # ring name -> its event channel (shared ports appear more than once)
 

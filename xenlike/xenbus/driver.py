@@ -70,7 +70,7 @@ from xenlike.xenbus.channel import (
     fail_orphans,
 )
 from xenlike.xenbus.state import Action, Handshake, Role
-from xenlike.xenstore import XenStoreError
+from xenlike.xenstore import Client, XenStoreError
 
 __all__ = [
     "Backend",
@@ -120,7 +120,7 @@ class XenbusContext:
     """What a driver needs from its domain: ports, grants, memory, and XenStore."""
 
     domain: Any  # xenlike.domain.Domain
-    xs: Any  # xenlike.xenstore.Client
+    xs: Client
     nursery: trio.Nursery
 
 
@@ -609,7 +609,7 @@ class Frontend(XenbusDriver):
     """
 
     role = Role.frontend
-    ring_page_order: ClassVar[int] = 0
+    ring_page_order: int = 0
     resubmit: ClassVar[bool] = True
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
@@ -636,7 +636,12 @@ class Frontend(XenbusDriver):
     async def wait_connected(self) -> None:
         await self._channel()
 
-    async def _channel(self) -> FrontChannel:
+    def for_program(self) -> Any:
+        """What a guest program gets for this device (`guest.device(type)`): the
+        driver itself, unless it keeps the program's calls apart from its own."""
+        return self
+
+    async def _channel(self) -> FrontChannel | RingGroup:
         """The current channel, once the device is connected (again); DeviceFailed
         when either end has failed it."""
         while True:
@@ -670,7 +675,7 @@ class Frontend(XenbusDriver):
         elif action is Action.connected:
             await self.connected()
             self._ready.set()
-            if self._orphans and self.channel is not None:
+            if self._orphans and isinstance(self.channel, FrontChannel):
                 orphans, self._orphans = self._orphans, []
                 await self.channel.adopt(orphans)
         elif action is Action.disconnect:

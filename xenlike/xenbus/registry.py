@@ -11,13 +11,20 @@ group of an installed package (`echo = "mypkg.echo:DRIVER"`).
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from xenlike.xenbus.driver import Backend, Frontend
 
 __all__ = ["Driver", "DriverRegistry", "UnknownDriver", "load_driver"]
 
 ENTRY_POINT_GROUP = "xenlike.drivers"
+
+# Named here: inside Driver, `type` is the field.
+FrontendClass = type["Frontend"]
+BackendClass = type["Backend"]
 
 
 @attrs.frozen
@@ -25,8 +32,8 @@ class Driver:
     """A device type and the classes serving its two ends."""
 
     type: str
-    frontend: type | None = None
-    backend: type | None = None
+    frontend: FrontendClass | None = None
+    backend: BackendClass | None = None
 
 
 class UnknownDriver(LookupError):

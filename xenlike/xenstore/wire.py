@@ -59,7 +59,8 @@ class XenStoreError(Exception):
         super().__init__(f"{name}: {detail}" if detail else name)
         self.name = name
         self.detail = detail
-        self.errno = XSD_ERRORS.get(name) or getattr(errno, name, errno.EINVAL)
+        number = XSD_ERRORS.get(name) or getattr(errno, name, None)
+        self.errno: int = number if isinstance(number, int) else errno.EINVAL
 
 
 class XsProtocolError(Exception):
