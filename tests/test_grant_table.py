@@ -520,6 +520,39 @@ async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
         a.grants.end_access(ref)
 
 
+async def test_map_and_unmap_replies_are_xen_s_copy_back_of_each_element(guest) -> None:
+    """The handlers pack their replies field by field: every field a caller sent comes
+    back as it was, beside the status, handle and dev_bus_addr of the element, as
+    the records would have them."""
+    a, b = await guest(), await guest()
+    ref = a.grants.grant_access(b.domid, a.page(0))
+    ops = [
+        MAP.record(host_addr=0x1234, flags=GNTMAP_host_map, ref=ref, dom=a.domid, handle=77),
+        MAP.record(host_addr=0x5678, flags=GNTMAP_host_map, ref=100, dom=a.domid, handle=88),
+    ]
+    outs, fds = await raw_map(b.hypercalls, ops)
+    close_all(fds)
+    region = b.domain.maptrack.entries[outs[0].handle].table.region
+    assert outs == [
+        ops[0]._replace(
+            status=S.okay,
+            handle=outs[0].handle,
+            dev_bus_addr=machine_address(region, a.page(0)),
+        ),
+        ops[1]._replace(status=S.general_error),
+    ]
+    unmaps = [
+        UNMAP.record(host_addr=0x1234, handle=outs[0].handle),
+        UNMAP.record(host_addr=0x9, dev_bus_addr=0, handle=0xDEAD),
+    ]
+    done = await b.hypercalls.call(
+        GNTTAB_OP, GnttabOp.unmap_grant_ref, b"".join(UNMAP.pack(op) for op in unmaps), 2
+    )
+    back = [UNMAP.unpack_from(done.payload, i * UNMAP.size) for i in range(2)]
+    assert back == [unmaps[0]._replace(status=S.okay), unmaps[1]._replace(status=S.bad_handle)]
+    a.grants.end_access(ref)
+
+
 async def test_each_mapped_page_comes_as_a_file_of_its_own(
     hv: Hypervisor, guest, connect: DomainConnector
 ) -> None:
