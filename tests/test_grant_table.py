@@ -25,6 +25,7 @@ import trio
 from tests.conftest import DomainConnector
 from tests.test_hypervisor import wait_for_log, wait_for_shutdown
 from xenlike import _atomic
+from xenlike import memory as memory_module
 from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, evtchn_bind_interdomain
 from xenlike.abi.grant_table import (
@@ -214,6 +215,12 @@ def map_op(dom: int, ref: int, flags: int = GNTMAP_host_map):
     return MAP.record(flags=flags, ref=ref, dom=dom)
 
 
+def frame_mappings(name: str) -> list[str]:
+    """This process's mappings of the frame file named `name` (/proc/self/maps lines)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if f"/memfd:{name} " in line or line.endswith(name + "\n")]
+
+
 def close_all(fds: tuple[int, ...]) -> None:
     for fd in fds:
         os.close(fd)
@@ -334,6 +341,92 @@ async def test_dom0_s_grant_maps_follow_the_grant_rules_too(guest) -> None:
     a.grants.end_access(ref)
 
 
+async def test_dom0_keeps_the_frames_it_maps_and_sees_the_file_a_granter_moves_to(
+    hv: Hypervisor, guest, monkeypatch
+) -> None:
+    """Dom0 may map any guest's memory (privcmd), so its runtime keeps the files it is
+    handed mapped, and mapping the same frame again costs no mmap. A frame whose
+    grant to a guest ended moves to a fresh file, and Dom0's next map shows that
+    one, never the copy of the past it kept."""
+    dom0, a, b = await guest(0), await guest(), await guest()
+    calls = []
+    mmap_fixed = memory_module._mmap_fixed
+
+    def recording(address: int, length: int, prot: int, fd: int, offset: int) -> None:
+        calls.append(fd)
+        mmap_fixed(address, length, prot, fd, offset)
+
+    a.write(a.page(0), b"first")
+    ref = a.grants.grant_access(0, a.page(0))
+    monkeypatch.setattr(memory_module, "_mmap_fixed", recording)
+    for round in range(3):
+        mapping = await dom0.grants.map(a.domid, [ref])
+        assert bytes(mapping.view[:5]) == b"first"
+        await dom0.grants.unmap(mapping)
+        if not round:
+            first = len(calls)  # the hypervisor's view of the moved frame, and Dom0's map
+    assert len(calls) == first
+    a.grants.end_access(ref)
+
+    to_b = a.grants.grant_access(b.domid, a.page(0))
+    theirs = await b.grants.map(a.domid, [to_b])
+    await b.grants.unmap(theirs)
+    a.grants.end_access(to_b)  # the frame moves to a fresh file
+    a.write(a.page(0), b"after")
+    ref = a.grants.grant_access(0, a.page(0))
+    mapping = await dom0.grants.map(a.domid, [ref])
+    assert bytes(mapping.view[:5]) == b"after"
+    mapping.view[:4] = b"dom0"
+    await dom0.grants.unmap(mapping)
+    assert a.read(a.page(0), 5) == b"dom0r"
+    a.grants.end_access(ref)
+
+
+async def test_a_guest_s_runtime_keeps_no_mapping_past_unmap_and_dom0_s_does(
+    hv: Hypervisor, guest
+) -> None:
+    dom0, a, b = await guest(0), await guest(), await guest()
+    name = f"xenlike-d{a.domid}-gfn-{a.page(0):#x}"  # the frame's files, old and new
+    for mapper in (b, dom0):
+        ref = a.grants.grant_access(mapper.domid, a.page(0))
+        mapping = await mapper.grants.map(a.domid, [ref])
+        mapped = len(frame_mappings(name))  # the granter's, the hypervisor's, the mapper's
+        await mapper.grants.unmap(mapping)
+        a.grants.end_access(ref)
+        if mapper is b:
+            assert len(frame_mappings(name)) == mapped - 1  # nothing reaches the page
+        else:
+            assert len(frame_mappings(name)) == mapped  # Dom0 keeps it
+    dom0.grants.forget(a.domid)
+    assert len(frame_mappings(name)) == mapped - 1
+
+
+async def test_dom0_takes_scattered_frames_page_by_page(hv: Hypervisor, guest) -> None:
+    dom0, a = await guest(0), await guest()
+    for index, text in ((3, b"three"), (1, b"one")):
+        a.write(a.page(index), text)
+    refs = [a.grants.grant_access(0, a.page(i), readonly=True) for i in (3, 1)]
+    mapping = await dom0.grants.map(a.domid, refs, readonly=True, side_by_side=False)
+    assert not mapping.side_by_side
+    with pytest.raises(ValueError, match="side by side"):
+        mapping.view  # noqa: B018
+    pages = mapping.pages()
+    assert [bytes(page[:5]) for page in pages] == [b"three", b"one\0\0"]
+    with pytest.raises(TypeError):
+        pages[0][0] = 0
+    with pytest.raises(MemoryInUse):
+        await dom0.grants.unmap(mapping)
+    for page in pages:
+        page.release()
+    await dom0.grants.unmap(mapping)
+    side_by_side = await dom0.grants.map(a.domid, refs, readonly=True)  # mapped the plain way
+    assert side_by_side.side_by_side
+    assert bytes(side_by_side.view[XEN_PAGE_SIZE : XEN_PAGE_SIZE + 3]) == b"one"
+    await dom0.grants.unmap(side_by_side)
+    for ref in refs:
+        a.grants.end_access(ref)
+
+
 async def test_maps_xen_refuses(guest) -> None:
     a, b, c = await guest(), await guest(), await guest()
     to_c = a.grants.grant_access(c.domid, a.page(0))
@@ -425,6 +518,39 @@ async def test_a_batch_gets_a_status_per_element_and_failures_leave_no_trace(
     assert await raw_unmap(b.hypercalls, [outs[0].handle, outs[3].handle]) == [S.okay, S.okay]
     for ref in good:
         a.grants.end_access(ref)
+
+
+async def test_map_and_unmap_replies_are_xen_s_copy_back_of_each_element(guest) -> None:
+    """The handlers pack their replies field by field: every field a caller sent comes
+    back as it was, beside the status, handle and dev_bus_addr of the element, as
+    the records would have them."""
+    a, b = await guest(), await guest()
+    ref = a.grants.grant_access(b.domid, a.page(0))
+    ops = [
+        MAP.record(host_addr=0x1234, flags=GNTMAP_host_map, ref=ref, dom=a.domid, handle=77),
+        MAP.record(host_addr=0x5678, flags=GNTMAP_host_map, ref=100, dom=a.domid, handle=88),
+    ]
+    outs, fds = await raw_map(b.hypercalls, ops)
+    close_all(fds)
+    region = b.domain.maptrack.entries[outs[0].handle].table.region
+    assert outs == [
+        ops[0]._replace(
+            status=S.okay,
+            handle=outs[0].handle,
+            dev_bus_addr=machine_address(region, a.page(0)),
+        ),
+        ops[1]._replace(status=S.general_error),
+    ]
+    unmaps = [
+        UNMAP.record(host_addr=0x1234, handle=outs[0].handle),
+        UNMAP.record(host_addr=0x9, dev_bus_addr=0, handle=0xDEAD),
+    ]
+    done = await b.hypercalls.call(
+        GNTTAB_OP, GnttabOp.unmap_grant_ref, b"".join(UNMAP.pack(op) for op in unmaps), 2
+    )
+    back = [UNMAP.unpack_from(done.payload, i * UNMAP.size) for i in range(2)]
+    assert back == [unmaps[0]._replace(status=S.okay), unmaps[1]._replace(status=S.bad_handle)]
+    a.grants.end_access(ref)
 
 
 async def test_each_mapped_page_comes_as_a_file_of_its_own(

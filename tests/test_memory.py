@@ -16,12 +16,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import xenlike.memory
 from xenlike.abi.grant_table import SHGNT_PER_PAGE_V1
+from xenlike.frames import frame_file
 from xenlike.memory import (
+    REGION_FRAMES,
     XEN_PAGE_SIZE,
     BadFrame,
     BootLayout,
     DomainMemory,
     DoubleFree,
+    FrameCache,
     MemoryInUse,
     MemoryTooSmall,
     OutOfPages,
@@ -307,6 +310,168 @@ def test_mapping_page_index_is_checked(memory: DomainMemory) -> None:
             mapping.page(2)
         with pytest.raises(IndexError):
             mapping.page(-1)
+
+
+# FrameCache: the foreign frames Dom0 keeps mapped between grant maps
+
+
+@pytest.fixture
+def files(memory_name: str) -> Iterator[list[int]]:
+    """Four frame files, file i named `memory_name`-i and stamped i + 1."""
+    fds = [frame_file(f"{memory_name}-{i}", bytes([i + 1]) * XEN_PAGE_SIZE) for i in range(4)]
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+def read_only(fd: int) -> int:
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def recording_mmaps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fds of every file mapped from now on."""
+    calls: list[int] = []
+    mmap_fixed = xenlike.memory._mmap_fixed
+
+    def recording(address: int, length: int, prot: int, fd: int, offset: int) -> None:
+        calls.append(fd)
+        mmap_fixed(address, length, prot, fd, offset)
+
+    monkeypatch.setattr(xenlike.memory, "_mmap_fixed", recording)
+    return calls
+
+
+def test_the_frame_cache_shows_exactly_the_frames_asked_for_and_maps_each_file_once(
+    files: list[int], memory_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = recording_mmaps(monkeypatch)
+    cache = FrameCache()
+    pages = cache.map(1, [7, 3], files[:2], writable=True)
+    assert pages is not None and not pages.side_by_side
+    assert bytes(pages.page(0)) == b"\x01" * XEN_PAGE_SIZE
+    assert bytes(pages.page(1)) == b"\x02" * XEN_PAGE_SIZE
+    with pytest.raises(ValueError, match="do not lie side by side"):
+        pages.view  # noqa: B018
+    with pytest.raises(IndexError):
+        pages.page(2)
+    with pages.page(1) as page:
+        page[:5] = b"hello"
+    assert os.pread(files[1], 5, 0) == b"hello"
+    pages.close()
+    assert calls == files[:2] and len(cache) == 2
+    (kept,) = mappings_of(f"{memory_name}-0")
+
+    again = cache.map(1, [7], files[:1], writable=True)
+    assert again is not None and bytes(again.page(0)[:1]) == b"\x01"
+    again.close()
+    assert calls == files[:2]  # served from the cache: no mmap at all
+    assert mappings_of(f"{memory_name}-0") == [kept]
+
+
+def test_frames_side_by_side_come_as_one_view(files: list[int]) -> None:
+    cache = FrameCache()
+    pages = cache.map(2, [5, 6, 7], files[:3], writable=True)
+    assert pages is not None and pages.side_by_side
+    with pages.view as view:
+        assert len(view) == 3 * XEN_PAGE_SIZE
+        assert bytes(view[::XEN_PAGE_SIZE]) == b"\x01\x02\x03"
+    pages.close()
+
+
+def test_a_fresh_file_for_a_frame_replaces_the_one_cached(
+    files: list[int], memory_name: str
+) -> None:
+    """A granter moves a frame to a fresh file when a grant to a guest ends: the
+    cache shows the file it is handed now, never the one it kept."""
+    cache = FrameCache()
+    pages = cache.map(1, [7], files[:1], writable=True)
+    assert pages is not None
+    pages.close()
+    pages = cache.map(1, [7], files[1:2], writable=True)
+    assert pages is not None and bytes(pages.page(0)[:1]) == b"\x02"
+    pages.close()
+    assert mappings_of(f"{memory_name}-0") == [] and len(cache) == 1
+
+
+def test_the_frame_cache_keeps_the_rights_of_each_map(files: list[int], memory_name: str) -> None:
+    cache = FrameCache()
+    ro = read_only(files[0])
+    try:
+        pages = cache.map(1, [7], [ro], writable=False)
+        assert pages is not None
+        with pages.page(0) as page:
+            assert page.readonly
+            with pytest.raises(TypeError):
+                page[0] = 9
+        assert [m[2] for m in mappings_of(f"{memory_name}-0")] == ["r--s"]
+        writable = cache.map(1, [7], files[:1], writable=True)  # the same file, writable now
+        assert writable is not None
+        assert [m[2] for m in mappings_of(f"{memory_name}-0")] == ["rw-s"]
+        with writable.page(0) as page:
+            page[0] = 9
+        again = cache.map(1, [7], [ro], writable=False)
+        assert again is not None
+        with pages.page(0) as page, again.page(0) as other:
+            assert page[0] == other[0] == 9 and other.readonly
+        for mapping in (pages, writable, again):
+            mapping.close()
+    finally:
+        os.close(ro)
+
+
+def test_a_cached_mapping_refuses_to_close_while_a_view_is_alive(files: list[int]) -> None:
+    cache = FrameCache()
+    pages = cache.map(1, [7], files[:1], writable=True)
+    assert pages is not None
+    page = pages.page(0)
+    piece = page[1:3]
+    page.release()
+    with pytest.raises(MemoryInUse):
+        pages.close()
+    assert piece[0] == 1  # nothing changed
+    piece.release()
+    pages.close()
+    pages.close()
+    with pytest.raises(ValueError, match="closed"):
+        pages.page(0)
+
+
+def test_the_frame_cache_lets_unused_frames_go_at_its_limit(
+    files: list[int], memory_name: str
+) -> None:
+    cache = FrameCache(limit=2)
+    first = cache.map(1, [1], files[:1], writable=True)
+    second = cache.map(1, [2], files[1:2], writable=True)
+    assert first is not None and second is not None
+    assert cache.map(1, [3], files[2:3], writable=True) is None  # both in use: no room
+    assert mappings_of(f"{memory_name}-2") == [] and len(cache) == 2
+    first.close()
+    third = cache.map(1, [3], files[2:3], writable=True)
+    assert third is not None and bytes(third.page(0)[:1]) == b"\x03"
+    assert mappings_of(f"{memory_name}-0") == []  # the unused one went
+    assert bytes(second.page(0)[:1]) == b"\x02"
+    second.close()
+    third.close()
+
+
+def test_a_forgotten_granter_s_frames_go_once_unused(files: list[int], memory_name: str) -> None:
+    cache = FrameCache()
+    pages = cache.map(1, [1, 2], files[:2], writable=True)
+    kept = cache.map(1, [3], files[2:3], writable=True)
+    assert pages is not None and kept is not None
+    kept.close()
+    cache.forget(1)
+    assert mappings_of(f"{memory_name}-2") == []
+    assert bytes(pages.page(1)[:1]) == b"\x02"  # still mapped while shown
+    assert cache.map(1, [3], files[2:3], writable=True) is None
+    pages.close()
+    assert len(cache) == 0 and cache.regions() == []
+    assert mappings_of(f"{memory_name}-0") == mappings_of(f"{memory_name}-1") == []
+    cache.forget(1)  # twice: nothing more to do
+
+
+def test_frames_beyond_the_cache_s_reach_are_left_to_the_caller(files: list[int]) -> None:
+    assert FrameCache().map(1, [REGION_FRAMES], files[:1], writable=True) is None
 
 
 # PageAllocator

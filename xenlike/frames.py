@@ -9,8 +9,10 @@ the old page out of the big memfd) and hands the file to the hypervisor,
 which maps it over its own view of the frame too. A grant map then hands
 the mapper that one file, reopened read-only for a read-only grant, and
 the mapper's runtime closes it once mapped: it holds nothing but its
-mapping, and after unmap nothing at all. Pages are granted from a few
-pools (rings, buffer pools, persistent grants), so few frames ever move.
+mapping, and after unmap nothing at all (but Dom0, which may map any
+guest's memory, keeps its mappings: `xenlike.memory.FrameCache`). Pages
+are granted from a few pools (rings, buffer pools, persistent grants), so
+few frames ever move.
 
 A granter that ends a grant to a domain other than Dom0 moves the frame to
 a fresh file again, so a hostile mapper that kept its file holds a copy of

@@ -6,7 +6,9 @@ gfn. The hypervisor creates it and maps all of it; the domain process attaches
 to the fd it receives at spawn. A frame that is granted moves into a file of
 its own (`xenlike.frames`), mapped over its place in the big mapping
 (`DomainMemory.back_frame`); a domain that maps a foreign grant gets that
-file alone and maps it beside the other granted pages (`map_pages`).
+file alone and maps it beside the other granted pages (`map_pages`). A
+privileged mapper (Dom0) keeps the files it was handed mapped between grant
+maps (`FrameCache`), as Xen's privcmd lets it map any guest's memory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import ctypes
 import fcntl
 import mmap
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 from attrs import define, field, frozen
 
@@ -27,14 +31,18 @@ __all__ = [
     "XEN_PAGE_SIZE",
     "BadFrame",
     "MACHINE_REGION_SHIFT",
+    "MAX_CACHED_FRAMES",
     "BootLayout",
+    "CachedPages",
     "DomainMemory",
     "DoubleFree",
+    "FrameCache",
     "FrameMapping",
     "MemoryInUse",
     "MemoryTooSmall",
     "OutOfPages",
     "PageAllocator",
+    "REGION_FRAMES",
     "XenMemoryError",
     "machine_address",
     "map_frames",
@@ -43,8 +51,10 @@ __all__ = [
     "split_machine_address",
 ]
 
-# Not exported by Python's mmap module; the Linux value (asm-generic, x86_64).
+# Not exported by Python's mmap module; the Linux values (asm-generic, x86_64).
 _MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_mmap = _libc.mmap
@@ -63,6 +73,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.fallocate.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
 
 
 class XenMemoryError(Exception):
@@ -240,6 +252,7 @@ class FrameMapping:
     gfns: tuple[int, ...]
     writable: bool
     _reservation: mmap.mmap = field(repr=False)
+    side_by_side = True  # the frames are mapped side by side, whatever their gfns
 
     @property
     def view(self) -> memoryview:
@@ -254,6 +267,11 @@ class FrameMapping:
         if not 0 <= index < len(self.gfns):
             raise IndexError(f"page {index} outside a mapping of {len(self.gfns)} frames")
         return self.view[index * XEN_PAGE_SIZE : (index + 1) * XEN_PAGE_SIZE]
+
+    def pages(self) -> list[memoryview]:
+        """Every frame's view, in order: `page(i)` for each i, made in one go."""
+        view = self.view
+        return [view[i : i + XEN_PAGE_SIZE] for i in range(0, len(view), XEN_PAGE_SIZE)]
 
     def close(self) -> None:
         """Unmap the whole range; a second call does nothing."""
@@ -385,6 +403,252 @@ def _mmap_fixed(address: int, length: int, prot: int, fd: int, offset: int) -> N
         raise OSError(
             errno, f"{os.strerror(errno)}: mmap of {length} bytes at offset {offset} of fd {fd}"
         )
+
+
+MAX_CACHED_FRAMES = 16384
+"""Foreign frames a privileged mapper keeps mapped at most. Each is a mapping of
+its own (and splits the reservation around it), so 16 granters' MAX_FRAME_FILES
+(4096) frames each would pass vm.max_map_count (65530 here); beyond the limit,
+the least recently mapped frames that no live mapping uses are let go."""
+REGION_FRAMES = 1 << 22
+"""Frames of one granter the cache can hold: the address space it reserves per
+granter (16 GiB, inaccessible and never backed); a frame beyond is mapped the
+plain way (`map_pages`)."""
+_RegionBytes = ctypes.c_ubyte * (REGION_FRAMES * XEN_PAGE_SIZE)
+
+
+@define(eq=False)
+class _Slot:
+    """A cached frame: the file mapped in its place, with which rights, and how
+    many live mappings show it."""
+
+    inode: int
+    writable: bool
+    pins: int = 0
+
+
+@define(eq=False)
+class _Region:
+    """One granter's frames in the cache: REGION_FRAMES reserved pages, frame gfn
+    at page gfn, inaccessible where nothing is cached."""
+
+    base: int
+    slots: int = 0
+    forgotten: bool = False  # its granter is gone: let each frame go once unused
+
+
+@define(eq=False)
+class FrameCache:
+    """Foreign frames a privileged mapper keeps mapped between grant maps.
+
+    Mapping a frame's own file costs an mmap, an munmap and a page fault per
+    page, about 7 µs: 1.9 ms for a 1 MiB block request, which without
+    persistent grants is mapped and unmapped each time. Dom0 may map any
+    guest's memory (Xen's privcmd), so its runtime keeps each file it is
+    handed mapped in the place of its frame, in an address range reserved per
+    granter (its machine region), and a later map of the same frame finds it
+    there: it only checks that the file it was handed is still the one mapped
+    (the inode; a granter that moves a frame to a fresh file hands out the new
+    one) with at least the rights asked for, and closes it.
+
+    What a driver gets is still what the grant allows: `CachedPages` gives
+    exactly the granted pages, read-only views for a read-only grant, and its
+    views must be released before unmap as a `FrameMapping`'s must. The
+    cache holds at most `limit` frames (letting the least recently mapped
+    unused ones go) and lets a granter's frames go when it is forgotten
+    (`forget`, once the granter is gone), each as soon as no mapping shows it.
+    """
+
+    limit: int = MAX_CACHED_FRAMES
+    _regions: dict[int, _Region] = field(factory=dict)
+    _slots: dict[tuple[int, int], _Slot] = field(factory=dict)  # least recently mapped first
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def map(
+        self, region: int, gfns: Sequence[int], fds: Sequence[int], *, writable: bool
+    ) -> CachedPages | None:
+        """Frames `gfns` of the granter numbered `region`, from their files `fds`
+        (which stay the caller's); None when the cache cannot hold them (full of
+        frames in use, a forgotten granter, a frame beyond REGION_FRAMES)."""
+        gfns = tuple(gfns)
+        if not gfns or len(fds) != len(gfns) or max(gfns) >= REGION_FRAMES:
+            return None
+        home = self._regions.get(region)
+        if home is None:
+            home = self._regions[region] = _Region(_reserve(REGION_FRAMES * XEN_PAGE_SIZE))
+        elif home.forgotten:
+            return None
+        taken = 0
+        try:
+            for gfn, fd in zip(gfns, fds, strict=True):
+                if not self._take(region, home, gfn, fd, writable):
+                    break
+                taken += 1
+        finally:
+            if taken < len(gfns):
+                self._unpin(region, gfns[:taken])
+        if taken < len(gfns):
+            return None
+        return CachedPages(gfns, writable, self, region, _RegionBytes.from_address(home.base))
+
+    def _take(self, region: int, home: _Region, gfn: int, fd: int, writable: bool) -> bool:
+        """Pin frame `gfn`, mapping `fd` in its place unless it is there with the rights."""
+        key = (region, gfn)
+        inode = os.fstat(fd).st_ino
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            if len(self._slots) >= self.limit and not self._let_go_one():
+                return False
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            _mmap_fixed(home.base + gfn * XEN_PAGE_SIZE, XEN_PAGE_SIZE, prot, fd, 0)
+            slot = _Slot(inode, writable)
+            home.slots += 1
+        elif slot.inode != inode or (writable and not slot.writable):
+            # MAP_FIXED replaces the page at once: a live view never sees a hole.
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            try:
+                _mmap_fixed(home.base + gfn * XEN_PAGE_SIZE, XEN_PAGE_SIZE, prot, fd, 0)
+            except BaseException:
+                self._slots[key] = slot
+                raise
+            slot.inode, slot.writable = inode, writable
+        slot.pins += 1
+        self._slots[key] = slot  # the most recently mapped, last
+        return True
+
+    def _let_go_one(self) -> bool:
+        """Let the least recently mapped frame that no mapping shows go."""
+        for key, slot in self._slots.items():
+            if not slot.pins:
+                self._drop(key)
+                return True
+        return False
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        region, gfn = key
+        del self._slots[key]
+        home = self._regions[region]
+        _reserve(XEN_PAGE_SIZE, home.base + gfn * XEN_PAGE_SIZE)  # the file's page goes
+        home.slots -= 1
+        if home.forgotten and not home.slots:
+            self._release(region)
+
+    def _release(self, region: int) -> None:
+        home = self._regions.pop(region)
+        if _libc.munmap(home.base, REGION_FRAMES * XEN_PAGE_SIZE) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"{os.strerror(errno)}: releasing the frames of region {region}")
+
+    def _unpin(self, region: int, gfns: Sequence[int]) -> None:
+        home = self._regions[region]
+        for gfn in gfns:
+            slot = self._slots[(region, gfn)]
+            slot.pins -= 1
+            if home.forgotten and not slot.pins:
+                self._drop((region, gfn))
+
+    def forget(self, region: int) -> None:
+        """The granter numbered `region` is gone: let its frames go, each at once or
+        when the last mapping that shows it is unmapped."""
+        home = self._regions.get(region)
+        if home is None:
+            return
+        home.forgotten = True
+        for key in [key for key, slot in self._slots.items() if key[0] == region]:
+            if not self._slots[key].pins:
+                self._drop(key)
+        if region in self._regions and not home.slots:
+            self._release(region)
+
+    def regions(self) -> list[int]:
+        """The granters (machine regions) whose frames the cache holds."""
+        return list(self._regions)
+
+
+@define(eq=False)
+class CachedPages:
+    """Granted frames shown from a `FrameCache`, in the listed order.
+
+    The face of a `FrameMapping`: `page(index)` always, `view` when the frames
+    lie side by side (consecutive gfns, in order); read-only views for a
+    read-only mapping; `close` refuses with `MemoryInUse` while any view is
+    alive (each view holds a reference to this mapping's own buffer object,
+    which is how they are counted).
+    """
+
+    gfns: tuple[int, ...]
+    writable: bool
+    _cache: FrameCache = field(repr=False)
+    _region: int
+    _buffer: Any = field(repr=False)  # the region's pages, this mapping's own object
+    side_by_side: bool = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        first = self.gfns[0]
+        self.side_by_side = self.gfns == tuple(range(first, first + len(self.gfns)))
+
+    def _whole(self) -> memoryview:
+        if self._buffer is None:
+            raise ValueError("frame mapping is closed")
+        whole = memoryview(self._buffer).cast("B")
+        return whole if self.writable else whole.toreadonly()
+
+    @property
+    def view(self) -> memoryview:
+        """All mapped frames as one view; only when they lie side by side."""
+        if not self.side_by_side:
+            raise ValueError(
+                f"frames {list(self.gfns)} do not lie side by side: take them with page()"
+            )
+        start = self.gfns[0] * XEN_PAGE_SIZE
+        return self._whole()[start : start + len(self.gfns) * XEN_PAGE_SIZE]
+
+    def page(self, index: int) -> memoryview:
+        """The frame at position `index` of `gfns` (not gfn `index`)."""
+        if not 0 <= index < len(self.gfns):
+            raise IndexError(f"page {index} outside a mapping of {len(self.gfns)} frames")
+        start = self.gfns[index] * XEN_PAGE_SIZE
+        return self._whole()[start : start + XEN_PAGE_SIZE]
+
+    def pages(self) -> list[memoryview]:
+        """Every frame's view, in order: `page(i)` for each i, made in one go."""
+        whole = self._whole()
+        return [whole[gfn * XEN_PAGE_SIZE : (gfn + 1) * XEN_PAGE_SIZE] for gfn in self.gfns]
+
+    def close(self) -> None:
+        """Let the cache's frames go; a second call does nothing."""
+        if self._buffer is None:
+            return
+        if sys.getrefcount(self._buffer) > 2:  # ours, and the call's argument
+            raise MemoryInUse("frame mapping still has memoryviews in use; release them first")
+        self._buffer = None
+        self._cache._unpin(self._region, self.gfns)
+
+    def __enter__(self) -> CachedPages:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _reserve(length: int, address: int | None = None) -> int:
+    """Inaccessible, unbacked address space: `length` bytes anywhere, or in place of
+    what is mapped at `address`."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    if address is not None:
+        flags |= _MAP_FIXED
+    result = _libc_mmap(address, length, _PROT_NONE, flags, -1, 0)
+    if result == _MAP_FAILED:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{os.strerror(errno)}: reserving {length} bytes of address space")
+    return int(result)
 
 
 @define(eq=False)

@@ -275,7 +275,10 @@ class FakeGrantTable:
     def page(self, gfn: int) -> memoryview:
         return self.memory.frame(gfn)
 
-    async def map(self, domid: int, refs: Any, readonly: bool = False) -> Any:
+    async def map(
+        self, domid: int, refs: Any, readonly: bool = False, *, side_by_side: bool = True
+    ) -> Any:
+        """As GrantTable.map; the pages always lie side by side, whatever `side_by_side` asks."""
         from xenlike.abi.grant_table import GntStatus
         from xenlike.domain.grant_table import GrantMapping, GrantStatusError
 

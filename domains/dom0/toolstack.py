@@ -220,6 +220,7 @@ class Toolstack:
             await self.xc.destroy(domid)
         except HypercallError as exc:
             log.info("d%d: destroy: %s", domid, exc)
+        self.dom0.grants.forget(domid)  # the guest's frames Dom0 keeps mapped go
         try:
             await self.xs.release(domid)
         except XenStoreError:

@@ -152,7 +152,7 @@ class _Mappings:
         self._domid = domid
         self.pages: dict[int, memoryview] = {}
         self.where: dict[int, tuple[memoryview, int]] = {}  # gref -> (its batch's view, offset)
-        self._held: list[tuple[GrantMapping, memoryview]] = []
+        self._held: list[tuple[GrantMapping, memoryview | None]] = []
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -169,7 +169,9 @@ class _Mappings:
             batch = refs[start : start + MAP_BATCH]
             for _ in range(2):
                 try:
-                    mapping = await self._grants.map(self._domid, batch, readonly)
+                    mapping = await self._grants.map(
+                        self._domid, batch, readonly, side_by_side=False
+                    )
                 except GrantStatusError as exc:
                     refused.update(
                         ref
@@ -189,6 +191,12 @@ class _Mappings:
         return refused
 
     def _keep(self, mapping: GrantMapping) -> None:
+        if not mapping.side_by_side:  # scattered frames from Dom0's cache: page by page
+            self._held.append((mapping, None))
+            for ref, page in zip(mapping.refs, mapping.pages(), strict=True):
+                self.pages[ref] = page
+                self.where[ref] = (page, 0)
+            return
         whole = mapping.view
         self._held.append((mapping, whole))
         for index, ref in enumerate(mapping.refs):
@@ -204,7 +212,8 @@ class _Mappings:
         self.where.clear()
         held, self._held = self._held, []
         for mapping, whole in held:
-            whole.release()
+            if whole is not None:
+                whole.release()
             try:
                 await self._grants.unmap(mapping)
             except MemoryInUse:

@@ -20,7 +20,12 @@ Mapping a peer's grants is one batched GNTTABOP_map_grant_ref (in chunks of
 what one reply's descriptors carry). Each element of the reply brings the
 granted frame's own file, read-only for a read-only map; the files are
 mapped side by side (`xenlike.memory.map_pages`) and closed at once, so
-after unmap we hold nothing that reaches the peer's pages.
+after unmap we hold nothing that reaches the peer's pages. A privileged
+domain (Dom0) is the exception, as Xen's privcmd is: it keeps the files it
+was handed mapped (`xenlike.memory.FrameCache`), so a block request mapped
+and unmapped per request costs no mmap, munmap or page fault per page; its
+drivers still see exactly the granted pages with the granted rights, and
+their views still die at unmap.
 
 Every batched operation raises `GrantStatusError` naming each element that
 failed with its GNTST_* status; a failed map undoes the elements that did
@@ -60,7 +65,7 @@ from xenlike.abi.grant_table import (
     gnttab_unmap_grant_ref,
     grant_entry_v1,
 )
-from xenlike.abi.xen import DOMID_FIRST_RESERVED, DOMID_SELF, Hypercall
+from xenlike.abi.xen import DOMID_FIRST_RESERVED, DOMID_SELF, SIF_PRIVILEGED, Hypercall, start_info
 from xenlike.codec import compile_struct
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.frames import frame_file, send_frames
@@ -68,7 +73,9 @@ from xenlike.hypercall import MAX_FDS
 from xenlike.memory import (
     BadFrame,
     BootLayout,
+    CachedPages,
     DomainMemory,
+    FrameCache,
     FrameMapping,
     map_pages,
     punch,
@@ -93,6 +100,9 @@ ENTRY_SIZE = grant_entry_v1.sizeof()
 COPY = compile_struct(gnttab_copy, "gnttab_copy")
 QUERY_SIZE = compile_struct(gnttab_query_size, "gnttab_query_size")
 SETUP = compile_struct(gnttab_setup_table, "gnttab_setup_table")
+START_INFO = compile_struct(start_info, "start_info")
+_MAP = compile_struct(gnttab_map_grant_ref, "gnttab_map_grant_ref").format
+_UNMAP = compile_struct(gnttab_unmap_grant_ref, "gnttab_unmap_grant_ref").format
 _COPY_PTR = COPY.record().source
 
 
@@ -158,22 +168,32 @@ class GrantMapping:
     handles: tuple[int, ...]
     frames: tuple[int, ...]
     readonly: bool
-    _pages: FrameMapping | None
+    _pages: FrameMapping | CachedPages | None
 
     @property
     def unmapped(self) -> bool:
         return self._pages is None
 
     @property
+    def side_by_side(self) -> bool:
+        """Whether `view` can show all pages at once (always, unless mapped with
+        side_by_side=False from Dom0's frame cache over scattered frames)."""
+        return self._mapped().side_by_side
+
+    @property
     def view(self) -> memoryview:
-        """All pages as one view, len(refs) * 4096 bytes."""
+        """All pages as one view, len(refs) * 4096 bytes (ValueError if not side by side)."""
         return self._mapped().view
 
     def page(self, index: int) -> memoryview:
         """The page of refs[index]."""
         return self._mapped().page(index)
 
-    def _mapped(self) -> FrameMapping:
+    def pages(self) -> list[memoryview]:
+        """The page of each ref, in order (cheaper than page() for each)."""
+        return self._mapped().pages()
+
+    def _mapped(self) -> FrameMapping | CachedPages:
         if self._pages is None:
             raise ValueError(f"the mapping of d{self.domid} refs {list(self.refs)} is unmapped")
         return self._pages
@@ -248,6 +268,11 @@ class GrantTable:
         self._granted: dict[int, int] = {}  # ref -> the frame it grants
         self._grants_of: dict[int, int] = {}  # a frame with a file of its own -> its live grants
         self._exposed: set[int] = set()  # frames granted to a domain other than Dom0 since moved
+        with memory.frame(layout.start_info_gfn) as page:
+            flags = START_INFO.unpack(bytes(page[: START_INFO.size])).flags
+        # A privileged domain may map any guest's memory (privcmd): it keeps what it maps.
+        self._cache = FrameCache() if flags & SIF_PRIVILEGED else None
+        self._regions: dict[int, int] = {}  # granter -> its machine region, for the cache
 
     # --- granting (local) ---------------------------------------------------
 
@@ -317,39 +342,52 @@ class GrantTable:
 
     # --- mapping others' grants ----------------------------------------------
 
-    async def map(self, domid: int, refs: Iterable[int], readonly: bool = False) -> GrantMapping:
-        """Map the pages `domid` granted us as `refs`, with batched hypercalls."""
+    async def map(
+        self, domid: int, refs: Iterable[int], readonly: bool = False, *, side_by_side: bool = True
+    ) -> GrantMapping:
+        """Map the pages `domid` granted us as `refs`, with batched hypercalls.
+
+        With side_by_side=False the caller takes the pages one by one
+        (`GrantMapping.page`), and Dom0 serves scattered frames from its frame
+        cache as well; `view` then only works if they happen to lie side by side.
+        """
         refs = tuple(refs)
         if not refs:
             raise ValueError("map needs at least one grant reference")
         flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
         handles: list[int] = []
         frames: list[int] = []
+        regions: set[int] = set()
         files: list[int] = []
         with trio.CancelScope(shield=True):
             try:
                 for start in range(0, len(refs), MAX_FDS):
                     chunk = refs[start : start + MAX_FDS]
-                    _, outs, fds = await self._hypercalls.call_batch(
-                        GNTTAB_OP,
+                    outs, fds = await self._batch(
                         GnttabOp.map_grant_ref,
-                        gnttab_map_grant_ref,
-                        [(0, flags, ref, domid, 0, 0, 0) for ref in chunk],
+                        _MAP,
+                        [_MAP.pack(0, flags, ref, domid, 0, 0, 0) for ref in chunk],
                     )
                     files.extend(fds)
-                    handles.extend(out.handle for out in outs if out.status == GntStatus.okay)
-                    if len(handles) < start + len(outs):
+                    # (host_addr, flags, ref, dom, status, handle, dev_bus_addr)
+                    handles.extend(out[5] for out in outs if out[4] == GntStatus.okay)
+                    if len(handles) < start + len(chunk):
                         raise GrantStatusError(
                             "GNTTABOP_map_grant_ref",
                             [f"d{domid} ref {ref}" for ref in chunk],
-                            [out.status for out in outs],
+                            [out[4] for out in outs],
                         )
-                    frames.extend(split_machine_address(out.dev_bus_addr)[1] for out in outs)
+                    for out in outs:
+                        region, frame = split_machine_address(out[6])
+                        regions.add(region)
+                        frames.append(frame)
                 if len(files) != len(refs):
                     raise GrantError(
                         f"the hypervisor sent {len(files)} frame files for {len(refs)} grants"
                     )
-                pages = map_pages(files, frames, writable=not readonly)
+                pages = self._from_cache(
+                    domid, regions, frames, files, readonly, side_by_side
+                ) or map_pages(files, frames, writable=not readonly)
             except BaseException:
                 if handles:
                     await self._unmap_handles(handles)
@@ -358,6 +396,35 @@ class GrantTable:
                 for fd in files:
                     os.close(fd)
         return GrantMapping(domid, refs, tuple(handles), tuple(frames), readonly, pages)
+
+    def _from_cache(
+        self,
+        domid: int,
+        regions: set[int],
+        frames: list[int],
+        files: list[int],
+        readonly: bool,
+        side_by_side: bool,
+    ) -> CachedPages | None:
+        """The pages from Dom0's frame cache; None where it does not serve them."""
+        if self._cache is None or len(regions) != 1:
+            return None
+        if side_by_side and frames != list(range(frames[0], frames[0] + len(frames))):
+            return None
+        (region,) = regions
+        known = self._regions.get(domid)
+        if known != region:
+            if known is not None:
+                self._cache.forget(known)  # the domid names a new domain now
+            self._regions[domid] = region
+        return self._cache.map(region, frames, files, writable=not readonly)
+
+    def forget(self, domid: int) -> None:
+        """Domain `domid` is gone: Dom0's frame cache lets its frames go (each at once,
+        or when the last mapping that shows it is unmapped)."""
+        region = self._regions.pop(domid, None)
+        if region is not None and self._cache is not None:
+            self._cache.forget(region)
 
     async def unmap(self, mapping: GrantMapping) -> None:
         """Unmap our pages, then tell the hypervisor (one batched hypercall).
@@ -371,17 +438,24 @@ class GrantTable:
             await self._unmap_handles(mapping.handles)
 
     async def _unmap_handles(self, handles: Sequence[int]) -> None:
-        _, outs, _ = await self._hypercalls.call_batch(
-            GNTTAB_OP,
-            GnttabOp.unmap_grant_ref,
-            gnttab_unmap_grant_ref,
-            [(0, 0, handle, 0) for handle in handles],
+        outs, _ = await self._batch(
+            GnttabOp.unmap_grant_ref, _UNMAP, [_UNMAP.pack(0, 0, handle, 0) for handle in handles]
         )
-        statuses = [out.status for out in outs]
+        statuses = [status for _, _, _, status in outs]  # (host_addr, dev_bus_addr, handle, -)
         if any(statuses):
             raise GrantStatusError(
                 "GNTTABOP_unmap_grant_ref", [f"handle {h}" for h in handles], statuses
             )
+
+    async def _batch(
+        self, cmd: int, layout: struct.Struct, elements: list[bytes]
+    ) -> tuple[list[tuple[Any, ...]], tuple[int, ...]]:
+        """A batched map or unmap as plain tuples in the layout's field order: each
+        of a 1 MiB block request's 257 elements is packed and decoded in one go,
+        no record made (`HypercallClient.call_batch` is the general way)."""
+        done = await self._hypercalls.call(GNTTAB_OP, cmd, b"".join(elements), len(elements))
+        count = min(len(elements), len(done.payload) // layout.size)
+        return list(layout.iter_unpack(done.payload[: count * layout.size])), done.fds
 
     # --- copying ---------------------------------------------------------------
 

@@ -79,6 +79,8 @@ MAPTRACK_LIMIT = 1024 * 256  # Xen's default: gnttab_max_maptrack_frames x MAPTR
 PIN_LIMIT = 0x80  # Xen keeps 8-bit pin counts and refuses a pin once one reaches bit 7
 ENTRY_SIZE = grant_entry_v1.sizeof()
 SETUP = compile_struct(gnttab_setup_table, "gnttab_setup_table")
+_MAP_OUT = compile_struct(gnttab_map_grant_ref, "gnttab_map_grant_ref").format.pack
+_UNMAP_OUT = compile_struct(gnttab_unmap_grant_ref, "gnttab_unmap_grant_ref").format.pack
 _regions = itertools.count(1)  # machine address regions, one per built domain; 0 is none
 
 
@@ -356,20 +358,26 @@ def _refused(call: Call, what: str, fail: _Fail) -> GntStatus:
 
 
 @hypercall(GNTTAB_OP, GnttabOp.map_grant_ref, args=gnttab_map_grant_ref, batch=MAX_BATCH)
-def map_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
+def map_grant_ref(call: Call, ops: list[Any]) -> tuple[int, bytes]:
+    """Each element goes back packed as it is made (a 1 MiB block request without
+    persistent grants maps 257 of them, twice as fast as through records)."""
     maptrack = _maptrack(call.caller)
     taken: set[int] = set()
     outs = []
     for op in ops:
         try:
-            outs.append(_map_one(call, maptrack, op, taken))
+            handle, address = _map_one(call, maptrack, op, taken)
+            status = GntStatus.okay
         except _Fail as fail:
-            outs.append(op._replace(status=_refused(call, f"map of d{op.dom} ref {op.ref}", fail)))
-    return 0, outs
+            status = _refused(call, f"map of d{op.dom} ref {op.ref}", fail)
+            handle, address = op.handle, op.dev_bus_addr
+        outs.append(_MAP_OUT(op.host_addr, op.flags, op.ref, op.dom, status, handle, address))
+    return 0, b"".join(outs)
 
 
-def _map_one(call: Call, maptrack: Maptrack, op: Any, taken: set[int]) -> Any:
-    """One element: the pin, then the frame's own file goes with the reply."""
+def _map_one(call: Call, maptrack: Maptrack, op: Any, taken: set[int]) -> tuple[int, int]:
+    """One element: the pin, then the frame's own file goes with the reply; returns
+    the handle and the frame's machine address."""
     if not op.flags & GNTMAP_host_map:
         raise _Fail(GntStatus.bad_gntref, f"bad flags {op.flags:#x}: GNTMAP_host_map is needed")
     table = _granter(call, op.dom)
@@ -386,14 +394,13 @@ def _map_one(call: Call, maptrack: Maptrack, op: Any, taken: set[int]) -> Any:
         raise
     handle = maptrack.add(Mapping(table, op.ref, op.flags, call.connection))
     call.send_fd(fd)
-    return op._replace(
-        status=GntStatus.okay, handle=handle, dev_bus_addr=machine_address(table.region, act.frame)
-    )
+    return handle, machine_address(table.region, act.frame)
 
 
 @hypercall(GNTTAB_OP, GnttabOp.unmap_grant_ref, args=gnttab_unmap_grant_ref, batch=MAX_BATCH)
-def unmap_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
-    """host_addr is not used: the mapper unmaps its pages itself, before this call."""
+def unmap_grant_ref(call: Call, ops: list[Any]) -> tuple[int, bytes]:
+    """host_addr is not used: the mapper unmaps its pages itself, before this call.
+    Each element goes back packed, as map_grant_ref's do."""
     maptrack = _maptrack(call.caller)
     outs = []
     for op in ops:
@@ -408,10 +415,11 @@ def unmap_grant_ref(call: Call, ops: list[Any]) -> tuple[int, list[Any]]:
                     f"bus address {op.dev_bus_addr:#x} doesn't match handle {op.handle:#x}",
                 )
             maptrack.release(op.handle)
-            outs.append(op._replace(status=GntStatus.okay))
+            status = GntStatus.okay
         except _Fail as fail:
-            outs.append(op._replace(status=_refused(call, f"unmap of handle {op.handle:#x}", fail)))
-    return 0, outs
+            status = _refused(call, f"unmap of handle {op.handle:#x}", fail)
+        outs.append(_UNMAP_OUT(op.host_addr, op.dev_bus_addr, op.handle, status))
+    return 0, b"".join(outs)
 
 
 @hypercall(GNTTAB_OP, GnttabOp.copy, args=gnttab_copy, batch=MAX_BATCH)
