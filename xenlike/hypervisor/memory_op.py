@@ -9,10 +9,16 @@ decrease_reservation hands frames back and punches them out of the memfd
 populate_physmap backs chosen frames again and increase_reservation lets the
 hypervisor choose them. A repopulated frame reads as zeros, as Xen's
 scrubbed pages do. The frames Xen owns in a real domain (shared_info, the
-grant table) are never the guest's to give back. Unlike Xen, which keeps a
-released page alive while a peer still maps it through a grant, xenlike
-releases it at once: that peer then sees zeros, and whatever it writes
-there is gone when the guest populates the frame again.
+grant table) are never the guest's to give back. As Xen keeps a released
+page alive while a peer still maps it through a grant, a frame given back
+while another domain maps it keeps its own file (what the mapper maps)
+untouched: the file leaves the domain's frames, the domain's tot_pages drops
+at once, and the page stays out of the host's pool (`KeptPage`) until the
+mapper's last pin on it goes.
+
+Every populated frame comes from the host's pool (`Hypervisor.free_pages`):
+a domain gets no frame beyond its max_pages, nor one the pool does not
+have, and the op stops there, as Xen's does when the heap runs dry.
 
 Guest handles: xen_memory_reservation.extent_start points at an array of
 xen_pfn_t in the guest. Here the array travels in the same message, right
@@ -30,7 +36,9 @@ bad handle, order or flag does nothing and returns 0, never -errno (Xen's
 bare domid_t and fail with -ESRCH or -EPERM.
 """
 
+import os
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -51,7 +59,16 @@ from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SHIFT, DomainMemory, punch
 
-__all__ = ["EXTENT_LIST", "Reservation", "reservation", "tot_pages", "xen_memory_domid"]
+__all__ = [
+    "EXTENT_LIST",
+    "KeptPage",
+    "Reservation",
+    "held_pages",
+    "initial_reservation",
+    "reservation",
+    "tot_pages",
+    "xen_memory_domid",
+]
 
 MEMORY_OP = Hypercall.memory_op
 RESERVATION = compile_struct(xen_memory_reservation, "xen_memory_reservation")
@@ -69,14 +86,30 @@ CTLDOM_MAX_ORDER = 18
 
 
 @attrs.define(eq=False)
+class KeptPage:
+    """A frame its domain gave back while a peer still maps it (Xen's page with a
+    reference left): its file, until the grant's last pin goes."""
+
+    active: dict[int, Any]  # the granter's active grants (HypervisorGrantTable.active)
+    ref: int
+    pin: Any  # the ActiveGrant that maps the frame; once it is gone, so is the page
+    fd: int
+
+    def alive(self) -> bool:
+        return self.active.get(self.ref) is self.pin
+
+
+@attrs.define(eq=False)
 class Reservation:
     """Which of a domain's frames hold memory, and how many (tot_pages)."""
 
+    domain: Any
     memory: DomainMemory
     frames: SharedFrames  # frames with files of their own lose or regain their page there
     populated: bytearray  # one byte per frame of the memfd: 1 if it holds memory
     xen_frames: frozenset[int]  # shared_info and grant table: Xen's, not the guest's
     tot_pages: int
+    kept: list[KeptPage] = attrs.field(factory=list)
 
     def releasable(self, gfn: int, count: int) -> int:
         """How many frames from `gfn` on (up to `count`) the guest may hand back."""
@@ -89,10 +122,34 @@ class Reservation:
         return done
 
     def release(self, gfn: int, count: int) -> None:
+        self._keep_mapped(gfn, count)
         punch(self.memory.fd, gfn, count)
         self.frames.punch(gfn, count)
         self.populated[gfn : gfn + count] = bytes(count)
         self.tot_pages -= count
+
+    def _keep_mapped(self, gfn: int, count: int) -> None:
+        """Frames a peer maps keep their page: their files leave the domain whole."""
+        table = self.domain.grant_table
+        if table is None or not table.active:
+            return
+        for ref, pin in list(table.active.items()):
+            if gfn <= pin.frame < gfn + count and pin.frame in self.frames.files:
+                fd = self.frames.detach(pin.frame)
+                if fd is not None:
+                    self.kept.append(KeptPage(table.active, ref, pin, fd))
+
+    def kept_pages(self) -> int:
+        """Pages still mapped by peers after the domain gave them back; the others'
+        files are closed here, which returns them to the pool."""
+        alive = []
+        for page in self.kept:
+            if page.alive():
+                alive.append(page)
+            else:
+                os.close(page.fd)
+        self.kept[:] = alive
+        return len(alive)
 
     def can_populate(self, gfn: int, count: int) -> bool:
         return gfn + count <= len(self.populated) and self.populated.find(1, gfn, gfn + count) < 0
@@ -105,37 +162,54 @@ class Reservation:
         self.tot_pages += count
 
 
+def initial_reservation(domain: Any, nr_pages: int) -> Reservation:
+    """At build: frames 0..nr_pages-1 populated, the rest of the memfd empty."""
+    layout = domain.layout
+    populated = bytearray(domain.memory.nr_pages)
+    populated[:nr_pages] = b"\x01" * nr_pages
+    return Reservation(
+        domain,
+        domain.memory,
+        domain.frames,
+        populated,
+        frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
+        nr_pages,
+    )
+
+
 def reservation(domain: Any) -> Reservation | None:
     """The domain's reservation, from its build on; None without usable memory."""
-    state = domain.reservation
-    if state is None:
-        memory = domain.memory
-        if memory is None or memory.closed or domain.layout is None or domain.frames is None:
-            return None
-        layout = domain.layout
-        state = Reservation(
-            memory,
-            domain.frames,
-            bytearray(b"\x01") * memory.nr_pages,
-            frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
-            memory.nr_pages,
-        )
-        domain.reservation = state
-    elif domain.memory is None or domain.memory.closed:
+    if domain.reservation is None or domain.memory is None or domain.memory.closed:
         return None
+    state: Reservation = domain.reservation
     return state
+
+
+def held_pages(domains: Iterable[Any]) -> int:
+    """Pages of the host's pool the domains hold: what each has populated while it
+    is built and not torn down, and what peers still map of what it gave back."""
+    held = 0
+    for domain in domains:
+        state = domain.reservation
+        if state is None:
+            continue
+        if not domain.torn_down:
+            held += state.tot_pages
+        held += state.kept_pages()
+    return held
 
 
 def tot_pages(domain: Any) -> int:
     """Frames the domain holds now (getdomaininfo's tot_pages)."""
     state = domain.reservation
-    return state.tot_pages if state is not None else domain.nr_pages
+    return state.tot_pages if state is not None else 0
 
 
 @attrs.frozen
 class _Batch:
     """A reservation op that passed Xen's checks: on whom, and with which frames."""
 
+    hv: Any
     domain: Any
     state: Reservation
     arg: Any
@@ -168,7 +242,7 @@ def _batch(call: Call, payload: bytes, *, needs_list: bool) -> _Batch | None:
     state = reservation(domain)
     if state is None:
         return None
-    return _Batch(domain, state, arg, frames, 1 << arg.extent_order)
+    return _Batch(call.hv, domain, state, arg, frames, 1 << arg.extent_order)
 
 
 def _flags_supported(mem_flags: int) -> bool:
@@ -188,8 +262,12 @@ def _flags_supported(mem_flags: int) -> bool:
 
 
 def _room(batch: _Batch) -> bool:
-    """Whether one more extent stays within max_pages (Xen's over-allocation check)."""
-    return batch.state.tot_pages + batch.pages <= batch.domain.max_pages
+    """Whether one more extent stays within max_pages (Xen's over-allocation check)
+    and the host's pool has its pages (Xen's heap)."""
+    return (
+        batch.state.tot_pages + batch.pages <= batch.domain.max_pages
+        and batch.pages <= batch.hv.free_pages()
+    )
 
 
 @hypercall(MEMORY_OP, XenMemOp.increase_reservation, raw=True)
