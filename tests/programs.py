@@ -17,3 +17,13 @@ async def ticker(guest: Guest) -> None:
         print(f"[{guest.name}] tick {tick}")
         tick += 1
         await trio.sleep(0.1)
+
+
+async def hold_pages(guest: Guest) -> None:
+    """Take 8 MiB of pages from the allocator, as drivers' buffers would, and keep them:
+    the balloon driver must not give those back."""
+    import trio
+
+    held = [guest.domain.allocator.allocate() for _ in range(8 * 256)]
+    print(f"[{guest.name}] holding {len(held)} pages")
+    await trio.sleep_forever()
