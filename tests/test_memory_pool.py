@@ -112,3 +112,17 @@ async def test_a_page_dom0_maps_is_kept_until_unmapped(hv: Hypervisor, guest) ->
     assert hv.free_pages() == free + 1
     with hv.domains[a.domid].memory.frame(gfn) as page:  # the hypervisor's view: zeros
         assert bytes(page[:15]) == bytes(15)
+
+
+async def test_a_kept_page_outlives_its_domain_until_unmapped(hv: Hypervisor, guest) -> None:  # noqa: F811
+    dom0: Guest = await guest(0)
+    a: Guest = await guest()
+    gfn = a.page(0)
+    a.write(gfn, b"kept")
+    mapping = await dom0.grants.map(a.domid, [a.grants.grant_access(0, gfn)])
+    assert await memory_op.decrease_reservation(a.hypercalls, [gfn]) == 1
+    hv.destroy(hv.domains[a.domid])
+    free = hv.free_pages()
+    assert bytes(mapping.view[:4]) == b"kept"
+    await dom0.grants.unmap(mapping)
+    assert hv.free_pages() == free + 1 and hv.kept_pages == []

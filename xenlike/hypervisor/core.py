@@ -62,7 +62,12 @@ from xenlike.hypervisor import evtchn, grant_table
 from xenlike.hypervisor.evtchn import EvtchnTable
 from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.grant_table import HypervisorGrantTable, Maptrack
-from xenlike.hypervisor.memory_op import Reservation, held_pages, initial_reservation
+from xenlike.hypervisor.memory_op import (
+    KeptPage,
+    Reservation,
+    held_pages,
+    initial_reservation,
+)
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout, DomainMemory
@@ -209,6 +214,7 @@ class Hypervisor:
         self.log_path = self.run_dir / "hypervisor.log"
         self.dom0_memory_mb = dom0_memory_mb
         self.total_pages = host_memory_mb * 1024 * 1024 // XEN_PAGE_SIZE
+        self.kept_pages: list[KeptPage] = []  # given back, still mapped by a peer
         self.started_at = time.monotonic()
         self._next_domid = 1
         self._nursery: trio.Nursery | None = None
@@ -295,7 +301,7 @@ class Hypervisor:
 
     def free_pages(self) -> int:
         """Pages of the host's pool that no domain holds (physinfo's free_pages)."""
-        return self.total_pages - held_pages(self.domains.values())
+        return self.total_pages - held_pages(self.domains.values(), self.kept_pages)
 
     @property
     def sandbox(self) -> SandboxPolicy:

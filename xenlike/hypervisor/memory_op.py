@@ -13,8 +13,9 @@ grant table) are never the guest's to give back. As Xen keeps a released
 page alive while a peer still maps it through a grant, a frame given back
 while another domain maps it keeps its own file (what the mapper maps)
 untouched: the file leaves the domain's frames, the domain's tot_pages drops
-at once, and the page stays out of the host's pool (`KeptPage`) until the
-mapper's last pin on it goes.
+at once, and the page stays out of the host's pool (`KeptPage`, held by the
+hypervisor, so past the domain's destruction too) until the mapper's last
+pin on it goes.
 
 Every populated frame comes from the host's pool (`Hypervisor.free_pages`):
 a domain gets no frame beyond its max_pages, nor one the pool does not
@@ -109,7 +110,6 @@ class Reservation:
     populated: bytearray  # one byte per frame of the memfd: 1 if it holds memory
     xen_frames: frozenset[int]  # shared_info and grant table: Xen's, not the guest's
     tot_pages: int
-    kept: list[KeptPage] = attrs.field(factory=list)
 
     def releasable(self, gfn: int, count: int) -> int:
         """How many frames from `gfn` on (up to `count`) the guest may hand back."""
@@ -121,35 +121,30 @@ class Reservation:
             done += 1
         return done
 
-    def release(self, gfn: int, count: int) -> None:
-        self._keep_mapped(gfn, count)
+    def release(self, gfn: int, count: int) -> list[KeptPage]:
+        """Give the frames back; the pages peers still map come back as `KeptPage`s."""
+        kept = self._keep_mapped(gfn, count)
         punch(self.memory.fd, gfn, count)
         self.frames.punch(gfn, count)
         self.populated[gfn : gfn + count] = bytes(count)
         self.tot_pages -= count
+        return kept
 
-    def _keep_mapped(self, gfn: int, count: int) -> None:
+    def _keep_mapped(self, gfn: int, count: int) -> list[KeptPage]:
         """Frames a peer maps keep their page: their files leave the domain whole."""
         table = self.domain.grant_table
+        files = self.frames.files
         if table is None or not table.active:
-            return
+            return []
+        if not any(frame in files for frame in range(gfn, gfn + count)):
+            return []
+        kept = []
         for ref, pin in list(table.active.items()):
-            if gfn <= pin.frame < gfn + count and pin.frame in self.frames.files:
+            if gfn <= pin.frame < gfn + count and pin.frame in files:
                 fd = self.frames.detach(pin.frame)
                 if fd is not None:
-                    self.kept.append(KeptPage(table.active, ref, pin, fd))
-
-    def kept_pages(self) -> int:
-        """Pages still mapped by peers after the domain gave them back; the others'
-        files are closed here, which returns them to the pool."""
-        alive = []
-        for page in self.kept:
-            if page.alive():
-                alive.append(page)
-            else:
-                os.close(page.fd)
-        self.kept[:] = alive
-        return len(alive)
+                    kept.append(KeptPage(table.active, ref, pin, fd))
+        return kept
 
     def can_populate(self, gfn: int, count: int) -> bool:
         return gfn + count <= len(self.populated) and self.populated.find(1, gfn, gfn + count) < 0
@@ -185,18 +180,24 @@ def reservation(domain: Any) -> Reservation | None:
     return state
 
 
-def held_pages(domains: Iterable[Any]) -> int:
-    """Pages of the host's pool the domains hold: what each has populated while it
-    is built and not torn down, and what peers still map of what it gave back."""
-    held = 0
-    for domain in domains:
-        state = domain.reservation
-        if state is None:
-            continue
-        if not domain.torn_down:
-            held += state.tot_pages
-        held += state.kept_pages()
-    return held
+def held_pages(domains: Iterable[Any], kept: list[KeptPage]) -> int:
+    """Pages of the host's pool in use: what each domain has populated while it is
+    built and not torn down, and what peers still map of what domains gave back.
+    The kept pages whose last pin went are dropped from `kept` (their files closed:
+    the pool has them again)."""
+    held = sum(
+        domain.reservation.tot_pages
+        for domain in domains
+        if domain.reservation is not None and not domain.torn_down
+    )
+    alive = []
+    for page in kept:
+        if page.alive():
+            alive.append(page)
+        else:
+            os.close(page.fd)
+    kept[:] = alive
+    return held + len(alive)
 
 
 def tot_pages(domain: Any) -> int:
@@ -320,7 +321,7 @@ def decrease_reservation(call: Call, payload: bytes) -> int:
     for done, gfn in enumerate(batch.frames):
         count = batch.state.releasable(gfn, batch.pages)
         if count:
-            batch.state.release(gfn, count)
+            batch.hv.kept_pages.extend(batch.state.release(gfn, count))
         if count < batch.pages:
             return done
     return len(batch.frames)
