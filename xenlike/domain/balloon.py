@@ -68,7 +68,7 @@ class Balloon:
     def __init__(self, domain: Domain, *, log: Callable[[str], None] = print) -> None:
         self._domain = domain
         self._log = log
-        nr_pages = domain.start_info.nr_pages
+        nr_pages = domain.start_info.nr_pages  # what it holds at boot, as Linux counts it
         self._ballooned = list(range(domain.memory.nr_pages - 1, nr_pages - 1, -1))
         self._current = nr_pages
         self._target = nr_pages
@@ -86,8 +86,6 @@ class Balloon:
 
     async def run(self, xs: Any, *, task_status: trio.TaskStatus[None]) -> None:
         """Follow `memory/target` until cancelled."""
-        self._current = await memory_op.current_reservation(self._domain.hypercalls)
-        self._target = self._current
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._process)
             await nursery.start(self._watch_target, xs)
