@@ -103,7 +103,9 @@ def test_the_balloon_never_gives_back_pages_in_use(tmp_path: Path) -> None:
     """The program holds 8 MiB of pages: asked to go to 4 MiB, the balloon stops above
     them (and its 1 MiB reserve), says so once, and the pool gets the rest."""
     with RunningTopology(HOLDER, tmp_path) as topo:
-        topo.wait_for_console("holder", "holding 2048 pages")
+        console = topo.wait_for_console("holder", "holding 2048 pages")
+        assert "memory/target is not ours: EACCES" in console
+        assert topo.xenstore("read", "/local/domain/1/memory/target") == "32768"
         free = free_pages(topo)
         topo.xenlike("mem-set", "holder", "4m")
         console = topo.wait_for_console("holder", "balloon: cannot go below", 20)
