@@ -17,3 +17,20 @@ async def ticker(guest: Guest) -> None:
         print(f"[{guest.name}] tick {tick}")
         tick += 1
         await trio.sleep(0.1)
+
+
+async def hold_pages(guest: Guest) -> None:
+    """Try to write its own memory/target, then take 8 MiB of pages from the allocator,
+    as drivers' buffers would, and keep them: the balloon must not give those back."""
+    import trio
+
+    from xenlike.xenstore import XenStoreError
+
+    try:  # the toolstack's key: a guest cannot raise its own target
+        await guest.xs.write("memory/target", "4194304")
+        print(f"[{guest.name}] wrote memory/target")
+    except XenStoreError as exc:
+        print(f"[{guest.name}] memory/target is not ours: {exc.name}")
+    held = [guest.domain.allocator.allocate() for _ in range(8 * 256)]
+    print(f"[{guest.name}] holding {len(held)} pages")
+    await trio.sleep_forever()

@@ -265,3 +265,31 @@ def test_create_cannot_name_host_files_either() -> None:
             'name = "x"\nmemory = 16\ndisk = ["vdev=xvda, target=/etc/shadow"]\n',
             images={"a.img": 1 << 20},
         )
+
+
+def test_the_host_pool_and_maxmem_are_read() -> None:
+    topo = parse_topology(GOOD.replace('name = "demo"', 'name = "demo"\nmemory = 512'))
+    assert topo.memory == 512
+    assert parse_topology(GOOD).memory == 1024  # the documented default
+    assert default_topology().memory == 1024
+    web, db = parse_topology(GOOD.replace("memory = 32", "memory = 32\nmaxmem = 96")).domains
+    assert (web.memory, web.maxmem, web.max_memory) == (32, 96, 96)
+    assert (db.maxmem, db.max_memory) == (None, 64)
+
+
+@pytest.mark.parametrize(
+    ("change", "line", "message"),
+    [
+        (("memory = 32", "memory = 32\nmaxmem = 16"), 11, "maxmem = 16: MiB as a whole number"),
+        (("memory = 32", 'memory = 32\nmaxmem = "64M"'), 11, "from memory (32) to 4096"),
+        (('name = "demo"', 'name = "demo"\nmemory = 200'), 3, "boot with 224 MiB; the host's"),
+        (('name = "demo"', 'name = "demo"\nmemory = 8'), 3, "memory = 8: MiB as a whole number"),
+    ],
+)
+def test_pool_and_maxmem_mistakes_are_line_errors(
+    change: tuple[str, str], line: int, message: str
+) -> None:
+    with pytest.raises(TopologyError) as info:
+        parse_topology(GOOD.replace(*change))
+    found = [p for p in info.value.problems if message in p.message]
+    assert found and found[0].line == line, info.value

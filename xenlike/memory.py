@@ -695,6 +695,16 @@ class PageAllocator:
         self._free.difference_update(range(first_gfn, first_gfn + count))
         return first_gfn
 
+    def claim_run(self, gfn: int, count: int) -> None:
+        """Take frames gfn..gfn+count-1 (all free) out of the pool, as a balloon holds
+        the frames that have no memory behind them; all or none."""
+        _check_frames(gfn, count, self.first, self.end, "the allocator's range")
+        offset = gfn - self.first
+        if self._is_free.find(b"\x00", offset, offset + count) >= 0:
+            raise OutOfPages(f"gfns {gfn}..{gfn + count - 1} are not all free")
+        self._is_free[offset : offset + count] = bytes(count)
+        self._free.difference_update(range(gfn, gfn + count))
+
     def free(self, gfn: int) -> None:
         self.free_run(gfn, 1)
 

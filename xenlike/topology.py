@@ -6,6 +6,7 @@ xl-disk-configuration(5) and xl-network-configuration(5) define them::
 
     [host]
     name = "demo"
+    memory = 1024                      # MiB the domains draw from (the default)
 
     [dom0]
     memory = 128
@@ -69,6 +70,10 @@ ON_ACTIONS = (
 )
 SUPPORTED_ON_ACTIONS = ("destroy", "restart", "preserve")
 XEN_OUI = "00:16:3e"
+HOST_MEMORY = 1024
+MAX_DOMAIN_MEMORY = 4096  # MiB: a domain's memfd is mapped whole by the hypervisor
+"""MiB in the host's memory pool without `[host] memory`: the default topology (Dom0's
+128 and two 32 MiB guests) fits with room for several more guests."""
 
 
 @attrs.frozen
@@ -126,7 +131,7 @@ class DomainConfig:
     """A guest, with xl.cfg's keys."""
 
     name: str
-    memory: int  # MiB
+    memory: int  # MiB at boot (xl.cfg's `memory`, the balloon's first target)
     vcpus: int = 1
     kernel: str = DEFAULT_GUEST_KERNEL
     init: str | None = None
@@ -137,6 +142,12 @@ class DomainConfig:
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
     devices: tuple[dict[str, Any], ...] = ()  # custom PV devices: {type = "...", ...}
+    maxmem: int | None = None  # MiB it may balloon up to (xl.cfg's `maxmem`); None: `memory`
+
+    @property
+    def max_memory(self) -> int:
+        """MiB the domain's memory is sized for: maxmem, or memory without one."""
+        return self.maxmem if self.maxmem is not None else self.memory
 
 
 @attrs.frozen
@@ -152,6 +163,7 @@ class Topology:
     dom0: Dom0Config
     domains: tuple[DomainConfig, ...]
     source: Path | None = None  # the file it came from
+    memory: int = HOST_MEMORY  # MiB of the host's memory pool ([host] memory)
 
     def image_path(self, name: str, run_dir: Path) -> Path:
         """Where Dom0 keeps image (or pcap file) `name`: in the run directory, and
@@ -470,7 +482,7 @@ _DOMAIN_KEYS = {
     "cmdline",
 }
 _DOM0_KEYS = {"memory", "nic", "images"}
-_HOST_KEYS = {"name"}
+_HOST_KEYS = {"name", "memory"}
 
 
 def parse_topology(
@@ -513,10 +525,19 @@ def parse_topology(
     host = data.get("host", {})
     for key in host:
         if key not in _HOST_KEYS:
-            problem("host", None, key, f"unknown key {key!r} in [host]; expected: name")
+            problem("host", None, key, f"unknown key {key!r} in [host]; expected: name, memory")
     name = host.get("name", source.stem if source else "default")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         problem("host", None, "name", f"name = {name!r}: letters, digits, '.', '_' and '-' only")
+
+    host_memory = host.get("memory", HOST_MEMORY)
+    if not isinstance(host_memory, int) or not 64 <= host_memory <= 1 << 20:
+        problem(
+            "host",
+            None,
+            "memory",
+            f"memory = {host_memory!r}: MiB as a whole number, 64 to 1048576",
+        )
 
     dom0_data = data.get("dom0", {})
     for key in dom0_data:
@@ -591,6 +612,16 @@ def parse_topology(
         if domain is not None:
             domains.append(domain)
     _check_across_domains(domains, problem)
+    if isinstance(dom0_memory, int) and isinstance(host_memory, int):
+        pool = dom0_memory + sum(d.memory for d in domains)
+        if pool > host_memory:
+            problem(
+                "host",
+                None,
+                "memory",
+                f"Dom0 and the guests boot with {pool} MiB; the host's pool has {host_memory} MiB"
+                " ([host] memory)",
+            )
     if isinstance(dom0_memory, int):
         total = dom0_memory + sum(d.memory for d in domains)
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
@@ -604,7 +635,8 @@ def parse_topology(
     if problems:
         raise TopologyError(problems)
     dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
-    return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source)
+    memory = host_memory if isinstance(host_memory, int) else HOST_MEMORY
+    return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source, memory=memory)
 
 
 def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:
@@ -740,10 +772,21 @@ def _parse_domain(
         )
         name = f"domain{index}"
     memory = entry.get("memory")
-    if not isinstance(memory, int) or not 4 <= memory <= 4096:
+    if not isinstance(memory, int) or not 4 <= memory <= MAX_DOMAIN_MEMORY:
         bad(
             "memory" if "memory" in entry else None,
-            f"memory = {memory!r}: MiB as a whole number, 4 to 4096",
+            f"memory = {memory!r}: MiB as a whole number, 4 to {MAX_DOMAIN_MEMORY}",
+        )
+    maxmem = entry.get("maxmem")
+    if maxmem is not None and (
+        not isinstance(maxmem, int)
+        or not isinstance(memory, int)
+        or not memory <= maxmem <= MAX_DOMAIN_MEMORY
+    ):
+        bad(
+            "maxmem",
+            f"maxmem = {maxmem!r}: MiB as a whole number, from memory ({memory!r}) to"
+            f" {MAX_DOMAIN_MEMORY}",
         )
     vcpus = entry.get("vcpus", 1)
     if vcpus != 1:
@@ -824,6 +867,7 @@ def _parse_domain(
         disks=tuple(disks),
         vifs=tuple(vifs),
         devices=tuple(devices),
+        maxmem=maxmem,
     )
 
 

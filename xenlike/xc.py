@@ -127,11 +127,14 @@ class XenControl:
         cmdline: str = "",
         store_evtchn: int = 0,
         console_evtchn: int = 0,
+        nr_pages: int = 0,
     ) -> None:
+        """The domain builder; `nr_pages` populated at boot (0: all of max_mem)."""
         arg = BUILD.record(
             domain=domid,
             store_evtchn=store_evtchn,
             console_evtchn=console_evtchn,
+            nr_pages=nr_pages,
             kernel=kernel.encode().ljust(256, b"\0"),
             cmd_line=cmdline.encode().ljust(1024, b"\0"),
         )

@@ -14,7 +14,15 @@ preserve), as `xl`'s per-domain daemon does.
 Dom0 tools reach it on `<run-dir>/toolstack.sock` with one JSON object per
 line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
+{"op": "mem-set", "name": N, "kib": K} | {"op": "mem-max", "name": N, "kib": K} |
 {"op": "down"}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+
+Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
+sized for it), the builder populates `memory`, and `memory/target` and
+`memory/static-max` (KiB) say both to the guest's balloon driver. mem-set
+writes a new target (and, as libxl_set_memory_target with enforce, makes it
+the domain's max_mem, so the balloon cannot overshoot it); mem-max moves
+max_mem and static-max, within what the domain's memory was sized for.
 """
 
 import functools
@@ -30,6 +38,7 @@ import trio
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
+from xenlike.abi.errno import Errno
 from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import Virq
 from xenlike.abi.xenbus import XenbusState
@@ -57,6 +66,7 @@ ON_EVENT = {
 }
 BACKEND_DOMID = 0
 FAILURE_LINES = 6  # log lines kept with a failed guest
+MIN_TARGET_KIB = 4096  # the smallest `memory` a guest may have (xenlike.topology)
 MAX_FAILURES = 32
 
 
@@ -107,16 +117,10 @@ class Toolstack:
         record = GuestRecord(config, domid, str(handle))
         self.guests[config.name] = record
         try:
-            await self.xc.set_max_mem(domid, config.memory * 1024)
+            await self.xc.set_max_mem(domid, config.max_memory * 1024)
             store_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
             console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
-            await self.xc.build(
-                domid,
-                config.kernel,
-                cmdline=self._cmdline(config),
-                store_evtchn=store_port,
-                console_evtchn=console_port,
-            )
+            await self._build(config, domid, store_port, console_port)
             info = await self.xc.domain_info(domid)
             layout = BootLayout.for_domain(info.tot_pages)
             await self._write_domain_tree(record, layout, store_port, console_port)
@@ -133,6 +137,28 @@ class Toolstack:
             raise
         await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
         return record
+
+    async def _build(
+        self, config: DomainConfig, domid: int, store_port: int, console_port: int
+    ) -> None:
+        """The domain builder, with `memory` populated from the host's pool."""
+        try:
+            await self.xc.build(
+                domid,
+                config.kernel,
+                cmdline=self._cmdline(config),
+                store_evtchn=store_port,
+                console_evtchn=console_port,
+                nr_pages=config.memory * 1024 // 4,
+            )
+        except HypercallError as exc:
+            if exc.errno != Errno.ENOMEM:
+                raise
+            free = (await self.xc.physinfo()).free_pages * 4 // 1024
+            raise ValueError(
+                f"cannot create {config.name}: the host has {free} MiB free,"
+                f" {config.name} needs {config.memory} MiB"
+            ) from None
 
     def _device_specs(self, config: DomainConfig) -> list[tuple[str, Any]]:
         specs: list[tuple[str, Any]] = [("vbd", disk) for disk in config.disks]
@@ -182,7 +208,7 @@ class Toolstack:
                 "domid": str(domid),
                 "vm": vm,
                 "memory/target": str(config.memory * 1024),
-                "memory/static-max": str(config.memory * 1024),
+                "memory/static-max": str(config.max_memory * 1024),
                 "console/ring-ref": str(layout.console_gfn),
                 "console/port": str(console_port),
                 "console/type": "xenconsoled",
@@ -197,6 +223,50 @@ class Toolstack:
             await tx.write(f"{vm}/uuid", record.uuid)
 
         await self.xs.transact(write)
+
+    # --- memory -----------------------------------------------------------------
+
+    async def set_memory_target(self, name: str, target_kib: int) -> int:
+        """libxl_set_memory_target (enforced): the balloon's new target, in KiB."""
+        record = self._record(name)
+        home = f"/local/domain/{record.domid}/memory"
+        static_max = int((await self.xs.read(f"{home}/static-max")).decode())
+        if target_kib > static_max:
+            raise ValueError(
+                f"cannot set {record.config.name}'s memory to {target_kib} KiB:"
+                f" memory_dynamic_max must be less than or equal to memory_static_max"
+                f" ({static_max} KiB; raise it with mem-max)"
+            )
+        if target_kib < MIN_TARGET_KIB:
+            raise ValueError(
+                f"cannot set {record.config.name}'s memory to {target_kib} KiB:"
+                f" a guest needs at least {MIN_TARGET_KIB} KiB"
+            )
+        await self.xc.set_max_mem(record.domid, target_kib)
+        await self.xs.write(f"{home}/target", str(target_kib))
+        await self.xs.write(f"/vm/{record.uuid}/memory", str(target_kib // 1024))
+        return target_kib
+
+    async def set_max_memory(self, name: str, max_kib: int) -> int:
+        """libxl_domain_setmaxmem: max_mem and static-max, never below the target."""
+        record = self._record(name)
+        home = f"/local/domain/{record.domid}/memory"
+        target = int((await self.xs.read(f"{home}/target")).decode())
+        sized = record.config.max_memory * 1024
+        if max_kib < target:
+            raise ValueError(
+                f"cannot set {record.config.name}'s maximum to {max_kib} KiB:"
+                f" memory_static_max must be greater than or equal to memory_dynamic_max"
+                f" ({target} KiB; lower it with mem-set first)"
+            )
+        if max_kib > sized:
+            raise ValueError(
+                f"cannot set {record.config.name}'s maximum to {max_kib} KiB: its memory was"
+                f" sized for {sized} KiB at create (maxmem = {sized // 1024})"
+            )
+        await self.xc.set_max_mem(record.domid, max_kib)
+        await self.xs.write(f"{home}/static-max", str(max_kib))
+        return max_kib
 
     # --- stopping ---------------------------------------------------------------
 
@@ -427,6 +497,12 @@ class Toolstack:
                 return {"ok": True}
             if op == "status":
                 return {"ok": True, **await self.status()}
+            if op == "mem-set":
+                kib = await self.set_memory_target(request["name"], int(request["kib"]))
+                return {"ok": True, "kib": kib}
+            if op == "mem-max":
+                kib = await self.set_max_memory(request["name"], int(request["kib"]))
+                return {"ok": True, "kib": kib}
             if op == "down":
                 await self.shutdown_all(float(request.get("timeout", 15.0)))
                 down.set()

@@ -11,6 +11,7 @@ from drivers.console import ConsoleFront, ConsoleWriter
 from xenlike.abi.sched import ShutdownReason
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
+from xenlike.domain.balloon import Balloon
 from xenlike.xenbus import (
     DeviceFailed,
     DriverRegistry,
@@ -90,6 +91,8 @@ async def _run(
         ctx = XenbusContext(domain, xs, nursery)
         bus = FrontendBus(ctx, registry)
         await nursery.start(bus.run)
+        balloon = Balloon(domain, log=lambda line: print(f"[{name}] {line}"))
+        await nursery.start(balloon.run, xs)
         print(
             f"[{name}] xenlike guest kernel, domain {domain.domid}, "
             f"{domain.start_info.nr_pages * 4 // 1024} MiB"

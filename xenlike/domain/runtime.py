@@ -165,6 +165,9 @@ async def boot(
 
         await nursery.start(hypercall_reader)
         grants = GrantTable(memory, layout, hypercalls, frames, f"xenlike-d{domid}")
+        allocator = PageAllocator(layout.first_free_gfn, nr_pages)
+        if info.nr_pages < nr_pages:  # booted below maxmem: the rest is the balloon's
+            allocator.claim_run(info.nr_pages, nr_pages - info.nr_pages)
         channels = EventChannels(hypercalls, nursery)
         trace = TraceBuffer.attach(trace_fd, writable=True)
         channels.on_send = fast_path_recorder(trace, domid)
@@ -173,7 +176,7 @@ async def boot(
             info,
             memory,
             layout,
-            PageAllocator(layout.first_free_gfn, nr_pages),
+            allocator,
             hypercalls,
             channels,
             nursery,

@@ -22,11 +22,14 @@ parser.add_argument("--run-dir", type=Path, required=True)
 parser.add_argument("--dom0-kernel", help="Dom0's kernel, module:function")
 parser.add_argument("--dom0-cmdline", default="", help="Dom0's kernel command line")
 parser.add_argument("--dom0-memory", type=int, default=64, help="MiB (default 64)")
+parser.add_argument(
+    "--host-memory", type=int, default=1024, help="MiB in the host's memory pool (default 1024)"
+)
 args = parser.parse_args()
 
 
 async def main(run_dir: RunDir) -> None:
-    hv = Hypervisor(run_dir.path, dom0_memory_mb=args.dom0_memory)
+    hv = Hypervisor(run_dir.path, dom0_memory_mb=args.dom0_memory, host_memory_mb=args.host_memory)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 

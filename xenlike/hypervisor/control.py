@@ -55,7 +55,7 @@ xenlike_domctl_build = Struct(
     Padding(2),
     "store_evtchn" / Int32ul,  # start_info.store_evtchn, allocated by the toolstack
     "console_evtchn" / Int32ul,  # start_info.console.domU.evtchn
-    Padding(4),
+    "nr_pages" / Int32ul,  # pages populated at boot (the target); 0: max_pages, all of it
     "kernel" / Bytes(256),  # "package.module:function", NUL-padded
     "cmd_line" / Bytes(1024),  # start_info.cmd_line (xl.cfg's `extra`)
 )
@@ -199,6 +199,7 @@ def build(call: Call, arg: Any) -> int:
         cmdline=_cstring(arg.cmd_line),
         store_evtchn=arg.store_evtchn,
         console_evtchn=arg.console_evtchn,
+        nr_pages=arg.nr_pages,
     )
     return 0
 
@@ -230,9 +231,9 @@ def getdomaininfolist(call: Call, arg: Any) -> tuple[int, bytes]:
 
 @sysctl(SysctlOp.physinfo)
 def physinfo(call: Call, arg: Any) -> tuple[int, Any]:
+    """The host's CPUs as Linux counts them, and its memory pool (`[host] memory`)."""
     _sysctl(arg)
     cpus = os.cpu_count() or 1
-    meminfo = _meminfo()
     info = PHYSINFO.record(
         threads_per_core=1,
         cores_per_socket=cpus,
@@ -242,20 +243,11 @@ def physinfo(call: Call, arg: Any) -> tuple[int, Any]:
         max_node_id=0,
         cpu_khz=_cpu_khz(),
         capabilities=XEN_SYSCTL_PHYSCAP_pv | XEN_SYSCTL_PHYSCAP_gnttab_v1,
-        total_pages=meminfo.get("MemTotal", 0) // 4,
-        free_pages=meminfo.get("MemAvailable", 0) // 4,
-        max_mfn=meminfo.get("MemTotal", 0) // 4,
+        total_pages=call.hv.total_pages,
+        free_pages=call.hv.free_pages(),
+        max_mfn=call.hv.total_pages - 1,
     )
     return 0, _with_union(arg, PHYSINFO, info)
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in KiB."""
-    values = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        values[key] = int(rest.split()[0])
-    return values
 
 
 def _cpu_khz() -> int:

@@ -10,6 +10,14 @@ privcmd.
 Every hypercall goes through `dispatch`, which never lets a handler's
 exception escape: one domain's bad call is that call's error, and the
 hypervisor keeps serving everyone else.
+
+The host's memory is a pool of `host_memory_mb` MiB (Xen's total_pages).
+What is free is what no domain holds: each built domain holds its
+tot_pages (see `xenlike.hypervisor.memory_op`), from its build, where the
+initial reservation must fit or the build fails with ENOMEM, to its
+teardown; a page a domain gave back while another domain still maps it
+through a grant stays out of the pool until the last unmap, as Xen keeps a
+page alive while it has references.
 """
 
 import enum
@@ -54,7 +62,12 @@ from xenlike.hypervisor import evtchn, grant_table
 from xenlike.hypervisor.evtchn import EvtchnTable
 from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.grant_table import HypervisorGrantTable, Maptrack
-from xenlike.hypervisor.memory_op import Reservation
+from xenlike.hypervisor.memory_op import (
+    KeptPage,
+    Reservation,
+    held_pages,
+    initial_reservation,
+)
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout, DomainMemory
@@ -190,7 +203,9 @@ class HypercallListener(Protocol):
 class Hypervisor:
     """The hypervisor of one topology, serving from `run_dir`."""
 
-    def __init__(self, run_dir: Path, *, dom0_memory_mb: int = 64) -> None:
+    def __init__(
+        self, run_dir: Path, *, dom0_memory_mb: int = 64, host_memory_mb: int = 1024
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.control_path = self.run_dir / "hypervisor.sock"
         self.domains: dict[int, HypervisorDomain] = {}
@@ -198,6 +213,8 @@ class Hypervisor:
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.log_path = self.run_dir / "hypervisor.log"
         self.dom0_memory_mb = dom0_memory_mb
+        self.total_pages = host_memory_mb * 1024 * 1024 // XEN_PAGE_SIZE
+        self.kept_pages: list[KeptPage] = []  # given back, still mapped by a peer
         self.started_at = time.monotonic()
         self._next_domid = 1
         self._nursery: trio.Nursery | None = None
@@ -282,6 +299,10 @@ class Hypervisor:
                 self.log(domain, f"printk: {lost} messages suppressed.")
         self.log(domain, text)
 
+    def free_pages(self) -> int:
+        """Pages of the host's pool that no domain holds (physinfo's free_pages)."""
+        return self.total_pages - held_pages(self.domains.values(), self.kept_pages)
+
     @property
     def sandbox(self) -> SandboxPolicy:
         """The DomU sandbox this host can enforce, worked out at the first DomU."""
@@ -329,16 +350,34 @@ class Hypervisor:
         cmdline: str = "",
         store_evtchn: int = 0,
         console_evtchn: int = 0,
+        nr_pages: int = 0,
     ) -> None:
-        """What a domain builder does: memory, boot frames, and the kernel to run."""
+        """What a domain builder does: memory, boot frames, and the kernel to run.
+
+        The memory is sized for max_pages, of which the first `nr_pages` (all
+        of it when 0) are populated from the host's pool, as the builder
+        populates the boot target in Xen; the rest is the balloon's to fill.
+        """
         if domain.state is not DomainState.created or domain.memory is not None:
             raise HypercallError(Errno.EBUSY, f"{domain} is already built")
         if ":" not in kernel:
             raise HypercallError(Errno.EINVAL, f"kernel {kernel!r} is not 'module:function'")
+        populated = nr_pages or domain.max_pages
+        if populated > domain.max_pages:
+            raise HypercallError(
+                Errno.EINVAL, f"{populated} pages at boot is above {domain}'s {domain.max_pages}"
+            )
         try:
-            layout = BootLayout.for_domain(domain.max_pages)
+            layout = BootLayout.for_domain(populated)
         except ValueError as exc:
             raise HypercallError(Errno.ENOMEM, str(exc)) from None
+        free = self.free_pages()
+        if populated > free:
+            raise HypercallError(
+                Errno.ENOMEM,
+                f"the host has {free * XEN_PAGE_SIZE >> 20} MiB free,"
+                f" {domain} needs {populated * XEN_PAGE_SIZE >> 20} MiB",
+            )
         domain.memory = DomainMemory.create(domain.max_pages, name=f"xenlike-d{domain.domid}")
         domain.layout = layout
         domain.frames = SharedFrames.create(
@@ -347,12 +386,13 @@ class Hypervisor:
             frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
             lambda text: self.log_refusal(domain, text),
         )
+        domain.reservation = initial_reservation(domain, populated)
         grant_table.attach(self, domain)
         flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domain.privileged else 0
         blank = START_INFO.record()
         info = blank._replace(
             magic=START_INFO_MAGIC.ljust(32, b"\0"),
-            nr_pages=domain.nr_pages,
+            nr_pages=populated,
             shared_info=layout.shared_info_gfn * XEN_PAGE_SIZE,
             flags=flags,
             store_mfn=layout.store_gfn,
@@ -367,7 +407,10 @@ class Hypervisor:
         self._seed_grants(domain)
         domain.frames.share_boot_frames([layout.console_gfn, layout.store_gfn])
         domain.kernel = kernel
-        self.log(None, f"built d{domain.domid}: {domain.max_pages} pages, kernel {kernel}")
+        self.log(
+            None,
+            f"built d{domain.domid}: {populated} of {domain.max_pages} pages, kernel {kernel}",
+        )
 
     def _seed_grants(self, domain: HypervisorDomain, backend_domid: int = 0) -> None:
         """Grant Dom0 the console and XenStore pages at the reserved refs, as the

@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from xenlike.frames import BadFrameFile, check_frame_file, frame_file, receive_frames, send_frames
-from xenlike.memory import DomainMemory, punch
+from xenlike.memory import XEN_PAGE_SIZE, DomainMemory, punch
 
 __all__ = ["MAX_FRAME_FILES", "SharedFrames"]
 
@@ -113,6 +113,20 @@ class SharedFrames:
             fd = self.files.get(frame)
             if fd is not None:
                 punch(fd, 0, 1)
+
+    def detach(self, gfn: int) -> int | None:
+        """Take frame `gfn`'s file from the domain whole (a peer still maps it) and
+        return it; an empty file stands in the hypervisor's view of the frame."""
+        fd = self.files.pop(gfn, None)
+        if fd is None:
+            return None
+        readonly = self._readonly.pop(gfn, None)
+        if readonly is not None:
+            os.close(readonly)
+        blank = frame_file(f"xenlike-{self.name}-gfn-{gfn:#x}", bytes(XEN_PAGE_SIZE))
+        punch(blank, 0, 1)
+        self._install(gfn, blank)
+        return fd
 
     def close(self) -> None:
         """The domain is gone: mappers keep what they mapped, we keep nothing."""

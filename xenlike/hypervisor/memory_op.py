@@ -9,10 +9,17 @@ decrease_reservation hands frames back and punches them out of the memfd
 populate_physmap backs chosen frames again and increase_reservation lets the
 hypervisor choose them. A repopulated frame reads as zeros, as Xen's
 scrubbed pages do. The frames Xen owns in a real domain (shared_info, the
-grant table) are never the guest's to give back. Unlike Xen, which keeps a
-released page alive while a peer still maps it through a grant, xenlike
-releases it at once: that peer then sees zeros, and whatever it writes
-there is gone when the guest populates the frame again.
+grant table) are never the guest's to give back. As Xen keeps a released
+page alive while a peer still maps it through a grant, a frame given back
+while another domain maps it keeps its own file (what the mapper maps)
+untouched: the file leaves the domain's frames, the domain's tot_pages drops
+at once, and the page stays out of the host's pool (`KeptPage`, held by the
+hypervisor, so past the domain's destruction too) until the mapper's last
+pin on it goes.
+
+Every populated frame comes from the host's pool (`Hypervisor.free_pages`):
+a domain gets no frame beyond its max_pages, nor one the pool does not
+have, and the op stops there, as Xen's does when the heap runs dry.
 
 Guest handles: xen_memory_reservation.extent_start points at an array of
 xen_pfn_t in the guest. Here the array travels in the same message, right
@@ -30,7 +37,9 @@ bad handle, order or flag does nothing and returns 0, never -errno (Xen's
 bare domid_t and fail with -ESRCH or -EPERM.
 """
 
+import os
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -51,7 +60,16 @@ from xenlike.hypervisor.frames import SharedFrames
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SHIFT, DomainMemory, punch
 
-__all__ = ["EXTENT_LIST", "Reservation", "reservation", "tot_pages", "xen_memory_domid"]
+__all__ = [
+    "EXTENT_LIST",
+    "KeptPage",
+    "Reservation",
+    "held_pages",
+    "initial_reservation",
+    "reservation",
+    "tot_pages",
+    "xen_memory_domid",
+]
 
 MEMORY_OP = Hypercall.memory_op
 RESERVATION = compile_struct(xen_memory_reservation, "xen_memory_reservation")
@@ -69,9 +87,24 @@ CTLDOM_MAX_ORDER = 18
 
 
 @attrs.define(eq=False)
+class KeptPage:
+    """A frame its domain gave back while a peer still maps it (Xen's page with a
+    reference left): its file, until the grant's last pin goes."""
+
+    active: dict[int, Any]  # the granter's active grants (HypervisorGrantTable.active)
+    ref: int
+    pin: Any  # the ActiveGrant that maps the frame; once it is gone, so is the page
+    fd: int
+
+    def alive(self) -> bool:
+        return self.active.get(self.ref) is self.pin
+
+
+@attrs.define(eq=False)
 class Reservation:
     """Which of a domain's frames hold memory, and how many (tot_pages)."""
 
+    domain: Any
     memory: DomainMemory
     frames: SharedFrames  # frames with files of their own lose or regain their page there
     populated: bytearray  # one byte per frame of the memfd: 1 if it holds memory
@@ -88,11 +121,30 @@ class Reservation:
             done += 1
         return done
 
-    def release(self, gfn: int, count: int) -> None:
+    def release(self, gfn: int, count: int) -> list[KeptPage]:
+        """Give the frames back; the pages peers still map come back as `KeptPage`s."""
+        kept = self._keep_mapped(gfn, count)
         punch(self.memory.fd, gfn, count)
         self.frames.punch(gfn, count)
         self.populated[gfn : gfn + count] = bytes(count)
         self.tot_pages -= count
+        return kept
+
+    def _keep_mapped(self, gfn: int, count: int) -> list[KeptPage]:
+        """Frames a peer maps keep their page: their files leave the domain whole."""
+        table = self.domain.grant_table
+        files = self.frames.files
+        if table is None or not table.active:
+            return []
+        if not any(frame in files for frame in range(gfn, gfn + count)):
+            return []
+        kept = []
+        for ref, pin in list(table.active.items()):
+            if gfn <= pin.frame < gfn + count and pin.frame in files:
+                fd = self.frames.detach(pin.frame)
+                if fd is not None:
+                    kept.append(KeptPage(table.active, ref, pin, fd))
+        return kept
 
     def can_populate(self, gfn: int, count: int) -> bool:
         return gfn + count <= len(self.populated) and self.populated.find(1, gfn, gfn + count) < 0
@@ -105,37 +157,60 @@ class Reservation:
         self.tot_pages += count
 
 
+def initial_reservation(domain: Any, nr_pages: int) -> Reservation:
+    """At build: frames 0..nr_pages-1 populated, the rest of the memfd empty."""
+    layout = domain.layout
+    populated = bytearray(domain.memory.nr_pages)
+    populated[:nr_pages] = b"\x01" * nr_pages
+    return Reservation(
+        domain,
+        domain.memory,
+        domain.frames,
+        populated,
+        frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
+        nr_pages,
+    )
+
+
 def reservation(domain: Any) -> Reservation | None:
     """The domain's reservation, from its build on; None without usable memory."""
-    state = domain.reservation
-    if state is None:
-        memory = domain.memory
-        if memory is None or memory.closed or domain.layout is None or domain.frames is None:
-            return None
-        layout = domain.layout
-        state = Reservation(
-            memory,
-            domain.frames,
-            bytearray(b"\x01") * memory.nr_pages,
-            frozenset((layout.shared_info_gfn, *layout.grant_table_gfns)),
-            memory.nr_pages,
-        )
-        domain.reservation = state
-    elif domain.memory is None or domain.memory.closed:
+    if domain.reservation is None or domain.memory is None or domain.memory.closed:
         return None
+    state: Reservation = domain.reservation
     return state
+
+
+def held_pages(domains: Iterable[Any], kept: list[KeptPage]) -> int:
+    """Pages of the host's pool in use: what each domain has populated while it is
+    built and not torn down, and what peers still map of what domains gave back.
+    The kept pages whose last pin went are dropped from `kept` (their files closed:
+    the pool has them again)."""
+    held = sum(
+        domain.reservation.tot_pages
+        for domain in domains
+        if domain.reservation is not None and not domain.torn_down
+    )
+    alive = []
+    for page in kept:
+        if page.alive():
+            alive.append(page)
+        else:
+            os.close(page.fd)
+    kept[:] = alive
+    return held + len(alive)
 
 
 def tot_pages(domain: Any) -> int:
     """Frames the domain holds now (getdomaininfo's tot_pages)."""
     state = domain.reservation
-    return state.tot_pages if state is not None else domain.nr_pages
+    return state.tot_pages if state is not None else 0
 
 
 @attrs.frozen
 class _Batch:
     """A reservation op that passed Xen's checks: on whom, and with which frames."""
 
+    hv: Any
     domain: Any
     state: Reservation
     arg: Any
@@ -168,7 +243,7 @@ def _batch(call: Call, payload: bytes, *, needs_list: bool) -> _Batch | None:
     state = reservation(domain)
     if state is None:
         return None
-    return _Batch(domain, state, arg, frames, 1 << arg.extent_order)
+    return _Batch(call.hv, domain, state, arg, frames, 1 << arg.extent_order)
 
 
 def _flags_supported(mem_flags: int) -> bool:
@@ -188,8 +263,12 @@ def _flags_supported(mem_flags: int) -> bool:
 
 
 def _room(batch: _Batch) -> bool:
-    """Whether one more extent stays within max_pages (Xen's over-allocation check)."""
-    return batch.state.tot_pages + batch.pages <= batch.domain.max_pages
+    """Whether one more extent stays within max_pages (Xen's over-allocation check)
+    and the host's pool has its pages (Xen's heap)."""
+    return (
+        batch.state.tot_pages + batch.pages <= batch.domain.max_pages
+        and batch.pages <= batch.hv.free_pages()
+    )
 
 
 @hypercall(MEMORY_OP, XenMemOp.increase_reservation, raw=True)
@@ -242,7 +321,7 @@ def decrease_reservation(call: Call, payload: bytes) -> int:
     for done, gfn in enumerate(batch.frames):
         count = batch.state.releasable(gfn, batch.pages)
         if count:
-            batch.state.release(gfn, count)
+            batch.hv.kept_pages.extend(batch.state.release(gfn, count))
         if count < batch.pages:
             return done
     return len(batch.frames)

@@ -675,6 +675,63 @@ def devices(name: str | None, run_dir: Path | None, as_json: bool) -> None:
                 click.echo(f"    error: {error}")
 
 
+def parse_mem_size_kb(text: str) -> int:
+    """xl's parse_mem_size_kb: a number with one optional suffix b, k, m, g or t
+    (any case); no suffix means MiB. KiB out; ValueError for anything else."""
+    digits = text[:-1] if text[-1:].isalpha() else text
+    suffix = text[len(digits) :].lower() or "m"
+    if not digits.isdigit() or suffix not in "bkmgt":
+        raise ValueError(f"invalid memory size: {text}")
+    number = int(digits)
+    kib = number >> 10 if suffix == "b" else number << 10 * "kmgt".index(suffix)
+    if kib <= 0:
+        raise ValueError(f"invalid memory size: {text}")
+    return kib
+
+
+def _memory_request(op: str, name: str, mem: str, run_dir: Path | None) -> None:
+    try:
+        kib = parse_mem_size_kb(mem)
+    except ValueError as exc:
+        fail(str(exc))
+    trio.run(toolstack_request, running(run_dir), {"op": op, "name": name, "kib": kib})
+
+
+@main.command(name="mem-set", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("mem")
+@run_dir_option
+def mem_set(name: str, mem: str, run_dir: Path | None) -> None:
+    """Set a guest's memory target, as `xl mem-set`: its balloon driver follows.
+
+    MEM is xl's size: a number with an optional b, k, m, g or t; MiB without one.
+    It may not exceed the guest's maximum (`mem-max`, `maxmem`); the guest gives
+    memory back to the host's pool, or takes it from there, within seconds.
+
+    \b
+    Example:
+        xenlike mem-set beta 16m
+    """
+    _memory_request("mem-set", name, mem, run_dir)
+
+
+@main.command(name="mem-max", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("mem")
+@run_dir_option
+def mem_max(name: str, mem: str, run_dir: Path | None) -> None:
+    """Set the most memory a guest may hold, as `xl mem-max`.
+
+    MEM is xl's size, as for mem-set. It may not be below the guest's current
+    target, nor above the `maxmem` its memory was sized for at create.
+
+    \b
+    Example:
+        xenlike mem-max beta 32m
+    """
+    _memory_request("mem-max", name, mem, run_dir)
+
+
 main.add_command(xenstore)
 main.add_command(capture)
 main.add_command(trace)

@@ -155,6 +155,8 @@ def start_topology(
         DOM0_KERNEL,
         "--dom0-memory",
         str(topology.dom0.memory),
+        "--host-memory",
+        str(topology.memory),
         "--dom0-cmdline",
         f"rundir={run_dir.path} topology={topology_path.resolve()}",
     ]
