@@ -19,6 +19,7 @@ from xenlike.tools.top import (
     VIF_KEYS,
     Sample,
     TopSampler,
+    device_counters,
     format_frame,
     rows,
     state_letters,
@@ -131,8 +132,7 @@ async def test_io_counters_are_read_from_the_back_ends_statistics_keys() -> None
             f"{back}/vif/1/0/statistics/rx_bytes": "4096",
         }
     )
-    sampler = TopSampler(None, store, None)  # type: ignore[arg-type]  # only XenStore is used
-    counters = await sampler._device_counters(1)
+    counters = await device_counters(store, 1)
     assert counters == {
         "rd_req": 10,
         "wr_req": 2,
@@ -146,7 +146,7 @@ async def test_io_counters_are_read_from_the_back_ends_statistics_keys() -> None
         "vbds": 2,
         "vifs": 1,
     }
-    assert (await sampler._device_counters(2))["rd_req"] == 0  # no devices: zeros
+    assert (await device_counters(store, 2))["rd_req"] == 0  # no devices: zeros
 
 
 @pytest.fixture

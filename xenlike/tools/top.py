@@ -70,6 +70,7 @@ __all__ = [
     "VBD_KEYS",
     "VIF_KEYS",
     "TopSampler",
+    "device_counters",
     "format_frame",
     "open_sampler",
     "rows",
@@ -160,7 +161,7 @@ class TopSampler:
             name = await self._xs.read_optional(f"/local/domain/{domid}/name")
             names[domid] = name or f"d{domid}"
             devices[domid] = {
-                **await self._device_counters(domid),
+                **await device_counters(self._xs, domid),
                 "devices": await self._custom_counters(domid),
             }
         return Sample(
@@ -172,21 +173,6 @@ class TopSampler:
             dict(self._sends),
             devices,
         )
-
-    async def _device_counters(self, domid: int) -> dict[str, int]:
-        totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
-        for device_type, keys in (("vbd", VBD_KEYS), ("vif", VIF_KEYS)):
-            home = f"/local/domain/{domid}/device/{device_type}"
-            devids = await self._xs.ls_optional(home)
-            totals[f"{device_type}s"] = len(devids)
-            for devid in devids:
-                backend = await self._xs.read_optional(f"{home}/{devid}/backend")
-                if backend is None:
-                    continue
-                for key in keys:
-                    value = await self._xs.read_optional(f"{backend}/statistics/{key}")
-                    totals[key] += int(value) if value and value.isdigit() else 0
-        return totals
 
     async def _custom_counters(self, domid: int) -> dict[str, dict[str, int]]:
         """Every other device type's published statistics, summed per type."""
@@ -206,6 +192,24 @@ class TopSampler:
                         counters = found.setdefault(device_type, {})
                         counters[key] = counters.get(key, 0) + int(value)
         return found
+
+
+async def device_counters(xs: Any, domid: int) -> dict[str, int]:
+    """The domain's vbd and vif counters (VBD_KEYS, VIF_KEYS) summed over its devices,
+    and how many of each it has (`vbds`, `vifs`)."""
+    totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
+    for device_type, keys in (("vbd", VBD_KEYS), ("vif", VIF_KEYS)):
+        home = f"/local/domain/{domid}/device/{device_type}"
+        devids = await xs.ls_optional(home)
+        totals[f"{device_type}s"] = len(devids)
+        for devid in devids:
+            backend = await xs.read_optional(f"{home}/{devid}/backend")
+            if backend is None:
+                continue
+            for key in keys:
+                value = await xs.read_optional(f"{backend}/statistics/{key}")
+                totals[key] += int(value) if value and value.isdigit() else 0
+    return totals
 
 
 @asynccontextmanager
