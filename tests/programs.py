@@ -17,3 +17,12 @@ async def ticker(guest: Guest) -> None:
         print(f"[{guest.name}] tick {tick}")
         tick += 1
         await trio.sleep(0.1)
+
+
+async def suspend_self(guest: Guest) -> None:
+    """Ask for a suspend as a PV guest does at the end of its part of a save
+    (SCHEDOP_shutdown, SHUTDOWN_suspend), with nothing saving it."""
+    from xenlike.abi.sched import ShutdownReason
+
+    print(f"[{guest.name}] suspending")
+    await guest.domain.shutdown(ShutdownReason.suspend)
