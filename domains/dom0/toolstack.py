@@ -9,7 +9,8 @@ xenconsoled; unpause.
 
 Then it follows the guests: on VIRQ_DOM_EXC it looks at which have shut
 down and applies their on_poweroff / on_reboot / on_crash (destroy, restart,
-preserve), as `xl`'s per-domain daemon does.
+preserve), as `xl`'s per-domain daemon does; one that suspended is kept, as
+xl keeps it for its save.
 
 Dom0 tools reach it on `<run-dir>/toolstack.sock` with one JSON object per
 line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
