@@ -235,6 +235,16 @@ def test_domid_domname_and_rename(run_dir: Path) -> None:
         assert xenlike("xenstore", "read", f"/vm/{uuid}/name", run_dir=run_dir).stdout == "timer\n"
         gone = xenlike("domid", "clock", run_dir=run_dir, check=False)
         assert gone.returncode == 1
+        # its console follows the name: the log goes on growing under the new one
+        before = xenlike("console", "timer", "--no-follow", run_dir=run_dir).stdout
+        assert "[clock] tick" in before
+        wait_for(
+            lambda: (
+                len(xenlike("console", "3", "--no-follow", run_dir=run_dir).stdout) > len(before)
+            ),
+            what="timer's console to grow",
+        )
+        assert not (run_dir / "console" / "clock.log").exists()
     finally:
         xenlike("rename", "timer", "clock", run_dir=run_dir)
     assert xenlike("domid", "clock", run_dir=run_dir).stdout == "3\n"

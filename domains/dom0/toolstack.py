@@ -258,6 +258,7 @@ class Toolstack:
             await tx.write(f"/vm/{record.uuid}/name", new_name)
 
         await self.xs.transact(write)
+        self.consoled.rename(record.domid, new_name)
         del self.guests[record.config.name]
         record.config = attrs.evolve(record.config, name=new_name)
         self.guests[new_name] = record
