@@ -34,3 +34,12 @@ async def hold_pages(guest: Guest) -> None:
     held = [guest.domain.allocator.allocate() for _ in range(8 * 256)]
     print(f"[{guest.name}] holding {len(held)} pages")
     await trio.sleep_forever()
+
+
+async def suspend_self(guest: Guest) -> None:
+    """Ask for a suspend as a PV guest does at the end of its part of a save
+    (SCHEDOP_shutdown, SHUTDOWN_suspend), with nothing saving it."""
+    from xenlike.abi.sched import ShutdownReason
+
+    print(f"[{guest.name}] suspending")
+    await guest.domain.shutdown(ShutdownReason.suspend)

@@ -19,6 +19,7 @@ from xenlike.tools.top import (
     VIF_KEYS,
     Sample,
     TopSampler,
+    device_counters,
     format_frame,
     rows,
     state_letters,
@@ -81,7 +82,7 @@ def test_rates_come_from_two_samples() -> None:
     assert (guest["cpu_pct"], guest["hypercalls_s"], guest["evtchn_sends_s"]) == (0.0, 25.0, 4.0)
     assert (guest["mem_k"], guest["mem_pct"], guest["name"]) == (4096, 1.6, "guest1")
     frame = format_frame([dom0, guest]).splitlines()
-    assert frame[1].split()[:9] == [
+    assert frame[1].split()[:12] == [  # xentop's order
         "NAME",
         "ID",
         "STATE",
@@ -89,6 +90,9 @@ def test_rates_come_from_two_samples() -> None:
         "CPU(%)",
         "MEM(k)",
         "MEM(%)",
+        "MAXMEM(k)",
+        "MAXMEM(%)",
+        "VCPUS",
         "HCALL/s",
         "EVTCHN/s",
     ]
@@ -131,8 +135,7 @@ async def test_io_counters_are_read_from_the_back_ends_statistics_keys() -> None
             f"{back}/vif/1/0/statistics/rx_bytes": "4096",
         }
     )
-    sampler = TopSampler(None, store, None)  # type: ignore[arg-type]  # only XenStore is used
-    counters = await sampler._device_counters(1)
+    counters = await device_counters(store, 1)
     assert counters == {
         "rd_req": 10,
         "wr_req": 2,
@@ -146,7 +149,7 @@ async def test_io_counters_are_read_from_the_back_ends_statistics_keys() -> None
         "vbds": 2,
         "vifs": 1,
     }
-    assert (await sampler._device_counters(2))["rd_req"] == 0  # no devices: zeros
+    assert (await device_counters(store, 2))["rd_req"] == 0  # no devices: zeros
 
 
 @pytest.fixture
@@ -176,6 +179,8 @@ def test_top_batch_and_json_print_every_domain(run_dir: Path) -> None:
     assert set(domains) == {"Domain-0", "alpha", "beta"}
     assert domains["Domain-0"]["hypercalls_s"] > 0  # top's own calls, at least
     assert domains["alpha"]["mem_k"] == 32 * 1024
+    assert domains["alpha"]["maxmem_k"] == 32 * 1024 and domains["alpha"]["vcpus"] == 1
+    assert domains["alpha"]["uptime_s"] > 0 and domains["alpha"]["mem_mib_s"] >= 0
 
     def alpha_reads() -> int:
         frame = json.loads(
@@ -213,6 +218,13 @@ def test_the_table_fits_80_columns_and_shows_other_devices_statistics() -> None:
     ]
     wide = format_frame(table).splitlines()
     assert wide[3].endswith("kv gets=7 puts=3")
+    header = wide[1].split()
+    assert header[header.index("MEM(%)") + 1 :][:3] == ["MAXMEM(k)", "MAXMEM(%)", "VCPUS"]
+    assert wide[3].split()[header.index("MAXMEM(k)") : header.index("VCPUS") + 1] == [
+        "4096",  # 1024 pages
+        "1.6",  # of the host's 65536 pages
+        "1",
+    ]
 
 
 async def test_other_device_types_statistics_are_summed_per_type() -> None:

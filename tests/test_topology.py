@@ -79,6 +79,10 @@ def test_vdev_numbers_follow_vbd_interface_txt(vdev: str, number: int) -> None:
         ("format=raw, vdev=xvda", "needs target"),
         ("colour=red, vdev=xvda, target=a.img", "unknown disk key 'colour'"),
         ("format=raw, vdev=floppy, target=a.img", "vdev 'floppy'"),
+        ("vdev=xvda, script=block, target=a.img", "script=block: not supported: no hotplug"),
+        ("vdev=xvda, backendtype=qdisk, target=a.img", "backendtype=qdisk: not supported"),
+        ("vdev=xvda, trusted, target=a.img", "trusted: not supported"),
+        ("vdev=xvda, direct-io-safe, target=a.img", "direct-io-safe: not supported"),
     ],
 )
 def test_bad_disk_specs_say_what_is_wrong(spec: str, message: str) -> None:
@@ -104,11 +108,35 @@ def test_positional_disk_spec_and_cdrom() -> None:
         ("ip=10.0.0.300", "IPv4"),
         ("speed=fast", "unknown vif setting"),
         ("type=ioemu", "only PV vifs"),
+        ("rate=10Mb/s", "rate=10Mb/s: not supported: no bandwidth limit"),
+        ("model=e1000", "model=e1000: not supported: emulated NIC models"),
+        ("script=vif-bridge", "script=vif-bridge: not supported: no hotplug scripts"),
+        ("gatewaydev=eth0", "gatewaydev=eth0: not supported"),
+        ("mtu=9001", "mtu=9001: a number of bytes from 68 to 9000"),
+        ("mtu=big", "mtu=big"),
     ],
 )
 def test_bad_vif_specs_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_vif_spec(spec, default_mac="00:16:3e:00:00:09")
+
+
+def test_vif_mtu_is_kept_for_both_ends() -> None:
+    assert parse_vif_spec("mtu=9000", default_mac="00:16:3e:00:00:09").mtu == 9000
+    assert parse_vif_spec("bridge=xenbr0", default_mac="00:16:3e:00:00:09").mtu is None
+
+
+def test_a_refused_key_names_the_file_line_domain_and_key() -> None:
+    text = GOOD.replace('name = "db"', 'name = "db"\ntype = "hvm"')
+    text = text.replace('ip=10.0.0.2/24"', 'ip=10.0.0.2/24, rate=1Mb/s"')
+    with pytest.raises(TopologyError) as caught:
+        parse_topology(text, "demo.toml")
+    lines = text.splitlines()
+    found = {str(problem) for problem in caught.value.problems}
+    rate = next(i for i, line in enumerate(lines, 1) if "rate=1Mb/s" in line)
+    kind = next(i for i, line in enumerate(lines, 1) if line == 'type = "hvm"')
+    assert any(f"demo.toml:{rate}: domain 'web': vif " in p and "rate=1Mb/s" in p for p in found)
+    assert f"demo.toml:{kind}: domain 'db': type = 'hvm': every domain here is PV" in "".join(found)
 
 
 def test_sizes() -> None:

@@ -40,6 +40,7 @@ import attrs
 
 __all__ = [
     "DEFAULT_GUEST_KERNEL",
+    "DOMAIN_NAME",
     "DiskSpec",
     "DomainConfig",
     "Dom0Config",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 DEFAULT_GUEST_KERNEL = "domains.guest:main"
+DOMAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"  # a guest's name (xl.cfg `name`)
 ON_ACTIONS = (
     "destroy",
     "restart",
@@ -124,6 +126,7 @@ class VifSpec:
     ip: str | None = None  # "10.0.0.2/24"
     vifname: str | None = None
     backend: str = "0"
+    mtu: int | None = None  # written as the vif's `mtu` key, front and back (netif.h)
 
 
 @attrs.frozen
@@ -276,6 +279,19 @@ _DISK_KEYS = (
 _DISK_POSITIONAL = ("target", "format", "vdev", "access")
 
 
+# xl's disk keys and flags that have no meaning here, each with why: refused by name,
+# never silently dropped.
+_DISK_REFUSED = {
+    "script": "no hotplug scripts run here: Dom0's block back end opens the image itself",
+    "backendtype": "there is one block back end here (blkback over an image file)",
+    "direct-io-safe": "the back end's I/O mode is not configurable here",
+    "trusted": "front ends here do not take a trust hint from the toolstack",
+    "untrusted": "front ends here do not take a trust hint from the toolstack",
+    "colo": "COLO replication is not implemented",
+    "specification": "only xl's own disk specification (xen) exists here",
+}
+
+
 def parse_disk_spec(spec: str) -> DiskSpec:
     """An xl disk spec: `key=value` words, or the positional `target,format,vdev,access`."""
     values: dict[str, str] = {}
@@ -292,8 +308,12 @@ def parse_disk_spec(spec: str) -> DiskSpec:
                 )
             if key == "target" and index != len(items) - 1:
                 raise ValueError("target= must come last (it may contain commas, as xl says)")
+            if key in _DISK_REFUSED:
+                raise ValueError(f"{key}={value}: not supported: {_DISK_REFUSED[key]}")
             values[key] = value
-        elif item in ("discard", "no-discard", "trusted", "untrusted", "cdrom", "direct-io-safe"):
+        elif item in _DISK_REFUSED:
+            raise ValueError(f"{item}: not supported: {_DISK_REFUSED[item]}")
+        elif item in ("discard", "no-discard", "cdrom"):
             flags.add(item)
         else:
             if positional >= len(_DISK_POSITIONAL):
@@ -350,6 +370,16 @@ _VIF_KEYS = (
     "untrusted",
 )
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# xl's vif keys that have no meaning here, each with why: refused by name.
+_VIF_REFUSED = {
+    "rate": "no bandwidth limit is enforced here (netback's credit scheduler is not implemented)",
+    "model": "emulated NIC models belong to HVM guests; a PV vif has none",
+    "script": "no hotplug scripts run here: Dom0 joins the vif to its bridge itself",
+    "gatewaydev": "it serves the vif-route and vif-nat scripts, which do not run here",
+    "trusted": "front ends here do not take a trust hint from the toolstack",
+    "untrusted": "front ends here do not take a trust hint from the toolstack",
+}
+MIN_MTU, MAX_MTU = 68, 9000  # Linux's ETH_MIN_MTU; jumbo frames at most
 
 
 def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
@@ -364,6 +394,8 @@ def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
             raise ValueError(
                 f"unknown vif setting {item!r}; known keys: {', '.join(_VIF_KEYS[:5])} ..."
             )
+        if key in _VIF_REFUSED:
+            raise ValueError(f"{key}={value.strip()}: not supported: {_VIF_REFUSED[key]}")
         values[key] = value.strip()
     mac = values.get("mac", default_mac).lower()
     if not _MAC.match(mac):
@@ -378,12 +410,16 @@ def parse_vif_spec(spec: str, *, default_mac: str) -> VifSpec:
             raise ValueError(f"ip={ip}: expected an IPv4 address like 10.0.0.2/24") from None
     if values.get("type", "vif") != "vif":
         raise ValueError(f"type={values['type']}: only PV vifs (type=vif) exist here")
+    mtu = values.get("mtu")
+    if mtu is not None and not (mtu.isdigit() and MIN_MTU <= int(mtu) <= MAX_MTU):
+        raise ValueError(f"mtu={mtu}: a number of bytes from {MIN_MTU} to {MAX_MTU}")
     return VifSpec(
         mac=mac,
         bridge=values.get("bridge", "xenbr0"),
         ip=ip,
         vifname=values.get("vifname"),
         backend=values.get("backend", "0"),
+        mtu=int(mtu) if mtu is not None else None,
     )
 
 
@@ -765,7 +801,7 @@ def _parse_domain(
         if key not in _DOMAIN_KEYS:
             bad(key, f"unknown key {key!r}; xl.cfg keys here: {', '.join(sorted(_DOMAIN_KEYS))}")
     name = entry.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", name):
+    if not isinstance(name, str) or not re.fullmatch(DOMAIN_NAME, name):
         bad(
             "name" if "name" in entry else None,
             f"name = {name!r}: every [[domain]] needs a name of letters, digits, '.', '_', '-'",
@@ -788,6 +824,11 @@ def _parse_domain(
             f"maxmem = {maxmem!r}: MiB as a whole number, from memory ({memory!r}) to"
             f" {MAX_DOMAIN_MEMORY}",
         )
+    if entry.get("type", "pv") != "pv":
+        bad(
+            "type",
+            f'domain {name!r}: type = {entry["type"]!r}: every domain here is PV (type = "pv")',
+        )
     vcpus = entry.get("vcpus", 1)
     if vcpus != 1:
         bad("vcpus", f"vcpus = {vcpus!r}: each domain has exactly one vCPU here")
@@ -809,7 +850,7 @@ def _parse_domain(
         try:
             disk = parse_disk_spec(spec)
         except ValueError as exc:
-            bad("disk", f"disk {spec!r}: {exc}")
+            bad("disk", f"domain {name!r}: disk {spec!r}: {exc}")
             continue
         if disk.target not in images:
             known = ", ".join(images) or "none declared"
@@ -828,7 +869,7 @@ def _parse_domain(
         try:
             vif = parse_vif_spec(spec, default_mac=default_mac(str(name), len(vifs)))
         except ValueError as exc:
-            bad("vif", f"vif {spec!r}: {exc}")
+            bad("vif", f"domain {name!r}: vif {spec!r}: {exc}")
             continue
         if vif.backend != "0":
             bad("vif", f"vif {spec!r}: backend={vif.backend}: only Dom0 (0) runs back ends")

@@ -114,7 +114,10 @@ class VifWriter(DeviceWriter):
     spec: VifSpec
 
     def frontend_keys(self, index: int) -> dict[str, str]:
-        return {"handle": str(index), "mac": self.spec.mac}
+        keys = {"handle": str(index), "mac": self.spec.mac}
+        if self.spec.mtu is not None:
+            keys["mtu"] = str(self.spec.mtu)
+        return keys
 
     def backend_keys(self, index: int) -> dict[str, str]:
         keys = {
@@ -127,6 +130,8 @@ class VifWriter(DeviceWriter):
             keys["ip"] = self.spec.ip
         if self.spec.vifname:
             keys["vifname"] = self.spec.vifname
+        if self.spec.mtu is not None:  # libxl writes it to both ends; each reads its own
+            keys["mtu"] = str(self.spec.mtu)
         return keys
 
 

@@ -9,13 +9,15 @@ xenconsoled; unpause.
 
 Then it follows the guests: on VIRQ_DOM_EXC it looks at which have shut
 down and applies their on_poweroff / on_reboot / on_crash (destroy, restart,
-preserve), as `xl`'s per-domain daemon does.
+preserve), as `xl`'s per-domain daemon does; one that suspended is kept, as
+xl keeps it for its save.
 
 Dom0 tools reach it on `<run-dir>/toolstack.sock` with one JSON object per
 line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
 {"op": "mem-set", "name": N, "kib": K} | {"op": "mem-max", "name": N, "kib": K} |
-{"op": "down"}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+{"op": "down"} | {"op": "rename", "name": N, "new_name": M} | {"op": "config",
+"name": N}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
 sized for it), the builder populates `memory`, and `memory/target` and
@@ -28,6 +30,7 @@ max_mem and static-max, within what the domain's memory was sized for.
 import functools
 import json
 import logging
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from xenlike.hypercall import HypercallError
 from xenlike.memory import BootLayout
 from xenlike.topology import (
     DEFAULT_GUEST_KERNEL,
+    DOMAIN_NAME,
     DomainConfig,
     Topology,
     TopologyError,
@@ -312,6 +316,25 @@ class Toolstack:
         except XenStoreError:
             pass
 
+    async def rename(self, name: str, new_name: str) -> None:
+        """libxl_domain_rename: the name in the domain's tree and in /vm, in one
+        transaction, refused when another domain has it."""
+        record = self._record(name)
+        if not re.fullmatch(DOMAIN_NAME, new_name):
+            raise ValueError(f"new name {new_name!r}: letters, digits, '.', '_' and '-' only")
+        if new_name in self.guests or new_name == "Domain-0":
+            raise ValueError(f"a domain named {new_name!r} already exists")
+
+        async def write(tx: Any) -> None:
+            await tx.write(f"/local/domain/{record.domid}/name", new_name)
+            await tx.write(f"/vm/{record.uuid}/name", new_name)
+
+        await self.xs.transact(write)
+        self.consoled.rename(record.domid, new_name)
+        del self.guests[record.config.name]
+        record.config = attrs.evolve(record.config, name=new_name)
+        self.guests[new_name] = record
+
     def _record(self, name: str) -> GuestRecord:
         """A guest by name or by domid, as xl takes either."""
         record = self.guests.get(name)
@@ -346,6 +369,12 @@ class Toolstack:
             if not info.flags & XEN_DOMINF_shutdown or record.state != "running":
                 continue
             reason = info.flags >> XEN_DOMINF_shutdownshift & 0xFF
+            if reason == ShutdownReason.suspend:  # as xl: kept for a save, not a crash
+                record.state = "suspended"
+                await self.dom0.console_write(
+                    f"toolstack: {record.config.name} (d{record.domid}) suspended: kept"
+                )
+                continue
             reason_name = (
                 ShutdownReason(reason).name
                 if reason in ShutdownReason._value2member_map_
@@ -503,6 +532,14 @@ class Toolstack:
             if op == "mem-max":
                 kib = await self.set_max_memory(request["name"], int(request["kib"]))
                 return {"ok": True, "kib": kib}
+            if op == "rename":
+                async with self._lock:
+                    await self.rename(request["name"], request["new_name"])
+                return {"ok": True}
+            if op == "config":  # what libxl keeps of a domain's configuration
+                record = self._record(request["name"])
+                kept = attrs.asdict(record.config)
+                return {"ok": True, "domid": record.domid, "uuid": record.uuid, "config": kept}
             if op == "down":
                 await self.shutdown_all(float(request.get("timeout", 15.0)))
                 down.set()

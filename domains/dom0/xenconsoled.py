@@ -59,6 +59,19 @@ class XenConsoled:
         self._nursery.start_soon(self._serve, console, mapping, page, port, ready)
         await ready.wait()
 
+    def rename(self, domid: int, name: str) -> None:
+        """The guest is now called `name` (`xenlike rename`): its log and socket follow,
+        as Xen's xenconsoled names a log after the guest's name when it opens it."""
+        console = self.consoles.get(domid)
+        if console is None:
+            return
+        for suffix in (".log", ".log.1", ".sock"):
+            old = self.console_dir / f"{console.name}{suffix}"
+            if old.exists():
+                os.replace(old, self.console_dir / f"{name}{suffix}")
+        console.log_file.path = self.console_dir / f"{name}.log"
+        console.name = name
+
     def remove(self, domid: int) -> None:
         console = self.consoles.pop(domid, None)
         if console is not None:
@@ -78,7 +91,8 @@ class XenConsoled:
                 ready.set()
                 await console.back.run(lambda data: self._output(console, data))
         with trio.CancelScope(shield=True):
-            socket_path.unlink(missing_ok=True)
+            # by the name it has now, which a rename may have changed
+            (self.console_dir / f"{console.name}.sock").unlink(missing_ok=True)
             console.log_file.close()
             await console.back.stream.aclose()
             try:

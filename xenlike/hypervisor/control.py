@@ -9,10 +9,11 @@ domain's process will run.
 """
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from construct import Bytes, Int16ul, Int32ul, Padding, Struct
+from construct import Bytes, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 from xenlike.abi.domctl import (
     XEN_DOMCTL_INTERFACE_VERSION,
@@ -46,7 +47,13 @@ from xenlike.hypervisor.memory_op import tot_pages
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE
 
-__all__ = ["XENLIKE_DOMCTL_build", "domain_info", "xenlike_domctl_build"]
+__all__ = [
+    "XENLIKE_DOMCTL_build",
+    "XENLIKE_SYSCTL_usage",
+    "domain_info",
+    "xenlike_domctl_build",
+    "xenlike_usage",
+]
 
 XENLIKE_DOMCTL_build = 0x1000  # xenlike's own command, far from Xen's numbers
 
@@ -60,12 +67,25 @@ xenlike_domctl_build = Struct(
     "cmd_line" / Bytes(1024),  # start_info.cmd_line (xl.cfg's `extra`)
 )
 
+# xenlike's own sysctl, as far from Xen's numbers: every domain's metering since its
+# creation. It takes getdomaininfolist's arguments (first_domain, max_domains), and
+# its records follow the xen_sysctl struct in the reply as getdomaininfolist's do.
+XENLIKE_SYSCTL_usage = 0x1001
+xenlike_usage = Struct(
+    "domain" / Int16ul,
+    Padding(6),
+    "cpu_time" / Int64ul,  # ns of CPU its process used (user + system)
+    "memory_kib_seconds" / Int64ul,  # tot_pages integrated over its life, KiB x s
+    "uptime_ms" / Int64ul,  # since XEN_DOMCTL_createdomain
+)
+
 CREATE = compile_struct(xen_domctl_createdomain, "xen_domctl_createdomain")
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 MAX_MEM = compile_struct(xen_domctl_max_mem, "xen_domctl_max_mem")
 PHYSINFO = compile_struct(xen_sysctl_physinfo, "xen_sysctl_physinfo")
 INFOLIST = compile_struct(xen_sysctl_getdomaininfolist, "xen_sysctl_getdomaininfolist")
 SYSCTL = compile_struct(xen_sysctl, "xen_sysctl")
+USAGE = compile_struct(xenlike_usage, "xenlike_usage")
 MAX_INFOLIST = 512  # getdomaininfo records one reply carries
 MAX_GUEST_PAGES = 4 * 1024 * 1024 // 4  # 4 GiB: more than a process here should map
 
@@ -112,7 +132,12 @@ def destroydomain(call: Call, arg: Any) -> int:
 
 @domctl(DomctlOp.pausedomain)
 def pausedomain(call: Call, arg: Any) -> int:
-    call.hv.pause(_domctl(call, arg))
+    """As Xen's domain_pause_by_systemcontroller, Dom0 does not pause itself: its
+    tools would stop with it, and nothing would be left to unpause it."""
+    domain = _domctl(call, arg)
+    if domain.privileged:
+        raise HypercallError(Errno.EINVAL, f"{domain} cannot pause itself")
+    call.hv.pause(domain)
     return 0
 
 
@@ -225,6 +250,32 @@ def getdomaininfolist(call: Call, arg: Any) -> tuple[int, bytes]:
     wanted = min(query.max_domains, MAX_INFOLIST)
     ids = sorted(d for d in call.hv.domains if d >= query.first_domain)[:wanted]
     records = b"".join(INFO.pack(domain_info(call.hv.domains[d])) for d in ids)
+    head = _with_union(arg, INFOLIST, query._replace(num_domains=len(ids)))
+    return len(ids), SYSCTL.pack(head) + records
+
+
+@hypercall(
+    Hypercall.sysctl, XENLIKE_SYSCTL_usage, args=xen_sysctl, privileged=True, name="xenlike_usage"
+)
+def usage(call: Call, arg: Any) -> tuple[int, bytes]:
+    """Every domain's metering since its creation (`xenlike usage`), in
+    getdomaininfolist's shape: CPU time, memory integrated over time, uptime."""
+    _sysctl(arg)
+    query = _union(arg, INFOLIST)
+    wanted = min(query.max_domains, MAX_INFOLIST)
+    ids = sorted(d for d in call.hv.domains if d >= query.first_domain)[:wanted]
+    now = time.monotonic()
+    records = b"".join(
+        USAGE.pack(
+            USAGE.record(
+                domain=domain.domid,
+                cpu_time=domain.cpu_time_ns(),
+                memory_kib_seconds=int(domain.meter_memory()),
+                uptime_ms=int((now - domain.created_at) * 1000),
+            )
+        )
+        for domain in (call.hv.domains[d] for d in ids)
+    )
     head = _with_union(arg, INFOLIST, query._replace(num_domains=len(ids)))
     return len(ids), SYSCTL.pack(head) + records
 

@@ -67,6 +67,7 @@ from xenlike.hypervisor.memory_op import (
     Reservation,
     held_pages,
     initial_reservation,
+    tot_pages,
 )
 from xenlike.hypervisor.table import HYPERCALLS, Call
 from xenlike.logfile import PrintkRatelimit, ReadThrottle, RotatingLog
@@ -90,6 +91,7 @@ SHUTDOWN_GRACE = 2.0  # seconds a shut-down domain gets to exit before SIGKILL
 NOTIFY_BACKLOG = 1024  # notifications queued for a domain that does not read its socket
 LOG_LINES = 4096  # lines of hypervisor log kept for `dmesg`
 LOG_FILE_MAX = 4 << 20  # bytes of hypervisor.log before it rotates to hypervisor.log.1
+METER_INTERVAL = 1.0  # seconds between samples of every domain's memory for its metering
 OUTPUT_LOG_MAX = 1 << 20  # bytes of a DomU's stdout/stderr log (domains/<id>.log) per generation
 OUTPUT_READ = 4096  # bytes read from a DomU's output pipe at a time
 
@@ -159,6 +161,8 @@ class HypervisorDomain:
     grant_table: HypervisorGrantTable | None = None  # its own grants, from its build
     maptrack: Maptrack = attrs.field(factory=Maptrack)  # what it maps of others' grants
     reservation: Reservation | None = None  # its populated frames, from its build
+    # tot_pages integrated over its life, for `xenlike usage`: (KiB x s, pages, when)
+    memory_meter: tuple[float, int, float] = attrs.field(factory=lambda: (0.0, 0, time.monotonic()))
     _notices: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = attrs.field(
         factory=lambda: trio.open_memory_channel(NOTIFY_BACKLOG)
     )
@@ -183,6 +187,16 @@ class HypervisorDomain:
         ticks = int(fields[11]) + int(fields[12])
         self.cpu_ns_at_exit = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
         return self.cpu_ns_at_exit
+
+    def meter_memory(self) -> float:
+        """KiB-seconds of memory held since creation: the frames held at the last
+        sample times the time since (sampled each second and at each look)."""
+        kib_seconds, pages, at = self.memory_meter
+        now = time.monotonic()
+        kib_seconds += pages * (XEN_PAGE_SIZE // 1024) * (now - at)
+        held = 0 if self.torn_down or self.memory is None else tot_pages(self)
+        self.memory_meter = (kib_seconds, held, now)
+        return kib_seconds
 
     def __str__(self) -> str:
         return f"d{self.domid}"
@@ -259,6 +273,7 @@ class Hypervisor:
                 else:  # Dom0 is only its tools on the control socket
                     nursery.start_soon(self._deliver_notices, dom0)
                 nursery.start_soon(self._accept_control, listener, dom0)
+                nursery.start_soon(self._meter_domains)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
@@ -268,6 +283,12 @@ class Hypervisor:
             listener.close()
             self.control_path.unlink(missing_ok=True)
             self._log_file.close()
+
+    async def _meter_domains(self) -> None:
+        while True:
+            await trio.sleep(METER_INTERVAL)
+            for domain in list(self.domains.values()):
+                domain.meter_memory()
 
     def log(self, domain: HypervisorDomain | None, text: str) -> None:
         """A line in the hypervisor log, as Xen's console ring keeps it (`xl dmesg`)."""
@@ -480,6 +501,7 @@ class Hypervisor:
         if domain.torn_down:
             return
         domain.torn_down = True
+        domain.meter_memory()  # its last interval counts; from now on it holds nothing
         grant_table.teardown(self, domain)
         evtchn.teardown(self, domain)
         if domain.frames is not None:

@@ -17,15 +17,6 @@ import click
 import trio
 
 from xenlike import __version__
-from xenlike.abi.domctl import (
-    XEN_DOMINF_blocked,
-    XEN_DOMINF_dying,
-    XEN_DOMINF_paused,
-    XEN_DOMINF_running,
-    XEN_DOMINF_shutdown,
-    XEN_DOMINF_shutdownshift,
-)
-from xenlike.abi.sched import ShutdownReason
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.tools.capture import capture
 from xenlike.tools.devices import describe_devices
@@ -369,74 +360,46 @@ def down(run_dir: Path | None, grace: float) -> None:
 # --- domains -----------------------------------------------------------------------
 
 
-def _state_letters(flags: int) -> str:
-    """xl list's State column: r b p s c d."""
-    reason = flags >> XEN_DOMINF_shutdownshift & 0xFF
-    shutdown = bool(flags & XEN_DOMINF_shutdown)
-    return "".join(
-        [
-            "r" if flags & XEN_DOMINF_running else "-",
-            "b" if flags & XEN_DOMINF_blocked else "-",
-            "p" if flags & XEN_DOMINF_paused else "-",
-            "s" if shutdown and reason != ShutdownReason.crash else "-",
-            "c" if shutdown and reason == ShutdownReason.crash else "-",
-            "d" if flags & XEN_DOMINF_dying else "-",
-        ]
-    )
-
-
-async def _list(rd: RunDir) -> list[dict[str, Any]]:
-    from xenlike.xc import XenControl
-    from xenlike.xenstore import XenStoreError, open_client
-
-    async with XenControl.connect(rd.path) as xc:
-        infos = await xc.list_domains()
-    names: dict[int, str] = {0: "Domain-0"}
-    try:
-        async with open_client(rd.xenstored_socket) as xs:
-            for info in infos:
-                try:
-                    names[info.domain] = (
-                        await xs.read(f"/local/domain/{info.domain}/name")
-                    ).decode()
-                except XenStoreError:
-                    pass
-    except OSError:
-        click.echo("xenlike: xenstored does not answer (Dom0 is down?): names unknown", err=True)
-    return [
-        {
-            "name": names.get(i.domain, f"d{i.domain}"),
-            "id": i.domain,
-            "mem": i.tot_pages * 4 // 1024,
-            "vcpus": i.nr_online_vcpus,
-            "state": _state_letters(i.flags),
-            "time": round(i.cpu_time / 1e9, 1),
-        }
-        for i in infos
-    ]
-
-
 @main.command(name="list", context_settings=CONTEXT)
+@click.argument("domain", required=False)
+@click.option("-l", "--long", "long_", is_flag=True, help="Each guest's configuration, as JSON.")
 @run_dir_option
 @json_option
-def list_(run_dir: Path | None, as_json: bool) -> None:
-    """List the domains, as `xl list` does.
+def list_(domain: str | None, long_: bool, run_dir: Path | None, as_json: bool) -> None:
+    """List the domains (or DOMAIN, by name or domid), as `xl list` does.
+
+    State letters: r running, b blocked (waiting for an event), p paused,
+    s shut down, then the shutdown reason (r reboot, s suspend, c crash,
+    w watchdog), d dying. `-l` prints each guest's configuration as `xl list
+    -l` does: libxl_domain_config's JSON.
 
     \b
     Example:
         xenlike list
+        xenlike list alpha
+        xenlike list -l alpha
         xenlike list --json
     """
-    rows = trio.run(_list, running(run_dir))
+    from xenlike.tools.domains import (
+        LIST_HEADER,
+        domain_rows,
+        find_domain,
+        format_list_row,
+        long_listing,
+    )
+
+    rd = running(run_dir)
+    only = trio.run(find_domain, rd, domain) if domain is not None else None
+    if long_:
+        click.echo(json.dumps(trio.run(long_listing, rd, only), indent=4))
+        return
+    rows = trio.run(domain_rows, rd, only)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'Name':<32}{'ID':>5}{'Mem':>7}{'VCPUs':>6}{'State':>10}{'Time(s)':>10}")
-    for r in rows:
-        click.echo(
-            f"{r['name']:<32}{r['id']:>5}{r['mem']:>7}{r['vcpus']:>6}"
-            f"{r['state']:>10}{r['time']:>10.1f}"
-        )
+    click.echo(LIST_HEADER)
+    for row in rows:
+        click.echo(format_list_row(row))
 
 
 @main.command(context_settings=CONTEXT)
@@ -730,6 +693,168 @@ def mem_max(name: str, mem: str, run_dir: Path | None) -> None:
         xenlike mem-max beta 32m
     """
     _memory_request("mem-max", name, mem, run_dir)
+
+
+# --- domain control: pause, names, uptime, host info, usage ---------------------------
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("domain")
+@run_dir_option
+def pause(domain: str, run_dir: Path | None) -> None:
+    """Pause a domain (by name or domid): XEN_DOMCTL_pausedomain. It runs no code
+    until `unpause`, its console is silent and its rings wait; `list` shows it p.
+
+    \b
+    Example:
+        xenlike pause beta
+    """
+    _pause_or_unpause(domain, run_dir, pause=True)
+    click.echo(f"paused {domain}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("domain")
+@run_dir_option
+def unpause(domain: str, run_dir: Path | None) -> None:
+    """Unpause a paused domain: XEN_DOMCTL_unpausedomain; it goes on where it stopped.
+
+    \b
+    Example:
+        xenlike unpause beta
+    """
+    _pause_or_unpause(domain, run_dir, pause=False)
+    click.echo(f"unpaused {domain}")
+
+
+def _pause_or_unpause(domain: str, run_dir: Path | None, *, pause: bool) -> None:
+    from xenlike.tools.domains import find_domain
+    from xenlike.xc import XenControl
+
+    async def run(rd: RunDir) -> None:
+        domid = await find_domain(rd, domain)
+        if domid == 0 and pause:
+            fail("Domain-0 cannot be paused: the tools that would unpause it run there")
+        async with XenControl.connect(rd.path) as xc:
+            await (xc.pause(domid) if pause else xc.unpause(domid))
+
+    trio.run(run, running(run_dir))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@run_dir_option
+def domid(name: str, run_dir: Path | None) -> None:
+    """Print the domid of the domain called NAME, as `xl domid`.
+
+    \b
+    Example:
+        xenlike domid alpha
+    """
+    from xenlike.tools.domains import find_domain
+
+    if name.isdigit():
+        fail(f"{name!r} is a domid; `xenlike domname {name}` gives its name")
+    click.echo(trio.run(find_domain, running(run_dir), name))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("domid", type=int)
+@run_dir_option
+def domname(domid: int, run_dir: Path | None) -> None:
+    """Print the name of domain DOMID, as `xl domname`.
+
+    \b
+    Example:
+        xenlike domname 1
+    """
+    from xenlike.tools.domains import domain_rows
+
+    rows = trio.run(domain_rows, running(run_dir), domid)
+    if not rows:
+        fail(f"domain {domid} does not exist")
+    click.echo(rows[0]["name"])
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("domain")
+@click.argument("new_name")
+@run_dir_option
+def rename(domain: str, new_name: str, run_dir: Path | None) -> None:
+    """Rename a guest (by name or domid), as `xl rename`: its XenStore name and /vm
+    entry change in one transaction; a name in use is refused.
+
+    \b
+    Example:
+        xenlike rename beta db
+    """
+    trio.run(
+        toolstack_request,
+        running(run_dir),
+        {"op": "rename", "name": domain, "new_name": new_name},
+    )
+    click.echo(f"renamed {domain} to {new_name}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("domains", nargs=-1)
+@run_dir_option
+def uptime(domains: tuple[str, ...], run_dir: Path | None) -> None:
+    """Print how long each domain (or each DOMAIN named) has run, as `xl uptime`.
+
+    \b
+    Example:
+        xenlike uptime
+        xenlike uptime alpha
+    """
+    from xenlike.tools.domains import UPTIME_HEADER, find_domain, format_uptime_row, usage_rows
+
+    async def run(rd: RunDir) -> list[dict[str, Any]]:
+        wanted = [await find_domain(rd, name) for name in domains]
+        rows = {row["domid"]: row for row in await usage_rows(rd)}
+        return [rows[d] for d in wanted if d in rows] if wanted else list(rows.values())
+
+    click.echo(UPTIME_HEADER)
+    for row in trio.run(run, running(run_dir)):
+        click.echo(format_uptime_row(row["name"], row["domid"], int(row["uptime_s"])))
+
+
+@main.command(context_settings=CONTEXT)
+@run_dir_option
+@json_option
+def info(run_dir: Path | None, as_json: bool) -> None:
+    """Print the host's facts, as `xl info`: its CPUs, memory (MiB) and Xen version
+    (from XEN_SYSCTL_physinfo and xen_version), and what confines each DomU's
+    process (dN_protections).
+
+    \b
+    Example:
+        xenlike info
+        xenlike info --json | jq .free_memory
+    """
+    from xenlike.tools.domains import format_info, host_info
+
+    facts = trio.run(host_info, running(run_dir))
+    click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
+
+
+@main.command(context_settings=CONTEXT)
+@run_dir_option
+@json_option
+def usage(run_dir: Path | None, as_json: bool) -> None:
+    """Each domain's metered service since it was created: uptime, CPU seconds,
+    memory in MiB-seconds (its frames integrated over time), block requests and
+    512-byte sectors, network packets and bytes (the guest's side: TX is what it sent).
+
+    \b
+    Example:
+        xenlike usage
+        xenlike usage --json | jq '.[] | {name, cpu_s, mem_mib_s}'
+    """
+    from xenlike.tools.domains import format_usage, usage_rows
+
+    rows = trio.run(usage_rows, running(run_dir))
+    click.echo(json.dumps(rows, indent=2) if as_json else format_usage(rows))
 
 
 main.add_command(xenstore)

@@ -1,6 +1,8 @@
 """`xenlike top`: each domain's CPU, memory, hypercalls and I/O, refreshed, as xentop shows.
 
-CPU time and memory come from getdomaininfo, as xentop's do. Hypercalls
+CPU time, memory, its maximum and the vCPUs come from getdomaininfo, as
+xentop's do; `--json` adds each domain's metering since its creation
+(`uptime_s`, `mem_mib_s`: what `xenlike usage` reports). Hypercalls
 per second and event sends per second come from the trace buffers: top is
 a trace reader while it runs, so tracing is on meanwhile (a reader costs
 a few percent; see bench/trace.py). Records a buffer lost before top read
@@ -70,6 +72,7 @@ __all__ = [
     "VBD_KEYS",
     "VIF_KEYS",
     "TopSampler",
+    "device_counters",
     "format_frame",
     "open_sampler",
     "rows",
@@ -114,6 +117,7 @@ class Sample:
     hypercalls: dict[int, int]  # since top started
     sends: dict[int, int]
     devices: dict[int, dict[str, Any]]  # domid -> VBD_KEYS and VIF_KEYS summed, and "devices"
+    usage: dict[int, Any] = attrs.field(factory=dict)  # domid -> metering (xenlike_usage)
 
 
 class TopSampler:
@@ -152,15 +156,18 @@ class TopSampler:
                 await self._reader.rescan()
 
     async def sample(self) -> Sample:
+        from xenlike.tools.domains import usage_records
+
         physinfo = await self._xc.physinfo()
         infos = {info.domain: info for info in await self._xc.list_domains()}
+        usage = await usage_records(self._xc)
         names = {}
         devices = {}
         for domid in infos:
             name = await self._xs.read_optional(f"/local/domain/{domid}/name")
             names[domid] = name or f"d{domid}"
             devices[domid] = {
-                **await self._device_counters(domid),
+                **await device_counters(self._xs, domid),
                 "devices": await self._custom_counters(domid),
             }
         return Sample(
@@ -171,22 +178,8 @@ class TopSampler:
             dict(self._hypercalls),
             dict(self._sends),
             devices,
+            usage,
         )
-
-    async def _device_counters(self, domid: int) -> dict[str, int]:
-        totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
-        for device_type, keys in (("vbd", VBD_KEYS), ("vif", VIF_KEYS)):
-            home = f"/local/domain/{domid}/device/{device_type}"
-            devids = await self._xs.ls_optional(home)
-            totals[f"{device_type}s"] = len(devids)
-            for devid in devids:
-                backend = await self._xs.read_optional(f"{home}/{devid}/backend")
-                if backend is None:
-                    continue
-                for key in keys:
-                    value = await self._xs.read_optional(f"{backend}/statistics/{key}")
-                    totals[key] += int(value) if value and value.isdigit() else 0
-        return totals
 
     async def _custom_counters(self, domid: int) -> dict[str, dict[str, int]]:
         """Every other device type's published statistics, summed per type."""
@@ -206,6 +199,24 @@ class TopSampler:
                         counters = found.setdefault(device_type, {})
                         counters[key] = counters.get(key, 0) + int(value)
         return found
+
+
+async def device_counters(xs: Any, domid: int) -> dict[str, int]:
+    """The domain's vbd and vif counters (VBD_KEYS, VIF_KEYS) summed over its devices,
+    and how many of each it has (`vbds`, `vifs`)."""
+    totals = dict.fromkeys((*VBD_KEYS, *VIF_KEYS), 0)
+    for device_type, keys in (("vbd", VBD_KEYS), ("vif", VIF_KEYS)):
+        home = f"/local/domain/{domid}/device/{device_type}"
+        devids = await xs.ls_optional(home)
+        totals[f"{device_type}s"] = len(devids)
+        for devid in devids:
+            backend = await xs.read_optional(f"{home}/{devid}/backend")
+            if backend is None:
+                continue
+            for key in keys:
+                value = await xs.read_optional(f"{backend}/statistics/{key}")
+                totals[key] += int(value) if value and value.isdigit() else 0
+    return totals
 
 
 @asynccontextmanager
@@ -234,6 +245,7 @@ def rows(before: Sample, after: Sample) -> list[dict[str, Any]]:
         old = before.infos.get(domid)
         cpu_ns = info.cpu_time - (old.cpu_time if old is not None else info.cpu_time)
         io = after.devices.get(domid, {})
+        metered = after.usage.get(domid)
         out.append(
             {
                 "name": after.names.get(domid, f"d{domid}"),
@@ -246,7 +258,12 @@ def rows(before: Sample, after: Sample) -> list[dict[str, Any]]:
                 "mem_pct": round(info.tot_pages / after.total_pages * 100, 1)
                 if after.total_pages
                 else 0.0,
+                "maxmem_pct": round(info.max_pages / after.total_pages * 100, 1)
+                if after.total_pages
+                else 0.0,
                 "vcpus": info.nr_online_vcpus,
+                "uptime_s": round(metered.uptime_ms / 1000, 1) if metered else None,
+                "mem_mib_s": round(metered.memory_kib_seconds / 1024, 1) if metered else None,
                 "hypercalls_s": round(
                     (after.hypercalls.get(domid, 0) - before.hypercalls.get(domid, 0)) / elapsed, 1
                 ),
@@ -267,6 +284,9 @@ _COLUMNS = (  # header, key, width, format
     ("CPU(%)", "cpu_pct", 6, "{:.1f}"),
     ("MEM(k)", "mem_k", 8, "{}"),
     ("MEM(%)", "mem_pct", 6, "{:.1f}"),
+    ("MAXMEM(k)", "maxmem_k", 9, "{}"),
+    ("MAXMEM(%)", "maxmem_pct", 9, "{:.1f}"),
+    ("VCPUS", "vcpus", 5, "{}"),
     ("HCALL/s", "hypercalls_s", 8, "{:.0f}"),
     ("EVTCHN/s", "evtchn_sends_s", 8, "{:.0f}"),
     ("VBDS", "vbds", 4, "{}"),
@@ -298,6 +318,9 @@ _PRIORITY = (
     "rx_packets",
     "cpu_s",
     "mem_pct",
+    "maxmem_k",
+    "maxmem_pct",
+    "vcpus",
     "vbds",
     "vifs",
     "oo_req",
@@ -416,9 +439,11 @@ def top(
 ) -> None:
     """Show each domain's CPU, memory, hypercalls, event sends and I/O, as xentop does.
 
-    CPU seconds and %, memory, hypercalls and event-channel sends per second
-    (from the trace buffers: tracing is on while top runs), and the block and
-    network counters the back ends publish under statistics/ in XenStore.
+    CPU seconds and %, memory and its maximum, vCPUs, hypercalls and
+    event-channel sends per second (from the trace buffers: tracing is on while
+    top runs), and the block and network counters the back ends publish under
+    statistics/ in XenStore. --json adds each domain's uptime and memory
+    MiB-seconds since its creation (see `xenlike usage`).
 
     \b
     Example:
