@@ -14,7 +14,15 @@ preserve), as `xl`'s per-domain daemon does.
 Dom0 tools reach it on `<run-dir>/toolstack.sock` with one JSON object per
 line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
-{"op": "down"}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+{"op": "down"} | {"op": "attach", "name": N, "type": "vbd"|"vif", "spec": SPEC} |
+{"op": "detach", "name": N, "type": T, "device": VDEV|MAC|DEVID} |
+{"op": "device-list", "name": N, "type": T}; each answer is {"ok": true, ...}
+or {"ok": false, "error": ...}.
+
+Devices come and go while a guest runs (`xl block-attach`, `network-attach`
+and their -detach): attaching writes the device's directories as `create`
+does and waits, as libxl does, for the back end to offer itself (InitWait);
+detaching is `remove_device`, libxl's removal.
 """
 
 import json
@@ -26,7 +34,7 @@ from typing import Any
 import attrs
 import trio
 
-from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
+from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.sched import ShutdownReason
@@ -39,7 +47,11 @@ from xenlike.topology import (
     DomainConfig,
     Topology,
     TopologyError,
+    default_mac,
+    parse_disk_spec,
     parse_domain_file,
+    parse_vif_spec,
+    vdev_number,
 )
 from xenlike.xc import XenControl
 from xenlike.xenbus.driver import error_node
@@ -55,6 +67,7 @@ ON_EVENT = {
     ShutdownReason.watchdog: "on_crash",
 }
 BACKEND_DOMID = 0
+ATTACH_TIMEOUT = 10.0  # seconds for an attached device's back end to reach InitWait
 FAILURE_LINES = 6  # log lines kept with a failed guest
 MAX_FAILURES = 32
 
@@ -310,6 +323,146 @@ class Toolstack:
             for record in list(self.guests.values()):
                 await self._destroy(record)
 
+    # --- devices that come and go -------------------------------------------------
+
+    async def attach(self, name: str, device_type: str, spec: str) -> int:
+        """Give a running guest a disk (xl's DISKSPEC) or a vif (VIFSPEC); its devid."""
+        record = self._record(name)
+        if record.state != "running":
+            raise ValueError(
+                f"{record.config.name} is {record.state}: devices attach to a running guest"
+            )
+        domid = record.domid
+        in_use = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        if device_type == "vbd":
+            try:
+                disk = parse_disk_spec(spec)
+            except ValueError as exc:
+                raise ValueError(f"disk {spec!r}: {exc}") from None
+            images = self.topology.dom0.images
+            if disk.target not in images:
+                raise ValueError(
+                    f"disk {spec!r}: target {disk.target!r} is not one of Dom0's images "
+                    f"([dom0] images = {{...}}; declared: {', '.join(images) or 'none'})"
+                )
+            self.topology.image_path(disk.target, self.run_dir)  # ValueError if it leads out
+            if disk.backend != str(BACKEND_DOMID):
+                raise ValueError(f"disk {spec!r}: backend={disk.backend}: only Dom0 runs back ends")
+            if str(disk.devid) in in_use:
+                raise ValueError(f"{record.config.name} already has a disk {disk.vdev}")
+            writer, devid = self._writer(("vbd", disk)), disk.devid
+        elif device_type == "vif":
+            devid = next(n for n in range(len(in_use) + 1) if str(n) not in in_use)
+            try:
+                vif = parse_vif_spec(spec, default_mac=default_mac(record.config.name, devid))
+            except ValueError as exc:
+                raise ValueError(f"vif {spec!r}: {exc}") from None
+            if vif.backend != str(BACKEND_DOMID):
+                raise ValueError(f"vif {spec!r}: backend={vif.backend}: only Dom0 runs back ends")
+            for other in in_use:
+                mac = await self._read(f"/local/domain/{domid}/device/vif/{other}/mac")
+                if mac == vif.mac:
+                    raise ValueError(f"{record.config.name} already has a vif with mac={mac}")
+            writer = self._writer(("vif", vif))
+        else:
+            raise ValueError(f"device type {device_type!r}: vbd or vif")
+        await writer.add(self.xs, domid, devid)
+        back = f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
+        if not await self._wait_state(f"{back}/state", XenbusState.InitWait, ATTACH_TIMEOUT):
+            await remove_device(self.xs, self._front(domid, device_type, devid), back, timeout=0)
+            raise ValueError(
+                f"no back end picked {device_type} {devid} up in {ATTACH_TIMEOUT:g}s: removed"
+            )
+        await self.dom0.console_write(
+            f"toolstack: {device_type} {devid} attached to {record.config.name} (d{domid})"
+        )
+        return devid
+
+    async def detach(self, name: str, device_type: str, device: str) -> dict[str, Any]:
+        """Remove a guest's disk (by vdev, e.g. xvdb, or number) or vif (by devid or mac)."""
+        record = self._record(name)
+        domid = record.domid
+        devid = await self._find_device(domid, device_type, device)
+        front = self._front(domid, device_type, devid)
+        back = await self._read(f"{front}/backend") or (
+            f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
+        )
+        if not back.startswith(f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/"):
+            raise ValueError(f"{front}/backend = {back!r} is not the device's back end")
+        closed = await remove_device(self.xs, front, back)
+        await self.dom0.console_write(
+            f"toolstack: {device_type} {devid} detached from {record.config.name} (d{domid})"
+            + ("" if closed else ": forced, the back end did not close in time")
+        )
+        return {"devid": devid, "forced": not closed}
+
+    async def device_list(self, name: str, device_type: str) -> list[dict[str, Any]]:
+        """What libxl_device_disk_getinfo / libxl_device_nic_getinfo report, per device."""
+        record = self._record(name)
+        domid = record.domid
+        devices = []
+        devids = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else -1):
+            front = self._front(domid, device_type, devid)
+            values = {
+                key: await self._read(f"{front}/{key}")
+                for key in ("backend", "backend-id", "state", "mac", "event-channel")
+            }
+            refs = ("tx-ring-ref", "rx-ring-ref") if device_type == "vif" else ("ring-ref",)
+            devices.append(
+                {
+                    "devid": int(devid) if devid.isdigit() else devid,
+                    "backend_id": _number(values["backend-id"]),
+                    "frontend_id": domid,
+                    "state": _number(values["state"]),
+                    "evtch": _number(values["event-channel"]),
+                    **{ref: _number(await self._read(f"{front}/{ref}")) for ref in refs},
+                    "mac": values["mac"],
+                    "backend": values["backend"] or "",
+                }
+            )
+        return devices
+
+    async def _find_device(self, domid: int, device_type: str, device: str) -> int:
+        """xl's names for a device: a disk's vdev (xvdb) or number, a vif's devid or mac."""
+        in_use = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        if device_type == "vif" and ":" in device:
+            for devid in in_use:
+                mac = await self._read(f"/local/domain/{domid}/device/vif/{devid}/mac")
+                if mac == device.lower() and devid.isdigit():
+                    return int(devid)
+            raise LookupError(f"Unknown device {device}.")
+        if device_type == "vbd" and not device.isdigit():
+            try:
+                number = vdev_number(device)
+            except ValueError:
+                raise LookupError(f"Error: Device {device} not connected.") from None
+        elif device.isdigit():
+            number = int(device)
+        else:
+            raise LookupError(f"Unknown device {device}.")
+        if str(number) not in in_use:
+            raise LookupError(
+                f"Error: Device {device} not connected."
+                if device_type == "vbd"
+                else f"Unknown device {device}."
+            )
+        return number
+
+    @staticmethod
+    def _front(domid: int, device_type: str, devid: int | str) -> str:
+        return f"/local/domain/{domid}/device/{device_type}/{devid}"
+
+    async def _wait_state(self, path: str, least: XenbusState, timeout: float) -> bool:
+        """Whether the state node at `path` reaches `least` (or beyond) within `timeout`."""
+        with trio.move_on_after(timeout):
+            async with self.xs.watch(path) as events:
+                async for _ in events:
+                    state = _number(await self._read(path))
+                    if state is not None and state >= least:
+                        return True
+        return False
+
     # --- failures ---------------------------------------------------------------
 
     def note_failure(self, name: str, domid: int | None, reason: str) -> None:
@@ -425,6 +578,17 @@ class Toolstack:
                 return {"ok": True}
             if op == "status":
                 return {"ok": True, **await self.status()}
+            if op == "attach":
+                async with self._lock:
+                    devid = await self.attach(request["name"], request["type"], request["spec"])
+                return {"ok": True, "devid": devid}
+            if op == "detach":
+                async with self._lock:
+                    found = await self.detach(request["name"], request["type"], request["device"])
+                return {"ok": True, **found}
+            if op == "device-list":
+                devices = await self.device_list(request["name"], request["type"])
+                return {"ok": True, "devices": devices}
             if op == "down":
                 await self.shutdown_all(float(request.get("timeout", 15.0)))
                 down.set()
@@ -438,6 +602,14 @@ class Toolstack:
             return {"ok": False, "error": f"the request is not JSON: {exc}"}
         except (ValueError, LookupError, HypercallError, XenStoreError) as exc:
             return {"ok": False, "error": str(exc)}
+
+
+def _number(text: str | None) -> int | None:
+    """A number node the way libxl's getinfo reads one (None when absent or not a number)."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _state(text: str | None) -> str | None:
