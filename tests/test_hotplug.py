@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from domains.dom0.devices import remove_device
 from drivers.blkif import BLKIF_RING, BlkFront
 from drivers.blkif.front import BufferPool
 from xenlike.abi.grant_table import GTF_type_mask
@@ -28,6 +29,7 @@ from xenlike.testing import LocalDomain, channel_pair
 from xenlike.tools.session import DOM0_KERNEL
 from xenlike.xenbus import DeviceRemoved
 from xenlike.xenbus.driver import DeviceInfo, XenbusContext
+from xenlike.xenstore import XenStored, open_client
 
 TOPOLOGY = """\
 [host]
@@ -228,3 +230,53 @@ async def test_requests_in_flight_and_queued_fail_with_enodev_on_removal(nursery
     assert all(isinstance(exc, DeviceRemoved) and exc.errno == errno.ENODEV for exc in outcomes)
     with pytest.raises(DeviceRemoved, match="removed"):
         await front.write(0, bytes(512))
+
+
+FRONT = "/local/domain/1/device/vbd/51728"
+BACK = "/local/domain/0/backend/vbd/1/51728"
+
+
+async def a_device(xs: Any) -> None:
+    for path in (FRONT, BACK):
+        await xs.write(f"{path}/state", "4")
+    await xs.write(f"{BACK}/online", "1")
+    await xs.write("/local/domain/1/error/device/vbd/51728/error", "5 an old failure")
+
+
+async def test_removal_closes_through_the_back_end_then_removes_both_ends(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """libxl's order: online=0 and Closing together, the back end's Closed, then rm."""
+    daemon = XenStored()
+    await nursery.start(daemon.serve_unix, str(tmp_path / "socket"))
+    async with open_client(str(tmp_path / "socket")) as xs:
+        await a_device(xs)
+        seen: list[tuple[str, str]] = []
+
+        async def back_end() -> None:  # what Backend does when it sees Closing
+            async with xs.watch(f"{BACK}/state") as events:
+                async for _ in events:
+                    state = await xs.read_optional(f"{BACK}/state")
+                    online = await xs.read_optional(f"{BACK}/online")
+                    if state == "5":
+                        seen.append((state, str(online)))
+                        await xs.write(f"{BACK}/state", "6")
+                        return
+
+        nursery.start_soon(back_end)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await remove_device(xs, FRONT, BACK, timeout=10) is True
+        assert seen == [("5", "0")]
+        for path in (FRONT, BACK, "/local/domain/1/error/device/vbd/51728"):
+            assert await xs.read_optional(path) is None
+
+
+async def test_a_back_end_that_never_closes_is_forced_after_the_timeout(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    daemon = XenStored()
+    await nursery.start(daemon.serve_unix, str(tmp_path / "socket"))
+    async with open_client(str(tmp_path / "socket")) as xs:
+        await a_device(xs)
+        assert await remove_device(xs, FRONT, BACK, timeout=0.5) is False
+        assert await xs.read_optional(FRONT) is None and await xs.read_optional(BACK) is None

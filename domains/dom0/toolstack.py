@@ -333,7 +333,7 @@ class Toolstack:
                 f"{record.config.name} is {record.state}: devices attach to a running guest"
             )
         domid = record.domid
-        in_use = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        in_use = await self._devids(domid, device_type)
         if device_type == "vbd":
             try:
                 disk = parse_disk_spec(spec)
@@ -360,14 +360,14 @@ class Toolstack:
             if vif.backend != str(BACKEND_DOMID):
                 raise ValueError(f"vif {spec!r}: backend={vif.backend}: only Dom0 runs back ends")
             for other in in_use:
-                mac = await self._read(f"/local/domain/{domid}/device/vif/{other}/mac")
+                mac = await self._read(f"{self._back(domid, 'vif', other)}/mac")
                 if mac == vif.mac:
                     raise ValueError(f"{record.config.name} already has a vif with mac={mac}")
             writer = self._writer(("vif", vif))
         else:
             raise ValueError(f"device type {device_type!r}: vbd or vif")
         await writer.add(self.xs, domid, devid)
-        back = f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
+        back = self._back(domid, device_type, devid)
         if not await self._wait_state(f"{back}/state", XenbusState.InitWait, ATTACH_TIMEOUT):
             await remove_device(self.xs, self._front(domid, device_type, devid), back, timeout=0)
             raise ValueError(
@@ -384,12 +384,8 @@ class Toolstack:
         domid = record.domid
         devid = await self._find_device(domid, device_type, device)
         front = self._front(domid, device_type, devid)
-        back = await self._read(f"{front}/backend") or (
-            f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
-        )
-        if not back.startswith(f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/"):
-            raise ValueError(f"{front}/backend = {back!r} is not the device's back end")
-        closed = await remove_device(self.xs, front, back)
+        # Where the toolstack put it, not where the guest's `backend` node says it is.
+        closed = await remove_device(self.xs, front, self._back(domid, device_type, devid))
         await self.dom0.console_write(
             f"toolstack: {device_type} {devid} detached from {record.config.name} (d{domid})"
             + ("" if closed else ": forced, the back end did not close in time")
@@ -397,16 +393,19 @@ class Toolstack:
         return {"devid": devid, "forced": not closed}
 
     async def device_list(self, name: str, device_type: str) -> list[dict[str, Any]]:
-        """What libxl_device_disk_getinfo / libxl_device_nic_getinfo report, per device."""
+        """What libxl_device_disk_getinfo / libxl_device_nic_getinfo report, per device.
+        The guest owns its front end's nodes: they are read as numbers or not at
+        all; the mac and the back end's path are the toolstack's own."""
         record = self._record(name)
         domid = record.domid
         devices = []
-        devids = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        devids = await self._devids(domid, device_type)
         for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else -1):
             front = self._front(domid, device_type, devid)
+            back = self._back(domid, device_type, devid)
             values = {
                 key: await self._read(f"{front}/{key}")
-                for key in ("backend", "backend-id", "state", "mac", "event-channel")
+                for key in ("backend-id", "state", "event-channel")
             }
             refs = ("tx-ring-ref", "rx-ring-ref") if device_type == "vif" else ("ring-ref",)
             devices.append(
@@ -417,18 +416,18 @@ class Toolstack:
                     "state": _number(values["state"]),
                     "evtch": _number(values["event-channel"]),
                     **{ref: _number(await self._read(f"{front}/{ref}")) for ref in refs},
-                    "mac": values["mac"],
-                    "backend": values["backend"] or "",
+                    "mac": await self._read(f"{back}/mac") if device_type == "vif" else None,
+                    "backend": back,
                 }
             )
         return devices
 
     async def _find_device(self, domid: int, device_type: str, device: str) -> int:
         """xl's names for a device: a disk's vdev (xvdb) or number, a vif's devid or mac."""
-        in_use = await self._ls(f"/local/domain/{domid}/device/{device_type}")
+        in_use = await self._devids(domid, device_type)
         if device_type == "vif" and ":" in device:
             for devid in in_use:
-                mac = await self._read(f"/local/domain/{domid}/device/vif/{devid}/mac")
+                mac = await self._read(f"{self._back(domid, 'vif', devid)}/mac")
                 if mac == device.lower() and devid.isdigit():
                     return int(devid)
             raise LookupError(f"Unknown device {device}.")
@@ -452,6 +451,15 @@ class Toolstack:
     @staticmethod
     def _front(domid: int, device_type: str, devid: int | str) -> str:
         return f"/local/domain/{domid}/device/{device_type}/{devid}"
+
+    async def _devids(self, domid: int, device_type: str) -> list[str]:
+        """The guest's devices of that type, by their back ends: Dom0's nodes, which
+        the toolstack made, not the guest's own (libxl lists its own records too)."""
+        return await self._ls(f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}")
+
+    @staticmethod
+    def _back(domid: int, device_type: str, devid: int | str) -> str:
+        return f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
 
     async def _wait_state(self, path: str, least: XenbusState, timeout: float) -> bool:
         """Whether the state node at `path` reaches `least` (or beyond) within `timeout`."""
