@@ -350,6 +350,7 @@ class Toolstack:
                 raise ValueError(f"disk {spec!r}: backend={disk.backend}: only Dom0 runs back ends")
             if str(disk.devid) in in_use:
                 raise ValueError(f"{record.config.name} already has a disk {disk.vdev}")
+            await self._check_sharing(disk.target, not disk.readonly)
             writer, devid = self._writer(("vbd", disk)), disk.devid
         elif device_type == "vif":
             devid = next(n for n in range(len(in_use) + 1) if str(n) not in in_use)
@@ -359,10 +360,10 @@ class Toolstack:
                 raise ValueError(f"vif {spec!r}: {exc}") from None
             if vif.backend != str(BACKEND_DOMID):
                 raise ValueError(f"vif {spec!r}: backend={vif.backend}: only Dom0 runs back ends")
-            for other in in_use:
-                mac = await self._read(f"{self._back(domid, 'vif', other)}/mac")
-                if mac == vif.mac:
-                    raise ValueError(f"{record.config.name} already has a vif with mac={mac}")
+            for other in self.guests.values():
+                for index in await self._devids(other.domid, "vif"):
+                    if await self._read(f"{self._back(other.domid, 'vif', index)}/mac") == vif.mac:
+                        raise ValueError(f"mac={vif.mac} is {other.config.name}'s vif {index}")
             writer = self._writer(("vif", vif))
         else:
             raise ValueError(f"device type {device_type!r}: vbd or vif")
@@ -451,6 +452,21 @@ class Toolstack:
     @staticmethod
     def _front(domid: int, device_type: str, devid: int | str) -> str:
         return f"/local/domain/{domid}/device/{device_type}/{devid}"
+
+    async def _check_sharing(self, target: str, writable: bool) -> None:
+        """As the topology's rule (and xl's block script's check_sharing): an image
+        in use by a guest is shared read-only or not at all."""
+        path = str(self.topology.image_path(target, self.run_dir))
+        for other in self.guests.values():
+            for devid in await self._devids(other.domid, "vbd"):
+                back = self._back(other.domid, "vbd", devid)
+                if await self._read(f"{back}/params") != path:
+                    continue
+                if writable or await self._read(f"{back}/mode") != "r":
+                    raise ValueError(
+                        f"image {target!r} is attached to {other.config.name}, and read-write "
+                        "on one side: only read-only images may be shared"
+                    )
 
     async def _devids(self, domid: int, device_type: str) -> list[str]:
         """The guest's devices of that type, by their back ends: Dom0's nodes, which
