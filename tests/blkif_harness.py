@@ -89,6 +89,7 @@ async def serving(
     grants = FakeGrantTable()
     store = FakeXenStore(
         {
+            f"{BACK}/state": "1",  # as the toolstack writes it: a removed device has none
             f"{BACK}/params": str(image),
             f"{BACK}/mode": mode,
             f"{BACK}/type": "file",

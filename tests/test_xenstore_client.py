@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from xenlike.abi.xs_wire import XS_READ, XS_TRANSACTION_START, XS_WATCH, XS_WRITE
+from xenlike.abi.xs_wire import XS_ERROR, XS_READ, XS_TRANSACTION_START, XS_WATCH, XS_WRITE
 from xenlike.xenstore import (
     ConnectionClosed,
     Permission,
@@ -334,3 +334,21 @@ async def serve_cancellably(daemon, path, *, task_status=trio.TASK_STATUS_IGNORE
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve_unix, path)
             task_status.started(scope)
+
+
+async def test_the_late_reply_to_a_cancelled_request_is_dropped_quietly(nursery, caplog):
+    """A caller cancelled while its request is out (a driver stopped mid-read): the
+    reply that comes afterwards is expected, not a stray to warn about."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    async with connect_stream(ours) as xs:
+        with trio.move_on_after(0.2):
+            await xs.read("/local/domain/1/device/vbd/51728/state")
+        reader = MessageReader()
+        reader.feed(await theirs.receive_some(4096))
+        (request,) = list(reader)
+        caplog.clear()
+        await theirs.send_all(XsMessage(XS_ERROR, request.req_id, 0, b"EACCES\0").encode())
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.send_all(XsMessage(XS_ERROR, request.req_id, 0, b"EACCES\0").encode())
+        await trio.testing.wait_all_tasks_blocked()
+    assert caplog.text.count("reply to no request") == 1  # the second one is a stray

@@ -8,16 +8,32 @@ links, `state` = Initialising, and the keys of the device type
 `mode`; a vif's `handle`, `mac`, `bridge`, `ip`. A custom device's extra
 topology keys go to its back end's directory for its driver to read (`params`
 names one of Dom0's images and is written as its path in the run directory).
+
+Removing a device is libxl's (libxl__initiate_device_generic_remove and
+device_backend_callback): `online` = 0 and the back end's `state` = Closing
+in one transaction, so the back end and the front end close the device
+between them; up to REMOVE_TIMEOUT seconds for the back end to reach
+Closed; then, Closed or not (forced), both directories and their error
+nodes are removed, and the buses on both sides stop the drivers.
 """
 
+import logging
 from typing import Any
+
+import trio
 
 from xenlike.abi.xenbus import XenbusState
 from xenlike.topology import DiskSpec, VifSpec
+from xenlike.xenbus.driver import error_node
+from xenlike.xenstore import XenStoreError
 
-__all__ = ["DEVICE_WRITERS", "DeviceWriter"]
+__all__ = ["DEVICE_WRITERS", "REMOVE_TIMEOUT", "DeviceWriter", "remove_device"]
 
+log = logging.getLogger("xenlike.dom0.devices")
 INITIALISING = str(int(XenbusState.Initialising))
+CLOSING = str(int(XenbusState.Closing))
+CLOSED = str(int(XenbusState.Closed))
+REMOVE_TIMEOUT = 10.0  # libxl's LIBXL_DESTROY_TIMEOUT, seconds
 
 
 class DeviceWriter:
@@ -133,6 +149,45 @@ class VifWriter(DeviceWriter):
         if self.spec.mtu is not None:  # libxl writes it to both ends; each reads its own
             keys["mtu"] = str(self.spec.mtu)
         return keys
+
+
+async def remove_device(xs: Any, front: str, back: str, timeout: float = REMOVE_TIMEOUT) -> bool:
+    """Remove one device as libxl does; True if the back end closed it in time,
+    False if it was forced (its nodes are removed either way)."""
+
+    async def close(tx: Any) -> None:
+        if await _read(tx, f"{back}/state") is None:
+            return  # no back end (already gone): nothing to close
+        await tx.write(f"{back}/online", "0")
+        await tx.write(f"{back}/state", CLOSING)
+
+    await xs.transact(close)
+    closed = False
+    with trio.move_on_after(timeout):
+        async with xs.watch(f"{back}/state") as events:
+            async for _ in events:
+                state = await _read(xs, f"{back}/state")
+                if state is None or state == CLOSED:
+                    closed = True
+                    break
+    if not closed:
+        log.warning("%s: the back end did not reach Closed in %gs: forced", back, timeout)
+
+    async def destroy(tx: Any) -> None:
+        errors = [error_node(path).removesuffix("/error") for path in (front, back)]
+        for path in (front, back, *errors):
+            if await _read(tx, path) is not None:
+                await tx.rm(path)
+
+    await xs.transact(destroy)
+    return closed
+
+
+async def _read(xs: Any, path: str) -> str | None:
+    try:
+        return (await xs.read(path)).decode()
+    except XenStoreError:
+        return None
 
 
 DEVICE_WRITERS: dict[str, type[DeviceWriter]] = {

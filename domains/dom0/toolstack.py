@@ -17,7 +17,10 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
 {"op": "mem-set", "name": N, "kib": K} | {"op": "mem-max", "name": N, "kib": K} |
 {"op": "down"} | {"op": "rename", "name": N, "new_name": M} | {"op": "config",
-"name": N}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+"name": N} | {"op": "attach", "name": N, "type": "vbd"|"vif", "spec": SPEC} |
+{"op": "detach", "name": N, "type": T, "device": VDEV|MAC|DEVID} |
+{"op": "device-list", "name": N, "type": T}; each answer is {"ok": true, ...}
+or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
 sized for it), the builder populates `memory`, and `memory/target` and
@@ -25,6 +28,11 @@ sized for it), the builder populates `memory`, and `memory/target` and
 writes a new target (and, as libxl_set_memory_target with enforce, makes it
 the domain's max_mem, so the balloon cannot overshoot it); mem-max moves
 max_mem and static-max, within what the domain's memory was sized for.
+
+Devices come and go while a guest runs (`xl block-attach`, `network-attach`
+and their -detach): attaching writes the device's directories as `create`
+does and waits, as libxl does, for the back end to offer itself (InitWait);
+detaching is `remove_device`, libxl's removal.
 """
 
 import functools
@@ -38,7 +46,7 @@ from typing import Any
 import attrs
 import trio
 
-from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
+from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -53,7 +61,11 @@ from xenlike.topology import (
     DomainConfig,
     Topology,
     TopologyError,
+    default_mac,
+    parse_disk_spec,
     parse_domain_file,
+    parse_vif_spec,
+    vdev_number,
 )
 from xenlike.xc import XenControl
 from xenlike.xenbus.driver import error_node
@@ -69,6 +81,7 @@ ON_EVENT = {
     ShutdownReason.watchdog: "on_crash",
 }
 BACKEND_DOMID = 0
+ATTACH_TIMEOUT = 10.0  # seconds for an attached device's back end to reach InitWait
 FAILURE_LINES = 6  # log lines kept with a failed guest
 MIN_TARGET_KIB = 4096  # the smallest `memory` a guest may have (xenlike.topology)
 MAX_FAILURES = 32
@@ -411,6 +424,170 @@ class Toolstack:
             for record in list(self.guests.values()):
                 await self._destroy(record)
 
+    # --- devices that come and go -------------------------------------------------
+
+    async def attach(self, name: str, device_type: str, spec: str) -> int:
+        """Give a running guest a disk (xl's DISKSPEC) or a vif (VIFSPEC); its devid."""
+        record = self._record(name)
+        if record.state != "running":
+            raise ValueError(
+                f"{record.config.name} is {record.state}: devices attach to a running guest"
+            )
+        domid = record.domid
+        in_use = await self._devids(domid, device_type)
+        if device_type == "vbd":
+            try:
+                disk = parse_disk_spec(spec)
+            except ValueError as exc:
+                raise ValueError(f"disk {spec!r}: {exc}") from None
+            images = self.topology.dom0.images
+            if disk.target not in images:
+                raise ValueError(
+                    f"disk {spec!r}: target {disk.target!r} is not one of Dom0's images "
+                    f"([dom0] images = {{...}}; declared: {', '.join(images) or 'none'})"
+                )
+            self.topology.image_path(disk.target, self.run_dir)  # ValueError if it leads out
+            if disk.backend != str(BACKEND_DOMID):
+                raise ValueError(f"disk {spec!r}: backend={disk.backend}: only Dom0 runs back ends")
+            if str(disk.devid) in in_use:
+                raise ValueError(f"{record.config.name} already has a disk {disk.vdev}")
+            await self._check_sharing(disk.target, not disk.readonly)
+            writer, devid = self._writer(("vbd", disk)), disk.devid
+        elif device_type == "vif":
+            devid = next(n for n in range(len(in_use) + 1) if str(n) not in in_use)
+            try:
+                vif = parse_vif_spec(spec, default_mac=default_mac(record.config.name, devid))
+            except ValueError as exc:
+                raise ValueError(f"vif {spec!r}: {exc}") from None
+            if vif.backend != str(BACKEND_DOMID):
+                raise ValueError(f"vif {spec!r}: backend={vif.backend}: only Dom0 runs back ends")
+            for other in self.guests.values():
+                for index in await self._devids(other.domid, "vif"):
+                    if await self._read(f"{self._back(other.domid, 'vif', index)}/mac") == vif.mac:
+                        raise ValueError(f"mac={vif.mac} is {other.config.name}'s vif {index}")
+            writer = self._writer(("vif", vif))
+        else:
+            raise ValueError(f"device type {device_type!r}: vbd or vif")
+        await writer.add(self.xs, domid, devid)
+        back = self._back(domid, device_type, devid)
+        if not await self._wait_state(f"{back}/state", XenbusState.InitWait, ATTACH_TIMEOUT):
+            await remove_device(self.xs, self._front(domid, device_type, devid), back, timeout=0)
+            raise ValueError(
+                f"no back end picked {device_type} {devid} up in {ATTACH_TIMEOUT:g}s: removed"
+            )
+        await self.dom0.console_write(
+            f"toolstack: {device_type} {devid} attached to {record.config.name} (d{domid})"
+        )
+        return devid
+
+    async def detach(self, name: str, device_type: str, device: str) -> dict[str, Any]:
+        """Remove a guest's disk (by vdev, e.g. xvdb, or number) or vif (by devid or mac)."""
+        record = self._record(name)
+        domid = record.domid
+        devid = await self._find_device(domid, device_type, device)
+        front = self._front(domid, device_type, devid)
+        # Where the toolstack put it, not where the guest's `backend` node says it is.
+        closed = await remove_device(self.xs, front, self._back(domid, device_type, devid))
+        await self.dom0.console_write(
+            f"toolstack: {device_type} {devid} detached from {record.config.name} (d{domid})"
+            + ("" if closed else ": forced, the back end did not close in time")
+        )
+        return {"devid": devid, "forced": not closed}
+
+    async def device_list(self, name: str, device_type: str) -> list[dict[str, Any]]:
+        """What libxl_device_disk_getinfo / libxl_device_nic_getinfo report, per device.
+        The guest owns its front end's nodes: they are read as numbers or not at
+        all; the mac and the back end's path are the toolstack's own."""
+        record = self._record(name)
+        domid = record.domid
+        devices = []
+        devids = await self._devids(domid, device_type)
+        for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else -1):
+            front = self._front(domid, device_type, devid)
+            back = self._back(domid, device_type, devid)
+            values = {
+                key: await self._read(f"{front}/{key}")
+                for key in ("backend-id", "state", "event-channel")
+            }
+            refs = ("tx-ring-ref", "rx-ring-ref") if device_type == "vif" else ("ring-ref",)
+            devices.append(
+                {
+                    "devid": int(devid) if devid.isdigit() else devid,
+                    "backend_id": _number(values["backend-id"]),
+                    "frontend_id": domid,
+                    "state": _number(values["state"]),
+                    "evtch": _number(values["event-channel"]),
+                    **{ref: _number(await self._read(f"{front}/{ref}")) for ref in refs},
+                    "mac": await self._read(f"{back}/mac") if device_type == "vif" else None,
+                    "backend": back,
+                }
+            )
+        return devices
+
+    async def _find_device(self, domid: int, device_type: str, device: str) -> int:
+        """xl's names for a device: a disk's vdev (xvdb) or number, a vif's devid or mac."""
+        in_use = await self._devids(domid, device_type)
+        if device_type == "vif" and ":" in device:
+            for devid in in_use:
+                mac = await self._read(f"{self._back(domid, 'vif', devid)}/mac")
+                if mac == device.lower() and devid.isdigit():
+                    return int(devid)
+            raise LookupError(f"Unknown device {device}.")
+        if device_type == "vbd" and not device.isdigit():
+            try:
+                number = vdev_number(device)
+            except ValueError:
+                raise LookupError(f"Error: Device {device} not connected.") from None
+        elif device.isdigit():
+            number = int(device)
+        else:
+            raise LookupError(f"Unknown device {device}.")
+        if str(number) not in in_use:
+            raise LookupError(
+                f"Error: Device {device} not connected."
+                if device_type == "vbd"
+                else f"Unknown device {device}."
+            )
+        return number
+
+    @staticmethod
+    def _front(domid: int, device_type: str, devid: int | str) -> str:
+        return f"/local/domain/{domid}/device/{device_type}/{devid}"
+
+    async def _check_sharing(self, target: str, writable: bool) -> None:
+        """As the topology's rule (and xl's block script's check_sharing): an image
+        in use by a guest is shared read-only or not at all."""
+        path = str(self.topology.image_path(target, self.run_dir))
+        for other in self.guests.values():
+            for devid in await self._devids(other.domid, "vbd"):
+                back = self._back(other.domid, "vbd", devid)
+                if await self._read(f"{back}/params") != path:
+                    continue
+                if writable or await self._read(f"{back}/mode") != "r":
+                    raise ValueError(
+                        f"image {target!r} is attached to {other.config.name}, and read-write "
+                        "on one side: only read-only images may be shared"
+                    )
+
+    async def _devids(self, domid: int, device_type: str) -> list[str]:
+        """The guest's devices of that type, by their back ends: Dom0's nodes, which
+        the toolstack made, not the guest's own (libxl lists its own records too)."""
+        return await self._ls(f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}")
+
+    @staticmethod
+    def _back(domid: int, device_type: str, devid: int | str) -> str:
+        return f"/local/domain/{BACKEND_DOMID}/backend/{device_type}/{domid}/{devid}"
+
+    async def _wait_state(self, path: str, least: XenbusState, timeout: float) -> bool:
+        """Whether the state node at `path` reaches `least` (or beyond) within `timeout`."""
+        with trio.move_on_after(timeout):
+            async with self.xs.watch(path) as events:
+                async for _ in events:
+                    state = _number(await self._read(path))
+                    if state is not None and state >= least:
+                        return True
+        return False
+
     # --- failures ---------------------------------------------------------------
 
     def note_failure(self, name: str, domid: int | None, reason: str) -> None:
@@ -540,6 +717,17 @@ class Toolstack:
                 record = self._record(request["name"])
                 kept = attrs.asdict(record.config)
                 return {"ok": True, "domid": record.domid, "uuid": record.uuid, "config": kept}
+            if op == "attach":
+                async with self._lock:
+                    devid = await self.attach(request["name"], request["type"], request["spec"])
+                return {"ok": True, "devid": devid}
+            if op == "detach":
+                async with self._lock:
+                    found = await self.detach(request["name"], request["type"], request["device"])
+                return {"ok": True, **found}
+            if op == "device-list":
+                devices = await self.device_list(request["name"], request["type"])
+                return {"ok": True, "devices": devices}
             if op == "down":
                 await self.shutdown_all(float(request.get("timeout", 15.0)))
                 down.set()
@@ -553,6 +741,14 @@ class Toolstack:
             return {"ok": False, "error": f"the request is not JSON: {exc}"}
         except (ValueError, LookupError, HypercallError, XenStoreError) as exc:
             return {"ok": False, "error": str(exc)}
+
+
+def _number(text: str | None) -> int | None:
+    """A number node the way libxl's getinfo reads one (None when absent or not a number)."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _state(text: str | None) -> str | None:

@@ -13,6 +13,7 @@ from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
 from xenlike.domain.balloon import Balloon
 from xenlike.xenbus import (
+    BusEvent,
     DeviceFailed,
     DriverRegistry,
     FrontendBus,
@@ -93,6 +94,7 @@ async def _run(
         await nursery.start(bus.run)
         balloon = Balloon(domain, log=lambda line: print(f"[{name}] {line}"))
         await nursery.start(balloon.run, xs)
+        events = bus.listen()  # devices attached or removed from now on
         print(
             f"[{name}] xenlike guest kernel, domain {domain.domid}, "
             f"{domain.start_info.nr_pages * 4 // 1024} MiB"
@@ -100,6 +102,7 @@ async def _run(
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
         guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
+        nursery.start_soon(_follow_devices, guest, events)
         return await _run_program(guest, program, xs)
 
 
@@ -124,6 +127,32 @@ async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]
         )
         print(f"[{name}] {driver.device.type} {driver.device.devid}: {state}")
     return devices
+
+
+async def _follow_devices(guest: Guest, events: trio.MemoryReceiveChannel[BusEvent]) -> None:
+    """Devices that come and go after boot, into `guest.devices` (hotplug): one
+    that comes is the program's once its front end is connected (or failed)."""
+
+    async def arrive(driver: Any) -> None:
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            try:
+                await driver.wait_connected()
+            except DeviceFailed:
+                pass
+        if not driver.removed:
+            state = "connected" if driver.connected_now else f"FAILED: {driver.failed}"
+            print(f"[{guest.name}] {driver.device.type} {driver.device.devid} attached: {state}")
+            guest.device_added(driver)
+
+    async with trio.open_nursery() as nursery:
+        async for event in events:
+            if event.action == "add":
+                nursery.start_soon(arrive, event.driver)
+            else:
+                guest.device_removed(event.driver)
+                print(
+                    f"[{guest.name}] {event.driver.device.type} {event.driver.device.devid} removed"
+                )
 
 
 async def _advertise_shutdown(xs: Any) -> None:

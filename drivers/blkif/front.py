@@ -422,6 +422,15 @@ class BlkFront(Frontend):
         """The largest I/O one request carries."""
         return self.max_segments * SECTORS_PER_PAGE
 
+    async def released(self) -> None:
+        """The disk was removed: end every grant of the buffer pool (persistent ones
+        last the connection's life) and give its pages back to the guest."""
+        self._end([])
+        pool, self.pool = self.pool, BufferPool(self.ctx.domain, self.device.otherend_id, 1, 0)
+        for chunk in pool.chunks:
+            refs = [ref for ref in chunk.refs if ref is not None]
+            await self.release_grants(refs, chunk.first_gfn, len(chunk.free))
+
     # --- the block device ---------------------------------------------------------------
 
     def for_program(self) -> "Disk":

@@ -19,7 +19,13 @@ import trio
 from xenlike import __version__
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.tools.capture import capture
-from xenlike.tools.devices import describe_devices
+from xenlike.tools.devices import (
+    BLOCK_LIST_HEADER,
+    NETWORK_LIST_HEADER,
+    block_list,
+    describe_devices,
+    network_list,
+)
 from xenlike.tools.session import (
     NoSuchDomain,
     NotRunning,
@@ -855,6 +861,117 @@ def usage(run_dir: Path | None, as_json: bool) -> None:
 
     rows = trio.run(usage_rows, running(run_dir))
     click.echo(json.dumps(rows, indent=2) if as_json else format_usage(rows))
+
+
+# --- devices that come and go (xl block-attach, network-attach, ...) ------------------
+
+
+@main.command("block-attach", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("diskspec", nargs=-1, required=True)
+@run_dir_option
+def block_attach(name: str, diskspec: tuple[str, ...], run_dir: Path | None) -> None:
+    """Give a running guest a disk: xl's DISKSPEC (`vdev=xvdb, target=IMAGE` or
+    positional `IMAGE,raw,xvdb,rw`), IMAGE one of Dom0's images.
+
+    \b
+    Example:
+        xenlike block-attach beta 'format=raw, vdev=xvdb, access=rw, target=spare.img'
+    """
+    spec = ",".join(diskspec)
+    request = {"op": "attach", "name": name, "type": "vbd", "spec": spec}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    click.echo(f"attached vbd {answer['devid']} to {name}")
+
+
+@main.command("block-detach", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("vdev")
+@run_dir_option
+def block_detach(name: str, vdev: str, run_dir: Path | None) -> None:
+    """Remove a guest's disk (by vdev, e.g. xvdb, or its number), as libxl does:
+    the back end closes it (10 s at most, then it is forced).
+
+    \b
+    Example:
+        xenlike block-detach beta xvdb
+    """
+    request = {"op": "detach", "name": name, "type": "vbd", "device": vdev}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    forced = " (forced: the back end did not close in time)" if answer["forced"] else ""
+    click.echo(f"detached vbd {answer['devid']} from {name}{forced}")
+
+
+@main.command("block-list", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+@run_dir_option
+def block_list_(names: tuple[str, ...], run_dir: Path | None) -> None:
+    """A guest's disks, as `xl block-list` prints them.
+
+    \b
+    Example:
+        xenlike block-list beta
+    """
+    click.echo(BLOCK_LIST_HEADER)
+    for line in trio.run(_device_rows, running(run_dir), names, "vbd"):
+        click.echo(line)
+
+
+@main.command("network-attach", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("vifspec", nargs=-1)
+@run_dir_option
+def network_attach(name: str, vifspec: tuple[str, ...], run_dir: Path | None) -> None:
+    """Give a running guest a vif: xl's VIFSPEC (`mac=..., bridge=xenbr0, ip=...`).
+
+    \b
+    Example:
+        xenlike network-attach beta ip=10.0.0.9/24
+    """
+    request = {"op": "attach", "name": name, "type": "vif", "spec": ",".join(vifspec)}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    click.echo(f"attached vif {answer['devid']} to {name}")
+
+
+@main.command("network-detach", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("device", metavar="MAC|DEVID")
+@run_dir_option
+def network_detach(name: str, device: str, run_dir: Path | None) -> None:
+    """Remove a guest's vif (by devid or mac), as libxl does.
+
+    \b
+    Example:
+        xenlike network-detach beta 1
+    """
+    request = {"op": "detach", "name": name, "type": "vif", "device": device}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    forced = " (forced: the back end did not close in time)" if answer["forced"] else ""
+    click.echo(f"detached vif {answer['devid']} from {name}{forced}")
+
+
+@main.command("network-list", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+@run_dir_option
+def network_list_(names: tuple[str, ...], run_dir: Path | None) -> None:
+    """A guest's vifs, as `xl network-list` prints them.
+
+    \b
+    Example:
+        xenlike network-list beta
+    """
+    click.echo(NETWORK_LIST_HEADER)
+    for line in trio.run(_device_rows, running(run_dir), names, "vif"):
+        click.echo(line)
+
+
+async def _device_rows(rd: RunDir, names: tuple[str, ...], device_type: str) -> list[str]:
+    rows = []
+    for name in names:
+        request = {"op": "device-list", "name": name, "type": device_type}
+        devices = (await toolstack_request(rd, request))["devices"]
+        rows += block_list(devices) if device_type == "vbd" else network_list(devices)
+    return rows
 
 
 main.add_command(xenstore)

@@ -17,7 +17,14 @@ from xenlike.tools.session import NoSuchDomain
 from xenlike.xenbus.driver import error_node
 from xenlike.xenstore import open_client
 
-__all__ = ["describe_devices", "waiting_for"]
+__all__ = [
+    "BLOCK_LIST_HEADER",
+    "NETWORK_LIST_HEADER",
+    "block_list",
+    "describe_devices",
+    "network_list",
+    "waiting_for",
+]
 
 _FEATURE_PREFIXES = (
     "feature-",
@@ -150,3 +157,42 @@ async def _add_last_events(run_dir: RunDir, devices: list[dict[str, Any]]) -> No
             event = max(found, key=lambda e: e.time_ns)
             age = (time.monotonic_ns() - event.time_ns) / 1e9
             device["last_event"] = f"d{event.domid} {describe(event)} ({age:.1f} s ago)"
+
+
+# --- block-list and network-list: xl's tables ------------------------------------------
+
+
+def block_list(devices: list[dict[str, Any]]) -> list[str]:
+    """xl block-list's rows (tools/xl/xl_block.c) for a toolstack `device-list` of vbds:
+    a missing number is -1, as libxl_device_disk_getinfo reads it; lines end
+    without xl's trailing padding."""
+    lines = []
+    for d in devices:
+        numbers = [_n(d[key]) for key in ("devid", "backend_id", "frontend_id", "state", "evtch")]
+        row = "{:<5} {:<3} {:<6} {:<5} {:<6}".format(*numbers)
+        lines.append(f"{row} {_n(d.get('ring-ref')):<8} {d['backend']:<30}".rstrip())
+    return lines
+
+
+def network_list(devices: list[dict[str, Any]]) -> list[str]:
+    """xl network-list's rows (tools/xl/xl_nic.c), as `block_list` does for disks."""
+    lines = []
+    for d in devices:
+        mac = d["mac"] or "00:00:00:00:00:00"
+        rings = f"{_n(d.get('tx-ring-ref')):>5}/{_n(d.get('rx-ring-ref')):<11}"
+        row = f"{_n(d['devid']):<3} {_n(d['backend_id']):<2} {mac}{_n(d['devid']):>6} "
+        row += f"{_n(d['state']):>5} {_n(d['evtch']):>6} {rings} {d['backend']:<30}"
+        lines.append(row.rstrip())
+    return lines
+
+
+BLOCK_LIST_HEADER = "{:<5} {:<3} {:<6} {:<5} {:<6} {:<8} {:<30}".format(
+    "Vdev", "BE", "handle", "state", "evt-ch", "ring-ref", "BE-path"
+).rstrip()
+NETWORK_LIST_HEADER = "{:<3} {:<2} {:<17} {:<6} {:<5} {:<6} {:>5}/{:<5} {:<30}".format(
+    "Idx", "BE", "Mac Addr.", "handle", "state", "evt-ch", "tx-", "rx-ring-ref", "BE-path"
+).rstrip()
+
+
+def _n(value: Any) -> int:
+    return -1 if value is None else int(value)

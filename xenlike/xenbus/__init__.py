@@ -7,12 +7,13 @@
 - `bus`: probing `device/` (guests) and `backend/` (driver domains).
 """
 
-from xenlike.xenbus.bus import BackendBus, FrontendBus
+from xenlike.xenbus.bus import BackendBus, BusEvent, FrontendBus
 from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
 from xenlike.xenbus.driver import (
     Backend,
     DeviceFailed,
     DeviceInfo,
+    DeviceRemoved,
     Frontend,
     ProtocolError,
     SharedRing,
@@ -27,9 +28,11 @@ __all__ = [
     "BackChannel",
     "Backend",
     "BackendBus",
+    "BusEvent",
     "ChannelBroken",
     "DeviceFailed",
     "DeviceInfo",
+    "DeviceRemoved",
     "Disconnected",
     "Driver",
     "DriverRegistry",

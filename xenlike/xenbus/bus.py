@@ -10,12 +10,19 @@ A driver that fails (its class cannot be made, or an exception escapes it
 past `XenbusDriver`'s own handling) fails its device only: the bus logs it,
 writes the device's error node, and keeps the device out of probing until the
 toolstack removes it, so a broken driver is not restarted in a loop.
+
+Devices come and go while the domain runs: a bus tells whoever listens
+(`listen()`) of each driver it starts ("add") and of each it stops because
+the toolstack removed its device ("remove"), once that driver has let go of
+everything. A removed driver's waiters are woken first (`XenbusDriver.remove`).
 """
 
 import errno
 import logging
-from typing import Any, Generic, TypeVar
+import math
+from typing import Any, Generic, Literal, TypeVar
 
+import attrs
 import trio
 
 from xenlike.abi.xenbus import XenbusState
@@ -30,11 +37,20 @@ from xenlike.xenbus.driver import (
 from xenlike.xenbus.registry import DriverRegistry, UnknownDriver
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["BackendBus", "FrontendBus"]
+__all__ = ["BackendBus", "BusEvent", "FrontendBus"]
 
 log = logging.getLogger("xenlike.xenbus")
 
 DriverT = TypeVar("DriverT", bound=XenbusDriver)
+
+
+@attrs.frozen
+class BusEvent:
+    """A driver the bus started for a new device ("add"), or stopped after its
+    device was removed ("remove")."""
+
+    action: Literal["add", "remove"]
+    driver: XenbusDriver
 
 
 class _Bus(Generic[DriverT]):
@@ -47,7 +63,21 @@ class _Bus(Generic[DriverT]):
         self.devices: dict[str, DriverT] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._broken: set[str] = set()  # failed devices, left alone until removed
+        self._listeners: list[trio.MemorySendChannel[BusEvent]] = []
         self.changed = trio.Event()
+
+    def listen(self) -> trio.MemoryReceiveChannel[BusEvent]:
+        """Every BusEvent from now on, until the channel is closed."""
+        send, receive = trio.open_memory_channel[BusEvent](math.inf)
+        self._listeners.append(send)
+        return receive
+
+    def _announce(self, event: BusEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._listeners.remove(listener)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Probe now and whenever the tree changes, until cancelled."""
@@ -83,11 +113,13 @@ class _Bus(Generic[DriverT]):
                 continue
             self.devices[info.nodename] = driver
             nursery.start_soon(self._run_driver, driver)
+            self._announce(BusEvent("add", driver))
         self._broken &= seen
         for nodename in list(self.devices):
             if nodename not in seen:
                 scope = self._scopes.pop(nodename, None)  # None: already stopping
                 if scope is not None:
+                    self.devices[nodename].remove()
                     scope.cancel()
         self.changed.set()
         self.changed = trio.Event()
@@ -109,8 +141,15 @@ class _Bus(Generic[DriverT]):
                 await driver.disconnect()
             except Exception as exc:
                 log.warning("%s: disconnect failed: %s", nodename, exc)
+            if driver.removed:
+                try:
+                    await driver.released()
+                except Exception as exc:
+                    log.warning("%s: releasing the removed device failed: %s", nodename, exc)
         self.devices.pop(nodename, None)
         self._scopes.pop(nodename, None)
+        if driver.removed:
+            self._announce(BusEvent("remove", driver))
 
     async def _report(self, info: DeviceInfo, message: str) -> None:
         """xenbus_dev_fatal for a device that has no driver object to say it."""

@@ -43,6 +43,14 @@ traceback goes to the domain's log, one line to the hypervisor log
 (`xenlike dmesg`), "errno message" to `error/<device path>/error` in the
 domain's tree, and the device heads for Closing. A front end's callers then
 get `DeviceFailed`. The domain and its other devices run on.
+
+Removal (hot unplug): the toolstack closes the device (the back end's state
+to Closing, as libxl does), the two ends close it between them, then the
+toolstack removes both directories and the bus stops the driver
+(`XenbusDriver.remove`). A front end's callers, and requests kept for a
+resubmission that will never come, then get `DeviceRemoved` (an OSError,
+ENODEV). Pages a peer still maps when a front end ends its grants are
+released once it lets go (Linux's deferred gnttab_end_foreign_access).
 """
 
 import errno
@@ -76,6 +84,7 @@ __all__ = [
     "Backend",
     "DeviceFailed",
     "DeviceInfo",
+    "DeviceRemoved",
     "Frontend",
     "SharedRing",
     "XenbusContext",
@@ -87,11 +96,23 @@ log = logging.getLogger("xenlike.xenbus")
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1  # grant_ref_t, evtchn_port_t
 STATISTICS_INTERVAL = 1.0  # seconds between updates of a back end's statistics/ in XenStore
+RELEASE_TIMEOUT = 10.0  # seconds a peer may keep mapping pages whose grants were ended
 
 
 class DeviceFailed(Disconnected):
     """This device has failed (its driver raised, or the peer broke the protocol);
     the message is what its error node says. Other devices are not affected."""
+
+
+class DeviceRemoved(DeviceFailed, OSError):
+    """The toolstack removed this device (hot unplug): ENODEV, as Linux fails the
+    requests of a disk or interface that has gone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENODEV, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def error_node(nodename: str) -> str:
@@ -160,6 +181,7 @@ class XenbusDriver:
         self._ports: list[Any] = []  # this end's event channels
         self.connected_event = trio.Event()
         self.failed: str | None = None  # the error node's text once the device has failed
+        self.removed = False  # the toolstack removed the device: it is never coming back
         self.log = logging.getLogger(f"xenlike.xenbus.{self.device_type}")
         # handshake and ring events (xenlike.trace.events)
         self.trace = DeviceTrace.for_driver(self)
@@ -204,9 +226,15 @@ class XenbusDriver:
         return parse_uint(key, text, maximum)
 
     async def publish(self, values: dict[str, str | int]) -> None:
-        """Write keys of this end's directory in one transaction."""
+        """Write keys of this end's directory in one transaction (none once it is removed)."""
 
         async def write_all(tx: Any) -> None:
+            try:
+                await tx.read(f"{self.device.nodename}/state")
+            except XenStoreError as exc:
+                if exc.name == "ENOENT":
+                    return  # removed (see _write_state)
+                raise
             for key, value in values.items():
                 await tx.write(f"{self.device.nodename}/{key}", str(value))
 
@@ -217,7 +245,7 @@ class XenbusDriver:
         """xenbus_switch_state: record and publish this end's new state."""
         self.handshake.advance(state)
         async with self.trace.state_write(state):
-            await self.ctx.xs.write(f"{self.device.nodename}/state", str(int(state)))
+            await self._write_state(state)
         if state == XenbusState.Connected:
             self.connected_event.set()
             if self.failed is not None:  # connected again: the failure is over
@@ -226,6 +254,34 @@ class XenbusDriver:
                     await self.ctx.xs.rm(error_node(self.device.nodename))
                 except XenStoreError:
                     pass
+
+    # --- removal ------------------------------------------------------------
+
+    def remove(self) -> None:
+        """The device's directory is gone (the toolstack removed it): the bus stops
+        the driver next. Override to wake whoever waits on the device."""
+        self.removed = True
+
+    async def released(self) -> None:
+        """After a removal, once the driver has stopped and disconnected: give back
+        what the device kept for its whole life (buffer pools and their grants)."""
+
+    async def _write_state(self, state: XenbusState) -> None:
+        """Write `state` only while the node is there, in one transaction, as Linux's
+        xenbus_switch_state does: a device the toolstack has just removed is not
+        brought back by its driver's last word."""
+        path = f"{self.device.nodename}/state"
+
+        async def write(tx: Any) -> None:
+            try:
+                await tx.read(path)
+            except XenStoreError as exc:
+                if exc.name == "ENOENT":
+                    return
+                raise
+            await tx.write(path, str(int(state)))
+
+        await self.ctx.xs.transact(write)
 
     # --- the handshake loop -------------------------------------------------
 
@@ -236,11 +292,20 @@ class XenbusDriver:
             nursery.start_soon(self.trace.follow_switch, self.ctx.xs)
             async with self.ctx.xs.watch(f"{self.device.otherend}/state") as events:
                 async for _ in events:
-                    peer = await self.read_otherend("state", "0")
-                    peer_state = _peer_state(peer)
+                    peer_state = _peer_state(await self._peer_state_node())
                     self.trace.saw_peer(peer_state)
                     reaction = self.handshake.peer_changed(peer_state)
                     await self._react(reaction)
+
+    async def _peer_state_node(self) -> str | None:
+        """The peer's state node; None (Unknown) once its directory is gone, which
+        xenstored says as EACCES when the parent is not ours to read."""
+        try:
+            return await self.read_otherend("state", "0")
+        except XenStoreError as exc:
+            if exc.name == "EACCES":
+                return None
+            raise
 
     def start_background(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run `work(*args)` beside the handshake until the device goes away; an
@@ -337,6 +402,9 @@ class XenbusDriver:
         self.failed = message
         self.log.error("%s: %s", self.device.nodename, message)
         await self._dmesg(f"xenbus: {self.device.nodename}: {message}")
+        if self.removed:  # nobody is left to read it, and its directory is gone
+            await self.disconnect()
+            return
         path = error_node(self.device.nodename)
         try:
             await self.ctx.xs.write(path, f"{code} {message}")
@@ -620,6 +688,7 @@ class Frontend(XenbusDriver):
         self._orphans: list[Any] = []
         self._collector: trio.CancelScope | None = None
         self._ready = trio.Event()
+        self._failure_type: type[DeviceFailed] = DeviceFailed  # what callers get once failed
 
     def front_keys(self) -> dict[str, str | int]:
         """Keys published with the ring refs (the front end's own features)."""
@@ -646,7 +715,7 @@ class Frontend(XenbusDriver):
         when either end has failed it."""
         while True:
             if self.failed is not None:
-                raise DeviceFailed(f"{self.device.nodename}: {self.failed}")
+                raise self._failure_type(f"{self.device.nodename}: {self.failed}")
             ready = self._ready
             await ready.wait()
             if ready is self._ready and self.channel is not None:
@@ -665,7 +734,7 @@ class Frontend(XenbusDriver):
                 return await channel.call_many(requests)  # type: ignore[union-attr]
             except Disconnected:
                 if self.failed is not None:
-                    raise DeviceFailed(f"{self.device.nodename}: {self.failed}") from None
+                    raise self._failure_type(f"{self.device.nodename}: {self.failed}") from None
                 if not self.resubmit:
                     raise
 
@@ -697,12 +766,18 @@ class Frontend(XenbusDriver):
         await super().fatal(message, code=code)
         self._fail_callers(message)
 
+    def remove(self) -> None:
+        """Callers, queued and in-flight requests get DeviceRemoved (ENODEV) now."""
+        super().remove()
+        self._failure_type = DeviceRemoved
+        self._fail_callers("the device was removed")
+
     def _fail_callers(self, message: str) -> None:
         """Callers waiting for this device, and requests kept for resubmission, get
         DeviceFailed instead of waiting for a reconnection that may never come."""
         self.failed = message
         orphans, self._orphans = self._orphans, []
-        fail_orphans(orphans, DeviceFailed(message))
+        fail_orphans(orphans, self._failure_type(message))
         ready, self._ready = self._ready, trio.Event()
         ready.set()
 
@@ -776,7 +851,7 @@ class Frontend(XenbusDriver):
             self._collector = None
         if isinstance(self.channel, FrontChannel):
             orphans = self.channel.fail(Disconnected(f"{self.device.nodename} disconnected"))
-            if self.resubmit:
+            if self.resubmit and self.failed is None:
                 self._orphans.extend(orphans)
             else:
                 fail_orphans(orphans, Disconnected(f"{self.device.nodename} disconnected"))
@@ -792,22 +867,35 @@ class Frontend(XenbusDriver):
     async def release_grants(self, refs: list[int], first: int, count: int) -> None:
         """End access to pages granted to the back end, then free the run of pages.
 
-        The back end unmaps when it disconnects, which may come a moment
-        later: refs it still maps are retried for a second, and if it never
-        lets go their pages are leaked rather than reused under its feet.
+        The back end unmaps when it disconnects, which may come later (it
+        may wait for this end to say Closing first, as a removal goes): refs
+        it still maps are ended, and their run freed, in the background
+        (Linux's deferred gnttab_end_foreign_access), retried for
+        RELEASE_TIMEOUT; if it never lets go their pages are leaked rather
+        than reused under its feet.
         """
+        still_mapped = self._end_grants(refs)
+        if not still_mapped:
+            self.ctx.domain.allocator.free_run(first, count)
+            return
+        self.ctx.nursery.start_soon(self._release_later, still_mapped, first, count)
+
+    def _end_grants(self, refs: list[int]) -> list[int]:
+        """End access to each ref; those the peer still maps."""
+        still_mapped = []
+        for ref in refs:
+            try:
+                self.ctx.domain.grants.end_access(ref)
+            except GrantInUse:
+                still_mapped.append(ref)
+        return still_mapped
+
+    async def _release_later(self, still_mapped: list[int], first: int, count: int) -> None:
         domain = self.ctx.domain
-        still_mapped = list(refs)
-        for _ in range(50):
-            refs, still_mapped = still_mapped, []
-            for ref in refs:
-                try:
-                    domain.grants.end_access(ref)
-                except GrantInUse:
-                    still_mapped.append(ref)
-            if not still_mapped:
-                break
-            await trio.sleep(0.02)
+        with trio.move_on_after(RELEASE_TIMEOUT):
+            while still_mapped:
+                await trio.sleep(0.02)
+                still_mapped = self._end_grants(still_mapped)
         if still_mapped:
             self.log.warning(
                 "%s: back end still maps refs %s; leaking their pages",

@@ -269,6 +269,7 @@ class Client(_Operations):
         self._stream = stream
         self._send_lock = trio.Lock()
         self._calls: dict[int, _Call] = {}
+        self._abandoned: set[int] = set()  # requests cancelled before their reply
         self._watches: dict[bytes, Watch] = {}
         self._req_ids = itertools.count()
         self._tokens = itertools.count(1)
@@ -279,13 +280,17 @@ class Client(_Operations):
             raise self._closed
         req_id = next(self._req_ids) & 0xFFFFFFFF
         call = self._calls[req_id] = _Call()
+        sent = False
         try:
             await self._send(XsMessage(type_, req_id, tx_id, payload).encode())
+            sent = True
             await call.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise ConnectionClosed(f"sending {type_.name}: {error}") from error
         finally:
             del self._calls[req_id]
+            if sent and not call.done.is_set():  # cancelled: its reply is still to come
+                self._abandoned.add(req_id)
         answer = call.reply
         if answer is None:
             assert self._closed is not None
@@ -344,6 +349,9 @@ class Client(_Operations):
             watch._push(WatchEvent(args[0].decode(errors="replace"), watch.token))
             return
         call = self._calls.get(message.req_id)
+        if call is None and message.req_id in self._abandoned:
+            self._abandoned.discard(message.req_id)  # a request its caller gave up on
+            return
         if call is None or call.done.is_set():
             log.warning("reply to no request of ours: %r", message)
             return

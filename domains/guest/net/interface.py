@@ -390,6 +390,11 @@ class Interface:
         sock = self._udp[port] = UdpSocket(self, port)
         return sock
 
+    def down(self, error: OSError) -> None:
+        """Its vif was removed: each socket's waiting receivers get `error`."""
+        for sock in list(self._udp.values()):
+            sock.fail(error)
+
     def unbind(self, sock: UdpSocket) -> None:
         if self._udp.get(sock.port) is sock:
             del self._udp[sock.port]

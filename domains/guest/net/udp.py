@@ -38,6 +38,7 @@ class UdpSocket:
         self._queue: deque[tuple[bytes, Address]] = deque()
         self._arrived = trio.Event()
         self._closed = False
+        self._error: OSError | None = None  # why it was closed under its user, if it was
         self._destinations: dict[str, bytes] = {}
         self.dropped = 0  # datagrams lost to a full receive queue
 
@@ -50,7 +51,7 @@ class UdpSocket:
     async def sendto(self, data: bytes, address: Address) -> None:
         """Send one datagram to (ip, port)."""
         if self._closed:
-            raise trio.ClosedResourceError("the socket is closed")
+            raise self._error or trio.ClosedResourceError("the socket is closed")
         host, port = address
         destination = self._destinations.get(host)
         if destination is None:
@@ -61,7 +62,7 @@ class UdpSocket:
         """The next datagram and its sender's (ip, port)."""
         while not self._queue:
             if self._closed:
-                raise trio.ClosedResourceError("the socket is closed")
+                raise self._error or trio.ClosedResourceError("the socket is closed")
             await self._arrived.wait()
             self._arrived = trio.Event()
         return self._queue.popleft()
@@ -79,6 +80,11 @@ class UdpSocket:
             self._closed = True
             self.interface.unbind(self)
             self._arrived.set()
+
+    def fail(self, error: OSError) -> None:
+        """Close it under its user: its receivers get `error` (its interface went away)."""
+        self._error = error
+        self.close()
 
     def __enter__(self) -> "UdpSocket":
         return self
