@@ -218,7 +218,7 @@ async def test_requests_in_flight_and_queued_fail_with_enodev_on_removal(nursery
 
     async def read(sector: int) -> None:
         try:
-            await front.read(sector, 8)
+            await front.read_sectors(sector, 8)
         except OSError as exc:
             outcomes.append(exc)
 

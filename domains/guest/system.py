@@ -20,7 +20,7 @@ class DeviceEvent:
     action: Literal["add", "remove"]
     type: str
     devid: int
-    device: Any  # the front end
+    device: Any  # what the program gets of the front end (`for_program`)
 
 
 @attrs.define(eq=False)
@@ -74,27 +74,29 @@ class Guest:
         self._listeners.append(send)
         return receive
 
-    def device_added(self, device: Any) -> None:
+    def device_added(self, driver: Any) -> None:
         """The kernel's part: a front end came (connected or failed)."""
-        found = self.devices.setdefault(device.device.type, [])
+        device = driver.for_program()
+        found = self.devices.setdefault(driver.device.type, [])
         if device in found:
             return
         found.append(device)
         found.sort(key=lambda d: d.device.devid)
-        if device.device.type == "vif":
-            self.interfaces.append(Interface(device, f"eth{device.device.devid}"))
-        self._tell(DeviceEvent("add", device.device.type, device.device.devid, device))
+        if driver.device.type == "vif":
+            self.interfaces.append(Interface(device, f"eth{driver.device.devid}"))
+        self._tell(DeviceEvent("add", driver.device.type, driver.device.devid, device))
 
-    def device_removed(self, device: Any) -> None:
+    def device_removed(self, driver: Any) -> None:
         """The kernel's part: a front end went; its interface's sockets get ENODEV."""
-        found = self.devices.get(device.device.type, [])
+        device = driver.for_program()
+        found = self.devices.get(driver.device.type, [])
         if device not in found:
             return
         found.remove(device)
         for interface in [i for i in self.interfaces if i.vif is device]:
             interface.down(DeviceRemoved(f"{interface.name}: the device was removed"))
             self.interfaces.remove(interface)
-        self._tell(DeviceEvent("remove", device.device.type, device.device.devid, device))
+        self._tell(DeviceEvent("remove", driver.device.type, driver.device.devid, device))
 
     def _tell(self, event: DeviceEvent) -> None:
         changed, self._changed = self._changed, trio.Event()

@@ -345,6 +345,7 @@ class BlkFront(Frontend):
     def __init__(self, ctx: Any, device: Any) -> None:
         super().__init__(ctx, device)
         self.params = FrontParams.from_cmdline(ctx.domain.cmdline)
+        self._disk: Disk | None = None
         self.ring_page_order = self.params.max_ring_page_order
         self.sectors = 0
         self.sector_size = SECTOR_SIZE
@@ -434,7 +435,9 @@ class BlkFront(Frontend):
     # --- the block device ---------------------------------------------------------------
 
     def for_program(self) -> "Disk":
-        return Disk(self)
+        if self._disk is None:  # one Disk a device: the guest finds it again at removal
+            self._disk = Disk(self)
+        return self._disk
 
     async def read_sectors(self, sector: int, count: int) -> bytes:
         """`count` sectors from `sector` (the program's `Disk.read`)."""
@@ -812,6 +815,16 @@ class Disk:
 
     def __repr__(self) -> str:
         return f"<Disk {self.front.device.nodename}>"
+
+    @property
+    def device(self) -> Any:
+        """The XenBus device (type, devid, nodename), as on every front end."""
+        return self.front.device
+
+    @property
+    def failed(self) -> str | None:
+        """Why the device failed, or None."""
+        return self.front.failed
 
     @property
     def sectors(self) -> int:
