@@ -1,6 +1,7 @@
 """Ballooning end to end: `xenlike mem-set` and `mem-max`, the guest kernel's balloon
 driver, and the host's pool as physinfo reports it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ def free_pages(topo: RunningTopology) -> int:
     return trio.run(ask)
 
 
+def free_memory(topo: RunningTopology) -> int:
+    return int(json.loads(topo.xenlike("info", "--json").stdout)["free_memory"])
+
+
 def mem(topo: RunningTopology, name: str) -> int:
     return next(int(d["mem"]) for d in topo.domains() if d["name"] == name)
 
@@ -29,11 +34,13 @@ def test_mem_set_shrinks_beta_and_the_host_gets_the_memory_back(tmp_path: Path) 
     with RunningTopology(None, tmp_path) as topo:
         free = free_pages(topo)
         assert free == (1024 - 128 - 32 - 32) * MIB
+        assert free_memory(topo) == 1024 - 128 - 32 - 32
         assert topo.xenstore("read", "/local/domain/2/memory/static-max") == "32768"
         wait_for(lambda: topo.xenstore("read", "/local/domain/2/control/feature-balloon"), 10)
         topo.xenlike("mem-set", "beta", "16m")
         wait_for(lambda: mem(topo, "beta") == 16, 10, "beta at 16 MiB")
         assert free_pages(topo) == free + 16 * MIB
+        assert free_memory(topo) == 1024 - 128 - 32 - 16  # xl info's free_memory, MiB
         assert topo.xenstore("read", "/local/domain/2/memory/target") == "16384"
         assert mem(topo, "alpha") == 32
         topo.xenlike("mem-set", "beta", "32")  # no suffix: MiB, as xl
