@@ -98,14 +98,16 @@ async def chatter(guest: Guest) -> None:
 
 def _raw_tx(
     vif: Any, *, size: int, offset: int = 0, gref: int | None = None, data: bytes = b""
-) -> None:
-    """One tx request written straight on the ring, as a broken or hostile front end would."""
+) -> int:
+    """One tx request written straight on the ring, as a broken or hostile front end
+    would; its slot (its id)."""
     slot = vif._tx_free.pop()
     vif._tx_busy[slot] = 1
     vif._tx_pages[slot][offset : offset + len(data)] = data
     vif._tx.put_request((vif._tx_refs[slot] if gref is None else gref, offset, 0, slot, size))
     if vif._tx.push_requests():
         vif._port.notify()
+    return slot
 
 
 async def hostile(guest: Guest) -> None:
@@ -131,18 +133,30 @@ async def hostile(guest: Guest) -> None:
         while len(vif._tx_free) < 8:
             vif._collect_tx()
             await trio.sleep(0.01)
-    before, free = dict(vif.stats), len(vif._tx_free)
-    _raw_tx(vif, size=10, data=junk)  # a runt
-    _raw_tx(vif, size=0)
-    _raw_tx(vif, size=1600, data=junk + bytes(1600))  # over the MTU
-    _raw_tx(vif, size=60, gref=2000, data=junk)  # a grant never given
+    before = dict(vif.stats)
+    raw_slots = {
+        _raw_tx(vif, size=10, data=junk),  # a runt
+        _raw_tx(vif, size=0),
+        _raw_tx(vif, size=1600, data=junk + bytes(1600)),  # over the MTU
+        _raw_tx(vif, size=60, gref=2000, data=junk),  # a grant never given
+    }
     await vif.transmit(b"\xff" * 6 + victim + b"\x88\xb5" + bytes(46))  # spoofed source
-    with trio.fail_after(10):  # all five answered (tx responses are reaped lazily, on a send)
-        while len(vif._tx_free) < free:
+
+    def refused() -> tuple[int, int]:
+        return (
+            vif.stats["tx_errors"] - before["tx_errors"],
+            vif.stats["tx_dropped"] - before["tx_dropped"],
+        )
+
+    # All five answered: the four raw slots are free again and four refusals are
+    # counted (tx responses are reaped lazily, on a send: reap them here). The
+    # flood's last answers may come in meanwhile, so a count of free slots alone
+    # could be reached before these.
+    with trio.fail_after(10):
+        while not raw_slots <= set(vif._tx_free) or sum(refused()) < 4:
             vif._collect_tx()
             await trio.sleep(0.01)
-    errors = vif.stats["tx_errors"] - before["tx_errors"]
-    dropped = vif.stats["tx_dropped"] - before["tx_dropped"]
+    errors, dropped = refused()
     print(f"[{guest.name}] malformed: {errors} errors, {dropped} dropped")
     _raw_tx(vif, size=200, offset=4000, data=junk)
     print(f"[{guest.name}] sent a request crossing its page")
