@@ -17,7 +17,8 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
 {"op": "mem-set", "name": N, "kib": K} | {"op": "mem-max", "name": N, "kib": K} |
 {"op": "down"} | {"op": "rename", "name": N, "new_name": M} | {"op": "config",
-"name": N}; each answer is {"ok": true, ...} or {"ok": false, "error": ...}.
+"name": N} | {"op": "save", "name": N, "path": ABSOLUTE, "checkpoint": BOOL}; each
+answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
 sized for it), the builder populates `memory`, and `memory/target` and
@@ -39,6 +40,7 @@ import attrs
 import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
+from domains.dom0.save import save_domain
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -346,6 +348,27 @@ class Toolstack:
             )
         return record
 
+    # --- saving ---------------------------------------------------------------
+
+    async def _save_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """xl save [-c]: the guest suspended, written to `path`, then destroyed or resumed."""
+        path = Path(request["path"])
+        if not path.is_absolute():
+            raise ValueError(f"save: {path} is not an absolute path")
+        async with self._lock:
+            record = self._record(request["name"])
+            try:
+                size = await save_domain(
+                    self,
+                    record,
+                    path,
+                    checkpoint=bool(request.get("checkpoint")),
+                    progress=lambda line: log.info("save %s: %s", record.config.name, line),
+                )
+            except OSError as exc:
+                raise ValueError(f"cannot save {record.config.name} to {path}: {exc}") from None
+        return {"ok": True, "domid": record.domid, "bytes": size}
+
     # --- following the guests -----------------------------------------------------
 
     async def follow_domains(self) -> None:
@@ -536,6 +559,8 @@ class Toolstack:
                 async with self._lock:
                     await self.rename(request["name"], request["new_name"])
                 return {"ok": True}
+            if op == "save":
+                return await self._save_op(request)
             if op == "config":  # what libxl keeps of a domain's configuration
                 record = self._record(request["name"])
                 kept = attrs.asdict(record.config)

@@ -1,5 +1,6 @@
 """The guest kernel's boot sequence (see the package docstring)."""
 
+import json
 import sys
 import traceback
 from typing import Any
@@ -12,6 +13,7 @@ from xenlike.abi.sched import ShutdownReason
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
 from xenlike.domain.balloon import Balloon
+from xenlike.save_abi import MAX_CONTEXT
 from xenlike.xenbus import (
     DeviceFailed,
     DriverRegistry,
@@ -97,10 +99,21 @@ async def _run(
             f"[{name}] xenlike guest kernel, domain {domain.domid}, "
             f"{domain.start_info.nr_pages * 4 // 1024} MiB"
         )
+        resumed = await _resumed_state(domain, name)
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
-        guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
-        return await _run_program(guest, program, xs)
+        guest = Guest(name, domain.domid, domain, xs, console, devices, extra, resumed)
+        return await _run_program(guest, program, xs, init)
+
+
+async def _resumed_state(domain: Domain, name: str) -> dict[str, Any] | None:
+    """The program's state this domain was restored with (None on a fresh boot)."""
+    context = await domain.resume_context()
+    if not context:
+        return None
+    state = json.loads(context)["state"]
+    print(f"[{name}] resuming from a saved state")
+    return state if isinstance(state, dict) else None
 
 
 async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
@@ -128,14 +141,14 @@ async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]
 
 async def _advertise_shutdown(xs: Any) -> None:
     """control/feature-*: tell the toolstack which requests this kernel honours."""
-    for feature in ("poweroff", "reboot"):
+    for feature in ("poweroff", "reboot", "suspend"):
         try:
             await xs.write(f"control/feature-{feature}", "1")
         except XenStoreError:
             pass
 
 
-async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
+async def _run_program(guest: Guest, init: Any, xs: Any, init_name: str | None) -> int:
     """Run the program until it ends or the toolstack asks for a shutdown."""
     reason = ShutdownReason.poweroff
     async with trio.open_nursery() as nursery:
@@ -160,7 +173,9 @@ async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
                         request = (await xs.read("control/shutdown")).decode()
                     except XenStoreError:
                         continue
-                    if request in SHUTDOWN_REQUESTS:
+                    if request == "suspend":
+                        await _suspend(guest, xs, init_name)
+                    elif request in SHUTDOWN_REQUESTS:
                         print(f"[{guest.name}] shutdown requested: {request}")
                         await xs.write("control/shutdown", "")
                         reason = SHUTDOWN_REQUESTS[request]
@@ -170,3 +185,42 @@ async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
         nursery.start_soon(program)
         nursery.start_soon(watch_shutdown)
     return reason
+
+
+SUSPEND_ERROR = "error/suspend"  # why this kernel refused the last suspend, for the toolstack
+
+
+async def _suspend(guest: Guest, xs: Any, init: str | None) -> None:
+    """Linux's do_suspend, for a program: acknowledge the request by clearing
+    control/shutdown (libxl waits for that), leave the program's state as the
+    vCPU's, and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if Dom0
+    resumes this domain in place (a checkpoint): the program never stopped.
+    A program that is not resumable refuses: the reason goes to error/suspend
+    before the acknowledgement, and the guest runs on."""
+    refusal = None
+    context = b""
+    if guest.state is None:
+        refusal = f"{init or 'the idle kernel'} is not resumable (see Guest.resumable)"
+    else:
+        try:
+            context = json.dumps({"init": init, "state": guest.state}).encode()
+        except (TypeError, ValueError) as exc:
+            refusal = f"{init}'s state cannot be saved: {exc}"
+        else:
+            if len(context) > MAX_CONTEXT:
+                refusal = f"{init}'s state is {len(context)} bytes, more than {MAX_CONTEXT}"
+    try:
+        if refusal is not None:
+            await xs.write(SUSPEND_ERROR, refusal)
+        else:
+            await xs.rm(SUSPEND_ERROR)
+    except XenStoreError:
+        pass
+    await xs.write("control/shutdown", "")
+    if refusal is not None:
+        print(f"[{guest.name}] suspend refused: {refusal}")
+        return
+    print(f"[{guest.name}] suspending")
+    await guest.console.drain()
+    if await guest.domain.suspend(context) == 1:
+        print(f"[{guest.name}] resumed in place (the suspend was cancelled)")

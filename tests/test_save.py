@@ -1,0 +1,108 @@
+"""`xenlike save`: PV suspend as libxl and Linux do it, and xl's save file.
+
+The default topology runs (real processes); `beta`'s demo is resumable and
+counts in data/counter. A checkpoint (save -c) leaves it counting on from
+where it was; its file passes Xen's own verifier; a program that is not
+resumable refuses the suspend, runs on, and the user gets one line.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_migration_verify import verify, xen_utils  # noqa: F401 (a fixture)
+from tests.test_up import wait_for, xenlike
+from xenlike.migration import read_save_file
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("save") / "run"
+    xenlike("up", "--detach", run_dir=path)
+    yield path
+    xenlike("down", "--grace", "2", run_dir=path, check=False)
+
+
+def counter(run_dir: Path, name: str) -> int:
+    domid = xenlike("domid", name, run_dir=run_dir).stdout.strip()
+    read = xenlike(
+        "xenstore", "read", f"/local/domain/{domid}/data/counter", run_dir=run_dir, check=False
+    )
+    return int(read.stdout) if read.returncode == 0 else -1
+
+
+def test_checkpoint_keeps_beta_counting_and_the_file_verifies(
+    run_dir: Path,
+    tmp_path: Path,
+    xen_utils: Path,  # noqa: F811
+) -> None:
+    start = wait_for(
+        lambda: counter(run_dir, "beta") >= 2 and counter(run_dir, "beta"), what="beta to count"
+    )
+    domid = xenlike("domid", "beta", run_dir=run_dir).stdout.strip()
+    file = tmp_path / "beta.sav"
+    saved = xenlike("save", "-c", "beta", str(file), run_dir=run_dir)
+    assert f"Saving to {file} new xl format (info 0x3/0x0/" in saved.stderr, saved.stderr
+    assert "running on" in saved.stderr
+    assert xenlike("domid", "beta", run_dir=run_dir).stdout.strip() == domid  # the same domain
+    state = wait_for(
+        lambda: (row := _row(run_dir, "beta")) and row["state"][3] != "s" and row["state"],
+        what="beta to run on",
+    )
+    assert "s" not in state[3:5], state
+    wait_for(lambda: counter(run_dir, "beta") > start + 1, what="beta to count on")
+    console = xenlike("console", "beta", "--no-follow", run_dir=run_dir).stdout
+    assert "[beta] suspending" in console
+    assert "[beta] resumed in place (the suspend was cancelled)" in console
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file stayed"
+
+    image = read_save_file(file.read_bytes())
+    assert image.config is not None and image.config["name"] == "beta"
+    assert 0 < len(image.pages) <= image.max_pfn + 1
+    assert int(image.xenstore["data/counter"]) >= start
+    assert b'"counter"' in image.vcpus[0]
+    checked = verify(xen_utils, file, "xl")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _row(run_dir: Path, name: str) -> dict[str, str] | None:
+    import json
+
+    rows = json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def test_a_program_that_is_not_resumable_refuses_cleanly(run_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "clock.cfg"
+    config.write_text('name = "clock"\nmemory = 16\ninit = "tests.programs:ticker"\n')
+    xenlike("create", str(config), run_dir=run_dir)
+    try:
+        file = tmp_path / "clock.sav"
+        refused = xenlike("save", "clock", str(file), run_dir=run_dir, check=False)
+        assert refused.returncode != 0
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("xenlike:")]
+        assert errors == [
+            "xenlike: cannot save clock: the guest refused to suspend:"
+            " tests.programs:ticker is not resumable (see Guest.resumable)"
+        ], refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not file.exists() and not list(tmp_path.glob(".*.tmp"))
+        before = xenlike("console", "clock", "--no-follow", run_dir=run_dir).stdout.count("tick")
+        wait_for(
+            lambda: (
+                xenlike("console", "clock", "--no-follow", run_dir=run_dir).stdout.count("tick")
+                > before
+            ),
+            what="clock to tick on",
+        )
+        assert _row(run_dir, "clock")["state"][3] == "-"  # type: ignore[index]
+    finally:
+        xenlike("destroy", "clock", run_dir=run_dir, check=False)
+
+
+def test_save_of_an_unknown_domain_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    result = xenlike("save", "nosuch", str(tmp_path / "x.sav"), run_dir=run_dir, check=False)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1].startswith("xenlike: no domain named 'nosuch'")
+    assert "Traceback" not in result.stderr
