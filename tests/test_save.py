@@ -6,8 +6,10 @@ where it was; its file passes Xen's own verifier; a program that is not
 resumable refuses the suspend, runs on, and the user gets one line.
 """
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     xenlike("up", "--detach", run_dir=path)
     yield path
     xenlike("down", "--grace", "2", run_dir=path, check=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A good save file of beta, which runs on."""
+    file = tmp_path_factory.mktemp("checkpoint") / "beta.sav"
+    xenlike("save", "-c", "beta", str(file), run_dir=run_dir)
+    return file.read_bytes()
 
 
 def counter(run_dir: Path, name: str) -> int:
@@ -66,11 +76,12 @@ def test_checkpoint_keeps_beta_counting_and_the_file_verifies(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def _row(run_dir: Path, name: str) -> dict[str, str] | None:
-    import json
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return list(json.loads(xenlike("list", "--json", run_dir=run_dir).stdout))
 
-    rows = json.loads(xenlike("list", "--json", run_dir=run_dir).stdout)
-    return next((r for r in rows if r["name"] == name), None)
+
+def _row(run_dir: Path, name: str) -> dict[str, Any] | None:
+    return next((r for r in _rows(run_dir) if r["name"] == name), None)
 
 
 def test_a_program_that_is_not_resumable_refuses_cleanly(run_dir: Path, tmp_path: Path) -> None:
@@ -106,3 +117,47 @@ def test_save_of_an_unknown_domain_is_one_line(run_dir: Path, tmp_path: Path) ->
     assert result.returncode != 0
     assert result.stderr.splitlines()[-1].startswith("xenlike: no domain named 'nosuch'")
     assert "Traceback" not in result.stderr
+
+
+def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    wait_for(lambda: counter(run_dir, "beta") >= 1, what="beta to count")
+    file = tmp_path / "beta.sav"
+    saved = xenlike("save", "beta", str(file), run_dir=run_dir)
+    assert "destroyed" in saved.stderr
+    assert _row(run_dir, "beta") is None
+    at_save = int(read_save_file(file.read_bytes()).xenstore["data/counter"])
+
+    restored = xenlike("restore", str(file), run_dir=run_dir)
+    assert restored.stdout.startswith(f"restored beta from {file} as domain ")
+    wait_for(lambda: counter(run_dir, "beta") > at_save, what="beta to count on")
+    console = xenlike("console", "beta", "--no-follow", run_dir=run_dir).stdout
+    assert "[beta] resuming from a saved state" in console, console
+    assert "[beta] resumed in domain" in console
+    assert "[beta] xvda after the restore: ok" in console, console
+    devices = xenlike("devices", run_dir=run_dir).stdout
+    assert "beta vbd 51712: frontend Connected, backend Connected" in devices, devices
+    assert "beta vif 0: frontend Connected, backend Connected" in devices, devices
+
+
+@pytest.mark.parametrize(
+    ("mangle", "says"),
+    [
+        (lambda data: data[: len(data) // 2], "truncated"),
+        (lambda data: b"#!/bin/sh\n" * 10, "not an xl save file"),
+        (lambda data: data[:36] + b"\xff" * 4 + data[40:], "mandatory"),
+    ],
+)
+def test_a_corrupt_file_is_refused_in_one_line_and_nothing_starts(
+    run_dir: Path, tmp_path: Path, checkpoint: bytes, mangle: Any, says: str
+) -> None:
+    file = tmp_path / "beta.sav"
+    file.write_bytes(mangle(checkpoint))
+    before = [row["name"] for row in _rows(run_dir)]
+    refused = xenlike("restore", str(file), run_dir=run_dir, check=False)
+    assert refused.returncode != 0
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xenlike: cannot restore from {file}: ")
+    assert says in lines[0]
+    assert [row["name"] for row in _rows(run_dir)] == before

@@ -14,6 +14,14 @@ the target's directory, fsynced and renamed over the target. Then the domain
 is destroyed, or, for a checkpoint (`xl save -c`), resumed in place: its
 SCHEDOP_shutdown returns 1 and it runs on. On any failure after the suspend
 the domain is resumed, as xl does, and nothing is left at the target.
+
+`restore_domain` reads a whole file and checks every layer before anything
+starts; then it creates the guest from the file's config, refills its
+populated frames (but the boot frames, which the builder wrote anew: libxc's
+restore rewrites start_info's too), gives it its execution state and its
+XenStore data, and unpauses it. The kernel boots in resume mode: new
+XenStore and console connections, every front end's handshake with a fresh
+back end, and the program called with its saved state.
 """
 
 import os
@@ -27,10 +35,11 @@ import trio
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.sched import ShutdownReason
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
-from xenlike.migration import DomainImage, write_save_file
+from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
+from xenlike.topology import DiskSpec, DomainConfig, VifSpec
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["ACK_TIMEOUT", "SUSPEND_TIMEOUT", "save_domain"]
+__all__ = ["ACK_TIMEOUT", "SUSPEND_TIMEOUT", "restore_domain", "save_domain"]
 
 ACK_TIMEOUT = 60.0  # libxl: "guest acknowledgement of suspend request", 60 * 1000 ms
 SUSPEND_TIMEOUT = 60.0  # libxl: suspend_common_wait_guest_timeout, 60 * 1000 ms
@@ -183,3 +192,65 @@ def _write_atomically(path: Path, image: DomainImage) -> int:
     finally:
         os.close(directory)
     return size
+
+
+async def restore_domain(toolstack: Any, path: Path) -> Any:
+    """A new guest from the save file at `path`; SaveError (one line) if the file is
+    unreadable, corrupt, foreign or names a domain that exists; nothing starts then."""
+    try:
+        data = await trio.to_thread.run_sync(path.read_bytes)
+    except OSError as exc:
+        raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
+    try:
+        image = read_save_file(data)
+    except StreamError as exc:
+        raise SaveError(f"cannot restore from {path}: {exc}") from None
+    config = _config(image, path)
+    if config.name in toolstack.guests:
+        raise SaveError(f"cannot restore {config.name}: a domain named {config.name!r} exists")
+    nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
+    if image.max_pfn != nr_pages - 1:
+        raise SaveError(
+            f"cannot restore from {path}: {image.max_pfn + 1} frames for a {nr_pages}-frame domain"
+        )
+    context = image.vcpus.get(0, b"")
+
+    async def refill(domid: int) -> None:
+        xc, xs = toolstack.xc, toolstack.xs
+        first_free = BootLayout.for_domain(nr_pages).first_free_gfn
+        populated = config.memory * 1024 * 1024 // XEN_PAGE_SIZE  # what the builder populated
+        run: list[bytes] = []
+        start = first_free
+        for pfn in range(first_free, populated + 1):
+            page = image.pages.get(pfn) if pfn < populated else None
+            if page is not None:
+                if not run:
+                    start = pfn
+                run.append(page)
+            elif run:
+                await xc.write_frames(domid, start, b"".join(run))
+                run = []
+        await xc.set_vcpu_context(domid, context)
+        for key, value in image.xenstore.items():
+            await xs.write(f"/local/domain/{domid}/{key}", value)
+
+    return await toolstack.create(config, before_unpause=refill)
+
+
+def _config(image: DomainImage, path: Path) -> DomainConfig:
+    """The file's config (JSON, as `config` keeps it) as a DomainConfig, or one line."""
+    if image.config is None:
+        raise SaveError(f"cannot restore from {path}: the file holds no domain config")
+    try:
+        fields = dict(image.config)
+        fields["disks"] = tuple(DiskSpec(**disk) for disk in fields.get("disks", ()))
+        fields["vifs"] = tuple(VifSpec(**vif) for vif in fields.get("vifs", ()))
+        fields["devices"] = tuple(dict(device) for device in fields.get("devices", ()))
+        config = DomainConfig(**fields)
+        if not isinstance(config.name, str) or not isinstance(config.memory, int):
+            raise TypeError("name and memory are a string and a number")
+    except (TypeError, ValueError) as exc:
+        raise SaveError(
+            f"cannot restore from {path}: its config is not a domain's: {exc}"
+        ) from None
+    return config

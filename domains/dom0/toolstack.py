@@ -17,7 +17,8 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "reason": "poweroff"} | {"op": "destroy", "name": N} | {"op": "status"} |
 {"op": "mem-set", "name": N, "kib": K} | {"op": "mem-max", "name": N, "kib": K} |
 {"op": "down"} | {"op": "rename", "name": N, "new_name": M} | {"op": "config",
-"name": N} | {"op": "save", "name": N, "path": ABSOLUTE, "checkpoint": BOOL}; each
+"name": N} | {"op": "save", "name": N, "path": ABSOLUTE, "checkpoint": BOOL} |
+{"op": "restore", "path": ABSOLUTE}; each
 answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
@@ -33,6 +34,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ import attrs
 import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter
-from domains.dom0.save import save_domain
+from domains.dom0.save import restore_domain, save_domain
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -109,8 +111,11 @@ class Toolstack:
 
     # --- creating ---------------------------------------------------------------
 
-    async def create(self, config: DomainConfig) -> GuestRecord:
-        """Build, describe and start one guest; on any failure nothing is left behind."""
+    async def create(
+        self, config: DomainConfig, before_unpause: Callable[[int], Awaitable[None]] | None = None
+    ) -> GuestRecord:
+        """Build, describe and start one guest; on any failure nothing is left behind.
+        `before_unpause(domid)` fills a restored guest before it runs."""
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
@@ -136,6 +141,8 @@ class Toolstack:
                 await writer.add(self.xs, domid, index)
             await self.xs.introduce(domid, layout.store_gfn, store_port)
             await self.consoled.add(domid, config.name, console_port)
+            if before_unpause is not None:
+                await before_unpause(domid)
             await self.xc.unpause(domid)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -369,6 +376,15 @@ class Toolstack:
                 raise ValueError(f"cannot save {record.config.name} to {path}: {exc}") from None
         return {"ok": True, "domid": record.domid, "bytes": size}
 
+    async def _restore_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """xl restore: a new guest from a save file, resumed from its saved state."""
+        path = Path(request["path"])
+        if not path.is_absolute():
+            raise ValueError(f"restore: {path} is not an absolute path")
+        async with self._lock:
+            record = await restore_domain(self, path)
+        return {"ok": True, "domid": record.domid, "name": record.config.name}
+
     # --- following the guests -----------------------------------------------------
 
     async def follow_domains(self) -> None:
@@ -561,6 +577,8 @@ class Toolstack:
                 return {"ok": True}
             if op == "save":
                 return await self._save_op(request)
+            if op == "restore":
+                return await self._restore_op(request)
             if op == "config":  # what libxl keeps of a domain's configuration
                 record = self._record(request["name"])
                 kept = attrs.asdict(record.config)

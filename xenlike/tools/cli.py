@@ -902,3 +902,21 @@ def save(name: str, file: Path, checkpoint: bool, run_dir: Path | None) -> None:
     )
     what = "running on" if checkpoint else "destroyed"
     click.echo(f"saved {name} (d{answer['domid']}): {answer['bytes']} bytes; {what}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@run_dir_option
+def restore(file: Path, run_dir: Path | None) -> None:
+    """Restore a guest saved with `save`, as `xl restore`: a new domain from the
+    file's config and memory, whose program continues from its saved state.
+    A truncated, corrupt or foreign file is refused and nothing starts.
+
+    \b
+    Example:
+        xenlike restore beta.sav
+    """
+    path = file.resolve()
+    request = {"op": "restore", "path": str(path)}
+    answer = trio.run(toolstack_request, running(run_dir), request, SAVE_TIMEOUT)
+    click.echo(f"restored {answer['name']} from {path} as domain {answer['domid']}")
