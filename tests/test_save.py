@@ -65,6 +65,10 @@ def test_checkpoint_keeps_beta_counting_and_the_file_verifies(
     console = xenlike("console", "beta", "--no-follow", run_dir=run_dir).stdout
     assert "[beta] suspending" in console
     assert "[beta] resumed in place (the suspend was cancelled)" in console
+    # xenbus resume: each front end did the handshake again with its back end
+    assert "[beta] vbd 51712: reconnected\n[beta] vif 0: reconnected" in console, console
+    devices = xenlike("devices", "beta", run_dir=run_dir).stdout
+    assert devices.count("frontend Connected, backend Connected") == 2, devices
     assert not list(tmp_path.glob(".*.tmp")), "the temporary file stayed"
 
     image = read_save_file(file.read_bytes())

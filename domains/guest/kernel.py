@@ -17,6 +17,7 @@ from xenlike.save_abi import MAX_CONTEXT
 from xenlike.xenbus import (
     DeviceFailed,
     DriverRegistry,
+    Frontend,
     FrontendBus,
     UnknownDriver,
     XenbusContext,
@@ -103,7 +104,7 @@ async def _run(
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
         guest = Guest(name, domain.domid, domain, xs, console, devices, extra, resumed)
-        return await _run_program(guest, program, xs, init)
+        return await _run_program(guest, program, xs, init, bus)
 
 
 async def _resumed_state(domain: Domain, name: str) -> dict[str, Any] | None:
@@ -148,7 +149,9 @@ async def _advertise_shutdown(xs: Any) -> None:
             pass
 
 
-async def _run_program(guest: Guest, init: Any, xs: Any, init_name: str | None) -> int:
+async def _run_program(
+    guest: Guest, init: Any, xs: Any, init_name: str | None, bus: FrontendBus
+) -> int:
     """Run the program until it ends or the toolstack asks for a shutdown."""
     reason = ShutdownReason.poweroff
     async with trio.open_nursery() as nursery:
@@ -174,7 +177,7 @@ async def _run_program(guest: Guest, init: Any, xs: Any, init_name: str | None) 
                     except XenStoreError:
                         continue
                     if request == "suspend":
-                        await _suspend(guest, xs, init_name)
+                        await _suspend(guest, xs, init_name, bus)
                     elif request in SHUTDOWN_REQUESTS:
                         print(f"[{guest.name}] shutdown requested: {request}")
                         await xs.write("control/shutdown", "")
@@ -190,11 +193,13 @@ async def _run_program(guest: Guest, init: Any, xs: Any, init_name: str | None) 
 SUSPEND_ERROR = "error/suspend"  # why this kernel refused the last suspend, for the toolstack
 
 
-async def _suspend(guest: Guest, xs: Any, init: str | None) -> None:
+async def _suspend(guest: Guest, xs: Any, init: str | None, bus: FrontendBus) -> None:
     """Linux's do_suspend, for a program: acknowledge the request by clearing
     control/shutdown (libxl waits for that), leave the program's state as the
-    vCPU's, and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if Dom0
-    resumes this domain in place (a checkpoint): the program never stopped.
+    vCPU's, quiesce the front ends (new requests wait, those in flight are
+    answered), and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if
+    Dom0 resumes this domain in place (a checkpoint): the program never
+    stopped, and each front end does its handshake again with its back end.
     A program that is not resumable refuses: the reason goes to error/suspend
     before the acknowledgement, and the guest runs on."""
     refusal = None
@@ -221,6 +226,23 @@ async def _suspend(guest: Guest, xs: Any, init: str | None) -> None:
         print(f"[{guest.name}] suspend refused: {refusal}")
         return
     print(f"[{guest.name}] suspending")
+    fronts = [driver for driver in bus.devices.values() if isinstance(driver, Frontend)]
+    for front in fronts:
+        await front.suspend()
     await guest.console.drain()
-    if await guest.domain.suspend(context) == 1:
+    try:
+        cancelled = await guest.domain.suspend(context) == 1
+    finally:  # cancelled, or refused by the hypervisor: the devices come back
+        for front in fronts:
+            await front.resume()
+    if cancelled:
         print(f"[{guest.name}] resumed in place (the suspend was cancelled)")
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        for front in fronts:
+            try:
+                await front.wait_connected()
+            except DeviceFailed:
+                pass
+    for front in sorted(fronts, key=lambda d: (d.device.type, d.device.devid)):
+        state = "reconnected" if front.connected_now else f"NOT reconnected: {front.failed}"
+        print(f"[{guest.name}] {front.device.type} {front.device.devid}: {state}")
