@@ -165,3 +165,13 @@ def test_a_corrupt_file_is_refused_in_one_line_and_nothing_starts(
     assert len(lines) == 1 and lines[0].startswith(f"xenlike: cannot restore from {file}: ")
     assert says in lines[0]
     assert [row["name"] for row in _rows(run_dir)] == before
+
+
+def test_a_guests_refusal_reaches_the_user_as_one_printable_line() -> None:
+    from domains.dom0.save import REFUSAL_LIMIT, _printable
+
+    assert _printable("not resumable\nxenlike: forged second line") == "not resumable"
+    assert _printable("\x1b[2Jcleared") == "?[2Jcleared"
+    long = _printable("x" * 10_000)
+    assert len(long) == REFUSAL_LIMIT and long.endswith("...")
+    assert _printable("") == ""

@@ -45,6 +45,7 @@ ACK_TIMEOUT = 60.0  # libxl: "guest acknowledgement of suspend request", 60 * 10
 SUSPEND_TIMEOUT = 60.0  # libxl: suspend_common_wait_guest_timeout, 60 * 1000 ms
 POLL = 0.02  # seconds between looks at control/shutdown and at the domain's state
 SUSPEND_ERROR = "error/suspend"  # the guest kernel's reason for refusing
+REFUSAL_LIMIT = 200  # characters of it the user sees
 SAVED_XENSTORE = ("data",)  # the guest's own subtrees a save carries
 
 
@@ -96,7 +97,8 @@ async def _suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
         raise SaveError(f"cannot save {name}: guest didn't acknowledge suspend, request cancelled")
     refusal = await _read(xs, f"{home}/{SUSPEND_ERROR}")
     if refusal:
-        raise SaveError(f"cannot save {name}: the guest refused to suspend: {refusal}")
+        reason = _printable(refusal)
+        raise SaveError(f"cannot save {name}: the guest refused to suspend: {reason}")
     with trio.move_on_after(SUSPEND_TIMEOUT):
         while True:
             flags = (await xc.domain_info(domid)).flags
@@ -107,6 +109,14 @@ async def _suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
                 return
             await trio.sleep(POLL)
     raise SaveError(f"cannot save {name}: guest did not suspend, timed out")
+
+
+def _printable(text: str, limit: int = REFUSAL_LIMIT) -> str:
+    """The guest's words as one line of printable text, no longer than `limit`: they
+    reach the user's terminal, and the guest may be hostile."""
+    first = next(iter(text.splitlines()), "")
+    line = "".join(c if c.isprintable() else "?" for c in first)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 async def _cancel_unacknowledged(xs: Any, path: str) -> bool:
