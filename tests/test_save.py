@@ -80,6 +80,10 @@ def test_checkpoint_keeps_beta_counting_and_the_file_verifies(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def _console(run_dir: Path, name: str) -> str:
+    return xenlike("console", name, "--no-follow", run_dir=run_dir).stdout
+
+
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return list(json.loads(xenlike("list", "--json", run_dir=run_dir).stdout))
 
@@ -143,6 +147,22 @@ def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
     devices = xenlike("devices", run_dir=run_dir).stdout
     assert "beta vbd 51712: frontend Connected, backend Connected" in devices, devices
     assert "beta vif 0: frontend Connected, backend Connected" in devices, devices
+
+    # The restored beta is on the network: a new guest's pings get answers.
+    pinger = tmp_path / "pinger.cfg"
+    pinger.write_text(
+        'name = "pinger"\nmemory = 16\ninit = "tests.test_net_e2e:chatter"\n'
+        'extra = "peer=10.0.0.2"\n'
+        'vif = ["mac=00:16:3e:00:00:09, bridge=xenbr0, ip=10.0.0.9/24"]\n'
+    )
+    xenlike("create", str(pinger), run_dir=run_dir)
+    try:
+        wait_for(
+            lambda: "[pinger] ping ok" in _console(run_dir, "pinger"),
+            what="the restored beta to answer pings",
+        )
+    finally:
+        xenlike("destroy", "pinger", run_dir=run_dir, check=False)
 
 
 @pytest.mark.parametrize(
