@@ -128,7 +128,9 @@ def test_save_of_an_unknown_domain_is_one_line(run_dir: Path, tmp_path: Path) ->
 
 
 def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path,
+    tmp_path: Path,
+    xen_utils: Path,  # noqa: F811
 ) -> None:
     wait_for(lambda: counter(run_dir, "beta") >= 1, what="beta to count")
     file = tmp_path / "beta.sav"
@@ -136,6 +138,8 @@ def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
     assert "destroyed" in saved.stderr
     assert _row(run_dir, "beta") is None
     at_save = int(read_save_file(file.read_bytes()).xenstore["data/counter"])
+    checked = verify(xen_utils, file, "xl")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
     restored = xenlike("restore", str(file), run_dir=run_dir)
     assert restored.stdout.startswith(f"restored beta from {file} as domain ")
