@@ -32,11 +32,21 @@ from xenlike.codec import compile_struct
 from xenlike.domain.hypercall import HypercallClient, codec_for
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor.control import XENLIKE_DOMCTL_build, xenlike_domctl_build
+from xenlike.memory import XEN_PAGE_SIZE
+from xenlike.save_abi import (
+    FRAMES_PER_CALL,
+    XENLIKE_DOMCTL_getcontext,
+    XENLIKE_DOMCTL_read_frames,
+    XENLIKE_DOMCTL_setcontext,
+    XENLIKE_DOMCTL_write_frames,
+    xenlike_frames,
+)
 
 __all__ = ["XenControl", "connect_control_socket"]
 
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
+FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
 
 
 async def connect_control_socket(run_dir: str | os.PathLike[str]) -> trio.socket.SocketType:
@@ -155,6 +165,45 @@ class XenControl:
 
     async def pause(self, domid: int) -> None:
         await self.hypercalls.domctl(DomctlOp.pausedomain, domid)
+
+    async def resume(self, domid: int) -> None:
+        """XEN_DOMCTL_resumedomain: a suspended domain runs on; its suspend returns 1."""
+        await self.hypercalls.domctl(DomctlOp.resumedomain, domid)
+
+    async def vcpu_context(self, domid: int) -> bytes:
+        """A suspended domain's execution state, as its kernel left it."""
+        arg = domid.to_bytes(2, "little") + bytes(6)
+        done = await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_getcontext, arg, 1)
+        return done.payload
+
+    async def set_vcpu_context(self, domid: int, context: bytes) -> None:
+        """A built, never-run domain's execution state: its kernel boots to resume it."""
+        data = domid.to_bytes(2, "little") + bytes(6) + context
+        await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_setcontext, data)
+
+    async def read_frames(self, domid: int, first: int, count: int) -> dict[int, bytes]:
+        """The populated frames among `count` from `first` of a suspended domain."""
+        out: dict[int, bytes] = {}
+        for start in range(first, first + count, FRAMES_PER_CALL):
+            n = min(FRAMES_PER_CALL, first + count - start)
+            arg = FRAMES.pack(FRAMES.record(domain=domid, first_pfn=start, count=n))
+            done = await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_read_frames, arg, 1)
+            flags = done.payload[FRAMES.size : FRAMES.size + n]
+            offset = FRAMES.size + n
+            for i, held in enumerate(flags):
+                if held:
+                    out[start + i] = done.payload[offset : offset + XEN_PAGE_SIZE]
+                    offset += XEN_PAGE_SIZE
+        return out
+
+    async def write_frames(self, domid: int, first: int, data: bytes) -> None:
+        """Fill consecutive populated frames from `first` of a built, never-run domain."""
+        count = len(data) // XEN_PAGE_SIZE
+        for i in range(0, count, FRAMES_PER_CALL):
+            n = min(FRAMES_PER_CALL, count - i)
+            head = FRAMES.pack(FRAMES.record(domain=domid, first_pfn=first + i, count=n))
+            chunk = data[i * XEN_PAGE_SIZE : (i + n) * XEN_PAGE_SIZE]
+            await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_write_frames, head + chunk)
 
     async def destroy(self, domid: int) -> None:
         await self.hypercalls.domctl(DomctlOp.destroydomain, domid)

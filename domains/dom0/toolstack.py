@@ -19,8 +19,9 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 {"op": "down"} | {"op": "rename", "name": N, "new_name": M} | {"op": "config",
 "name": N} | {"op": "attach", "name": N, "type": "vbd"|"vif", "spec": SPEC} |
 {"op": "detach", "name": N, "type": T, "device": VDEV|MAC|DEVID} |
-{"op": "device-list", "name": N, "type": T}; each answer is {"ok": true, ...}
-or {"ok": false, "error": ...}.
+{"op": "device-list", "name": N, "type": T} | {"op": "save", "name": N, "path":
+ABSOLUTE, "checkpoint": BOOL} | {"op": "restore", "path": ABSOLUTE}; each
+answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
 sized for it), the builder populates `memory`, and `memory/target` and
@@ -40,6 +41,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ import attrs
 import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
+from domains.dom0.save import restore_domain, save_domain
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -120,8 +123,11 @@ class Toolstack:
 
     # --- creating ---------------------------------------------------------------
 
-    async def create(self, config: DomainConfig) -> GuestRecord:
-        """Build, describe and start one guest; on any failure nothing is left behind."""
+    async def create(
+        self, config: DomainConfig, before_unpause: Callable[[int], Awaitable[None]] | None = None
+    ) -> GuestRecord:
+        """Build, describe and start one guest; on any failure nothing is left behind.
+        `before_unpause(domid)` fills a restored guest before it runs."""
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
@@ -147,6 +153,8 @@ class Toolstack:
                 await writer.add(self.xs, domid, index)
             await self.xs.introduce(domid, layout.store_gfn, store_port)
             await self.consoled.add(domid, config.name, console_port)
+            if before_unpause is not None:
+                await before_unpause(domid)
             await self.xc.unpause(domid)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -358,6 +366,36 @@ class Toolstack:
                 f"no domain named {name!r}; running: {', '.join(self.guests) or 'none'}"
             )
         return record
+
+    # --- saving ---------------------------------------------------------------
+
+    async def _save_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """xl save [-c]: the guest suspended, written to `path`, then destroyed or resumed."""
+        path = Path(request["path"])
+        if not path.is_absolute():
+            raise ValueError(f"save: {path} is not an absolute path")
+        async with self._lock:
+            record = self._record(request["name"])
+            try:
+                size = await save_domain(
+                    self,
+                    record,
+                    path,
+                    checkpoint=bool(request.get("checkpoint")),
+                    progress=lambda line: log.info("save %s: %s", record.config.name, line),
+                )
+            except OSError as exc:
+                raise ValueError(f"cannot save {record.config.name} to {path}: {exc}") from None
+        return {"ok": True, "domid": record.domid, "bytes": size}
+
+    async def _restore_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """xl restore: a new guest from a save file, resumed from its saved state."""
+        path = Path(request["path"])
+        if not path.is_absolute():
+            raise ValueError(f"restore: {path} is not an absolute path")
+        async with self._lock:
+            record = await restore_domain(self, path)
+        return {"ok": True, "domid": record.domid, "name": record.config.name}
 
     # --- following the guests -----------------------------------------------------
 
@@ -713,6 +751,10 @@ class Toolstack:
                 async with self._lock:
                     await self.rename(request["name"], request["new_name"])
                 return {"ok": True}
+            if op == "save":
+                return await self._save_op(request)
+            if op == "restore":
+                return await self._restore_op(request)
             if op == "config":  # what libxl keeps of a domain's configuration
                 record = self._record(request["name"])
                 kept = attrs.asdict(record.config)

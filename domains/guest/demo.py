@@ -1,4 +1,9 @@
-"""The default topology's guest program: shows the system working, on its console."""
+"""The default topology's guest program: shows the system working, on its console.
+
+It is resumable (`Guest.resumable`): after its demo it counts, a tick a second,
+in XenStore's `data/counter`; a save and restore carries the count on, and a
+restored demo reads back what it wrote to its disk before the save.
+"""
 
 from typing import Any
 
@@ -6,8 +11,18 @@ import trio
 
 from domains.guest.system import Guest
 
+TICK = 1.0  # seconds between counts
+
 
 async def main(guest: Guest) -> None:
+    state = guest.resumable(guest.resumed_state or {"counter": 0, "disk": None})
+    if guest.resumed_state is not None:
+        print(f"[{guest.name}] resumed in domain {guest.domid} at count {state['counter']}")
+        if state["disk"] is not None and "vbd" in guest.devices:
+            await check_disk(guest, state["disk"])
+        if guest.interfaces and guest.net().address is not None:  # peers ping us again
+            guest.domain.nursery.start_soon(_echo_service, guest, guest.net().udp(ECHO_PORT))
+        await count(guest, state)
     print(f"[{guest.name}] hello from domain {guest.domid}")
     home = f"/local/domain/{guest.domid}"
     for key in ("name", "domid", "memory/target"):
@@ -16,11 +31,19 @@ async def main(guest: Guest) -> None:
     await guest.xs.write("data/greeting", f"hello from {guest.name}")
     print(f"[{guest.name}] devices: {', '.join(sorted(guest.devices)) or 'console only'}")
     if "vbd" in guest.devices:
-        await disk_demo(guest)
+        state["disk"] = await disk_demo(guest)
     if guest.interfaces:
         await network_demo(guest)
     print(f"[{guest.name}] demo done; idle until `xenlike shutdown {guest.name}`")
-    await trio.sleep_forever()
+    await count(guest, state)
+
+
+async def count(guest: Guest, state: dict[str, Any]) -> None:
+    """Count in data/counter for ever; the state holds the count a save keeps."""
+    while True:
+        await guest.xs.write("data/counter", str(state["counter"]))
+        await trio.sleep(TICK)
+        state["counter"] += 1
 
 
 ECHO_PORT = 7  # RFC 862's UDP echo service
@@ -62,11 +85,27 @@ async def _echo_service(guest: Guest, sock: Any) -> None:
         await sock.sendto(data, (host, port))
 
 
-async def disk_demo(guest: Guest) -> None:
-    """Write a pattern to the first disk, flush it, read it back, and say how it went."""
+DISK_SECTOR = 2048  # 1 MiB in, clear of anything a partition table would use
+
+
+def _pattern(guest: Guest) -> bytes:
+    return (f"{guest.name} was here; ".encode() * 8192)[: 64 * 1024]
+
+
+async def check_disk(guest: Guest, sector: int) -> None:
+    """After a restore: what the demo wrote before the save reads back the same."""
     disk = guest.device("vbd")
-    pattern = (f"{guest.name} was here; ".encode() * 8192)[: 64 * 1024]
-    sector = 2048  # 1 MiB in, clear of anything a partition table would use
+    pattern = _pattern(guest)
+    ok = await disk.read(sector, len(pattern) // disk.sector_size) == pattern
+    print(f"[{guest.name}] xvda after the restore: {'ok' if ok else 'MISMATCH'}")
+
+
+async def disk_demo(guest: Guest) -> int:
+    """Write a pattern to the first disk, flush it, read it back, and say how it went;
+    returns where it wrote."""
+    disk = guest.device("vbd")
+    pattern = _pattern(guest)
+    sector = DISK_SECTOR
     await disk.write(sector, pattern)
     await disk.flush()
     ok = await disk.read(sector, len(pattern) // disk.sector_size) == pattern
@@ -75,3 +114,4 @@ async def disk_demo(guest: Guest) -> None:
         f"[{guest.name}] xvda: {disk.sectors * disk.sector_size >> 20} MiB; wrote, flushed "
         f"and read back {len(pattern) >> 10} KiB: {'ok' if ok else 'MISMATCH'} ({features})"
     )
+    return sector

@@ -1,5 +1,6 @@
 """The guest kernel's boot sequence (see the package docstring)."""
 
+import json
 import sys
 import traceback
 from typing import Any
@@ -12,10 +13,12 @@ from xenlike.abi.sched import ShutdownReason
 from xenlike.bytering import XENSTORE, ByteRing, ByteRingStream
 from xenlike.domain import Domain, load_kernel
 from xenlike.domain.balloon import Balloon
+from xenlike.save_abi import MAX_CONTEXT
 from xenlike.xenbus import (
     BusEvent,
     DeviceFailed,
     DriverRegistry,
+    Frontend,
     FrontendBus,
     UnknownDriver,
     XenbusContext,
@@ -99,11 +102,22 @@ async def _run(
             f"[{name}] xenlike guest kernel, domain {domain.domid}, "
             f"{domain.start_info.nr_pages * 4 // 1024} MiB"
         )
+        resumed = await _resumed_state(domain, name)
         devices = await _wait_for_devices(bus, name)
         await _advertise_shutdown(xs)
-        guest = Guest(name, domain.domid, domain, xs, console, devices, extra)
+        guest = Guest(name, domain.domid, domain, xs, console, devices, extra, resumed)
         nursery.start_soon(_follow_devices, guest, events)
-        return await _run_program(guest, program, xs)
+        return await _run_program(guest, program, xs, init, bus)
+
+
+async def _resumed_state(domain: Domain, name: str) -> dict[str, Any] | None:
+    """The program's state this domain was restored with (None on a fresh boot)."""
+    context = await domain.resume_context()
+    if not context:
+        return None
+    state = json.loads(context)["state"]
+    print(f"[{name}] resuming from a saved state")
+    return state if isinstance(state, dict) else None
 
 
 async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
@@ -157,14 +171,16 @@ async def _follow_devices(guest: Guest, events: trio.MemoryReceiveChannel[BusEve
 
 async def _advertise_shutdown(xs: Any) -> None:
     """control/feature-*: tell the toolstack which requests this kernel honours."""
-    for feature in ("poweroff", "reboot"):
+    for feature in ("poweroff", "reboot", "suspend"):
         try:
             await xs.write(f"control/feature-{feature}", "1")
         except XenStoreError:
             pass
 
 
-async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
+async def _run_program(
+    guest: Guest, init: Any, xs: Any, init_name: str | None, bus: FrontendBus
+) -> int:
     """Run the program until it ends or the toolstack asks for a shutdown."""
     reason = ShutdownReason.poweroff
     async with trio.open_nursery() as nursery:
@@ -189,7 +205,9 @@ async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
                         request = (await xs.read("control/shutdown")).decode()
                     except XenStoreError:
                         continue
-                    if request in SHUTDOWN_REQUESTS:
+                    if request == "suspend":
+                        await _suspend(guest, xs, init_name, bus)
+                    elif request in SHUTDOWN_REQUESTS:
                         print(f"[{guest.name}] shutdown requested: {request}")
                         await xs.write("control/shutdown", "")
                         reason = SHUTDOWN_REQUESTS[request]
@@ -199,3 +217,61 @@ async def _run_program(guest: Guest, init: Any, xs: Any) -> int:
         nursery.start_soon(program)
         nursery.start_soon(watch_shutdown)
     return reason
+
+
+SUSPEND_ERROR = "error/suspend"  # why this kernel refused the last suspend, for the toolstack
+
+
+async def _suspend(guest: Guest, xs: Any, init: str | None, bus: FrontendBus) -> None:
+    """Linux's do_suspend, for a program: acknowledge the request by clearing
+    control/shutdown (libxl waits for that), leave the program's state as the
+    vCPU's, quiesce the front ends (new requests wait, those in flight are
+    answered), and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if
+    Dom0 resumes this domain in place (a checkpoint): the program never
+    stopped, and each front end does its handshake again with its back end.
+    A program that is not resumable refuses: the reason goes to error/suspend
+    before the acknowledgement, and the guest runs on."""
+    refusal = None
+    context = b""
+    if guest.state is None:
+        refusal = f"{init or 'the idle kernel'} is not resumable (see Guest.resumable)"
+    else:
+        try:
+            context = json.dumps({"init": init, "state": guest.state}).encode()
+        except (TypeError, ValueError) as exc:
+            refusal = f"{init}'s state cannot be saved: {exc}"
+        else:
+            if len(context) > MAX_CONTEXT:
+                refusal = f"{init}'s state is {len(context)} bytes, more than {MAX_CONTEXT}"
+    try:
+        if refusal is not None:
+            await xs.write(SUSPEND_ERROR, refusal)
+        else:
+            await xs.rm(SUSPEND_ERROR)
+    except XenStoreError:
+        pass
+    await xs.write("control/shutdown", "")
+    if refusal is not None:
+        print(f"[{guest.name}] suspend refused: {refusal}")
+        return
+    print(f"[{guest.name}] suspending")
+    fronts = [driver for driver in bus.devices.values() if isinstance(driver, Frontend)]
+    for front in fronts:
+        await front.suspend()
+    await guest.console.drain()
+    try:
+        cancelled = await guest.domain.suspend(context) == 1
+    finally:  # cancelled, or refused by the hypervisor: the devices come back
+        for front in fronts:
+            await front.resume()
+    if cancelled:
+        print(f"[{guest.name}] resumed in place (the suspend was cancelled)")
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        for front in fronts:
+            try:
+                await front.wait_connected()
+            except DeviceFailed:
+                pass
+    for front in sorted(fronts, key=lambda d: (d.device.type, d.device.devid)):
+        state = "reconnected" if front.connected_now else f"NOT reconnected: {front.failed}"
+        print(f"[{guest.name}] {front.device.type} {front.device.devid}: {state}")

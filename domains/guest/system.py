@@ -36,6 +36,12 @@ class Guest:
     Devices come and go while the guest runs (`xenlike block-attach`, ...):
     `devices` and `interfaces` follow, `wait_for_device` waits for one to
     come, and `device_events()` tells of each that comes or goes.
+
+    A program that can be saved says so with `resumable(state)`: a dict of
+    JSON values that it keeps current, which the kernel serializes when the
+    domain suspends (a coroutine cannot be). After a restore, the program is
+    called again, from its start, with that dict as `resumed_state` (None on
+    a fresh boot). A program that never called `resumable` refuses suspends.
     """
 
     name: str
@@ -48,6 +54,8 @@ class Guest:
     interfaces: list[Interface] = attrs.field(init=False, factory=list)
     _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
     _listeners: list[trio.MemorySendChannel[DeviceEvent]] = attrs.field(init=False, factory=list)
+    resumed_state: dict[str, Any] | None = None
+    state: dict[str, Any] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.interfaces = [
@@ -106,6 +114,14 @@ class Guest:
                 listener.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._listeners.remove(listener)
+
+    def resumable(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Make this program resumable: `state` (kept current by the program, JSON
+        values only) is what a suspend saves; returns it."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a resumable state is a dict, not {type(state).__name__}")
+        self.state = state
+        return state
 
     def net(self, index: int = 0) -> Interface:
         """The IPv4 interface of vif `index` (ping, UDP sockets)."""

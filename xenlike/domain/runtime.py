@@ -31,6 +31,7 @@ from xenlike.frames import receive_frames
 from xenlike.hypercall import Reply
 from xenlike.memory import BootLayout, DomainMemory, PageAllocator
 from xenlike.sandbox import set_not_dumpable
+from xenlike.save_abi import XENLIKE_VCPUOP_get_context, XENLIKE_VCPUOP_save_context
 from xenlike.trace import TraceBuffer, fast_path_recorder
 from xenlike.trace.events import EventRecorder
 
@@ -81,6 +82,21 @@ class Domain:
         """CONSOLEIO_write: a line in the hypervisor log (early printk)."""
         data = text.encode()
         await self.hypercalls.call(Hypercall.console_io, CONSOLEIO_write, data, len(data))
+
+    async def suspend(self, context: bytes) -> int:
+        """Leave `context` as this vCPU's execution state, then SCHEDOP_shutdown
+        (SHUTDOWN_suspend). It returns only if Dom0 resumes this domain in place:
+        1, "cancelled" (`xl save -c`); a saved domain is destroyed meanwhile."""
+        await self.hypercalls.call(Hypercall.vcpu_op, XENLIKE_VCPUOP_save_context, context)
+        done = await self.hypercalls.call(
+            Hypercall.sched_op, SchedOp.shutdown, SHUTDOWN.pack((ShutdownReason.suspend,)), 1
+        )
+        return done.result
+
+    async def resume_context(self) -> bytes:
+        """The execution state this domain was restored with; empty on a fresh boot."""
+        done = await self.hypercalls.call(Hypercall.vcpu_op, XENLIKE_VCPUOP_get_context)
+        return done.payload
 
     async def shutdown(self, reason: int = ShutdownReason.poweroff) -> None:
         """SCHEDOP_shutdown: this domain stops; the hypervisor reaps its process."""

@@ -146,6 +146,10 @@ class HypervisorDomain:
     frames: SharedFrames | None = None  # its frames with files of their own, from its build
     state: DomainState = DomainState.created
     shutdown_reason: int | None = None
+    # Suspend: the execution state the kernel left (what Xen keeps as the vCPU's
+    # context), and its SCHEDOP_shutdown, answered when the domain is resumed.
+    vcpu_context: bytes = b""
+    suspended_call: tuple[HypercallConnection, int] | None = None
     kernel: str | None = None
     process: ChildProcess | None = None
     connections: list[HypercallConnection] = attrs.field(factory=list)
@@ -476,13 +480,38 @@ class Hypervisor:
         domain.shutdown_reason = reason
         domain.state = DomainState.shutdown
         self.log(domain, f"shutdown: {_reason_name(reason)}")
-        if domain.process is not None and domain.process.returncode is None:
+        running = domain.process is not None and domain.process.returncode is None
+        if reason == ShutdownReason.suspend and running:
+            # Kept, stopped where it is, for Dom0 to save, destroy or resume.
+            self._signal(domain, signal.SIGSTOP)
+        elif running:
             self._signal(domain, signal.SIGCONT)
             assert self._nursery is not None
             self._nursery.start_soon(self._kill_after_grace, domain)
         else:
             self.teardown(domain)
         self.domain_exception()
+
+    def resume(self, domain: HypervisorDomain) -> None:
+        """XEN_DOMCTL_resumedomain: a suspended domain runs on where it stopped, and its
+        SCHEDOP_shutdown returns 1, "cancelled", as xc_domain_resume's does."""
+        if domain.state is not DomainState.shutdown or (
+            domain.shutdown_reason != ShutdownReason.suspend
+        ):
+            raise HypercallError(Errno.EINVAL, f"{domain} is not suspended")
+        domain.state = DomainState.running
+        domain.shutdown_reason = None
+        self._signal(domain, signal.SIGCONT)
+        self.log(domain, "resumed")
+        waiting, domain.suspended_call = domain.suspended_call, None
+        if waiting is not None and self._nursery is not None:
+            self._nursery.start_soon(self._reply_later, *waiting, 1)
+
+    async def _reply_later(self, conn: HypercallConnection, seq: int, result: int) -> None:
+        try:
+            await conn.send(Reply(seq, MessageKind.reply, result, b""))
+        except (OSError, trio.ClosedResourceError):
+            pass
 
     def destroy(self, domain: HypervisorDomain) -> None:
         """XEN_DOMCTL_destroydomain: kill, tear down and forget the domain."""
@@ -709,6 +738,8 @@ class Hypervisor:
                 await trio.lowlevel.checkpoint()
             waited = False
             reply = self.dispatch(conn, data)
+            if reply is None:  # deferred: the handler replies later
+                continue
             try:
                 await conn.send(reply)
             except (OSError, trio.ClosedResourceError):
@@ -751,8 +782,9 @@ class Hypervisor:
 
     # --- hypercalls -------------------------------------------------------
 
-    def dispatch(self, conn: HypercallConnection, data: bytes) -> Reply:
-        """Run one hypercall; every failure becomes a -errno result, never an exception."""
+    def dispatch(self, conn: HypercallConnection, data: bytes) -> Reply | None:
+        """Run one hypercall; every failure becomes a -errno result, never an exception.
+        None when the handler deferred its reply (`Call.defer`)."""
         start = time.monotonic_ns()
         seq = op = cmd = 0
         arg: Any = None
@@ -766,7 +798,7 @@ class Hypervisor:
             if entry.privileged and not conn.domain.privileged:
                 raise HypercallError(Errno.EPERM, f"{entry.name} is for Dom0 only")
             arg = entry.decode(request.count, request.payload)
-            call = Call(self, conn.domain, conn, op, cmd)
+            call = Call(self, conn.domain, conn, op, cmd, seq=seq)
             out = entry.handler(call, arg)
             if isinstance(out, tuple):
                 result, payload = out[0], entry.encode(out[1])
@@ -787,6 +819,8 @@ class Hypervisor:
                 if listener in self.listeners:
                     self.listeners.remove(listener)
                 self.log(None, f"trace listener {listener!r} dropped:\n{traceback.format_exc()}")
+        if call is not None and call.deferred and result >= 0:
+            return None
         fds = tuple(call.fds) if call is not None and result >= 0 else ()
         return Reply(seq, MessageKind.reply, result, payload, fds)
 

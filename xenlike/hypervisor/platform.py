@@ -85,7 +85,13 @@ def _reason(reason: int) -> int:
 
 @hypercall(Hypercall.sched_op, SchedOp.shutdown, args=sched_shutdown)
 def shutdown(call: Call, arg: Any) -> int:
-    call.hv.shutdown(call.caller, _reason(arg.reason))
+    """A suspend's call returns only when Dom0 resumes the domain (1, "cancelled");
+    a saved domain is destroyed before it returns."""
+    reason = _reason(arg.reason)
+    if reason == ShutdownReason.suspend and call.caller.domid != 0:
+        call.defer()
+        call.caller.suspended_call = (call.connection, call.seq)
+    call.hv.shutdown(call.caller, reason)
     return 0
 
 

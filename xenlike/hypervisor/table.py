@@ -43,6 +43,13 @@ class Call:
     op: int
     cmd: int
     fds: list[int] = attrs.field(factory=list)
+    seq: int = 0  # the request's, for a reply sent later (`defer`)
+    deferred: bool = False
+
+    def defer(self) -> None:
+        """No reply now: the handler keeps `seq` and replies later (a suspend's
+        SCHEDOP_shutdown returns only when the domain is resumed)."""
+        self.deferred = True
 
     def send_fd(self, fd: int) -> int:
         """Hand `fd` to the caller with the reply; returns its index among the reply's fds."""

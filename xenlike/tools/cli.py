@@ -978,3 +978,62 @@ main.add_command(xenstore)
 main.add_command(capture)
 main.add_command(trace)
 main.add_command(top)
+
+
+# --- save and restore ----------------------------------------------------------------
+
+
+SAVE_TIMEOUT = 300.0  # libxl's 60 s for the ack and 60 s to suspend, and the writing
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "-c", "--checkpoint", is_flag=True, help="Leave the domain running after the save (xl -c)."
+)
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path))
+@run_dir_option
+def save(name: str, file: Path, checkpoint: bool, run_dir: Path | None) -> None:
+    """Save a guest to FILE in xl's save format, as `xl save`: the guest suspends
+    (its program must be resumable), its memory and state are written, and it
+    is destroyed; with -c it runs on where it was.
+
+    \b
+    Example:
+        xenlike save beta beta.sav
+        xenlike save -c beta beta.sav
+    """
+    from xenlike.migration.xl_format import save_file_header
+
+    rd = running(run_dir)
+    path = file.resolve()
+    click.echo(f"Saving domain {name} to {path}", err=True)
+    request = {"op": "save", "name": name, "path": str(path), "checkpoint": checkpoint}
+    answer = trio.run(toolstack_request, rd, request, SAVE_TIMEOUT)
+    with open(path, "rb") as saved:
+        header = save_file_header.parse(saved.read(save_file_header.sizeof()))
+    click.echo(
+        f"Saving to {path} new xl format (info {header.mandatory_flags:#x}/"
+        f"{header.optional_flags:#x}/{header.optional_data_len})",
+        err=True,
+    )
+    what = "running on" if checkpoint else "destroyed"
+    click.echo(f"saved {name} (d{answer['domid']}): {answer['bytes']} bytes; {what}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@run_dir_option
+def restore(file: Path, run_dir: Path | None) -> None:
+    """Restore a guest saved with `save`, as `xl restore`: a new domain from the
+    file's config and memory, whose program continues from its saved state.
+    A truncated, corrupt or foreign file is refused and nothing starts.
+
+    \b
+    Example:
+        xenlike restore beta.sav
+    """
+    path = file.resolve()
+    request = {"op": "restore", "path": str(path)}
+    answer = trio.run(toolstack_request, running(run_dir), request, SAVE_TIMEOUT)
+    click.echo(f"restored {answer['name']} from {path} as domain {answer['domid']}")

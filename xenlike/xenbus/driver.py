@@ -97,6 +97,8 @@ U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1  # grant_ref_t, evtchn_port_t
 STATISTICS_INTERVAL = 1.0  # seconds between updates of a back end's statistics/ in XenStore
 RELEASE_TIMEOUT = 10.0  # seconds a peer may keep mapping pages whose grants were ended
+SUSPEND_DRAIN = 5.0  # seconds a suspending front end gives its requests in flight
+SUSPEND_POLL = 0.01  # seconds between looks at what is still in flight
 
 
 class DeviceFailed(Disconnected):
@@ -863,6 +865,25 @@ class Frontend(XenbusDriver):
             (first, count), refs = self._pages, self._refs
             self._pages, self._refs = None, []
             await self.release_grants(refs, first, count)
+
+    async def suspend(self, drain: float = SUSPEND_DRAIN) -> None:
+        """Before the domain suspends (xenbus_dev_suspend): new requests wait, and
+        those in flight get `drain` seconds to be answered. A cancelled suspend
+        then calls `resume`; a saved domain is destroyed, and a restore boots
+        new front ends."""
+        if self._ready.is_set():
+            self._ready = trio.Event()
+        channel = self.channel
+        if isinstance(channel, FrontChannel):
+            with trio.move_on_after(drain):
+                while channel.in_flight and self.channel is channel:
+                    await trio.sleep(SUSPEND_POLL)
+
+    async def resume(self) -> None:
+        """After a cancelled suspend (xenbus_dev_resume): the handshake again from
+        Initialising, with the same back end; the requests that waited go on the new
+        ring."""
+        await self.reconnect()
 
     async def release_grants(self, refs: list[int], first: int, count: int) -> None:
         """End access to pages granted to the back end, then free the run of pages.

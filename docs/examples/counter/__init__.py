@@ -1,0 +1,1 @@
+"""The guest-programs page's resumable example: a program whose count survives a save."""

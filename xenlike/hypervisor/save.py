@@ -1,0 +1,162 @@
+"""What libxc's save and restore ask of Xen: a suspended domain's context and
+memory, and resuming it in place.
+
+- The guest kernel leaves its execution state with `XENLIKE_VCPUOP_save_context`
+  before SCHEDOP_shutdown(SHUTDOWN_suspend): in Xen the hypervisor holds a
+  vCPU's registers; here the kernel serializes what stands for them. On a
+  restore, Dom0 sets it (`XENLIKE_DOMCTL_setcontext`) before unpausing, and the
+  kernel reads it back (`XENLIKE_VCPUOP_get_context`) when it boots.
+- Dom0 reads the suspended domain's context (`XENLIKE_DOMCTL_getcontext`, as
+  XEN_DOMCTL_getvcpucontext) and its populated frames (`XENLIKE_DOMCTL_read_frames`,
+  as xc_map_foreign_bulk plus the p2m: a frame that holds no memory is marked
+  and not sent) and refills a new domain's (`XENLIKE_DOMCTL_write_frames`).
+- XEN_DOMCTL_resumedomain runs a suspended domain on, its SCHEDOP_shutdown
+  returning 1 ("cancelled"): `xl save -c`.
+"""
+
+from typing import Any
+
+from xenlike.abi.domctl import DomctlOp
+from xenlike.abi.errno import Errno
+from xenlike.abi.sched import ShutdownReason
+from xenlike.abi.xen import Hypercall
+from xenlike.codec import compile_struct
+from xenlike.hypercall import HypercallError
+from xenlike.hypervisor.control import domctl
+from xenlike.hypervisor.core import DomainState, HypervisorDomain
+from xenlike.hypervisor.table import Call, hypercall
+from xenlike.memory import XEN_PAGE_SIZE
+from xenlike.save_abi import (
+    FRAMES_PER_CALL,
+    MAX_CONTEXT,
+    XENLIKE_DOMCTL_getcontext,
+    XENLIKE_DOMCTL_read_frames,
+    XENLIKE_DOMCTL_setcontext,
+    XENLIKE_DOMCTL_write_frames,
+    XENLIKE_VCPUOP_get_context,
+    XENLIKE_VCPUOP_save_context,
+    xenlike_context,
+    xenlike_frames,
+)
+
+__all__ = ["resumedomain"]
+
+FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
+CONTEXT = compile_struct(xenlike_context, "xenlike_context")
+
+
+def _suspended(call: Call, domid: int) -> HypervisorDomain:
+    domain = call.hv.lookup(domid)
+    if domain.state is not DomainState.shutdown or (
+        domain.shutdown_reason != ShutdownReason.suspend
+    ):
+        raise HypercallError(Errno.EINVAL, f"{domain} is not suspended")
+    return domain
+
+
+def _range(domain: HypervisorDomain, first: int, count: int) -> None:
+    if not 0 < count <= FRAMES_PER_CALL or not 0 <= first <= domain.nr_pages - count:
+        raise HypercallError(
+            Errno.EINVAL, f"frames {first}+{count} of {domain} ({domain.nr_pages} frames)"
+        )
+
+
+@hypercall(
+    Hypercall.domctl,
+    XENLIKE_DOMCTL_read_frames,
+    args=xenlike_frames,
+    privileged=True,
+    name="xenlike_read_frames",
+)
+def read_frames(call: Call, arg: Any) -> tuple[int, bytes]:
+    """One byte per frame (1: populated), then the populated frames' contents."""
+    domain = _suspended(call, arg.domain)
+    _range(domain, arg.first_pfn, arg.count)
+    assert domain.reservation is not None and domain.memory is not None
+    end = arg.first_pfn + arg.count
+    populated = bytes(domain.reservation.populated[arg.first_pfn : end])
+    out = [FRAMES.pack(arg), populated]
+    for offset, held in enumerate(populated):
+        if held:
+            with domain.memory.frame(arg.first_pfn + offset) as page:
+                out.append(bytes(page))
+    return 0, b"".join(out)
+
+
+@hypercall(
+    Hypercall.domctl,
+    XENLIKE_DOMCTL_write_frames,
+    raw=True,
+    privileged=True,
+    name="xenlike_write_frames",
+)
+def write_frames(call: Call, data: bytes) -> int:
+    """A restore's memory: a xenlike_frames header, then `count` frames, into a
+    domain that was built and has not run yet; each must be populated."""
+    if len(data) < FRAMES.size:
+        raise HypercallError(Errno.EINVAL, "write_frames: no header")
+    arg = FRAMES.unpack_from(data, 0)
+    domain = call.hv.lookup(arg.domain)
+    if domain.state is not DomainState.created or domain.memory is None:
+        raise HypercallError(Errno.EINVAL, f"{domain} is not a built domain that never ran")
+    _range(domain, arg.first_pfn, arg.count)
+    if len(data) != FRAMES.size + arg.count * XEN_PAGE_SIZE:
+        raise HypercallError(Errno.EINVAL, f"write_frames: {len(data)} bytes for {arg.count}")
+    assert domain.reservation is not None
+    end = arg.first_pfn + arg.count
+    if not all(domain.reservation.populated[arg.first_pfn : end]):
+        raise HypercallError(Errno.EINVAL, f"frames {arg.first_pfn}+{arg.count} not populated")
+    with domain.memory.frames(arg.first_pfn, arg.count) as frames:
+        frames[:] = data[FRAMES.size :]
+    return 0
+
+
+@domctl(DomctlOp.resumedomain)
+def resumedomain(call: Call, arg: Any) -> int:
+    call.hv.resume(call.hv.lookup(arg.domain))
+    return 0
+
+
+@hypercall(
+    Hypercall.domctl,
+    XENLIKE_DOMCTL_getcontext,
+    args=xenlike_context,
+    privileged=True,
+    name="xenlike_getcontext",
+)
+def getcontext(call: Call, arg: Any) -> tuple[int, bytes]:
+    domain = _suspended(call, arg.domain)
+    return len(domain.vcpu_context), domain.vcpu_context
+
+
+@hypercall(
+    Hypercall.domctl,
+    XENLIKE_DOMCTL_setcontext,
+    raw=True,
+    privileged=True,
+    name="xenlike_setcontext",
+)
+def setcontext(call: Call, data: bytes) -> int:
+    """A restore's execution state: a xenlike_context, then the bytes."""
+    if len(data) < CONTEXT.size:
+        raise HypercallError(Errno.EINVAL, "setcontext: no domain")
+    domain = call.hv.lookup(CONTEXT.unpack_from(data, 0).domain)
+    if domain.state is not DomainState.created:
+        raise HypercallError(Errno.EINVAL, f"{domain} has run already")
+    domain.vcpu_context = data[CONTEXT.size :]
+    return 0
+
+
+@hypercall(Hypercall.vcpu_op, XENLIKE_VCPUOP_save_context, raw=True, name="xenlike_save_context")
+def save_context(call: Call, data: bytes) -> int:
+    """The kernel's execution state, left before it suspends."""
+    if len(data) > MAX_CONTEXT:
+        raise HypercallError(Errno.E2BIG, f"{len(data)}-byte context, limit {MAX_CONTEXT}")
+    call.caller.vcpu_context = data
+    return 0
+
+
+@hypercall(Hypercall.vcpu_op, XENLIKE_VCPUOP_get_context, name="xenlike_get_context")
+def get_context(call: Call, _: None) -> tuple[int, bytes]:
+    """The state a restored kernel resumes from; empty for a fresh boot."""
+    return len(call.caller.vcpu_context), call.caller.vcpu_context
