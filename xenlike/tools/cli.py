@@ -878,10 +878,7 @@ def block_attach(name: str, diskspec: tuple[str, ...], run_dir: Path | None) -> 
     Example:
         xenlike block-attach beta 'format=raw, vdev=xvdb, access=rw, target=spare.img'
     """
-    spec = ",".join(diskspec)
-    request = {"op": "attach", "name": name, "type": "vbd", "spec": spec}
-    answer = trio.run(toolstack_request, running(run_dir), request)
-    click.echo(f"attached vbd {answer['devid']} to {name}")
+    _attach(name, "vbd", diskspec, run_dir)
 
 
 @main.command("block-detach", context_settings=CONTEXT)
@@ -896,10 +893,7 @@ def block_detach(name: str, vdev: str, run_dir: Path | None) -> None:
     Example:
         xenlike block-detach beta xvdb
     """
-    request = {"op": "detach", "name": name, "type": "vbd", "device": vdev}
-    answer = trio.run(toolstack_request, running(run_dir), request)
-    forced = " (forced: the back end did not close in time)" if answer["forced"] else ""
-    click.echo(f"detached vbd {answer['devid']} from {name}{forced}")
+    _detach(name, "vbd", vdev, run_dir)
 
 
 @main.command("block-list", context_settings=CONTEXT)
@@ -912,9 +906,7 @@ def block_list_(names: tuple[str, ...], run_dir: Path | None) -> None:
     Example:
         xenlike block-list beta
     """
-    click.echo(BLOCK_LIST_HEADER)
-    for line in trio.run(_device_rows, running(run_dir), names, "vbd"):
-        click.echo(line)
+    _list_devices(names, "vbd", run_dir)
 
 
 @main.command("network-attach", context_settings=CONTEXT)
@@ -928,9 +920,7 @@ def network_attach(name: str, vifspec: tuple[str, ...], run_dir: Path | None) ->
     Example:
         xenlike network-attach beta ip=10.0.0.9/24
     """
-    request = {"op": "attach", "name": name, "type": "vif", "spec": ",".join(vifspec)}
-    answer = trio.run(toolstack_request, running(run_dir), request)
-    click.echo(f"attached vif {answer['devid']} to {name}")
+    _attach(name, "vif", vifspec, run_dir)
 
 
 @main.command("network-detach", context_settings=CONTEXT)
@@ -944,10 +934,7 @@ def network_detach(name: str, device: str, run_dir: Path | None) -> None:
     Example:
         xenlike network-detach beta 1
     """
-    request = {"op": "detach", "name": name, "type": "vif", "device": device}
-    answer = trio.run(toolstack_request, running(run_dir), request)
-    forced = " (forced: the back end did not close in time)" if answer["forced"] else ""
-    click.echo(f"detached vif {answer['devid']} from {name}{forced}")
+    _detach(name, "vif", device, run_dir)
 
 
 @main.command("network-list", context_settings=CONTEXT)
@@ -960,8 +947,25 @@ def network_list_(names: tuple[str, ...], run_dir: Path | None) -> None:
     Example:
         xenlike network-list beta
     """
-    click.echo(NETWORK_LIST_HEADER)
-    for line in trio.run(_device_rows, running(run_dir), names, "vif"):
+    _list_devices(names, "vif", run_dir)
+
+
+def _attach(name: str, device_type: str, spec: tuple[str, ...], run_dir: Path | None) -> None:
+    request = {"op": "attach", "name": name, "type": device_type, "spec": ",".join(spec)}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    click.echo(f"attached {device_type} {answer['devid']} to {name}")
+
+
+def _detach(name: str, device_type: str, device: str, run_dir: Path | None) -> None:
+    request = {"op": "detach", "name": name, "type": device_type, "device": device}
+    answer = trio.run(toolstack_request, running(run_dir), request)
+    forced = " (forced: the back end did not close in time)" if answer["forced"] else ""
+    click.echo(f"detached {device_type} {answer['devid']} from {name}{forced}")
+
+
+def _list_devices(names: tuple[str, ...], device_type: str, run_dir: Path | None) -> None:
+    click.echo(BLOCK_LIST_HEADER if device_type == "vbd" else NETWORK_LIST_HEADER)
+    for line in trio.run(_device_rows, running(run_dir), names, device_type):
         click.echo(line)
 
 
