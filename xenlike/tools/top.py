@@ -141,19 +141,23 @@ class TopSampler:
     async def _count_calls(self) -> None:
         next_scan = trio.current_time() + RESCAN_INTERVAL
         while True:
-            for event in self._reader.read_available():
-                if isinstance(event, LostRecords):
-                    counter = self._sends if event.fast_path else self._hypercalls
-                    counter[event.domid] += event.count
-                elif (event.op, event.cmd) == SEND:
-                    self._sends[event.domid] += 1
-                    self._hypercalls[event.domid] += not event.fast_path
-                elif not is_event(event.op):
-                    self._hypercalls[event.domid] += 1
+            self._absorb()
             await trio.sleep(READ_INTERVAL)
             if trio.current_time() >= next_scan:
                 next_scan = trio.current_time() + RESCAN_INTERVAL
                 await self._reader.rescan()
+
+    def _absorb(self) -> None:
+        """Count the records written since the last look."""
+        for event in self._reader.read_available():
+            if isinstance(event, LostRecords):
+                counter = self._sends if event.fast_path else self._hypercalls
+                counter[event.domid] += event.count
+            elif (event.op, event.cmd) == SEND:
+                self._sends[event.domid] += 1
+                self._hypercalls[event.domid] += not event.fast_path
+            elif not is_event(event.op):
+                self._hypercalls[event.domid] += 1
 
     async def sample(self) -> Sample:
         from xenlike.tools.domains import usage_records
@@ -170,6 +174,7 @@ class TopSampler:
                 **await device_counters(self._xs, domid),
                 "devices": await self._custom_counters(domid),
             }
+        self._absorb()  # up to now, not up to the counting task's last look
         return Sample(
             time.monotonic(),
             physinfo.total_pages,
