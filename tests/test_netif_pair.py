@@ -43,7 +43,7 @@ class Pair:
         self.received: list[tuple[bytes, int]] = []
         self.front.receiver = lambda frame, flags: self.received.append((frame, flags))
         self.group = group = RingGroup(front_rings, ports[0])  # type: ignore[arg-type]
-        self.front.channel = group
+        self.front.group = group
         self.front._ready.set()  # as the handshake would at Connected
         self.bridge = Bridge("xenbr0")
         self.sink = Sink()

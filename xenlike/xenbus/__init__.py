@@ -8,7 +8,14 @@
 """
 
 from xenlike.xenbus.bus import BackendBus, FrontendBus
-from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
+from xenlike.xenbus.channel import (
+    BackChannel,
+    ChannelBroken,
+    Disconnected,
+    Drain,
+    FrontChannel,
+    RingGroup,
+)
 from xenlike.xenbus.driver import (
     Backend,
     DeviceFailed,
@@ -31,6 +38,7 @@ __all__ = [
     "DeviceFailed",
     "DeviceInfo",
     "Disconnected",
+    "Drain",
     "Driver",
     "DriverRegistry",
     "FrontChannel",

@@ -10,12 +10,18 @@ responses by them, so a driver never manages cookies.
 sleeping only after ring.h's final check; `respond` publishes a response
 and notifies only when the front end asked to be woken.
 
+Both run the one loop this module has, `port_batches`: drain every ring
+bound to a port, run ring.h's final checks, and only then sleep on the
+port. A device with several rings (`RingGroup`) runs the same loop, once
+per port, with a handler per ring.
+
 A protocol violation (an impossible index) breaks the channel with
 `ChannelBroken`; the device then goes to Closing.
 """
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -27,10 +33,15 @@ __all__ = [
     "BackChannel",
     "ChannelBroken",
     "Disconnected",
+    "Drain",
     "FrontChannel",
     "RingGroup",
     "fail_orphans",
+    "port_batches",
+    "serve_port",
 ]
+
+Handler = Callable[[list[Any]], Awaitable[None]]  # what to do with one batch of a ring
 
 
 class ChannelBroken(Exception):
@@ -39,6 +50,120 @@ class ChannelBroken(Exception):
 
 class Disconnected(Exception):
     """The device disconnected before this request was answered."""
+
+
+class Drain:
+    """A ring bound to a port: its handler, and when to ask to be woken for it.
+
+    A `BackRing`'s batches are requests, a `FrontRing`'s are responses;
+    `serve_port` hands them to `handler` (`port_batches` yields them, and
+    then a handler is not needed).
+
+    `armed` says whether the loop runs ring.h's final check for this ring
+    before sleeping (which sets req_event / rsp_event, so the peer notifies
+    on its next push): always by default; with `armed=False` only while a
+    task is in `wait`. A ring not armed is still drained whenever the port
+    wakes: netfront's tx ring is armed only while a sender waits for room,
+    so a guest that keeps sending is not woken per completion.
+    """
+
+    __slots__ = ("handler", "armed", "ring", "trace", "take", "final_check", "_waiting", "_handled")
+
+    def __init__(self, handler: Handler | None = None, *, armed: bool = True) -> None:
+        self.handler = handler
+        self.armed = armed
+        self.ring: FrontRing | BackRing | None = None
+        self.trace: Any = None  # a RingTrace while the device's ring events are recorded
+        self._waiting = 0
+        self._handled = trio.Event()
+
+    def bind(self, ring: FrontRing | BackRing) -> "Drain":
+        """Attach the ring this drains (once, before the loop runs)."""
+        self.ring = ring
+        if isinstance(ring, BackRing):
+            self.take: Callable[[], list[Any]] = ring.get_requests
+            self.final_check: Callable[[], bool] = ring.final_check_for_requests
+        else:
+            self.take, self.final_check = ring.get_responses, ring.final_check_for_responses
+        return self
+
+    async def wait(self) -> None:
+        """Sleep until this ring has news, for a task waiting on it outside the loop
+        (a sender waiting for room, a back end waiting for buffers).
+
+        The ring is armed meanwhile, and ring.h's final check runs here first:
+        when it finds a batch waiting, this returns at once (take it yourself);
+        otherwise the peer's next push wakes the port's loop, and this returns
+        once the loop has handled that batch, or at `wake`.
+        """
+        self._waiting += 1
+        try:
+            handled = self._handled
+            if not _final_check(self):
+                await handled.wait()
+        finally:
+            self._waiting -= 1
+
+    def wake(self) -> None:
+        """End every `wait` now (after a handled batch, or when the device goes away)."""
+        self._handled.set()
+        self._handled = trio.Event()
+
+
+async def port_batches(
+    port: Doorbell, drains: Sequence[Drain]
+) -> AsyncGenerator[tuple[Drain, list[Any]], None]:
+    """Each batch published on the rings bound to `port`, sleeping only when safe.
+
+    ring.h's consumer loop, the one place it is written: take what each ring
+    has; when none had anything, RING_FINAL_CHECK_FOR_REQUESTS (or
+    _RESPONSES) on each armed ring, whose mb() orders the event index store
+    before the last look at the producer index; sleep on the port only when
+    every one of them said nothing more is coming. A peer that publishes
+    after the final check sees the event index and notifies the port, which
+    latches the notification until `wait`, so no wake-up is lost. An
+    impossible index raises ChannelBroken.
+    """
+    try:
+        while True:
+            busy = False
+            for drain in drains:
+                batch = drain.take()
+                if batch:
+                    busy = True
+                    yield drain, batch
+                    if drain._waiting:
+                        drain.wake()
+            if busy or _final_checks(drains):
+                continue
+            await port.wait()
+    except RingOverflow as exc:
+        raise ChannelBroken(str(exc)) from exc
+
+
+def _final_checks(drains: Sequence[Drain]) -> bool:
+    """Arm every armed ring's event index; True when one of them has more."""
+    for drain in drains:
+        if (drain.armed or drain._waiting) and _final_check(drain):
+            return True
+    return False
+
+
+def _final_check(drain: Drain) -> bool:
+    more = drain.final_check()
+    if drain.trace is not None:
+        drain.trace.final_check(more)
+    return more
+
+
+async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
+    """Hand each batch of the rings bound to `port` to its handler, until cancelled."""
+    async with aclosing(port_batches(port, drains)) as batches:  # closed when a handler raises
+        async for drain, batch in batches:
+            handler = drain.handler
+            if handler is None:
+                raise TypeError("a ring served by serve_port needs a handler")
+            await handler(batch)
 
 
 class _Batch:
@@ -76,7 +201,16 @@ class FrontChannel:
         self._broken: BaseException | None = None
         self.submitted = 0
         self.notifies = 0
-        self.trace: Any = None  # a RingTrace while the device's ring events are recorded
+        self._drain = Drain(self.collect).bind(ring)
+
+    @property
+    def trace(self) -> Any:
+        """A RingTrace while the device's ring events are recorded."""
+        return self._drain.trace
+
+    @trace.setter
+    def trace(self, trace: Any) -> None:
+        self._drain.trace = trace
 
     @property
     def in_flight(self) -> int:
@@ -135,33 +269,26 @@ class FrontChannel:
 
     async def run(self) -> None:
         """Collect responses until cancelled; a protocol violation breaks the channel."""
-        ring, index = self.ring, self._rsp_id_index
-        try:
-            while True:
-                responses = ring.get_responses()
-                if responses:
-                    in_flight, free_ids = self._in_flight, self._free_ids
-                    for response in responses:
-                        rid = response[index]
-                        entry = in_flight.pop(rid, None)
-                        if entry is None:
-                            raise RingOverflow(f"{ring.spec.name}: response for unknown id {rid}")
-                        free_ids.append(rid)
-                        batch, position = entry  # batch.answer(position, response), inline
-                        batch.responses[position] = response
-                        batch.left -= 1
-                        if not batch.left:
-                            batch.event.set()
-                    if self._room:
-                        self._room.unpark_all()
-                    continue
-                more = ring.final_check_for_responses()
-                if self.trace is not None:
-                    self.trace.final_check(more)
-                if not more:
-                    await self.port.wait()
-        except RingOverflow as exc:
-            raise ChannelBroken(str(exc)) from exc
+        await serve_port(self.port, [self._drain])
+
+    async def collect(self, responses: list[Any]) -> None:
+        """Take a batch of responses: wake the callers whose last response is in, free
+        the ids. `run` calls it; a `RingGroup` whose rings share a port takes it
+        as the handler of this channel's ring."""
+        in_flight, free_ids, index = self._in_flight, self._free_ids, self._rsp_id_index
+        for response in responses:
+            rid = response[index]
+            entry = in_flight.pop(rid, None)
+            if entry is None:
+                raise ChannelBroken(f"{self.ring.spec.name}: response for unknown id {rid}")
+            free_ids.append(rid)
+            batch, position = entry  # batch.answer(position, response), inline
+            batch.responses[position] = response
+            batch.left -= 1
+            if not batch.left:
+                batch.event.set()
+        if self._room:
+            self._room.unpark_all()
 
     def fail(self, error: BaseException) -> list[Any]:
         """Stop the channel and hand back what was in flight, in submission order.
@@ -201,25 +328,22 @@ class BackChannel:
         self.answered = 0
         self.notifies = 0
         self.batches = 0
-        self.trace: Any = None  # a RingTrace while the device's ring events are recorded
+        self._drain = Drain().bind(ring)
+
+    @property
+    def trace(self) -> Any:
+        """A RingTrace while the device's ring events are recorded."""
+        return self._drain.trace
+
+    @trace.setter
+    def trace(self, trace: Any) -> None:
+        self._drain.trace = trace
 
     async def batches_of_requests(self) -> AsyncIterator[list[Any]]:
         """Each batch the front end published, sleeping only when ring.h says it is safe."""
-        ring = self.ring
-        try:
-            while True:
-                requests = ring.get_requests()
-                if requests:
-                    self.batches += 1
-                    yield requests
-                    continue
-                more = ring.final_check_for_requests()
-                if self.trace is not None:
-                    self.trace.final_check(more)
-                if not more:
-                    await self.port.wait()
-        except RingOverflow as exc:
-            raise ChannelBroken(str(exc)) from exc
+        async for _, batch in port_batches(self.port, [self._drain]):
+            self.batches += 1
+            yield batch
 
     async def requests(self) -> AsyncIterator[Any]:
         async for batch in self.batches_of_requests():
@@ -258,14 +382,57 @@ class RingGroup:
     """A device's rings by name, each with the port it is notified on.
 
     What a driver with several rings gets instead of one channel (netif's
-    tx, rx and ctrl rings): it runs its own data path over them, because
-    rings that share one event channel cannot each sleep on it alone.
-    `rings` are `FrontRing`s in a front end and `BackRing`s in a back end.
+    tx and rx rings on one event channel, its ctrl ring on another). The
+    driver says what to do with each ring's batches, as a one-ring driver
+    says what to do with each request: `serve({"tx": on_tx, "rx": on_rx})`
+    runs one `serve_port` loop per port, each draining every ring bound to
+    it. `rings` are `FrontRing`s in a front end and `BackRing`s in a back end.
     """
 
-    def __init__(self, rings: dict[str, FrontRing | BackRing], ports: dict[str, Doorbell]) -> None:
-        self.rings = rings
-        self.ports = ports  # ring name -> its event channel (shared ports appear more than once)
+    def __init__(
+        self, rings: Mapping[str, FrontRing | BackRing], ports: Mapping[str, Doorbell]
+    ) -> None:
+        self.rings = dict(rings)
+        self.ports = dict(ports)  # ring name -> its event channel (shared ones appear twice)
+
+    async def serve(self, handlers: Mapping[str, Handler | Drain]) -> None:
+        """Hand each ring's batches to its handler until cancelled (or a handler raises).
+
+        A handler is an async callable taking a batch, or a `Drain` of one
+        with an `armed` condition. Rings without a handler are left alone
+        (a driver serving one through a channel of its own); a handler for
+        an optional ring the peer did not set up is skipped. Handlers of
+        rings sharing a port run in one task, in the order given.
+        """
+        by_port: dict[int, tuple[Doorbell, list[Drain]]] = {}
+        for name, handler in handlers.items():
+            ring = self.rings.get(name)
+            if ring is None:
+                continue
+            drain = handler if isinstance(handler, Drain) else Drain(handler)
+            port = self.ports[name]
+            by_port.setdefault(id(port), (port, []))[1].append(drain.bind(ring))
+        loops = list(by_port.values())
+        if len(loops) == 1:  # the common case needs no nursery
+            await serve_port(*loops[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for port, drains in loops:
+                nursery.start_soon(serve_port, port, drains)
+
+    def front_channel(self, name: str, **options: Any) -> FrontChannel:
+        """A `FrontChannel` over one of the rings (netfront's ctrl ring: calls by id)."""
+        ring = self.rings[name]
+        if not isinstance(ring, FrontRing):
+            raise TypeError(f"ring {name!r} is a {type(ring).__name__}, not a FrontRing")
+        return FrontChannel(ring, self.ports[name], **options)
+
+    def back_channel(self, name: str) -> BackChannel:
+        """A `BackChannel` over one of the rings (to answer with `respond_many`)."""
+        ring = self.rings[name]
+        if not isinstance(ring, BackRing):
+            raise TypeError(f"ring {name!r} is a {type(ring).__name__}, not a BackRing")
+        return BackChannel(ring, self.ports[name])
 
     def release(self) -> None:
         """Drop the rings' views of the shared pages, so they can be unmapped or freed."""
