@@ -331,7 +331,7 @@ class Vif:
         self._rx_queue = _FairQueue(RX_QUEUE_MAX)
         self._rx_buffers: deque[tuple[int, int, int]] = deque()  # consumed rx requests
         self._rx_kick = _Kick()
-        self._rx_drain = Drain(self._on_rx_buffers, armed=False)  # rx waits on it for buffers
+        self._rx_drain = Drain()  # watched: the rx task takes buffers, and waits on it for more
         self._closed = False
         self._warned: dict[str, float] = {}
         self.stats = {
@@ -372,9 +372,10 @@ class Vif:
         """The data path until cancelled; a malicious front end raises ChannelBroken.
 
         The framework's loop serves the rings (tx and rx on one port, ctrl on
-        its own): tx requests are transmitted, rx requests are buffers for the
-        rx task, which copies frames from the bridge into them. The rx ring's
-        event index is armed only while frames wait for buffers (`Drain.wait`).
+        its own): tx requests are transmitted; the rx ring is only watched
+        (a `Drain` without a handler): the rx task takes buffers from it as
+        frames from the bridge need them, and the ring's event index is armed
+        only while frames wait for buffers (`Drain.wait`).
         """
         self._tx = cast(BackRing, group.rings["tx"])
         self._rx = cast(BackRing, group.rings["rx"])
@@ -573,10 +574,6 @@ class Vif:
             frames[packet.frame] = (data, packet.flags)
 
     # --- rx: bridge -> guest ------------------------------------------------------------
-
-    async def _on_rx_buffers(self, requests: list[Any]) -> None:
-        """Buffers the front end posted (the loop then wakes the rx task if it waits)."""
-        self._rx_buffers.extend(requests)
 
     async def _rx_loop(self) -> None:
         while True:

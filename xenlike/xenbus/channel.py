@@ -6,11 +6,11 @@ coincide, with ring.h's event suppression deciding when to notify. The
 channel owns the requests' `id` field: it hands out ids itself and matches
 responses by them, so a driver never manages cookies.
 
-`BackChannel.requests()` yields every request the front end publishes,
-sleeping only after ring.h's final check; `respond` publishes a response
-and notifies only when the front end asked to be woken.
+`BackChannel.serve(handler)` hands each batch the front end publishes to
+`handler`, sleeping only after ring.h's final check; `respond` publishes a
+response and notifies only when the front end asked to be woken.
 
-Both run the one loop this module has, `port_batches`: drain every ring
+Both run the one loop this module has, `serve_port`: drain every ring
 bound to a port, run ring.h's final checks, and only then sleep on the
 port. A device with several rings (`RingGroup`) runs the same loop, once
 per port, with a handler per ring.
@@ -20,8 +20,7 @@ A protocol violation (an impossible index) breaks the channel with
 """
 
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -37,7 +36,6 @@ __all__ = [
     "FrontChannel",
     "RingGroup",
     "fail_orphans",
-    "port_batches",
     "serve_port",
 ]
 
@@ -53,25 +51,40 @@ class Disconnected(Exception):
 
 
 class Drain:
-    """A ring bound to a port: its handler, and when to ask to be woken for it.
+    """A ring bound to a port: what the port's loop does with it, and when to
+    ask to be woken for it.
 
-    A `BackRing`'s batches are requests, a `FrontRing`'s are responses;
-    `serve_port` hands them to `handler` (`port_batches` yields them, and
-    then a handler is not needed).
-
+    With a `handler`, `serve_port` takes each batch the ring has (requests
+    of a `BackRing`, responses of a `FrontRing`) and awaits `handler(batch)`.
     `armed` says whether the loop runs ring.h's final check for this ring
     before sleeping (which sets req_event / rsp_event, so the peer notifies
     on its next push): always by default; with `armed=False` only while a
     task is in `wait`. A ring not armed is still drained whenever the port
     wakes: netfront's tx ring is armed only while a sender waits for room,
     so a guest that keeps sending is not woken per completion.
+
+    Without a handler the ring is only watched: the loop never takes from
+    it, a task of the driver takes what it needs when it needs it and sleeps
+    in `wait` when the ring has too little (netback's rx task waiting for
+    buffers). Taking a watched ring's entries early would move its consumer
+    index, and with it when the peer has to notify, for no gain.
     """
 
-    __slots__ = ("handler", "armed", "ring", "trace", "take", "final_check", "_waiting", "_handled")
+    __slots__ = (
+        "handler",
+        "armed",
+        "ring",
+        "trace",
+        "take",
+        "final_check",
+        "unconsumed",
+        "_waiting",
+        "_handled",
+    )
 
     def __init__(self, handler: Handler | None = None, *, armed: bool = True) -> None:
         self.handler = handler
-        self.armed = armed
+        self.armed = armed  # of a ring with a handler; a watched ring's, only while waited on
         self.ring: FrontRing | BackRing | None = None
         self.trace: Any = None  # a RingTrace while the device's ring events are recorded
         self._waiting = 0
@@ -83,8 +96,10 @@ class Drain:
         if isinstance(ring, BackRing):
             self.take: Callable[[], list[Any]] = ring.get_requests
             self.final_check: Callable[[], bool] = ring.final_check_for_requests
+            self.unconsumed: Callable[[], int] = ring.unconsumed_requests
         else:
             self.take, self.final_check = ring.get_responses, ring.final_check_for_responses
+            self.unconsumed = ring.unconsumed_responses
         return self
 
     async def wait(self) -> None:
@@ -92,9 +107,10 @@ class Drain:
         (a sender waiting for room, a back end waiting for buffers).
 
         The ring is armed meanwhile, and ring.h's final check runs here first:
-        when it finds a batch waiting, this returns at once (take it yourself);
-        otherwise the peer's next push wakes the port's loop, and this returns
-        once the loop has handled that batch, or at `wake`.
+        when it finds entries waiting, this returns at once (take them
+        yourself); otherwise the peer's next push wakes the port's loop, and
+        this returns once the loop has handled that batch (or, for a watched
+        ring, seen it), or at `wake`.
         """
         self._waiting += 1
         try:
@@ -110,10 +126,17 @@ class Drain:
         self._handled = trio.Event()
 
 
-async def port_batches(
-    port: Doorbell, drains: Sequence[Drain]
-) -> AsyncGenerator[tuple[Drain, list[Any]], None]:
-    """Each batch published on the rings bound to `port`, sleeping only when safe.
+def _final_check(drain: Drain) -> bool:
+    """RING_FINAL_CHECK_FOR_REQUESTS (or _RESPONSES), recorded when traced."""
+    more = drain.final_check()
+    if drain.trace is not None:
+        drain.trace.final_check(more)
+    return more
+
+
+async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
+    """Hand each batch published on the rings bound to `port` to its ring's
+    handler, sleeping only when safe, until cancelled (or a handler raises).
 
     ring.h's consumer loop, the one place it is written: take what each ring
     has; when none had anything, RING_FINAL_CHECK_FOR_REQUESTS (or
@@ -123,47 +146,40 @@ async def port_batches(
     after the final check sees the event index and notifies the port, which
     latches the notification until `wait`, so no wake-up is lost. An
     impossible index raises ChannelBroken.
+
+    It is a plain loop on purpose: a batch costs one call of its handler (no
+    generator between the ring and the handler), which is what the data
+    path's CPU per request can afford.
     """
     try:
         while True:
             busy = False
             for drain in drains:
+                handler = drain.handler
+                if handler is None:  # watched: the task waiting on it takes its entries
+                    if drain._waiting and drain.unconsumed():
+                        drain.wake()
+                    continue
                 batch = drain.take()
                 if batch:
                     busy = True
-                    yield drain, batch
+                    await handler(batch)
                     if drain._waiting:
                         drain.wake()
-            if busy or _final_checks(drains):
+            if busy:
                 continue
-            await port.wait()
+            for drain in drains:
+                if (
+                    drain.handler is not None
+                    and (drain.armed or drain._waiting)
+                    and _final_check(drain)
+                ):
+                    busy = True
+                    break
+            if not busy:
+                await port.wait()
     except RingOverflow as exc:
         raise ChannelBroken(str(exc)) from exc
-
-
-def _final_checks(drains: Sequence[Drain]) -> bool:
-    """Arm every armed ring's event index; True when one of them has more."""
-    for drain in drains:
-        if (drain.armed or drain._waiting) and _final_check(drain):
-            return True
-    return False
-
-
-def _final_check(drain: Drain) -> bool:
-    more = drain.final_check()
-    if drain.trace is not None:
-        drain.trace.final_check(more)
-    return more
-
-
-async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
-    """Hand each batch of the rings bound to `port` to its handler, until cancelled."""
-    async with aclosing(port_batches(port, drains)) as batches:  # closed when a handler raises
-        async for drain, batch in batches:
-            handler = drain.handler
-            if handler is None:
-                raise TypeError("a ring served by serve_port needs a handler")
-            await handler(batch)
 
 
 class _Batch:
@@ -327,7 +343,6 @@ class BackChannel:
         self.port = port
         self.answered = 0
         self.notifies = 0
-        self.batches = 0
         self._drain = Drain().bind(ring)
 
     @property
@@ -339,11 +354,27 @@ class BackChannel:
     def trace(self, trace: Any) -> None:
         self._drain.trace = trace
 
+    async def serve(self, handler: Handler) -> None:
+        """Hand each batch the front end publishes to `handler` until cancelled
+        (`serve_port` over this one ring); ChannelBroken on an impossible index."""
+        self._drain.handler = handler
+        await serve_port(self.port, [self._drain])
+
     async def batches_of_requests(self) -> AsyncIterator[list[Any]]:
-        """Each batch the front end published, sleeping only when ring.h says it is safe."""
-        async for _, batch in port_batches(self.port, [self._drain]):
-            self.batches += 1
-            yield batch
+        """Each batch the front end published, for a back end that runs its own
+        loop (a test's, a benchmark's echo end): `serve_port` for this one ring,
+        as an iterator. A driver's data path uses `serve`, which has no generator
+        between the ring and its handler."""
+        drain, take, port = self._drain, self.ring.get_requests, self.port
+        try:
+            while True:
+                batch = take()
+                if batch:
+                    yield batch
+                elif not _final_check(drain):
+                    await port.wait()
+        except RingOverflow as exc:
+            raise ChannelBroken(str(exc)) from exc
 
     async def requests(self) -> AsyncIterator[Any]:
         async for batch in self.batches_of_requests():

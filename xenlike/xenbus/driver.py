@@ -509,7 +509,7 @@ class Backend(XenbusDriver):
         async def one(responses: list[Any], index: int, request: Any) -> None:
             responses[index] = await self.handle(request)
 
-        async for batch in channel.batches_of_requests():
+        async def answer(batch: list[Any]) -> None:
             if self.concurrent:
                 responses: list[Any] = [None] * len(batch)
                 async with trio.open_nursery() as nursery:
@@ -518,6 +518,8 @@ class Backend(XenbusDriver):
             else:
                 responses = [await self.handle(request) for request in batch]
             channel.respond_many(responses)
+
+        await channel.serve(answer)
 
     async def _perform(self, action: Action) -> None:
         if action is Action.publish_features:
