@@ -201,3 +201,44 @@ async def test_an_impossible_index_on_any_ring_breaks_the_group() -> None:
 
     with trio.fail_after(5), pytest.raises(ChannelBroken, match="req_prod 1000"):
         await back.serve({name: ignore for name in NAMES})
+
+
+async def test_a_watched_ring_is_left_to_its_task_which_the_next_push_wakes() -> None:
+    """netback's rx ring: the loop never takes a watched ring's entries, even when
+    the port wakes for another ring; `wait` arms the ring, so the peer's next push
+    notifies, and the waiting task finds the entries still there to take."""
+    front, back = make_groups()
+    taken: list[int] = []
+
+    async def on_a(batch: list[tuple[int, int]]) -> None:
+        taken.extend(rid for rid, _ in batch)
+
+    watched = Drain()
+    ring_a, ring_b = front.rings["a"], front.rings["b"]
+    back_b = back.rings["b"]
+    assert isinstance(ring_a, FrontRing) and isinstance(ring_b, FrontRing)
+    assert isinstance(back_b, BackRing)
+    async with trio.open_nursery() as nursery:
+        handlers: dict[str, Handler | Drain] = {"a": on_a, "b": watched}
+        nursery.start_soon(back.serve, handlers)
+        ring_b.put_request((5, 0))
+        ring_b.push_requests()
+        ring_a.put_request((1, 0))
+        assert ring_a.push_requests() is True
+        front.ports["a"].notify()
+        with trio.fail_after(5):
+            while taken != [1]:
+                await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert back_b.unconsumed_requests() == 1  # the loop woke, but left b's request
+        await watched.wait()  # its final check finds request 5 at once
+        assert [rid for rid, _ in back_b.get_requests()] == [5]
+        with trio.fail_after(5):
+            async with trio.open_nursery() as waiter:
+                waiter.start_soon(watched.wait)
+                await trio.testing.wait_all_tasks_blocked()
+                ring_b.put_request((6, 0))
+                assert ring_b.push_requests() is True  # wait armed req_event
+                front.ports["b"].notify()
+        assert [rid for rid, _ in back_b.get_requests()] == [6]  # left for the task to take
+        nursery.cancel_scope.cancel()

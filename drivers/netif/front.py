@@ -202,10 +202,14 @@ class Netfront(Frontend):
             await self._tx_drain.wait()  # rsp_event armed: the back end notifies
 
     def _collect_tx(self) -> None:
-        """Reclaim the buffers of answered tx requests (a sender looks before giving up)."""
+        """Reclaim the buffers of answered tx requests (a sender looks before giving up).
+
+        The loop will not see these responses, so the senders waiting for room
+        are woken here."""
         responses = self._tx.get_responses()
         if responses:
             self._tx_answered(responses)
+            self._tx_drain.wake()
 
     async def _on_tx(self, responses: list[Any]) -> None:
         self._tx_answered(responses)

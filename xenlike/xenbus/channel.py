@@ -10,10 +10,12 @@ responses by them, so a driver never manages cookies.
 `handler`, sleeping only after ring.h's final check; `respond` publishes a
 response and notifies only when the front end asked to be woken.
 
-Both run the one loop this module has, `serve_port`: drain every ring
-bound to a port, run ring.h's final checks, and only then sleep on the
-port. A device with several rings (`RingGroup`) runs the same loop, once
-per port, with a handler per ring.
+Both run ring.h's consumer loop, `serve_port`: drain every ring bound to
+a port, run ring.h's final checks, and only then sleep on the port. A
+device with several rings (`RingGroup`) runs the same loop, once per port,
+with a handler per ring. (`BackChannel.batches_of_requests` is the same
+loop for one ring as an iterator, for tests and benchmarks that answer in
+a loop of their own.)
 
 A protocol violation (an impossible index) breaks the channel with
 `ChannelBroken`; the device then goes to Closing.
@@ -121,9 +123,11 @@ class Drain:
             self._waiting -= 1
 
     def wake(self) -> None:
-        """End every `wait` now (after a handled batch, or when the device goes away)."""
-        self._handled.set()
-        self._handled = trio.Event()
+        """End every `wait` now: after a handled batch, when a task took the ring's
+        entries itself (the loop will not see them), or when the device goes away."""
+        if self._waiting:
+            self._handled.set()
+            self._handled = trio.Event()
 
 
 def _final_check(drain: Drain) -> bool:
@@ -138,7 +142,7 @@ async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
     """Hand each batch published on the rings bound to `port` to its ring's
     handler, sleeping only when safe, until cancelled (or a handler raises).
 
-    ring.h's consumer loop, the one place it is written: take what each ring
+    ring.h's consumer loop, for every ring of every driver: take what each ring
     has; when none had anything, RING_FINAL_CHECK_FOR_REQUESTS (or
     _RESPONSES) on each armed ring, whose mb() orders the event index store
     before the last look at the producer index; sleep on the port only when
