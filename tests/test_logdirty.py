@@ -35,8 +35,15 @@ from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import Hypercall
 from xenlike.codec import compile_struct
 from xenlike.domain import Domain, GrantCopy, GrantRef, LocalFrame
+from xenlike.hypercall import HypercallError
 from xenlike.hypervisor import Hypervisor
-from xenlike.hypervisor.logdirty import CHUNK_FRAMES, DirtyLog, bitmap_frames, dirty_log
+from xenlike.hypervisor.logdirty import (
+    CHUNK_FRAMES,
+    SLICE_FRAMES,
+    DirtyLog,
+    bitmap_frames,
+    dirty_log,
+)
 from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.xc import XenControl
 
@@ -325,4 +332,56 @@ async def test_a_mapper_process_writing_through_a_kept_map_is_logged(
     assert await mapper.step("write") == "ok"
     assert frames(await xc.logdirty_clean(granter.domid)) == gfns
     assert await mapper.step("unmap") == "ok"
+    await healthy(hv)
+
+
+async def test_two_looks_at_once_report_each_frame_once(
+    hv: Hypervisor,
+    xc: XenControl,
+    guest,  # noqa: F811
+) -> None:
+    """Looks are answered from tasks; two at once take turns, and a frame is in one
+    answer only."""
+    a: Guest = await guest()
+    await xc.logdirty_enable(a.domid)
+    written = {a.page(index) for index in range(5)}
+    for gfn in written:
+        a.write(gfn, b"written")
+    answers: list[set[int]] = []
+
+    async def clean(control: XenControl) -> None:
+        answers.append(frames(await control.logdirty_clean(a.domid)))
+
+    async with XenControl.connect(hv.run_dir) as other, trio.open_nursery() as nursery:
+        nursery.start_soon(clean, xc)
+        nursery.start_soon(clean, other)
+    assert answers[0] | answers[1] == written and not answers[0] & answers[1]
+    await healthy(hv)
+
+
+async def test_a_domain_destroyed_while_it_is_compared(hv: Hypervisor, xc: XenControl) -> None:
+    """The look ends with EINVAL or has finished; either way the log is freed and the
+    hypervisor carries on."""
+    domid = await xc.create_domain("tests.kernels:sleeper", memory_mb=64)
+    await xc.unpause(domid)
+    await wait_for_log(xc, f"(d{domid}) sleeping")
+    await xc.logdirty_enable(domid)
+    domain = hv.domains[domid]
+    log = dirty_log(domain)
+    assert log is not None and log.nr_pages > 8 * SLICE_FRAMES
+    outcomes: list[object] = []
+
+    async def clean() -> None:
+        try:
+            outcomes.append(len(await xc.logdirty_clean(domid)))
+        except HypercallError as exc:
+            outcomes.append(exc.errno)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(clean)
+        while not log.busy.locked():  # the look has begun, and waits between two slices
+            await trio.sleep(0)
+        hv.destroy(domain)
+    assert outcomes in ([Errno.EINVAL], [log.nr_pages // 8])
+    assert dirty_log(domain) is None and log.reference.closed
     await healthy(hv)
