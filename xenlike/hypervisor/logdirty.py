@@ -71,9 +71,9 @@ CHUNK_FRAMES = 64
 """Frames compared with one memcmp before each is compared alone: a light writer
 leaves most runs equal, and a run costs one call instead of 64."""
 
-SLICE_FRAMES = 1024
-"""Frames compared between two chances for other calls (4 MiB: well under a
-millisecond to compare, a few to copy at ENABLE)."""
+SLICE_FRAMES = 512
+"""Frames compared between two chances for other calls (2 MiB: about a
+millisecond to compare on a quiet machine, a few to copy at ENABLE)."""
 
 MAX_LOGDIRTY_PAGES = (HYPERCALL_MAX_MESSAGE - DOMCTL.size - 16) * 8
 """Frames whose bitmap fits in one reply after the xen_domctl (about 2 GiB)."""
@@ -276,7 +276,7 @@ def _off(hv: Any, domain: HypervisorDomain) -> None:
     if log is not None:
         size = log.reference_bytes
         log.close()
-        hv.log(domain, f"log-dirty off: {size >> 10} KiB of reference released")
+        hv.log(domain, f"log-dirty off: {size >> 10} KiB reference released")
 
 
 async def _look(domain: HypervisorDomain, log: DirtyLog, *, mark: bool) -> None:
