@@ -111,6 +111,30 @@ def test_a_frame_read_becomes_the_reference(data: st.DataObject) -> None:
     assert frames(log.bitmap(4)) == {pfn}
 
 
+@given(
+    nr_pages=st.integers(1, 3 * CHUNK_FRAMES + 5),
+    written=st.sets(st.integers(0, 3 * CHUNK_FRAMES + 4)),
+    slice_frames=st.integers(1, 2 * CHUNK_FRAMES + 3),
+)
+def test_a_look_in_slices_finds_what_one_look_finds(
+    nr_pages: int, written: set[int], slice_frames: int
+) -> None:
+    """The hypervisor compares a slice at a time; slices of any size, aligned to runs
+    or not, find the same frames."""
+    memory = bytearray(nr_pages * XEN_PAGE_SIZE)
+    log = DirtyLog.empty(nr_pages)
+    for first in range(0, nr_pages, slice_frames):
+        log.scan(memory, mark=False, first=first, count=slice_frames)
+    dirty = {pfn for pfn in written if pfn < nr_pages}
+    for pfn in dirty:
+        memory[pfn * XEN_PAGE_SIZE + pfn % XEN_PAGE_SIZE] = 1
+    for first in range(0, nr_pages, slice_frames):
+        log.scan(memory, first=first, count=slice_frames)
+    assert set(bitmap_frames(log.bitmap(nr_pages))) == dirty
+    assert log.fault_count == len(dirty)
+    log.close()
+
+
 # --- every writer, exactly ------------------------------------------------------------
 
 

@@ -8,12 +8,13 @@ back ends (through grant maps, persistent ones included) and the hypervisor
 (grant copies) all write through their own mappings, and none of those writes
 faults anywhere the hypervisor could see: soft-dirty bits are never set for a
 memfd mapping on this kernel, and userfaultfd write-protection lives in the
-page tables of the one process that registered it (the guest's, which is
-hostile and could switch it off). So a frame is dirty here when its content
-differs from a reference copy the hypervisor keeps: every writer counts by
-construction. The comparison is one memcmp per 64 frames, then halves of a
-run that differs down to its frames (docs/migration.md, "How dirty pages are found",
-has the figures).
+page tables of the one process that registered it (for the guest's writes,
+the guest's own, which is hostile, and whose sandbox refuses userfaultfd).
+So a frame is dirty here when its content differs from a reference copy the
+hypervisor keeps: every writer counts by construction. The comparison is one
+memcmp per 64 frames, then halves of a run that differs down to its frames,
+a slice of the domain at a time with other calls answered in between
+(docs/migration.md, "How dirty pages are found", has the figures).
 
 The reference is what Dom0 was last told about a frame: its content when
 log-dirty was enabled, when a CLEAN or PEEK found it changed, or when
