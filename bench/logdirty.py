@@ -13,8 +13,12 @@ holds data, with a light writer (50 frames changed between rounds):
 
 Then a hypervisor in this process runs a guest of 32 and of 128 MiB that filled
 its memory and writes 10 frames every 10 ms; `xc.logdirty_clean` is timed as
-Dom0 sees it (the hypervisor answers no one else meanwhile), with the CPU time
-of this process (hypervisor and caller) per CLEAN.
+Dom0 sees it, with the CPU time of this process (hypervisor and caller) per
+CLEAN, and ENABLE (which copies the guest's memory) once; meanwhile another
+Dom0 connection keeps asking xen_version, and the longest it waited says how
+long the hypervisor left everyone else unanswered (it compares a guest 2 MiB
+at a time and answers others in between), beside the longest wait over as
+long a time with no look at all.
 The last lines are `ratio clean_MiB_vs_crc32: VALUE`: how many times cheaper a
 CLEAN round is than only hashing every frame with crc32.
 """
@@ -38,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._cost import Costs, own_usage  # noqa: E402
+from xenlike.abi.version import XenVerOp  # noqa: E402
+from xenlike.abi.xen import Hypercall  # noqa: E402
 from xenlike.domain import Domain  # noqa: E402
 from xenlike.hypervisor import Hypervisor  # noqa: E402
 from xenlike.hypervisor.logdirty import DirtyLog, bitmap_frames  # noqa: E402
@@ -150,8 +156,19 @@ async def wait_for(hv: Hypervisor, text: str, timeout: float = 120) -> None:
             await trio.sleep(0.05)
 
 
-async def time_cleans(rounds: int, costs: Costs) -> dict[int, tuple[float, float]]:
-    """Per size: median seconds per CLEAN as Dom0 sees it, median frames reported."""
+async def longest_wait(xc: XenControl, stop: trio.Event, out: list[float]) -> None:
+    """Another caller's xen_version calls, one after another until `stop`: the longest
+    any of them waited is how long the hypervisor answered no one else."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        await xc.hypercalls.call(Hypercall.xen_version, XenVerOp.version)
+        out.append(time.perf_counter() - start)
+        await trio.sleep(0.001)
+
+
+async def time_cleans(rounds: int, costs: Costs) -> dict[int, dict[str, float]]:
+    """Per size: seconds for ENABLE; median seconds per CLEAN as Dom0 sees it and
+    frames it reported; the longest another caller waited meanwhile."""
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
     )
@@ -160,12 +177,21 @@ async def time_cleans(rounds: int, costs: Costs) -> dict[int, tuple[float, float
         hv = Hypervisor(Path(tmp) / "run")
         async with trio.open_nursery() as nursery:
             await nursery.start(hv.serve)
-            async with XenControl.connect(hv.run_dir) as xc:
+            connect = XenControl.connect
+            async with connect(hv.run_dir) as xc, connect(hv.run_dir) as other:
                 for mib in SIZES:
                     domid = await xc.create_domain("bench.logdirty:light_writer", memory_mb=mib)
                     await xc.unpause(domid)
                     await wait_for(hv, f"(d{domid}) filled")
+                    stop, quiet = trio.Event(), [0.0]
+                    nursery.start_soon(longest_wait, other, stop, quiet)
+                    await trio.sleep(rounds * 0.1)  # as long as the CLEANs, with no look
+                    stop.set()
+                    stop, waits = trio.Event(), [0.0]
+                    nursery.start_soon(longest_wait, other, stop, waits)
+                    start = time.perf_counter()
                     await xc.logdirty_enable(domid)
+                    enable = time.perf_counter() - start
                     times, counts = [], []
                     for _ in range(rounds):
                         await trio.sleep(0.1)
@@ -175,7 +201,14 @@ async def time_cleans(rounds: int, costs: Costs) -> dict[int, tuple[float, float
                         times.append(time.perf_counter() - start)
                         costs.add("bench", f"clean_{mib}MiB", own_usage() - before, 1)
                         counts.append(len(bitmap_frames(bitmap)))
-                    out[mib] = (statistics.median(times), statistics.median(counts))
+                    stop.set()
+                    out[mib] = {
+                        "enable": enable,
+                        "clean": statistics.median(times),
+                        "dirty": statistics.median(counts),
+                        "longest_wait": max(waits),
+                        "longest_quiet_wait": max(quiet),
+                    }
                     await xc.destroy(domid)
             nursery.cancel_scope.cancel()
     return out
@@ -194,12 +227,16 @@ def main() -> None:
         figures = ", ".join(f"{name} {ways[(name, mib)] * 1e3:.1f} ms" for name in WAYS)
         print(f"scan of {mib} MiB, every frame holding data: {figures}")
     for mib in SIZES:
-        seconds, count = cleans[mib]
-        print(f"CLEAN of a {mib} MiB guest writing 1000 frames/s: {seconds * 1e3:.1f} ms,")
-        print(f"  {count:.0f} frames dirty per 0.1 s round")
+        c = cleans[mib]
+        print(
+            f"{mib} MiB guest writing 1000 frames/s: ENABLE {c['enable'] * 1e3:.0f} ms,"
+            f" CLEAN {c['clean'] * 1e3:.1f} ms, {c['dirty']:.0f} frames dirty per 0.1 s round,"
+            f" longest wait of another caller {c['longest_wait'] * 1e3:.1f} ms"
+            f" ({c['longest_quiet_wait'] * 1e3:.1f} ms with no look)"
+        )
     print("\n".join(costs.lines()))
     for mib in SIZES:
-        print(f"ratio clean_{mib}MiB_vs_crc32: {ways[('crc32', mib)] / cleans[mib][0]:.3f}")
+        print(f"ratio clean_{mib}MiB_vs_crc32: {ways[('crc32', mib)] / cleans[mib]['clean']:.3f}")
 
 
 if __name__ == "__main__":

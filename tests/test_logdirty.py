@@ -35,8 +35,15 @@ from xenlike.abi.sched import ShutdownReason
 from xenlike.abi.xen import Hypercall
 from xenlike.codec import compile_struct
 from xenlike.domain import Domain, GrantCopy, GrantRef, LocalFrame
+from xenlike.hypercall import HypercallError
 from xenlike.hypervisor import Hypervisor
-from xenlike.hypervisor.logdirty import CHUNK_FRAMES, DirtyLog, bitmap_frames, dirty_log
+from xenlike.hypervisor.logdirty import (
+    CHUNK_FRAMES,
+    SLICE_FRAMES,
+    DirtyLog,
+    bitmap_frames,
+    dirty_log,
+)
 from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.xc import XenControl
 
@@ -102,6 +109,30 @@ def test_a_frame_read_becomes_the_reference(data: st.DataObject) -> None:
     memory[at] = 0  # back to what the enable saw
     log.scan(memory)
     assert frames(log.bitmap(4)) == {pfn}
+
+
+@given(
+    nr_pages=st.integers(1, 3 * CHUNK_FRAMES + 5),
+    written=st.sets(st.integers(0, 3 * CHUNK_FRAMES + 4)),
+    slice_frames=st.integers(1, 2 * CHUNK_FRAMES + 3),
+)
+def test_a_look_in_slices_finds_what_one_look_finds(
+    nr_pages: int, written: set[int], slice_frames: int
+) -> None:
+    """The hypervisor compares a slice at a time; slices of any size, aligned to runs
+    or not, find the same frames."""
+    memory = bytearray(nr_pages * XEN_PAGE_SIZE)
+    log = DirtyLog.empty(nr_pages)
+    for first in range(0, nr_pages, slice_frames):
+        log.scan(memory, mark=False, first=first, count=slice_frames)
+    dirty = {pfn for pfn in written if pfn < nr_pages}
+    for pfn in dirty:
+        memory[pfn * XEN_PAGE_SIZE + pfn % XEN_PAGE_SIZE] = 1
+    for first in range(0, nr_pages, slice_frames):
+        log.scan(memory, first=first, count=slice_frames)
+    assert set(bitmap_frames(log.bitmap(nr_pages))) == dirty
+    assert log.fault_count == len(dirty)
+    log.close()
 
 
 # --- every writer, exactly ------------------------------------------------------------
@@ -325,4 +356,56 @@ async def test_a_mapper_process_writing_through_a_kept_map_is_logged(
     assert await mapper.step("write") == "ok"
     assert frames(await xc.logdirty_clean(granter.domid)) == gfns
     assert await mapper.step("unmap") == "ok"
+    await healthy(hv)
+
+
+async def test_two_looks_at_once_report_each_frame_once(
+    hv: Hypervisor,
+    xc: XenControl,
+    guest,  # noqa: F811
+) -> None:
+    """Looks are answered from tasks; two at once take turns, and a frame is in one
+    answer only."""
+    a: Guest = await guest()
+    await xc.logdirty_enable(a.domid)
+    written = {a.page(index) for index in range(5)}
+    for gfn in written:
+        a.write(gfn, b"written")
+    answers: list[set[int]] = []
+
+    async def clean(control: XenControl) -> None:
+        answers.append(frames(await control.logdirty_clean(a.domid)))
+
+    async with XenControl.connect(hv.run_dir) as other, trio.open_nursery() as nursery:
+        nursery.start_soon(clean, xc)
+        nursery.start_soon(clean, other)
+    assert answers[0] | answers[1] == written and not answers[0] & answers[1]
+    await healthy(hv)
+
+
+async def test_a_domain_destroyed_while_it_is_compared(hv: Hypervisor, xc: XenControl) -> None:
+    """The look ends with EINVAL or has finished; either way the log is freed and the
+    hypervisor carries on."""
+    domid = await xc.create_domain("tests.kernels:sleeper", memory_mb=64)
+    await xc.unpause(domid)
+    await wait_for_log(xc, f"(d{domid}) sleeping")
+    await xc.logdirty_enable(domid)
+    domain = hv.domains[domid]
+    log = dirty_log(domain)
+    assert log is not None and log.nr_pages > 8 * SLICE_FRAMES
+    outcomes: list[object] = []
+
+    async def clean() -> None:
+        try:
+            outcomes.append(len(await xc.logdirty_clean(domid)))
+        except HypercallError as exc:
+            outcomes.append(exc.errno)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(clean)
+        while not log.busy.locked():  # the look has begun, and waits between two slices
+            await trio.sleep(0)
+        hv.destroy(domain)
+    assert outcomes in ([Errno.EINVAL], [log.nr_pages // 8])
+    assert dirty_log(domain) is None and log.reference.closed
     await healthy(hv)

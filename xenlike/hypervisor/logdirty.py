@@ -8,12 +8,13 @@ back ends (through grant maps, persistent ones included) and the hypervisor
 (grant copies) all write through their own mappings, and none of those writes
 faults anywhere the hypervisor could see: soft-dirty bits are never set for a
 memfd mapping on this kernel, and userfaultfd write-protection lives in the
-page tables of the one process that registered it (the guest's, which is
-hostile and could switch it off). So a frame is dirty here when its content
-differs from a reference copy the hypervisor keeps: every writer counts by
-construction. The comparison is one memcmp per 64 frames, then halves of a
-run that differs down to its frames (docs/migration.md, "How dirty pages are found",
-has the figures).
+page tables of the one process that registered it (for the guest's writes,
+the guest's own, which is hostile, and whose sandbox refuses userfaultfd).
+So a frame is dirty here when its content differs from a reference copy the
+hypervisor keeps: every writer counts by construction. The comparison is one
+memcmp per 64 frames, then halves of a run that differs down to its frames,
+a slice of the domain at a time with other calls answered in between
+(docs/migration.md, "How dirty pages are found", has the figures).
 
 The reference is what Dom0 was last told about a frame: its content when
 log-dirty was enabled, when a CLEAN or PEEK found it changed, or when
@@ -24,12 +25,14 @@ needs: what the destination holds is what the frame holds.
 
 import ctypes
 import mmap
-from collections.abc import Iterator
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 import attrs
+import trio
 
 from xenlike.abi.domctl import (
     XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY,
@@ -45,7 +48,7 @@ from xenlike.abi.domctl import (
 )
 from xenlike.abi.errno import Errno
 from xenlike.codec import compile_struct
-from xenlike.hypercall import HYPERCALL_MAX_MESSAGE, HypercallError
+from xenlike.hypercall import HYPERCALL_MAX_MESSAGE, HypercallError, MessageKind, Reply
 from xenlike.hypervisor.control import _domctl, domctl
 from xenlike.hypervisor.core import DomainState, HypervisorDomain
 from xenlike.hypervisor.table import Call
@@ -55,6 +58,7 @@ __all__ = [
     "CHUNK_FRAMES",
     "DirtyLog",
     "MAX_LOGDIRTY_PAGES",
+    "SLICE_FRAMES",
     "bitmap_frames",
     "dirty_log",
     "note_read",
@@ -67,6 +71,10 @@ DOMCTL = compile_struct(xen_domctl, "xen_domctl")
 CHUNK_FRAMES = 64
 """Frames compared with one memcmp before each is compared alone: a light writer
 leaves most runs equal, and a run costs one call instead of 64."""
+
+SLICE_FRAMES = 512
+"""Frames compared between two chances for other calls (2 MiB: about a
+millisecond to compare on a quiet machine, a few to copy at ENABLE)."""
 
 MAX_LOGDIRTY_PAGES = (HYPERCALL_MAX_MESSAGE - DOMCTL.size - 16) * 8
 """Frames whose bitmap fits in one reply after the xen_domctl (about 2 GiB)."""
@@ -110,20 +118,25 @@ class DirtyLog:
     reference: mmap.mmap = attrs.field(repr=False)
     dirty: bytearray = attrs.field(repr=False)  # Xen's bitmap: bit pfn % 8 of byte pfn // 8
     fault_count: int = 0  # times a look found a frame changed, since the last CLEAN
+    busy: trio.Lock = attrs.field(factory=trio.Lock)  # one look at a time (see shadow_op)
 
     @classmethod
-    def start(cls, memory: Any) -> "DirtyLog":
-        """Log-dirty from now on: the reference is `memory` as it is.
+    def empty(cls, nr_pages: int) -> "DirtyLog":
+        """A log whose reference is all zeroes: `scan(memory, mark=False)` fills it.
 
         The reference is private anonymous memory, so frames that hold only
         zeroes (ballooned out, never touched) cost nothing.
         """
-        nr_pages = len(memory) // XEN_PAGE_SIZE
-        log = cls(
+        return cls(
             nr_pages,
             mmap.mmap(-1, nr_pages * XEN_PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
             bytearray((nr_pages + 7) // 8),
         )
+
+    @classmethod
+    def start(cls, memory: Any) -> "DirtyLog":
+        """Log-dirty from now on: the reference is `memory` as it is."""
+        log = cls.empty(len(memory) // XEN_PAGE_SIZE)
         log.scan(memory, mark=False)
         return log
 
@@ -136,20 +149,24 @@ class DirtyLog:
         """What the reference costs, at most: a page for each frame that held data."""
         return len(self.reference)
 
-    def scan(self, memory: Any, *, mark: bool = True) -> None:
-        """Compare every frame of `memory` with the reference; mark each that differs
-        and take its content as the new reference (without marking, runs that
-        differ are copied whole: the first look, which only fills the reference)."""
+    def scan(
+        self, memory: Any, *, mark: bool = True, first: int = 0, count: int | None = None
+    ) -> None:
+        """Compare frames of `memory` (the domain's whole memory; `count` from `first`,
+        or all) with the reference; mark each that differs and take its content
+        as the new reference (without marking, runs that differ are copied
+        whole: the first look, which only fills the reference)."""
         if len(memory) != self.nr_pages * XEN_PAGE_SIZE:
             raise ValueError(f"{len(memory)} bytes of memory for {self.nr_pages} frames")
+        end = self.nr_pages if count is None else min(self.nr_pages, first + count)
         with _address(memory) as current, _address(self.reference) as reference:
-            for first in range(0, self.nr_pages, CHUNK_FRAMES):
-                count = min(CHUNK_FRAMES, self.nr_pages - first)
-                offset, size = first * XEN_PAGE_SIZE, count * XEN_PAGE_SIZE
+            for run in range(first, end, CHUNK_FRAMES):
+                length = min(CHUNK_FRAMES, end - run)
+                offset, size = run * XEN_PAGE_SIZE, length * XEN_PAGE_SIZE
                 if not _memcmp(current + offset, reference + offset, size):
                     continue
                 if mark:
-                    self._bisect(current, reference, first, count)
+                    self._bisect(current, reference, run, length)
                 else:
                     ctypes.memmove(reference + offset, current + offset, size)
 
@@ -229,7 +246,7 @@ def _target(call: Call, arg: Any) -> HypervisorDomain:
     return domain
 
 
-def _enable(call: Call, domain: HypervisorDomain) -> None:
+def _enable(call: Call, domain: HypervisorDomain, arg: Any) -> int:
     if domain in _logs:
         raise HypercallError(Errno.EINVAL, f"log-dirty of {domain} is on already")
     if domain.memory is None:
@@ -240,12 +257,19 @@ def _enable(call: Call, domain: HypervisorDomain) -> None:
             f"{domain} has {domain.nr_pages} frames; a log-dirty bitmap covers"
             f" {MAX_LOGDIRTY_PAGES}",
         )
-    if call.hv not in _hooked:
-        call.hv.on_domain_exit.append(lambda gone: _off(call.hv, gone))
-        _hooked.add(call.hv)
-    with _whole(domain) as memory:
-        _logs[domain] = DirtyLog.start(memory)
-    call.hv.log(domain, f"log-dirty on: {domain.nr_pages} frames")
+    hv = call.hv
+    if hv not in _hooked:
+        hv.on_domain_exit.append(lambda gone: _off(hv, gone))
+        _hooked.add(hv)
+    log = _logs[domain] = DirtyLog.empty(domain.nr_pages)
+
+    async def fill() -> bytes:
+        async with log.busy:
+            await _look(domain, log, mark=False)
+        hv.log(domain, f"log-dirty on: {domain.nr_pages} frames")
+        return DOMCTL.pack(arg)
+
+    return _answer_later(call, fill)
 
 
 def _off(hv: Any, domain: HypervisorDomain) -> None:
@@ -253,17 +277,53 @@ def _off(hv: Any, domain: HypervisorDomain) -> None:
     if log is not None:
         size = log.reference_bytes
         log.close()
-        hv.log(domain, f"log-dirty off: {size >> 10} KiB of reference released")
+        hv.log(domain, f"log-dirty off: {size >> 10} KiB reference released")
+
+
+async def _look(domain: HypervisorDomain, log: DirtyLog, *, mark: bool) -> None:
+    """Compare the whole domain, a slice at a time, letting every other call in
+    between: the hypervisor keeps answering other domains (and this one) while
+    a large guest is compared. OFF or a teardown meanwhile ends the look."""
+    for first in range(0, log.nr_pages, SLICE_FRAMES):
+        if _logs.get(domain) is not log or domain.torn_down:
+            raise HypercallError(Errno.EINVAL, f"log-dirty of {domain} went off meanwhile")
+        with _whole(domain) as memory:
+            log.scan(memory, mark=mark, first=first, count=SLICE_FRAMES)
+        await trio.lowlevel.checkpoint()
+
+
+def _answer_later(call: Call, work: Callable[[], Awaitable[bytes]]) -> int:
+    """Defer the reply to a task running `work` (its result is the reply's payload);
+    a failure is that call's error, never the hypervisor's, as in `dispatch`."""
+    call.defer()
+    hv, conn, seq = call.hv, call.connection, call.seq
+
+    async def answer() -> None:
+        try:
+            reply = Reply(seq, MessageKind.reply, 0, await work())
+        except HypercallError as exc:
+            reply = Reply(seq, MessageKind.reply, -int(exc.errno), b"")
+        except Exception:
+            hv.log_refusal(conn.domain, f"shadow_op failed:\n{traceback.format_exc()}")
+            reply = Reply(seq, MessageKind.reply, -int(Errno.EINVAL), b"")
+        try:
+            await conn.send(reply)
+        except (OSError, trio.ClosedResourceError):
+            pass
+
+    hv._nursery.start_soon(answer)
+    return 0
 
 
 @domctl(DomctlOp.shadow_op)
-def shadow_op(call: Call, arg: Any) -> tuple[int, bytes] | int:
+def shadow_op(call: Call, arg: Any) -> int:
     """OFF, ENABLE_LOGDIRTY (or ENABLE with ENABLE_LOG_DIRTY), CLEAN and PEEK.
 
     CLEAN and PEEK answer the xen_domctl with `pages` set to the frames the
     bitmap covers (at most the domain's) and the stats, then the bitmap
     itself unless `dirty_bitmap` is a null handle. CLEAN then clears the
-    bitmap and the stats, as Xen's paging_log_dirty_op does.
+    bitmap and the stats, as Xen's paging_log_dirty_op does. ENABLE, CLEAN
+    and PEEK answer once the domain is compared (see `_look`).
     """
     domain = _target(call, arg)
     request = SHADOW_OP.unpack(arg.u[: SHADOW_OP.size])
@@ -274,8 +334,7 @@ def shadow_op(call: Call, arg: Any) -> tuple[int, bytes] | int:
     if op == XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY or (
         op == XEN_DOMCTL_SHADOW_OP_ENABLE and request.mode == XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY
     ):
-        _enable(call, domain)
-        return 0
+        return _enable(call, domain, arg)
     if op not in (XEN_DOMCTL_SHADOW_OP_CLEAN, XEN_DOMCTL_SHADOW_OP_PEEK):
         raise HypercallError(
             Errno.EINVAL, f"shadow_op {op} mode {request.mode:#x}: not supported here"
@@ -285,13 +344,17 @@ def shadow_op(call: Call, arg: Any) -> tuple[int, bytes] | int:
     log = _logs.get(domain)
     if log is None:
         raise HypercallError(Errno.EINVAL, f"log-dirty of {domain} is off")
-    with _whole(domain) as memory:
-        log.scan(memory)
-    pages = min(request.pages, log.nr_pages)
-    stats = request.stats._replace(fault_count=log.fault_count, dirty_count=log.dirty_count)
-    bitmap = log.bitmap(pages) if request.dirty_bitmap else b""
-    if op == XEN_DOMCTL_SHADOW_OP_CLEAN:
-        log.clean()
-    answer = request._replace(pages=pages, stats=stats)
-    head = arg._replace(u=SHADOW_OP.pack(answer).ljust(len(arg.u), b"\0"))
-    return 0, DOMCTL.pack(head) + bitmap
+
+    async def look() -> bytes:
+        async with log.busy:
+            await _look(domain, log, mark=True)
+            pages = min(request.pages, log.nr_pages)
+            stats = request.stats._replace(fault_count=log.fault_count, dirty_count=log.dirty_count)
+            bitmap = log.bitmap(pages) if request.dirty_bitmap else b""
+            if op == XEN_DOMCTL_SHADOW_OP_CLEAN:
+                log.clean()
+        answer = request._replace(pages=pages, stats=stats)
+        head = arg._replace(u=SHADOW_OP.pack(answer).ljust(len(arg.u), b"\0"))
+        return DOMCTL.pack(head) + bitmap
+
+    return _answer_later(call, look)
