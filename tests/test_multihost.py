@@ -1,0 +1,299 @@
+"""Hosts joined at layer 2 by the kernel's VXLAN, and guests that say where they are.
+
+Two network namespaces are two hosts: a veth pair is the wire between them
+(10.99.0.1 and 10.99.0.2, MTU 1550 so that 1500-byte guest frames fit in
+VXLAN), and `xenlike up` runs in each (`[dom0] nic = "vxlan:42"`). A guest
+on one pings a guest on the other, and tshark on the wire decodes the VXLAN
+datagrams. Nothing reaches the host's own network; the namespaces are
+deleted at the end, whatever happened.
+
+Then a guest's gratuitous ARP (netfront's, on every connection, as Linux's
+netdev_notify_peers): after a checkpoint and after a restore, a capture of
+xenbr0 sees it announce its MAC and IP.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from domains.dom0.hw.tunnel import UplinkNames, overhead
+from tests.test_up import wait_for, xenlike
+from xenlike.topology import TopologyError, parse_topology
+
+VNI = 42
+WIRE = {"a": "10.99.0.1", "b": "10.99.0.2"}
+GUEST = {"a": ("00:16:3e:63:00:01", "10.77.0.1"), "b": ("00:16:3e:63:00:02", "10.77.0.2")}
+
+
+def host_topology(side: str, host: str) -> str:
+    other = "b" if side == "a" else "a"
+    mac, ip = GUEST[side]
+    return (
+        f'[host]\nname = "{host}"\nlocal = "{WIRE[side]}"\npeers = ["{WIRE[other]}"]\n\n'
+        f'[dom0]\nmemory = 64\nnic = "vxlan:{VNI}"\n\n'
+        f'[[domain]]\nname = "g{side}"\nmemory = 16\ninit = "tests.test_net_e2e:chatter"\n'
+        f'extra = "peer={GUEST[other][1]}"\nvif = ["mac={mac}, ip={ip}/24"]\n'
+    )
+
+
+# --- the topology's keys ---------------------------------------------------------------
+
+
+def test_a_vxlan_nic_with_its_tunnel_ends_parses() -> None:
+    topology = parse_topology(host_topology("a", "left"))
+    assert topology.dom0.nic == "vxlan:42" and topology.vni == 42
+    assert topology.local == "10.99.0.1" and topology.peers == ("10.99.0.2",)
+    assert parse_topology("").vni is None and parse_topology("").peers == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('[dom0]\nnic = "vxlan:x"\n', 2, "a VXLAN segment is a number (VNI) from 0 to 16777215"),
+        ('[dom0]\nnic = "vxlan:16777216"\n', 2, "(VNI) from 0 to 16777215"),
+        ('[dom0]\nnic = "vxlan:1"\n', 2, '[host] needs local = "ADDRESS"'),
+        ('[host]\npeers = ["10.0.0.2"]\n', 2, 'peers = ...: only for [dom0] nic = "vxlan:VNI"'),
+        ('[host]\nlocal = "10.0.0.1"\n', 2, 'local = ...: only for [dom0] nic = "vxlan:VNI"'),
+        (
+            '[host]\nlocal = "nowhere"\npeers = ["10.0.0.2"]\n[dom0]\nnic = "vxlan:1"\n',
+            2,
+            "local: 'nowhere' is not a unicast IP address",
+        ),
+        (
+            '[host]\nlocal = "10.0.0.1"\npeers = ["239.1.1.1"]\n[dom0]\nnic = "vxlan:1"\n',
+            3,
+            "without multicast",
+        ),
+        (
+            '[host]\nlocal = "10.0.0.1"\npeers = []\n[dom0]\nnic = "vxlan:1"\n',
+            3,
+            "a list of the other hosts' addresses",
+        ),
+        (
+            '[host]\nlocal = "10.0.0.1"\npeers = ["10.0.0.1"]\n[dom0]\nnic = "vxlan:1"\n',
+            3,
+            "peer 10.0.0.1 is this host (local)",
+        ),
+        (
+            '[host]\nlocal = "10.0.0.1"\npeers = ["10.0.0.2", "10.0.0.2"]\n'
+            '[dom0]\nnic = "vxlan:1"\n',
+            3,
+            "peer 10.0.0.2 is listed twice",
+        ),
+        (
+            '[host]\nlocal = "10.0.0.1"\npeers = ["fd00::2"]\n[dom0]\nnic = "vxlan:1"\n',
+            3,
+            "peer fd00::2: not of the family of local = '10.0.0.1'",
+        ),
+        ("[host]\nvxlan = 1\n", 2, "unknown key 'vxlan' in [host]; expected one of local, memory"),
+    ],
+)
+def test_tunnel_mistakes_are_one_line_each(text: str, line: int, message: str) -> None:
+    with pytest.raises(TopologyError) as caught:
+        parse_topology(text, "t.toml")
+    found = [str(p) for p in caught.value.problems]
+    assert any(p.startswith(f"t.toml:{line}: ") and message in p for p in found), found
+
+
+def test_device_names_fit_ifnamsiz_and_stay_apart() -> None:
+    assert UplinkNames.for_host("left") == UplinkNames("tap-left", "br-left", "vx-left")
+    long_one, long_two = (UplinkNames.for_host(f"datacenter-{n}-rack-7") for n in (1, 2))
+    assert long_one != long_two
+    assert all(len(name) <= 15 for name in long_one.devices + long_two.devices)
+    assert overhead("10.0.0.1") == 50 and overhead("fd00::1") == 70
+
+
+# --- two hosts in two network namespaces --------------------------------------------------
+
+
+def _namespaces_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces, veth and VXLAN devices need root"
+    for tool in ("ip", "bridge", "tshark"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (iproute2, tshark)"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    return None
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def wire() -> Iterator[dict[str, str]]:
+    """Two namespaces joined by a veth pair; deleted afterwards, whatever happened."""
+    reason = _namespaces_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = uuid.uuid4().hex[:6]
+    spaces = {side: f"xlmh-{side}-{tag}" for side in "ab"}
+    made: list[str] = []
+    try:
+        for space in spaces.values():
+            created = _ip("netns", "add", space)
+            if created.returncode != 0:
+                pytest.skip(f"ip netns add is refused here: {created.stderr.strip()}")
+            made.append(space)
+        ends = {"a": f"xla{tag}", "b": f"xlb{tag}"}
+        steps = [
+            ("link", "add", ends["a"], "netns", spaces["a"], "type", "veth", "peer", "name")
+            + (ends["b"], "netns", spaces["b"]),
+        ]
+        for side in "ab":
+            steps += [
+                ("-n", spaces[side], "addr", "add", f"{WIRE[side]}/24", "dev", ends[side]),
+                ("-n", spaces[side], "link", "set", ends[side], "mtu", "1550", "up"),
+            ]
+        for step in steps:
+            done = _ip(*step)
+            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+        yield {**spaces, "wire": ends["a"]}
+    finally:
+        for space in made:
+            _ip("netns", "delete", space)
+
+
+def _up(space: str, run_dir: Path, topology: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
+    command = [sys.executable, "-m", "xenlike", "up", "--detach", str(topology)]
+    return subprocess.Popen(
+        ["ip", "netns", "exec", space, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def _links(space: str) -> str:
+    return _ip("-n", space, "-br", "link").stdout
+
+
+def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
+    wire: dict[str, str], tmp_path: Path
+) -> None:
+    hosts = {"a": f"left{uuid.uuid4().hex[:4]}", "b": f"right{uuid.uuid4().hex[:4]}"}
+    runs = {side: tmp_path / f"run-{side}" for side in "ab"}
+    capture = tmp_path / "wire.pcap"
+    tshark = subprocess.Popen(
+        ["ip", "netns", "exec", wire["a"], "tshark", "-q", "-i", wire["wire"], "-w", str(capture)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: capture.exists(), what="tshark to start capturing")
+        starting = {}
+        for side in "ab":
+            file = tmp_path / f"{side}.toml"
+            file.write_text(host_topology(side, hosts[side]))
+            starting[side] = _up(wire[side], runs[side], file)
+        for process in starting.values():
+            output, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, output
+            assert "every device Connected" in output, output
+        for side in "ab":
+            names = UplinkNames.for_host(hosts[side])
+            links = _links(wire[side])
+            assert all(name in links for name in names.devices), links
+            log = (runs[side] / "domains" / "0.log").read_text()
+            assert f"VXLAN {VNI}, local {WIRE[side]}" in log, log
+
+        def pinged(side: str) -> bool:
+            console = xenlike("console", f"g{side}", "--no-follow", run_dir=runs[side]).stdout
+            return "ping ok" in console
+
+        wait_for(lambda: pinged("a") and pinged("b"), what="the guests to ping across hosts")
+    finally:
+        for side in "ab":
+            xenlike("down", "--grace", "2", run_dir=runs[side], check=False)
+        tshark.terminate()
+        tshark.wait(timeout=30)
+
+    for side in "ab":  # down removed the uplink's devices (the reaper may take a moment)
+        wait_for(
+            lambda side=side: "vx-" not in _links(wire[side]) and "br-" not in _links(wire[side]),
+            what="the uplink's devices to go",
+        )
+    fields = ["ip.src", "ip.dst", "udp.dstport", "vxlan.vni", "eth.src", "icmp.type"]
+    decoded = subprocess.run(
+        ["tshark", "-r", str(capture), "-d", "udp.port==4789,vxlan", "-Y", "vxlan && icmp"]
+        + ["-T", "fields"]
+        + [arg for field in fields for arg in ("-e", field)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert decoded.returncode == 0, decoded.stderr
+    rows = [line.split("\t") for line in decoded.stdout.splitlines()]
+    # (outer source, inner source), (outer destination, inner destination), the UDP port,
+    # the VNI, the inner frame's source MAC, echo request (8) or reply (0): both ways.
+    (mac_a, ip_a), (mac_b, ip_b) = GUEST["a"], GUEST["b"]
+    a, b = f"{WIRE['a']},{ip_a}", f"{WIRE['b']},{ip_b}"
+    seen = {(row[0], row[1], row[2], row[3], row[4].split(",")[-1], row[5]) for row in rows}
+    for icmp_type in ("8", "0"):
+        assert (a, b, "4789", str(VNI), mac_a, icmp_type) in seen, sorted(seen)
+        assert (b, a, "4789", str(VNI), mac_b, icmp_type) in seen, sorted(seen)
+    fragments = subprocess.run(
+        ["tshark", "-r", str(capture), "-Y", "ip.flags.mf == 1 || ip.frag_offset > 0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fragments.stdout.strip() == "", "VXLAN datagrams were fragmented on the 1550-byte wire"
+
+
+def test_an_uplink_name_taken_is_one_line_and_a_crashed_hosts_set_is_cleaned(
+    wire: dict[str, str], tmp_path: Path
+) -> None:
+    host = f"solo{uuid.uuid4().hex[:4]}"
+    names = UplinkNames.for_host(host)
+    file = tmp_path / "a.toml"
+    file.write_text(host_topology("a", host))
+    run = tmp_path / "run"
+    # A device of that name that is not xenlike's: Dom0 refuses, in one line, and
+    # nothing of the uplink stays.
+    assert _ip("-n", wire["a"], "link", "add", names.bridge, "type", "bridge").returncode == 0
+    refused = _up(wire["a"], run, file)
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 1, output
+    assert f"no NIC: vxlan:{VNI}: device {names.bridge} exists and is not xenlike's" in output, (
+        output
+    )
+    assert names.vxlan not in _links(wire["a"]) and names.tap not in _links(wire["a"])
+    assert _ip("-n", wire["a"], "link", "del", names.bridge).returncode == 0
+
+    # A Dom0 killed with its reaper leaves the bridge and the VXLAN device: the next
+    # `up` of that host removes them and builds its own.
+    started = _up(wire["a"], run, file)
+    assert started.communicate(timeout=120)[0].count("every device Connected") == 1
+    try:
+        reapers = subprocess.run(
+            ["pgrep", "-f", f"link del dev {names.vxlan}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(reapers) == 1, reapers
+        os.kill(int(reapers[0]), 9)
+        os.kill(int((run / "hypervisor.pid").read_text()), 9)
+        wait_for(lambda: names.tap not in _links(wire["a"]), what="Dom0 to die")
+        assert names.vxlan in _links(wire["a"]) and names.bridge in _links(wire["a"])
+        xenlike("down", run_dir=run, check=False)  # the stopped run's sockets
+        again = _up(wire["a"], run, file)
+        assert again.communicate(timeout=120)[0].count("every device Connected") == 1
+        log = (run / "domains" / "0.log").read_text()
+        assert f"deleted {names.vxlan}, left by a stopped run of host {host!r}" in log, log
+        assert f"deleted {names.bridge}, left by a stopped run of host {host!r}" in log, log
+    finally:
+        xenlike("down", "--grace", "0", run_dir=run, check=False)
+    deadline = time.monotonic() + 10
+    while names.bridge in _links(wire["a"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert names.bridge not in _links(wire["a"])
