@@ -14,6 +14,8 @@ xenbr0 sees it announce its MAC and IP.
 
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +26,10 @@ from pathlib import Path
 import pytest
 
 from domains.dom0.hw.tunnel import UplinkNames, overhead
+from domains.guest.net.wire import ARP, ARP_REQUEST, ETHERNET
+from drivers.netif.front import gratuitous_arp
 from tests.test_up import wait_for, xenlike
+from xenlike.tools.pcap import read_records
 from xenlike.topology import TopologyError, parse_topology
 
 VNI = 42
@@ -144,7 +149,7 @@ def wire() -> Iterator[dict[str, str]]:
                 pytest.skip(f"ip netns add is refused here: {created.stderr.strip()}")
             made.append(space)
         ends = {"a": f"xla{tag}", "b": f"xlb{tag}"}
-        steps = [
+        steps: list[tuple[str, ...]] = [
             ("link", "add", ends["a"], "netns", spaces["a"], "type", "veth", "peer", "name")
             + (ends["b"], "netns", spaces["b"]),
         ]
@@ -297,3 +302,79 @@ def test_an_uplink_name_taken_is_one_line_and_a_crashed_hosts_set_is_cleaned(
     while names.bridge in _links(wire["a"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert names.bridge not in _links(wire["a"])
+
+
+# --- a guest's gratuitous ARP, after a resume and after a restore ----------------------------
+
+BETA_MAC, BETA_IP = "00:16:3e:00:00:02", "10.0.0.2"  # the default topology's beta
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("announce") / "run"
+    xenlike("up", "--detach", run_dir=path)
+    yield path
+    xenlike("down", "--grace", "2", run_dir=path, check=False)
+
+
+@pytest.fixture
+def capture(default_run: Path, tmp_path: Path) -> Iterator[Path]:
+    """`xenlike capture xenbr0 -w FILE` running; FILE fills as frames cross."""
+    file = tmp_path / "xenbr0.pcap"
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(default_run)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xenlike", "capture", "xenbr0", "-w", str(file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        wait_for(lambda: file.exists() and file.stat().st_size >= 24, what="the pcap header")
+        yield file
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def announcements(file: Path, mac: str, ip: str) -> int:
+    """Gratuitous ARPs in the capture: broadcast ARP requests from `mac` whose sender
+    and target address are both `ip`."""
+    own, address = bytes.fromhex(mac.replace(":", "")), socket.inet_aton(ip)
+    found = 0
+    for _, frame in read_records(file.read_bytes()):
+        if frame[:6] != b"\xff" * 6 or frame[6:12] != own or frame[12:14] != b"\x08\x06":
+            continue
+        operation, sender_mac, sender_ip, target_ip = struct.unpack_from("!6xH6s4s6x4s", frame, 14)
+        found += (operation, sender_mac, sender_ip, target_ip) == (1, own, address, address)
+    return found
+
+
+def test_netfront_announces_the_guest_after_a_checkpoints_resume(
+    default_run: Path, capture: Path, tmp_path: Path
+) -> None:
+    xenlike("save", "-c", "beta", str(tmp_path / "beta.sav"), run_dir=default_run)
+    wait_for(
+        lambda: announcements(capture, BETA_MAC, BETA_IP) >= 1,
+        what="beta's gratuitous ARP after the resume",
+    )
+
+
+def test_a_restored_guest_announces_its_mac_and_address(
+    default_run: Path, capture: Path, tmp_path: Path
+) -> None:
+    file = tmp_path / "beta.sav"
+    xenlike("save", "beta", str(file), run_dir=default_run)
+    restored = xenlike("restore", str(file), run_dir=default_run)
+    assert restored.stdout.startswith(f"restored beta from {file} as domain ")
+    wait_for(
+        lambda: announcements(capture, BETA_MAC, BETA_IP) >= 1,
+        what="beta's gratuitous ARP after the restore",
+    )
+
+
+def test_netfronts_announcement_is_the_guest_stacks_gratuitous_arp() -> None:
+    mac = bytes.fromhex("00163e000002")
+    ip = socket.inet_aton(BETA_IP)
+    stack = ETHERNET.pack(b"\xff" * 6, mac, 0x0806)
+    stack += ARP.pack(1, 0x0800, 6, 4, ARP_REQUEST, mac, ip, bytes(6), ip)
+    assert gratuitous_arp(mac, f"{BETA_IP}/24") == stack
