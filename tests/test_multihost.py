@@ -2,10 +2,11 @@
 
 Two network namespaces are two hosts: a veth pair is the wire between them
 (10.99.0.1 and 10.99.0.2, MTU 1550 so that 1500-byte guest frames fit in
-VXLAN), and `xenlike up` runs in each (`[dom0] nic = "vxlan:42"`). A guest
-on one pings a guest on the other, and tshark on the wire decodes the VXLAN
-datagrams. Nothing reaches the host's own network; the namespaces are
-deleted at the end, whatever happened.
+VXLAN), and `xenlike up` runs in each with the topologies docs/multihost.md
+shows (`[dom0] nic = "vxlan:42"`). A guest on one pings a guest on the
+other, and tshark on the wire decodes the VXLAN datagrams. Nothing reaches
+the host's own network; the namespaces are deleted at the end, whatever
+happened.
 
 Then a guest's gratuitous ARP (netfront's, on every connection, as Linux's
 netdev_notify_peers): after a checkpoint and after a restore, a capture of
@@ -13,6 +14,7 @@ xenbr0 sees it announce its MAC and IP.
 """
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -34,26 +36,22 @@ from xenlike.topology import TopologyError, parse_topology
 
 VNI = 42
 WIRE = {"a": "10.99.0.1", "b": "10.99.0.2"}
-GUEST = {"a": ("00:16:3e:63:00:01", "10.77.0.1"), "b": ("00:16:3e:63:00:02", "10.77.0.2")}
-
-
-def host_topology(side: str, host: str) -> str:
-    other = "b" if side == "a" else "a"
-    mac, ip = GUEST[side]
-    return (
-        f'[host]\nname = "{host}"\nlocal = "{WIRE[side]}"\npeers = ["{WIRE[other]}"]\n\n'
-        f'[dom0]\nmemory = 64\nnic = "vxlan:{VNI}"\n\n'
-        f'[[domain]]\nname = "g{side}"\nmemory = 16\ninit = "tests.test_net_e2e:chatter"\n'
-        f'extra = "peer={GUEST[other][1]}"\nvif = ["mac={mac}, ip={ip}/24"]\n'
-    )
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "multihost.md"
+SHOWN = dict(re.findall(r"```toml\n# file: (\S+)\n(.*?)```", PAGE.read_text(), re.S))
+TOPOLOGY = {"a": SHOWN["left.toml"], "b": SHOWN["right.toml"]}
+HOST = {"a": "left", "b": "right"}
+GUEST = {
+    "a": ("alpha", "00:16:3e:00:00:01", "10.0.0.1"),
+    "b": ("beta", "00:16:3e:00:00:02", "10.0.0.2"),
+}
 
 
 # --- the topology's keys ---------------------------------------------------------------
 
 
 def test_a_vxlan_nic_with_its_tunnel_ends_parses() -> None:
-    topology = parse_topology(host_topology("a", "left"))
-    assert topology.dom0.nic == "vxlan:42" and topology.vni == 42
+    topology = parse_topology(TOPOLOGY["a"])
+    assert topology.name == "left" and topology.dom0.nic == "vxlan:42" and topology.vni == 42
     assert topology.local == "10.99.0.1" and topology.peers == ("10.99.0.2",)
     assert parse_topology("").vni is None and parse_topology("").peers == ()
 
@@ -186,7 +184,6 @@ def _links(space: str) -> str:
 def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
     wire: dict[str, str], tmp_path: Path
 ) -> None:
-    hosts = {"a": f"left{uuid.uuid4().hex[:4]}", "b": f"right{uuid.uuid4().hex[:4]}"}
     runs = {side: tmp_path / f"run-{side}" for side in "ab"}
     capture = tmp_path / "wire.pcap"
     tshark = subprocess.Popen(
@@ -200,22 +197,26 @@ def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
         starting = {}
         for side in "ab":
             file = tmp_path / f"{side}.toml"
-            file.write_text(host_topology(side, hosts[side]))
+            file.write_text(TOPOLOGY[side])
             starting[side] = _up(wire[side], runs[side], file)
         for process in starting.values():
             output, _ = process.communicate(timeout=120)
             assert process.returncode == 0, output
             assert "every device Connected" in output, output
         for side in "ab":
-            names = UplinkNames.for_host(hosts[side])
+            names = UplinkNames.for_host(HOST[side])
             links = _links(wire[side])
             assert all(name in links for name in names.devices), links
             log = (runs[side] / "domains" / "0.log").read_text()
             assert f"VXLAN {VNI}, local {WIRE[side]}" in log, log
 
         def pinged(side: str) -> bool:
-            console = xenlike("console", f"g{side}", "--no-follow", run_dir=runs[side]).stdout
-            return "ping ok" in console
+            name, other = GUEST[side][0], GUEST["b" if side == "a" else "a"][2]
+            console = xenlike("console", name, "--no-follow", run_dir=runs[side]).stdout
+            return (
+                f"[{name}] ping {other}: reply in" in console
+                and f"[{name}] udp echo from {other}: hello from {name}" in console
+            )
 
         wait_for(lambda: pinged("a") and pinged("b"), what="the guests to ping across hosts")
     finally:
@@ -242,12 +243,21 @@ def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
     rows = [line.split("\t") for line in decoded.stdout.splitlines()]
     # (outer source, inner source), (outer destination, inner destination), the UDP port,
     # the VNI, the inner frame's source MAC, echo request (8) or reply (0): both ways.
-    (mac_a, ip_a), (mac_b, ip_b) = GUEST["a"], GUEST["b"]
+    (_, mac_a, ip_a), (_, mac_b, ip_b) = GUEST["a"], GUEST["b"]
     a, b = f"{WIRE['a']},{ip_a}", f"{WIRE['b']},{ip_b}"
     seen = {(row[0], row[1], row[2], row[3], row[4].split(",")[-1], row[5]) for row in rows}
     for icmp_type in ("8", "0"):
         assert (a, b, "4789", str(VNI), mac_a, icmp_type) in seen, sorted(seen)
         assert (b, a, "4789", str(VNI), mac_b, icmp_type) in seen, sorted(seen)
+    sources = subprocess.run(
+        ["tshark", "-r", str(capture), "-d", "udp.port==4789,vxlan", "-Y", "vxlan"]
+        + ["-T", "fields", "-e", "eth.src"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    inner = {line.split(",")[-1] for line in sources}
+    assert inner == {mac_a, mac_b}, f"the tunnel carried frames of others: {inner}"
     fragments = subprocess.run(
         ["tshark", "-r", str(capture), "-Y", "ip.flags.mf == 1 || ip.frag_offset > 0"],
         capture_output=True,
@@ -260,10 +270,10 @@ def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
 def test_an_uplink_name_taken_is_one_line_and_a_crashed_hosts_set_is_cleaned(
     wire: dict[str, str], tmp_path: Path
 ) -> None:
-    host = f"solo{uuid.uuid4().hex[:4]}"
+    host = HOST["a"]
     names = UplinkNames.for_host(host)
-    file = tmp_path / "a.toml"
-    file.write_text(host_topology("a", host))
+    file = tmp_path / "left.toml"
+    file.write_text(TOPOLOGY["a"])
     run = tmp_path / "run"
     # A device of that name that is not xenlike's: Dom0 refuses, in one line, and
     # nothing of the uplink stays.

@@ -102,7 +102,7 @@ async def _run(*argv: str) -> str:
         raise UplinkError(f"`{argv[0]}`: {exc.strerror}") from None
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"]
-        answer = lines[-1].removeprefix("RTNETLINK answers: ")
+        answer = lines[-1].removeprefix("RTNETLINK answers: ").removeprefix("Error: ")
         raise UplinkError(f"`{' '.join(argv)}`: {answer}")
     return done.stdout.decode(errors="replace")
 
@@ -175,8 +175,12 @@ class VxlanUplink:
 
     async def _build(self) -> None:
         ip, names, mtu = self._ip, self.names, str(self.mtu)
-        marks = ["alias", self.alias, "addrgenmode", "none"]  # no IPv6 chatter into xenbr0
-        await _run(ip, "link", "add", "name", names.bridge, "mtu", mtu, "type", "bridge")
+        # The host's kernel has nothing to say on the guests' segment: no IPv6 link-local
+        # addresses (router solicitations, MLD), no multicast snooping (IGMP reports for
+        # RFC 4286's router discovery group).
+        marks = ["alias", self.alias, "addrgenmode", "none"]
+        bridge = ["type", "bridge", "mcast_snooping", "0"]
+        await _run(ip, "link", "add", "name", names.bridge, "mtu", mtu, *bridge)
         await _run(ip, "link", "set", "dev", names.bridge, *marks)
         await _run(
             ip,
