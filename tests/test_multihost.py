@@ -287,11 +287,18 @@ def test_an_uplink_name_taken_is_one_line_and_a_crashed_hosts_set_is_cleaned(
     assert names.vxlan not in _links(wire["a"]) and names.tap not in _links(wire["a"])
     assert _ip("-n", wire["a"], "link", "del", names.bridge).returncode == 0
 
-    # A Dom0 killed with its reaper leaves the bridge and the VXLAN device: the next
-    # `up` of that host removes them and builds its own.
+    # A wire that cannot carry a whole guest frame in VXLAN: Dom0 says so, and runs.
+    assert _ip("-n", wire["a"], "link", "set", wire["wire"], "mtu", "1500").returncode == 0
     started = _up(wire["a"], run, file)
     assert started.communicate(timeout=120)[0].count("every device Connected") == 1
     try:
+        assert (
+            f"uplink: peer {WIRE['b']} is reached through {wire['wire']}, MTU 1500: 1500-byte "
+            "guest frames need 1550 in VXLAN; raise its MTU, or give the vifs mtu=1450"
+        ) in (run / "domains" / "0.log").read_text()
+
+        # A Dom0 killed with its reaper leaves the bridge and the VXLAN device: the next
+        # `up` of that host removes them and builds its own.
         reapers = subprocess.run(
             ["pgrep", "-f", f"link del dev {names.vxlan}"], capture_output=True, text=True
         ).stdout.split()
