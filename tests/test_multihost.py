@@ -395,3 +395,28 @@ def test_netfronts_announcement_is_the_guest_stacks_gratuitous_arp() -> None:
     stack = ETHERNET.pack(b"\xff" * 6, mac, 0x0806)
     stack += ARP.pack(1, 0x0800, 6, 4, ARP_REQUEST, mac, ip, bytes(6), ip)
     assert gratuitous_arp(mac, f"{BETA_IP}/24") == stack
+
+
+def test_without_the_right_to_make_network_devices_up_fails_in_one_line(
+    wire: dict[str, str], tmp_path: Path
+) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    file = tmp_path / "left.toml"
+    file.write_text(TOPOLOGY["a"])
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(tmp_path / "run")}
+    refused = subprocess.run(
+        ["ip", "netns", "exec", wire["a"], "setpriv", "--bounding-set=-net_admin"]
+        + ["--inh-caps=-net_admin", "--", sys.executable, "-m", "xenlike", "up", "--detach"]
+        + [str(file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert (
+        f"no NIC: vxlan:{VNI}: cannot create the TAP device tap-left: Operation not permitted"
+        in refused.stderr
+    ), refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -31,6 +31,7 @@ name taken) is one line: `UplinkError`.
 import ipaddress
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -129,6 +130,7 @@ class VxlanUplink:
     _ip: str = attrs.field(init=False, default="ip")
     _bridge_tool: str = attrs.field(init=False, default="bridge")
     _reaper: trio.Process | None = attrs.field(init=False, default=None)
+    _built: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self.names = UplinkNames.for_host(self.host)
@@ -152,7 +154,8 @@ class VxlanUplink:
         except TapUnavailable as exc:
             with trio.CancelScope(shield=True):
                 await self.close()
-            raise UplinkError(f"cannot create the TAP device: {exc.strerror}") from None
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+            raise UplinkError(f"cannot create the TAP device {self.names.tap}: {reason}") from None
         try:
             await self._build()
         except BaseException:
@@ -207,6 +210,7 @@ class VxlanUplink:
         for port in (names.tap, names.vxlan):
             await _run(ip, "link", "set", "dev", port, "master", names.bridge, "up")
         await _run(ip, "link", "set", "dev", names.bridge, "up")
+        self._built = True
 
     async def _start_reaper(self) -> None:
         """The process that deletes the VXLAN device and the bridge once this one lets
@@ -235,7 +239,8 @@ class VxlanUplink:
         await reaper.stdin.aclose()
         with trio.move_on_after(_REAPER_TIMEOUT):
             await reaper.wait()
-            log.info("uplink: deleted %s and %s", self.names.vxlan, self.names.bridge)
+            if self._built:
+                log.info("uplink: deleted %s and %s", self.names.vxlan, self.names.bridge)
 
     async def _clear(self, name: str) -> None:
         """Make room for device `name`: remove one a stopped run of xenlike left; refuse
