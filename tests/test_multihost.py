@@ -4,8 +4,10 @@ Two network namespaces are two hosts: a veth pair is the wire between them
 (10.99.0.1 and 10.99.0.2, MTU 1550 so that 1500-byte guest frames fit in
 VXLAN), and `xenlike up` runs in each with the topologies docs/multihost.md
 shows (`[dom0] nic = "vxlan:42"`). A guest on one pings a guest on the
-other, and tshark on the wire decodes the VXLAN datagrams. Nothing reaches
-the host's own network; the namespaces are deleted at the end, whatever
+other, and tshark on the wire decodes the VXLAN datagrams; then a guest
+moves to the other host (save there, restore here) and the VXLAN device it
+left learns where it went from its announcement. Nothing reaches the
+host's own network; the namespaces are deleted at the end, whatever
 happened.
 
 Then a guest's gratuitous ARP (netfront's, on every connection, as Linux's
@@ -219,6 +221,25 @@ def test_a_guest_pings_a_guest_on_another_host_through_vxlan(
             )
 
         wait_for(lambda: pinged("a") and pinged("b"), what="the guests to ping across hosts")
+
+        # beta moves from right to left (save there, restore here): its announcement
+        # crosses the tunnel, and right's VXLAN device learns at once that beta's MAC
+        # lives behind left now (nothing else of beta's crosses: alpha is on left too).
+        right = UplinkNames.for_host(HOST["b"])
+        (_, mac_b, _), saved = GUEST["b"], tmp_path / "beta.sav"
+        xenlike("save", "beta", str(saved), run_dir=runs["b"])
+        xenlike("restore", str(saved), run_dir=runs["a"])
+
+        def learned() -> bool:
+            fdb = subprocess.run(
+                ["bridge", "-n", wire["b"], "fdb", "show", "dev", right.vxlan],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
+            return f"{mac_b} dst {WIRE['a']} self" in fdb
+
+        wait_for(learned, what="right's VXLAN device to learn where beta went")
     finally:
         for side in "ab":
             xenlike("down", "--grace", "2", run_dir=runs[side], check=False)
