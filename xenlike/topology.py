@@ -7,10 +7,12 @@ xl-disk-configuration(5) and xl-network-configuration(5) define them::
     [host]
     name = "demo"
     memory = 1024                      # MiB the domains draw from (the default)
+    local = "10.99.0.1"                # with nic = "vxlan:VNI": this host's tunnel end
+    peers = ["10.99.0.2"]              # ... and the other hosts' (docs/multihost.md)
 
     [dom0]
     memory = 128
-    nic = "none"                       # none | tap:NAME | pcap:FILE
+    nic = "none"                       # none | tap:NAME | pcap:FILE | vxlan:VNI
     images = { "web.img" = "64M" }     # disk images Dom0 owns, created sparse
 
     [[domain]]
@@ -156,7 +158,7 @@ class DomainConfig:
 @attrs.frozen
 class Dom0Config:
     memory: int = 128
-    nic: str = "none"  # none | tap:NAME | pcap:FILE
+    nic: str = "none"  # none | tap:NAME | pcap:FILE | vxlan:VNI
     images: dict[str, int] = attrs.field(factory=dict)  # file name -> size in bytes
 
 
@@ -167,6 +169,14 @@ class Topology:
     domains: tuple[DomainConfig, ...]
     source: Path | None = None  # the file it came from
     memory: int = HOST_MEMORY  # MiB of the host's memory pool ([host] memory)
+    local: str | None = None  # this host's VXLAN endpoint address ([host] local)
+    peers: tuple[str, ...] = ()  # the other hosts' endpoint addresses ([host] peers)
+
+    @property
+    def vni(self) -> int | None:
+        """The VXLAN segment xenbr0's uplink joins (`nic = "vxlan:VNI"`), if any."""
+        mode, _, argument = self.dom0.nic.partition(":")
+        return int(argument) if mode == "vxlan" else None
 
     def image_path(self, name: str, run_dir: Path) -> Path:
         """Where Dom0 keeps image (or pcap file) `name`: in the run directory, and
@@ -189,6 +199,7 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 SECTOR_SIZE = 512
 MAX_IMAGE_SIZE = 1 << 42  # 4 TiB: sparse, but a host file system still has to hold it
 _TAP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")  # IFNAMSIZ - 1
+MAX_VNI = (1 << 24) - 1  # a VXLAN Network Identifier has 24 bits (RFC 7348)
 
 
 def file_name_problem(name: Any) -> str | None:
@@ -518,7 +529,7 @@ _DOMAIN_KEYS = {
     "cmdline",
 }
 _DOM0_KEYS = {"memory", "nic", "images"}
-_HOST_KEYS = {"name", "memory"}
+_HOST_KEYS = {"name", "memory", "local", "peers"}
 
 
 def parse_topology(
@@ -561,7 +572,12 @@ def parse_topology(
     host = data.get("host", {})
     for key in host:
         if key not in _HOST_KEYS:
-            problem("host", None, key, f"unknown key {key!r} in [host]; expected: name, memory")
+            problem(
+                "host",
+                None,
+                key,
+                f"unknown key {key!r} in [host]; expected one of {', '.join(sorted(_HOST_KEYS))}",
+            )
     name = host.get("name", source.stem if source else "default")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         problem("host", None, "name", f"name = {name!r}: letters, digits, '.', '_' and '-' only")
@@ -590,8 +606,20 @@ def parse_topology(
             "dom0", None, "memory", f"memory = {dom0_memory!r}: MiB as a whole number, 16 to 4096"
         )
     nic = dom0_data.get("nic", "none")
-    if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap):.+", nic)):
-        problem("dom0", None, "nic", f'nic = {nic!r}: expected "none", "tap:NAME" or "pcap:FILE"')
+    if not isinstance(nic, str) or not (nic == "none" or re.fullmatch(r"(tap|pcap|vxlan):.+", nic)):
+        problem(
+            "dom0",
+            None,
+            "nic",
+            f'nic = {nic!r}: expected "none", "tap:NAME", "pcap:FILE" or "vxlan:VNI"',
+        )
+    elif nic.startswith("vxlan:") and not (nic[6:].isdigit() and int(nic[6:]) <= MAX_VNI):
+        problem(
+            "dom0",
+            None,
+            "nic",
+            f"nic = {nic!r}: a VXLAN segment is a number (VNI) from 0 to {MAX_VNI}",
+        )
     elif nic.startswith("pcap:") and (message := file_name_problem(nic[5:])):
         problem("dom0", None, "nic", f"nic = {nic!r}: {message}")
     elif nic.startswith("tap:") and not _TAP_NAME.fullmatch(nic[4:]):
@@ -601,6 +629,7 @@ def parse_topology(
             "nic",
             f"nic = {nic!r}: an interface name of 1 to 15 letters, digits, '.', '_' or '-'",
         )
+    local, peers = _tunnel_ends(host, isinstance(nic, str) and nic.startswith("vxlan:"), problem)
     images: dict[str, int] = {}
     raw_images = dom0_data.get("images", {})
     if not isinstance(raw_images, dict):
@@ -672,7 +701,78 @@ def parse_topology(
         raise TopologyError(problems)
     dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
     memory = host_memory if isinstance(host_memory, int) else HOST_MEMORY
-    return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source, memory=memory)
+    return Topology(
+        name=name,
+        dom0=dom0,
+        domains=tuple(domains),
+        source=source,
+        memory=memory,
+        local=local,
+        peers=peers,
+    )
+
+
+def _tunnel_ends(
+    host: dict[str, Any], vxlan: bool, problem: Any
+) -> tuple[str | None, tuple[str, ...]]:
+    """`[host] local` and `peers`: the VXLAN tunnel's ends, unicast addresses of one
+    family, which only a `vxlan:VNI` NIC uses (and which it needs)."""
+    if not vxlan:
+        for key in ("local", "peers"):
+            if key in host:
+                problem("host", None, key, f'{key} = ...: only for [dom0] nic = "vxlan:VNI"')
+        return None, ()
+    raw_local, raw_peers = host.get("local"), host.get("peers")
+    if raw_local is None or raw_peers is None:
+        problem(
+            "dom0",
+            None,
+            "nic",
+            'a "vxlan:VNI" NIC joins hosts: [host] needs local = "ADDRESS" (this host\'s '
+            'tunnel end) and peers = ["ADDRESS", ...] (the other hosts\')',
+        )
+        return None, ()
+    local = _unicast(raw_local, "local", problem)
+    if not isinstance(raw_peers, list) or not raw_peers:
+        problem(
+            "host", None, "peers", f"peers = {raw_peers!r}: a list of the other hosts' addresses"
+        )
+        return local, ()
+    peers: list[str] = []
+    for raw in raw_peers:
+        peer = _unicast(raw, "peers", problem)
+        if peer is None:
+            continue
+        if (
+            local is not None
+            and ipaddress.ip_address(peer).version != ipaddress.ip_address(local).version
+        ):
+            problem("host", None, "peers", f"peer {peer}: not of the family of local = {local!r}")
+        elif peer == local:
+            problem("host", None, "peers", f"peer {peer} is this host (local); list the others")
+        elif peer in peers:
+            problem("host", None, "peers", f"peer {peer} is listed twice")
+        else:
+            peers.append(peer)
+    return local, tuple(peers)
+
+
+def _unicast(value: Any, key: str, problem: Any) -> str | None:
+    """A unicast IPv4 or IPv6 address as text, or None after saying what is wrong."""
+    try:
+        address = ipaddress.ip_address(value) if isinstance(value, str) else None
+    except ValueError:
+        address = None
+    if address is None or address.is_multicast or address.is_unspecified:
+        problem(
+            "host",
+            None,
+            key,
+            f"{key}: {value!r} is not a unicast IP address (like 10.99.0.1): VXLAN here "
+            "replicates to each peer, without multicast",
+        )
+        return None
+    return str(address)
 
 
 def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:

@@ -11,6 +11,7 @@ import trio
 
 from domains.dom0.hw import Disk, create_images
 from domains.dom0.hw.net import Network
+from domains.dom0.hw.tunnel import UplinkError
 from domains.dom0.toolstack import Toolstack
 from domains.dom0.xenconsoled import XenConsoled
 from domains.dom0.xenstored import Dom0XenStored
@@ -63,7 +64,13 @@ async def main(domain: Domain) -> None:
     async with trio.open_nursery() as nursery:
         xenstored = Dom0XenStored(domain, nursery)
         await nursery.start(xenstored.serve_unix, run_dir.xenstored_socket)
-        await nursery.start(network.run)
+        try:
+            await nursery.start(network.run)
+        except UplinkError as exc:  # told to join other hosts, it will not run cut off
+            log.error("no NIC: %s: %s", topology.dom0.nic, exc)
+            await domain.console_write(f"dom0: no NIC: {topology.dom0.nic}: {exc}")
+            nursery.cancel_scope.cancel()
+            return
         async with open_client(run_dir.xenstored_socket) as xs:
             await xs.write("/local/domain/0/name", "Domain-0")
             await xs.write("/local/domain/0/domid", "0")

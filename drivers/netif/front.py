@@ -11,8 +11,15 @@ rx responses are delivered to `receiver` (the guest's IP stack) as they
 come, tx responses reclaim their buffers. The tx response event index is
 armed only while a sender waits for room (`Drain.wait`, `armed=False`), so a
 guest that keeps sending is not woken for every tx completion.
+
+Each time the back end is Connected, the interface announces itself with a
+gratuitous ARP, as Linux's netfront does (netback_changed → Connected →
+netdev_notify_peers): after a resume, a restore or a migration to another
+host, every bridge on the way learns at once where its MAC lives now.
 """
 
+import ipaddress
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +28,8 @@ import trio
 from drivers.netif.protocol import (
     CTRL_RING,
     DEFAULT_MTU,
+    ETH_P_ARP,
+    ETH_P_IP,
     GREF,
     NETIF_RINGS,
     max_frame,
@@ -41,6 +50,7 @@ from xenlike.abi.netif import (
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
 from xenlike.xenbus import (
+    Action,
     ChannelBroken,
     DeviceInfo,
     Drain,
@@ -51,7 +61,18 @@ from xenlike.xenbus import (
     XenbusContext,
 )
 
-__all__ = ["Netfront"]
+__all__ = ["Netfront", "gratuitous_arp"]
+
+ARPOP_REQUEST = 1
+_ARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")  # Ethernet header, then RFC 826's packet
+
+
+def gratuitous_arp(mac: bytes, ip: str) -> bytes:
+    """A broadcast ARP request for our own address (sender = target = `ip`), the
+    announcement Linux's inetdev_send_gratuitous_arp sends."""
+    address = ipaddress.IPv4Interface(ip).ip.packed
+    header = (b"\xff" * 6, mac, ETH_P_ARP)
+    return _ARP.pack(*header, 1, ETH_P_IP, 6, 4, ARPOP_REQUEST, mac, address, bytes(6), address)
 
 
 class _Buffers:
@@ -133,6 +154,23 @@ class Netfront(Frontend):
         self.mtu = await self.read_int("mtu", DEFAULT_MTU, otherend=False)
         self.sg = bool(await self.read_int("feature-sg", 0))
         self.csum_offload = not await self.read_int("feature-no-csum-offload", 0)
+
+    async def _perform(self, action: Action) -> None:
+        await super()._perform(action)
+        if action is Action.connected:
+            self.notify_peers()
+
+    def notify_peers(self) -> bool:
+        """Announce this interface's MAC and address (netdev_notify_peers); False when
+        it has no address (no `ip=`) or the tx ring has no room."""
+        if self.ip is None:
+            return False
+        try:
+            frame = gratuitous_arp(self.mac, self.ip)
+        except ValueError:
+            self.log.warning("%s: ip %r is not an IPv4 address", self.device.nodename, self.ip)
+            return False
+        return self.transmit_nowait(frame)
 
     @property
     def max_frame(self) -> int:

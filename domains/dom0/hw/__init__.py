@@ -5,6 +5,8 @@
   into the guests' granted pages.
 - `net`, `bridge`, `nic`: the software bridges (xenbr0) netback plugs vifs
   into, and the NIC on xenbr0 (a TAP device, a pcap recorder, or none).
+- `tunnel`: the NIC that joins xenbr0 to other hosts' through the kernel's
+  VXLAN (a TAP device in a Linux bridge with a VXLAN device, via iproute2).
 """
 
 from domains.dom0.hw.bridge import Bridge

@@ -2,7 +2,10 @@
 
 Dom0 boots with xenbr0 and every bridge its topology's vif lines name; the
 NIC (`[dom0] nic`) is xenbr0's uplink. Back ends reach the bridges through
-`domain.hardware.net.bridge(name)`.
+`domain.hardware.net.bridge(name)`. A `vxlan:VNI` NIC joins xenbr0 to the
+other hosts' (`tunnel`); if the kernel refuses it, Dom0 does not boot
+(`UplinkError`): a host cut off from the hosts it was told to join would
+look up and not be.
 
 Capturing: each bridge listens on `<run-dir>/net/<bridge>.pcap.sock`; a
 client that connects gets a pcap stream (file header, then one record per
@@ -21,7 +24,9 @@ import trio
 
 from domains.dom0.hw.bridge import Bridge
 from domains.dom0.hw.nic import PcapNic, TapNic, TapUnavailable, complete
+from domains.dom0.hw.tunnel import VxlanUplink
 from domains.dom0.xenconsoled import unix_listener
+from drivers.netif.protocol import DEFAULT_MTU
 from xenlike.tools.pcap import capture_socket, file_header, record
 from xenlike.topology import Topology
 
@@ -58,17 +63,47 @@ class Network:
             ) from None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Capture sockets and the NIC, until cancelled."""
+        """Capture sockets and the NIC, until cancelled; UplinkError before it has
+        started when a vxlan NIC cannot be built."""
         sockets = self.run_dir / "net"
         sockets.mkdir(parents=True, exist_ok=True)
-        async with trio.open_nursery() as nursery:
-            for bridge in self.bridges.values():
-                path = capture_socket(self.run_dir, bridge.name)
-                path.unlink(missing_ok=True)
-                listener = await unix_listener(path)
-                nursery.start_soon(trio.serve_listeners, self._capture_handler(bridge), [listener])
-            self._start_nic(nursery)
-            task_status.started()
+        uplink = self._uplink()
+        tap = await uplink.open() if uplink is not None else None
+        try:
+            async with trio.open_nursery() as nursery:
+                for bridge in self.bridges.values():
+                    path = capture_socket(self.run_dir, bridge.name)
+                    path.unlink(missing_ok=True)
+                    listener = await unix_listener(path)
+                    nursery.start_soon(
+                        trio.serve_listeners, self._capture_handler(bridge), [listener]
+                    )
+                if tap is not None:
+                    nursery.start_soon(tap.run, self.bridges[DEFAULT_BRIDGE])
+                else:
+                    self._start_nic(nursery)
+                task_status.started()
+        finally:
+            if tap is not None:
+                tap.close()
+            if uplink is not None:
+                with trio.CancelScope(shield=True):
+                    await uplink.close()
+
+    def _uplink(self) -> VxlanUplink | None:
+        """The VXLAN uplink a `vxlan:VNI` NIC asks for, sized for the guests' largest MTU."""
+        topology = self._topology
+        if topology.vni is None or topology.local is None:
+            return None
+        vifs = [vif for guest in topology.domains for vif in guest.vifs]
+        return VxlanUplink(
+            host=topology.name,
+            vni=topology.vni,
+            local=topology.local,
+            peers=topology.peers,
+            mtu=max([vif.mtu or DEFAULT_MTU for vif in vifs], default=DEFAULT_MTU),
+            run_dir=self.run_dir,
+        )
 
     def _start_nic(self, nursery: trio.Nursery) -> None:
         mode, _, argument = self.nic.partition(":")

@@ -5,6 +5,8 @@
   bridge. The host sees the guests as an Ethernet segment.
 - `pcap:FILE` — a wire that records: every frame crossing the bridge is
   written to FILE, as a mirror port would see it.
+- `vxlan:VNI` — a TAP device joined to the other hosts' bridges by the
+  kernel's VXLAN (`tunnel`): guests on several hosts share one segment.
 - `none` — no NIC: the guests have only each other.
 
 Frames a guest sent with a blank checksum (NETTXF_csum_blank) get it
@@ -108,7 +110,13 @@ class TapNic:
                     bridge.forward(self, frames)
         finally:
             bridge.detach(self)
-            os.close(self._fd)
+            self.close()
+
+    def close(self) -> None:
+        """Close the device's file: a TAP device that is not persistent goes with it."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 class PcapNic:
