@@ -167,19 +167,21 @@ class Topology:
     domains: tuple[DomainConfig, ...]
     source: Path | None = None  # the file it came from
     memory: int = HOST_MEMORY  # MiB of the host's memory pool ([host] memory)
+    images: Path | None = None  # the images directory hosts share ([host] images)
 
     def image_path(self, name: str, run_dir: Path) -> Path:
-        """Where Dom0 keeps image (or pcap file) `name`: in the run directory, and
-        only there. A name that reaches out of it (absolute, `..`, or a symlink
-        in the way) is ValueError: only Dom0 owns the hardware, and no topology
-        or guest can make it open a host file."""
+        """Where Dom0 keeps image (or pcap file) `name`: in the images directory
+        (`[host] images`, which hosts that migrate guests share), by default the run
+        directory, and only there. A name that reaches out of it (absolute, `..`,
+        or a symlink in the way) is ValueError: only Dom0 owns the hardware, and no
+        topology or guest can make it open a host file."""
         problem = file_name_problem(name)
         if problem:
             raise ValueError(f"{name!r}: {problem}")
-        base = Path(run_dir).resolve()
+        base = Path(self.images if self.images is not None else run_dir).resolve()
         path = (base / name).resolve()
         if not path.is_relative_to(base):
-            raise ValueError(f"{name!r} leads out of the run directory {base} (a symlink)")
+            raise ValueError(f"{name!r} leads out of the images directory {base} (a symlink)")
         return path
 
 
@@ -518,7 +520,7 @@ _DOMAIN_KEYS = {
     "cmdline",
 }
 _DOM0_KEYS = {"memory", "nic", "images"}
-_HOST_KEYS = {"name", "memory"}
+_HOST_KEYS = {"name", "memory", "images"}
 
 
 def parse_topology(
@@ -561,7 +563,8 @@ def parse_topology(
     host = data.get("host", {})
     for key in host:
         if key not in _HOST_KEYS:
-            problem("host", None, key, f"unknown key {key!r} in [host]; expected: name, memory")
+            expected = ", ".join(sorted(_HOST_KEYS))
+            problem("host", None, key, f"unknown key {key!r} in [host]; expected: {expected}")
     name = host.get("name", source.stem if source else "default")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         problem("host", None, "name", f"name = {name!r}: letters, digits, '.', '_' and '-' only")
@@ -574,6 +577,8 @@ def parse_topology(
             "memory",
             f"memory = {host_memory!r}: MiB as a whole number, 64 to 1048576",
         )
+
+    shared_images = _images_directory(host.get("images"), problem)
 
     dom0_data = data.get("dom0", {})
     for key in dom0_data:
@@ -672,7 +677,29 @@ def parse_topology(
         raise TopologyError(problems)
     dom0 = Dom0Config(memory=dom0_memory, nic=nic, images=images)
     memory = host_memory if isinstance(host_memory, int) else HOST_MEMORY
-    return Topology(name=name, dom0=dom0, domains=tuple(domains), source=source, memory=memory)
+    return Topology(
+        name=name,
+        dom0=dom0,
+        domains=tuple(domains),
+        source=source,
+        memory=memory,
+        images=shared_images,
+    )
+
+
+def _images_directory(value: Any, problem: Any) -> Path | None:
+    """`[host] images`: the directory of Dom0's images, an absolute path that exists.
+    Hosts that migrate guests to each other name the same one (shared storage, as
+    Xen's migration assumes); without it, images live in the run directory."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        problem("host", None, "images", f"images = {value!r}: an absolute directory path")
+        return None
+    if not Path(value).is_dir():
+        problem("host", None, "images", f"images = {value!r}: no such directory")
+        return None
+    return Path(value)
 
 
 def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:

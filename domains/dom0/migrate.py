@@ -1,0 +1,421 @@
+"""`xl migrate` and `xl migrate-receive` in Dom0's toolstack: save and restore over a
+stream, with xl's handshake (tools/xl/xl_migrate.c).
+
+The transport (a pipe to a child process, an ssh, a TCP connection) is set up
+by the `xenlike migrate` / `migrate-receive` commands, which hand its file
+descriptors to Dom0 with SCM_RIGHTS on the toolstack socket, beside their
+request: Dom0's toolstack, which holds the privileged handle, then reads and
+writes the stream itself, and no process relays the bytes. Progress goes back
+to the command as {"progress": LINE} lines before the answer; when the command
+goes away (its connection closes) the migration is cancelled, as xl's is when
+its process dies.
+
+On the wire, as xl: the receiver writes its banner; the sender writes xl's
+save file (header, config, libxl's stream around libxc's) exactly as `save`
+writes it; the receiver builds the domain paused as NAME--incoming and says
+"ready"; the sender renames its copy NAME--migratedaway and gives "permission
+to go"; the receiver renames its copy NAME, unpauses it and reports one
+status byte; on 0 the sender destroys its copy. Before "ready" any failure
+resumes the domain at the sender ("Migration failed, resuming at sender."),
+and the receiver destroys what it had built.
+"""
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from domains.dom0 import save
+from xenlike.memory import XEN_PAGE_SIZE, BootLayout
+from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
+from xenlike.migration._record import REC_ALIGN
+from xenlike.migration.libxc_stream import REC_LENGTH_MAX, xc_sr_dhdr, xc_sr_ihdr
+from xenlike.migration.libxl_stream import RecType as LibxlRecType
+from xenlike.migration.libxl_stream import libxl__sr_hdr
+from xenlike.migration.xl_format import save_file_header, savefileheader_magic
+
+__all__ = [
+    "MIGRATION_OPS",
+    "MigrationError",
+    "Peer",
+    "migrate_receiver_banner",
+    "migrate_receiver_ready",
+    "migrate_permission_to_go",
+    "migrate_report",
+    "migration_op",
+    "receive_with_fds",
+]
+
+# tools/xl/xl.h: the banner goes without its NUL, the others with theirs.
+migrate_receiver_banner = b"xl migration receiver ready, send binary domain data.\n"
+migrate_receiver_ready = b"domain received, ready to unpause\0"
+migrate_permission_to_go = b"domain is yours, you are cleared to unpause\0"
+migrate_report = b"my copy unpause results are as follows\0"  # then one status byte
+
+MIGRATION_OPS = ("migrate", "migrate-receive")
+BANNER_TIMEOUT = 60.0  # for the receiver to start (an ssh may ask nothing: it has no tty)
+READY_TIMEOUT = 300.0  # for the receiver to build the domain once the stream is in
+GO_TIMEOUT = 300.0  # for the sender to rename its copy and say "go"
+MAX_FDS = 2
+MAX_OPTIONAL = 1 << 20  # bytes of xl optional data (the config) a receiver takes
+CHUNK = 1 << 20
+_REC_HDR = struct.Struct("<II")
+
+
+class MigrationError(ValueError):
+    """A migration that did not happen; the message is the one line the user sees."""
+
+
+# --- the toolstack connection: file descriptors, progress, hang-up ----------------------
+
+
+async def receive_with_fds(stream: trio.SocketStream, fds: list[int]) -> bytes:
+    """The next bytes from a toolstack client, and any descriptors it passed with them
+    (SCM_RIGHTS), appended to `fds`; at most MAX_FDS are kept, the rest closed."""
+    data, ancillary, _, _ = await stream.socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4 * 4))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = list(
+                struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+            )
+            fds.extend(received)
+    while len(fds) > MAX_FDS:
+        os.close(fds.pop())
+    return data
+
+
+@attrs.define(eq=False)
+class Peer:
+    """The client of one migration request: its descriptors and its connection."""
+
+    stream: trio.SocketStream
+    fds: list[int]
+
+    async def say(self, line: str) -> None:
+        await self.stream.send_all(json.dumps({"progress": line}).encode() + b"\n")
+
+    async def hangup(self) -> None:
+        """Returns when the client's end closes (it is not to send more)."""
+        while await self.stream.receive_some(4096):
+            pass
+
+    def close_fds(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+async def migration_op(toolstack: Any, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    """One `migrate` or `migrate-receive` request, cancelled if its client goes away."""
+    if len(peer.fds) != 2:
+        raise MigrationError(f"{request['op']}: pass the stream's two descriptors with it")
+    send = trio.lowlevel.FdStream(peer.fds.pop(0))
+    recv = trio.lowlevel.FdStream(peer.fds.pop(0))
+    answer: dict[str, Any] = {}
+    failures: list[Exception] = []
+
+    async def work(cancel: trio.CancelScope) -> None:
+        try:
+            if request["op"] == "migrate":
+                answer.update(await _migrate(toolstack, request, send, recv, peer.say))
+            else:
+                answer.update(await _receive(toolstack, request, send, recv, peer.say))
+        except Exception as exc:  # the answer's error, not the nursery's exception group
+            failures.append(exc)
+        finally:
+            cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work, nursery.cancel_scope)
+            await peer.hangup()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await send.aclose()
+            await recv.aclose()
+    if failures:
+        raise failures[0]
+    if not answer:
+        raise MigrationError(f"{request['op']}: the command went away; cancelled")
+    return {"ok": True, **answer}
+
+
+# --- reading the stream -----------------------------------------------------------------
+
+
+class _Reader:
+    """Exact reads from a stream; every byte of the save file is kept in `kept`."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+        self.kept = bytearray()
+        self.limit = limit
+
+    async def exactly(self, size: int, what: str, keep: bool = True) -> bytes:
+        while len(self.buffer) < size:
+            chunk = await self.stream.receive_some(CHUNK)
+            if not chunk:
+                raise MigrationError(f"the migration stream ended in the {what}")
+            self.buffer += chunk
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        if keep:
+            if len(self.kept) + size > self.limit:
+                raise MigrationError(f"the migration stream is longer than {self.limit} bytes")
+            self.kept += data
+        return data
+
+    async def expect(self, message: bytes, what: str) -> None:
+        """xl's migrate_read_fixedmessage."""
+        if await self.exactly(len(message), what, keep=False) != message:
+            raise MigrationError(
+                f"the migration stream contained unexpected data instead of {what}"
+            )
+
+    async def records(self, layer: str) -> list[int]:
+        """The records of one layer through its END, kept; their types."""
+        types = []
+        while True:
+            rec_type, length = _REC_HDR.unpack(await self.exactly(8, f"{layer} record header"))
+            if length > REC_LENGTH_MAX:
+                raise MigrationError(f"{layer} record of {length} bytes in the migration stream")
+            await self.exactly(length + -length % REC_ALIGN, f"{layer} record")
+            types.append(rec_type)
+            if rec_type == 0:  # END
+                return types
+            if layer == "libxl" and rec_type == LibxlRecType.LIBXC_CONTEXT:
+                await self.exactly(xc_sr_ihdr.sizeof() + xc_sr_dhdr.sizeof(), "libxc headers")
+                await self.records("libxc")
+
+
+def _config_of(optional: bytes) -> dict[str, Any]:
+    """The domain config in xl's optional data, for the checks made before the memory
+    comes (read_save_file checks the whole stream after)."""
+    try:
+        (length,) = struct.unpack_from("<I", optional)
+        config = json.loads(optional[4 : 4 + length].rstrip(b"\0"))
+    except (struct.error, ValueError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise MigrationError("the migration stream carries no domain config")
+    return config
+
+
+# --- the receiver ---------------------------------------------------------------------
+
+
+async def _receive(
+    toolstack: Any,
+    request: dict[str, Any],
+    send: trio.abc.SendStream,
+    recv: trio.abc.ReceiveStream,
+    say: Callable[[str], Awaitable[None]],
+) -> dict[str, Any]:
+    await say("migration target: Ready to receive domain.")
+    await send.send_all(migrate_receiver_banner)
+    reader = _Reader(recv, MAX_OPTIONAL + 64)
+    head = await reader.exactly(save_file_header.sizeof(), "xl header")
+    header = save_file_header.parse(head)
+    if header.magic != savefileheader_magic or header.optional_data_len > MAX_OPTIONAL:
+        raise MigrationError("the migration stream is not xl's (no save file header)")
+    config = _config_of(await reader.exactly(header.optional_data_len, "xl optional data"))
+    name = config["name"]
+    _check_arrival(toolstack, name, config)
+    memory = config.get("maxmem") or config.get("memory")
+    frames = int(memory) * 1024 * 1024 // XEN_PAGE_SIZE if isinstance(memory, int) else 0
+    # Six rounds of every frame at most (five live, the last), and the rest.
+    reader.limit = 6 * frames * (XEN_PAGE_SIZE + 8) + (16 << 20)
+    await reader.exactly(libxl__sr_hdr.sizeof(), "libxl stream header")
+    await reader.records("libxl")
+    await say(f"migration target: received {len(reader.kept)} bytes of {name}")
+    try:
+        image = read_save_file(bytes(reader.kept))
+    except StreamError as exc:
+        raise MigrationError(f"cannot receive {name}: {exc}") from None
+    domain = save._config(image, Path("the migration stream"))
+    incoming = attrs.evolve(domain, name=f"{domain.name}--incoming")
+    went = False
+
+    async def before_unpause(domid: int) -> None:
+        nonlocal went
+        await _refill(toolstack, domid, domain, image)
+        await say("migration target: Transfer complete, requesting permission to start domain.")
+        await send.send_all(migrate_receiver_ready)
+        with trio.fail_after(GO_TIMEOUT):
+            await reader.expect(migrate_permission_to_go, "GO message")
+        went = True
+        await say("migration target: Got permission, starting domain.")
+        await toolstack.rename(incoming.name, domain.name)
+
+    try:
+        async with toolstack._lock:
+            _check_arrival(toolstack, name, config)
+            record = await toolstack.create(incoming, before_unpause=before_unpause)
+    except BaseException:
+        if went:  # the sender waits for our report, then takes its domain back
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await send.send_all(migrate_report + b"\x01")
+                await say("migration target: Failure, destroying our copy.")
+                await send.send_all(migrate_permission_to_go)
+        raise
+    await send.send_all(migrate_report + b"\x00")
+    await say("migration target: Domain started successsfully.")
+    return {"name": record.config.name, "domid": record.domid}
+
+
+def _check_arrival(toolstack: Any, name: str, config: dict[str, Any]) -> None:
+    """What would make the domain fail here, found before its memory comes."""
+    for taken in (name, f"{name}--incoming"):
+        if taken in toolstack.guests or taken == "Domain-0":
+            raise MigrationError(f"cannot receive {name}: a domain named {taken!r} exists here")
+    images = toolstack.topology.dom0.images
+    for disk in config.get("disks") or ():
+        target = disk.get("target") if isinstance(disk, dict) else None
+        if target not in images:
+            raise MigrationError(
+                f"cannot receive {name}: its disk {target!r} is not one of this host's images"
+                " ([dom0] images; the hosts share `[host] images`)"
+            )
+
+
+async def _refill(toolstack: Any, domid: int, config: Any, image: DomainImage) -> None:
+    """What save.restore_domain's refill does, for a domain built from a stream: the
+    populated frames but the boot frames the builder wrote anew, the execution
+    state and the program's XenStore data."""
+    xc, xs = toolstack.xc, toolstack.xs
+    nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
+    if image.max_pfn != nr_pages - 1:
+        raise MigrationError(
+            f"cannot receive {config.name}: {image.max_pfn + 1} frames for {nr_pages}"
+        )
+    first_free = BootLayout.for_domain(nr_pages).first_free_gfn
+    populated = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
+    run: list[bytes] = []
+    start = first_free
+    for pfn in range(first_free, populated + 1):
+        page = image.pages.get(pfn) if pfn < populated else None
+        if page is not None:
+            if not run:
+                start = pfn
+            run.append(page)
+        elif run:
+            await xc.write_frames(domid, start, b"".join(run))
+            run = []
+    await xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
+    for key, value in image.xenstore.items():
+        await xs.write(f"/local/domain/{domid}/{key}", value)
+
+
+# --- the sender -----------------------------------------------------------------------
+
+
+async def _migrate(
+    toolstack: Any,
+    request: dict[str, Any],
+    send: trio.abc.SendStream,
+    recv: trio.abc.ReceiveStream,
+    say: Callable[[str], Awaitable[None]],
+) -> dict[str, Any]:
+    async with toolstack._lock:
+        record = toolstack._record(request["name"])
+        name = record.config.name
+        if record.state != "running":
+            raise MigrationError(f"cannot migrate {name}: it is {record.state}")
+        reader = _Reader(recv, 0)
+        try:
+            with trio.fail_after(BANNER_TIMEOUT):
+                await reader.expect(migrate_receiver_banner, "banner")
+        except (MigrationError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            raise MigrationError(f"cannot migrate {name}: no receiver: {_reason(exc)}") from None
+        sent = await _send(toolstack, record, send, reader, say)
+        return await _hand_over(toolstack, record, send, reader, say, sent)
+
+
+async def _send(
+    toolstack: Any,
+    record: Any,
+    send: trio.abc.SendStream,
+    reader: _Reader,
+    say: Callable[[str], Awaitable[None]],
+) -> int:
+    """Suspend, send the save file, and wait for "ready"; resumes the domain on failure."""
+    name, domid, xc = record.config.name, record.domid, toolstack.xc
+    try:
+        await save._suspend(toolstack.xs, xc, domid, name)
+    except save.SaveError as exc:
+        raise MigrationError(str(exc).replace("cannot save", "cannot migrate", 1)) from None
+    sent = 0
+    try:
+        image = await save._image(toolstack, record, lambda line: None)
+        for piece in write_save_file(image):
+            await send.send_all(piece)
+            sent += len(piece)
+        await say(f"migration sender: sent {sent} bytes ({len(image.pages)} frames)")
+        with trio.fail_after(READY_TIMEOUT):
+            await reader.expect(migrate_receiver_ready, "ready message")
+    except (MigrationError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        with trio.CancelScope(shield=True):
+            await xc.resume(domid)
+        await say(f"migration sender: {_reason(exc)}")
+        raise MigrationError("Migration failed, resuming at sender.") from None
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await xc.resume(domid)
+        raise
+    return sent
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "the receiver did not answer in time"
+    if isinstance(exc, (OSError, trio.BrokenResourceError)):
+        return "the receiver went away"
+    return str(exc)
+
+
+async def _hand_over(
+    toolstack: Any,
+    record: Any,
+    send: trio.abc.SendStream,
+    reader: _Reader,
+    say: Callable[[str], Awaitable[None]],
+    sent: int,
+) -> dict[str, Any]:
+    """xl's final handshake: rename away, "go", the report; destroy or take it back."""
+    name, domid = record.config.name, record.domid
+    away = f"{name}--migratedaway"
+    await say("migration sender: Target has acknowledged transfer.")
+    try:
+        await toolstack.rename(name, away)
+    except ValueError:
+        await toolstack.xc.resume(domid)
+        raise MigrationError("Migration failed, resuming at sender.") from None
+    await say("migration sender: Giving target permission to start.")
+    try:
+        await send.send_all(migrate_permission_to_go)
+        with trio.fail_after(READY_TIMEOUT):
+            await reader.expect(migrate_report, "success/failure report message")
+            status = (await reader.exactly(1, "success/failure status", keep=False))[0]
+    except (MigrationError, OSError, trio.BrokenResourceError, trio.TooSlowError):
+        raise MigrationError(
+            f"** Migration failed during final handshake ** the domain is {away} here:"
+            " CHECK AT BOTH ENDS for running instances before resuming at most one"
+        ) from None
+    if status:
+        await say(f"migration sender: Target reports startup failure (status code {status}).")
+        with trio.fail_after(READY_TIMEOUT):
+            await reader.expect(migrate_permission_to_go, "permission for sender to resume")
+        await say("migration sender: Trying to resume at our end.")
+        await toolstack.rename(away, name)
+        await toolstack.xc.resume(domid)
+        raise MigrationError("Migration failed due to problems at target.")
+    await say("migration sender: Target reports successful startup.")
+    await toolstack._destroy(record)
+    return {"name": name, "domid": domid, "bytes": sent}
