@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from domains.dom0 import save
+from xenlike.hypercall import HypercallError
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
 from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
 from xenlike.migration._record import REC_ALIGN
@@ -39,6 +40,7 @@ from xenlike.migration.libxc_stream import REC_LENGTH_MAX, xc_sr_dhdr, xc_sr_ihd
 from xenlike.migration.libxl_stream import RecType as LibxlRecType
 from xenlike.migration.libxl_stream import libxl__sr_hdr
 from xenlike.migration.xl_format import save_file_header, savefileheader_magic
+from xenlike.xenstore import XenStoreError
 
 __all__ = [
     "MIGRATION_OPS",
@@ -78,7 +80,12 @@ class MigrationError(ValueError):
 async def receive_with_fds(stream: trio.SocketStream, fds: list[int]) -> bytes:
     """The next bytes from a toolstack client, and any descriptors it passed with them
     (SCM_RIGHTS), appended to `fds`; at most MAX_FDS are kept, the rest closed."""
-    data, ancillary, _, _ = await stream.socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4 * 4))
+    try:
+        data, ancillary, _, _ = await stream.socket.recvmsg(
+            65536, socket.CMSG_SPACE(MAX_FDS * 4 * 4)
+        )
+    except OSError:  # a client killed with our answer unread resets: it has gone
+        return b""
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             received = list(
@@ -96,14 +103,22 @@ class Peer:
 
     stream: trio.SocketStream
     fds: list[int]
+    gone: bool = False  # the client went away: no answer is sent
 
     async def say(self, line: str) -> None:
-        await self.stream.send_all(json.dumps({"progress": line}).encode() + b"\n")
+        try:
+            await self.stream.send_all(json.dumps({"progress": line}).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.gone = True
 
     async def hangup(self) -> None:
         """Returns when the client's end closes (it is not to send more)."""
-        while await self.stream.receive_some(4096):
+        try:
+            while await self.stream.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        self.gone = True
 
     def close_fds(self) -> None:
         while self.fds:
@@ -125,8 +140,10 @@ async def migration_op(toolstack: Any, request: dict[str, Any], peer: Peer) -> d
                 answer.update(await _migrate(toolstack, request, send, recv, peer.say))
             else:
                 answer.update(await _receive(toolstack, request, send, recv, peer.say))
-        except Exception as exc:  # the answer's error, not the nursery's exception group
-            failures.append(exc)
+        except (ValueError, LookupError, HypercallError, XenStoreError) as exc:
+            failures.append(exc)  # the answer's error, not the nursery's exception group
+        except Exception as exc:  # the stream broke: one line, never Dom0's end
+            failures.append(MigrationError(f"{request['op']}: {_reason(exc)}"))
         finally:
             cancel.cancel()
 
@@ -171,6 +188,12 @@ class _Reader:
                 raise MigrationError(f"the migration stream is longer than {self.limit} bytes")
             self.kept += data
         return data
+
+    async def more(self) -> bool:
+        """Whether the stream has a byte to come (False: it ended here)."""
+        if not self.buffer:
+            self.buffer += await self.stream.receive_some(CHUNK)
+        return bool(self.buffer)
 
     async def expect(self, message: bytes, what: str) -> None:
         """xl's migrate_read_fixedmessage."""
@@ -221,6 +244,8 @@ async def _receive(
     await say("migration target: Ready to receive domain.")
     await send.send_all(migrate_receiver_banner)
     reader = _Reader(recv, MAX_OPTIONAL + 64)
+    if not await reader.more():  # the sender gave up before its stream (and says why)
+        return {"name": None}
     head = await reader.exactly(save_file_header.sizeof(), "xl header")
     header = save_file_header.parse(head)
     if header.magic != savefileheader_magic or header.optional_data_len > MAX_OPTIONAL:
@@ -375,8 +400,8 @@ async def _send(
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "the receiver did not answer in time"
-    if isinstance(exc, (OSError, trio.BrokenResourceError)):
-        return "the receiver went away"
+    if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
+        return "the other end went away"
     return str(exc)
 
 

@@ -723,6 +723,8 @@ class Toolstack:
                         answer = await self._answer(line, down, peer)
                     finally:
                         peer.close_fds()
+                    if peer.gone:  # a migration whose command went away: no one to answer
+                        return
                     await stream.send_all(json.dumps(answer).encode() + b"\n")
 
     async def _answer(

@@ -1177,6 +1177,7 @@ def migrate(
         xenlike migrate beta tcp://TOKEN@10.0.0.9:8002
     """
     rd = running(run_dir)
+    trio.run(toolstack_request, rd, {"op": "config", "name": name})  # xl's find_domain
     receiver: subprocess.Popen[bytes] | None = None
     if host.startswith("tcp://") and ssh_command:
         connection = _connect_tcp(host)
@@ -1241,6 +1242,9 @@ def migrate_receive(debug: bool, listen: str | None, run_dir: Path | None) -> No
         fds = [os.dup(connection.fileno()), os.dup(connection.fileno())]
         connection.close()
     answer = _hand_to_dom0(rd, {"op": "migrate-receive", "debug": debug}, fds)
+    if answer["name"] is None:
+        click.echo("migration target: the sender sent no domain (it says why)", err=True)
+        sys.exit(1)
     click.echo(f"migration target: {answer['name']} is domain {answer['domid']}", err=True)
 
 
