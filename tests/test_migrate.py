@@ -28,6 +28,7 @@ from domains.dom0.migrate import migrate_permission_to_go
 from tests.test_migration_verify import verify, xen_utils  # noqa: F401 (a fixture)
 from tests.test_up import XENLIKE, wait_for, xenlike
 from xenlike.tools.cli import migration_rune
+from xenlike.topology import TopologyError, parse_topology
 
 HOST_B = """
 [host]
@@ -329,3 +330,20 @@ def test_the_receiver_command_lines_are_xls() -> None:
         "xenlike migrate-receive --run-dir /b",
     ]
     assert migration_rune("/run/b", "ssh", False)[-3:] == ["migrate-receive", "--run-dir", "/run/b"]
+
+
+def test_host_images_is_the_shared_images_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    topology = parse_topology(f'[host]\nimages = "{shared}"\n[dom0]\nimages = {{ "a.img" = "1M" }}')
+    assert topology.image_path("a.img", tmp_path / "run") == shared / "a.img"
+    assert parse_topology("").image_path("a.img", tmp_path) == tmp_path / "a.img"
+    for value, problem in (
+        ('"relative/dir"', "an absolute directory path"),
+        (f'"{tmp_path}/nope"', "no such directory"),
+        ("3", "an absolute directory path"),
+    ):
+        with pytest.raises(TopologyError) as raised:
+            parse_topology(f"[host]\nimages = {value}\n", "t.toml")
+        (only,) = raised.value.problems
+        assert str(only).startswith("t.toml:2: images = ") and problem in str(only), only

@@ -7,6 +7,7 @@ xl-disk-configuration(5) and xl-network-configuration(5) define them::
     [host]
     name = "demo"
     memory = 1024                      # MiB the domains draw from (the default)
+    images = "/srv/xenlike-images"     # Dom0's images, shared by hosts (default: run dir)
 
     [dom0]
     memory = 128
