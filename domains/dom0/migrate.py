@@ -21,6 +21,7 @@ and the receiver destroys what it had built.
 """
 
 import json
+import logging
 import os
 import socket
 import struct
@@ -36,7 +37,18 @@ from xenlike.hypercall import HypercallError
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
 from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
 from xenlike.migration._record import REC_ALIGN
-from xenlike.migration.libxc_stream import REC_LENGTH_MAX, xc_sr_dhdr, xc_sr_ihdr
+from xenlike.migration.libxc_stream import (
+    MAX_BATCH_SIZE,
+    PAGE_DATA_PFN_MASK,
+    PAGE_DATA_TYPE_MASK,
+    PAGE_DATA_TYPE_SHIFT,
+    REC_LENGTH_MAX,
+    PfInfo,
+    xc_sr_dhdr,
+    xc_sr_ihdr,
+    xc_sr_rec_x86_tsc_info,
+)
+from xenlike.migration.libxc_stream import RecType as LibxcRecType
 from xenlike.migration.libxl_stream import RecType as LibxlRecType
 from xenlike.migration.libxl_stream import libxl__sr_hdr
 from xenlike.migration.xl_format import save_file_header, savefileheader_magic
@@ -67,7 +79,11 @@ GO_TIMEOUT = 300.0  # for the sender to rename its copy and say "go"
 MAX_FDS = 2
 MAX_OPTIONAL = 1 << 20  # bytes of xl optional data (the config) a receiver takes
 CHUNK = 1 << 20
+MAX_ROUNDS = 5  # xg_sr_save.c's simple_precopy_policy: SPP_MAX_ITERATIONS
+DIRTY_THRESHOLD = 50  # and SPP_TARGET_DIRTY_COUNT
 _REC_HDR = struct.Struct("<II")
+_TSC_SIZE = xc_sr_rec_x86_tsc_info.sizeof()
+log = logging.getLogger("xenlike.dom0.migrate")
 
 
 class MigrationError(ValueError):
@@ -184,10 +200,13 @@ class _Reader:
         data = bytes(self.buffer[:size])
         del self.buffer[:size]
         if keep:
-            if len(self.kept) + size > self.limit:
-                raise MigrationError(f"the migration stream is longer than {self.limit} bytes")
-            self.kept += data
+            self._keep(data)
         return data
+
+    def _keep(self, data: bytes) -> None:
+        if len(self.kept) + len(data) > self.limit:
+            raise MigrationError(f"the migration stream's records pass {self.limit} bytes")
+        self.kept += data
 
     async def more(self) -> bool:
         """Whether the stream has a byte to come (False: it ended here)."""
@@ -202,20 +221,25 @@ class _Reader:
                 f"the migration stream contained unexpected data instead of {what}"
             )
 
-    async def records(self, layer: str) -> list[int]:
-        """The records of one layer through its END, kept; their types."""
-        types = []
+    async def records(self, layer: str, page_data: Callable[[bytes], Awaitable[None]]) -> None:
+        """The records of one layer through its END, kept, but libxc's PAGE_DATA
+        records, which go to `page_data` (the body) instead."""
         while True:
-            rec_type, length = _REC_HDR.unpack(await self.exactly(8, f"{layer} record header"))
+            header = await self.exactly(8, f"{layer} record header", keep=False)
+            rec_type, length = _REC_HDR.unpack(header)
             if length > REC_LENGTH_MAX:
                 raise MigrationError(f"{layer} record of {length} bytes in the migration stream")
+            if layer == "libxc" and rec_type == LibxcRecType.PAGE_DATA:
+                body = await self.exactly(length + -length % REC_ALIGN, "PAGE_DATA", keep=False)
+                await page_data(body[:length])
+                continue
+            self._keep(header)
             await self.exactly(length + -length % REC_ALIGN, f"{layer} record")
-            types.append(rec_type)
             if rec_type == 0:  # END
-                return types
+                return
             if layer == "libxl" and rec_type == LibxlRecType.LIBXC_CONTEXT:
                 await self.exactly(xc_sr_ihdr.sizeof() + xc_sr_dhdr.sizeof(), "libxc headers")
-                await self.records("libxc")
+                await self.records("libxc", page_data)
 
 
 def _config_of(optional: bytes) -> dict[str, Any]:
@@ -241,36 +265,43 @@ async def _receive(
     recv: trio.abc.ReceiveStream,
     say: Callable[[str], Awaitable[None]],
 ) -> dict[str, Any]:
+    """xl's migrate_receive: the domain is built paused as NAME--incoming once its
+    config has come, and its memory written as PAGE_DATA records arrive (a frame
+    sent again takes its later content); the rest of the stream is checked whole
+    (read_save_file) at its END, before "ready"."""
     await say("migration target: Ready to receive domain.")
     await send.send_all(migrate_receiver_banner)
-    reader = _Reader(recv, MAX_OPTIONAL + 64)
+    reader = _Reader(recv, MAX_OPTIONAL + (16 << 20))
     if not await reader.more():  # the sender gave up before its stream (and says why)
         return {"name": None}
-    head = await reader.exactly(save_file_header.sizeof(), "xl header")
-    header = save_file_header.parse(head)
+    header = save_file_header.parse(await reader.exactly(save_file_header.sizeof(), "xl header"))
     if header.magic != savefileheader_magic or header.optional_data_len > MAX_OPTIONAL:
         raise MigrationError("the migration stream is not xl's (no save file header)")
     config = _config_of(await reader.exactly(header.optional_data_len, "xl optional data"))
     name = config["name"]
     _check_arrival(toolstack, name, config)
-    memory = config.get("maxmem") or config.get("memory")
-    frames = int(memory) * 1024 * 1024 // XEN_PAGE_SIZE if isinstance(memory, int) else 0
-    # Six rounds of every frame at most (five live, the last), and the rest.
-    reader.limit = 6 * frames * (XEN_PAGE_SIZE + 8) + (16 << 20)
-    await reader.exactly(libxl__sr_hdr.sizeof(), "libxl stream header")
-    await reader.records("libxl")
-    await say(f"migration target: received {len(reader.kept)} bytes of {name}")
-    try:
-        image = read_save_file(bytes(reader.kept))
-    except StreamError as exc:
-        raise MigrationError(f"cannot receive {name}: {exc}") from None
-    domain = save._config(image, Path("the migration stream"))
+    bare = DomainImage(max_pfn=0, pages={}, shared_info=bytes(XEN_PAGE_SIZE), vcpus={0: b""})
+    domain = save._config(attrs.evolve(bare, config=config), Path("the migration stream"))
     incoming = attrs.evolve(domain, name=f"{domain.name}--incoming")
     went = False
 
     async def before_unpause(domid: int) -> None:
         nonlocal went
-        await _refill(toolstack, domid, domain, image)
+        memory = _Memory(toolstack.xc, domid, domain)
+        await reader.exactly(libxl__sr_hdr.sizeof(), "libxl stream header")
+        await reader.records("libxl", memory.page_data)
+        await say(f"migration target: received {memory.received} frames of {name}")
+        try:
+            image = read_save_file(bytes(reader.kept))  # every record but PAGE_DATA
+        except StreamError as exc:
+            raise MigrationError(f"cannot receive {name}: {exc}") from None
+        if image.max_pfn != memory.nr_pages - 1:
+            raise MigrationError(
+                f"cannot receive {name}: {image.max_pfn + 1} frames for {memory.nr_pages}"
+            )
+        await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
+        for key, value in image.xenstore.items():
+            await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
         await say("migration target: Transfer complete, requesting permission to start domain.")
         await send.send_all(migrate_receiver_ready)
         with trio.fail_after(GO_TIMEOUT):
@@ -295,6 +326,60 @@ async def _receive(
     return {"name": record.config.name, "domid": record.domid}
 
 
+class _Memory:
+    """Writes PAGE_DATA records into a built, paused domain as they come: the frames
+    save.restore_domain's refill writes (not the boot frames, which the builder
+    wrote anew, nor any beyond what it populated). A hostile record is one line."""
+
+    def __init__(self, xc: Any, domid: int, config: Any) -> None:
+        self.xc, self.domid, self.name = xc, domid, config.name
+        self.nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
+        self.first = BootLayout.for_domain(self.nr_pages).first_free_gfn
+        self.end = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
+        self.received = 0
+        self.limit = (MAX_ROUNDS + 1) * self.nr_pages  # every frame in every round
+
+    def _bad(self, what: str) -> MigrationError:
+        return MigrationError(f"cannot receive {self.name}: PAGE_DATA record {what}")
+
+    async def page_data(self, body: bytes) -> None:
+        if len(body) < 8:
+            raise self._bad(f"of {len(body)} bytes")
+        count, reserved = struct.unpack_from("<II", body)
+        if not 0 < count <= MAX_BATCH_SIZE or reserved or len(body) < 8 + 8 * count:
+            raise self._bad(f"with count {count} in {len(body)} bytes")
+        entries = struct.unpack_from(f"<{count}Q", body, 8)
+        data_at = 8 + 8 * count
+        pages: list[tuple[int, int]] = []  # (pfn, offset of its contents)
+        for entry in entries:
+            pfn, kind = entry & PAGE_DATA_PFN_MASK, entry >> PAGE_DATA_TYPE_SHIFT
+            if pfn >= self.nr_pages or entry & ~(PAGE_DATA_PFN_MASK | PAGE_DATA_TYPE_MASK):
+                raise self._bad(f"with pfn {pfn:#x} of {self.nr_pages} frames")
+            if kind == PfInfo.NOTAB:
+                pages.append((pfn, data_at))
+                data_at += XEN_PAGE_SIZE
+            elif kind != PfInfo.XTAB:  # a frame gone since it was sent: left as it is
+                raise self._bad(f"with pfn {pfn:#x} of type {kind:#x}")
+        if data_at != len(body):
+            raise self._bad(f"of {len(body)} bytes for {len(pages)} pages")
+        self.received += len(pages)
+        if self.received > self.limit:
+            raise self._bad(f"beyond {self.limit} frames: more than {MAX_ROUNDS + 1} rounds")
+        run: list[bytes] = []
+        start = -2
+        for pfn, at in sorted(pages):
+            if not self.first <= pfn < self.end:
+                continue
+            if run and pfn != start + len(run):
+                await self.xc.write_frames(self.domid, start, b"".join(run))
+                run = []
+            if not run:
+                start = pfn
+            run.append(body[at : at + XEN_PAGE_SIZE])
+        if run:
+            await self.xc.write_frames(self.domid, start, b"".join(run))
+
+
 def _check_arrival(toolstack: Any, name: str, config: dict[str, Any]) -> None:
     """What would make the domain fail here, found before its memory comes."""
     for taken in (name, f"{name}--incoming"):
@@ -308,34 +393,6 @@ def _check_arrival(toolstack: Any, name: str, config: dict[str, Any]) -> None:
                 f"cannot receive {name}: its disk {target!r} is not one of this host's images"
                 " ([dom0] images; the hosts share `[host] images`)"
             )
-
-
-async def _refill(toolstack: Any, domid: int, config: Any, image: DomainImage) -> None:
-    """What save.restore_domain's refill does, for a domain built from a stream: the
-    populated frames but the boot frames the builder wrote anew, the execution
-    state and the program's XenStore data."""
-    xc, xs = toolstack.xc, toolstack.xs
-    nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
-    if image.max_pfn != nr_pages - 1:
-        raise MigrationError(
-            f"cannot receive {config.name}: {image.max_pfn + 1} frames for {nr_pages}"
-        )
-    first_free = BootLayout.for_domain(nr_pages).first_free_gfn
-    populated = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
-    run: list[bytes] = []
-    start = first_free
-    for pfn in range(first_free, populated + 1):
-        page = image.pages.get(pfn) if pfn < populated else None
-        if page is not None:
-            if not run:
-                start = pfn
-            run.append(page)
-        elif run:
-            await xc.write_frames(domid, start, b"".join(run))
-            run = []
-    await xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
-    for key, value in image.xenstore.items():
-        await xs.write(f"/local/domain/{domid}/{key}", value)
 
 
 # --- the sender -----------------------------------------------------------------------
