@@ -43,3 +43,33 @@ async def suspend_self(guest: Guest) -> None:
 
     print(f"[{guest.name}] suspending")
     await guest.domain.shutdown(ShutdownReason.suspend)
+
+
+async def page_writer(guest: Guest) -> None:
+    """Writes what Dom0 asks, for log-dirty's tests. Dom0 writes `data/logdirty/request`:
+    "ID write N" (round ID into the first 16 bytes of N pages of its own, which it
+    names) or "ID read SECTOR" (8 sectors of its disk into blkfront's buffers,
+    whose sha256 it names); the answer is "ID ..." in `data/logdirty/done`."""
+    import hashlib
+
+    pages = [guest.domain.allocator.allocate() for _ in range(8)]
+    await guest.xs.write("data/logdirty/request", "")  # ours, for Dom0 to write
+    await guest.xs.write("data/logdirty/done", "ready")
+    print(f"[{guest.name}] page writer ready")
+    last = ""
+    async with guest.xs.watch("data/logdirty/request") as events:
+        async for _ in events:
+            request = (await guest.xs.read("data/logdirty/request")).decode()
+            if not request or request == last:
+                continue
+            last = request
+            ident, word, arg = request.split()
+            if word == "write":
+                for gfn in pages[: int(arg)]:
+                    with guest.domain.memory.frame(gfn) as page:
+                        page[:16] = f"round {ident}".encode().ljust(16)
+                answer = " ".join(str(gfn) for gfn in pages[: int(arg)])
+            else:
+                data = await guest.device("vbd").read(int(arg), 8)
+                answer = hashlib.sha256(data).hexdigest()
+            await guest.xs.write("data/logdirty/done", f"{ident} {answer}")

@@ -7,12 +7,14 @@ so what netfront grants is what netback maps or copies.
 
 import pytest
 import trio
+import trio.testing
 
 from domains.dom0.hw.bridge import Bridge
 from drivers.netif import Netfront, Vif
 from drivers.netif.protocol import CTRL_RING, RX_RING, TX_RING
 from tests.test_netif_back import GUEST_MAC, PAGE, PEER_MAC, FakeDomain, Sink
 from xenlike.abi.netif import (
+    NETIF_RSP_OKAY,
     NETRXF_data_validated,
     NETTXF_csum_blank,
     NETTXF_data_validated,
@@ -43,7 +45,7 @@ class Pair:
         self.received: list[tuple[bytes, int]] = []
         self.front.receiver = lambda frame, flags: self.received.append((frame, flags))
         self.group = group = RingGroup(front_rings, ports[0])  # type: ignore[arg-type]
-        self.front.channel = group
+        self.front.group = group
         self.front._ready.set()  # as the handshake would at Connected
         self.bridge = Bridge("xenbr0")
         self.sink = Sink()
@@ -160,3 +162,42 @@ async def test_a_frame_over_the_mtu_is_refused_before_it_reaches_the_ring(pair: 
             pair.front.transmit_nowait(pair.frame(size))
     assert pair.front._tx.req_prod_pvt == produced  # type: ignore[union-attr]
     assert pair.front.transmit_nowait(pair.frame(pair.front.max_frame))
+
+
+async def test_a_sender_reclaiming_tx_slots_wakes_the_senders_waiting_for_room(
+    nursery: trio.Nursery,
+) -> None:
+    """A sender that finds the ring full waits with rsp_event armed; when another
+    sender takes the back end's responses first (transmit_nowait reclaims slots
+    without yielding), the loop wakes to an empty ring, so the waiter must be
+    woken by the sender that took them, or it sleeps for good."""
+    memory = {name: memoryview(bytearray(PAGE)) for name in ("tx", "rx")}
+    rings = {"tx": FrontRing(TX_RING, memory["tx"]), "rx": FrontRing(RX_RING, memory["rx"])}
+    back_tx = BackRing(TX_RING, memory["tx"])
+    front_port, back_port = doorbell_pair()
+    front = detached(Netfront)
+    front.ctx.domain = LocalDomain(1100)
+    front.mac = GUEST_MAC
+    front.group = group = RingGroup(rings, {"tx": front_port, "rx": front_port})  # type: ignore[arg-type]
+    front._ready.set()  # as the handshake would at Connected
+    nursery.start_soon(front.serve, group)
+    await trio.testing.wait_all_tasks_blocked()
+    frame = PEER_MAC + GUEST_MAC + b"\x88\xb5" + bytes(46)
+    while front.transmit_nowait(frame):
+        pass
+    sent = trio.Event()
+
+    async def waiting_sender() -> None:
+        await front.transmit(frame)
+        sent.set()
+
+    nursery.start_soon(waiting_sender)
+    await trio.testing.wait_all_tasks_blocked()
+    requests = back_tx.get_requests()
+    assert len(requests) == TX_RING.nr_ents()
+    back_tx.put_responses((request[3], NETIF_RSP_OKAY) for request in requests)
+    assert back_tx.push_responses() is True  # the waiting sender armed rsp_event
+    back_port.notify()
+    assert front.transmit_nowait(frame)  # takes every response before the loop runs
+    with trio.fail_after(5):
+        await sent.wait()

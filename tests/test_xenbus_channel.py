@@ -29,9 +29,14 @@ def make_pair() -> tuple[FrontChannel, BackChannel, memoryview]:
     return front, back, page
 
 
-async def echo_server(back: BackChannel, reverse: bool = False) -> None:
-    """Answer each batch, optionally in reverse order, with status = sector % 2 - 1."""
+async def echo_server(
+    back: BackChannel, reverse: bool = False, sizes: list[int] | None = None
+) -> None:
+    """Answer each batch (its size appended to `sizes`), optionally in reverse order,
+    with status = sector % 2 - 1."""
     async for batch in back.batches_of_requests():
+        if sizes is not None:
+            sizes.append(len(batch))
         if reverse:
             batch = batch[::-1]
         back.respond_many(
@@ -68,10 +73,11 @@ async def test_many_concurrent_callers_get_their_own_responses(nursery, reverse:
 async def test_a_batch_is_one_push(nursery) -> None:
     front, back, _ = make_pair()
     nursery.start_soon(front.run)
-    nursery.start_soon(echo_server, back)
+    sizes: list[int] = []
+    nursery.start_soon(echo_server, back, False, sizes)
     responses = await front.call_many([BLKIF.request.record(sector_number=s) for s in range(20)])
     assert [r.status for r in responses] == [s % 2 - 1 for s in range(20)]
-    assert back.batches == 1
+    assert sizes == [20]
     nursery.cancel_scope.cancel()
 
 

@@ -18,10 +18,17 @@ from typing import Any
 import trio
 
 from xenlike.abi.domctl import (
+    XEN_DOMCTL_INTERFACE_VERSION,
+    XEN_DOMCTL_SHADOW_OP_CLEAN,
+    XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
+    XEN_DOMCTL_SHADOW_OP_OFF,
+    XEN_DOMCTL_SHADOW_OP_PEEK,
     DomctlOp,
+    xen_domctl,
     xen_domctl_createdomain,
     xen_domctl_getdomaininfo,
     xen_domctl_max_mem,
+    xen_domctl_shadow_op,
 )
 from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, evtchn_alloc_unbound
@@ -47,6 +54,9 @@ __all__ = ["XenControl", "connect_control_socket"]
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
 FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
+DOMCTL = compile_struct(xen_domctl, "xen_domctl")
+SHADOW_OP = compile_struct(xen_domctl_shadow_op, "xen_domctl_shadow_op")
+ALL_PAGES = (1 << 64) - 1  # a shadow_op bitmap "as large as the domain": Xen clamps `pages`
 
 
 async def connect_control_socket(run_dir: str | os.PathLike[str]) -> trio.socket.SocketType:
@@ -182,7 +192,8 @@ class XenControl:
         await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_setcontext, data)
 
     async def read_frames(self, domid: int, first: int, count: int) -> dict[int, bytes]:
-        """The populated frames among `count` from `first` of a suspended domain."""
+        """The populated frames among `count` from `first` of a suspended domain, or of a
+        live one under log-dirty."""
         out: dict[int, bytes] = {}
         for start in range(first, first + count, FRAMES_PER_CALL):
             n = min(FRAMES_PER_CALL, first + count - start)
@@ -204,6 +215,39 @@ class XenControl:
             head = FRAMES.pack(FRAMES.record(domain=domid, first_pfn=first + i, count=n))
             chunk = data[i * XEN_PAGE_SIZE : (i + n) * XEN_PAGE_SIZE]
             await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_write_frames, head + chunk)
+
+    async def shadow_op(
+        self, domid: int, op: int, *, mode: int = 0, pages: int = ALL_PAGES
+    ) -> tuple[Any, bytes]:
+        """XEN_DOMCTL_shadow_op: (the xen_domctl_shadow_op sent back, the dirty bitmap)."""
+        request = SHADOW_OP.record(op=op, mode=mode, dirty_bitmap=1, pages=pages)
+        arg = DOMCTL.record(
+            cmd=DomctlOp.shadow_op,
+            interface_version=XEN_DOMCTL_INTERFACE_VERSION,
+            domain=domid,
+            u=SHADOW_OP.pack(request).ljust(128, b"\0"),
+        )
+        done = await self.hypercalls.call(Hypercall.domctl, DomctlOp.shadow_op, DOMCTL.pack(arg), 1)
+        back = DOMCTL.unpack(done.payload[: DOMCTL.size])
+        return SHADOW_OP.unpack(back.u[: SHADOW_OP.size]), done.payload[DOMCTL.size :]
+
+    async def logdirty_enable(self, domid: int) -> None:
+        """Log-dirty from now on: later bitmaps mark every frame written since."""
+        await self.shadow_op(domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+
+    async def logdirty_clean(self, domid: int) -> bytes:
+        """The frames written since log-dirty was enabled or last cleaned, one bit each
+        (bit pfn % 8 of byte pfn // 8), for all the domain's frames; then cleared."""
+        _, bitmap = await self.shadow_op(domid, XEN_DOMCTL_SHADOW_OP_CLEAN)
+        return bitmap
+
+    async def logdirty_peek(self, domid: int) -> bytes:
+        """As `logdirty_clean`, leaving the bitmap as it is."""
+        _, bitmap = await self.shadow_op(domid, XEN_DOMCTL_SHADOW_OP_PEEK)
+        return bitmap
+
+    async def logdirty_off(self, domid: int) -> None:
+        await self.shadow_op(domid, XEN_DOMCTL_SHADOW_OP_OFF)
 
     async def destroy(self, domid: int) -> None:
         await self.hypercalls.domctl(DomctlOp.destroydomain, domid)

@@ -383,12 +383,15 @@ class BlkBack(Backend):
                 self._background = nursery
                 publishing = trio.CancelScope()
                 nursery.start_soon(self._publish_statistics, publishing)
+
+                async def on_requests(batch: list[Any]) -> None:
+                    if self._grants is None:
+                        await self._start_drain(nursery, channel, batch)
+                    else:
+                        await self._drain(channel, batch)
+
                 try:
-                    async for batch in channel.batches_of_requests():
-                        if self._grants is None:
-                            await self._start_drain(nursery, channel, batch)
-                        else:
-                            await self._drain(channel, batch)
+                    await channel.serve(on_requests)
                 except ChannelBroken as exc:
                     broken = f"ring protocol violation: {exc}"
                 finally:

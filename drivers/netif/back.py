@@ -32,6 +32,7 @@ guest flooding its tx ring gets its turn like every other vif, no more; and
 its frames reach each other guest through that guest's fair queue.
 """
 
+import functools
 import logging
 import math
 import time
@@ -81,6 +82,7 @@ from xenlike.xenbus import (
     Backend,
     ChannelBroken,
     DeviceInfo,
+    Drain,
     ProtocolError,
     RingGroup,
     XenbusContext,
@@ -329,7 +331,7 @@ class Vif:
         self._rx_queue = _FairQueue(RX_QUEUE_MAX)
         self._rx_buffers: deque[tuple[int, int, int]] = deque()  # consumed rx requests
         self._rx_kick = _Kick()
-        self._rx_stalled = False  # frames wait and req_event is armed for new buffers
+        self._rx_drain = Drain()  # watched: the rx task takes buffers, and waits on it for more
         self._closed = False
         self._warned: dict[str, float] = {}
         self.stats = {
@@ -367,16 +369,30 @@ class Vif:
     # --- running ---------------------------------------------------------------
 
     async def run(self, group: RingGroup) -> None:
-        """The data path until cancelled; a malicious front end raises ChannelBroken."""
+        """The data path until cancelled; a malicious front end raises ChannelBroken.
+
+        The framework's loop serves the rings (tx and rx on one port, ctrl on
+        its own): tx requests are transmitted; the rx ring is only watched
+        (a `Drain` without a handler): the rx task takes buffers from it as
+        frames from the bridge need them, and the ring's event index is armed
+        only while frames wait for buffers (`Drain.wait`).
+        """
         self._tx = cast(BackRing, group.rings["tx"])
         self._rx = cast(BackRing, group.rings["rx"])
         self._port = group.ports["tx"]
+        self._rx_drain.bind(self._rx)
+        handlers: dict[str, Any] = {"tx": self._on_tx, "rx": self._rx_drain}
+        if "ctrl" in group.rings:
+            handlers["ctrl"] = functools.partial(self._on_ctrl, group.back_channel("ctrl"))
         broken: list[ChannelBroken] = []
 
         async def guarded(loop: Callable[..., Any], *args: Any) -> None:
             try:
                 await loop(*args)
-            except (ChannelBroken, RingOverflow) as exc:
+            except* (ChannelBroken, RingOverflow) as errors:
+                exc: BaseException = errors
+                while isinstance(exc, BaseExceptionGroup):  # one port's loop of several
+                    exc = exc.exceptions[0]
                 broken.append(ChannelBroken(str(exc)))
                 nursery.cancel_scope.cancel()
 
@@ -390,11 +406,8 @@ class Vif:
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(guarded, self._tx_loop)
                 nursery.start_soon(guarded, self._rx_loop)
-                if "ctrl" in group.rings:
-                    ctrl = BackChannel(cast(BackRing, group.rings["ctrl"]), group.ports["ctrl"])
-                    nursery.start_soon(guarded, self._ctrl_loop, ctrl)
+                nursery.start_soon(guarded, group.serve, handlers)
         finally:
             self._bridge.detach(self)
         if broken:
@@ -430,18 +443,9 @@ class Vif:
 
     # --- tx: guest -> bridge ---------------------------------------------------------
 
-    async def _tx_loop(self) -> None:
-        tx, port = self._tx, self._port
-        while True:
-            requests = tx.get_requests()
-            if requests:
-                await self._transmit(requests)
-                await trio.lowlevel.checkpoint()  # the other vifs' turn
-            if self._rx_stalled and self._rx.unconsumed_requests():
-                self._rx_kick.set()  # the notification was for new rx buffers
-            if requests or tx.final_check_for_requests():
-                continue
-            await port.wait()
+    async def _on_tx(self, requests: list[Any]) -> None:
+        await self._transmit(requests)
+        await trio.lowlevel.checkpoint()  # the other vifs' turn
 
     async def _transmit(self, requests: list[Any]) -> None:
         """One drain: parse, read, answer every slot, then switch the good frames."""
@@ -582,11 +586,8 @@ class Vif:
         while queue:
             buffers.extend(rx.get_requests())
             if len(buffers) < -(-len(queue.peek()[0]) // XEN_PAGE_SIZE):
-                self._rx_stalled = True
-                if rx.final_check_for_requests():
-                    continue
-                return  # req_event is armed: the front end notifies when it posts buffers
-            self._rx_stalled = False
+                await self._rx_drain.wait()  # req_event armed: the front end notifies
+                continue
             responses: list[tuple[int, int, int, int]] = []
             copies: list[tuple[int, int, bytes]] = []  # response index, gref, data
             writable = self._writable
@@ -671,9 +672,8 @@ class Vif:
 
     # --- ctrl: static grants -------------------------------------------------------------------
 
-    async def _ctrl_loop(self, channel: BackChannel) -> None:
-        async for batch in channel.batches_of_requests():
-            channel.respond_many([await self._control(request) for request in batch])
+    async def _on_ctrl(self, channel: BackChannel, requests: list[Any]) -> None:
+        channel.respond_many([await self._control(request) for request in requests])
 
     async def _control(self, request: Any) -> tuple[int, int, int, int]:
         rid, kind, data = request

@@ -6,14 +6,15 @@ the back end, over the control ring when offered, to map all of them once
 (netif.h's static grants), so the back end copies frames with a memory copy
 rather than a hypercall. Every tx slot id is the index of its buffer.
 
-One task polls both rings on the shared port: it delivers received frames
-to `receiver` (the guest's IP stack) as they come, and reclaims tx buffers.
-The tx response event index is armed only while a sender waits for room,
-so a guest that keeps sending is not woken for every tx completion.
+The framework's loop serves both rings on the shared port (`RingGroup.serve`):
+rx responses are delivered to `receiver` (the guest's IP stack) as they
+come, tx responses reclaim their buffers. The tx response event index is
+armed only while a sender waits for room (`Drain.wait`, `armed=False`), so a
+guest that keeps sending is not woken for every tx completion.
 """
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import trio
 
@@ -39,10 +40,10 @@ from xenlike.abi.netif import (
     XEN_NETIF_CTRLF_GREF_readonly,
 )
 from xenlike.abi.ring import XEN_PAGE_SIZE
-from xenlike.ring import FrontRing
 from xenlike.xenbus import (
     ChannelBroken,
     DeviceInfo,
+    Drain,
     FrontChannel,
     Frontend,
     ProtocolError,
@@ -118,8 +119,7 @@ class Netfront(Frontend):
         self._rx_posted = bytearray()  # per rx buffer: posted, not yet filled
         self._rx_partial: list[bytes | None] = []  # a frame's slots so far (None: in error)
         self._rx_partial_flags = 0
-        self._tx_space = trio.Event()
-        self._tx_waiting = 0
+        self._tx_drain = Drain(self._on_tx, armed=False)  # senders wait on it for room
 
     def front_keys(self) -> dict[str, str | int]:
         return {"request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}
@@ -199,19 +199,23 @@ class Netfront(Frontend):
             if not self.connected_now:
                 await self.wait_connected()
                 continue
-            self._tx_waiting += 1
-            try:
-                space = self._tx_space
-                if not self._tx.final_check_for_responses():
-                    await space.wait()  # the back end notifies: rsp_event is armed
-            finally:
-                self._tx_waiting -= 1
+            await self._tx_drain.wait()  # rsp_event armed: the back end notifies
 
     def _collect_tx(self) -> None:
-        """Reclaim the buffers of answered tx requests."""
+        """Reclaim the buffers of answered tx requests (a sender looks before giving up).
+
+        The loop will not see these responses, so the senders waiting for room
+        are woken here."""
         responses = self._tx.get_responses()
-        if not responses:
-            return
+        if responses:
+            self._tx_answered(responses)
+            self._tx_drain.wake()
+
+    async def _on_tx(self, responses: list[Any]) -> None:
+        self._tx_answered(responses)
+
+    def _tx_answered(self, responses: list[Any]) -> None:
+        """Free the slots of answered tx requests (the loop then wakes waiting senders)."""
         busy, free, stats = self._tx_busy, self._tx_free, self.stats
         for slot, status in responses:
             if status == NETIF_RSP_NULL:
@@ -222,16 +226,15 @@ class Netfront(Frontend):
             free.append(slot)
             if status != NETIF_RSP_OKAY:
                 stats["tx_dropped" if status == NETIF_RSP_DROPPED else "tx_errors"] += 1
-        if self._tx_waiting:
-            self._tx_space.set()
-            self._tx_space = trio.Event()
 
     # --- the data path -----------------------------------------------------------
 
     async def serve(self, channel: RingGroup) -> None:
-        """Post the rx buffers, map them statically if offered, then poll until cancelled."""
+        """Post the rx buffers, map them statically if offered, then serve both
+        rings until cancelled (a driver's own serve: it sets up buffers first)."""
         self._tx, self._rx = channel.rings["tx"], channel.rings["rx"]
         self._port = channel.ports["tx"]
+        self._tx_drain.bind(self._tx)  # before any sender can wait on it
         buffers = self._buffers = _Buffers(
             self.ctx.domain, self.device.otherend_id, self._tx.nr_ents, self._rx.nr_ents
         )
@@ -246,29 +249,15 @@ class Netfront(Frontend):
             self._port.notify()
         async with trio.open_nursery() as nursery:
             if "ctrl" in channel.rings:
-                ctrl = FrontChannel(cast(FrontRing, channel.rings["ctrl"]), channel.ports["ctrl"])
-                nursery.start_soon(self._map_statically, ctrl, buffers)
-            await self._poll()
+                nursery.start_soon(self._map_statically, channel.front_channel("ctrl"), buffers)
+            await channel.serve({"rx": self._on_rx, "tx": self._tx_drain})
 
-    async def _poll(self) -> None:
-        rx, tx, port = self._rx, self._tx, self._port
-        while True:
-            received = self._collect_rx()
-            self._collect_tx()
-            if received:
-                await trio.lowlevel.checkpoint()
-                continue
-            if rx.final_check_for_responses():
-                continue
-            if self._tx_waiting and tx.final_check_for_responses():
-                continue
-            await port.wait()
+    async def _on_rx(self, responses: list[Any]) -> None:
+        """Deliver the frames received and repost their buffers; then the other tasks' turn."""
+        self._collect_rx(responses)
+        await trio.lowlevel.checkpoint()
 
-    def _collect_rx(self) -> int:
-        """Deliver every frame received so far and repost its buffers; returns the slots read."""
-        responses = self._rx.get_responses()
-        if not responses:
-            return 0
+    def _collect_rx(self, responses: list[Any]) -> None:
         pages, refs, posted = self._rx_pages, self._rx_refs, self._rx_posted
         partial, stats = self._rx_partial, self.stats
         reposts = []
@@ -309,7 +298,6 @@ class Netfront(Frontend):
         self._rx.put_requests((buffer, 0, refs[buffer]) for buffer in reposts)
         if self._rx.push_requests():
             self._port.notify()
-        return len(responses)
 
     def _deliver(self, frame: bytes, flags: int) -> None:
         if self.receiver is None:
@@ -361,8 +349,7 @@ class Netfront(Frontend):
             )
 
     async def disconnect(self) -> None:
-        self._tx_space.set()  # senders waiting for room see the device gone
-        self._tx_space = trio.Event()
+        self._tx_drain.wake()  # senders waiting for room see the device gone
         await super().disconnect()
         self._tx = self._rx = self._port = None
         self.static_grants = False

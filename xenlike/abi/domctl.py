@@ -9,7 +9,7 @@ XEN_DOMCTL_INTERFACE_VERSION.
 
 from enum import IntEnum
 
-from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Struct
+from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padding, Struct
 
 from xenlike.abi._layout import export_enum
 
@@ -41,6 +41,21 @@ __all__ = [
     "XEN_DOMCTL_CDF_vpmu",
     "xen_domctl_getdomaininfo",
     "xen_domctl_max_mem",
+    "XEN_DOMCTL_SHADOW_OP_OFF",
+    "XEN_DOMCTL_SHADOW_OP_ENABLE",
+    "XEN_DOMCTL_SHADOW_OP_CLEAN",
+    "XEN_DOMCTL_SHADOW_OP_PEEK",
+    "XEN_DOMCTL_SHADOW_OP_GET_ALLOCATION",
+    "XEN_DOMCTL_SHADOW_OP_SET_ALLOCATION",
+    "XEN_DOMCTL_SHADOW_OP_ENABLE_TEST",
+    "XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY",
+    "XEN_DOMCTL_SHADOW_ENABLE_REFCOUNT",
+    "XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY",
+    "XEN_DOMCTL_SHADOW_ENABLE_TRANSLATE",
+    "XEN_DOMCTL_SHADOW_ENABLE_EXTERNAL",
+    "XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL",
+    "xen_domctl_shadow_op",
+    "xen_domctl_shadow_op_stats",
 ]
 
 XEN_DOMCTL_INTERFACE_VERSION = 0x00000015
@@ -197,6 +212,38 @@ xen_domctl_getdomaininfo = Struct(
 
 xen_domctl_max_mem = Struct(
     "max_memkb" / Int64ul,
+)
+
+# XEN_DOMCTL_shadow_op: xen_domctl_shadow_op.op
+XEN_DOMCTL_SHADOW_OP_OFF = 0  # log-dirty (shadow mode) off
+XEN_DOMCTL_SHADOW_OP_ENABLE = 32  # with `mode` of XEN_DOMCTL_SHADOW_ENABLE_* flags
+XEN_DOMCTL_SHADOW_OP_CLEAN = 11  # the dirty bitmap, then cleared
+XEN_DOMCTL_SHADOW_OP_PEEK = 12  # the dirty bitmap, left as it is
+XEN_DOMCTL_SHADOW_OP_GET_ALLOCATION = 30
+XEN_DOMCTL_SHADOW_OP_SET_ALLOCATION = 31
+XEN_DOMCTL_SHADOW_OP_ENABLE_TEST = 1  # legacy
+XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY = 2  # legacy: ENABLE with ENABLE_LOG_DIRTY
+# xen_domctl_shadow_op.mode for OP_ENABLE
+XEN_DOMCTL_SHADOW_ENABLE_REFCOUNT = 1 << 1
+XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY = 1 << 2
+XEN_DOMCTL_SHADOW_ENABLE_TRANSLATE = 1 << 3
+XEN_DOMCTL_SHADOW_ENABLE_EXTERNAL = 1 << 4
+# xen_domctl_shadow_op.mode for OP_CLEAN and OP_PEEK: the save's last round
+XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL = 1 << 0
+
+xen_domctl_shadow_op_stats = Struct(
+    "fault_count" / Int32ul,
+    "dirty_count" / Int32ul,
+)
+
+xen_domctl_shadow_op = Struct(
+    "op" / Int32ul,  # XEN_DOMCTL_SHADOW_OP_*
+    "mode" / Int32ul,  # OP_ENABLE: XEN_DOMCTL_SHADOW_ENABLE_*; CLEAN/PEEK: _LOGDIRTY_*
+    "mb" / Int32ul,  # OP_GET_ALLOCATION / OP_SET_ALLOCATION
+    Padding(4),
+    "dirty_bitmap" / Int64ul,  # guest handle (uint8): the bitmap follows the reply's xen_domctl
+    "pages" / Int64ul,  # IN: the buffer's size in pages (bits); OUT: the pages it covers
+    "stats" / xen_domctl_shadow_op_stats,
 )
 
 xen_domctl = Struct(

@@ -24,6 +24,7 @@ from xenlike.codec import compile_struct
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor.control import domctl
 from xenlike.hypervisor.core import DomainState, HypervisorDomain
+from xenlike.hypervisor.logdirty import dirty_log, note_read
 from xenlike.hypervisor.table import Call, hypercall
 from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.save_abi import (
@@ -54,6 +55,16 @@ def _suspended(call: Call, domid: int) -> HypervisorDomain:
     return domain
 
 
+def _readable(call: Call, domid: int) -> HypervisorDomain:
+    """A suspended domain, or one running under log-dirty: pre-copy reads its frames
+    as it runs (Xen's xc_map_foreign_bulk of a live domain) and resends the ones
+    log-dirty reports written since."""
+    domain = call.hv.lookup(domid)
+    if dirty_log(domain) is not None and domain.state in (DomainState.running, DomainState.paused):
+        return domain
+    return _suspended(call, domid)
+
+
 def _range(domain: HypervisorDomain, first: int, count: int) -> None:
     if not 0 < count <= FRAMES_PER_CALL or not 0 <= first <= domain.nr_pages - count:
         raise HypercallError(
@@ -70,16 +81,20 @@ def _range(domain: HypervisorDomain, first: int, count: int) -> None:
 )
 def read_frames(call: Call, arg: Any) -> tuple[int, bytes]:
     """One byte per frame (1: populated), then the populated frames' contents."""
-    domain = _suspended(call, arg.domain)
+    domain = _readable(call, arg.domain)
     _range(domain, arg.first_pfn, arg.count)
     assert domain.reservation is not None and domain.memory is not None
+    if domain.frames is not None:  # a live domain may have moved frames into files since
+        domain.frames.drain()
     end = arg.first_pfn + arg.count
     populated = bytes(domain.reservation.populated[arg.first_pfn : end])
     out = [FRAMES.pack(arg), populated]
     for offset, held in enumerate(populated):
         if held:
             with domain.memory.frame(arg.first_pfn + offset) as page:
-                out.append(bytes(page))
+                content = bytes(page)
+            note_read(domain, arg.first_pfn + offset, content)
+            out.append(content)
     return 0, b"".join(out)
 
 

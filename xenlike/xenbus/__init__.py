@@ -8,7 +8,14 @@
 """
 
 from xenlike.xenbus.bus import BackendBus, BusEvent, FrontendBus
-from xenlike.xenbus.channel import BackChannel, ChannelBroken, Disconnected, FrontChannel, RingGroup
+from xenlike.xenbus.channel import (
+    BackChannel,
+    ChannelBroken,
+    Disconnected,
+    Drain,
+    FrontChannel,
+    RingGroup,
+)
 from xenlike.xenbus.driver import (
     Backend,
     DeviceFailed,
@@ -34,6 +41,7 @@ __all__ = [
     "DeviceInfo",
     "DeviceRemoved",
     "Disconnected",
+    "Drain",
     "Driver",
     "DriverRegistry",
     "FrontChannel",

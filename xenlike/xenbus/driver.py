@@ -30,7 +30,9 @@ driver domain's, each with `state`, and cross links `backend` /
 A driver with several rings names them in `rings` instead (netif: `tx-ring-ref`
 and `rx-ring-ref` on one `event-channel`, an optional ctrl ring on its own
 `event-channel-ctrl`); the base classes grant or map every ring the same
-way and hand the driver a `RingGroup` to run its own data path over.
+way, keep them in a `RingGroup` (`self.group`), and serve it with the
+handlers `ring_handlers` names: what to do with each ring's batch, as
+`handle` says what to do with one request.
 
 Reconnection: when either end goes away and comes back, the pair passes
 through Closing and Closed and connects again; requests that were in flight
@@ -73,7 +75,9 @@ from xenlike.xenbus.channel import (
     BackChannel,
     ChannelBroken,
     Disconnected,
+    Drain,
     FrontChannel,
+    Handler,
     RingGroup,
     fail_orphans,
 )
@@ -190,6 +194,16 @@ class XenbusDriver:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device.nodename}>"
+
+    def ring_handlers(self, group: RingGroup) -> Mapping[str, Handler | Drain]:
+        """What to do with each ring's batches, for a driver with `rings`: ring name
+        -> an async callable taking a batch (or a `Drain` of one). The default
+        `serve` runs them over `group`, one loop per event channel; answer a
+        back end's requests through `group.back_channel(name)`, collect a front
+        end's responses with `group.front_channel(name).collect`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement ring_handlers() or serve()"
+        )
 
     def shared_rings(self) -> Mapping[str, SharedRing]:
         """The device's rings by name: `ring` alone (as "ring"), or `rings`."""
@@ -500,7 +514,8 @@ class Backend(XenbusDriver):
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
         super().__init__(ctx, device)
-        self.channel: BackChannel | RingGroup | None = None
+        self.channel: BackChannel | None = None  # the data path of `ring`
+        self.group: RingGroup | None = None  # or of `rings`
         self._mapping: Any = None
         self._serving: trio.CancelScope | None = None
         self._served = trio.Event()
@@ -554,14 +569,17 @@ class Backend(XenbusDriver):
     async def serve(self, channel: Any) -> None:
         """Answer requests until cancelled: each batch handled, then answered at once.
 
-        `channel` is the `BackChannel` of `ring`; a driver with `rings` gets
-        a `RingGroup` and must override this.
+        `channel` is the `BackChannel` of `ring`, or for a driver with
+        `rings` their `RingGroup`, served with `ring_handlers`.
         """
+        if isinstance(channel, RingGroup):
+            await channel.serve(self.ring_handlers(channel))
+            return
 
         async def one(responses: list[Any], index: int, request: Any) -> None:
             responses[index] = await self.handle(request)
 
-        async for batch in channel.batches_of_requests():
+        async def answer(batch: list[Any]) -> None:
             if self.concurrent:
                 responses: list[Any] = [None] * len(batch)
                 async with trio.open_nursery() as nursery:
@@ -570,6 +588,8 @@ class Backend(XenbusDriver):
             else:
                 responses = [await self.handle(request) for request in batch]
             channel.respond_many(responses)
+
+        await channel.serve(answer)
 
     async def _perform(self, action: Action) -> None:
         if action is Action.publish_features:
@@ -624,14 +644,17 @@ class Backend(XenbusDriver):
             name: BackRing(layout[name].spec, self._mapping.view[i * size : (i + 1) * size])
             for i, name in enumerate(refs)
         }
+        data_path: BackChannel | RingGroup
         if self.ring is not None:
-            self.channel = BackChannel(rings["ring"], ports["event-channel"])
+            data_path = self.channel = BackChannel(rings["ring"], ports["event-channel"])
             self.trace.attach(self.channel)
         else:
-            self.channel = RingGroup(rings, {name: ports[layout[name].port_key] for name in rings})
+            data_path = self.group = RingGroup(
+                rings, {name: ports[layout[name].port_key] for name in rings}
+            )
         await self.connected()
         await self.publish(self.properties())
-        self._nursery.start_soon(self._serve_until_stopped, self.channel)
+        self._nursery.start_soon(self._serve_until_stopped, data_path)
 
     async def _serve_until_stopped(self, channel: Any) -> None:
         broken: BaseException | None = None
@@ -658,9 +681,10 @@ class Backend(XenbusDriver):
                 # out of them first, not just told to leave.
                 with trio.CancelScope(shield=True):
                     await self._served.wait()
-        if self.channel is not None:
-            self.channel.release()
-        self.channel = None
+        for data_path in (self.channel, self.group):
+            if data_path is not None:
+                data_path.release()
+        self.channel = self.group = None
         await self._close_ports()
         if self._mapping is not None:
             mapping, self._mapping = self._mapping, None
@@ -684,7 +708,8 @@ class Frontend(XenbusDriver):
 
     def __init__(self, ctx: XenbusContext, device: DeviceInfo) -> None:
         super().__init__(ctx, device)
-        self.channel: FrontChannel | RingGroup | None = None
+        self.channel: FrontChannel | None = None  # the data path of `ring`
+        self.group: RingGroup | None = None  # or of `rings`
         self._pages: tuple[int, int] | None = None  # first gfn, count
         self._refs: list[int] = []
         self._orphans: list[Any] = []
@@ -702,26 +727,30 @@ class Frontend(XenbusDriver):
     @property
     def connected_now(self) -> bool:
         """Whether the data path is up at this moment."""
-        return self._ready.is_set() and self.channel is not None
+        return self._ready.is_set() and (self.channel is not None or self.group is not None)
 
     async def wait_connected(self) -> None:
-        await self._channel()
+        """Until the data path is up (again); DeviceFailed when either end has failed it."""
+        while True:
+            if self.failed is not None:
+                raise self._failure_type(f"{self.device.nodename}: {self.failed}")
+            ready = self._ready
+            await ready.wait()
+            if ready is self._ready and self.connected_now:
+                return
 
     def for_program(self) -> Any:
         """What a guest program gets for this device (`guest.device(type)`): the
         driver itself, unless it keeps the program's calls apart from its own."""
         return self
 
-    async def _channel(self) -> FrontChannel | RingGroup:
-        """The current channel, once the device is connected (again); DeviceFailed
-        when either end has failed it."""
+    async def _channel(self) -> FrontChannel:
+        """The current channel of `ring`, once the device is connected (again)."""
         while True:
-            if self.failed is not None:
-                raise self._failure_type(f"{self.device.nodename}: {self.failed}")
-            ready = self._ready
-            await ready.wait()
-            if ready is self._ready and self.channel is not None:
+            await self.wait_connected()
+            if self.channel is not None:
                 return self.channel
+            raise TypeError(f"{type(self).__name__} has `rings`: call() needs a driver with `ring`")
 
     async def call(self, request: Any) -> Any:
         """One request, one response; waits for the device to be connected."""
@@ -731,9 +760,11 @@ class Frontend(XenbusDriver):
     async def call_many(self, requests: list[Any]) -> list[Any]:
         """Requests in one push; across a reconnect they are resubmitted (`resubmit`)."""
         while True:
-            channel = self.channel if self.connected_now else await self._channel()
+            channel = self.channel
+            if channel is None or not self._ready.is_set():
+                channel = await self._channel()
             try:
-                return await channel.call_many(requests)  # type: ignore[union-attr]
+                return await channel.call_many(requests)
             except Disconnected:
                 if self.failed is not None:
                     raise self._failure_type(f"{self.device.nodename}: {self.failed}") from None
@@ -819,14 +850,17 @@ class Frontend(XenbusDriver):
             keys.update(
                 zip(shared.ref_keys(order), self._refs[index * count : (index + 1) * count])
             )
+        data_path: FrontChannel | RingGroup
         if self.ring is not None:
-            self.channel = FrontChannel(rings["ring"], ports["event-channel"])
+            data_path = self.channel = FrontChannel(rings["ring"], ports["event-channel"])
             self.trace.attach(self.channel)
         else:
-            self.channel = RingGroup(rings, {name: ports[layout[name].port_key] for name in rings})
+            data_path = self.group = RingGroup(
+                rings, {name: ports[layout[name].port_key] for name in rings}
+            )
         keys.update(self.front_keys())
         await self.publish(keys)
-        self._nursery.start_soon(self._collect, self.channel)
+        self._nursery.start_soon(self._collect, data_path)
 
     async def _collect(self, channel: Any) -> None:
         broken: BaseException | None = None
@@ -841,9 +875,12 @@ class Frontend(XenbusDriver):
 
     async def serve(self, channel: Any) -> None:
         """The data path until cancelled: by default, collect the responses of
-        the `FrontChannel` of `ring`. A driver with `rings` gets a `RingGroup`
-        (from Initialised on) and must override this."""
-        await channel.run()
+        the `FrontChannel` of `ring`, or serve the `RingGroup` of `rings` (from
+        Initialised on) with `ring_handlers`."""
+        if isinstance(channel, RingGroup):
+            await channel.serve(self.ring_handlers(channel))
+        else:
+            await channel.run()
 
     async def disconnect(self) -> None:
         if self._ready.is_set():  # callers already waiting for a reconnect keep their event
@@ -851,15 +888,16 @@ class Frontend(XenbusDriver):
         if self._collector is not None:
             self._collector.cancel()
             self._collector = None
-        if isinstance(self.channel, FrontChannel):
+        if self.channel is not None:
             orphans = self.channel.fail(Disconnected(f"{self.device.nodename} disconnected"))
             if self.resubmit and self.failed is None:
                 self._orphans.extend(orphans)
             else:
                 fail_orphans(orphans, Disconnected(f"{self.device.nodename} disconnected"))
-        if self.channel is not None:
-            self.channel.release()
-        self.channel = None
+        for data_path in (self.channel, self.group):
+            if data_path is not None:
+                data_path.release()
+        self.channel = self.group = None
         await self._close_ports()
         if self._pages is not None:
             (first, count), refs = self._pages, self._refs
