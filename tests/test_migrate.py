@@ -238,6 +238,37 @@ def test_a_receiver_killed_mid_stream_leaves_beta_running_at_the_source(
         assert "[beta] resumed in place (the suspend was cancelled)" in console, console
 
 
+def test_pre_copy_resends_what_a_writer_dirtied(hosts: tuple[Path, Path], tmp_path: Path) -> None:
+    """A guest writes a page every few ms while it migrates: round 1 sends every
+    populated frame, later rounds (at most 5) what was written since, then the
+    last dirty frames with the guest suspended; each page holds, after the move,
+    what the guest last wrote there."""
+    a, b = hosts
+    config = tmp_path / "churn.cfg"
+    config.write_text('name = "churn"\nmemory = 16\ninit = "tests.programs:churn"\n')
+    xenlike("create", str(config), run_dir=a)
+    try:
+        wait_for(
+            lambda: "churning" in xenlike("console", "churn", "--no-follow", run_dir=a).stdout,
+            what="churn to start",
+        )
+        moved = xenlike("migrate", "--debug", "churn", str(b), run_dir=a)
+        rounds = re.findall(r"round (\d): (\d+) frames sent, (\d+) dirty", moved.stderr)
+        assert rounds and rounds[0][0] == "1" and 1 <= len(rounds) <= 5, moved.stderr
+        assert int(rounds[0][1]) >= 16 * 256 // 2, rounds  # every populated frame
+        assert all(int(dirty) >= 50 for _, _, dirty in rounds[:-1]), rounds
+        last = re.search(r"suspended: (\d+) frames sent", moved.stderr)
+        assert last is not None, moved.stderr
+        assert "Migration successful." in moved.stderr
+        assert "churn" not in names(a) and "churn" in names(b)
+        console = lambda: xenlike("console", "churn", "--no-follow", run_dir=b).stdout  # noqa: E731
+        wait_for(lambda: "pages after the move" in console(), what="churn to check its pages")
+        assert "[churn] pages after the move: ok" in console(), console()
+    finally:
+        for run_dir in hosts:
+            xenlike("destroy", "churn", run_dir=run_dir, check=False)
+
+
 def test_a_wrong_token_is_refused_in_one_line(hosts: tuple[Path, Path]) -> None:
     source, destination = where(hosts, "beta")
     receiver, url = listen(destination)

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ import trio
 
 from domains.dom0 import save
 from xenlike.hypercall import HypercallError
+from xenlike.hypervisor.logdirty import bitmap_frames
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
 from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
-from xenlike.migration._record import REC_ALIGN
+from xenlike.migration._record import REC_ALIGN, record
 from xenlike.migration.libxc_stream import (
     MAX_BATCH_SIZE,
     PAGE_DATA_PFN_MASK,
@@ -46,6 +47,7 @@ from xenlike.migration.libxc_stream import (
     PfInfo,
     xc_sr_dhdr,
     xc_sr_ihdr,
+    xc_sr_rec_page_data_header,
     xc_sr_rec_x86_tsc_info,
 )
 from xenlike.migration.libxc_stream import RecType as LibxcRecType
@@ -416,8 +418,184 @@ async def _migrate(
                 await reader.expect(migrate_receiver_banner, "banner")
         except (MigrationError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             raise MigrationError(f"cannot migrate {name}: no receiver: {_reason(exc)}") from None
-        sent = await _send(toolstack, record, send, reader, say)
+        if request.get("live", True):
+            sent = await _send_live(
+                toolstack, record, send, reader, say, bool(request.get("debug"))
+            )
+        else:
+            sent = await _send(toolstack, record, send, reader, say)
         return await _hand_over(toolstack, record, send, reader, say, sent)
+
+
+async def _send_live(
+    toolstack: Any,
+    record: Any,
+    send: trio.abc.SendStream,
+    reader: _Reader,
+    say: Callable[[str], Awaitable[None]],
+    debug: bool,
+) -> int:
+    """Pre-copy, as xg_sr_save.c's send_memory_live with its simple policy: under
+    log-dirty, round 1 sends every populated frame while the guest runs, each
+    later round the frames written since the one before, until fewer than
+    DIRTY_THRESHOLD are dirty or after MAX_ROUNDS; then the guest is suspended and
+    the last dirty frames go with its execution state (stop-and-copy). The
+    receiver keeps a frame's last content. Resumes the guest on failure."""
+    name, domid, xc = record.config.name, record.domid, toolstack.xc
+    nr_pages = record.config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
+    head, _ = _stream_around_memory(_image_without_memory(record, nr_pages))
+    sent = 0
+    suspended = False
+
+    async def report(line: str) -> None:
+        log.info("migrate %s: %s", name, line)
+        if debug:
+            await say(f"migration sender: {line}")
+
+    await xc.logdirty_enable(domid)
+    try:
+        for piece in head:
+            await send.send_all(piece)
+            sent += len(piece)
+        started = trio.current_time()
+        pfns: Sequence[int] = range(nr_pages)
+        for round_number in range(1, MAX_ROUNDS + 1):
+            frames, size = await _send_frames(xc, domid, send, pfns)
+            sent += size
+            pfns = bitmap_frames(await xc.logdirty_clean(domid))
+            await report(f"round {round_number}: {frames} frames sent, {len(pfns)} dirty")
+            if len(pfns) < DIRTY_THRESHOLD:
+                break
+        try:
+            await save._suspend(toolstack.xs, xc, domid, name)
+        except save.SaveError as exc:
+            raise MigrationError(str(exc).replace("cannot save", "cannot migrate", 1)) from None
+        suspended = True
+        suspend_at = trio.current_time()
+        # the last round's dirty frames, and those written since (the guest ran on)
+        last = sorted({*pfns, *bitmap_frames(await xc.logdirty_clean(domid))})
+        frames, size = await _send_frames(xc, domid, send, last)
+        sent += size
+        _, tail = _stream_around_memory(await _final_state(toolstack, record, nr_pages))
+        for piece in tail:
+            await send.send_all(piece)
+            sent += len(piece)
+        await report(
+            f"suspended: {frames} frames sent in {trio.current_time() - suspend_at:.3f} s;"
+            f" {sent} bytes in {trio.current_time() - started:.3f} s"
+        )
+        with trio.fail_after(READY_TIMEOUT):
+            await reader.expect(migrate_receiver_ready, "ready message")
+    except MigrationError as exc:
+        if not suspended and str(exc).startswith("cannot migrate"):
+            raise  # refused to suspend: it never stopped running
+        await _resume(xc, domid, suspended)
+        await say(f"migration sender: {_reason(exc)}")
+        raise MigrationError("Migration failed, resuming at sender.") from None
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        await _resume(xc, domid, suspended)
+        await say(f"migration sender: {_reason(exc)}")
+        raise MigrationError("Migration failed, resuming at sender.") from None
+    except BaseException:
+        await _resume(xc, domid, suspended)
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await xc.logdirty_off(domid)
+            except HypercallError:
+                pass
+    return sent
+
+
+async def _resume(xc: Any, domid: int, suspended: bool) -> None:
+    if suspended:
+        with trio.CancelScope(shield=True):
+            await xc.resume(domid)
+
+
+def _image_without_memory(record: Any, nr_pages: int) -> DomainImage:
+    return DomainImage(
+        max_pfn=nr_pages - 1,
+        pages={},
+        shared_info=bytes(XEN_PAGE_SIZE),
+        vcpus={0: b""},
+        config=attrs.asdict(record.config),
+    )
+
+
+def _stream_around_memory(image: DomainImage) -> tuple[list[bytes], list[bytes]]:
+    """`save`'s stream for `image` (which has no pages), cut where its PAGE_DATA
+    records would go: before X86_TSC_INFO, the first record after the memory."""
+    pieces = list(write_save_file(image))
+    tsc = next(
+        i
+        for i, piece in enumerate(pieces)
+        if piece[:8] == _REC_HDR.pack(LibxcRecType.X86_TSC_INFO, _TSC_SIZE)
+    )
+    return pieces[:tsc], pieces[tsc:]
+
+
+async def _final_state(toolstack: Any, record: Any, nr_pages: int) -> DomainImage:
+    """A suspended domain's state but its memory: what save._image reads besides."""
+    xc, domid = toolstack.xc, record.domid
+    layout = BootLayout.for_domain(nr_pages)
+    shared = await xc.read_frames(domid, layout.shared_info_gfn, 1)
+    xenstore: dict[str, str] = {}
+    for subtree in save.SAVED_XENSTORE:
+        await save._walk(toolstack.xs, f"/local/domain/{domid}", subtree, xenstore)
+    return attrs.evolve(
+        _image_without_memory(record, nr_pages),
+        shared_info=shared.get(layout.shared_info_gfn, bytes(XEN_PAGE_SIZE)),
+        vcpus={0: await xc.vcpu_context(domid)},
+        xenstore=xenstore,
+    )
+
+
+async def _send_frames(
+    xc: Any, domid: int, send: trio.abc.SendStream, pfns: Sequence[int]
+) -> tuple[int, int]:
+    """PAGE_DATA records for the populated frames among `pfns` (ascending), read
+    run by run; (frames sent, bytes sent)."""
+    frames = size = 0
+    batch: dict[int, bytes] = {}
+
+    async def flush() -> None:
+        nonlocal frames, size
+        if batch:
+            data = _page_data(batch)
+            await send.send_all(data)
+            frames, size = frames + len(batch), size + len(data)
+            batch.clear()
+
+    for first, count in _runs(pfns, MAX_BATCH_SIZE):
+        batch.update(await xc.read_frames(domid, first, count))
+        if len(batch) >= MAX_BATCH_SIZE // 2:
+            await flush()
+    await flush()
+    return frames, size
+
+
+def _runs(pfns: Sequence[int], longest: int) -> Iterator[tuple[int, int]]:
+    """Ascending pfns as (first, count) runs of consecutive frames, none longer than
+    `longest`."""
+    first = previous = -2
+    for pfn in pfns:
+        if pfn == previous + 1 and pfn - first < longest:
+            previous = pfn
+            continue
+        if first >= 0:
+            yield first, previous - first + 1
+        first = previous = pfn
+    if first >= 0:
+        yield first, previous - first + 1
+
+
+def _page_data(pages: dict[int, bytes]) -> bytes:
+    pfns = sorted(pages)
+    header = xc_sr_rec_page_data_header.build({"count": len(pfns), "_res1": 0})
+    listed = struct.pack(f"<{len(pfns)}Q", *pfns)
+    return record(LibxcRecType.PAGE_DATA, header, listed, *(pages[pfn] for pfn in pfns))
 
 
 async def _send(
