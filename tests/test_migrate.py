@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import xenlike as xenlike_package
-from domains.dom0.migrate import migrate_permission_to_go
+from domains.dom0.migrate import migrate_permission_to_go, migrate_receiver_banner
 from tests.test_migration_verify import verify, xen_utils  # noqa: F401 (a fixture)
 from tests.test_up import XENLIKE, wait_for, xenlike
+from xenlike.migration import DomainImage, write_save_file
 from xenlike.tools.cli import migration_rune
 from xenlike.topology import TopologyError, parse_topology
 
@@ -383,3 +385,37 @@ def test_host_images_is_the_shared_images_directory(tmp_path: Path) -> None:
             parse_topology(f"[host]\nimages = {value}\n", "t.toml")
         (only,) = raised.value.problems
         assert str(only).startswith("t.toml:2: images = ") and problem in str(only), only
+
+
+def _receive(run_dir: Path, stream: bytes) -> subprocess.CompletedProcess[bytes]:
+    """`migrate-receive` on `run_dir`, fed `stream` as a (hostile) sender would."""
+    return subprocess.run(
+        [*XENLIKE, "migrate-receive", "--run-dir", str(run_dir)],
+        input=stream,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_a_hostile_stream_is_one_line_and_leaves_nothing(hosts: tuple[Path, Path]) -> None:
+    _, b = hosts
+    before = names(b)
+    config = {"name": "hostile", "memory": 16, "init": "tests.programs:ticker"}
+    image = DomainImage(
+        max_pfn=0xFFFFF, pages={0xFFFF0: bytes(4096)}, shared_info=bytes(4096), vcpus={0: b""}
+    )
+    cases = {
+        b"not a stream at all" * 8: "the migration stream is not xl's (no save file header)",
+        b"".join(write_save_file(attrs.evolve(image, config={**config, "name": "../x"}))): (
+            "cannot receive a domain named '../x': not a name"
+        ),
+        b"".join(write_save_file(attrs.evolve(image, config=config))): (
+            "cannot receive hostile: PAGE_DATA record with pfn 0xffff0 of 4096 frames"
+        ),
+    }
+    for stream, error in cases.items():
+        received = _receive(b, stream)
+        assert received.returncode != 0
+        assert received.stdout == migrate_receiver_banner
+        assert errors(received.stderr.decode()) == [f"xenlike: {error}"], received.stderr
+    assert names(b) == before  # no hostile--incoming, and Dom0 answers

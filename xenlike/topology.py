@@ -182,7 +182,8 @@ class Topology:
         base = Path(self.images if self.images is not None else run_dir).resolve()
         path = (base / name).resolve()
         if not path.is_relative_to(base):
-            raise ValueError(f"{name!r} leads out of the images directory {base} (a symlink)")
+            where = "images" if self.images is not None else "run"
+            raise ValueError(f"{name!r} leads out of the {where} directory {base} (a symlink)")
         return path
 
 

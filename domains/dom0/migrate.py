@@ -23,6 +23,7 @@ and the receiver destroys what it had built.
 import json
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -54,6 +55,7 @@ from xenlike.migration.libxc_stream import RecType as LibxcRecType
 from xenlike.migration.libxl_stream import RecType as LibxlRecType
 from xenlike.migration.libxl_stream import libxl__sr_hdr
 from xenlike.migration.xl_format import save_file_header, savefileheader_magic
+from xenlike.topology import DOMAIN_NAME
 from xenlike.xenstore import XenStoreError
 
 __all__ = [
@@ -384,6 +386,8 @@ class _Memory:
 
 def _check_arrival(toolstack: Any, name: str, config: dict[str, Any]) -> None:
     """What would make the domain fail here, found before its memory comes."""
+    if not re.fullmatch(DOMAIN_NAME, name):  # it names files here (its console log)
+        raise MigrationError(f"cannot receive a domain named {name[:64]!r}: not a name")
     for taken in (name, f"{name}--incoming"):
         if taken in toolstack.guests or taken == "Domain-0":
             raise MigrationError(f"cannot receive {name}: a domain named {taken!r} exists here")
