@@ -73,3 +73,33 @@ async def page_writer(guest: Guest) -> None:
                 data = await guest.device("vbd").read(int(arg), 8)
                 answer = hashlib.sha256(data).hexdigest()
             await guest.xs.write("data/logdirty/done", f"{ident} {answer}")
+
+
+async def churn(guest: Guest) -> None:
+    """Resumable, and a light writer for pre-copy's tests: writes a running count into
+    64 pages of its own, one page a few ms, round-robin, keeping in its state what
+    each page last got; after a resume it says whether every page holds that or a
+    later count (the kernel takes the state when the suspend is asked for, and
+    the program runs until the domain stops): an older count is a page dirtied
+    after it was sent and not sent again."""
+    import trio
+
+    state = guest.resumable(guest.resumed_state or {"pages": [], "last": [], "count": 0})
+    if guest.resumed_state is None:
+        state["pages"] = [guest.domain.allocator.allocate() for _ in range(64)]
+        state["last"] = [-1] * 64
+        print(f"[{guest.name}] churning {len(state['pages'])} pages")
+    else:
+        stale = 0
+        for gfn, last in zip(state["pages"], state["last"]):
+            with guest.domain.memory.frame(gfn) as page:
+                held = int(bytes(page[:16]).strip(b" \0") or -1)
+            stale += held < last
+        print(f"[{guest.name}] pages after the move: {f'{stale} stale' if stale else 'ok'}")
+    while True:
+        index = state["count"] % len(state["pages"])
+        with guest.domain.memory.frame(state["pages"][index]) as page:
+            page[:16] = str(state["count"]).encode().ljust(16)
+        state["last"][index] = state["count"]
+        state["count"] += 1
+        await trio.sleep(0.003)

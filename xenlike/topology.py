@@ -9,6 +9,7 @@ xl-disk-configuration(5) and xl-network-configuration(5) define them::
     memory = 1024                      # MiB the domains draw from (the default)
     local = "10.99.0.1"                # with nic = "vxlan:VNI": this host's tunnel end
     peers = ["10.99.0.2"]              # ... and the other hosts' (docs/multihost.md)
+    images = "/srv/xenlike-images"     # Dom0's images, shared by hosts (default: run dir)
 
     [dom0]
     memory = 128
@@ -178,18 +179,22 @@ class Topology:
         mode, _, argument = self.dom0.nic.partition(":")
         return int(argument) if mode == "vxlan" else None
 
+    images: Path | None = None  # the images directory hosts share ([host] images)
+
     def image_path(self, name: str, run_dir: Path) -> Path:
-        """Where Dom0 keeps image (or pcap file) `name`: in the run directory, and
-        only there. A name that reaches out of it (absolute, `..`, or a symlink
-        in the way) is ValueError: only Dom0 owns the hardware, and no topology
-        or guest can make it open a host file."""
+        """Where Dom0 keeps image (or pcap file) `name`: in the images directory
+        (`[host] images`, which hosts that migrate guests share), by default the run
+        directory, and only there. A name that reaches out of it (absolute, `..`,
+        or a symlink in the way) is ValueError: only Dom0 owns the hardware, and no
+        topology or guest can make it open a host file."""
         problem = file_name_problem(name)
         if problem:
             raise ValueError(f"{name!r}: {problem}")
-        base = Path(run_dir).resolve()
+        base = Path(self.images if self.images is not None else run_dir).resolve()
         path = (base / name).resolve()
         if not path.is_relative_to(base):
-            raise ValueError(f"{name!r} leads out of the run directory {base} (a symlink)")
+            where = "images" if self.images is not None else "run"
+            raise ValueError(f"{name!r} leads out of the {where} directory {base} (a symlink)")
         return path
 
 
@@ -529,7 +534,7 @@ _DOMAIN_KEYS = {
     "cmdline",
 }
 _DOM0_KEYS = {"memory", "nic", "images"}
-_HOST_KEYS = {"name", "memory", "local", "peers"}
+_HOST_KEYS = {"name", "memory", "images", "local", "peers"}
 
 
 def parse_topology(
@@ -572,12 +577,8 @@ def parse_topology(
     host = data.get("host", {})
     for key in host:
         if key not in _HOST_KEYS:
-            problem(
-                "host",
-                None,
-                key,
-                f"unknown key {key!r} in [host]; expected one of {', '.join(sorted(_HOST_KEYS))}",
-            )
+            expected = ", ".join(sorted(_HOST_KEYS))
+            problem("host", None, key, f"unknown key {key!r} in [host]; expected: {expected}")
     name = host.get("name", source.stem if source else "default")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         problem("host", None, "name", f"name = {name!r}: letters, digits, '.', '_' and '-' only")
@@ -590,6 +591,8 @@ def parse_topology(
             "memory",
             f"memory = {host_memory!r}: MiB as a whole number, 64 to 1048576",
         )
+
+    shared_images = _images_directory(host.get("images"), problem)
 
     dom0_data = data.get("dom0", {})
     for key in dom0_data:
@@ -709,6 +712,7 @@ def parse_topology(
         memory=memory,
         local=local,
         peers=peers,
+        images=shared_images,
     )
 
 
@@ -773,6 +777,21 @@ def _unicast(value: Any, key: str, problem: Any) -> str | None:
         )
         return None
     return str(address)
+
+
+def _images_directory(value: Any, problem: Any) -> Path | None:
+    """`[host] images`: the directory of Dom0's images, an absolute path that exists.
+    Hosts that migrate guests to each other name the same one (shared storage, as
+    Xen's migration assumes); without it, images live in the run directory."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        problem("host", None, "images", f"images = {value!r}: an absolute directory path")
+        return None
+    if not Path(value).is_dir():
+        problem("host", None, "images", f"images = {value!r}: no such directory")
+        return None
+    return Path(value)
 
 
 def _check_across_domains(domains: list[DomainConfig], problem: Any) -> None:

@@ -20,7 +20,9 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "name": N} | {"op": "attach", "name": N, "type": "vbd"|"vif", "spec": SPEC} |
 {"op": "detach", "name": N, "type": T, "device": VDEV|MAC|DEVID} |
 {"op": "device-list", "name": N, "type": T} | {"op": "save", "name": N, "path":
-ABSOLUTE, "checkpoint": BOOL} | {"op": "restore", "path": ABSOLUTE}; each
+ABSOLUTE, "checkpoint": BOOL} | {"op": "restore", "path": ABSOLUTE} |
+{"op": "migrate", "name": N, "live": BOOL} and {"op": "migrate-receive"}, each
+sent with its stream's two descriptors (domains.dom0.migrate); each
 answer is {"ok": true, ...} or {"ok": false, "error": ...}.
 
 Memory as libxl keeps it: max_mem is the domain's `maxmem` (its memory is
@@ -49,6 +51,7 @@ import attrs
 import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
+from domains.dom0.migrate import MIGRATION_OPS, Peer, migration_op, receive_with_fds
 from domains.dom0.save import restore_domain, save_domain
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
@@ -710,18 +713,28 @@ class Toolstack:
 
     async def _client(self, stream: trio.SocketStream, down: trio.Event) -> None:
         buffer = b""
+        peer = Peer(stream, [])  # `migrate` passes its stream's descriptors (SCM_RIGHTS)
         async with stream:
-            while data := await stream.receive_some(65536):
+            while data := await receive_with_fds(stream, peer.fds):
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    answer = await self._answer(line, down)
+                    try:
+                        answer = await self._answer(line, down, peer)
+                    finally:
+                        peer.close_fds()
+                    if peer.gone:  # a migration whose command went away: no one to answer
+                        return
                     await stream.send_all(json.dumps(answer).encode() + b"\n")
 
-    async def _answer(self, line: bytes, down: trio.Event) -> dict[str, Any]:
+    async def _answer(
+        self, line: bytes, down: trio.Event, peer: Peer | None = None
+    ) -> dict[str, Any]:
         try:
             request = json.loads(line)
             op = request["op"]
+            if op in MIGRATION_OPS and peer is not None:
+                return await migration_op(self, request, peer)
             if op == "create":
                 config = parse_domain_file(
                     request["config"],

@@ -4,9 +4,15 @@ Each command is a small sync function that calls `trio.run`; the work is in
 `xenlike.tools.session`, `xenlike.xc` and `xenlike.xenstore`.
 """
 
+import contextlib
+import hmac
 import json
 import os
+import secrets
+import shlex
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -1041,3 +1047,237 @@ def restore(file: Path, run_dir: Path | None) -> None:
     request = {"op": "restore", "path": str(path)}
     answer = trio.run(toolstack_request, running(run_dir), request, SAVE_TIMEOUT)
     click.echo(f"restored {answer['name']} from {path} as domain {answer['domid']}")
+
+
+# --- migration ---------------------------------------------------------------------
+
+
+MIGRATE_TIMEOUT = 900.0  # a whole migration: pre-copy rounds, the suspend, the handshake
+RECEIVER_EXIT = 10.0  # seconds the sender waits for its receiver process to exit (xl: 2)
+TOKEN_TIMEOUT = 30.0  # seconds a connection to `migrate-receive --listen` has to log in
+
+
+def migration_rune(host: str, ssh_command: str, debug: bool) -> list[str]:
+    """The receiver's command line for HOST, as xl migrate builds it: `sh -c "exec
+    SSH HOST xenlike migrate-receive"` for ssh://[user@]host, HOST itself when
+    SSHCOMMAND is empty (xl's `-s ""`), or `xenlike migrate-receive --run-dir HOST`
+    for a run directory on this machine."""
+    extra = " -d" if debug else ""
+    if not ssh_command:
+        return ["sh", "-c", host]
+    if host.startswith("ssh://"):
+        target = host.removeprefix("ssh://")
+        if not target or "/" in target:
+            fail(f"{host}: expected ssh://[user@]host")
+        return [
+            "sh",
+            "-c",
+            f"exec {ssh_command} {shlex.quote(target)} xenlike migrate-receive{extra}",
+        ]
+    command = [sys.executable, "-m", "xenlike", "migrate-receive", "--run-dir", host]
+    return command + (["-d"] if debug else [])
+
+
+def _tcp_target(host: str) -> tuple[str, str, int]:
+    """tcp://TOKEN@HOST:PORT as (token, host, port)."""
+    rest = host.removeprefix("tcp://")
+    token, at, address = rest.rpartition("@")
+    hostname, colon, port = address.rpartition(":")
+    if not at or not token or not colon or not port.isdigit() or not hostname:
+        fail(
+            f"{host}: expected tcp://TOKEN@HOST:PORT, with the token "
+            "`xenlike migrate-receive --listen` printed"
+        )
+    return token, hostname.strip("[]"), int(port)
+
+
+def _connect_tcp(host: str) -> socket.socket:
+    """A connection to a `migrate-receive --listen` that took our token."""
+    token, hostname, port = _tcp_target(host)
+    try:
+        connection = socket.create_connection((hostname, port), timeout=TOKEN_TIMEOUT)
+    except OSError as exc:
+        fail(f"cannot reach the receiver at {hostname}:{port}: {exc.strerror or exc}")
+    try:
+        connection.sendall(token.encode() + b"\n")
+        first = connection.recv(1, socket.MSG_PEEK)  # the banner, or the refusal's first byte
+    except OSError as exc:
+        fail(f"the receiver at {hostname}:{port} went away: {exc.strerror or exc}")
+    if first != b"x":  # both begin "x": "xl migration receiver ..." or "xenlike: ..."
+        fail(f"the receiver at {hostname}:{port} closed the connection")
+    refusal = connection.recv(len(b"xenlike:"), socket.MSG_PEEK)
+    if refusal == b"xenlike:":
+        fail(f"the receiver at {hostname}:{port} refused the token")
+    connection.settimeout(None)
+    return connection
+
+
+def _hand_to_dom0(rd: RunDir, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """Pass the stream's descriptors to Dom0's toolstack with `request`, print its
+    progress on stderr, and return its answer (fail() on a refusal)."""
+    if not rd.toolstack.exists():
+        fail(f"Dom0's toolstack is not running in {rd.path}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        try:
+            control.connect(str(rd.toolstack))
+        except OSError as exc:
+            fail(f"Dom0's toolstack does not answer ({exc.strerror})")
+        control.settimeout(MIGRATE_TIMEOUT)
+        socket.send_fds(control, [json.dumps(request).encode() + b"\n"], fds)
+        for fd in fds:
+            os.close(fd)
+        lines = control.makefile("rb")
+        for line in lines:
+            answer = json.loads(line)
+            if "progress" in answer:
+                click.echo(answer["progress"], err=True)
+                continue
+            if not answer.get("ok"):
+                fail(answer.get("error", "the toolstack refused"))
+            return dict(answer)
+    fail("the toolstack closed the connection")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "-s",
+    "ssh_command",
+    default="ssh",
+    show_default=True,
+    metavar="SSHCOMMAND",
+    help='Use SSHCOMMAND instead of ssh for ssh:// (xl -s); with -s "" HOST is the '
+    "receiver's whole command line.",
+)
+@click.option(
+    "--stop-and-copy",
+    is_flag=True,
+    help="Suspend first and send everything once (no pre-copy): the baseline the "
+    "benchmark compares live migration with.",
+)
+@click.option("--debug", is_flag=True, help="Print each pre-copy round's figures.")
+@click.argument("name")
+@click.argument("host")
+@run_dir_option
+def migrate(
+    name: str, host: str, ssh_command: str, stop_and_copy: bool, debug: bool, run_dir: Path | None
+) -> None:
+    """Move a running guest to another host, as `xl migrate`: its memory is copied
+    while it runs, then it is suspended, the rest sent, and it resumes there
+    under its own name; on any failure before the receiver is ready it resumes
+    here ("Migration failed, resuming at sender.").
+
+    HOST is the run directory of another host on this machine, ssh://[user@]host
+    (`xenlike migrate-receive` through ssh), or tcp://TOKEN@HOST:PORT (a
+    `xenlike migrate-receive --listen` there, which printed TOKEN). The hosts
+    share their images directory (`[host] images`): disks are not copied.
+
+    \b
+    Example:
+        xenlike migrate beta /tmp/host-b
+        xenlike migrate beta tcp://TOKEN@10.0.0.9:8002
+    """
+    rd = running(run_dir)
+    trio.run(toolstack_request, rd, {"op": "config", "name": name})  # xl's find_domain
+    receiver: subprocess.Popen[bytes] | None = None
+    if host.startswith("tcp://") and ssh_command:
+        connection = _connect_tcp(host)
+        fds = [os.dup(connection.fileno()), os.dup(connection.fileno())]
+        connection.close()
+    else:
+        if ssh_command and not host.startswith("ssh://"):
+            target = running(Path(host))
+            if target.path.resolve() == rd.path.resolve():
+                fail(f"cannot migrate {name} to {host}: it is this host")
+        receiver = subprocess.Popen(
+            migration_rune(host, ssh_command, debug), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert receiver.stdin is not None and receiver.stdout is not None
+        fds = [os.dup(receiver.stdin.fileno()), os.dup(receiver.stdout.fileno())]
+        receiver.stdin.close()
+        receiver.stdout.close()
+    request = {"op": "migrate", "name": name, "live": not stop_and_copy, "debug": debug}
+    try:
+        answer = _hand_to_dom0(rd, request, fds)
+    finally:
+        if receiver is not None:
+            try:
+                receiver.wait(RECEIVER_EXIT)
+            except subprocess.TimeoutExpired:
+                click.echo(
+                    f"migration child [{receiver.pid}] not exiting, no longer waiting", err=True
+                )
+    click.echo(f"migrated {name} (d{answer['domid']}): {answer['bytes']} bytes sent", err=True)
+    click.echo("Migration successful.", err=True)
+
+
+@main.command("migrate-receive", context_settings=CONTEXT)
+@click.option("-d", "--debug", is_flag=True, help="Print each pre-copy round's figures.")
+@click.option(
+    "--listen",
+    metavar="ADDR:PORT",
+    default=None,
+    help="Take the stream from one TCP connection instead of stdin/stdout; prints the "
+    "tcp://TOKEN@ADDR:PORT to give `migrate` (port 0: any free port).",
+)
+@run_dir_option
+def migrate_receive(debug: bool, listen: str | None, run_dir: Path | None) -> None:
+    """Receive a guest that `xenlike migrate` sends, as `xl migrate-receive`: on
+    stdin and stdout (what `migrate` starts, itself or through ssh), or, with
+    --listen, from one TCP connection that presents the one-time token this
+    prints. Progress goes to stderr.
+
+    \b
+    Example:
+        xenlike migrate-receive --listen 127.0.0.1:8002
+    """
+    rd = running(run_dir)
+    if listen is None:
+        fds = [os.dup(sys.stdout.fileno()), os.dup(sys.stdin.fileno())]
+        devnull = os.open(os.devnull, os.O_RDWR)  # our copies must not keep the pipes open
+        os.dup2(devnull, sys.stdin.fileno())
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    else:
+        connection = _accept_with_token(listen)
+        fds = [os.dup(connection.fileno()), os.dup(connection.fileno())]
+        connection.close()
+    answer = _hand_to_dom0(rd, {"op": "migrate-receive", "debug": debug}, fds)
+    if answer["name"] is None:
+        click.echo("migration target: the sender sent no domain (it says why)", err=True)
+        sys.exit(1)
+    click.echo(f"migration target: {answer['name']} is domain {answer['domid']}", err=True)
+
+
+def _accept_with_token(listen: str) -> socket.socket:
+    """One connection on ADDR:PORT that sends the token printed on stdout."""
+    hostname, colon, port = listen.rpartition(":")
+    if not colon or not port.isdigit() or not hostname:
+        fail(f"--listen {listen}: expected ADDR:PORT, e.g. 127.0.0.1:8002")
+    token = secrets.token_urlsafe(16)
+    try:
+        listener = socket.create_server((hostname.strip("[]"), int(port)))
+    except OSError as exc:
+        fail(f"cannot listen on {listen}: {exc.strerror or exc}")
+    with listener:
+        address, bound = listener.getsockname()[:2]
+        where = f"[{address}]" if ":" in address else address
+        click.echo(f"tcp://{token}@{where}:{bound}")
+        sys.stdout.flush()
+        connection, peer = listener.accept()
+    connection.settimeout(TOKEN_TIMEOUT)
+    presented = b""
+    try:
+        while not presented.endswith(b"\n") and len(presented) < 256:
+            chunk = connection.recv(256 - len(presented))
+            if not chunk:
+                break
+            presented += chunk
+    except OSError:
+        pass
+    if not hmac.compare_digest(presented.strip(), token.encode()):
+        with contextlib.suppress(OSError):
+            connection.sendall(b"xenlike: migrate-receive: wrong token\n")
+        connection.close()
+        fail(f"refused the connection from {peer[0]}: wrong token")
+    connection.settimeout(None)
+    return connection
