@@ -78,6 +78,7 @@ async def test_suspend_then_resume_returns_1_and_keeps_the_context(
     domid = await boot(xc, "suspender")
     assert await wait_for_shutdown(xc, domid) == ShutdownReason.suspend
     assert await xc.vcpu_context(domid) == b"context of a suspender"
+    assert await xc.tsc_info(domid) > 0  # X86_TSC_INFO's elapsed_nsec
     frames = await xc.read_frames(domid, 0, FRAMES_PER_CALL * 2 + 1)  # calls split the range
     assert frames and all(len(page) == 4096 for page in frames.values())
     pages = (await xc.domain_info(domid)).tot_pages
@@ -94,5 +95,18 @@ async def test_suspend_then_resume_returns_1_and_keeps_the_context(
     await xc.resume(domid)
     await wait_for_log(xc, "suspend returned 1")
     assert await errno_of(xc.resume(domid)) == Errno.EINVAL  # it runs: nothing to resume
+    await xc.destroy(domid)
+    await healthy(hv)
+
+
+async def test_a_restored_domains_time_goes_on_from_the_saved_elapsed_time(
+    hv: Hypervisor, xc: XenControl
+) -> None:
+    domid = await xc.create_domain("tests.test_save_hypercalls:suspender", memory_mb=4)
+    hour = 3600 * 10**9
+    await xc.set_tsc_info(domid, hour)
+    assert hour <= await xc.tsc_info(domid) < hour + 60 * 10**9
+    await xc.unpause(domid)
+    assert await errno_of(xc.set_tsc_info(domid, 0)) == Errno.EINVAL  # it has run
     await xc.destroy(domid)
     await healthy(hv)

@@ -24,6 +24,7 @@ from xenlike.abi.domctl import (
     xen_domctl_createdomain,
     xen_domctl_getdomaininfo,
     xen_domctl_max_mem,
+    xen_domctl_tsc_info,
 )
 from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, evtchn_alloc_unbound
@@ -52,6 +53,7 @@ INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
 FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
 MEMORY = compile_struct(xenlike_memory, "xenlike_memory")
+TSC = compile_struct(xen_domctl_tsc_info, "xen_domctl_tsc_info")
 
 
 @attrs.define(eq=False)
@@ -201,6 +203,18 @@ class XenControl:
     async def resume(self, domid: int) -> None:
         """XEN_DOMCTL_resumedomain: a suspended domain runs on; its suspend returns 1."""
         await self.hypercalls.domctl(DomctlOp.resumedomain, domid)
+
+    async def tsc_info(self, domid: int) -> int:
+        """xc_domain_get_tsc_info's elapsed_nsec: the domain's time, in nanoseconds."""
+        _, info = await self.hypercalls.domctl(
+            DomctlOp.gettscinfo, domid, xen_domctl_tsc_info, TSC.record(0, 0, 0, 0, 0)
+        )
+        return int(info.elapsed_nsec)
+
+    async def set_tsc_info(self, domid: int, elapsed_nsec: int) -> None:
+        """xc_domain_set_tsc_info, on a restore: the new domain's time goes on from there."""
+        value = TSC.record(tsc_mode=0, gtsc_khz=0, incarnation=0, pad=0, elapsed_nsec=elapsed_nsec)
+        await self.hypercalls.domctl(DomctlOp.settscinfo, domid, xen_domctl_tsc_info, value)
 
     async def vcpu_context(self, domid: int) -> bytes:
         """A suspended domain's execution state, as its kernel left it."""

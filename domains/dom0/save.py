@@ -165,6 +165,7 @@ async def _image(toolstack: Any, record: Any, progress: Callable[[str], Any]) ->
     layout = BootLayout.for_domain(nr_pages)
     shared_info = pages.get(layout.shared_info_gfn, bytes(XEN_PAGE_SIZE))
     context = await xc.vcpu_context(domid)
+    elapsed = await xc.tsc_info(domid)
     xenstore: dict[str, str] = {}
     for subtree in SAVED_XENSTORE:
         await _walk(toolstack.xs, f"/local/domain/{domid}", subtree, xenstore)
@@ -175,6 +176,7 @@ async def _image(toolstack: Any, record: Any, progress: Callable[[str], Any]) ->
         vcpus={0: context},
         xenstore=xenstore,
         config=attrs.asdict(record.config),
+        elapsed_ns=elapsed,
     )
 
 
@@ -250,6 +252,7 @@ async def restore_domain(toolstack: Any, path: Path) -> Any:
                 with memory.frames(pfn) as frame:
                     frame[:] = page
         await xc.set_vcpu_context(domid, context)
+        await xc.set_tsc_info(domid, image.elapsed_ns)
         for key, value in image.xenstore.items():
             await xs.write(f"/local/domain/{domid}/{key}", value)
 

@@ -41,6 +41,7 @@ __all__ = [
     "XEN_DOMCTL_CDF_vpmu",
     "xen_domctl_getdomaininfo",
     "xen_domctl_max_mem",
+    "xen_domctl_tsc_info",
 ]
 
 XEN_DOMCTL_INTERFACE_VERSION = 0x00000015
@@ -193,6 +194,16 @@ xen_domctl_getdomaininfo = Struct(
     "gpaddr_bits" / Int8ul,
     "pad2" / Bytes(7),
     "arch_config" / xen_arch_domainconfig,
+)
+
+# XEN_DOMCTL_gettscinfo / settscinfo (libxc's xc_domain_get_tsc_info): what the
+# save stream's X86_TSC_INFO record carries.
+xen_domctl_tsc_info = Struct(
+    "tsc_mode" / Int32ul,  # TSC_MODE_*
+    "gtsc_khz" / Int32ul,
+    "incarnation" / Int32ul,
+    "pad" / Int32ul,
+    "elapsed_nsec" / Int64ul,
 )
 
 xen_domctl_max_mem = Struct(
