@@ -7,12 +7,16 @@ resumable refuses the suspend, runs on, and the user gets one line.
 """
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.save_guests import SECTOR_B, _pattern
 from tests.test_migration_verify import verify, xen_utils  # noqa: F401 (a fixture)
 from tests.test_up import wait_for, xenlike
 from xenlike.migration import read_save_file
@@ -137,7 +141,9 @@ def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
     saved = xenlike("save", "beta", str(file), run_dir=run_dir)
     assert "destroyed" in saved.stderr
     assert _row(run_dir, "beta") is None
-    at_save = int(read_save_file(file.read_bytes()).xenstore["data/counter"])
+    image = read_save_file(file.read_bytes())
+    at_save = int(image.xenstore["data/counter"])
+    assert image.elapsed_ns >= at_save * 10**9  # X86_TSC_INFO: it counted once a second
     checked = verify(xen_utils, file, "xl")
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -152,21 +158,18 @@ def test_beta_saved_destroyed_and_restored_counts_on_and_reads_its_disk(
     assert "beta vbd 51712: frontend Connected, backend Connected" in devices, devices
     assert "beta vif 0: frontend Connected, backend Connected" in devices, devices
 
-    # The restored beta is on the network: a new guest's pings get answers.
-    pinger = tmp_path / "pinger.cfg"
-    pinger.write_text(
-        'name = "pinger"\nmemory = 16\ninit = "tests.test_net_e2e:chatter"\n'
-        'extra = "peer=10.0.0.2"\n'
-        'vif = ["mac=00:16:3e:00:00:09, bridge=xenbr0, ip=10.0.0.9/24"]\n'
-    )
-    xenlike("create", str(pinger), run_dir=run_dir)
-    try:
-        wait_for(
-            lambda: "[pinger] ping ok" in _console(run_dir, "pinger"),
-            what="the restored beta to answer pings",
+    # The restored beta is on the network: alpha's demo, which pings its peer beta
+    # once a second, counts answers again.
+    alpha = xenlike("domid", "alpha", run_dir=run_dir).stdout.strip()
+
+    def replies() -> int:
+        read = xenlike(
+            "xenstore", "read", f"/local/domain/{alpha}/data/ping-replies", run_dir=run_dir
         )
-    finally:
-        xenlike("destroy", "pinger", run_dir=run_dir, check=False)
+        return int(read.stdout)
+
+    before = replies()
+    wait_for(lambda: replies() >= before + 2, what="the restored beta to answer alpha's pings")
 
 
 @pytest.mark.parametrize(
@@ -199,3 +202,92 @@ def test_a_guests_refusal_reaches_the_user_as_one_printable_line() -> None:
     long = _printable("x" * 10_000)
     assert len(long) == REFUSAL_LIMIT and long.endswith("...")
     assert _printable("") == ""
+
+
+TOPOLOGY_IN_FLIGHT = """
+[dom0]
+memory = 64
+nic = "none"
+images = { "slow/inflight.img" = "16M" }
+
+[[domain]]
+name = "inflight"
+memory = 16
+init = "tests.save_guests:in_flight"
+disk = ["format=raw, vdev=xvda, access=rw, target=slow/inflight.img"]
+"""
+
+
+@pytest.fixture
+def frozen_fs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A run directory whose guest's disk image is on a small ext4 file system, which
+    the test freezes (fsfreeze) to hold a back end's I/O for as long as it wants:
+    a slow disk that is real, not a mock. Needs root and a loop device. Yields
+    the run directory and the mount point."""
+    if os.geteuid() != 0 or not all(map(shutil.which, ("mkfs.ext4", "fsfreeze", "mount"))):
+        pytest.skip("needs root, mkfs.ext4, mount and fsfreeze")
+    image, run = tmp_path / "fs.img", tmp_path / "run"
+    mountpoint = run / "slow"
+    mountpoint.mkdir(parents=True)
+    with open(image, "wb") as out:
+        out.truncate(64 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True
+    )
+    if made.returncode or mounted.returncode:
+        pytest.skip(f"cannot mount a loop file system: {made.stderr}{mounted.stderr}")
+    topology = tmp_path / "inflight.toml"
+    topology.write_text(TOPOLOGY_IN_FLIGHT)
+    try:
+        xenlike("up", "--detach", str(topology), run_dir=run)
+        yield run, mountpoint
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mountpoint)], capture_output=True)
+        xenlike("down", "--grace", "2", run_dir=run, check=False)
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_a_write_in_flight_at_the_save_is_on_the_disk_after_the_restore(
+    tmp_path: Path, frozen_fs: tuple[Path, Path]
+) -> None:
+    """blkfront's shadow: a guest pushes a DISCARD (its back end blocks on the
+    frozen file system), a barrier and a WRITE behind it, and is saved while all
+    three are in flight; the save does not wait for them. The old back end never
+    does the write (it is destroyed with the domain first); the restored blkfront
+    resubmits all three, and they land before the program runs again."""
+    run_dir, slow = frozen_fs
+    image = slow / "inflight.img"
+    file = tmp_path / "inflight.sav"
+    wait_for(lambda: "[inflight] ready" in _console(run_dir, "inflight"), what="the guest")
+    domid = xenlike("domid", "inflight", run_dir=run_dir).stdout.strip()
+    subprocess.run(["fsfreeze", "-f", str(slow)], check=True)
+    try:
+        xenlike("xenstore", "write", f"/local/domain/{domid}/data/go", "1", run_dir=run_dir)
+        wait_for(
+            lambda: "[inflight] 3 requests in flight" in _console(run_dir, "inflight"),
+            what="the requests to be in flight",
+        )
+        saved = xenlike("save", "inflight", str(file), run_dir=run_dir)
+        assert "destroyed" in saved.stderr
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(slow)], check=True)
+    with open(image, "rb") as disk:  # the old back end is gone and never wrote it
+        disk.seek(SECTOR_B * 512)
+        assert disk.read(4096) == bytes(4096)
+    context = json.loads(read_save_file(file.read_bytes()).vcpus[0])
+    (shadow,) = context["devices"].values()
+    assert [entry[0] for entry in shadow["requests"]] == [5, 2, 1]  # DISCARD, BARRIER, WRITE
+
+    xenlike("restore", str(file), run_dir=run_dir)
+    console = wait_for(
+        lambda: "sector B written" in (text := _console(run_dir, "inflight")) and text,
+        what="the restored guest to read its disk",
+    )
+    resubmitted = "[inflight] vbd 51712: 3 request(s) in flight at the save resubmitted"
+    assert resubmitted in console, console
+    assert "[inflight] after the restore: sector A discarded: True" in console, console
+    assert "[inflight] after the restore: sector B written: True" in console, console
+    with open(image, "rb") as disk:
+        disk.seek(SECTOR_B * 512)
+        assert disk.read(4096) == _pattern("inflight", "B")

@@ -14,6 +14,7 @@ __all__ = [
     "FRAMES_PER_CALL",
     "MAX_CONTEXT",
     "XENLIKE_DOMCTL_getcontext",
+    "XENLIKE_DOMCTL_map_memory",
     "XENLIKE_DOMCTL_read_frames",
     "XENLIKE_DOMCTL_setcontext",
     "XENLIKE_DOMCTL_write_frames",
@@ -21,12 +22,14 @@ __all__ = [
     "XENLIKE_VCPUOP_save_context",
     "xenlike_context",
     "xenlike_frames",
+    "xenlike_memory",
 ]
 
 XENLIKE_DOMCTL_read_frames = 0x1002
 XENLIKE_DOMCTL_write_frames = 0x1003
 XENLIKE_DOMCTL_getcontext = 0x1004
 XENLIKE_DOMCTL_setcontext = 0x1005
+XENLIKE_DOMCTL_map_memory = 0x1006
 XENLIKE_VCPUOP_save_context = 0x1000
 XENLIKE_VCPUOP_get_context = 0x1001
 
@@ -41,3 +44,6 @@ xenlike_frames = Struct(
     "count" / Int32ul,  # at most FRAMES_PER_CALL
 )
 xenlike_context = Struct("domain" / Int16ul, Padding(6))  # then the context's bytes
+# map_memory's reply: this, a bit a frame (1: populated, LSB first), then the gfns
+# (Int32ul each) whose data is in a file of their own, not in the memory file.
+xenlike_memory = Struct("nr_pages" / Int32ul, "nr_moved" / Int32ul)

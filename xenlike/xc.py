@@ -8,6 +8,7 @@ domain 0's rights, as `xl` goes through privcmd::
         await xc.unpause(domid)
 """
 
+import mmap
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from xenlike.abi.domctl import (
@@ -29,6 +31,7 @@ from xenlike.abi.domctl import (
     xen_domctl_getdomaininfo,
     xen_domctl_max_mem,
     xen_domctl_shadow_op,
+    xen_domctl_tsc_info,
 )
 from xenlike.abi.errno import Errno
 from xenlike.abi.event_channel import EvtchnOp, evtchn_alloc_unbound
@@ -43,13 +46,15 @@ from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.save_abi import (
     FRAMES_PER_CALL,
     XENLIKE_DOMCTL_getcontext,
+    XENLIKE_DOMCTL_map_memory,
     XENLIKE_DOMCTL_read_frames,
     XENLIKE_DOMCTL_setcontext,
     XENLIKE_DOMCTL_write_frames,
     xenlike_frames,
+    xenlike_memory,
 )
 
-__all__ = ["XenControl", "connect_control_socket"]
+__all__ = ["ForeignMemory", "XenControl", "connect_control_socket"]
 
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
@@ -57,6 +62,35 @@ FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
 DOMCTL = compile_struct(xen_domctl, "xen_domctl")
 SHADOW_OP = compile_struct(xen_domctl_shadow_op, "xen_domctl_shadow_op")
 ALL_PAGES = (1 << 64) - 1  # a shadow_op bitmap "as large as the domain": Xen clamps `pages`
+MEMORY = compile_struct(xenlike_memory, "xenlike_memory")
+TSC = compile_struct(xen_domctl_tsc_info, "xen_domctl_tsc_info")
+
+
+@attrs.define(eq=False)
+class ForeignMemory:
+    """Another domain's whole memory, mapped here (`XenControl.map_memory`).
+
+    `populated` are its frames that hold memory; `moved` those whose data is in
+    a file of their own (frames it granted), not in this mapping: read them
+    with `read_frames`. Close it (or use it as a context manager) once done.
+    """
+
+    mapping: mmap.mmap
+    populated: list[int]
+    moved: frozenset[int]
+
+    def frames(self, gfn: int, count: int = 1) -> memoryview:
+        """Frames gfn..gfn+count-1; release the view before `close`."""
+        return memoryview(self.mapping)[gfn * XEN_PAGE_SIZE : (gfn + count) * XEN_PAGE_SIZE]
+
+    def close(self) -> None:
+        self.mapping.close()
+
+    def __enter__(self) -> "ForeignMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 async def connect_control_socket(run_dir: str | os.PathLike[str]) -> trio.socket.SocketType:
@@ -180,6 +214,18 @@ class XenControl:
         """XEN_DOMCTL_resumedomain: a suspended domain runs on; its suspend returns 1."""
         await self.hypercalls.domctl(DomctlOp.resumedomain, domid)
 
+    async def tsc_info(self, domid: int) -> int:
+        """xc_domain_get_tsc_info's elapsed_nsec: the domain's time, in nanoseconds."""
+        _, info = await self.hypercalls.domctl(
+            DomctlOp.gettscinfo, domid, xen_domctl_tsc_info, TSC.record(0, 0, 0, 0, 0)
+        )
+        return int(info.elapsed_nsec)
+
+    async def set_tsc_info(self, domid: int, elapsed_nsec: int) -> None:
+        """xc_domain_set_tsc_info, on a restore: the new domain's time goes on from there."""
+        value = TSC.record(tsc_mode=0, gtsc_khz=0, incarnation=0, pad=0, elapsed_nsec=elapsed_nsec)
+        await self.hypercalls.domctl(DomctlOp.settscinfo, domid, xen_domctl_tsc_info, value)
+
     async def vcpu_context(self, domid: int) -> bytes:
         """A suspended domain's execution state, as its kernel left it."""
         arg = domid.to_bytes(2, "little") + bytes(6)
@@ -190,6 +236,37 @@ class XenControl:
         """A built, never-run domain's execution state: its kernel boots to resume it."""
         data = domid.to_bytes(2, "little") + bytes(6) + context
         await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_setcontext, data)
+
+    async def map_memory(self, domid: int, *, writable: bool = False) -> ForeignMemory:
+        """A suspended (or built, never-run) domain's memory, mapped here as Xen's
+        privcmd maps a guest's frames for libxc's save and restore."""
+        arg = domid.to_bytes(2, "little") + bytes(6)
+        done = await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_map_memory, arg, 1)
+        fds = list(done.fds)
+        try:
+            if len(fds) != 1:
+                raise HypercallError(Errno.EINVAL, f"map_memory sent {len(fds)} files, not 1")
+            head = MEMORY.unpack_from(done.payload, 0)
+            bitmap = done.payload[MEMORY.size : MEMORY.size + (head.nr_pages + 7) // 8]
+            moved = done.payload[MEMORY.size + len(bitmap) :]
+            mapping = mmap.mmap(
+                fds[0],
+                head.nr_pages * XEN_PAGE_SIZE,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        populated = [
+            index * 8 + bit
+            for index, byte in enumerate(bitmap)
+            if byte
+            for bit in range(8)
+            if byte >> bit & 1
+        ]
+        gfns = memoryview(moved[: 4 * head.nr_moved]).cast("I")
+        return ForeignMemory(mapping, populated, frozenset(gfns))
 
     async def read_frames(self, domid: int, first: int, count: int) -> dict[int, bytes]:
         """The populated frames among `count` from `first` of a suspended domain, or of a

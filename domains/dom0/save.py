@@ -145,16 +145,27 @@ async def _read(xs: Any, path: str) -> str | None:
 
 
 async def _image(toolstack: Any, record: Any, progress: Callable[[str], Any]) -> DomainImage:
+    """The suspended domain as a DomainImage. Its memory is mapped here whole
+    (xc_map_foreign_bulk); only the frames it granted, whose data lives in
+    files of their own, are read through the hypervisor."""
     xc, domid = toolstack.xc, record.domid
     nr_pages = record.config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
     pages: dict[int, bytes] = {}
-    step = max(nr_pages // 8, 1)
-    for first in range(0, nr_pages, step):
-        pages.update(await xc.read_frames(domid, first, min(step, nr_pages - first)))
-        progress(f"{min(first + step, nr_pages) * 100 // nr_pages}% of {nr_pages} frames read")
+    with await xc.map_memory(domid) as memory:
+        total = len(memory.populated)
+        step = max(total // 8, 1)
+        for done, gfn in enumerate(memory.populated, 1):
+            if gfn in memory.moved:
+                pages.update(await xc.read_frames(domid, gfn, 1))
+            else:
+                with memory.frames(gfn) as page:
+                    pages[gfn] = bytes(page)
+            if done % step == 0 or done == total:
+                progress(f"{done * 100 // total}% of {total} frames read")
     layout = BootLayout.for_domain(nr_pages)
     shared_info = pages.get(layout.shared_info_gfn, bytes(XEN_PAGE_SIZE))
     context = await xc.vcpu_context(domid)
+    elapsed = await xc.tsc_info(domid)
     xenstore: dict[str, str] = {}
     for subtree in SAVED_XENSTORE:
         await _walk(toolstack.xs, f"/local/domain/{domid}", subtree, xenstore)
@@ -165,6 +176,7 @@ async def _image(toolstack: Any, record: Any, progress: Callable[[str], Any]) ->
         vcpus={0: context},
         xenstore=xenstore,
         config=attrs.asdict(record.config),
+        elapsed_ns=elapsed,
     )
 
 
@@ -229,18 +241,18 @@ async def restore_domain(toolstack: Any, path: Path) -> Any:
         xc, xs = toolstack.xc, toolstack.xs
         first_free = BootLayout.for_domain(nr_pages).first_free_gfn
         populated = config.memory * 1024 * 1024 // XEN_PAGE_SIZE  # what the builder populated
-        run: list[bytes] = []
-        start = first_free
-        for pfn in range(first_free, populated + 1):
-            page = image.pages.get(pfn) if pfn < populated else None
-            if page is not None:
-                if not run:
-                    start = pfn
-                run.append(page)
-            elif run:
-                await xc.write_frames(domid, start, b"".join(run))
-                run = []
+        with await xc.map_memory(domid, writable=True) as memory:
+            for pfn in range(first_free, populated):
+                page = image.pages.get(pfn)
+                if page is None:
+                    continue
+                if pfn in memory.moved:  # not in the mapping: through the hypervisor
+                    await xc.write_frames(domid, pfn, page)
+                    continue
+                with memory.frames(pfn) as frame:
+                    frame[:] = page
         await xc.set_vcpu_context(domid, context)
+        await xc.set_tsc_info(domid, image.elapsed_ns)
         for key, value in image.xenstore.items():
             await xs.write(f"/local/domain/{domid}/{key}", value)
 

@@ -92,6 +92,8 @@ async def _run(
                     print(f"[{name}] {registry.unloadable(device_type)}")  # its devices fail
             except UnknownDriver as exc:  # no type to fail: its devices stay unconnected
                 print(f"[{name}] {exc}")
+        context = await _saved_context(domain)
+        in_flight = _claim_frames(domain, context.get("devices", {}))
         ctx = XenbusContext(domain, xs, nursery)
         bus = FrontendBus(ctx, registry)
         await nursery.start(bus.run)
@@ -102,22 +104,58 @@ async def _run(
             f"[{name}] xenlike guest kernel, domain {domain.domid}, "
             f"{domain.start_info.nr_pages * 4 // 1024} MiB"
         )
-        resumed = await _resumed_state(domain, name)
+        resumed = _resumed_state(context, name)
         devices = await _wait_for_devices(bus, name)
+        await _recover(bus, in_flight, domain, name)
         await _advertise_shutdown(xs)
         guest = Guest(name, domain.domid, domain, xs, console, devices, extra, resumed)
         nursery.start_soon(_follow_devices, guest, events)
         return await _run_program(guest, program, xs, init, bus)
 
 
-async def _resumed_state(domain: Domain, name: str) -> dict[str, Any] | None:
-    """The program's state this domain was restored with (None on a fresh boot)."""
+async def _saved_context(domain: Domain) -> dict[str, Any]:
+    """The execution state this domain was restored with (empty on a fresh boot)."""
     context = await domain.resume_context()
-    if not context:
+    return json.loads(context) if context else {}
+
+
+def _resumed_state(context: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The program's state this domain was restored with (None on a fresh boot)."""
+    if "state" not in context:
         return None
-    state = json.loads(context)["state"]
+    state = context["state"]
     print(f"[{name}] resuming from a saved state")
     return state if isinstance(state, dict) else None
+
+
+def _claim_frames(domain: Domain, devices: dict[str, Any]) -> dict[str, Any]:
+    """Keep the frames of requests that were in flight at the save (their data) out
+    of the allocator until their front ends have resubmitted them: claimed before
+    any front end allocates its ring. Returns the shadows by device, as "vbd/51712"
+    (a device's path names the old domain)."""
+    for shadow in devices.values():
+        for gfn, pages in shadow.get("frames", ()):
+            domain.allocator.claim_run(gfn, pages)
+    return devices
+
+
+async def _recover(bus: FrontendBus, in_flight: dict[str, Any], domain: Domain, name: str) -> None:
+    """blkif_recover for every front end that had requests in flight at the save:
+    they land before the program resumes, so what it reads is what it wrote."""
+    for driver in list(bus.devices.values()):
+        shadow = in_flight.get(f"{driver.device.type}/{driver.device.devid}")
+        recover = getattr(driver, "recover", None)
+        if shadow is None or recover is None:
+            continue
+        what = f"[{name}] {driver.device.type} {driver.device.devid}"
+        try:
+            count = await recover(shadow)
+        except Exception as exc:  # its frames stay claimed: the back end may still map them
+            print(f"{what}: requests in flight at the save NOT resubmitted: {exc}")
+            continue
+        for gfn, pages in shadow.get("frames", ()):
+            domain.allocator.free_run(gfn, pages)
+        print(f"{what}: {count} request(s) in flight at the save resubmitted")
 
 
 async def _wait_for_devices(bus: FrontendBus, name: str) -> dict[str, list[Any]]:
@@ -223,26 +261,42 @@ SUSPEND_ERROR = "error/suspend"  # why this kernel refused the last suspend, for
 
 
 async def _suspend(guest: Guest, xs: Any, init: str | None, bus: FrontendBus) -> None:
-    """Linux's do_suspend, for a program: acknowledge the request by clearing
-    control/shutdown (libxl waits for that), leave the program's state as the
-    vCPU's, quiesce the front ends (new requests wait, those in flight are
-    answered), and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if
-    Dom0 resumes this domain in place (a checkpoint): the program never
-    stopped, and each front end does its handshake again with its back end.
-    A program that is not resumable refuses: the reason goes to error/suspend
-    before the acknowledgement, and the guest runs on."""
+    """Linux's do_suspend, for a program: freeze the front ends (new requests wait;
+    those in flight stay in flight, not waited for), leave the program's state
+    and the front ends' shadows of their requests in flight as the vCPU's,
+    acknowledge the request by clearing control/shutdown (libxl waits for
+    that), and SCHEDOP_shutdown(SHUTDOWN_suspend). That returns only if Dom0
+    resumes this domain in place (a checkpoint): the program never stopped,
+    and each front end does its handshake again with its back end,
+    resubmitting what was in flight. A program that is not resumable refuses:
+    the reason goes to error/suspend before the acknowledgement, and the
+    guest runs on."""
     refusal = None
     context = b""
+    fronts = [driver for driver in bus.devices.values() if isinstance(driver, Frontend)]
     if guest.state is None:
         refusal = f"{init or 'the idle kernel'} is not resumable (see Guest.resumable)"
     else:
         try:
-            context = json.dumps({"init": init, "state": guest.state}).encode()
+            state = json.dumps(guest.state)
         except (TypeError, ValueError) as exc:
             refusal = f"{init}'s state cannot be saved: {exc}"
         else:
+            for front in fronts:
+                await front.suspend()
+            devices = {
+                f"{front.device.type}/{front.device.devid}": shadow
+                for front in fronts
+                if (shadow := _shadow(front)) is not None
+            }
+            context = (
+                f'{{"init": {json.dumps(init)}, "state": {state}, '
+                f'"devices": {json.dumps(devices)}}}'
+            ).encode()
             if len(context) > MAX_CONTEXT:
                 refusal = f"{init}'s state is {len(context)} bytes, more than {MAX_CONTEXT}"
+                for front in fronts:
+                    await front.resume()
     try:
         if refusal is not None:
             await xs.write(SUSPEND_ERROR, refusal)
@@ -255,9 +309,6 @@ async def _suspend(guest: Guest, xs: Any, init: str | None, bus: FrontendBus) ->
         print(f"[{guest.name}] suspend refused: {refusal}")
         return
     print(f"[{guest.name}] suspending")
-    fronts = [driver for driver in bus.devices.values() if isinstance(driver, Frontend)]
-    for front in fronts:
-        await front.suspend()
     await guest.console.drain()
     try:
         cancelled = await guest.domain.suspend(context) == 1
@@ -275,3 +326,13 @@ async def _suspend(guest: Guest, xs: Any, init: str | None, bus: FrontendBus) ->
     for front in sorted(fronts, key=lambda d: (d.device.type, d.device.devid)):
         state = "reconnected" if front.connected_now else f"NOT reconnected: {front.failed}"
         print(f"[{guest.name}] {front.device.type} {front.device.devid}: {state}")
+
+
+def _shadow(front: Frontend) -> dict[str, Any] | None:
+    """A front end's record of its requests in flight (blkfront's `shadow`), if it
+    keeps one and has any."""
+    shadow = getattr(front, "shadow", None)
+    if shadow is None:
+        return None
+    recorded = shadow()
+    return recorded if recorded.get("requests") else None

@@ -47,6 +47,7 @@ names: `xen_blkfront.feature_persistent=0`,
 
 import errno
 import functools
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -63,6 +64,7 @@ from drivers.blkif.protocol import (
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
     indirect_pages,
+    raw_segments,
     segment_words,
 )
 from xenlike.abi.blkif import (
@@ -326,6 +328,35 @@ def _pages(sectors: int, data: Any) -> int:
     return indirect if type(data) is _BufferPages else pages + indirect
 
 
+_SEGMENT = struct.Struct("<IBB2x")  # blkif_request_segment: gref, first_sect, last_sect
+
+
+def _runs(segments: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Segments (gfn, first_sect, last_sect) as runs (gfn, pages, first_sect, last_sect)
+    of consecutive frames, full pages between the first and the last."""
+    runs: list[tuple[int, int, int, int]] = []
+    for gfn, first, last in segments:
+        if runs:
+            start, pages, head, tail = runs[-1]
+            if gfn == start + pages and tail == SECTORS_PER_PAGE - 1 and first == 0:
+                runs[-1] = (start, pages + 1, head, last)
+                continue
+        runs.append((gfn, 1, first, last))
+    return runs
+
+
+def _segments(words: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The runs of `_runs` (flattened, four numbers each) as segments again."""
+    segments = []
+    for at in range(0, len(words) - 3, 4):
+        gfn, pages, head, tail = words[at : at + 4]
+        for page in range(pages):
+            first = head if page == 0 else 0
+            last = tail if page == pages - 1 else SECTORS_PER_PAGE - 1
+            segments.append((gfn + page, first, last))
+    return segments
+
+
 def _indirect(pages: int) -> int:
     """Indirect pages a request over `pages` data pages needs: none if it is direct."""
     return indirect_pages(pages) if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
@@ -431,6 +462,107 @@ class BlkFront(Frontend):
         for chunk in pool.chunks:
             refs = [ref for ref in chunk.refs if ref is not None]
             await self.release_grants(refs, chunk.first_gfn, len(chunk.free))
+
+    # --- suspend and restore (blkfront_freeze, blkif_recover) ---------------------------
+
+    async def suspend(self, drain: float = 0.0) -> None:
+        """Before the domain suspends: new requests wait, and no more responses are
+        collected, so what is in flight stays in flight, pages and all. The
+        suspend does not wait for the back end: `shadow` records those requests
+        for a save, and a cancelled suspend resubmits them on the new ring."""
+        await super().suspend(drain)
+        if self._collector is not None:
+            self._collector.cancel()
+            self._collector = None
+
+    def shadow(self) -> dict[str, Any]:
+        """The requests in flight, for the save (Linux blkfront's shadow): each as
+        [operation, sector, then its data as runs of frames [gfn, pages,
+        first_sect, last_sect]] (a discard: [DISCARD, sector, sectors, flag]).
+        Frames, not grant references: those do not survive a restore, and the
+        frames are guest memory, which the save carries. Reads are left out:
+        the program that waits for one does not survive a restore either."""
+        channel = self.channel
+        requests = channel.requests_in_flight() if isinstance(channel, FrontChannel) else []
+        entries: list[list[int]] = []
+        frames: list[list[int]] = []
+        for request in requests:
+            op = request.operation
+            if op == BlkifOp.DISCARD:
+                entries.append([op, request.sector_number, request.nr_sectors, request.flag])
+                continue
+            if op == BlkifOp.INDIRECT:
+                if request.indirect_op != WRITE:
+                    continue
+                segments = self._indirect_segments(request)
+            elif op == WRITE:
+                segments = list(
+                    _SEGMENT.iter_unpack(raw_segments(request)[: 8 * request.nr_segments])
+                )
+            elif op in (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER):
+                entries.append([op])
+                continue
+            else:
+                continue
+            runs = _runs((self._frame_of(gref), first, last) for gref, first, last in segments)
+            entries.append([WRITE, request.sector_number, *(n for run in runs for n in run)])
+            frames += [[gfn, pages] for gfn, pages, _, _ in runs]
+        return {"requests": entries, "frames": frames}
+
+    def _frame_of(self, gref: int) -> int:
+        return self.ctx.domain.grants.granted_frame(gref)
+
+    def _indirect_segments(self, request: Any) -> list[tuple[int, int, int]]:
+        """An indirect request's segments, read from its indirect pages."""
+        count = request.nr_segments
+        words = b"".join(
+            bytes(self.ctx.domain.memory.frame(self._frame_of(gref)))
+            for gref in request.indirect_grefs[: indirect_pages(count)]
+        )
+        return list(_SEGMENT.iter_unpack(words[: 8 * count]))
+
+    async def recover(self, shadow: dict[str, Any]) -> int:
+        """blkif_recover, after a restore: the writes, discards and flushes that were
+        in flight at the save, sent again on the new ring, their frames granted
+        anew; returns how many requests were resubmitted. Writes go as direct
+        requests (the new back end may offer other limits), and any flush after
+        them. The caller keeps the frames out of the allocator until this returns."""
+        requests: list[Any] = []
+        granted: list[int] = []
+        flush = False
+        grant = self.ctx.domain.grants.grant_access
+        devid, peer = self.device.devid, self.device.otherend_id
+        readonly = not self.feature_persistent  # a persistent grant is mapped writable
+        try:
+            for entry in shadow.get("requests", ()):
+                op = entry[0]
+                if op == BlkifOp.DISCARD:
+                    if self.feature_discard:
+                        requests.append(DISCARD.record(op, entry[3], devid, 0, *entry[1:3]))
+                elif op in (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER):
+                    flush = True
+                elif op == WRITE:
+                    sector = entry[1]
+                    segments = _segments(entry[2:])
+                    for start in range(0, len(segments), BLKIF_MAX_SEGMENTS_PER_REQUEST):
+                        group = segments[start : start + BLKIF_MAX_SEGMENTS_PER_REQUEST]
+                        refs = [grant(peer, gfn, readonly) for gfn, _, _ in group]
+                        granted += refs
+                        words = b"".join(
+                            _SEGMENT.pack(ref, first, last)
+                            for ref, (_, first, last) in zip(refs, group)
+                        )
+                        words += _SEGMENT_PAD[len(words) :]
+                        requests.append(_rw_request((WRITE, len(group), devid, 0, sector, words)))
+                        sector += sum(last - first + 1 for _, first, last in group)
+            responses = await self.call_many(requests)
+        finally:
+            self._end(granted)
+        for request, response in zip(requests, responses):
+            self._check_response(response, request.operation, request.sector_number, 0)
+        if flush:
+            await self.flush()
+        return len(requests) + flush
 
     # --- the block device ---------------------------------------------------------------
 

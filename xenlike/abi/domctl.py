@@ -56,6 +56,7 @@ __all__ = [
     "XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL",
     "xen_domctl_shadow_op",
     "xen_domctl_shadow_op_stats",
+    "xen_domctl_tsc_info",
 ]
 
 XEN_DOMCTL_INTERFACE_VERSION = 0x00000015
@@ -208,6 +209,16 @@ xen_domctl_getdomaininfo = Struct(
     "gpaddr_bits" / Int8ul,
     "pad2" / Bytes(7),
     "arch_config" / xen_arch_domainconfig,
+)
+
+# XEN_DOMCTL_gettscinfo / settscinfo (libxc's xc_domain_get_tsc_info): what the
+# save stream's X86_TSC_INFO record carries.
+xen_domctl_tsc_info = Struct(
+    "tsc_mode" / Int32ul,  # TSC_MODE_*
+    "gtsc_khz" / Int32ul,
+    "incarnation" / Int32ul,
+    "pad" / Int32ul,
+    "elapsed_nsec" / Int64ul,
 )
 
 xen_domctl_max_mem = Struct(

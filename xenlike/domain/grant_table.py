@@ -303,6 +303,14 @@ class GrantTable:
         self._granted[ref] = gfn
         return ref
 
+    def granted_frame(self, ref: int) -> int:
+        """The frame a live grant of ours names: what a front end records across a
+        save, as grant references do not survive a restore."""
+        try:
+            return self._granted[ref]
+        except KeyError:
+            raise ValueError(f"grant ref {ref} is not one this table granted") from None
+
     def end_access(self, ref: int) -> None:
         """Revoke a grant and free its reference; `GrantInUse` while the peer has it mapped.
 

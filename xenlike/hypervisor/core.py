@@ -154,6 +154,9 @@ class HypervisorDomain:
     process: ChildProcess | None = None
     connections: list[HypercallConnection] = attrs.field(factory=list)
     created_at: float = attrs.field(factory=time.monotonic)
+    # Where its elapsed time starts (Xen's vtsc_offset): XEN_DOMCTL_settscinfo moves
+    # it back on a restore, so a saved domain's time goes on from where it was.
+    tsc_offset: float = attrs.field(factory=time.monotonic)
     torn_down: bool = False
     cpu_ns_at_exit: int = 0
     sandbox: Protections | None = None  # what confines its process, once it runs

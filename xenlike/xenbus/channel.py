@@ -233,6 +233,11 @@ class FrontChannel:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def requests_in_flight(self) -> list[Any]:
+        """The requests sent and not yet answered, in submission order: what a
+        front end records (Linux blkfront's shadow) before its domain is saved."""
+        return [batch.requests[index] for batch, index in self._in_flight.values()]
+
     async def call(self, request: Any) -> Any:
         """Send one request; return its response (the id field is set for you)."""
         (response,) = await self.call_many([request])

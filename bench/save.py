@@ -1,0 +1,200 @@
+"""Save and restore time of a guest, against copying its memory to a file and back.
+
+xenlike: wall time of Dom0's toolstack `save` (suspend, read the populated
+frames, write xl's save file with a temporary file, fsync and rename,
+destroy) and `restore` (read and check the whole file, build the domain,
+refill its frames, unpause it), asked through the toolstack socket as the
+CLI does (the CLI's own Python start-up is not counted), for a 32 MiB and
+a 128 MiB guest running the demo program.
+
+Baseline, in the same run with rounds interleaved: the same number of bytes
+as the file `save` wrote, copied from memory to a file in the same
+directory with the same fsync, rename and directory fsync, then read back
+into memory.
+
+Also: the file's size against the domain's populated memory, and CPU time
+per operation of each process (hypervisor, Dom0, the guest; the
+baseline's own process).
+
+Run: `python bench/save.py [--quick]`.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._cost import Costs, Usage, own_usage, process_usage, topology_processes  # noqa: E402
+from xenlike.memory import XEN_PAGE_SIZE  # noqa: E402
+from xenlike.migration import read_save_file  # noqa: E402
+from xenlike.tools.session import find_run_dir, toolstack_request  # noqa: E402
+
+SIZES = (32, 128)  # MiB of guest memory
+TIMEOUT = 300.0
+
+
+def topology(memory: int) -> str:
+    return "\n".join(
+        [
+            "[host]",
+            f'name = "save{memory}"',
+            "",
+            "[dom0]",
+            "memory = 128",
+            'nic = "none"',
+            "",
+            "[[domain]]",
+            'name = "g"',
+            f"memory = {memory}",
+            'init = "domains.guest.demo:main"',
+            "",
+        ]
+    )
+
+
+def xenlike(*args: str, run_dir: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "XENLIKE_RUN_DIR": str(run_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "xenlike", *args], capture_output=True, text=True, env=env
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"xenlike {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def request(run_dir: Path, what: dict[str, object]) -> dict[str, object]:
+    return trio.run(toolstack_request, find_run_dir(run_dir), what, TIMEOUT)
+
+
+def usages(run_dir: Path) -> dict[str, Usage]:
+    """Hypervisor, Dom0 and the guest (whatever its domid), now."""
+    found: dict[str, Usage] = {}
+    for key, pid in topology_processes(run_dir).items():
+        name = "hypervisor" if key == "hypervisor" else "dom0" if key == 0 else "guest"
+        try:
+            found[name] = process_usage(pid)
+        except OSError:
+            pass
+    return found
+
+
+def save_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> float:
+    before = usages(run_dir)
+    start = time.perf_counter()
+    request(run_dir, {"op": "save", "name": "g", "path": str(file), "checkpoint": False})
+    elapsed = time.perf_counter() - start
+    after = usages(run_dir)  # the guest is gone: its share is not counted
+    for name in ("hypervisor", "dom0"):
+        costs.add(name, workload, after[name] - before[name], 1)
+    return elapsed
+
+
+def restore_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> float:
+    before = usages(run_dir)
+    start = time.perf_counter()
+    request(run_dir, {"op": "restore", "path": str(file)})
+    elapsed = time.perf_counter() - start
+    after = usages(run_dir)
+    for name in ("hypervisor", "dom0"):
+        costs.add(name, workload, after[name] - before[name], 1)
+    costs.add("guest", workload, after["guest"], 1)  # a new process: all of its time
+    return elapsed
+
+
+def raw_save(memory: bytearray, directory: Path, costs: Costs, workload: str) -> float:
+    """The same bytes to a file as `save` writes it: temporary file, fsync, rename,
+    directory fsync."""
+    target, temporary = directory / "raw.bin", directory / ".raw.bin.tmp"
+    before = own_usage()
+    start = time.perf_counter()
+    with open(temporary, "wb") as out:
+        out.write(memory)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, target)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    costs.add("baseline", workload, own_usage() - before, 1)
+    return elapsed
+
+
+def raw_restore(memory: bytearray, directory: Path, costs: Costs, workload: str) -> float:
+    """The file read back into memory."""
+    before = own_usage()
+    start = time.perf_counter()
+    with open(directory / "raw.bin", "rb") as source:
+        source.readinto(memory)
+    elapsed = time.perf_counter() - start
+    costs.add("baseline", workload, own_usage() - before, 1)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round of each")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else 5
+    costs = Costs()
+    times: dict[str, list[float]] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # memory -> (file bytes, populated bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        for memory in SIZES:
+            run_dir = Path(tmp) / f"run{memory}"
+            spec = Path(tmp) / f"save{memory}.toml"
+            spec.write_text(topology(memory))
+            xenlike("up", "--detach", "--timeout", "120", str(spec), run_dir=run_dir)
+            try:
+                file = Path(tmp) / f"g{memory}.sav"
+                raw = Path(tmp) / f"raw{memory}"
+                raw.mkdir()
+                for _ in range(rounds):
+                    times.setdefault(f"save_{memory}M", []).append(
+                        save_round(run_dir, file, costs, f"save_{memory}M")
+                    )
+                    buffer = bytearray(file.stat().st_size)
+                    times.setdefault(f"raw_save_{memory}M", []).append(
+                        raw_save(buffer, raw, costs, f"raw_save_{memory}M")
+                    )
+                    times.setdefault(f"restore_{memory}M", []).append(
+                        restore_round(run_dir, file, costs, f"restore_{memory}M")
+                    )
+                    times.setdefault(f"raw_restore_{memory}M", []).append(
+                        raw_restore(buffer, raw, costs, f"raw_restore_{memory}M")
+                    )
+                image = read_save_file(file.read_bytes())
+                sizes[memory] = (file.stat().st_size, len(image.pages) * XEN_PAGE_SIZE)
+            finally:
+                xenlike("down", "--grace", "2", run_dir=run_dir)
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"rounds: {rounds} (medians)")
+    for memory in SIZES:
+        for what in ("save", "raw_save", "restore", "raw_restore"):
+            print(f"{what}_{memory}M: {med[f'{what}_{memory}M'] * 1000:.1f} ms")
+        file_bytes, populated = sizes[memory]
+        print(f"file_bytes_{memory}M: {file_bytes}")
+        print(f"populated_bytes_{memory}M: {populated}")
+    for line in costs.lines():
+        print(line)
+    for memory in SIZES:
+        for what in ("save", "restore"):
+            ratio = med[f"{what}_{memory}M"] / med[f"raw_{what}_{memory}M"]
+            print(f"ratio {what}_{memory}M: {ratio:.3f}")
+    for memory in SIZES:
+        file_bytes, populated = sizes[memory]
+        print(f"ratio file_vs_populated_{memory}M: {file_bytes / populated:.3f}")
+
+
+if __name__ == "__main__":
+    main()
