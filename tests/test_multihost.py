@@ -97,7 +97,11 @@ def test_a_vxlan_nic_with_its_tunnel_ends_parses() -> None:
             3,
             "peer fd00::2: not of the family of local = '10.0.0.1'",
         ),
-        ("[host]\nvxlan = 1\n", 2, "unknown key 'vxlan' in [host]; expected one of local, memory"),
+        (
+            "[host]\nvxlan = 1\n",
+            2,
+            "unknown key 'vxlan' in [host]; expected: images, local, memory",
+        ),
     ],
 )
 def test_tunnel_mistakes_are_one_line_each(text: str, line: int, message: str) -> None:
