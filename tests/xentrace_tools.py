@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["Unavailable", "python2", "xenalyze", "xentrace_format"]
+__all__ = ["Unavailable", "bin_dir", "python2", "xenalyze", "xentrace_format"]
 
 PACKAGE = "xen-utils-common"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xenlike" / PACKAGE
@@ -85,6 +85,27 @@ def python2() -> str:
     raise Unavailable(
         "no Python 2 interpreter: Debian's xentrace_format is Python 2 code (python3 rejects it)"
     )
+
+
+def bin_dir() -> Path:
+    """A directory for PATH with both tools by their names, xentrace_format wrapped to run
+    under Python 2: what the docs' console sessions call."""
+    binaries = CACHE.parent / "xentrace-bin"
+    wrapper = f'#!/bin/sh\nexec {python2()} {xentrace_format()} "$@"\n'
+    if (
+        not (binaries / "xentrace_format").exists()
+        or (binaries / "xentrace_format").read_text() != wrapper
+    ):
+        partial = Path(tempfile.mkdtemp(prefix=".xentrace-bin-", dir=CACHE.parent))
+        (partial / "xenalyze").symlink_to(xenalyze())
+        (partial / "xentrace_format").write_text(wrapper)
+        (partial / "xentrace_format").chmod(0o755)
+        shutil.rmtree(binaries, ignore_errors=True)
+        try:
+            partial.rename(binaries)  # a concurrent maker either wins or left the same
+        except OSError:
+            shutil.rmtree(partial)
+    return binaries
 
 
 if __name__ == "__main__":
