@@ -31,6 +31,7 @@ Sans-I/O: records in, bytes out (`xentrace`). What lands where:
 
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -43,6 +44,9 @@ from xenlike.abi.trace import (
     TRC_SCHED_RUNSTATE_CHANGE,
     TRC_TRACE_CPU_CHANGE,
     t_rec_header,
+    trc_cpu_change,
+    trc_lost_records,
+    trc_runstate_change,
 )
 from xenlike.abi.xen import Hypercall
 from xenlike.trace._record import LostRecords, TraceEvent, TraceRecord
@@ -95,6 +99,12 @@ class XentraceExport:
     skipped: int  # xenlike's own events, which have no Xen record
 
 
+def _words(layout: Any, **fields: int) -> list[int]:
+    """A record's data, laid out as `layout` (one of trace.h's record data), as words."""
+    data = layout.build(fields)
+    return list(struct.unpack(f"<{len(data) // 4}I", data))
+
+
 def _record(event: int, words: Iterable[int], tsc: int | None) -> bytes:
     """One struct t_rec: the header word, the TSC if any, the data words."""
     data = [w & _U32 for w in words]
@@ -130,7 +140,7 @@ def xentrace(events: Iterable[TraceEvent]) -> XentraceExport:
         if isinstance(event, TraceRecord) and is_event(event.op):
             skipped += 1
             continue
-        vcpu = [event.domid << 16 | 0]  # vcpu:16, domain:16
+        vcpu = _words(trc_runstate_change, vcpu=0, domain=event.domid)
         stream = streams.get(event.domid)
         if stream is None:
             stream = streams[event.domid] = [_record(_RUNNABLE_TO_RUNNING, vcpu, event.time_ns)]
@@ -139,7 +149,13 @@ def xentrace(events: Iterable[TraceEvent]) -> XentraceExport:
             # Lost after the stream's last record, noted strictly later (xenalyze checks).
             first = last[event.domid]
             tsc = last[event.domid] = max(event.time_ns, first + 1)
-            lost = [event.count, event.domid, first, first >> 32]  # count; did:16, vid:16; tsc
+            lost = _words(
+                trc_lost_records,
+                lost_records=event.count,
+                did=event.domid,
+                vid=0,
+                first_tsc=first,
+            )
             stream.append(_record(TRC_LOST_RECORDS, lost, tsc))
         else:
             tsc = last[event.domid] = max(event.time_ns, last[event.domid])
@@ -149,7 +165,8 @@ def xentrace(events: Iterable[TraceEvent]) -> XentraceExport:
     out = bytearray()
     for domid, cpu in pcpus.items():
         body = b"".join(streams[domid])
-        out += _record(TRC_TRACE_CPU_CHANGE, [cpu, len(body)], None)
+        window = _words(trc_cpu_change, cpu=cpu, window_size=len(body))
+        out += _record(TRC_TRACE_CPU_CHANGE, window, None)
         out += body
         records += 1 + len(streams[domid])
     return XentraceExport(bytes(out), records, pcpus, skipped)
