@@ -258,7 +258,7 @@ def _convert(recording: Path, record: Path) -> None:
         exported = xentrace(load(recording).events)
     except (OSError, BadTraceFile):
         return  # nothing was recorded: no file, as with --record FILE alone
-    record.write_bytes(exported.data)
+    _write(record, exported.data)
     recording.unlink()
 
 
@@ -342,11 +342,11 @@ def export(file: Path, fmt: str, output: Path) -> None:
     """
     if fmt == "xentrace":
         exported = xentrace(_load(file).events)
-        output.write_bytes(exported.data)
+        _write(output, exported.data)
         click.echo(_xentrace_line(exported, output))
         return
     document = perfetto(_load(file).events)
-    output.write_text(json.dumps(document))
+    _write(output, json.dumps(document).encode())
     click.echo(f"wrote {len(document['traceEvents'])} trace events to {output}")
 
 
@@ -370,3 +370,10 @@ def _xentrace_line(exported: XentraceExport, output: Path) -> str:
         f"wrote {exported.records} xentrace records to {output} ({pcpus or 'no domain'}"
         f"{left_out}); cycles are nanoseconds: xenalyze --cpu-hz {CPU_HZ // 10**9}G"
     )
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror}")
