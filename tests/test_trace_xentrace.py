@@ -395,3 +395,17 @@ def test_a_format_needs_a_recording_and_a_failed_write_is_one_line(tmp_path: Pat
     )
     assert result.exit_code == 1
     assert result.output == f"xenlike trace: cannot write {out}: No such file or directory\n"
+
+
+def test_a_batch_too_large_for_a_window_is_one_line_not_a_memory_error(tmp_path: Path) -> None:
+    """A trace file's count is data: 2**32 - 1 grant maps would be 64 GiB of records."""
+    trace = tmp_path / "huge.xltrace"
+    huge = TraceRecord(1, 3, GNTTAB, GnttabOp.map_grant_ref, (0, 0, 0, 1), 2**32 - 1, 0, 10)
+    save([huge], trace)
+    result = CliRunner().invoke(
+        main, ["trace", "export", str(trace), "--format", "xentrace", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert result.output == (
+        "xenlike trace: d3's records exceed the 4294967295 bytes of one pCPU's window\n"
+    )

@@ -25,7 +25,7 @@ from xenlike.trace.live import (
 )
 from xenlike.trace.report import render, summarize
 from xenlike.trace.view import Filter, format_event, parse_duration, parse_op
-from xenlike.trace.xentrace import CPU_HZ, FORMATS, XentraceExport, xentrace
+from xenlike.trace.xentrace import CPU_HZ, FORMATS, ExportTooLarge, XentraceExport, xentrace
 
 __all__ = ["trace"]
 
@@ -258,6 +258,8 @@ def _convert(recording: Path, record: Path) -> None:
         exported = xentrace(load(recording).events)
     except (OSError, BadTraceFile):
         return  # nothing was recorded: no file, as with --record FILE alone
+    except ExportTooLarge as exc:
+        _fail(f"{exc}; the records are kept in {recording}")
     _write(record, exported.data)
     recording.unlink()
 
@@ -341,7 +343,10 @@ def export(file: Path, fmt: str, output: Path) -> None:
         xenalyze -s --cpu-hz 1G boot.xentrace
     """
     if fmt == "xentrace":
-        exported = xentrace(_load(file).events)
+        try:
+            exported = xentrace(_load(file).events)
+        except ExportTooLarge as exc:
+            _fail(str(exc))
         _write(output, exported.data)
         click.echo(_xentrace_line(exported, output))
         return

@@ -55,6 +55,7 @@ from xenlike.trace.events import is_event
 __all__ = [
     "CPU_HZ",
     "FORMATS",
+    "ExportTooLarge",
     "RUNSTATE_RUNNABLE",
     "RUNSTATE_RUNNING",
     "XentraceExport",
@@ -123,27 +124,39 @@ def _hypercall(record: TraceRecord, tsc: int) -> bytes:
     return _record(TRC_PV_HYPERCALL_V2, [record.op | mask, *words], tsc)
 
 
-def _grant_maps(record: TraceRecord, tsc: int) -> list[bytes]:
-    """At the call's TSC: the end of the call would be out of order with the next record."""
+def _grant_maps(record: TraceRecord, tsc: int) -> tuple[bytes, int]:
+    """One record and how many times it stands: at the call's TSC, since the end of the
+    call would be out of order with the next record."""
     if record.op != _GNTTAB_OP or record.cmd != GnttabOp.map_grant_ref or record.result < 0:
-        return []
+        return b"", 0
     dom = record.arguments.get("dom", 0)
-    return [_record(TRC_MEM_PAGE_GRANT_MAP, [dom], tsc)] * max(record.count, 1)
+    return _record(TRC_MEM_PAGE_GRANT_MAP, [dom], tsc), max(record.count, 1)
+
+
+class ExportTooLarge(ValueError):
+    """A pCPU's records would not fit the 32-bit window size of TRC_TRACE_CPU_CHANGE."""
+
+
+_WINDOW_MAX = 0xFFFFFFFF
 
 
 def xentrace(events: Iterable[TraceEvent]) -> XentraceExport:
     """The trace file for `events` (in time order, as a trace file holds them)."""
-    streams: dict[int, list[bytes]] = {}
+    streams: dict[int, bytearray] = {}
+    counts: dict[int, int] = {}  # records in each stream
     last: dict[int, int] = {}  # each stream's latest TSC: xenalyze wants them never to go back
-    records = skipped = 0
+    skipped = 0
     for event in events:
         if isinstance(event, TraceRecord) and is_event(event.op):
             skipped += 1
             continue
-        vcpu = _words(trc_runstate_change, vcpu=0, domain=event.domid)
         stream = streams.get(event.domid)
         if stream is None:
-            stream = streams[event.domid] = [_record(_RUNNABLE_TO_RUNNING, vcpu, event.time_ns)]
+            vcpu = _words(trc_runstate_change, vcpu=0, domain=event.domid)
+            stream = streams[event.domid] = bytearray(
+                _record(_RUNNABLE_TO_RUNNING, vcpu, event.time_ns)
+            )
+            counts[event.domid] = 1
             last[event.domid] = event.time_ns
         if isinstance(event, LostRecords):
             # Lost after the stream's last record, noted strictly later (xenalyze checks).
@@ -156,17 +169,23 @@ def xentrace(events: Iterable[TraceEvent]) -> XentraceExport:
                 vid=0,
                 first_tsc=first,
             )
-            stream.append(_record(TRC_LOST_RECORDS, lost, tsc))
+            stream += _record(TRC_LOST_RECORDS, lost, tsc)
+            counts[event.domid] += 1
         else:
             tsc = last[event.domid] = max(event.time_ns, last[event.domid])
-            stream.append(_hypercall(event, tsc))
-            stream += _grant_maps(event, tsc)
+            stream += _hypercall(event, tsc)
+            grant_map, maps = _grant_maps(event, tsc)
+            if len(stream) + len(grant_map) * maps > _WINDOW_MAX:
+                raise ExportTooLarge(
+                    f"d{event.domid}'s records exceed the {_WINDOW_MAX} bytes of one pCPU's window"
+                )
+            stream += grant_map * maps
+            counts[event.domid] += 1 + maps
     pcpus = {domid: cpu for cpu, domid in enumerate(sorted(streams))}
     out = bytearray()
     for domid, cpu in pcpus.items():
-        body = b"".join(streams[domid])
-        window = _words(trc_cpu_change, cpu=cpu, window_size=len(body))
+        window = _words(trc_cpu_change, cpu=cpu, window_size=len(streams[domid]))
         out += _record(TRC_TRACE_CPU_CHANGE, window, None)
-        out += body
-        records += 1 + len(streams[domid])
+        out += streams[domid]
+    records = sum(counts.values()) + len(pcpus)
     return XentraceExport(bytes(out), records, pcpus, skipped)
