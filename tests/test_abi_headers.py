@@ -62,6 +62,15 @@ PRELUDE = r"""
 #include <xen/io/xs_wire.h>
 #include <xen/io/protocols.h>
 
+/* The data of records trace.h names but does not lay out, as Xen's sources do:
+ * tools/xentrace/xentrace.c (cpu_change_record's data), common/trace.c
+ * (insert_lost_records), common/sched/core.c (vcpu_runstate_change). */
+struct trc_cpu_change { int cpu; unsigned window_size; };
+struct __attribute__((packed)) trc_lost_records {
+    uint32_t lost_records; uint16_t did, vid; uint64_t first_tsc;
+};
+struct trc_runstate_change { uint16_t vcpu; uint16_t domain; };
+
 /* ring.data_intf is the index page of a flex ring; give it a name. */
 DEFINE_XEN_FLEX_RING_AND_INTF(xenlike);
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import xentrace_tools
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"```console\n(.*?)```", re.S)
@@ -66,6 +68,15 @@ def test_console_sessions_replay(page: Path, tmp_path: Path) -> None:
         "XENLIKE_RUN_DIR": str(tmp_path / "run"),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
+    if any(
+        command.split()[0] in ("xenalyze", "xentrace_format")
+        for session in sessions(page)
+        for command, _ in session
+    ):  # Xen's trace readers, from the cache tests/xentrace_tools.py fills
+        try:
+            env["PATH"] = f"{xentrace_tools.bin_dir()}:{env['PATH']}"
+        except xentrace_tools.Unavailable as exc:
+            pytest.skip(f"{page.name} runs Xen's trace readers: {exc}")
     try:
         for session in sessions(page):
             for command, expected in session:

@@ -7,7 +7,7 @@ follows (bit 31). An event id is a class bit (bits 16-27), a subclass
 subclass 0xf so that they double as filter masks.
 """
 
-from construct import Array, Bytes, Int32ul, Struct
+from construct import Array, Bytes, Int16ul, Int32sl, Int32ul, Int64ul, Struct
 
 __all__ = [
     "TRACE_EXTRA_MAX",
@@ -88,6 +88,9 @@ __all__ = [
     "t_rec_header",
     "t_rec_nocycles",
     "t_rec_size",
+    "trc_cpu_change",
+    "trc_lost_records",
+    "trc_runstate_change",
 ]
 
 # Header word bit fields.
@@ -236,4 +239,29 @@ t_rec_nocycles = Struct(
 t_buf = Struct(
     "cons" / Int32ul,
     "prod" / Int32ul,
+)
+
+# The data words of three records trace.h names but does not lay out.
+
+# TRC_TRACE_CPU_CHANGE (no TSC): the pCPU whose records follow, and how many bytes of
+# them; xentrace.c's struct cpu_change_record after its header word.
+trc_cpu_change = Struct(
+    "cpu" / Int32sl,
+    "window_size" / Int32ul,
+)
+
+# TRC_LOST_RECORDS (with a TSC: when the loss was noted): how many, who was running,
+# and the TSC of the first record lost; common/trace.c's insert_lost_records.
+trc_lost_records = Struct(
+    "lost_records" / Int32ul,
+    "did" / Int16ul,
+    "vid" / Int16ul,
+    "first_tsc" / Int64ul,
+)
+
+# TRC_SCHED_RUNSTATE_CHANGE (with a TSC), whose event id carries the old runstate in
+# bits 8-11 and the new one in bits 4-7: the vCPU, as sched/core.c traces it.
+trc_runstate_change = Struct(
+    "vcpu" / Int16ul,
+    "domain" / Int16ul,
 )

@@ -70,7 +70,8 @@ to the end of the file, lost-record marks among them. `save` and `load`;
 Beside the hypercalls, domains record XenBus handshake and ring events with
 ops of xenlike's own (`xenlike.trace.events`). The tools: `live` (what
 `xenlike trace` runs), `view` (filters and lines), `report` (the
-xenalyze-like summary), `export` (Perfetto JSON), `cli` (the commands);
+xenalyze-like summary), `export` (Perfetto JSON), `xentrace` (Xen's binary
+trace format, for xenalyze and xentrace_format), `cli` (the commands);
 docs/tracing.md shows them at work.
 """
 

@@ -6,6 +6,7 @@ Thin commands: they parse, call `xenlike.trace.live` / `view` / `report` /
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from xenlike.trace.live import (
 )
 from xenlike.trace.report import render, summarize
 from xenlike.trace.view import Filter, format_event, parse_duration, parse_op
+from xenlike.trace.xentrace import CPU_HZ, FORMATS, ExportTooLarge, XentraceExport, xentrace
 
 __all__ = ["trace"]
 
@@ -146,6 +148,15 @@ def _load(file: Path) -> Any:
     help="Record ring events too: pushes, notifies sent or suppressed, final checks. "
     "All devices, or NAME, NAME/TYPE, NAME/TYPE/DEVID.",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["xltrace", "xentrace"]),
+    default="xltrace",
+    show_default=True,
+    help="The --record file's format: xenlike's own, or Xen's binary trace format for "
+    "xenalyze and xentrace_format (written when the recording ends).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print no records (with --record).")
 @click.option(
     "--history",
@@ -163,6 +174,7 @@ def trace(
     slower_than: str | None,
     record: Path | None,
     rings: str | None,
+    fmt: str,
     quiet: bool,
     history: bool,
 ) -> None:
@@ -179,10 +191,20 @@ def trace(
         xenlike trace -d alpha --op event_channel_op.send
         xenlike trace --errors --slower-than 100us
         xenlike trace --record boot.xltrace --rings    # save; ring events too
+        xenlike trace --record boot.xentrace --format xentrace   # for xenalyze
         xenlike trace show boot.xltrace --op grant_table_op
     """
     if ctx.invoked_subcommand is not None:
         return
+    if fmt == "xentrace" and record is None:
+        raise click.BadParameter("is for --record FILE, which is missing", param_hint="--format")
+    # Xen's format is written in one go at the end (each pCPU's stream starts with its
+    # length): until then the records stream into a xenlike file beside it.
+    recording = (
+        record
+        if fmt == "xltrace" or record is None
+        else record.with_name(f".{record.name}.{os.getpid()}.xltrace")
+    )
     try:
         rd = find_run_dir(run_dir, running=record is None)
     except NotRunning as exc:
@@ -212,7 +234,7 @@ def trace(
                 trace_topology,
                 rd.path,
                 show,
-                record=record,
+                record=recording,
                 rings=rings,
                 wait=wait,
                 on_ready=ready,
@@ -223,8 +245,23 @@ def trace(
         raise
     except ConnectionError as exc:
         _fail(str(exc))
+    finally:
+        if record is not None and recording is not None and recording != record:
+            _convert(recording, record)
     if record is not None and not quiet:
         click.echo(f"recorded {seen[0]} records to {record}", err=True)
+
+
+def _convert(recording: Path, record: Path) -> None:
+    """The xenlike file `recording` as Xen's format in `record`; the xenlike file goes."""
+    try:
+        exported = xentrace(load(recording).events)
+    except (OSError, BadTraceFile):
+        return  # nothing was recorded: no file, as with --record FILE alone
+    except ExportTooLarge as exc:
+        _fail(f"{exc}; the records are kept in {recording}")
+    _write(record, exported.data)
+    recording.unlink()
 
 
 @trace.command(context_settings=CONTEXT)
@@ -277,10 +314,11 @@ def report(file: Path, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["perfetto"]),
+    type=click.Choice(["perfetto", "xentrace"]),
     default="perfetto",
     show_default=True,
-    help="Chrome / Perfetto trace-event JSON.",
+    help="Chrome / Perfetto trace-event JSON, or Xen's binary trace format (xentrace's, "
+    "for xenalyze and xentrace_format).",
 )
 @click.option(
     "-o",
@@ -290,15 +328,57 @@ def report(file: Path, as_json: bool) -> None:
     help="Where to write it.",
 )
 def export(file: Path, fmt: str, output: Path) -> None:
-    """Write a saved trace for a trace viewer: ui.perfetto.dev or chrome://tracing.
+    """Write a saved trace for a trace viewer: ui.perfetto.dev or chrome://tracing,
+    or Xen's own tools.
 
-    A track per domain, hypercalls as slices, event-channel sends as flows
-    from sender to receiver, XenBus state changes and ring events as instants.
+    Perfetto: a track per domain, hypercalls as slices, event-channel sends
+    as flows from sender to receiver, XenBus state changes and ring events as
+    instants. xentrace: each domain's vCPU 0 runs on a pCPU of its own, its
+    calls are TRC_PV_HYPERCALL_V2 records, cycles are nanoseconds (1 GHz).
 
     \b
     Example:
         xenlike trace export boot.xltrace --format perfetto -o boot.json
+        xenlike trace export boot.xltrace --format xentrace -o boot.xentrace
+        xenalyze -s --cpu-hz 1G boot.xentrace
     """
+    if fmt == "xentrace":
+        try:
+            exported = xentrace(_load(file).events)
+        except ExportTooLarge as exc:
+            _fail(str(exc))
+        _write(output, exported.data)
+        click.echo(_xentrace_line(exported, output))
+        return
     document = perfetto(_load(file).events)
-    output.write_text(json.dumps(document))
+    _write(output, json.dumps(document).encode())
     click.echo(f"wrote {len(document['traceEvents'])} trace events to {output}")
+
+
+@trace.command(context_settings=CONTEXT)
+def formats() -> None:
+    """Print xentrace_format's definitions for the records of a xentrace export.
+
+    \b
+    Example:
+        xenlike trace formats > formats
+        xentrace_format formats < boot.xentrace
+    """
+    click.echo(FORMATS, nl=False)
+
+
+def _xentrace_line(exported: XentraceExport, output: Path) -> str:
+    """What was written, where each domain ran and the clock rate xenalyze needs."""
+    pcpus = ", ".join(f"d{domid}v0 on pCPU {cpu}" for domid, cpu in exported.pcpus.items())
+    left_out = f"; {exported.skipped} xenlike events left out" if exported.skipped else ""
+    return (
+        f"wrote {exported.records} xentrace records to {output} ({pcpus or 'no domain'}"
+        f"{left_out}); cycles are nanoseconds: xenalyze --cpu-hz {CPU_HZ // 10**9}G"
+    )
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror}")

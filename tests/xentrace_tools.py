@@ -1,0 +1,117 @@
+"""Xen's trace readers, xenalyze and xentrace_format, as the judges of an export.
+
+Both come from Debian's xen-utils-common, never installed as a package (its
+dependencies pull in the hypervisor's tools): `apt-get download` and `dpkg
+-x` unpack it into a cache directory, once. xenalyze needs only libc.
+Debian's xentrace_format is Python 2 code under a python3 shebang, so it
+runs under a Python 2 interpreter when the machine has one (pyenv's, here);
+without one its tests skip and say so. Nothing of Xen is kept in the
+repository.
+
+    python -m tests.xentrace_tools fetch    # what scripts/test runs
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["Unavailable", "bin_dir", "python2", "xenalyze", "xentrace_format"]
+
+PACKAGE = "xen-utils-common"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xenlike" / PACKAGE
+
+
+class Unavailable(Exception):
+    """A tool cannot be had on this machine; the message says why."""
+
+
+def package_root() -> Path:
+    """Where xen-utils-common is unpacked (fetched on first use)."""
+    if CACHE.exists():
+        return CACHE
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise Unavailable(f"no {tool}: cannot fetch {PACKAGE}")
+    with tempfile.TemporaryDirectory(prefix="xentrace-tools-") as tmp:
+        download = subprocess.run(
+            ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True, check=False
+        )
+        debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
+        if not debs:
+            raise Unavailable(
+                f"apt-get download {PACKAGE} failed: {download.stderr.strip().splitlines()[-1:]}"
+            )
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
+        try:
+            unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
+        except OSError:
+            shutil.rmtree(unpacked)
+    return CACHE
+
+
+def _tool(name: str) -> Path:
+    path = package_root() / "usr/bin" / name
+    if not path.exists():
+        raise Unavailable(f"{PACKAGE} holds no usr/bin/{name}")
+    return path
+
+
+def xenalyze() -> Path:
+    return _tool("xenalyze")
+
+
+def xentrace_format() -> Path:
+    return _tool("xentrace_format")
+
+
+def python2() -> str:
+    """A Python 2 interpreter for xentrace_format: `python2` on PATH, or pyenv's."""
+    candidates = [shutil.which("python2") or ""]
+    candidates += sorted(str(p) for p in Path.home().glob(".pyenv/versions/2.*/bin/python2"))
+    for candidate in filter(None, candidates):
+        check = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[0])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.stdout.strip() == "2":
+            return candidate
+    raise Unavailable(
+        "no Python 2 interpreter: Debian's xentrace_format is Python 2 code (python3 rejects it)"
+    )
+
+
+def bin_dir() -> Path:
+    """A directory for PATH with both tools by their names, xentrace_format wrapped to run
+    under Python 2: what the docs' console sessions call."""
+    binaries = CACHE.parent / "xentrace-bin"
+    wrapper = f'#!/bin/sh\nexec {python2()} {xentrace_format()} "$@"\n'
+    if (
+        not (binaries / "xentrace_format").exists()
+        or (binaries / "xentrace_format").read_text() != wrapper
+    ):
+        partial = Path(tempfile.mkdtemp(prefix=".xentrace-bin-", dir=CACHE.parent))
+        (partial / "xenalyze").symlink_to(xenalyze())
+        (partial / "xentrace_format").write_text(wrapper)
+        (partial / "xentrace_format").chmod(0o755)
+        shutil.rmtree(binaries, ignore_errors=True)
+        try:
+            partial.rename(binaries)  # a concurrent maker either wins or left the same
+        except OSError:
+            shutil.rmtree(partial)
+    return binaries
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m tests.xentrace_tools fetch")
+    try:
+        print(f"xenalyze: {xenalyze()}; xentrace_format: {xentrace_format()}")
+    except Unavailable as exc:
+        sys.exit(f"xentrace tools: {exc}")
