@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._cost import Costs, Usage, own_usage, process_usage, topology_processes  # noqa: E402
 from xenlike.rundir import RunDir  # noqa: E402
+from xenlike.xenbus.driver import STATISTICS_INTERVAL  # noqa: E402
 from xenlike.xenstore import XenStoreError, open_client  # noqa: E402
 
 PORT = 9000
@@ -74,13 +75,18 @@ vif = ["mac=00:16:3e:00:00:01, bridge=xenbr0, ip={SENDER_IP}/24"]
 
 class Counter:
     """The receiving end of a round: datagrams and bytes, first and last arrival,
-    and this process's usage and event channel sends since the round began."""
+    this process's usage and event channel sends since the round began, and the
+    datagrams its socket dropped (its receive queue was full)."""
 
-    def __init__(self, sends: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, sends: Callable[[], int] = lambda: 0, dropped: Callable[[], int] = lambda: 0
+    ) -> None:
         self.count = self.bytes = 0
         self.first = self.last = 0.0
         self._sends = sends
         self._sends_before = sends()
+        self._dropped = dropped
+        self._dropped_before = dropped()
         self._before = own_usage()
 
     def add(self, size: int) -> None:
@@ -95,7 +101,8 @@ class Counter:
         used = own_usage() - self._before
         return (
             f"RESULT {self.count} {self.bytes} {self.last - self.first:.9f} "
-            f"{used.cpu:.6f} {used.vcsw} {self._sends() - self._sends_before}"
+            f"{used.cpu:.6f} {used.vcsw} {self._sends() - self._sends_before} "
+            f"{self._dropped() - self._dropped_before}"
         ).encode()
 
 
@@ -109,12 +116,13 @@ async def receiver(guest: Any) -> None:
     """Counts the datagrams of each round; START resets, END answers with the count."""
     sock = guest.net().udp(PORT)
     sends = event_sends(guest)
-    counter = Counter(sends)
+    dropped = lambda: sock.dropped  # noqa: E731
+    counter = Counter(sends, dropped)
     print(f"[{guest.name}] receiving on {RECEIVER_IP}:{PORT}")
     while True:
         data, sender = await sock.recvfrom()
         if data == START:
-            counter = Counter(sends)
+            counter = Counter(sends, dropped)
             await sock.sendto(START, sender)
         elif data == END:
             await sock.sendto(counter.result(), sender)
@@ -204,7 +212,7 @@ class Raw:
         time.sleep(0.05)
         costs.add("raw_sender", f"{size}B", own_usage() - before, count)
         self.sock.send(END)
-        received, nbytes, elapsed, cpu, switches, _ = self.results.get(timeout=60).split()
+        received, nbytes, elapsed, cpu, switches, _, _ = self.results.get(timeout=60).split()
         costs.add("raw_receiver", f"{size}B", Usage(float(cpu), int(switches)), count)
         return int(received), int(nbytes), float(elapsed)
 
@@ -239,21 +247,45 @@ class Guests:
         pids = topology_processes(self.run_dir.path)
         self.hosts = {"dom0": pids[0], "hypervisor": pids["hypervisor"]}
 
-    async def _sender_domid(self, xs: Any) -> str:
+    async def _domid(self, xs: Any, name: str) -> str:
         for domid in await xs.ls("/local/domain"):
             try:
-                if (await xs.read(f"/local/domain/{domid}/name")).decode() == "sender":
+                if (await xs.read(f"/local/domain/{domid}/name")).decode() == name:
                     return domid
             except Exception:
                 continue
-        raise RuntimeError("no guest named sender")
+        raise RuntimeError(f"no guest named {name}")
 
-    async def round(self, size: int, count: int, costs: Costs) -> tuple[int, int, float]:
-        """Received datagrams and bytes and the time they took; each process's
-        usage goes to `costs`: the guests' from themselves, the hosts' from /proc."""
+    async def _vif_drops(self, xs: Any, domids: dict[str, str]) -> dict[str, int]:
+        """The netback counters of the datagrams a vif dropped, as published in
+        its back end's statistics/ (what `xenlike top` shows)."""
+
+        async def counter(name: str, key: str) -> int:
+            path = f"/local/domain/0/backend/vif/{domids[name]}/0/statistics/{key}"
+            try:
+                return int(await xs.read(path))
+            except (XenStoreError, ValueError):
+                return 0
+
+        return {
+            "sender vif tx_dropped+tx_errors": await counter("sender", "tx_dropped")
+            + await counter("sender", "tx_errors"),
+            "receiver vif rx_dropped (netback's rx queue full)": await counter(
+                "receiver", "rx_dropped"
+            ),
+        }
+
+    async def round(
+        self, size: int, count: int, costs: Costs
+    ) -> tuple[int, int, float, dict[str, int]]:
+        """Received datagrams and bytes, the time they took, and the datagrams each
+        place counted as dropped; each process's usage goes to `costs`: the
+        guests' from themselves, the hosts' from /proc."""
         self.number += 1
         async with open_client(self.run_dir.xenstored_socket) as xs:
-            home = f"/local/domain/{await self._sender_domid(xs)}/data/bench"
+            domids = {name: await self._domid(xs, name) for name in ("sender", "receiver")}
+            home = f"/local/domain/{domids['sender']}/data/bench"
+            drops_before = await self._vif_drops(xs, domids)
             before = {name: process_usage(pid) for name, pid in self.hosts.items()}
             await xs.write(f"{home}/go", f"{self.number} {size} {count}")
             with trio.fail_after(120):
@@ -266,12 +298,16 @@ class Guests:
                     if int(number) == self.number:
                         break
                     await trio.sleep(0.05)
+            await trio.sleep(STATISTICS_INTERVAL + 0.2)  # netback publishes them once a second
+            drops_after = await self._vif_drops(xs, domids)
         for name, pid in self.hosts.items():
             costs.add(name, f"{size}B", process_usage(pid) - before[name], count)
         received, nbytes, elapsed, *usages = result
-        for name, (cpu, switches, sends) in (("receiver", usages[0:3]), ("sender", usages[3:6])):
+        for name, (cpu, switches, sends) in (("receiver", usages[0:3]), ("sender", usages[4:7])):
             costs.add(name, f"{size}B", Usage(float(cpu), int(switches)), count, int(sends))
-        return int(received), int(nbytes), float(elapsed)
+        drops = {key: drops_after[key] - drops_before[key] for key in drops_after}
+        drops["receiver socket (its receive queue full)"] = int(usages[3])
+        return int(received), int(nbytes), float(elapsed), drops
 
     def close(self) -> None:
         subprocess.run(
@@ -289,6 +325,7 @@ def main() -> None:
     sizes = (64, 1400)
     rates: dict[tuple[str, int], list[float]] = {}
     lost: dict[tuple[str, int], list[float]] = {}
+    where: dict[tuple[int, str], list[float]] = {}  # xenlike's losses, by where they happened
     costs = Costs()
     with tempfile.TemporaryDirectory(prefix="xenlike-bench-net-") as tmp:
         raw = Raw()
@@ -301,7 +338,12 @@ def main() -> None:
                         if name == "raw":
                             received, nbytes, elapsed = raw.round(size, count, costs)
                         else:
-                            received, nbytes, elapsed = trio.run(guests.round, size, count, costs)
+                            received, nbytes, elapsed, drops = trio.run(
+                                guests.round, size, count, costs
+                            )
+                            drops["unaccounted"] = count - received - sum(drops.values())
+                            for path, dropped in drops.items():
+                                where.setdefault((size, path), []).append(dropped / count)
                         rate = (received - 1) / elapsed if elapsed > 0 else 0.0
                         rates.setdefault((name, size), []).append(
                             rate if size == 64 else rate * size / 1e6
@@ -321,6 +363,8 @@ def main() -> None:
     print(f"xenlike guest to guest, 1400-byte payloads: {med['xenlike', 1400]:.1f} MB/s")
     for key, values in sorted(lost.items()):
         print(f"{key[0]} {key[1]}-byte datagrams lost: {statistics.median(values):.1%}")
+    for (size, path), values in sorted(where.items()):
+        print(f"  xenlike {size}-byte datagrams dropped at {path}: {statistics.median(values):.1%}")
     print("\n".join(costs.lines()))
     print(f"ratio packets_per_second: {med['xenlike', 64] / med['raw', 64]:.3f}")
     print(f"ratio megabytes_per_second: {med['xenlike', 1400] / med['raw', 1400]:.3f}")

@@ -400,6 +400,45 @@ async def test_a_guest_that_posts_no_buffers_loses_only_its_own_frames(guest: Gu
     assert [status for *_, status in responses] == [64 + n % 100 for n in range(32)]
 
 
+class Held(Sink):
+    """A sending vif as the bridge sees it: it can be held for room."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_by: list[Any] = []
+
+    def hold(self, destination: Any) -> None:
+        self.held_by.append(destination)
+
+
+async def test_a_vif_filling_half_a_queue_is_held_until_it_has_room(guest: Guest) -> None:
+    """Push back instead of loss: the sender is held once its frames fill half the
+    receiver's queue (a drain more still fits), and let go once the guest has
+    taken enough of them; nothing is dropped."""
+    sender = Held()
+    for number in range(RX_QUEUE_MAX // 2 - 1):
+        guest.vif.deliver(guest.frame(64 + number % 100), 0, sender)
+    assert sender.held_by == []
+    guest.vif.deliver(guest.frame(64), 0, sender)
+    assert sender.held_by == [guest.vif]
+    room = trio.Event()
+
+    async def wait_for_room() -> None:
+        await guest.vif.room_for(sender)
+        room.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_room)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not room.is_set()  # nothing was taken yet
+        for _ in range(RX_QUEUE_MAX // 4 // 32):
+            guest.post_rx([FIRST_REF + i for i in range(32)])
+            await guest.receive(32)
+        with trio.fail_after(5):
+            await room.wait()
+    assert guest.vif.stats["rx_dropped"] == 0
+
+
 async def test_a_flooding_sender_overflows_only_its_own_queue(guest: Guest) -> None:
     flood, quiet = Sink(), Sink()
     for _ in range(RX_QUEUE_MAX + 50):

@@ -35,13 +35,16 @@ What it does is Linux's xen-blkback, in substance and in key names:
   checked for what its list does not settle (the id, the sectors, the
   disk's mode) and done at once.
 - Up to a ring's worth of requests are in flight. A read is first tried
-  against the page cache without blocking (RWF_NOWAIT), a buffered write
-  lands in the page cache; both are answered at the end of the drain or,
-  when all its pages are persistent, as each 256 KiB of them is done (the
-  front end copies those while the rest of a large drain is done). What
-  must wait for the device — a read miss, O_DIRECT I/O, a flush, a discard
-  — runs on a worker thread and is answered when it completes, so Dom0's
-  other services never wait behind a disk.
+  against the page cache without blocking (RWF_NOWAIT) and answered at the
+  end of the drain or, when all its pages are persistent, as each 256 KiB
+  of them is done (the front end copies those while the rest of a large
+  drain is done). Everything else — writes (even a buffered write blocks on
+  a frozen file system or a vanished NFS server), a read miss, O_DIRECT
+  I/O, a flush, a discard — runs on the device's own worker threads (as
+  blkback's xen_blkif_schedule thread per vbd; a drain's buffered writes
+  share one thread hop) and is answered when it completes, so a stuck disk
+  stalls its own device only, never Dom0's other services. Work counts as
+  outstanding from when it is queued, so a barrier behind it waits for it.
 - Durability: FLUSH_DISKCACHE is fdatasync, acknowledged only once it has
   returned. WRITE_BARRIER, as blkback does it, first waits for everything
   in flight, then flushes, writes and flushes again.
@@ -436,10 +439,13 @@ class BlkBack(Backend):
         done: list[tuple[int, int, int]] = []
         jobs: list[Job] = []
         answered: list[int] = []  # ids of requests served as ready, in flight until the end
-        if self._ready is not None:
-            served = self._serve_ready(channel, batch, done, answered)
-            if served:
-                batch = batch[served:]
+        while self._ready is not None and batch:
+            writes: list[Job] = []
+            served = self._serve_ready(channel, batch, done, answered, writes)
+            batch = batch[served:]
+            if not writes:
+                break
+            await self._write(writes, done)
         for request in batch:
             try:
                 job = check_request(request, self.limits, self._in_flight, self._segments)
@@ -459,14 +465,21 @@ class BlkBack(Backend):
         self._in_flight.difference_update(answered)
 
     def _serve_ready(
-        self, channel: BackChannel, batch: list[Any], done: list[Any], answered: list[int]
+        self,
+        channel: BackChannel,
+        batch: list[Any],
+        done: list[Any],
+        answered: list[int],
+        writes: list[Job],
     ) -> int:
         """Serve the leading reads and writes (direct or indirect) whose segment lists
         were served before over persistent pages, the steady state of a busy disk:
         their checks come down to the id, the sectors and the mode, and their pages
         need no lookup.
-        Returns how many it served (their ids are in `answered`, still in flight for
-        the rest of the drain); the rest of the drain takes the full path."""
+        Returns how many it served (the reads' ids are in `answered`, still in flight
+        for the rest of the drain; the writes are in `writes`, for a worker thread,
+        and it stops at a read behind them: ring order); the rest of the drain takes
+        the full path."""
         ready, in_flight, grants, limits = self._ready, self._in_flight, self._grants, self.limits
         assert ready is not None and grants is not None
         counts = dict.fromkeys((*_COUNTERS[READ], *_COUNTERS[WRITE]), 0)
@@ -485,7 +498,7 @@ class BlkBack(Backend):
                 _, nr_segments, _, rid, sector, raw = request  # a blkif_request, seg[] as bytes
             else:
                 break
-            if op != READ and op != WRITE:
+            if op != WRITE and (op != READ or writes):
                 break
             plan = ready.get((raw, nr_segments))
             if plan is None:
@@ -495,6 +508,11 @@ class BlkBack(Backend):
                 check_access(op, rid, sector, sectors, limits, in_flight)
             except BadRequest:
                 break  # the full path refuses it, and says why
+            if op == WRITE:
+                served += 1
+                in_flight.add(rid)
+                writes.append(Job(rid, op, sector, sectors, iov=iov))
+                continue
             status = self._io_now(op, sector, sectors, iov)
             if status is None:
                 break  # not in the page cache: a thread reads it
@@ -573,6 +591,8 @@ class BlkBack(Backend):
             early = not transient and self._grants is not None
             unanswered = 0
             waiting: list[Job] = []
+            writes: list[Job] = []  # buffered, for one thread hop before the next read
+            direct = self.disk is not None and self.disk.direct
             for job in jobs:
                 if job.segments is not None:
                     job.iov = _iovec(job.segments, views)
@@ -581,6 +601,12 @@ class BlkBack(Backend):
                         continue
                     if early and job.key is not None and self._ready is not None:
                         self._remember(job.key, job.nr_sectors, job.iov)
+                if job.kind == WRITE and not direct:
+                    writes.append(job)
+                    continue
+                if writes and job.kind == READ:  # ring order: it reads what they wrote
+                    await self._write(writes, done)
+                    writes = []
                 status = (
                     None
                     if job.kind in (FLUSH, BARRIER, DISCARD)
@@ -595,20 +621,22 @@ class BlkBack(Backend):
                     channel.respond_many(done)
                     done.clear()
                     unanswered = 0
+            if writes:
+                await self._write(writes, done)
             if not waiting:
                 return
-            if transient or self._grants is None:
+            if waiting[0].kind == BARRIER:  # `_drain` runs a barrier alone
+                await self._quiet.wait()  # everything queued before it is done
+                self._offload(waiting, done.extend, None)
+                await self._quiet.wait()
+            elif transient or self._grants is None:
                 # The drain's pages are unmapped before it is answered: wait for all of it.
                 async with trio.open_nursery() as nursery:
                     for job in waiting:
-                        nursery.start_soon(self._io_later, job, done.append)
+                        self._offload([job], done.extend, nursery)
             else:
-                assert self._background is not None
                 for job in waiting:
-                    if job.kind == BARRIER:
-                        await self._io_later(job, done.append)
-                    else:
-                        self._background.start_soon(self._io_later, job, channel.respond)
+                    self._offload([job], channel.respond_many)
         finally:
             if transient:
                 with trio.CancelScope(shield=True):
@@ -703,18 +731,19 @@ class BlkBack(Backend):
     # --- I/O -------------------------------------------------------------------------
 
     def _io_now(self, kind: int, sector: int, sectors: int, iov: Any) -> int | None:
-        """A read from the page cache or a buffered write, now; None if it must wait."""
+        """A read from the page cache, now; None if it must wait for a thread.
+
+        Writes always go to a thread: even a buffered write blocks while its file
+        system is frozen (fsfreeze) or its server is gone, and Dom0's main thread
+        serves every other device, xenstored and the toolstack."""
         disk = self.disk
         assert disk is not None and iov is not None
-        if disk.direct:
+        if disk.direct or kind != READ:
             return None
-        expected = sectors << SECTOR_SHIFT
         try:
-            if kind == READ:
-                if disk.readv(sector, iov, nowait=True) != expected:
-                    return None  # part of it is not cached: read it all on a thread
-                return BLKIF_RSP_OKAY
-            return BLKIF_RSP_OKAY if disk.writev(sector, iov) == expected else BLKIF_RSP_ERROR
+            if disk.readv(sector, iov, nowait=True) != sectors << SECTOR_SHIFT:
+                return None  # part of it is not cached: read it all on a thread
+            return BLKIF_RSP_OKAY
         except BlockingIOError:
             return None
         except (OSError, ValueError) as exc:
@@ -728,23 +757,55 @@ class BlkBack(Backend):
             )
             return BLKIF_RSP_ERROR
 
-    async def _io_later(self, job: Job, answer: Callable[[tuple[int, int, int]], None]) -> None:
-        """Run a job that waits for the device on a worker thread, then answer it."""
-        if job.kind == BARRIER:
-            await self._quiet.wait()
+    async def _write(self, jobs: list[Job], done: list[Any]) -> None:
+        """Buffered writes, all in one thread hop (a hop costs a wake-up each way);
+        the drain waits for them, so what it does next sees them (ring order)."""
+        async with trio.open_nursery() as nursery:
+            self._offload(jobs, done.extend, nursery)
+
+    def _offload(
+        self,
+        jobs: list[Job],
+        answer: Callable[[list[tuple[int, int, int]]], None],
+        nursery: trio.Nursery | None = None,
+    ) -> None:
+        """Queue `jobs` for one worker thread (in `nursery`, else the connection's).
+
+        They count as outstanding from here, not from when their task starts: a
+        barrier later in the same drain waits for them (blkif.h: it completes after
+        every request before it)."""
         if not self._offloaded:
             self._quiet = trio.Event()
-        self._offloaded += 1
-        self.offloaded += 1
+        self._offloaded += len(jobs)
+        self.offloaded += len(jobs)
+        into = nursery if nursery is not None else self._background
+        assert into is not None
+        into.start_soon(self._io_later, jobs, answer)
+
+    async def _io_later(
+        self, jobs: list[Job], answer: Callable[[list[tuple[int, int, int]]], None]
+    ) -> None:
+        """On a worker thread of this device's, do `jobs` (queued by `_offload`), then
+        answer them: a disk that blocks stalls its own device only."""
         try:
-            status = await trio.to_thread.run_sync(self._io_blocking, job, limiter=self._threads)
+            statuses = await trio.to_thread.run_sync(
+                self._io_blocking_all, jobs, limiter=self._threads
+            )
+        except trio.Cancelled:  # the device goes before they started: let their pages go
+            for job in jobs:
+                job.iov = None
+            raise
         finally:
-            self._offloaded -= 1
+            self._offloaded -= len(jobs)
             if not self._offloaded:
                 self._quiet.set()
-        if status == BLKIF_RSP_EOPNOTSUPP:
-            self._withdraw(job.kind)
-        answer(self._finish(job, status))
+        for job, status in zip(jobs, statuses, strict=True):
+            if status == BLKIF_RSP_EOPNOTSUPP:
+                self._withdraw(job.kind)
+        answer([self._finish(job, status) for job, status in zip(jobs, statuses, strict=True)])
+
+    def _io_blocking_all(self, jobs: list[Job]) -> list[int]:
+        return [self._io_blocking(job) for job in jobs]
 
     def _io_blocking(self, job: Job) -> int:
         """On a worker thread: the whole operation, waiting for the device."""

@@ -21,7 +21,11 @@ What Linux netback does, in its order, with its limits:
   port they came from, taken in turn, and are copied into the buffers the
   front end posted, responses in request order (Linux netfront reads them by
   slot, not by id). A sender flooding a guest overflows only its own queue;
-  a front end that posts nothing loses only its own frames. A checksum a
+  a front end that posts nothing loses only its own frames. A vif that
+  fills another's queue is pushed back first (RX_HOLD_TIMEOUT): it takes no
+  more tx requests until there is room, so its guest's sends wait for ring
+  space instead of being dropped; every frame still dropped counts in
+  rx_dropped. A checksum a
   guest left blank (NETTXF_csum_blank) stays blank for a front end that
   takes offload and is filled in for one that does not.
 - ctrl ring: netif.h's static grants (GET_GREF_MAPPING_SIZE,
@@ -92,7 +96,16 @@ __all__ = ["Bridge", "BridgePort", "Netback", "Vif"]
 
 log = logging.getLogger("xenlike.netif.back")
 
-RX_QUEUE_MAX = 256  # frames from one port waiting for rx buffers before more are dropped
+# Frames from one port waiting for rx buffers before more are dropped: twice a tx
+# ring, so that the drain after the one that filled half of it still fits.
+RX_QUEUE_MAX = 512
+# A vif whose frames fill half another's rx queue stops taking its guest's tx
+# requests until it is a quarter full (its guest's sends then wait for ring space), for
+# at most this long; then the receiver counts as stalled (frames to it are dropped
+# and counted, no one waits) until it takes a frame again, as Linux netback turns
+# a vif's carrier off after rx_stall_timeout. Bounded: a guest that posts no rx
+# buffers cannot hold its senders for longer.
+RX_HOLD_TIMEOUT = 0.5
 Frame = tuple[bytes, int]  # a frame and its NETRXF_* checksum flags
 
 
@@ -243,6 +256,10 @@ class _FairQueue:
     def peek(self) -> Frame:
         return self._queues[self._turns[0]][0]
 
+    def length(self, source: Any) -> int:
+        queue = self._queues.get(source)
+        return 0 if queue is None else len(queue)
+
     def pop(self) -> Frame:
         """The next source's oldest frame; that source then waits for its next turn."""
         source = self._turns.popleft()
@@ -332,6 +349,9 @@ class Vif:
         self._rx_buffers: deque[tuple[int, int, int]] = deque()  # consumed rx requests
         self._rx_kick = _Kick()
         self._rx_drain = Drain()  # watched: the rx task takes buffers, and waits on it for more
+        self._room: dict[Any, trio.Event] = {}  # vifs held until their queue has room
+        self._stalled = False  # took no frame within RX_HOLD_TIMEOUT: nobody waits for it
+        self._holders: set[Vif] = set()  # the vifs whose queues this one's frames filled
         self._closed = False
         self._warned: dict[str, float] = {}
         self.stats = {
@@ -361,10 +381,43 @@ class Vif:
                 self.stats["rx_dropped"] += 1
                 return
             frame, flags = completed, NETRXF_data_validated
-        if self._rx_queue.put(source, (frame, flags)):
+        queue = self._rx_queue
+        if queue.put(source, (frame, flags)):
             self._rx_kick.set()
+            if not self._stalled and queue.length(source) >= queue.limit // 2:
+                hold = getattr(source, "hold", None)  # a vif: push back on its guest
+                if hold is not None:
+                    hold(self)
         else:
             self.stats["rx_dropped"] += 1
+
+    def hold(self, destination: "Vif") -> None:
+        """This vif's frames filled `destination`'s queue: take no more tx requests
+        until it has room (see RX_HOLD_TIMEOUT)."""
+        self._holders.add(destination)
+
+    async def room_for(self, source: Any) -> None:
+        """Until `source`'s queue here is at most a quarter full (or this vif closes)."""
+        if self._closed or self._rx_queue.length(source) <= self._rx_queue.limit // 4:
+            return
+        event = self._room.get(source)
+        if event is None:
+            event = self._room[source] = trio.Event()
+        await event.wait()
+
+    def stall(self) -> None:
+        if not self._stalled:
+            self._stalled = True
+            self._warn("stalled", f"no frame taken for {RX_HOLD_TIMEOUT} s; dropping, not waiting")
+
+    def _wake_held(self) -> None:
+        """Frames were taken: release the vifs held for room."""
+        self._stalled = False
+        quarter = self._rx_queue.limit // 4
+        for source, event in list(self._room.items()):
+            if self._rx_queue.length(source) <= quarter:
+                del self._room[source]
+                event.set()
 
     # --- running ---------------------------------------------------------------
 
@@ -417,6 +470,7 @@ class Vif:
         """Let go of the static grants and staging pages (the rings are already gone)."""
         self._closed = True
         self._rx_queue.clear()
+        self._wake_held()
         for view in self._pages.values():
             view.release()
         self._pages.clear()
@@ -445,7 +499,20 @@ class Vif:
 
     async def _on_tx(self, requests: list[Any]) -> None:
         await self._transmit(requests)
+        if self._holders:
+            await self._wait_for_room()
         await trio.lowlevel.checkpoint()  # the other vifs' turn
+
+    async def _wait_for_room(self) -> None:
+        """Push back: the tx ring is not drained while a receiver's queue is full of
+        this vif's frames, so the guest's sends wait for ring space (netfront's tx
+        flow control) instead of being dropped — for RX_HOLD_TIMEOUT at most."""
+        holders, self._holders = self._holders, set()
+        for destination in holders:
+            with trio.move_on_after(RX_HOLD_TIMEOUT) as waited:
+                await destination.room_for(self)
+            if waited.cancelled_caught:
+                destination.stall()
 
     async def _transmit(self, requests: list[Any]) -> None:
         """One drain: parse, read, answer every slot, then switch the good frames."""
@@ -624,6 +691,8 @@ class Vif:
             rx.put_responses(responses)
             if rx.push_responses():
                 self._port.notify()
+            if responses:
+                self._wake_held()
             await trio.lowlevel.checkpoint()
 
     def _count_received(self, responses: list[tuple[int, int, int, int]]) -> None:
