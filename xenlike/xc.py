@@ -84,7 +84,12 @@ class ForeignMemory:
         return memoryview(self.mapping)[gfn * XEN_PAGE_SIZE : (gfn + count) * XEN_PAGE_SIZE]
 
     def close(self) -> None:
-        self.mapping.close()
+        """Unmap now or, while views of it are still held (a save's image), once the
+        last of them goes."""
+        try:
+            self.mapping.close()
+        except BufferError:
+            pass
 
     def __enter__(self) -> "ForeignMemory":
         return self
