@@ -1,11 +1,14 @@
 """Save and restore time of a guest, against copying its memory to a file and back.
 
-xenlike: wall time of Dom0's toolstack `save` (suspend, read the populated
-frames, write xl's save file with a temporary file, fsync and rename,
-destroy) and `restore` (read and check the whole file, build the domain,
-refill its frames, unpause it), asked through the toolstack socket as the
-CLI does (the CLI's own Python start-up is not counted), for a 32 MiB and
-a 128 MiB guest running the demo program.
+xenlike: wall time of Dom0's toolstack `save` (suspend, map the populated
+frames, write xl's save file from them with a temporary file, fsync and
+rename, destroy) and `restore` (read and check the whole file, build the
+domain, refill its frames, unpause it: the toolstack's answer), asked
+through the toolstack socket as the CLI does (the CLI's own Python start-up
+is not counted), for a 32 MiB and a 128 MiB guest running the demo program.
+`restore_resumed` runs on until the guest's program has resumed (its
+"resumed in domain N" line is in its console log): the domain's process
+starting, its kernel reconnecting, the program called.
 
 Baseline, in the same run with rounds interleaved: the same number of bytes
 as the file `save` wrote, copied from memory to a file in the same
@@ -97,16 +100,25 @@ def save_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> float:
     return elapsed
 
 
-def restore_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> float:
+def restore_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> tuple[float, float]:
+    """(seconds to the toolstack's answer, seconds until the program has resumed)."""
     before = usages(run_dir)
     start = time.perf_counter()
-    request(run_dir, {"op": "restore", "path": str(file)})
+    answer = request(run_dir, {"op": "restore", "path": str(file)})
     elapsed = time.perf_counter() - start
+    log = find_run_dir(run_dir).console_log("g")
+    resumed = f"resumed in domain {answer['domid']} ".encode()
+    deadline = start + TIMEOUT
+    while resumed not in log.read_bytes():
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"g did not resume in domain {answer['domid']}")
+        time.sleep(0.001)
+    resumed_after = time.perf_counter() - start
     after = usages(run_dir)
     for name in ("hypervisor", "dom0"):
         costs.add(name, workload, after[name] - before[name], 1)
     costs.add("guest", workload, after["guest"], 1)  # a new process: all of its time
-    return elapsed
+    return elapsed, resumed_after
 
 
 def raw_save(memory: bytearray, directory: Path, costs: Costs, workload: str) -> float:
@@ -167,9 +179,9 @@ def main() -> None:
                     times.setdefault(f"raw_save_{memory}M", []).append(
                         raw_save(buffer, raw, costs, f"raw_save_{memory}M")
                     )
-                    times.setdefault(f"restore_{memory}M", []).append(
-                        restore_round(run_dir, file, costs, f"restore_{memory}M")
-                    )
+                    restored, resumed = restore_round(run_dir, file, costs, f"restore_{memory}M")
+                    times.setdefault(f"restore_{memory}M", []).append(restored)
+                    times.setdefault(f"restore_resumed_{memory}M", []).append(resumed)
                     times.setdefault(f"raw_restore_{memory}M", []).append(
                         raw_restore(buffer, raw, costs, f"raw_restore_{memory}M")
                     )
@@ -180,7 +192,7 @@ def main() -> None:
     med = {name: statistics.median(values) for name, values in times.items()}
     print(f"rounds: {rounds} (medians)")
     for memory in SIZES:
-        for what in ("save", "raw_save", "restore", "raw_restore"):
+        for what in ("save", "raw_save", "restore", "restore_resumed", "raw_restore"):
             print(f"{what}_{memory}M: {med[f'{what}_{memory}M'] * 1000:.1f} ms")
         file_bytes, populated = sizes[memory]
         print(f"file_bytes_{memory}M: {file_bytes}")
@@ -188,8 +200,8 @@ def main() -> None:
     for line in costs.lines():
         print(line)
     for memory in SIZES:
-        for what in ("save", "restore"):
-            ratio = med[f"{what}_{memory}M"] / med[f"raw_{what}_{memory}M"]
+        for what, raw in (("save", "save"), ("restore", "restore"), ("restore_resumed", "restore")):
+            ratio = med[f"{what}_{memory}M"] / med[f"raw_{raw}_{memory}M"]
             print(f"ratio {what}_{memory}M: {ratio:.3f}")
     for memory in SIZES:
         file_bytes, populated = sizes[memory]

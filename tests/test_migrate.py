@@ -410,7 +410,7 @@ def test_a_hostile_stream_is_one_line_and_leaves_nothing(hosts: tuple[Path, Path
             "cannot receive a domain named '../x': not a name"
         ),
         b"".join(write_save_file(attrs.evolve(image, config=config))): (
-            "cannot receive hostile: PAGE_DATA record with pfn 0xffff0 of 4096 frames"
+            "cannot receive hostile: PAGE_DATA pfn 0xffff0 beyond max_pfn 0xfff"
         ),
     }
     for stream, error in cases.items():

@@ -153,6 +153,23 @@ def test_page_data_sends_populated_frames_only_in_batches_of_1024() -> None:
     assert len(data) < len(populated) * PAGE * 1.01  # no page goes twice, no hole goes at all
 
 
+def test_pages_go_out_and_come_back_uncopied() -> None:
+    """The writer yields each page as the image holds it, and the reader hands each
+    back as a view of the buffer it read: `save` writes from the domain's mapping,
+    `restore` copies once, into the new domain's."""
+    memory = bytearray(b"".join(page(pfn) for pfn in range(64)))
+    whole = memoryview(memory)
+    views = {pfn: whole[pfn * PAGE : (pfn + 1) * PAGE] for pfn in range(64)}
+    pieces = list(write_save_file(sample(max_pfn=63, pages=views)))
+    assert all(any(piece is view for piece in pieces) for view in views.values())
+    data = bytearray(b"".join(pieces))
+    back = read_save_file(data)
+    assert back.pages == {pfn: page(pfn) for pfn in range(64)}
+    assert all(isinstance(view, memoryview) and view.obj is data for view in back.pages.values())
+    with pytest.raises(BufferError):  # the pages are where they were read, not copies
+        data.clear()
+
+
 def test_p2m_frames_records_the_pfn_range() -> None:
     data = save(sample(max_pfn=0x1234))
     _, libxc, _ = layers(data)

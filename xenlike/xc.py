@@ -61,6 +61,8 @@ BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
 FRAMES = compile_struct(xenlike_frames, "xenlike_frames")
 DOMCTL = compile_struct(xen_domctl, "xen_domctl")
 SHADOW_OP = compile_struct(xen_domctl_shadow_op, "xen_domctl_shadow_op")
+MADV_POPULATE_READ = 22  # Linux 5.14's (asm-generic/mman-common.h): Python 3.11 has no name
+MADV_POPULATE_WRITE = 23
 ALL_PAGES = (1 << 64) - 1  # a shadow_op bitmap "as large as the domain": Xen clamps `pages`
 MEMORY = compile_struct(xenlike_memory, "xenlike_memory")
 TSC = compile_struct(xen_domctl_tsc_info, "xen_domctl_tsc_info")
@@ -84,13 +86,41 @@ class ForeignMemory:
         return memoryview(self.mapping)[gfn * XEN_PAGE_SIZE : (gfn + count) * XEN_PAGE_SIZE]
 
     def close(self) -> None:
-        self.mapping.close()
+        """Unmap now or, while views of it are still held (a save's image), once the
+        last of them goes."""
+        try:
+            self.mapping.close()
+        except BufferError:
+            pass
 
     def __enter__(self) -> "ForeignMemory":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _prefault(
+    mapping: mmap.mmap, populated: list[int], moved: frozenset[int], writable: bool
+) -> None:
+    """Map the populated frames in now, a run of them a call: a save or restore
+    touches each, and a fault each costs more than its copy (128 MiB written out:
+    200 ms against 240-450 here). Holes stay holes (MAP_POPULATE would fill the
+    ballooned-out frames), and so do the frames whose data is elsewhere."""
+    advice = MADV_POPULATE_WRITE if writable else MADV_POPULATE_READ
+    first = previous = -2
+    for gfn in [*populated, -2]:
+        if gfn == previous + 1 and gfn not in moved:
+            previous = gfn
+            continue
+        if first >= 0:
+            try:
+                mapping.madvise(
+                    advice, first * XEN_PAGE_SIZE, (previous - first + 1) * XEN_PAGE_SIZE
+                )
+            except OSError:  # a kernel before 5.14: the frames fault in one by one
+                return
+        first = previous = gfn if gfn not in moved else -2
 
 
 async def connect_control_socket(run_dir: str | os.PathLike[str]) -> trio.socket.SocketType:
@@ -265,8 +295,9 @@ class XenControl:
             for bit in range(8)
             if byte >> bit & 1
         ]
-        gfns = memoryview(moved[: 4 * head.nr_moved]).cast("I")
-        return ForeignMemory(mapping, populated, frozenset(gfns))
+        gfns = frozenset(memoryview(moved[: 4 * head.nr_moved]).cast("I"))
+        _prefault(mapping, populated, gfns, writable)
+        return ForeignMemory(mapping, populated, gfns)
 
     async def read_frames(self, domid: int, first: int, count: int) -> dict[int, bytes]:
         """The populated frames among `count` from `first` of a suspended domain, or of a

@@ -27,7 +27,6 @@ import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -36,16 +35,14 @@ import trio
 from domains.dom0 import save
 from xenlike.hypercall import HypercallError
 from xenlike.hypervisor.logdirty import bitmap_frames
-from xenlike.memory import XEN_PAGE_SIZE, BootLayout
+from xenlike.memory import XEN_PAGE_SIZE
 from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
 from xenlike.migration._record import REC_ALIGN, record
+from xenlike.migration.image import Page
 from xenlike.migration.libxc_stream import (
     MAX_BATCH_SIZE,
-    PAGE_DATA_PFN_MASK,
-    PAGE_DATA_TYPE_MASK,
-    PAGE_DATA_TYPE_SHIFT,
     REC_LENGTH_MAX,
-    PfInfo,
+    parse_page_data,
     xc_sr_dhdr,
     xc_sr_ihdr,
     xc_sr_rec_page_data_header,
@@ -285,15 +282,16 @@ async def _receive(
     name = config["name"]
     _check_arrival(toolstack, name, config)
     bare = DomainImage(max_pfn=0, pages={}, shared_info=bytes(XEN_PAGE_SIZE), vcpus={0: b""})
-    domain = save._config(attrs.evolve(bare, config=config), Path("the migration stream"))
+    domain = save.domain_config(attrs.evolve(bare, config=config), "the migration stream")
     incoming = attrs.evolve(domain, name=f"{domain.name}--incoming")
     went = False
 
     async def before_unpause(domid: int) -> None:
         nonlocal went
-        memory = _Memory(toolstack.xc, domid, domain)
         await reader.exactly(libxl__sr_hdr.sizeof(), "libxl stream header")
-        await reader.records("libxl", memory.page_data)
+        async with save.Refill.mapped(toolstack.xc, domid, domain) as refill:
+            memory = _Memory(refill, domain)
+            await reader.records("libxl", memory.page_data)
         await say(f"migration target: received {memory.received} frames of {name}")
         try:
             image = read_save_file(bytes(reader.kept))  # every record but PAGE_DATA
@@ -303,9 +301,7 @@ async def _receive(
             raise MigrationError(
                 f"cannot receive {name}: {image.max_pfn + 1} frames for {memory.nr_pages}"
             )
-        await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
-        for key, value in image.xenstore.items():
-            await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
+        await save.finish_restore(toolstack, domid, image)
         await say("migration target: Transfer complete, requesting permission to start domain.")
         await send.send_all(migrate_receiver_ready)
         with trio.fail_after(GO_TIMEOUT):
@@ -331,57 +327,29 @@ async def _receive(
 
 
 class _Memory:
-    """Writes PAGE_DATA records into a built, paused domain as they come: the frames
-    save.restore_domain's refill writes (not the boot frames, which the builder
-    wrote anew, nor any beyond what it populated). A hostile record is one line."""
+    """Writes PAGE_DATA records into a built, paused domain as they come, with
+    `restore`'s refill (save.Refill); a frame sent again takes its later content,
+    a frame gone since it was sent (XTAB) is left as it is. A hostile record is
+    one line."""
 
-    def __init__(self, xc: Any, domid: int, config: Any) -> None:
-        self.xc, self.domid, self.name = xc, domid, config.name
+    def __init__(self, refill: save.Refill, config: Any) -> None:
+        self.refill, self.name = refill, config.name
         self.nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
-        self.first = BootLayout.for_domain(self.nr_pages).first_free_gfn
-        self.end = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
         self.received = 0
         self.limit = (MAX_ROUNDS + 1) * self.nr_pages  # every frame in every round
 
-    def _bad(self, what: str) -> MigrationError:
-        return MigrationError(f"cannot receive {self.name}: PAGE_DATA record {what}")
-
     async def page_data(self, body: bytes) -> None:
-        if len(body) < 8:
-            raise self._bad(f"of {len(body)} bytes")
-        count, reserved = struct.unpack_from("<II", body)
-        if not 0 < count <= MAX_BATCH_SIZE or reserved or len(body) < 8 + 8 * count:
-            raise self._bad(f"with count {count} in {len(body)} bytes")
-        entries = struct.unpack_from(f"<{count}Q", body, 8)
-        data_at = 8 + 8 * count
-        pages: list[tuple[int, int]] = []  # (pfn, offset of its contents)
-        for entry in entries:
-            pfn, kind = entry & PAGE_DATA_PFN_MASK, entry >> PAGE_DATA_TYPE_SHIFT
-            if pfn >= self.nr_pages or entry & ~(PAGE_DATA_PFN_MASK | PAGE_DATA_TYPE_MASK):
-                raise self._bad(f"with pfn {pfn:#x} of {self.nr_pages} frames")
-            if kind == PfInfo.NOTAB:
-                pages.append((pfn, data_at))
-                data_at += XEN_PAGE_SIZE
-            elif kind != PfInfo.XTAB:  # a frame gone since it was sent: left as it is
-                raise self._bad(f"with pfn {pfn:#x} of type {kind:#x}")
-        if data_at != len(body):
-            raise self._bad(f"of {len(body)} bytes for {len(pages)} pages")
+        try:
+            pages, _ = parse_page_data(memoryview(body), self.nr_pages - 1)
+        except ValueError as exc:
+            raise MigrationError(f"cannot receive {self.name}: {exc}") from None
         self.received += len(pages)
         if self.received > self.limit:
-            raise self._bad(f"beyond {self.limit} frames: more than {MAX_ROUNDS + 1} rounds")
-        run: list[bytes] = []
-        start = -2
-        for pfn, at in sorted(pages):
-            if not self.first <= pfn < self.end:
-                continue
-            if run and pfn != start + len(run):
-                await self.xc.write_frames(self.domid, start, b"".join(run))
-                run = []
-            if not run:
-                start = pfn
-            run.append(body[at : at + XEN_PAGE_SIZE])
-        if run:
-            await self.xc.write_frames(self.domid, start, b"".join(run))
+            raise MigrationError(
+                f"cannot receive {self.name}: PAGE_DATA record beyond {self.limit} frames:"
+                f" more than {MAX_ROUNDS + 1} rounds"
+            )
+        await self.refill.write(pages)
 
 
 def _check_arrival(toolstack: Any, name: str, config: dict[str, Any]) -> None:
@@ -471,7 +439,7 @@ async def _send_live(
             if len(pfns) < DIRTY_THRESHOLD:
                 break
         try:
-            await save._suspend(toolstack.xs, xc, domid, name)
+            await save.suspend(toolstack.xs, xc, domid, name)
         except save.SaveError as exc:
             raise MigrationError(str(exc).replace("cannot save", "cannot migrate", 1)) from None
         suspended = True
@@ -480,7 +448,7 @@ async def _send_live(
         last = sorted({*pfns, *bitmap_frames(await xc.logdirty_clean(domid))})
         frames, size = await _send_frames(xc, domid, send, last)
         sent += size
-        _, tail = _stream_around_memory(await _final_state(toolstack, record, nr_pages))
+        _, tail = _stream_around_memory(await save.domain_state(toolstack, record, {}))
         for piece in tail:
             await send.send_all(piece)
             sent += len(piece)
@@ -528,7 +496,7 @@ def _image_without_memory(record: Any, nr_pages: int) -> DomainImage:
     )
 
 
-def _stream_around_memory(image: DomainImage) -> tuple[list[bytes], list[bytes]]:
+def _stream_around_memory(image: DomainImage) -> tuple[list[Page], list[Page]]:
     """`save`'s stream for `image` (which has no pages), cut where its PAGE_DATA
     records would go: before X86_TSC_INFO, the first record after the memory."""
     pieces = list(write_save_file(image))
@@ -538,22 +506,6 @@ def _stream_around_memory(image: DomainImage) -> tuple[list[bytes], list[bytes]]
         if piece[:8] == _REC_HDR.pack(LibxcRecType.X86_TSC_INFO, _TSC_SIZE)
     )
     return pieces[:tsc], pieces[tsc:]
-
-
-async def _final_state(toolstack: Any, record: Any, nr_pages: int) -> DomainImage:
-    """A suspended domain's state but its memory: what save._image reads besides."""
-    xc, domid = toolstack.xc, record.domid
-    layout = BootLayout.for_domain(nr_pages)
-    shared = await xc.read_frames(domid, layout.shared_info_gfn, 1)
-    xenstore: dict[str, str] = {}
-    for subtree in save.SAVED_XENSTORE:
-        await save._walk(toolstack.xs, f"/local/domain/{domid}", subtree, xenstore)
-    return attrs.evolve(
-        _image_without_memory(record, nr_pages),
-        shared_info=shared.get(layout.shared_info_gfn, bytes(XEN_PAGE_SIZE)),
-        vcpus={0: await xc.vcpu_context(domid)},
-        xenstore=xenstore,
-    )
 
 
 async def _send_frames(
@@ -612,16 +564,17 @@ async def _send(
     """Suspend, send the save file, and wait for "ready"; resumes the domain on failure."""
     name, domid, xc = record.config.name, record.domid, toolstack.xc
     try:
-        await save._suspend(toolstack.xs, xc, domid, name)
+        await save.suspend(toolstack.xs, xc, domid, name)
     except save.SaveError as exc:
         raise MigrationError(str(exc).replace("cannot save", "cannot migrate", 1)) from None
     sent = 0
     try:
-        image = await save._image(toolstack, record, lambda line: None)
-        for piece in write_save_file(image):
-            await send.send_all(piece)
-            sent += len(piece)
-        await say(f"migration sender: sent {sent} bytes ({len(image.pages)} frames)")
+        async with save.suspended_image(toolstack, record) as image:
+            for piece in write_save_file(image):
+                await send.send_all(piece)
+                sent += len(piece)
+            frames = len(image.pages)
+        await say(f"migration sender: sent {sent} bytes ({frames} frames)")
         with trio.fail_after(READY_TIMEOUT):
             await reader.expect(migrate_receiver_ready, "ready message")
     except (MigrationError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:

@@ -25,7 +25,8 @@ back end, and the program called with its saved state.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,47 @@ import trio
 
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.sched import ShutdownReason
+from xenlike.hypervisor.core import XEN_VERSION
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
 from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
+from xenlike.migration.image import Page
+from xenlike.migration.xl_format import header_info, save_file_header
 from xenlike.topology import DiskSpec, DomainConfig, VifSpec
+from xenlike.xc import ForeignMemory
 from xenlike.xenstore import XenStoreError
 
-__all__ = ["ACK_TIMEOUT", "SUSPEND_TIMEOUT", "restore_domain", "save_domain"]
+__all__ = [
+    "ACK_TIMEOUT",
+    "SUSPEND_TIMEOUT",
+    "Progress",
+    "Refill",
+    "SaveError",
+    "domain_config",
+    "domain_state",
+    "finish_restore",
+    "restore_domain",
+    "save_domain",
+    "suspend",
+    "suspended_image",
+]
 
 ACK_TIMEOUT = 60.0  # libxl: "guest acknowledgement of suspend request", 60 * 1000 ms
 SUSPEND_TIMEOUT = 60.0  # libxl: suspend_common_wait_guest_timeout, 60 * 1000 ms
-POLL = 0.02  # seconds between looks at control/shutdown and at the domain's state
+POLL_FIRST = 0.001  # seconds before the first look again at control/shutdown and the state,
+POLL = 0.02  # doubling up to this: a guest answers in milliseconds, a loaded one in more
 SUSPEND_ERROR = "error/suspend"  # the guest kernel's reason for refusing
 REFUSAL_LIMIT = 200  # characters of it the user sees
 SAVED_XENSTORE = ("data",)  # the guest's own subtrees a save carries
+PROGRESS_MIN_FRAMES = 16384  # 64 MiB: a smaller domain's frames get one progress line
+IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
+WRITE_CHUNK = 8 << 20  # bytes per writev at most
+
+Progress = Callable[[str], Awaitable[None]]
+"""Where progress lines go: the command's stderr (as xl's), or Dom0's log."""
+
+
+async def _quiet(line: str) -> None:
+    pass
 
 
 class SaveError(ValueError):
@@ -59,7 +88,7 @@ async def save_domain(
     path: Path,
     *,
     checkpoint: bool,
-    progress: Callable[[str], Any] = lambda line: None,
+    progress: Progress = _quiet,
 ) -> int:
     """Suspend the guest of `record`, write it to `path`; returns the file's size."""
     xc, xs, domid = toolstack.xc, toolstack.xs, record.domid
@@ -68,10 +97,18 @@ async def save_domain(
         raise SaveError(f"cannot save {name}: it is {record.state}")
     if not path.parent.is_dir():
         raise SaveError(f"cannot save {name} to {path}: no directory {path.parent}")
-    await _suspend(xs, xc, domid, name)
+    await suspend(xs, xc, domid, name)
     try:
-        image = await _image(toolstack, record, progress)
-        size = await trio.to_thread.run_sync(_write_atomically, path, image)
+        async with suspended_image(toolstack, record) as image:
+            mandatory, optional, length = header_info(image)
+            await progress(
+                f"Saving to {path} new xl format (info {mandatory:#x}/{optional:#x}/{length})"
+            )
+            await progress(f"xc: info: Saving domain {domid}, type x86 PV")
+            size = await trio.to_thread.run_sync(
+                _write_atomically, path, write_save_file(image), _frames_progress(image, progress)
+            )
+            await progress("xc: End of stream: 0/0    0%")
     except BaseException:
         with trio.CancelScope(shield=True):
             await xc.resume(domid)
@@ -83,7 +120,26 @@ async def save_domain(
     return size
 
 
-async def _suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
+def _frames_progress(image: DomainImage, progress: Progress) -> Callable[[int], None]:
+    """libxc's "Frames" progress (xc_report_progress_step), called from the writing
+    thread with the frames written so far: each tenth for a large domain, else the end."""
+    total = len(image.pages)
+    step = max(total // 10 if total >= PROGRESS_MIN_FRAMES else total, 1)
+    reported = 0
+
+    def frames(done: int) -> None:
+        nonlocal reported
+        if done >= reported + step or done == total != reported:
+            reported = done
+            line = f"xc: Frames: {done}/{total}  {done * 100 // max(total, 1):3d}%"
+            trio.from_thread.run(progress, line)
+
+    return frames
+
+
+async def suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
+    """libxl's suspend of a PV guest (the module docstring): returns once the domain
+    is shut down for suspend; SaveError (one line) if it refuses or does not."""
     home = f"/local/domain/{domid}"
     try:
         await xs.rm(f"{home}/{SUSPEND_ERROR}")
@@ -91,8 +147,10 @@ async def _suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
         pass
     await xs.write(f"{home}/control/shutdown", "suspend")
     with trio.move_on_after(ACK_TIMEOUT):
-        while await _read(xs, f"{home}/control/shutdown") == "suspend":
-            await trio.sleep(POLL)
+        for pause in _polls():
+            if await _read(xs, f"{home}/control/shutdown") != "suspend":
+                break
+            await trio.sleep(pause)
     if not await _cancel_unacknowledged(xs, f"{home}/control/shutdown"):
         raise SaveError(f"cannot save {name}: guest didn't acknowledge suspend, request cancelled")
     refusal = await _read(xs, f"{home}/{SUSPEND_ERROR}")
@@ -100,15 +158,23 @@ async def _suspend(xs: Any, xc: Any, domid: int, name: str) -> None:
         reason = _printable(refusal)
         raise SaveError(f"cannot save {name}: the guest refused to suspend: {reason}")
     with trio.move_on_after(SUSPEND_TIMEOUT):
-        while True:
+        for pause in _polls():
             flags = (await xc.domain_info(domid)).flags
             if flags & XEN_DOMINF_shutdown:
                 reason = flags >> XEN_DOMINF_shutdownshift & 0xFF
                 if reason != ShutdownReason.suspend:
                     raise SaveError(f"cannot save {name}: it shut down (reason {reason}) instead")
                 return
-            await trio.sleep(POLL)
+            await trio.sleep(pause)
     raise SaveError(f"cannot save {name}: guest did not suspend, timed out")
+
+
+def _polls() -> Iterator[float]:
+    """The pauses between looks: from POLL_FIRST, doubling, then POLL for ever."""
+    pause = POLL_FIRST
+    while True:
+        yield pause
+        pause = min(pause * 2, POLL)
 
 
 def _printable(text: str, limit: int = REFUSAL_LIMIT) -> str:
@@ -144,39 +210,49 @@ async def _read(xs: Any, path: str) -> str | None:
         return None
 
 
-async def _image(toolstack: Any, record: Any, progress: Callable[[str], Any]) -> DomainImage:
-    """The suspended domain as a DomainImage. Its memory is mapped here whole
-    (xc_map_foreign_bulk); only the frames it granted, whose data lives in
-    files of their own, are read through the hypervisor."""
+@asynccontextmanager
+async def suspended_image(toolstack: Any, record: Any) -> AsyncIterator[DomainImage]:
+    """The suspended domain as a DomainImage whose pages are views of its memory,
+    mapped whole here (xc_map_foreign_bulk), valid inside the block; only the frames
+    it granted, whose data lives in files of their own, are read through the
+    hypervisor. Every page is a memoryview (the writer counts them by that)."""
+    xc, domid = toolstack.xc, record.domid
+    with await xc.map_memory(domid) as memory:
+        whole = memoryview(memory.mapping)
+        pages: dict[int, Page] = {
+            gfn: whole[gfn * XEN_PAGE_SIZE : (gfn + 1) * XEN_PAGE_SIZE] for gfn in memory.populated
+        }
+        for gfn in memory.moved.intersection(pages):
+            pages.update(
+                (pfn, memoryview(page))
+                for pfn, page in (await xc.read_frames(domid, gfn, 1)).items()
+            )
+        yield await domain_state(toolstack, record, pages)
+
+
+async def domain_state(toolstack: Any, record: Any, pages: Mapping[int, Page]) -> DomainImage:
+    """A suspended domain's image around `pages` (all of its memory for a save, none
+    for the end of a live migration, which sent it before): its shared info page,
+    execution state, elapsed time, XenStore data and config."""
     xc, domid = toolstack.xc, record.domid
     nr_pages = record.config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
-    pages: dict[int, bytes] = {}
-    with await xc.map_memory(domid) as memory:
-        total = len(memory.populated)
-        step = max(total // 8, 1)
-        for done, gfn in enumerate(memory.populated, 1):
-            if gfn in memory.moved:
-                pages.update(await xc.read_frames(domid, gfn, 1))
-            else:
-                with memory.frames(gfn) as page:
-                    pages[gfn] = bytes(page)
-            if done % step == 0 or done == total:
-                progress(f"{done * 100 // total}% of {total} frames read")
-    layout = BootLayout.for_domain(nr_pages)
-    shared_info = pages.get(layout.shared_info_gfn, bytes(XEN_PAGE_SIZE))
-    context = await xc.vcpu_context(domid)
-    elapsed = await xc.tsc_info(domid)
+    shared_gfn = BootLayout.for_domain(nr_pages).shared_info_gfn
+    shared_info = pages.get(shared_gfn)
+    if shared_info is None:
+        shared_info = (await xc.read_frames(domid, shared_gfn, 1)).get(
+            shared_gfn, bytes(XEN_PAGE_SIZE)
+        )
     xenstore: dict[str, str] = {}
     for subtree in SAVED_XENSTORE:
         await _walk(toolstack.xs, f"/local/domain/{domid}", subtree, xenstore)
     return DomainImage(
         max_pfn=nr_pages - 1,
         pages=pages,
-        shared_info=shared_info,
-        vcpus={0: context},
+        shared_info=bytes(shared_info),
+        vcpus={0: await xc.vcpu_context(domid)},
         xenstore=xenstore,
         config=attrs.asdict(record.config),
-        elapsed_ns=elapsed,
+        elapsed_ns=await xc.tsc_info(domid),
     )
 
 
@@ -192,18 +268,35 @@ async def _walk(xs: Any, home: str, key: str, out: dict[str, str]) -> None:
         await _walk(xs, home, f"{key}/{child}", out)
 
 
-def _write_atomically(path: Path, image: DomainImage) -> int:
+def _write_atomically(
+    path: Path, pieces: Iterable[Page], frames: Callable[[int], None] = lambda done: None
+) -> int:
     """The file appears whole or not at all: a temporary file beside it, fsynced,
-    renamed over it, and the directory fsynced."""
+    renamed over it, and the directory fsynced. The pieces go out uncopied, up to
+    IOV_MAX of them or WRITE_CHUNK bytes a writev; `frames` hears how many pages
+    (the memoryview pieces) are written."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     size = 0
     try:
-        with open(temporary, "wb") as out:
-            for chunk in write_save_file(image):
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            batch: list[Page] = []
+            batched = pages = 0
+            for piece in pieces:
+                batch.append(piece)
+                batched += len(piece)
+                pages += isinstance(piece, memoryview)
+                if len(batch) == IOV_MAX or batched >= WRITE_CHUNK:
+                    _writev(fd, batch)
+                    size += batched
+                    batch, batched = [], 0
+                    frames(pages)
+            _writev(fd, batch)
+            size += batched
+            frames(pages)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -216,18 +309,31 @@ def _write_atomically(path: Path, image: DomainImage) -> int:
     return size
 
 
-async def restore_domain(toolstack: Any, path: Path) -> Any:
+def _writev(fd: int, buffers: list[Page]) -> None:
+    """All of `buffers`, in order, however short each writev falls."""
+    first = 0
+    while first < len(buffers):
+        written = os.writev(fd, buffers[first:] if first else buffers)
+        while first < len(buffers) and written >= len(buffers[first]):
+            written -= len(buffers[first])
+            first += 1
+        if written:
+            buffers[first] = memoryview(buffers[first])[written:]
+
+
+async def restore_domain(toolstack: Any, path: Path, progress: Progress = _quiet) -> Any:
     """A new guest from the save file at `path`; SaveError (one line) if the file is
-    unreadable, corrupt, foreign or names a domain that exists; nothing starts then."""
+    unreadable, corrupt, foreign or names a domain that exists; nothing starts then.
+    The file is read whole and every record checked (one pass, the pages left
+    where they lie in what was read) before anything starts."""
     try:
-        data = await trio.to_thread.run_sync(path.read_bytes)
+        data, image = await trio.to_thread.run_sync(_load, path)
     except OSError as exc:
         raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
-    try:
-        image = read_save_file(data)
     except StreamError as exc:
         raise SaveError(f"cannot restore from {path}: {exc}") from None
-    config = _config(image, path)
+    header = save_file_header.parse(data[: save_file_header.sizeof()])
+    config = domain_config(image, path)
     if config.name in toolstack.guests:
         raise SaveError(f"cannot restore {config.name}: a domain named {config.name!r} exists")
     nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
@@ -235,31 +341,80 @@ async def restore_domain(toolstack: Any, path: Path) -> Any:
         raise SaveError(
             f"cannot restore from {path}: {image.max_pfn + 1} frames for a {nr_pages}-frame domain"
         )
-    context = image.vcpus.get(0, b"")
+    await progress(
+        f"Loading new save file {path} (new xl fmt info {header.mandatory_flags:#x}/"
+        f"{header.optional_flags:#x}/{header.optional_data_len})"
+    )
+    await progress(" Savefile contains xl domain config in JSON format")
+    await progress("Parsing config from <saved>")
+    await progress(f"xc: info: Found x86 PV domain from Xen {XEN_VERSION[0]}.{XEN_VERSION[1]}")
+    await progress("xc: info: Restoring domain")
 
     async def refill(domid: int) -> None:
-        xc, xs = toolstack.xc, toolstack.xs
-        first_free = BootLayout.for_domain(nr_pages).first_free_gfn
-        populated = config.memory * 1024 * 1024 // XEN_PAGE_SIZE  # what the builder populated
+        async with Refill.mapped(toolstack.xc, domid, config) as memory:
+            await memory.write(image.pages)
+        await finish_restore(toolstack, domid, image)
+
+    record = await toolstack.create(config, before_unpause=refill)
+    await progress("xc: info: Restore successful")
+    return record
+
+
+def _load(path: Path) -> tuple[bytearray, DomainImage]:
+    """The file read whole, as one buffer, and the image its records hold: its pages
+    are views of that buffer."""
+    with open(path, "rb", buffering=0) as file:
+        data = bytearray(os.fstat(file.fileno()).st_size)
+        size = file.readinto(data)
+    del data[size:]  # it shrank as we read: the reader says where it is truncated
+    return data, read_save_file(data)
+
+
+@attrs.define(eq=False)
+class Refill:
+    """Writes a saved domain's frames into a new domain built for them, before it
+    first runs, through its memory mapped here: all but the boot frames, which the
+    builder wrote anew (libxc's restore rewrites start_info's too), and none beyond
+    what the builder populated. `restore` and `migrate-receive` both write with it."""
+
+    xc: Any
+    domid: int
+    memory: ForeignMemory
+    first: int  # the first frame after the boot frames
+    end: int  # one past the last frame the builder populated
+
+    @classmethod
+    @asynccontextmanager
+    async def mapped(cls, xc: Any, domid: int, config: DomainConfig) -> AsyncIterator["Refill"]:
+        nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
+        first = BootLayout.for_domain(nr_pages).first_free_gfn
+        end = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
         with await xc.map_memory(domid, writable=True) as memory:
-            for pfn in range(first_free, populated):
-                page = image.pages.get(pfn)
-                if page is None:
-                    continue
-                if pfn in memory.moved:  # not in the mapping: through the hypervisor
-                    await xc.write_frames(domid, pfn, page)
-                    continue
-                with memory.frames(pfn) as frame:
-                    frame[:] = page
-        await xc.set_vcpu_context(domid, context)
-        await xc.set_tsc_info(domid, image.elapsed_ns)
-        for key, value in image.xenstore.items():
-            await xs.write(f"/local/domain/{domid}/{key}", value)
+            yield cls(xc, domid, memory, first, end)
 
-    return await toolstack.create(config, before_unpause=refill)
+    async def write(self, pages: Mapping[int, Page]) -> None:
+        """Each of `pages` into its frame (a later write of a frame wins)."""
+        mapping, moved = self.memory.mapping, self.memory.moved
+        for pfn, page in pages.items():
+            if not self.first <= pfn < self.end:
+                continue
+            if pfn in moved:  # not in the mapping: through the hypervisor
+                await self.xc.write_frames(self.domid, pfn, bytes(page))
+                continue
+            at = pfn * XEN_PAGE_SIZE
+            mapping[at : at + XEN_PAGE_SIZE] = page
 
 
-def _config(image: DomainImage, path: Path) -> DomainConfig:
+async def finish_restore(toolstack: Any, domid: int, image: DomainImage) -> None:
+    """What a restored domain gets besides its memory, before it first runs: its
+    execution state, its time (X86_TSC_INFO's elapsed ns), its XenStore data."""
+    await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
+    await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
+    for key, value in image.xenstore.items():
+        await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
+
+
+def domain_config(image: DomainImage, path: Path | str) -> DomainConfig:
     """The file's config (JSON, as `config` keeps it) as a DomainConfig, or one line."""
     if image.config is None:
         raise SaveError(f"cannot restore from {path}: the file holds no domain config")

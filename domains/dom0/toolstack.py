@@ -52,7 +52,7 @@ import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
 from domains.dom0.migrate import MIGRATION_OPS, Peer, migration_op, receive_with_fds
-from domains.dom0.save import restore_domain, save_domain
+from domains.dom0.save import Progress, restore_domain, save_domain
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -100,6 +100,19 @@ class GuestRecord:
     uuid: str
     state: str = "running"  # running | shut down (reason) | preserved
     restarts: int = 0
+
+
+def _progress(request: dict[str, Any], peer: Peer | None, what: str) -> Progress:
+    """Where a save's or restore's progress lines go: to its command, before the
+    answer, when it asked ("progress": true, as `xenlike save` and `restore` do, and
+    as `migrate`'s always come); to Dom0's log otherwise."""
+    if request.get("progress") and peer is not None:
+        return peer.say
+
+    async def logged(line: str) -> None:
+        log.info("%s: %s", what, line)
+
+    return logged
 
 
 class Toolstack:
@@ -372,7 +385,7 @@ class Toolstack:
 
     # --- saving ---------------------------------------------------------------
 
-    async def _save_op(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _save_op(self, request: dict[str, Any], peer: Peer | None) -> dict[str, Any]:
         """xl save [-c]: the guest suspended, written to `path`, then destroyed or resumed."""
         path = Path(request["path"])
         if not path.is_absolute():
@@ -385,19 +398,19 @@ class Toolstack:
                     record,
                     path,
                     checkpoint=bool(request.get("checkpoint")),
-                    progress=lambda line: log.info("save %s: %s", record.config.name, line),
+                    progress=_progress(request, peer, f"save {record.config.name}"),
                 )
             except OSError as exc:
                 raise ValueError(f"cannot save {record.config.name} to {path}: {exc}") from None
         return {"ok": True, "domid": record.domid, "bytes": size}
 
-    async def _restore_op(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _restore_op(self, request: dict[str, Any], peer: Peer | None) -> dict[str, Any]:
         """xl restore: a new guest from a save file, resumed from its saved state."""
         path = Path(request["path"])
         if not path.is_absolute():
             raise ValueError(f"restore: {path} is not an absolute path")
         async with self._lock:
-            record = await restore_domain(self, path)
+            record = await restore_domain(self, path, _progress(request, peer, f"restore {path}"))
         return {"ok": True, "domid": record.domid, "name": record.config.name}
 
     # --- following the guests -----------------------------------------------------
@@ -765,9 +778,9 @@ class Toolstack:
                     await self.rename(request["name"], request["new_name"])
                 return {"ok": True}
             if op == "save":
-                return await self._save_op(request)
+                return await self._save_op(request, peer)
             if op == "restore":
-                return await self._restore_op(request)
+                return await self._restore_op(request, peer)
             if op == "config":  # what libxl keeps of a domain's configuration
                 record = self._record(request["name"])
                 kept = attrs.asdict(record.config)

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 
 from construct import Int32ul, Struct
 
-__all__ = ["REC_ALIGN", "REC_TYPE_OPTIONAL", "Cursor", "StreamError", "rec_hdr", "record"]
+__all__ = [
+    "REC_ALIGN",
+    "REC_TYPE_OPTIONAL",
+    "Cursor",
+    "StreamError",
+    "rec_hdr",
+    "record",
+    "record_header",
+]
 
 REC_ALIGN = 8
 REC_TYPE_OPTIONAL = 0x80000000  # records a reader may skip (both specs)
@@ -39,6 +47,12 @@ def record(rec_type: int, *body: bytes) -> bytes:
     """One record: header, the body parts, and the zero padding to 8 octets."""
     length = sum(map(len, body))
     return b"".join((_REC_HDR.pack(rec_type, length), *body, bytes(_padding(length))))
+
+
+def record_header(rec_type: int, length: int) -> bytes:
+    """A record's header alone, for a writer that sends its body from where it lies
+    (a PAGE_DATA body is a multiple of 8 octets: it needs no padding)."""
+    return _REC_HDR.pack(rec_type, length)
 
 
 class Cursor:

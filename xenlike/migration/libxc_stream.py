@@ -36,7 +36,7 @@ Where xenlike differs from a Linux PV guest under Xen, and why:
 """
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 
 from construct import (
@@ -56,8 +56,8 @@ from construct import (
 from xenlike.abi._layout import export_enum, offsetof
 from xenlike.hypervisor.core import XEN_VERSION
 from xenlike.memory import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
-from xenlike.migration._record import REC_TYPE_OPTIONAL, Cursor, record
-from xenlike.migration.image import DomainImage
+from xenlike.migration._record import REC_TYPE_OPTIONAL, Cursor, record, record_header
+from xenlike.migration.image import DomainImage, Page
 
 __all__ = [
     "DHDR_TYPE_X86_HVM",
@@ -76,6 +76,8 @@ __all__ = [
     "PfInfo",
     "RecType",
     "cpu_user_regs",
+    "page_data",
+    "parse_page_data",
     "read",
     "trap_info",
     "vcpu_guest_context_x86_64",
@@ -277,14 +279,27 @@ _ONLINE_CONTEXT = bytes(_FLAGS_AT) + struct.pack("<Q", VGCF_online)
 _ONLINE_CONTEXT += bytes(_VCPU_CONTEXT_SIZE - len(_ONLINE_CONTEXT))
 
 _U64 = struct.Struct("<Q")
+_PAGE_DATA_HEADER = struct.Struct("<II")  # xc_sr_rec_page_data_header
 _PAGE_DATA_RESERVED = 0x0FF0000000000000  # bits 59-52 of a PAGE_DATA pfn
 _PF_TYPES = {int(t) for t in PfInfo}
 _NAMES = {int(t): t.name for t in RecType}
 
 
-def _page_data(pfns: list[int], pages: list[bytes]) -> bytes:
-    header = xc_sr_rec_page_data_header.build({"count": len(pfns), "_res1": 0})
-    return record(RecType.PAGE_DATA, header, struct.pack(f"<{len(pfns)}Q", *pfns), *pages)
+def page_data(pages: Mapping[int, Page], pfns: Sequence[int]) -> Iterator[Page]:
+    """One PAGE_DATA record for `pfns` (ascending, each in `pages`), in pieces: its
+    headers and pfn list, then each page as it is given, uncopied (a whole record
+    is up to 4 MiB, which a writer sends with writev straight from where it lies)."""
+    count = len(pfns)
+    length = _PAGE_DATA_HEADER.size + 8 * count + XEN_PAGE_SIZE * count
+    yield b"".join(
+        (
+            record_header(RecType.PAGE_DATA, length),
+            _PAGE_DATA_HEADER.pack(count, 0),
+            struct.pack(f"<{count}Q", *pfns),
+        )
+    )
+    for pfn in pfns:
+        yield pages[pfn]
 
 
 def _vcpu(rec_type: RecType, vcpu_id: int, context: bytes) -> bytes:
@@ -292,8 +307,8 @@ def _vcpu(rec_type: RecType, vcpu_id: int, context: bytes) -> bytes:
     return record(rec_type, header, context)
 
 
-def write(image: DomainImage) -> Iterator[bytes]:
-    """libxc's stream for `image`, in pieces (a PAGE_DATA record is up to 4 MiB)."""
+def write(image: DomainImage) -> Iterator[Page]:
+    """libxc's stream for `image`, in pieces (each page of PAGE_DATA one piece)."""
     yield xc_sr_ihdr.build(
         {
             "marker": IHDR_MARKER,
@@ -326,8 +341,7 @@ def write(image: DomainImage) -> Iterator[bytes]:
     )
     pfns = sorted(image.pages)
     for first in range(0, len(pfns), MAX_BATCH_SIZE):
-        batch = pfns[first : first + MAX_BATCH_SIZE]
-        yield _page_data(batch, [image.pages[pfn] for pfn in batch])
+        yield from page_data(image.pages, pfns[first : first + MAX_BATCH_SIZE])
     yield record(
         RecType.X86_TSC_INFO,
         xc_sr_rec_x86_tsc_info.build(
@@ -342,6 +356,56 @@ def write(image: DomainImage) -> Iterator[bytes]:
     yield record(RecType.END)
 
 
+def parse_page_data(body: memoryview, max_pfn: int) -> tuple[dict[int, memoryview], set[int]]:
+    """A PAGE_DATA record's body, checked, as (its pages by pfn, views of `body`; the
+    pfns it marks XTAB, gone since they were sent); ValueError says what is wrong.
+
+    The usual record is checked whole, with no loop over its entries: the type
+    and reserved bits are a pfn entry's top bits, so when the largest entry is
+    within `max_pfn` every entry is a NOTAB pfn in range, and the body's length
+    says whether every page is there.
+    """
+    header_size = _PAGE_DATA_HEADER.size
+    if len(body) < header_size:
+        raise ValueError(f"PAGE_DATA record of {len(body)} bytes")
+    count, reserved = _PAGE_DATA_HEADER.unpack_from(body)
+    if count == 0 or reserved:
+        raise ValueError(f"PAGE_DATA record with count {count}, reserved {reserved:#x}")
+    data_at = header_size + 8 * count
+    if len(body) < data_at:
+        raise ValueError(f"PAGE_DATA record too short for {count} pfns")
+    entries = body[header_size:data_at].cast("B").cast("Q")
+    if max(entries) <= max_pfn and len(body) == data_at + XEN_PAGE_SIZE * count:
+        return {
+            pfn: body[at : at + XEN_PAGE_SIZE]
+            for pfn, at in zip(entries, range(data_at, len(body), XEN_PAGE_SIZE))
+        }, set()
+    pages: dict[int, memoryview] = {}
+    gone: set[int] = set()
+    for index, entry in enumerate(entries):
+        pfn = entry & PAGE_DATA_PFN_MASK
+        page_type = entry >> PAGE_DATA_TYPE_SHIFT
+        if entry & _PAGE_DATA_RESERVED:
+            raise ValueError(f"reserved bits set in PAGE_DATA pfn[{index}]")
+        if pfn > max_pfn:
+            raise ValueError(f"PAGE_DATA pfn {pfn:#x} beyond max_pfn {max_pfn:#x}")
+        if page_type == PfInfo.XTAB:
+            pages.pop(pfn, None)
+            gone.add(pfn)
+        elif page_type == PfInfo.NOTAB:
+            if data_at + XEN_PAGE_SIZE > len(body):
+                raise ValueError(f"PAGE_DATA record too short for the contents of {count} pages")
+            pages[pfn] = body[data_at : data_at + XEN_PAGE_SIZE]
+            gone.discard(pfn)
+            data_at += XEN_PAGE_SIZE
+        else:
+            name = PfInfo(page_type).name if page_type in _PF_TYPES else hex(page_type)
+            raise ValueError(f"PAGE_DATA pfn {pfn:#x} of type {name}")
+    if data_at != len(body):
+        raise ValueError(f"PAGE_DATA record has {len(body) - data_at} bytes after its pages")
+    return pages, gone
+
+
 class _Reader:
     """Reads one libxc stream, checking each record against what came before."""
 
@@ -350,7 +414,7 @@ class _Reader:
         self.static_done = False
         self.pv_info = False
         self.max_pfn: int | None = None
-        self.pages: dict[int, bytes] = {}
+        self.pages: dict[int, Page] = {}
         self.tsc_nsec: int | None = None
         self.shared_info: bytes | None = None
         self.vcpus: dict[int, bytes] = {}
@@ -450,45 +514,13 @@ class _Reader:
         max_pfn = self._need_memory("PAGE_DATA", start)
         if self.shared_info is not None or self.vcpus:
             raise self.cursor.error("PAGE_DATA record after the vCPU state", start)
-        header_size = xc_sr_rec_page_data_header.sizeof()
-        if len(body) < header_size:
-            raise self.cursor.error(f"PAGE_DATA record of {len(body)} bytes", start)
-        header = xc_sr_rec_page_data_header.parse(body[:header_size])
-        if header.count == 0 or header._res1:
-            raise self.cursor.error(
-                f"PAGE_DATA record with count {header.count}, reserved {header._res1:#x}", start
-            )
-        pfns_end = header_size + 8 * header.count
-        if len(body) < pfns_end:
-            raise self.cursor.error(f"PAGE_DATA record too short for {header.count} pfns", start)
-        entries = struct.unpack_from(f"<{header.count}Q", body, header_size)
-        data_at = pfns_end
-        for index, entry in enumerate(entries):
-            pfn = entry & PAGE_DATA_PFN_MASK
-            page_type = entry >> PAGE_DATA_TYPE_SHIFT
-            if entry & _PAGE_DATA_RESERVED:
-                raise self.cursor.error(f"reserved bits set in PAGE_DATA pfn[{index}]", start)
-            if pfn > max_pfn:
-                raise self.cursor.error(
-                    f"PAGE_DATA pfn {pfn:#x} beyond max_pfn {max_pfn:#x}", start
-                )
-            if page_type == PfInfo.XTAB:
-                self.pages.pop(pfn, None)
-            elif page_type == PfInfo.NOTAB:
-                if data_at + XEN_PAGE_SIZE > len(body):
-                    raise self.cursor.error(
-                        f"PAGE_DATA record too short for the contents of {header.count} pages",
-                        start,
-                    )
-                self.pages[pfn] = bytes(body[data_at : data_at + XEN_PAGE_SIZE])
-                data_at += XEN_PAGE_SIZE
-            else:
-                name = PfInfo(page_type).name if page_type in _PF_TYPES else hex(page_type)
-                raise self.cursor.error(f"PAGE_DATA pfn {pfn:#x} of type {name}", start)
-        if data_at != len(body):
-            raise self.cursor.error(
-                f"PAGE_DATA record has {len(body) - data_at} bytes after its pages", start
-            )
+        try:
+            pages, gone = parse_page_data(body, max_pfn)
+        except ValueError as error:
+            raise self.cursor.error(str(error), start) from None
+        for pfn in gone:
+            self.pages.pop(pfn, None)
+        self.pages.update(pages)
 
     def x86_tsc_info(self, body: memoryview, start: int) -> None:
         self._fixed(body, start, "X86_TSC_INFO", xc_sr_rec_x86_tsc_info.sizeof())

@@ -27,7 +27,7 @@ from construct import Int32ub, Int32ul, Int64ub, Struct
 from xenlike.abi._layout import export_enum
 from xenlike.migration import libxc_stream
 from xenlike.migration._record import REC_TYPE_OPTIONAL, Cursor, record
-from xenlike.migration.image import XENSTORE_KEY, DomainImage
+from xenlike.migration.image import XENSTORE_KEY, DomainImage, Page
 
 __all__ = [
     "RESTORE_OPT_BIG_ENDIAN",
@@ -116,7 +116,7 @@ def decode_xenstore(data: bytes) -> dict[str, str]:
     return pairs
 
 
-def write(image: DomainImage) -> Iterator[bytes]:
+def write(image: DomainImage) -> Iterator[Page]:
     """libxl's stream for `image`: header, LIBXC_CONTEXT, libxc's stream, XenStore, END."""
     yield libxl__sr_hdr.build(
         {"ident": RESTORE_STREAM_IDENT, "version": RESTORE_STREAM_VERSION, "options": 0}

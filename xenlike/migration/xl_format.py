@@ -20,13 +20,14 @@ from construct import Bytes, Int32ul, Struct
 
 from xenlike.migration import libxl_stream
 from xenlike.migration._record import Cursor
-from xenlike.migration.image import DomainImage
+from xenlike.migration.image import DomainImage, Page
 
 __all__ = [
     "SAVEFILE_BYTEORDER_VALUE",
     "XL_MANDATORY_FLAG_ALL",
     "XL_MANDATORY_FLAG_JSON",
     "XL_MANDATORY_FLAG_STREAMv2",
+    "header_info",
     "read",
     "save_file_header",
     "savefileheader_magic",
@@ -56,11 +57,23 @@ def _config_bytes(config: Mapping[str, Any] | None) -> bytes:
     return json.dumps(config, indent=4, sort_keys=True).encode() + b"\0"
 
 
-def write(image: DomainImage) -> Iterator[bytes]:
-    """The whole save file for `image`, in pieces: xl's header, then libxl's stream."""
+def _optional_data(image: DomainImage) -> tuple[int, bytes]:
+    """The header's mandatory flags and the optional data (the config) for `image`."""
     config = _config_bytes(image.config)
-    optional = _U32.pack(len(config)) + config
     flags = XL_MANDATORY_FLAG_STREAMv2 | (XL_MANDATORY_FLAG_JSON if config else 0)
+    return flags, _U32.pack(len(config)) + config
+
+
+def header_info(image: DomainImage) -> tuple[int, int, int]:
+    """What xl prints of the header it writes for `image` ("new xl format (info
+    0x%x/0x%x/%u)"): mandatory flags, optional flags, optional data length."""
+    flags, optional = _optional_data(image)
+    return flags, 0, len(optional)
+
+
+def write(image: DomainImage) -> Iterator[Page]:
+    """The whole save file for `image`, in pieces: xl's header, then libxl's stream."""
+    flags, optional = _optional_data(image)
     yield save_file_header.build(
         {
             "magic": savefileheader_magic,

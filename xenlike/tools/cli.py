@@ -1013,20 +1013,11 @@ def save(name: str, file: Path, checkpoint: bool, run_dir: Path | None) -> None:
         xenlike save beta beta.sav
         xenlike save -c beta beta.sav
     """
-    from xenlike.migration.xl_format import save_file_header
-
     rd = running(run_dir)
     path = file.resolve()
     click.echo(f"Saving domain {name} to {path}", err=True)
     request = {"op": "save", "name": name, "path": str(path), "checkpoint": checkpoint}
-    answer = trio.run(toolstack_request, rd, request, SAVE_TIMEOUT)
-    with open(path, "rb") as saved:
-        header = save_file_header.parse(saved.read(save_file_header.sizeof()))
-    click.echo(
-        f"Saving to {path} new xl format (info {header.mandatory_flags:#x}/"
-        f"{header.optional_flags:#x}/{header.optional_data_len})",
-        err=True,
-    )
+    answer = _hand_to_dom0(rd, {**request, "progress": True}, [], SAVE_TIMEOUT)  # xl's progress
     what = "running on" if checkpoint else "destroyed"
     click.echo(f"saved {name} (d{answer['domid']}): {answer['bytes']} bytes; {what}", err=True)
 
@@ -1044,8 +1035,8 @@ def restore(file: Path, run_dir: Path | None) -> None:
         xenlike restore beta.sav
     """
     path = file.resolve()
-    request = {"op": "restore", "path": str(path)}
-    answer = trio.run(toolstack_request, running(run_dir), request, SAVE_TIMEOUT)
+    request = {"op": "restore", "path": str(path), "progress": True}  # xl's, on stderr
+    answer = _hand_to_dom0(running(run_dir), request, [], SAVE_TIMEOUT)
     click.echo(f"restored {answer['name']} from {path} as domain {answer['domid']}")
 
 
@@ -1112,7 +1103,9 @@ def _connect_tcp(host: str) -> socket.socket:
     return connection
 
 
-def _hand_to_dom0(rd: RunDir, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+def _hand_to_dom0(
+    rd: RunDir, request: dict[str, Any], fds: list[int], timeout: float = MIGRATE_TIMEOUT
+) -> dict[str, Any]:
     """Pass the stream's descriptors to Dom0's toolstack with `request`, print its
     progress on stderr, and return its answer (fail() on a refusal)."""
     if not rd.toolstack.exists():
@@ -1122,7 +1115,7 @@ def _hand_to_dom0(rd: RunDir, request: dict[str, Any], fds: list[int]) -> dict[s
             control.connect(str(rd.toolstack))
         except OSError as exc:
             fail(f"Dom0's toolstack does not answer ({exc.strerror})")
-        control.settimeout(MIGRATE_TIMEOUT)
+        control.settimeout(timeout)
         socket.send_fds(control, [json.dumps(request).encode() + b"\n"], fds)
         for fd in fds:
             os.close(fd)
