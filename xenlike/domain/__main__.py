@@ -29,10 +29,13 @@ parser.add_argument(
 )
 args = parser.parse_args()
 if args.hold_fd is not None:
-    # Load the kernel's module while held, as a builder loads the image before the
-    # first unpause; a module that fails to load fails again, and is reported, in boot.
+    # Load the kernel while held, as a builder loads the image before the first unpause,
+    # with what its `preload` loads (its drivers); what fails here fails again, and is
+    # reported, in boot.
     with contextlib.suppress(Exception):
-        importlib.import_module(args.kernel.partition(":")[0])
+        preload = getattr(importlib.import_module(args.kernel.partition(":")[0]), "preload", None)
+        if callable(preload):
+            preload()
     go = os.read(args.hold_fd, 1)
     os.close(args.hold_fd)
     if not go:  # destroyed before it ever ran
