@@ -18,7 +18,8 @@ Each round moves mover A -> B and back B -> A over tcp:// (a
 --debug` in the source's), once live and once `--stop-and-copy`; the
 modes swap directions every round so that neither has the short way.
 For each: the downtime (the largest gap in echo answers during the
-move), the total time of the `migrate` command, the frames sent per
+move; beside it, the guest's own: the gap in its clock frame, which it
+writes every millisecond), the total time of the `migrate` command, the frames sent per
 round, the answers lost beside those the downtime explains (one per 5
 ms), and CPU per move for each process (bench/_cost.py) beside a
 baseline that sends the same bytes through a loopback TCP socket. Medians
@@ -189,9 +190,14 @@ def host_usage(runs: dict[str, Path], source: str) -> dict[str, Usage]:
 
 
 def move(
-    spaces: dict[str, str], runs: dict[str, Path], source: str, live: bool, costs: Costs
+    spaces: dict[str, str],
+    runs: dict[str, Path],
+    source: str,
+    live: bool,
+    costs: Costs,
+    number: int,
 ) -> dict[str, Any]:
-    """Move mover from `source` to the other host; its figures."""
+    """Move mover from `source` to the other host (its move `number`); its figures."""
     destination = "b" if source == "a" else "a"
     before, tools = host_usage(runs, source), children_usage()
     receiver = subprocess.Popen(
@@ -242,7 +248,9 @@ def move(
         if float(end) >= started and float(start) <= ended + 1
     ]
     downtime, lost = max(gaps) if gaps else (GAP * 1000, 0)
+    seen = wait_console(runs[destination], "mover", rf"move {number}: downtime ([\d.]+) ms")
     return {
+        "guest_ms": float(seen.group(1)),
         "downtime_ms": downtime,
         "lost": lost,
         "total_s": ended - started,
@@ -359,7 +367,8 @@ def main() -> None:
                 first_live = number % 2 == 0  # the modes swap directions every round
                 for source, live in (("a", first_live), ("b", not first_live)):
                     name = "pre-copy" if live else "stop-and-copy"
-                    figures[name].append(move(spaces, runs, source, live, costs))
+                    moves = len(figures["pre-copy"]) + len(figures["stop-and-copy"]) + 1
+                    figures[name].append(move(spaces, runs, source, live, costs, moves))
                 baseline(args.memory << 20, costs)
         finally:
             for side in "ab":
@@ -376,19 +385,23 @@ def main() -> None:
         f"guest: {args.memory} MiB, {populated} populated frames ({filled} filled with data),"
         f" a light writer; {args.rounds} round(s), medians; echo every {ECHO_EVERY * 1000:.0f} ms"
     )
-    print(f"{'':16}{'downtime':>12}{'total':>10}  {'lost/explained':>15}  frames sent per round")
+    print(
+        f"{'':16}{'downtime':>12}{'total':>10}  {'lost/explained':>15}{'guest clock':>14}"
+        "  frames sent per round"
+    )
     medians = {}
     for name, rows in figures.items():
         downtime = statistics.median(row["downtime_ms"] for row in rows)
         total = statistics.median(row["total_s"] for row in rows)
         lost = statistics.median(row["lost"] for row in rows)
+        guest = statistics.median(row["guest_ms"] for row in rows)
         sent = statistics.median(sum(row["rounds"]) for row in rows)
         medians[name] = (downtime, sent)
         explained = downtime / (ECHO_EVERY * 1000)
         last = rows[len(rows) // 2]["rounds"]
         print(
-            f"{name:16}{downtime:>9.1f} ms{total:>8.2f} s  {lost:>7.0f}/{explained:<7.0f}  "
-            + " + ".join(map(str, last))
+            f"{name:16}{downtime:>9.1f} ms{total:>8.2f} s  {lost:>7.0f}/{explained:<7.0f}"
+            f"{guest:>11.1f} ms  " + " + ".join(map(str, last))
         )
     for workload, ms in CLARK.items():
         print(f"Clark et al. (NSDI 2005), {workload}: {ms} ms of downtime")
