@@ -443,11 +443,17 @@ class Hypervisor:
             None,
             f"built d{domain.domid}: {populated} of {domain.max_pages} pages, kernel {kernel}",
         )
-        if self._nursery is not None:
-            # Its interpreter and kernel load now, while the toolstack still fills it:
-            # the first unpause (a restore's, a migration's) then only lets it go.
-            hold, domain.hold = os.pipe()
-            self._nursery.start_soon(self._run_domain, domain, hold)
+
+    def start_held(self, domain: HypervisorDomain) -> None:
+        """Spawn a built domain's process, held until its first unpause, as the
+        builder's domctl does: its interpreter and kernel load while the toolstack
+        still fills the domain, and the first unpause (a restore's, a migration's)
+        only lets it go. A domain built without it gets its process at unpause."""
+        if domain.kernel is None or domain.process is not None or domain.hold is not None:
+            raise HypercallError(Errno.EBUSY, f"{domain} is not built, or has its process")
+        assert self._nursery is not None
+        hold, domain.hold = os.pipe()
+        self._nursery.start_soon(self._run_domain, domain, hold)
 
     def _seed_grants(self, domain: HypervisorDomain, backend_domid: int = 0) -> None:
         """Grant Dom0 the console and XenStore pages at the reserved refs, as the
@@ -471,7 +477,7 @@ class Hypervisor:
             domain.state = DomainState.running
             if domain.hold is not None:
                 self._release(domain)
-            else:  # built before the hypervisor served
+            else:  # built without its process (start_held)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_domain, domain, None)
         elif domain.state is DomainState.paused:
@@ -601,6 +607,10 @@ class Hypervisor:
 
         With `hold`, the read end of its hold pipe, the process waits on it before
         running its kernel (`_release`)."""
+        if domain.torn_down:  # destroyed between its build and this task's start
+            if hold is not None:
+                os.close(hold)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_path = self.run_dir / "domains" / f"{domain.domid}.log"
         memory = domain.require_memory()
