@@ -45,6 +45,26 @@ async def test_a_domain_boots_logs_and_powers_off(xc: XenControl) -> None:
     assert await wait_for_shutdown(xc, domid) == ShutdownReason.poweroff
 
 
+async def test_a_built_domain_runs_its_process_held_until_the_first_unpause(
+    hv: Hypervisor, xc: XenControl
+) -> None:
+    """Its process starts at build, sandboxed, so the interpreter loads while the
+    toolstack fills the domain (a restore's downtime does not pay for it); its kernel
+    runs only once unpaused, and a domain destroyed while held takes it along."""
+    held = [await xc.create_domain("tests.kernels:hello", memory_mb=4) for _ in range(2)]
+    await wait_for_log(xc, f"(d{held[1]}) sandbox:")
+    processes = [hv.lookup(domid).process for domid in held]
+    assert all(p is not None and p.returncode is None for p in processes)
+    assert "hello from" not in await xc.dmesg()
+    await xc.unpause(held[0])
+    await wait_for_log(xc, f"hello from d{held[0]}")
+    await xc.destroy(held[1])
+    assert processes[1] is not None
+    with trio.fail_after(20):
+        await processes[1].wait()
+    assert f"hello from d{held[1]}" not in await xc.dmesg()
+
+
 async def test_a_raising_kernel_crashes_with_its_traceback_logged(xc: XenControl) -> None:
     domid = await xc.create_domain("tests.kernels:crash", memory_mb=4)
     await xc.unpause(domid)

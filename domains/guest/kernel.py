@@ -1,5 +1,6 @@
 """The guest kernel's boot sequence (see the package docstring)."""
 
+import functools
 import json
 import sys
 import traceback
@@ -25,7 +26,7 @@ from xenlike.xenbus import (
 )
 from xenlike.xenstore import XenStoreError, connect_stream
 
-__all__ = ["main", "parse_cmdline"]
+__all__ = ["main", "parse_cmdline", "preload"]
 
 CONNECT_TIMEOUT = 30.0  # seconds the front ends get to reach Connected
 SHUTDOWN_REQUESTS = {
@@ -47,6 +48,19 @@ def parse_cmdline(cmdline: str) -> tuple[dict[str, str], str]:
         else:
             rest.append(word)
     return ours, " ".join(rest)
+
+
+def preload() -> None:
+    """Called while the domain's process is held, before its first unpause: the
+    built-in drivers load then, not in the boot (after a migration, in the downtime)."""
+    _builtin_drivers()
+
+
+@functools.cache  # one kernel per process: the registry its boot extends
+def _builtin_drivers() -> DriverRegistry:
+    registry = DriverRegistry()
+    registry.load_entry_points()  # the built-in drivers are entry points too
+    return registry
 
 
 async def main(domain: Domain) -> None:
@@ -83,8 +97,7 @@ async def _run(
         except Exception as exc:
             print(f"[{name}] init={init} cannot be loaded: {exc}")
             return ShutdownReason.crash
-        registry = DriverRegistry()
-        registry.load_entry_points()  # the built-in drivers are entry points too
+        registry = _builtin_drivers()
         for word in filter(None, params.get("drivers", "").split(",")):
             device_type, _, dotted = word.rpartition("@")  # TYPE@module:NAME
             try:

@@ -226,6 +226,7 @@ def build(call: Call, arg: Any) -> int:
         console_evtchn=arg.console_evtchn,
         nr_pages=arg.nr_pages,
     )
+    call.hv.start_held(domain)
     return 0
 
 

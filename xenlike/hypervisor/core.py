@@ -152,6 +152,10 @@ class HypervisorDomain:
     suspended_call: tuple[HypercallConnection, int] | None = None
     kernel: str | None = None
     process: ChildProcess | None = None
+    # The write end of the pipe its process waits on, from its build to its first
+    # unpause: the process is spawned and sandboxed at build, runs no guest code
+    # until then (a Xen domain is created paused: its vCPU exists, unscheduled).
+    hold: int | None = None
     connections: list[HypercallConnection] = attrs.field(factory=list)
     created_at: float = attrs.field(factory=time.monotonic)
     # Where its elapsed time starts (Xen's vtsc_offset): XEN_DOMCTL_settscinfo moves
@@ -440,6 +444,17 @@ class Hypervisor:
             f"built d{domain.domid}: {populated} of {domain.max_pages} pages, kernel {kernel}",
         )
 
+    def start_held(self, domain: HypervisorDomain) -> None:
+        """Spawn a built domain's process, held until its first unpause, as the
+        builder's domctl does: its interpreter and kernel load while the toolstack
+        still fills the domain, and the first unpause (a restore's, a migration's)
+        only lets it go. A domain built without it gets its process at unpause."""
+        if domain.kernel is None or domain.process is not None or domain.hold is not None:
+            raise HypercallError(Errno.EBUSY, f"{domain} is not built, or has its process")
+        assert self._nursery is not None
+        hold, domain.hold = os.pipe()
+        self._nursery.start_soon(self._run_domain, domain, hold)
+
     def _seed_grants(self, domain: HypervisorDomain, backend_domid: int = 0) -> None:
         """Grant Dom0 the console and XenStore pages at the reserved refs, as the
         domain builder does (xc_dom_gnttab_init), so xenconsoled and xenstored
@@ -459,14 +474,31 @@ class Hypervisor:
         if domain.state is DomainState.created:
             if domain.kernel is None:
                 raise HypercallError(Errno.EINVAL, f"{domain} has no kernel: build it first")
-            assert self._nursery is not None
             domain.state = DomainState.running
-            self._nursery.start_soon(self._run_domain, domain)
+            if domain.hold is not None:
+                self._release(domain)
+            else:  # built without its process (start_held)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_domain, domain, None)
         elif domain.state is DomainState.paused:
             self._signal(domain, signal.SIGCONT)
             domain.state = DomainState.running
         elif domain.state is not DomainState.running:
             raise HypercallError(Errno.EINVAL, f"{domain} is {domain.state.value}")
+
+    def _release(self, domain: HypervisorDomain) -> None:
+        """Let a held process run its kernel; closing the pipe unwritten (at teardown)
+        makes it exit instead."""
+        hold, domain.hold = domain.hold, None
+        if hold is None:
+            return
+        try:
+            if domain.state is DomainState.running:
+                os.write(hold, b"\1")
+        except OSError:  # it died while held: its exit is reaped as a crash
+            pass
+        finally:
+            os.close(hold)
 
     def pause(self, domain: HypervisorDomain) -> None:
         """Stop the domain's process: a paused vCPU does not run at all."""
@@ -533,6 +565,7 @@ class Hypervisor:
         if domain.torn_down:
             return
         domain.torn_down = True
+        self._release(domain)
         domain.meter_memory()  # its last interval counts; from now on it holds nothing
         grant_table.teardown(self, domain)
         evtchn.teardown(self, domain)
@@ -569,8 +602,15 @@ class Hypervisor:
             await domain.process.wait()
         self.teardown(domain, kill=True)
 
-    async def _run_domain(self, domain: HypervisorDomain) -> None:
-        """Spawn the domain's process, serve its hypercalls, reap it."""
+    async def _run_domain(self, domain: HypervisorDomain, hold: int | None) -> None:
+        """Spawn the domain's process, serve its hypercalls, reap it.
+
+        With `hold`, the read end of its hold pipe, the process waits on it before
+        running its kernel (`_release`)."""
+        if domain.torn_down:  # destroyed between its build and this task's start
+            if hold is not None:
+                os.close(hold)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_path = self.run_dir / "domains" / f"{domain.domid}.log"
         memory = domain.require_memory()
@@ -596,6 +636,10 @@ class Hypervisor:
         ]
         trace_fd = self.trace.domain_buffer(domain).fd
         argv += ["--trace-fd", str(trace_fd)]
+        passed = [theirs.fileno(), memory.fd, frames_fd, trace_fd]
+        if hold is not None:
+            argv += ["--hold-fd", str(hold)]
+            passed.append(hold)
         policy = None if domain.privileged else self.sandbox
         if policy is None:  # Dom0 is trusted with a file of its own
             output, reader = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
@@ -606,7 +650,7 @@ class Hypervisor:
                 argv,
                 setup=functools.partial(self._enter_child, policy),
                 env=domain_environment(dict(os.environ)) if policy is not None else None,
-                pass_fds=(theirs.fileno(), memory.fd, frames_fd, trace_fd),
+                pass_fds=passed,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -622,6 +666,8 @@ class Hypervisor:
         finally:
             theirs.close()
             os.close(output)
+            if hold is not None:
+                os.close(hold)
             if frames.domain_end is not None:  # the child has its own copy now
                 frames.domain_end.close()
                 frames.domain_end = None
