@@ -4,14 +4,13 @@ The frozen disk is real: an ext4 file system on a loop device, frozen with
 fsfreeze (as tests/test_save.py's in-flight test does), so every write to it
 blocks in the kernel until it is thawed."""
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.frozen_disk import frozen_topology
 from tests.test_up import wait_for, xenlike
 
 TOPOLOGY = """
@@ -36,30 +35,10 @@ disk = ["format=raw, vdev=xvda, access=rw, target=other.img"]
 
 @pytest.fixture
 def frozen_fs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A run directory whose guest "frozen" has its disk image on a small ext4 file
-    system the test may freeze. Needs root and a loop device."""
-    if os.geteuid() != 0 or not all(map(shutil.which, ("mkfs.ext4", "fsfreeze", "mount"))):
-        pytest.skip("needs root, mkfs.ext4, mount and fsfreeze")
-    image, run = tmp_path / "fs.img", tmp_path / "run"
-    mountpoint = run / "slow"
-    mountpoint.mkdir(parents=True)
-    with open(image, "wb") as out:
-        out.truncate(64 << 20)
-    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
-    mounted = subprocess.run(
-        ["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True
-    )
-    if made.returncode or mounted.returncode:
-        pytest.skip(f"cannot mount a loop file system: {made.stderr}{mounted.stderr}")
-    topology = tmp_path / "frozen.toml"
-    topology.write_text(TOPOLOGY)
-    try:
-        xenlike("up", "--detach", str(topology), run_dir=run)
-        yield run, mountpoint
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(mountpoint)], capture_output=True)
-        xenlike("down", "--grace", "2", run_dir=run, check=False)
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    """The topology up, its disk images on a file system the test may freeze (see
+    tests/frozen_disk.py). Yields the run directory and the mount point."""
+    with frozen_topology(tmp_path, TOPOLOGY) as where:
+        yield where
 
 
 def _writes(run_dir: Path, name: str) -> int:

@@ -7,8 +7,6 @@ resumable refuses the suspend, runs on, and the user gets one line.
 """
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.frozen_disk import frozen_topology
 from tests.save_guests import SECTOR_B, _pattern
 from tests.test_migration_verify import verify, xen_utils  # noqa: F401 (a fixture)
 from tests.test_up import wait_for, xenlike
@@ -220,32 +219,10 @@ disk = ["format=raw, vdev=xvda, access=rw, target=slow/inflight.img"]
 
 @pytest.fixture
 def frozen_fs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A run directory whose guest's disk image is on a small ext4 file system, which
-    the test freezes (fsfreeze) to hold a back end's I/O for as long as it wants:
-    a slow disk that is real, not a mock. Needs root and a loop device. Yields
-    the run directory and the mount point."""
-    if os.geteuid() != 0 or not all(map(shutil.which, ("mkfs.ext4", "fsfreeze", "mount"))):
-        pytest.skip("needs root, mkfs.ext4, mount and fsfreeze")
-    image, run = tmp_path / "fs.img", tmp_path / "run"
-    mountpoint = run / "slow"
-    mountpoint.mkdir(parents=True)
-    with open(image, "wb") as out:
-        out.truncate(64 << 20)
-    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
-    mounted = subprocess.run(
-        ["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True
-    )
-    if made.returncode or mounted.returncode:
-        pytest.skip(f"cannot mount a loop file system: {made.stderr}{mounted.stderr}")
-    topology = tmp_path / "inflight.toml"
-    topology.write_text(TOPOLOGY_IN_FLIGHT)
-    try:
-        xenlike("up", "--detach", str(topology), run_dir=run)
-        yield run, mountpoint
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(mountpoint)], capture_output=True)
-        xenlike("down", "--grace", "2", run_dir=run, check=False)
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    """The topology up, its disk images on a file system the test may freeze (see
+    tests/frozen_disk.py). Yields the run directory and the mount point."""
+    with frozen_topology(tmp_path, TOPOLOGY_IN_FLIGHT) as where:
+        yield where
 
 
 def test_a_write_in_flight_at_the_save_is_on_the_disk_after_the_restore(
