@@ -11,47 +11,22 @@ repository.
     python -m tests.xentrace_tools fetch    # what scripts/test runs
 """
 
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tests.debian_package import CACHE, Unavailable, unpacked
+
 __all__ = ["Unavailable", "bin_dir", "python2", "xenalyze", "xentrace_format"]
 
 PACKAGE = "xen-utils-common"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xenlike" / PACKAGE
-
-
-class Unavailable(Exception):
-    """A tool cannot be had on this machine; the message says why."""
 
 
 def package_root() -> Path:
     """Where xen-utils-common is unpacked (fetched on first use)."""
-    if CACHE.exists():
-        return CACHE
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise Unavailable(f"no {tool}: cannot fetch {PACKAGE}")
-    with tempfile.TemporaryDirectory(prefix="xentrace-tools-") as tmp:
-        download = subprocess.run(
-            ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True, check=False
-        )
-        debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
-        if not debs:
-            raise Unavailable(
-                f"apt-get download {PACKAGE} failed: {download.stderr.strip().splitlines()[-1:]}"
-            )
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
-        try:
-            unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
-        except OSError:
-            shutil.rmtree(unpacked)
-    return CACHE
+    return unpacked(PACKAGE)
 
 
 def _tool(name: str) -> Path:
@@ -90,13 +65,13 @@ def python2() -> str:
 def bin_dir() -> Path:
     """A directory for PATH with both tools by their names, xentrace_format wrapped to run
     under Python 2: what the docs' console sessions call."""
-    binaries = CACHE.parent / "xentrace-bin"
+    binaries = CACHE / "xentrace-bin"
     wrapper = f'#!/bin/sh\nexec {python2()} {xentrace_format()} "$@"\n'
     if (
         not (binaries / "xentrace_format").exists()
         or (binaries / "xentrace_format").read_text() != wrapper
     ):
-        partial = Path(tempfile.mkdtemp(prefix=".xentrace-bin-", dir=CACHE.parent))
+        partial = Path(tempfile.mkdtemp(prefix=".xentrace-bin-", dir=CACHE))
         (partial / "xenalyze").symlink_to(xenalyze())
         (partial / "xentrace_format").write_text(wrapper)
         (partial / "xentrace_format").chmod(0o755)

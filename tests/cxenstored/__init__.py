@@ -24,16 +24,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.debian_package import CACHE, Unavailable, unpacked
+
 __all__ = ["CXenStored", "Unavailable", "package_root", "running", "shim", "xenstored_binary"]
 
 PACKAGE = "xen-utils-4.17"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xenlike" / PACKAGE
 BINARY = Path("usr/lib/xen-4.17/bin/xenstored")
 SHIM_SOURCE = Path(__file__).with_name("xsshim.c")
-
-
-class Unavailable(Exception):
-    """cxenstored cannot be had on this machine; the message says why."""
 
 
 def xenstored_binary() -> Path:
@@ -51,34 +48,13 @@ def xenstored_binary() -> Path:
 def package_root() -> Path:
     """Where xen-utils-4.17 is unpacked (fetched on first use): its other tools, e.g.
     verify-stream-v2, live under it too."""
-    if CACHE.exists():
-        return CACHE
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise Unavailable(f"no {tool}: cannot fetch {PACKAGE} (set CXENSTORED)")
-    with tempfile.TemporaryDirectory(prefix="cxenstored-") as tmp:
-        download = subprocess.run(
-            ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True, check=False
-        )
-        debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
-        if not debs:
-            raise Unavailable(
-                f"apt-get download {PACKAGE} failed: {download.stderr.strip().splitlines()[-1:]}"
-            )
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        unpacked = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=CACHE.parent))
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True)
-        try:
-            unpacked.rename(CACHE)  # atomic: a concurrent fetch either wins or finds it
-        except OSError:
-            shutil.rmtree(unpacked)
-    return CACHE
+    return unpacked(PACKAGE, hint=" (set CXENSTORED)")
 
 
 def shim() -> Path:
     """The LD_PRELOAD shim, compiled once per version of its source."""
     source = SHIM_SOURCE.read_bytes()
-    built = CACHE.parent / f"xsshim-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    built = CACHE / f"xsshim-{hashlib.sha256(source).hexdigest()[:12]}.so"
     if built.exists():
         return built
     if shutil.which("gcc") is None:
