@@ -151,9 +151,9 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
     assert leftovers(run_dir) == []
     for log in (run_dir / "console").glob("*.log"):  # the last run's "demo done"
         log.unlink()
-    proc = subprocess.Popen(
-        [*XENLIKE, "up"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
+    output = run_dir.parent / "up.out"
+    with open(output, "w") as out:
+        proc = subprocess.Popen([*XENLIKE, "up"], stdout=out, stderr=subprocess.DEVNULL, env=env)
     wait_for(
         lambda: (
             (run_dir / "console" / "beta.log").exists()
@@ -161,6 +161,8 @@ def test_a_clean_down_and_a_killed_up_leave_nothing(run_dir: Path) -> None:
         ),
         what="beta's demo",
     )
+    # up itself said so: a SIGTERM before it would be an interrupted boot (exit 1)
+    wait_for(lambda: "up: 2 guest(s) running" in output.read_text(), what="up's ready line")
     pids = started_pids(run_dir)
     proc.terminate()  # SIGTERM: as clean as Ctrl-C
     assert proc.wait(timeout=60) == 0
