@@ -300,23 +300,7 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if recorder is not None and recorder.poll() is None:
             recorder.kill()
         xenlike("down", run_dir=run_dir, check=False)
-    # up's recorder ends on its own once the topology is gone, after its last flush:
-    # until then the file grows, and two readers of it would see two traces.
-    wait_for(lambda: not recorders_of(paths["boot"]), what="up's trace recorder to finish")
     return paths
-
-
-def recorders_of(trace: Path) -> list[int]:
-    """The processes recording into `trace` (`xenlike trace --record TRACE`)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--record" in argv and str(trace).encode() in argv:
-            found.append(int(proc.name))
-    return found
 
 
 def load_or_none(path: Path) -> list[Any]:

@@ -33,6 +33,7 @@ from xenlike.tools.devices import (
     network_list,
 )
 from xenlike.tools.session import (
+    RECORDER_PID,
     NoSuchDomain,
     NotRunning,
     ToolstackRefused,
@@ -265,7 +266,7 @@ def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
     from xenlike._process import die_with_parent
 
     with (rd.path / "trace.log").open("ab") as log:
-        subprocess.Popen(
+        recorder = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -284,6 +285,7 @@ def start_trace_recorder(rd: RunDir, trace_file: Path, detach: bool) -> None:
             stderr=log,
             preexec_fn=None if detach else die_with_parent(signal.SIGTERM),
         )
+    (rd.path / RECORDER_PID).write_text(f"{recorder.pid}\n")
 
 
 class ProgressView:

@@ -28,6 +28,7 @@ from xenlike.topology import Topology
 __all__ = [
     "NoSuchDomain",
     "NotRunning",
+    "RECORDER_PID",
     "Session",
     "ToolstackRefused",
     "find_run_dir",
@@ -294,8 +295,31 @@ def stop(run_dir: RunDir, grace: float = 15.0, timeout: float = 20.0) -> bool:
         while run_dir.busy():
             time.sleep(0.05)
     _kill_strays(run_dir)
+    _wait_for_recorder(run_dir, time.monotonic() + timeout)
     run_dir.remove_leftovers()
     return True
+
+
+RECORDER_PID = "trace-recorder.pid"
+"""`up --trace`'s recorder, which `stop` waits for: it ends on its own once the
+topology is gone, after its last flush, and the trace is whole only then."""
+
+
+def _wait_for_recorder(run_dir: RunDir, deadline: float) -> None:
+    path = run_dir.path / RECORDER_PID
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        return
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    while time.monotonic() < deadline:
+        try:
+            if b"--record" not in cmdline.read_bytes().split(b"\0"):
+                break  # gone, or the pid is another process's now
+        except OSError:
+            break
+        time.sleep(0.05)
+    path.unlink(missing_ok=True)
 
 
 def _kill_strays(run_dir: RunDir) -> bool:
