@@ -203,7 +203,7 @@ def xentrace_format_lines(trace: Path, tmp_path: Path) -> list[str]:
     defs.write_text(result.output)
     with open(trace, "rb") as stdin:
         done = subprocess.run(
-            [python2, str(tool), str(defs)],
+            [*python2, str(tool), str(defs)],
             stdin=stdin,
             capture_output=True,
             text=True,

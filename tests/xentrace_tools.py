@@ -4,13 +4,13 @@ Both come from Debian's xen-utils-common, never installed as a package (its
 dependencies pull in the hypervisor's tools): `apt-get download` and `dpkg
 -x` unpack it into a cache directory, once. xenalyze needs only libc.
 Debian's xentrace_format is Python 2 code under a python3 shebang, so it
-runs under a Python 2 interpreter when the machine has one (pyenv's, here);
-without one its tests skip and say so. Nothing of Xen is kept in the
-repository.
+runs under Debian 11's Python 2.7 (the last release that shipped one),
+unpacked the same way. Nothing of Xen or Python 2 is kept in the repository.
 
     python -m tests.xentrace_tools fetch    # what scripts/test runs
 """
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,29 +44,27 @@ def xentrace_format() -> Path:
     return _tool("xentrace_format")
 
 
-def python2() -> str:
-    """A Python 2 interpreter for xentrace_format: `python2` on PATH, or pyenv's."""
-    candidates = [shutil.which("python2") or ""]
-    candidates += sorted(str(p) for p in Path.home().glob(".pyenv/versions/2.*/bin/python2"))
-    for candidate in filter(None, candidates):
-        check = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.version_info[0])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if check.stdout.strip() == "2":
-            return candidate
-    raise Unavailable(
-        "no Python 2 interpreter: Debian's xentrace_format is Python 2 code (python3 rejects it)"
+def python2() -> list[str]:
+    """The command line of Debian 11's Python 2.7 for xentrace_format: `-E`, so the
+    caller's PYTHON* variables (set for Python 3) do not reach it."""
+    root = unpacked("python2.7-minimal", also=("libpython2.7-minimal",), suite="bullseye")
+    interpreter = root / "usr/bin/python2.7"
+    check = subprocess.run(
+        [str(interpreter), "-E", "-c", "import re, struct, signal, getopt; print(2)"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if check.stdout.strip() != "2":
+        raise Unavailable(f"Debian 11's python2.7 does not run here: {check.stderr.strip()}")
+    return [str(interpreter), "-E"]
 
 
 def bin_dir() -> Path:
     """A directory for PATH with both tools by their names, xentrace_format wrapped to run
     under Python 2: what the docs' console sessions call."""
     binaries = CACHE / "xentrace-bin"
-    wrapper = f'#!/bin/sh\nexec {python2()} {xentrace_format()} "$@"\n'
+    wrapper = f'#!/bin/sh\nexec {shlex.join([*python2(), str(xentrace_format())])} "$@"\n'
     if (
         not (binaries / "xentrace_format").exists()
         or (binaries / "xentrace_format").read_text() != wrapper
@@ -87,6 +85,6 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["fetch"]:
         sys.exit("usage: python -m tests.xentrace_tools fetch")
     try:
-        print(f"xenalyze: {xenalyze()}; xentrace_format: {xentrace_format()}")
+        print(f"xenalyze: {xenalyze()}; xentrace_format: {xentrace_format()} under {python2()[0]}")
     except Unavailable as exc:
         sys.exit(f"xentrace tools: {exc}")
