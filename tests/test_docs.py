@@ -1,10 +1,13 @@
 """The docs are run: generated pages are current, and every console session replays."""
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,23 @@ def test_console_sessions_replay(page: Path, tmp_path: Path) -> None:
             env["PATH"] = f"{xentrace_tools.bin_dir()}:{env['PATH']}"
         except xentrace_tools.Unavailable as exc:
             pytest.skip(f"{page.name} runs Xen's trace readers: {exc}")
+    with _machine_wide(page):
+        _replay(page, env)
+
+
+@contextlib.contextmanager
+def _machine_wide(page: Path) -> Iterator[None]:
+    """A page whose sessions use fixed paths under /tmp (as a reader's would) holds a
+    machine-wide lock while it runs: two suites on one machine wait, not collide."""
+    if "/tmp/" not in page.read_text():
+        yield
+        return
+    with open("/tmp/xenlike-docs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _replay(page: Path, env: dict[str, str]) -> None:
     try:
         for session in sessions(page):
             for command, expected in session:
