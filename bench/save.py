@@ -19,7 +19,10 @@ Also: the file's size against the domain's populated memory, and CPU time
 per operation of each process (hypervisor, Dom0, the guest; the
 baseline's own process).
 
-Run: `python bench/save.py [--quick]`.
+`--profile`: where a restore's time goes, as Dom0 times each of its steps
+(the domain builder's hypercalls include the hypervisor's share), medians.
+
+Run: `python bench/save.py [--quick] [--profile]`.
 """
 
 import argparse
@@ -100,11 +103,15 @@ def save_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> float:
     return elapsed
 
 
-def restore_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> tuple[float, float]:
-    """(seconds to the toolstack's answer, seconds until the program has resumed)."""
+def restore_round(
+    run_dir: Path, file: Path, costs: Costs, workload: str, spans: dict[str, list[int]] | None
+) -> tuple[float, float]:
+    """(seconds to the toolstack's answer, seconds until the program has resumed);
+    with `spans`, Dom0's profile of the restore is added to it."""
     before = usages(run_dir)
     start = time.perf_counter()
-    answer = request(run_dir, {"op": "restore", "path": str(file)})
+    what: dict[str, object] = {"op": "restore", "path": str(file), "profile": spans is not None}
+    answer = request(run_dir, what)
     elapsed = time.perf_counter() - start
     log = find_run_dir(run_dir).console_log("g")
     resumed = f"resumed in domain {answer['domid']} ".encode()
@@ -114,6 +121,13 @@ def restore_round(run_dir: Path, file: Path, costs: Costs, workload: str) -> tup
             raise SystemExit(f"g did not resume in domain {answer['domid']}")
         time.sleep(0.001)
     resumed_after = time.perf_counter() - start
+    if spans is not None:
+        profile = answer["spans_ns"]
+        assert isinstance(profile, dict)
+        for name, ns in profile.items():
+            spans.setdefault(name, []).append(ns)
+        spans.setdefault("answer", []).append(int(elapsed * 1e9))
+        spans.setdefault("answer_to_resumed", []).append(int((resumed_after - elapsed) * 1e9))
     after = usages(run_dir)
     for name in ("hypervisor", "dom0"):
         costs.add(name, workload, after[name] - before[name], 1)
@@ -156,7 +170,11 @@ def raw_restore(memory: bytearray, directory: Path, costs: Costs, workload: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round of each")
+    parser.add_argument(
+        "--profile", action="store_true", help="where a restore's time goes, by Dom0's spans"
+    )
     args = parser.parse_args()
+    profiles: dict[int, dict[str, list[int]]] = {memory: {} for memory in SIZES}
     rounds = 1 if args.quick else 5
     costs = Costs()
     times: dict[str, list[float]] = {}
@@ -179,7 +197,13 @@ def main() -> None:
                     times.setdefault(f"raw_save_{memory}M", []).append(
                         raw_save(buffer, raw, costs, f"raw_save_{memory}M")
                     )
-                    restored, resumed = restore_round(run_dir, file, costs, f"restore_{memory}M")
+                    restored, resumed = restore_round(
+                        run_dir,
+                        file,
+                        costs,
+                        f"restore_{memory}M",
+                        profiles[memory] if args.profile else None,
+                    )
                     times.setdefault(f"restore_{memory}M", []).append(restored)
                     times.setdefault(f"restore_resumed_{memory}M", []).append(resumed)
                     times.setdefault(f"raw_restore_{memory}M", []).append(
@@ -199,6 +223,9 @@ def main() -> None:
         print(f"populated_bytes_{memory}M: {populated}")
     for line in costs.lines():
         print(line)
+    for memory in SIZES:
+        for name, values in profiles[memory].items():
+            print(f"profile restore_{memory}M {name}: {statistics.median(values) / 1e6:.2f} ms")
     for memory in SIZES:
         for what, raw in (("save", "save"), ("restore", "restore"), ("restore_resumed", "restore")):
             ratio = med[f"{what}_{memory}M"] / med[f"raw_{raw}_{memory}M"]

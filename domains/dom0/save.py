@@ -24,9 +24,11 @@ XenStore and console connections, every front end's handshake with a fresh
 back end, and the program called with its saved state.
 """
 
+import contextvars
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,10 @@ __all__ = [
     "domain_config",
     "domain_state",
     "finish_restore",
+    "profiled",
     "restore_domain",
     "save_domain",
+    "span",
     "suspend",
     "suspended_image",
 ]
@@ -69,6 +73,10 @@ SAVED_XENSTORE = ("data",)  # the guest's own subtrees a save carries
 PROGRESS_MIN_FRAMES = 16384  # 64 MiB: a smaller domain's frames get one progress line
 IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 WRITE_CHUNK = 8 << 20  # bytes per writev at most
+
+_SPANS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "restore_spans", default=None
+)
 
 Progress = Callable[[str], Awaitable[None]]
 """Where progress lines go: the command's stderr (as xl's), or Dom0's log."""
@@ -327,7 +335,8 @@ async def restore_domain(toolstack: Any, path: Path, progress: Progress = _quiet
     The file is read whole and every record checked (one pass, the pages left
     where they lie in what was read) before anything starts."""
     try:
-        data, image = await trio.to_thread.run_sync(_load, path)
+        with span("read_and_check"):
+            data, image = await trio.to_thread.run_sync(_load, path)
     except OSError as exc:
         raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
     except StreamError as exc:
@@ -351,13 +360,40 @@ async def restore_domain(toolstack: Any, path: Path, progress: Progress = _quiet
     await progress("xc: info: Restoring domain")
 
     async def refill(domid: int) -> None:
-        async with Refill.mapped(toolstack.xc, domid, config) as memory:
-            await memory.write(image.pages)
+        with span("refill"):
+            async with Refill.mapped(toolstack.xc, domid, config) as memory:
+                await memory.write(image.pages)
         await finish_restore(toolstack, domid, image)
 
     record = await toolstack.create(config, before_unpause=refill)
     await progress("xc: info: Restore successful")
     return record
+
+
+@contextmanager
+def span(name: str) -> Iterator[None]:
+    """Time a step of a restore that asked for its profile (`profiled`), in ns, added
+    under `name`; anything else runs untimed."""
+    spans = _SPANS.get()
+    if spans is None:
+        yield
+        return
+    start = time.perf_counter_ns()
+    try:
+        yield
+    finally:
+        spans[name] = spans.get(name, 0) + time.perf_counter_ns() - start
+
+
+@contextmanager
+def profiled() -> Iterator[dict[str, int]]:
+    """The spans (`span`) of what runs inside, by name, in ns."""
+    spans: dict[str, int] = {}
+    token = _SPANS.set(spans)
+    try:
+        yield spans
+    finally:
+        _SPANS.reset(token)
 
 
 def _load(path: Path) -> tuple[bytearray, DomainImage]:
@@ -389,7 +425,9 @@ class Refill:
         nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
         first = BootLayout.for_domain(nr_pages).first_free_gfn
         end = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
-        with await xc.map_memory(domid, writable=True) as memory:
+        with span("refill_map"):
+            memory = await xc.map_memory(domid, writable=True)
+        with memory:
             yield cls(xc, domid, memory, first, end)
 
     async def write(self, pages: Mapping[int, Page]) -> None:
@@ -408,10 +446,12 @@ class Refill:
 async def finish_restore(toolstack: Any, domid: int, image: DomainImage) -> None:
     """What a restored domain gets besides its memory, before it first runs: its
     execution state, its time (X86_TSC_INFO's elapsed ns), its XenStore data."""
-    await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
-    await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
-    for key, value in image.xenstore.items():
-        await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
+    with span("finish_context"):
+        await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
+        await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
+    with span("finish_xenstore"):
+        for key, value in image.xenstore.items():
+            await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
 
 
 def domain_config(image: DomainImage, path: Path | str) -> DomainConfig:
