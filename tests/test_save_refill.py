@@ -128,9 +128,10 @@ class FakeToolstack:
     guests: dict[str, Any] = attrs.field(factory=dict)
     destroyed: list[int] = attrs.field(factory=list)
 
-    async def create(self, config: DomainConfig, before_unpause: Any) -> Any:
+    async def create(self, config: DomainConfig, before_unpause: Any, fill: Any) -> Any:
         """As Toolstack.create: any failure before the unpause destroys the domain."""
         try:
+            await fill(7)
             await before_unpause(7)
         except BaseException:
             self.destroyed.append(7)

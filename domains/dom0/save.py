@@ -394,9 +394,11 @@ async def _restore(
                     ) from None
                 except OSError as exc:
                     raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
+
+    async def finish(domid: int) -> None:
         await finish_restore(toolstack, domid, image)
 
-    record = await toolstack.create(config, before_unpause=refill)
+    record = await toolstack.create(config, fill=refill, before_unpause=finish)
     await progress("xc: info: Restore successful")
     return record
 
@@ -548,9 +550,14 @@ async def finish_restore(toolstack: Any, domid: int, image: DomainImage) -> None
     with span("finish_context"):
         await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
         await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
-    with span("finish_xenstore"):
+
+    async def write(tx: Any) -> None:
         for key, value in image.xenstore.items():
-            await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
+            await tx.write(f"/local/domain/{domid}/{key}", value)
+
+    if image.xenstore:
+        with span("finish_xenstore"):
+            await toolstack.xs.transact(write)  # one commit, as the domain tree's
 
 
 def domain_config(image: DomainImage, path: Path | str) -> DomainConfig:

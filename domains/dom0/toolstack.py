@@ -103,6 +103,19 @@ class GuestRecord:
     restarts: int = 0
 
 
+async def _together(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Run `steps` at once; the first to fail cancels the others and is raised as it
+    was (not in a group: a restore's one line stays one line)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for step in steps:
+                nursery.start_soon(step)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 def _progress(request: dict[str, Any], peer: Peer | None, what: str) -> Progress:
     """Where a save's or restore's progress lines go: to its command, before the
     answer, when it asked ("progress": true, as `xenlike save` and `restore` do, and
@@ -141,10 +154,16 @@ class Toolstack:
     # --- creating ---------------------------------------------------------------
 
     async def create(
-        self, config: DomainConfig, before_unpause: Callable[[int], Awaitable[None]] | None = None
+        self,
+        config: DomainConfig,
+        before_unpause: Callable[[int], Awaitable[None]] | None = None,
+        fill: Callable[[int], Awaitable[None]] | None = None,
     ) -> GuestRecord:
         """Build, describe and start one guest; on any failure nothing is left behind.
-        `before_unpause(domid)` fills a restored guest before it runs."""
+        `fill(domid)` fills a restored guest's memory while its XenStore tree, devices
+        and console are set up (they touch no frame it writes: a restore's copy goes
+        on in a worker thread meanwhile); `before_unpause(domid)` gives it the rest
+        before it runs."""
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
@@ -165,20 +184,26 @@ class Toolstack:
                 console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
             with span("build"):
                 await self._build(config, domid, store_port, console_port)
-            with span("domain_info"):
-                info = await self.xc.domain_info(domid)
-            layout = BootLayout.for_domain(info.tot_pages)
-            with span("xenstore_tree"):
-                await self._write_domain_tree(record, layout, store_port, console_port)
-            counts: dict[str, int] = {}
-            with span("devices"):
-                for writer in writers:  # each type counts its own devices: vif 0, vif 1, ...
-                    index = counts[writer.type] = counts.get(writer.type, -1) + 1
-                    await writer.add(self.xs, domid, index)
-            with span("introduce"):
-                await self.xs.introduce(domid, layout.store_gfn, store_port)
-            with span("console"):
-                await self.consoled.add(domid, config.name, console_port)
+
+            async def describe() -> None:
+                # The builder populated what _build asked: no domain_info to learn it.
+                layout = BootLayout.for_domain(config.memory * 1024 // 4)
+                with span("xenstore_tree"):
+                    await self._write_domain_tree(record, layout, store_port, console_port)
+                counts: dict[str, int] = {}
+                with span("devices"):
+                    for writer in writers:  # each type counts its own: vif 0, vif 1, ...
+                        index = counts[writer.type] = counts.get(writer.type, -1) + 1
+                        await writer.add(self.xs, domid, index)
+                with span("introduce"):
+                    await self.xs.introduce(domid, layout.store_gfn, store_port)
+                with span("console"):
+                    await self.consoled.add(domid, config.name, console_port)
+
+            if fill is None:
+                await describe()
+            else:
+                await _together(describe, functools.partial(fill, domid))
             if before_unpause is not None:
                 await before_unpause(domid)
             with span("unpause"):
