@@ -212,7 +212,8 @@ class Toolstack:
             with trio.CancelScope(shield=True):
                 await self._destroy(record)
             raise
-        await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
+        with span("created_line"):
+            await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
         return record
 
     async def _build(
@@ -445,7 +446,7 @@ class Toolstack:
         path = Path(request["path"])
         if not path.is_absolute():
             raise ValueError(f"restore: {path} is not an absolute path")
-        with profiled() as spans:
+        with profiled() as spans, span("restore_op"):
             with span("lock"):
                 await self._lock.acquire()
             try:
