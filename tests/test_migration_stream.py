@@ -7,7 +7,9 @@ exception, never a half-read image.
 """
 
 import json
+import os
 import struct
+import tempfile
 
 import attrs
 import pytest
@@ -21,10 +23,11 @@ from xenlike.migration import (
     libxc_stream,
     libxl_stream,
     read_save_file,
+    scan_save_file,
     write_save_file,
     xl_format,
 )
-from xenlike.migration._record import Cursor
+from xenlike.migration._record import Cursor, FileCursor
 
 PAGE = XEN_PAGE_SIZE
 
@@ -449,3 +452,85 @@ def test_optional_records_are_skipped_as_both_specs_allow() -> None:
     mandatory = optional.replace(b"\x42\x00\x00\x80", b"\x42\x00\x00\x00")
     with pytest.raises(StreamError, match="unknown libxc record type 0x42"):
         read_save_file(data[:libxc_first] + mandatory + data[libxc_first:])
+
+
+# --- checking a file where it lies (restore's scan) ---------------------------------------
+
+
+def scanned(data: bytes) -> DomainImage | str:
+    """What `scan_save_file` finds in `data` written to a file, with its pages read back
+    from where its runs say they lie; or its error."""
+    with tempfile.TemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        try:
+            image, runs = scan_save_file(file.fileno())
+        except StreamError as error:
+            return str(error)
+        assert image.pages == {}
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(runs, runs[1:])), "ascending, once each"
+        pages = {
+            first + index: os.pread(file.fileno(), PAGE, at + index * PAGE)
+            for first, count, at in runs
+            for index in range(count)
+        }
+        return attrs.evolve(image, pages=pages)
+
+
+def read(data: bytes) -> DomainImage | str:
+    try:
+        return read_save_file(data)
+    except StreamError as error:
+        return str(error)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(images())
+def test_scanning_a_file_finds_what_reading_it_does(image: DomainImage) -> None:
+    assert scanned(save(image)) == image
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_scan_and_read_refuse_the_same_flipped_byte_with_the_same_line(
+    data: st.DataObject,
+) -> None:
+    saved = save(sample(pages={p: page(p) for p in [*range(6), 9, 8]}, vcpus={0: b"s"}))
+    bad = bytearray(saved)
+    bad[data.draw(st.integers(0, len(saved) - 1))] ^= data.draw(st.integers(1, 255))
+    assert scanned(bytes(bad)) == read(bytes(bad))
+
+
+def test_scan_and_read_agree_on_every_truncation_and_corruption() -> None:
+    data = save(sample())
+    for cut in boundaries(data):
+        assert scanned(data[:cut]) == read(data[:cut])
+    assert scanned(data[: len(data) // 2]).startswith("truncated PAGE_DATA record at offset")
+
+
+def test_scan_settles_a_later_page_data_and_an_xtab() -> None:
+    data = save(sample())
+    _, libxc, _ = layers(data)
+    resend = (
+        struct.pack("<IIII", libxc_stream.RecType.PAGE_DATA, 8 + 24 + 2 * PAGE, 3, 0)
+        + struct.pack("<QQQ", 3, 0xF << 60 | 4, 1501)  # 3 and 1501 again, 4 gone (XTAB)
+        + page(999)
+        + page(998)
+    )
+    at = next(r[0] for r in records(data, libxc + 40) if r[1] == libxc_stream.RecType.X86_TSC_INFO)
+    changed = data[:at] + resend + data[at:]
+    back = scanned(changed)
+    assert back == read(changed)
+    assert isinstance(back, DomainImage)
+    assert back.pages[3] == page(999) and back.pages[1501] == page(998) and 4 not in back.pages
+
+
+def test_a_file_cut_short_after_its_size_was_taken_is_truncated_not_a_crash() -> None:
+    data = save(sample())
+    with tempfile.TemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        cursor = FileCursor(file.fileno())
+        os.ftruncate(file.fileno(), 100)
+        with pytest.raises(StreamError, match="^truncated .* shrank"):
+            xl_format._read(cursor)

@@ -54,7 +54,7 @@ from xenlike.save_abi import (
     xenlike_memory,
 )
 
-__all__ = ["ForeignMemory", "XenControl", "connect_control_socket"]
+__all__ = ["ForeignMemory", "MemoryFile", "XenControl", "connect_control_socket"]
 
 INFO = compile_struct(xen_domctl_getdomaininfo, "xen_domctl_getdomaininfo")
 BUILD = compile_struct(xenlike_domctl_build, "xenlike_domctl_build")
@@ -94,6 +94,46 @@ class ForeignMemory:
             pass
 
     def __enter__(self) -> "ForeignMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@attrs.define(eq=False)
+class MemoryFile:
+    """Another domain's memory file (`XenControl.memory_file`): `fd` is its memfd,
+    `nr_pages` frames long, `bitmap` one bit a frame (1: populated, bit gfn % 8 of
+    byte gfn // 8), `moved` the frames whose data is in a file of their own, not in
+    this one. Close it (or use it as a context manager) once done."""
+
+    fd: int
+    nr_pages: int
+    bitmap: bytes
+    moved: frozenset[int]
+
+    def populated(self) -> list[int]:
+        """The populated frames, ascending."""
+        return [
+            index * 8 + bit
+            for index, byte in enumerate(self.bitmap)
+            if byte
+            for bit in range(8)
+            if byte >> bit & 1
+        ]
+
+    def all_populated(self, first: int, end: int) -> bool:
+        """Whether every frame from `first` up to `end` is populated."""
+        whole = int.from_bytes(self.bitmap, "little")
+        span = (1 << (end - first)) - 1
+        return end <= self.nr_pages and whole >> first & span == span
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "MemoryFile":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -267,37 +307,36 @@ class XenControl:
         data = domid.to_bytes(2, "little") + bytes(6) + context
         await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_setcontext, data)
 
-    async def map_memory(self, domid: int, *, writable: bool = False) -> ForeignMemory:
-        """A suspended (or built, never-run) domain's memory, mapped here as Xen's
-        privcmd maps a guest's frames for libxc's save and restore."""
+    async def memory_file(self, domid: int) -> MemoryFile:
+        """A suspended (or built, never-run) domain's memory file itself, as Xen's
+        privcmd lets Dom0 reach any guest's frames: a restore writes its frames
+        into it with the kernel's copies and no mapping here."""
         arg = domid.to_bytes(2, "little") + bytes(6)
         done = await self.hypercalls.call(Hypercall.domctl, XENLIKE_DOMCTL_map_memory, arg, 1)
         fds = list(done.fds)
-        try:
-            if len(fds) != 1:
-                raise HypercallError(Errno.EINVAL, f"map_memory sent {len(fds)} files, not 1")
-            head = MEMORY.unpack_from(done.payload, 0)
-            bitmap = done.payload[MEMORY.size : MEMORY.size + (head.nr_pages + 7) // 8]
-            moved = done.payload[MEMORY.size + len(bitmap) :]
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise HypercallError(Errno.EINVAL, f"map_memory sent {len(fds)} files, not 1")
+        head = MEMORY.unpack_from(done.payload, 0)
+        bitmap = done.payload[MEMORY.size : MEMORY.size + (head.nr_pages + 7) // 8]
+        moved = done.payload[MEMORY.size + len(bitmap) :]
+        gfns = frozenset(memoryview(moved[: 4 * head.nr_moved]).cast("I"))
+        return MemoryFile(fds[0], head.nr_pages, bytes(bitmap), gfns)
+
+    async def map_memory(self, domid: int, *, writable: bool = False) -> ForeignMemory:
+        """A suspended (or built, never-run) domain's memory, mapped here as Xen's
+        privcmd maps a guest's frames for libxc's save and restore."""
+        with await self.memory_file(domid) as memory:
             mapping = mmap.mmap(
-                fds[0],
-                head.nr_pages * XEN_PAGE_SIZE,
+                memory.fd,
+                memory.nr_pages * XEN_PAGE_SIZE,
                 flags=mmap.MAP_SHARED,
                 prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
             )
-        finally:
-            for fd in fds:
-                os.close(fd)
-        populated = [
-            index * 8 + bit
-            for index, byte in enumerate(bitmap)
-            if byte
-            for bit in range(8)
-            if byte >> bit & 1
-        ]
-        gfns = frozenset(memoryview(moved[: 4 * head.nr_moved]).cast("I"))
-        _prefault(mapping, populated, gfns, writable)
-        return ForeignMemory(mapping, populated, gfns)
+        populated = memory.populated()
+        _prefault(mapping, populated, memory.moved, writable)
+        return ForeignMemory(mapping, populated, memory.moved)
 
     async def read_frames(self, domid: int, first: int, count: int) -> dict[int, bytes]:
         """The populated frames among `count` from `first` of a suspended domain, or of a

@@ -289,7 +289,7 @@ async def _receive(
     async def before_unpause(domid: int) -> None:
         nonlocal went
         await reader.exactly(libxl__sr_hdr.sizeof(), "libxl stream header")
-        async with save.Refill.mapped(toolstack.xc, domid, domain) as refill:
+        async with save.Refill.opened(toolstack.xc, domid, domain) as refill:
             memory = _Memory(refill, domain)
             await reader.records("libxl", memory.page_data)
         await say(f"migration target: received {memory.received} frames of {name}")

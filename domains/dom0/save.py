@@ -15,18 +15,22 @@ is destroyed, or, for a checkpoint (`xl save -c`), resumed in place: its
 SCHEDOP_shutdown returns 1 and it runs on. On any failure after the suspend
 the domain is resumed, as xl does, and nothing is left at the target.
 
-`restore_domain` reads a whole file and checks every layer before anything
-starts; then it creates the guest from the file's config, refills its
-populated frames (but the boot frames, which the builder wrote anew: libxc's
-restore rewrites start_info's too), gives it its execution state and its
-XenStore data, and unpauses it. The kernel boots in resume mode: new
+`restore_domain` checks every layer of a whole file before anything starts
+(reading its records but not its pages); then it creates the guest from the
+file's config, refills its populated frames from the file (but the boot
+frames, which the builder wrote anew: libxc's restore rewrites start_info's
+too) with the kernel's copies, gives it its execution state and its XenStore
+data, and unpauses it. The kernel boots in resume mode: new
 XenStore and console connections, every front end's handshake with a fresh
 back end, and the program called with its saved state.
 """
 
+import contextvars
+import fcntl
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +41,12 @@ from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.sched import ShutdownReason
 from xenlike.hypervisor.core import XEN_VERSION
 from xenlike.memory import XEN_PAGE_SIZE, BootLayout
-from xenlike.migration import DomainImage, StreamError, read_save_file, write_save_file
+from xenlike.migration import DomainImage, StreamError, scan_save_file, write_save_file
 from xenlike.migration.image import Page
+from xenlike.migration.libxc_stream import PageRun
 from xenlike.migration.xl_format import header_info, save_file_header
 from xenlike.topology import DiskSpec, DomainConfig, VifSpec
-from xenlike.xc import ForeignMemory
+from xenlike.xc import MemoryFile
 from xenlike.xenstore import XenStoreError
 
 __all__ = [
@@ -53,8 +58,10 @@ __all__ = [
     "domain_config",
     "domain_state",
     "finish_restore",
+    "profiled",
     "restore_domain",
     "save_domain",
+    "span",
     "suspend",
     "suspended_image",
 ]
@@ -69,6 +76,11 @@ SAVED_XENSTORE = ("data",)  # the guest's own subtrees a save carries
 PROGRESS_MIN_FRAMES = 16384  # 64 MiB: a smaller domain's frames get one progress line
 IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 WRITE_CHUNK = 8 << 20  # bytes per writev at most
+PIPE_SIZE = 1 << 20  # bytes a splice of a restore moves at most (Linux's pipe-max-size)
+
+_SPANS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "restore_spans", default=None
+)
 
 Progress = Callable[[str], Awaitable[None]]
 """Where progress lines go: the command's stderr (as xl's), or Dom0's log."""
@@ -309,11 +321,15 @@ def _write_atomically(
     return size
 
 
-def _writev(fd: int, buffers: list[Page]) -> None:
-    """All of `buffers`, in order, however short each writev falls."""
+def _writev(fd: int, buffers: list[Page], at: int | None = None) -> None:
+    """All of `buffers`, in order, however short each writev falls: at the file's
+    position, or from offset `at` (pwritev, which leaves the position alone)."""
     first = 0
     while first < len(buffers):
-        written = os.writev(fd, buffers[first:] if first else buffers)
+        rest = buffers[first:] if first else buffers
+        written = os.writev(fd, rest) if at is None else os.pwritev(fd, rest, at)
+        if at is not None:
+            at += written
         while first < len(buffers) and written >= len(buffers[first]):
             written -= len(buffers[first])
             first += 1
@@ -324,15 +340,32 @@ def _writev(fd: int, buffers: list[Page]) -> None:
 async def restore_domain(toolstack: Any, path: Path, progress: Progress = _quiet) -> Any:
     """A new guest from the save file at `path`; SaveError (one line) if the file is
     unreadable, corrupt, foreign or names a domain that exists; nothing starts then.
-    The file is read whole and every record checked (one pass, the pages left
-    where they lie in what was read) before anything starts."""
+    Every record of the file is checked before anything starts, in one pass over
+    its record headers and pfn lists (`scan_save_file`); the pages are then moved
+    from the file into the new domain's memory by the kernel (`Refill.copy`), from
+    the same open file: one cut short since is a clean error, and no domain."""
     try:
-        data, image = await trio.to_thread.run_sync(_load, path)
+        with span("read_and_check"):
+            source, header, image, runs = await trio.to_thread.run_sync(_scan, path)
     except OSError as exc:
         raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
     except StreamError as exc:
         raise SaveError(f"cannot restore from {path}: {exc}") from None
-    header = save_file_header.parse(data[: save_file_header.sizeof()])
+    try:
+        return await _restore(toolstack, path, progress, source, header, image, runs)
+    finally:
+        os.close(source)
+
+
+async def _restore(
+    toolstack: Any,
+    path: Path,
+    progress: Progress,
+    source: int,
+    header: Any,
+    image: DomainImage,
+    runs: list[PageRun],
+) -> Any:
     config = domain_config(image, path)
     if config.name in toolstack.guests:
         raise SaveError(f"cannot restore {config.name}: a domain named {config.name!r} exists")
@@ -351,67 +384,180 @@ async def restore_domain(toolstack: Any, path: Path, progress: Progress = _quiet
     await progress("xc: info: Restoring domain")
 
     async def refill(domid: int) -> None:
-        async with Refill.mapped(toolstack.xc, domid, config) as memory:
-            await memory.write(image.pages)
+        with span("refill"):
+            async with Refill.opened(toolstack.xc, domid, config) as memory:
+                try:
+                    await memory.copy(source, runs)
+                except EOFError:
+                    raise SaveError(
+                        f"cannot restore from {path}: the file was cut short as it was restored"
+                    ) from None
+                except OSError as exc:
+                    raise SaveError(f"cannot restore from {path}: {exc.strerror}") from None
+
+    async def finish(domid: int) -> None:
         await finish_restore(toolstack, domid, image)
 
-    record = await toolstack.create(config, before_unpause=refill)
+    record = await toolstack.create(config, fill=refill, before_unpause=finish)
     await progress("xc: info: Restore successful")
     return record
 
 
-def _load(path: Path) -> tuple[bytearray, DomainImage]:
-    """The file read whole, as one buffer, and the image its records hold: its pages
-    are views of that buffer."""
-    with open(path, "rb", buffering=0) as file:
-        data = bytearray(os.fstat(file.fileno()).st_size)
-        size = file.readinto(data)
-    del data[size:]  # it shrank as we read: the reader says where it is truncated
-    return data, read_save_file(data)
+@contextmanager
+def span(name: str) -> Iterator[None]:
+    """Time a step of a restore that asked for its profile (`profiled`), in ns, added
+    under `name`; anything else runs untimed."""
+    spans = _SPANS.get()
+    if spans is None:
+        yield
+        return
+    start = time.perf_counter_ns()
+    try:
+        yield
+    finally:
+        spans[name] = spans.get(name, 0) + time.perf_counter_ns() - start
+
+
+@contextmanager
+def profiled() -> Iterator[dict[str, int]]:
+    """The spans (`span`) of what runs inside, by name, in ns."""
+    spans: dict[str, int] = {}
+    token = _SPANS.set(spans)
+    try:
+        yield spans
+    finally:
+        _SPANS.reset(token)
+
+
+def _scan(path: Path) -> tuple[int, Any, DomainImage, list[PageRun]]:
+    """The file opened, its xl header, the image its records hold (no pages) and where
+    its pages lie; the descriptor is the caller's to close, unless this raises."""
+    source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        image, runs = scan_save_file(source)
+        header = save_file_header.parse(os.pread(source, save_file_header.sizeof(), 0))
+    except BaseException:
+        os.close(source)
+        raise
+    return source, header, image, runs
 
 
 @attrs.define(eq=False)
 class Refill:
     """Writes a saved domain's frames into a new domain built for them, before it
-    first runs, through its memory mapped here: all but the boot frames, which the
+    first runs, straight into its memory file: all but the boot frames, which the
     builder wrote anew (libxc's restore rewrites start_info's too), and none beyond
-    what the builder populated. `restore` and `migrate-receive` both write with it."""
+    what the builder populated. The kernel copies the bytes: Dom0 maps none of
+    them, so no page of the new memory is faulted or zeroed here (shmem allocates
+    each page as it is written). `restore` copies them from its file (`copy`),
+    `migrate-receive` writes them as they arrive (`write`)."""
 
     xc: Any
     domid: int
-    memory: ForeignMemory
+    memory: MemoryFile
     first: int  # the first frame after the boot frames
     end: int  # one past the last frame the builder populated
 
     @classmethod
     @asynccontextmanager
-    async def mapped(cls, xc: Any, domid: int, config: DomainConfig) -> AsyncIterator["Refill"]:
+    async def opened(cls, xc: Any, domid: int, config: DomainConfig) -> AsyncIterator["Refill"]:
         nr_pages = config.max_memory * 1024 * 1024 // XEN_PAGE_SIZE
         first = BootLayout.for_domain(nr_pages).first_free_gfn
         end = config.memory * 1024 * 1024 // XEN_PAGE_SIZE
-        with await xc.map_memory(domid, writable=True) as memory:
+        with span("refill_open"):
+            memory = await xc.memory_file(domid)
+        with memory:
+            if not memory.all_populated(first, end):  # the builder's, so never
+                raise SaveError(f"d{domid}'s frames {first}..{end - 1} are not all populated")
             yield cls(xc, domid, memory, first, end)
 
     async def write(self, pages: Mapping[int, Page]) -> None:
-        """Each of `pages` into its frame (a later write of a frame wins)."""
-        mapping, moved = self.memory.mapping, self.memory.moved
+        """Each of `pages` into its frame (a later write of a frame wins), a run of
+        consecutive frames a pwritev."""
+        moved, fd = self.memory.moved, self.memory.fd
+        batch: list[Page] = []
+        at = 0  # the frame batch[0] goes to
         for pfn, page in pages.items():
             if not self.first <= pfn < self.end:
                 continue
-            if pfn in moved:  # not in the mapping: through the hypervisor
+            if pfn in moved:  # not in the memory file: through the hypervisor
                 await self.xc.write_frames(self.domid, pfn, bytes(page))
                 continue
-            at = pfn * XEN_PAGE_SIZE
-            mapping[at : at + XEN_PAGE_SIZE] = page
+            if batch and pfn == at + len(batch) and len(batch) < IOV_MAX:
+                batch.append(page)
+                continue
+            if batch:
+                _writev(fd, batch, at * XEN_PAGE_SIZE)
+            batch, at = [page], pfn
+        if batch:
+            _writev(fd, batch, at * XEN_PAGE_SIZE)
+
+    async def copy(self, source: int, runs: Iterable[PageRun]) -> None:
+        """The frames `runs` name (ascending, each once, as `scan_save_file` gives them)
+        from the file open at `source`, in a worker thread: EOFError if the file is
+        shorter than the runs say (cut short since it was checked)."""
+        segments: list[tuple[int, int, int]] = []  # (file offset, memory offset, bytes)
+        apart: list[tuple[int, int]] = []  # (moved frame, file offset)
+        moved = self.memory.moved
+        for first, count, at in runs:
+            low, high = max(first, self.first), min(first + count, self.end)
+            at += (low - first) * XEN_PAGE_SIZE
+            for pfn in sorted(pfn for pfn in moved if low <= pfn < high):
+                apart.append((pfn, at + (pfn - low) * XEN_PAGE_SIZE))
+                if pfn > low:
+                    segments.append((at, low * XEN_PAGE_SIZE, (pfn - low) * XEN_PAGE_SIZE))
+                at += (pfn + 1 - low) * XEN_PAGE_SIZE
+                low = pfn + 1
+            if low < high:
+                segments.append((at, low * XEN_PAGE_SIZE, (high - low) * XEN_PAGE_SIZE))
+        await trio.to_thread.run_sync(_splice, source, self.memory.fd, segments)
+        for pfn, at in apart:
+            page = os.pread(source, XEN_PAGE_SIZE, at)
+            if len(page) != XEN_PAGE_SIZE:
+                raise EOFError(f"frame {pfn:#x} at offset {at}")
+            await self.xc.write_frames(self.domid, pfn, page)
+
+
+def _splice(source: int, target: int, segments: Iterable[tuple[int, int, int]]) -> None:
+    """Each (source offset, target offset, bytes) from file to file through a pipe:
+    the source's page-cache pages go into the pipe by reference and out of it
+    with one copy, into the target's pages as shmem allocates them. Explicit
+    offsets on both sides: the target is the hypervisor's own open file, whose
+    position is not ours to move. EOFError if the source ends first."""
+    out, into = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            capacity = fcntl.fcntl(into, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # above /proc/sys/fs/pipe-max-size: the default
+            capacity = fcntl.fcntl(into, fcntl.F_GETPIPE_SZ)
+        for at, to, size in segments:
+            while size:
+                moved = os.splice(source, into, min(size, capacity), offset_src=at)
+                if not moved:
+                    raise EOFError(f"offset {at}")
+                at, size = at + moved, size - moved
+                while moved:
+                    written = os.splice(out, target, moved, offset_dst=to)
+                    to, moved = to + written, moved - written
+    finally:
+        os.close(out)
+        os.close(into)
 
 
 async def finish_restore(toolstack: Any, domid: int, image: DomainImage) -> None:
     """What a restored domain gets besides its memory, before it first runs: its
     execution state, its time (X86_TSC_INFO's elapsed ns), its XenStore data."""
-    await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
-    await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
-    for key, value in image.xenstore.items():
-        await toolstack.xs.write(f"/local/domain/{domid}/{key}", value)
+    with span("finish_context"):
+        await toolstack.xc.set_vcpu_context(domid, image.vcpus.get(0, b""))
+        await toolstack.xc.set_tsc_info(domid, image.elapsed_ns)
+
+    async def write(tx: Any) -> None:
+        for key, value in image.xenstore.items():
+            await tx.write(f"/local/domain/{domid}/{key}", value)
+
+    if image.xenstore:
+        with span("finish_xenstore"):
+            await toolstack.xs.transact(write)  # one commit, as the domain tree's
 
 
 def domain_config(image: DomainImage, path: Path | str) -> DomainConfig:

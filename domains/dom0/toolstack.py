@@ -20,7 +20,8 @@ line: {"op": "create", "config": TEXT} | {"op": "shutdown", "name": N,
 "name": N} | {"op": "attach", "name": N, "type": "vbd"|"vif", "spec": SPEC} |
 {"op": "detach", "name": N, "type": T, "device": VDEV|MAC|DEVID} |
 {"op": "device-list", "name": N, "type": T} | {"op": "save", "name": N, "path":
-ABSOLUTE, "checkpoint": BOOL} | {"op": "restore", "path": ABSOLUTE} |
+ABSOLUTE, "checkpoint": BOOL} | {"op": "restore", "path": ABSOLUTE, "profile":
+BOOL} (a profile answers with the restore's steps timed, "spans_ns") |
 {"op": "migrate", "name": N, "live": BOOL} and {"op": "migrate-receive"}, each
 sent with its stream's two descriptors (domains.dom0.migrate); each
 answer is {"ok": true, ...} or {"ok": false, "error": ...}.
@@ -52,7 +53,7 @@ import trio
 
 from domains.dom0.devices import DEVICE_WRITERS, DeviceWriter, remove_device
 from domains.dom0.migrate import MIGRATION_OPS, Peer, migration_op, receive_with_fds
-from domains.dom0.save import Progress, restore_domain, save_domain
+from domains.dom0.save import Progress, profiled, restore_domain, save_domain, span
 from domains.dom0.xenconsoled import XenConsoled, unix_listener
 from xenlike.abi.domctl import XEN_DOMINF_shutdown, XEN_DOMINF_shutdownshift
 from xenlike.abi.errno import Errno
@@ -102,6 +103,19 @@ class GuestRecord:
     restarts: int = 0
 
 
+async def _together(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Run `steps` at once; the first to fail cancels the others and is raised as it
+    was (not in a group: a restore's one line stays one line)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for step in steps:
+                nursery.start_soon(step)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 def _progress(request: dict[str, Any], peer: Peer | None, what: str) -> Progress:
     """Where a save's or restore's progress lines go: to its command, before the
     answer, when it asked ("progress": true, as `xenlike save` and `restore` do, and
@@ -140,10 +154,16 @@ class Toolstack:
     # --- creating ---------------------------------------------------------------
 
     async def create(
-        self, config: DomainConfig, before_unpause: Callable[[int], Awaitable[None]] | None = None
+        self,
+        config: DomainConfig,
+        before_unpause: Callable[[int], Awaitable[None]] | None = None,
+        fill: Callable[[int], Awaitable[None]] | None = None,
     ) -> GuestRecord:
         """Build, describe and start one guest; on any failure nothing is left behind.
-        `before_unpause(domid)` fills a restored guest before it runs."""
+        `fill(domid)` fills a restored guest's memory while its XenStore tree, devices
+        and console are set up (they touch no frame it writes: a restore's copy goes
+        on in a worker thread meanwhile); `before_unpause(domid)` gives it the rest
+        before it runs."""
         if config.name in self.guests:
             raise ValueError(f"a domain named {config.name!r} already exists")
         writers = [self._writer(spec) for spec in self._device_specs(config)]
@@ -152,31 +172,48 @@ class Toolstack:
                 if "driver" in device and device["type"] not in self.registry:
                     self.registry.register_dotted(device["driver"], device["type"])
         handle = uuid.uuid4()
-        domid = await self.xc.createdomain(handle=handle.bytes)
+        with span("createdomain"):
+            domid = await self.xc.createdomain(handle=handle.bytes)
         record = GuestRecord(config, domid, str(handle))
         self.guests[config.name] = record
         try:
-            await self.xc.set_max_mem(domid, config.max_memory * 1024)
-            store_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
-            console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
-            await self._build(config, domid, store_port, console_port)
-            info = await self.xc.domain_info(domid)
-            layout = BootLayout.for_domain(info.tot_pages)
-            await self._write_domain_tree(record, layout, store_port, console_port)
-            counts: dict[str, int] = {}
-            for writer in writers:  # each type counts its own devices: vif 0, vif 1, ...
-                index = counts[writer.type] = counts.get(writer.type, -1) + 1
-                await writer.add(self.xs, domid, index)
-            await self.xs.introduce(domid, layout.store_gfn, store_port)
-            await self.consoled.add(domid, config.name, console_port)
+            with span("max_mem"):
+                await self.xc.set_max_mem(domid, config.max_memory * 1024)
+            with span("alloc_unbound"):
+                store_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
+                console_port = await self.xc.alloc_unbound(domid, BACKEND_DOMID)
+            with span("build"):
+                await self._build(config, domid, store_port, console_port)
+
+            async def describe() -> None:
+                # The builder populated what _build asked: no domain_info to learn it.
+                layout = BootLayout.for_domain(config.memory * 1024 // 4)
+                with span("xenstore_tree"):
+                    await self._write_domain_tree(record, layout, store_port, console_port)
+                counts: dict[str, int] = {}
+                with span("devices"):
+                    for writer in writers:  # each type counts its own: vif 0, vif 1, ...
+                        index = counts[writer.type] = counts.get(writer.type, -1) + 1
+                        await writer.add(self.xs, domid, index)
+                with span("introduce"):
+                    await self.xs.introduce(domid, layout.store_gfn, store_port)
+                with span("console"):
+                    await self.consoled.add(domid, config.name, console_port)
+
+            if fill is None:
+                await describe()
+            else:
+                await _together(describe, functools.partial(fill, domid))
             if before_unpause is not None:
                 await before_unpause(domid)
-            await self.xc.unpause(domid)
+            with span("unpause"):
+                await self.xc.unpause(domid)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._destroy(record)
             raise
-        await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
+        with span("created_line"):
+            await self.dom0.console_write(f"toolstack: created {config.name} as d{domid}")
         return record
 
     async def _build(
@@ -409,9 +446,18 @@ class Toolstack:
         path = Path(request["path"])
         if not path.is_absolute():
             raise ValueError(f"restore: {path} is not an absolute path")
-        async with self._lock:
-            record = await restore_domain(self, path, _progress(request, peer, f"restore {path}"))
-        return {"ok": True, "domid": record.domid, "name": record.config.name}
+        with profiled() as spans, span("restore_op"):
+            with span("lock"):
+                await self._lock.acquire()
+            try:
+                progress = _progress(request, peer, f"restore {path}")
+                record = await restore_domain(self, path, progress)
+            finally:
+                self._lock.release()
+        answer = {"ok": True, "domid": record.domid, "name": record.config.name}
+        if request.get("profile"):
+            answer["spans_ns"] = spans
+        return answer
 
     # --- following the guests -----------------------------------------------------
 

@@ -36,6 +36,7 @@ Where xenlike differs from a Linux PV guest under Xen, and why:
 """
 
 import struct
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 
@@ -73,12 +74,15 @@ __all__ = [
     "REC_LENGTH_MAX",
     "REC_TYPE_OPTIONAL",
     "VGCF_online",
+    "PageRun",
     "PfInfo",
     "RecType",
     "cpu_user_regs",
     "page_data",
+    "page_data_runs",
     "parse_page_data",
     "read",
+    "settle_runs",
     "trap_info",
     "vcpu_guest_context_x86_64",
     "write",
@@ -278,6 +282,7 @@ _FLAGS_AT = offsetof(vcpu_guest_context_x86_64, "flags")
 _ONLINE_CONTEXT = bytes(_FLAGS_AT) + struct.pack("<Q", VGCF_online)
 _ONLINE_CONTEXT += bytes(_VCPU_CONTEXT_SIZE - len(_ONLINE_CONTEXT))
 
+_U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PAGE_DATA_HEADER = struct.Struct("<II")  # xc_sr_rec_page_data_header
 _PAGE_DATA_RESERVED = 0x0FF0000000000000  # bits 59-52 of a PAGE_DATA pfn
@@ -356,32 +361,43 @@ def write(image: DomainImage) -> Iterator[Page]:
     yield record(RecType.END)
 
 
-def parse_page_data(body: memoryview, max_pfn: int) -> tuple[dict[int, memoryview], set[int]]:
-    """A PAGE_DATA record's body, checked, as (its pages by pfn, views of `body`; the
-    pfns it marks XTAB, gone since they were sent); ValueError says what is wrong.
+PageRun = tuple[int, int, int]
+"""Frames whose pages follow one another where they were read: (first pfn, how many,
+offset of the first page in the file or buffer); an offset of -1 (one frame) is
+an XTAB pfn, a frame gone since it was sent."""
+
+
+def page_data_runs(head: memoryview, length: int, at: int, max_pfn: int) -> list[PageRun]:
+    """A PAGE_DATA record of `length` bytes whose body starts at offset `at`, checked
+    from its header and pfn list alone (`head`: the body's first bytes, at least
+    those when the record has them): its frames as runs, in the record's order;
+    ValueError says what is wrong.
 
     The usual record is checked whole, with no loop over its entries: the type
     and reserved bits are a pfn entry's top bits, so when the largest entry is
     within `max_pfn` every entry is a NOTAB pfn in range, and the body's length
-    says whether every page is there.
+    says whether every page is there; when its pfns follow one another too (as
+    the writer's do) it is one run.
     """
     header_size = _PAGE_DATA_HEADER.size
-    if len(body) < header_size:
-        raise ValueError(f"PAGE_DATA record of {len(body)} bytes")
-    count, reserved = _PAGE_DATA_HEADER.unpack_from(body)
+    if length < header_size:
+        raise ValueError(f"PAGE_DATA record of {length} bytes")
+    count, reserved = _PAGE_DATA_HEADER.unpack_from(head)
     if count == 0 or reserved:
         raise ValueError(f"PAGE_DATA record with count {count}, reserved {reserved:#x}")
     data_at = header_size + 8 * count
-    if len(body) < data_at:
+    if length < data_at:
         raise ValueError(f"PAGE_DATA record too short for {count} pfns")
-    entries = body[header_size:data_at].cast("B").cast("Q")
-    if max(entries) <= max_pfn and len(body) == data_at + XEN_PAGE_SIZE * count:
-        return {
-            pfn: body[at : at + XEN_PAGE_SIZE]
-            for pfn, at in zip(entries, range(data_at, len(body), XEN_PAGE_SIZE))
-        }, set()
-    pages: dict[int, memoryview] = {}
-    gone: set[int] = set()
+    entries = head[header_size:data_at].cast("B").cast("Q")
+    if max(entries) <= max_pfn and length == data_at + XEN_PAGE_SIZE * count:
+        first = entries[0]
+        if entries.tobytes() == array("Q", range(first, first + count)).tobytes():
+            return [(first, count, at + data_at)]
+        return [
+            (pfn, 1, at + offset)
+            for pfn, offset in zip(entries, range(data_at, length, XEN_PAGE_SIZE))
+        ]
+    runs: list[PageRun] = []
     for index, entry in enumerate(entries):
         pfn = entry & PAGE_DATA_PFN_MASK
         page_type = entry >> PAGE_DATA_TYPE_SHIFT
@@ -390,19 +406,65 @@ def parse_page_data(body: memoryview, max_pfn: int) -> tuple[dict[int, memoryvie
         if pfn > max_pfn:
             raise ValueError(f"PAGE_DATA pfn {pfn:#x} beyond max_pfn {max_pfn:#x}")
         if page_type == PfInfo.XTAB:
-            pages.pop(pfn, None)
-            gone.add(pfn)
+            runs.append((pfn, 1, -1))
         elif page_type == PfInfo.NOTAB:
-            if data_at + XEN_PAGE_SIZE > len(body):
+            if data_at + XEN_PAGE_SIZE > length:
                 raise ValueError(f"PAGE_DATA record too short for the contents of {count} pages")
-            pages[pfn] = body[data_at : data_at + XEN_PAGE_SIZE]
-            gone.discard(pfn)
+            runs.append((pfn, 1, at + data_at))
             data_at += XEN_PAGE_SIZE
         else:
             name = PfInfo(page_type).name if page_type in _PF_TYPES else hex(page_type)
             raise ValueError(f"PAGE_DATA pfn {pfn:#x} of type {name}")
-    if data_at != len(body):
-        raise ValueError(f"PAGE_DATA record has {len(body) - data_at} bytes after its pages")
+    if data_at != length:
+        raise ValueError(f"PAGE_DATA record has {length - data_at} bytes after its pages")
+    return runs
+
+
+def settle_runs(runs: Sequence[PageRun]) -> list[PageRun]:
+    """Where each frame's last page lies, after `runs` in their order (a frame sent
+    again takes its later page; an XTAB frame is dropped): runs by ascending pfn,
+    none overlapping, none XTAB, the consecutive ones merged. The writer's runs
+    already are, and cost no loop over their frames."""
+    if all(at >= 0 for _, _, at in runs) and all(
+        before[0] + before[1] <= after[0] for before, after in zip(runs, runs[1:])
+    ):
+        return list(runs)
+    where: dict[int, int] = {}
+    for first, count, at in runs:
+        if at < 0:
+            where.pop(first, None)
+            continue
+        offsets = range(at, at + count * XEN_PAGE_SIZE, XEN_PAGE_SIZE)
+        where.update(zip(range(first, first + count), offsets))
+    settled: list[PageRun] = []
+    for pfn in sorted(where):
+        at = where[pfn]
+        if settled:
+            first, count, start = settled[-1]
+            if pfn == first + count and at == start + count * XEN_PAGE_SIZE:
+                settled[-1] = (first, count + 1, start)
+                continue
+        settled.append((pfn, 1, at))
+    return settled
+
+
+def parse_page_data(body: memoryview, max_pfn: int) -> tuple[dict[int, memoryview], set[int]]:
+    """A PAGE_DATA record's body, checked, as (its pages by pfn, views of `body`; the
+    pfns it marks XTAB, gone since they were sent); ValueError says what is wrong."""
+    pages: dict[int, memoryview] = {}
+    gone: set[int] = set()
+    for first, count, at in page_data_runs(body, len(body), 0, max_pfn):
+        if at < 0:
+            pages.pop(first, None)
+            gone.add(first)
+            continue
+        pfns = range(first, first + count)
+        pages.update(
+            (pfn, body[offset : offset + XEN_PAGE_SIZE])
+            for pfn, offset in zip(pfns, range(at, at + count * XEN_PAGE_SIZE, XEN_PAGE_SIZE))
+        )
+        if gone:
+            gone.difference_update(pfns)
     return pages, gone
 
 
@@ -414,7 +476,7 @@ class _Reader:
         self.static_done = False
         self.pv_info = False
         self.max_pfn: int | None = None
-        self.pages: dict[int, Page] = {}
+        self.runs: list[PageRun] = []  # every PAGE_DATA record's, in the stream's order
         self.tsc_nsec: int | None = None
         self.shared_info: bytes | None = None
         self.vcpus: dict[int, bytes] = {}
@@ -444,17 +506,20 @@ class _Reader:
     def records(self) -> None:
         cursor = self.cursor
         while True:
-            rec_type, start, body = cursor.record(_NAMES, "libxc", REC_LENGTH_MAX)
+            rec_type, start, body_at, length = cursor.record_at(_NAMES, "libxc", REC_LENGTH_MAX)
             if rec_type == RecType.END:
-                if len(body):
+                if length:
                     raise cursor.error("END record with a body", start)
                 break
             if rec_type & REC_TYPE_OPTIONAL:
                 continue  # "the contents of optional records may be ignored"
+            if rec_type == RecType.PAGE_DATA:
+                self.page_data(body_at, length, start)
+                continue
             handler = self.HANDLERS.get(RecType(rec_type))
             if handler is None:
                 raise cursor.error(f"{_NAMES[rec_type]} record in an x86 PV save file", start)
-            handler(self, body, start)
+            handler(self, cursor.read(body_at, length, _NAMES[rec_type], start), start)
         missing = [
             name
             for name, value in (("X86_TSC_INFO", self.tsc_nsec), ("SHARED_INFO", self.shared_info))
@@ -510,17 +575,23 @@ class _Reader:
             )
         self.max_pfn = frames.end_pfn
 
-    def page_data(self, body: memoryview, start: int) -> None:
+    def page_data(self, body_at: int, length: int, start: int) -> None:
+        """A PAGE_DATA record checked from its header and pfn list: its pages are left
+        where they lie, found again by `runs`."""
         max_pfn = self._need_memory("PAGE_DATA", start)
         if self.shared_info is not None or self.vcpus:
             raise self.cursor.error("PAGE_DATA record after the vCPU state", start)
+        head_size = _PAGE_DATA_HEADER.size
+        what = "PAGE_DATA record"
+        head = self.cursor.read(body_at, min(length, head_size + 8 * MAX_BATCH_SIZE), what, start)
+        if length >= head_size:
+            (count,) = _U32.unpack_from(head)
+            if len(head) < head_size + 8 * count <= length:
+                head = self.cursor.read(body_at, head_size + 8 * count, what, start)
         try:
-            pages, gone = parse_page_data(body, max_pfn)
+            self.runs += page_data_runs(head, length, body_at, max_pfn)
         except ValueError as error:
             raise self.cursor.error(str(error), start) from None
-        for pfn in gone:
-            self.pages.pop(pfn, None)
-        self.pages.update(pages)
 
     def x86_tsc_info(self, body: memoryview, start: int) -> None:
         self._fixed(body, start, "X86_TSC_INFO", xc_sr_rec_x86_tsc_info.sizeof())
@@ -572,7 +643,6 @@ class _Reader:
         RecType.X86_PV_INFO: x86_pv_info,
         RecType.STATIC_DATA_END: static_data_end,
         RecType.X86_PV_P2M_FRAMES: x86_pv_p2m_frames,
-        RecType.PAGE_DATA: page_data,
         RecType.X86_TSC_INFO: x86_tsc_info,
         RecType.SHARED_INFO: shared_info_record,
         RecType.X86_PV_VCPU_BASIC: vcpu_basic,
@@ -594,7 +664,7 @@ def read(cursor: Cursor) -> DomainImage:
     assert reader.tsc_nsec is not None
     return DomainImage(
         max_pfn=reader.max_pfn,
-        pages=reader.pages,
+        pages=cursor.pages(settle_runs(reader.runs)),
         shared_info=reader.shared_info,
         vcpus=reader.vcpus,
         elapsed_ns=reader.tsc_nsec,

@@ -19,8 +19,9 @@ import attrs
 from construct import Bytes, Int32ul, Struct
 
 from xenlike.migration import libxl_stream
-from xenlike.migration._record import Cursor
+from xenlike.migration._record import Cursor, FileCursor
 from xenlike.migration.image import DomainImage, Page
+from xenlike.migration.libxc_stream import PageRun
 
 __all__ = [
     "SAVEFILE_BYTEORDER_VALUE",
@@ -31,6 +32,7 @@ __all__ = [
     "read",
     "save_file_header",
     "savefileheader_magic",
+    "scan",
     "write",
 ]
 
@@ -112,8 +114,22 @@ def _read_config(cursor: Cursor, optional: memoryview, json_flag: bool, at: int)
 
 
 def read(data: bytes | bytearray | memoryview) -> DomainImage:
-    """The domain a whole save file holds, every layer checked; StreamError otherwise."""
-    cursor = Cursor(data)
+    """The domain a whole save file holds, every layer checked; StreamError otherwise.
+    Its pages are views of `data`."""
+    return _read(Cursor(data))
+
+
+def scan(fd: int) -> tuple[DomainImage, list[PageRun]]:
+    """The domain the save file open at `fd` holds, checked as `read` checks it but
+    with no page read: the image has none, and the runs say where they lie in the
+    file (ascending pfns, each frame once). Reads the records' headers and their
+    pfn lists alone: a restore moves the pages from the file itself."""
+    cursor = FileCursor(fd)
+    image = _read(cursor)
+    return image, cursor.runs
+
+
+def _read(cursor: Cursor) -> DomainImage:
     header = save_file_header.parse(cursor.take(save_file_header.sizeof(), "xl header"))
     if header.magic != savefileheader_magic:
         raise cursor.error('not an xl save file (no "Xen saved domain, xl format" header)', 0)
@@ -136,5 +152,5 @@ def read(data: bytes | bytearray | memoryview) -> DomainImage:
     config = _read_config(cursor, optional, json_flag, at)
     image = libxl_stream.read(cursor)
     if not cursor.at_end():
-        raise cursor.error(f"{len(cursor.data) - cursor.offset} bytes after the libxl END record")
+        raise cursor.error(f"{cursor.size - cursor.offset} bytes after the libxl END record")
     return attrs.evolve(image, config=config)
