@@ -147,7 +147,13 @@ async def sender(guest: Any) -> None:
     iface = guest.net()
     sends = event_sends(guest)
     sock = iface.udp(PORT)
-    await iface.ping(RECEIVER_IP, timeout=10)
+    for attempt in range(10):  # as `ping -w 10`: one echo request a second
+        try:
+            await iface.ping(RECEIVER_IP, timeout=1)
+            break
+        except TimeoutError:
+            if attempt == 9:
+                raise
     async with guest.xs.watch("data/bench/go") as events:
         async for _ in events:
             try:
@@ -256,6 +262,19 @@ class Guests:
                 continue
         raise RuntimeError(f"no guest named {name}")
 
+    async def _check_alive(self, xs: Any, domids: dict[str, str]) -> None:
+        """A guest that crashed (its program raised) will never answer: say so at once,
+        with its console's last lines, rather than wait out the round's timeout."""
+        for name, domid in domids.items():
+            try:
+                await xs.read(f"/local/domain/{domid}/name")
+            except XenStoreError:
+                console = self.run_dir.path / "console" / f"{name}.log"
+                tail = console.read_text().splitlines()[-12:] if console.exists() else []
+                raise RuntimeError(
+                    f"the {name} guest is gone; its console:\n" + "\n".join(tail)
+                ) from None
+
     async def _vif_drops(self, xs: Any, domids: dict[str, str]) -> dict[str, int]:
         """The netback counters of the datagrams a vif dropped, as published in
         its back end's statistics/ (what `xenlike top` shows)."""
@@ -297,6 +316,7 @@ class Guests:
                     number, *result = text.split() or ["0"]
                     if int(number) == self.number:
                         break
+                    await self._check_alive(xs, domids)
                     await trio.sleep(0.05)
             await trio.sleep(STATISTICS_INTERVAL + 0.2)  # netback publishes them once a second
             drops_after = await self._vif_drops(xs, domids)

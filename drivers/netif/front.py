@@ -12,6 +12,13 @@ come, tx responses reclaim their buffers. The tx response event index is
 armed only while a sender waits for room (`Drain.wait`, `armed=False`), so a
 guest that keeps sending is not woken for every tx completion.
 
+Frames that arrive before the guest's stack has attached itself (`receiver`
+is set when the kernel hands the vif to the program, after every device has
+connected) wait in a backlog of RX_BACKLOG frames, as Linux's per-CPU
+netdev backlog keeps them for the stack; beyond it they count in
+`rx_dropped`. A frame is never dropped without a counter: the peer's first
+packets (an ARP reply, a ping) often arrive in exactly that window.
+
 Each time the back end is Connected, the interface announces itself with a
 gratuitous ARP, as Linux's netfront does (netback_changed → Connected →
 netdev_notify_peers): after a resume, a restore or a migration to another
@@ -20,6 +27,7 @@ host, every bridge on the way learns at once where its MAC lives now.
 
 import ipaddress
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +72,8 @@ from xenlike.xenbus import (
 __all__ = ["Netfront", "gratuitous_arp"]
 
 ARPOP_REQUEST = 1
+# Frames kept for the stack until it attaches (`Netfront.receiver`): an rx ring's worth.
+RX_BACKLOG = 256
 _ARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")  # Ethernet header, then RFC 826's packet
 
 
@@ -117,7 +127,8 @@ class Netfront(Frontend):
         self.sg = False  # the back end takes packets over several tx slots
         self.csum_offload = False  # the back end takes NETTXF_csum_blank
         self.static_grants = False  # the back end mapped every buffer once
-        self.receiver: Callable[[bytes, int], None] | None = None
+        self._receiver: Callable[[bytes, int], None] | None = None
+        self._backlog: deque[tuple[bytes, int]] = deque()  # frames before a receiver attached
         self.stats = {
             "tx_packets": 0,
             "tx_bytes": 0,
@@ -126,6 +137,7 @@ class Netfront(Frontend):
             "rx_packets": 0,
             "rx_bytes": 0,
             "rx_errors": 0,
+            "rx_dropped": 0,  # received before the stack attached, past RX_BACKLOG
         }
         self._buffers: _Buffers | None = None
         self._tx: Any = None  # FrontRing, while there is a data path
@@ -141,6 +153,19 @@ class Netfront(Frontend):
         self._rx_partial: list[bytes | None] = []  # a frame's slots so far (None: in error)
         self._rx_partial_flags = 0
         self._tx_drain = Drain(self._on_tx, armed=False)  # senders wait on it for room
+
+    @property
+    def receiver(self) -> Callable[[bytes, int], None] | None:
+        """What every received frame is handed to (the guest's IP stack), with its flags."""
+        return self._receiver
+
+    @receiver.setter
+    def receiver(self, receiver: Callable[[bytes, int], None] | None) -> None:
+        """Attach the stack; it gets the frames that waited for it first, in order."""
+        self._receiver = receiver
+        backlog = self._backlog
+        while receiver is not None and backlog and self._receiver is receiver:
+            self._deliver(*backlog.popleft())
 
     def front_keys(self) -> dict[str, str | int]:
         return {"request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}
@@ -338,10 +363,15 @@ class Netfront(Frontend):
             self._port.notify()
 
     def _deliver(self, frame: bytes, flags: int) -> None:
-        if self.receiver is None:
+        receiver = self._receiver
+        if receiver is None:
+            if len(self._backlog) < RX_BACKLOG:
+                self._backlog.append((frame, flags))
+            else:
+                self.stats["rx_dropped"] += 1
             return
         try:
-            self.receiver(frame, flags)
+            receiver(frame, flags)
         except Exception:
             self.log.exception(
                 "%s: the receiver failed on a %d-byte frame", self.device.nodename, len(frame)
