@@ -55,6 +55,7 @@ _ARP_TYPE = ETH_P_ARP.to_bytes(2, "big")
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _ANY = b"\0\0\0\0"
 _PATTERN = bytes(range(256))
+_HOSTS_KEPT = 1024  # dotted sender addresses cached for received datagrams
 
 
 class NetworkUnreachable(OSError):
@@ -78,6 +79,7 @@ class Interface:
         self.name = name
         self.arp = ArpCache(self._arp_request)
         self._udp: dict[int, UdpSocket] = {}
+        self._hosts: dict[bytes, str] = {}  # the dotted form of each sender's address, once
         self._ephemeral = itertools.cycle(EPHEMERAL_PORTS)
         self._ident = random.randrange(0x10000)
         self._ping_id = random.randrange(0x10000)
@@ -182,27 +184,30 @@ class Interface:
             stats["fragments"] += 1
             return
         stats["ip_in"] += 1
-        payload = frame[14 + ihl : 14 + total]
         if protocol == IPPROTO_UDP:
-            self._receive_udp(frame, payload, source, destination, flags)
+            self._receive_udp(frame, 14 + ihl, 14 + total, source, destination, flags)
         elif protocol == IPPROTO_ICMP:
+            payload = frame[14 + ihl : 14 + total]
             self._receive_icmp(frame, payload, source, destination, flags)
 
     def _receive_udp(
-        self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
+        self, frame: bytes, start: int, end: int, source: bytes, destination: bytes, flags: int
     ) -> None:
-        if len(payload) < UDP.size:
+        """The datagram in frame[start:end] (the IP payload), read in place: its data
+        is the one copy made of it."""
+        if end - start < UDP.size:
             self.stats["bad_header"] += 1
             return
-        source_port, port, length, sum_ = UDP.unpack_from(payload)
-        if length < UDP.size or length > len(payload):
+        source_port, port, length, sum_ = UDP.unpack_from(frame, start)
+        if length < UDP.size or length > end - start:
             self.stats["bad_header"] += 1
             return
         if (
             sum_
             and not flags & NETRXF_data_validated
             and checksum(
-                payload[:length], pseudo_header_sum(source, destination, IPPROTO_UDP, length)
+                frame[start : start + length],
+                pseudo_header_sum(source, destination, IPPROTO_UDP, length),
             )
         ):
             self.stats["bad_checksum"] += 1
@@ -213,7 +218,12 @@ class Interface:
             if destination == self._ip:
                 self._unreachable(frame, source)
             return
-        sock.deliver(payload[UDP.size : length], (socket.inet_ntoa(source), source_port))
+        host = self._hosts.get(source)
+        if host is None:
+            if len(self._hosts) >= _HOSTS_KEPT:  # sources a peer may forge: bounded
+                self._hosts.clear()
+            host = self._hosts[source] = socket.inet_ntoa(source)
+        sock.deliver(frame[start + UDP.size : start + length], (host, source_port))
 
     def _receive_icmp(
         self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
@@ -295,12 +305,13 @@ class Interface:
             mac = await self.next_hop(destination)
         length = UDP.size + len(data)
         total = IPV4.size + length
-        ident = self._next_ident()
+        ident = self._ident = (self._ident + 1) & 0xFFFF
         dest = int.from_bytes(destination, "big")
-        header_sum = _fold(
-            self._header_sum + IPPROTO_UDP + total + ident + (dest >> 16) + (dest & 0xFFFF)
-        )
-        if self.vif.csum_offload:
+        header_sum = self._header_sum + IPPROTO_UDP + total + ident + (dest >> 16) + (dest & 0xFFFF)
+        header_sum = (header_sum & 0xFFFF) + (header_sum >> 16)  # _fold, inline: once a datagram
+        header_sum = ~((header_sum & 0xFFFF) + (header_sum >> 16)) & 0xFFFF
+        vif = self.vif
+        if vif.csum_offload:
             sum_, flags = 0, NETTXF_csum_blank | NETTXF_data_validated
         else:
             sum_ = (
@@ -314,7 +325,7 @@ class Interface:
         frame = (
             ETH_UDP.pack(
                 mac,
-                self.vif.mac,
+                vif.mac,
                 ETH_P_IP,
                 0x45,
                 0,
@@ -334,7 +345,8 @@ class Interface:
             + data
         )
         self.stats["ip_out"] += 1
-        await self.vif.transmit(frame, flags)
+        if not vif.transmit_nowait(frame, flags):  # a full ring: wait for room
+            await vif.transmit(frame, flags)
 
     def _arp_request(self, ip: bytes) -> None:
         frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + ARP.pack(
