@@ -385,12 +385,7 @@ class Vif:
         if self._closed:
             self.stats["rx_dropped"] += len(frames)
             return
-        limit, offload = self._max_rx, self._csum_offload
-        accepted = frames
-        for frame, flags in frames:
-            if len(frame) > limit or (flags & NETRXF_csum_blank and not offload):
-                accepted = self._fit(frames)
-                break
+        accepted = self._fit(frames)
         queue = self._rx_queue
         taken = queue.put(source, accepted) if accepted else 0
         self.stats["rx_dropped"] += len(frames) - taken
@@ -404,11 +399,12 @@ class Vif:
     def _fit(self, frames: list[Frame]) -> list[Frame]:
         """The frames this guest can take: none longer than its rx buffers allow, and
         the checksums it left to offload filled in when it does not take offload."""
+        limit, offload = self._max_rx, self._csum_offload
         fitting = []
         for frame, flags in frames:
-            if len(frame) > self._max_rx:
+            if len(frame) > limit:
                 continue
-            if flags & NETRXF_csum_blank and not self._csum_offload:
+            if flags & NETRXF_csum_blank and not offload:
                 completed = fill_checksum(frame)
                 if completed is None:
                     continue

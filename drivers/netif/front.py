@@ -356,7 +356,6 @@ class Netfront(Frontend):
     def _collect_rx(self, responses: list[Any]) -> None:
         pages, posted = self._rx_pages, self._rx_posted
         partial, stats = self._rx_partial, self.stats
-        receiver = self._receiver
         reposts = []
         packets = received = 0  # single-slot frames, counted once per batch
         for buffer, offset, flags, status in responses:
@@ -371,14 +370,7 @@ class Netfront(Frontend):
                 if good:
                     packets += 1
                     received += status
-                    data = pages[buffer][offset : offset + status].tobytes()
-                    if receiver is None:
-                        self._deliver(data, flags)
-                        continue
-                    try:
-                        receiver(data, flags)
-                    except Exception:
-                        self._receiver_failed(len(data))
+                    self._deliver(pages[buffer][offset : offset + status].tobytes(), flags)
                 else:
                     stats["rx_errors"] += 1
                 continue
@@ -417,13 +409,9 @@ class Netfront(Frontend):
         try:
             receiver(frame, flags)
         except Exception:
-            self._receiver_failed(len(frame))
-
-    def _receiver_failed(self, length: int) -> None:
-        """The stack raised on a frame (the exception is being handled): log it, go on."""
-        self.log.exception(
-            "%s: the receiver failed on a %d-byte frame", self.device.nodename, length
-        )
+            self.log.exception(
+                "%s: the receiver failed on a %d-byte frame", self.device.nodename, len(frame)
+            )
 
     async def _map_statically(self, ctrl: FrontChannel, buffers: _Buffers) -> None:
         """XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING of every buffer, through one list page."""
