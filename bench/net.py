@@ -25,6 +25,7 @@ packets/s is 0.3 or more).
 import argparse
 import multiprocessing
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -188,8 +189,9 @@ def _raw_receiver(ready: Any, results: Any) -> None:
             data = sock.recv(65536)
             if data == START:
                 counter = Counter()
-            elif data == END:
-                results.put(counter.result().decode().removeprefix("RESULT "))
+            elif data.startswith(END + b" "):  # END <round>: answered with the round's number
+                number = data.split()[1].decode()
+                results.put(f"{number} " + counter.result().decode().removeprefix("RESULT "))
                 break
             elif data == b"QUIT":
                 return
@@ -207,8 +209,24 @@ class Raw:
         self.process.start()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.connect(("127.0.0.1", self.ready.get(timeout=30)))
+        self.number = 0
+
+    def _ask_result(self) -> list[str]:
+        """END until the receiver answers for this round: loopback UDP drops too when
+        the receiver falls behind, and a lost END must not stall the run."""
+        for _ in range(60):
+            self.sock.send(f"END {self.number}".encode())
+            try:
+                while True:
+                    number, *result = self.results.get(timeout=1).split()
+                    if int(number) == self.number:
+                        return result
+            except queue.Empty:
+                continue
+        raise TimeoutError("the raw receiver does not answer")
 
     def round(self, size: int, count: int, costs: Costs) -> tuple[int, int, float]:
+        self.number += 1
         self.sock.send(START)
         time.sleep(0.01)
         before = own_usage()
@@ -217,8 +235,7 @@ class Raw:
             send(payload)
         time.sleep(0.05)
         costs.add("raw_sender", f"{size}B", own_usage() - before, count)
-        self.sock.send(END)
-        received, nbytes, elapsed, cpu, switches, _, _ = self.results.get(timeout=60).split()
+        received, nbytes, elapsed, cpu, switches, _, _ = self._ask_result()
         costs.add("raw_receiver", f"{size}B", Usage(float(cpu), int(switches)), count)
         return int(received), int(nbytes), float(elapsed)
 
