@@ -25,6 +25,7 @@ packets/s is 0.3 or more).
 import argparse
 import multiprocessing
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -147,7 +148,13 @@ async def sender(guest: Any) -> None:
     iface = guest.net()
     sends = event_sends(guest)
     sock = iface.udp(PORT)
-    await iface.ping(RECEIVER_IP, timeout=10)
+    for attempt in range(10):  # as `ping -w 10`: one echo request a second
+        try:
+            await iface.ping(RECEIVER_IP, timeout=1)
+            break
+        except TimeoutError:
+            if attempt == 9:
+                raise
     async with guest.xs.watch("data/bench/go") as events:
         async for _ in events:
             try:
@@ -182,8 +189,9 @@ def _raw_receiver(ready: Any, results: Any) -> None:
             data = sock.recv(65536)
             if data == START:
                 counter = Counter()
-            elif data == END:
-                results.put(counter.result().decode().removeprefix("RESULT "))
+            elif data.startswith(END + b" "):  # END <round>: answered with the round's number
+                number = data.split()[1].decode()
+                results.put(f"{number} " + counter.result().decode().removeprefix("RESULT "))
                 break
             elif data == b"QUIT":
                 return
@@ -201,8 +209,24 @@ class Raw:
         self.process.start()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.connect(("127.0.0.1", self.ready.get(timeout=30)))
+        self.number = 0
+
+    def _ask_result(self) -> list[str]:
+        """END until the receiver answers for this round: loopback UDP drops too when
+        the receiver falls behind, and a lost END must not stall the run."""
+        for _ in range(60):
+            self.sock.send(f"END {self.number}".encode())
+            try:
+                while True:
+                    number, *result = self.results.get(timeout=1).split()
+                    if int(number) == self.number:
+                        return result
+            except queue.Empty:
+                continue
+        raise TimeoutError("the raw receiver does not answer")
 
     def round(self, size: int, count: int, costs: Costs) -> tuple[int, int, float]:
+        self.number += 1
         self.sock.send(START)
         time.sleep(0.01)
         before = own_usage()
@@ -211,8 +235,7 @@ class Raw:
             send(payload)
         time.sleep(0.05)
         costs.add("raw_sender", f"{size}B", own_usage() - before, count)
-        self.sock.send(END)
-        received, nbytes, elapsed, cpu, switches, _, _ = self.results.get(timeout=60).split()
+        received, nbytes, elapsed, cpu, switches, _, _ = self._ask_result()
         costs.add("raw_receiver", f"{size}B", Usage(float(cpu), int(switches)), count)
         return int(received), int(nbytes), float(elapsed)
 
@@ -256,6 +279,19 @@ class Guests:
                 continue
         raise RuntimeError(f"no guest named {name}")
 
+    async def _check_alive(self, xs: Any, domids: dict[str, str]) -> None:
+        """A guest that crashed (its program raised) will never answer: say so at once,
+        with its console's last lines, rather than wait out the round's timeout."""
+        for name, domid in domids.items():
+            try:
+                await xs.read(f"/local/domain/{domid}/name")
+            except XenStoreError:
+                console = self.run_dir.path / "console" / f"{name}.log"
+                tail = console.read_text().splitlines()[-12:] if console.exists() else []
+                raise RuntimeError(
+                    f"the {name} guest is gone; its console:\n" + "\n".join(tail)
+                ) from None
+
     async def _vif_drops(self, xs: Any, domids: dict[str, str]) -> dict[str, int]:
         """The netback counters of the datagrams a vif dropped, as published in
         its back end's statistics/ (what `xenlike top` shows)."""
@@ -297,6 +333,7 @@ class Guests:
                     number, *result = text.split() or ["0"]
                     if int(number) == self.number:
                         break
+                    await self._check_alive(xs, domids)
                     await trio.sleep(0.05)
             await trio.sleep(STATISTICS_INTERVAL + 0.2)  # netback publishes them once a second
             drops_after = await self._vif_drops(xs, domids)

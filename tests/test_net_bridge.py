@@ -55,6 +55,45 @@ def test_unknown_destinations_flood_then_learned_ones_are_switched(switch) -> No
     assert bridge.stats["forwarded"] == 2 and bridge.stats["flooded"] == 1
 
 
+class BatchPort(Port):
+    """A port that takes runs of frames (as a vif does); it records each call's run."""
+
+    def __init__(self, name: str, mac: bytes | None) -> None:
+        super().__init__(name, mac)
+        self.runs: list[int] = []
+
+    def deliver_many(self, frames: list[tuple[bytes, int]], source: object) -> None:
+        self.runs.append(len(frames))
+        self.got.extend(frame for frame, _ in frames)
+
+
+def test_a_drain_goes_to_each_port_in_runs_and_in_order() -> None:
+    """Frames of one drain reach each port in the order they came, consecutive ones for
+    a port that takes runs in one call; a flood in between ends the run before it."""
+    bridge = Bridge("xenbr0")
+    a, b, c = Port("vif1.0", A), BatchPort("vif2.0", B), Port("vif3.0", C)
+    for port in (a, b, c):
+        bridge.attach(port)
+    bridge.forward(b, [(frame(A, B), 0)])
+    bridge.forward(c, [(frame(A, C), 0)])  # B and C learned
+    for port in (a, b, c):
+        port.got.clear()
+    b.runs.clear()
+    sent = [
+        frame(B, A, b"1"),
+        frame(B, A, b"2"),
+        frame(C, A, b"3"),
+        frame(B, A, b"4"),
+        frame(BROADCAST, A, b"5"),
+        frame(B, A, b"6"),
+        frame(B, A, b"7"),
+    ]
+    bridge.forward(a, [(item, 0) for item in sent])
+    assert b.got == [sent[i] for i in (0, 1, 3, 4, 5, 6)]
+    assert b.runs == [2, 1, 2]  # the broadcast came through `deliver`, between runs
+    assert c.got == [sent[2], sent[4]]
+
+
 def test_broadcasts_flood_and_nothing_goes_back_where_it_came_from(switch) -> None:  # type: ignore[no-untyped-def]
     bridge, a, b, up = switch
     bridge.forward(a, [(frame(BROADCAST, A), 0)])

@@ -16,6 +16,7 @@ from domains.guest.net import arp as arp_module
 from domains.guest.net.wire import (
     ARP,
     ETH_UDP,
+    ETH_UDP_FLOW,
     ETHERNET,
     ICMP_ECHO,
     IPV4,
@@ -145,6 +146,55 @@ def test_struct_formats_give_the_construct_layouts_bytes(layout, fmt, values) ->
     assert fmt.pack(*values) == layout.build(dict(zip(names, values, strict=True)))
     assert fmt.size == layout.sizeof()
     assert ETH_UDP.size == 14 + 20 + 8
+
+
+@given(
+    macs=st.tuples(st.binary(min_size=6, max_size=6), st.binary(min_size=6, max_size=6)),
+    words=st.lists(st.integers(0, 0xFFFF), min_size=7, max_size=7),
+    ttl=st.integers(0, 255),
+    addresses=st.binary(min_size=8, max_size=8),
+)
+def test_a_flows_header_runs_give_the_full_packs_bytes(
+    macs: tuple[bytes, bytes], words: list[int], ttl: int, addresses: bytes
+) -> None:
+    """send_udp packs a datagram's headers from a flow's constant runs (ETH_UDP_FLOW):
+    the same 42 bytes as ETH_UDP from every field."""
+    total, ident, fragment, sum_, sport, dport, length = words
+    full = ETH_UDP.pack(
+        *macs, 0x0800, 0x45, 0, total, ident, fragment, ttl, 17, sum_,
+        addresses[:4], addresses[4:], sport, dport, length, 0,
+    )  # fmt: skip
+    runs = ETH_UDP_FLOW.pack(
+        ETHERNET.pack(*macs, 0x0800) + b"\x45\x00",
+        total,
+        ident,
+        struct.pack("!HBB", fragment, ttl, 17),
+        sum_,
+        addresses + struct.pack("!HH", sport, dport),
+        length,
+        0,
+    )
+    assert runs == full
+
+
+async def test_a_flow_follows_its_next_hop_and_the_interfaces_address(
+    pair: tuple[Interface, Interface],
+) -> None:
+    """A flow's kept header runs name the next hop and our address: a new MAC for the
+    destination, or a new address the interface took, is in the next datagram."""
+    a, b = pair
+    with b.udp(9000) as server, a.udp(5000) as client:
+        await client.sendto(b"one", ("10.0.0.2", 9000))
+        await server.recvfrom()
+        other = bytes.fromhex("00163e0000ee")
+        a.arp.learn(socket.inet_aton("10.0.0.2"), other, create=True)
+        await client.sendto(b"two", ("10.0.0.2", 9000))
+        assert a.vif.sent[-1][0][:6] == other
+        a.vif.ip = "10.0.0.9/24"
+        assert str(a.ip) == "10.0.0.9"  # the interface takes the vif's new address
+        await client.sendto(b"three", ("10.0.0.2", 9000))
+        frame = a.vif.sent[-1][0]
+        assert frame[26:30] == socket.inet_aton("10.0.0.9") and checksum(frame[14:34]) == 0
 
 
 async def test_ping_resolves_with_arp_then_answers(pair: tuple[Interface, Interface]) -> None:

@@ -11,6 +11,7 @@ import trio.testing
 
 from domains.dom0.hw.bridge import Bridge
 from drivers.netif import Netfront, Vif
+from drivers.netif.front import RX_BACKLOG
 from drivers.netif.protocol import CTRL_RING, RX_RING, TX_RING
 from tests.test_netif_back import GUEST_MAC, PAGE, PEER_MAC, FakeDomain, Sink
 from xenlike.abi.netif import (
@@ -121,6 +122,30 @@ async def test_received_frames_keep_coming_as_buffers_are_reposted(pair: Pair) -
                 await trio.sleep(0.005)
     assert [frame for frame, _ in pair.received] == frames
     assert pair.vif.stats["rx_dropped"] == 0
+
+
+async def test_frames_before_the_stack_attaches_wait_for_it_or_are_counted(
+    pair: Pair,
+) -> None:
+    """The peer's first frames may come before the guest's stack is attached: they
+    wait (RX_BACKLOG of them) and reach it in order; the rest count in rx_dropped."""
+    pair.front.receiver = None
+    frames = [pair.frame(64, n) for n in range(RX_BACKLOG + 10)]
+    for start in range(0, len(frames), 100):  # bursts within the fair queue's bound
+        for frame in frames[start : start + 100]:
+            pair.vif.deliver(frame, 0, pair.sink)
+        with trio.fail_after(5):
+            while pair.front.stats["rx_packets"] < min(start + 100, len(frames)):
+                await trio.sleep(0.005)
+    assert pair.received == []
+    assert pair.front.stats["rx_dropped"] == 10
+    pair.front.receiver = lambda frame, flags: pair.received.append((frame, flags))
+    assert [frame for frame, _ in pair.received] == frames[:RX_BACKLOG]
+    pair.vif.deliver(frames[-1], 0, pair.sink)  # and then straight to the stack
+    with trio.fail_after(5):
+        while len(pair.received) < RX_BACKLOG + 1:
+            await trio.sleep(0.005)
+    assert pair.received[-1][0] == frames[-1]
 
 
 async def test_a_back_end_breaking_the_ring_fails_the_device_not_the_guest(

@@ -120,7 +120,9 @@ class _Unread(NamedTuple):
 
 
 class BridgePort(Protocol):
-    """What a bridge needs of a port: where frames for it go."""
+    """What a bridge needs of a port: where frames for it go. A port may also have
+    `deliver_many(frames, source)` (a vif does), `deliver` of each frame in order in
+    one call: the bridge then hands it each run of a drain's frames that goes its way."""
 
     @property
     def name(self) -> str: ...
@@ -242,16 +244,18 @@ class _FairQueue:
     def __bool__(self) -> bool:
         return bool(self._turns)
 
-    def put(self, source: Any, item: Frame) -> bool:
-        """Queue `item` behind `source`'s others; False (dropped) when its queue is full."""
+    def put(self, source: Any, items: list[Frame]) -> int:
+        """Queue `items` (not empty) behind `source`'s others, as many as its queue has
+        room for; how many (the rest are dropped)."""
         queue = self._queues.get(source)
         if queue is None:
             queue = self._queues[source] = deque()
             self._turns.append(source)
-        elif len(queue) >= self.limit:
-            return False
-        queue.append(item)
-        return True
+        room = self.limit - len(queue)
+        if room < len(items):
+            items = items[:room]
+        queue.extend(items)
+        return len(items)
 
     def peek(self) -> Frame:
         return self._queues[self._turns[0]][0]
@@ -372,24 +376,41 @@ class Vif:
 
     def deliver(self, frame: bytes, flags: int, source: BridgePort) -> None:
         """A frame for the guest: queued for its rx buffers, or dropped when it cannot fit."""
-        if len(frame) > self._max_rx or self._closed:
-            self.stats["rx_dropped"] += 1
+        self.deliver_many([(frame, flags)], source)
+
+    def deliver_many(self, frames: list[Frame], source: BridgePort) -> None:
+        """Frames for the guest, in order: queued for its rx buffers, or dropped (and
+        counted) when they cannot fit. One call per run of a drain's frames, not one
+        per frame: the queue, the kick and the push-back check are paid once."""
+        if self._closed:
+            self.stats["rx_dropped"] += len(frames)
             return
-        if flags & NETRXF_csum_blank and not self._csum_offload:
-            completed = fill_checksum(frame)
-            if completed is None:
-                self.stats["rx_dropped"] += 1
-                return
-            frame, flags = completed, NETRXF_data_validated
+        accepted = self._fit(frames)
         queue = self._rx_queue
-        if queue.put(source, (frame, flags)):
+        taken = queue.put(source, accepted) if accepted else 0
+        self.stats["rx_dropped"] += len(frames) - taken
+        if taken:
             self._rx_kick.set()
             if not self._stalled and queue.length(source) >= queue.limit // 2:
                 hold = getattr(source, "hold", None)  # a vif: push back on its guest
                 if hold is not None:
                     hold(self)
-        else:
-            self.stats["rx_dropped"] += 1
+
+    def _fit(self, frames: list[Frame]) -> list[Frame]:
+        """The frames this guest can take: none longer than its rx buffers allow, and
+        the checksums it left to offload filled in when it does not take offload."""
+        limit, offload = self._max_rx, self._csum_offload
+        fitting = []
+        for frame, flags in frames:
+            if len(frame) > limit:
+                continue
+            if flags & NETRXF_csum_blank and not offload:
+                completed = fill_checksum(frame)
+                if completed is None:
+                    continue
+                frame, flags = completed, NETRXF_data_validated
+            fitting.append((frame, flags))
+        return fitting
 
     def hold(self, destination: "Vif") -> None:
         """This vif's frames filled `destination`'s queue: take no more tx requests
@@ -521,6 +542,7 @@ class Vif:
         frames: list[Frame | None] = []
         unread: list[_Unread] = []
         index, count = 0, len(requests)
+        max_tx, mtu = self._max_tx, self.mtu
         while index < count:
             gref, offset, flags, rid, size = requests[index]
             if flags & (NETTXF_more_data | NETTXF_extra_info):
@@ -528,7 +550,7 @@ class Vif:
                 continue
             index += 1
             check_slot(rid, offset, size)
-            refusal = check_size(size, self._max_tx, self.mtu)
+            refusal = check_size(size, max_tx, mtu)
             status = NETIF_RSP_OKAY if refusal is None else self._refuse(refusal)
             if status == NETIF_RSP_OKAY:
                 page = pages.get(gref)
@@ -544,7 +566,7 @@ class Vif:
                     )
                     frames.append(None)
                 else:
-                    frames.append((bytes(page[offset : offset + size]), rx_flags_of(flags)))
+                    frames.append((page[offset : offset + size].tobytes(), rx_flags_of(flags)))
             responses.append((rid, status))
         if unread:
             await self._copy_in(unread, responses, frames)

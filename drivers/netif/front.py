@@ -12,6 +12,13 @@ come, tx responses reclaim their buffers. The tx response event index is
 armed only while a sender waits for room (`Drain.wait`, `armed=False`), so a
 guest that keeps sending is not woken for every tx completion.
 
+Frames that arrive before the guest's stack has attached itself (`receiver`
+is set when the kernel hands the vif to the program, after every device has
+connected) wait in a backlog of RX_BACKLOG frames, as Linux's per-CPU
+netdev backlog keeps them for the stack; beyond it they count in
+`rx_dropped`. A frame is never dropped without a counter: the peer's first
+packets (an ARP reply, a ping) often arrive in exactly that window.
+
 Each time the back end is Connected, the interface announces itself with a
 gratuitous ARP, as Linux's netfront does (netback_changed → Connected →
 netdev_notify_peers): after a resume, a restore or a migration to another
@@ -20,6 +27,7 @@ host, every bridge on the way learns at once where its MAC lives now.
 
 import ipaddress
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +72,8 @@ from xenlike.xenbus import (
 __all__ = ["Netfront", "gratuitous_arp"]
 
 ARPOP_REQUEST = 1
+# Frames kept for the stack until it attaches (`Netfront.receiver`): an rx ring's worth.
+RX_BACKLOG = 256
 _ARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")  # Ethernet header, then RFC 826's packet
 
 
@@ -113,11 +123,13 @@ class Netfront(Frontend):
         super().__init__(ctx, device)
         self.mac = b""
         self.ip: str | None = None  # "10.0.0.2/24"
-        self.mtu = DEFAULT_MTU
-        self.sg = False  # the back end takes packets over several tx slots
+        self._mtu = DEFAULT_MTU
+        self._sg = False
+        self._tx_limit = self._frame_limit()
         self.csum_offload = False  # the back end takes NETTXF_csum_blank
         self.static_grants = False  # the back end mapped every buffer once
-        self.receiver: Callable[[bytes, int], None] | None = None
+        self._receiver: Callable[[bytes, int], None] | None = None
+        self._backlog: deque[tuple[bytes, int]] = deque()  # frames before a receiver attached
         self.stats = {
             "tx_packets": 0,
             "tx_bytes": 0,
@@ -126,6 +138,7 @@ class Netfront(Frontend):
             "rx_packets": 0,
             "rx_bytes": 0,
             "rx_errors": 0,
+            "rx_dropped": 0,  # received before the stack attached, past RX_BACKLOG
         }
         self._buffers: _Buffers | None = None
         self._tx: Any = None  # FrontRing, while there is a data path
@@ -134,13 +147,26 @@ class Netfront(Frontend):
         self._tx_pages: list[memoryview] = []
         self._tx_refs: list[int] = []
         self._rx_pages: list[memoryview] = []
-        self._rx_refs: list[int] = []
         self._tx_free: list[int] = []
         self._tx_busy = bytearray()  # per tx slot id: sent, not yet answered
         self._rx_posted = bytearray()  # per rx buffer: posted, not yet filled
+        self._rx_requests: list[tuple[int, int, int]] = []  # each buffer's rx request
         self._rx_partial: list[bytes | None] = []  # a frame's slots so far (None: in error)
         self._rx_partial_flags = 0
         self._tx_drain = Drain(self._on_tx, armed=False)  # senders wait on it for room
+
+    @property
+    def receiver(self) -> Callable[[bytes, int], None] | None:
+        """What every received frame is handed to (the guest's IP stack), with its flags."""
+        return self._receiver
+
+    @receiver.setter
+    def receiver(self, receiver: Callable[[bytes, int], None] | None) -> None:
+        """Attach the stack; it gets the frames that waited for it first, in order."""
+        self._receiver = receiver
+        backlog = self._backlog
+        while receiver is not None and backlog and self._receiver is receiver:
+            self._deliver(*backlog.popleft())
 
     def front_keys(self) -> dict[str, str | int]:
         return {"request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}
@@ -173,9 +199,33 @@ class Netfront(Frontend):
         return self.transmit_nowait(frame)
 
     @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    @mtu.setter
+    def mtu(self, mtu: int) -> None:
+        self._mtu = mtu
+        self._tx_limit = self._frame_limit()
+
+    @property
+    def sg(self) -> bool:
+        """The back end takes packets over several tx slots."""
+        return self._sg
+
+    @sg.setter
+    def sg(self, sg: bool) -> None:
+        self._sg = sg
+        self._tx_limit = self._frame_limit()
+
+    @property
     def max_frame(self) -> int:
         """The longest frame this interface sends (header, VLAN tag, MTU)."""
-        return max_frame(self.mtu) if self.sg else min(max_frame(self.mtu), XEN_PAGE_SIZE)
+        return max_frame(self._mtu) if self._sg else min(max_frame(self._mtu), XEN_PAGE_SIZE)
+
+    def _frame_limit(self) -> int:
+        """The longest frame `transmit_nowait` takes: kept as mtu and sg change, so a
+        send does not work it out again."""
+        return min(self.max_frame, XEN_NETIF_MAX_TX_SIZE)
 
     # --- sending ---------------------------------------------------------------
 
@@ -189,24 +239,30 @@ class Netfront(Frontend):
         if tx is None or not self.connected_now:
             return False
         length = len(frame)
-        limit = min(self.max_frame, XEN_NETIF_MAX_TX_SIZE)
-        if length > limit:
-            raise ValueError(f"a {length}-byte frame is over this vif's limit of {limit} bytes")
-        self._collect_tx()
+        if length > self._tx_limit:
+            raise ValueError(
+                f"a {length}-byte frame is over this vif's limit of {self._tx_limit} bytes"
+            )
+        free = self._tx_free
         if length <= XEN_PAGE_SIZE:
-            free = self._tx_free
             if not free:
-                return False
+                self._collect_tx()
+                if not free:
+                    return False
             slot = free.pop()
             self._tx_pages[slot][:length] = frame
             self._tx_busy[slot] = 1
             tx.put_request((self._tx_refs[slot], 0, flags, slot, length))
-        elif not self._transmit_fragments(frame, flags):
-            return False
+        else:
+            if len(free) < -(-length // XEN_PAGE_SIZE):
+                self._collect_tx()
+            if not self._transmit_fragments(frame, flags):
+                return False
         if tx.push_requests():
             self._port.notify()
-        self.stats["tx_packets"] += 1
-        self.stats["tx_bytes"] += length
+        stats = self.stats
+        stats["tx_packets"] += 1
+        stats["tx_bytes"] += length
         return True
 
     def _transmit_fragments(self, frame: bytes, flags: int) -> bool:
@@ -240,7 +296,8 @@ class Netfront(Frontend):
             await self._tx_drain.wait()  # rsp_event armed: the back end notifies
 
     def _collect_tx(self) -> None:
-        """Reclaim the buffers of answered tx requests (a sender looks before giving up).
+        """Reclaim the buffers of answered tx requests: a sender short of free slots
+        looks before giving up (not on every send: the loop reclaims them too).
 
         The loop will not see these responses, so the senders waiting for room
         are woken here."""
@@ -277,12 +334,13 @@ class Netfront(Frontend):
             self.ctx.domain, self.device.otherend_id, self._tx.nr_ents, self._rx.nr_ents
         )
         self._tx_pages, self._tx_refs = buffers.tx_pages, buffers.tx_refs
-        self._rx_pages, self._rx_refs = buffers.rx_pages, buffers.rx_refs
+        self._rx_pages = buffers.rx_pages
         self._tx_free = list(range(self._tx.nr_ents))
         self._tx_busy = bytearray(self._tx.nr_ents)
         self._rx_posted = bytearray(b"\1" * self._rx.nr_ents)
         self._rx_partial = []
-        self._rx.put_requests((i, 0, ref) for i, ref in enumerate(buffers.rx_refs))
+        self._rx_requests = [(i, 0, ref) for i, ref in enumerate(buffers.rx_refs)]
+        self._rx.put_requests(self._rx_requests)
         if self._rx.push_requests():
             self._port.notify()
         async with trio.open_nursery() as nursery:
@@ -296,9 +354,10 @@ class Netfront(Frontend):
         await trio.lowlevel.checkpoint()
 
     def _collect_rx(self, responses: list[Any]) -> None:
-        pages, refs, posted = self._rx_pages, self._rx_refs, self._rx_posted
+        pages, posted = self._rx_pages, self._rx_posted
         partial, stats = self._rx_partial, self.stats
         reposts = []
+        packets = received = 0  # single-slot frames, counted once per batch
         for buffer, offset, flags, status in responses:
             if buffer >= len(posted) or not posted[buffer]:
                 raise ChannelBroken(f"rx response for buffer {buffer}, which is not posted")
@@ -309,10 +368,9 @@ class Netfront(Frontend):
             good = status >= 0 and offset + status <= XEN_PAGE_SIZE
             if not partial and not flags & NETRXF_more_data:  # a frame in one slot
                 if good:
-                    data = bytes(pages[buffer][offset : offset + status])
-                    stats["rx_packets"] += 1
-                    stats["rx_bytes"] += status
-                    self._deliver(data, flags)
+                    packets += 1
+                    received += status
+                    self._deliver(pages[buffer][offset : offset + status].tobytes(), flags)
                 else:
                     stats["rx_errors"] += 1
                 continue
@@ -331,17 +389,25 @@ class Netfront(Frontend):
                 self._deliver(data, self._rx_partial_flags)
             else:
                 stats["rx_errors"] += 1
+        stats["rx_packets"] += packets
+        stats["rx_bytes"] += received
         for buffer in reposts:
             posted[buffer] = 1
-        self._rx.put_requests((buffer, 0, refs[buffer]) for buffer in reposts)
+        requests = self._rx_requests
+        self._rx.put_requests([requests[buffer] for buffer in reposts])
         if self._rx.push_requests():
             self._port.notify()
 
     def _deliver(self, frame: bytes, flags: int) -> None:
-        if self.receiver is None:
+        receiver = self._receiver
+        if receiver is None:
+            if len(self._backlog) < RX_BACKLOG:
+                self._backlog.append((frame, flags))
+            else:
+                self.stats["rx_dropped"] += 1
             return
         try:
-            self.receiver(frame, flags)
+            receiver(frame, flags)
         except Exception:
             self.log.exception(
                 "%s: the receiver failed on a %d-byte frame", self.device.nodename, len(frame)

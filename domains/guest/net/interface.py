@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 import random
 import socket
+import struct
 import time
 
 import trio
@@ -29,7 +30,7 @@ from domains.guest.net.wire import (
     ARP_REPLY,
     ARP_REQUEST,
     BROADCAST_MAC,
-    ETH_UDP,
+    ETH_UDP_FLOW,
     ETHERNET,
     ICMP_DEST_UNREACH,
     ICMP_ECHO,
@@ -55,6 +56,9 @@ _ARP_TYPE = ETH_P_ARP.to_bytes(2, "big")
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _ANY = b"\0\0\0\0"
 _PATTERN = bytes(range(256))
+_UDP_DF_TTL = struct.pack("!HBB", DONT_FRAGMENT, TTL, IPPROTO_UDP)
+_HOSTS_KEPT = 1024  # dotted sender addresses cached for received datagrams
+_FLOWS_KEPT = 1024  # (destination, ports) whose header runs a sender keeps
 
 
 class NetworkUnreachable(OSError):
@@ -78,6 +82,10 @@ class Interface:
         self.name = name
         self.arp = ArpCache(self._arp_request)
         self._udp: dict[int, UdpSocket] = {}
+        self._hosts: dict[bytes, str] = {}  # the dotted form of each sender's address, once
+        # (destination, source port, port) -> (next hop's MAC, the header's constant runs
+        # and the unfolded sum of its constant words): what send_udp does not redo.
+        self._flows: dict[tuple[bytes, int, int], tuple[bytes, bytes, bytes, int]] = {}
         self._ephemeral = itertools.cycle(EPHEMERAL_PORTS)
         self._ident = random.randrange(0x10000)
         self._ping_id = random.randrange(0x10000)
@@ -120,6 +128,7 @@ class Interface:
         if text == self._configured:
             return
         self._configured = text
+        self._flows.clear()  # their headers carry the old address
         self.address = ipaddress.IPv4Interface(text) if text else None
         if self.address is None:
             self._ip, self._broadcast, self._header_sum = _ANY, _LIMITED_BROADCAST, 0
@@ -182,27 +191,30 @@ class Interface:
             stats["fragments"] += 1
             return
         stats["ip_in"] += 1
-        payload = frame[14 + ihl : 14 + total]
         if protocol == IPPROTO_UDP:
-            self._receive_udp(frame, payload, source, destination, flags)
+            self._receive_udp(frame, 14 + ihl, 14 + total, source, destination, flags)
         elif protocol == IPPROTO_ICMP:
+            payload = frame[14 + ihl : 14 + total]
             self._receive_icmp(frame, payload, source, destination, flags)
 
     def _receive_udp(
-        self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
+        self, frame: bytes, start: int, end: int, source: bytes, destination: bytes, flags: int
     ) -> None:
-        if len(payload) < UDP.size:
+        """The datagram in frame[start:end] (the IP payload), read in place: its data
+        is the one copy made of it."""
+        if end - start < UDP.size:
             self.stats["bad_header"] += 1
             return
-        source_port, port, length, sum_ = UDP.unpack_from(payload)
-        if length < UDP.size or length > len(payload):
+        source_port, port, length, sum_ = UDP.unpack_from(frame, start)
+        if length < UDP.size or length > end - start:
             self.stats["bad_header"] += 1
             return
         if (
             sum_
             and not flags & NETRXF_data_validated
             and checksum(
-                payload[:length], pseudo_header_sum(source, destination, IPPROTO_UDP, length)
+                frame[start : start + length],
+                pseudo_header_sum(source, destination, IPPROTO_UDP, length),
             )
         ):
             self.stats["bad_checksum"] += 1
@@ -213,7 +225,12 @@ class Interface:
             if destination == self._ip:
                 self._unreachable(frame, source)
             return
-        sock.deliver(payload[UDP.size : length], (socket.inet_ntoa(source), source_port))
+        host = self._hosts.get(source)
+        if host is None:
+            if len(self._hosts) >= _HOSTS_KEPT:  # sources a peer may forge: bounded
+                self._hosts.clear()
+            host = self._hosts[source] = socket.inet_ntoa(source)
+        sock.deliver(frame[start + UDP.size : start + length], (host, source_port))
 
     def _receive_icmp(
         self, frame: bytes, payload: bytes, source: bytes, destination: bytes, flags: int
@@ -293,14 +310,18 @@ class Interface:
         mac = self.arp.lookup(destination)
         if mac is None:
             mac = await self.next_hop(destination)
+        flow = self._flows.get((destination, source_port, port))
+        if flow is None or flow[0] != mac:
+            flow = self._flow(mac, destination, source_port, port)
+        _, head, addresses, constant_sum = flow
         length = UDP.size + len(data)
         total = IPV4.size + length
-        ident = self._next_ident()
-        dest = int.from_bytes(destination, "big")
-        header_sum = _fold(
-            self._header_sum + IPPROTO_UDP + total + ident + (dest >> 16) + (dest & 0xFFFF)
-        )
-        if self.vif.csum_offload:
+        ident = self._ident = (self._ident + 1) & 0xFFFF
+        header_sum = constant_sum + total + ident
+        header_sum = (header_sum & 0xFFFF) + (header_sum >> 16)  # _fold, inline: once a datagram
+        header_sum = ~((header_sum & 0xFFFF) + (header_sum >> 16)) & 0xFFFF
+        vif = self.vif
+        if vif.csum_offload:
             sum_, flags = 0, NETTXF_csum_blank | NETTXF_data_validated
         else:
             sum_ = (
@@ -312,29 +333,30 @@ class Interface:
             )
             flags = NETTXF_data_validated
         frame = (
-            ETH_UDP.pack(
-                mac,
-                self.vif.mac,
-                ETH_P_IP,
-                0x45,
-                0,
-                total,
-                ident,
-                DONT_FRAGMENT,
-                TTL,
-                IPPROTO_UDP,
-                header_sum,
-                self._ip,
-                destination,
-                source_port,
-                port,
-                length,
-                sum_,
-            )
+            ETH_UDP_FLOW.pack(head, total, ident, _UDP_DF_TTL, header_sum, addresses, length, sum_)
             + data
         )
         self.stats["ip_out"] += 1
-        await self.vif.transmit(frame, flags)
+        if not vif.transmit_nowait(frame, flags):  # a full ring: wait for room
+            await vif.transmit(frame, flags)
+
+    def _flow(
+        self, mac: bytes, destination: bytes, source_port: int, port: int
+    ) -> tuple[bytes, bytes, bytes, int]:
+        """What every datagram of a flow shares: the headers' constant runs (Ethernet,
+        version/IHL/TOS; addresses and ports) and the sum of the IPv4 header's constant
+        words; kept, so a send packs 8 fields instead of 17."""
+        if len(self._flows) >= _FLOWS_KEPT:
+            self._flows.clear()
+        dest = int.from_bytes(destination, "big")
+        flow = (
+            mac,
+            ETHERNET.pack(mac, self.vif.mac, ETH_P_IP) + bytes((0x45, 0)),
+            self._ip + destination + struct.pack("!HH", source_port, port),
+            self._header_sum + IPPROTO_UDP + (dest >> 16) + (dest & 0xFFFF),
+        )
+        self._flows[destination, source_port, port] = flow
+        return flow
 
     def _arp_request(self, ip: bytes) -> None:
         frame = ETHERNET.pack(BROADCAST_MAC, self.vif.mac, ETH_P_ARP) + ARP.pack(
