@@ -439,6 +439,9 @@ async def test_drains_without_persistent_grants_overlap_but_not_past_a_barrier(
         (ref_a, _), (ref_b, page_b), (ref_c, _) = front.page(), front.page(), front.page()
         s.grants.map_delay = 1.0
         await push(rw(READ, 0, [(ref_a, 0, 7)], rid=1))  # sits in its map hypercall
+        with trio.fail_after(5):
+            while not s.grants.maps:  # (its task may start after the push is taken)
+                await trio.sleep(0.001)
         s.grants.map_delay = 0
         await push(rw(READ, 8, [(ref_b, 0, 7)], rid=2))
         await push(
