@@ -889,8 +889,38 @@ class BlkBack(Backend):
                 self._quiet.set()
 
     def _io_blocking_all(self, jobs: list[Job]) -> list[int]:
-        """On the device's thread: `jobs` in order, waiting for the device."""
-        return [self._io_blocking(job) for job in jobs]
+        """On the device's thread: `jobs` in order, waiting for the device; writes
+        that follow one another on the disk in one pwritev (`write_groups`)."""
+        statuses = [BLKIF_RSP_OKAY] * len(jobs)
+        at = 0
+        while at < len(jobs):
+            end = at
+            while end < len(jobs) and jobs[end].kind == WRITE and jobs[end].iov is not None:
+                end += 1
+            if end - at < 2:
+                statuses[at] = self._io_blocking(jobs[at])
+                at += 1
+                continue
+            for group in write_groups(jobs[at:end]):
+                self._write_group([jobs[at + index] for index in group], at, group, statuses)
+            at = end
+        return statuses
+
+    def _write_group(self, jobs: list[Job], at: int, group: list[int], statuses: list[int]) -> None:
+        """Writes of consecutive sectors in one pwritev; each on its own when that
+        fails, so that each gets its own status (and log line)."""
+        disk = self.disk
+        assert disk is not None
+        if len(jobs) > 1:
+            iov = [element for job in jobs for element in job.iov or ()]
+            try:
+                written = disk.writev(jobs[0].sector, iov)
+            except (OSError, ValueError):
+                written = -1
+            if written == sum(job.nr_sectors for job in jobs) * SECTOR_SIZE:
+                return  # statuses are OKAY already
+        for job, index in zip(jobs, group, strict=True):
+            statuses[at + index] = self._io_blocking(job)
 
     def _io_blocking(self, job: Job) -> int:
         """On a worker thread: the whole operation, waiting for the device."""
@@ -949,6 +979,37 @@ class BlkBack(Backend):
         )
         withdrawn: dict[str, str | int] = {key: 0}
         self.ctx.nursery.start_soon(self.publish, withdrawn)
+
+
+def write_groups(writes: list[Job]) -> list[list[int]]:
+    """Indices of `writes` (a run of WRITE jobs queued together, ring order) in
+    groups to be done in order, each group one pwritev of sectors that follow
+    one another (at most IOV_MAX iovec elements).
+
+    blkif.h orders nothing among requests in flight, so the run is sorted by
+    sector, as Linux's block layer merges bios, unless two of them overlap:
+    then ring order is kept (the later write wins). Measured on bench/blk.py:
+    seqwrite44k's 32 requests in flight come from four tasks with interleaved
+    offsets, so only sorting makes them adjacent.
+    """
+    order = sorted(range(len(writes)), key=lambda index: writes[index].sector)
+    for before, after in zip(order, order[1:]):
+        if writes[before].sector + writes[before].nr_sectors > writes[after].sector:
+            order = list(range(len(writes)))
+            break
+    groups: list[list[int]] = []
+    end = elements = -1
+    for index in order:
+        job = writes[index]
+        count = len(job.iov or ())
+        if job.sector == end and elements + count <= IOV_MAX:
+            groups[-1].append(index)
+            elements += count
+        else:
+            groups.append([index])
+            elements = count
+        end = job.sector + job.nr_sectors
+    return groups
 
 
 def _segment_list(pages: dict[int, memoryview], grefs: Any, nr_segments: int) -> bytes:
