@@ -608,3 +608,35 @@ async def test_writes_queued_together_go_in_one_pwritev(image: tuple[Path, bytes
             expected[sector * 512 : (sector + 8) * 512] = page
         assert disk.log == [("write", 0)]
     assert path.read_bytes() == expected
+
+
+class Broken:
+    """A disk whose writes hit a bug (not an I/O error): the device thread raises."""
+
+    def __init__(self, disk: Any) -> None:
+        self.disk = disk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.disk, name)
+
+    def writev(self, sector: int, buffers: Any) -> int:
+        raise TypeError("a bug in the disk")
+
+
+async def test_a_bug_on_the_device_thread_closes_the_device_not_dom0(
+    image: tuple[Path, bytes],
+) -> None:
+    path, original = image
+    async with serving(path) as s:
+        s.back.disk = Broken(s.back.disk)  # type: ignore[assignment]
+        ref, _ = s.front.page(data=os.urandom(PAGE))
+        s.front.ring.put_request(rw(WRITE, 0, [(ref, 0, 7)]))
+        s.front.ring.push_requests()
+        s.front.port.notify()
+        with trio.fail_after(5):
+            while s.store.values.get(f"{BACK}/state") != "5":
+                await trio.sleep(0.01)
+        error = s.store.values["/local/domain/0/error/backend/vbd/1/51712/error"]
+        assert "a bug in the disk" in error, error
+    assert not s.grants.mapped
+    assert path.read_bytes() == original

@@ -65,6 +65,7 @@ import errno
 import gc
 import logging
 import threading
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from queue import SimpleQueue
@@ -276,7 +277,7 @@ class _DeviceThread:
         self,
         name: str,
         work: Callable[[list[Job]], list[int]],
-        completed: Callable[[list[tuple[_Ticket, list[int] | None]]], None],
+        completed: Callable[[list[tuple[_Ticket, list[int] | None]], Exception | None], None],
     ) -> None:
         self._queue: SimpleQueue[_Ticket | None] = SimpleQueue()
         self._work = work
@@ -302,7 +303,13 @@ class _DeviceThread:
                 tickets.append(queue.get_nowait())
             last = tickets[-1] is None
             jobs = [job for ticket in tickets if ticket is not None for job in ticket.jobs]
-            statuses = work(jobs) if jobs and not self.stopping else None
+            statuses = failure = None
+            if jobs and not self.stopping:
+                try:
+                    statuses = work(jobs)
+                except Exception as exc:  # a bug: the device breaks, Dom0 goes on
+                    failure = exc
+                    self.stopping = True  # what comes after is dropped
             results: list[tuple[_Ticket, list[int] | None]] = []
             at = 0
             for ticket in tickets:
@@ -314,9 +321,10 @@ class _DeviceThread:
                     at += count
             if results:
                 try:
-                    self._token.run_sync_soon(self._completed, results)
+                    self._token.run_sync_soon(self._completed, results, failure)
                 except trio.RunFinishedError:
                     return
+                failure = None  # its traceback holds views of granted pages
             if last:
                 return
 
@@ -850,15 +858,20 @@ class BlkBack(Backend):
         with trio.CancelScope(shield=True):
             await done.wait()
 
-    def _completed(self, results: list[tuple[_Ticket, list[int] | None]]) -> None:
+    def _completed(
+        self, results: list[tuple[_Ticket, list[int] | None]], failure: Exception | None
+    ) -> None:
         """In trio's thread (`run_sync_soon`), a batch the device's thread has done:
         answer each ticket (one push for a run of tickets with the same taker).
-        Statuses of None: dropped at disconnect, never started; not answered.
+        Statuses of None: dropped (at disconnect, or after `failure`, an exception
+        the thread's work raised), never answered.
 
         Not in a task: an exception here would end Dom0's trio run, so it breaks
         the device instead."""
         self._offloaded -= sum(len(ticket.jobs) for ticket, _ in results)
         try:
+            if failure is not None:
+                self._io_broke(failure)
             answers: list[tuple[int, int, int]] = []
             taker: Answer | None = None
             for ticket, statuses in results:
@@ -877,16 +890,27 @@ class BlkBack(Backend):
             if taker is not None and answers:
                 taker(answers)
         except Exception as exc:
-            self.log.exception("%s: answering the device's I/O failed", self.device.nodename)
-            self._io_failure = f"blkback failed: {exc!r}"
-            if self._background is not None:
-                self._background.cancel_scope.cancel()
+            self._io_broke(exc)
         finally:
             for ticket, _ in results:
                 if ticket.done is not None:
                     ticket.done.set()
             if not self._offloaded:
                 self._quiet.set()
+
+    def _io_broke(self, exc: Exception) -> None:
+        """A bug in the device's I/O: logged, and the device closes. The traceback
+        is logged as text and dropped, as its frames hold views of granted pages
+        that must be unmapped."""
+        self.log.error(
+            "%s: the device's I/O failed:\n%s",
+            self.device.nodename,
+            "".join(traceback.format_exception(exc)).rstrip(),
+        )
+        exc.__traceback__ = None
+        self._io_failure = f"blkback failed: {exc!r}"
+        if self._background is not None:
+            self._background.cancel_scope.cancel()
 
     def _io_blocking_all(self, jobs: list[Job]) -> list[int]:
         """On the device's thread: `jobs` in order, waiting for the device; writes
