@@ -43,7 +43,8 @@ What it does is Linux's xen-blkback, in substance and in key names:
   I/O, a flush, a discard — is queued, in ring order, for the device's own
   thread (as blkback's xen_blkif_schedule thread per vbd), and so is a read
   behind anything queued (it sees what was written before it). The thread
-  takes all that is queued, does it, and hands the batch back with one
+  takes all that is queued, does it (writes that follow one another on
+  the disk in one pwritev), and hands the batch back with one
   wake-up of Dom0's main thread, which pushes the answers; the drain does
   not wait for it unless its pages are mapped for the drain alone. A stuck
   disk stalls its own device only, never Dom0's other services, and a
@@ -947,7 +948,7 @@ class BlkBack(Backend):
             statuses[at + index] = self._io_blocking(job)
 
     def _io_blocking(self, job: Job) -> int:
-        """On a worker thread: the whole operation, waiting for the device."""
+        """On the device's thread: the whole operation, waiting for the device."""
         disk = self.disk
         assert disk is not None
         expected = job.nr_sectors * SECTOR_SIZE
