@@ -1,6 +1,6 @@
 """The PV block device from a guest (blkfront → ring → blkback → image) against raw I/O.
 
-    python bench/blk.py [--quick]
+    python bench/blk.py [--quick] [--rounds N] [--workloads NAME,...] [--guests pon|poff]
 
 `xenlike up --detach` runs a topology in a temporary run directory: Dom0
 and two guests, each with a 64 MiB disk image that this script fills with
@@ -32,6 +32,7 @@ persistent grants on and off.
 """
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -88,6 +89,7 @@ disk = ["format=raw, vdev=xvda, access=rw, target=poff.img"]
 """
 
 
+@functools.cache
 def random_offsets(size: int) -> list[int]:
     rng = random.Random(42)
     return [rng.randrange(DISK_BYTES // size) * size for _ in range(OFFSETS)]
@@ -103,7 +105,6 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int
     batch = BATCH[name]
     workers = depth // batch
     done = 0
-    deadline = time.perf_counter() + seconds
     if kind == "rand":
         offsets = [offset // 512 for offset in random_offsets(size)]
         stride = 1
@@ -132,6 +133,7 @@ async def run_in_guest(disk: Any, name: str, seconds: float) -> tuple[float, int
 
     before = own_usage()
     start = time.perf_counter()
+    deadline = start + seconds  # after the offsets are drawn: the whole time is I/O
     async with trio.open_nursery() as nursery:
         for k in range(workers):
             nursery.start_soon(worker, k * len(offsets) // workers if kind == "rand" else k)
@@ -224,7 +226,13 @@ def xenlike(*args: str, run_dir: Path) -> str:
 
 
 async def measure(
-    run_dir: Path, images: Path, rounds: int, seconds: float, costs: Costs
+    run_dir: Path,
+    images: Path,
+    rounds: int,
+    seconds: float,
+    costs: Costs,
+    workloads: list[str],
+    guests: list[str],
 ) -> dict[tuple[str, str], list[float]]:
     """The figures of every round; per-request costs of every process go to `costs`:
     the guest's from itself, Dom0's and the hypervisor's from /proc, raw's (this
@@ -239,8 +247,8 @@ async def measure(
             domids[name] = domid
         number = 0
         for _ in range(rounds):
-            for name in WORKLOADS:
-                for who in (*GUESTS, "raw"):
+            for name in workloads:
+                for who in (*guests, "raw"):
                     if who == "raw":
                         value, done, used = run_raw(images / "pon.img", name, seconds)
                         costs.add("raw", name, used, done)
@@ -279,7 +287,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated, for quick iteration"
+    )
+    parser.add_argument("--guests", default=",".join(GUESTS), help="pon, poff or both")
     args = parser.parse_args()
+    workloads = [name for name in args.workloads.split(",") if name]
+    guests = [who for who in args.guests.split(",") if who]
+    unknown = set(workloads) - set(WORKLOADS) | set(guests) - set(GUESTS)
+    if unknown:
+        parser.error(f"unknown workloads or guests: {', '.join(sorted(unknown))}")
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = 0.2 if args.quick else 1.0
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -299,19 +316,20 @@ def main() -> None:
         xenlike("up", str(base / "bench.toml"), "--detach", run_dir=run_dir)
         try:
             costs = Costs()
-            figures = trio.run(measure, run_dir, run_dir, rounds, seconds, costs)
+            figures = trio.run(measure, run_dir, run_dir, rounds, seconds, costs, workloads, guests)
         finally:
             xenlike("down", run_dir=run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
     medians = {key: statistics.median(values) for key, values in figures.items()}
     print(f"rounds: {rounds} (medians), {seconds:g} s per workload per round")
-    for name, (_, _, _, unit) in WORKLOADS.items():
+    for name in workloads:
+        unit = WORKLOADS[name][3]
         print(f"raw {name}: {medians[('raw', name)]:.0f} {unit}")
-        for who, label in GUESTS.items():
-            print(f"{label} {name}: {medians[(who, name)]:.0f} {unit}")
+        for who in guests:
+            print(f"{GUESTS[who]} {name}: {medians[(who, name)]:.0f} {unit}")
     print("\n".join(costs.lines()))
-    for who in GUESTS:
-        for name in WORKLOADS:
+    for who in guests:
+        for name in workloads:
             ratio = medians[(who, name)] / medians[("raw", name)]
             print(f"ratio {name}_{who}: {ratio:.3f}")
 
