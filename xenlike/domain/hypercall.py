@@ -38,8 +38,8 @@ from xenlike.hypercall import (
     HypercallError,
     MessageKind,
     Reply,
-    Request,
     fds_received,
+    pack_request_header,
 )
 
 __all__ = ["HypercallClient", "HypercallResult"]
@@ -196,7 +196,9 @@ class HypercallClient:
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
         self._calls += 1
         waiter = self._waiting[seq] = _Waiter()
-        message = Request(seq, op, cmd, len(payload) if count is None else count, payload).encode()
+        message = (
+            pack_request_header(seq, op, cmd, len(payload) if count is None else count) + payload
+        )
         try:
             await self._send(message)
             while not waiter.done:

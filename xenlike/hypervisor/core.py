@@ -777,13 +777,12 @@ class Hypervisor:
         while True:
             try:
                 await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:  # closed under us: the domain died
-                return
-            try:
                 data = os.read(sock.fileno(), HYPERCALL_MAX_MESSAGE + 1)
             except BlockingIOError:
                 continue
-            except OSError:
+            # Closed under us (the domain died): during the wait, or between two of
+            # this task's steps, where its fd is -1 by then (ValueError).
+            except (OSError, ValueError, trio.ClosedResourceError):
                 return
             if not data:
                 return
@@ -792,7 +791,7 @@ class Hypervisor:
                 continue
             try:
                 await conn.send(reply)
-            except (OSError, trio.ClosedResourceError):
+            except (OSError, ValueError, trio.ClosedResourceError):
                 return
 
     async def _deliver_notices(self, domain: HypervisorDomain) -> None:
