@@ -61,6 +61,10 @@ _REQUEST = compile_struct(hypercall_request, "hypercall_request")
 _REPLY = compile_struct(hypercall_reply, "hypercall_reply")
 REQUEST_HEADER_SIZE = _REQUEST.size
 REPLY_HEADER_SIZE = _REPLY.size
+unpack_request_header = _REQUEST.format.unpack_from
+"""(seq, op, cmd, count) of a request, without a `Request` made: the hypervisor's hot path."""
+pack_request_header = _REQUEST.format.pack
+"""The header of a request (seq, op, cmd, count), without a `Request` made: the guest's."""
 
 
 class MessageKind(enum.IntEnum):

@@ -51,12 +51,13 @@ from xenlike.abi.xen import DOMID_FIRST_RESERVED, SIF_INITDOMAIN, SIF_PRIVILEGED
 from xenlike.codec import compile_struct
 from xenlike.hypercall import (
     HYPERCALL_MAX_MESSAGE,
+    REQUEST_HEADER_SIZE,
     HypercallError,
     MessageKind,
     Notification,
     Reply,
-    Request,
     fds_ancillary,
+    unpack_request_header,
 )
 from xenlike.hypervisor import evtchn, grant_table
 from xenlike.hypervisor.evtchn import EvtchnTable
@@ -761,37 +762,36 @@ class Hypervisor:
                 hook(conn)
 
     async def _answer(self, conn: HypercallConnection) -> None:
-        """The hot path: read(2) on the socket, and a yield only when requests queue up.
+        """The hot path: wait for the socket, read(2) one request, answer it.
 
-        read(2) takes no ancillary data, so descriptors a domain sends along
-        are closed by the kernel, never installed here. The fd is asked of
-        the socket each time: once closed it is -1, never a reused number.
+        The wait comes first: a reply has just gone, and the domain's next
+        request is all but never there yet (it has to wake first), so a read
+        before the wait would only find the socket empty. Each request waits
+        its turn, so a domain that queues requests lets every other domain
+        have theirs. read(2) takes no ancillary data, so descriptors a domain
+        sends along are closed by the kernel, never installed here. The fd is
+        asked of the socket each time: once closed it is -1, never a reused
+        number.
         """
         sock = conn.sock
-        waited = True
         while True:
             try:
+                await trio.lowlevel.wait_readable(sock)
                 data = os.read(sock.fileno(), HYPERCALL_MAX_MESSAGE + 1)
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:  # closed under us: the domain died
-                    return
-                waited = True
                 continue
-            except OSError:
+            # Closed under us (the domain died): during the wait, or between two of
+            # this task's steps, where its fd is -1 by then (ValueError).
+            except (OSError, ValueError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            if not waited:  # a backlog: let every other domain have its turn
-                await trio.lowlevel.checkpoint()
-            waited = False
             reply = self.dispatch(conn, data)
             if reply is None:  # deferred: the handler replies later
                 continue
             try:
                 await conn.send(reply)
-            except (OSError, trio.ClosedResourceError):
+            except (OSError, ValueError, trio.ClosedResourceError):
                 return
 
     async def _deliver_notices(self, domain: HypervisorDomain) -> None:
@@ -833,7 +833,10 @@ class Hypervisor:
 
     def dispatch(self, conn: HypercallConnection, data: bytes) -> Reply | None:
         """Run one hypercall; every failure becomes a -errno result, never an exception.
-        None when the handler deferred its reply (`Call.defer`)."""
+        None when the handler deferred its reply (`Call.defer`).
+
+        The trace listeners cost one check of `listeners` when nobody traces.
+        """
         start = time.monotonic_ns()
         seq = op = cmd = 0
         arg: Any = None
@@ -841,37 +844,52 @@ class Hypervisor:
         try:
             if len(data) > HYPERCALL_MAX_MESSAGE:
                 raise HypercallError(Errno.E2BIG, f"{len(data)}-byte message")
-            request = Request.decode(data)
-            seq, op, cmd = request.seq, request.op, request.cmd
+            if len(data) < REQUEST_HEADER_SIZE:
+                raise HypercallError(
+                    Errno.EINVAL, f"{len(data)}-byte message is shorter than a header"
+                )
+            seq, op, cmd, count = unpack_request_header(data)
             entry = HYPERCALLS.lookup(op, cmd)
             if entry.privileged and not conn.domain.privileged:
                 raise HypercallError(Errno.EPERM, f"{entry.name} is for Dom0 only")
-            arg = entry.decode(request.count, request.payload)
+            payload = data[REQUEST_HEADER_SIZE:]
+            arg = entry.decode(count, payload)
             call = Call(self, conn.domain, conn, op, cmd, seq=seq)
             out = entry.handler(call, arg)
             if isinstance(out, tuple):
                 result, payload = out[0], entry.encode(out[1])
+            elif entry.args is None:
+                result, payload = out, b""
             else:  # nothing changed: the arguments go back as they came (Xen's copy-back)
-                result, payload = out, request.payload if entry.args is not None else b""
+                result = out
         except HypercallError as exc:
             result, payload = -int(exc.errno), b""
         except Exception:
             self.log_refusal(conn.domain, f"hypercall {op}/{cmd} failed:\n{traceback.format_exc()}")
             result, payload = -int(Errno.EINVAL), b""
+        if self.listeners:
+            self._tell_listeners(conn.domain.domid, op, cmd, arg, result, start)
+        if call is None:
+            return Reply(seq, MessageKind.reply, result, payload)
+        if call.deferred and result >= 0:
+            return None
+        return Reply(
+            seq, MessageKind.reply, result, payload, tuple(call.fds) if result >= 0 else ()
+        )
+
+    def _tell_listeners(
+        self, domid: int, op: int, cmd: int, arg: Any, result: int, start: int
+    ) -> None:
         end = time.monotonic_ns()
         # A snapshot: a listener that raises is removed below, and one may detach itself
         # (trace readers do); either must not make the next listener skipped.
         for listener in tuple(self.listeners):
             try:
-                listener.hypercall(conn.domain.domid, op, cmd, arg, result, start, end)
+                listener.hypercall(domid, op, cmd, arg, result, start, end)
             except Exception:
                 if listener in self.listeners:
                     self.listeners.remove(listener)
                 self.log(None, f"trace listener {listener!r} dropped:\n{traceback.format_exc()}")
-        if call is not None and call.deferred and result >= 0:
-            return None
-        fds = tuple(call.fds) if call is not None and result >= 0 else ()
-        return Reply(seq, MessageKind.reply, result, payload, fds)
 
 
 def _raise_fd_limit() -> tuple[int, int]:
