@@ -26,7 +26,7 @@ from xenlike.abi.grant_table import GTF_type_mask
 from xenlike.hypervisor import Hypervisor
 from xenlike.rundir import RunDir
 from xenlike.testing import LocalDomain, channel_pair
-from xenlike.tools.session import DOM0_KERNEL
+from xenlike.tools.session import DOM0_KERNEL, toolstack_request
 from xenlike.xenbus import DeviceRemoved
 from xenlike.xenbus.driver import DeviceInfo, XenbusContext
 from xenlike.xenstore import XenStored, open_client
@@ -127,8 +127,10 @@ async def topology(tmp_path: Path, nursery: trio.Nursery) -> Any:
     try:
         yield hv, run_dir
     finally:
+        # The guests shut down as `xenlike down` shuts them; the hypervisor is this
+        # process's (the nursery ends it), so no CLI waits for it to exit.
         with trio.CancelScope(shield=True):
-            await xenlike(run_dir, "down")
+            await toolstack_request(rd, {"op": "down", "timeout": 15.0})
         os.close(lock)
 
 
