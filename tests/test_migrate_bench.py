@@ -3,23 +3,16 @@
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import quick
+
 ROW = r"(pre-copy|stop-and-copy) +([\d.]+) ms +[\d.]+ s +(\d+)/(\d+)"  # downtime, lost/explained
 
 
 def test_migrate_bench_quick_prints_its_figures_and_ratios() -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/migrate.py", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
+    result = quick("migrate", timeout=900)
     if os.geteuid() != 0:
         assert result.returncode == 1
         assert result.stderr.strip() == (

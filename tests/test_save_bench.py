@@ -1,21 +1,12 @@
 """bench/save.py runs (`--quick`) and prints its figures in the house format."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import quick
 
 
 def test_save_bench_quick_prints_its_figures_and_ratios() -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/save.py", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    result = quick("save", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     ratios = {
