@@ -685,7 +685,7 @@ class Hypervisor:
         conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
         domain.connections.append(conn)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.serve_connection, conn)
+            nursery.start_soon(self._serve_domain, domain, conn)
             nursery.start_soon(self._deliver_notices, domain)
             nursery.start_soon(self._take_frames, frames)
             await domain.process.wait()
@@ -702,6 +702,16 @@ class Hypervisor:
             how = "crashed" if domain.shutdown_reason == ShutdownReason.crash else "shut down"
             self.log(None, f"Domain 0 {how}: shutting down every domain")
             self._nursery.cancel_scope.cancel()
+
+    async def _serve_domain(self, domain: HypervisorDomain, conn: HypercallConnection) -> None:
+        """A domain's hypercalls. A bug met while serving them crashes that domain, as
+        Xen crashes a guest, never the hypervisor (seen once: trio's BusyResourceError
+        on the socket of a domain destroyed as it started)."""
+        try:
+            await self.serve_connection(conn)
+        except Exception:
+            self.log(domain, f"hypercall service failed:\n{traceback.format_exc()}")
+            self.shutdown(domain, ShutdownReason.crash)
 
     async def _take_frames(self, frames: SharedFrames) -> None:
         """Take in the files a domain sends as they come, not only when a map needs them."""
