@@ -46,7 +46,7 @@ from xenlike.hypercall import (
     fds_received,
 )
 from xenlike.hypervisor import Hypervisor
-from xenlike.hypervisor.core import XEN_VERSION
+from xenlike.hypervisor.core import XEN_VERSION, HypercallConnection
 from xenlike.xc import XenControl
 
 EVTCHN_OP = Hypercall.event_channel_op
@@ -519,4 +519,34 @@ async def test_a_host_out_of_descriptors_fails_a_port_with_enomem(
     assert await errno_of(xc.alloc_unbound(0, 0)) == Errno.ENOMEM
     monkeypatch.undo()
     assert await xc.alloc_unbound(0, 0) > 0
+    await healthy(hv)
+
+
+async def test_a_socket_closed_before_its_service_starts(hv: Hypervisor, xc: XenControl) -> None:
+    """A domain destroyed as soon as it is built has its socket closed before its
+    hypercall service first runs. Waiting on a closed socket (fd -1) made trio's
+    epoll raise ValueError and keep -1 registered, so the next such domain's
+    service met BusyResourceError (once that took the hypervisor down)."""
+    domain = hv.lookup(await xc.createdomain())
+    for _ in range(3):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.close()
+        conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
+        conn.sock.close()
+        await hv.serve_connection(conn)  # nothing to serve: it returns at once
+    await healthy(hv)
+
+
+async def test_domains_destroyed_as_they_are_built(hv: Hypervisor, xc: XenControl) -> None:
+    """Two Dom0 connections build and destroy at once, back to back: every domain
+    goes cleanly, whichever of its service and its destruction runs first."""
+
+    async def churn(control: XenControl) -> None:
+        for _ in range(12):
+            await control.destroy(await control.create_domain("tests.kernels:hammer", memory_mb=4))
+
+    async with XenControl.connect(hv.run_dir) as other, trio.open_nursery() as nursery:
+        nursery.start_soon(churn, xc)
+        nursery.start_soon(churn, other)
+    assert list(hv.domains) == [0]
     await healthy(hv)

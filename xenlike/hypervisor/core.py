@@ -705,8 +705,7 @@ class Hypervisor:
 
     async def _serve_domain(self, domain: HypervisorDomain, conn: HypercallConnection) -> None:
         """A domain's hypercalls. A bug met while serving them crashes that domain, as
-        Xen crashes a guest, never the hypervisor (seen once: trio's BusyResourceError
-        on the socket of a domain destroyed as it started)."""
+        Xen crashes a guest, never the hypervisor."""
         try:
             await self.serve_connection(conn)
         except Exception:
@@ -779,20 +778,24 @@ class Hypervisor:
         before the wait would only find the socket empty. Each request waits
         its turn, so a domain that queues requests lets every other domain
         have theirs. read(2) takes no ancillary data, so descriptors a domain
-        sends along are closed by the kernel, never installed here. The fd is
-        asked of the socket each time: once closed it is -1, never a reused
-        number.
+        sends along are closed by the kernel, never installed here.
+
+        The fd is asked of the socket before each wait: once closed (the domain
+        died, even before this task first ran) it is -1, and the loop ends
+        there. Waiting on -1 is not merely refused: trio's epoll raises
+        ValueError and leaves -1 registered to this task for good, so the next
+        closed socket's wait met BusyResourceError. A wait that returns means
+        the fd is still the socket's (closing it wakes the wait with
+        ClosedResourceError).
         """
         sock = conn.sock
-        while True:
+        while (fd := sock.fileno()) >= 0:
             try:
-                await trio.lowlevel.wait_readable(sock)
-                data = os.read(sock.fileno(), HYPERCALL_MAX_MESSAGE + 1)
+                await trio.lowlevel.wait_readable(fd)
+                data = os.read(fd, HYPERCALL_MAX_MESSAGE + 1)
             except BlockingIOError:
                 continue
-            # Closed under us (the domain died): during the wait, or between two of
-            # this task's steps, where its fd is -1 by then (ValueError).
-            except (OSError, ValueError, trio.ClosedResourceError):
+            except (OSError, trio.ClosedResourceError):  # closed under us
                 return
             if not data:
                 return
