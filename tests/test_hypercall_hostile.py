@@ -39,6 +39,7 @@ from xenlike.hypercall import (
     ANCILLARY_SPACE,
     HYPERCALL_MAX_MESSAGE,
     HypercallError,
+    MessageKind,
     Notification,
     Reply,
     Request,
@@ -550,3 +551,27 @@ async def test_domains_destroyed_as_they_are_built(hv: Hypervisor, xc: XenContro
         nursery.start_soon(churn, other)
     assert list(hv.domains) == [0]
     await healthy(hv)
+
+
+async def test_a_reply_carries_the_descriptor_it_was_given(hv: Hypervisor, xc: XenControl) -> None:
+    """A reply that waits its turn still hands over what the handler gave it, even
+    if that descriptor is closed meanwhile and its number reused (a port closed
+    by another domain, a frame freed by a teardown)."""
+    domain = hv.lookup(await xc.createdomain())
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = HypercallConnection(domain, trio.socket.from_stdlib_socket(ours))
+    given = os.eventfd(7)
+    async with trio.open_nursery() as nursery:
+        await conn.send_lock.acquire()  # another sender has the socket
+        nursery.start_soon(conn.send, Reply(1, MessageKind.reply, 0, b"", (given,)))
+        await trio.testing.wait_all_tasks_blocked()
+        os.close(given)
+        reused = os.eventfd(99)
+        assert reused == given  # the lowest free number: the same one
+        conn.send_lock.release()
+    _, fds, _, _ = socket.recv_fds(theirs, 64, 1)
+    assert os.eventfd_read(fds[0]) == 7
+    for fd in (*fds, reused):
+        os.close(fd)
+    conn.sock.close()
+    theirs.close()

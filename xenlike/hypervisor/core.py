@@ -118,16 +118,28 @@ class HypercallConnection:
 
         A datagram goes whole or not at all, so the lock only orders senders
         that find the socket full. The callers' own receives are their
-        checkpoints.
+        checkpoints. Descriptors go as copies taken before the first yield:
+        the port or frame one belongs to may be closed while the reply waits
+        its turn, and its number reused for something this domain must never
+        be handed.
         """
-        if not reply.fds and not self.send_lock.locked():
-            try:
-                os.write(self.sock.fileno(), reply.encode())
-                return
-            except BlockingIOError:
-                pass
-        async with self.send_lock:
-            await self.sock.sendmsg([reply.encode()], fds_ancillary(reply.fds))
+        if not reply.fds:
+            if not self.send_lock.locked():
+                try:
+                    os.write(self.sock.fileno(), reply.encode())
+                    return
+                except BlockingIOError:
+                    pass
+            async with self.send_lock:
+                await self.sock.sendmsg([reply.encode()])
+            return
+        copies = [os.dup(fd) for fd in reply.fds]
+        try:
+            async with self.send_lock:
+                await self.sock.sendmsg([reply.encode()], fds_ancillary(tuple(copies)))
+        finally:
+            for fd in copies:
+                os.close(fd)
 
 
 @attrs.define(eq=False)
