@@ -112,6 +112,31 @@ async def test_the_hypervisor_dying_while_a_call_waits_in_the_kernel_resets_it()
     guest_end.close()
 
 
+async def test_a_call_cancelled_past_its_wait_in_the_kernel_leaves_the_client_in_step() -> None:
+    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client = HypercallClient(trio.socket.from_stdlib_socket(guest_end), wait_in_kernel=True)
+
+    def answer_both_late() -> None:  # the first call's reply comes after the second call
+        first = unpack_request_header(hypervisor_end.recv(HYPERCALL_MAX_MESSAGE + 1))[0]
+        second = unpack_request_header(hypervisor_end.recv(HYPERCALL_MAX_MESSAGE + 1))[0]
+        hypervisor_end.send(Reply(first, MessageKind.reply, 1).encode())
+        hypervisor_end.send(Reply(second, MessageKind.reply, 2).encode())
+
+    thread = threading.Thread(target=answer_both_late, daemon=True)
+    thread.start()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        with trio.move_on_after(0.05) as scope:  # never answered in time
+            await client.call(Hypercall.xen_version, XenVerOp.version)
+        done = await client.call(Hypercall.xen_version, XenVerOp.version)
+        nursery.cancel_scope.cancel()
+    thread.join()
+    assert scope.cancelled_caught
+    assert done.result == 2  # the first call's late reply was dropped, not taken for this one
+    hypervisor_end.close()
+    guest_end.close()
+
+
 # What a hostile or broken hypervisor may send: well-formed replies and notifications
 # (for this call or another), and anything else.
 messages = st.one_of(
