@@ -94,8 +94,8 @@ LOG_LINES = 4096  # lines of hypervisor log kept for `dmesg`
 LOG_FILE_MAX = 4 << 20  # bytes of hypervisor.log before it rotates to hypervisor.log.1
 METER_INTERVAL = 1.0  # seconds between samples of every domain's memory for its metering
 OUTPUT_LOG_MAX = 1 << 20  # bytes of a DomU's stdout/stderr log (domains/<id>.log) per generation
-_REPLY = int(MessageKind.reply)  # dispatch makes one per call: an enum member costs ~0.3 us (3.11)
 OUTPUT_READ = 4096  # bytes read from a DomU's output pipe at a time
+_REPLY = int(MessageKind.reply)  # dispatch makes one per call: an enum member costs ~0.3 us (3.11)
 
 
 class DomainState(enum.Enum):
