@@ -5,6 +5,7 @@ thread as the hypervisor answers from another process, so the calling task
 blocks in the kernel while the rest of the trio loop is frozen, as in a guest.
 """
 
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -14,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenlike.abi.version import XenVerOp
-from xenlike.abi.xen import Hypercall
+from xenlike.abi.xen import CONSOLEIO_write, Hypercall
 from xenlike.domain.hypercall import HypercallClient
 from xenlike.hypercall import (
     HYPERCALL_MAX_MESSAGE,
+    REQUEST_HEADER_SIZE,
     HypercallError,
     MessageKind,
     Notification,
@@ -134,6 +136,53 @@ async def test_a_call_cancelled_past_its_wait_in_the_kernel_leaves_the_client_in
     assert scope.cancelled_caught
     assert done.result == 2  # the first call's late reply was dropped, not taken for this one
     hypervisor_end.close()
+    guest_end.close()
+
+
+async def test_many_tasks_waiting_in_the_kernel_each_get_their_own_reply() -> None:
+    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    notices: list[Reply] = []
+    client = HypercallClient(
+        trio.socket.from_stdlib_socket(guest_end), notices.append, wait_in_kernel=True
+    )
+
+    def answer_out_of_order() -> None:
+        """Each reply's result is its request's payload length; the requests waiting
+        are answered last first, with a notification between."""
+        while True:
+            waiting = [hypervisor_end.recv(HYPERCALL_MAX_MESSAGE + 1)]
+            while waiting[-1] and select.select([hypervisor_end], [], [], 0.001)[0]:
+                waiting.append(hypervisor_end.recv(HYPERCALL_MAX_MESSAGE + 1))
+            if not all(waiting):
+                return  # the guest hung up
+            for message in reversed(waiting):
+                seq = unpack_request_header(message)[0]
+                length = len(message) - REQUEST_HEADER_SIZE
+                hypervisor_end.send(Reply(seq, MessageKind.reply, length).encode())
+                hypervisor_end.send(Reply(0, MessageKind.notification, length).encode())
+
+    thread = threading.Thread(target=answer_out_of_order, daemon=True)
+    thread.start()
+    calls = 0
+
+    async def caller(index: int) -> None:
+        nonlocal calls
+        for round_ in range(10):
+            text = b"x" * (index * 10 + round_ + 1)
+            done = await client.call(Hypercall.console_io, CONSOLEIO_write, text)
+            assert done.result == len(text)
+            calls += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        async with trio.open_nursery() as callers:
+            for index in range(20):
+                callers.start_soon(caller, index)
+        guest_end.shutdown(socket.SHUT_WR)  # the stand-in's end of the conversation
+        thread.join()
+        hypervisor_end.close()
+    assert calls == 200
+    assert sorted(n.result for n in notices) == list(range(1, 201))
     guest_end.close()
 
 
