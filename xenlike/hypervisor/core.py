@@ -95,6 +95,7 @@ LOG_FILE_MAX = 4 << 20  # bytes of hypervisor.log before it rotates to hyperviso
 METER_INTERVAL = 1.0  # seconds between samples of every domain's memory for its metering
 OUTPUT_LOG_MAX = 1 << 20  # bytes of a DomU's stdout/stderr log (domains/<id>.log) per generation
 OUTPUT_READ = 4096  # bytes read from a DomU's output pipe at a time
+_REPLY = int(MessageKind.reply)  # dispatch makes one per call: an enum member costs ~0.3 us (3.11)
 
 
 class DomainState(enum.Enum):
@@ -895,12 +896,10 @@ class Hypervisor:
         if self.listeners:
             self._tell_listeners(conn.domain.domid, op, cmd, arg, result, start)
         if call is None:
-            return Reply(seq, MessageKind.reply, result, payload)
+            return Reply(seq, _REPLY, result, payload)
         if call.deferred and result >= 0:
             return None
-        return Reply(
-            seq, MessageKind.reply, result, payload, tuple(call.fds) if result >= 0 else ()
-        )
+        return Reply(seq, _REPLY, result, payload, tuple(call.fds) if result >= 0 else ())
 
     def _tell_listeners(
         self, domid: int, op: int, cmd: int, arg: Any, result: int, start: int
