@@ -214,3 +214,33 @@ def test_disk_buffer_requests_are_those_of_the_plain_path(
         assert (fast == plain) if whole else fast is None
 
     trio.run(check)
+
+
+async def test_disk_buffer_requests_that_fail_raise_for_their_own_sectors(nursery) -> None:
+    """The disk-buffer path checks each answer as the plain one does: a failed
+    request, or one answered with another operation, fails the call with its
+    own sectors, and the others' data still arrives."""
+
+    def answer(request: Any) -> int:
+        return BLKIF_RSP_ERROR if request.sector_number == 16 else BLKIF_RSP_OKAY
+
+    front, disk, _ = await front_end(nursery, answer)
+    disk[:] = bytes(range(256)) * (len(disk) // 256)
+    buffers = [front.buffer(4096) for _ in range(3)]
+    assert front._buffer_requests(BlkifOp.READ, list(zip((0, 16, 32), buffers))) is not None
+    with pytest.raises(BlockDeviceError, match="READ of sectors 16..23 failed") as failed:
+        await front.readinto_many(zip((0, 16, 32), buffers))
+    assert failed.value.errno == errno.EIO
+    assert buffers[0] == disk[:4096] and buffers[2] == disk[32 * 512 : 40 * 512]
+    with pytest.raises(BlockDeviceError, match="WRITE of sectors 16..23 failed"):
+        await front.write_many([(16, buffers[1])])
+    confused, _, _ = await front_end(nursery, lambda request: BLKIF_RSP_OKAY)
+    bad = confused.buffer(4096)
+
+    async def call_many(requests: list[Any]) -> list[Any]:
+        return [RESPONSE.record(0, BlkifOp.WRITE, BLKIF_RSP_OKAY) for _ in requests]
+
+    confused.call_many = call_many  # type: ignore[method-assign]
+    with pytest.raises(BlockDeviceError, match="answered operation 1") as wrong:
+        await confused.readinto_many([(0, bad)])
+    assert wrong.value.errno == errno.EIO
