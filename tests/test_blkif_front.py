@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from drivers.blkif import BLKIF_RING, BlkFront, BlockDeviceError
 from drivers.blkif.front import BufferPool
-from drivers.blkif.protocol import parse_segments, raw_segments
+from drivers.blkif.protocol import RESPONSE, parse_segments, raw_segments
 from xenlike.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifOp
 from xenlike.testing import LocalDomain, channel_pair
 from xenlike.xenbus.driver import DeviceInfo, XenbusContext
@@ -131,7 +133,7 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     front, disk, guest = await front_end(nursery, answer)
     front.feature_persistent = persistent
     buffer = front.buffer(30 * 4096)  # more than one request holds (11 pages each)
-    own = front._buffers[id(buffer)][1][0]
+    own = front._buffers[id(buffer)].pages.extent
     own_frames = set(range(own.chunk.first_gfn, own.chunk.first_gfn + 30))
     buffer[:] = bytes(range(256)) * (30 * 16)
     await front.write(64, buffer)
@@ -162,6 +164,83 @@ async def test_disk_buffers_are_read_into_and_written_from_without_a_copy(
     with pytest.raises(ValueError, match="not a disk buffer"):
         front.release(bytearray(512))
     again = front.buffer(20 * 4096)
-    assert front.pool.kept == 21 and front._buffers[id(again)][1][0].chunk is own.chunk
+    assert front.pool.kept == 21 and front._buffers[id(again)].pages.extent.chunk is own.chunk
     await front.readinto(0, again)
     assert again == disk[: 20 * 4096]
+
+
+@given(
+    st.sampled_from([BlkifOp.READ, BlkifOp.WRITE]),
+    st.lists(
+        st.tuples(st.integers(0, SECTORS - 1), st.integers(1, 13 * 8)), min_size=1, max_size=9
+    ),
+)
+def test_disk_buffer_requests_are_those_of_the_plain_path(
+    op: int, reads: list[tuple[int, int]]
+) -> None:
+    """readinto_many / write_many's fast path for whole disk buffers (one direct
+    request each) sends exactly the requests the plain path (`_rw_many`) builds."""
+
+    async def check() -> None:
+        guest = LocalDomain(512)
+        info = DeviceInfo("vbd", 51712, "b", "f", 0)
+        front = BlkFront(XenbusContext(guest, None, None), info)  # type: ignore[arg-type]
+        front.channel, _, _ = channel_pair(BLKIF_RING)
+        front.sectors, front.feature_persistent, front.max_segments = SECTORS, True, 32
+        front._ready.set()
+        sent: list[list[Any]] = []
+
+        async def call_many(requests: list[Any]) -> list[Any]:
+            sent.append(list(requests))
+            return [RESPONSE.record(0, op, BLKIF_RSP_OKAY) for _ in requests]
+
+        front.call_many = call_many  # type: ignore[method-assign]
+        pairs = [
+            (min(sector, SECTORS - sectors), front.buffer(sectors * 512))
+            for sector, sectors in reads
+        ]
+        fast = front._buffer_requests(op, pairs)
+        if op == BlkifOp.READ:
+            await front.readinto_many(pairs)
+        else:
+            await front.write_many(iter(pairs))
+        items: list[Any] = []
+        for sector, buffer in pairs:
+            front._pieces(sector, buffer, items)
+        await front._rw_many(op, items)
+        plain = sent.pop()
+        assert sent == [plain]
+        whole = all(len(buffer) % 4096 == 0 and len(buffer) <= 11 * 4096 for _, buffer in pairs)
+        assert (fast == plain) if whole else fast is None
+
+    trio.run(check)
+
+
+async def test_disk_buffer_requests_that_fail_raise_for_their_own_sectors(nursery) -> None:
+    """The disk-buffer path checks each answer as the plain one does: a failed
+    request, or one answered with another operation, fails the call with its
+    own sectors, and the others' data still arrives."""
+
+    def answer(request: Any) -> int:
+        return BLKIF_RSP_ERROR if request.sector_number == 16 else BLKIF_RSP_OKAY
+
+    front, disk, _ = await front_end(nursery, answer)
+    disk[:] = bytes(range(256)) * (len(disk) // 256)
+    buffers = [front.buffer(4096) for _ in range(3)]
+    assert front._buffer_requests(BlkifOp.READ, list(zip((0, 16, 32), buffers))) is not None
+    with pytest.raises(BlockDeviceError, match="READ of sectors 16..23 failed") as failed:
+        await front.readinto_many(zip((0, 16, 32), buffers))
+    assert failed.value.errno == errno.EIO
+    assert buffers[0] == disk[:4096] and buffers[2] == disk[32 * 512 : 40 * 512]
+    with pytest.raises(BlockDeviceError, match="WRITE of sectors 16..23 failed"):
+        await front.write_many([(16, buffers[1])])
+    confused, _, _ = await front_end(nursery, lambda request: BLKIF_RSP_OKAY)
+    bad = confused.buffer(4096)
+
+    async def call_many(requests: list[Any]) -> list[Any]:
+        return [RESPONSE.record(0, BlkifOp.WRITE, BLKIF_RSP_OKAY) for _ in requests]
+
+    confused.call_many = call_many  # type: ignore[method-assign]
+    with pytest.raises(BlockDeviceError, match="answered operation 1") as wrong:
+        await confused.readinto_many([(0, bad)])
+    assert wrong.value.errno == errno.EIO

@@ -30,6 +30,10 @@ How requests are built follows Linux's blkfront:
   granted: the back end maps each once and the data path makes no grant
   operation. Without it, each request's pages are granted (read-only for a
   write) and access is ended when the response arrives.
+- A disk buffer's pages and grants never change, so a whole disk buffer of
+  at most 11 pages is one direct request whose seg[] is built at its first
+  use and kept with it: `readinto_many` / `write_many` over such buffers
+  build nothing else per request (`_buffer_requests`).
 - As many requests are in flight as the ring has slots (and the pool has
   pages); the channel hands out ids and matches responses. The `_many`
   calls push a whole batch at once and wake their caller once: a queue of
@@ -304,6 +308,20 @@ class _BufferPages(NamedTuple):
     page: int  # the first, counted from the extent's start
 
 
+@attrs.define(eq=False, slots=True)
+class _DiskBuffer:
+    """A disk buffer (`BlkFront.buffer`): the view the program holds, and its pages."""
+
+    view: memoryview
+    pages: _BufferPages  # all of its extent, from page 0
+    sectors: int
+    # Whole pages, at most a direct request's 11: one request carries it all.
+    direct: bool
+    # That request's seg[] over persistent grants, built at its first use: the
+    # grants of a buffer's pages never change, so neither does its seg[].
+    segments: bytes | None = None
+
+
 # A request's part of an I/O: (sector, count, data), data a view of the caller's
 # buffer, None (a read that returns new bytes), or a disk buffer's _BufferPages.
 _Piece = tuple[int, int, "memoryview | None | _BufferPages"]
@@ -391,7 +409,7 @@ class BlkFront(Frontend):
         self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self.pool = BufferPool(ctx.domain, device.otherend_id, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         # id -> a disk buffer and its place: (its extent, 0), a piece of `items`
-        self._buffers: dict[int, tuple[memoryview, _BufferPages]] = {}
+        self._buffers: dict[int, _DiskBuffer] = {}  # by id() of the view
         self._lingering: list[int] = []  # request grants the back end still had mapped
 
     # --- the handshake ---------------------------------------------------------------
@@ -599,6 +617,11 @@ class BlkFront(Frontend):
 
     async def readinto_many(self, reads: Iterable[tuple[int, Any]]) -> None:
         """Several `readinto`s at once, `(sector, buffer)` each (see `read_many`)."""
+        reads = reads if type(reads) is list else list(reads)
+        requests = self._buffer_requests(READ, reads)
+        if requests is not None:
+            await self._call_direct(READ, requests)
+            return
         items: list[_Piece] = []
         for sector, buffer in reads:
             self._pieces(sector, buffer, items, writable=True)
@@ -612,10 +635,56 @@ class BlkFront(Frontend):
         """Several writes at once, `(sector, data)` each (see `read_many`)."""
         if self.readonly:
             raise BlockDeviceError(errno.EROFS, f"{self._name} is read-only")
+        writes = writes if type(writes) is list else list(writes)
+        requests = self._buffer_requests(WRITE, writes)
+        if requests is not None:
+            await self._call_direct(WRITE, requests)
+            return
         items: list[_Piece] = []
         for sector, data in writes:
             self._pieces(sector, data, items)
         await self._rw_many(WRITE, items)
+
+    def _buffer_requests(self, op: int, pairs: list[tuple[int, Any]]) -> list[Any] | None:
+        """The fast path of `readinto_many` and `write_many`: with persistent grants,
+        when every buffer is a whole disk buffer of at most 11 pages, each is one
+        direct request with its buffer's own seg[], built here and nowhere else
+        (no pieces, rounds or pool pages). None sends them the plain way
+        (`_rw_many`), which also tells what is wrong with a bad one.
+        Measured (bench/blk.py pon, main vs this, alternated, medians of 4 runs
+        of 3 rounds, load 2.5-4.5): the guest's CPU per 4 KiB read (rand4k)
+        5.7 -> 4.4 µs (-24%), per 44 KiB read 6.9 -> 5.8 µs (-16%), per 44 KiB
+        write 7.8 -> 6.3 µs (-20%)."""
+        if not self.feature_persistent:
+            return None
+        buffers, disk_sectors, devid = self._buffers, self.sectors, self.device.devid
+        requests = []
+        for sector, buffer in pairs:
+            own = buffers.get(id(buffer))
+            if (
+                own is None
+                or own.view is not buffer
+                or not own.direct
+                or sector < 0
+                or sector + own.sectors > disk_sectors
+            ):
+                return None
+            segments = own.segments
+            if segments is None:
+                pages = own.sectors // SECTORS_PER_PAGE
+                segments = own.segments = self.pool.full_pages_segments(own.pages.extent, 0, pages)
+            requests.append(
+                _rw_request((op, own.sectors // SECTORS_PER_PAGE, devid, 0, sector, segments))
+            )
+        return requests
+
+    async def _call_direct(self, op: int, requests: list[Any]) -> None:
+        """Send `_buffer_requests`' requests in one push; the first failure raises."""
+        responses = await self.call_many(requests)
+        for request, response in zip(requests, responses):
+            if response.status != BLKIF_RSP_OKAY or response.operation != op:
+                sector, count = request.sector_number, request.nr_segments * SECTORS_PER_PAGE
+                raise self._failure(response, op, sector, count)
 
     def buffer(self, nbytes: int) -> memoryview:
         """`nbytes` (whole sectors) of the guest's own memory, for I/O without a copy.
@@ -630,20 +699,23 @@ class BlkFront(Frontend):
             raise ValueError(
                 f"a disk buffer holds whole {SECTOR_SIZE}-byte sectors, not {nbytes} bytes"
             )
-        extent = self.pool.keep(-(-nbytes // XEN_PAGE_SIZE))
+        pages = -(-nbytes // XEN_PAGE_SIZE)
+        extent = self.pool.keep(pages)
         view = extent.view()[:nbytes]
-        self._buffers[id(view)] = (view, _BufferPages(extent, 0))
+        direct = nbytes == pages * XEN_PAGE_SIZE and pages <= BLKIF_MAX_SEGMENTS_PER_REQUEST
+        sectors = nbytes >> SECTOR_SHIFT
+        self._buffers[id(view)] = _DiskBuffer(view, _BufferPages(extent, 0), sectors, direct)
         return view
 
     def release(self, buffer: memoryview) -> None:
         """Give a disk buffer back once its I/O is done: its pages go back to the
         buffer pool, and the view can no longer be used."""
         own = self._buffers.get(id(buffer))
-        if own is None or own[0] is not buffer:
+        if own is None or own.view is not buffer:
             raise ValueError(f"not a disk buffer of {self._name}")
         buffer.release()
         del self._buffers[id(buffer)]
-        self.pool.give(own[1].extent)
+        self.pool.give(own.pages.extent)
 
     def _pieces(
         self, sector: int, buffer: Any, items: list[Any], *, writable: bool = False
@@ -651,13 +723,13 @@ class BlkFront(Frontend):
         """Check a buffer of whole sectors at `sector`; add its requests' pieces to
         `items` (see `_Piece`)."""
         own = self._buffers.get(id(buffer))
-        if own is not None and own[0] is buffer:
-            count = len(buffer) >> SECTOR_SHIFT
+        if own is not None and own.view is buffer:
+            count = own.sectors
             if count <= self.max_sectors and 0 <= sector and sector + count <= self.sectors:
-                items.append((sector, count, own[1]))
+                items.append((sector, count, own.pages))
                 return
             self._check(sector, count)
-            extent = own[1].extent
+            extent = own.pages.extent
             for start, length in self._split(sector, count):
                 items.append(
                     (start, length, _BufferPages(extent, (start - sector) // SECTORS_PER_PAGE))
