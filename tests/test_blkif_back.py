@@ -7,7 +7,6 @@ exactly what the legitimate writes put there.
 
 import os
 import struct
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -641,53 +640,3 @@ async def test_a_bug_on_the_device_thread_closes_the_device_not_dom0(
         assert "a bug in the disk" in error, error
     assert not s.grants.mapped
     assert path.read_bytes() == original
-
-
-class Held:
-    """A disk whose writes wait until the test lets them go (as a slow disk would)."""
-
-    def __init__(self, disk: Any) -> None:
-        self.disk = disk
-        self.go = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.disk, name)
-
-    def writev(self, sector: int, buffers: Any) -> int:
-        self.go.wait(10)
-        written: int = self.disk.writev(sector, buffers)
-        return written
-
-
-async def test_the_ring_is_not_armed_while_the_device_thread_works(
-    image: tuple[Path, bytes],
-) -> None:
-    """While the thread has writes, the front end's pushes need no notify (req_event
-    is not armed); the thread's answer makes the back end take them anyway, as
-    ring.h's final check on completion."""
-    path, original = image
-    async with serving(path) as s:
-        disk = s.back.disk = Held(s.back.disk)  # type: ignore[assignment]
-        ring, port = s.front.ring, s.front.port
-        data = os.urandom(PAGE)
-        ref, _ = s.front.page(data=data)
-        ring.put_request(rw(WRITE, 8, [(ref, 0, 7)], rid=1))
-        assert ring.push_requests(), "an idle back end has armed its ring"
-        port.notify()
-        with trio.fail_after(5):
-            while not s.back.offloaded:  # the write is on the device's thread
-                await trio.sleep(0.001)
-        await trio.sleep(0.01)  # the back end's loop goes back to sleep meanwhile
-        read, page = s.front.page()
-        ring.put_request(rw(READ, 8, [(read, 0, 7)], rid=2))
-        assert not ring.push_requests(), "the back end asks for no notify while it works"
-        disk.go.set()
-        responses = await s.front.responses(2)
-        assert [(r.id, r.status) for r in responses] == [(1, 0), (2, 0)]
-        assert bytes(page) == data  # the read came after the write (ring order)
-        # Idle again: the ring is armed.
-        ring.put_request(rw(READ, 0, [(read, 0, 7)], rid=3))
-        assert ring.push_requests()
-        port.notify()
-        (response,) = await s.front.responses(1)
-        assert response.status == BLKIF_RSP_OKAY and bytes(page) == original[:PAGE]

@@ -359,7 +359,6 @@ class BlkBack(Backend):
         self._quiet.set()
         self._background: trio.Nursery | None = None
         self._io: _DeviceThread | None = None
-        self._ring_served: BackChannel | None = None  # the ring `serve` drains
         self._io_failure: str | None = None
         self._drain_slots = trio.Semaphore(DRAINS_IN_FLIGHT)
         self.refused = 0
@@ -473,7 +472,6 @@ class BlkBack(Backend):
         self._io = io = _DeviceThread(
             f"blkback {self.device.nodename}", self._io_blocking_all, self._completed
         )
-        self._ring_served = channel
         try:
             async with trio.open_nursery() as nursery:
                 self._background = nursery
@@ -501,8 +499,6 @@ class BlkBack(Backend):
             with trio.CancelScope(shield=True):
                 await self._quiet.wait()
             io.stop()
-            self._ring_served = None
-            channel.armed = True
         broken = broken or self._io_failure
         if broken is not None:
             with trio.CancelScope(shield=True):  # fatal cancels this task's scope
@@ -848,10 +844,6 @@ class BlkBack(Backend):
         done. With `wait`, the event to wait for."""
         if not self._offloaded:
             self._quiet = trio.Event()
-            if self._ring_served is not None:
-                # The thread's answer wakes the ring's loop (`kick`): the front end
-                # need not notify meanwhile (ring.h's final check on completion).
-                self._ring_served.armed = False
         self._offloaded += len(jobs)
         self.offloaded += len(jobs)
         ticket = _Ticket(jobs, answer, trio.Event() if wait else None)
@@ -906,9 +898,6 @@ class BlkBack(Backend):
                     ticket.done.set()
             if not self._offloaded:
                 self._quiet.set()
-            if self._ring_served is not None:
-                self._ring_served.armed = not self._offloaded
-                self._ring_served.kick()
 
     def _io_broke(self, exc: Exception) -> None:
         """A bug in the device's I/O: logged, and the device closes. The traceback

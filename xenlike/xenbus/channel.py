@@ -70,12 +70,6 @@ class Drain:
     in `wait` when the ring has too little (netback's rx task waiting for
     buffers). Taking a watched ring's entries early would move its consumer
     index, and with it when the peer has to notify, for no gain.
-
-    A `kickable` ring's handler that answers later (blkback's device thread)
-    may unarm it while that work is under way and `kick` the loop when it is
-    done, as ring.h's back ends run RING_FINAL_CHECK_FOR_REQUESTS on
-    completion: the peer need not notify meanwhile, the completion wakes the
-    loop anyway. (Only then does the loop's sleep take a cancel scope.)
     """
 
     __slots__ = (
@@ -88,21 +82,15 @@ class Drain:
         "unconsumed",
         "_waiting",
         "_handled",
-        "kickable",
-        "_sleep",
     )
 
-    def __init__(
-        self, handler: Handler | None = None, *, armed: bool = True, kickable: bool = False
-    ) -> None:
+    def __init__(self, handler: Handler | None = None, *, armed: bool = True) -> None:
         self.handler = handler
-        self.kickable = kickable
         self.armed = armed  # of a ring with a handler; a watched ring's, only while waited on
         self.ring: FrontRing | BackRing | None = None
         self.trace: Any = None  # a RingTrace while the device's ring events are recorded
         self._waiting = 0
         self._handled = trio.Event()
-        self._sleep: trio.CancelScope | None = None  # the loop's sleep while this is unarmed
 
     def bind(self, ring: FrontRing | BackRing) -> "Drain":
         """Attach the ring this drains (once, before the loop runs)."""
@@ -133,13 +121,6 @@ class Drain:
                 await handled.wait()
         finally:
             self._waiting -= 1
-
-    def kick(self) -> None:
-        """Make the port's loop take from this ring again now, as the peer's notify
-        would: for a ring left unarmed while its handler's work was under way.
-        (The loop, if not asleep, passes over the ring again anyway.)"""
-        if self._sleep is not None:
-            self._sleep.cancel()
 
     def wake(self) -> None:
         """End every `wait` now: after a handled batch, when a task took the ring's
@@ -177,7 +158,6 @@ async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
     """
     served = [(drain, drain.take, drain.handler) for drain in drains if drain.handler is not None]
     watched = [drain for drain in drains if drain.handler is None]
-    kickable = [drain for drain, _, _ in served if drain.kickable]
     try:
         while True:
             busy = False
@@ -197,20 +177,8 @@ async def serve_port(port: Doorbell, drains: Sequence[Drain]) -> None:
                 if (drain.armed or drain._waiting) and _final_check(drain):
                     busy = True
                     break
-            if busy:
-                continue
-            unarmed = [drain for drain in kickable if not drain.armed] if kickable else None
-            if not unarmed:
+            if not busy:
                 await port.wait()
-                continue
-            with trio.CancelScope() as sleep:  # a `kick` ends it
-                for drain in unarmed:
-                    drain._sleep = sleep
-                try:
-                    await port.wait()
-                finally:
-                    for drain in unarmed:
-                        drain._sleep = None
     except RingOverflow as exc:
         raise ChannelBroken(str(exc)) from exc
 
@@ -381,7 +349,7 @@ class BackChannel:
         self.port = port
         self.answered = 0
         self.notifies = 0
-        self._drain = Drain(kickable=True).bind(ring)
+        self._drain = Drain().bind(ring)
 
     @property
     def trace(self) -> Any:
@@ -391,19 +359,6 @@ class BackChannel:
     @trace.setter
     def trace(self, trace: Any) -> None:
         self._drain.trace = trace
-
-    @property
-    def armed(self) -> bool:
-        """Whether the loop arms the ring (req_event) before sleeping; see `Drain`."""
-        return self._drain.armed
-
-    @armed.setter
-    def armed(self, armed: bool) -> None:
-        self._drain.armed = armed
-
-    def kick(self) -> None:
-        """Make `serve` take from the ring again now (see `Drain.kick`)."""
-        self._drain.kick()
 
     async def serve(self, handler: Handler) -> None:
         """Hand each batch the front end publishes to `handler` until cancelled
