@@ -397,7 +397,8 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
         assert rsp.status == BLKIF_RSP_OKAY and s.back.served_ready == 2
         assert bytes(page) + bytes(page2[: PAGE // 2]) == data
-        assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} == {
+        counters = s.back.counters()
+        assert {key: counters[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} == {
             "rd_req": 5,
             "rd_sect": 48,
             "wr_req": 1,
@@ -473,7 +474,7 @@ async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(image: tuple[Pat
         for rid in range(DRAINS_IN_FLIGHT + 1):
             ref, _ = s.front.page()
             await push_drain(s, rw(READ, 8 * rid, [(ref, 0, 7)], rid=rid))
-        assert s.back.stats["oo_req"] == 1  # the last one waited
+        assert s.back.counters()["oo_req"] == 1  # the last one waited
         responses = await s.front.responses(DRAINS_IN_FLIGHT + 1)
         assert all(r.status == BLKIF_RSP_OKAY for r in responses)
 
