@@ -44,9 +44,10 @@ What it does is Linux's xen-blkback, in substance and in key names:
   thread (as blkback's xen_blkif_schedule thread per vbd), and so is a read
   behind anything queued (it sees what was written before it). The thread
   takes all that is queued, does it (writes that follow one another on
-  the disk in one pwritev), and hands the batch back with one
-  wake-up of Dom0's main thread, which pushes the answers; the drain does
-  not wait for it unless its pages are mapped for the drain alone. A stuck
+  the disk in one pwritev) and pushes the answers onto the ring itself,
+  under a lock the main thread's pushes take too: Dom0's main thread is
+  woken only for what needs trio (the front end's notify, a drain that
+  waits because its pages are mapped for it alone, a failure). A stuck
   disk stalls its own device only, never Dom0's other services, and a
   barrier or flush is done after everything queued before it.
 - Durability: FLUSH_DISKCACHE is fdatasync, acknowledged only once it has
