@@ -13,11 +13,21 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers.blkif.back import DRAINS_IN_FLIGHT, write_groups
-from drivers.blkif.protocol import DISCARD, INDIRECT, RW, SEGMENT_ARRAY, Job, segment_words
+from drivers.blkif.protocol import (
+    DISCARD,
+    INDIRECT,
+    RW,
+    SEGMENT_ARRAY,
+    BadRequest,
+    Job,
+    Limits,
+    check_access,
+    segment_words,
+)
 from tests.blkif_harness import BACK, PAGE, Served, make_image, serving
 from xenlike.abi.blkif import (
     BLKIF_DISCARD_SECURE,
@@ -397,7 +407,8 @@ async def test_segment_lists_served_before_skip_the_parse_but_not_the_checks(
         (rsp,) = await s.front.submit(rw(READ, 64, two, rid=3))  # 3 is free again
         assert rsp.status == BLKIF_RSP_OKAY and s.back.served_ready == 2
         assert bytes(page) + bytes(page2[: PAGE // 2]) == data
-        assert {key: s.back.stats[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} == {
+        counters = s.back.counters()
+        assert {key: counters[key] for key in ("rd_req", "rd_sect", "wr_req", "wr_sect")} == {
             "rd_req": 5,
             "rd_sect": 48,
             "wr_req": 1,
@@ -473,7 +484,7 @@ async def test_a_drain_that_waits_for_room_is_counted_as_oo_req(image: tuple[Pat
         for rid in range(DRAINS_IN_FLIGHT + 1):
             ref, _ = s.front.page()
             await push_drain(s, rw(READ, 8 * rid, [(ref, 0, 7)], rid=rid))
-        assert s.back.stats["oo_req"] == 1  # the last one waited
+        assert s.back.counters()["oo_req"] == 1  # the last one waited
         responses = await s.front.responses(DRAINS_IN_FLIGHT + 1)
         assert all(r.status == BLKIF_RSP_OKAY for r in responses)
 
@@ -640,3 +651,45 @@ async def test_a_bug_on_the_device_thread_closes_the_device_not_dom0(
         assert "a bug in the disk" in error, error
     assert not s.grants.mapped
     assert path.read_bytes() == original
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    op=st.sampled_from([READ, WRITE]),
+    sector=st.sampled_from([0, 8, SECTORS - 16, SECTORS - 8, SECTORS - 4, SECTORS]),
+    same_id=st.booleans(),
+    readonly=st.booleans(),
+)
+def test_the_ready_path_refuses_what_check_access_refuses(
+    image: tuple[Path, bytes], op: int, sector: int, same_id: bool, readonly: bool
+) -> None:
+    """The ready path makes check_access's checks inline: a request over a list
+    served before is served as ready exactly when check_access accepts it, and
+    otherwise takes the full path, which refuses it."""
+    path, _ = image
+
+    async def main() -> None:
+        async with serving(path, mode="r" if readonly else "w") as s:
+            refs = [s.front.page()[0] for _ in range(2)]
+            segments = [(ref, 0, 7) for ref in refs]
+            await s.front.submit(rw(READ, 0, segments, rid=1))
+            await s.front.submit(rw(READ, 0, segments, rid=1))  # the list is ready now
+            ready = s.back.served_ready
+            limits = Limits(SECTORS, readonly, False, 256)
+            in_flight = {2} if same_id else set()
+            try:
+                check_access(op, 3 if not same_id else 2, sector, 16, limits, in_flight)
+                accepted = True
+            except BadRequest:
+                accepted = False
+            requests = [rw(op, sector, segments, rid=3 if not same_id else 2)]
+            if same_id:  # the same id twice in one push: the second is in flight
+                requests.insert(0, rw(READ, 0, segments, rid=2))
+            responses = await s.front.submit(*requests)
+            status = responses[-1].status if not same_id else min(r.status for r in responses)
+            assert (status == BLKIF_RSP_OKAY) == accepted
+            assert s.back.served_ready - ready == len(requests) - (not accepted)
+
+    trio.run(main)

@@ -44,9 +44,10 @@ What it does is Linux's xen-blkback, in substance and in key names:
   thread (as blkback's xen_blkif_schedule thread per vbd), and so is a read
   behind anything queued (it sees what was written before it). The thread
   takes all that is queued, does it (writes that follow one another on
-  the disk in one pwritev), and hands the batch back with one
-  wake-up of Dom0's main thread, which pushes the answers; the drain does
-  not wait for it unless its pages are mapped for the drain alone. A stuck
+  the disk in one pwritev) and pushes the answers onto the ring itself,
+  under a lock the main thread's pushes take too: Dom0's main thread is
+  woken only for what needs trio (the front end's notify, a drain that
+  waits because its pages are mapped for it alone, a failure). A stuck
   disk stalls its own device only, never Dom0's other services, and a
   barrier or flush is done after everything queued before it.
 - Durability: FLUSH_DISKCACHE is fdatasync, acknowledged only once it has
@@ -63,6 +64,7 @@ kernel hands an opener in `domain.hardware.disks` (Dom0's is
 """
 
 import errno
+import functools
 import gc
 import logging
 import threading
@@ -86,7 +88,6 @@ from drivers.blkif.protocol import (
     Limits,
     Segments,
     Unsupported,
-    check_access,
     check_request,
     check_segments,
     indirect_pages,
@@ -256,11 +257,16 @@ Answer = Callable[[list[tuple[int, int, int]]], None]
 
 @attrs.define(eq=False, slots=True)
 class _Ticket:
-    """Jobs queued together for the device's thread, and who takes their responses."""
+    """Jobs queued together for the device's thread, and who takes their responses:
+    with `answer`, a task waiting for `done` (trio answers it); without, the ring
+    (the thread answers it)."""
 
     jobs: list[Job]
-    answer: Answer
+    answer: Answer | None = None
     done: trio.Event | None = None  # set once answered, for a caller that waits
+
+
+Results = list[tuple[_Ticket, list[int] | None]]
 
 
 class _DeviceThread:
@@ -268,33 +274,48 @@ class _DeviceThread:
 
     Jobs are queued in ring order and done in that order, so what is queued
     after a write sees it and a flush covers every write before it. The
-    thread takes everything queued by the time it looks, does it, and hands
-    the whole batch back to trio in one `run_sync_soon` (one wake-up of
-    Dom0's main thread per batch, not per request); `completed` runs there
-    and pushes the responses. A disk that blocks stalls this thread only.
+    thread takes everything queued by the time it looks and does it; then
+    `answer`, on this thread, pushes the responses no task waits for
+    straight onto the ring, and only what needs trio (a waiting task, a
+    failure, a notify of the front end) goes back in one `run_sync_soon`
+    to `completed`. Measured: a `run_sync_soon` round trip costs Dom0's main
+    thread about 17 us of CPU (its wake-up), several times a 44 KiB
+    pwritev. A disk that blocks stalls this thread only.
     """
 
     def __init__(
         self,
         name: str,
         work: Callable[[list[Job]], list[int]],
-        completed: Callable[[list[tuple[_Ticket, list[int] | None]], Exception | None], None],
+        answer: Callable[[Results], tuple[Results, Callable[[], None] | None]],
+        completed: Callable[[Results, Exception | None, Callable[[], None] | None], None],
     ) -> None:
         self._queue: SimpleQueue[_Ticket | None] = SimpleQueue()
         self._work = work
+        self._answer = answer
         self._completed = completed
         self._token = trio.lowlevel.current_trio_token()
         self.stopping = False  # set at disconnect: what has not started is dropped
+        self.queued = 0  # jobs put here (by trio's thread)
+        self.done = 0  # jobs done or dropped (by this thread): queued - done are outstanding
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, ticket: _Ticket) -> None:
+        self.queued += len(ticket.jobs)
         self._queue.put(ticket)
+
+    @property
+    def outstanding(self) -> int:
+        return self.queued - self.done
 
     def stop(self) -> None:
         """End the thread once it has done what it holds (dropping what it had not started)."""
         self.stopping = True
         self._queue.put(None)
+
+    def join(self) -> None:
+        self._thread.join()
 
     def _run(self) -> None:
         queue, work = self._queue, self._work
@@ -311,7 +332,8 @@ class _DeviceThread:
                 except Exception as exc:  # a bug: the device breaks, Dom0 goes on
                     failure = exc
                     self.stopping = True  # what comes after is dropped
-            results: list[tuple[_Ticket, list[int] | None]] = []
+            self.done += len(jobs)
+            results: Results = []
             at = 0
             for ticket in tickets:
                 if ticket is not None:
@@ -320,9 +342,17 @@ class _DeviceThread:
                         (ticket, None if statuses is None else statuses[at : at + count])
                     )
                     at += count
-            if results:
+            notify = None
+            if results and failure is None:
                 try:
-                    self._token.run_sync_soon(self._completed, results, failure)
+                    results, notify = self._answer(results)
+                except Exception as exc:  # a bug: as one in `work`; none is answered twice
+                    results = [(ticket, None) for ticket, _ in results]
+                    failure = exc
+                    self.stopping = True
+            if results or failure is not None or notify is not None:
+                try:
+                    self._token.run_sync_soon(self._completed, results, failure, notify)
                 except trio.RunFinishedError:
                     return
                 failure = None  # its traceback holds views of granted pages
@@ -354,11 +384,12 @@ class BlkBack(Backend):
         # (seg[] bytes, nr_segments) -> (sectors, iovec) of segment lists served before
         # over persistent pages: while persistent grants stay mapped, so does their memory.
         self._ready: dict[tuple[bytes, int], tuple[int, list[Any]]] | None = None
-        self._offloaded = 0
-        self._quiet = trio.Event()
-        self._quiet.set()
         self._background: trio.Nursery | None = None
         self._io: _DeviceThread | None = None
+        # Both Dom0's main thread and the device's thread answer on the ring.
+        self._ring_lock = threading.Lock()
+        self._ring_served: BackChannel | None = None  # the ring `serve` drains
+        self._thread_stats = dict.fromkeys(STATISTICS, 0)  # the device thread's counters
         self._io_failure: str | None = None
         self._drain_slots = trio.Semaphore(DRAINS_IN_FLIGHT)
         self.refused = 0
@@ -451,6 +482,7 @@ class BlkBack(Backend):
         self._ready = {} if self.persistent and not self.disk.direct else None
         self.refused = 0
         self.stats = dict.fromkeys(STATISTICS, 0)
+        self._thread_stats = dict.fromkeys(STATISTICS, 0)
 
     async def disconnected(self) -> None:
         self._ready = None  # its views go before the pages are unmapped
@@ -470,8 +502,12 @@ class BlkBack(Backend):
         # the port and the granted pages are let go.
         self._io_failure = None
         self._io = io = _DeviceThread(
-            f"blkback {self.device.nodename}", self._io_blocking_all, self._completed
+            f"blkback {self.device.nodename}",
+            self._io_blocking_all,
+            self._answer_here,
+            self._completed,
         )
+        self._ring_served = channel
         try:
             async with trio.open_nursery() as nursery:
                 self._background = nursery
@@ -494,11 +530,12 @@ class BlkBack(Backend):
             self.log.exception("%s: the data path failed", self.device.nodename)
             broken = f"blkback failed: {exc!r}"
         finally:
-            # The thread may still hold persistent pages: they are unmapped after this.
-            io.stopping = True
-            with trio.CancelScope(shield=True):
-                await self._quiet.wait()
+            # The thread may still hold persistent pages and answer on the ring:
+            # both go after this.
             io.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(io.join)
+            self._ring_served = None
         broken = broken or self._io_failure
         if broken is not None:
             with trio.CancelScope(shield=True):  # fatal cancels this task's scope
@@ -554,7 +591,7 @@ class BlkBack(Backend):
                 jobs.append(job)
         await self._run(channel, jobs, done)
         if done:
-            channel.respond_many(done)
+            self._respond(channel, done)
         self._in_flight.difference_update(answered)
 
     def _serve_ready(
@@ -569,10 +606,13 @@ class BlkBack(Backend):
         anything the device's thread has yet to do (ring order), are queued for the
         thread, which answers them. The rest of the drain takes the full path."""
         ready, in_flight, grants, limits = self._ready, self._in_flight, self._grants, self.limits
-        assert ready is not None and grants is not None
-        counts = dict.fromkeys(_COUNTERS[READ], 0)
+        io = self._io
+        disk = self.disk
+        assert ready is not None and grants is not None and io is not None and disk is not None
+        readv, readonly, end = disk.readv, limits.readonly, limits.sectors
+        behind = io.outstanding  # a read behind queued jobs is queued too (ring order)
         queued: list[Job] = []
-        unanswered = served = 0
+        unanswered = served = reads = read_sectors = 0
         for request in batch:
             op = request[0]
             if op == INDIRECT:  # its list is in persistent pages, or it takes the full path
@@ -593,36 +633,37 @@ class BlkBack(Backend):
             if plan is None:
                 break
             sectors, iov = plan
-            try:
-                check_access(op, rid, sector, sectors, limits, in_flight)
-            except BadRequest:
+            # check_access, inline: what the list does not settle
+            if rid in in_flight or sector + sectors > end or (op == WRITE and readonly):
                 break  # the full path refuses it, and says why
-            if op == WRITE or queued or self._offloaded:
+            if op == WRITE or queued or behind:
                 served += 1
                 in_flight.add(rid)
                 queued.append(Job(rid, op, sector, sectors, iov=iov))
                 continue
-            status = self._io_now(op, sector, sectors, iov)
-            if status is None:
-                break  # not in the page cache: the thread reads it
+            try:  # from the page cache, now (see `_io_now`)
+                read = readv(sector, iov, nowait=True)
+            except (OSError, ValueError):  # not cached (BlockingIOError), or failed
+                break  # the full path reads it on the thread, or logs the failure
+            if read != sectors << SECTOR_SHIFT:
+                break
             served += 1
             in_flight.add(rid)
             answered.append(rid)
-            done.append((rid, op, status))
-            requests, sectors_done = _COUNTERS[op]
-            counts[requests] += 1
-            if status == BLKIF_RSP_OKAY:
-                counts[sectors_done] += sectors
-                unanswered += sectors
-                if unanswered >= EARLY_ANSWER_SECTORS:
-                    channel.respond_many(done)
-                    done.clear()
-                    unanswered = 0
-        for key, value in counts.items():
-            self.stats[key] += value
+            done.append((rid, READ, BLKIF_RSP_OKAY))
+            reads += 1
+            read_sectors += sectors
+            unanswered += sectors
+            if unanswered >= EARLY_ANSWER_SECTORS:
+                self._respond(channel, done)
+                done.clear()
+                unanswered = 0
+        stats = self.stats
+        stats["rd_req"] += reads
+        stats["rd_sect"] += read_sectors
         self.served_ready += served
         if queued:
-            self._offload(queued, channel.respond_many)
+            self._offload(queued)
         return served
 
     def _refuse(self, request: Any, exc: BadRequest) -> tuple[int, int, int]:
@@ -651,7 +692,11 @@ class BlkBack(Backend):
 
     async def _publish_statistics(self, scope: trio.CancelScope) -> None:
         with scope:  # the counters of whichever connection is current
-            await self.publish_statistics(lambda: self.stats)
+            await self.publish_statistics(self.counters)
+
+    def counters(self) -> dict[str, int]:
+        """The counters of both threads (each adds to its own)."""
+        return {key: value + self._thread_stats[key] for key, value in self.stats.items()}
 
     # --- checking a request ------------------------------------------------------------
 
@@ -697,7 +742,7 @@ class BlkBack(Backend):
                     continue
                 status = (
                     None
-                    if job.kind != READ or queued or self._offloaded  # ring order
+                    if job.kind != READ or queued or self._io_outstanding()  # ring order
                     else self._io_now(job.kind, job.sector, job.nr_sectors, job.iov)
                 )
                 if status is None:
@@ -706,7 +751,7 @@ class BlkBack(Backend):
                 done.append(self._finish(job, status))
                 unanswered += job.nr_sectors
                 if early and unanswered >= EARLY_ANSWER_SECTORS:
-                    channel.respond_many(done)
+                    self._respond(channel, done)
                     done.clear()
                     unanswered = 0
             if not queued:
@@ -715,7 +760,7 @@ class BlkBack(Backend):
                 # The drain's pages are unmapped before it is answered: wait for all of it.
                 await self._wait_for(self._offload(queued, done.extend, wait=True))
             else:
-                self._offload(queued, channel.respond_many)
+                self._offload(queued)  # the thread answers on the ring
         finally:
             if transient:
                 with trio.CancelScope(shield=True):
@@ -836,20 +881,71 @@ class BlkBack(Backend):
             )
             return BLKIF_RSP_ERROR
 
-    def _offload(self, jobs: list[Job], answer: Answer, *, wait: bool = False) -> trio.Event | None:
-        """Queue `jobs` for the device's thread; `answer` takes their responses there.
+    def _offload(
+        self, jobs: list[Job], answer: Answer | None = None, *, wait: bool = False
+    ) -> trio.Event | None:
+        """Queue `jobs` for the device's thread, which answers them on the ring;
+        with `wait`, `answer` takes their responses instead, and the event to
+        wait for comes back.
 
         They count as outstanding from here: a read behind them is queued too
         (ring order), and the device does not let its pages go before they are
-        done. With `wait`, the event to wait for."""
-        if not self._offloaded:
-            self._quiet = trio.Event()
-        self._offloaded += len(jobs)
+        done."""
         self.offloaded += len(jobs)
         ticket = _Ticket(jobs, answer, trio.Event() if wait else None)
         assert self._io is not None
         self._io.put(ticket)
         return ticket.done
+
+    def _io_outstanding(self) -> int:
+        io = self._io
+        assert io is not None
+        return io.outstanding
+
+    def _respond(self, channel: BackChannel, responses: list[tuple[int, int, int]]) -> None:
+        """Answer on the ring from trio's thread (the device's thread answers too)."""
+        with self._ring_lock:
+            channel.respond_many(responses)
+
+    def _answer_here(self, results: Results) -> tuple[Results, Callable[[], None] | None]:
+        """On the device's thread: push the responses of the tickets no task waits
+        for onto the ring (under `_ring_lock`). Returns what trio must still do:
+        the other tickets (a task waits, they were dropped, or the disk refused an
+        operation, which is withdrawn there; all of them while the ring is
+        traced) and the front end's notify, if it asked for one (a port's
+        notify belongs to trio's thread)."""
+        channel = self._ring_served
+        if channel is None or channel.trace is not None:
+            return results, None
+        rest: Results = []
+        answers: list[tuple[int, int, int]] = []
+        in_flight, stats = self._in_flight, self._thread_stats
+        for ticket, statuses in results:
+            if statuses is None or ticket.done is not None or BLKIF_RSP_EOPNOTSUPP in statuses:
+                rest.append((ticket, statuses))
+                continue
+            for job, status in zip(ticket.jobs, statuses, strict=True):
+                job.iov = None
+                in_flight.discard(job.id)
+                requests, sectors = _COUNTERS[job.kind]
+                stats[requests] += 1
+                if status == BLKIF_RSP_OKAY:
+                    stats[sectors] += job.nr_sectors
+                answers.append((job.id, job.kind, status))
+        if not answers:
+            return rest, None
+        ring = channel.ring
+        with self._ring_lock:
+            ring.put_responses(answers)
+            channel.answered += len(answers)
+            notify = ring.push_responses()
+        return rest, (functools.partial(self._notify, channel) if notify else None)
+
+    def _notify(self, channel: BackChannel) -> None:
+        """The front end's notify for responses the device's thread pushed."""
+        if channel is self._ring_served:  # else the port is gone
+            channel.notifies += 1
+            channel.port.notify()
 
     @staticmethod
     async def _wait_for(done: trio.Event | None) -> None:
@@ -860,17 +956,19 @@ class BlkBack(Backend):
             await done.wait()
 
     def _completed(
-        self, results: list[tuple[_Ticket, list[int] | None]], failure: Exception | None
+        self, results: Results, failure: Exception | None, notify: Callable[[], None] | None
     ) -> None:
-        """In trio's thread (`run_sync_soon`), a batch the device's thread has done:
-        answer each ticket (one push for a run of tickets with the same taker).
-        Statuses of None: dropped (at disconnect, or after `failure`, an exception
-        the thread's work raised), never answered.
+        """In trio's thread (`run_sync_soon`), what the device's thread left to it
+        (`_answer_here`): answer each ticket (one push for a run of tickets with
+        the same taker), and the front end's notify. Statuses of None: dropped
+        (at disconnect, or after `failure`, an exception the thread raised),
+        never answered.
 
         Not in a task: an exception here would end Dom0's trio run, so it breaks
         the device instead."""
-        self._offloaded -= sum(len(ticket.jobs) for ticket, _ in results)
         try:
+            if notify is not None:
+                notify()
             if failure is not None:
                 self._io_broke(failure)
             answers: list[tuple[int, int, int]] = []
@@ -880,10 +978,11 @@ class BlkBack(Backend):
                     for job in ticket.jobs:
                         job.iov = None
                     continue
-                if taker is not None and ticket.answer != taker:
+                answer = ticket.answer or self._respond_on_ring
+                if taker is not None and answer != taker:
                     taker(answers)
                     answers = []
-                taker = ticket.answer
+                taker = answer
                 for job, status in zip(ticket.jobs, statuses, strict=True):
                     if status == BLKIF_RSP_EOPNOTSUPP:
                         self._withdraw(job.kind)
@@ -896,8 +995,10 @@ class BlkBack(Backend):
             for ticket, _ in results:
                 if ticket.done is not None:
                     ticket.done.set()
-            if not self._offloaded:
-                self._quiet.set()
+
+    def _respond_on_ring(self, responses: list[tuple[int, int, int]]) -> None:
+        if self._ring_served is not None:  # else the device is gone, and its ring
+            self._respond(self._ring_served, responses)
 
     def _io_broke(self, exc: Exception) -> None:
         """A bug in the device's I/O: logged, and the device closes. The traceback

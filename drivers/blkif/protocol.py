@@ -18,7 +18,8 @@ Segment lists are handled as arrays of 32-bit words, two per
 request + the disk's `Limits` + the ids in flight -> a `Job`, or
 BadRequest. `check_access` is the part of it that depends on more than the
 request's segment list; blkback's fast path for a list it has served
-before runs that part alone. Everything here is sans-I/O.
+before makes the same checks, inline (tests/test_blkif_back.py holds the
+two to the same refusals). Everything here is sans-I/O.
 """
 
 import struct
