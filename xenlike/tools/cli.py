@@ -23,7 +23,6 @@ from typing import Any, NoReturn
 import click
 import trio
 
-from xenlike import __version__
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
 from xenlike.tools.session import (
     RECORDER_PID,
@@ -159,7 +158,7 @@ def _quiet_stdout() -> None:
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="xenlike")
+@click.version_option(package_name="xenlike", prog_name="xenlike")  # looked up when asked
 def main() -> None:
     """Run and inspect a Xen-style paravirtualized topology.
 
