@@ -9,10 +9,10 @@ so that a domain process importing one corner of xenlike pays for no other.
 """
 
 import importlib
-from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what __getattr__ loads, spelled out for type checkers (kept equal by a test)
+    __version__: str
     from xenlike.domain import Domain as Domain
     from xenlike.hypervisor import Hypervisor as Hypervisor
     from xenlike.ring import BackRing as BackRing
@@ -33,8 +33,6 @@ if TYPE_CHECKING:  # what __getattr__ loads, spelled out for type checkers (kept
     from xenlike.xenbus import SharedRing as SharedRing
     from xenlike.xenstore import XenStoreError as XenStoreError
     from xenlike.xenstore import open_client as open_client
-
-__version__ = _version("xenlike")
 
 _EXPORTS = {
     # rings: the data path
@@ -68,6 +66,11 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # importlib.metadata costs every process ~25 ms: only on demand
+        from importlib.metadata import version
+
+        globals()[name] = value = version("xenlike")
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'xenlike' has no attribute {name!r}")

@@ -6,6 +6,7 @@ Each command is a small sync function that calls `trio.run`; the work is in
 
 import contextlib
 import hmac
+import importlib
 import json
 import os
 import secrets
@@ -22,16 +23,7 @@ from typing import Any, NoReturn
 import click
 import trio
 
-from xenlike import __version__
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
-from xenlike.tools.capture import capture
-from xenlike.tools.devices import (
-    BLOCK_LIST_HEADER,
-    NETWORK_LIST_HEADER,
-    block_list,
-    describe_devices,
-    network_list,
-)
 from xenlike.tools.session import (
     RECORDER_PID,
     NoSuchDomain,
@@ -44,12 +36,18 @@ from xenlike.tools.session import (
     toolstack_request,
     wait_ready,
 )
-from xenlike.tools.top import top
-from xenlike.topology import TopologyError, default_topology, load_topology
-from xenlike.trace.cli import trace
-from xenlike.xenstore.cli import xenstore
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+LAZY_COMMANDS = {
+    "capture": "xenlike.tools.capture:capture",
+    "top": "xenlike.tools.top:top",
+    "trace": "xenlike.trace.cli:trace",
+    "xenstore": "xenlike.xenstore.cli:xenstore",
+}
+"""The command groups with modules of their own, imported only when chosen: each drags in
+its own corner of xenlike (the trace decoders, pcap, xentop's views), and every CLI call
+paid for all of them before."""
 
 
 def run_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,6 +87,7 @@ def _leaf(exc: BaseException) -> BaseException:
 def explain(exc: BaseException) -> str | None:
     """The one line a user gets for an expected failure; None for a bug."""
     from xenlike.hypercall import HypercallError
+    from xenlike.topology import TopologyError
     from xenlike.xenstore import XenStoreError
 
     if isinstance(exc, (NotRunning, NoSuchDomain, ToolstackRefused, RunDirBusy)):
@@ -116,6 +115,17 @@ def explain(exc: BaseException) -> str | None:
 class Cli(click.Group):
     """Expected failures end in one line and a non-zero exit, never a traceback; so
     do Ctrl-C (exit 130) and a reader that goes away (`xenlike trace | head`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = target.partition(":")
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -148,7 +158,7 @@ def _quiet_stdout() -> None:
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="xenlike")
+@click.version_option(package_name="xenlike", prog_name="xenlike")  # looked up when asked
 def main() -> None:
     """Run and inspect a Xen-style paravirtualized topology.
 
@@ -193,6 +203,8 @@ def up(
         xenlike up                       # foreground, Ctrl-C stops it
         xenlike up demo.toml --detach    # background; `xenlike down` stops it
     """
+    from xenlike.topology import TopologyError, default_topology, load_topology
+
     try:
         topo = (
             load_topology(topology, check_imports=True)
@@ -630,6 +642,8 @@ def devices(name: str | None, run_dir: Path | None, as_json: bool) -> None:
         xenlike devices
         xenlike devices alpha --json
     """
+    from xenlike.tools.devices import describe_devices
+
     report = trio.run(describe_devices, running(run_dir), name)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -972,24 +986,22 @@ def _detach(name: str, device_type: str, device: str, run_dir: Path | None) -> N
 
 
 def _list_devices(names: tuple[str, ...], device_type: str, run_dir: Path | None) -> None:
+    from xenlike.tools.devices import BLOCK_LIST_HEADER, NETWORK_LIST_HEADER
+
     click.echo(BLOCK_LIST_HEADER if device_type == "vbd" else NETWORK_LIST_HEADER)
     for line in trio.run(_device_rows, running(run_dir), names, device_type):
         click.echo(line)
 
 
 async def _device_rows(rd: RunDir, names: tuple[str, ...], device_type: str) -> list[str]:
+    from xenlike.tools.devices import block_list, network_list
+
     rows = []
     for name in names:
         request = {"op": "device-list", "name": name, "type": device_type}
         devices = (await toolstack_request(rd, request))["devices"]
         rows += block_list(devices) if device_type == "vbd" else network_list(devices)
     return rows
-
-
-main.add_command(xenstore)
-main.add_command(capture)
-main.add_command(trace)
-main.add_command(top)
 
 
 # --- save and restore ----------------------------------------------------------------

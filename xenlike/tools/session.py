@@ -16,14 +16,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from xenlike._process import die_with_parent
 from xenlike.rundir import RunDir, RunDirBusy, default_run_dir
-from xenlike.topology import Topology
+
+if TYPE_CHECKING:  # only the CLI's `up` makes one, and imports xenlike.topology for it
+    from xenlike.topology import Topology
 
 __all__ = [
     "NoSuchDomain",
@@ -114,7 +116,7 @@ class Session:
     """A topology started by this process."""
 
     run_dir: RunDir
-    topology: Topology
+    topology: "Topology"
     process: subprocess.Popen[bytes]
 
     def alive(self) -> bool:
@@ -122,7 +124,7 @@ class Session:
 
 
 def start_topology(
-    topology: Topology, run_dir: RunDir, *, detach: bool, topology_path: Path | None
+    topology: "Topology", run_dir: RunDir, *, detach: bool, topology_path: Path | None
 ) -> Session:
     """Spawn the hypervisor (which boots Dom0, which creates the guests).
 
@@ -245,7 +247,7 @@ def dom0_failure(run_dir: RunDir, lines: int = 6) -> list[str]:
     return ["\n    ".join([f"last lines of {log}:", *tail])]
 
 
-def not_ready(topology: Topology, status: dict[str, Any]) -> list[str]:
+def not_ready(topology: "Topology", status: dict[str, Any]) -> list[str]:
     """What still keeps the topology from being up, in words."""
     problems = []
     guests = {g["name"]: g for g in status.get("guests", [])}
