@@ -78,8 +78,8 @@ def test_beta_moves_between_namespaces_over_tcp_and_keeps_talking(
             file = tmp_path / f"{name}.toml"
             host = HOST.format(name=name, local=WIRE[side], peer=WIRE[peer], images=images)
             file.write_text(host + extra)
+            started.append(runs[side])  # before it can fail: whatever came up goes down
             output, _ = _up(wire[side], runs[side], file).communicate(timeout=120)
-            started.append(runs[side])
             assert "every device Connected" in output, output
         left, right = runs["a"], runs["b"]
         wait_for(lambda: counter(left, "beta") >= 2, what="beta to count")

@@ -324,9 +324,15 @@ def test_an_uplink_name_taken_is_one_line_and_a_crashed_hosts_set_is_cleaned(
 
         # A Dom0 killed with its reaper leaves the bridge and the VXLAN device: the next
         # `up` of that host removes them and builds its own.
-        reapers = subprocess.run(
-            ["pgrep", "-f", f"link del dev {names.vxlan}"], capture_output=True, text=True
-        ).stdout.split()
+        # Only this namespace's: a run elsewhere on the machine may have its own.
+        ours = set(_ip("netns", "pids", wire["a"]).stdout.split())
+        reapers = [
+            pid
+            for pid in subprocess.run(
+                ["pgrep", "-f", f"link del dev {names.vxlan}"], capture_output=True, text=True
+            ).stdout.split()
+            if pid in ours
+        ]
         assert len(reapers) == 1, reapers
         os.kill(int(reapers[0]), 9)
         os.kill(int((run / "hypervisor.pid").read_text()), 9)
