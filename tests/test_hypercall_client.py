@@ -8,8 +8,9 @@ blocks in the kernel while the rest of the trio loop is frozen, as in a guest.
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,29 @@ from xenlike.hypercall import (
 Answer = Callable[[socket.socket, int], None]
 
 
+Ends = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def ends() -> Iterator[Ends]:
+    """A hypercall socket's two ends, the stand-in hypervisor's and the guest's;
+    closed after the test, whatever it closed itself."""
+    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with hypervisor_end, guest_end:
+        yield hypervisor_end, guest_end
+
+
+def waiting_in_the_kernel(
+    guest_end: socket.socket, notices: list[Reply] | None = None
+) -> HypercallClient:
+    """The guest's client, made to wait for its replies in poll(2) (its peer is a thread)."""
+    return HypercallClient(
+        trio.socket.from_stdlib_socket(guest_end),
+        None if notices is None else notices.append,
+        wait_in_kernel=True,
+    )
+
+
 def stand_in_hypervisor(sock: socket.socket, answer: Answer) -> threading.Thread:
     """A thread that takes one request and answers it with `answer(sock, seq)`."""
 
@@ -42,9 +66,9 @@ def stand_in_hypervisor(sock: socket.socket, answer: Answer) -> threading.Thread
     return thread
 
 
-async def test_a_late_reply_lets_the_guests_other_tasks_run_and_still_arrives() -> None:
-    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    client = HypercallClient(trio.socket.from_stdlib_socket(guest_end), wait_in_kernel=True)
+async def test_a_late_reply_lets_the_guests_other_tasks_run_and_still_arrives(ends: Ends) -> None:
+    hypervisor_end, guest_end = ends
+    client = waiting_in_the_kernel(guest_end)
     request_seen = threading.Event()
     bystander_ran = threading.Event()
     answered_after_bystander: list[bool] = []
@@ -70,16 +94,12 @@ async def test_a_late_reply_lets_the_guests_other_tasks_run_and_still_arrives() 
     thread.join()
     assert answered_after_bystander == [True]
     assert (done.result, done.payload) == (42, b"late")
-    hypervisor_end.close()
-    guest_end.close()
 
 
-async def test_a_notification_met_while_waiting_in_the_kernel_is_routed() -> None:
-    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+async def test_a_notification_met_while_waiting_in_the_kernel_is_routed(ends: Ends) -> None:
+    hypervisor_end, guest_end = ends
     notices: list[Reply] = []
-    client = HypercallClient(
-        trio.socket.from_stdlib_socket(guest_end), notices.append, wait_in_kernel=True
-    )
+    client = waiting_in_the_kernel(guest_end, notices)
 
     def notice_then_reply(sock: socket.socket, seq: int) -> None:
         sock.send(Reply(0, MessageKind.notification, Notification.port_unbound, b"\7").encode())
@@ -93,13 +113,11 @@ async def test_a_notification_met_while_waiting_in_the_kernel_is_routed() -> Non
     thread.join()
     assert done.result == 7
     assert [(n.result, n.payload) for n in notices] == [(Notification.port_unbound, b"\7")]
-    hypervisor_end.close()
-    guest_end.close()
 
 
-async def test_the_hypervisor_dying_while_a_call_waits_in_the_kernel_resets_it() -> None:
-    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    client = HypercallClient(trio.socket.from_stdlib_socket(guest_end), wait_in_kernel=True)
+async def test_the_hypervisor_dying_while_a_call_waits_in_the_kernel_resets_it(ends: Ends) -> None:
+    hypervisor_end, guest_end = ends
+    client = waiting_in_the_kernel(guest_end)
     thread = stand_in_hypervisor(hypervisor_end, lambda sock, _: sock.close())
     outcome: list[type[BaseException]] = []
     async with trio.open_nursery() as nursery:
@@ -111,12 +129,13 @@ async def test_the_hypervisor_dying_while_a_call_waits_in_the_kernel_resets_it()
                 outcome.append(type(exc))
     thread.join()
     assert outcome == [ConnectionResetError, ConnectionResetError]
-    guest_end.close()
 
 
-async def test_a_call_cancelled_past_its_wait_in_the_kernel_leaves_the_client_in_step() -> None:
-    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    client = HypercallClient(trio.socket.from_stdlib_socket(guest_end), wait_in_kernel=True)
+async def test_a_call_cancelled_past_its_wait_in_the_kernel_leaves_the_client_in_step(
+    ends: Ends,
+) -> None:
+    hypervisor_end, guest_end = ends
+    client = waiting_in_the_kernel(guest_end)
 
     def answer_both_late() -> None:  # the first call's reply comes after the second call
         first = unpack_request_header(hypervisor_end.recv(HYPERCALL_MAX_MESSAGE + 1))[0]
@@ -135,16 +154,12 @@ async def test_a_call_cancelled_past_its_wait_in_the_kernel_leaves_the_client_in
     thread.join()
     assert scope.cancelled_caught
     assert done.result == 2  # the first call's late reply was dropped, not taken for this one
-    hypervisor_end.close()
-    guest_end.close()
 
 
-async def test_many_tasks_waiting_in_the_kernel_each_get_their_own_reply() -> None:
-    hypervisor_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+async def test_many_tasks_waiting_in_the_kernel_each_get_their_own_reply(ends: Ends) -> None:
+    hypervisor_end, guest_end = ends
     notices: list[Reply] = []
-    client = HypercallClient(
-        trio.socket.from_stdlib_socket(guest_end), notices.append, wait_in_kernel=True
-    )
+    client = waiting_in_the_kernel(guest_end, notices)
 
     def answer_out_of_order() -> None:
         """Each reply's result is its request's payload length; the requests waiting
@@ -183,7 +198,6 @@ async def test_many_tasks_waiting_in_the_kernel_each_get_their_own_reply() -> No
         hypervisor_end.close()
     assert calls == 200
     assert sorted(n.result for n in notices) == list(range(1, 201))
-    guest_end.close()
 
 
 # What a hostile or broken hypervisor may send: well-formed replies and notifications
