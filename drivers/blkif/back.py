@@ -727,6 +727,8 @@ class BlkBack(Backend):
             early = not transient and self._grants is not None
             unanswered = 0
             queued: list[Job] = []  # for the device's thread, in ring order
+            io = self._io
+            assert io is not None
             for job in jobs:
                 if job.segments is not None:
                     job.iov = _iovec(job.segments, views)
@@ -742,7 +744,7 @@ class BlkBack(Backend):
                     continue
                 status = (
                     None
-                    if job.kind != READ or queued or self._io_outstanding()  # ring order
+                    if job.kind != READ or queued or io.outstanding  # ring order
                     else self._io_now(job.kind, job.sector, job.nr_sectors, job.iov)
                 )
                 if status is None:
@@ -896,11 +898,6 @@ class BlkBack(Backend):
         assert self._io is not None
         self._io.put(ticket)
         return ticket.done
-
-    def _io_outstanding(self) -> int:
-        io = self._io
-        assert io is not None
-        return io.outstanding
 
     def _respond(self, channel: BackChannel, responses: list[tuple[int, int, int]]) -> None:
         """Answer on the ring from trio's thread (the device's thread answers too)."""
